@@ -1,0 +1,1 @@
+"""The ML: tokenizer, model, data, generation and the training stages. No Qt, no SQLite, no projects."""
