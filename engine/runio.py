@@ -1,0 +1,266 @@
+"""The run-folder contract every stage shares: events, stop requests, and the CLI wrapper.
+
+A stage is `python -m engine.<stage> --run-dir DIR`. It reads `DIR/config.json`, appends one
+JSON object per line to `DIR/events.jsonl` and echoes each on stdout, and ends with a `done`
+event whose status is `completed`, `stopped` or `failed`. Event types:
+
+    start       stage, config, pid, resumed_from
+    metrics     step, then flat names such as "train/loss", "train/lr"
+    progress    step, total, tokens_per_s, elapsed_s, eta_s
+    sample      step, prompt, text
+    checkpoint  step, path, best
+    log         level ("info" | "warning" | "error"), message
+    done        status, error, step
+
+Stage loops never print: they hand event dicts to a `sink` (any callable; a list's `append`
+in tests) and ask a `control` whether to stop, so tests need no process at all.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from engine.config import ConfigError, load_config, to_dict
+
+Sink = Callable[[dict], None]
+
+
+class StageError(RuntimeError):
+    """A failure the user can act on (bad input, a non-finite loss): shown without a traceback."""
+
+
+class Emitter:
+    """Builds event dicts and hands them to a sink; `sink=None` discards them."""
+
+    def __init__(self, sink: Optional[Sink]):
+        self.sink = sink
+
+    def emit(self, type: str, **fields: Any) -> None:
+        if self.sink is not None:
+            self.sink({"type": type, "time": round(time.time(), 3), **fields})
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        self.emit("metrics", step=step, **{k: _jsonable(v) for k, v in values.items()})
+
+    def progress(self, step: int, total: int, tokens_per_s: float | None, elapsed_s: float,
+                 eta_s: float | None) -> None:
+        self.emit("progress", step=step, total=total, tokens_per_s=tokens_per_s,
+                  elapsed_s=round(elapsed_s, 2), eta_s=None if eta_s is None else round(eta_s, 1))
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.emit("log", level=level, message=message)
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN; keep the fact visible instead of crashing the writer
+    return v
+
+
+class Control:
+    """Cooperative stop: a `STOP` file in the run folder, or SIGTERM / SIGINT."""
+
+    def __init__(self, run_dir: str | os.PathLike | None = None):
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._flag = False
+
+    def request_stop(self) -> None:
+        self._flag = True
+
+    def should_stop(self) -> bool:
+        if self._flag:
+            return True
+        if self.run_dir is not None and (self.run_dir / "STOP").exists():
+            self._flag = True
+        return self._flag
+
+    def clear(self) -> None:
+        """A STOP left from the previous session must not end the resumed one at once."""
+        self._flag = False
+        if self.run_dir is not None:
+            (self.run_dir / "STOP").unlink(missing_ok=True)
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            if self._flag and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C means "now"
+            self._flag = True
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+class NeverStop:
+    def should_stop(self) -> bool:
+        return False
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class HumanPrinter:
+    """The terminal view of the event stream: one readable line per progress event."""
+
+    def __init__(self, stage: str, stream=None):
+        self.stage = stage
+        self.stream = stream or sys.stdout
+        self.last: dict[str, Any] = {}
+
+    def __call__(self, ev: dict) -> None:
+        t = ev.get("type")
+        line = None
+        if t == "metrics":
+            self.last.update({k: v for k, v in ev.items() if "/" in k})
+            if "val/loss" in ev:
+                line = f"[{self.stage}] step {ev['step']}  val loss {_num(ev['val/loss'])}"
+        elif t == "progress":
+            parts = [f"[{self.stage}] step {ev['step']}/{ev['total']}"]
+            for key, label in (("train/loss", "loss"), ("train/lr", "lr")):
+                if key in self.last:
+                    parts.append(f"{label} {_num(self.last[key])}")
+            if ev.get("tokens_per_s"):
+                parts.append(f"{ev['tokens_per_s'] / 1000:.1f}k tok/s")
+            parts.append(f"ETA {format_duration(ev.get('eta_s'))}")
+            line = "  ".join(parts)
+        elif t == "sample":
+            text = str(ev.get("text", "")).replace("\n", "\\n")
+            line = f"[{self.stage}] sample @ {ev.get('step')}: {ev.get('prompt', '')!r} -> {text[:160]!r}"
+        elif t == "checkpoint":
+            line = f"[{self.stage}] saved {ev['path']}" + ("  (best)" if ev.get("best") else "")
+        elif t == "log":
+            prefix = "" if ev.get("level", "info") == "info" else ev["level"].upper() + ": "
+            line = f"[{self.stage}] {prefix}{ev['message']}"
+        elif t == "start":
+            line = f"[{self.stage}] started (pid {ev.get('pid')})"
+        elif t == "done":
+            line = f"[{self.stage}] {ev['status']}" + (f": {ev['error']}" if ev.get("error") else "")
+        else:
+            body = {k: v for k, v in ev.items() if k not in ("type", "time")}
+            line = f"[{self.stage}] {t}: {json.dumps(body, ensure_ascii=False)}"
+        if line:
+            print(line, file=self.stream, flush=True)
+
+
+def _num(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+class EventLog:
+    """The sink used by the CLI: appends to events.jsonl, echoes on stdout, flushes every line."""
+
+    def __init__(self, run_dir: Path, echo: Optional[Sink] = None):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "events.jsonl"
+        self._f = open(self.path, "a", encoding="utf-8")
+        self.echo = echo
+
+    def __call__(self, ev: dict) -> None:
+        line = json.dumps(ev, ensure_ascii=False)
+        self._f.write(line + "\n")
+        self._f.flush()
+        if self.echo is not None:
+            self.echo(ev)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_events(run_dir: str | os.PathLike) -> list[dict]:
+    """All events of a run; a torn last line (the writer was killed mid-line) is skipped."""
+    path = Path(run_dir) / "events.jsonl"
+    out = []
+    if not path.exists():
+        return out
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def json_echo(ev: dict) -> None:
+    sys.stdout.write(json.dumps(ev, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+StageFn = Callable[[Any, Path, Sink, Any], str]
+
+
+def stage_main(stage: str, config_cls: type, run: StageFn, argv: list[str] | None = None) -> int:
+    """`python -m engine.<stage> --run-dir DIR`: load and check the config, run, report `done`.
+
+    Exit codes: 0 completed or stopped, 1 failed while running, 2 refused before starting.
+    """
+    parser = argparse.ArgumentParser(
+        prog=f"python -m engine.{stage}",
+        description=f"Run the {stage} stage on a run folder. Reads DIR/config.json "
+                    f"(settings: {', '.join(f.name for f in _fields(config_cls))}); writes "
+                    f"everything it produces, and DIR/events.jsonl, into DIR. Create DIR/STOP "
+                    f"or send SIGTERM to stop with a checkpoint.")
+    parser.add_argument("--run-dir", required=True, type=Path, help="the run folder")
+    parser.add_argument("--log-format", choices=["auto", "human", "json"], default="auto",
+                        help="stdout: readable lines (human), one JSON event per line (json), "
+                             "or human on a terminal and json otherwise (auto, the default)")
+    args = parser.parse_args(argv)
+    fmt = args.log_format
+    if fmt == "auto":
+        fmt = "human" if sys.stdout.isatty() else "json"
+    echo = HumanPrinter(stage) if fmt == "human" else json_echo
+    run_dir: Path = args.run_dir
+    if not run_dir.is_dir():
+        print(f"error: run folder {run_dir} does not exist", file=sys.stderr)
+        return 2
+    log = EventLog(run_dir, echo)
+    ev = Emitter(log)
+    control = Control(run_dir)
+    control.clear()
+    control.install_signal_handlers()
+    try:
+        cfg = load_config(config_cls, run_dir / "config.json")
+    except ConfigError as e:
+        ev.emit("done", status="failed", error=str(e), step=None)
+        log.close()
+        return 2
+    ev.emit("start", stage=stage, config=to_dict(cfg), pid=os.getpid())
+    code = 0
+    try:
+        status = run(cfg, run_dir, log, control)
+        ev.emit("done", status=status, error=None)
+    except (StageError, ConfigError) as e:
+        ev.emit("done", status="failed", error=str(e))
+        code = 1
+    except KeyboardInterrupt:
+        ev.emit("done", status="stopped", error="interrupted twice: stopped without a checkpoint")
+        code = 130
+    except Exception as e:  # noqa: BLE001 - the app must see every failure as a done event
+        ev.log(traceback.format_exc(), level="error")
+        ev.emit("done", status="failed", error=f"{type(e).__name__}: {e}")
+        code = 1
+    finally:
+        log.close()
+    return code
+
+
+def _fields(cls):
+    import dataclasses
+    return dataclasses.fields(cls)
