@@ -1,0 +1,101 @@
+"""Device choice, precision and the throughput yardstick for MFU.
+
+The same config runs on CUDA, MPS and CPU; only speed differs. On CUDA we train in bf16
+autocast with TF32 matmuls; elsewhere in fp32, because CPU autocast to bf16 is slower than
+fp32 on most laptops and MPS bf16 support is uneven.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from engine.config import ConfigError
+
+# Dense bf16 tensor-core peaks (FLOP/s) for common GPUs; MFU on others falls back to measuring.
+GPU_PEAK_BF16 = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+    "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "CUDA was asked for but no CUDA device is available")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device", "MPS was asked for but is not available")
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise ConfigError("device", f"unknown device '{name}' (auto, cpu, cuda, cuda:N, mps)")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise ConfigError("dtype", f"unknown dtype '{name}' (auto, float32, bfloat16, float16)")
+    return table[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision only where it pays (CUDA); weights and optimizer stay fp32."""
+    if dtype == torch.float32 or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def setup_backends(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return device.type
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32,
+                         n: int = 1024, seconds: float = 0.25) -> float:
+    """The machine's achievable dense-matmul FLOP/s, measured here: the MFU denominator on CPU."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up (thread pools, kernels)
+    _sync(device)
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        if reps % 4 == 0:
+            _sync(device)
+            if time.perf_counter() - t0 >= seconds:
+                break
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(FLOP/s, how it was found): the datasheet peak on a known GPU, else a measured matmul."""
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_BF16.items():
+            if key in name:
+                return value, f"datasheet bf16 peak of {key}"
+    return measure_matmul_flops(device, dtype), "measured matmul ceiling"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
