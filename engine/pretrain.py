@@ -200,7 +200,7 @@ def run(cfg: PretrainConfig, run_dir: Path, sink: Optional[Sink] = None, control
     seq_len = cfg.seq_len or mcfg.max_seq_len
 
     data_dir = run_dir / "data"
-    if not shards_ready(data_dir, tok, files):
+    if not shards_ready(data_dir, tok, files, val_fraction=cfg.val_fraction, seed=cfg.seed):
         ev.log(f"encoding {len(files)} file(s) into {data_dir}")
         meta = encode_corpus(tok, files, data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
                              control=control)
@@ -280,7 +280,7 @@ def run(cfg: PretrainConfig, run_dir: Path, sink: Optional[Sink] = None, control
             with autocast(device, dtype):
                 _, loss = train_model(x.to(device), y.to(device))
             (loss / cfg.grad_accum).backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
         loss_value = loss_sum / cfg.grad_accum
         if not math.isfinite(loss_value):
             raise StageError(f"non-finite loss ({loss_value}) at step {step + 1}; stopped without "

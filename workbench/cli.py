@@ -1,0 +1,112 @@
+"""The `workbench` command: every stage, the demo and the pipeline, headless.
+
+    workbench demo --project DIR            write the offline demo project
+    workbench pipeline --demo               demo project -> tokenizer -> pretrain, with a table
+    workbench run STAGE --run-dir DIR       run one stage on a run folder (--set key=value)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from workbench import demo
+from workbench.runner import STAGES
+
+EPILOG = """\
+Each stage is also `python -m engine.<stage> --run-dir DIR`, which reads DIR/config.json and
+writes everything into DIR (events.jsonl, checkpoints/, summary.json). Stop a running stage with
+Ctrl-C, SIGTERM or by creating DIR/STOP: it saves a checkpoint and exits; run it again to resume.
+"""
+
+
+def parse_set(values: list[str]) -> dict:
+    """`key=value` pairs; a value that parses as JSON is taken as JSON (numbers, lists, true)."""
+    out = {}
+    for item in values:
+        if "=" not in item:
+            raise SystemExit(f"error: --set expects key=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def cmd_run(args) -> int:
+    run_dir: Path = args.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / "config.json"
+    config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    if args.set:
+        config.update(parse_set(args.set))
+        cfg_path.write_text(json.dumps(config, indent=2) + "\n")
+    if not cfg_path.exists():
+        raise SystemExit(f"error: {cfg_path} does not exist; pass settings with --set key=value")
+    module = importlib.import_module(f"engine.{args.stage}")
+    return module.main(["--run-dir", str(run_dir), "--log-format", args.log_format])
+
+
+def cmd_pipeline(args) -> int:
+    from workbench.pipeline import run_pipeline
+    return run_pipeline(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="workbench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The workbench: take a small GPT-style model through the InstructGPT pipeline "
+                    "(tokenizer, pretraining, SFT, ranking, reward model, PPO, chat) on one machine.",
+        epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="write the offline demo project (corpus, SFT data, prompts, tasks)")
+    demo.add_arguments(p)
+    p.set_defaults(func=demo.run_from_args)
+
+    p = sub.add_parser("pipeline", help="run the pipeline's stages headless, one run folder each",
+                       description="Run tokenizer -> pretrain in a project folder (the demo project "
+                                   "with --demo), one run per stage under PROJECT/runs/, and print a "
+                                   "table of each stage's key figure. Later releases add SFT, ranking, "
+                                   "the reward model and PPO to the same command.")
+    p.add_argument("--demo", action="store_true", help="use (and if needed write) the demo project")
+    p.add_argument("--project", type=Path, default=None,
+                   help="project folder (default with --demo: ./demo-project)")
+    p.add_argument("--scale", choices=["tiny", "small", "full"], default="small",
+                   help="size of a newly written demo corpus (default small)")
+    p.add_argument("--preset", default="tiny", help="model size preset (default tiny)")
+    p.add_argument("--steps", type=int, default=600, help="pretraining steps (default 600)")
+    p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary (default 2048)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("run", help="run one engine stage on a run folder",
+                       description="Run one stage on DIR: reads DIR/config.json, after merging any "
+                                   "--set key=value into it. Same as python -m engine.STAGE.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=STAGES)
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config setting, value as JSON if it parses (repeatable)")
+    p.add_argument("--log-format", choices=["auto", "human", "json"], default="human")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        print("\nThe desktop app is not in this release yet; use the commands above.")
+        return 0
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""A project folder: workbench.toml, data/, runs/<id>/ (the run store's database comes later)."""
+from __future__ import annotations
+
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ProjectError(ValueError):
+    pass
+
+
+@dataclass
+class Project:
+    path: Path
+    settings: dict
+
+    @classmethod
+    def open(cls, path: Path) -> "Project":
+        path = Path(path)
+        toml = path / "workbench.toml"
+        if not toml.is_file():
+            raise ProjectError(f"{path} is not a workbench project (no workbench.toml)")
+        try:
+            settings = tomllib.loads(toml.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ProjectError(f"{toml}: {e}") from None
+        return cls(path, settings)
+
+    @property
+    def name(self) -> str:
+        return str(self.settings.get("name", self.path.name))
+
+    def data_path(self, key: str, default: str) -> Path:
+        """A data file named in [data] of workbench.toml, relative to the project folder."""
+        value = self.settings.get("data", {}).get(key, default)
+        return (self.path / value).resolve()
+
+    def new_run_dir(self, stage: str) -> Path:
+        """runs/<stage>-<YYYYmmdd-HHMMSS>[-N]: sortable by time, unique, readable in a file browser."""
+        runs = self.path / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        base = f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+        candidate, n = runs / base, 1
+        while candidate.exists():
+            n += 1
+            candidate = runs / f"{base}-{n}"
+        candidate.mkdir()
+        return candidate
