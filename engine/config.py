@@ -125,6 +125,12 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     atomic_write_text(Path(path), json.dumps(to_dict(cfg), indent=2) + "\n")
 
 
+def resolve_path(run_dir: str | os.PathLike, p: str) -> Path:
+    """Relative paths in a config are relative to the run folder, so a folder is self-contained."""
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else Path(run_dir) / path
+
+
 def require(cond: bool, field: str, message: str) -> None:
     """One-line range checks inside `validate()` methods."""
     if not cond:

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from engine import checkpoint as ckpt
-from engine.config import ConfigError, require
+from engine.config import ConfigError, require, resolve_path
 from engine.corpus import list_corpus_files
 from engine.data import TokenData, encode_corpus, shards_ready, unigram_baseline
 from engine.device import autocast, describe, peak_flops, resolve_device, resolve_dtype, setup_backends
@@ -111,12 +111,6 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def resolve_input(run_dir: Path, p: str) -> Path:
-    """Relative paths in a config are relative to the run folder, so a folder is self-contained."""
-    path = Path(p).expanduser()
-    return path if path.is_absolute() else (run_dir / path)
-
-
 def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.AdamW:
     # Norm gains are not decayed: shrinking them toward 0 fights the normalisation itself.
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -190,12 +184,12 @@ def run(cfg: PretrainConfig, run_dir: Path, sink: Optional[Sink] = None, control
     dtype = resolve_dtype(cfg.dtype, device)
     setup_backends(device)
 
-    tok_path = resolve_input(run_dir, cfg.tokenizer)
+    tok_path = resolve_path(run_dir, cfg.tokenizer)
     try:
         tok = Tokenizer.from_file(tok_path)
     except (FileNotFoundError, OSError, ValueError) as e:
         raise ConfigError("tokenizer", f"cannot load a tokenizer from {tok_path}: {e}") from None
-    files = list_corpus_files([resolve_input(run_dir, p) for p in cfg.inputs])
+    files = list_corpus_files([resolve_path(run_dir, p) for p in cfg.inputs])
     mcfg = cfg.model_config(tok.vocab_size)
     seq_len = cfg.seq_len or mcfg.max_seq_len
 

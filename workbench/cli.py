@@ -77,9 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="project folder (default with --demo: ./demo-project)")
     p.add_argument("--scale", choices=["tiny", "small", "full"], default="small",
                    help="size of a newly written demo corpus (default small)")
-    p.add_argument("--preset", default="tiny", help="model size preset (default tiny)")
+    p.add_argument("--preset", default=None,
+                   help="model size preset (default: the project's, tiny for the demo)")
     p.add_argument("--steps", type=int, default=600, help="pretraining steps (default 600)")
-    p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary (default 2048)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="tokenizer vocabulary (default: the project's)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")

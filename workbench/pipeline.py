@@ -82,11 +82,16 @@ def run_pipeline(args) -> int:
     except ProjectError as e:
         raise SystemExit(f"error: {e}")
     runs = project.path / "runs"
-    corpus = project.data_path("corpus", "data/corpus")
+    try:
+        corpus = [rel(p, runs) for p in project.data_files("pretrain")]
+    except ProjectError as e:
+        raise SystemExit(f"error: {e}")
+    vocab_size = args.vocab_size or project.default("tokenizer", "vocab_size", 4096)
+    preset = args.preset or project.default("model", "preset", "tiny")
     print(f"project {project.name} at {project.path}", flush=True)
 
     rows = []
-    tok_cfg = TokenizerConfig(inputs=[rel(corpus, runs)], vocab_size=args.vocab_size, seed=args.seed)
+    tok_cfg = TokenizerConfig(inputs=corpus, vocab_size=vocab_size, seed=args.seed)
     tok_res, tok_s = _stage(project, "tokenizer", tok_cfg)
     m = tok_res.metrics()
     rows.append(("tokenizer", tok_res.run_dir.name,
@@ -94,7 +99,7 @@ def run_pipeline(args) -> int:
                  tok_s))
 
     pre_cfg = PretrainConfig(tokenizer=rel(tok_res.run_dir / "tokenizer.json", runs),
-                             inputs=[rel(corpus, runs)], preset=args.preset, max_steps=args.steps,
+                             inputs=corpus, preset=preset, max_steps=args.steps,
                              batch_size=args.batch_size, seed=args.seed, device=args.device,
                              eval_every=max(1, args.steps // 6), sample_every=max(1, args.steps // 3),
                              checkpoint_every=max(1, args.steps // 3), log_every=max(1, args.steps // 100))

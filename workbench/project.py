@@ -32,10 +32,17 @@ class Project:
     def name(self) -> str:
         return str(self.settings.get("name", self.path.name))
 
-    def data_path(self, key: str, default: str) -> Path:
-        """A data file named in [data] of workbench.toml, relative to the project folder."""
-        value = self.settings.get("data", {}).get(key, default)
-        return (self.path / value).resolve()
+    def default(self, section: str, key: str, fallback=None):
+        """A value from [defaults.<section>] of workbench.toml."""
+        return self.settings.get("defaults", {}).get(section, {}).get(key, fallback)
+
+    def data_files(self, key: str) -> list[Path]:
+        """The data named by [defaults.data] <key>, resolved against the project folder."""
+        value = self.default("data", key)
+        if value is None:
+            raise ProjectError(f"{self.path / 'workbench.toml'}: [defaults.data] has no '{key}' entry")
+        values = value if isinstance(value, list) else [value]
+        return [(self.path / v).resolve() for v in values]
 
     def new_run_dir(self, stage: str) -> Path:
         """runs/<stage>-<YYYYmmdd-HHMMSS>[-N]: sortable by time, unique, readable in a file browser."""
