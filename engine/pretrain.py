@@ -27,7 +27,8 @@ from engine.data import TokenData, encode_corpus, shards_ready, unigram_baseline
 from engine.device import autocast, describe, peak_flops, resolve_device, resolve_dtype, setup_backends
 from engine.fsutil import atomic_write_text
 from engine.generate import generate
-from engine.model import PRESETS, ModelConfig, Transformer, config_from_preset
+from engine.model import (PRESETS, ModelConfig, Transformer, config_from_preset, safetensors_state,
+                          with_tied_head)
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main
 from engine.tokenizer import Tokenizer
 
@@ -220,7 +221,7 @@ def run(cfg: PretrainConfig, run_dir: Path, sink: Optional[Sink] = None, control
     if latest is not None:
         state = ckpt.load_checkpoint(latest)
         check_resume(state.state["config"], cfg, ev)
-        model.load_state_dict(state.model)
+        model.load_state_dict(with_tied_head(mcfg, state.model))
         opt.load_state_dict(state.optimizer)
         restore_rng(state.rng, data_gen, device)
         step, tokens_seen = state.step, int(state.state["tokens_seen"])
@@ -244,11 +245,11 @@ def run(cfg: PretrainConfig, run_dir: Path, sink: Optional[Sink] = None, control
                  "best_val_loss": best_val, "lr": lr_at(max(step - 1, 0), cfg), "reason": reason,
                  "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(mcfg),
                  "tokenizer_fingerprint": tok.fingerprint()}
+        weights, weights_meta = safetensors_state(model)
         try:
             path = ckpt.save_checkpoint(
-                ckpt_root, step, model=model.state_dict(), optimizer=opt.state_dict(), state=state,
-                rng=rng_state(data_gen, device),
-                model_metadata={"config": json.dumps(dataclasses.asdict(mcfg))},
+                ckpt_root, step, model=weights, optimizer=opt.state_dict(), state=state,
+                rng=rng_state(data_gen, device), model_metadata=weights_meta,
                 extra_files={"tokenizer.json": tok_path if tok_path.is_file() else tok_path / "tokenizer.json"})
         except ValueError as e:
             raise StageError(str(e)) from None

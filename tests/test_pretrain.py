@@ -118,6 +118,19 @@ def test_resume_is_exact_and_needs_the_rng_state(corpus, tmp_path):
     assert losses(rest2)[6] != losses(full)[6]
 
 
+def test_tied_embeddings_save_load_and_resume(corpus, tmp_path):
+    from engine.model import load_model
+    model_kw = {"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 1, "d_ff": 64,
+                "max_seq_len": 32, "tie_embeddings": True}
+    part = []
+    assert run(make_cfg(corpus, model=model_kw, max_steps=4), tmp_path, part.append, StopAt(part, 2)) == "stopped"
+    rest = []
+    assert run(make_cfg(corpus, model=model_kw, max_steps=4), tmp_path, rest.append) == "completed"
+    model = load_model(ckpt.latest_checkpoint(tmp_path / "checkpoints") / "model.safetensors")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert min(losses(rest).keys()) == 3
+
+
 def test_resume_refuses_batch_size_and_warns_about_lr(corpus, tmp_path):
     part = []
     run(make_cfg(corpus), tmp_path, part.append, StopAt(part, 3))

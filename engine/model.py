@@ -1,0 +1,410 @@
+"""A Llama-style decoder: pre-norm RMSNorm, RoPE, SwiGLU, no biases, causal SDPA, a KV cache.
+
+Parameter names and shapes are exactly those of Hugging Face's `LlamaForCausalLM`
+(`model.layers.0.self_attn.q_proj.weight`, ...), and RoPE uses HF's "rotate_half" layout, so a
+state_dict moves between the two with no renaming and no permutation. `hf_config` writes the
+matching `config.json`.
+
+Weights are stored as safetensors with our config JSON in the file's metadata, never pickled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.config import ConfigError, from_dict, require
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    d_model: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int  # grouped-query attention; equal to n_head for plain multi-head attention
+    d_ff: int  # SwiGLU hidden size
+    max_seq_len: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "max_seq_len"):
+            require(getattr(self, name) > 0, name, "must be a positive integer")
+        require(self.d_model % self.n_head == 0, "n_head",
+                f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        require(self.n_head % self.n_kv_head == 0, "n_kv_head",
+                f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        require(self.head_dim % 2 == 0, "n_head",
+                f"head_dim = d_model / n_head = {self.head_dim} must be even for rotary embeddings")
+        require(self.rope_theta > 0, "rope_theta", "must be positive")
+        require(self.norm_eps > 0, "norm_eps", "must be positive")
+        require(self.init_std > 0, "init_std", "must be positive")
+
+
+# Everything but vocab_size, which comes from the tokenizer. d_ff is ~8/3 * d_model (SwiGLU keeps
+# the MLP's parameter count near a 4x GELU MLP's), rounded up to a multiple of 64.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(d_model=64, n_layer=2, n_head=4, n_kv_head=4, d_ff=192, max_seq_len=128),
+    "small": dict(d_model=256, n_layer=6, n_head=8, n_kv_head=8, d_ff=704, max_seq_len=256),
+    "medium": dict(d_model=512, n_layer=8, n_head=8, n_kv_head=8, d_ff=1408, max_seq_len=512),
+    "base": dict(d_model=768, n_layer=12, n_head=12, n_kv_head=12, d_ff=2048, max_seq_len=1024),
+}
+
+
+def config_from_preset(name: str, vocab_size: int, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError("preset", f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return from_dict(ModelConfig, {**PRESETS[name], "vocab_size": vocab_size, **overrides})
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """A `LlamaConfig`-compatible dict (config.json of an exported model).
+
+    rope_theta is written both the transformers-4 way (top level) and the 5 way (rope_parameters).
+    Token ids (bos/eos/pad) belong to the tokenizer; the exporter adds them.
+    """
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # As HF does it: normalise in fp32 (bf16 squares lose too much), cast back, then scale.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
+    """cos/sin [B, T, head_dim] for integer positions [B, T].
+
+    Computed per call from the config rather than stored as a buffer: a buffer would be cast by
+    `model.to(torch.bfloat16)` and the angles of late positions would lose all precision.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device,
+                                             dtype=torch.float) / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)  # HF layout: the two halves share frequencies
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x: [B, H, T, hd]; cos/sin: [B, T, hd], broadcast over heads
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def repeat_kv(x, n_rep: int):
+    """[B, n_kv, T, hd] -> [B, n_kv * n_rep, T, hd]; query head h reads kv head h // n_rep."""
+    if n_rep == 1:
+        return x
+    B, H, T, D = x.shape
+    return x[:, :, None].expand(B, H, n_rep, T, D).reshape(B, H * n_rep, T, D)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: [B, n_kv_head, max_len, head_dim] each.
+
+    `length` counts the positions already written; a forward pass writes its T new positions
+    at `length` in every layer, then advances it once.
+    """
+
+    def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, device=None, dtype=None):
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k, v):
+        """Write the new block at `length`; return all keys and values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        n_rep = self.n_head // self.n_kv_head
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        if isinstance(mask, str):  # "causal": the fast path, no mask tensor at all
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Named and laid out like HF's `LlamaModel`, so the state_dict keys come out identical."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2 style: each residual branch's output projection is scaled by 1/sqrt(2 * n_layer)
+        # (two branches per layer), so the residual stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        if cfg.tie_embeddings:
+            self.tie_weights()
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=self.config.init_std)
+        elif isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)
+
+    def tie_weights(self) -> None:
+        """Share one matrix between the input embedding and the output head (HF's convention)."""
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def make_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
+        p = self.lm_head.weight
+        cfg = self.config
+        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim,
+                       device=device or p.device, dtype=dtype or p.dtype)
+
+    def _mask_and_positions(self, B, T, past, attention_mask, position_ids, device):
+        """Attention mask for SDPA ("causal", None or bool [B|1, 1, T, past+T]) and positions [B|1, T].
+
+        A query at absolute position past+i may read key j when j <= past+i and, with an
+        attention_mask, key j is real. Every query also reads itself: a left-pad query would
+        otherwise see no key at all, and SDPA turns an all-masked row into NaN that then
+        leaks through 0 * NaN into the real rows of the next layer.
+        """
+        if attention_mask is None:
+            if position_ids is None:
+                position_ids = torch.arange(past, past + T, device=device)[None]
+            if past == 0:
+                return "causal", position_ids
+            if T == 1:
+                return None, position_ids  # one new token reads everything cached
+            j = torch.arange(past + T, device=device)
+            i = torch.arange(past, past + T, device=device)[:, None]
+            return (j <= i)[None, None], position_ids
+        if attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask must be [batch, past + new] = {[B, past + T]}, "
+                             f"got {list(attention_mask.shape)}")
+        real = attention_mask.to(device=device, dtype=torch.bool)
+        if position_ids is None:
+            # Left-padded rows start counting at their first real token.
+            position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        j = torch.arange(past + T, device=device)
+        i = torch.arange(past, past + T, device=device)[:, None]
+        mask = ((j <= i)[None] & real[:, None, :]) | (j == i)[None]
+        return mask[:, None], position_ids
+
+    def hidden(self, idx, *, cache=None, attention_mask=None, position_ids=None):
+        """Final normed hidden states [B, T, d_model] (what reward and value heads read)."""
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        limit = cache.max_len if cache is not None else self.config.max_seq_len
+        if past + T > limit:
+            what = "KV cache" if cache is not None else "max_seq_len"
+            raise ValueError(f"sequence of {past + T} tokens exceeds the {what} ({limit})")
+        mask, pos = self._mask_and_positions(B, T, past, attention_mask, position_ids, idx.device)
+        x = self.model.embed_tokens(idx)
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        return self.model.norm(x)
+
+    def forward(self, idx, targets=None, *, cache=None, attention_mask=None, position_ids=None):
+        """Logits [B, T, vocab] in fp32; with targets (aligned with idx: targets[:, t] is the
+        token after idx[:, t], -100 where no loss), returns (logits, mean cross-entropy)."""
+        h = self.hidden(idx, cache=cache, attention_mask=attention_mask, position_ids=position_ids)
+        logits = self.lm_head(h).float()
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters. exclude_embeddings drops the input lookup table, which does no
+        matmul work, unless it is tied to lm_head (then it is the head and stays counted)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings and not self.config.tie_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward), the PaLM / nanoGPT estimate behind MFU:
+        6 per matmul weight, plus attention scores and values, 12 * n_layer * d_model * seq_len."""
+        cfg = self.config
+        return 6 * self.num_params(exclude_embeddings=True) + 12 * cfg.n_layer * cfg.d_model * seq_len
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights I/O: safetensors, config in the metadata, no pickle
+
+
+def safetensors_state(model: Transformer) -> tuple[dict, dict]:
+    """(tensors, metadata) ready for `safetensors.torch.save_file`; checkpoints reuse it.
+
+    A tied head is left out: safetensors refuses tensors that share memory, and HF omits it too.
+    """
+    sd = model.state_dict()
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    return tensors, {"format": "pt", "config": json.dumps(dataclasses.asdict(model.config))}
+
+
+def save_model(model: Transformer, path) -> None:
+    """Write `path` (model.safetensors) atomically, with the ModelConfig JSON as metadata."""
+    from safetensors.torch import save
+    from engine.fsutil import atomic_write_bytes
+
+    tensors, meta = safetensors_state(model)
+    atomic_write_bytes(os.fspath(path), save(tensors, metadata=meta))
+
+
+def read_config(path) -> ModelConfig:
+    """The ModelConfig stored in a model.safetensors file, without loading any weights."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise ValueError(f"{path}: no model config in the safetensors metadata "
+                         "(not written by engine.model.save_model)")
+    return from_dict(ModelConfig, json.loads(meta["config"]), source=os.fspath(path))
+
+
+def with_tied_head(cfg: ModelConfig, sd: dict) -> dict:
+    """Put back the lm_head that `safetensors_state` leaves out of a tied model's file."""
+    if cfg.tie_embeddings and "lm_head.weight" not in sd:
+        sd = {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}
+    return sd
+
+
+def model_from_state_dict(cfg: ModelConfig, sd: dict) -> Transformer:
+    """A Transformer holding exactly the tensors of `sd` (on their device, in their dtype).
+
+    Built on the meta device, so no time goes into a random init that is overwritten at once.
+    For a tied config, lm_head.weight may be absent (as safetensors_state writes it).
+    """
+    sd = with_tied_head(cfg, sd)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.tie_weights()  # assign=True gave the two names separate Parameters; share again
+    return model
+
+
+def load_model(path, device="cpu") -> Transformer:
+    from safetensors.torch import load_file
+
+    return model_from_state_dict(read_config(path), load_file(os.fspath(path), device=str(device)))
