@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from engine import checkpoint as ckpt
 from engine.config import ConfigError, from_dict
-from engine.pretrain import PretrainConfig, lr_at, run
+from engine.pretrain import PretrainConfig, run
+from engine.trainer import lr_at
 from engine.runio import StageError, read_events
 from engine.tokenizer import train_tokenizer
 

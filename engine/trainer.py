@@ -1,0 +1,255 @@
+"""The training loop every gradient stage shares: pretraining, SFT and the reward model.
+
+A stage builds its model and its data, then hands the trainer four small functions: how to
+draw a batch, how to compute its loss, how to evaluate, how to write samples. The trainer owns
+everything a run must get right the same way each time: the LR schedule, gradient accumulation
+and clipping, the non-finite guard, metrics and progress events, cooperative stop, atomic
+checkpoints with the optimizer and RNG state, and exact resume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from engine import checkpoint as ckpt
+from engine.config import ConfigError, require
+from engine.device import autocast, peak_flops
+from engine.model import safetensors_state, with_tied_head
+from engine.runio import Emitter, NeverStop, StageError
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Settings common to every training stage; stages subclass it and add their own."""
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1           # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0              # 0 disables clipping
+    eval_every: int = 100
+    sample_every: int = 200             # 0 disables samples
+    checkpoint_every: int = 200
+    keep_last: int = 2                  # newest checkpoints kept, besides the best by val loss
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"                 # auto (bf16 on CUDA, else fp32) | float32 | bfloat16
+    compile: bool = False
+
+    def validate_training(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "checkpoint_every", "log_every"):
+            require(getattr(self, name) > 0, name, "must be a positive integer")
+        for name in ("warmup_steps", "sample_every", "keep_last"):
+            require(getattr(self, name) >= 0, name, "must be zero or positive")
+        require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be between 0 and 1")
+        require(self.weight_decay >= 0, "weight_decay", "must be zero or positive")
+        require(0 <= self.beta1 < 1, "beta1", "must be in [0, 1)")
+        require(0 <= self.beta2 < 1, "beta2", "must be in [0, 1)")
+        require(self.grad_clip >= 0, "grad_clip", "must be zero or positive")
+        require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
+                "auto, float32, bfloat16 or float16")
+
+
+# Settings that define what a run *is*: changing them on resume would silently train a different
+# run under the old name, so it is refused. The schedule's settings only warn.
+FIXED_ON_RESUME = ("batch_size", "grad_accum", "seed")
+WARN_ON_RESUME = ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps (`step` is 0-based)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # Norm gains are not decayed: shrinking them toward 0 fights the normalisation itself.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def check_resume(saved: dict, cfg: TrainConfig, fixed: tuple[str, ...], ev: Emitter) -> None:
+    now = dataclasses.asdict(cfg)
+    changed = [k for k in fixed if saved.get(k) != now.get(k)]
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ConfigError(changed[0], f"cannot change on resume ({detail}); start a new run instead")
+    for k in WARN_ON_RESUME:
+        if saved.get(k) != now.get(k):
+            ev.log(f"'{k}' changed on resume: {saved.get(k)!r} -> {now.get(k)!r}; "
+                   "the run is no longer an exact continuation", level="warning")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+Batch = tuple
+LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, int]]
+
+
+@dataclass
+class Stage:
+    """What a stage hands the trainer. `loss` returns (mean loss, tokens processed)."""
+    name: str
+    next_batch: Callable[[torch.Generator], Batch]
+    loss: LossFn
+    evaluate: Callable[[torch.nn.Module], dict[str, float]]      # must include "val/loss"
+    sample: Optional[Callable[[torch.nn.Module, int], None]] = None
+    fixed_on_resume: tuple[str, ...] = ()                          # beyond FIXED_ON_RESUME
+    state: Optional[Callable[[], dict]] = None                     # extra JSON for state.json
+    extra_files: Optional[dict[str, Path]] = None                  # copied into each checkpoint
+    flops_per_token: Optional[float] = None
+
+
+def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage, *, device: torch.device,
+          dtype: torch.dtype, sink=None, control=None, init_metrics: Optional[dict] = None) -> str:
+    """Train `model` (already on `device`) to cfg.max_steps, resuming from run_dir/checkpoints."""
+    ev = Emitter(sink)
+    control = control or NeverStop()
+    run_dir = Path(run_dir)
+    opt = make_optimizer(model, cfg, device)
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    ckpt_root = run_dir / "checkpoints"
+    for p in ckpt.clean_partial(ckpt_root):
+        ev.log(f"removed {p.name}, left by a save that was interrupted")
+
+    step, tokens_seen, best_val, last_val = 0, 0, None, None
+    latest = ckpt.latest_checkpoint(ckpt_root)
+    if latest is not None:
+        saved = ckpt.load_checkpoint(latest)
+        check_resume(saved.state["config"], cfg, FIXED_ON_RESUME + stage.fixed_on_resume, ev)
+        model.load_state_dict(with_tied_head(model.config, saved.model))
+        opt.load_state_dict(saved.optimizer)
+        torch.set_rng_state(saved.rng["torch"])
+        data_gen.set_state(saved.rng["data"])
+        if device.type == "cuda" and "cuda" in saved.rng:
+            torch.cuda.set_rng_state(saved.rng["cuda"], device)
+        step, tokens_seen = saved.step, int(saved.state["tokens_seen"])
+        best_val, last_val = saved.state.get("best_val_loss"), saved.state.get("val_loss")
+        ev.log(f"resumed from {latest.name}")
+    if step >= cfg.max_steps:
+        ev.log(f"already at step {step} of max_steps {cfg.max_steps}: nothing to do")
+        return "completed"
+
+    train_model = torch.compile(model) if cfg.compile else model
+    flops, flops_source = peak_flops(device, dtype)
+    ev.log(f"MFU is measured against {flops / 1e9:.1f} GFLOP/s ({flops_source})")
+    if init_metrics:
+        ev.metrics(step, init_metrics)
+
+    def save(reason: str) -> None:
+        rng = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        state = {"stage": stage.name, "tokens_seen": tokens_seen, "val_loss": last_val,
+                 "best_val_loss": best_val, "lr": lr_at(max(step - 1, 0), cfg), "reason": reason,
+                 "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.config),
+                 **(stage.state() if stage.state else {})}
+        weights, weights_meta = safetensors_state(model)
+        try:
+            path = ckpt.save_checkpoint(ckpt_root, step, model=weights, optimizer=opt.state_dict(),
+                                        state=state, rng=rng, model_metadata=weights_meta,
+                                        extra_files=stage.extra_files)
+        except ValueError as e:
+            raise StageError(str(e)) from None
+        removed = ckpt.prune(ckpt_root, cfg.keep_last)
+        ev.emit("checkpoint", step=step, path=str(path.relative_to(run_dir)),
+                best=last_val is not None and last_val == best_val, removed=[p.name for p in removed])
+
+    model.train()
+    t_start = t_last = time.perf_counter()
+    steps_since, busy, tokens_since = 0, 0.0, 0
+    while step < cfg.max_steps:
+        if control.should_stop():
+            save("stop")
+            return "stopped"
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum, step_tokens = 0.0, 0
+        for _ in range(cfg.grad_accum):
+            batch = stage.next_batch(data_gen)
+            with autocast(device, dtype):
+                loss, n_tok = stage.loss(train_model, batch)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach())
+            step_tokens += n_tok
+        loss_value = loss_sum / cfg.grad_accum
+        if not math.isfinite(loss_value):
+            raise StageError(f"non-finite loss ({loss_value}) at step {step + 1}; stopped without "
+                             f"saving it. Lower lr (now {lr:.3g}) or check the data, then resume "
+                             "from the last checkpoint.")
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        if not math.isfinite(grad_norm):
+            raise StageError(f"non-finite gradient norm at step {step + 1}; stopped before the update")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += step_tokens
+        tokens_since += step_tokens
+        steps_since += 1
+        busy += time.perf_counter() - t0
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            now = time.perf_counter()
+            tok_s = tokens_since / max(busy, 1e-9)
+            values = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm,
+                      "train/tokens": tokens_seen, "perf/tokens_per_s": round(tok_s, 1),
+                      "perf/peak_rss_mb": round(peak_rss_mb(), 1)}
+            if stage.flops_per_token:
+                values["perf/mfu"] = round(tok_s * stage.flops_per_token / flops, 4)
+            ev.metrics(step, values)
+            # Wall time per step (evaluation and saving included) for the ETA; tokens/s counts
+            # training time only, so it is comparable across eval settings.
+            step_time = (now - t_last) / steps_since
+            ev.progress(step, cfg.max_steps, round(tok_s, 1), now - t_start, (cfg.max_steps - step) * step_time)
+            t_last, steps_since, busy, tokens_since = now, 0, 0.0, 0
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            model.eval()
+            with torch.no_grad(), autocast(device, dtype):
+                values = stage.evaluate(model)
+            model.train()
+            last_val = float(values["val/loss"])
+            best_val = last_val if best_val is None else min(best_val, last_val)
+            ev.metrics(step, {**values, "val/best_loss": best_val})
+        if stage.sample and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            stage.sample(model, step)
+            model.train()
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            save("final" if step == cfg.max_steps else "periodic")
+    return "completed"
+
+
+def run_summary(run_dir: Path, cfg: TrainConfig) -> dict:
+    """The figures of a finished run that the pipeline table and the app show."""
+    root = Path(run_dir) / "checkpoints"
+    best = ckpt.best_checkpoint(root)
+    last = ckpt.latest_checkpoint(root)
+    state = ckpt.read_state(last) if last else {}
+    return {"step": state.get("step"), "tokens_seen": state.get("tokens_seen"),
+            "val_loss": state.get("val_loss"), "best_val_loss": state.get("best_val_loss"),
+            "checkpoint": str((best or last).relative_to(run_dir)) if (best or last) else None,
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
+
