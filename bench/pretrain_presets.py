@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -59,7 +60,8 @@ def main() -> int:
             mfu = statistics.median(e["perf/mfu"] for e in perf[1:] or perf)
             params = next(e["message"] for e in res.events if e["type"] == "log" and "params" in e["message"])
             m = res.metrics()
-            rows.append((preset, params.split("model ")[1].split(",")[0], int(tok_s), f"{mfu:.1%}",
+            n_params = re.search(r"([\d,]+) params", params).group(1)
+            rows.append((preset, f"{n_params} params", int(tok_s), f"{mfu:.1%}",
                          m["perf/peak_rss_mb"], f"{m['val/loss']:.3f} / {m['val/unigram_baseline']:.3f}",
                          f"{wall:.0f}"))
             print(rows[-1], flush=True)

@@ -6,7 +6,7 @@ event whose status is `completed`, `stopped` or `failed`. Event types:
 
     start       stage, config, pid, resumed_from
     metrics     step, then flat names such as "train/loss", "train/lr"
-    progress    step, total, tokens_per_s, elapsed_s, eta_s
+    progress    step, total, unit ("steps" or "bytes"), tokens_per_s, elapsed_s, eta_s
     sample      step, prompt, text
     checkpoint  step, path, best
     log         level ("info" | "warning" | "error"), message
@@ -51,8 +51,8 @@ class Emitter:
         self.emit("metrics", step=step, **{k: _jsonable(v) for k, v in values.items()})
 
     def progress(self, step: int, total: int, tokens_per_s: float | None, elapsed_s: float,
-                 eta_s: float | None) -> None:
-        self.emit("progress", step=step, total=total, tokens_per_s=tokens_per_s,
+                 eta_s: float | None, unit: str = "steps") -> None:
+        self.emit("progress", step=step, total=total, unit=unit, tokens_per_s=tokens_per_s,
                   elapsed_s=round(elapsed_s, 2), eta_s=None if eta_s is None else round(eta_s, 1))
 
     def log(self, message: str, level: str = "info") -> None:
@@ -114,6 +114,13 @@ def format_duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def format_count(ev: dict) -> str:
+    """'step 120/2000', or '1.2/50.0 MB' for stages that count bytes read."""
+    if ev.get("unit") == "bytes":
+        return f"{ev['step'] / 1e6:.1f}/{ev['total'] / 1e6:.1f} MB"
+    return f"step {ev['step']}/{ev['total']}"
+
+
 class HumanPrinter:
     """The terminal view of the event stream: one readable line per progress event."""
 
@@ -130,7 +137,7 @@ class HumanPrinter:
             if "val/loss" in ev:
                 line = f"[{self.stage}] step {ev['step']}  val loss {_num(ev['val/loss'])}"
         elif t == "progress":
-            parts = [f"[{self.stage}] step {ev['step']}/{ev['total']}"]
+            parts = [f"[{self.stage}] {format_count(ev)}"]
             for key, label in (("train/loss", "loss"), ("train/lr", "lr")):
                 if key in self.last:
                     parts.append(f"{label} {_num(self.last[key])}")

@@ -310,7 +310,7 @@ def run(cfg: TokenizerConfig, run_dir: Path, sink=None, control=None) -> str:
                 el = now - t0
                 rate = done_bytes / el if el > 0 else 0.0
                 ev.progress(min(done_bytes, total), total, None, el,
-                            (total - done_bytes) / rate if rate > 0 else None)
+                            (total - done_bytes) / rate if rate > 0 else None, unit="bytes")
             # the first chunk always trains, so a one-chunk corpus still gets a tokenizer
             if (i > 0 and st["held_chars"] < HOLDOUT_CAP_CHARS
                     and split_draw(cfg.seed, i) < cfg.holdout_fraction):
@@ -337,7 +337,7 @@ def run(cfg: TokenizerConfig, run_dir: Path, sink=None, control=None) -> str:
     except _Stopped:
         ev.log("stopped while reading the corpus; no tokenizer saved")
         return "stopped"
-    ev.progress(total, total, None, time.monotonic() - t0, 0.0)
+    ev.progress(total, total, None, time.monotonic() - t0, 0.0, unit="bytes")
     if tok.vocab_size < cfg.vocab_size:
         ev.log(f"the corpus supports only {tok.vocab_size} tokens (asked for {cfg.vocab_size}): "
                f"no pair left occurs {cfg.min_frequency}+ times", level="warning")

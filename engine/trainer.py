@@ -117,6 +117,7 @@ class Stage:
     sample: Optional[Callable[[torch.nn.Module, int], None]] = None
     fixed_on_resume: tuple[str, ...] = ()                          # beyond FIXED_ON_RESUME
     state: Optional[Callable[[], dict]] = None                     # extra JSON for state.json
+    restore: Optional[Callable[[dict], None]] = None               # given state.json on resume
     extra_files: Optional[dict[str, Path]] = None                  # copied into each checkpoint
     flops_per_token: Optional[float] = None
 
@@ -145,6 +146,8 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
         if device.type == "cuda" and "cuda" in saved.rng:
             torch.cuda.set_rng_state(saved.rng["cuda"], device)
         step, tokens_seen = saved.step, int(saved.state["tokens_seen"])
+        if stage.restore:
+            stage.restore(saved.state)
         best_val, last_val = saved.state.get("best_val_loss"), saved.state.get("val_loss")
         ev.log(f"resumed from {latest.name}")
     if step >= cfg.max_steps:

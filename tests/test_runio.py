@@ -65,6 +65,8 @@ def test_human_printer_shows_loss_and_eta():
     line = out.getvalue().strip()
     assert line.startswith("[pretrain] step 10/100") and "loss 2.5" in line
     assert "12.3k tok/s" in line and "ETA 1m15s" in line
+    p({"type": "progress", "step": 1_500_000, "total": 50_000_000, "unit": "bytes", "eta_s": 3})
+    assert out.getvalue().splitlines()[-1].startswith("[pretrain] 1.5/50.0 MB")
 
 
 def _stage(outcome):

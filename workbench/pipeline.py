@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from engine.pretrain import PretrainConfig
-from engine.runio import format_duration
+from engine.runio import format_count, format_duration
 from engine.tokenizer import TokenizerConfig
 from workbench import demo
 from workbench.project import Project, ProjectError
@@ -33,7 +33,7 @@ class ProgressLine:
         if ev.get("type") != "progress":
             return
         frac = ev["step"] / max(ev["total"], 1)
-        text = f"  {self.stage:<10} {ev['step']:>6}/{ev['total']:<6} {frac:6.1%}"
+        text = f"  {self.stage:<10} {format_count(ev):>20} {frac:6.1%}"
         if self.loss is not None:
             text += f"  loss {self.loss:.3f}"
         if ev.get("tokens_per_s"):
