@@ -242,12 +242,14 @@ class Backbone(nn.Module):
 
 
 class Transformer(nn.Module):
+    kind = "lm"  # what the head computes; stored in the weights file so loading picks the class
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
         self.config = cfg
         self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self._make_head(cfg)
         self.apply(self._init_weights)
         # GPT-2 style: each residual branch's output projection is scaled by 1/sqrt(2 * n_layer)
         # (two branches per layer), so the residual stream's variance does not grow with depth.
@@ -256,6 +258,9 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
         if cfg.tie_embeddings:
             self.tie_weights()
+
+    def _make_head(self, cfg: ModelConfig) -> None:
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -268,7 +273,7 @@ class Transformer(nn.Module):
         self.lm_head.weight = self.model.embed_tokens.weight
 
     def make_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
-        p = self.lm_head.weight
+        p = self.model.embed_tokens.weight
         cfg = self.config
         return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim,
                        device=device or p.device, dtype=dtype or p.dtype)
@@ -334,7 +339,7 @@ class Transformer(nn.Module):
         """Unique parameters. exclude_embeddings drops the input lookup table, which does no
         matmul work, unless it is tied to lm_head (then it is the head and stays counted)."""
         n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings and not self.config.tie_embeddings:
+        if exclude_embeddings and not (self.config.tie_embeddings and self.kind == "lm"):
             n -= self.model.embed_tokens.weight.numel()
         return n
 
@@ -343,6 +348,41 @@ class Transformer(nn.Module):
         6 per matmul weight, plus attention scores and values, 12 * n_layer * d_model * seq_len."""
         cfg = self.config
         return 6 * self.num_params(exclude_embeddings=True) + 12 * cfg.n_layer * cfg.d_model * seq_len
+
+
+class ScalarModel(Transformer):
+    """The backbone with its unembedding replaced by a linear map to one scalar per position.
+
+    The reward model reads it at the answer's end token, the PPO value model at every token.
+    Names follow HF's LlamaForSequenceClassification with num_labels=1 (`score.weight`).
+    """
+    kind = "scalar"
+
+    def _make_head(self, cfg: ModelConfig) -> None:
+        self.score = nn.Linear(cfg.d_model, 1, bias=False)
+
+    def tie_weights(self) -> None:
+        pass  # no unembedding to tie
+
+    def forward(self, idx, *, attention_mask=None, position_ids=None):
+        """Scalars [B, T] in fp32, one per position."""
+        h = self.hidden(idx, attention_mask=attention_mask, position_ids=position_ids)
+        return self.score(h).squeeze(-1).float()
+
+    @classmethod
+    def from_lm(cls, lm: Transformer) -> "ScalarModel":
+        """Start from a language model's backbone with a fresh head (InstructGPT's RM init).
+
+        The head's std 1/sqrt(d_model + 1) keeps initial scores O(1) whatever the width.
+        """
+        cfg = lm.config
+        model = cls(cfg).to(lm.model.embed_tokens.weight.device)
+        model.model.load_state_dict(lm.model.state_dict())
+        nn.init.normal_(model.score.weight, std=1.0 / math.sqrt(cfg.d_model + 1))
+        return model
+
+
+MODEL_KINDS = {"lm": Transformer, "scalar": ScalarModel}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,9 +396,10 @@ def safetensors_state(model: Transformer) -> tuple[dict, dict]:
     """
     sd = model.state_dict()
     if model.config.tie_embeddings:
-        sd.pop("lm_head.weight")
+        sd.pop("lm_head.weight", None)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-    return tensors, {"format": "pt", "config": json.dumps(dataclasses.asdict(model.config))}
+    return tensors, {"format": "pt", "config": json.dumps(dataclasses.asdict(model.config)),
+                     "kind": model.kind}
 
 
 def save_model(model: Transformer, path) -> None:
@@ -372,6 +413,11 @@ def save_model(model: Transformer, path) -> None:
 
 def read_config(path) -> ModelConfig:
     """The ModelConfig stored in a model.safetensors file, without loading any weights."""
+    return read_header(path)[0]
+
+
+def read_header(path) -> tuple[ModelConfig, str]:
+    """(config, kind) from a model.safetensors file's metadata; kind is "lm" or "scalar"."""
     from safetensors import safe_open
 
     with safe_open(os.fspath(path), framework="pt") as f:
@@ -379,17 +425,20 @@ def read_config(path) -> ModelConfig:
     if "config" not in meta:
         raise ValueError(f"{path}: no model config in the safetensors metadata "
                          "(not written by engine.model.save_model)")
-    return from_dict(ModelConfig, json.loads(meta["config"]), source=os.fspath(path))
+    kind = meta.get("kind", "lm")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"{path}: unknown model kind {kind!r}")
+    return from_dict(ModelConfig, json.loads(meta["config"]), source=os.fspath(path)), kind
 
 
 def with_tied_head(cfg: ModelConfig, sd: dict) -> dict:
     """Put back the lm_head that `safetensors_state` leaves out of a tied model's file."""
-    if cfg.tie_embeddings and "lm_head.weight" not in sd:
+    if cfg.tie_embeddings and "lm_head.weight" not in sd and "score.weight" not in sd:
         sd = {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}
     return sd
 
 
-def model_from_state_dict(cfg: ModelConfig, sd: dict) -> Transformer:
+def model_from_state_dict(cfg: ModelConfig, sd: dict, kind: str = "lm") -> Transformer:
     """A Transformer holding exactly the tensors of `sd` (on their device, in their dtype).
 
     Built on the meta device, so no time goes into a random init that is overwritten at once.
@@ -397,7 +446,7 @@ def model_from_state_dict(cfg: ModelConfig, sd: dict) -> Transformer:
     """
     sd = with_tied_head(cfg, sd)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = MODEL_KINDS[kind](cfg)
     model.load_state_dict(sd, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.tie_weights()  # assign=True gave the two names separate Parameters; share again
@@ -407,4 +456,5 @@ def model_from_state_dict(cfg: ModelConfig, sd: dict) -> Transformer:
 def load_model(path, device="cpu") -> Transformer:
     from safetensors.torch import load_file
 
-    return model_from_state_dict(read_config(path), load_file(os.fspath(path), device=str(device)))
+    cfg, kind = read_header(path)
+    return model_from_state_dict(cfg, load_file(os.fspath(path), device=str(device)), kind)
