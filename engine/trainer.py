@@ -118,6 +118,7 @@ class Stage:
     fixed_on_resume: tuple[str, ...] = ()                          # beyond FIXED_ON_RESUME
     state: Optional[Callable[[], dict]] = None                     # extra JSON for state.json
     restore: Optional[Callable[[dict], None]] = None               # given state.json on resume
+    train_metrics: Optional[Callable[[], dict]] = None             # more train/* at each log step
     extra_files: Optional[dict[str, Path]] = None                  # copied into each checkpoint
     flops_per_token: Optional[float] = None
 
@@ -223,6 +224,8 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
                       "perf/peak_rss_mb": round(peak_rss_mb(), 1)}
             if stage.flops_per_token:
                 values["perf/mfu"] = round(tok_s * stage.flops_per_token / flops, 4)
+            if stage.train_metrics:
+                values.update(stage.train_metrics())
             ev.metrics(step, values)
             # Wall time per step (evaluation and saving included) for the ETA; tokens/s counts
             # training time only, so it is comparable across eval settings.

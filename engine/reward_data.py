@@ -1,0 +1,195 @@
+"""Preference data for the reward model: K-way rankings and chosen/rejected pairs.
+
+One record per prompt, as JSONL, in either form:
+
+    {"prompt": "...", "answers": ["a", "b", "c"], "ranking": [[2], [0, 1]]}
+    {"prompt": "...", "chosen": "a", "rejected": "b"}
+
+`ranking` lists groups of answer indexes from best to worst; answers in one group are tied. A
+prompt may also be a list of {role, content} messages (a multi-turn context). Every problem in
+every file is collected into one error, FILE:LINE: field, before any training starts.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Union
+
+import torch
+
+from engine.runio import StageError
+from engine.sft_data import fit
+from engine.tokenizer import ROLES, Tokenizer, render_chat
+
+MAX_PROBLEMS = 20
+Prompt = Union[str, list]
+
+
+class PreferenceDataError(StageError):
+    def __init__(self, problems: list[str]):
+        shown = problems[:MAX_PROBLEMS]
+        more = len(problems) - len(shown)
+        super().__init__("bad preference data:\n  " + "\n  ".join(shown)
+                         + (f"\n  ... and {more} more" if more else ""))
+        self.problems = problems
+
+
+@dataclass
+class Ranking:
+    prompt: Prompt
+    answers: list[str]
+    groups: list[list[int]]     # best first; one group = tied answers
+    where: str                  # FILE:LINE, for messages
+
+    def pairs(self) -> list[tuple[int, int]]:
+        return ranking_pairs(self.groups)
+
+
+def ranking_pairs(groups: list[list[int]]) -> list[tuple[int, int]]:
+    """Every (winner, loser) pair a ranking implies; answers tied in one group give no pair."""
+    out = []
+    for i, better in enumerate(groups):
+        for worse in groups[i + 1:]:
+            out.extend((w, l) for w in better for l in worse)
+    return out
+
+
+def _check_prompt(value: Any, where: str, problems: list[str]) -> bool:
+    if isinstance(value, str):
+        if not value.strip():
+            problems.append(f"{where}: field 'prompt': empty")
+            return False
+        return True
+    if isinstance(value, list) and value:
+        for i, m in enumerate(value):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                problems.append(f"{where}: field 'prompt[{i}]': expected {{role, content}} with role "
+                                f"in {', '.join(ROLES)}")
+                return False
+        return True
+    problems.append(f"{where}: field 'prompt': expected a string or a list of messages")
+    return False
+
+
+def parse_record(rec: Any, where: str, problems: list[str]) -> Ranking | None:
+    if not isinstance(rec, dict):
+        problems.append(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        return None
+    if "prompt" not in rec:
+        problems.append(f"{where}: field 'prompt': missing")
+        return None
+    if not _check_prompt(rec["prompt"], where, problems):
+        return None
+    if "chosen" in rec or "rejected" in rec:
+        texts = []
+        for key in ("chosen", "rejected"):
+            v = rec.get(key)
+            if not isinstance(v, str) or not v.strip():
+                problems.append(f"{where}: field '{key}': " + ("missing" if v is None else "expected a non-empty string"))
+                return None
+            texts.append(v)
+        return Ranking(rec["prompt"], texts, [[0], [1]], where)
+    answers, groups = rec.get("answers"), rec.get("ranking")
+    if not isinstance(answers, list) or not 2 <= len(answers) <= 9 or not all(isinstance(a, str) and a.strip() for a in answers):
+        problems.append(f"{where}: field 'answers': expected 2 to 9 non-empty strings "
+                        "(or give 'chosen' and 'rejected')")
+        return None
+    if (not isinstance(groups, list) or not groups
+            or not all(isinstance(g, list) and g and all(isinstance(i, int) and not isinstance(i, bool) for i in g) for g in groups)):
+        problems.append(f"{where}: field 'ranking': expected a list of groups of answer indexes, best first")
+        return None
+    flat = sorted(i for g in groups for i in g)
+    if flat != list(range(len(answers))):
+        problems.append(f"{where}: field 'ranking': must name each answer index 0..{len(answers) - 1} "
+                        f"exactly once, got {groups}")
+        return None
+    if len(groups) < 2:
+        problems.append(f"{where}: field 'ranking': all answers tied, so it holds no preference")
+        return None
+    return Ranking(rec["prompt"], answers, groups, where)
+
+
+def read_rankings(paths: Iterable[str | os.PathLike]) -> list[Ranking]:
+    out: list[Ranking] = []
+    problems: list[str] = []
+    for path in paths:
+        path = Path(path)
+        try:
+            f = open(path, encoding="utf-8")
+        except OSError as e:
+            problems.append(f"{path}: cannot read: {e.strerror}")
+            continue
+        with f:
+            try:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    where = f"{path}:{n}"
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        problems.append(f"{where}: malformed JSON at column {e.colno}: {e.msg}")
+                        continue
+                    r = parse_record(rec, where, problems)
+                    if r is not None:
+                        out.append(r)
+            except UnicodeDecodeError as e:
+                problems.append(f"{path}: invalid UTF-8 at byte offset {e.start} of a line")
+    if problems:
+        raise PreferenceDataError(problems)
+    if not out:
+        raise PreferenceDataError([f"{', '.join(map(str, paths))}: no rankings found"])
+    return out
+
+
+def prompt_key(prompt: Prompt) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def split_by_prompt(items: list[Ranking], val_fraction: float, seed: int) -> tuple[list[Ranking], list[Ranking]]:
+    """Hold out whole prompts, so validation measures answers to prompts never trained on."""
+    keys = sorted({prompt_key(r.prompt) for r in items})
+    random.Random(f"workbench-rm/{seed}/split").shuffle(keys)
+    n_val = max(1, round(len(keys) * val_fraction)) if val_fraction > 0 else 0
+    if n_val >= len(keys):
+        raise PreferenceDataError([f"{len(keys)} distinct prompt(s) cannot be split into train and "
+                                   f"validation (val_fraction {val_fraction}): add data or give val_data"])
+    val = set(keys[:n_val])
+    return ([r for r in items if prompt_key(r.prompt) not in val],
+            [r for r in items if prompt_key(r.prompt) in val])
+
+
+def encode_answer(tok: Tokenizer, prompt: Prompt, answer: str, max_len: int) -> tuple[list[int], bool]:
+    """The conversation's ids, ending at the <|end|> that closes the answer (where r is read)."""
+    context = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    ids, mask = render_chat(tok, context + [{"role": "assistant", "content": answer}])
+    ids, _mask, cut = fit(ids, mask, max_len)
+    if cut and ids[-1] != tok.end_id:
+        ids[-1] = tok.end_id  # the answer's tail was cut: the score is still read at an end token
+    return ids, cut
+
+
+def collate_answers(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [N, T] and each sequence's last index [N]; causal attention means real
+    tokens never read the padding after them, so no attention mask is needed."""
+    T = max(len(s) for s in seqs)
+    x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, :len(s)] = torch.tensor(s)
+    return x, torch.tensor([len(s) - 1 for s in seqs])
+
+
+def ranking_loss(rewards: torch.Tensor, pairs: list[tuple[int, int]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """InstructGPT's loss for one prompt: -1/C(K,2) · Σ log σ(r_w - r_l) over its pairs.
+
+    The 1/C(K,2) is applied once per prompt, so a ranking weighs the same whatever its K, and
+    ties (fewer pairs) just contribute less. Returns (loss, margins r_w - r_l).
+    """
+    w = torch.tensor([p[0] for p in pairs])
+    l = torch.tensor([p[1] for p in pairs])
+    margins = rewards[w] - rewards[l]
+    return -torch.nn.functional.logsigmoid(margins).sum() / math.comb(k, 2), margins

@@ -1,0 +1,148 @@
+"""The reward model stage: pairs, the loss, bad input, training, normalisation, resume."""
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from engine import checkpoint as ckpt
+from engine.config import from_dict
+from engine.model import Transformer, config_from_preset, safetensors_state, load_model, ScalarModel
+from engine.reward import NORM_FILE, RewardConfig, run
+from engine.reward_data import (PreferenceDataError, collate_answers, ranking_loss, ranking_pairs,
+                                read_rankings)
+from engine.tokenizer import train_from_texts
+
+WORDS = "alpha beta gamma delta echo fox golf hotel india juliet kilo lima".split()
+
+
+def test_pairs_k4_gives_six_and_ties_give_none():
+    assert sorted(ranking_pairs([[2], [0], [3], [1]])) == sorted(
+        [(2, 0), (2, 3), (2, 1), (0, 3), (0, 1), (3, 1)])
+    tied = ranking_pairs([[0], [1, 2], [3]])
+    assert sorted(tied) == [(0, 1), (0, 2), (0, 3), (1, 3), (2, 3)]
+    assert (1, 2) not in tied and (2, 1) not in tied
+
+
+def test_loss_matches_a_hand_computed_case():
+    r = torch.tensor([2.0, 0.5, -1.0], requires_grad=True)
+    loss, margins = ranking_loss(r, ranking_pairs([[0], [1], [2]]), 3)
+    sig = lambda z: 1 / (1 + math.exp(-z))
+    expected = -(math.log(sig(1.5)) + math.log(sig(3.0)) + math.log(sig(1.5))) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert margins.tolist() == [1.5, 3.0, 1.5]
+    # With a tie between 1 and 2 the (1,2) pair is gone but the scale stays 1/C(3,2).
+    loss_tie, _ = ranking_loss(r, ranking_pairs([[0], [1, 2]]), 3)
+    assert loss_tie.item() == pytest.approx(-(math.log(sig(1.5)) + math.log(sig(3.0))) / 3, rel=1e-6)
+
+
+def test_bad_records_are_listed_with_file_line_and_field(tmp_path):
+    f = tmp_path / "prefs.jsonl"
+    f.write_text("\n".join([
+        json.dumps({"prompt": "p", "answers": ["a", "b"], "ranking": [[0], [1]]}),
+        '{"prompt": "p", "answers": ["a", "b"], ',
+        json.dumps({"answers": ["a", "b"], "ranking": [[0], [1]]}),
+        json.dumps({"prompt": "p", "answers": ["a", "b", "c"], "ranking": [[0], [1], [1]]}),
+        json.dumps({"prompt": "p", "chosen": "a"}),
+        json.dumps({"prompt": "p", "answers": ["a", "b"], "ranking": [[0, 1]]}),
+    ]) + "\n")
+    with pytest.raises(PreferenceDataError) as e:
+        read_rankings([f])
+    msg = str(e.value)
+    for line, field in [(2, "malformed JSON"), (3, "'prompt'"), (4, "'ranking'"), (5, "'rejected'"),
+                        (6, "all answers tied")]:
+        assert f"prefs.jsonl:{line}: " in msg and field in msg
+    assert "prefs.jsonl:1:" not in msg
+
+
+def test_collate_reads_each_answer_at_its_own_end():
+    x, last = collate_answers([[1, 5, 6, 2], [1, 7, 2], [1, 2]], pad_id=0)
+    assert x.shape == (3, 4) and last.tolist() == [3, 2, 1]
+    assert x[1].tolist() == [1, 7, 2, 0]
+
+
+@pytest.fixture(scope="module")
+def sft_ckpt(tmp_path_factory):
+    """A tiny language-model checkpoint with its tokenizer, standing in for an SFT model."""
+    root = tmp_path_factory.mktemp("sft")
+    tok = train_from_texts([" ".join(WORDS) * 30, "good bad answer question " * 40], vocab_size=300)
+    tok.save(root / "tok.json")
+    torch.manual_seed(0)
+    model = Transformer(config_from_preset("tiny", tok.vocab_size, d_model=32, n_layer=1, n_head=2,
+                                           n_kv_head=2, d_ff=64, max_seq_len=48))
+    weights, meta = safetensors_state(model)
+    ckpt.save_checkpoint(root / "checkpoints", 10, model=weights, model_metadata=meta,
+                         state={"tokenizer_fingerprint": tok.fingerprint()},
+                         extra_files={"tokenizer.json": root / "tok.json"})
+    return root
+
+
+def write_prefs(path, n=60, seed=0):
+    """The preferred answer always contains 'good'; the others 'bad'. K varies from 2 to 4."""
+    rnd = random.Random(seed)
+    lines = []
+    for i in range(n):
+        k = 2 + i % 3
+        answers = [" ".join(rnd.sample(WORDS, 2)) + (" good" if j == 0 else " bad") for j in range(k)]
+        order = list(range(k))
+        rnd.shuffle(order)
+        answers = [answers[j] for j in order]
+        best = order.index(0)
+        rest = [j for j in range(k) if j != best]
+        lines.append(json.dumps({"prompt": f"question {rnd.choice(WORDS)} {i}", "answers": answers,
+                                 "ranking": [[best], rest]}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def cfg(sft_ckpt, data, **kw):
+    base = dict(init=str(sft_ckpt), data=[str(data)], batch_size=4, lr=3e-3, epochs=0, max_steps=40,
+                warmup_steps=2, eval_every=20, checkpoint_every=20, log_every=1, device="cpu")
+    base.update(kw)
+    return from_dict(RewardConfig, base)
+
+
+def test_reward_model_learns_the_preference_and_saves_norm_stats(sft_ckpt, tmp_path):
+    write_prefs(tmp_path / "prefs.jsonl")
+    events = []
+    assert run(cfg(sft_ckpt, tmp_path / "prefs.jsonl"), tmp_path / "run", events.append) == "completed"
+    vals = [e for e in events if e["type"] == "metrics" and "val/accuracy" in e]
+    assert vals[-1]["val/accuracy"] >= 0.9 and vals[-1]["val/loss"] < vals[0]["val/loss"]
+    train = [e for e in events if e["type"] == "metrics" and "train/accuracy" in e]
+    assert {"train/margin", "train/reward_mean", "train/reward_std"} <= set(train[-1])
+    for _s, path in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints"):
+        stats = json.loads((path / NORM_FILE).read_text())
+        assert stats["n_answers"] == sum(2 + i % 3 for i in range(60)) and stats["std"] > 0
+        assert isinstance(load_model(path / "model.safetensors"), ScalarModel)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["val/accuracy"] >= 0.9 and summary["reward_norm"]["n_answers"] > 0
+
+
+def test_one_epoch_by_default_sets_the_steps(sft_ckpt, tmp_path):
+    write_prefs(tmp_path / "prefs.jsonl", n=30)
+    events = []
+    run(cfg(sft_ckpt, tmp_path / "prefs.jsonl", epochs=1.0, eval_every=100), tmp_path / "run", events.append)
+    progress = [e for e in events if e["type"] == "progress"]
+    # 30 rankings, 3 prompts held out (val_fraction 0.1) -> 27 train -> ceil(27 / 4) = 7 steps.
+    assert progress[-1]["total"] == 7 and progress[-1]["step"] == 7
+
+
+class StopAt:
+    def __init__(self, events, step):
+        self.events, self.step = events, step
+
+    def should_stop(self):
+        return any(e.get("type") == "metrics" and e.get("step", 0) >= self.step for e in self.events)
+
+
+def test_resume_is_exact(sft_ckpt, tmp_path):
+    write_prefs(tmp_path / "prefs.jsonl", n=24)
+    c = cfg(sft_ckpt, tmp_path / "prefs.jsonl", max_steps=10, eval_every=5, checkpoint_every=100)
+    full = []
+    run(c, tmp_path / "full", full.append)
+    part, rest = [], []
+    assert run(c, tmp_path / "res", part.append, StopAt(part, 4)) == "stopped"
+    assert run(c, tmp_path / "res", rest.append) == "completed"
+    loss = lambda evs: {e["step"]: e["train/loss"] for e in evs if e["type"] == "metrics" and "train/loss" in e}
+    assert min(loss(rest)) == 5
+    assert {**loss(part), **loss(rest)} == loss(full)
