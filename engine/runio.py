@@ -6,7 +6,7 @@ event whose status is `completed`, `stopped` or `failed`. Event types:
 
     start       stage, config, pid, resumed_from
     metrics     step, then flat names such as "train/loss", "train/lr"
-    progress    step, total, unit ("steps" or "bytes"), tokens_per_s, elapsed_s, eta_s
+    progress    step, total, unit ("steps", "bytes", "prompts"), tokens_per_s, elapsed_s, eta_s
     sample      step, prompt, text
     checkpoint  step, path, best
     log         level ("info" | "warning" | "error"), message
@@ -115,9 +115,12 @@ def format_duration(seconds: float | None) -> str:
 
 
 def format_count(ev: dict) -> str:
-    """'step 120/2000', or '1.2/50.0 MB' for stages that count bytes read."""
-    if ev.get("unit") == "bytes":
+    """'step 120/2000', '1.2/50.0 MB' for bytes read, '30/200 prompts' for other units."""
+    unit = ev.get("unit", "steps")
+    if unit == "bytes":
         return f"{ev['step'] / 1e6:.1f}/{ev['total'] / 1e6:.1f} MB"
+    if unit != "steps":
+        return f"{ev['step']}/{ev['total']} {unit}"
     return f"step {ev['step']}/{ev['total']}"
 
 

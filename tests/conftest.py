@@ -6,3 +6,29 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+import pytest  # noqa: E402
+
+TINY_WORDS = "alpha beta gamma delta echo fox golf hotel india juliet kilo lima".split()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_ckpt(tmp_path_factory):
+    """A tiny random language-model checkpoint with its tokenizer (a stand-in SFT model)."""
+    import torch
+    from engine import checkpoint as ckpt
+    from engine.model import Transformer, config_from_preset, safetensors_state
+    from engine.tokenizer import train_from_texts
+
+    root = tmp_path_factory.mktemp("tiny_lm")
+    tok = train_from_texts([" ".join(TINY_WORDS) * 30, "good bad answer question " * 40], vocab_size=300)
+    tok.save(root / "tok.json")
+    torch.manual_seed(0)
+    model = Transformer(config_from_preset("tiny", tok.vocab_size, d_model=32, n_layer=1, n_head=2,
+                                           n_kv_head=2, d_ff=64, max_seq_len=48))
+    weights, meta = safetensors_state(model)
+    ckpt.save_checkpoint(root / "checkpoints", 10, model=weights, model_metadata=meta,
+                         state={"tokenizer_fingerprint": tok.fingerprint(), "stage": "sft"},
+                         extra_files={"tokenizer.json": root / "tok.json"})
+    return root

@@ -62,20 +62,9 @@ def test_collate_reads_each_answer_at_its_own_end():
     assert x[1].tolist() == [1, 7, 2, 0]
 
 
-@pytest.fixture(scope="module")
-def sft_ckpt(tmp_path_factory):
-    """A tiny language-model checkpoint with its tokenizer, standing in for an SFT model."""
-    root = tmp_path_factory.mktemp("sft")
-    tok = train_from_texts([" ".join(WORDS) * 30, "good bad answer question " * 40], vocab_size=300)
-    tok.save(root / "tok.json")
-    torch.manual_seed(0)
-    model = Transformer(config_from_preset("tiny", tok.vocab_size, d_model=32, n_layer=1, n_head=2,
-                                           n_kv_head=2, d_ff=64, max_seq_len=48))
-    weights, meta = safetensors_state(model)
-    ckpt.save_checkpoint(root / "checkpoints", 10, model=weights, model_metadata=meta,
-                         state={"tokenizer_fingerprint": tok.fingerprint()},
-                         extra_files={"tokenizer.json": root / "tok.json"})
-    return root
+@pytest.fixture
+def sft_ckpt(tiny_lm_ckpt):
+    return tiny_lm_ckpt
 
 
 def write_prefs(path, n=60, seed=0):
