@@ -1,0 +1,134 @@
+"""The arithmetic of PPO for language models, as pure tensor functions.
+
+Layout used throughout: a rollout is B sequences right-padded to length T, `prompt | answer | pad`.
+An *action* is an answer token; `mask[b, t]` is 1 where token t of row b is an action. The
+log-prob of the token at t comes from the logits at t-1, and the value of the state before
+action t is read at t-1 too, so every per-token tensor here is aligned with the token it scores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log π(ids[t] | ids[<t]) at every t ≥ 1 (column 0 is 0), in fp32, with the sampling
+    temperature dividing the logits exactly as it did when the answer was sampled."""
+    lp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    picked = lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return F.pad(picked, (1, 0))
+
+
+def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy of the sampling distribution behind the token at t (column 0 is 0)."""
+    lp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    return F.pad(-(lp.exp() * lp).sum(-1), (1, 0))
+
+
+def shift_values(values: torch.Tensor) -> torch.Tensor:
+    """Value of the state before the token at t: the value head's output at t-1."""
+    return F.pad(values[:, :-1].float(), (1, 0))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise over the valid tokens only: padding must not drag the statistics."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def per_token_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                      scores: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards, kl): -β (log π - log π_ref) on every action, plus the score on the last one.
+
+    Nothing after the last action: a row's reward, like its value, is zero past its end token.
+    """
+    kl = (logp - ref_logp) * mask
+    rewards = -kl_coef * kl
+    last = last_action_index(mask)
+    rewards[torch.arange(mask.size(0)), last] += scores
+    return rewards * mask, kl
+
+
+def last_action_index(mask: torch.Tensor) -> torch.Tensor:
+    t = torch.arange(mask.size(1), device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), t, torch.full_like(t, -1)).max(dim=1).values
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the actions of each row; (advantages, returns).
+
+    Values past the last action are taken as zero (the episode has ended), so the last action's
+    advantage is r - V. Non-action positions get zero advantage and zero return.
+    """
+    values = values * mask
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.size(0), device=rewards.device, dtype=rewards.dtype)
+    for t in reversed(range(rewards.size(1))):
+        nxt = values[:, t + 1] if t + 1 < rewards.size(1) else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * nxt - values[:, t]
+        running = delta + gamma * lam * running
+        running = running * mask[:, t]        # prompt and padding reset the recursion
+        adv[:, t] = running
+    return adv * mask, (adv + values) * mask
+
+
+@dataclass
+class Losses:
+    total_policy: torch.Tensor
+    value: torch.Tensor
+    clipfrac: torch.Tensor
+    approxkl: torch.Tensor
+    ratio: torch.Tensor
+    value_clipfrac: torch.Tensor
+
+
+def ppo_losses(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+               new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor, cliprange: float, cliprange_value: float) -> Losses:
+    """The clipped surrogate against the rollout's log-probs and the clipped value loss."""
+    logratio = (new_logp - old_logp) * mask
+    ratio = torch.exp(logratio)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    pg_loss = masked_mean(torch.max(pg1, pg2), mask)
+    v_clipped = old_values + torch.clamp(new_values - old_values, -cliprange_value, cliprange_value)
+    vf1 = (new_values - returns) ** 2
+    vf2 = (v_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(vf1, vf2), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((pg2 > pg1).float(), mask)
+        approxkl = 0.5 * masked_mean(logratio ** 2, mask)
+        mean_ratio = masked_mean(ratio, mask)
+        v_clipfrac = masked_mean((vf2 > vf1).float(), mask)
+    return Losses(pg_loss, vf_loss, clipfrac, approxkl, mean_ratio, v_clipfrac)
+
+
+class KLController:
+    """β fixed, or adapted toward a target KL (Ziegler et al. 2019): β ← β·(1 + e·n/horizon),
+    with the proportional error e = clip(KL/target - 1, ±0.2)."""
+
+    def __init__(self, init: float, target: float | None, horizon: int):
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> None:
+        if self.target is None:
+            return
+        error = max(-0.2, min(0.2, kl / self.target - 1))
+        self.value *= 1 + error * n_steps / self.horizon
+
+    def state(self) -> dict:
+        return {"value": self.value}
+
+    def load(self, state: dict) -> None:
+        self.value = float(state["value"])
