@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 from engine.config import save_config
 
-STAGES = ("tokenizer", "pretrain", "sft", "sample", "reward")
+STAGES = ("tokenizer", "pretrain", "sft", "sample", "reward", "ppo")
 
 
 @dataclass
