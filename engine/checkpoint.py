@@ -176,7 +176,14 @@ def clean_partial(root: Path) -> list[Path]:
     root = Path(root)
     removed = []
     if root.is_dir():
-        for p in root.iterdir():
+        for p in sorted(root.iterdir()):
+            if p.name.startswith(".old-"):
+                # A re-save of the same step was killed between its two renames: the old folder
+                # is complete and its step has no other copy, so it goes back into place.
+                name = p.name[len(".old-"):].rsplit("-", 1)[0]
+                if STEP_RE.match(name) and not (root / name).exists() and p.is_dir():
+                    os.replace(p, root / name)
+                    continue
             if p.name.startswith((".tmp-", ".old-")):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 removed.append(p)

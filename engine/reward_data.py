@@ -71,7 +71,7 @@ def _check_prompt(value: Any, where: str, problems: list[str]) -> bool:
                                 f"in {', '.join(ROLES)}")
                 return False
         return True
-    problems.append(f"{where}: field 'prompt': expected a string or a list of messages")
+    problems.append(f"{where}: field 'prompt' / 'messages': expected a string or a list of messages")
     return False
 
 
@@ -79,11 +79,14 @@ def parse_record(rec: Any, where: str, problems: list[str]) -> Ranking | None:
     if not isinstance(rec, dict):
         problems.append(f"{where}: expected a JSON object, got {type(rec).__name__}")
         return None
-    if "prompt" not in rec:
+    if "prompt" not in rec and "messages" not in rec:
         problems.append(f"{where}: field 'prompt': missing")
         return None
-    if not _check_prompt(rec["prompt"], where, problems):
+    # A multi-turn context comes as `messages` (the store's exports add it beside the prompt text).
+    key = "messages" if "messages" in rec else "prompt"
+    if not _check_prompt(rec[key], where, problems):
         return None
+    prompt = rec[key]
     if "chosen" in rec or "rejected" in rec:
         texts = []
         for key in ("chosen", "rejected"):
@@ -92,7 +95,7 @@ def parse_record(rec: Any, where: str, problems: list[str]) -> Ranking | None:
                 problems.append(f"{where}: field '{key}': " + ("missing" if v is None else "expected a non-empty string"))
                 return None
             texts.append(v)
-        return Ranking(rec["prompt"], texts, [[0], [1]], where)
+        return Ranking(prompt, texts, [[0], [1]], where)
     answers, groups = rec.get("answers"), rec.get("ranking")
     if not isinstance(answers, list) or not 2 <= len(answers) <= 9 or not all(isinstance(a, str) and a.strip() for a in answers):
         problems.append(f"{where}: field 'answers': expected 2 to 9 non-empty strings "
@@ -110,7 +113,7 @@ def parse_record(rec: Any, where: str, problems: list[str]) -> Ranking | None:
     if len(groups) < 2:
         problems.append(f"{where}: field 'ranking': all answers tied, so it holds no preference")
         return None
-    return Ranking(rec["prompt"], answers, groups, where)
+    return Ranking(prompt, answers, groups, where)
 
 
 def read_rankings(paths: Iterable[str | os.PathLike]) -> list[Ranking]:

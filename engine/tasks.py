@@ -342,6 +342,67 @@ def make_splits(n_train: int, n_eval: int, seed: int,
     return pools["train"], pools["eval"]
 
 
+# --- parsing a prompt back into its task ----------------------------------------------------
+
+# What each template field may hold. Lookup keys are limited to the known facts; words need
+# not be in WORDS (a user's "Reverse the word 'xyzzy'." is still a reverse task).
+_FIELD_RES = {"a": r"\d+", "b": r"\d+", "word": r"[a-z]+", "letter": r"[a-z]",
+              "nums": r"\d+(?:, \d+)*", "sentence": r"[a-z]+(?: [a-z]+)*"}
+_PARSERS: list[tuple[re.Pattern, str, str, int]] = []
+
+
+def _parsers() -> list[tuple[re.Pattern, str, str, int]]:
+    """(regex, kind, variant, template index) for every template, built once."""
+    if not _PARSERS:
+        for key, templates in TEMPLATES.items():
+            kind, _, variant = key.partition(":")
+            fields = dict(_FIELD_RES)
+            if kind == "lookup":
+                keys = "|".join(re.escape(k) for k in sorted(LOOKUP[variant], key=len, reverse=True))
+                fields.update(key=f"(?P<key>{keys})", a_key=f"(?:an?) (?P<key>{keys})",
+                              A_key=f"(?:An?) (?P<key>{keys})")
+            for index, template in enumerate(templates):
+                parts = re.split(r"\{(\w+)\}", template)
+                regex = "".join(
+                    re.escape(p) if i % 2 == 0
+                    else fields[p] if p in ("key", "a_key", "A_key") else f"(?P<{p}>{fields[p]})"
+                    for i, p in enumerate(parts))
+                _PARSERS.append((re.compile(regex), kind, variant, index))
+    return _PARSERS
+
+
+def _parsed_data(kind: str, variant: str, g: dict) -> dict:
+    if kind in ("add", "sub", "mul"):
+        return {"a": int(g["a"]), "b": int(g["b"])}
+    if kind == "compare":
+        return {"a": int(g["a"]), "b": int(g["b"]), "op": variant}
+    if kind == "sort":
+        return {"numbers": [int(x) for x in g["nums"].split(", ")]}
+    if kind == "count":
+        if variant == "letter":
+            return {"mode": "letter", "letter": g["letter"], "word": g["word"]}
+        return {"mode": "words", "sentence": g["sentence"]}
+    if kind == "lookup":
+        return {"table": variant, "key": g["key"]}
+    return {"word": g["word"]}
+
+
+def parse_task(prompt: str) -> Task | None:
+    """The task a demo-style prompt asks, or None if it matches no template.
+
+    A match is rebuilt from its fields and must give back the same prompt, so "What is 007 + 5?"
+    (not a prompt the generator writes) and "What colour is an banana?" are not tasks."""
+    text = prompt.strip()
+    for regex, kind, variant, index in _parsers():
+        m = regex.fullmatch(text)
+        if m is None:
+            continue
+        task = _build(kind, _parsed_data(kind, variant, m.groupdict()), index)
+        if task.prompt == text:
+            return task
+    return None
+
+
 # --- checking -------------------------------------------------------------------------------
 
 _QUOTES = "\"'`\u2018\u2019\u201c\u201d"

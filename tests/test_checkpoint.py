@@ -66,6 +66,16 @@ def test_resave_same_step_and_prune_keeps_last_and_best(tmp_path):
     assert ckpt.resolve_checkpoint(tmp_path, prefer="latest").name == "step-000040"
 
 
+def test_a_resave_killed_between_its_renames_keeps_the_old_copy(tmp_path):
+    ckpt.save_checkpoint(tmp_path, 7, model=small_state(7), state={})
+    (tmp_path / "step-000007").rename(tmp_path / ".old-step-000007-999")  # the kill came here
+    (tmp_path / ".tmp-step-000007-999").mkdir()
+    ckpt.clean_partial(tmp_path)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [7]
+    assert torch.equal(ckpt.load_checkpoint(tmp_path / "step-000007").model["a.weight"], small_state(7)["a.weight"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000007"]
+
+
 def test_clean_partial_removes_leftovers(tmp_path):
     ckpt.save_checkpoint(tmp_path, 5, model=small_state(), state={})
     (tmp_path / ".tmp-step-000010-123").mkdir()
@@ -93,8 +103,12 @@ while True:
 def test_a_save_killed_half_way_never_looks_complete(tmp_path):
     root = tmp_path / "checkpoints"
     expected = None
-    delays = [0.05, 0.13, 0.21, 0.34, 0.5, 0.77]
-    for delay in delays:
+    # Keep killing until one kill has landed mid-save (under load a save can take longer or
+    # shorter than planned), with a bound so the test always ends.
+    delays = [0.05, 0.13, 0.21, 0.34, 0.5, 0.77, 0.09, 0.17, 0.27, 0.41, 0.6, 0.03]
+    for n, delay in enumerate(delays):
+        if n >= 4 and root.exists() and any(p.name.startswith(".tmp-") for p in root.iterdir()):
+            break
         proc = subprocess.Popen([sys.executable, "-c", SAVER, str(root)], stdout=subprocess.PIPE,
                                 cwd=Path(__file__).resolve().parents[1], text=True)
         assert proc.stdout.readline().strip() == "ready"

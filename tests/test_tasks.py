@@ -260,3 +260,44 @@ def test_transcript_format():
     t = Task("add", "What is 50 + 18?", "68", {"a": 50, "b": 18})
     assert as_transcript(t) == "Question: What is 50 + 18?\nAnswer: 68\n"
     assert all("\n" not in t.prompt for t in generate_tasks(110, seed=2))
+
+
+def test_parse_task_inverts_every_generated_prompt(sample):
+    # Every phrasing of every kind, plus the whole enumerable space of the small kinds.
+    many = generate_tasks(3000, seed=11) + sample
+    for kind in ("reverse", "first", "last", "length", "lookup"):
+        many += T._all_tasks(kind)
+    for t in many:
+        assert T.parse_task(t.prompt) == t, t
+    # And every template explicitly, whatever the random draws above happened to cover.
+    examples = {"add": {"a": 12, "b": 345}, "sub": {"a": 345, "b": 12}, "mul": {"a": 7, "b": 89},
+                "reverse": {"word": "apple"}, "first": {"word": "apple"}, "last": {"word": "apple"},
+                "length": {"word": "apple"}, "sort": {"numbers": [5, 3, 40]},
+                "count:letter": {"mode": "letter", "letter": "p", "word": "apple"},
+                "count:words": {"mode": "words", "sentence": "the red apple"},
+                "lookup:capital": {"table": "capital", "key": "Peru"},
+                "lookup:colour": {"table": "colour", "key": "eggplant"},
+                "lookup:opposite": {"table": "opposite", "key": "up"},
+                "compare:larger": {"a": 3, "b": 30, "op": "larger"},
+                "compare:smaller": {"a": 3, "b": 30, "op": "smaller"}}
+    assert set(examples) == set(T.TEMPLATES)
+    for key, data in examples.items():
+        for i in range(len(T.TEMPLATES[key])):
+            t = T._build(key.split(":")[0], data, i)
+            assert T.parse_task(t.prompt) == t, t
+    assert T.parse_task("  What is 50 + 18?\n") == Task("add", "What is 50 + 18?", "68",
+                                                        {"a": 50, "b": 18})
+
+
+@pytest.mark.parametrize("prompt", [
+    "", "Tell me about owls.", "What is 50 + ?", "What is 007 + 5?", "What colour is an banana?",
+    "What is the capital of Atlantis?", "Reverse the word 'Cat'.", "What is 5 + 7? Thanks.",
+    "Sort these numbers in ascending order: 3,4.",
+])
+def test_parse_task_refuses_what_the_generator_would_not_write(prompt):
+    assert T.parse_task(prompt) is None
+
+
+def test_parse_task_reads_words_outside_the_word_list():
+    t = T.parse_task("Reverse the word 'xyzzy'.")
+    assert t is not None and t.answer == "yzzyx" and check(t, "yzzyx")

@@ -1,0 +1,341 @@
+"""A ranking session without a screen: what to show next, submit, skip, undo, resume, progress.
+
+The app's ranking view and the CLI both drive an `AnnotationSession`; everything it knows is
+in the store, so a new object (in a new process, days later) continues where the last one
+stopped, showing every item in the answer order it was first shown in.
+
+Display numbers. The answers of an item are shown shuffled and numbered 1..K; the shuffle is
+recorded (`shown_orders`) the first time the item is shown, and `submit` takes the ordering in
+those display numbers. Shuffling matters because sampled answers come in seed order, and a
+person who sees "answer 1" first every time ranks it differently.
+
+Queue. Items come in batch order. `skip` sends the current item to the back; `undo` withdraws
+the session's last ranking and puts its item at the front, with the withdrawn input offered as
+`Current.previous` for editing. Both are stored (`shown_orders.queue_key`), so a resumed
+session sees the same queue.
+
+Hidden repeats. With `repeat_fraction` f > 0, round(f * N) items (drawn from the seed) come
+back once more after at least `repeat_gap` other items have been ranked since their first
+ranking (or at the end, when no first-time item is left), shuffled anew and stored with
+is_repeat = 1. They measure an annotator's consistency (workbench.agreement); progress counts
+each item once, so the annotator cannot tell a repeat from a new item.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from workbench.store import (MAX_K, MIN_K, Annotator, RankingError, Store, check_ordering)
+
+REPEAT_GAP = 5   # first-time rankings between an item and its hidden repeat, when there are enough
+
+
+@dataclass
+class ShownAnswer:
+    number: int        # the display number, 1..K
+    answer_id: int
+    text: str
+    meta: dict
+
+
+@dataclass
+class Previous:
+    """A withdrawn ranking of the current item, in display numbers, for editing after undo."""
+    ordering: list[list[int]]
+    flags: dict[int, list[str]]
+    scores: dict[int, int]
+    note: str
+
+
+@dataclass
+class Current:
+    item_id: int
+    position: int
+    prompt: str
+    messages: list | None
+    answers: list[ShownAnswer]
+    is_repeat: bool
+    previous: Previous | None = None
+
+    @property
+    def k(self) -> int:
+        return len(self.answers)
+
+
+@dataclass
+class Progress:
+    done: int                  # items ranked at least once (a repeat does not count again)
+    total: int
+    skipped: int               # items waiting at the back after a skip
+    repeats_done: int
+    repeats_total: int
+    mean_seconds: float | None  # per submitted ranking, repeats included
+    remaining: int = field(default=0)   # rankings still to make, hidden repeats included
+
+    @property
+    def finished(self) -> bool:
+        return self.remaining == 0
+
+
+def parse_ordering(text: str) -> list[list[int]]:
+    """An ordering typed on a keyboard: display numbers best first, '=' joins a tie.
+
+    "3 1=2 4", "3>1=2>4", "3,1=2,4" and "31=24" all mean 3 best, 1 and 2 tied, 4 worst
+    (K is at most 9, so every digit is one answer)."""
+    groups: list[list[int]] = []
+    tie = False
+    for ch in text:
+        if ch.isdigit():
+            if tie:
+                groups[-1].append(int(ch))
+            else:
+                groups.append([int(ch)])
+            tie = False
+        elif ch == "=":
+            if not groups or tie:
+                raise RankingError(f"'=' must stand between two answers: {text!r}")
+            tie = True
+        elif ch not in " \t,>":
+            raise RankingError(f"unexpected {ch!r} in {text!r}: type answer numbers best first, "
+                               f"'=' for a tie (e.g. 3 1=2 4)")
+    if tie:
+        raise RankingError(f"{text!r} ends with '=': a tie needs an answer on each side")
+    if not groups:
+        raise RankingError("the ordering is empty: type the answer numbers, best first")
+    return groups
+
+
+class AnnotationSession:
+    """One annotator ranking one batch. `annotator` is a name (created as `kind`, default
+    human, if new) or an Annotator. `seed` and `repeat_fraction` are fixed when the session is
+    first created; passing None on resume uses the stored ones, passing others is an error."""
+
+    def __init__(self, store: Store, batch_id: int, annotator: str | Annotator, *,
+                 seed: int | None = None, repeat_fraction: float | None = None,
+                 repeat_gap: int | None = None, kind: str | None = None):
+        self.store = store
+        self.batch = store.batch(batch_id)
+        self.annotator = (annotator if isinstance(annotator, Annotator)
+                          else store.annotator(annotator, kind))
+        if repeat_fraction is not None and not 0.0 <= repeat_fraction <= 1.0:
+            raise ValueError(f"repeat_fraction must be from 0 to 1, got {repeat_fraction}")
+        asked = {"seed": seed, "repeat_fraction": repeat_fraction, "repeat_gap": repeat_gap}
+        defaults = {"seed": 0, "repeat_fraction": 0.0, "repeat_gap": REPEAT_GAP}
+        self.id, stored = store.session(batch_id, self.annotator.id,
+                                        {k: defaults[k] if v is None else v for k, v in asked.items()})
+        self.settings = {**defaults, **stored}
+        for k, v in asked.items():
+            if v is not None and self.settings[k] != v:
+                raise ValueError(f"{self.annotator.name}'s session on batch {self.batch.name!r} was "
+                                 f"started with {k}={self.settings[k]!r}; resume it with the same "
+                                 f"value or None, not {v!r}")
+        self._item_ids = store.item_ids(batch_id)
+        self._position = {i: p for p, i in enumerate(self._item_ids)}
+        n = len(self._item_ids)
+        n_repeat = min(n, int(self.settings["repeat_fraction"] * n + 0.5))
+        rng = random.Random(f"workbench-repeats/{self.settings['seed']}/{batch_id}")
+        self._repeats = sorted(rng.sample(self._item_ids, n_repeat), key=self._position.get)
+        self._shown_since: dict[tuple[int, int], float] = {}
+        self._cursor = 0
+
+    # --- the queue ---------------------------------------------------------------------------
+
+    # The next item in batch order that is neither ranked nor moved by skip/undo, from a
+    # position on: the items_position index lets SQLite start there and stop at the first hit.
+    _NEXT_SQL = """
+        SELECT i.position, i.id FROM items i
+        WHERE i.batch_id = :b AND i.position >= :start
+        AND NOT EXISTS (SELECT 1 FROM rankings r WHERE r.session_id = :s AND r.item_id = i.id
+                        AND r.is_repeat = 0 AND r.withdrawn_at IS NULL)
+        AND NOT EXISTS (SELECT 1 FROM shown_orders o WHERE o.session_id = :s AND o.item_id = i.id
+                        AND o.is_repeat = 0 AND o.queue_key IS NOT NULL)
+        ORDER BY i.position LIMIT 1"""
+    # The first item moved by skip (queue_key > 0) or undo (< 0) and not ranked since.
+    _MOVED_SQL = """
+        SELECT o.queue_key, i.position, i.id FROM shown_orders o JOIN items i ON i.id = o.item_id
+        WHERE o.session_id = :s AND o.is_repeat = 0 AND o.queue_key IS NOT NULL
+        AND NOT EXISTS (SELECT 1 FROM rankings r WHERE r.session_id = :s AND r.item_id = o.item_id
+                        AND r.is_repeat = 0 AND r.withdrawn_at IS NULL)
+        ORDER BY o.queue_key LIMIT 1"""
+
+    def _head(self, c) -> tuple[int, int, int] | None:
+        """(queue_key, position, item) of the first original item to show, None if all are ranked.
+
+        Items in batch order are searched from a cursor, not from the start: an item the
+        cursor has passed was ranked then, and can only come back through undo, which moves
+        it (queue_key < 0) so _MOVED_SQL finds it. One full search before saying "none" keeps
+        this right even if a ranking was withdrawn some other way."""
+        args = {"s": self.id, "b": self.batch.id, "start": self._cursor}
+        row = c.execute(self._NEXT_SQL, args).fetchone()
+        if row is None and self._cursor > 0:
+            row = c.execute(self._NEXT_SQL, {**args, "start": 0}).fetchone()
+        self._cursor = row[0] if row else len(self._item_ids)
+        moved = c.execute(self._MOVED_SQL, args).fetchone()
+        plain = (0, row[0], row[1]) if row else None
+        return min((x for x in (moved, plain) if x is not None), default=None)
+
+    def _candidates(self) -> list[tuple[int, int, int, int, int]]:
+        """What may be shown now, as sort keys (queue_key, originals after repeats, position,
+        item, is_repeat): skipped entries last, an undone one first, and a due repeat before
+        the next new item so it lands where it fell due."""
+        with self.store.snapshot() as c:
+            head = self._head(c)
+            out = [(head[0], 1, head[1], head[2], 0)] if head else []
+            if not self._repeats:
+                return out
+            originals = {i: rid for rid, i in c.execute(
+                "SELECT id, item_id FROM rankings WHERE session_id = ? AND is_repeat = 0 "
+                "AND withdrawn_at IS NULL", (self.id,))}
+            repeated = {r[0] for r in c.execute(
+                "SELECT item_id FROM rankings WHERE session_id = ? AND is_repeat = 1 "
+                "AND withdrawn_at IS NULL", (self.id,))}
+            keys = dict(c.execute("SELECT item_id, queue_key FROM shown_orders WHERE "
+                                  "session_id = ? AND is_repeat = 1", (self.id,)))
+        order = sorted(originals.values())
+        for i in self._repeats:
+            if i in originals and i not in repeated:
+                since = len(order) - bisect.bisect_right(order, originals[i])
+                if since >= self.settings["repeat_gap"] or head is None:
+                    out.append((keys.get(i) or 0, 0, self._position[i], i, 1))
+        return out
+
+    def _entry(self) -> tuple[int, int] | None:
+        candidates = self._candidates()
+        if not candidates:
+            return None
+        _, _, _, item_id, rep = min(candidates)
+        return item_id, rep
+
+    def _shown_order(self, item_id: int, rep: int) -> list[int]:
+        """The recorded display order of an entry, recording a fresh shuffle the first time."""
+        c = self.store.conn
+        row = c.execute("SELECT answer_ids FROM shown_orders WHERE session_id = ? AND item_id = ? "
+                        "AND is_repeat = ?", (self.id, item_id, rep)).fetchone()
+        if row:
+            return json.loads(row[0])
+        ids = [r[0] for r in c.execute("SELECT id FROM answers WHERE item_id = ? ORDER BY idx",
+                                       (item_id,))]
+        random.Random(f"workbench-shuffle/{self.settings['seed']}/{item_id}/{rep}").shuffle(ids)
+        with self.store.transaction() as c:
+            # OR IGNORE: a second window on the same session may have recorded it first.
+            c.execute("INSERT OR IGNORE INTO shown_orders (session_id, item_id, is_repeat, answer_ids, "
+                      "shown_at) VALUES (?, ?, ?, ?, ?)",
+                      (self.id, item_id, rep, json.dumps(ids), time.time()))
+            return json.loads(c.execute(
+                "SELECT answer_ids FROM shown_orders WHERE session_id = ? AND item_id = ? AND "
+                "is_repeat = ?", (self.id, item_id, rep)).fetchone()[0])
+
+    def _move(self, item_id: int, rep: int, to_back: bool) -> None:
+        self._shown_order(item_id, rep)
+        with self.store.transaction() as c:
+            lo, hi = c.execute("SELECT MIN(queue_key), MAX(queue_key) FROM shown_orders "
+                               "WHERE session_id = ?", (self.id,)).fetchone()
+            key = max(hi or 0, 0) + 1 if to_back else min(lo or 0, 0) - 1
+            c.execute("UPDATE shown_orders SET queue_key = ? WHERE session_id = ? AND item_id = ? "
+                      "AND is_repeat = ?", (key, self.id, item_id, rep))
+
+    # --- what a view calls -------------------------------------------------------------------
+
+    def current(self) -> Current | None:
+        """The item to show, or None when the session is done."""
+        entry = self._entry()
+        if entry is None:
+            return None
+        item_id, rep = entry
+        order = self._shown_order(item_id, rep)
+        item = self.store.item(item_id)
+        by_id = {a.id: a for a in item.answers}
+        self._shown_since.setdefault(entry, time.monotonic())
+        number = {aid: n for n, aid in enumerate(order, 1)}
+        previous = None
+        withdrawn = [r for r in self.store.rankings(session_id=self.id, item_id=item_id,
+                                                    include_withdrawn=True)
+                     if r.withdrawn_at is not None and r.is_repeat == bool(rep)]
+        if withdrawn:
+            last = withdrawn[-1]
+            previous = Previous([[number[a] for a in g] for g in last.ordering],
+                                {number[a]: f for a, f in last.flags.items()},
+                                {number[a]: s for a, s in last.scores.items()}, last.note)
+        return Current(item_id, item.position, item.prompt, item.messages,
+                       [ShownAnswer(n, aid, by_id[aid].text, by_id[aid].meta)
+                        for n, aid in enumerate(order, 1)], bool(rep), previous)
+
+    def submit(self, ordering: Any, flags: Mapping[int, Any] | None = None,
+               scores: Mapping[int, int] | None = None, note: str = "",
+               duration_s: float | None = None) -> int:
+        """Rank the current item; `ordering` is in display numbers, best first, as groups
+        ([[3], [1, 2], [4]]; a bare number is a group of one) or a string for parse_ordering.
+        Flags and scores are keyed by display number. Stored at once; returns the ranking id.
+        `duration_s` defaults to the time since the item was first shown by this object."""
+        entry = self._entry()
+        if entry is None:
+            raise RankingError("nothing left to rank in this session")
+        item_id, rep = entry
+        order = self._shown_order(item_id, rep)
+        k = len(order)
+        if not MIN_K <= k <= MAX_K:
+            raise RankingError(f"this item has {k} answers; a ranking needs {MIN_K} to {MAX_K}")
+        numbers = list(range(1, k + 1))
+        groups = check_ordering(parse_ordering(ordering) if isinstance(ordering, str) else ordering,
+                                numbers)
+        to_id = dict(zip(numbers, order))
+
+        def by_id(mapping: Mapping | None, what: str) -> dict:
+            out = {}
+            for n, v in (mapping or {}).items():
+                if n not in to_id:
+                    raise RankingError(f"{what} for answer {n}, which does not exist (answers are 1-{k})")
+                out[to_id[n]] = v
+            return out
+
+        if duration_s is None and entry in self._shown_since:
+            duration_s = round(time.monotonic() - self._shown_since[entry], 3)
+        rid = self.store.add_ranking(self.id, item_id, [[to_id[n] for n in g] for g in groups],
+                                     is_repeat=bool(rep), flags=by_id(flags, "a flag"),
+                                     scores=by_id(scores, "a score"), note=note,
+                                     duration_s=duration_s)
+        self._shown_since.pop(entry, None)
+        return rid
+
+    def skip(self) -> None:
+        """Send the current item to the back of the queue (it is not lost)."""
+        entry = self._entry()
+        if entry is None:
+            raise RankingError("nothing to skip: the session is done")
+        self._move(*entry, to_back=True)
+
+    def undo(self) -> int | None:
+        """Withdraw this session's last ranking; its item becomes current again, with the
+        withdrawn input in `current().previous`. Returns the ranking id, None if none is left."""
+        with self.store.transaction() as c:
+            row = c.execute("SELECT id, item_id, is_repeat FROM rankings WHERE session_id = ? "
+                            "AND withdrawn_at IS NULL ORDER BY id DESC LIMIT 1", (self.id,)).fetchone()
+            if row is None:
+                return None
+            rid, item_id, rep = row
+            self.store.withdraw_ranking(rid)
+            self._move(item_id, rep, to_back=False)
+        self._shown_since.pop((item_id, rep), None)
+        return rid
+
+    def progress(self) -> Progress:
+        with self.store.snapshot() as c:
+            counts = dict(c.execute(
+                "SELECT is_repeat, COUNT(*) FROM rankings WHERE session_id = ? "
+                "AND withdrawn_at IS NULL GROUP BY is_repeat", (self.id,)))
+            skipped = c.execute(
+                "SELECT COUNT(*) FROM shown_orders o WHERE o.session_id = ? AND o.queue_key > 0 "
+                "AND NOT EXISTS (SELECT 1 FROM rankings r WHERE r.session_id = o.session_id AND "
+                "r.item_id = o.item_id AND r.is_repeat = o.is_repeat AND r.withdrawn_at IS NULL)",
+                (self.id,)).fetchone()[0]
+            mean = c.execute(
+                "SELECT AVG(duration_s) FROM rankings WHERE session_id = ? AND withdrawn_at IS NULL "
+                "AND duration_s IS NOT NULL", (self.id,)).fetchone()[0]
+        done, repeats_done = counts.get(0, 0), counts.get(1, 0)
+        total = len(self._item_ids)
+        return Progress(done, total, skipped, repeats_done, len(self._repeats), mean,
+                        remaining=(total - done) + (len(self._repeats) - repeats_done))

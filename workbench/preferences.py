@@ -1,0 +1,411 @@
+"""Preference data in and out: K-way rankings, {prompt, chosen, rejected} pairs, transcripts.
+
+Formats (JSON Lines, one record per line; `.gz` files are read transparently):
+
+    K-way    {"prompt", "answers": [text, ...], "ranking": [[0], [2, 3], [1]],
+              "annotator", "simulated", "flags": [[flag, ...] per answer], "scores": [1-7 or null
+              per answer]}; optional "messages" (turns of a multi-turn prompt), "note", "repeat"
+    pairs    {"prompt", "chosen", "rejected"}; optional "messages", "annotator", "simulated"
+    transcript  {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}, the form of
+             public preference sets: the shared conversation up to the last "\\n\\nAssistant:"
+             is the prompt (several turns allowed), the two final assistant turns are the answers
+
+The ranking groups answer indexes best first; answers in one group are tied. Pairs are what
+the reward model trains on: every (better, worse) pair of a ranking, C(K, 2) of them when
+there are no ties, none for a tie.
+
+Human and simulated labels are never mixed silently: every exported record says who ranked it
+and whether that was a simulated annotator, and the exporters make the caller choose whether
+simulated rankings go in. Hidden repeats (a second ranking of an item by the same annotator, for
+agreement) stay out unless asked for; the first ranking is the label.
+
+Importing makes one batch per file. Records with the same prompt and answers ranked by
+different annotators share one item, so agreement can be measured on imported data too.
+Records without an "annotator" are credited to an annotator named after the file, human unless
+the caller says otherwise. Every record is checked before anything is written, and all problems
+come back in one InputError as `FILE:LINE: reason`. Importing the same file content twice
+returns the batch the first import made.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from engine.fsutil import atomic_write_text
+from workbench.store import (FLAGS, MAX_K, MIN_K, InputError, Item, RankingError, Ranking, Store,
+                             check_ordering)
+
+ASSISTANT = "\n\nAssistant:"
+_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Record:
+    """One imported ranking, normalised from any of the three formats."""
+    line: int
+    prompt: str
+    messages: list | None
+    answers: list[str]
+    ranking: list[list[int]]
+    annotator: str | None = None
+    simulated: bool | None = None
+    flags: list[list[str]] | None = None
+    scores: list[int | None] | None = None
+    note: str = ""
+    repeat: bool = False
+
+
+@dataclass
+class ImportResult:
+    batch_id: int
+    records: int
+    items: int
+    existing: bool = False                  # True: this file was imported before; nothing new
+    skipped: list[str] = field(default_factory=list)   # problems of records left out (on_error="skip")
+
+
+# --- export ---------------------------------------------------------------------------------
+
+def _ranked(store: Store, *, batch_ids: Iterable[int] | None, include_simulated: bool,
+            include_human: bool = True, include_repeats: bool = False
+            ) -> Iterator[tuple[Item, Ranking]]:
+    """(item, ranking) for every active ranking: by batch, then item position, then age."""
+    ids = sorted(batch_ids) if batch_ids is not None else [b.id for b in store.batches()]
+    for batch_id in ids:
+        by_item: dict[int, list[Ranking]] = {}
+        for r in store.rankings(batch_id=batch_id, include_simulated=include_simulated,
+                                include_human=include_human, include_repeats=include_repeats):
+            by_item.setdefault(r.item_id, []).append(r)
+        if not by_item:
+            continue
+        for item in store.items(batch_id, list(by_item)):
+            for r in by_item[item.id]:
+                yield item, r
+
+
+def _index_groups(item: Item, r: Ranking) -> list[list[int]]:
+    idx = {a.id: a.idx for a in item.answers}
+    # Tied answers have no order among themselves; sorting makes exports comparable.
+    return [sorted(idx[a] for a in g) for g in r.ordering]
+
+
+def _prompt_fields(item: Item) -> dict:
+    return {"prompt": item.prompt, **({"messages": item.messages} if item.messages else {})}
+
+
+def kway_record(item: Item, r: Ranking) -> dict:
+    rec = {**_prompt_fields(item), "answers": [a.text for a in item.answers],
+           "ranking": _index_groups(item, r), "annotator": r.annotator, "simulated": r.simulated,
+           "flags": [r.flags.get(a.id, []) for a in item.answers],
+           "scores": [r.scores.get(a.id) for a in item.answers]}
+    if r.note:
+        rec["note"] = r.note
+    if r.is_repeat:
+        rec["repeat"] = True
+    return rec
+
+
+def pair_records(item: Item, r: Ranking) -> list[dict]:
+    """Every (better, worse) pair of the ranking; answers in one tie group give no pair."""
+    groups = _index_groups(item, r)
+    texts = [a.text for a in item.answers]
+    return [{**_prompt_fields(item), "chosen": texts[w], "rejected": texts[l],
+             "annotator": r.annotator, "simulated": r.simulated}
+            for gi, better in enumerate(groups) for worse in groups[gi + 1:]
+            for w in better for l in worse]
+
+
+def _write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
+    lines = [json.dumps(rec, ensure_ascii=False) + "\n" for rec in records]
+    atomic_write_text(Path(path), "".join(lines))
+    return len(lines)
+
+
+def export_rankings(store: Store, path: str | Path, *, include_simulated: bool,
+                    include_human: bool = True, fmt: str = "kway",
+                    batch_ids: Iterable[int] | None = None, include_repeats: bool = False) -> dict:
+    """Write rankings as K-way records (fmt="kway") or pairs (fmt="pairs"); returns counts:
+    {"records", "rankings", "human", "simulated"}."""
+    if fmt not in ("kway", "pairs"):
+        raise ValueError(f"fmt must be 'kway' or 'pairs', got {fmt!r}")
+    counts = {"records": 0, "rankings": 0, "human": 0, "simulated": 0}
+    records: list[dict] = []
+    for item, r in _ranked(store, batch_ids=batch_ids, include_simulated=include_simulated,
+                           include_human=include_human, include_repeats=include_repeats):
+        records += [kway_record(item, r)] if fmt == "kway" else pair_records(item, r)
+        counts["rankings"] += 1
+        counts["simulated" if r.simulated else "human"] += 1
+    counts["records"] = _write_jsonl(path, records)
+    return counts
+
+
+def rankings_for_training(store: Store, *, include_simulated: bool, include_human: bool = True,
+                          batch_ids: Iterable[int] | None = None) -> list[dict]:
+    """The reward model's input: {prompt, answers, ranking} (+ messages for a multi-turn
+    prompt) per ranking, repeats left out. A ranking that ties every answer teaches nothing
+    (it has no pair), so it is left out too."""
+    out = []
+    for item, r in _ranked(store, batch_ids=batch_ids, include_simulated=include_simulated,
+                           include_human=include_human):
+        if len(r.ordering) > 1:
+            out.append({**_prompt_fields(item), "answers": [a.text for a in item.answers],
+                        "ranking": _index_groups(item, r)})
+    return out
+
+
+def write_rm_dataset(store: Store, path: str | Path, *, include_simulated: bool,
+                     include_human: bool = True, batch_ids: Iterable[int] | None = None) -> int:
+    """rankings_for_training as JSONL at `path` (written atomically); returns the record count."""
+    return _write_jsonl(path, rankings_for_training(
+        store, include_simulated=include_simulated, include_human=include_human,
+        batch_ids=batch_ids))
+
+
+# --- import ---------------------------------------------------------------------------------
+
+def _text(rec: dict, key: str, problems: list[str], *, empty_ok: bool = False) -> str:
+    v = rec.get(key)
+    if not isinstance(v, str) or (not empty_ok and not v.strip()):
+        problems.append(f"field '{key}' must be a{'' if empty_ok else ' non-empty'} string")
+        return ""
+    return v
+
+
+def _messages(v, problems: list[str]) -> list | None:
+    if v is None:
+        return None
+    if (not isinstance(v, list) or not v
+            or not all(isinstance(m, dict) and m.get("role") in ROLES
+                       and isinstance(m.get("content"), str) for m in v)):
+        problems.append("field 'messages' must be a non-empty list of {role, content} with role "
+                        f"one of {', '.join(ROLES)}")
+        return None
+    if v[-1]["role"] != "user":
+        problems.append("field 'messages' must end with a user turn (the answers reply to it)")
+    return [{"role": m["role"], "content": m["content"]} for m in v]
+
+
+def split_transcript(text: str) -> list[tuple[str, str]]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b' -> [('user', 'a'), ('assistant', 'b')]."""
+    parts = _TURN.split(text)
+    if parts[0].strip():
+        raise ValueError("text before the first 'Human:' turn")
+    return [("user" if who == "Human" else "assistant", body.strip())
+            for who, body in zip(parts[1::2], parts[2::2])]
+
+
+def _from_transcripts(rec: dict, problems: list[str]):
+    chosen, rejected = _text(rec, "chosen", problems), _text(rec, "rejected", problems)
+    if problems:
+        return None
+    cut_c, cut_r = chosen.rfind(ASSISTANT), rejected.rfind(ASSISTANT)
+    for key, cut in (("chosen", cut_c), ("rejected", cut_r)):
+        if cut < 0:
+            problems.append(f"field '{key}' has no '\\n\\nAssistant:' turn")
+    if problems:
+        return None
+    if chosen[:cut_c] != rejected[:cut_r]:
+        problems.append("'chosen' and 'rejected' differ before their last '\\n\\nAssistant:' "
+                        "(they must share the conversation up to the final answer)")
+        return None
+    try:
+        turns = split_transcript(chosen[:cut_c])
+    except ValueError as e:
+        problems.append(f"field 'chosen': {e}")
+        return None
+    if not turns or turns[-1][0] != "user":
+        problems.append("the conversation before the final answer must end with a 'Human:' turn")
+        return None
+    answers = [chosen[cut_c + len(ASSISTANT):].strip(), rejected[cut_r + len(ASSISTANT):].strip()]
+    if answers[0] == answers[1]:
+        problems.append("'chosen' and 'rejected' end with the same answer")
+        return None
+    if len(turns) == 1:
+        return turns[0][1], None, answers
+    messages = [{"role": role, "content": body} for role, body in turns]
+    prompt = "\n\n".join(f"{'Human' if role == 'user' else 'Assistant'}: {body}"
+                         for role, body in turns)
+    return prompt, messages, answers
+
+
+def _per_answer(rec: dict, key: str, k: int, problems: list[str]) -> list | None:
+    v = rec.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, list) or len(v) != k:
+        problems.append(f"field '{key}' must be a list with one entry per answer ({k})")
+        return None
+    for i, x in enumerate(v):
+        if key == "flags" and (x is not None and (not isinstance(x, list)
+                                                  or any(f not in FLAGS for f in x))):
+            problems.append(f"field 'flags[{i}]' must be a list of flags from {', '.join(FLAGS)}")
+        if key == "scores" and x is not None and (isinstance(x, bool) or not isinstance(x, int)
+                                                  or not 1 <= x <= 7):
+            problems.append(f"field 'scores[{i}]' must be a whole number from 1 to 7 or null")
+    return v
+
+
+def parse_record(rec, line: int) -> tuple[Record | None, list[str]]:
+    """A Record, or None and the reasons (without FILE:LINE) it is not one."""
+    problems: list[str] = []
+    if not isinstance(rec, dict):
+        return None, [f"expected a JSON object, got {type(rec).__name__}"]
+    messages = _messages(rec.get("messages"), problems)
+    if "ranking" in rec or "answers" in rec:
+        prompt = _text(rec, "prompt", problems)
+        answers = rec.get("answers")
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            return None, problems + ["field 'answers' must be a list of strings"]
+        if not MIN_K <= len(answers) <= MAX_K:
+            return None, problems + [f"field 'answers' has {len(answers)} answers; "
+                                     f"{MIN_K} to {MAX_K} needed"]
+        try:
+            ranking = check_ordering(rec.get("ranking"), list(range(len(answers))), "answer index")
+        except RankingError as e:
+            problems.append(f"field 'ranking': {e}")
+            ranking = []
+        flags = _per_answer(rec, "flags", len(answers), problems)
+        scores = _per_answer(rec, "scores", len(answers), problems)
+    elif "chosen" in rec and "prompt" in rec:
+        prompt = _text(rec, "prompt", problems)
+        answers = [_text(rec, "chosen", problems, empty_ok=True),
+                   _text(rec, "rejected", problems, empty_ok=True)]
+        ranking, flags, scores = [[0], [1]], None, None
+    elif "chosen" in rec and "rejected" in rec:
+        got = _from_transcripts(rec, problems)
+        if got is None:
+            return None, problems
+        prompt, messages, answers = got
+        ranking, flags, scores = [[0], [1]], None, None
+    else:
+        return None, ["not a preference record: expected {prompt, answers, ranking}, "
+                      "{prompt, chosen, rejected} or {chosen, rejected} transcripts"]
+    annotator = rec.get("annotator")
+    if annotator is not None and (not isinstance(annotator, str) or not annotator.strip()):
+        problems.append("field 'annotator' must be a non-empty string")
+    simulated = rec.get("simulated")
+    if simulated is not None and not isinstance(simulated, bool):
+        problems.append("field 'simulated' must be true or false")
+    note, repeat = rec.get("note", ""), rec.get("repeat", False)
+    if not isinstance(note, str):
+        problems.append("field 'note' must be a string")
+    if not isinstance(repeat, bool):
+        problems.append("field 'repeat' must be true or false")
+    if problems:
+        return None, problems
+    return Record(line, prompt, messages, answers, ranking, annotator, simulated, flags, scores,
+                  note, repeat), []
+
+
+def read_preferences(path: str | Path) -> tuple[list[Record], list[str]]:
+    """(records, problems as `FILE:LINE: reason`) for a preference file in any accepted format."""
+    path = Path(path)
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    records, problems = [], []
+    for lineno, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            problems.append(f"{path}:{lineno}: invalid UTF-8 ({e.reason})")
+            continue
+        except json.JSONDecodeError as e:
+            problems.append(f"{path}:{lineno}: invalid JSON at column {e.colno}: {e.msg}")
+            continue
+        record, bad = parse_record(rec, lineno)
+        problems += [f"{path}:{lineno}: {p}" for p in bad]
+        if record is not None:
+            records.append(record)
+    return records, problems
+
+
+def _group(records: list[Record], path: Path, default_annotator: str, default_simulated: bool,
+           kinds: dict[str, str], problems: list[str]) -> list[tuple[dict, list[Record]]]:
+    """Items (in first-seen order) with the records that rank them. A record joins an earlier
+    item with the same prompt and answers if its annotator has not ranked that item yet (or,
+    for a repeat, has ranked it once); otherwise it starts a new item."""
+    items: list[tuple[dict, list[Record]]] = []
+    by_key: dict[tuple, list[int]] = {}
+    for rec in records:
+        rec.annotator = rec.annotator or default_annotator
+        rec.simulated = default_simulated if rec.simulated is None else rec.simulated
+        kind = "simulated" if rec.simulated else "human"
+        if kinds.setdefault(rec.annotator, kind) != kind:
+            problems.append(f"{path}:{rec.line}: annotator {rec.annotator!r} is "
+                            f"{kinds[rec.annotator]} elsewhere; one name cannot be both")
+            continue
+        key = (rec.prompt, json.dumps(rec.messages), tuple(rec.answers))
+        slots = by_key.setdefault(key, [])
+
+        def has(i: int, repeat: bool) -> bool:
+            return any(r.annotator == rec.annotator and r.repeat == repeat for r in items[i][1])
+
+        if rec.repeat:
+            match = [i for i in slots if has(i, False) and not has(i, True)]
+            if not match:
+                problems.append(f"{path}:{rec.line}: a repeat ranking with no earlier ranking of "
+                                f"the same answers by {rec.annotator!r} before it")
+                continue
+            items[match[-1]][1].append(rec)
+            continue
+        match = [i for i in slots if not has(i, False)]
+        if match:
+            items[match[0]][1].append(rec)
+        else:
+            slots.append(len(items))
+            items.append(({"prompt": rec.prompt, "messages": rec.messages,
+                           "answers": [{"text": a} for a in rec.answers],
+                           "meta": {"line": rec.line}}, [rec]))
+    return items
+
+
+def import_preferences(store: Store, path: str | Path, *, annotator: str | None = None,
+                       simulated: bool = False, name: str | None = None,
+                       on_error: str = "raise") -> ImportResult:
+    """Import a preference file as a new batch with its rankings, in one transaction.
+
+    `annotator` (default: the file's name) and `simulated` apply to records that do not say.
+    on_error="raise" refuses the file if any record is bad; "skip" imports the good records
+    and reports the bad ones in ImportResult.skipped (public sets have a few bad records)."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    path = Path(path)
+    key = "preferences:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    records, problems = read_preferences(path)
+    with store.transaction():
+        existing = store.batch_by_source_key(key)
+        if existing is not None:
+            return ImportResult(existing.id, len(records), existing.n_items, existing=True)
+        kinds = {a.name: a.kind for a in store.annotators()}
+        items = _group(records, path, annotator or path.name, simulated, kinds, problems)
+        if problems and (on_error == "raise" or not items):
+            raise InputError(problems, f"preference file {path}")
+        ks = {len(it["answers"]) for it, _ in items}
+        batch_id = store.create_batch(
+            name if name is not None else store.unique_batch_name(path.name),
+            [it for it, _ in items], kind="imported", source=str(path.resolve()), source_key=key,
+            settings={"format": "preferences", "file": path.name},
+            k=ks.pop() if len(ks) == 1 else None)
+        sessions: dict[str, int] = {}
+        n = 0
+        for item, (_, recs) in zip(store.items(batch_id), items):
+            ids = item.answer_ids
+            for rec in recs:
+                if rec.annotator not in sessions:
+                    who = store.annotator(rec.annotator, "simulated" if rec.simulated else "human")
+                    sessions[rec.annotator] = store.session(
+                        batch_id, who.id, {"imported_from": path.name})[0]
+                store.add_ranking(
+                    sessions[rec.annotator], item.id, [[ids[i] for i in g] for g in rec.ranking],
+                    is_repeat=rec.repeat, note=rec.note,
+                    flags={ids[i]: f for i, f in enumerate(rec.flags or []) if f},
+                    scores={ids[i]: s for i, s in enumerate(rec.scores or []) if s is not None})
+                n += 1
+    return ImportResult(batch_id, n, len(items), skipped=problems)
