@@ -1,33 +1,55 @@
-"""Sampling from a Transformer: temperature, top-k, top-p, seeded, streamed, with a KV cache.
+"""Sampling from a Transformer: batched, left-padded, with a KV cache, seeded and streamed.
 
-`generate` handles one sequence; batching with left padding comes later and will reuse
-`sample_next` and the model's attention_mask support unchanged.
+`generate_batch` is the one decoding loop; `generate` is its single-sequence wrapper. Each step
+runs: repetition penalty -> temperature -> top-k -> top-p -> a draw (or argmax at temperature 0).
+
+Seeds are per row. An int seed gives row i the seed `seed + i`; a list gives each row its own.
+Row i's draws come from its own generator and nothing else, so a row's answer depends only on
+its prompt and its seed, not on which other prompts share the batch: K answers to one prompt at
+batch K are the answers `generate(prompt, seed=s + j)` would give one at a time (up to the float
+rounding of batched matmuls, which can flip a draw that lands on a probability boundary).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
 from engine.model import Transformer
 
+Seed = Union[int, Sequence[int], None]
 
-def _check_settings(temperature, top_k, top_p) -> None:
+
+def _check_settings(temperature, top_k, top_p, repetition_penalty=1.0) -> None:
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1] (1 = off), got {top_p}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+
+
+def apply_repetition_penalty(logits, seen, penalty: float):
+    """The CTRL rule as Hugging Face applies it: for each token already in the row (`seen`, bool
+    [B, V]), divide a positive logit by `penalty` and multiply a negative one, so penalty > 1
+    always makes a repeat less likely (dividing a negative logit would raise it)."""
+    if penalty == 1.0:
+        return logits
+    logits = logits.float()
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
 
 
 def sample_next(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: Optional[torch.Generator] = None):
+                generator: Union[torch.Generator, Sequence[torch.Generator], None] = None):
     """Pick one token id per row of logits [B, V] -> [B].
 
     temperature 0 is greedy (argmax). Otherwise top-k, then top-p (nucleus: the smallest set of
     most likely tokens whose probability reaches top_p, never empty), then a multinomial draw
-    with `generator`, so the same seed gives the same tokens.
+    with `generator`, so the same seed gives the same tokens. A list of generators, one per row,
+    makes each row's draw independent of the others.
     """
     _check_settings(temperature, top_k, top_p)
     if temperature == 0:
@@ -44,59 +66,147 @@ def sample_next(logits, temperature: float = 1.0, top_k: int = 0, top_p: float =
         drop[..., 0] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != probs.size(0):
+            raise ValueError(f"{len(generator)} generators for {probs.size(0)} rows")
+        return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g)
+                          for i, g in enumerate(generator)]).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             seed: Optional[int] = None, stop_ids: Iterable[int] = (), use_cache: bool = True,
-             on_token: Optional[Callable[[int], None]] = None) -> list[int]:
-    """Continue `prompt_ids`; return the new tokens only (a stop id, if hit, is the last one).
+def _row_generators(seed: Seed, n: int, device) -> Optional[list[torch.Generator]]:
+    if seed is None:
+        return None
+    if isinstance(seed, (list, tuple)):
+        seeds = [int(s) for s in seed]
+        if len(seeds) != n:
+            raise ValueError(f"seed: {len(seeds)} seeds for {n} prompts")
+    else:
+        seeds = [int(seed) + i for i in range(n)]
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+
+def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   repetition_penalty: float = 1.0, seed: Seed = None,
+                   stop_ids: Iterable[int] = (), pad_id: int = 0, use_cache: bool = True,
+                   on_token: Optional[Callable[[int, int], None]] = None,
+                   should_stop: Optional[Callable[[], bool]] = None) -> list[list[int]]:
+    """Continue every prompt; return the new tokens of each (a stop id, if hit, is its last).
+
+    Prompts are left-padded with `pad_id` to a common length and masked out, so each row sees
+    only its own tokens at its own positions; pad_id only has to be a valid id. Rows finish on
+    their own (a stop id, max_new_tokens, the context limit) and emit nothing after; the loop
+    ends when all have finished, or when `should_stop()` turns true (checked before the first
+    draw and after every step; the tokens drawn so far are returned). `on_token(row, id)` sees
+    every returned token, in order.
 
     Context limit (max_seq_len): a prompt longer than max_seq_len - 1 keeps its last
-    max_seq_len - 1 tokens, so at least one token can follow. With the cache, generation then
-    stops when prompt + answer reach max_seq_len tokens (the cache is full), so the whole
-    sequence still fits one forward pass, which is what training and PPO scoring need. Without
-    the cache, the context is cropped from the left every step (a sliding window) and
-    generation runs on to max_new_tokens.
+    max_seq_len - 1 tokens, so at least one token can follow. With the cache, a row finishes
+    when its prompt + answer reach max_seq_len tokens, so the whole sequence still fits one
+    forward pass, which is what training and PPO scoring need. Without the cache, the context
+    is cropped from the left every step (a sliding window) and rows run on to max_new_tokens.
+
+    Finished rows stay in the batch (fed a pad token) rather than being compacted out of the
+    cache: simpler, and at the batch sizes of ranking and PPO on CPU the waste is small.
     """
-    if not prompt_ids:
-        raise ValueError("prompt_ids must hold at least one token (e.g. the bos token)")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    _check_settings(temperature, top_k, top_p)
-    limit = model.config.max_seq_len
-    ids = list(prompt_ids)[-(limit - 1):] if limit > 1 else list(prompt_ids)[-1:]
-    stop = set(int(s) for s in stop_ids)
-    device = model.lm_head.weight.device
-    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    out: list[int] = []
-    if max_new_tokens == 0:
+    _check_settings(temperature, top_k, top_p, repetition_penalty)
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} must hold at least one token (e.g. the bos token)")
+    B = len(prompts)
+    out: list[list[int]] = [[] for _ in range(B)]
+    if B == 0 or max_new_tokens == 0:
         return out
 
+    limit = model.config.max_seq_len
+    keep = max(limit - 1, 1)
+    rows = [[int(t) for t in p][-keep:] for p in prompts]
+    lens = [len(r) for r in rows]
+    P = max(lens)
+    device = model.lm_head.weight.device
+    ids = torch.full((B, P), pad_id, dtype=torch.long)
+    real = torch.zeros((B, P), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, P - len(r):] = torch.tensor(r)
+        real[i, P - len(r):] = True
+    ids, real = ids.to(device), real.to(device)
+    padded = min(lens) < P
+    gens = _row_generators(seed, B, device)
+    stop = set(int(s) for s in stop_ids)
+    stopped = should_stop or (lambda: False)
+    arange = torch.arange(B, device=device)
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros((B, model.config.vocab_size), dtype=torch.bool, device=device)
+        seen[arange[:, None].expand(B, P)[real], ids[real]] = True
+
+    def forward_window(ids, real):
+        # No cache: the whole sequence every step, its last max_seq_len columns. A window with no
+        # pad left in it takes the model's mask-free causal path.
+        ids, real = ids[:, -limit:], real[:, -limit:]
+        return model(ids, attention_mask=None if bool(real.all()) else real)[:, -1]
+
+    done = [False] * B
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             if use_cache:
-                cache = model.make_cache(1, min(limit, len(ids) + max_new_tokens), device=device)
-                logits = model(torch.tensor([ids], device=device), cache=cache)[:, -1]
+                # Rows stop at their own limit, so the cache must hold the longest-running row:
+                # the shortest prompt, after the padding that lines it up with the longest.
+                cache = model.make_cache(B, P + min(max_new_tokens, limit - min(lens)), device=device)
+                mask = real if padded else None
+                logits = model(ids, cache=cache, attention_mask=mask)[:, -1]
             else:
-                logits = model(torch.tensor([ids], device=device))[:, -1]
+                logits = forward_window(ids, real)
+            if stopped():
+                return out
             while True:
-                tok = int(sample_next(logits, temperature, top_k, top_p, gen)[0])
-                out.append(tok)
-                ids.append(tok)
-                if on_token is not None:
-                    on_token(tok)
-                if tok in stop or len(out) >= max_new_tokens:
+                if seen is not None:
+                    logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+                toks = sample_next(logits, temperature, top_k, top_p, gens).tolist()
+                for i, t in enumerate(toks):
+                    if done[i]:
+                        continue
+                    out[i].append(t)
+                    if on_token is not None:
+                        on_token(i, t)
+                    n = len(out[i])
+                    if t in stop or n >= max_new_tokens or (use_cache and lens[i] + n >= limit):
+                        done[i] = True
+                if all(done) or stopped():
                     break
+                nxt = torch.tensor([pad_id if d else t for t, d in zip(toks, done)], device=device)
+                if seen is not None:
+                    seen[arange, nxt] = True  # a finished row's pad mark is never read again
                 if use_cache:
-                    if len(ids) >= limit:
-                        break  # prompt + answer fill max_seq_len: the limit with a cache
-                    logits = model(torch.tensor([[tok]], device=device), cache=cache)[:, -1]
+                    if padded:
+                        mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.bool, device=device)], 1)
+                    logits = model(nxt[:, None], cache=cache, attention_mask=mask)[:, -1]
                 else:
-                    logits = model(torch.tensor([ids[-limit:]], device=device))[:, -1]
+                    ids = torch.cat([ids, nxt[:, None]], 1)
+                    real = torch.cat([real, torch.ones((B, 1), dtype=torch.bool, device=device)], 1)
+                    logits = forward_window(ids, real)
     finally:
         model.train(was_training)
     return out
+
+
+def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             repetition_penalty: float = 1.0, seed: Optional[int] = None,
+             stop_ids: Iterable[int] = (), use_cache: bool = True,
+             on_token: Optional[Callable[[int], None]] = None,
+             should_stop: Optional[Callable[[], bool]] = None) -> list[int]:
+    """Continue one prompt; return the new tokens only. `generate_batch` with one row, whose
+    rules (stop ids, context limit, seeding) apply unchanged; `on_token(id)` gets each token."""
+    if not prompt_ids:
+        raise ValueError("prompt_ids must hold at least one token (e.g. the bos token)")
+    cb = (lambda _row, t: on_token(t)) if on_token is not None else None
+    return generate_batch(model, [prompt_ids], max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+                          stop_ids=stop_ids, use_cache=use_cache, on_token=cb,
+                          should_stop=should_stop)[0]

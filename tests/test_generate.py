@@ -1,8 +1,9 @@
-"""engine.generate: sampling rules, seeding, the KV cache path, stop ids, the context limit."""
+"""engine.generate: sampling rules, seeding, the KV cache path, stop ids, the context limit,
+batched left-padded generation and the repetition penalty."""
 import pytest
 import torch
 
-from engine.generate import generate, sample_next
+from engine.generate import apply_repetition_penalty, generate, generate_batch, sample_next
 from engine.model import Transformer, config_from_preset
 
 V = 61
@@ -156,3 +157,142 @@ def test_generate_restores_mode_uses_cache_and_tracks_no_grad():
     calls.clear()
     generate(m, PROMPT, 4, seed=0, use_cache=False)
     assert [c[:2] for c in calls] == [(len(PROMPT) + i, False) for i in range(4)]
+
+
+# --- generate_batch -------------------------------------------------------------------------------
+
+PROMPTS = [[3, 14, 15, 9, 26, 5], [7], [2, 7, 18, 28], [11, 22, 33, 44, 55, 6, 17, 28, 39]]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("kv", [4, 2])
+def test_left_padded_greedy_batch_equals_each_prompt_alone(use_cache, kv):
+    m = model(n_kv_head=kv)
+    alone = [generate(m, p, 20, temperature=0.0, use_cache=use_cache) for p in PROMPTS]
+    assert all(a == greedy_reference(m, p, 20) for a, p in zip(alone, PROMPTS))
+    assert len({tuple(a) for a in alone}) == len(PROMPTS)
+    batch = generate_batch(m, PROMPTS, 20, temperature=0.0, pad_id=0, use_cache=use_cache)
+    assert batch == alone
+    # the pad id is masked out, so its value cannot matter
+    assert generate_batch(m, PROMPTS, 20, temperature=0.0, pad_id=59, use_cache=use_cache) == alone
+
+
+def test_stop_ids_end_rows_independently_and_stream_exactly_the_returned_tokens():
+    m = model()
+    free = generate_batch(m, PROMPTS, 25, temperature=0.0)
+    stop = free[0][3]
+    want = [f[:f.index(stop) + 1] if stop in f else f for f in free]
+    assert any(len(w) == 25 for w in want) and any(len(w) < 25 for w in want)
+    events = []
+    out = generate_batch(m, PROMPTS, 25, temperature=0.0, stop_ids=[stop],
+                         on_token=lambda r, t: events.append((r, t)))
+    assert out == want
+    for r in range(len(PROMPTS)):
+        assert [t for row, t in events if row == r] == out[r]
+    assert len(events) == sum(map(len, out)) and all(type(t) is int for _, t in events)
+    # tokens arrive step by step: a row's k-th token comes before any row's (k+1)-th
+    steps = [sum(1 for row, _ in events[:j] if row == r) for j, (r, _) in enumerate(events)]
+    assert steps == sorted(steps)
+
+
+def test_repetition_penalty_rule_by_hand():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0, -3.0], [2.0, -1.0, 0.5, 0.0, -3.0]])
+    seen = torch.tensor([[True, True, False, True, False], [False, False, True, False, True]])
+    got = apply_repetition_penalty(logits, seen, 2.0)
+    assert torch.equal(got, torch.tensor([[1.0, -2.0, 0.5, 0.0, -3.0], [2.0, -1.0, 0.25, 0.0, -6.0]]))
+    assert apply_repetition_penalty(logits, seen, 1.0) is logits
+    # penalty < 1 rewards repeats by the same rule
+    assert torch.equal(apply_repetition_penalty(logits[:1], seen[:1], 0.5)[0, :2], torch.tensor([4.0, -0.5]))
+
+
+def penalised_greedy_reference(m, prompt, n, penalty):
+    """Full forward per step, the CTRL rule over every token of prompt + answer, argmax."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            row = m(torch.tensor([ids]))[0, -1].tolist()
+            for t in set(ids):
+                row[t] = row[t] / penalty if row[t] > 0 else row[t] * penalty
+            ids.append(max(range(len(row)), key=row.__getitem__))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_repetition_penalty_in_generation_matches_the_rule(use_cache):
+    m = model()
+    want = [penalised_greedy_reference(m, p, 15, 1.8) for p in PROMPTS]
+    got = generate_batch(m, PROMPTS, 15, temperature=0.0, repetition_penalty=1.8, use_cache=use_cache)
+    assert got == want
+    assert got != generate_batch(m, PROMPTS, 15, temperature=0.0)  # it did change something
+    assert generate(m, PROMPTS[0], 15, temperature=0.0, repetition_penalty=1.8) == want[0]
+
+
+def test_seeds_are_per_row_and_independent_of_the_batch():
+    m = model(init_std=0.1)
+    kw = dict(temperature=1.0, top_k=30, top_p=0.95)
+    a = generate_batch(m, PROMPTS, 20, seed=5, **kw)
+    assert a == generate_batch(m, PROMPTS, 20, seed=5, **kw)
+    assert a != generate_batch(m, PROMPTS, 20, seed=6, **kw)
+    # int seed: row i draws with seed + i, exactly as that prompt alone would
+    assert a == [generate(m, p, 20, seed=5 + i, **kw) for i, p in enumerate(PROMPTS)]
+    # K answers to one prompt in one batch differ, and each is reproducible alone
+    k = generate_batch(m, [PROMPTS[0]] * 4, 20, seed=[40, 41, 42, 43], **kw)
+    assert len({tuple(x) for x in k}) == 4
+    assert k[2] == generate(m, PROMPTS[0], 20, seed=42, **kw)
+    # a row keeps its answer when its neighbours change, and with or without the cache
+    mixed = generate_batch(m, [PROMPTS[3], PROMPTS[0], PROMPTS[1]], 20, seed=[1, 42, 2], **kw)
+    assert mixed[1] == k[2]
+    assert generate_batch(m, PROMPTS, 20, seed=5, use_cache=False, **kw) == a
+
+
+def test_should_stop_ends_every_row_keeping_what_was_drawn():
+    m = model()
+    events = []
+    out = generate_batch(m, PROMPTS, 30, temperature=0.0, on_token=lambda r, t: events.append(r),
+                         should_stop=lambda: len(events) >= 3 * len(PROMPTS))
+    assert [len(o) for o in out] == [3] * len(PROMPTS)
+    assert out == [g[:3] for g in generate_batch(m, PROMPTS, 3, temperature=0.0)]
+    assert generate_batch(m, PROMPTS, 30, should_stop=lambda: True) == [[]] * len(PROMPTS)
+
+
+def test_batch_context_limit_is_per_row():
+    m = model(max_seq_len=16)
+    prompts = [list(range(1, 13)), [5, 6, 7], list(range(1, 40))]
+    alone = [generate(m, p, 50, temperature=0.0) for p in prompts]
+    assert [len(a) for a in alone] == [4, 13, 1]
+    assert generate_batch(m, prompts, 50, temperature=0.0) == alone
+    slid = generate_batch(m, prompts, 30, temperature=0.0, use_cache=False)
+    assert slid == [generate(m, p, 30, temperature=0.0, use_cache=False) for p in prompts]
+    assert [s[:len(a)] for s, a in zip(slid, alone)] == alone
+
+
+def test_padded_batch_prefills_once_then_one_token_per_step():
+    m = model()
+    calls = []
+    orig = m.forward
+
+    def spy(idx, *a, cache=None, attention_mask=None, **kw):
+        calls.append((tuple(idx.shape), None if attention_mask is None else tuple(attention_mask.shape)))
+        return orig(idx, *a, cache=cache, attention_mask=attention_mask, **kw)
+
+    m.forward = spy
+    generate_batch(m, PROMPTS, 4, temperature=0.0)
+    B, P = len(PROMPTS), max(map(len, PROMPTS))
+    assert calls == [((B, P), (B, P))] + [((B, 1), (B, P + i)) for i in (1, 2, 3)]
+    calls.clear()
+    generate_batch(m, [PROMPTS[0]] * 2, 3, temperature=0.0)  # nothing padded: no mask at all
+    assert calls == [((2, 6), None), ((2, 1), None), ((2, 1), None)]
+
+
+def test_generate_batch_rejects_bad_input():
+    m = model()
+    assert generate_batch(m, [], 5) == []
+    assert generate_batch(m, PROMPTS, 0) == [[]] * len(PROMPTS)
+    with pytest.raises(ValueError, match="prompt 1"):
+        generate_batch(m, [[1, 2], []], 5)
+    with pytest.raises(ValueError, match="2 seeds for 4 prompts"):
+        generate_batch(m, PROMPTS, 5, seed=[1, 2])
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        generate_batch(m, PROMPTS, 5, repetition_penalty=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_batch(m, PROMPTS, -1)

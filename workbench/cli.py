@@ -3,6 +3,7 @@
     workbench demo --project DIR            write the offline demo project
     workbench pipeline --demo               demo project -> tokenizer -> pretrain, with a table
     workbench run STAGE --run-dir DIR       run one stage on a run folder (--set key=value)
+    workbench chat --checkpoint PATH        talk to a checkpoint in the terminal
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from workbench import demo
+from workbench import chat_cli, demo
 from workbench.runner import STAGES
 
 EPILOG = """\
@@ -97,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a config setting, value as JSON if it parses (repeatable)")
     p.add_argument("--log-format", choices=["auto", "human", "json"], default="human")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="talk to a checkpoint in the terminal (streamed answers)",
+                       description="A terminal chat with a checkpoint, through the chat template its "
+                                   "SFT used; --completion continues plain text (for base models).",
+                       epilog=chat_cli.COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    chat_cli.add_arguments(p)
+    p.set_defaults(func=chat_cli.run_from_args)
     return parser
 
 
