@@ -91,15 +91,15 @@ def parse_record(rec: Any, where: str, problems: list[str]) -> Ranking | None:
         texts = []
         for key in ("chosen", "rejected"):
             v = rec.get(key)
-            if not isinstance(v, str) or not v.strip():
-                problems.append(f"{where}: field '{key}': " + ("missing" if v is None else "expected a non-empty string"))
+            if not isinstance(v, str):
+                problems.append(f"{where}: field '{key}': " + ("missing" if v is None else "expected a string"))
                 return None
             texts.append(v)
         return Ranking(prompt, texts, [[0], [1]], where)
     answers, groups = rec.get("answers"), rec.get("ranking")
-    if not isinstance(answers, list) or not 2 <= len(answers) <= 9 or not all(isinstance(a, str) and a.strip() for a in answers):
-        problems.append(f"{where}: field 'answers': expected 2 to 9 non-empty strings "
-                        "(or give 'chosen' and 'rejected')")
+    # An empty answer is allowed: a model that stops at once gave one, and it can be ranked.
+    if not isinstance(answers, list) or not 2 <= len(answers) <= 9 or not all(isinstance(a, str) for a in answers):
+        problems.append(f"{where}: field 'answers': expected 2 to 9 strings (or give 'chosen' and 'rejected')")
         return None
     if (not isinstance(groups, list) or not groups
             or not all(isinstance(g, list) and g and all(isinstance(i, int) and not isinstance(i, bool) for i in g) for g in groups)):

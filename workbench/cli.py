@@ -1,7 +1,7 @@
 """The `workbench` command: every stage, the demo and the pipeline, headless.
 
     workbench demo --project DIR            write the offline demo project
-    workbench pipeline --demo               demo project -> tokenizer -> pretrain, with a table
+    workbench pipeline --demo               the whole pipeline on the demo project, with a table
     workbench run STAGE --run-dir DIR       run one stage on a run folder (--set key=value)
     workbench chat --checkpoint PATH        talk to a checkpoint in the terminal
 """
@@ -68,22 +68,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_arguments(p)
     p.set_defaults(func=demo.run_from_args)
 
-    p = sub.add_parser("pipeline", help="run the pipeline's stages headless, one run folder each",
-                       description="Run tokenizer -> pretrain in a project folder (the demo project "
-                                   "with --demo), one run per stage under PROJECT/runs/, and print a "
-                                   "table of each stage's key figure. Later releases add SFT, ranking, "
-                                   "the reward model and PPO to the same command.")
+    p = sub.add_parser("pipeline", help="run the whole pipeline headless, one run folder per stage",
+                       description="Run tokenizer -> pretrain -> SFT -> sample -> simulated ranking -> "
+                                   "reward model -> PPO -> evaluation in a project folder (the demo "
+                                   "project with --demo), one run per stage under PROJECT/runs/, with a "
+                                   "progress line per stage and a table of each stage's key figure.")
     p.add_argument("--demo", action="store_true", help="use (and if needed write) the demo project")
     p.add_argument("--project", type=Path, default=None,
                    help="project folder (default with --demo: ./demo-project)")
+    p.add_argument("--until", default="evaluate", metavar="STAGE",
+                   help="stop after this stage: tokenizer, pretrain, sft, sample, rank, reward, ppo, "
+                        "evaluate (default: all)")
     p.add_argument("--scale", choices=["tiny", "small", "full"], default="small",
                    help="size of a newly written demo corpus (default small)")
     p.add_argument("--preset", default=None,
-                   help="model size preset (default: the project's, tiny for the demo)")
-    p.add_argument("--steps", type=int, default=600, help="pretraining steps (default 600)")
+                   help="model size preset (default: the project's)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="tokenizer vocabulary (default: the project's)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=600, help="pretraining steps (default 600)")
+    p.add_argument("--batch-size", type=int, default=16, help="pretraining batch size (default 16)")
+    p.add_argument("--lr", type=float, default=2e-3, help="pretraining peak learning rate (default 2e-3)")
+    p.add_argument("--sft-steps", type=int, default=300, help="SFT steps (default 300)")
+    p.add_argument("--sft-lr", type=float, default=1e-3, help="SFT learning rate (default 1e-3)")
+    p.add_argument("--eval-tasks", type=int, default=200, help="held-out tasks for accuracy and win rate")
+    p.add_argument("--rank-prompts", type=int, default=400, help="prompts sampled for ranking (default 400)")
+    p.add_argument("--k", type=int, default=4, help="answers per prompt to rank (default 4)")
+    p.add_argument("--rm-epochs", type=float, default=2.0, help="reward-model epochs (default 2)")
+    p.add_argument("--rm-lr", type=float, default=3e-4, help="reward-model learning rate (default 3e-4)")
+    p.add_argument("--ppo-steps", type=int, default=40, help="PPO iterations (default 40)")
+    p.add_argument("--ppo-lr", type=float, default=3e-5, help="PPO learning rate (default 3e-5)")
+    p.add_argument("--kl-coef", type=float, default=0.05, help="PPO KL coefficient beta (default 0.05)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.set_defaults(func=cmd_pipeline)

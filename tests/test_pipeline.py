@@ -1,0 +1,38 @@
+"""The whole pipeline headless on a tiny demo project: every stage runs and leaves its run."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from workbench.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_pipeline_end_to_end(tmp_path):
+    project = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "workbench.cli", "pipeline", "--demo", "--project", str(project),
+           "--scale", "tiny", "--vocab-size", "300", "--steps", "12", "--sft-steps", "6",
+           "--eval-tasks", "8", "--rank-prompts", "12", "--k", "3", "--rm-epochs", "1",
+           "--ppo-steps", "2", "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    table = proc.stdout[proc.stdout.index("stage      run"):]
+    for stage in ("tokenizer", "pretrain", "sft", "sample", "rank", "reward", "ppo", "evaluate"):
+        assert f"\n{stage} " in table, table
+    runs = sorted(p.name.split("-")[0] for p in (project / "runs").iterdir())
+    assert runs == ["ppo", "pretrain", "reward", "sample", "sft", "tokenizer"]
+    for run in (project / "runs").iterdir():
+        events = [json.loads(l) for l in (run / "events.jsonl").read_text().splitlines()]
+        assert events[-1]["type"] == "done" and events[-1]["status"] == "completed", run
+    # The reward model trained on the store's simulated rankings, copied into its own folder.
+    rm_run = next((project / "runs").glob("reward-*"))
+    assert len((rm_run / "rankings.jsonl").read_text().splitlines()) == 12
+    store = Store.for_project(project)
+    try:
+        ranked = store.rankings()
+        assert len(ranked) == 12 and all(r.simulated for r in ranked)
+    finally:
+        store.close()
+    ev = json.loads(next((project / "runs").glob("ppo-*")).joinpath("evaluation.json").read_text())
+    assert ev["n"] == 8 and ev["wins"] + ev["ties"] + ev["losses"] == 8

@@ -1,0 +1,91 @@
+"""Compare two checkpoints on held-out prompts: task accuracy, reward, and win rate under the
+simulated annotator's preference (the one the demo's reward model learned).
+
+Both models answer every prompt greedily, so a comparison is deterministic and paired: the same
+prompt, the same decoding, only the weights differ.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from engine.artifacts import Loaded, load_artifact
+from engine.generate import generate_batch
+from engine.tasks import check, parse_task
+from engine.tokenizer import render_chat
+from workbench.simulated import DEMO_PREFERENCE, Key, rank_answers
+
+
+@dataclass
+class Answers:
+    texts: list[str]
+    finished: list[bool]
+
+
+def answer_all(art: Loaded, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 32) -> Answers:
+    tok, model = art.tokenizer, art.model
+    texts, finished = [], []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        ids = [render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in chunk]
+        for out in generate_batch(model, ids, max_new_tokens, temperature=0.0, stop_ids=(tok.end_id,),
+                                  pad_id=tok.pad_id):
+            done = bool(out) and out[-1] == tok.end_id
+            texts.append(tok.decode(out[:-1] if done else out, skip_special=True))
+            finished.append(done)
+    return Answers(texts, finished)
+
+
+@torch.no_grad()
+def reward_scores(rm: Loaded, prompts: Sequence[str], answers: Answers, norm: Optional[dict] = None) -> list[float]:
+    tok, model = rm.tokenizer, rm.model
+    out = []
+    for p, a in zip(prompts, answers.texts):
+        ids, _ = render_chat(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": a}])
+        ids = ids[-model.config.max_seq_len:]
+        r = float(model(torch.tensor([ids]))[0, -1])
+        out.append((r - norm["mean"]) / norm["std"] if norm else r)
+    return out
+
+
+def accuracy(prompts: Sequence[str], answers: Answers) -> Optional[float]:
+    judged = [(t, a) for t, a in ((parse_task(p), a) for p, a in zip(prompts, answers.texts)) if t is not None]
+    return sum(check(t, a) for t, a in judged) / len(judged) if judged else None
+
+
+def win_rate(prompts: Sequence[str], a: Answers, b: Answers, preference: Sequence[Key] = DEMO_PREFERENCE) -> dict:
+    """How often `b` is preferred to `a`; a tie counts half."""
+    wins = ties = losses = 0
+    for p, ta, fa, tb, fb in zip(prompts, a.texts, a.finished, b.texts, b.finished):
+        groups = rank_answers(p, [(ta, {"finished": fa}), (tb, {"finished": fb})], preference)
+        if len(groups) == 1:
+            ties += 1
+        elif groups[0] == [1]:
+            wins += 1
+        else:
+            losses += 1
+    n = max(1, wins + ties + losses)
+    return {"win_rate": (wins + 0.5 * ties) / n, "wins": wins, "ties": ties, "losses": losses}
+
+
+def compare(base: Path, candidate: Path, prompts: Sequence[str], *, reward_model: Optional[Path] = None,
+            max_new_tokens: int = 32) -> dict:
+    """Figures for `candidate` against `base` (e.g. PPO against its SFT start) on `prompts`."""
+    import json
+    a_art = load_artifact(base, prefer="latest")
+    b_art = load_artifact(candidate, prefer="latest")
+    a, b = answer_all(a_art, prompts, max_new_tokens), answer_all(b_art, prompts, max_new_tokens)
+    result = {"n": len(prompts), "base_accuracy": accuracy(prompts, a), "accuracy": accuracy(prompts, b),
+              **win_rate(prompts, a, b),
+              "base_mean_chars": sum(map(len, a.texts)) / len(prompts),
+              "mean_chars": sum(map(len, b.texts)) / len(prompts)}
+    if reward_model is not None:
+        rm = load_artifact(reward_model)
+        norm_file = rm.checkpoint / "reward_norm.json"
+        norm = json.loads(norm_file.read_text()) if norm_file.exists() else None
+        sa, sb = reward_scores(rm, prompts, a, norm), reward_scores(rm, prompts, b, norm)
+        result.update(base_score=sum(sa) / len(sa), score=sum(sb) / len(sb))
+    return result
