@@ -1,0 +1,280 @@
+"""Supervised fine-tuning: the pretraining loss on chat-rendered (prompt, answer) pairs,
+counted on the answer tokens only.
+
+    python -m engine.sft --run-dir DIR
+
+reads DIR/config.json (`SFTConfig`), loads the `init` checkpoint (a pretraining checkpoint or
+run folder) with its tokenizer, checks every data record before any work (engine.sft_data),
+trains through engine.trainer and writes DIR/checkpoints/step-NNNNNN/ (each with its
+tokenizer.json, so engine.artifacts.load_artifact reads SFT checkpoints like any other),
+DIR/events.jsonl and, at the end, DIR/summary.json. A fresh run is evaluated once before the
+first step, so plots and the summary show the task accuracy before SFT next to after.
+A run folder with checkpoints resumes from the newest, exactly (on CPU).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from engine import checkpoint as ckpt
+from engine.artifacts import load_artifact
+from engine.config import ConfigError, require, resolve_path
+from engine.device import autocast, describe, resolve_device, resolve_dtype, setup_backends
+from engine.fsutil import atomic_write_text
+from engine.generate import generate
+from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main
+from engine.sft_data import (EpochSampler, Example, SFTDataError, collate, data_fingerprint,
+                             read_records, read_tasks, render, split_records)
+from engine.tasks import task_accuracy
+from engine.tokenizer import Tokenizer, render_chat
+from engine.trainer import Stage, TrainConfig, run_summary, train
+
+DEFAULT_PROMPTS = ["What is 12 + 7?", "Reverse the word 'garden'.",
+                   "What is the capital of France?", "Tell me about the sea."]
+
+
+@dataclass(kw_only=True)
+class SFTConfig(TrainConfig):
+    init: str                             # pretraining checkpoint, or its run folder (best one)
+    data: list[str]                       # JSONL files: see engine.sft_data for the formats
+    tokenizer: Optional[str] = None       # None: the init checkpoint's own tokenizer.json
+    val_data: list[str] = field(default_factory=list)  # empty: hold out val_fraction of data
+    val_fraction: float = 0.05
+    epochs: float = 0.0                   # > 0: sets max_steps from the number of samples
+    seq_len: int = 0                      # 0: the model's max_seq_len; samples are cut to it
+    eval_batches: int = 20                # val loss on the first eval_batches * batch_size samples
+    eval_tasks: Optional[str] = None      # JSONL of engine.tasks.Task: greedy task accuracy
+    eval_task_limit: int = 100            # the first N tasks (0: all)
+    task_tokens: int = 32                 # answer length limit when checking tasks
+    sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    sample_tokens: int = 64
+    sample_temperature: float = 0.0       # 0: greedy, so samples at different steps compare
+    # Fine-tuning starts from a model that already works: a smaller step than pretraining's
+    # keeps it from forgetting, and no weight decay, which would pull it toward zero rather
+    # than toward where it started.
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_steps: int = 500
+    eval_every: int = 50
+    sample_every: int = 100
+    checkpoint_every: int = 100
+
+    def validate(self) -> None:
+        self.validate_training()
+        require(bool(self.init.strip()), "init", "a pretraining checkpoint or run folder is required")
+        require(len(self.data) > 0, "data", "at least one JSONL file is required")
+        for name in ("data", "val_data"):
+            for i, p in enumerate(getattr(self, name)):
+                require(p.strip() != "", f"{name}[{i}]", "empty path")
+        if self.tokenizer is not None:
+            require(self.tokenizer.strip() != "", "tokenizer", "empty path (leave it out to use "
+                                                               "the checkpoint's own)")
+        if not self.val_data:
+            require(0 < self.val_fraction < 0.5, "val_fraction",
+                    "must be between 0 and 0.5 (or give val_data)")
+        require(self.epochs >= 0 and math.isfinite(self.epochs), "epochs",
+                "must be 0 (train max_steps) or a positive number of passes over the data")
+        require(self.seq_len == 0 or self.seq_len >= 3, "seq_len",
+                "0 (the model's context) or at least 3: bos, the assistant token, one answer token")
+        require(self.eval_batches > 0, "eval_batches", "must be a positive integer")
+        if self.eval_tasks is not None:
+            require(self.eval_tasks.strip() != "", "eval_tasks", "empty path")
+        require(self.eval_task_limit >= 0, "eval_task_limit", "must be zero (all) or positive")
+        require(self.task_tokens > 0, "task_tokens", "must be a positive integer")
+        require(self.sample_tokens > 0, "sample_tokens", "must be a positive integer")
+        require(self.sample_temperature >= 0, "sample_temperature", "must be zero or positive")
+
+
+# What the run *is*: changing any of these on resume would train a different run under the old
+# name. The data files' contents are checked too (a fingerprint in state.json).
+FIXED_ON_RESUME = ("init", "tokenizer", "data", "val_data", "val_fraction", "seq_len")
+
+
+def answer(model, tok: Tokenizer, prompt: str, max_tokens: int, temperature: float = 0.0,
+           seed: Optional[int] = None) -> str:
+    """The model's reply to one user turn, through the chat template, up to its <|end|>."""
+    ids, _ = render_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+    out = generate(model, ids, max_tokens, temperature=temperature, top_k=50 if temperature else 0,
+                   seed=seed, stop_ids=(tok.end_id,))
+    return tok.decode(out, skip_special=True)
+
+
+def _per_kind(metrics: dict) -> dict:
+    return {k.removeprefix("eval/acc/"): v for k, v in metrics.items() if k.startswith("eval/acc/")}
+
+
+def _batches(examples: list[Example], size: int, pad_id: int) -> list[tuple]:
+    return [collate(examples[i:i + size], pad_id) for i in range(0, len(examples), size)]
+
+
+def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None) -> str:
+    ev = Emitter(sink)
+    control = control or NeverStop()
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    setup_backends(device)
+
+    # Everything that can be wrong with the inputs is found here, before any step or checkpoint.
+    art = load_artifact(resolve_path(run_dir, cfg.init), device=device, field="init",
+                        tokenizer=resolve_path(run_dir, cfg.tokenizer) if cfg.tokenizer else None)
+    model, tok = art.model, art.tokenizer
+    context = model.config.max_seq_len
+    if cfg.seq_len > context:
+        raise ConfigError("seq_len", f"{cfg.seq_len} is longer than the model's context ({context})")
+    seq_len = cfg.seq_len or context
+    data_files = [resolve_path(run_dir, p) for p in cfg.data]
+    val_files = [resolve_path(run_dir, p) for p in cfg.val_data]
+    # One error for every bad line in every input file, so one pass fixes them all.
+    problems: list[str] = []
+
+    def checked(read, *args) -> list:
+        try:
+            return read(*args)
+        except SFTDataError as e:
+            problems.extend(e.problems)
+            return []
+
+    records = checked(read_records, data_files)
+    val_recs = checked(read_records, val_files) if val_files else []
+    tasks = checked(read_tasks, resolve_path(run_dir, cfg.eval_tasks), cfg.eval_task_limit) \
+        if cfg.eval_tasks else []
+    if problems:
+        raise SFTDataError(problems)
+    if val_files:
+        train_recs = records
+    else:
+        train_recs, val_recs = split_records(records, cfg.val_fraction, cfg.seed)
+
+    train_ex, train_rep = render(train_recs, tok, seq_len)
+    val_ex, val_rep = render(val_recs, tok, seq_len)
+    for split, rep in (("train", train_rep), ("validation", val_rep)):
+        message = rep.message(seq_len, split)
+        if message:
+            ev.emit("log", level="warning", message=message, split=split, samples=rep.total,
+                    truncated=len(rep.truncated), no_answer=len(rep.empty),
+                    truncated_lines=rep.truncated[:5], no_answer_lines=rep.empty[:5])
+    for split, examples, rep in (("training", train_ex, train_rep), ("validation", val_ex, val_rep)):
+        if not examples:
+            # The most common SFT bug is a loss mask that is all zeros: the run "trains" and
+            # nothing changes. Refuse it loudly instead.
+            raise StageError(f"no {split} sample has an answer token to learn from: all "
+                             f"{rep.total} loss masks are empty (e.g. {', '.join(rep.empty[:3])}). "
+                             f"Check that records have assistant answers and that the context "
+                             f"({seq_len} tokens) leaves room for them.")
+
+    steps_per_epoch = len(train_ex) / (cfg.batch_size * cfg.grad_accum)
+    tcfg = cfg
+    if cfg.epochs > 0:
+        # Computed, never written back into config.json: the trainer gets a copy.
+        tcfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * steps_per_epoch)))
+    n_targets = sum(e.n_targets for e in train_ex)
+    ev.log(f"device {describe(device)}, {dtype}; init {art.checkpoint.resolve()} "
+           f"({model.num_params():,} params, context {seq_len}); {len(train_ex)} train / "
+           f"{len(val_ex)} val samples, {n_targets:,} answer tokens; {tcfg.max_steps} steps = "
+           f"{tcfg.max_steps / steps_per_epoch:.2f} epochs"
+           + (f"; {len(tasks)} eval tasks" if tasks else ""))
+
+    sampler = EpochSampler(len(train_ex), cfg.seed)
+    fingerprint = data_fingerprint(data_files + val_files)
+    val_batches = _batches(val_ex[:cfg.eval_batches * cfg.batch_size], cfg.batch_size, tok.pad_id)
+    init_metrics: dict = {}
+    last_eval: dict = {}
+
+    def next_batch(_gen: torch.Generator):
+        epoch = sampler.epoch
+        x, y, n = collate([train_ex[i] for i in sampler.take(cfg.batch_size)], tok.pad_id)
+        if sampler.epoch != epoch:
+            ev.log(f"epoch {sampler.epoch + 1} begins")
+        return x.to(device), y.to(device), n
+
+    def loss(m, batch):
+        # The mean over this batch's answer tokens, as HF's SFT does: a batch of short answers
+        # weighs as much as one of long answers.
+        x, y, n = batch
+        return m(x, y)[1], n
+
+    def evaluate(m) -> dict[str, float]:
+        # Token-weighted over a fixed set of samples, so curves compare across steps.
+        total, count = 0.0, 0
+        for x, y, _ in val_batches:
+            k = int((y != -100).sum())
+            total += float(m(x.to(device), y.to(device))[1]) * k
+            count += k
+        values = {"val/loss": total / count}
+        if tasks:
+            acc = task_accuracy(tasks, [answer(m, tok, t.prompt, cfg.task_tokens) for t in tasks])
+            values["eval/task_accuracy"] = acc["overall"]
+            values["eval/task_score"] = acc["score"]
+            values.update({f"eval/acc/{k}": v for k, v in acc["per_kind"].items()})
+        last_eval.clear()
+        last_eval.update(values)
+        return values
+
+    def sample(m, step: int) -> None:
+        for i, prompt in enumerate(cfg.sample_prompts):
+            text = answer(m, tok, prompt, cfg.sample_tokens, cfg.sample_temperature, seed=cfg.seed + i)
+            ev.emit("sample", step=step, prompt=prompt, text=text)
+
+    def state() -> dict:
+        return {"tokenizer_fingerprint": tok.fingerprint(), "sampler": sampler.state(),
+                "data_fingerprint": fingerprint, "init_checkpoint": str(art.checkpoint.resolve()),
+                "init_metrics": init_metrics}
+
+    def restore(saved: dict) -> None:
+        if saved.get("data_fingerprint") != fingerprint:
+            raise StageError("the SFT data files changed since this run started; resuming would "
+                             "train a different run under the old name: start a new run")
+        sampler.load(saved["sampler"])
+        init_metrics.update(saved.get("init_metrics") or {})
+
+    stage = Stage("sft", next_batch, loss, evaluate, sample, fixed_on_resume=FIXED_ON_RESUME,
+                  state=state, restore=restore, extra_files={"tokenizer.json": art.tokenizer_path},
+                  flops_per_token=model.flops_per_token(seq_len))
+    fresh = ckpt.latest_checkpoint(run_dir / "checkpoints") is None
+    if fresh:
+        model.eval()
+        with torch.no_grad(), autocast(device, dtype):
+            init_metrics.update(evaluate(model))
+        if cfg.sample_every:
+            sample(model, 0)
+        model.train()
+    status = train(tcfg, run_dir, model, stage, device=device, dtype=dtype, sink=sink,
+                   control=control, init_metrics=dict(init_metrics) if fresh else None)
+    if status != "completed":
+        return status
+    if not last_eval:  # resumed at max_steps: the trainer had nothing left to do or evaluate
+        model.eval()
+        with torch.no_grad(), autocast(device, dtype):
+            evaluate(model)
+    after = dict(last_eval)
+    summary = {"stage": "sft", **run_summary(run_dir, tcfg), "init": str(art.checkpoint.resolve()),
+               "max_steps": tcfg.max_steps, "epochs": round(tcfg.max_steps / steps_per_epoch, 3),
+               "train_samples": len(train_ex), "val_samples": len(val_ex),
+               "truncated": len(train_rep.truncated) + len(val_rep.truncated),
+               "no_answer": len(train_rep.empty) + len(val_rep.empty),
+               "val_loss_before": init_metrics.get("val/loss"), "val_loss_after": after.get("val/loss")}
+    if tasks:
+        summary.update({
+            "eval_tasks": len(tasks),
+            "task_accuracy_before": init_metrics.get("eval/task_accuracy"),
+            "task_accuracy_after": after.get("eval/task_accuracy"),
+            "per_kind_before": _per_kind(init_metrics),
+            "per_kind_after": _per_kind(after)})
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("sft", SFTConfig, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

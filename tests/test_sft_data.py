@@ -1,0 +1,246 @@
+"""SFT data: the three formats, every error named by file/line/field, truncation, masks, batches."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.sft_data import (EpochSampler, Example, Record, SFTDataError, collate, fit,
+                             read_records, read_tasks, render, split_records, targets_for)
+from engine.tokenizer import render_chat, train_from_texts
+
+TEXT = ["What is 2 + 3? The answer is 5. Reverse the word cat: tac. " * 20,
+        "You are a helpful assistant. Hello there, how are you today? " * 20]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_from_texts(TEXT, vocab_size=300)
+
+
+def write(path, lines):
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+    return path
+
+
+def test_each_format_becomes_a_conversation(tmp_path):
+    f = write(tmp_path / "d.jsonl", [
+        {"prompt": "What is 2 + 3?", "response": "5"},
+        {"instruction": "Reverse the word.", "input": "cat", "output": "tac"},
+        {"instruction": "Say hi.", "input": "", "output": "hi"},
+        {"instruction": "Say hi.", "output": "hi", "id": 7},          # input optional; extra keys ignored
+        {"instruction": "Say hi.", "input": None, "output": "hi"},
+        "",                                                          # blank lines are skipped
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                      {"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "5"}]},
+    ])
+    recs = read_records([f])
+    assert [r.line for r in recs] == [1, 2, 3, 4, 5, 7]
+    assert recs[0].messages == [{"role": "user", "content": "What is 2 + 3?"},
+                                {"role": "assistant", "content": "5"}]
+    # Alpaca: instruction and a non-empty input are joined by a blank line
+    assert recs[1].messages[0] == {"role": "user", "content": "Reverse the word.\n\ncat"}
+    assert all(r.messages[0]["content"] == "Say hi." for r in recs[2:5])
+    assert [m["role"] for m in recs[5].messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert recs[1].where == f"{f}:2"
+
+
+def test_every_problem_is_listed_with_file_line_and_field(tmp_path):
+    f = write(tmp_path / "bad.jsonl", [
+        {"prompt": "a", "response": "b"},                                   # 1 fine
+        {"prompt": "a"},                                                    # 2 missing
+        {"prompt": "  ", "response": "b"},                                  # 3 empty
+        '{"prompt": "a", "response": ',                                     # 4 malformed JSON
+        {"instruction": 5, "output": "x"},                                  # 5 wrong type
+        {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+        {"text": "plain"},                                                  # 7 no format
+        {"messages": [{"role": "user", "content": "hi"}]},                  # 8 no answer
+        {"messages": [{"role": "user", "content": ["x"]}, {"role": "assistant", "content": "y"}]},
+        ["not", "an", "object"],                                            # 10
+        {"prompt": "a", "response": "b", "messages": []},                   # 11 two formats
+        {"messages": "hello"},                                              # 12
+    ])
+    with pytest.raises(SFTDataError) as e:
+        read_records([f])
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("11 problem(s) in the SFT data") and "nothing was trained" in lines[0]
+    expected = [
+        f"{f}:2: field 'response': missing",
+        f"{f}:3: field 'prompt': is empty",
+        f"{f}:4: malformed JSON at column",
+        f"{f}:5: field 'instruction': expected a string, got int",
+        f"{f}:6: field 'messages[0].role': unknown role 'robot'",
+        f"{f}:7: matches no SFT format (fields: text)",
+        f"{f}:8: field 'messages': no assistant turn",
+        f"{f}:9: field 'messages[0].content': expected a string, got list",
+        f"{f}:10: expected a JSON object",
+        f"{f}:11: mixes the fields of two formats",
+        f"{f}:12: field 'messages': expected a list, got str",
+    ]
+    assert len(e.value.problems) == len(expected)
+    for want, got in zip(expected, e.value.problems):
+        assert got.startswith(want), (want, got)
+    assert lines[1:] == e.value.problems
+
+
+def test_malformed_json_on_line_4_and_a_missing_file_are_reported_together(tmp_path):
+    f = write(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}] * 3 + ["{oops"])
+    with pytest.raises(SFTDataError) as e:
+        read_records([f, tmp_path / "missing.jsonl"])
+    assert e.value.problems[0].startswith(f"{f}:4: malformed JSON at column 2")
+    assert e.value.problems[1].startswith(f"{tmp_path / 'missing.jsonl'}: cannot open")
+
+
+def test_the_list_is_capped_but_counts_everything(tmp_path):
+    f = write(tmp_path / "d.jsonl", [{"prompt": "a"}] * 50)
+    with pytest.raises(SFTDataError) as e:
+        read_records([f])
+    text = str(e.value)
+    assert len(e.value.problems) == 50 and "50 problem(s)" in text
+    assert f"{f}:20:" in text and f"{f}:21:" not in text and text.endswith("... and 30 more")
+
+
+def test_an_empty_file_is_an_error(tmp_path):
+    (tmp_path / "e.jsonl").write_text("\n\n")
+    with pytest.raises(SFTDataError, match="no records"):
+        read_records([tmp_path / "e.jsonl"])
+
+
+# bos <|system|> s <|end|> <|user|> a b c d <|end|> <|assistant|> X Y <|end|>
+IDS = [1, 3, 50, 2, 4, 60, 61, 62, 63, 2, 5, 70, 71, 2]
+MASK = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
+
+
+def test_fit_leaves_a_sample_that_fits_alone():
+    assert fit(IDS, MASK, 14) == (IDS, MASK, False)
+
+
+def test_fit_drops_prompt_tokens_from_the_left_after_bos():
+    ids, mask, cut = fit(IDS, MASK, 10)
+    assert cut
+    assert ids == [1, 60, 61, 62, 63, 2, 5, 70, 71, 2]
+    assert mask == [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
+    # the whole prompt may go, but bos and the role token opening the answer stay
+    assert fit(IDS, MASK, 5) == ([1, 5, 70, 71, 2], [0, 0, 1, 1, 1], True)
+
+
+def test_fit_cuts_the_answer_tail_only_when_the_answer_alone_does_not_fit():
+    assert fit(IDS, MASK, 4) == ([1, 5, 70, 71], [0, 0, 1, 1], True)
+    assert fit(IDS, MASK, 3) == ([1, 5, 70], [0, 0, 1], True)
+
+
+def test_fit_drops_turns_after_the_last_answer_first():
+    ids, mask = IDS + [4, 80, 81, 2], MASK + [0, 0, 0, 0]
+    assert fit(ids, mask, 15) == (IDS, MASK, True)
+    assert fit(ids, mask, 12) == ([1] + IDS[3:], [0] + MASK[3:], True)
+
+
+def test_fit_keeps_the_last_answer_of_a_multi_turn_conversation():
+    # bos user q end asst A end user q2 end asst B C end
+    ids = [1, 4, 60, 2, 5, 70, 2, 4, 61, 2, 5, 71, 72, 2]
+    mask = [0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 1]
+    assert fit(ids, mask, 9) == ([1, 2, 4, 61, 2, 5, 71, 72, 2], [0, 0, 0, 0, 0, 0, 1, 1, 1], True)
+    # an earlier answer cut at its start is context, not target; a whole one stays a target
+    assert fit(ids, mask, 13) == ([1] + ids[2:], [0] + mask[2:], True)
+    assert fit(ids, mask, 10) == ([1] + ids[5:], [0, 0, 0] + mask[7:], True)
+
+
+def test_targets_are_exactly_the_assistant_tokens_shifted_by_one(tok):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello there"}, {"role": "user", "content": "2 + 3?"},
+            {"role": "assistant", "content": "5"}]
+    ids, mask = render_chat(tok, msgs)
+    y = targets_for(ids, mask)
+    assert len(y) == len(ids) - 1
+    trained = {t for t, v in enumerate(y) if v != -100}
+    assistant = {p for p, m in enumerate(mask) if m}
+    assert trained == {p - 1 for p in assistant}
+    assert all(y[p - 1] == ids[p] for p in assistant)
+    # the answer tokens and each closing <|end|>, nothing else
+    n_answer = len(tok.encode("Hello there")) + 1 + len(tok.encode("5")) + 1
+    assert len(trained) == n_answer and sum(ids[p] == tok.end_id for p in assistant) == 2
+
+
+def test_truncated_masked_positions_end_to_end(tok):
+    rec = Record(Path("d.jsonl"), 3,
+                 [{"role": "user", "content": "What is 2 + 3? " * 5}, {"role": "assistant", "content": "5"}])
+    full_ids, full_mask = render_chat(tok, rec.messages)
+    answer = [tok.assistant_id] + tok.encode("5") + [tok.end_id]
+    examples, report = render([rec], tok, len(answer) + 3)
+    (ex,) = examples
+    assert report.truncated == ["d.jsonl:3"] and not report.empty and ex.truncated
+    assert ex.ids == [tok.bos_id] + full_ids[-(len(answer) + 2):]
+    assert ex.mask == [0, 0, 0, 0] + [1] * (len(answer) - 1)  # bos, 2 prompt tokens, role
+    assert {t for t, v in enumerate(targets_for(ex.ids, ex.mask)) if v != -100} == \
+        set(range(3, len(ex.ids) - 1))
+
+
+def test_samples_without_answer_tokens_are_reported_and_all_empty_is_visible(tok):
+    rec = Record(Path("d.jsonl"), 1,
+                 [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}])
+    examples, report = render([rec, rec], tok, 2)  # room for bos and the role token only
+    assert examples == [] and report.empty == ["d.jsonl:1", "d.jsonl:1"]
+    assert "no answer token left" in report.message(2, "train")
+
+
+def test_collate_right_pads_inputs_and_ignores_their_targets(tok):
+    a = Example([1, 4, 60, 2, 5, 70, 2], [0, 0, 0, 0, 0, 1, 1], "a")
+    b = Example([1, 4, 61, 62, 63, 2, 5, 71, 72, 2], [0, 0, 0, 0, 0, 0, 0, 1, 1, 1], "b")
+    x, y, n = collate([a, b], tok.pad_id)
+    assert x.shape == y.shape == (2, 9) and n == 6 + 9
+    assert x[0].tolist() == [1, 4, 60, 2, 5, 70, tok.pad_id, tok.pad_id, tok.pad_id]
+    assert y[0].tolist() == [-100, -100, -100, -100, 70, 2, -100, -100, -100]
+    assert y[1].tolist() == [-100] * 6 + [71, 72, 2]
+
+
+def test_right_padding_does_not_change_the_real_tokens_logits(tok):
+    from engine.model import Transformer, config_from_preset
+    torch.manual_seed(0)
+    model = Transformer(config_from_preset("tiny", tok.vocab_size, d_model=32, n_layer=1, n_head=2,
+                                           n_kv_head=2, d_ff=64, max_seq_len=32)).eval()
+    a = Example([1, 4, 60, 2, 5, 70, 2], [0, 0, 0, 0, 0, 1, 1], "a")
+    b = Example([1, 4, 61, 62, 63, 64, 65, 2, 5, 71, 72, 2], [0] * 9 + [1, 1, 1], "b")
+    x, _, _ = collate([a, b], tok.pad_id)
+    alone, _, _ = collate([a], tok.pad_id)
+    with torch.no_grad():
+        assert torch.allclose(model(x)[0, :6], model(alone)[0], atol=1e-6)
+
+
+def test_split_is_by_record_deterministic_and_disjoint():
+    recs = [Record(Path("d"), i, []) for i in range(1, 101)]
+    train, val = split_records(recs, 0.1, seed=3)
+    assert len(val) == 10 and len(train) == 90
+    assert {r.line for r in train}.isdisjoint({r.line for r in val})
+    assert split_records(recs, 0.1, seed=3) == (train, val)
+    assert split_records(recs, 0.1, seed=4)[1] != val
+    assert len(split_records(recs[:3], 0.01, seed=0)[1]) == 1
+    with pytest.raises(SFTDataError):
+        split_records(recs[:1], 0.1, seed=0)
+
+
+def test_epoch_sampler_permutes_each_epoch_and_resumes_exactly():
+    s = EpochSampler(10, seed=1)
+    first = s.take(10)
+    second = s.take(10)
+    assert sorted(first) == sorted(second) == list(range(10)) and first != second
+    s = EpochSampler(10, seed=1)
+    s.take(13)
+    state = json.loads(json.dumps(s.state()))
+    expected = s.take(25)
+    t = EpochSampler(10, seed=1)
+    t.load(state)
+    assert t.take(25) == expected
+    with pytest.raises(Exception, match="10 samples"):
+        EpochSampler(11, seed=1).load(state)
+
+
+def test_eval_tasks_are_read_with_file_and_line(tmp_path):
+    good = {"kind": "add", "prompt": "What is 1 + 2?", "answer": "3", "data": {"a": 1, "b": 2}}
+    f = write(tmp_path / "t.jsonl", [good, good, {"kind": "add", "prompt": ""}, "{"])
+    with pytest.raises(SFTDataError) as e:
+        read_tasks(f)
+    assert e.value.problems[0].startswith(f"{f}:3: task field 'prompt'")
+    assert e.value.problems[1].startswith(f"{f}:4: malformed JSON")
+    f = write(tmp_path / "t.jsonl", [good] * 5)
+    assert len(read_tasks(f, limit=3)) == 3 and len(read_tasks(f)) == 5
