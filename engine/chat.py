@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from engine.config import require
-from engine.generate import generate
+from engine.generate import generate, generate_batch
 from engine.model import Transformer
-from engine.tokenizer import SPECIAL_TOKENS, Tokenizer
+from engine.tokenizer import SPECIAL_TOKENS, Tokenizer, render_chat
 
 OnText = Optional[Callable[[str], None]]
 
@@ -221,3 +221,24 @@ class ChatSession:
                  stop_ids=stops, on_token=push, should_stop=self._stop.is_set)
         self.stopped = self._stop.is_set()
         return stream.finish()
+
+
+def reply_batch(model: Transformer, tok: Tokenizer, prompts: list[str], max_new_tokens: int, *,
+                temperature: float = 0.0, seed: Optional[int] = None,
+                batch_size: int = 32) -> list[tuple[str, bool]]:
+    """One-turn replies to many prompts, batched: (text, ended with the end token) for each.
+
+    What evaluation and training-time samples use; greedy by default, so replies at different
+    steps or from different checkpoints compare answer for answer.
+    """
+    out = []
+    for lo in range(0, len(prompts), batch_size):
+        chunk = prompts[lo:lo + batch_size]
+        ids = [render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in chunk]
+        seeds = None if seed is None else [seed + lo + i for i in range(len(chunk))]
+        for ans in generate_batch(model, ids, max_new_tokens, temperature=temperature,
+                                  top_k=50 if temperature else 0, seed=seeds,
+                                  stop_ids=(tok.end_id,), pad_id=tok.pad_id):
+            done = bool(ans) and ans[-1] == tok.end_id
+            out.append((tok.decode(ans[:-1] if done else ans, skip_special=True), done))
+    return out

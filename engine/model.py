@@ -58,6 +58,9 @@ class ModelConfig:
 # the MLP's parameter count near a 4x GELU MLP's), rounded up to a multiple of 64.
 PRESETS: dict[str, dict] = {
     "tiny": dict(d_model=64, n_layer=2, n_head=4, n_kv_head=4, d_ff=192, max_seq_len=128),
+    # The demo's default: big enough to learn the lookup and counting tasks, small enough that
+    # the whole pipeline fits in minutes on a 2-core CPU.
+    "mini": dict(d_model=128, n_layer=4, n_head=4, n_kv_head=4, d_ff=384, max_seq_len=128),
     "small": dict(d_model=256, n_layer=6, n_head=8, n_kv_head=8, d_ff=704, max_seq_len=256),
     "medium": dict(d_model=512, n_layer=8, n_head=8, n_kv_head=8, d_ff=1408, max_seq_len=512),
     "base": dict(d_model=768, n_layer=12, n_head=12, n_kv_head=12, d_ff=2048, max_seq_len=1024),

@@ -27,12 +27,11 @@ from engine.artifacts import load_artifact
 from engine.config import ConfigError, require, resolve_path
 from engine.device import autocast, describe, resolve_device, resolve_dtype, setup_backends
 from engine.fsutil import atomic_write_text
-from engine.generate import generate
+from engine.chat import reply_batch
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main
 from engine.sft_data import (EpochSampler, Example, SFTDataError, collate, data_fingerprint,
                              read_records, read_tasks, render, split_records)
 from engine.tasks import task_accuracy
-from engine.tokenizer import Tokenizer, render_chat
 from engine.trainer import Stage, TrainConfig, run_summary, train
 
 DEFAULT_PROMPTS = ["What is 12 + 7?", "Reverse the word 'garden'.",
@@ -95,15 +94,6 @@ class SFTConfig(TrainConfig):
 # What the run *is*: changing any of these on resume would train a different run under the old
 # name. The data files' contents are checked too (a fingerprint in state.json).
 FIXED_ON_RESUME = ("init", "tokenizer", "data", "val_data", "val_fraction", "seq_len")
-
-
-def answer(model, tok: Tokenizer, prompt: str, max_tokens: int, temperature: float = 0.0,
-           seed: Optional[int] = None) -> str:
-    """The model's reply to one user turn, through the chat template, up to its <|end|>."""
-    ids, _ = render_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-    out = generate(model, ids, max_tokens, temperature=temperature, top_k=50 if temperature else 0,
-                   seed=seed, stop_ids=(tok.end_id,))
-    return tok.decode(out, skip_special=True)
 
 
 def _per_kind(metrics: dict) -> dict:
@@ -210,7 +200,8 @@ def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
             count += k
         values = {"val/loss": total / count}
         if tasks:
-            acc = task_accuracy(tasks, [answer(m, tok, t.prompt, cfg.task_tokens) for t in tasks])
+            replies = reply_batch(m, tok, [t.prompt for t in tasks], cfg.task_tokens)
+            acc = task_accuracy(tasks, [text for text, _ in replies])
             values["eval/task_accuracy"] = acc["overall"]
             values["eval/task_score"] = acc["score"]
             values.update({f"eval/acc/{k}": v for k, v in acc["per_kind"].items()})
@@ -219,9 +210,10 @@ def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
         return values
 
     def sample(m, step: int) -> None:
-        for i, prompt in enumerate(cfg.sample_prompts):
-            text = answer(m, tok, prompt, cfg.sample_tokens, cfg.sample_temperature, seed=cfg.seed + i)
-            ev.emit("sample", step=step, prompt=prompt, text=text)
+        replies = reply_batch(m, tok, cfg.sample_prompts, cfg.sample_tokens,
+                              temperature=cfg.sample_temperature, seed=cfg.seed)
+        for prompt, (text, finished) in zip(cfg.sample_prompts, replies):
+            ev.emit("sample", step=step, prompt=prompt, text=text, finished=finished)
 
     def state() -> dict:
         return {"tokenizer_fingerprint": tok.fingerprint(), "sampler": sampler.state(),

@@ -113,7 +113,7 @@ def test_presets_build(name):
         m = Transformer(cfg)
     n = m.num_params()
     assert n == analytic_params(cfg)
-    lo, hi = {"tiny": (0, 1e6), "small": (5e6, 10e6), "medium": (25e6, 40e6), "base": (100e6, 150e6)}[name]
+    lo, hi = {"tiny": (0, 1e6), "mini": (1e6, 3e6), "small": (5e6, 10e6), "medium": (25e6, 40e6), "base": (100e6, 150e6)}[name]
     assert lo <= n <= hi, f"{name}: {n / 1e6:.1f}M params"
 
 

@@ -33,7 +33,7 @@ SCALES = {
     "tiny": {"docs_bytes": 300_000, "sft": 600, "eval": 110, "prompts": 110,
              "vocab_size": 2048, "model_preset": "tiny"},
     "small": {"docs_bytes": 2_000_000, "sft": 3000, "eval": 550, "prompts": 1100,
-              "vocab_size": 4096, "model_preset": "tiny"},
+              "vocab_size": 4096, "model_preset": "mini"},
     "full": {"docs_bytes": 10_000_000, "sft": 10000, "eval": 1100, "prompts": 1100,
              "vocab_size": 8192, "model_preset": "small"},
 }

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from engine.artifacts import Loaded, load_artifact
-from engine.generate import generate_batch
+from engine.chat import reply_batch
 from engine.tasks import check, parse_task
 from engine.tokenizer import render_chat
 from workbench.simulated import DEMO_PREFERENCE, Key, rank_answers
@@ -25,18 +25,9 @@ class Answers:
     finished: list[bool]
 
 
-def answer_all(art: Loaded, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 32) -> Answers:
-    tok, model = art.tokenizer, art.model
-    texts, finished = [], []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        ids = [render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in chunk]
-        for out in generate_batch(model, ids, max_new_tokens, temperature=0.0, stop_ids=(tok.end_id,),
-                                  pad_id=tok.pad_id):
-            done = bool(out) and out[-1] == tok.end_id
-            texts.append(tok.decode(out[:-1] if done else out, skip_special=True))
-            finished.append(done)
-    return Answers(texts, finished)
+def answer_all(art: Loaded, prompts: Sequence[str], max_new_tokens: int = 32) -> Answers:
+    replies = reply_batch(art.model, art.tokenizer, list(prompts), max_new_tokens)
+    return Answers([t for t, _ in replies], [f for _, f in replies])
 
 
 @torch.no_grad()
