@@ -58,6 +58,14 @@ def setup_backends(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def setup(device_name: str, dtype_name: str) -> tuple[torch.device, torch.dtype]:
+    """The device and precision a stage runs with, backends configured for them."""
+    device = resolve_device(device_name)
+    dtype = resolve_dtype(dtype_name, device)
+    setup_backends(device)
+    return device, dtype
+
+
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"

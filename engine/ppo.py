@@ -36,14 +36,13 @@ from engine.artifacts import load_artifact
 from engine.config import ConfigError, require, resolve_path
 from engine.corpus import list_corpus_files
 from engine.data import TokenData, encode_corpus, shards_ready
-from engine.device import autocast, describe, resolve_device, resolve_dtype, setup_backends
-from engine.fsutil import atomic_write_text
+from engine.device import autocast, describe, setup
 from engine.generate import generate_batch
 from engine.model import ScalarModel, load_model, model_from_state_dict, safetensors_state
 from engine.ppo_core import (KLController, gae, masked_mean, masked_whiten, per_token_rewards, ppo_losses,
                              shift_values, token_entropy, token_logprobs)
 from engine.reward import NORM_FILE
-from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main
+from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sample import read_prompts
 from engine.sft_data import EpochSampler
 from engine.tokenizer import render_chat
@@ -164,9 +163,7 @@ def run(cfg: PPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
     ev = Emitter(sink)
     control = control or NeverStop()
     run_dir = Path(run_dir)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    setup_backends(device)
+    device, dtype = setup(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
 
     pol = load_artifact(resolve_path(run_dir, cfg.policy), device=device, field="policy", prefer="latest")
@@ -407,7 +404,7 @@ def run(cfg: PPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
 
     summary = {"stage": "ppo", "step": step, "checkpoint": str(ckpt.latest_checkpoint(ckpt_root).relative_to(run_dir)),
                **{k: v for k, v in metrics.items() if not k.startswith("time/")}}
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_summary(run_dir, summary)
     return "completed"
 
 

@@ -11,7 +11,6 @@ uninterrupted run (on CPU).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -21,11 +20,10 @@ import torch
 from engine.config import ConfigError, require, resolve_path
 from engine.corpus import list_corpus_files
 from engine.data import TokenData, encode_corpus, shards_ready, unigram_baseline
-from engine.device import describe, resolve_device, resolve_dtype, setup_backends
-from engine.fsutil import atomic_write_text
+from engine.device import describe, setup
 from engine.generate import generate
 from engine.model import PRESETS, ModelConfig, Transformer, config_from_preset
-from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main
+from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.tokenizer import Tokenizer
 from engine.trainer import Stage, TrainConfig, run_summary, train
 
@@ -81,9 +79,7 @@ def run(cfg: PretrainConfig, run_dir: Path, sink: Optional[Sink] = None, control
     ev = Emitter(sink)
     control = control or NeverStop()
     run_dir = Path(run_dir)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    setup_backends(device)
+    device, dtype = setup(cfg.device, cfg.dtype)
 
     tok, tok_path = load_tokenizer(run_dir, cfg.tokenizer)
     files = list_corpus_files([resolve_path(run_dir, p) for p in cfg.inputs])
@@ -143,7 +139,7 @@ def run(cfg: PretrainConfig, run_dir: Path, sink: Optional[Sink] = None, control
     if status == "completed":
         summary = {"stage": "pretrain", **run_summary(run_dir, cfg), "unigram_baseline": baseline,
                    "params": model.num_params()}
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_summary(run_dir, summary)
     return status
 
 

@@ -25,12 +25,12 @@ import torch
 from engine import checkpoint as ckpt
 from engine.artifacts import load_artifact
 from engine.config import require, resolve_path
-from engine.device import autocast, describe, resolve_device, resolve_dtype, setup_backends
+from engine.device import autocast, describe, setup
 from engine.fsutil import atomic_write_text
 from engine.model import ScalarModel, load_model
 from engine.reward_data import (Ranking, collate_answers, encode_answer, ranking_loss, read_rankings,
                                 split_by_prompt)
-from engine.runio import Emitter, NeverStop, Sink, stage_main
+from engine.runio import Emitter, NeverStop, Sink, stage_main, write_summary
 from engine.sft_data import EpochSampler, data_fingerprint
 from engine.trainer import Stage, TrainConfig, run_summary, train
 
@@ -143,9 +143,7 @@ def run(cfg: RewardConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
     ev = Emitter(sink)
     control = control or NeverStop()
     run_dir = Path(run_dir)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    setup_backends(device)
+    device, dtype = setup(cfg.device, cfg.dtype)
 
     data_paths = [resolve_path(run_dir, p) for p in cfg.data]
     items = read_rankings(data_paths)
@@ -217,7 +215,7 @@ def run(cfg: RewardConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
     with torch.no_grad(), autocast(device, dtype):
         summary.update(evaluate_rankings(load_model(final / "model.safetensors", device=device),
                                          scorer, val_items, cfg.batch_size))
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_summary(run_dir, summary)
     return "completed"
 
 

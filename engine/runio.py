@@ -208,6 +208,12 @@ def read_events(run_dir: str | os.PathLike) -> list[dict]:
     return out
 
 
+def write_summary(run_dir: Path, summary: dict) -> None:
+    """DIR/summary.json: the run's final figures, for the pipeline table and the runs browser."""
+    from engine.fsutil import atomic_write_text
+    atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
 def json_echo(ev: dict) -> None:
     sys.stdout.write(json.dumps(ev, ensure_ascii=False) + "\n")
     sys.stdout.flush()

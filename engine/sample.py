@@ -20,14 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from engine.artifacts import load_artifact
 from engine.config import require, resolve_path
 from engine.device import describe, resolve_device
 from engine.fsutil import atomic_write_text
 from engine.generate import generate_batch
-from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main
+from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.tokenizer import render_chat
 
 OUT = "samples.jsonl"
@@ -194,7 +193,7 @@ def run(cfg: SampleConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
                "mean_tokens": sum(a["n_tokens"] for a in answers) / len(answers)}
     ev.metrics(len(rows), {"sample/finished_fraction": summary["finished_fraction"],
                            "sample/mean_tokens": summary["mean_tokens"]})
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_summary(run_dir, summary)
     return "completed"
 
 

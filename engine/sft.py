@@ -14,7 +14,6 @@ A run folder with checkpoints resumes from the newest, exactly (on CPU).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +24,9 @@ import torch
 from engine import checkpoint as ckpt
 from engine.artifacts import load_artifact
 from engine.config import ConfigError, require, resolve_path
-from engine.device import autocast, describe, resolve_device, resolve_dtype, setup_backends
-from engine.fsutil import atomic_write_text
+from engine.device import autocast, describe, setup
 from engine.chat import reply_batch
-from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main
+from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sft_data import (EpochSampler, Example, SFTDataError, collate, data_fingerprint,
                              read_records, read_tasks, render, split_records)
 from engine.tasks import task_accuracy
@@ -108,9 +106,7 @@ def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
     ev = Emitter(sink)
     control = control or NeverStop()
     run_dir = Path(run_dir)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    setup_backends(device)
+    device, dtype = setup(cfg.device, cfg.dtype)
 
     # Everything that can be wrong with the inputs is found here, before any step or checkpoint.
     art = load_artifact(resolve_path(run_dir, cfg.init), device=device, field="init",
@@ -260,7 +256,7 @@ def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
             "task_accuracy_after": after.get("eval/task_accuracy"),
             "per_kind_before": _per_kind(init_metrics),
             "per_kind_after": _per_kind(after)})
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_summary(run_dir, summary)
     return status
 
 

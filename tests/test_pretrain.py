@@ -1,11 +1,9 @@
 """The pretraining stage driven in-process (a list as sink, a flag as control) and as a CLI."""
 import dataclasses
 import json
-import math
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

@@ -8,11 +8,10 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine.config import from_dict
-from engine.model import Transformer, config_from_preset, safetensors_state, load_model, ScalarModel
+from engine.model import load_model, ScalarModel
 from engine.reward import NORM_FILE, RewardConfig, run
 from engine.reward_data import (PreferenceDataError, collate_answers, ranking_loss, ranking_pairs,
                                 read_rankings)
-from engine.tokenizer import train_from_texts
 
 WORDS = "alpha beta gamma delta echo fox golf hotel india juliet kilo lima".split()
 

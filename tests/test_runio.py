@@ -1,4 +1,3 @@
-import dataclasses
 import io
 import json
 from dataclasses import dataclass, field

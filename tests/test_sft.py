@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from engine import checkpoint as ckpt
 from engine import pretrain
