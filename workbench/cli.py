@@ -4,6 +4,8 @@
     workbench pipeline --demo               the whole pipeline on the demo project, with a table
     workbench run STAGE --run-dir DIR       run one stage on a run folder (--set key=value)
     workbench chat --checkpoint PATH        talk to a checkpoint in the terminal
+    workbench import-samples / batches / rank / preferences / agreement
+                                            ranking data, headless (workbench/annotate_cli.py)
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from workbench import chat_cli, demo
+from workbench import annotate_cli, chat_cli, demo
 from workbench.runner import STAGES
 
 EPILOG = """\
@@ -119,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=chat_cli.COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter)
     chat_cli.add_arguments(p)
     p.set_defaults(func=chat_cli.run_from_args)
+
+    annotate_cli.add_commands(sub)
     return parser
 
 

@@ -1,0 +1,472 @@
+"""The annotation commands of `workbench`, headless: import samples, rank, export, agreement.
+
+    workbench import-samples --project DIR RUN_DIR [--name NAME]
+    workbench batches --project DIR
+    workbench rank --project DIR --batch ID --annotator NAME [--simulated]
+    workbench preferences export --project DIR --out FILE --format kway|pairs
+                                 (--include-simulated | --human-only)
+    workbench preferences import --project DIR FILE [--annotator NAME] [--simulated]
+    workbench agreement --project DIR [--between annotators|repeats]
+
+Everything lives in DIR/workbench.db (workbench.store); this module only parses, prints and
+maps errors to exit codes: 0 done, 2 bad input (a message on stderr, never a traceback).
+The ranking loop is a plain read-eval loop over `AnnotationSession`, so a session quit here
+resumes in the app and the other way round.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from itertools import combinations
+from pathlib import Path
+from typing import Callable
+
+from workbench.store import DB_NAME, FLAGS, InputError, RankingError, Store, StoreError
+
+RANK_HELP = """\
+  3 1=2 4      rank the answers, best first; '=' ties two answers (also 3>1=2>4 or 31=24)
+  f2 harmful   flag answer 2 (flags: fails_instruction, made_up_facts, harmful, other; a
+               prefix is enough: f2 h); f2 alone clears answer 2's flags
+  s3 5         give answer 3 an overall score from 1 (worst) to 7 (best); s3 alone clears it
+  n TEXT       a note on this item; n alone clears it
+  s, skip      put this item at the back of the queue
+  u, undo      take back your last ranking and show that item again, with its labels
+  p            show the item again
+  ?            this help
+  q, quit      stop; every ranking you submitted is stored, and the same command resumes
+Flags, scores and the note are typed before the ranking line and stored with it."""
+
+
+class CliError(Exception):
+    """A message for stderr and exit status 2."""
+
+
+# --- shared plumbing ------------------------------------------------------------------------
+
+def open_store(project: Path, *, create: bool = False) -> Store:
+    """The project's store. Only importing commands may create workbench.db: a mistyped
+    --project for `rank` or `agreement` should say so, not quietly make an empty database."""
+    if not project.is_dir():
+        raise CliError(f"project folder {project} does not exist")
+    if not create and not (project / DB_NAME).exists():
+        raise CliError(f"{project} has no {DB_NAME} yet: import samples or preferences first "
+                       f"(workbench import-samples / workbench preferences import)")
+    try:
+        return Store.for_project(project)
+    except StoreError as e:
+        raise CliError(str(e)) from None
+
+
+def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run a command, turning the errors a user can cause into one line and exit status 2."""
+    def run(args: argparse.Namespace) -> int:
+        prog = " ".join(filter(None, ["workbench", args.command, getattr(args, "action", None)]))
+        try:
+            return fn(args)
+        except (CliError, InputError, StoreError) as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+        except (KeyError, ValueError) as e:   # unknown batch, a name taken by the other kind
+            print(f"{prog}: {e.args[0] if e.args else e}", file=sys.stderr)
+        except OSError as e:   # an unreadable file, an --out folder that does not exist
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"{prog}: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    return run
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+# --- import-samples and batches -------------------------------------------------------------
+
+def cmd_import_samples(args) -> int:
+    from engine.runio import read_events
+    from workbench.samples import SAMPLES, import_sample_run
+
+    run_dir: Path = args.run_dir
+    if not run_dir.is_dir():
+        raise CliError(f"{run_dir} is not a folder")
+    # A stopped or still-running sample job has a partial samples.jsonl that would import
+    # cleanly and silently give a batch with fewer prompts; only a completed run is taken.
+    done = [e for e in read_events(run_dir) if e.get("type") == "done"]
+    if not done or done[-1].get("status") != "completed":
+        state = (f"its last done event says {done[-1].get('status')!r}" if done
+                 else "events.jsonl has no done event (still running, or killed)")
+        raise CliError(f"{run_dir} is not a finished sample run: {state}; run "
+                       f"`python -m engine.sample --run-dir {run_dir}` again to finish it")
+    if not (run_dir / SAMPLES).exists():
+        raise CliError(f"{run_dir} has no {SAMPLES}: is it a sample run?")
+    with open_store(args.project, create=True) as store:
+        before = {b.id for b in store.batches()}
+        batch = store.batch(import_sample_run(store, run_dir, args.name))
+        how = "already imported as" if batch.id in before else "imported as"
+        print(f"{how} batch {batch.id} {batch.name!r}: {batch.n_items} items, K={batch.k}")
+        print(f"rank it with: workbench rank --project {args.project} --batch {batch.id} "
+              f"--annotator NAME")
+    return 0
+
+
+def _session_rows(store: Store, batch_id: int) -> list[tuple[str, str, int]]:
+    """(annotator, kind, items ranked) per session on the batch; hidden repeats and withdrawn
+    rankings are not progress. A read-only query: building an AnnotationSession here would
+    create a session for anyone we merely look at."""
+    return store.conn.execute(
+        "SELECT a.name, a.kind, (SELECT COUNT(*) FROM rankings r WHERE r.session_id = s.id AND "
+        "r.is_repeat = 0 AND r.withdrawn_at IS NULL) FROM sessions s JOIN annotators a ON "
+        "a.id = s.annotator_id WHERE s.batch_id = ? ORDER BY s.id", (batch_id,)).fetchall()
+
+
+def cmd_batches(args) -> int:
+    with open_store(args.project) as store:
+        batches = store.batches()
+        if not batches:
+            print("no batches yet: workbench import-samples or workbench preferences import")
+            return 0
+        print(f"{'id':>4}  {'name':<32} {'kind':<9} {'K':>3} {'items':>6}  ranked by")
+        for b in batches:
+            who = ", ".join(f"{name}{' (simulated)' if kind == 'simulated' else ''} {n}/{b.n_items}"
+                            for name, kind, n in _session_rows(store, b.id)) or "-"
+            print(f"{b.id:>4}  {b.name[:32]:<32} {b.kind:<9} {b.k if b.k else 'mix':>3} "
+                  f"{b.n_items:>6}  {who}")
+    return 0
+
+
+# --- rank -----------------------------------------------------------------------------------
+
+def _flag(name: str) -> str:
+    """A flag from a unique prefix ('h', 'made-up'): typing 'fails_instruction' is too slow."""
+    key = name.lower().replace("-", "_")
+    hits = [f for f in FLAGS if f.startswith(key)]
+    if len(hits) != 1:
+        raise RankingError(f"unknown flag {name!r}; flags are {', '.join(FLAGS)}")
+    return hits[0]
+
+
+def _ordering_text(groups) -> str:
+    return " ".join("=".join(map(str, g)) for g in groups)
+
+
+def _answer_number(token: str, k: int) -> int:
+    if not token.isdigit() or not 1 <= int(token) <= k:
+        raise RankingError(f"answers are numbered 1-{k}, got {token!r}")
+    return int(token)
+
+
+class RankLoop:
+    """The terminal ranking session: one item on screen, labels gathered until the ranking
+    line submits them. `read` and `out` are parameters so tests can drive it in-process."""
+
+    def __init__(self, session, *, read: Callable[[str], str] = input, out=None):
+        self.session, self.read, self.out = session, read, out or sys.stdout
+        self.flags: dict[int, list[str]] = {}
+        self.scores: dict[int, int] = {}
+        self.note = ""
+        self.item = None
+
+    def write(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def progress_line(self) -> str:
+        p = self.session.progress()
+        pace = f", {p.mean_seconds:.1f} s per item" if p.mean_seconds is not None else ""
+        skipped = f", {p.skipped} skipped" if p.skipped else ""
+        return f"[{p.done}/{p.total} ranked{skipped}{pace}]"
+
+    def load(self) -> None:
+        """Fetch the current item; after undo its withdrawn labels become the pending ones,
+        so fixing one flag does not mean typing the others again."""
+        self.item = self.session.current()
+        prev = self.item.previous if self.item else None
+        self.flags = {n: list(f) for n, f in prev.flags.items()} if prev else {}
+        self.scores = dict(prev.scores) if prev else {}
+        self.note = prev.note if prev else ""
+
+    def show(self) -> None:
+        item = self.item
+        if item is None:
+            self.write(f"{self.progress_line()} every item is ranked. u = undo the last one, q = quit")
+            return
+        # No item number: a hidden repeat would give itself away by a number seen before.
+        self.write(f"\n{self.progress_line()} {item.k} answers")
+        for role, text in ([(m["role"], m["content"]) for m in item.messages] if item.messages
+                           else [("prompt", item.prompt)]):
+            self.write(_block(f"{role}:", text))
+        for a in item.answers:
+            self.write(_block(f"  ({a.number})", a.text if a.text.strip() else "(empty answer)"))
+        if item.previous:
+            self.write(f"  you ranked this before: {_ordering_text(item.previous.ordering)}"
+                       " (its labels are kept; type the ranking again to submit)")
+        self.show_labels()
+
+    def show_labels(self) -> None:
+        parts = [f"{n}: {', '.join(f)}" for n, f in sorted(self.flags.items()) if f]
+        parts += [f"{n}: score {s}" for n, s in sorted(self.scores.items())]
+        if self.note:
+            parts.append(f"note: {self.note}")
+        if parts:
+            self.write("  labels  " + "; ".join(parts))
+
+    def label(self, cmd: str, rest: str) -> None:
+        """f<N> flags..., s<N> score, n text: pending labels of the shown item."""
+        k = self.item.k
+        if cmd[0] == "n":
+            self.note = rest
+        elif cmd[0] == "f":
+            n = _answer_number(cmd[1:], k)
+            flags = [_flag(t) for t in rest.split()]
+            self.flags[n] = sorted(set(self.flags.get(n, []) + flags)) if flags else []
+        else:
+            n = _answer_number(cmd[1:], k)
+            if not rest:
+                self.scores.pop(n, None)
+            elif not rest.isdigit() or not 1 <= int(rest) <= 7:
+                raise RankingError(f"a score is a whole number from 1 to 7, got {rest!r}")
+            else:
+                self.scores[n] = int(rest)
+        self.show_labels()
+
+    def run(self) -> int:
+        p = self.session.progress()
+        if p.done or p.skipped:
+            self.write(f"resuming {self.session.annotator.name}'s session: {p.done}/{p.total} ranked")
+        self.write("type ? for help")
+        self.load()
+        self.show()
+        while True:
+            try:
+                line = self.read("rank> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                self.write("")
+                break
+            cmd, _, rest = line.partition(" ")
+            rest = rest.strip()
+            try:
+                if cmd in ("q", "quit"):
+                    break
+                elif cmd in ("?", "h", "help"):
+                    self.write(RANK_HELP)
+                elif cmd in ("p", ""):
+                    self.show()
+                elif cmd in ("u", "undo"):
+                    if self.session.undo() is None:
+                        self.write("  nothing to undo")
+                    else:
+                        self.load()
+                        self.show()
+                elif self.item is None:
+                    self.write("  every item is ranked: u = undo the last one, q = quit")
+                elif cmd in ("s", "skip"):
+                    self.session.skip()
+                    self.write("  skipped: it comes back at the end")
+                    self.load()
+                    self.show()
+                elif cmd[0] in "fs" and cmd[1:].isdigit() or cmd == "n":
+                    self.label(cmd, rest)
+                elif line[0].isdigit():
+                    self.session.submit(line, flags=self.flags, scores=self.scores, note=self.note)
+                    self.load()
+                    self.show()
+                else:
+                    self.write(f"  unknown command {line!r}; ? lists the commands")
+            except RankingError as e:
+                self.write(f"  {e}")
+        p = self.session.progress()
+        left = "" if p.finished else "; run the same command to continue"
+        self.write(f"{p.done}/{p.total} ranked, all stored{left}")
+        return 0
+
+
+def _block(label: str, text: str, width: int = 9) -> str:
+    """`label` then the text, its later lines indented under the first: multi-line answers
+    (code, lists) stay readable and the numbers stay in one column."""
+    lines = text.splitlines() or [""]
+    pad = " " * max(width, len(label) + 1)
+    return "\n".join([f"{label:<{len(pad)}}{lines[0]}"] + [pad + line for line in lines[1:]])
+
+
+def cmd_rank(args) -> int:
+    from workbench.annotation import AnnotationSession
+
+    with open_store(args.project) as store:
+        batch = store.batch(args.batch)
+        if args.simulated:
+            # The simulated annotator goes through the same session API, under a name of kind
+            # "simulated", so its rankings are labelled and exports keep them apart.
+            from workbench.simulated import DEFAULT_NAME, rank_batch
+            name = args.annotator or DEFAULT_NAME
+            n = rank_batch(store, batch.id, name, seed=args.seed or 0)
+            print(f"simulated annotator {name!r} ranked {n} item(s) of batch {batch.id} "
+                  f"{batch.name!r} (labelled simulated; exports need --include-simulated)")
+            return 0
+        if not args.annotator:
+            raise CliError("--annotator NAME is required (or --simulated)")
+        session = AnnotationSession(store, batch.id, args.annotator, seed=args.seed,
+                                    repeat_fraction=args.repeats, kind="human")
+        print(f"batch {batch.id} {batch.name!r}, annotator {args.annotator!r}")
+        return RankLoop(session).run()
+
+
+# --- preferences ----------------------------------------------------------------------------
+
+def cmd_export(args) -> int:
+    from workbench.preferences import export_rankings
+
+    if not args.out.parent.is_dir():
+        raise CliError(f"folder {args.out.parent} does not exist (for --out {args.out})")
+    with open_store(args.project) as store:
+        counts = export_rankings(store, args.out, include_simulated=args.include_simulated,
+                                 fmt=args.format, batch_ids=args.batch or None,
+                                 include_repeats=args.include_repeats)
+    what = "pairs" if args.format == "pairs" else "K-way rankings"
+    print(f"wrote {counts['records']} {what} to {args.out} from {counts['rankings']} ranking(s): "
+          f"{counts['human']} human, {counts['simulated']} simulated")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from workbench.preferences import import_preferences
+
+    if not args.file.is_file():
+        raise CliError(f"{args.file} is not a file")
+    with open_store(args.project, create=True) as store:
+        res = import_preferences(store, args.file, annotator=args.annotator,
+                                 simulated=args.simulated, name=args.name,
+                                 on_error="skip" if args.skip_bad else "raise")
+        batch = store.batch(res.batch_id)
+    if res.existing:
+        print(f"{args.file} was already imported as batch {batch.id} {batch.name!r}; nothing new")
+        return 0
+    print(f"imported {res.records} ranking(s) of {res.items} item(s) as batch {batch.id} "
+          f"{batch.name!r}")
+    if res.skipped:
+        print(str(InputError(res.skipped, "file; these records were left out")), file=sys.stderr)
+    return 0
+
+
+# --- agreement ------------------------------------------------------------------------------
+
+def cmd_agreement(args) -> int:
+    from workbench.agreement import agreement
+
+    with open_store(args.project) as store:
+        kw = dict(between=args.between, batch_ids=args.batch or None,
+                  include_simulated=not args.human_only)
+        names = [a.name for a in store.annotators() if not (args.human_only and a.simulated)]
+        total = agreement(store, **kw)
+        # One row per annotator pair (or per annotator for repeats), then all together: an
+        # overall alpha can hide one annotator who disagrees with everyone.
+        groups = ([[a] for a in names] if args.between == "repeats"
+                  else [list(p) for p in combinations(names, 2)])
+        rows = [(" ~ ".join(g), agreement(store, annotators=g, **kw)) for g in groups]
+    rows = [(label, a) for label, a in rows if a.items]
+    if not total.items:
+        print("no item has been ranked twice "
+              + ("by one annotator (rank with --repeats F to get hidden repeats)"
+                 if args.between == "repeats" else "by two annotators"))
+        return 0
+    print(f"agreement between {args.between}: pairwise = share of answer pairs two rankings "
+          f"order the same way (a tie agrees only with a tie)")
+    width = max(len("all"), *(len(label) for label, _ in rows))
+    print(f"  {'':<{width}}  {'items':>5}  {'pairs':>6}  {'agreement':>9}  {'alpha':>6}  "
+          f"{'alpha(interval)':>15}")
+    for label, a in rows + ([("all", total)] if len(rows) != 1 else []):
+        print(f"  {label:<{width}}  {a.items:>5}  {a.comparisons:>6}  {_fmt(a.agreement):>9}  "
+              f"{_fmt(a.alpha):>6}  {_fmt(a.alpha_interval):>15}")
+    print("Krippendorff's alpha: 1 = perfect, 0 = chance; n/a when every ranking agrees on "
+          "a single kind of answer pair (no disagreement is expected)")
+    return 0
+
+
+# --- the parsers ----------------------------------------------------------------------------
+
+def _project(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--project", type=Path, required=True, metavar="DIR",
+                   help="the project folder (its workbench.db holds batches and rankings)")
+
+
+def add_commands(sub) -> None:
+    """Register the annotation subcommands on the `workbench` parser's subparsers."""
+    raw = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("import-samples", help="import a finished sample run as a ranking batch",
+                       description="Import RUN_DIR (written by python -m engine.sample: samples.jsonl, "
+                                   "provenance.json) as a batch to rank. Importing the same run "
+                                   "again returns the batch made the first time.")
+    _project(p)
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--name", default=None, help="batch name (default: the run folder's name)")
+    p.set_defaults(func=_guarded(cmd_import_samples))
+
+    p = sub.add_parser("batches", help="list the project's batches and who ranked how much")
+    _project(p)
+    p.set_defaults(func=_guarded(cmd_batches))
+
+    p = sub.add_parser("rank", help="rank a batch's answers in the terminal (or --simulated)",
+                       description="Rank a batch: each prompt with its K answers, shuffled (the "
+                                   "order is recorded); one line ranks them all. Quit any time; "
+                                   "the same command resumes.",
+                       epilog="Commands while ranking:\n" + RANK_HELP, formatter_class=raw)
+    _project(p)
+    p.add_argument("--batch", type=int, required=True, metavar="ID", help="see `workbench batches`")
+    p.add_argument("--annotator", default=None, metavar="NAME",
+                   help="who is ranking (required unless --simulated)")
+    p.add_argument("--simulated", action="store_true",
+                   help="rank with the simulated annotator (correct first, then finished, then "
+                        "shorter); its rankings are labelled simulated")
+    p.add_argument("--repeats", type=float, default=None, metavar="F",
+                   help="show this fraction of items a second time, unannounced, to measure your "
+                        "consistency (workbench agreement --between repeats); fixed at the "
+                        "session's start (default 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the answer shuffle and the repeats; fixed at the session's start")
+    p.set_defaults(func=_guarded(cmd_rank))
+
+    p = sub.add_parser("preferences", help="export or import preference data (rankings, pairs)")
+    psub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    e = psub.add_parser("export", help="write rankings as K-way JSONL or {prompt, chosen, rejected} pairs",
+                        description="Write the project's rankings as JSONL. Say whether simulated "
+                                    "rankings go in: human and simulated labels are never mixed "
+                                    "silently (every record also says which it is).")
+    _project(e)
+    e.add_argument("--out", type=Path, required=True, metavar="FILE")
+    e.add_argument("--format", choices=["kway", "pairs"], default="kway",
+                   help="kway: one record per ranking (default); pairs: one per (better, worse) "
+                        "pair, ties give none")
+    who = e.add_mutually_exclusive_group(required=True)
+    who.add_argument("--include-simulated", action="store_true",
+                     help="human and simulated rankings")
+    who.add_argument("--human-only", action="store_true", help="human rankings only")
+    e.add_argument("--batch", type=int, action="append", metavar="ID",
+                   help="only this batch (repeatable; default all)")
+    e.add_argument("--include-repeats", action="store_true",
+                   help="also the hidden repeat rankings (marked repeat: true)")
+    e.set_defaults(func=_guarded(cmd_export))
+
+    i = psub.add_parser("import", help="import K-way, pairs or Human:/Assistant: transcript JSONL",
+                        description="Import a preference file as a new batch with its rankings. "
+                                    "Every record is checked first; bad ones are listed as "
+                                    "FILE:LINE: reason and nothing is imported (or, with "
+                                    "--skip-bad, the rest is).")
+    _project(i)
+    i.add_argument("file", type=Path, metavar="FILE")
+    i.add_argument("--annotator", default=None, metavar="NAME",
+                   help="annotator of records that name none (default: the file's name)")
+    i.add_argument("--simulated", action="store_true",
+                   help="records that do not say are from a simulated annotator")
+    i.add_argument("--name", default=None, help="batch name (default: the file's name)")
+    i.add_argument("--skip-bad", action="store_true",
+                   help="import the good records and list the bad ones")
+    i.set_defaults(func=_guarded(cmd_import))
+
+    p = sub.add_parser("agreement", help="pairwise agreement and Krippendorff's alpha",
+                       description="How consistently items are ranked: between annotators (items "
+                                   "ranked by two or more) or between an annotator's ranking and "
+                                   "its hidden repeat.")
+    _project(p)
+    p.add_argument("--between", choices=["annotators", "repeats"], default="annotators")
+    p.add_argument("--batch", type=int, action="append", metavar="ID",
+                   help="only this batch (repeatable; default all)")
+    p.add_argument("--human-only", action="store_true", help="leave simulated annotators out")
+    p.set_defaults(func=_guarded(cmd_agreement))
