@@ -134,3 +134,19 @@ def test_resume_is_exact(sft_ckpt, tmp_path):
     loss = lambda evs: {e["step"]: e["train/loss"] for e in evs if e["type"] == "metrics" and "train/loss" in e}
     assert min(loss(rest)) == 5
     assert {**loss(part), **loss(rest)} == loss(full)
+
+
+def test_trains_the_same_way_on_imported_pairs(sft_ckpt, tmp_path):
+    write_prefs(tmp_path / "kway.jsonl", n=60)
+    pairs = []
+    for line in (tmp_path / "kway.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        best = r["ranking"][0][0]
+        for worse in r["ranking"][1]:
+            pairs.append(json.dumps({"prompt": r["prompt"], "chosen": r["answers"][best],
+                                     "rejected": r["answers"][worse]}))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(pairs) + "\n")
+    events = []
+    assert run(cfg(sft_ckpt, tmp_path / "pairs.jsonl"), tmp_path / "run", events.append) == "completed"
+    vals = [e for e in events if e["type"] == "metrics" and "val/accuracy" in e]
+    assert vals[-1]["val/accuracy"] >= 0.9 and vals[-1]["val/loss"] < vals[0]["val/loss"]
