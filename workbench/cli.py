@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft-lr", type=float, default=1e-3, help="SFT learning rate (default 1e-3)")
     p.add_argument("--eval-tasks", type=int, default=200, help="held-out tasks for accuracy and win rate")
     p.add_argument("--rank-prompts", type=int, default=1000, help="prompts sampled for ranking (default 1000)")
-    p.add_argument("--k", type=int, default=4, help="answers per prompt to rank (default 4)")
+    p.add_argument("--k", type=int, default=8, help="answers per prompt to rank (default 8)")
     p.add_argument("--rm-epochs", type=float, default=2.0, help="reward-model epochs (default 2)")
     p.add_argument("--rm-lr", type=float, default=3e-4, help="reward-model learning rate (default 3e-4)")
     p.add_argument("--ppo-steps", type=int, default=40, help="PPO iterations (default 40)")
