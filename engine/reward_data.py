@@ -21,21 +21,16 @@ from typing import Any, Iterable, Union
 
 import torch
 
-from engine.runio import StageError
+from engine.runio import InputProblems
 from engine.sft_data import fit
 from engine.tokenizer import ROLES, Tokenizer, render_chat
 
-MAX_PROBLEMS = 20
 Prompt = Union[str, list]
 
 
-class PreferenceDataError(StageError):
+class PreferenceDataError(InputProblems):
     def __init__(self, problems: list[str]):
-        shown = problems[:MAX_PROBLEMS]
-        more = len(problems) - len(shown)
-        super().__init__("bad preference data:\n  " + "\n  ".join(shown)
-                         + (f"\n  ... and {more} more" if more else ""))
-        self.problems = problems
+        super().__init__(problems, "preference data", "; nothing was trained")
 
 
 @dataclass

@@ -37,6 +37,24 @@ class StageError(RuntimeError):
     """A failure the user can act on (bad input, a non-finite loss): shown without a traceback."""
 
 
+class InputProblems(StageError):
+    """Bad input found before any work starts: every problem as `FILE:LINE: ...`, one error.
+
+    Listing all of them (the first 20 shown) lets a user fix a file in one pass rather than
+    one line per run.
+    """
+    MAX_SHOWN = 20
+
+    def __init__(self, problems, what: str = "input", consequence: str = "", indent: str = "  "):
+        self.problems = list(problems)
+        shown = self.problems[:self.MAX_SHOWN]
+        more = len(self.problems) - len(shown)
+        lines = [f"{len(self.problems)} problem(s) in the {what}{consequence}:"] + [indent + p for p in shown]
+        if more:
+            lines.append(f"{indent}... and {more} more")
+        super().__init__("\n".join(lines))
+
+
 class Emitter:
     """Builds event dicts and hands them to a sink; `sink=None` discards them."""
 

@@ -26,14 +26,15 @@ from engine.config import require, resolve_path
 from engine.device import describe, resolve_device
 from engine.fsutil import atomic_write_text
 from engine.generate import generate_batch
-from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
+from engine.runio import Emitter, InputProblems, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.tokenizer import render_chat
 
 OUT = "samples.jsonl"
 
 
-class PromptFileError(StageError):
-    pass
+class PromptFileError(InputProblems):
+    def __init__(self, problems: list[str]):
+        super().__init__(problems, "prompt files")
 
 
 def read_prompts(paths: list[str | os.PathLike]) -> list[str]:
@@ -67,11 +68,10 @@ def read_prompts(paths: list[str | os.PathLike]) -> list[str]:
                 problems.append(f"{path}:{n}: field 'prompt': " + ("missing" if p is None else "expected a non-empty string"))
                 continue
             prompts.append(p)
+    if not prompts and not problems:
+        problems.append(f"{', '.join(map(str, paths))}: no prompts")
     if problems:
-        raise PromptFileError("bad prompt data:\n  " + "\n  ".join(problems[:20])
-                              + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
-    if not prompts:
-        raise PromptFileError(f"no prompts in {', '.join(map(str, paths))}")
+        raise PromptFileError(problems)
     return prompts
 
 

@@ -33,28 +33,21 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
-from engine.runio import StageError
+from engine.runio import InputProblems, StageError
 from engine.tasks import Task
 from engine.tokenizer import ROLES, Tokenizer, render_chat
 
-MAX_PROBLEMS = 20      # shown in an error; the rest are counted
 MAX_EXAMPLES = 5       # line numbers quoted in a truncation report
 _BOM = b"\xef\xbb\xbf"
 FORMATS = {"messages": ("messages",), "alpaca": ("instruction", "input", "output"),
            "prompt": ("prompt", "response")}
 
 
-class SFTDataError(StageError):
+class SFTDataError(InputProblems):
     """Unusable SFT or evaluation data; `problems` holds one `FILE:LINE: ...` line each."""
 
     def __init__(self, problems: list[str], what: str = "SFT data"):
-        self.problems = list(problems)
-        shown = self.problems[:MAX_PROBLEMS]
-        more = len(self.problems) - len(shown)
-        lines = [f"{len(self.problems)} problem(s) in the {what}; nothing was trained:", *shown]
-        if more:
-            lines.append(f"... and {more} more")
-        super().__init__("\n".join(lines))
+        super().__init__(problems, what, "; nothing was trained", indent="")
 
 
 @dataclass

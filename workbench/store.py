@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+from engine.runio import InputProblems
 from workbench.schema import MIGRATIONS, SCHEMA_VERSION
 
 DB_NAME = "workbench.db"
 FLAGS = ("fails_instruction", "made_up_facts", "harmful", "other")
 ANNOTATOR_KINDS = ("human", "simulated")
 MIN_K, MAX_K = 2, 9     # a ranking view numbers answers with the keys 1-9
-MAX_PROBLEMS = 20       # problems listed in one InputError; the rest are counted
 
 
 class StoreError(RuntimeError):
@@ -36,19 +36,11 @@ class RankingError(ValueError):
     """An ordering, flag or score that does not fit its item; the message says what is wrong."""
 
 
-class InputError(ValueError):
+class InputError(InputProblems, ValueError):
     """Bad records in a file being imported: every problem as `FILE:LINE: reason`."""
 
     def __init__(self, problems: Sequence[str], what: str = "input"):
-        self.problems = list(problems)
-        shown = self.problems[:MAX_PROBLEMS]
-        more = len(self.problems) - len(shown)
-        lines = [f"{len(self.problems)} problem(s) in the {what}:"] + [f"  {p}" for p in shown]
-        if more:
-            lines.append(f"  ... and {more} more")
-        super().__init__("\n".join(lines))
-
-
+        super().__init__(problems, what)
 
 
 @dataclass
