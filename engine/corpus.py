@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from engine.runio import StageError
 
@@ -247,3 +247,30 @@ def split_draw(seed: int, index: int) -> float:
 def corpus_bytes(files: Iterable[str | os.PathLike]) -> int:
     """Total size on disk: an upper bound on characters, for progress reports."""
     return sum(Path(f).stat().st_size for f in files)
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def json_lines(path: Path, problems: list[str]) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) per non-blank line; bad lines become problems, not exceptions."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        problems.append(f"{path}: cannot open: {e.strerror or e}")
+        return
+    with f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(BOM):  # Windows editors add one; it is not text
+                raw = raw[len(BOM):]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problems.append(f"{path}:{lineno}: invalid UTF-8 at byte {e.start} of the line")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield lineno, json.loads(text)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{lineno}: malformed JSON at column {e.colno}: {e.msg}")

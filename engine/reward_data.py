@@ -21,6 +21,7 @@ from typing import Any, Iterable, Union
 
 import torch
 
+from engine.corpus import json_lines
 from engine.runio import InputProblems
 from engine.sft_data import fit
 from engine.tokenizer import ROLES, Tokenizer, render_chat
@@ -114,29 +115,11 @@ def parse_record(rec: Any, where: str, problems: list[str]) -> Ranking | None:
 def read_rankings(paths: Iterable[str | os.PathLike]) -> list[Ranking]:
     out: list[Ranking] = []
     problems: list[str] = []
-    for path in paths:
-        path = Path(path)
-        try:
-            f = open(path, encoding="utf-8")
-        except OSError as e:
-            problems.append(f"{path}: cannot read: {e.strerror}")
-            continue
-        with f:
-            try:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    where = f"{path}:{n}"
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        problems.append(f"{where}: malformed JSON at column {e.colno}: {e.msg}")
-                        continue
-                    r = parse_record(rec, where, problems)
-                    if r is not None:
-                        out.append(r)
-            except UnicodeDecodeError as e:
-                problems.append(f"{path}: invalid UTF-8 at byte offset {e.start} of a line")
+    for path in map(Path, paths):
+        for n, rec in json_lines(path, problems):
+            r = parse_record(rec, f"{path}:{n}", problems)
+            if r is not None:
+                out.append(r)
     if problems:
         raise PreferenceDataError(problems)
     if not out:

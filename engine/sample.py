@@ -23,6 +23,7 @@ from typing import Optional
 
 from engine.artifacts import load_artifact
 from engine.config import require, resolve_path
+from engine.corpus import json_lines
 from engine.device import describe, resolve_device
 from engine.fsutil import atomic_write_text
 from engine.generate import generate_batch
@@ -44,6 +45,14 @@ def read_prompts(paths: list[str | os.PathLike]) -> list[str]:
         if path.suffix not in (".txt", ".jsonl"):
             problems.append(f"{path}: expected a .txt or .jsonl file of prompts")
             continue
+        if path.suffix == ".jsonl":
+            for n, rec in json_lines(path, problems):
+                p = rec.get("prompt") if isinstance(rec, dict) else None
+                if not isinstance(p, str) or not p.strip():
+                    problems.append(f"{path}:{n}: field 'prompt': " + ("missing" if p is None else "expected a non-empty string"))
+                    continue
+                prompts.append(p)
+            continue
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except OSError as e:
@@ -52,22 +61,7 @@ def read_prompts(paths: list[str | os.PathLike]) -> list[str]:
         except UnicodeDecodeError as e:
             problems.append(f"{path}: invalid UTF-8 at byte offset {e.start}")
             continue
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            if path.suffix == ".txt":
-                prompts.append(line.strip())
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{n}: malformed JSON at column {e.colno}: {e.msg}")
-                continue
-            p = rec.get("prompt") if isinstance(rec, dict) else None
-            if not isinstance(p, str) or not p.strip():
-                problems.append(f"{path}:{n}: field 'prompt': " + ("missing" if p is None else "expected a non-empty string"))
-                continue
-            prompts.append(p)
+        prompts.extend(line.strip() for line in lines if line.strip())
     if not prompts and not problems:
         problems.append(f"{', '.join(map(str, paths))}: no prompts")
     if problems:

@@ -24,21 +24,20 @@ saved is small and the exactness is worth more.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
+from engine.corpus import json_lines
 from engine.runio import InputProblems, StageError
 from engine.tasks import Task
 from engine.tokenizer import ROLES, Tokenizer, render_chat
 
 MAX_EXAMPLES = 5       # line numbers quoted in a truncation report
-_BOM = b"\xef\xbb\xbf"
 FORMATS = {"messages": ("messages",), "alpaca": ("instruction", "input", "output"),
            "prompt": ("prompt", "response")}
 
@@ -62,30 +61,6 @@ class Record:
 
 
 # --- reading and checking -------------------------------------------------------------------
-
-def _json_lines(path: Path, problems: list[str]) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed JSON) per non-blank line; bad lines become problems, not exceptions."""
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        problems.append(f"{path}: cannot open: {e.strerror or e}")
-        return
-    with f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1 and raw.startswith(_BOM):  # Windows editors add one; it is not text
-                raw = raw[len(_BOM):]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                problems.append(f"{path}:{lineno}: invalid UTF-8 at byte {e.start} of the line")
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield lineno, json.loads(text)
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{lineno}: malformed JSON at column {e.colno}: {e.msg}")
-
 
 def _text(rec: dict, key: str, where: str, problems: list[str], *, name: str = "",
           optional: bool = False, allow_empty: bool = False) -> Optional[str]:
@@ -185,7 +160,7 @@ def read_records(paths: Iterable[str | os.PathLike]) -> list[Record]:
     problems: list[str] = []
     for path in map(Path, paths):
         n_records, n_problems = len(records), len(problems)
-        for lineno, rec in _json_lines(path, problems):
+        for lineno, rec in json_lines(path, problems):
             msgs = parse_record(rec, f"{path}:{lineno}", problems)
             if msgs is not None:
                 records.append(Record(path, lineno, msgs))
@@ -199,7 +174,7 @@ def read_records(paths: Iterable[str | os.PathLike]) -> list[Record]:
 def read_tasks(path: str | os.PathLike, limit: int = 0) -> list[Task]:
     """Held-out tasks (engine.tasks.Task as JSON, one per line); the first `limit` (0 = all)."""
     path, tasks, problems = Path(path), [], []
-    for lineno, rec in _json_lines(path, problems):
+    for lineno, rec in json_lines(path, problems):
         try:
             tasks.append(Task.from_dict(rec))
         except ValueError as e:
