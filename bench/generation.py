@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import write_section  # noqa: E402
 from engine.generate import generate_batch  # noqa: E402
 from engine.model import Transformer, config_from_preset  # noqa: E402
 
@@ -33,19 +34,6 @@ def timed(model, prompts, n, use_cache, seed=0) -> tuple[float, list[list[int]]]
     t0 = time.perf_counter()
     out = generate_batch(model, prompts, n, temperature=1.0, top_k=50, seed=seed, use_cache=use_cache)
     return time.perf_counter() - t0, out
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of the file (or append it); keep every other section."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = path.read_text() if path.exists() else "# Performance\n\n"
-    if MARKER in text:
-        head, _, rest = text.partition(MARKER)
-        tail = rest.split("\n## ", 1)
-        text = head + section + ("\n## " + tail[1] if len(tail) > 1 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
 
 
 def main() -> int:
@@ -114,7 +102,7 @@ def main() -> int:
                   "threads that spin-wait against it run several times slower." if args.threads == 1 else "")
                + "\n\n"
                f"{table}\n")
-    write_section(args.out, section)
+    write_section(args.out, MARKER, section)
     print(table)
     return 0 if same else 1
 

@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+MARKER = "## Pretraining throughput per preset"
 sys.path.insert(0, str(ROOT))
 
+from bench.report import write_section  # noqa: E402
 from engine.pretrain import PretrainConfig  # noqa: E402
 from engine.tokenizer import TokenizerConfig  # noqa: E402
 from workbench.demo import write_demo_project  # noqa: E402
@@ -73,20 +75,11 @@ def main() -> int:
     table = "\n".join(lines)
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                f"torch {torch.__version__}, Python {platform.python_version()}")
-    section = (f"## Pretraining throughput per preset (CPU, fp32)\n\n"
+    section = (f"{MARKER} (CPU, fp32)\n\n"
                f"`python bench/pretrain_presets.py --steps {args.steps}` on {machine}; batch "
                f"{args.batch_size} x the preset's sequence length, vocab {args.vocab_size}, demo corpus.\n\n"
                f"{table}\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    text = args.out.read_text() if args.out.exists() else "# Performance\n\n"
-    marker = "## Pretraining throughput per preset"
-    if marker in text:
-        head, _, rest = text.partition(marker)
-        tail = rest.split("\n## ", 1)
-        text = head + section + ("\n## " + tail[1] if len(tail) > 1 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    args.out.write_text(text)
+    write_section(args.out, MARKER, section)
     print(table)
     return 0
 

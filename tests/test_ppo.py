@@ -10,6 +10,7 @@ from engine.model import ScalarModel, load_model, safetensors_state
 from engine.ppo import PPOConfig, build_rollout, run
 from engine.reward import NORM_FILE
 from engine.runio import StageError
+from helpers import StopAt
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +78,8 @@ def test_resume_is_exact(tiny_lm_ckpt, rm_ckpt, prompts, tmp_path):
     full = []
     run(c, tmp_path / "full", full.append)
 
-    class StopAt:
-        def __init__(self, evs):
-            self.evs = evs
-
-        def should_stop(self):
-            return any(e.get("type") == "metrics" and e.get("step") == 2 for e in self.evs)
-
     part, rest = [], []
-    assert run(c, tmp_path / "res", part.append, StopAt(part)) == "stopped"
+    assert run(c, tmp_path / "res", part.append, StopAt(part, 2)) == "stopped"
     assert run(c, tmp_path / "res", rest.append) == "completed"
     keys = ("objective/score", "objective/kl", "loss/policy", "loss/value", "objective/kl_coef")
     pick = lambda evs: {s: tuple(e[k] for k in keys) for s, e in metrics(evs).items()}

@@ -16,6 +16,7 @@ from engine.pretrain import PretrainConfig, run
 from engine.trainer import lr_at
 from engine.runio import StageError, read_events
 from engine.tokenizer import train_tokenizer
+from helpers import StopAt, losses
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the cat sat on a mat and the dog ran to the red ball while birds sang in old trees".split()
@@ -44,20 +45,6 @@ def make_cfg(corpus: Path, **kw) -> PretrainConfig:
                 eval_batches=2, sample_every=0, checkpoint_every=100, log_every=1, device="cpu")
     base.update(kw)
     return from_dict(PretrainConfig, base)
-
-
-class StopAt:
-    """A control that asks to stop once the sink has seen a given step."""
-
-    def __init__(self, events: list, step: int):
-        self.events, self.step = events, step
-
-    def should_stop(self) -> bool:
-        return any(e.get("type") == "metrics" and e.get("step", 0) >= self.step for e in self.events)
-
-
-def losses(events) -> dict[int, float]:
-    return {e["step"]: e["train/loss"] for e in events if e["type"] == "metrics" and "train/loss" in e}
 
 
 def test_loss_falls_below_unigram_baseline_and_run_folder_is_complete(corpus, tmp_path):

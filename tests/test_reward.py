@@ -12,6 +12,7 @@ from engine.model import load_model, ScalarModel
 from engine.reward import NORM_FILE, RewardConfig, run
 from engine.reward_data import (PreferenceDataError, collate_answers, ranking_loss, ranking_pairs,
                                 read_rankings)
+from helpers import StopAt, losses
 
 WORDS = "alpha beta gamma delta echo fox golf hotel india juliet kilo lima".split()
 
@@ -115,14 +116,6 @@ def test_one_epoch_by_default_sets_the_steps(sft_ckpt, tmp_path):
     assert progress[-1]["total"] == 7 and progress[-1]["step"] == 7
 
 
-class StopAt:
-    def __init__(self, events, step):
-        self.events, self.step = events, step
-
-    def should_stop(self):
-        return any(e.get("type") == "metrics" and e.get("step", 0) >= self.step for e in self.events)
-
-
 def test_resume_is_exact(sft_ckpt, tmp_path):
     write_prefs(tmp_path / "prefs.jsonl", n=24)
     c = cfg(sft_ckpt, tmp_path / "prefs.jsonl", max_steps=10, eval_every=5, checkpoint_every=100)
@@ -131,9 +124,8 @@ def test_resume_is_exact(sft_ckpt, tmp_path):
     part, rest = [], []
     assert run(c, tmp_path / "res", part.append, StopAt(part, 4)) == "stopped"
     assert run(c, tmp_path / "res", rest.append) == "completed"
-    loss = lambda evs: {e["step"]: e["train/loss"] for e in evs if e["type"] == "metrics" and "train/loss" in e}
-    assert min(loss(rest)) == 5
-    assert {**loss(part), **loss(rest)} == loss(full)
+    assert min(losses(rest)) == 5
+    assert {**losses(part), **losses(rest)} == losses(full)
 
 
 def test_trains_the_same_way_on_imported_pairs(sft_ckpt, tmp_path):

@@ -16,6 +16,7 @@ from engine.runio import StageError, read_events
 from engine.sft import SFTConfig, run
 from engine.sft_data import SFTDataError, read_records, targets_for
 from engine.tokenizer import render_chat, train_tokenizer
+from helpers import StopAt, losses
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "cat dog sun red big box hat pen cup map".split()
@@ -66,18 +67,6 @@ def make_cfg(base: Path, **kw) -> SFTConfig:
                sample_every=0, checkpoint_every=100, log_every=1, device="cpu")
     cfg.update(kw)
     return from_dict(SFTConfig, cfg)
-
-
-class StopAt:
-    def __init__(self, events: list, step: int):
-        self.events, self.step = events, step
-
-    def should_stop(self) -> bool:
-        return any(e.get("type") == "metrics" and e.get("step", 0) >= self.step for e in self.events)
-
-
-def losses(events) -> dict[int, float]:
-    return {e["step"]: e["train/loss"] for e in events if e["type"] == "metrics" and "train/loss" in e}
 
 
 def test_loss_falls_and_the_run_reports_before_and_after(base, tmp_path):
