@@ -15,9 +15,11 @@ Tables:
     flags         (ranking, answer, flag), flags from workbench.store.FLAGS
     scores        (ranking, answer) -> a 1-7 score
 
-Only the annotation tables live here so far. Other parts of the workbench that keep data in
-the same file (the run store) add their tables as further migrations in this one list, since
-PRAGMA user_version counts one sequence per database.
+    runs          the run store's index of PROJECT/runs/<name>/ folders (workbench/runs.py):
+                  stage, status, parent runs, times, last metrics, how far events.jsonl was read
+
+Every part of the workbench that keeps data in this file adds its tables as further migrations
+in this one list, since PRAGMA user_version counts one sequence per database.
 """
 from __future__ import annotations
 
@@ -117,6 +119,25 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "ALTER TABLE prompts ADD COLUMN messages TEXT NOT NULL DEFAULT ''",
         "DROP INDEX prompts_text",
         "CREATE UNIQUE INDEX prompts_key ON prompts(text, messages)",
+    ),
+    # v3: the run store. The folders stay the truth; this is an index that RunStore.sync()
+    # rebuilds from them, so a lost row costs a re-read, never a run.
+    (
+        """CREATE TABLE runs (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL,
+            stage TEXT NOT NULL,
+            status TEXT NOT NULL,
+            parents TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            started_at REAL,
+            ended_at REAL,
+            error TEXT,
+            pid INTEGER,
+            step INTEGER,
+            metrics TEXT NOT NULL DEFAULT '{}',
+            events_offset INTEGER NOT NULL DEFAULT 0)""",
+        "CREATE UNIQUE INDEX runs_name ON runs(name)",
     ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
