@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout,
-                               QLabel, QLineEdit, QPlainTextEdit, QPushButton, QSpinBox, QToolButton,
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout,
+                               QLabel, QLineEdit, QPlainTextEdit, QSpinBox, QToolButton,
                                QVBoxLayout, QWidget)
 
 from workbench.forms import FieldSpec, check, field_specs
@@ -73,6 +73,7 @@ class ArtifactPicker(QWidget):
             self.combo.setCurrentIndex(i)
         else:
             self.combo.setEditText(str(value))
+        self.combo.lineEdit().setCursorPosition(0)     # the run's name, not the tail, in view
 
     def _browse(self) -> None:
         path = QFileDialog.getExistingDirectory(self, f"Choose {self.spec.name}")
@@ -109,6 +110,7 @@ class FilesPicker(QWidget):
         if value is None:
             value = []
         self.edit.setText("; ".join([value] if isinstance(value, str) else [str(v) for v in value]))
+        self.edit.setCursorPosition(0)
 
     def _browse(self) -> None:
         files, _ = QFileDialog.getOpenFileNames(self, f"Add {self.spec.name}", "",
@@ -129,21 +131,26 @@ class ConfigForm(QWidget):
         self.specs = field_specs(stage)
         self.editors: dict[str, QWidget] = {}
         self.error = None
+        # Values the panel supplies instead of an editor (the reward panel's rankings from the
+        # store); the editor is disabled while it applies.
+        self.overrides: dict = {}
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         basic = QFormLayout()
         basic.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-        self.advanced_box = QGroupBox("Advanced")
-        self.advanced_box.setCheckable(True)
-        self.advanced_box.setChecked(False)
+        n_advanced = sum(not spec.basic for spec in self.specs)
+        self.advanced_toggle = QToolButton()
+        self.advanced_toggle.setText(f"Advanced settings ({n_advanced})")
+        self.advanced_toggle.setCheckable(True)
+        self.advanced_toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.advanced_toggle.setArrowType(Qt.ArrowType.RightArrow)
+        self.advanced_toggle.setAutoRaise(True)
+        self.advanced_box = QWidget()
         advanced = QFormLayout(self.advanced_box)
-        adv_inner = QWidget()
-        adv_inner.setLayout(advanced)
-        box_lay = QVBoxLayout()
-        box_lay.addWidget(adv_inner)
-        self.advanced_box.setLayout(box_lay)
-        self.advanced_box.toggled.connect(adv_inner.setVisible)
-        adv_inner.setVisible(False)
+        advanced.setContentsMargins(12, 0, 0, 0)
+        advanced.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        self.advanced_box.hide()
+        self.advanced_toggle.toggled.connect(self._toggle_advanced)
         for spec in self.specs:
             editor = self._editor(spec, artifacts)
             editor.setToolTip(spec.help)
@@ -152,6 +159,7 @@ class ConfigForm(QWidget):
             (basic if spec.basic else advanced).addRow(label, editor)
             self.editors[spec.name] = editor
         outer.addLayout(basic)
+        outer.addWidget(self.advanced_toggle)
         outer.addWidget(self.advanced_box)
         self.message = QLabel()
         self.message.setWordWrap(True)
@@ -163,6 +171,10 @@ class ConfigForm(QWidget):
         self._debounce.setSingleShot(True)
         self._debounce.setInterval(150)
         self._debounce.timeout.connect(self.validate)
+
+    def _toggle_advanced(self, on: bool) -> None:
+        self.advanced_box.setVisible(on)
+        self.advanced_toggle.setArrowType(Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow)
 
     def _editor(self, spec: FieldSpec, artifacts: ArtifactSource) -> QWidget:
         notify = lambda *_: (self.changed.emit(), self._debounce.start())
@@ -219,7 +231,17 @@ class ConfigForm(QWidget):
                 out[spec.name] = [_unescape(line) for line in w.toPlainText().splitlines() if line.strip()]
             else:
                 out[spec.name] = _parse(spec, w.text())
+        out.update(self.overrides)
         return out
+
+    def set_override(self, name: str, value) -> None:
+        """Supply `name` from outside the form (None: the editor's value again)."""
+        if value is None:
+            self.overrides.pop(name, None)
+        else:
+            self.overrides[name] = value
+        self.editors[name].setEnabled(value is None)
+        self.validate()
 
     def set_values(self, values: dict) -> None:
         for spec in self.specs:

@@ -1,5 +1,6 @@
-"""The `workbench` command: every stage, the demo and the pipeline, headless.
+"""The `workbench` command: the desktop app, and every stage, the demo and the pipeline headless.
 
+    workbench [--project DIR]               open the app (the last project, or the demo project)
     workbench demo --project DIR            write the offline demo project
     workbench pipeline --demo               the whole pipeline on the demo project, with a table
     workbench run STAGE --run-dir DIR       run one stage on a run folder (--set key=value)
@@ -53,6 +54,12 @@ def cmd_run(args) -> int:
     return module.main(["--run-dir", str(run_dir), "--log-format", args.log_format])
 
 
+def cmd_app(args) -> int:
+    # Imported here: the headless commands must work where Qt cannot load (a server).
+    from ui import app
+    return app.run(args)
+
+
 def cmd_pipeline(args) -> int:
     from workbench.pipeline import run_pipeline
     return run_pipeline(args)
@@ -64,7 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="The workbench: take a small GPT-style model through the InstructGPT pipeline "
                     "(tokenizer, pretraining, SFT, ranking, reward model, PPO, chat) on one machine.",
         epilog=EPILOG)
+    parser.add_argument("--project", type=Path, default=None,
+                        help="with no command: the project folder the app opens (default: the last "
+                             "one, or the demo project, written on first start)")
+    parser.add_argument("--demo", action="store_true", help="with no command: open the app on the demo project")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("app", help="open the desktop app (the same as no command)")
+    p.add_argument("--project", type=Path, default=None, help="project folder to open")
+    p.add_argument("--demo", action="store_true", help="open the demo project")
+    p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("demo", help="write the offline demo project (corpus, SFT data, prompts, tasks)")
     demo.add_arguments(p)
@@ -130,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        print("\nThe desktop app is not in this release yet; use the commands above.")
-        return 0
+        return cmd_app(args)
     return int(args.func(args) or 0)
 
 

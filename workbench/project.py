@@ -1,6 +1,7 @@
-"""A project folder: workbench.toml, data/, runs/<id>/ (the run store's database comes later)."""
+"""A project folder: workbench.toml, workbench.db (annotation store and run index), data/, runs/<id>/."""
 from __future__ import annotations
 
+import json
 import time
 import tomllib
 from dataclasses import dataclass
@@ -55,3 +56,23 @@ class Project:
             candidate = runs / f"{base}-{n}"
         candidate.mkdir()
         return candidate
+
+
+def create_project(path: Path, name: str) -> Project:
+    """Make `path` a project: a workbench.toml naming it. Data is added later (its
+    [defaults.data] entries name the files the panels start with)."""
+    path = Path(path)
+    toml = path / "workbench.toml"
+    if toml.exists():
+        raise ProjectError(f"{path} already holds a project")
+    if path.exists() and any(p for p in path.iterdir() if not p.name.startswith(".")):
+        raise ProjectError(f"{path} is not empty; choose an empty or new folder")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "data").mkdir(exist_ok=True)
+    toml.write_text(f"name = {json.dumps(name, ensure_ascii=False)}\n\n"
+                    "[defaults.tokenizer]\nvocab_size = 4096\n\n"
+                    "[defaults.model]\npreset = \"tiny\"\n\n"
+                    "# Files the panels start with, relative to this folder, e.g.\n"
+                    "# [defaults.data]\n# pretrain = [\"data/corpus\"]\n# sft = \"data/sft.jsonl\"\n"
+                    "# prompts = \"data/prompts.txt\"\n", encoding="utf-8")
+    return Project.open(path)

@@ -1,0 +1,113 @@
+"""The run store: an index of run folders with status, lineage and last metrics."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from workbench.runs import LOST, EventTail, RunStore, parent_runs, process_alive
+
+
+def make_run(project, name, config=None, events=()):
+    run = project / "runs" / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(config or {}))
+    with open(run / "events.jsonl", "w") as f:
+        for ev in events:
+            f.write(json.dumps(ev) + "\n")
+    return run
+
+
+def test_sync_reads_status_metrics_and_lineage_from_folders(tmp_path):
+    make_run(tmp_path, "tokenizer-1", {}, [{"type": "start", "stage": "tokenizer", "pid": 1, "time": 10.0},
+                                           {"type": "metrics", "step": 0, "tokenizer/vocab_size": 300},
+                                           {"type": "done", "status": "completed", "time": 12.5}])
+    make_run(tmp_path, "pretrain-1", {"tokenizer": "../tokenizer-1/tokenizer.json", "inputs": ["/elsewhere/c.txt"]},
+             [{"type": "start", "stage": "pretrain", "pid": 1, "time": 20.0},
+              {"type": "metrics", "step": 5, "train/loss": 3.0},
+              {"type": "metrics", "step": 10, "train/loss": 2.5, "val/loss": 2.7},
+              {"type": "done", "status": "stopped", "time": 30.0}])
+    make_run(tmp_path, "sft-1", {"init": "../pretrain-1"})   # created, never started
+    store = RunStore(tmp_path)
+    runs = {r.name: r for r in store.sync()}
+    assert runs["tokenizer-1"].status == "completed" and runs["tokenizer-1"].duration_s == 2.5
+    p = runs["pretrain-1"]
+    assert (p.stage, p.status, p.step) == ("pretrain", "stopped", 10)
+    assert p.metrics == {"train/loss": 2.5, "val/loss": 2.7}
+    assert p.parents == {"tokenizer": "tokenizer-1"}           # the file outside the project is no parent
+    assert runs["sft-1"].status == "created" and runs["sft-1"].parents == {"init": "pretrain-1"}
+    assert [r.name for r in store.lineage("sft-1")] == ["sft-1", "pretrain-1", "tokenizer-1"]
+    assert [r.name for r in store.children("tokenizer-1")] == ["pretrain-1"]
+    store.close()
+
+
+def test_sync_reads_only_appended_events_and_sees_a_resume(tmp_path):
+    run = make_run(tmp_path, "pretrain-1", {}, [{"type": "start", "stage": "pretrain", "pid": os.getpid(), "time": 1.0},
+                                                {"type": "metrics", "step": 1, "train/loss": 4.0},
+                                                {"type": "done", "status": "stopped", "time": 2.0}])
+    store = RunStore(tmp_path)
+    store.sync()
+    offset = store.store.conn.execute("SELECT events_offset FROM runs").fetchone()[0]
+    assert offset == (run / "events.jsonl").stat().st_size
+    with open(run / "events.jsonl", "a") as f:   # a resumed session, this test's process as its pid
+        f.write(json.dumps({"type": "start", "stage": "pretrain", "pid": os.getpid(), "time": 3.0}) + "\n")
+        f.write(json.dumps({"type": "metrics", "step": 2, "train/loss": 3.0}) + "\n")
+        f.write('{"type": "metrics", "step": 3, "tra')              # half-written: not read yet
+    info = store.sync()[0]
+    # Alive pid, but its command line does not name the run: a recycled pid, so not running.
+    assert info.status == "failed" and info.error == LOST
+    assert info.metrics["train/loss"] == 3.0 and info.step == 2 and info.started_at == 1.0
+    store.close()
+
+
+def test_a_live_process_is_running_and_a_dead_one_failed(tmp_path):
+    run = make_run(tmp_path, "pretrain-1")
+    proc = subprocess.Popen([sys.executable, "-c", "import time, sys; time.sleep(30)", str(run)])
+    try:
+        with open(run / "events.jsonl", "w") as f:
+            f.write(json.dumps({"type": "start", "stage": "pretrain", "pid": proc.pid, "time": 1.0}) + "\n")
+        assert process_alive(proc.pid, run)
+        store = RunStore(tmp_path)
+        assert store.sync()[0].status == "running"
+        with pytest.raises(RuntimeError, match="running"):
+            store.delete("pretrain-1")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert store.sync()[0].status == "failed"
+    store.delete("pretrain-1")
+    assert not run.exists() and store.sync() == []
+    store.close()
+
+
+def test_a_vanished_folder_leaves_the_index(tmp_path):
+    run = make_run(tmp_path, "tokenizer-1")
+    store = RunStore(tmp_path)
+    assert len(store.sync()) == 1
+    (run / "config.json").unlink()
+    (run / "events.jsonl").unlink()
+    run.rmdir()
+    assert store.sync() == []
+    store.close()
+
+
+def test_event_tail_never_returns_a_torn_line(tmp_path):
+    path = tmp_path / "events.jsonl"
+    tail = EventTail(path)
+    assert tail.read_new() == []
+    path.write_text('{"a": 1}\n{"b": ')
+    assert tail.read_new() == [{"a": 1}]
+    with open(path, "a") as f:
+        f.write('2}\n')
+    assert tail.read_new() == [{"b": 2}]
+    path.write_text('{"c": 3}\n')          # replaced by a shorter file: read from the top
+    assert tail.read_new() == [{"c": 3}]
+
+
+def test_parent_runs_ignores_paths_outside_the_project(tmp_path):
+    runs = tmp_path / "runs"
+    run = runs / "ppo-1"
+    cfg = {"policy": "../sft-1/checkpoints/step-000010", "reward_model": str(runs / "reward-1"),
+           "value_model": "/somewhere/else"}
+    assert parent_runs("ppo", cfg, run, runs) == {"policy": "sft-1", "reward_model": "reward-1"}

@@ -1,0 +1,88 @@
+"""`workbench` with no arguments: the desktop app.
+
+Opens the project given with --project, else the last one, else the demo project (written on
+the first start into the user's data folder, on a worker thread while the window shows).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from PySide6.QtCore import QSettings, QStandardPaths, QTimer
+from PySide6.QtWidgets import QApplication
+
+APP_NAME = "workbench"
+
+
+def demo_location() -> Path:
+    base = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.AppLocalDataLocation)
+    return Path(base or Path.home() / ".workbench") / "demo-project"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--project", type=Path, default=None,
+                   help="project folder to open (default: the last one, or the demo project)")
+    p.add_argument("--demo", action="store_true",
+                   help="open the demo project (written on first use into the user's data folder)")
+
+
+def make_app(argv: list[str] | None = None) -> QApplication:
+    app = QApplication.instance() or QApplication(argv or sys.argv[:1])
+    app.setApplicationName(APP_NAME)
+    app.setOrganizationName(APP_NAME)
+    app.setApplicationDisplayName("Workbench")
+    from ui.icons import app_icon
+    app.setWindowIcon(app_icon())
+    return app
+
+
+def choose_project(args, settings: QSettings) -> tuple[Path, bool]:
+    """(folder, is_demo_to_write)."""
+    if args.project is not None:
+        return args.project.absolute(), False
+    last = settings.value("lastProject")
+    if not args.demo and last and (Path(last) / "workbench.toml").exists():
+        return Path(last), False
+    demo = demo_location()
+    return demo, not (demo / "workbench.toml").exists()
+
+
+def run(args) -> int:
+    app = make_app()
+    from ui.main_window import MainWindow
+    from ui.workers import Worker
+    settings = QSettings()
+    window = MainWindow(settings)
+    window.show()
+    path, write_demo = choose_project(args, settings)
+    if write_demo:
+        from workbench.demo import write_demo_project
+        window.placeholder.setText(f"Writing the demo project to {path} …")
+        worker = Worker(lambda emit, cancelled: write_demo_project(path, seed=0, scale="small"))
+        worker.finished.connect(lambda _r: window.open_project(path))
+        worker.errored.connect(lambda text: window.placeholder.setText(f"Could not write the demo project: {text}"))
+        worker.start()
+    else:
+        QTimer.singleShot(0, lambda: window.open_project(path))
+    # Ctrl-C in the terminal closes the window (the Python handler needs the event loop to
+    # come back to Python now and then, hence the idle timer).
+    signal.signal(signal.SIGINT, lambda *_: window.close())
+    tick = QTimer()
+    tick.start(250)
+    tick.timeout.connect(lambda: None)
+    code = app.exec()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="workbench app", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("QT_API", "pyside6")
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""The main window: the pipeline as a sidebar, a page per stage, menus, the status bar.
+
+The sidebar lists the stages in pipeline order, each with its state (the newest run's status
+and result, or the running job's progress), and under it the lineage of the run the current
+page shows: which tokenizer and checkpoints it was made from. Window geometry, the splitter
+and recent projects persist in QSettings.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from PySide6.QtCore import QSettings, QSize, Qt, QTimer, QUrl
+from PySide6.QtGui import QAction, QDesktopServices, QKeySequence
+from PySide6.QtWidgets import (QFileDialog, QInputDialog, QLabel, QListWidget, QListWidgetItem, QMainWindow,
+                               QMessageBox, QSplitter, QStackedWidget, QTabWidget, QVBoxLayout, QWidget)
+
+from engine.runio import format_duration
+from workbench.project import Project, ProjectError, create_project
+from workbench.store import Store
+from ui.icons import app_icon, icon
+from ui.project_context import ProjectContext
+from ui.runs_browser import RunsBrowser, result_text
+from ui.stage_pages import make_panel
+from ui.status_bar import MachineStatus
+
+SIDEBAR = [("tokenizer", "Tokenizer"), ("pretrain", "Pretrain"), ("sft", "SFT"), ("rank", "Sample & Rank"),
+           ("reward", "Reward model"), ("ppo", "PPO"), ("chat", "Chat"), ("runs", "Runs")]
+MAX_RECENT = 8
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, settings: QSettings | None = None):
+        super().__init__()
+        self.settings = settings or QSettings()
+        self.ctx: ProjectContext | None = None
+        self.pages: dict[str, QWidget] = {}
+        self.setWindowIcon(app_icon())
+        self.setWindowTitle("Workbench")
+        self.resize(1360, 860)
+
+        self.sidebar = QListWidget()
+        self.sidebar.setIconSize(QSize(22, 22))
+        self.sidebar.setSpacing(2)
+        self.sidebar.setMinimumWidth(210)
+        for key, label in SIDEBAR:
+            item = QListWidgetItem(icon(key), label)
+            item.setData(Qt.ItemDataRole.UserRole, key)
+            item.setSizeHint(QSize(200, 46))
+            self.sidebar.addItem(item)
+        self.sidebar.currentRowChanged.connect(self._on_stage_chosen)
+        self.lineage = QLabel()
+        self.lineage.setWordWrap(True)
+        self.lineage.setTextFormat(Qt.TextFormat.RichText)
+        self.lineage.setAlignment(Qt.AlignmentFlag.AlignTop)
+        left = QWidget()
+        ll = QVBoxLayout(left)
+        ll.setContentsMargins(6, 6, 0, 6)
+        ll.addWidget(self.sidebar, 1)
+        ll.addWidget(self.lineage)
+        self.stack = QStackedWidget()
+        self.placeholder = QLabel("Opening…")
+        self.placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.stack.addWidget(self.placeholder)
+        self.split = QSplitter(Qt.Orientation.Horizontal)
+        self.split.addWidget(left)
+        self.split.addWidget(self.stack)
+        self.split.setStretchFactor(1, 1)
+        self.split.setSizes([230, 1130])
+        self.setCentralWidget(self.split)
+        self.machine = MachineStatus(lambda: [j.pid for j in (self.ctx.running_jobs() if self.ctx else []) if j.pid])
+        self.statusBar().addPermanentWidget(self.machine)
+        self._build_menus()
+        self._state_timer = QTimer(self)
+        self._state_timer.setInterval(1000)
+        self._state_timer.timeout.connect(self.update_states)
+        self.restore_state()
+
+    # --- menus --------------------------------------------------------------------------------
+
+    def _build_menus(self) -> None:
+        file = self.menuBar().addMenu("&File")
+        self._action(file, "&New Project…", self.new_project, QKeySequence.StandardKey.New)
+        self._action(file, "&Open Project…", self.choose_project, QKeySequence.StandardKey.Open)
+        self.recent_menu = file.addMenu("Open &Recent")
+        file.addSeparator()
+        self._action(file, "Show Project &Folder", self.show_project_folder)
+        file.addSeparator()
+        self._action(file, "&Quit", self.close, QKeySequence.StandardKey.Quit)
+        view = self.menuBar().addMenu("&View")
+        for i, (key, label) in enumerate(SIDEBAR):
+            self._action(view, label, lambda _=False, k=key: self.go(k), QKeySequence(f"Ctrl+{i + 1}"))
+        helpm = self.menuBar().addMenu("&Help")
+        self._action(helpm, "&About the workbench", self.about)
+        self._fill_recent()
+
+    def _action(self, menu, text, slot, shortcut=None) -> QAction:
+        a = QAction(text, self)
+        if shortcut is not None:
+            a.setShortcut(shortcut)
+        a.triggered.connect(slot)
+        menu.addAction(a)
+        return a
+
+    def _fill_recent(self) -> None:
+        self.recent_menu.clear()
+        for path in self.recent_projects():
+            self._action(self.recent_menu, path, lambda _=False, p=path: self.open_project(Path(p)))
+        self.recent_menu.setEnabled(bool(self.recent_projects()))
+
+    def recent_projects(self) -> list[str]:
+        value = self.settings.value("recentProjects", [])
+        if isinstance(value, str):
+            value = [value]
+        return [p for p in (value or []) if (Path(p) / "workbench.toml").exists()]
+
+    def _remember(self, path: Path) -> None:
+        recent = [str(path)] + [p for p in self.recent_projects() if p != str(path)]
+        self.settings.setValue("recentProjects", recent[:MAX_RECENT])
+        self.settings.setValue("lastProject", str(path))
+        self._fill_recent()
+
+    # --- projects -----------------------------------------------------------------------------
+
+    def open_project(self, path: Path) -> bool:
+        try:
+            project = Project.open(Path(path).absolute())
+        except ProjectError as e:
+            QMessageBox.warning(self, "Cannot open project", str(e))
+            return False
+        self.close_project()
+        self.ctx = ProjectContext(project, self)
+        self._build_pages()
+        self.setWindowTitle(f"{project.name} — {project.path} — Workbench")
+        self._remember(project.path)
+        self.ctx.runsChanged.connect(self.update_states)
+        attached = self.ctx.reattach()
+        if attached:
+            self.statusBar().showMessage(f"Following {len(attached)} job(s) still running from the last session", 8000)
+        self._state_timer.start()
+        row = int(self.settings.value("stage", 0) or 0)
+        self.sidebar.setCurrentRow(min(max(row, 0), len(SIDEBAR) - 1))
+        self._on_stage_chosen(self.sidebar.currentRow())
+        self.update_states()
+        return True
+
+    def close_project(self) -> None:
+        if self.ctx is None:
+            return
+        self._state_timer.stop()
+        for page in self.pages.values():
+            shutdown = getattr(page, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+            self.stack.removeWidget(page)
+            page.deleteLater()
+        self.pages = {}
+        self.ctx.close()
+        self.ctx.deleteLater()
+        self.ctx = None
+
+    def new_project(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Folder for the new project (empty or new)")
+        if not folder:
+            return
+        name, ok = QInputDialog.getText(self, "New project", "Project name:", text=Path(folder).name)
+        if not ok:
+            return
+        try:
+            create_project(Path(folder), name or Path(folder).name)
+        except (ProjectError, OSError) as e:
+            QMessageBox.warning(self, "Cannot create project", str(e))
+            return
+        self.open_project(Path(folder))
+
+    def choose_project(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Open a project folder (with workbench.toml)")
+        if folder:
+            self.open_project(Path(folder))
+
+    def show_project_folder(self) -> None:
+        if self.ctx is not None:
+            QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.ctx.path)))
+
+    def about(self) -> None:
+        QMessageBox.about(self, "About the workbench",
+                          "<b>The workbench</b><p>Tokenizer → pretraining → SFT → ranking → reward model → "
+                          "PPO → chat, on your own machine.</p><p>Every stage is a run folder; the same "
+                          "stages run headless with <code>workbench run</code> and "
+                          "<code>python -m engine.&lt;stage&gt;</code>.</p>")
+
+    # --- pages --------------------------------------------------------------------------------
+
+    def _build_pages(self) -> None:
+        from ui.chat_view import ChatView
+        from ui.compare_view import CompareView
+        from ui.ranking_view import RankingView
+        ctx = self.ctx
+        for stage in ("tokenizer", "pretrain", "sft", "reward", "ppo"):
+            panel = make_panel(ctx, stage)
+            panel.runSelected.connect(lambda _n: self.update_lineage())
+            self.pages[stage] = panel
+        rank = QTabWidget()
+        self.ranking = RankingView(ctx.path, checkpoints=ctx.checkpoints)
+        self.sample_panel = make_panel(ctx, "sample")
+        rank.addTab(self.ranking, "Ranking")
+        rank.addTab(self.sample_panel, "Sample jobs")
+        self.ranking.sampleRequested.connect(self._sample_for_ranking)
+        ctx.jobFinished.connect(self._import_samples)
+        rank.shutdown = self.ranking.close_store
+        self.pages["rank"] = rank
+        chat = QTabWidget()
+        self.chat = ChatView(ctx.path, ctx.checkpoints)
+        self.compare = CompareView(ctx.path, ctx.checkpoints)
+        chat.addTab(self.chat, "Chat")
+        chat.addTab(self.compare, "Compare")
+        chat.shutdown = lambda: (self.chat.shutdown(), self.compare.shutdown())
+        chat.currentChanged.connect(lambda _i: (self.chat.refresh(), self.compare.refresh()))
+        self.pages["chat"] = chat
+        self.runs_browser = RunsBrowser(ctx)
+        self.runs_browser.openRun.connect(self.open_run)
+        self.pages["runs"] = self.runs_browser
+        for page in self.pages.values():
+            self.stack.addWidget(page)
+
+    def _sample_for_ranking(self, config) -> None:
+        self.ctx.launch("sample", config)
+        self.pages["rank"].setCurrentWidget(self.sample_panel)
+
+    def _import_samples(self, job) -> None:
+        # A finished sample run becomes a ranking batch, and the ranking view opens it.
+        if job.stage == "sample" and job.status == "completed":
+            self.ranking.import_sample_run(job.run_dir)
+            self.pages["rank"].setCurrentWidget(self.ranking)
+
+    def go(self, key: str) -> None:
+        keys = [k for k, _ in SIDEBAR]
+        self.sidebar.setCurrentRow(keys.index(key))
+
+    def open_run(self, stage: str, name: str) -> None:
+        if stage == "sample":
+            self.go("rank")
+            self.pages["rank"].setCurrentWidget(self.sample_panel)
+            self.sample_panel.select_run(name)
+        elif stage in self.pages:
+            self.go(stage)
+            self.pages[stage].select_run(name)
+
+    def _on_stage_chosen(self, row: int) -> None:
+        if self.ctx is None or row < 0:
+            return
+        key = SIDEBAR[row][0]
+        page = self.pages[key]
+        self.stack.setCurrentWidget(page)
+        refresh = getattr(page, "refresh", None)
+        if key in ("rank", "chat"):
+            inner = page.currentWidget()
+            refresh = getattr(inner, "refresh", None)
+        if refresh is not None and key != "runs":
+            refresh()
+        self.settings.setValue("stage", row)
+        self.update_lineage()
+
+    # --- sidebar state ------------------------------------------------------------------------
+
+    def update_states(self) -> None:
+        if self.ctx is None:
+            return
+        for row, (key, label) in enumerate(SIDEBAR):
+            item = self.sidebar.item(row)
+            state, status = self._state(key)
+            item.setText(f"{label}\n{state}")
+            item.setToolTip(f"{label}: {state}")
+            item.setIcon(icon(key) if status is None else icon(key, _status_color(status)))
+        self.update_lineage()
+
+    def _state(self, key: str) -> tuple[str, str | None]:
+        ctx = self.ctx
+        if key == "runs":
+            return f"{len(ctx.run_list())} runs", None
+        if key == "chat":
+            return f"{len(ctx.checkpoints())} checkpoints", None
+        stage = "sample" if key == "rank" else key
+        job = next((j for j in ctx.running_jobs() if j.stage == stage), None)
+        if job is not None:
+            p = job.progress
+            if p and p.get("total"):
+                text = f"running {p['step'] / max(p['total'], 1):.0%}"
+                if p.get("eta_s") is not None:
+                    text += f" · ETA {format_duration(p['eta_s'])}"
+                return text, "running"
+            return "running", "running"
+        if key == "rank":
+            with Store.for_project(ctx.path) as store:
+                n = store.conn.execute("SELECT COUNT(*) FROM rankings WHERE withdrawn_at IS NULL").fetchone()[0]
+                b = len(store.batches())
+            return f"{b} batches · {n} rankings", None
+        info = ctx.latest(stage)
+        if info is None:
+            return "not started", None
+        result = result_text(info).split(", ")[0]
+        return (f"{info.status} · {result}" if result and info.status == "completed" else info.status), info.status
+
+    def update_lineage(self) -> None:
+        if self.ctx is None:
+            return
+        key = SIDEBAR[max(self.sidebar.currentRow(), 0)][0]
+        page = self.pages.get(key)
+        run = getattr(page, "run", None)
+        if run is None:
+            self.lineage.setText("")
+            return
+        # Oldest first: a parent always starts before its children.
+        chain = sorted(self.ctx.runs.lineage(run.name), key=lambda r: (r.created_at, r.name))
+        lines = [f"<b>{html.escape(r.stage)}</b> {html.escape(r.name)}" for r in chain]
+        self.lineage.setText("<small>Lineage<br>" + "<br>↓ ".join(lines) + "</small>")
+
+    # --- window state -------------------------------------------------------------------------
+
+    def restore_state(self) -> None:
+        geometry = self.settings.value("geometry")
+        if geometry is not None:
+            self.restoreGeometry(geometry)
+        split = self.settings.value("split")
+        if split is not None:
+            self.split.restoreState(split)
+
+    def closeEvent(self, event) -> None:
+        running = self.ctx.running_jobs() if self.ctx else []
+        self.settings.setValue("geometry", self.saveGeometry())
+        self.settings.setValue("split", self.split.saveState())
+        self.close_project()
+        if running:
+            # Jobs are separate processes: they finish (or stop with a checkpoint) on their own,
+            # and the next session follows them.
+            print(f"{len(running)} job(s) keep running; reopen the workbench to follow them.")
+        super().closeEvent(event)
+
+
+def _status_color(status: str) -> str | None:
+    return {"running": "#1c7ed6", "completed": "#2f9e44", "failed": "#e03131", "stopped": "#e8590c"}.get(status)

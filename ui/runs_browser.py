@@ -1,0 +1,213 @@
+"""Every run of the project: stage, status, parents, start, duration, final metrics.
+
+Select one run to see its plots, several of one stage to overlay them (x by step or by
+tokens, with the plots' own x-axis switch). Open shows the run in its stage's panel (to resume or watch it); Delete asks first
+and refuses a running run; Show folder opens it in the file manager.
+"""
+from __future__ import annotations
+
+import time
+
+from PySide6.QtCore import Qt, QUrl, Signal
+from PySide6.QtGui import QDesktopServices
+from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLabel,
+                               QMessageBox, QPushButton, QSplitter, QTableWidget, QTableWidgetItem,
+                               QVBoxLayout, QWidget)
+
+from engine.runio import format_duration, read_events
+from workbench.runs import RunInfo
+from ui.plots import PlotGrid, RunHistory
+from ui.project_context import ProjectContext
+
+# The figure that says how a run went, per stage: (metric, label, format).
+KEY_METRICS = {
+    "tokenizer": [("tokenizer/vocab_size", "vocab", "{:.0f}"), ("tokenizer/chars_per_token", "chars/token", "{:.2f}")],
+    "pretrain": [("val/loss", "val loss", "{:.3f}"), ("train/loss", "loss", "{:.3f}")],
+    "sft": [("eval/task_accuracy", "task acc", "{:.1%}"), ("val/loss", "val loss", "{:.3f}")],
+    "sample": [("sample/finished_fraction", "ended", "{:.0%}")],
+    "reward": [("val/accuracy", "val acc", "{:.1%}"), ("val/margin", "margin", "{:.2f}")],
+    "ppo": [("objective/score", "score", "{:+.3f}"), ("objective/kl", "KL", "{:.2f}")],
+}
+COLUMNS = ["Run", "Stage", "Status", "Started from", "Started", "Duration", "Result"]
+
+
+def result_text(info: RunInfo) -> str:
+    parts = []
+    for key, label, fmt in KEY_METRICS.get(info.stage, []):
+        v = info.metrics.get(key)
+        if isinstance(v, (int, float)):
+            parts.append(f"{label} {fmt.format(v)}")
+    return ", ".join(parts)
+
+
+class RunsBrowser(QWidget):
+    openRun = Signal(str, str)        # stage, run name
+
+    def __init__(self, ctx: ProjectContext, parent=None):
+        super().__init__(parent)
+        self.ctx = ctx
+        self._histories: dict[str, RunHistory] = {}
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.verticalHeader().hide()
+        self.table.setAlternatingRowColors(True)
+        self.table.setSortingEnabled(True)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setStretchLastSection(True)
+        self.table.itemSelectionChanged.connect(self._on_selection)
+        self.table.itemDoubleClicked.connect(lambda _i: self.open_selected())
+
+        self.open_btn = QPushButton("Open in its panel")
+        self.folder_btn = QPushButton("Show folder")
+        self.delete_btn = QPushButton("Delete…")
+        self.open_btn.clicked.connect(self.open_selected)
+        self.folder_btn.clicked.connect(self.show_folder)
+        self.delete_btn.clicked.connect(self.delete_selected)
+        self.hint = QLabel("Select runs of one stage to overlay their curves.")
+        bar = QHBoxLayout()
+        for w in (self.open_btn, self.folder_btn, self.delete_btn):
+            bar.addWidget(w)
+        bar.addStretch(1)
+        bar.addWidget(self.hint)
+
+        self.plot_holder = QVBoxLayout()
+        plots = QWidget()
+        plots.setLayout(self.plot_holder)
+        self.plots: PlotGrid | None = None
+        split = QSplitter(Qt.Orientation.Vertical)
+        split.addWidget(self.table)
+        split.addWidget(plots)
+        split.setSizes([300, 500])
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(6, 6, 6, 6)
+        lay.addWidget(QLabel("<h2 style='margin:0'>Runs</h2>"))
+        lay.addLayout(bar)
+        lay.addWidget(split, 1)
+        ctx.runsChanged.connect(self.refresh)
+        self.refresh()
+
+    # --- the table ----------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        selected = set(self.selected_names())
+        self.table.setSortingEnabled(False)
+        runs = self.ctx.run_list()
+        self.table.setRowCount(len(runs))
+        for row, info in enumerate(runs):
+            started = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.started_at or info.created_at))
+            cells = [info.name, info.stage, info.status,
+                     ", ".join(info.parents.values()), started, format_duration(info.duration_s),
+                     result_text(info)]
+            for col, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                item.setData(Qt.ItemDataRole.UserRole, info.name)
+                if col == 2 and info.error:
+                    item.setToolTip(info.error)
+                if col == 3 and info.parents:
+                    item.setToolTip("\n".join(f"{k}: {v}" for k, v in info.parents.items()))
+                self.table.setItem(row, col, item)
+        self.table.setSortingEnabled(True)
+        if selected:
+            self.table.blockSignals(True)
+            for row in range(self.table.rowCount()):
+                if self.table.item(row, 0).text() in selected:
+                    self.table.selectRow(row) if len(selected) == 1 else self._add_row(row)
+            self.table.blockSignals(False)
+        self._update_buttons()
+
+    def _add_row(self, row: int) -> None:
+        sel = self.table.selectionModel()
+        from PySide6.QtCore import QItemSelectionModel
+        sel.select(self.table.model().index(row, 0),
+                   QItemSelectionModel.SelectionFlag.Select | QItemSelectionModel.SelectionFlag.Rows)
+
+    def selected_names(self) -> list[str]:
+        rows = sorted({i.row() for i in self.table.selectedItems()})
+        return [self.table.item(r, 0).text() for r in rows]
+
+    def select(self, names: list[str]) -> None:
+        self.table.clearSelection()
+        for row in range(self.table.rowCount()):
+            if self.table.item(row, 0).text() in names:
+                self._add_row(row)
+
+    def _update_buttons(self) -> None:
+        names = self.selected_names()
+        self.open_btn.setEnabled(len(names) == 1)
+        self.folder_btn.setEnabled(len(names) == 1)
+        self.delete_btn.setEnabled(len(names) >= 1)
+
+    # --- plots --------------------------------------------------------------------------------
+
+    def _history(self, info: RunInfo) -> RunHistory:
+        job = self.ctx.job_for(info.name)
+        if job is not None:
+            return RunHistory.from_events(job.events)
+        # A finished run's events do not change: read them once.
+        if info.name not in self._histories or info.status == "running":
+            self._histories[info.name] = RunHistory.from_events(read_events(info.path))
+        return self._histories[info.name]
+
+    def _on_selection(self) -> None:
+        self._update_buttons()
+        infos = [i for i in (self.ctx.runs.get(n) for n in self.selected_names()) if i is not None]
+        if not infos:
+            return
+        stage = infos[0].stage
+        same = [i for i in infos if i.stage == stage]
+        if self.plots is None or self.plots.stage != stage:
+            if self.plots is not None:
+                self.plots.setParent(None)
+                self.plots.deleteLater()
+            self.plots = PlotGrid(stage)
+            self.plot_holder.addWidget(self.plots)
+        if len(same) == 1:
+            self.plots.set_overlay(None)
+            self.plots.clear()
+            self.plots.load_events(read_events(same[0].path) if self.ctx.job_for(same[0].name) is None
+                                   else self.ctx.job_for(same[0].name).events)
+        else:
+            self.plots.set_overlay([(i.name, self._history(i)) for i in same])
+        skipped = len(infos) - len(same)
+        self.hint.setText(f"{skipped} run(s) of other stages not overlaid." if skipped
+                          else "Select runs of one stage to overlay their curves.")
+
+    # --- actions ------------------------------------------------------------------------------
+
+    def open_selected(self) -> None:
+        names = self.selected_names()
+        if len(names) == 1:
+            info = self.ctx.runs.get(names[0])
+            if info is not None:
+                self.openRun.emit(info.stage, info.name)
+
+    def show_folder(self) -> None:
+        names = self.selected_names()
+        if len(names) == 1:
+            QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.ctx.runs.runs_dir / names[0])))
+
+    def delete_selected(self, confirm: bool = True) -> list[str]:
+        names = self.selected_names()
+        if not names:
+            return []
+        if confirm:
+            answer = QMessageBox.question(
+                self, "Delete runs", f"Delete {len(names)} run(s) and their folders, checkpoints included?\n\n"
+                + "\n".join(names) + "\n\nThis cannot be undone.")
+            if answer != QMessageBox.StandardButton.Yes:
+                return []
+        deleted, problems = [], []
+        for name in names:
+            try:
+                self.ctx.runs.delete(name)
+                deleted.append(name)
+            except (RuntimeError, KeyError, OSError) as e:
+                problems.append(f"{name}: {e}")
+        self.ctx.sync()
+        if problems:
+            QMessageBox.warning(self, "Not deleted", "\n".join(problems))
+        return deleted

@@ -1,0 +1,74 @@
+"""The status bar's machine line: device, GPU memory when CUDA is present, memory of the app
+and of its running jobs. Updated every 2 s from /proc and torch.cuda; cheap enough for the UI
+thread (a few file reads)."""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Callable
+
+from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QLabel
+
+INTERVAL_MS = 2000
+
+
+def rss_mb(pid: int | None = None) -> float | None:
+    """Resident memory of a process in MB (this one when pid is None)."""
+    path = Path(f"/proc/{pid or 'self'}/status")
+    try:
+        for line in path.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    if pid is None:   # no /proc (macOS): the peak is the best the standard library offers
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+    return None
+
+
+def device_text() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return f"GPU: {torch.cuda.get_device_name(0)}"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "GPU: Apple MPS"
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def gpu_memory_text() -> str | None:
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    # mem_get_info is the whole device, so it counts the training jobs' child processes too.
+    free, total = torch.cuda.mem_get_info()
+    return f"GPU memory {(total - free) / 2**30:.1f}/{total / 2**30:.0f} GB"
+
+
+class MachineStatus(QLabel):
+    def __init__(self, job_pids: Callable[[], list[int]], parent=None):
+        super().__init__(parent)
+        self.job_pids = job_pids
+        self.device = device_text()
+        self.setToolTip("The device jobs run on by default, and memory in use")
+        self._timer = QTimer(self)
+        self._timer.setInterval(INTERVAL_MS)
+        self._timer.timeout.connect(self.update_text)
+        self._timer.start()
+        self.update_text()
+
+    def update_text(self) -> None:
+        parts = [self.device]
+        gpu = gpu_memory_text()
+        if gpu:
+            parts.append(gpu)
+        app = rss_mb()
+        if app is not None:
+            parts.append(f"app {app:.0f} MB")
+        jobs = [m for m in (rss_mb(p) for p in self.job_pids()) if m is not None]
+        if jobs:
+            parts.append(f"{len(jobs)} job(s) {sum(jobs):.0f} MB")
+        self.setText("  ·  ".join(parts))

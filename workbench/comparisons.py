@@ -1,0 +1,124 @@
+"""Compare-mode judgements as preference data: two answers to one prompt and which was better.
+
+A judgement is stored like any other ranking, so everything downstream (agreement, exports,
+the reward model's dataset) reads it without knowing about compare mode: one item with two
+answers in a batch named "compare", and a ranking of the two by a human annotator. "left" or
+"right" better is a ranking of two groups, which the exports turn into one {chosen, rejected}
+pair; "tie" is one group of both, which gives no pair (the store keeps it, the RM skips it).
+
+Every judgement from the compare view goes into the same batch, found by its source key and
+made on the first vote. Answer 0 is always the left pane and answer 1 the right. Each answer's
+meta says which checkpoint wrote it; the item's meta says whether the vote was blind and with
+which sampling settings, so a later analysis can tell blind votes from sighted ones.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+from workbench.store import Store
+
+BATCH_NAME = "compare"
+SOURCE_KEY = "compare-view"
+VERDICTS = ("left", "right", "tie")
+
+
+@dataclass
+class Side:
+    """One pane's answer."""
+    text: str
+    checkpoint: str                 # the checkpoint folder that wrote it
+    label: str = ""                 # what the picker called it
+    meta: dict = field(default_factory=dict)   # n_tokens, seed, stopped, ...
+
+
+@dataclass
+class Stored:
+    batch_id: int
+    item_id: int
+    ranking_id: int
+    answer_ids: tuple[int, int]     # (left, right)
+
+
+def ordering(verdict: str, left_id: int, right_id: int) -> list[list[int]]:
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}")
+    if verdict == "tie":
+        return [[left_id, right_id]]
+    return [[left_id], [right_id]] if verdict == "left" else [[right_id], [left_id]]
+
+
+def compare_batch(store: Store) -> int:
+    """The id of the project's compare batch, made empty if there is none yet."""
+    with store.transaction():
+        found = store.batch_by_source_key(SOURCE_KEY)
+        if found is not None:
+            return found.id
+        return store.create_batch(store.unique_batch_name(BATCH_NAME), [], kind="imported",
+                                  source="compare view", source_key=SOURCE_KEY,
+                                  settings={"format": "compare"}, k=2)
+
+
+def record(store: Store, prompt: str, left: Side, right: Side, verdict: str, *, annotator: str,
+           blind: bool, system_prompt: Optional[str] = None, settings: Optional[dict] = None,
+           duration_s: Optional[float] = None) -> Stored:
+    """Store one judgement (item, answers, ranking) in one transaction.
+
+    A preference between two identical texts would teach the reward model nothing but noise,
+    so only "tie" is accepted for them.
+    """
+    if not prompt.strip():
+        raise ValueError("the prompt is empty")
+    if verdict != "tie" and left.text == right.text:
+        raise ValueError("the two answers are identical; only a tie can be recorded")
+    ordering(verdict, 0, 1)  # validates the verdict before anything is written
+    # The system prompt is part of what the model saw, so it is part of the prompt the RM
+    # scores: a multi-turn prompt, as imported transcripts store theirs.
+    messages = ([{"role": "system", "content": system_prompt}, {"role": "user", "content": prompt}]
+                if system_prompt else None)
+    meta = {"source": "compare", "blind": bool(blind), "verdict": verdict,
+            "left": left.checkpoint, "right": right.checkpoint, "settings": dict(settings or {})}
+    with store.transaction():
+        batch_id = compare_batch(store)
+        who = store.annotator(annotator, "human")
+        session_id, _ = store.session(batch_id, who.id, {"source": "compare view"})
+        item_id, answer_ids = _append_item(store, batch_id, prompt, messages, meta, [
+            {"side": "left", "checkpoint": left.checkpoint, "label": left.label, **left.meta},
+            {"side": "right", "checkpoint": right.checkpoint, "label": right.label, **right.meta},
+        ], [left.text, right.text])
+        ranking_id = store.add_ranking(session_id, item_id, ordering(verdict, *answer_ids),
+                                       duration_s=duration_s)
+    return Stored(batch_id, item_id, ranking_id, answer_ids)
+
+
+def _append_item(store: Store, batch_id: int, prompt: str, messages: Optional[list], meta: dict,
+                 answer_metas: list[dict], texts: list[str]) -> tuple[int, tuple[int, int]]:
+    # Store.create_batch writes a batch's items all at once; compare votes arrive one by one
+    # into a batch that already exists, which the Store has no method for yet, so the rows are
+    # written here, inside the caller's transaction, exactly as create_batch writes them.
+    c = store.conn
+    position = c.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM items WHERE batch_id = ?",
+                         (batch_id,)).fetchone()[0]
+    item_id = c.execute("INSERT INTO items (batch_id, prompt_id, position, meta) VALUES (?, ?, ?, ?)",
+                        (batch_id, store.prompt_id(prompt, messages), position, _dumps(meta))
+                        ).lastrowid
+    ids = tuple(c.execute("INSERT INTO answers (item_id, idx, text, meta) VALUES (?, ?, ?, ?)",
+                          (item_id, i, text, _dumps(m))).lastrowid
+                for i, (text, m) in enumerate(zip(texts, answer_metas)))
+    return item_id, ids
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def tally(store: Store) -> dict[str, int]:
+    """How many compare votes there are: {"left", "right", "tie", "total"}, for the view's counter."""
+    found = store.batch_by_source_key(SOURCE_KEY)
+    counts = {v: 0 for v in VERDICTS}
+    if found is not None:
+        for item in store.items(found.id):
+            counts[item.meta.get("verdict", "tie")] += 1
+    counts["total"] = sum(counts.values())
+    return counts

@@ -1,0 +1,188 @@
+"""What the ranking view needs beyond the store and AnnotationSession, without a screen: who
+has ranked how much of each batch, reopening a ranked item to rank it again, and the answer
+pairs where a reward model disagrees most with the people who ranked them.
+
+Disagreement. For every active first ranking (hidden repeats are consistency checks, not
+labels) and every pair it orders, answer w above answer l, the margin is r(l) - r(w): positive
+when the reward model prefers the answer the person put lower. The largest margins are where
+the RM learned something other than what people said, or where a person slipped; both are
+worth a second look, so each is one call (`reopen_item`) from being ranked again.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from workbench.agreement import pair_relations
+from workbench.store import Batch, Store
+
+NORM_FILE = "reward_norm.json"     # engine.reward writes it next to each kept checkpoint
+
+
+@dataclass
+class BatchProgress:
+    batch: Batch
+    ranked: dict[str, int]      # annotator -> items ranked (first rankings, not withdrawn)
+    simulated: set[str]         # which of those annotators are simulated
+
+
+def batch_progress(store: Store) -> list[BatchProgress]:
+    """Every batch with who has ranked how many of its items. Read-only: opening an
+    AnnotationSession here would create a session for everyone merely looked at."""
+    rows = store.conn.execute(
+        "SELECT s.batch_id, a.name, a.kind, (SELECT COUNT(*) FROM rankings r WHERE r.session_id = "
+        "s.id AND r.is_repeat = 0 AND r.withdrawn_at IS NULL) FROM sessions s JOIN annotators a "
+        "ON a.id = s.annotator_id ORDER BY s.id").fetchall()
+    out = []
+    for b in store.batches():
+        mine = [r for r in rows if r[0] == b.id]
+        out.append(BatchProgress(b, {name: n for _, name, _, n in mine},
+                                 {name for _, name, kind, _ in mine if kind == "simulated"}))
+    return out
+
+
+def existing_session(store: Store, batch_id: int, annotator: str) -> dict | None:
+    """The settings of `annotator`'s session on the batch, None if there is none yet."""
+    row = store.conn.execute(
+        "SELECT s.settings FROM sessions s JOIN annotators a ON a.id = s.annotator_id "
+        "WHERE s.batch_id = ? AND a.name = ?", (batch_id, annotator)).fetchone()
+    return json.loads(row[0]) if row else None
+
+
+def recent_session(store: Store) -> tuple[str, int] | None:
+    """(annotator, batch id) of the human session touched last: where the view resumes."""
+    row = store.conn.execute(
+        "SELECT a.name, s.batch_id FROM sessions s JOIN annotators a ON a.id = s.annotator_id "
+        "WHERE a.kind = 'human' ORDER BY s.updated_at DESC, s.id DESC LIMIT 1").fetchone()
+    return (row[0], row[1]) if row else None
+
+
+def reopen_item(session, item_id: int) -> int | None:
+    """Put `item_id` at the front of `session`'s queue to be ranked again. The session's
+    active first ranking of it, if any, is withdrawn (kept on disk) and offered for editing
+    as `current().previous`, exactly as after undo. Returns the withdrawn ranking's id."""
+    store = session.store
+    if store.item(item_id).batch_id != session.batch.id:
+        raise ValueError(f"item {item_id} is not in batch {session.batch.name!r}")
+    with store.transaction() as c:
+        row = c.execute("SELECT id FROM rankings WHERE session_id = ? AND item_id = ? AND "
+                        "is_repeat = 0 AND withdrawn_at IS NULL", (session.id, item_id)).fetchone()
+        if row:
+            store.withdraw_ranking(row[0])
+        # The queue move undo uses: the item becomes the first one shown.
+        session._move(item_id, 0, to_back=False)
+    return row[0] if row else None
+
+
+def project_runs(project_dir: str | Path, prefixes: Sequence[str]) -> list[tuple[str, Path]]:
+    """(name, folder) of PROJECT/runs/<prefix>-... folders that hold a checkpoint, newest first."""
+    runs = Path(project_dir) / "runs"
+    found = [p for p in runs.iterdir() if p.is_dir() and p.name.split("-")[0] in prefixes
+             and (p / "checkpoints").is_dir() and any((p / "checkpoints").iterdir())
+             ] if runs.is_dir() else []
+    return [(p.name, p) for p in sorted(found, key=lambda p: p.name, reverse=True)]
+
+
+# --- the reward model against the rankings ----------------------------------------------------
+
+@dataclass
+class ScoreItem:
+    item_id: int
+    prompt: str | list          # the text, or the turns of a multi-turn prompt
+    answers: list[tuple[int, str]]
+
+
+def items_to_score(store: Store, *, batch_ids: Iterable[int] | None = None,
+                   include_simulated: bool = False) -> list[ScoreItem]:
+    """Items with at least one active first ranking, as plain data a worker thread can take
+    (a Store must stay on the thread that opened it)."""
+    ids = sorted(batch_ids) if batch_ids is not None else [b.id for b in store.batches()]
+    out = []
+    for batch_id in ids:
+        ranked = {r.item_id for r in store.rankings(batch_id=batch_id, include_repeats=False,
+                                                    include_simulated=include_simulated)}
+        if ranked:
+            out += [ScoreItem(it.id, it.messages or it.prompt, [(a.id, a.text) for a in it.answers])
+                    for it in store.items(batch_id, sorted(ranked))]
+    return out
+
+
+def score_answers(rm_path: str | Path, items: Sequence[ScoreItem], *, batch_size: int = 16,
+                  emit: Callable | None = None, cancelled: Callable[[], bool] | None = None
+                  ) -> dict[int, float]:
+    """{answer id: reward} from a reward model run or checkpoint folder, normalised by its
+    reward_norm.json when there is one (so margins read in standard deviations). `emit` gets
+    (done, total) answers; `cancelled` is polled between batches (then the partial result)."""
+    import torch
+
+    from engine.artifacts import load_artifact
+    from engine.device import resolve_device
+    from engine.reward_data import collate_answers, encode_answer
+
+    device = resolve_device("auto")
+    rm = load_artifact(rm_path, device=device, field="reward model")
+    if rm.model.kind != "scalar":
+        raise ValueError(f"{rm.checkpoint} holds a language model, not a reward model")
+    norm_file = rm.checkpoint / NORM_FILE
+    norm = json.loads(norm_file.read_text()) if norm_file.exists() else {"mean": 0.0, "std": 1.0}
+    model, tok = rm.model.eval(), rm.tokenizer
+    flat = [(item.prompt, aid, text) for item in items for aid, text in item.answers]
+    scores: dict[int, float] = {}
+    with torch.no_grad():
+        for lo in range(0, len(flat), batch_size):
+            if cancelled is not None and cancelled():
+                break
+            chunk = flat[lo:lo + batch_size]
+            seqs = [encode_answer(tok, p, text, model.config.max_seq_len)[0] for p, _, text in chunk]
+            x, last = collate_answers(seqs, tok.pad_id)
+            x, last = x.to(device), last.to(device)
+            r = model(x)[torch.arange(x.size(0), device=device), last].float().cpu()
+            for (_, aid, _), value in zip(chunk, r.tolist()):
+                scores[aid] = (value - norm["mean"]) / norm["std"]
+            if emit is not None:
+                emit((min(lo + batch_size, len(flat)), len(flat)))
+    return scores
+
+
+@dataclass
+class Disagreement:
+    ranking_id: int
+    batch_id: int
+    item_id: int
+    annotator: str
+    prompt: str
+    better: str                 # the answer the person ranked higher
+    worse: str
+    r_better: float
+    r_worse: float
+
+    @property
+    def margin(self) -> float:
+        """How much more the RM likes the answer the person put lower (> 0: they disagree)."""
+        return self.r_worse - self.r_better
+
+
+def disagreements(store: Store, scores: dict[int, float], *,
+                  batch_ids: Iterable[int] | None = None, include_simulated: bool = False,
+                  limit: int = 50) -> list[Disagreement]:
+    """The ranked pairs the RM gets most wrong, largest margin first; only pairs with both
+    answers scored and a positive margin."""
+    ids = sorted(batch_ids) if batch_ids is not None else [b.id for b in store.batches()]
+    found: list[Disagreement] = []
+    for batch_id in ids:
+        rankings = store.rankings(batch_id=batch_id, include_repeats=False,
+                                  include_simulated=include_simulated)
+        items = {it.id: it for it in store.items(batch_id, sorted({r.item_id for r in rankings}))
+                 } if rankings else {}
+        for r in rankings:
+            text = {a.id: a.text for a in items[r.item_id].answers}
+            for (a, b), relation in pair_relations(r.ordering).items():
+                w, lo = (a, b) if relation > 0 else (b, a)
+                if relation and w in scores and lo in scores and scores[lo] > scores[w]:
+                    found.append(Disagreement(r.id, batch_id, r.item_id, r.annotator,
+                                              items[r.item_id].prompt, text[w], text[lo],
+                                              scores[w], scores[lo]))
+    found.sort(key=lambda d: d.margin, reverse=True)
+    return found[:limit]
