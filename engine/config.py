@@ -87,6 +87,10 @@ def from_dict(cls: type[T], data: dict, prefix: str = "", source: str | None = N
     for key in data:
         if key not in names:
             raise ConfigError(prefix + key, f"unknown setting (known: {', '.join(sorted(names))})", source)
+    for f in dataclasses.fields(cls):
+        if (f.init and f.name not in data and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING):
+            raise ConfigError(prefix + f.name, "is required", source)
     kwargs = {}
     try:
         for key, value in data.items():

@@ -4,7 +4,7 @@ A stage is `python -m engine.<stage> --run-dir DIR`. It reads `DIR/config.json`,
 JSON object per line to `DIR/events.jsonl` and echoes each on stdout, and ends with a `done`
 event whose status is `completed`, `stopped` or `failed`. Event types:
 
-    start       stage, config, pid, resumed_from
+    start       stage, config, pid
     metrics     step, then flat names such as "train/loss", "train/lr"
     progress    step, total, unit ("steps", "bytes", "prompts"), tokens_per_s, elapsed_s, eta_s
     sample      step, prompt, text

@@ -28,6 +28,14 @@ from workbench.runs import LOST, EventTail, process_alive
 
 POLL_MS = 100
 ROOT = Path(__file__).resolve().parents[1]
+# Every child this app started, until it exits: a Job may be dropped (its project closed) while
+# its process runs on, and the Popen must outlive it to reap the process when it ends.
+_children: list[subprocess.Popen] = []
+
+
+def reap() -> None:
+    """Collect the exit status of children that ended, so none lingers as a zombie."""
+    _children[:] = [p for p in _children if p.poll() is None]
 
 
 def stage_arguments(stage: str, run_dir: Path) -> list[str]:
@@ -79,6 +87,7 @@ class Job(QObject):
         except OSError as e:
             self._finish("failed", f"could not start {sys.executable}: {e}")
             return self
+        _children.append(self._proc)
         pid = self._proc.pid
         self.pid, self.status = pid, "running"
         self._timer.start()
@@ -112,8 +121,7 @@ class Job(QObject):
         if new:
             self.events.extend(new)
             self.eventsArrived.emit(new)
-        if self._proc is not None:
-            self._proc.poll()        # reaps the child once it exits, so its pid really ends
+        reap()                       # a child that exited must not linger as a zombie pid
         if done is not None:
             self._finish(done.get("status", "failed"), done.get("error"))
         elif self.status == "running" and not process_alive(self.pid, self.run_dir):

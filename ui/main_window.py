@@ -210,11 +210,14 @@ class MainWindow(QMainWindow):
         rank.shutdown = self.ranking.close_store
         self.pages["rank"] = rank
         chat = QTabWidget()
-        self.chat = ChatView(ctx.path, ctx.checkpoints)
-        self.compare = CompareView(ctx.path, ctx.checkpoints)
+        # One cache for both views, so chat and compare share loaded models (two at most).
+        from workbench.model_cache import ModelCache
+        self.model_cache = ModelCache(capacity=2)
+        self.chat = ChatView(ctx.path, ctx.checkpoints, cache=self.model_cache)
+        self.compare = CompareView(ctx.path, ctx.checkpoints, cache=self.model_cache)
         chat.addTab(self.chat, "Chat")
         chat.addTab(self.compare, "Compare")
-        chat.shutdown = lambda: (self.chat.shutdown(), self.compare.shutdown())
+        chat.shutdown = lambda: (self.chat.shutdown(), self.compare.shutdown(), self.model_cache.clear())
         chat.currentChanged.connect(lambda _i: (self.chat.refresh(), self.compare.refresh()))
         self.pages["chat"] = chat
         self.runs_browser = RunsBrowser(ctx)
@@ -230,7 +233,12 @@ class MainWindow(QMainWindow):
     def _import_samples(self, job) -> None:
         # A finished sample run becomes a ranking batch, and the ranking view opens it.
         if job.stage == "sample" and job.status == "completed":
-            self.ranking.import_sample_run(job.run_dir)
+            from workbench.store import InputError
+            try:
+                self.ranking.import_sample_run(job.run_dir)
+            except InputError as e:
+                QMessageBox.warning(self, "Cannot rank this sample run", str(e))
+                return
             self.pages["rank"].setCurrentWidget(self.ranking)
 
     def go(self, key: str) -> None:

@@ -15,7 +15,7 @@ from PySide6.QtCore import QObject, QTimer, Signal
 from engine.config import save_config, to_dict
 from workbench.project import Project
 from workbench.runs import RunInfo, RunStore, process_alive
-from ui.jobs import Job
+from ui.jobs import Job, reap
 
 SYNC_MS = 3000
 # Which stages' runs a picker for an artifact kind offers.
@@ -50,6 +50,7 @@ class ProjectContext(QObject):
     # --- runs -----------------------------------------------------------------------------------
 
     def sync(self) -> list[RunInfo]:
+        reap()
         before = [(r.name, r.status, r.step) for r in self._infos]
         self._infos = self.runs.sync()
         if [(r.name, r.status, r.step) for r in self._infos] != before:

@@ -269,13 +269,14 @@ class StagePanel(QWidget):
         info = self.run
         if info is None:
             return
-        text = f"<b>{info.status}</b>"
+        status = "running" if self._live_job() is not None else info.status
+        text = f"<b>{status}</b>"
         if info.duration_s is not None:
             text += f" · {format_duration(info.duration_s)}"
         if info.parents:
             text += " · from " + ", ".join(f"{k} {v}" for k, v in info.parents.items())
         self.status_label.setText(text)
-        if info.status == "failed" and info.error:
+        if status == "failed" and info.error:
             self.error_text.setText(f"<b>This run failed.</b><br><pre style='white-space:pre-wrap'>"
                                     f"{html.escape(info.error)}</pre>")
             self.error_box.show()
@@ -327,10 +328,15 @@ class StagePanel(QWidget):
         job = self.ctx.resume(self.run.name)
         return job
 
+    def _live_job(self):
+        job = self.ctx.job_for(self.run.name) if self.run is not None else None
+        return job if job is not None and job.running else None
+
     def _update_buttons(self) -> None:
-        running = self.run is not None and self.run.status == "running"
+        # A job just launched may not have written its start event yet: the job knows first.
+        running = self.run is not None and (self.run.status == "running" or self._live_job() is not None)
         self.start_btn.setEnabled(not running and self.form.error is None and self._data_ok)
-        self.stop_btn.setEnabled(running and self.ctx.job_for(self.run.name) is not None)
+        self.stop_btn.setEnabled(running and self._live_job() is not None)
         self.resume_btn.setEnabled(self.run is not None and not running and self.run.resumable)
         self.form.set_editable(self.run is None or not running)
 

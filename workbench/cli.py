@@ -54,12 +54,6 @@ def cmd_run(args) -> int:
     return module.main(["--run-dir", str(run_dir), "--log-format", args.log_format])
 
 
-def cmd_app(args) -> int:
-    # Imported here: the headless commands must work where Qt cannot load (a server).
-    from ui import app
-    return app.run(args)
-
-
 def cmd_pipeline(args) -> int:
     from workbench.pipeline import run_pipeline
     return run_pipeline(args)
@@ -80,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("app", help="open the desktop app (the same as no command)")
     p.add_argument("--project", type=Path, default=None, help="project folder to open")
     p.add_argument("--demo", action="store_true", help="open the demo project")
-    p.set_defaults(func=cmd_app)
+    p.set_defaults(func=None)
 
     p = sub.add_parser("demo", help="write the offline demo project (corpus, SFT data, prompts, tasks)")
     demo.add_arguments(p)
@@ -142,11 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, open_app=None) -> int:
+    """`open_app(args)` opens the desktop app; the `workbench` entry point (ui/launcher.py)
+    passes it in, so this package never imports Qt widgets and works where Qt cannot load."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        return cmd_app(args)
+    if args.command in (None, "app"):
+        if open_app is None:
+            parser.print_help()
+            print("\nThe desktop app is started by the `workbench` command (python -m ui.launcher).")
+            return 0
+        return int(open_app(args) or 0)
     return int(args.func(args) or 0)
 
 

@@ -13,20 +13,26 @@ too: two panes asking for the same checkpoint at once load it once.
 Running out of GPU memory (torch.cuda.OutOfMemoryError, or MPS's RuntimeError) while loading
 or generating becomes `OutOfMemory`, whose text tells the user what to do, and the cache frees
 what it can first; `guard()` wraps generation for that.
+
+`run_reply` is one chat reply as a worker thread runs it: it lends a ChatSession the cached
+model for the length of the reply only, so an idle conversation pins no weights in memory.
 """
 from __future__ import annotations
 
 import gc
 import os
 import threading
+import time
 from collections import OrderedDict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from engine.artifacts import Loaded, load_artifact
+from engine.chat import ChatSession
 from engine.checkpoint import resolve_checkpoint
 from engine.config import ConfigError
 from engine.device import resolve_device
@@ -43,12 +49,14 @@ class OutOfMemory(ModelCacheError):
 def is_out_of_memory(e: BaseException) -> bool:
     if isinstance(e, torch.cuda.OutOfMemoryError):
         return True
-    # MPS (and CUDA builds older than the dedicated class) say it only in the text.
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    # MPS, and the CPU allocator ("not enough memory"), say it only in the text.
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "not enough memory" in text)
 
 
-def _name(path: Path) -> str:
+def short_name(path: str | os.PathLike) -> str:
     """run/checkpoints/step-000010 -> run/step-000010: what a user recognises."""
+    path = Path(path)
     if path.parent.name == "checkpoints":
         return f"{path.parent.parent.name}/{path.name}"
     return path.name
@@ -85,17 +93,18 @@ class ModelCache:
                 return self._models[key]
             # Make room before loading, not after: the old weights must be gone from the GPU
             # before the new ones arrive, or a switch needs memory for both.
-            while len(self._models) >= self.capacity:
-                self._drop(next(iter(self._models)))
-            self._free()
+            if len(self._models) >= self.capacity:
+                while len(self._models) >= self.capacity:
+                    self._models.popitem(last=False)
+                self._free()
             try:
                 loaded = self._loader(key, device=self.device)
             except ConfigError as e:
-                raise ModelCacheError(f"{_name(key)}: {e.message}") from None
+                raise ModelCacheError(f"{short_name(key)}: {e.message}") from None
             except Exception as e:
                 if is_out_of_memory(e):
                     self._free()
-                    raise OutOfMemory(self._oom_text(f"loading {_name(key)}")) from None
+                    raise OutOfMemory(self._oom_text(f"loading {short_name(key)}")) from None
                 raise
             # Sampling must never run with dropout, and generate() restores the mode it found:
             # with two threads on one model, a model left in train mode could flip under one.
@@ -104,32 +113,28 @@ class ModelCache:
             return loaded
 
     def evict(self, path: str | os.PathLike) -> bool:
+        """Let go of a checkpoint (a run folder means its current best); False if not cached."""
         with self._lock:
-            key = Path(path).resolve()
-            if key not in self._models:
-                try:
-                    key = self.key(path)
-                except ModelCacheError:
-                    return False
+            try:
+                key = self.key(path)
+            except ModelCacheError:     # deleted from disk since: the folder itself is the key
+                key = Path(path).resolve()
             if key not in self._models:
                 return False
-            self._drop(key)
+            del self._models[key]
             self._free()
             return True
 
     def clear(self) -> None:
         with self._lock:
-            for key in list(self._models):
-                self._drop(key)
-            self._free()
+            if self._models:
+                self._models.clear()
+                self._free()
 
     def keys(self) -> list[Path]:
         """Cached checkpoint folders, least recently used first."""
         with self._lock:
             return list(self._models)
-
-    def __len__(self) -> int:
-        return len(self.keys())
 
     def __contains__(self, path) -> bool:
         try:
@@ -153,9 +158,6 @@ class ModelCache:
                 self._free()
             raise OutOfMemory(self._oom_text(what)) from None
 
-    def _drop(self, key: Path) -> None:
-        self._models.pop(key, None)
-
     def _free(self) -> None:
         gc.collect()
         if self.device.type == "cuda":
@@ -165,3 +167,69 @@ class ModelCache:
         where = "GPU" if self.device.type in ("cuda", "mps") else "computer"
         return (f"The {where} ran out of memory while {what}. Close other models (compare holds "
                 f"two), lower 'max new tokens', or pick a smaller checkpoint.")
+
+
+# --- replies on worker threads ----------------------------------------------------------------
+
+@dataclass
+class Reply:
+    """A finished (or stopped) reply with its numbers and the model that wrote it."""
+    text: str
+    stopped: bool
+    n_tokens: int
+    seconds: float
+    dropped_turns: int
+    seed: Optional[int]
+    info: dict
+
+
+def model_info(loaded: Loaded) -> dict:
+    state = loaded.state
+    return {"checkpoint": str(loaded.checkpoint), "name": short_name(loaded.checkpoint),
+            "stage": state.get("stage", "unknown stage"), "step": state.get("step"),
+            "params": loaded.model.num_params(), "context": loaded.model.config.max_seq_len}
+
+
+def describe(info: dict) -> str:
+    step = f" · step {info['step']}" if info.get("step") is not None else ""
+    n = info["params"]
+    size = f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+    return f"{info['name']} · {info['stage']}{step} · {size} params · context {info['context']} tokens"
+
+
+def run_reply(session: ChatSession, cache: ModelCache, path: Path, action: str, text: str = "",
+              *, emit, cancelled) -> Optional[Reply]:
+    """One reply (action: send, regenerate, complete), text deltas to emit(); None if cancelled
+    before it began. Runs on a worker thread; the session is not touched by the UI meanwhile."""
+    loaded = cache.get(path)
+    info = model_info(loaded)
+    session.model, session.tok = loaded.model, loaded.tokenizer
+    del loaded
+    # Counted per streamed delta: a token that ends inside a UTF-8 character sends none of its
+    # own, so non-ASCII text may count a few short; the session does not expose its token ids.
+    n = 0
+
+    def on_token(delta: str) -> None:
+        nonlocal n
+        n += 1
+        # Stop pressed before generation began found the session idle and did nothing; the
+        # worker's flag remembers it, and this passes it on at the first token.
+        if cancelled():
+            session.stop()
+        emit(delta)
+
+    t0 = time.perf_counter()
+    try:
+        if cancelled():
+            return None
+        with cache.guard(f"generating with {info['name']}"):
+            if action == "send":
+                out = session.send(text, on_token)
+            elif action == "regenerate":
+                out = session.regenerate(on_token)
+            else:
+                out = session.complete(text, on_token)
+    finally:
+        session.model = session.tok = None
+    return Reply(out, session.stopped, n, time.perf_counter() - t0, session.dropped_turns,
+                 session.last_seed, info)

@@ -1,0 +1,244 @@
+"""The desktop app driven as a user would: panels start real (tiny) jobs in child processes,
+plots fill from their events, stop / resume, the runs browser, re-attaching after a restart."""
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from PySide6.QtCore import QSettings
+
+from workbench.demo import write_demo_project
+from workbench.runs import process_alive
+
+pytestmark = pytest.mark.slow
+JOB_TIMEOUT_MS = 180_000
+TINY_MODEL = {"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 2, "d_ff": 64, "max_seq_len": 64}
+FAST = {
+    "tokenizer": dict(vocab_size=320, max_train_chars=60_000),
+    "pretrain": dict(preset="tiny", model=TINY_MODEL, max_steps=6, batch_size=4, warmup_steps=1, eval_every=3,
+                     eval_batches=1, sample_every=3, sample_tokens=4, checkpoint_every=6, log_every=1, device="cpu"),
+    "sft": dict(max_steps=4, batch_size=4, warmup_steps=1, eval_every=2, eval_batches=1, eval_task_limit=3,
+                task_tokens=4, sample_every=2, sample_tokens=4, checkpoint_every=4, log_every=1, device="cpu"),
+    "sample": dict(n_prompts=6, k=3, max_new_tokens=4, batch_size=18, device="cpu"),
+    "reward": dict(epochs=1.0, batch_size=2, eval_every=1, log_every=1, device="cpu"),
+    "ppo": dict(steps=2, rollout_batch_size=4, minibatch_size=2, max_new_tokens=4, probe_every=1, probe_tokens=4,
+                checkpoint_every=2, device="cpu"),
+}
+
+
+@pytest.fixture(scope="module")
+def demo_template(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demo") / "project"
+    write_demo_project(path, seed=0, scale="tiny")
+    return path
+
+
+@pytest.fixture
+def project(demo_template, tmp_path):
+    import shutil
+    dest = tmp_path / "project"
+    shutil.copytree(demo_template, dest)
+    return dest
+
+
+@pytest.fixture
+def make_window(qtbot, tmp_path):
+    from ui.main_window import MainWindow
+    windows = []
+
+    def make(path):
+        w = MainWindow(QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
+        qtbot.addWidget(w)
+        assert w.open_project(path)
+        windows.append(w)
+        return w
+
+    yield make
+    # No job may outlive its test: kill what is still running.
+    for w in windows:
+        if w.ctx is not None:
+            for job in w.ctx.jobs.values():
+                job.kill()
+            w.close_project()
+
+
+def run_panel(qtbot, panel, values=None, action="start"):
+    if values:
+        current = panel.form.values()
+        current.update(values)
+        panel.form.set_values(current)
+    assert panel.form.error is None, panel.form.error
+    job = getattr(panel, action)()
+    assert job is not None
+    if job.running:
+        with qtbot.waitSignal(job.finished, timeout=JOB_TIMEOUT_MS):
+            pass
+    return job
+
+
+def test_the_pipeline_trains_from_the_panels(qtbot, project, make_window):
+    from workbench.simulated import rank_batch
+    from workbench.store import Store
+    w = make_window(project)
+    ctx = w.ctx
+    for stage in ("tokenizer", "pretrain", "sft"):
+        w.go(stage)
+        panel = w.pages[stage]
+        job = run_panel(qtbot, panel, FAST[stage])
+        assert job.status == "completed", job.error
+        assert panel.run is not None and panel.run.name == job.run_dir.name
+        assert panel.run.status == "completed"
+    # Each new run was suggested its parent: the newest run of the stage before.
+    runs = {r.stage: r for r in ctx.run_list()}
+    assert runs["pretrain"].parents == {"tokenizer": runs["tokenizer"].name}
+    assert runs["sft"].parents == {"init": runs["pretrain"].name}
+    # Plot data arrived live in the panels.
+    xs, ys = w.pages["pretrain"].plots.history.arrays("train/loss")
+    assert len(xs) == 6 and list(xs) == [1, 2, 3, 4, 5, 6] and all(y > 0 for y in ys)
+    assert "step 3" in w.pages["pretrain"].samples.toPlainText()
+    assert "done: completed" in w.pages["pretrain"].log.toPlainText()
+
+    # Sample & Rank: a sample job from the ranking view becomes a batch; a simulated annotator ranks it.
+    w.go("rank")
+    from engine.sample import SampleConfig
+    cfg = SampleConfig(checkpoint=str(runs["sft"].path), prompts=[str(project / "data/prompts.txt")],
+                       seed=0, **FAST["sample"])
+    with qtbot.waitSignal(ctx.jobFinished, timeout=JOB_TIMEOUT_MS):
+        w.ranking.sampleRequested.emit(cfg)
+    with Store.for_project(project) as store:
+        batches = store.batches()
+        assert len(batches) == 1 and batches[0].k == 3 and batches[0].n_items == 6
+        assert rank_batch(store, batches[0].id) == 6
+
+    w.go("reward")
+    reward = w.pages["reward"]
+    reward._count()
+    human, simulated = reward._n
+    assert human == 0 and 0 < simulated <= 6       # a ranking tying every answer teaches nothing
+    reward.use_store.setChecked(True)
+    reward.use_simulated.setChecked(True)
+    job = run_panel(qtbot, reward, FAST["reward"])
+    assert job.status == "completed", job.error
+    assert len((job.run_dir / "rankings.jsonl").read_text().splitlines()) == simulated
+    assert len(reward.plots.history.arrays("train/accuracy")[0]) > 0
+
+    w.go("ppo")
+    ppo = w.pages["ppo"]
+    ppo.show_run(None)                      # suggested: the newest SFT policy and reward model
+    values = ppo.form.values()
+    assert Path(values["policy"]).name == runs["sft"].name
+    assert Path(values["reward_model"]).name == job.run_dir.name
+    job = run_panel(qtbot, ppo, FAST["ppo"])
+    assert job.status == "completed", job.error
+    assert len(ppo.plots.history.arrays("objective/kl")[0]) == 2
+
+    # Every run is in the runs browser, with its result; selecting two overlays them.
+    w.go("runs")
+    ctx.sync()
+    browser = w.runs_browser
+    names = [browser.table.item(r, 0).text() for r in range(browser.table.rowCount())]
+    assert sorted(n.split("-")[0] for n in names) == ["ppo", "pretrain", "reward", "sample", "sft", "tokenizer"]
+    lineage = [r.stage for r in ctx.runs.lineage(job.run_dir.name)]
+    assert set(lineage) == {"ppo", "sft", "reward", "pretrain", "tokenizer"}
+    assert "score" in w.sidebar.item(5).text()
+
+
+def test_stop_resume_and_reattach_after_a_restart(qtbot, project, make_window, tmp_path):
+    w = make_window(project)
+    run_panel(qtbot, w.pages["tokenizer"], FAST["tokenizer"])
+    panel = w.pages["pretrain"]
+    values = dict(FAST["pretrain"], max_steps=100_000, checkpoint_every=100_000, eval_every=100_000,
+                  sample_every=0)
+    current = panel.form.values()
+    current.update(values)
+    panel.form.set_values(current)
+    job = panel.start()
+    qtbot.waitUntil(lambda: any("train/loss" in e for e in job.events), timeout=JOB_TIMEOUT_MS)
+    assert len(panel.plots.history.arrays("train/loss")[0]) > 0
+    assert panel.stop_btn.isEnabled() and not panel.resume_btn.isEnabled()
+
+    # Close the app: the job keeps running; a new window re-attaches and catches up.
+    pid, name = job.pid, job.run_dir.name
+    w.close_project()
+    assert process_alive(pid, job.run_dir)
+    w2 = make_window(project)
+    assert name in w2.ctx.jobs and w2.ctx.jobs[name].running
+    job2 = w2.ctx.jobs[name]
+    assert job2.events[0]["type"] == "start" and job2.events[0]["pid"] == pid
+    panel2 = w2.pages["pretrain"]
+    assert panel2.run.name == name and panel2.stop_btn.isEnabled()
+    qtbot.waitUntil(lambda: len(panel2.plots.history.arrays("train/loss")[0]) > 0, timeout=10_000)
+
+    with qtbot.waitSignal(job2.finished, timeout=JOB_TIMEOUT_MS) as sig:
+        panel2.stop()
+    assert sig.args[0] == "stopped"
+    assert panel2.run.status == "stopped" and panel2.resume_btn.isEnabled()
+    stopped_at = panel2.run.step
+    assert any((job2.run_dir / "checkpoints").glob("step-*"))
+
+    # Resume to a few steps past where it stopped.
+    job3 = run_panel(qtbot, panel2, {"max_steps": stopped_at + 3}, action="resume")
+    assert job3.status == "completed", job3.error
+    events = [json.loads(line) for line in (job3.run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["type"] for e in events].count("start") == 2
+    assert any(e.get("message", "").startswith("resumed from step-") for e in events)
+    assert "resumed from step-" in panel2.log.toPlainText()
+    assert panel2.run.step == stopped_at + 3
+
+
+def test_a_failed_job_shows_its_error(qtbot, project, make_window):
+    w = make_window(project)
+    panel = w.pages["pretrain"]
+    missing = project / "no-such-tokenizer.json"
+    job = run_panel(qtbot, panel, dict(FAST["pretrain"], tokenizer=str(missing)))
+    assert job.status == "failed"
+    assert panel.error_box.isVisible() or not panel.isVisible()
+    assert "no-such-tokenizer.json" in panel.error_text.text()
+    assert panel.run.status == "failed"
+
+
+def test_a_crash_without_a_done_event_is_an_error_too(qtbot, project, make_window):
+    w = make_window(project)
+    run_panel(qtbot, w.pages["tokenizer"], FAST["tokenizer"])
+    panel = w.pages["pretrain"]
+    current = panel.form.values()
+    current.update(dict(FAST["pretrain"], max_steps=100_000, checkpoint_every=100_000, eval_every=100_000))
+    panel.form.set_values(current)
+    job = panel.start()
+    qtbot.waitUntil(lambda: any("train/loss" in e for e in job.events), timeout=JOB_TIMEOUT_MS)
+    with qtbot.waitSignal(job.finished, timeout=10_000):
+        os.kill(job.pid, signal.SIGKILL)
+    assert job.status == "failed" and "without a done event" in job.error
+    assert "without a done event" in panel.error_text.text()
+
+
+def test_the_form_refuses_bad_settings_before_start(qtbot, project, make_window):
+    w = make_window(project)
+    panel = w.pages["pretrain"]
+    panel.show_run(None)
+    # No tokenizer run yet: the form says what is missing first.
+    assert panel.form.error is not None and panel.form.error.field == "tokenizer"
+    assert not panel.start_btn.isEnabled()
+    values = panel.form.values()
+    values["tokenizer"] = str(project / "tokenizer.json")
+    values["lr"] = -1.0
+    panel.form.set_values(values)
+    assert panel.form.error is not None and panel.form.error.field == "lr"
+    assert not panel.start_btn.isEnabled()
+    assert "lr" in panel.form.message.text()
+    assert panel.start() is None
+    values["lr"] = 1e-3
+    panel.form.set_values(values)
+    assert panel.form.error is None
+
+
+def test_recent_projects_and_window_state_persist(qtbot, project, make_window, tmp_path):
+    w = make_window(project)
+    w.go("runs")
+    w.close()
+    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
+    assert settings.value("lastProject") == str(project)
+    assert str(project) in settings.value("recentProjects")
+    w2 = make_window(project)
+    assert w2.sidebar.currentItem().text().startswith("Runs")

@@ -1,0 +1,417 @@
+"""Chat and compare views with a tiny checkpoint, and the model cache behind them.
+
+The tiny model writes gibberish, but it streams like a real one. Its forward pass is slowed a
+little (a hook that sleeps), so an answer takes long enough to be seen streaming and stopped.
+"""
+import gc
+import json
+import random
+import shutil
+import time
+import weakref
+
+import pytest
+import torch
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QTextCursor
+from PySide6.QtWidgets import QFileDialog
+
+from engine.artifacts import load_artifact
+from engine.chat import ChatSession, SamplingSettings
+from engine.checkpoint import resolve_checkpoint, save_checkpoint
+from engine.model import Transformer, config_from_preset, safetensors_state
+from engine.tokenizer import Tokenizer
+from ui.chat_view import ChatView
+from ui.compare_view import CompareView
+from ui.sampling_controls import PRESETS, SamplingControls
+from ui.workers import running_workers
+from workbench.model_cache import ModelCache, ModelCacheError, OutOfMemory
+from workbench.preferences import write_rm_dataset
+from workbench.store import Store
+
+STEP_DELAY_S = 0.01
+
+
+@pytest.fixture(scope="module")
+def two_ckpts(tiny_lm_ckpt, tmp_path_factory):
+    """The shared tiny checkpoint and a second one: same tokenizer, other random weights."""
+    first = resolve_checkpoint(tiny_lm_ckpt)
+    tok = Tokenizer.from_file(first / "tokenizer.json")
+    root = tmp_path_factory.mktemp("tiny_lm_2")
+    torch.manual_seed(1)
+    model = Transformer(config_from_preset("tiny", tok.vocab_size, d_model=32, n_layer=1, n_head=2,
+                                           n_kv_head=2, d_ff=64, max_seq_len=48))
+    weights, meta = safetensors_state(model)
+    save_checkpoint(root / "checkpoints", 20, model=weights, model_metadata=meta,
+                    state={"tokenizer_fingerprint": tok.fingerprint(), "stage": "ppo"},
+                    extra_files={"tokenizer.json": first / "tokenizer.json"})
+    return tiny_lm_ckpt, root
+
+
+def slow_loader(path, device="cpu"):
+    loaded = load_artifact(path, device=device)
+    loaded.model.register_forward_pre_hook(lambda *_: time.sleep(STEP_DELAY_S))
+    return loaded
+
+
+@pytest.fixture
+def cache():
+    return ModelCache(capacity=2, device="cpu", loader=slow_loader)
+
+
+@pytest.fixture(autouse=True)
+def no_threads_left():
+    yield
+    assert running_workers() == [], "a test left a worker thread running"
+
+
+def make_chat(qtbot, tmp_path, ckpts, cache, **settings):
+    view = ChatView(tmp_path, lambda: [(f"model {i + 1}", p) for i, p in enumerate(ckpts)], cache)
+    qtbot.addWidget(view)
+    view.sampling.set_settings(SamplingSettings(**{"seed": 0, "max_new_tokens": 12, **settings}))
+    # A random model may draw an end token at any step; the tests want answers of full length.
+    view.session.stop_ids = ()
+    return view
+
+
+def say(qtbot, view, text):
+    view.input.setPlainText(text)
+    with qtbot.waitSignal(view.replyFinished, timeout=20_000) as sig:
+        qtbot.keyClick(view.input, Qt.Key_Return)
+    assert not view.busy  # replyFinished comes once the view is idle again
+    return sig.args[0]
+
+
+# --- chat -----------------------------------------------------------------------------------
+
+def test_the_answer_streams_in_and_is_kept(qtbot, tmp_path, two_ckpts, cache):
+    view = make_chat(qtbot, tmp_path, two_ckpts, cache, max_new_tokens=20)
+    view.input.setPlainText("alpha beta")
+    view.input.moveCursor(QTextCursor.End)
+    qtbot.keyClick(view.input, Qt.Key_Return, Qt.ShiftModifier)   # Shift+Enter: a new line, no send
+    assert not view.busy and view.input.toPlainText() == "alpha beta\n"
+    view.input.setPlainText("alpha beta")
+    with qtbot.waitSignal(view.replyFinished, timeout=20_000) as sig:
+        qtbot.keyClick(view.input, Qt.Key_Return)
+        assert view.busy and view.input.toPlainText() == ""
+        assert not view.send_button.isEnabled() and view.stop_button.isEnabled()
+        qtbot.waitUntil(lambda: len(view.partial_text) > 0, timeout=10_000)
+        assert view.busy  # text on screen before the answer is finished
+        qtbot.waitUntil(lambda: view.partial_text in view.transcript.toPlainText(), timeout=2_000)
+    reply = sig.args[0]
+    assert not view.busy
+    assert reply.n_tokens > 1 and not reply.stopped
+    assert [m["role"] for m in view.session.messages] == ["user", "assistant"]
+    assert view.session.messages[1]["content"] == reply.text
+    assert reply.text in view.transcript.toPlainText()
+    assert "tokens/s" in view.stats.text()
+    assert view.session.model is None  # the model goes back to the cache between replies
+
+
+def test_stop_ends_the_answer_early_and_keeps_it(qtbot, tmp_path, two_ckpts, cache):
+    view = make_chat(qtbot, tmp_path, two_ckpts, cache, max_new_tokens=10_000)
+    view.input.setPlainText("gamma")
+    with qtbot.waitSignal(view.replyFinished, timeout=20_000) as sig:
+        view.send()
+        qtbot.waitUntil(lambda: len(view.partial_text) > 0, timeout=10_000)
+        qtbot.keyClick(view.input, Qt.Key_Escape)
+    assert not view.busy
+    reply = sig.args[0]
+    assert reply.stopped
+    assert view.session.messages[-1]["content"] == reply.text
+    assert "stopped" in view.stats.text()
+    # The context (48 tokens) would have ended it after some 40 tokens; stop came well before.
+    assert reply.n_tokens < 30
+
+
+def test_regenerate_replaces_the_last_answer(qtbot, tmp_path, two_ckpts, cache):
+    view = make_chat(qtbot, tmp_path, two_ckpts, cache)
+    first = say(qtbot, view, "delta echo")
+    with qtbot.waitSignal(view.replyFinished, timeout=20_000) as sig:
+        view.regen_button.click()
+    assert not view.busy
+    second = sig.args[0]
+    assert second.seed != first.seed and second.text != first.text
+    assert [m["content"] for m in view.session.messages] == ["delta echo", second.text]
+    shown = view.transcript.toPlainText()
+    assert second.text in shown and first.text not in shown
+
+
+def test_edit_and_resend_drops_what_came_after(qtbot, tmp_path, two_ckpts, cache):
+    view = make_chat(qtbot, tmp_path, two_ckpts, cache, max_new_tokens=4)
+    view.system.setPlainText("Be brief.")
+    say(qtbot, view, "first question")
+    say(qtbot, view, "second question")
+    assert len(view.session.messages) == 5
+    view.transcript.anchorClicked.emit(view.transcript.source().resolved("edit:0"))
+    assert view.input.toPlainText() == "first question" and not view.banner.isHidden()
+    view.input.setPlainText("first question, edited")
+    reply = say(qtbot, view, view.input.toPlainText())
+    assert [m["content"] for m in view.session.messages] == [
+        "Be brief.", "first question, edited", reply.text]
+    assert view.banner.isHidden()
+
+    view.clear_button.click()
+    assert view.session.messages == [{"role": "system", "content": "Be brief."}]
+    assert "first question" not in view.transcript.toPlainText()
+    assert not view.regen_button.isEnabled()
+
+
+def test_completion_mode_continues_plain_text(qtbot, tmp_path, two_ckpts, cache):
+    view = make_chat(qtbot, tmp_path, two_ckpts, cache, max_new_tokens=6)
+    view.completion.setChecked(True)
+    assert not view.system.isEnabled()
+    reply = say(qtbot, view, "alpha beta gamma")
+    assert view.completions == [("alpha beta gamma", reply.text)]
+    assert view.session.messages == []     # no chat turns were made
+    assert ("alpha beta gamma" + reply.text) in view.transcript.toPlainText().replace("\u2029", "\n")
+    with qtbot.waitSignal(view.replyFinished, timeout=20_000) as sig:
+        view.regenerate()
+    assert not view.busy
+    assert view.completions == [("alpha beta gamma", sig.args[0].text)]
+
+
+def test_a_bad_checkpoint_is_a_message_not_a_crash(qtbot, tmp_path, two_ckpts, cache):
+    view = make_chat(qtbot, tmp_path, two_ckpts, cache)
+    with qtbot.waitSignal(view.errorShown, timeout=10_000) as sig:
+        view.picker.set_path(tmp_path / "not-a-checkpoint")
+        view.load()
+    qtbot.waitUntil(lambda: not view.busy, timeout=5_000)
+    assert "no checkpoint found" in sig.args[0] and not view.banner.isHidden()
+    assert view.picker.currentText() == "not-a-checkpoint (folder)"
+    view.picker.select_index(0)
+    say(qtbot, view, "still works")
+    assert view.banner.isHidden()
+
+
+def test_running_out_of_gpu_memory_is_a_message(qtbot, tmp_path, two_ckpts):
+    def oom_loader(path, device="cpu"):
+        loaded = load_artifact(path, device=device)
+
+        def fail(*_):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        loaded.model.register_forward_pre_hook(fail)
+        return loaded
+
+    view = make_chat(qtbot, tmp_path, two_ckpts, ModelCache(device="cpu", loader=oom_loader))
+    view.input.setPlainText("hello")
+    with qtbot.waitSignal(view.errorShown, timeout=10_000) as sig:
+        view.send()
+    qtbot.waitUntil(lambda: not view.busy, timeout=5_000)
+    assert "ran out of memory" in sig.args[0] and "max new tokens" in sig.args[0]
+    assert view.session.messages == []     # the failed exchange left the conversation as it was
+    assert view.send_button.isEnabled()
+
+
+def test_switching_checkpoints_frees_the_old_model(qtbot, tmp_path, two_ckpts):
+    cache = ModelCache(capacity=1, device="cpu", loader=slow_loader)
+    view = make_chat(qtbot, tmp_path, two_ckpts, cache)
+    with qtbot.waitSignal(view.modelLoaded, timeout=10_000):
+        view.show()     # the first showing loads the selected checkpoint
+    qtbot.waitUntil(lambda: not view.busy, timeout=5_000)
+    say(qtbot, view, "hello")
+    old = weakref.ref(cache.get(two_ckpts[0]).model)
+    with qtbot.waitSignal(view.modelLoaded, timeout=10_000) as sig:
+        view.picker.select_index(1)
+    qtbot.waitUntil(lambda: not view.busy, timeout=5_000)
+    assert sig.args[0]["stage"] == "ppo" and "ppo" in view.model_label.text()
+    gc.collect()
+    assert old() is None
+    assert cache.keys() == [resolve_checkpoint(two_ckpts[1]).resolve()]
+    # The conversation carries over to the new model.
+    say(qtbot, view, "and you?")
+    assert len(view.session.messages) == 4
+
+
+def test_shutdown_stops_a_reply_and_waits(qtbot, tmp_path, two_ckpts, cache):
+    view = make_chat(qtbot, tmp_path, two_ckpts, cache, max_new_tokens=10_000)
+    view.input.setPlainText("long")
+    view.send()
+    qtbot.waitUntil(lambda: len(view.partial_text) > 0, timeout=10_000)
+    view.shutdown()
+    assert running_workers() == []
+    qtbot.waitUntil(lambda: not view.busy, timeout=5_000)
+
+
+def test_the_picker_offers_the_project_and_any_folder(qtbot, monkeypatch, tmp_path, two_ckpts, cache):
+    choices = []
+    view = ChatView(tmp_path, lambda: list(choices), cache)
+    qtbot.addWidget(view)
+    assert view.picker.path() is None and not view.send_button.isEnabled()
+    choices.append(("model 1", two_ckpts[0]))
+    view.refresh()
+    assert view.picker.path() == two_ckpts[0] and view.send_button.isEnabled()
+
+    picked = iter([str(two_ckpts[1]), ""])     # a folder, then Cancel
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: next(picked))
+    view.picker.activated.emit(view.picker.count() - 1)        # "Browse…"
+    assert view.picker.path() == two_ckpts[1]
+    assert view.picker.currentText() == f"{two_ckpts[1].name} (folder)"
+    view.picker.activated.emit(view.picker.count() - 1)
+    assert view.picker.path() == two_ckpts[1]                   # cancelling keeps the choice
+    view.refresh()                                               # browsed folders stay offered
+    assert view.picker.path() == two_ckpts[1] and view.picker.count() == 3
+
+
+# --- sampling controls and the model cache -------------------------------------------------------
+
+def test_presets_set_the_style_and_editing_shows_custom(qtbot):
+    w = SamplingControls()
+    qtbot.addWidget(w)
+    assert w.preset.currentText() == "Balanced" and w.settings() == SamplingSettings()
+    w.max_new_tokens.setValue(99)
+    w.seed.setValue(7)
+    w.apply_preset("Precise")
+    s = w.settings()
+    assert (s.temperature, s.top_k, s.top_p, s.repetition_penalty) == PRESETS["Precise"]
+    assert (s.max_new_tokens, s.seed) == (99, 7)     # presets leave length and seed alone
+    w.temperature.setValue(0.55)
+    assert w.preset.currentText() == "Custom"
+    w.seed.setValue(-1)
+    assert w.settings().seed is None and w.seed.text() == "random"
+    w.preset.setCurrentText("Greedy")
+    assert w.settings().temperature == 0.0
+
+
+def test_the_cache_keeps_the_most_recent_models(two_ckpts, tmp_path):
+    a, b = two_ckpts
+    c = shutil.copytree(b, tmp_path / "third")
+    cache = ModelCache(capacity=2, device="cpu")
+    first = cache.get(a)
+    assert cache.get(resolve_checkpoint(a)) is first        # a run folder and its checkpoint: one entry
+    cache.get(b)
+    cache.get(a)                                             # a is now the most recent
+    cache.get(c)
+    assert cache.keys() == [resolve_checkpoint(p).resolve() for p in (a, c)]
+    assert b not in cache and a in cache
+    assert cache.evict(a) and not cache.evict(a)
+    cache.clear()
+    assert cache.keys() == []
+    with pytest.raises(ModelCacheError, match="no checkpoint found"):
+        cache.get(tmp_path / "missing")
+
+
+def test_the_cache_turns_out_of_memory_into_advice(two_ckpts):
+    def oom(path, device):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    cache = ModelCache(device="cpu", loader=oom)
+    with pytest.raises(OutOfMemory, match="while loading .*max new tokens"):
+        cache.get(two_ckpts[0])
+    with pytest.raises(OutOfMemory, match="while generating"):
+        with cache.guard("generating"):
+            raise RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)")
+    with pytest.raises(ValueError, match="other"):
+        with cache.guard("generating"):
+            raise ValueError("other")
+
+
+# --- compare ---------------------------------------------------------------------------------
+
+class _Heads(random.Random):
+    """A coin that always says "swap the sides"."""
+
+    def random(self):
+        return 0.0
+
+
+def make_compare(qtbot, tmp_path, ckpts, cache, **settings):
+    view = CompareView(tmp_path, lambda: [("model one", ckpts[0]), ("model two", ckpts[1])], cache)
+    qtbot.addWidget(view)
+    view.sampling.set_settings(SamplingSettings(**{"seed": 0, "max_new_tokens": 8, **settings}))
+    view.annotator.setText("ada")
+    return view
+
+
+def run_round(qtbot, view, prompt):
+    view.input.setPlainText(prompt)
+    with qtbot.waitSignal(view.roundFinished, timeout=20_000):
+        qtbot.keyClick(view.input, Qt.Key_Return)
+        assert view.busy and not view.send_button.isEnabled()
+        assert not any(b.isEnabled() for b in view.vote_buttons.values())
+
+
+def expected_answer(path, prompt, settings):
+    loaded = load_artifact(path)
+    return ChatSession(loaded.model, loaded.tokenizer, settings=settings).send(prompt)
+
+
+def test_a_blind_vote_is_stored_as_a_pair_with_the_right_models(qtbot, tmp_path, two_ckpts, cache):
+    view = make_compare(qtbot, tmp_path, two_ckpts, cache)
+    assert view.pickers[0].path() == two_ckpts[0] and view.pickers[1].path() == two_ckpts[1]
+    assert view.blind.isChecked()
+    view.rng = _Heads()          # Model 2 goes on the left
+    run_round(qtbot, view, "alpha question")
+    assert [view.panes[s].title.text() for s in ("left", "right")] == ["A", "B"]
+    shown = " ".join(w.text() for pane in view.panes.values() for w in (pane.title, pane.subtitle))
+    assert "model one" not in shown and "model two" not in shown and "Model 1" not in shown
+    assert all(b.isEnabled() for b in view.vote_buttons.values())
+    left_text, right_text = view.panes["left"].answer(), view.panes["right"].answer()
+
+    with qtbot.waitSignal(view.voteStored, timeout=5_000) as sig:
+        view.vote_buttons["left"].click()
+    stored = sig.args[0]
+    assert view.panes["left"].title.text() == "A: model two"     # revealed after the vote
+    assert view.panes["right"].title.text() == "B: model one"
+    assert not any(b.isEnabled() for b in view.vote_buttons.values())
+    assert "Stored" in view.status.text()
+
+    # What the store holds: the left answer, which model two wrote, chosen over model one's.
+    settings = view.sampling.settings()
+    assert left_text == expected_answer(two_ckpts[1], "alpha question", settings)
+    assert right_text == expected_answer(two_ckpts[0], "alpha question", settings)
+    with Store.for_project(tmp_path) as store:
+        item = store.item(stored.item_id)
+        assert item.meta["blind"] is True
+        assert [a.meta["checkpoint"] for a in item.answers] == [
+            str(resolve_checkpoint(p).resolve()) for p in (two_ckpts[1], two_ckpts[0])]
+        assert write_rm_dataset(store, tmp_path / "rm.jsonl", include_simulated=False) == 1
+    [rec] = [json.loads(line) for line in (tmp_path / "rm.jsonl").read_text().splitlines()]
+    assert rec["prompt"] == "alpha question"
+    assert rec["answers"][rec["ranking"][0][0]] == left_text
+    assert rec["answers"][rec["ranking"][1][0]] == right_text
+
+    # Ready for the next prompt; a second vote on the same round is not possible.
+    assert view.send_button.isEnabled() and view.input.textCursor().hasSelection()
+    view.vote("right")
+    with Store.for_project(tmp_path) as store:
+        assert len(store.rankings()) == 1
+
+
+def test_sighted_compare_and_a_tie(qtbot, tmp_path, two_ckpts, cache):
+    view = make_compare(qtbot, tmp_path, two_ckpts, cache)
+    view.blind.setChecked(False)
+    view.system.setText("Be brief.")
+    view.show()
+    qtbot.waitExposed(view)
+    view.activateWindow()
+    qtbot.waitActive(view)      # shortcuts work in the active window
+    run_round(qtbot, view, "hello")
+    assert [view.panes[s].title.text() for s in ("left", "right")] == ["model one", "model two"]
+    with qtbot.waitSignal(view.voteStored, timeout=5_000):
+        qtbot.keyClick(view.input, Qt.Key_2, Qt.ControlModifier)
+    with Store.for_project(tmp_path) as store:
+        [r] = store.rankings()
+        item = store.item(r.item_id)
+        assert len(r.ordering) == 1 and item.meta["blind"] is False
+        assert item.messages[0] == {"role": "system", "content": "Be brief."}
+        assert write_rm_dataset(store, tmp_path / "rm.jsonl", include_simulated=False) == 0
+
+
+def test_compare_stop_and_a_failing_side(qtbot, tmp_path, two_ckpts, cache):
+    view = make_compare(qtbot, tmp_path, two_ckpts, cache, max_new_tokens=10_000)
+    view.input.setPlainText("go on")
+    with qtbot.waitSignal(view.roundFinished, timeout=20_000):
+        view.send()
+        qtbot.waitUntil(lambda: all(view.panes[s].answer() for s in ("left", "right")), timeout=10_000)
+        view.stop_button.click()
+    assert all("stopped" in view.panes[s].stats.text() for s in ("left", "right"))
+    assert view.can_vote          # stopped answers are answers: they can still be judged
+
+    view.pickers[1].set_path(tmp_path / "nowhere")
+    view.blind.setChecked(False)
+    view.input.setPlainText("again")
+    with qtbot.waitSignal(view.roundFinished, timeout=20_000):
+        view.send()
+    assert "no checkpoint found" in view.banner.text.text()
+    assert not view.can_vote and "No vote" in view.status.text()
+    view.shutdown()

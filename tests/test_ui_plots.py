@@ -1,0 +1,365 @@
+"""Live plots (ui/plots.py) and the UI-stall probe (ui/stall_probe.py)."""
+import math
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytestqt")
+
+from PySide6.QtCore import QTimer  # noqa: E402
+from PySide6.QtGui import QTextDocument  # noqa: E402
+
+from pyqtgraph.widgets.GraphicsView import GraphicsView  # noqa: E402
+
+from ui.plots import OTHER, PLOT_SPECS, REDRAW_MS, SLOWEST_MS, PlotGrid, RunHistory, Series  # noqa: E402
+from ui.stall_probe import StallProbe  # noqa: E402
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def metrics(step, **values):
+    return {"type": "metrics", "step": step, "time": 0.0, **{k.replace("__", "/"): v for k, v in values.items()}}
+
+
+@pytest.fixture
+def grid(qtbot):
+    def make(stage="pretrain"):
+        g = PlotGrid(stage)
+        qtbot.addWidget(g)
+        g.resize(900, 600)
+        g.show()
+        qtbot.waitExposed(g)
+        return g
+    return make
+
+
+# ----- buffers
+
+
+def test_series_holds_exactly_what_was_appended_across_growth():
+    s = Series(capacity=4)
+    for i in range(1000):
+        s.append(i, i * 0.5)
+    x, y = s.arrays()
+    assert len(s) == 1000
+    np.testing.assert_array_equal(x, np.arange(1000))
+    np.testing.assert_array_equal(y, np.arange(1000) * 0.5)
+
+
+def test_a_resumed_run_replaces_the_steps_it_repeats():
+    s = Series()
+    for i in range(1, 11):
+        s.append(i, 1.0)
+    s.append(6, 2.0)                   # resumed from the checkpoint at step 5
+    s.append(7, 2.0)
+    np.testing.assert_array_equal(s.arrays()[0], [1, 2, 3, 4, 5, 6, 7])
+    np.testing.assert_array_equal(s.arrays()[1], [1] * 5 + [2, 2])
+    assert s.rewinds == 1
+
+
+def test_bulk_load_equals_event_by_event():
+    events = [metrics(i, train__loss=1 / i, train__tokens=i * 10) for i in range(1, 50)]
+    events += [metrics(i, train__loss=2 / i, train__tokens=i * 10) for i in range(30, 60)]  # a resume
+    events += [{"type": "progress", "step": 3, "total": 9}, metrics(60, val__loss=0.5, note="x")]
+    one = RunHistory()
+    for ev in events:
+        one.add_event(ev)
+    bulk = RunHistory.from_events(events)
+    assert one.keys() == bulk.keys() == ["train/loss", "train/tokens", "val/loss"]
+    for k in one.keys():
+        for a, b in zip(one.arrays(k), bulk.arrays(k)):
+            np.testing.assert_array_equal(a, b)
+    x, y = bulk.arrays("train/loss")
+    np.testing.assert_array_equal(x, np.r_[np.arange(1, 30), np.arange(30, 60)])
+    assert y[-1] == 2 / 59
+
+
+def test_values_are_parsed_as_the_engine_writes_them():
+    h = RunHistory.from_events([metrics(1, a__x="nan", a__y="inf", a__z=None, a__w="text", a__n=3)])
+    assert math.isnan(h.last("a/x")) and h.last("a/y") == math.inf and h.last("a/n") == 3.0
+    assert "a/z" not in h and "a/w" not in h
+
+
+def test_tokens_are_interpolated_and_extrapolated_for_steps_without_a_count():
+    h = RunHistory()
+    for step, tok in ((10, 100), (20, 250), (30, 300)):
+        h.add_event(metrics(step, train__tokens=tok))
+    for step in (15, 20, 40):
+        h.add_event(metrics(step, val__loss=1.0))
+    h.add_events([metrics(5, val__acc=1.0), metrics(40, val__acc=2.0)])
+    np.testing.assert_allclose(h.arrays("val/loss", "tokens")[0], [175, 250, 400])
+    np.testing.assert_allclose(h.arrays("val/acc", "tokens")[0], [50, 400])
+    # A count arrives for step 40: the extrapolated point moves onto it.
+    h.add_event(metrics(40, train__tokens=420))
+    np.testing.assert_allclose(h.arrays("val/loss", "tokens")[0], [175, 250, 420])
+    np.testing.assert_array_equal(h.arrays("val/loss", "step")[0], [15, 20, 40])
+    # A run with no counts (PPO) falls back to steps.
+    ppo = RunHistory.from_events([metrics(3, objective__kl=0.1)])
+    np.testing.assert_array_equal(ppo.arrays("objective/kl", "tokens")[0], [3])
+
+
+def test_every_key_in_the_plot_specs_is_one_the_engine_emits():
+    source = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "engine").glob("*.py"))
+    keys = {k for spec in PLOT_SPECS.values() for _, ks in spec for k in ks}
+    missing = sorted(k for k in keys if f'"{k}"' not in source)
+    assert missing == []
+    assert set(PLOT_SPECS) == {"tokenizer", "pretrain", "sft", "sample", "reward", "ppo"}
+
+
+# ----- the grid
+
+
+def test_events_reach_the_curves_on_the_redraw_timer(grid, qtbot):
+    g = grid("pretrain")
+    for i in range(1, 21):
+        g.add_event(metrics(i, train__loss=3.0 - i / 10, train__lr=1e-3, train__tokens=i * 64))
+    g.add_event(metrics(20, val__loss=1.5))
+    with pytest.raises(KeyError):
+        g.curve("Loss", "train/loss")           # add_event only buffers; the timer draws
+    qtbot.waitUntil(lambda: _has_curve(g, "Loss", "val/loss"), timeout=2000)
+    x, y = g.curve("Loss", "train/loss").getData()
+    np.testing.assert_array_equal(x, np.arange(1, 21))
+    np.testing.assert_allclose(y, 3.0 - np.arange(1, 21) / 10)
+    np.testing.assert_array_equal(g.curve_data("Learning rate", "train/lr")[1], [1e-3] * 20)
+    # More points later are appended to the same curve.
+    g.add_event(metrics(21, train__loss=0.5))
+    qtbot.waitUntil(lambda: len(g.curve_data("Loss", "train/loss")[0]) == 21, timeout=2000)
+
+
+def legend_text(g, title):
+    """The legend under one plot, as the user reads it."""
+    doc = QTextDocument()
+    doc.setHtml(g.legend(title).text())
+    return doc.toPlainText().replace("\xa0", " ").replace("━", "").replace("╍", "").replace("┉", "")
+
+
+def _has_curve(g, title, key, run=0):
+    try:
+        g.curve(title, key, run)
+    except KeyError:
+        return False
+    return True
+
+
+def test_a_hidden_grid_draws_when_shown(qtbot):
+    g = PlotGrid("sft")
+    qtbot.addWidget(g)
+    g.add_event(metrics(1, train__loss=2.0))
+    qtbot.wait(200)
+    assert not _has_curve(g, "Loss", "train/loss")
+    g.show()
+    qtbot.waitUntil(lambda: _has_curve(g, "Loss", "train/loss"), timeout=2000)
+
+
+def test_tokens_x_axis(grid):
+    g = grid("sft")
+    g.load_events([metrics(s, train__loss=1.0, train__tokens=s * 1000) for s in (10, 20, 30)]
+                  + [metrics(20, val__loss=2.0, eval__task_accuracy=0.5)])
+    g.set_x_axis("tokens")
+    g.redraw()
+    np.testing.assert_array_equal(g.curve_data("Loss", "train/loss")[0], [10000, 20000, 30000])
+    np.testing.assert_array_equal(g.curve_data("Loss", "val/loss")[0], [20000])
+    np.testing.assert_array_equal(g.curve_data("Task accuracy", "eval/task_accuracy")[0], [20000])
+    assert g.plot_item("Loss").getAxis("bottom").labelText == "tokens"
+    assert g.x_axis_box.currentData() == "tokens"
+    g.x_axis_box.setCurrentIndex(g.x_axis_box.findData("step"))     # the user's way back
+    g.redraw()
+    assert g.x_axis() == "step"
+    np.testing.assert_array_equal(g.curve_data("Loss", "train/loss")[0], [10, 20, 30])
+    with pytest.raises(ValueError):
+        g.set_x_axis("time")
+
+
+def test_overlay_draws_every_run_in_its_own_colour(grid):
+    g = grid("reward")
+    a = RunHistory.from_events([metrics(s, train__loss=1.0 / s, val__accuracy=0.6) for s in range(1, 6)])
+    b = RunHistory.from_events([metrics(s, train__loss=2.0 / s) for s in range(1, 9)])
+    g.add_event(metrics(1, train__loss=9.0))         # the grid's own run is not drawn meanwhile
+    g.set_overlay([("run a", a), ("run b", b)])
+    g.redraw()
+    assert len(g.curve_data("Loss", "train/loss", run=0)[0]) == 5
+    assert len(g.curve_data("Loss", "train/loss", run=1)[0]) == 8
+    assert _has_curve(g, "Accuracy", "val/accuracy", run=0)
+    assert not _has_curve(g, "Accuracy", "val/accuracy", run=1)
+    colors = {g.curve("Loss", "train/loss", run=r).opts["pen"].color().name() for r in (0, 1)}
+    assert len(colors) == 2
+    loss_legend = legend_text(g, "Loss")
+    assert loss_legend.split() == ["run", "a", "run", "b"]          # one metric: runs only
+    assert legend_text(g, "Accuracy").split() == ["run", "a"]
+    # The overlay's owner appends to a run: refresh() draws it.
+    b.add_event(metrics(9, train__loss=0.1))
+    g.refresh()
+    g.redraw()
+    assert len(g.curve_data("Loss", "train/loss", run=1)[0]) == 9
+    g.set_overlay(None)
+    g.redraw()
+    np.testing.assert_array_equal(g.curve_data("Loss", "train/loss")[1], [9.0])
+    assert not _has_curve(g, "Loss", "train/loss", run=1)
+
+
+def test_200k_points_load_and_draw_downsampled(grid, qtbot):
+    g = grid("pretrain")
+    n = 200_000
+    rng = np.random.default_rng(0)
+    loss = (2 + 8 * np.exp(-np.arange(n) / 5000) + rng.normal(0, 0.05, n)).tolist()
+    g.load_events([{"type": "metrics", "step": i + 1, "train/loss": loss[i], "train/tokens": (i + 1) * 512}
+                   for i in range(n)])
+    g.redraw()
+    g.grab()
+    x, y = g.curve_data("Loss", "train/loss")
+    assert len(x) == n and y[-1] == loss[-1]
+    shown, _ = g.curve("Loss", "train/loss").getData()
+    assert len(shown) < n // 10                       # peak downsampling to the plot's width
+    g.set_x_axis("tokens")
+    g.redraw()
+    g.grab()
+    assert g.curve_data("Loss", "train/loss")[0][-1] == n * 512
+
+
+def test_nan_and_inf_leave_gaps_and_do_not_break_the_plot(grid):
+    g = grid("ppo")
+    g.add_event(metrics(1, objective__kl="nan", objective__score="inf", objective__entropy=float("nan")))
+    g.redraw()
+    g.grab()
+    g.add_event(metrics(2, objective__kl=0.5, objective__score=1.0, objective__entropy=float("-inf")))
+    g.add_event(metrics(3, objective__kl=0.7, objective__score=1.5, objective__entropy=2.0))
+    g.redraw()
+    g.grab()
+    kl = g.curve_data("KL to reference (nats)", "objective/kl")[1]
+    assert math.isnan(kl[0]) and list(kl[1:]) == [0.5, 0.7]
+    score = g.curve_data("Score", "objective/score")[1]
+    assert math.isnan(score[0]) and list(score[1:]) == [1.0, 1.5]    # inf is a gap on screen...
+    assert g.history.last("objective/entropy") == 2.0
+    assert g.history.arrays("objective/score")[1][0] == math.inf     # ...but kept in the history
+    lo, hi = g.plot_item("Score").viewRange()[1]
+    assert math.isfinite(lo) and math.isfinite(hi)
+
+
+def test_metrics_outside_the_spec_are_offered_singly_and_by_group(grid):
+    g = grid("sft")
+    g.load_events([metrics(5, train__loss=1.0, eval__acc__add=0.5, eval__acc__sort=0.25,
+                           perf__peak_rss_mb=100.0)])
+    g.redraw()
+    choices = g.other_choices()
+    assert {"eval/acc/add", "eval/acc/sort", "eval/acc/*", "perf/peak_rss_mb"} <= set(choices)
+    assert "train/loss" not in choices
+    g.show_other("eval/acc/*")
+    g.redraw()
+    assert g.curve_data(OTHER, "eval/acc/add")[1][0] == 0.5
+    assert g.plot_item(OTHER).titleLabel.text == "eval/acc/*"
+    # A member that appears later joins the chosen group.
+    g.add_event(metrics(6, eval__acc__count=1.0))
+    g.redraw()
+    assert g.curve_data(OTHER, "eval/acc/count")[1][0] == 1.0
+    g.show_other("perf/peak_rss_mb")
+    g.redraw()
+    assert not _has_curve(g, OTHER, "eval/acc/add")
+    with pytest.raises(KeyError):
+        g.show_other("no/such")
+
+
+def test_the_loss_baseline_spans_the_other_curves(grid):
+    g = grid("pretrain")
+    g.load_events([metrics(0, val__unigram_baseline=6.0)] + [metrics(s, train__loss=3.0) for s in (10, 20)])
+    g.redraw()
+    x, y = g.curve_data("Loss", "val/unigram_baseline")
+    assert list(x) == [0, 20] and list(y) == [6.0, 6.0]
+
+
+def test_legend_click_hides_and_shows_a_curve(grid):
+    g = grid("pretrain")
+    g.load_events([metrics(s, train__loss=3.0, val__loss=3.5) for s in (10, 20)])
+    g.redraw()
+    legend = g.legend("Loss")
+    assert legend_text(g, "Loss").split() == ["train/loss", "val/loss"]
+    link = re.findall(r'href="([^"]+)"', legend.text())[1]
+    legend.linkActivated.emit(link)
+    assert not g.curve("Loss", "val/loss").isVisible() and g.curve("Loss", "train/loss").isVisible()
+    assert "line-through" in legend.text()
+    legend.linkActivated.emit(link)
+    assert g.curve("Loss", "val/loss").isVisible()
+
+
+def test_overlay_legend_has_an_entry_per_run_and_per_metric(grid):
+    g = grid("pretrain")
+    runs = [(f"lr {i}", RunHistory.from_events([metrics(s, train__loss=1.0, val__loss=2.0) for s in (1, 2)]))
+            for i in range(3)]
+    g.set_overlay(runs)
+    g.redraw()
+    assert legend_text(g, "Loss").split() == ["lr", "0", "lr", "1", "lr", "2", "train/loss", "val/loss"]
+    links = re.findall(r'href="([^"]+)"', g.legend("Loss").text())
+    g.legend("Loss").linkActivated.emit(links[1])          # run "lr 1": both its curves
+    assert [g.curve("Loss", k, run=1).isVisible() for k in ("train/loss", "val/loss")] == [False, False]
+    assert g.curve("Loss", "val/loss", run=0).isVisible()
+    g.legend("Loss").linkActivated.emit(links[4])          # val/loss: in every run
+    assert [g.curve("Loss", "val/loss", run=r).isVisible() for r in range(3)] == [False, False, False]
+    assert g.curve("Loss", "train/loss", run=0).isVisible()
+
+
+def test_clear_empties_the_grid(grid):
+    g = grid("tokenizer")
+    g.load_events([metrics(0, tokenizer__vocab_size=512, tokenizer__chars_per_token=3.2, tokenizer__train_chars=9)])
+    g.redraw()
+    assert g.curve_data("Vocabulary size", "tokenizer/vocab_size")[1][0] == 512
+    assert g.other_choices() == ["tokenizer/train_chars"]
+    g.clear()
+    g.redraw()
+    assert not _has_curve(g, "Vocabulary size", "tokenizer/vocab_size")
+    assert g.history.keys() == [] and g.other_choices() == []
+
+
+def test_expensive_redraws_are_spaced_out(grid, qtbot, monkeypatch):
+    g = grid("sft")
+    assert g.redraw_interval_ms() == REDRAW_MS
+    paint = GraphicsView.paintEvent
+
+    def slow_paint(self, event):
+        time.sleep(0.03)            # a slow machine, or a million points
+        paint(self, event)
+
+    monkeypatch.setattr(GraphicsView, "paintEvent", slow_paint)
+    steps = iter(range(1, 100_000))
+
+    def stream_until_throttled():
+        g.add_event(metrics(next(steps), train__loss=1.0, train__lr=1e-3))
+        return g.redraw_interval_ms() >= 3 * REDRAW_MS
+
+    qtbot.waitUntil(stream_until_throttled, timeout=10_000)
+    assert g.redraw_interval_ms() <= SLOWEST_MS
+
+
+def test_unknown_stage_is_refused(qtbot):
+    with pytest.raises(ValueError, match="known"):
+        PlotGrid("chat")
+
+
+# ----- stall probe
+
+
+def test_stall_probe_measures_a_blocked_ui_thread(qtbot):
+    probe = StallProbe(interval_ms=10)
+    probe.start()
+    qtbot.wait(50)
+    QTimer.singleShot(0, lambda: time.sleep(0.15))   # a slot that holds the event loop
+    qtbot.wait(100)
+    probe.stop()
+    assert not probe.running
+    assert probe.ticks > 3
+    assert probe.max_stall_ms >= 100                 # slept 150 ms; the probe fires every 10
+    assert probe.percentile(50) <= probe.percentile(100) == probe.max_stall_ms
+    hist = probe.histogram()
+    assert sum(hist.values()) == probe.ticks and hist[">1000ms"] == 0
+    summary = probe.summary()
+    assert summary["ticks"] == probe.ticks and summary["max_stall_ms"] == round(probe.max_stall_ms, 2)
+    probe.start()                                    # starts afresh
+    probe.stop()
+    assert probe.max_stall_ms < 100
+
+
+def test_stall_probe_refuses_a_zero_interval():
+    with pytest.raises(ValueError):
+        StallProbe(interval_ms=0)

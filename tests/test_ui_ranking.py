@@ -1,0 +1,422 @@
+"""The ranking view: rank by keyboard alone and by drag, labels, undo, skip, close and resume,
+guidelines, import/export, a new batch, agreement and the reward model's disagreements.
+
+Every check on what was stored reads the store through a connection of its own, in answer ids,
+so it tests what survives the view, not what the view believes.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PySide6.QtCore import QPoint, Qt
+from shiboken6 import isValid
+
+from ui.ranking_view import RankingView
+from ui.workers import running_workers
+from workbench import guidelines
+from workbench.annotation import AnnotationSession
+from workbench.store import InputError, Store
+
+K = 4
+N_ITEMS = 4
+
+
+@pytest.fixture(autouse=True)
+def no_threads_left():
+    yield
+    assert running_workers() == []
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A project folder whose store holds one batch of N_ITEMS prompts with K answers each."""
+    with Store.for_project(tmp_path) as store:
+        store.create_batch("demo batch", [
+            {"prompt": f"What is {i} plus {i}?",
+             "answers": [{"text": f"answer {j} to item {i}", "meta": {"finished": j != 3,
+                                                                      "n_tokens": 5 + j}}
+                         for j in range(K)]}
+            for i in range(N_ITEMS)], k=K)
+    return tmp_path
+
+
+def make_view(qtbot, project, register=True) -> RankingView:
+    view = RankingView(project)
+    if register:                 # qtbot closes it after the test
+        qtbot.addWidget(view)
+    view.resize(1000, 760)
+    view.show()
+    qtbot.waitExposed(view)
+    return view
+
+
+@pytest.fixture
+def view(qtbot, project):
+    v = make_view(qtbot, project)
+    yield v
+    v.close_store()
+
+
+def stored(project, **kw):
+    with Store.for_project(project) as store:
+        return store.rankings(**kw)
+
+
+def press(qtbot, view, keys) -> int:
+    """Send keys to the view (characters, or Qt key codes); returns how many were pressed."""
+    for key in keys:
+        if isinstance(key, str):
+            qtbot.keyClicks(view, key)
+        else:
+            qtbot.keyClick(view, key)
+    return len(keys)
+
+
+def ids(view, groups):
+    """Display-number groups of the item on screen as answer-id groups."""
+    by_number = {a.number: a.answer_id for a in view.current.answers}
+    return [[by_number[n] for n in g] for g in groups]
+
+
+def start(qtbot, view, batch=1, name="ana", repeats=None):
+    view.open_session(batch, name, repeats)
+    assert view.stack.currentWidget() is view.guide   # first session: the guidelines come first
+    press(qtbot, view, [Qt.Key_Return])
+    assert view.stack.currentWidget() is view.page
+
+
+def test_rank_a_whole_batch_by_keyboard_alone(qtbot, view, project):
+    start(qtbot, view)
+    ret = Qt.Key_Return
+    plans = [  # keys, the ordering they mean (display numbers), at most this many keys
+        (["3", "1", "2", ret], [[3], [1], [2], [4]], 4),            # the last one is implied
+        (["3", "1", "=", "2", ret], [[3], [1, 2], [4]], 5),          # = ties
+        (["1", "2", "3", " ", ret], [[1], [2], [3, 4]], 5),          # Space ties the implied last
+        (["4", "3", "2", "1", ret], [[4], [3], [2], [1]], 5),        # typing the last one is fine
+    ]
+    expected, positions = {}, []
+    for keys, groups, most in plans:
+        want = ids(view, groups)
+        positions.append(view.current.position)
+        item = view.current.item_id
+        assert press(qtbot, view, keys) <= most
+        expected[item] = want
+    assert view.current is None and "All 4 items" in view.page.done.text()
+    got = stored(project)
+    assert {r.item_id: r.ordering for r in got} == expected
+    assert positions == [0, 1, 2, 3] and all(r.annotator == "ana" and not r.simulated for r in got)
+    assert all(r.duration_s is not None for r in got)
+    assert view.page.bar.format() == "4 / 4 ranked"
+
+
+def test_keyboard_mistakes_are_refused_and_can_be_taken_back(qtbot, view, project):
+    start(qtbot, view)
+    press(qtbot, view, ["2", "2"])
+    assert "already ranked" in view.page.status.text()
+    press(qtbot, view, ["9"])
+    assert "1–4" in view.page.status.text()
+    press(qtbot, view, [Qt.Key_Return])
+    assert "more answer" in view.page.status.text() and stored(project) == []
+    press(qtbot, view, ["1", Qt.Key_Backspace, "3", Qt.Key_Escape, "4", "1", "3"])
+    assert view.input.describe() == "4 > 1 > 3 > (2)"
+    assert view.page.cards.card(4).badge.text() == "best"
+    want = ids(view, [[4], [1], [3], [2]])
+    press(qtbot, view, [Qt.Key_Return])
+    assert [r.ordering for r in stored(project)] == [want]
+
+
+def drag(qtbot, card, to: QPoint) -> None:
+    """Press on the card, move it in steps to `to` (in the card list's coordinates), release."""
+    cards = card.parentWidget()
+    start_pos = card.rect().center()
+    qtbot.mousePress(card, Qt.LeftButton, pos=start_pos)
+    goal = card.mapFrom(cards, to)
+    for step in range(1, 6):
+        qtbot.mouseMove(card, start_pos + (goal - start_pos) * (step / 5))
+    qtbot.mouseRelease(card, Qt.LeftButton, pos=card.mapFrom(cards, to))
+
+
+def test_rank_by_drag_and_submit_the_card_order(qtbot, view, project):
+    start(qtbot, view)
+    cards = view.page.cards
+    assert cards.order() == [1, 2, 3, 4]
+    top = cards.card(1).geometry().top()
+    drag(qtbot, cards.card(4), QPoint(20, top + 2))            # 4 to the top
+    assert cards.order() == [4, 1, 2, 3]
+    assert view.input.describe() == "4 > 1 > 2 > 3"
+    bottom = cards.card(3).geometry().bottom()
+    drag(qtbot, cards.card(1), QPoint(20, bottom - 2))          # 1 to the bottom
+    assert cards.order() == [4, 2, 3, 1]
+    want = ids(view, [[4], [2], [3], [1]])
+    first = view.current.item_id
+    press(qtbot, view, [Qt.Key_Return])
+    # Without a drag, Ctrl+Enter submits the order the cards are in.
+    second, want2 = view.current.item_id, ids(view, [[1], [2], [3], [4]])
+    qtbot.keyClick(view, Qt.Key_Return, Qt.ControlModifier)
+    assert {r.item_id: r.ordering for r in stored(project)} == {first: want, second: want2}
+
+
+def test_flags_scores_and_note_are_stored_with_the_ranking(qtbot, view, project):
+    start(qtbot, view)
+    press(qtbot, view, ["f", "2", "h", "f", "2", "m", "f", "1", "o", "f", "1", "o"])  # 1: on, off
+    press(qtbot, view, ["g", "3", "6", "g", "1", "2", "g", "1", "0"])                 # 1: set, cleared
+    assert "harmful" in view.page.cards.card(2).flags_label.text()
+    assert view.page.cards.card(3).score_label.text() == "score 6/7"
+    press(qtbot, view, ["g", "3", "9"])
+    assert "expected a score" in view.page.status.text()
+    press(qtbot, view, ["n"])
+    assert view.page.note.hasFocus()
+    qtbot.keyClicks(view.page.note, "answer 2 makes up a rule")
+    qtbot.keyClick(view.page.note, Qt.Key_Return)
+    assert view.hasFocus()
+    view.page.note.setFocus()
+    qtbot.mouseClick(view.page.cards.card(1), Qt.LeftButton)     # a click on a card: keys again
+    assert view.hasFocus()
+    n2, n3 = ids(view, [[2], [3]])
+    press(qtbot, view, ["2", "3", "1", Qt.Key_Return])
+    (r,) = stored(project)
+    assert r.flags == {n2[0]: ["harmful", "made_up_facts"]}
+    assert r.scores == {n3[0]: 6}
+    assert r.note == "answer 2 makes up a rule"
+    assert view.page.note.text() == ""          # the next item starts without labels
+
+
+def test_undo_offers_the_ranking_again_and_skip_sends_an_item_to_the_back(qtbot, view, project):
+    start(qtbot, view)
+    first = view.current.item_id
+    press(qtbot, view, ["1", "2", "3", Qt.Key_Return])
+    second = view.current.item_id
+    press(qtbot, view, ["g", "1", "7", "2", "1", "3", Qt.Key_Return])
+    qtbot.keyClick(view, Qt.Key_Z, Qt.ControlModifier)
+    assert view.current.item_id == second
+    assert view.input.describe() == "2 > 1 > 3 > 4" and view.input.scores == {1: 7}
+    assert [r.item_id for r in stored(project)] == [first]     # withdrawn, not active
+    want, (one,) = ids(view, [[4], [3], [2], [1]]), ids(view, [[1]])
+    press(qtbot, view, ["4", "3", "2", Qt.Key_Return])           # typing replaces the old one
+    (r,) = stored(project, item_id=second)
+    assert r.ordering == want and r.scores == {one[0]: 7}
+    skipped = view.current.item_id
+    press(qtbot, view, ["s"])
+    assert view.current.item_id != skipped and "1 skipped" in view.page.pace.text()
+    press(qtbot, view, ["1", "2", "3", Qt.Key_Return])
+    assert view.current.item_id == skipped                        # back, at the end
+    press(qtbot, view, ["1", "2", "3", Qt.Key_Return])
+    assert view.current is None
+    assert len(stored(project)) == N_ITEMS
+    assert len(stored(project, include_withdrawn=True)) == N_ITEMS + 1
+
+
+def test_closing_the_view_mid_session_loses_nothing_and_a_new_view_resumes(qtbot, project):
+    view = make_view(qtbot, project, register=False)
+    start(qtbot, view)
+    expected = {}
+    for keys, groups in ((["2", "1", "3"], [[2], [1], [3], [4]]),
+                         (["1", "=", "2", "3"], [[1, 2], [3], [4]])):
+        expected[view.current.item_id] = ids(view, groups)
+        press(qtbot, view, keys + [Qt.Key_Return])
+    press(qtbot, view, ["3", "4"])              # a half-typed ranking is not a submit
+    showing = [a.answer_id for a in view.current.answers]
+    view.close()
+    view.deleteLater()                          # no close_store(): the view is just dropped
+    qtbot.waitUntil(lambda: not isValid(view), timeout=2000)
+    assert {r.item_id: r.ordering for r in stored(project)} == expected
+
+    again = make_view(qtbot, project)
+    assert again.start.name() == "ana" and again.start.selected_batch() == 1
+    press(qtbot, again, [Qt.Key_Return])        # start page: Enter resumes
+    assert again.stack.currentWidget() is again.page   # guidelines already seen for this batch
+    assert [a.answer_id for a in again.current.answers] == showing   # same item, same order
+    assert again.page.bar.format() == "2 / 4 ranked"
+    press(qtbot, again, ["1", "2", "3", Qt.Key_Return])
+    assert len(stored(project)) == 3
+    again.close_store()
+
+
+def test_guidelines_are_shown_once_per_annotator_and_batch_and_edits_persist(qtbot, view, project):
+    assert guidelines.read_guidelines(project) == guidelines.DEFAULT_GUIDELINES
+    start(qtbot, view)
+    press(qtbot, view, [Qt.Key_F1])
+    assert view.stack.currentWidget() is view.guide and "Back to ranking" in view.guide.go.text()
+    view.guide.edit.click()
+    assert view.guide.editing
+    view.guide.editor.setPlainText("# Our rules\n\nCorrect beats short.\n")
+    view.guide.edit.click()                      # Save
+    assert guidelines.read_guidelines(project) == "# Our rules\n\nCorrect beats short.\n"
+    assert "Correct beats short." in view.guide.view.toPlainText()
+    press(qtbot, view, [Qt.Key_Return])
+    assert view.stack.currentWidget() is view.page
+    view.end_session()
+    view.open_session(1, "ana")                  # seen this version: straight to ranking
+    assert view.stack.currentWidget() is view.page
+    view.open_session(1, "bo")                   # another annotator sees them first
+    assert view.stack.currentWidget() is view.guide
+    assert "Correct beats short." in view.guide.view.toPlainText()
+
+
+def test_export_and_import_round_trip_through_the_view(qtbot, view, project, tmp_path_factory):
+    start(qtbot, view)
+    press(qtbot, view, ["f", "1", "h", "3", "1", "=", "2", Qt.Key_Return])
+    press(qtbot, view, ["1", "2", "3", Qt.Key_Return])
+    out = tmp_path_factory.mktemp("out")
+    counts = view.export_preferences(out / "kway.jsonl")
+    assert counts == {"records": 2, "rankings": 2, "human": 2, "simulated": 0}
+    records = [json.loads(line) for line in (out / "kway.jsonl").read_text().splitlines()]
+    assert records[0]["annotator"] == "ana" and len(records[0]["ranking"]) == 3
+    assert view.export_preferences(out / "pairs.jsonl", fmt="pairs")["records"] == 5 + 6
+
+    other = tmp_path_factory.mktemp("other")
+    second = RankingView(other)
+    qtbot.addWidget(second)
+    result = second.import_preferences(out / "kway.jsonl")
+    assert result.records == 2 and not result.existing
+    assert second.start.selected_batch() == result.batch_id
+    with Store.for_project(other) as store:
+        items = {it.id: it for it in store.items(result.batch_id)}
+        back = store.rankings()
+    with Store.for_project(project) as store:
+        orig = store.rankings()
+        orig_items = {it.id: it for it in store.items(1)}
+
+    def texts(rankings, items):
+        return [[sorted(next(a.text for a in items[r.item_id].answers if a.id == i) for i in g)
+                 for g in r.ordering] for r in rankings]
+
+    assert texts(back, items) == texts(orig, orig_items)
+    assert [r.annotator for r in back] == ["ana", "ana"]
+    assert list(back[0].flags.values()) == [["harmful"]]
+    bad = out / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "answers": ["a", "b"], "ranking": [[0], [0]]}\nnot json\n')
+    with pytest.raises(InputError) as e:
+        second.import_preferences(bad)
+    assert "bad.jsonl:1:" in str(e.value) and "bad.jsonl:2:" in str(e.value)
+    bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\nnot json\n')
+    partial = second.import_preferences(bad, skip_bad=True)    # "Import the other records"
+    assert partial.records == 1 and partial.skipped == [f"{bad}:2: invalid JSON at column 1: "
+                                                        "Expecting value"]
+    second.close_store()
+
+
+def test_new_batch_dialog_makes_a_sample_config_and_an_imported_run_opens(qtbot, view, project,
+                                                                          tmp_path_factory):
+    from ui.ranking_dialogs import NewBatchDialog
+
+    ckpt = tmp_path_factory.mktemp("sft-run")
+    prompts = project / "prompts.txt"
+    prompts.write_text("What is 2 plus 2?\nReverse the word cat.\n")
+    dialog = NewBatchDialog(project, lambda: [("sft-run", ckpt)], view)
+    qtbot.addWidget(dialog)
+    dialog.accept()                                     # no prompt file yet: refused, says why
+    assert "prompts" in dialog.error.text() and dialog.result() == 0
+    dialog.prompts.setText(str(prompts))
+    dialog.k.setValue(3)
+    dialog.temperature.setValue(0.7)
+    cfg = dialog.config()
+    assert (cfg.checkpoint, cfg.prompts, cfg.k, cfg.temperature) == (str(ckpt), [str(prompts)], 3, 0.7)
+    with qtbot.waitSignal(view.sampleRequested, timeout=1000) as sig:
+        view.request_sample(cfg)
+    assert sig.args[0] is cfg
+
+    run = tmp_path_factory.mktemp("sample-run")
+    (run / "provenance.json").write_text(json.dumps(
+        {"checkpoint": str(ckpt), "settings": {}, "seed": 0, "k": 3}))
+    (run / "samples.jsonl").write_text("".join(json.dumps(
+        {"prompt": p, "prompt_index": i, "answers": [
+            {"text": f"{p} -> {j}", "n_tokens": 3, "finished": True, "seed": j} for j in range(3)]}
+    ) + "\n" for i, p in enumerate(["What is 2 plus 2?", "Reverse the word cat."])))
+    view.start.annotator.setEditText("cleo")
+    batch_id = view.import_sample_run(run)
+    assert view.session.batch.id == batch_id and view.session.annotator.name == "cleo"
+    press(qtbot, view, [Qt.Key_Return])                 # the guidelines
+    assert view.current.k == 3
+    press(qtbot, view, ["2", Qt.Key_Return])             # K=3 needs two answers typed
+    assert stored(project, batch_id=batch_id) == []
+    press(qtbot, view, ["1", Qt.Key_Return])             # 2 > 1 > (3)
+    assert len(stored(project, batch_id=batch_id)) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tiny_lm_ckpt, tmp_path_factory):
+    """A random reward model on the tiny language model's backbone."""
+    import torch
+
+    from engine import checkpoint as ckpt
+    from engine.artifacts import load_artifact
+    from engine.model import ScalarModel, safetensors_state
+
+    lm = load_artifact(tiny_lm_ckpt)
+    torch.manual_seed(0)
+    weights, meta = safetensors_state(ScalarModel.from_lm(lm.model))
+    root = tmp_path_factory.mktemp("reward-run")
+    ckpt.save_checkpoint(root / "checkpoints", 1, model=weights, model_metadata=meta,
+                         state={"tokenizer_fingerprint": lm.tokenizer.fingerprint(), "stage": "reward"},
+                         extra_files={"tokenizer.json": lm.tokenizer_path})
+    return root
+
+
+def test_agreement_figures_and_rm_disagreements_lead_back_to_ranking(qtbot, view, project, tiny_rm):
+    start(qtbot, view, repeats=1.0)              # every item comes back once, unannounced
+    while view.current is not None:   # the same preference every time: answer 0 best, ...
+        best_first = sorted(view.current.answers, key=lambda a: a.text)
+        press(qtbot, view, [str(a.number) for a in best_first[:-1]] + [Qt.Key_Return])
+    assert len(stored(project, include_repeats=True)) == 2 * N_ITEMS
+    with Store.for_project(project) as store:    # a second annotator, outside the view
+        other = AnnotationSession(store, 1, "bo", seed=5)
+        while other.current() is not None:
+            other.submit("4 3 2 1")
+    view.tabs.setCurrentIndex(1)
+    agreement = view.agreement
+    assert agreement.repeats.item(0, 0).text() == "ana"
+    assert agreement.repeats.item(0, 3).text() == "100.0%"
+    assert agreement.between.item(0, 0).text() == "ana ~ bo"
+
+    worker = agreement.score_with(tiny_rm)
+    with qtbot.waitSignal(agreement.scored, timeout=20_000) as sig:
+        pass
+    worker.wait()
+    rows = sig.args[0]
+    assert rows and all(d.margin > 0 for d in rows)
+    assert [d.margin for d in rows] == sorted((d.margin for d in rows), reverse=True)
+    assert agreement.pairs.rowCount() == len(rows)
+    ana = next(d for d in rows if d.annotator == "ana")
+    row = rows.index(ana)
+    before = {r.item_id: r.id for r in stored(project, include_repeats=False) if r.annotator == "ana"}
+    agreement.pairs.cellWidget(row, 5).click()
+    assert view.tabs.currentIndex() == 0 and view.stack.currentWidget() is view.page
+    assert view.current.item_id == ana.item_id and view.current.previous is not None
+    assert ana.item_id not in {r.item_id for r in stored(project, include_repeats=False)
+                               if r.annotator == "ana"}
+    press(qtbot, view, [Qt.Key_Return])          # resubmit the offered ranking as it was
+    after = {r.item_id: r.id for r in stored(project, include_repeats=False) if r.annotator == "ana"}
+    assert set(after) == set(before) and after[ana.item_id] != before[ana.item_id]
+
+
+def test_import_and_export_buttons_without_modal_dialogs(qtbot, view, project, monkeypatch):
+    import ui.ranking_view as rv
+
+    start(qtbot, view)
+    press(qtbot, view, ["2", "1", "3", Qt.Key_Return])
+    told = []
+    monkeypatch.setattr(rv.QMessageBox, "information", lambda _p, _t, text: told.append(text))
+
+    class Export(rv.ExportDialog):
+        def exec(self):
+            self.pairs.setChecked(True)
+            self.path.setText(str(project / "out" / "pairs.jsonl"))
+            return 1
+
+    monkeypatch.setattr(rv, "ExportDialog", Export)
+    view.export_clicked()
+    assert "Wrote 6 record(s) from 1 ranking(s) (1 human, 0 simulated)" in told[-1]
+    assert len((project / "out" / "pairs.jsonl").read_text().splitlines()) == 6
+
+    bad = project / "mixed.jsonl"
+    bad.write_text((project / "out" / "pairs.jsonl").read_text() + "{oops\n")
+    monkeypatch.setattr(rv.QFileDialog, "getOpenFileName", lambda *a, **k: (str(bad), ""))
+    refused = []
+    monkeypatch.setattr(rv, "show_error", lambda _p, _t, e, go_on=None: refused.append(e) or True)
+    view.import_clicked()
+    assert f"{bad}:7:" in str(refused[0])
+    assert "Imported 6 ranking(s) of 6 item(s)" in told[-1] and "leaving out 1 bad" in told[-1]
+    view.import_clicked()
+    assert "imported before" in told[-1]

@@ -1,0 +1,346 @@
+"""Compare mode: one prompt, two checkpoints answering side by side, and a vote that is kept.
+
+Both answers stream at once, each from its own Worker: the user reads them as they grow at
+the same pace, and neither side gets the advantage of being read first while the other is
+still waiting. (On a small CPU the two share the cores, so each runs at about half speed; the
+total time is the same as one after the other.)
+
+Blind mode (on by default, since it is what makes a vote usable as preference data) labels the
+panes "A" and "B" and puts the two models on a random side for every prompt; the names appear
+after the vote. A vote is stored at once in the project's annotation store (see
+workbench.comparisons), where the reward model's dataset and the preference exports find it.
+"""
+from __future__ import annotations
+
+import getpass
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QKeySequence, QPalette, QShortcut, QTextCursor
+from PySide6.QtWidgets import (QCheckBox, QFrame, QGridLayout, QHBoxLayout, QLabel, QLineEdit,
+                               QPlainTextEdit, QSplitter, QVBoxLayout, QWidget)
+
+from engine.chat import ChatSession
+from ui.chat_view import (Banner, Checkpoints, CheckpointPicker, PromptEdit, button, error_text,
+                          input_row, tokens)
+from ui.sampling_controls import SamplingControls
+from ui.workers import Worker
+from workbench import comparisons
+from workbench.model_cache import ModelCache, Reply, run_reply
+from workbench.store import Store
+
+SIDES = ("left", "right")
+
+
+class AnswerPane(QFrame):
+    """One side: a title, what is known about its model, the streaming answer, its numbers."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setFrameShape(QFrame.StyledPanel)
+        self.title = QLabel()
+        font = self.title.font()
+        font.setPointSizeF(font.pointSizeF() * 1.25)
+        font.setBold(True)
+        self.title.setFont(font)
+        self.subtitle = QLabel()
+        self.subtitle.setForegroundRole(QPalette.PlaceholderText)
+        self.subtitle.setWordWrap(True)
+        self.text = QPlainTextEdit()
+        self.text.setReadOnly(True)
+        self.text.setFrameShape(QFrame.NoFrame)
+        self.stats = QLabel()
+        self.stats.setForegroundRole(QPalette.PlaceholderText)
+        col = QVBoxLayout(self)
+        col.addWidget(self.title)
+        col.addWidget(self.subtitle)
+        col.addWidget(self.text, 1)
+        col.addWidget(self.stats)
+
+    def reset(self, title: str, subtitle: str) -> None:
+        self.title.setText(title)
+        self.subtitle.setText(subtitle)
+        self.text.clear()
+        self.stats.clear()
+
+    def append(self, delta: str) -> None:
+        bar = self.text.verticalScrollBar()
+        at_end = bar.value() >= bar.maximum() - 4
+        cursor = QTextCursor(self.text.document())
+        cursor.movePosition(QTextCursor.End)
+        cursor.insertText(delta)
+        if at_end:
+            bar.setValue(bar.maximum())
+
+    def answer(self) -> str:
+        return self.text.toPlainText()
+
+
+@dataclass
+class _Run:
+    """One side of the current round."""
+    model: str                  # "Model 1" or "Model 2": which picker it came from
+    path: Path
+    label: str
+    session: ChatSession
+    worker: Optional[Worker] = None
+    reply: Optional[Reply] = None
+    error: str = ""
+
+
+@dataclass
+class _Round:
+    prompt: str
+    system: Optional[str]
+    settings: dict
+    blind: bool
+    runs: dict                  # side -> _Run
+    finished_at: Optional[float] = None
+    verdict: Optional[str] = None
+
+
+class CompareView(QWidget):
+    """Two checkpoints, one prompt, a blind vote stored as a preference pair."""
+
+    roundFinished = Signal()            # both answers are in (or failed)
+    voteStored = Signal(object)         # comparisons.Stored
+    errorShown = Signal(str)
+
+    def __init__(self, project_dir: Path, checkpoints: Checkpoints,
+                 cache: Optional[ModelCache] = None, parent=None):
+        super().__init__(parent)
+        self.project_dir = Path(project_dir)
+        self.cache = cache if cache is not None else ModelCache()
+        self.rng = random.Random()
+        self.round: Optional[_Round] = None
+
+        self.pickers = (CheckpointPicker(checkpoints), CheckpointPicker(checkpoints))
+        if self.pickers[1].count() > 2:   # two checkpoints and Browse: start with two different ones
+            self.pickers[1].select_index(1)
+        self.blind = QCheckBox("Blind")
+        self.blind.setChecked(True)
+        self.blind.setToolTip("Hide which model wrote which answer, and put them on random sides, "
+                              "until you have voted")
+        self.annotator = QLineEdit(_user_name())
+        self.annotator.setToolTip("Your name in the annotation store: votes are kept as yours")
+        self.annotator.setMaximumWidth(160)
+        self.system = QLineEdit()
+        self.system.setPlaceholderText("System prompt (optional)")
+        self.sampling = SamplingControls(columns=4)
+        self.panes = {side: AnswerPane() for side in SIDES}
+        self.vote_buttons = {"left": button("◀  Left is better", ""), "tie": button("Tie", ""),
+                             "right": button("Right is better  ▶", "")}
+        for key, (verdict, b) in zip("123", self.vote_buttons.items()):
+            b.setToolTip(f"Store this judgement (Ctrl+{key})")
+            b.clicked.connect(lambda _=False, v=verdict: self.vote(v))
+            QShortcut(QKeySequence(f"Ctrl+{key}"), self, lambda v=verdict: self.vote(v),
+                      context=Qt.WidgetWithChildrenShortcut)
+        self.status = QLabel("Ask both models the same question, then say which answer is better.")
+        self.status.setForegroundRole(QPalette.PlaceholderText)
+        self.banner = Banner()
+        self.input = PromptEdit("Prompt for both models (Enter sends, Shift+Enter for a new line)")
+        self.send_button = button("Send", "Ask both models (Enter)")
+        self.stop_button = button("Stop", "Stop both answers (Esc)")
+        self._layout()
+
+        self.input.submitted.connect(self.send)
+        self.send_button.clicked.connect(self.send)
+        self.stop_button.clicked.connect(self.stop)
+        for picker in self.pickers:
+            picker.pathChanged.connect(self._update)
+        self.input.escaped.connect(self.stop)
+        for side in SIDES:
+            self.panes[side].reset("Left" if side == "left" else "Right", "")
+        self._update()
+
+    def _layout(self) -> None:
+        models = QGridLayout()
+        for i, picker in enumerate(self.pickers):
+            models.addWidget(QLabel(f"Model {i + 1}"), 0, 2 * i)
+            models.addWidget(picker, 0, 2 * i + 1)
+            models.setColumnStretch(2 * i + 1, 1)
+        models.addWidget(self.blind, 0, 4)
+        models.addWidget(QLabel("Annotator"), 0, 5)
+        models.addWidget(self.annotator, 0, 6)
+
+        split = QSplitter()
+        for side in SIDES:
+            split.addWidget(self.panes[side])
+            split.setCollapsible(split.count() - 1, False)
+
+        votes = QHBoxLayout()
+        votes.addWidget(self.status, 1)
+        for b in self.vote_buttons.values():
+            votes.addWidget(b)
+
+        outer = QVBoxLayout(self)
+        outer.addLayout(models)
+        outer.addWidget(self.sampling)
+        outer.addWidget(self.system)
+        outer.addWidget(split, 1)
+        outer.addLayout(votes)
+        outer.addWidget(self.banner)
+        outer.addLayout(input_row(self.input, self.send_button, self.stop_button))
+
+    # --- public API ----------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self.round is not None and any(r.worker is not None for r in self.round.runs.values())
+
+    @property
+    def can_vote(self) -> bool:
+        r = self.round
+        return (r is not None and not self.busy and r.verdict is None
+                and all(run.reply is not None for run in r.runs.values()))
+
+    def refresh(self) -> None:
+        for picker in self.pickers:
+            picker.refresh()
+
+    def send(self) -> None:
+        prompt = self.input.toPlainText().strip()
+        paths = [p.path() for p in self.pickers]
+        if self.busy or not prompt:
+            return
+        if None in paths:
+            self._error("Pick a checkpoint for both models first.")
+            return
+        blind = self.blind.isChecked()
+        system = self.system.text().strip() or None
+        runs = [_Run(f"Model {i + 1}", paths[i], self.pickers[i].label(),
+                     ChatSession(None, None, system_prompt=system, settings=self.sampling.settings()))
+                for i in range(2)]
+        if blind and self.rng.random() < 0.5:
+            runs.reverse()
+        self.round = _Round(prompt, system, asdict(self.sampling.settings()), blind,
+                            dict(zip(SIDES, runs)))
+        for side, letter in zip(SIDES, "AB"):
+            run = self.round.runs[side]
+            if blind:
+                self.panes[side].reset(letter, "which model this is stays hidden until you vote")
+            else:
+                self.panes[side].reset(run.label, run.model)
+            run.worker = Worker(run_reply, run.session, self.cache, run.path, "send", prompt)
+            run.worker.progress.connect(self.panes[side].append)
+            run.worker.finished.connect(lambda reply, s=side: self._on_reply(s, reply))
+            run.worker.errored.connect(lambda text, s=side: self._on_error(s, text))
+            run.worker.done.connect(lambda s=side: self._on_done(s))
+        if self.banner.kind == "error":
+            self.banner.dismiss()
+        self.status.setText("Both models are answering…")
+        for run in runs:
+            run.worker.start()
+        self._update()
+
+    def stop(self) -> None:
+        if self.round is None:
+            return
+        for run in self.round.runs.values():
+            if run.worker is not None:
+                run.worker.cancel()
+                run.session.stop()
+
+    def vote(self, verdict: str) -> None:
+        """Store the judgement ("left", "right" or "tie") and reveal the models."""
+        if not self.can_vote:
+            return
+        r = self.round
+        name = self.annotator.text().strip()
+        if not name:
+            self._error("Enter your name as the annotator first: votes are stored as yours.")
+            return
+        left, right = (self._side(s) for s in SIDES)
+        waited = time.monotonic() - r.finished_at if r.finished_at is not None else None
+        try:
+            with Store.for_project(self.project_dir) as store:
+                stored = comparisons.record(store, r.prompt, left, right, verdict, annotator=name,
+                                            blind=r.blind, system_prompt=r.system,
+                                            settings=r.settings, duration_s=waited)
+                tally = comparisons.tally(store)
+        except Exception as e:  # noqa: BLE001 - a vote that cannot be kept is said so in the view
+            self._error(f"The vote was not stored: {e}")
+            return
+        r.verdict = verdict
+        for side, letter in zip(SIDES, "AB"):
+            run = r.runs[side]
+            if r.blind:
+                self.panes[side].title.setText(f"{letter}: {run.label}")
+            self.panes[side].subtitle.setText(f"{run.model} · {run.path}")
+        said = {"left": "left is better", "right": "right is better", "tie": "a tie"}[verdict]
+        self.status.setText(f"Stored: {said}. {tally['total']} comparison(s) in the store "
+                            f"(left {tally['left']}, right {tally['right']}, tie {tally['tie']}).")
+        self.input.selectAll()
+        self.input.setFocus()
+        self._update()
+        self.voteStored.emit(stored)
+
+    def shutdown(self) -> None:
+        """Stop both answers and wait for their threads to end."""
+        if self.round is None:
+            return
+        self.stop()
+        for run in self.round.runs.values():
+            if run.worker is not None:
+                run.worker.wait()
+
+    # --- the round -----------------------------------------------------------------------
+    def _side(self, side: str) -> comparisons.Side:
+        run = self.round.runs[side]
+        reply = run.reply
+        return comparisons.Side(reply.text, reply.info["checkpoint"], run.label, {
+            "model": run.model, "n_tokens": reply.n_tokens, "seed": reply.seed,
+            "stopped": reply.stopped})
+
+    def _on_reply(self, side: str, reply: Optional[Reply]) -> None:
+        run = self.round.runs[side]
+        if reply is None:
+            run.error = "stopped before it began"
+            self.panes[side].stats.setText(run.error)
+            return
+        run.reply = reply
+        rate = reply.n_tokens / reply.seconds if reply.seconds > 0 else 0.0
+        self.panes[side].stats.setText(f"{tokens(reply.n_tokens)} · {rate:.1f} tokens/s"
+                                       + (" · stopped" if reply.stopped else ""))
+
+    def _on_error(self, side: str, text: str) -> None:
+        run = self.round.runs[side]
+        run.error = error_text(text)
+        self.panes[side].stats.setText("failed")
+        who = dict(zip(SIDES, "AB"))[side] if self.round.blind else run.label
+        self._error(f"{who}: {run.error}")
+
+    def _on_done(self, side: str) -> None:
+        self.round.runs[side].worker = None
+        if not self.busy:
+            self.round.finished_at = time.monotonic()
+            if self.can_vote:
+                self.status.setText("Which answer is better?")
+            else:
+                self.status.setText("No vote this time: an answer is missing. Send again.")
+            self.roundFinished.emit()
+        self._update()
+
+    def _error(self, text: str) -> None:
+        self.banner.show_message(text, "error")
+        self.errorShown.emit(text)
+
+    def _update(self) -> None:
+        busy = self.busy
+        both = all(p.path() is not None for p in self.pickers)
+        self.send_button.setEnabled(not busy and both)
+        self.stop_button.setEnabled(busy)
+        for b in self.vote_buttons.values():
+            b.setEnabled(self.can_vote)
+        for w in (*self.pickers, self.blind, self.sampling, self.system):
+            w.setEnabled(not busy)
+
+
+def _user_name() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no login name (some containers): the user types one
+        return ""

@@ -1,0 +1,537 @@
+"""Live metric plots: a grid of pyqtgraph plots per stage, fed by the engine's `metrics` events.
+
+Events arrive far faster than a screen needs them (a step every few milliseconds on a GPU), so
+`add_event` only appends to numpy buffers (ui/run_history.py) and marks the grid dirty; a
+~15 Hz timer hands the buffers to the curves, and only the curves whose series changed. Curves
+draw with peak downsampling and clip-to-view, as in pyqtgraph's examples/scrollingPlots.py, so
+pyqtgraph draws about as many points as a plot is pixels wide however long the run. When a
+redraw still costs more than UI_SHARE of the interval (a million points, a slow machine), the
+timer slows down instead of starving the UI.
+
+Which plots a stage gets is data (`PLOT_SPECS`), built from the keys the engine emits:
+engine/trainer.py (every gradient stage), engine/pretrain.py, engine/sft.py, engine/reward.py,
+engine/ppo.py, engine/tokenizer.py and engine/sample.py. Any other key a run emits (per-task SFT
+accuracies, PPO score quantiles, timings, memory) can be shown in the last plot, chosen from
+the "Other metrics" list singly or by prefix group ("eval/acc/*"), so a metric added to the
+engine is visible without a UI change.
+"""
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QEvent, Qt, QTimer
+from PySide6.QtGui import QColor, QPalette
+from PySide6.QtWidgets import QComboBox, QGridLayout, QHBoxLayout, QLabel, QVBoxLayout, QWidget
+
+from ui.run_history import TOKENS, RunHistory, Series  # noqa: F401 - Series is part of this module's API
+
+REDRAW_MS = 66              # ~15 Hz: smooth to the eye, a small share of the UI thread
+SLOWEST_MS = 2000           # the longest the adaptive interval grows to
+UI_SHARE = 0.3              # the most of the UI thread that redrawing plots may take
+MARKERS_UP_TO = 100         # sparse series (evaluations, one-off stats) get point markers
+OTHER = "Other metrics"
+
+_STEP_KEYS = ["train/loss", "val/loss"]
+_TRAINING = [("Learning rate", ["train/lr"]),
+             ("Gradient norm", ["train/grad_norm"]),
+             ("Throughput (tokens/s)", ["perf/tokens_per_s"])]
+
+PLOT_SPECS: dict[str, list[tuple[str, list[str]]]] = {
+    "tokenizer": [("Vocabulary size", ["tokenizer/vocab_size"]),
+                  ("Characters per token", ["tokenizer/chars_per_token"])],
+    "pretrain": [("Loss", _STEP_KEYS + ["val/unigram_baseline"]), *_TRAINING,
+                 ("Model FLOPs utilisation", ["perf/mfu"])],
+    "sft": [("Loss", _STEP_KEYS), ("Task accuracy", ["eval/task_accuracy", "eval/task_score"]),
+            *_TRAINING],
+    "sample": [("Finished answers (fraction)", ["sample/finished_fraction"]),
+               ("Answer length (tokens)", ["sample/mean_tokens"])],
+    "reward": [("Loss", _STEP_KEYS),
+               ("Accuracy", ["train/accuracy", "val/accuracy"]),
+               ("Margin", ["train/margin", "val/margin"]),
+               ("Reward mean", ["train/reward_mean", "val/reward_mean"]),
+               ("Reward std", ["train/reward_std", "val/reward_std"]),
+               *_TRAINING],
+    # KL and β get separate plots: β is ~0.05 and KL several nats, so on one axis β is a flat
+    # line at zero exactly when an adaptive β is worth watching. loss/ptx (PPO-ptx only, an LM
+    # loss of a few nats) would flatten the policy loss the same way: it is under Other metrics.
+    "ppo": [("Score", ["objective/score", "objective/rlhf_reward"]),
+            ("Score quantiles", ["score/p10", "score/p50", "score/p90"]),
+            ("KL to reference (nats)", ["objective/kl"]),
+            ("KL coefficient β", ["objective/kl_coef"]),
+            ("Entropy", ["objective/entropy"]),
+            ("Clip fraction", ["policy/clipfrac", "value/clipfrac"]),
+            ("Policy loss", ["loss/policy"]),
+            ("Value loss", ["loss/value"]),
+            ("Ratio π/π_old", ["val/ratio", "val/ratio_first"]),
+            ("Answer length (tokens)", ["rollout/length"]),
+            ("Answers ending with the end token", ["rollout/eos_fraction"])],
+}
+
+# Tableau 10: distinct on white and on dark grey, and mostly colour-blind safe in its first five.
+COLORS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
+          "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
+_DASHES = [Qt.SolidLine, Qt.DashLine, Qt.DotLine, Qt.DashDotLine]
+_GLYPHS = {Qt.SolidLine: "━━", Qt.DashLine: "╍╍", Qt.DotLine: "┉┉", Qt.DashDotLine: "━╍"}
+
+
+def _short(v: float) -> str:
+    a = abs(v)
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if a >= div:
+            return f"{v / div:.3g}{suffix}"
+    return f"{v:g}"
+
+
+class _CountAxis(pg.AxisItem):
+    """Large values as 250k, 1.5M, 2B rather than pyqtgraph's '(x1e+06)' axis label."""
+
+    def __init__(self, orientation: str):
+        super().__init__(orientation)
+        self.enableAutoSIPrefix(False)
+
+    def tickStrings(self, values, scale, spacing):
+        if max((abs(v) for v in values), default=0.0) * scale < 1e4:
+            return super().tickStrings(values, scale, spacing)
+        return [_short(v * scale) for v in values]
+
+
+class _Clock:
+    """Seconds spent painting the grid's plots, summed until read."""
+    __slots__ = ("busy",)
+
+    def __init__(self):
+        self.busy = 0.0
+
+    def take(self) -> float:
+        busy, self.busy = self.busy, 0.0
+        return busy
+
+
+class _TimedPlot(pg.PlotWidget):
+    """A PlotWidget that adds the time of its repaints to a clock: the cost of a redraw is
+    mostly paid here, after redraw() has returned."""
+
+    def __init__(self, clock: _Clock, **kwargs):
+        super().__init__(**kwargs)
+        self._clock = clock
+
+    def paintEvent(self, event) -> None:
+        t = time.perf_counter()
+        super().paintEvent(event)
+        self._clock.busy += time.perf_counter() - t
+
+
+@dataclass
+class _Cell:
+    title: str
+    keys: list[str]
+    widget: pg.PlotWidget
+    legend: QLabel
+    frame: QWidget
+    curves: dict = field(default_factory=dict)      # (run index, key) -> PlotDataItem
+    drawn: dict = field(default_factory=dict)       # (run index, key) -> what the curve holds
+    styles: dict = field(default_factory=dict)      # (run index, key) -> (colour index, dash)
+    entries: list = field(default_factory=list)     # the legend's entries, as _legend_entries
+
+
+class PlotGrid(QWidget):
+    """The plots of one stage, fed live (`add_event`), from a file (`load_events`), or overlaying
+    several finished runs (`set_overlay`, for the runs browser)."""
+
+    def __init__(self, stage: str, parent: Optional[QWidget] = None):
+        super().__init__(parent)
+        if stage not in PLOT_SPECS:
+            raise ValueError(f"no plots for stage {stage!r}; known: {', '.join(PLOT_SPECS)}")
+        self.stage = stage
+        self.history = RunHistory()
+        self._overlay: Optional[list[tuple[str, RunHistory]]] = None
+        self._x_mode = "step"
+        self._dirty = False
+        self._other_keys: set[str] = set()
+        self._timer = QTimer(self)
+        self._timer.setInterval(REDRAW_MS)
+        self._timer.timeout.connect(self._tick)
+        self._clock = _Clock()
+        self._redraw_s = 0.0
+
+        self.other_box = QComboBox()
+        self.other_box.setPlaceholderText("choose a metric")
+        self.other_box.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.other_box.currentIndexChanged.connect(self._other_chosen)
+        self.x_axis_box = QComboBox()
+        self.x_axis_box.addItem("Step", "step")
+        self.x_axis_box.addItem("Tokens", "tokens")
+        self.x_axis_box.currentIndexChanged.connect(self._x_axis_chosen)
+
+        specs = PLOT_SPECS[stage] + [(OTHER, [])]
+        self._cells = {title: self._make_cell(title, keys) for title, keys in specs}
+        self._spec_keys = {k for _, keys in PLOT_SPECS[stage] for k in keys}
+
+        # The chooser sits in the bar, not in its cell, so every plot in the grid is the same size.
+        bar = QHBoxLayout()
+        bar.addWidget(QLabel(OTHER))
+        bar.addWidget(self.other_box, 1)
+        bar.addStretch(2)
+        bar.addWidget(QLabel("x axis"))
+        bar.addWidget(self.x_axis_box)
+        grid = QGridLayout()
+        grid.setSpacing(6)
+        cols = 2 if len(specs) in (2, 4) else 3
+        for i, cell in enumerate(self._cells.values()):
+            grid.addWidget(cell.frame, i // cols, i % cols)
+        for c in range(cols):
+            grid.setColumnStretch(c, 1)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addLayout(bar)
+        outer.addLayout(grid, 1)
+        self._apply_palette()
+
+    # ----- feeding data
+
+    def add_event(self, ev: dict) -> None:
+        """Any engine event; metrics are buffered and drawn on the next redraw tick."""
+        if self.history.add_event(ev) and self._overlay is None:
+            self._schedule()
+
+    def load_events(self, events: Iterable[dict]) -> None:
+        """A run's whole event list at once (reopening a run): much faster than add_event."""
+        if self.history.add_events(events) and self._overlay is None:
+            self._schedule()
+
+    def set_overlay(self, runs: Optional[list[tuple[str, RunHistory]]]) -> None:
+        """Draw these runs together, one colour per run (None or []: back to this grid's own)."""
+        self._overlay = list(runs) if runs else None
+        self._reset_curves()
+        self._schedule()
+
+    def refresh(self) -> None:
+        """Redraw soon: for overlaid histories that their owner appended to."""
+        self._schedule()
+
+    def clear(self) -> None:
+        self.history = RunHistory()
+        self._overlay = None
+        self._other_keys = set()
+        self.other_box.blockSignals(True)
+        self.other_box.clear()
+        self.other_box.blockSignals(False)
+        self._cells[OTHER].keys = []
+        self._reset_curves()
+
+    def set_x_axis(self, mode: str) -> None:
+        if mode not in ("step", "tokens"):
+            raise ValueError(f"x axis must be 'step' or 'tokens', not {mode!r}")
+        if mode == self._x_mode:
+            return
+        self._x_mode = mode
+        self.x_axis_box.blockSignals(True)
+        self.x_axis_box.setCurrentIndex(self.x_axis_box.findData(mode))
+        self.x_axis_box.blockSignals(False)
+        for cell in self._cells.values():
+            cell.drawn.clear()
+            cell.widget.getPlotItem().enableAutoRange(x=True)
+        self._schedule()
+
+    def _x_axis_chosen(self, index: int) -> None:
+        self.set_x_axis(self.x_axis_box.itemData(index))
+
+    def x_axis(self) -> str:
+        return self._x_mode
+
+    def redraw_interval_ms(self) -> int:
+        """The live redraw period now: REDRAW_MS, or longer while redraws are expensive."""
+        return self._timer.interval()
+
+    # ----- inspection (tests, and panels that show the latest value)
+
+    def titles(self) -> list[str]:
+        return list(self._cells)
+
+    def plot_item(self, title: str) -> pg.PlotItem:
+        return self._cells[title].widget.getPlotItem()
+
+    def curve(self, title: str, key: str, run: int = 0) -> pg.PlotDataItem:
+        """The curve of `key` in plot `title` (run: its index in the overlay); KeyError if none."""
+        return self._cells[title].curves[(run, key)]
+
+    def curve_data(self, title: str, key: str, run: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The full data handed to a curve (before downsampling and clipping)."""
+        c = self.curve(title, key, run)
+        return c.xData, c.yData
+
+    def legend(self, title: str) -> QLabel:
+        """The legend under plot `title`: rich text, one link per entry (click: hide/show)."""
+        return self._cells[title].legend
+
+    def other_choices(self) -> list[str]:
+        return [self.other_box.itemText(i) for i in range(self.other_box.count())]
+
+    def show_other(self, choice: str) -> None:
+        """Show one metric, or a prefix group such as "score/*", in the Other metrics plot."""
+        i = self.other_box.findText(choice)
+        if i < 0:
+            raise KeyError(choice)
+        self.other_box.setCurrentIndex(i)
+
+    # ----- drawing
+
+    def _runs(self) -> list[tuple[str, RunHistory]]:
+        return self._overlay if self._overlay is not None else [("", self.history)]
+
+    def _schedule(self) -> None:
+        self._dirty = True
+        if not self._timer.isActive() and self.isVisible():
+            self._timer.start()
+
+    def _tick(self) -> None:
+        # A hidden grid (another stage's page) waits for showEvent instead of drawing unseen.
+        if not self._dirty or not self.isVisible():
+            self._timer.stop()
+            return
+        # Orange-style throttle: when the last redraw and its repaints cost more than UI_SHARE
+        # of the interval (a million points, many runs, a slow machine), redraw less often
+        # rather than starve input and the event stream.
+        cost_ms = (self._redraw_s + self._clock.take()) * 1000
+        self._timer.setInterval(int(min(SLOWEST_MS, max(REDRAW_MS, cost_ms / UI_SHARE))))
+        t = time.perf_counter()
+        self.redraw()
+        self._redraw_s = time.perf_counter() - t
+
+    def redraw(self) -> None:
+        """Hand every changed series to its curve now (the timer calls this ~15 times a second)."""
+        self._dirty = False
+        runs = self._runs()
+        self._update_other_choices(runs)
+        overlay = self._overlay is not None
+        any_tokens = False
+        for cell in self._cells.values():
+            for ri, (_label, hist) in enumerate(runs):
+                tok = hist.series.get(TOKENS) if self._x_mode == "tokens" else None
+                any_tokens |= tok is not None
+                for ki, key in enumerate(cell.keys):
+                    s = hist.series.get(key)
+                    if s is None or not len(s):
+                        continue
+                    stamp = (s.version, tok.version if tok is not None else None)
+                    if key.endswith("_baseline"):
+                        # A baseline spans the plot's other curves, so it moves when they do.
+                        stamp = (stamp, tuple(hist.series[k].version for k in cell.keys if k in hist.series))
+                    if cell.drawn.get((ri, key)) == stamp:
+                        continue
+                    curve = cell.curves.get((ri, key))
+                    if curve is None:
+                        dash = _DASHES[ki % len(_DASHES)] if overlay else (
+                            Qt.DashLine if key.endswith("_baseline") else Qt.SolidLine)
+                        curve = cell.widget.plot(symbolPen=None)
+                        cell.curves[(ri, key)] = curve
+                        cell.styles[(ri, key)] = (ri if overlay else ki, dash)
+                        self._style_curve(curve, cell.styles[(ri, key)])
+                        self._update_legend(cell)
+                    x, y = hist.arrays(key, self._x_mode)
+                    if key.endswith("_baseline"):
+                        x, y = self._baseline(cell, hist, x, y)
+                    if s.nonfinite:
+                        # A gap where a value was nan or inf, so the view's range stays finite;
+                        # nothing at all while no value is finite (pyqtgraph's range code warns
+                        # on an all-NaN array, inside a paint call where a warning can't surface).
+                        finite = np.isfinite(y)
+                        x, y = (x, np.where(finite, y, np.nan)) if finite.any() else (x[:0], y[:0])
+                    markers = len(s) <= MARKERS_UP_TO and not key.endswith("_baseline")
+                    # The series knows whether it holds a non-finite value: spare pyqtgraph its
+                    # own scan of every point on every redraw.
+                    curve.setData(x, y, symbol="o" if markers else None, symbolSize=5,
+                                  skipFiniteCheck=not s.nonfinite)
+                    cell.drawn[(ri, key)] = stamp
+        label = "tokens" if any_tokens else "step"
+        for cell in self._cells.values():
+            axis = cell.widget.getPlotItem().getAxis("bottom")
+            if axis.labelText != label:
+                axis.setLabel(label)
+
+    def _baseline(self, cell: _Cell, hist: RunHistory, x: np.ndarray, y: np.ndarray):
+        """A reference value measured once (the unigram model's loss), drawn as a level line
+        from where it was measured to the end of the plot's other curves."""
+        ends = [hist.arrays(k, self._x_mode)[0][-1] for k in cell.keys
+                if k in hist.series and len(hist.series[k]) and not k.endswith("_baseline")]
+        end = max(ends + [x[-1]])
+        return np.array([x[0], end]), np.array([y[-1], y[-1]])
+
+    def _reset_curves(self) -> None:
+        for cell in self._cells.values():
+            self._empty(cell)
+        self._dirty = True
+
+    def _empty(self, cell: _Cell) -> None:
+        for curve in cell.curves.values():
+            cell.widget.removeItem(curve)
+        cell.curves.clear()
+        cell.drawn.clear()
+        cell.styles.clear()
+        cell.widget.getPlotItem().enableAutoRange()
+        self._update_legend(cell)
+
+    def _update_other_choices(self, runs) -> None:
+        keys = set().union(*(h.series.keys() for _, h in runs)) - self._spec_keys
+        if keys == self._other_keys:
+            return
+        self._other_keys = keys
+        groups: dict[str, int] = {}
+        for k in keys:
+            g = k.rsplit("/", 1)[0]
+            groups[g] = groups.get(g, 0) + 1
+        choices = sorted(keys | {f"{g}/*" for g, n in groups.items() if n > 1})
+        current = self.other_box.currentText()
+        self.other_box.blockSignals(True)
+        self.other_box.clear()
+        self.other_box.addItems(choices)
+        self.other_box.setCurrentIndex(self.other_box.findText(current) if current else -1)
+        self.other_box.blockSignals(False)
+        # A chosen group takes in members that appeared since (a new task kind's accuracy).
+        self._cells[OTHER].keys = self._keys_for(current)
+
+    def _keys_for(self, choice: str) -> list[str]:
+        if choice.endswith("/*"):
+            prefix = choice[:-1]
+            return sorted(k for k in self._other_keys if k.startswith(prefix) and "/" not in k[len(prefix):])
+        return [choice] if choice in self._other_keys else []
+
+    def _other_chosen(self, index: int) -> None:
+        cell = self._cells[OTHER]
+        self._empty(cell)
+        choice = self.other_box.itemText(index) if index >= 0 else ""
+        cell.keys = self._keys_for(choice)
+        cell.widget.getPlotItem().setTitle(choice or OTHER, color=self.palette().color(QPalette.Text).name(),
+                                           size="9pt")
+        self._schedule()
+
+    # ----- legend: a label under the plot, so it never hides the newest points (pyqtgraph's
+    # legend floats over the data, and the data grows toward it)
+
+    def _legend_entries(self, cell: _Cell) -> list[tuple[str, Optional[QColor], object, list]]:
+        """(name, colour or None for a neutral swatch, line style, the curves it stands for).
+
+        One run: an entry per metric. Several runs: an entry per run (its colour) and one per
+        metric (its line style), so five runs of three metrics make eight entries, not fifteen.
+        """
+        if self._overlay is None:
+            return [(key, self._color(ci), dash, [(ri, key)]) for (ri, key), (ci, dash) in cell.styles.items()]
+        runs: dict[int, list] = {}
+        keys: dict[str, tuple] = {}
+        for (ri, key), (_ci, dash) in cell.styles.items():
+            runs.setdefault(ri, []).append((ri, key))
+            keys.setdefault(key, (dash, []))[1].append((ri, key))
+        entries = [(self._overlay[ri][0], self._color(ri), Qt.SolidLine, ids) for ri, ids in sorted(runs.items())]
+        if len(keys) > 1:
+            entries += [(key, None, dash, ids) for key, (dash, ids) in keys.items()]
+        return entries
+
+    def _update_legend(self, cell: _Cell) -> None:
+        fg = self.palette().color(QPalette.Text)
+        muted = QColor(fg)
+        muted.setAlpha(110)
+        parts = []
+        where = list(self._cells).index(cell.title) if cell.title in self._cells else 0
+        cell.entries = self._legend_entries(cell)
+        for i, (name, color, dash, ids) in enumerate(cell.entries):
+            shown = any(cell.curves[ident].isVisible() for ident in ids)
+            text = (fg if shown else muted).name(QColor.HexArgb)
+            swatch = (color or fg).name(QColor.HexArgb) if shown else muted.name(QColor.HexArgb)
+            decoration = "none" if shown else "line-through"
+            # Non-breaking inside an entry, plain spaces between: lines wrap between entries.
+            label = html.escape(name).replace(" ", "&nbsp;")
+            parts.append(f'<a href="{where}/{i}" style="text-decoration:none">'
+                         f'<span style="color:{swatch}">{_GLYPHS[dash]}</span>&nbsp;'
+                         f'<span style="color:{text}; text-decoration:{decoration}">{label}</span></a>')
+        # A non-breaking space keeps an empty legend one line high: plots stay aligned in a row.
+        cell.legend.setText(" &nbsp; ".join(parts) or "&nbsp;")
+
+    def _toggle_curve(self, link: str) -> None:
+        """Clicking a legend entry hides or shows its curves (and the y range follows)."""
+        where, entry = (int(part) for part in link.split("/"))
+        cell = list(self._cells.values())[where]
+        ids = cell.entries[entry][3]
+        show = not any(cell.curves[ident].isVisible() for ident in ids)
+        for ident in ids:
+            cell.curves[ident].setVisible(show)
+        cell.widget.getPlotItem().enableAutoRange(y=True)
+        self._update_legend(cell)
+
+    # ----- look
+
+    def _make_cell(self, title: str, keys: list[str]) -> _Cell:
+        w = _TimedPlot(self._clock, axisItems={"bottom": _CountAxis("bottom"), "left": _CountAxis("left")})
+        w.setMinimumSize(200, 120)
+        p = w.getPlotItem()
+        p.setDownsampling(auto=True, mode="peak")
+        p.setClipToView(True)
+        p.showGrid(x=True, y=True, alpha=0.15)
+        for side in ("left", "bottom"):
+            # Major ticks only: the minor grid doubles the lines drawn on every repaint, and a
+            # live plot repaints its axes whenever its range grows.
+            p.getAxis(side).setStyle(maxTickLevel=0)
+        p.getAxis("left").setTickDensity(1.8)       # major-only leaves short y axes with two labels
+        p.setLabel("bottom", "step")
+        legend = QLabel()
+        legend.setTextFormat(Qt.RichText)
+        legend.setContentsMargins(6, 0, 6, 0)
+        legend.setWordWrap(True)
+        legend.setTextInteractionFlags(Qt.LinksAccessibleByMouse)
+        legend.setToolTip("Click an entry to hide or show its curve")
+        frame = QWidget()
+        # The frame shares the plot's background, so plot and legend read as one tile.
+        frame.setBackgroundRole(QPalette.Base)
+        frame.setAutoFillBackground(True)
+        box = QVBoxLayout(frame)
+        box.setContentsMargins(0, 0, 0, 4)
+        box.setSpacing(0)
+        box.addWidget(w, 1)
+        box.addWidget(legend)
+        # Links name the cell and the entry, so one bound method serves every legend: no
+        # lambda holding the grid alive from its own children.
+        legend.linkActivated.connect(self._toggle_curve)
+        return _Cell(title, list(keys), w, legend, frame)
+
+    def _color(self, index: int) -> QColor:
+        c = QColor(COLORS[index % len(COLORS)])
+        # Tableau's tones are set for white paper; on a dark background they need more light.
+        return c.lighter(135) if self.palette().color(QPalette.Base).lightness() < 128 else c
+
+    def _style_curve(self, curve: pg.PlotDataItem, style: tuple) -> None:
+        color_index, dash = style
+        color = self._color(color_index)
+        curve.setPen(pg.mkPen(color, width=1.5, style=dash))
+        curve.setSymbolBrush(color)
+
+    def _apply_palette(self) -> None:
+        pal = self.palette()
+        bg, fg = pal.color(QPalette.Base), pal.color(QPalette.Text)
+        muted = QColor(fg)
+        muted.setAlpha(150)
+        for cell in self._cells.values():
+            cell.widget.setBackground(bg)
+            p = cell.widget.getPlotItem()
+            title = self.other_box.currentText() or OTHER if cell.title == OTHER else cell.title
+            p.setTitle(title, color=fg.name(), size="9pt")
+            for side in ("left", "bottom"):
+                ax = p.getAxis(side)
+                ax.setPen(pg.mkPen(muted))
+                ax.setTextPen(pg.mkPen(fg))
+            for ident, curve in cell.curves.items():
+                self._style_curve(curve, cell.styles[ident])
+            self._update_legend(cell)
+
+    def changeEvent(self, event: QEvent) -> None:
+        if event.type() in (QEvent.PaletteChange, QEvent.ApplicationPaletteChange):
+            self._apply_palette()
+        super().changeEvent(event)
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        if self._dirty:
+            self._timer.start()

@@ -1,0 +1,499 @@
+"""The ranking session view: a prompt and its K answers as cards, ranked by keyboard or drag.
+
+A thin layer over workbench.annotation.AnnotationSession, which knows the queue, the recorded
+shuffled order, skip, undo, resume and progress, and stores each ranking in one transaction
+the moment it is submitted. So the view holds nothing worth saving: closing it at any point
+loses no submitted ranking, and a new view resumes at the item the old one was showing.
+
+Keys (ui/ranking_keys.py has the grammar; the legend line on screen repeats it):
+
+    1..K        rank answers best first; after K-1 the last one is implied (K=4: 3 keys + Enter)
+    = / Space   tie the next answer with the previous one
+    Enter       submit                     Ctrl+Enter  submit the cards' order (after a drag)
+    Backspace   take back the last answer  Esc         clear the ranking
+    F n i|m|h|o toggle a flag on answer n  G n 1-7     score answer n (0 clears)
+    N           write a note               S           skip (the item comes back at the end)
+    Ctrl+Z / U  undo the last ranking      F1 / ?      guidelines
+
+Keys are handled by the view itself (buttons never take focus, cards hand focus to the view),
+so nothing has to be clicked first, and a test sends keys to the view.
+"""
+from __future__ import annotations
+
+import getpass
+import time
+from html import escape
+from pathlib import Path
+from typing import Callable
+
+from PySide6.QtCore import QEvent, Qt, QTimer, Signal
+from PySide6.QtWidgets import (QFileDialog, QMessageBox, QStackedWidget, QTabWidget, QVBoxLayout,
+                               QWidget)
+
+from ui.agreement_view import AgreementView
+from ui.ranking_cards import ordinal
+from ui.ranking_dialogs import ExportDialog, NewBatchDialog, show_error
+from ui.ranking_keys import LEGEND, RankInput
+from ui.ranking_pages import GuidelinesPage, SessionPage, StartPage
+from workbench import guidelines
+from workbench.annotation import AnnotationSession, Current
+from workbench.preferences import ImportResult, export_rankings, import_preferences
+from workbench.review import (batch_progress, existing_session, project_runs, recent_session,
+                              reopen_item)
+from workbench.samples import import_sample_run
+from workbench.store import InputError, RankingError, Store
+
+
+def key_token(event) -> str | None:
+    """A key event as a RankInput token, None for keys the view leaves alone."""
+    mods = event.modifiers() & ~Qt.KeypadModifier
+    key = event.key()
+    ctrl = bool(mods & Qt.ControlModifier)
+    if key == Qt.Key_Z and ctrl:
+        return "undo"
+    if key in (Qt.Key_Return, Qt.Key_Enter):
+        return "submit-order" if ctrl else "enter"
+    named = {Qt.Key_Backspace: "backspace", Qt.Key_Escape: "escape", Qt.Key_F1: "help",
+             Qt.Key_Space: " "}
+    if key in named:
+        return named[key]
+    if mods & (Qt.ControlModifier | Qt.AltModifier | Qt.MetaModifier):
+        return None
+    text = event.text().lower()
+    return text if len(text) == 1 and text.isprintable() else None
+
+
+class RankingView(QWidget):
+    """Rank a batch's answers. `checkpoints` lists (name, folder) for the new-batch dialog
+    (default: the project's sft, ppo and pretrain runs)."""
+
+    sampleRequested = Signal(object)    # engine.sample.SampleConfig for the main window to run
+    rankingSubmitted = Signal(int)      # the stored ranking's id
+
+    def __init__(self, project_dir: Path, parent: QWidget | None = None, *,
+                 checkpoints: Callable[[], list[tuple[str, Path]]] | None = None):
+        super().__init__(parent)
+        self.project_dir = Path(project_dir)
+        self.store = Store.for_project(self.project_dir)
+        store = self.store
+        self.destroyed.connect(lambda *_: store.close())   # a view dropped without close_store()
+        self.checkpoints = checkpoints or (
+            lambda: project_runs(self.project_dir, ("sft", "ppo", "pretrain")))
+        self.session: AnnotationSession | None = None
+        self.current: Current | None = None
+        self.input = RankInput(2)
+        self._shown_at = time.monotonic()     # when the item on screen was first shown
+        self._guide_opened = self._shown_at
+        self._pace = ""
+        self.setFocusPolicy(Qt.StrongFocus)
+
+        self.start = StartPage()
+        self.guide = GuidelinesPage()
+        self.page = SessionPage(self)
+        self.page.note.installEventFilter(self)     # Esc in the note returns to ranking
+        self.stack = QStackedWidget()
+        for w in (self.start, self.guide, self.page):
+            self.stack.addWidget(w)
+        self.agreement = AgreementView(self.store, self.project_dir)
+        self.tabs = QTabWidget()
+        self.tabs.setFocusPolicy(Qt.NoFocus)
+        self.tabs.tabBar().setFocusPolicy(Qt.NoFocus)
+        self.tabs.addTab(self.stack, "Rank")
+        self.tabs.addTab(self.agreement, "Agreement")
+        self.tabs.currentChanged.connect(self._tab_changed)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.tabs)
+
+        self.start.startRequested.connect(self.start_selected)
+        self.start.newBatchRequested.connect(self.new_batch)
+        self.start.importRequested.connect(self.import_clicked)
+        self.start.exportRequested.connect(self.export_clicked)
+        self.start.guidelinesRequested.connect(self.show_guidelines)
+        self.start.selectionChanged.connect(self._selection_changed)
+        self.guide.continueRequested.connect(self._guidelines_done)
+        self.guide.saved.connect(self.set_guidelines)
+        self.page.cards.reordered.connect(self._dragged)
+        self.agreement.rerankRequested.connect(self.rerank)
+        self._clock = QTimer(self, interval=1000)
+        self._clock.timeout.connect(self._tick)
+        self.refresh()
+
+    # --- batches and sessions --------------------------------------------------------------------
+
+    def refresh(self, select: int | None = None) -> None:
+        """Reload batches, annotators and agreement figures from the store; `select` a batch
+        (default: the one selected, else the one ranked last)."""
+        recent = recent_session(self.store)
+        names = [a.name for a in self.store.annotators() if not a.simulated]
+        name = self.start.name() or (recent[0] if recent else getpass.getuser())
+        if select is None and self.start.selected_batch() is None and recent:
+            select = recent[1]
+        self.start.populate(batch_progress(self.store), select)
+        self.start.set_annotators(names, name)
+        self._selection_changed()
+        if self.tabs.currentIndex() == 1:    # else when the tab is opened: it reads every ranking
+            self.agreement.refresh()
+
+    def _selection_changed(self) -> None:
+        batch, name = self.start.selected_batch(), self.start.name()
+        self.start.show_repeats(existing_session(self.store, batch, name)
+                                if batch is not None and name else None)
+
+    def start_selected(self) -> None:
+        batch, name = self.start.selected_batch(), self.start.name()
+        try:
+            if batch is None or not name:
+                raise ValueError("Pick a batch and type your name first.")
+            self.open_session(batch, name, self.start.repeats.value() / 100)
+        except ValueError as e:     # also: a name taken by a simulated annotator
+            show_error(self, "Start ranking", e)
+
+    def open_session(self, batch_id: int, annotator: str,
+                     repeat_fraction: float | None = None) -> AnnotationSession:
+        """Start or resume `annotator`'s session on the batch; the guidelines come first when
+        this annotator has not seen their current text for this batch. `repeat_fraction`
+        applies to a new session only (a resumed one keeps its own)."""
+        if existing_session(self.store, batch_id, annotator) is not None:
+            repeat_fraction = None
+        self.session = AnnotationSession(self.store, batch_id, annotator, kind="human",
+                                         repeat_fraction=repeat_fraction)
+        self.tabs.setCurrentIndex(0)
+        self._load()
+        if guidelines.needs_showing(self.project_dir, annotator, batch_id):
+            self.show_guidelines()
+        else:
+            self.stack.setCurrentWidget(self.page)
+        self.setFocus()
+        return self.session
+
+    def end_session(self) -> None:
+        self.session = self.current = None
+        self._clock.stop()
+        self.refresh()
+        self.stack.setCurrentWidget(self.start)
+
+    def import_sample_run(self, run_dir: Path) -> int:
+        """Import a finished sample run as a batch and open a session on it (as the annotator
+        named on the start page, when there is one). Returns the batch id."""
+        batch_id = import_sample_run(self.store, Path(run_dir))
+        self.refresh(select=batch_id)
+        name = self.session.annotator.name if self.session else self.start.name()
+        if name:
+            self.open_session(batch_id, name, self.start.repeats.value() / 100)
+        return batch_id
+
+    def new_batch(self) -> None:
+        dialog = NewBatchDialog(self.project_dir, self.checkpoints, self)
+        if dialog.exec():
+            self.request_sample(dialog.config())
+
+    def request_sample(self, config) -> None:
+        self.sampleRequested.emit(config)
+
+    def rerank(self, batch_id: int, item_id: int) -> None:
+        """Open `item_id` for ranking again in the current annotator's session on its batch."""
+        name = self.session.annotator.name if self.session else self.start.name()
+        if not name:
+            show_error(self, "Re-rank", ValueError("Type your name on the Rank tab first."))
+            return
+        if self.session is None or self.session.batch.id != batch_id or \
+                self.session.annotator.name != name:
+            self.open_session(batch_id, name)
+        reopen_item(self.session, item_id)
+        self._load()
+        self.tabs.setCurrentIndex(0)
+        if self.stack.currentWidget() is not self.guide:
+            self.stack.setCurrentWidget(self.page)
+        self.setFocus()
+
+    # --- guidelines ------------------------------------------------------------------------------
+
+    def show_guidelines(self) -> None:
+        in_session = self.session is not None
+        first = in_session and guidelines.needs_showing(
+            self.project_dir, self.session.annotator.name, self.session.batch.id)
+        heading = (f"Before you start: the guidelines for {self.session.batch.name!r}" if first
+                   else "Ranking guidelines")
+        self.guide.show_text(guidelines.read_guidelines(self.project_dir), heading,
+                             "Start ranking" if first else ("Back to ranking" if in_session else "Back"))
+        self.tabs.setCurrentIndex(0)
+        self.stack.setCurrentWidget(self.guide)
+        self._guide_opened = time.monotonic()
+        self.setFocus()
+
+    def set_guidelines(self, text: str) -> None:
+        guidelines.write_guidelines(self.project_dir, text)
+
+    def _guidelines_done(self) -> None:
+        if self.session is None:
+            self.stack.setCurrentWidget(self.start)
+            return
+        guidelines.mark_seen(self.project_dir, self.session.annotator.name, self.session.batch.id)
+        self.stack.setCurrentWidget(self.page)
+        self._shown_at += time.monotonic() - self._guide_opened   # reading them is not ranking
+        self.setFocus()
+
+    # --- the item on screen ----------------------------------------------------------------------
+
+    def _load(self) -> None:
+        cur = self.current = self.session.current()
+        self._shown_at = time.monotonic()
+        page = self.page
+        page.title.setText(f"{self.session.batch.name}  ·  {self.session.annotator.name}")
+        page.scroll.setVisible(cur is not None)
+        page.done.setVisible(cur is None)
+        if cur is None:
+            p = self.session.progress()
+            page.prompt.set_prompt("Every item is ranked.", None)
+            page.done.setText(f"All {p.total} items of this batch are ranked and stored.\n"
+                              "Ctrl+Z undoes the last ranking; the Agreement tab shows how "
+                              "consistent the rankings are; End session picks another batch.")
+            page.cards.set_answers([])
+            page.note.clear()
+            self.input = RankInput(2)
+        else:
+            page.prompt.set_prompt(cur.prompt, cur.messages)
+            page.cards.set_answers(cur.answers)
+            self.input = RankInput(cur.k)
+            prev = cur.previous
+            if prev is not None:
+                self.input.prefill(prev.ordering, prev.flags, prev.scores)
+            page.note.setText(prev.note if prev else "")
+        page.legend.setText("  ·  ".join(f"<b>{escape(keys.format(k=cur.k if cur else 'K'))}"
+                                         f"</b>&nbsp;{escape(what)}" for keys, what in LEGEND))
+        self._render()
+        self._show_progress()
+        self._clock.start()
+
+    def _render(self, message: str = "", error: bool = False) -> None:
+        page, inp = self.page, self.input
+        rank, place = {}, 1
+        for group in inp.ordering() or inp.groups:
+            for n in group:
+                rank[n] = ("= " if len(group) > 1 else "") + ordinal(place)
+            place += len(group)
+        for card in page.cards.cards:
+            card.show_state(rank.get(card.number), inp.flags.get(card.number, set()),
+                            inp.scores.get(card.number), inp.target == card.number)
+            if inp.target == card.number:
+                page.scroll.ensureWidgetVisible(card)    # a label is being given to it
+        if self.current is None:
+            page.ranking.setText("")
+        elif inp.complete:
+            page.ranking.setText(f"Ranking:  {inp.describe()}   — Enter submits")
+        elif inp.groups:
+            nth = ordinal(len(inp.placed) + 1)
+            page.ranking.setText(f"Ranking:  {inp.describe()} {'=' if inp.tie else '>'} …   "
+                                 f"— type the {'answer tied with it' if inp.tie else nth}")
+        else:
+            page.ranking.setText(f"Type the answers best first (1–{inp.k}), or drag the cards")
+        page.submit_button.setEnabled(inp.complete and self.current is not None)
+        text = inp.prompt() or message
+        page.status.setText(("⚠ " if error and text else "") + text)
+
+    def _show_progress(self) -> None:
+        """The progress bar and pace from the store: after each change, not on every tick."""
+        p = self.session.progress()
+        self.page.bar.setRange(0, max(1, p.total))
+        self.page.bar.setValue(p.done)
+        self.page.bar.setFormat(f"{p.done} / {p.total} ranked")
+        parts = [f"{p.skipped} skipped"] if p.skipped else []
+        if p.mean_seconds is not None:
+            parts.append(f"{p.mean_seconds:.1f} s per item")
+        self._pace = "  ·  ".join(parts)
+        self._tick()
+
+    def _tick(self) -> None:
+        mine = (f"this item {time.monotonic() - self._shown_at:.0f} s"
+                if self.current is not None else "")
+        self.page.pace.setText("  ·  ".join(x for x in (self._pace, mine) if x))
+
+    # --- actions ---------------------------------------------------------------------------------
+
+    def submit(self) -> int | None:
+        """Store the typed ranking with its labels and note, then show the next item."""
+        ordering = self.input.ordering()
+        if self.session is None or self.current is None or ordering is None:
+            return None
+        try:
+            # The time on screen, not since the session object first fetched the item: the
+            # guidelines may have stood in front of it.
+            rid = self.session.submit(
+                ordering, flags={n: sorted(f) for n, f in self.input.flags.items()},
+                scores=self.input.scores, note=self.page.note.text().strip(),
+                duration_s=round(max(0.0, time.monotonic() - self._shown_at), 3))
+        except RankingError as e:
+            self._render(str(e), error=True)
+            return None
+        self.rankingSubmitted.emit(rid)
+        self._load()
+        self._render("Saved." + (" Next item." if self.current is not None else ""))
+        return rid
+
+    def submit_card_order(self) -> int | None:
+        if self.current is None:
+            return None
+        self.input.set_order(self.page.cards.order())
+        return self.submit()
+
+    def _dragged(self, order: list[int]) -> None:
+        self.input.set_order(order)
+        self._render("Ordered by dragging: Enter or Ctrl+Enter submits this order.")
+        self.setFocus()
+
+    def skip(self) -> None:
+        if self.session is None or self.current is None:
+            return
+        self.session.skip()
+        self._load()
+        self._render("Skipped: the item comes back at the end.")
+
+    def undo(self) -> None:
+        if self.session is None:
+            return
+        if self.session.undo() is None:
+            self._render("Nothing to undo in this session.", error=True)
+            return
+        self._load()
+        self._render("Your last ranking is taken back: edit it and submit again (Enter).")
+        if self.stack.currentWidget() is self.page:
+            self.setFocus()
+
+    # --- keys ------------------------------------------------------------------------------------
+
+    def _session_keys(self) -> bool:
+        return self.tabs.currentIndex() == 0 and self.stack.currentWidget() is self.page
+
+    def event(self, event) -> bool:
+        # Claim our keys before application shortcuts (an Edit menu's Ctrl+Z) see them.
+        if event.type() == QEvent.ShortcutOverride and self._session_keys() \
+                and key_token(event) is not None:
+            event.accept()
+            return True
+        return super().event(event)
+
+    def eventFilter(self, obj, event) -> bool:
+        # Enter or Esc in the note goes back to ranking. Consumed here: passed on, Enter would
+        # reach keyPressEvent and submit, which a person finishing a note does not expect.
+        if event.type() == QEvent.KeyPress and obj is self.page.note and \
+                event.key() in (Qt.Key_Escape, Qt.Key_Return, Qt.Key_Enter):
+            self.setFocus()
+            return True
+        return super().eventFilter(obj, event)
+
+    def keyPressEvent(self, event) -> None:
+        token = key_token(event)
+        if token is None or self.tabs.currentIndex() != 0:
+            return super().keyPressEvent(event)
+        page = self.stack.currentWidget()
+        if page is self.start:
+            # Enter in the name field or the batch list arrives here too: they pass it on.
+            if token == "enter":
+                self.start_selected()
+            elif token == "help":
+                self.show_guidelines()
+            return
+        if page is self.guide:
+            if token in ("enter", "escape") and not self.guide.editing:
+                self._guidelines_done()
+            return
+        self._session_key(token)
+
+    def _session_key(self, token: str) -> None:
+        if token == "submit-order":
+            self.submit_card_order()
+            return
+        if token == "undo":
+            self.undo()
+            return
+        if self.current is None:
+            if token in ("u", "help", "?"):
+                (self.undo if token == "u" else self.show_guidelines)()
+            return
+        outcome = self.input.press(token)
+        actions = {"submit": self.submit, "skip": self.skip, "undo": self.undo,
+                   "help": self.show_guidelines, "note": self.page.note.setFocus}
+        if outcome.action in actions:
+            actions[outcome.action]()
+        else:
+            self._render(outcome.message, outcome.error)
+
+    # --- preference files ------------------------------------------------------------------------
+
+    def import_preferences(self, path: Path, *, annotator: str | None = None,
+                           simulated: bool = False, skip_bad: bool = False) -> ImportResult:
+        """Import a K-way, pairs or transcript JSONL file as a batch (InputError lists every
+        bad record as FILE:LINE: reason, and nothing is imported unless skip_bad)."""
+        result = import_preferences(self.store, Path(path), annotator=annotator,
+                                    simulated=simulated, on_error="skip" if skip_bad else "raise")
+        self.refresh(select=result.batch_id)
+        return result
+
+    def export_preferences(self, path: Path, *, fmt: str = "kway", include_simulated: bool = False,
+                           include_repeats: bool = False, batch_ids: list[int] | None = None) -> dict:
+        """Write rankings as K-way records or pairs; returns export_rankings' counts."""
+        return export_rankings(self.store, Path(path), include_simulated=include_simulated,
+                               fmt=fmt, batch_ids=batch_ids, include_repeats=include_repeats)
+
+    def import_clicked(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Import preferences", str(self.project_dir),
+            "Preference data (*.jsonl *.jsonl.gz *.json);;All files (*)")
+        if not path:
+            return
+        try:
+            try:
+                result = self.import_preferences(Path(path))
+            except InputError as e:
+                # Public preference sets often hold a few bad records: offer to leave them out.
+                if not show_error(self, "Import refused", e, go_on="Import the other records"):
+                    return
+                result = self.import_preferences(Path(path), skip_bad=True)
+        except (OSError, ValueError) as e:      # InputError too, when no record is good
+            show_error(self, "Import failed", e)
+            return
+        batch = self.store.batch(result.batch_id)
+        QMessageBox.information(self, "Import", (
+            f"This file was imported before, as batch {batch.name!r}." if result.existing else
+            f"Imported {result.records} ranking(s) of {result.items} item(s) as batch "
+            f"{batch.name!r}" + (f", leaving out {len(result.skipped)} bad record(s)."
+                                 if result.skipped else ".")))
+
+    def export_clicked(self) -> None:
+        batch = self.start.selected_batch()
+        name = self.store.batch(batch).name if batch is not None else ""
+        dialog = ExportDialog(self.project_dir, (batch, name) if batch is not None else None, self)
+        if not dialog.exec():
+            return
+        path = Path(dialog.path.text())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            counts = self.export_preferences(path, **dialog.options())
+        except (OSError, ValueError) as e:
+            show_error(self, "Export failed", e)
+            return
+        QMessageBox.information(self, "Export", (
+            f"Wrote {counts['records']} record(s) from {counts['rankings']} ranking(s) "
+            f"({counts['human']} human, {counts['simulated']} simulated) to {path}."))
+
+    # --- lifetime --------------------------------------------------------------------------------
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        if self._session_keys():
+            self.setFocus()     # shown mid-session (the main window switched to it): keys work
+
+    def _tab_changed(self, index: int) -> None:
+        if index == 1:
+            self.agreement.refresh()
+        else:
+            self.setFocus()
+
+    def close_store(self) -> None:
+        """Stop the clock and any scoring worker and close the store. Every submitted ranking
+        is already committed; this only releases the database."""
+        self._clock.stop()
+        self.agreement.shutdown()
+        self.session = None
+        self.store.close()
