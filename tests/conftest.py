@@ -32,3 +32,41 @@ def tiny_lm_ckpt(tmp_path_factory):
                          state={"tokenizer_fingerprint": tok.fingerprint(), "stage": "sft"},
                          extra_files={"tokenizer.json": root / "tok.json"})
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gc_on_the_main_thread():
+    """As in the app (ui/app.install_gc): Python's cyclic collector, run on whichever thread
+    allocates, can free Qt wrappers and sqlite connections from a worker thread; collections
+    happen on the main thread, between tests, instead."""
+    import gc
+    gc.disable()
+    yield
+    gc.enable()
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_running():
+    """No worker thread or job process outlives a test."""
+    import gc
+    yield
+    gc.collect()
+    workers = sys.modules.get("ui.workers")
+    if workers is not None:
+        for w in workers.running_workers():
+            w.wait(10_000)
+        assert workers.running_workers() == [], "a test left a worker thread running"
+    jobs = sys.modules.get("ui.jobs")
+    if jobs is not None:
+        import subprocess
+        alive = []
+        for p in jobs._children:
+            try:
+                p.wait(15)          # a job that wrote its done event is still exiting
+            except subprocess.TimeoutExpired:
+                alive.append(p)
+        for p in alive:
+            p.kill()
+            p.wait()
+        jobs.reap()
+        assert alive == [], f"a test left {len(alive)} job process(es) running"

@@ -111,3 +111,18 @@ def test_parent_runs_ignores_paths_outside_the_project(tmp_path):
     cfg = {"policy": "../sft-1/checkpoints/step-000010", "reward_model": str(runs / "reward-1"),
            "value_model": "/somewhere/else"}
     assert parent_runs("ppo", cfg, run, runs) == {"policy": "sft-1", "reward_model": "reward-1"}
+
+
+def test_event_tail_spreads_a_long_file_over_calls(tmp_path):
+    path = tmp_path / "events.jsonl"
+    lines = [json.dumps({"step": i, "pad": "x" * 50}) for i in range(1000)]
+    path.write_text("\n".join(lines) + "\n" + json.dumps({"long": "y" * 5000}) + "\n")
+    tail = EventTail(path)
+    got = []
+    for _ in range(1000):
+        batch = tail.read_new(max_bytes=4096)
+        if not batch:
+            break
+        assert len(batch) <= 4096 // 60 + 1 or "long" in batch[-1]
+        got.extend(batch)
+    assert [e["step"] for e in got[:-1]] == list(range(1000)) and got[-1]["long"] == "y" * 5000

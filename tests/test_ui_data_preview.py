@@ -7,7 +7,6 @@ from PySide6.QtGui import QTextCursor
 from engine.sft_data import read_records
 from engine.tokenizer import Tokenizer, render_chat, train_from_texts
 from ui.data_preview import DataPreview
-from ui.workers import running_workers
 
 FORMATS = {
     "prompt": [{"prompt": "What is two plus two?", "response": "Four."},
@@ -36,12 +35,6 @@ def tok_path(tmp_path_factory):
     return d / "tokenizer.json"
 
 
-@pytest.fixture(autouse=True)
-def no_threads_left():
-    yield
-    for w in running_workers():
-        w.wait(10_000)
-    assert running_workers() == []
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from PySide6.QtCore import QPoint, Qt
 from shiboken6 import isValid
 
 from ui.ranking_view import RankingView
-from ui.workers import running_workers
 from workbench import guidelines
 from workbench.annotation import AnnotationSession
 from workbench.store import InputError, Store
@@ -22,10 +21,6 @@ K = 4
 N_ITEMS = 4
 
 
-@pytest.fixture(autouse=True)
-def no_threads_left():
-    yield
-    assert running_workers() == []
 
 
 @pytest.fixture

@@ -66,6 +66,24 @@ def test_whitespace_is_visible_in_the_rendering(inspector):
     assert inspector.view.toPlainText() == "a\u00b7b\u21b5\nc"
 
 
+def drawn_text(view, start, end):
+    cur = QTextCursor(view.document())
+    cur.setPosition(start)
+    cur.setPosition(end, QTextCursor.MoveMode.KeepAnchor)
+    return cur.selectedText()
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_every_token_sits_where_it_is_drawn(inspector, chat):
+    # the hover lookup relies on these positions; 🙂 takes two (UTF-16) positions
+    inspector.chat_box.setChecked(chat)
+    inspector.set_text("naïve 日本\n\tcafé 🙂 ok  \n\nend")
+    marks = {" ": "\u00b7", "\t": "\u2192\t", "\n": "\u21b5\u2028"}
+    for start, end, p in inspector.view.piece_ranges():
+        shown = "".join(marks.get(c, c) for c in p.text) if not p.special else p.text
+        assert drawn_text(inspector.view, start, end) == (shown or CONTINUATION)
+
+
 def test_hovering_a_token_shows_its_id(inspector, qtbot):
     inspector.resize(600, 400)
     inspector.show()

@@ -186,6 +186,41 @@ def load_preferences(req: Request, emit: Callable, cancelled: Callable) -> Previ
     return out
 
 
+# --- what the view draws (TokenView blocks) ---------------------------------------------------
+
+def sft_blocks(p: Preview) -> list[tuple[str, object]]:
+    blocks: list[tuple[str, object]] = []
+    for n, ex in enumerate(p.examples, 1):
+        if ex.pieces is None:
+            blocks.append(("heading", f"#{n}  {ex.where}"))
+            for m in ex.messages:
+                blocks += [("dim", m["role"]), ("text", m["content"])]
+            continue
+        blocks.append(("heading", f"#{n}  {ex.where}  ·  {ex.n_tokens} tokens, "
+                                  f"{ex.n_targets} trained on"))
+        blocks.append(("pieces", ex.pieces))
+        if ex.n_tokens > len(ex.pieces):
+            blocks.append(("dim", f"… {ex.n_tokens - len(ex.pieces):,} more tokens"))
+    return blocks
+
+
+def prompt_blocks(p: Preview) -> list[tuple[str, object]]:
+    return [("text", f"{i}.  {text}") for i, text in enumerate(p.prompts, 1)]
+
+
+def preference_blocks(p: Preview) -> list[tuple[str, object]]:
+    blocks: list[tuple[str, object]] = []
+    for n, (name, r) in enumerate(p.records, 1):
+        who = " · simulated" if r.simulated else (f" · {r.annotator}" if r.annotator else "")
+        blocks.append(("heading", f"#{n}  {name}:{r.line}  ·  {len(r.answers)} answers{who}"))
+        blocks.append(("text", r.prompt))
+        for rank, group in enumerate(r.ranking, 1):
+            tie = " (tie)" if len(group) > 1 else ""
+            blocks += [("dim" if rank > 1 else "text", f"{rank}{tie}.  {r.answers[i]}")
+                       for i in group]
+    return blocks
+
+
 # --- the widget -------------------------------------------------------------------------------
 
 class DataPreview(QWidget):
@@ -373,18 +408,13 @@ class DataPreview(QWidget):
         has_content = bool(p.files or p.examples or p.prompts or p.records)
         self.stack.setVisible(has_content)
         self.error_box.setMaximumHeight(ERROR_BOX_HEIGHT if has_content else QWIDGETSIZE_MAX)
-        self.view.clear_tokens()
         self.files.clear()
         if p.kind == "pretrain":
             self._draw_files(p)
-        elif p.kind == "sft":
-            self._draw_sft(p)
-        elif p.kind == "prompts":
-            for i, text in enumerate(p.prompts, 1):
-                self.view.add_text(f"{i}.  {text}")
         else:
-            self._draw_preferences(p)
-        if p.kind != "pretrain":
+            blocks = {"sft": sft_blocks, "prompts": prompt_blocks,
+                      "preferences": preference_blocks}[p.kind](p)
+            self.view.set_blocks(blocks)
             self.stack.setCurrentWidget(self.view)
             self.view.moveCursor(QTextCursor.MoveOperation.Start)
         self.validated.emit(not p.problems, list(p.problems))
@@ -398,34 +428,6 @@ class DataPreview(QWidget):
         self.head_label.setText(f"First lines of {p.files[0][0].name}" if p.files else "")
         self.head.setPlainText(p.head)
         self.stack.setCurrentIndex(0)
-
-    def _draw_sft(self, p: Preview) -> None:
-        for n, ex in enumerate(p.examples, 1):
-            if n > 1:
-                self.view.add_text("")
-            if ex.pieces is None:
-                self.view.add_heading(f"#{n}  {ex.where}")
-                for m in ex.messages:
-                    self.view.add_text(m["role"], dim=True)
-                    self.view.add_text(m["content"])
-                continue
-            self.view.add_heading(f"#{n}  {ex.where}  ·  {ex.n_tokens} tokens, "
-                                  f"{ex.n_targets} trained on")
-            self.view.add_pieces(ex.pieces)
-            if ex.n_tokens > len(ex.pieces):
-                self.view.add_text(f"… {ex.n_tokens - len(ex.pieces):,} more tokens", dim=True)
-
-    def _draw_preferences(self, p: Preview) -> None:
-        for n, (name, r) in enumerate(p.records, 1):
-            if n > 1:
-                self.view.add_text("")
-            who = " · simulated" if r.simulated else (f" · {r.annotator}" if r.annotator else "")
-            self.view.add_heading(f"#{n}  {name}:{r.line}  ·  {len(r.answers)} answers{who}")
-            self.view.add_text(r.prompt)
-            for rank, group in enumerate(r.ranking, 1):
-                tie = " (tie)" if len(group) > 1 else ""
-                for i in group:
-                    self.view.add_text(f"{rank}{tie}.  {r.answers[i]}", dim=rank > 1)
 
     def _tint(self) -> None:
         """A red-tinted error box in either palette; redone when the palette changes."""

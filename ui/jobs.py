@@ -27,6 +27,10 @@ from engine.config import save_config
 from workbench.runs import LOST, EventTail, process_alive
 
 POLL_MS = 100
+# Per poll: a stage writes a few KB/s, so this only bounds catching up on a long events.jsonl
+# (re-attach) or a flood, spreading the parsing over polls instead of one long stall.
+POLL_BYTES = 256 * 1024
+JOB_NICENESS = 5
 ROOT = Path(__file__).resolve().parents[1]
 # Every child this app started, until it exits: a Job may be dropped (its project closed) while
 # its process runs on, and the Popen must outlive it to reap the process when it ends.
@@ -83,7 +87,8 @@ class Job(QObject):
                 # closing the app must not end it.
                 self._proc = subprocess.Popen([sys.executable, *stage_arguments(self.stage, self.run_dir)],
                                               cwd=self.run_dir, env=env, stdin=subprocess.DEVNULL,
-                                              stdout=out, stderr=err, start_new_session=True)
+                                              stdout=out, stderr=err, start_new_session=True,
+                                              preexec_fn=_lower_priority)
         except OSError as e:
             self._finish("failed", f"could not start {sys.executable}: {e}")
             return self
@@ -106,7 +111,7 @@ class Job(QObject):
     # --- polling ------------------------------------------------------------------------------
 
     def poll(self) -> None:
-        new = self._tail.read_new()
+        new = self._tail.read_new(POLL_BYTES)
         done = None
         for ev in new:
             t = ev.get("type")
@@ -177,6 +182,15 @@ class Job(QObject):
         """Immediately end the process (tests, and the last resort)."""
         if self.pid and process_alive(self.pid, self.run_dir):
             os.kill(self.pid, signal.SIGKILL)
+
+
+def _lower_priority() -> None:
+    # A job uses every core it can; a slightly lower priority lets the window keep drawing
+    # while costing the job nothing when the machine is otherwise idle.
+    try:
+        os.nice(JOB_NICENESS)
+    except OSError:
+        pass
 
 
 def launch(stage: str, run_dir: Path, config=None, parent: QObject | None = None) -> Job:

@@ -17,7 +17,6 @@ from PySide6.QtWidgets import (QFileDialog, QInputDialog, QLabel, QListWidget, Q
 
 from engine.runio import format_duration
 from workbench.project import Project, ProjectError, create_project
-from workbench.store import Store
 from ui.icons import app_icon, icon
 from ui.project_context import ProjectContext
 from ui.runs_browser import RunsBrowser, result_text
@@ -299,9 +298,10 @@ class MainWindow(QMainWindow):
                 return text, "running"
             return "running", "running"
         if key == "rank":
-            with Store.for_project(ctx.path) as store:
-                n = store.conn.execute("SELECT COUNT(*) FROM rankings WHERE withdrawn_at IS NULL").fetchone()[0]
-                b = len(store.batches())
+            # The run index's connection is open anyway; a read needs no transaction of its own.
+            conn = ctx.runs.store.conn
+            n = conn.execute("SELECT COUNT(*) FROM rankings WHERE withdrawn_at IS NULL").fetchone()[0]
+            b = conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
             return f"{b} batches · {n} rankings", None
         info = ctx.latest(stage)
         if info is None:

@@ -28,7 +28,7 @@ from PySide6.QtCore import QEvent, Qt, QTimer
 from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import QComboBox, QGridLayout, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
-from ui.run_history import TOKENS, RunHistory, Series  # noqa: F401 - Series is part of this module's API
+from ui.run_history import TOKENS, RunHistory, Series  # noqa: F401 - Series is re-exported
 
 REDRAW_MS = 66              # ~15 Hz: smooth to the eye, a small share of the UI thread
 SLOWEST_MS = 2000           # the longest the adaptive interval grows to
@@ -203,6 +203,13 @@ class PlotGrid(QWidget):
         """A run's whole event list at once (reopening a run): much faster than add_event."""
         if self.history.add_events(events) and self._overlay is None:
             self._schedule()
+
+    def set_history(self, history: RunHistory) -> None:
+        """Show a history built elsewhere (off the UI thread, for a long finished run)."""
+        self.history = history
+        self._overlay = None
+        self._reset_curves()
+        self._schedule()
 
     def set_overlay(self, runs: Optional[list[tuple[str, RunHistory]]]) -> None:
         """Draw these runs together, one colour per run (None or []: back to this grid's own)."""

@@ -16,6 +16,7 @@ from engine.config import save_config, to_dict
 from workbench.project import Project
 from workbench.runs import RunInfo, RunStore, process_alive
 from ui.jobs import Job, reap
+from ui.workers import Worker
 
 SYNC_MS = 3000
 # Which stages' runs a picker for an artifact kind offers.
@@ -37,12 +38,15 @@ class ProjectContext(QObject):
         self.sync()
         self._timer = QTimer(self)
         self._timer.setInterval(SYNC_MS)
-        self._timer.timeout.connect(self.sync)
+        self._timer.timeout.connect(self.sync_in_background)
         self._timer.start()
+        self._sync_worker: Worker | None = None
 
     def close(self) -> None:
         """Stop watching; running jobs keep running (the next session re-attaches)."""
         self._timer.stop()
+        if self._sync_worker is not None:
+            self._sync_worker.wait()
         for job in self.jobs.values():
             job._timer.stop()
         self.runs.close()
@@ -50,12 +54,27 @@ class ProjectContext(QObject):
     # --- runs -----------------------------------------------------------------------------------
 
     def sync(self) -> list[RunInfo]:
+        """Bring the run list up to date now (after the app starts or ends a job)."""
         reap()
+        self._apply(self.runs.sync())
+        return self._infos
+
+    def sync_in_background(self) -> None:
+        """The periodic sync, on a worker thread with its own connection: a job writing
+        thousands of events a second makes the fold of its events.jsonl too long for the UI
+        thread. Results arrive as the same runsChanged."""
+        reap()
+        if self._sync_worker is not None and self._sync_worker.running:
+            return
+        self._sync_worker = Worker(_sync_project, self.path)
+        self._sync_worker.finished.connect(self._apply)
+        self._sync_worker.start()
+
+    def _apply(self, infos: list[RunInfo]) -> None:
         before = [(r.name, r.status, r.step) for r in self._infos]
-        self._infos = self.runs.sync()
+        self._infos = infos
         if [(r.name, r.status, r.step) for r in self._infos] != before:
             self.runsChanged.emit()
-        return self._infos
 
     def run_list(self, stage: str | None = None) -> list[RunInfo]:
         return [r for r in self._infos if stage is None or r.stage == stage]
@@ -131,6 +150,14 @@ class ProjectContext(QObject):
 
     def running_jobs(self) -> list[Job]:
         return [j for j in self.jobs.values() if j.running]
+
+
+def _sync_project(path: Path, emit=None, cancelled=None) -> list[RunInfo]:
+    store = RunStore(path)
+    try:
+        return store.sync()
+    finally:
+        store.close()
 
 
 def relativize(values: dict, run_dir: Path, project_dir: Path) -> dict:

@@ -25,6 +25,20 @@ def button(text: str, slot, tip: str = "") -> QPushButton:
     return b
 
 
+
+class NoteEdit(QLineEdit):
+    """The item's note. Enter or Esc returns to ranking (`done`), consumed here: passed on,
+    Enter would reach the view and submit, which a person finishing a note does not expect.
+    A subclass rather than an event filter on the view: a filter object that is itself being
+    destroyed makes PySide fail ("Slot not found") on the events of its dying children."""
+    done = Signal()
+
+    def keyPressEvent(self, event) -> None:
+        if event.key() in (Qt.Key_Escape, Qt.Key_Return, Qt.Key_Enter):
+            self.done.emit()
+            return
+        super().keyPressEvent(event)
+
 class StartPage(QWidget):
     startRequested = Signal()
     newBatchRequested = Signal()
@@ -223,7 +237,7 @@ class SessionPage(QWidget):
         self.done.setAlignment(Qt.AlignCenter)
         self.done.setFont(scaled_font(self, 1.2))
 
-        self.note = QLineEdit()
+        self.note = NoteEdit()
         self.note.setPlaceholderText("Note on this item (N to write, Enter to return to ranking)")
         self.status = QLabel()
         self.status.setWordWrap(True)

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import getpass
 import time
+import threading
+import weakref
 from html import escape
 from pathlib import Path
 from typing import Callable
 
-from PySide6.QtCore import QEvent, Qt, QTimer, Signal
+from PySide6.QtCore import QObject, QEvent, Qt, QTimer, Signal
 from PySide6.QtWidgets import (QFileDialog, QMessageBox, QStackedWidget, QTabWidget, QVBoxLayout,
                                QWidget)
 
@@ -63,6 +65,13 @@ def key_token(event) -> str | None:
     return text if len(text) == 1 and text.isprintable() else None
 
 
+def _close_on_owner_thread(store: Store, owner: int) -> None:
+    # A collector pass on a worker thread may run this; sqlite refuses a close from there,
+    # and the connection then closes when it is itself collected.
+    if threading.get_ident() == owner:
+        store.close()
+
+
 class RankingView(QWidget):
     """Rank a batch's answers. `checkpoints` lists (name, folder) for the new-batch dialog
     (default: the project's sft, ppo and pretrain runs)."""
@@ -76,7 +85,9 @@ class RankingView(QWidget):
         self.project_dir = Path(project_dir)
         self.store = Store.for_project(self.project_dir)
         store = self.store
-        self.destroyed.connect(lambda *_: store.close())   # a view dropped without close_store()
+        # A view dropped without close_store() still closes its connection. Not through the
+        # destroyed signal: a lambda on it fails in PySide when the wrapper is collected late.
+        weakref.finalize(self, _close_on_owner_thread, store, threading.get_ident())
         self.checkpoints = checkpoints or (
             lambda: project_runs(self.project_dir, ("sft", "ppo", "pretrain")))
         self.session: AnnotationSession | None = None
@@ -90,7 +101,7 @@ class RankingView(QWidget):
         self.start = StartPage()
         self.guide = GuidelinesPage()
         self.page = SessionPage(self)
-        self.page.note.installEventFilter(self)     # Esc in the note returns to ranking
+        self.page.note.done.connect(self.setFocus)  # Enter or Esc in the note returns to ranking
         self.stack = QStackedWidget()
         for w in (self.start, self.guide, self.page):
             self.stack.addWidget(w)
@@ -373,15 +384,6 @@ class RankingView(QWidget):
             return True
         return super().event(event)
 
-    def eventFilter(self, obj, event) -> bool:
-        # Enter or Esc in the note goes back to ranking. Consumed here: passed on, Enter would
-        # reach keyPressEvent and submit, which a person finishing a note does not expect.
-        if event.type() == QEvent.KeyPress and obj is self.page.note and \
-                event.key() in (Qt.Key_Escape, Qt.Key_Return, Qt.Key_Enter):
-            self.setFocus()
-            return True
-        return super().eventFilter(obj, event)
-
     def keyPressEvent(self, event) -> None:
         token = key_token(event)
         if token is None or self.tabs.currentIndex() != 0:
@@ -490,9 +492,21 @@ class RankingView(QWidget):
         else:
             self.setFocus()
 
+    def _silence(self) -> None:
+        # The pages' signals call this view's methods. When the garbage collector frees a
+        # dropped view, its children are destroyed after its Python side, and a tree clearing
+        # its selection would call into a view that is gone (PySide: "Slot not found").
+        for w in self.findChildren(QObject):
+            w.blockSignals(True)
+
+    def closeEvent(self, event) -> None:
+        self._silence()
+        super().closeEvent(event)
+
     def close_store(self) -> None:
         """Stop the clock and any scoring worker and close the store. Every submitted ranking
         is already committed; this only releases the database."""
+        self._silence()
         self._clock.stop()
         self.agreement.shutdown()
         self.session = None

@@ -24,8 +24,9 @@ from workbench.runs import RunInfo
 from workbench.suggest import suggested_values
 from ui.config_form import ConfigForm
 from ui.data_preview import DataPreview
-from ui.plots import PlotGrid
+from ui.plots import PlotGrid, RunHistory
 from ui.project_context import ProjectContext, relativize
+from ui.workers import Worker
 
 NEW_RUN = "New run"
 ERROR_STYLE = ("QFrame#error { border: 1px solid #d9534f; border-radius: 4px; "
@@ -40,6 +41,7 @@ class StagePanel(QWidget):
         self.ctx, self.stage = ctx, stage
         self.run: RunInfo | None = None       # the run shown; None = a new run
         self._job = None
+        self._loader: Worker | None = None
         self._data_ok = True
 
         # --- left: run, settings, controls -------------------------------------------------
@@ -182,14 +184,39 @@ class StagePanel(QWidget):
         else:
             self.form.set_values(_read_config(info.path))
             job = self.ctx.job_for(info.name)
-            events = job.events if job is not None else read_events(info.path)
-            self._add_events(events)
-            if job is not None and job.running:
-                self._attach(job)
+            if job is not None:
+                self._add_events(job.events)
+                if job.running:
+                    self._attach(job)
+            else:
+                self._load_history(info)
             self._show_status()
         self.refresh_preview()
         self._update_buttons()
         self.runSelected.emit(info.name if info else "")
+
+    def _load_history(self, info: RunInfo) -> None:
+        """A finished run's events, parsed and folded into plot buffers on a worker thread: a
+        long run's file takes a second to read, and the window must not freeze meanwhile."""
+        if self._loader is not None:
+            self._loader.cancel()
+        self.progress_label.setText("loading the run's events…")
+        self._loader = Worker(_history_of, info.path)
+        self._loader.finished.connect(lambda result, name=info.name: self._history_loaded(name, result))
+        self._loader.start()
+
+    def _history_loaded(self, name: str, result) -> None:
+        if self.run is None or self.run.name != name or result is None:
+            return          # the user moved on to another run meanwhile
+        history, others = result
+        self.plots.set_history(history)
+        self.progress_label.setText(" ")
+        self._add_events(others)
+
+    def shutdown(self) -> None:
+        if self._loader is not None:
+            self._loader.cancel()
+            self._loader.wait()
 
     def _newest(self, stage: str) -> Path | None:
         kind = {"tokenizer": "tokenizer", "reward": "reward"}.get(stage, "checkpoint")
@@ -239,18 +266,20 @@ class StagePanel(QWidget):
         self._update_buttons()
 
     def _add_events(self, events: list[dict]) -> None:
-        metrics = []
+        metrics, progress = [], None
         for ev in events:
             t = ev.get("type")
             if t == "metrics":
                 metrics.append(ev)
             elif t == "progress":
-                self._show_progress(ev)
+                progress = ev           # only the newest of a batch is worth drawing
             elif t == "sample":
                 self.samples.append(f"<p><b>step {ev.get('step')}</b> · <i>{html.escape(str(ev.get('prompt', '')))}</i>"
                                     f"<br><span style='white-space:pre-wrap'>{html.escape(str(ev.get('text', '')))}</span></p>")
             if t in ("log", "start", "done", "checkpoint"):
                 self.log.appendPlainText(_log_line(ev))
+        if progress is not None:
+            self._show_progress(progress)
         if metrics:
             self.plots.load_events(metrics)
 
@@ -370,6 +399,15 @@ class StagePanel(QWidget):
         if not ok:
             self.tabs.setCurrentWidget(self.preview)
         self._update_buttons()
+
+
+def _history_of(run_dir: Path, emit=None, cancelled=lambda: False):
+    """(RunHistory of the metrics, the other events) of a run folder; runs on a worker."""
+    events = read_events(run_dir)
+    if cancelled():
+        return None
+    history = RunHistory.from_events(e for e in events if e.get("type") == "metrics")
+    return history, [e for e in events if e.get("type") != "metrics"]
 
 
 def _resolve(base: Path, p) -> Path:

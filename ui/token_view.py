@@ -15,11 +15,12 @@ import html
 import json
 from bisect import bisect_right
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from PySide6.QtCore import QEvent, QPoint, Qt, QTimer, Signal
-from PySide6.QtGui import QColor, QFont, QPalette, QTextCharFormat, QTextCursor
+from PySide6.QtGui import QColor, QFont, QPalette
 from PySide6.QtWidgets import (QCheckBox, QHBoxLayout, QLabel, QPlainTextEdit, QSplitter,
                                QTextEdit, QToolTip, QVBoxLayout, QWidget)
 
@@ -128,110 +129,85 @@ def describe(piece: Piece, tok: Tokenizer | None) -> str:
 class TokenView(QTextEdit):
     """A read-only rendering of pieces, headings and notes; hover a token for its id.
 
-    Blocks are kept so the document can be rebuilt when the palette changes (light/dark).
+    Content is a list of blocks, ("heading" | "text" | "dim", str) or ("pieces", [Piece]),
+    drawn as one HTML document in a single call: thousands of per-token cursor inserts are
+    ten times slower, and under PySide6 6.12 on Python 3.11 each such call also drops a
+    reference to None. Blocks are kept so a palette change (light/dark) redraws them.
     """
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.setReadOnly(True)
         self.setUndoRedoEnabled(False)
-        self.setLineWrapMode(QTextEdit.LineWrapMode.WidgetWidth)
         self.tokenizer: Tokenizer | None = None    # only for byte detail in tooltips
         self._blocks: list[tuple[str, object]] = []
         self._starts: list[int] = []               # document position where each piece starts
         self._ends: list[int] = []
         self.pieces: list[Piece] = []              # every drawn piece, in document order
 
-    # --- content ---------------------------------------------------------------------------
-    def clear_tokens(self) -> None:
-        self._blocks = []
+    def set_blocks(self, blocks: Sequence[tuple[str, object]]) -> None:
+        self._blocks = list(blocks)
         self._rebuild()
-
-    def add_heading(self, text: str) -> None:
-        self._add("heading", text)
-
-    def add_text(self, text: str, dim: bool = False) -> None:
-        self._add("dim" if dim else "text", text)
-
-    def add_pieces(self, pieces: Sequence[Piece]) -> None:
-        self._add("pieces", list(pieces))
-
-    def _add(self, kind: str, value) -> None:
-        self._blocks.append((kind, value))
-        cur = QTextCursor(self.document())
-        cur.movePosition(QTextCursor.MoveOperation.End)
-        self._draw(cur, kind, value, first=len(self._blocks) == 1)
-
-    def _rebuild(self) -> None:
-        self.document().clear()
-        self._starts, self._ends, self.pieces = [], [], []
-        cur = QTextCursor(self.document())
-        cur.beginEditBlock()
-        for n, (kind, value) in enumerate(self._blocks):
-            self._draw(cur, kind, value, first=n == 0)
-        cur.endEditBlock()
-
-    def _draw(self, cur: QTextCursor, kind: str, value, first: bool) -> None:
-        pal = self.palette()
-        text_c = pal.color(QPalette.ColorRole.Text)
-        base = pal.color(QPalette.ColorRole.Base)
-        if not first:
-            cur.insertBlock()
-        if kind != "pieces":
-            fmt = QTextCharFormat()
-            if kind == "heading":
-                fmt.setFontWeight(QFont.Weight.Bold)
-            if kind == "dim":
-                fmt.setForeground(blend(text_c, base, 0.45))
-            cur.insertText(value, fmt)
-            return
-        dim = blend(text_c, base, 0.5)
-        marker = blend(text_c, base, 0.6)
-        for n, p in enumerate(value):
-            fmt = QTextCharFormat()
-            if p.target is None:
-                fmt.setBackground(pastel(pal, HUES[n % len(HUES)]))
-            elif p.target:   # trained-on tokens: two close greens, so boundaries still show
-                fmt.setBackground(pastel(pal, 0.36 if n % 2 else 0.30, 1.4))
-            else:
-                fmt.setForeground(dim)
-                if n % 2:
-                    fmt.setBackground(blend(base, text_c, 0.06))
-            if p.special:
-                fmt.setFontWeight(QFont.Weight.Bold)
-                if p.target is None:   # neutral chips, two shades so neighbours separate
-                    fmt.setBackground(blend(base, text_c, 0.14 if n % 2 else 0.24))
-            self._starts.append(cur.position())
-            self.pieces.append(p)
-            if p.special:
-                cur.insertText(p.text, fmt)
-            elif not p.text:
-                sub = QTextCharFormat(fmt)
-                sub.setForeground(marker)
-                cur.insertText(CONTINUATION, sub)
-            else:
-                self._insert_visible(cur, p.text, fmt, marker)
-            self._ends.append(cur.position())
-
-    @staticmethod
-    def _insert_visible(cur: QTextCursor, text: str, fmt: QTextCharFormat, marker: QColor) -> None:
-        """Whitespace as · ↵ →, in a fainter colour than the text around it."""
-        ws = QTextCharFormat(fmt)
-        ws.setForeground(marker)
-        run, run_ws = "", None
-        for ch in text:
-            w = ch in VISIBLE
-            if run and w != run_ws:
-                cur.insertText(run, ws if run_ws else fmt)
-                run = ""
-            run += VISIBLE[ch] if w else ch
-            run_ws = w
-        if run:
-            cur.insertText(run, ws if run_ws else fmt)
 
     def piece_ranges(self) -> list[tuple[int, int, Piece]]:
         """(document start, end, piece) for every drawn piece."""
         return list(zip(self._starts, self._ends, self.pieces))
+
+    def _rebuild(self) -> None:
+        pal = self.palette()
+        text_c = pal.color(QPalette.ColorRole.Text)
+        base = pal.color(QPalette.ColorRole.Base)
+        colors = {"dim": blend(text_c, base, 0.45).name(), "marker": blend(text_c, base, 0.6).name()}
+        self._starts, self._ends, self.pieces = [], [], []
+        paras, pos = [], 0
+        for n, (kind, value) in enumerate(self._blocks):
+            pos += n > 0   # the separator between two blocks is one position
+            style = "margin:0; white-space:pre-wrap" + ("; margin-top:10px" if kind == "heading" and n
+                                                         else "")
+            if kind == "pieces":
+                body, pos = self._pieces_html(value, pos, pal, colors)
+            else:
+                # an empty paragraph would be dropped by the HTML reader, shifting positions
+                body, size = _text_html(value or "\u00a0")
+                pos += size
+                if kind == "heading":
+                    body = f"<b>{body}</b>"
+                elif kind == "dim":
+                    body = f"<span style='color:{colors['dim']}'>{body}</span>"
+            paras.append(f"<p style='{style}'>{body}</p>")
+        self.setHtml("".join(paras))
+
+    def _pieces_html(self, pieces: Sequence[Piece], pos: int, pal: QPalette,
+                     colors: dict[str, str]) -> tuple[str, int]:
+        text_c = pal.color(QPalette.ColorRole.Text)
+        base = pal.color(QPalette.ColorRole.Base)
+        out = []
+        for n, p in enumerate(pieces):
+            style = []
+            if p.target is None:
+                bg = pastel(pal, HUES[n % len(HUES)])
+                if p.special:   # neutral chips, two shades so neighbours separate
+                    bg = blend(base, text_c, 0.14 if n % 2 else 0.24)
+                style.append(f"background-color:{bg.name()}")
+            elif p.target:   # trained-on tokens: two close greens, so boundaries still show
+                style.append(f"background-color:{pastel(pal, 0.36 if n % 2 else 0.30, 1.4).name()}")
+            else:
+                style.append(f"color:{colors['dim']}")
+                if n % 2:
+                    style.append(f"background-color:{blend(base, text_c, 0.06).name()}")
+            if p.special:
+                style.append("font-weight:bold")
+                body, size = _text_html(p.text)
+            elif not p.text:
+                body, size = f"<span style='color:{colors['marker']}'>{CONTINUATION}</span>", 1
+            else:
+                body, size = _visible_html(p.text, colors["marker"])
+            self._starts.append(pos)
+            pos += size
+            self._ends.append(pos)
+            self.pieces.append(p)
+            out.append(f"<span style='{';'.join(style)}'>{body}</span>")
+        return "".join(out), pos
 
     # --- hover -----------------------------------------------------------------------------
     def piece_at(self, position: int) -> Piece | None:
@@ -263,6 +239,32 @@ class TokenView(QTextEdit):
         super().changeEvent(event)
         if event.type() == QEvent.Type.PaletteChange:
             self._rebuild()
+
+
+def _units(text: str) -> int:
+    """Length in UTF-16 code units, which is how a QTextDocument counts positions."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def _text_html(text: str) -> tuple[str, int]:
+    """Escaped text with line breaks, and the number of document positions it takes."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")   # the HTML reader drops a bare \r
+    return html.escape(text, quote=False).replace("\n", "<br>"), _units(text)
+
+
+def _visible_html(text: str, marker: str) -> tuple[str, int]:
+    """Whitespace as · ↵ → in a fainter colour; newlines still break the line."""
+    out, size = [], 0
+    for is_space, group in groupby(text, key=lambda ch: ch in VISIBLE):
+        chunk = "".join(group)
+        if is_space:
+            chunk = "".join(VISIBLE[ch] for ch in chunk)
+            body = html.escape(chunk, quote=False).replace("\n", "<br>")
+            out.append(f"<span style='color:{marker}'>{body}</span>")
+        else:
+            out.append(html.escape(chunk, quote=False))
+        size += _units(chunk)
+    return "".join(out), size
 
 
 def run_figures(folder: Path) -> dict[str, float]:
@@ -384,10 +386,10 @@ class TokenInspector(QWidget):
     def refresh(self) -> None:
         """Re-tokenize the editor's text now (the debounce timer calls this)."""
         self._timer.stop()
-        self.view.clear_tokens()
         text = self.editor.toPlainText()
         tok = self._tok
         if tok is None:
+            self.view.set_blocks([])
             self.counts = {}
             self.stats.setText("")
             self.rendered.emit()
@@ -405,11 +407,11 @@ class TokenInspector(QWidget):
         cpt = len(text) / n_text if n_text else 0.0
         self.counts = {"chars": len(text), "tokens": n_tokens, "special": n_special,
                        "chars_per_token": cpt}
-        if pieces:
-            self.view.add_pieces(pieces)
+        blocks: list[tuple[str, object]] = [("pieces", pieces)] if pieces else []
         if n_tokens > len(pieces):
-            self.view.add_text(f"… {n_tokens - len(pieces):,} more tokens not drawn "
-                               f"(the first {len(pieces):,} are shown)", dim=True)
+            blocks.append(("dim", f"… {n_tokens - len(pieces):,} more tokens not drawn "
+                                  f"(the first {len(pieces):,} are shown)"))
+        self.view.set_blocks(blocks)
         special = f" ({n_special} special)" if n_special else ""
         self.stats.setText(f"{len(text):,} characters · {n_tokens:,} tokens{special} · "
                            f"{cpt:.2f} chars/token")

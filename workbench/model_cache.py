@@ -74,6 +74,10 @@ class ModelCache:
         self._loader = loader
         self._lock = threading.RLock()
         self._models: OrderedDict[Path, Loaded] = OrderedDict()
+        # Building a model on the meta device imports torch._dynamo on first use (torch's
+        # Python meta kernels). Done here, on the thread that makes the cache, rather than
+        # in the middle of the first load on a worker thread, where a test run hung in it.
+        import torch._dynamo  # noqa: F401
 
     @staticmethod
     def key(path: str | os.PathLike) -> Path:

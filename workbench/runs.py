@@ -69,7 +69,9 @@ class EventTail:
     def __init__(self, path: Path, offset: int = 0):
         self.path, self.offset = Path(path), offset
 
-    def read_new(self) -> list[dict]:
+    def read_new(self, max_bytes: int | None = None) -> list[dict]:
+        """New complete lines; at most about `max_bytes` of them per call, so a reader catching
+        up on a long file can spread the work over several calls."""
         try:
             size = self.path.stat().st_size
         except FileNotFoundError:
@@ -78,10 +80,17 @@ class EventTail:
             self.offset = 0
         if size == self.offset:
             return []
+        want = size - self.offset if max_bytes is None else min(size - self.offset, max_bytes)
         with open(self.path, "rb") as f:
             f.seek(self.offset)
-            data = f.read(size - self.offset)
+            data = f.read(want)
         end = data.rfind(b"\n") + 1
+        if end == 0 and want < size - self.offset:
+            # One line longer than max_bytes: read on to its end rather than never progress.
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(size - self.offset)
+            end = data.rfind(b"\n") + 1
         self.offset += end
         out = []
         for line in data[:end].splitlines():
@@ -177,6 +186,11 @@ class RunStore:
         self.runs_dir = self.project_dir / "runs"
         self._own = store is None
         self.store = store or Store.for_project(self.project_dir)
+        if self._own:
+            # The index is rebuilt from the folders whenever it is lost, so its commits need
+            # not wait for the disk (FULL, the annotation store's setting, fsyncs every one;
+            # the app syncs every few seconds on the UI thread).
+            self.store.conn.execute("PRAGMA synchronous=OFF")
 
     def close(self) -> None:
         if self._own:
@@ -206,6 +220,9 @@ class RunStore:
             size = 0
         if row is not None and row["events_offset"] == size and row["status"] != "running":
             return
+        if (row is not None and row["events_offset"] == size and row["status"] == "running"
+                and process_alive(row["pid"], path)):
+            return      # running, nothing new: no write
         fold = _Fold(row if row is not None and size >= row["events_offset"] else None)
         tail = EventTail(events, row["events_offset"] if row is not None and size >= row["events_offset"] else 0)
         for ev in tail.read_new():
