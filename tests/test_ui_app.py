@@ -122,6 +122,11 @@ def test_the_pipeline_trains_from_the_panels(qtbot, project, make_window):
     assert job.status == "completed", job.error
     assert len((job.run_dir / "rankings.jsonl").read_text().splitlines()) == simulated
     assert len(reward.plots.history.arrays("train/accuracy")[0]) > 0
+    # The finished run's rankings preview as preferences (not as SFT records), with no problem.
+    reward.show_run(ctx.runs.get(job.run_dir.name))
+    reward.preview.wait()
+    qtbot.waitUntil(lambda: not reward.preview.busy, timeout=10_000)
+    assert reward.preview.problems == [] and reward._data_ok
 
     w.go("ppo")
     ppo = w.pages["ppo"]

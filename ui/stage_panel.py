@@ -383,7 +383,8 @@ class StagePanel(QWidget):
             return
         key, value = fields[0]
         paths = [_resolve(base, p) for p in ([value] if isinstance(value, str) else value or [])]
-        kind = DATA_FIELDS[key]
+        # The reward model's `data` is rankings, not SFT records.
+        kind = "preferences" if self.stage == "reward" else DATA_FIELDS[key]
         if kind == "pretrain":
             self.preview.show_pretrain(paths)
         elif kind == "sft":
@@ -391,7 +392,7 @@ class StagePanel(QWidget):
             self.preview.show_sft(paths, _resolve(base, tok) if tok else None)
         elif kind == "prompts":
             self.preview.show_prompts(paths)
-        elif self.stage == "reward":
+        elif kind == "preferences":
             self.preview.show_preferences(paths)
 
     def _on_data_validated(self, ok: bool, problems: list) -> None:
