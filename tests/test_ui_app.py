@@ -159,7 +159,7 @@ def test_stop_resume_and_reattach_after_a_restart(qtbot, project, make_window, t
     current.update(values)
     panel.form.set_values(current)
     job = panel.start()
-    qtbot.waitUntil(lambda: any("train/loss" in e for e in job.events), timeout=JOB_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: "train/loss" in job.history.keys(), timeout=JOB_TIMEOUT_MS)
     assert len(panel.plots.history.arrays("train/loss")[0]) > 0
     assert panel.stop_btn.isEnabled() and not panel.resume_btn.isEnabled()
 
@@ -211,7 +211,7 @@ def test_a_crash_without_a_done_event_is_an_error_too(qtbot, project, make_windo
     current.update(dict(FAST["pretrain"], max_steps=100_000, checkpoint_every=100_000, eval_every=100_000))
     panel.form.set_values(current)
     job = panel.start()
-    qtbot.waitUntil(lambda: any("train/loss" in e for e in job.events), timeout=JOB_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: "train/loss" in job.history.keys(), timeout=JOB_TIMEOUT_MS)
     with qtbot.waitSignal(job.finished, timeout=10_000):
         os.kill(job.pid, signal.SIGKILL)
     assert job.status == "failed" and "without a done event" in job.error
@@ -247,3 +247,19 @@ def test_recent_projects_and_window_state_persist(qtbot, project, make_window, t
     assert str(project) in settings.value("recentProjects")
     w2 = make_window(project)
     assert w2.sidebar.currentItem().text().startswith("Runs")
+
+
+def test_first_start_writes_and_opens_the_demo_project(qtbot, tmp_path, monkeypatch):
+    import argparse
+    from ui import app as app_module
+    demo = tmp_path / "data" / "demo-project"
+    monkeypatch.setattr(app_module, "demo_location", lambda: demo)
+    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)   # a first start
+    w = app_module.open_window(argparse.Namespace(project=None, demo=False), settings)
+    qtbot.addWidget(w)
+    qtbot.waitUntil(lambda: w.ctx is not None, timeout=60_000)
+    assert w.ctx.path == demo and (demo / "workbench.toml").exists()
+    assert "Demo" in w.windowTitle() and settings.value("lastProject") == str(demo)
+    # The panels start from the demo's data: the tokenizer reads its corpus.
+    assert [Path(p).name for p in w.pages["tokenizer"].form.values()["inputs"]] == ["python_docs.txt", "tasks.txt"]
+    w.close_project()

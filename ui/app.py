@@ -65,31 +65,42 @@ def choose_project(args, settings: QSettings) -> tuple[Path, bool]:
     return demo, not (demo / "workbench.toml").exists()
 
 
-def run(args) -> int:
-    app = make_app()
+def open_window(args, settings: QSettings | None = None):
+    """The main window on the chosen project; the demo project is written first if needed,
+    on a worker thread while the window shows. Returns the window (shown)."""
+    make_app()
     from ui.main_window import MainWindow
     from ui.workers import Worker
-    settings = QSettings()
+    settings = settings or QSettings()
     window = MainWindow(settings)
     window.show()
     path, write_demo = choose_project(args, settings)
     if write_demo:
         from workbench.demo import write_demo_project
         window.placeholder.setText(f"Writing the demo project to {path} …")
-        worker = Worker(lambda emit, cancelled: write_demo_project(path, seed=0, scale="small"))
-        worker.finished.connect(lambda _r: window.open_project(path))
-        worker.errored.connect(lambda text: window.placeholder.setText(f"Could not write the demo project: {text}"))
-        worker.start()
+        window._demo_writer = Worker(lambda emit, cancelled: write_demo_project(path, seed=0, scale="small"))
+        window._demo_writer.finished.connect(lambda _r: window.open_project(path))
+        window._demo_writer.errored.connect(
+            lambda text: window.placeholder.setText(f"Could not write the demo project: {text}"))
+        window._demo_writer.start()
     else:
         QTimer.singleShot(0, lambda: window.open_project(path))
+    return window
+
+
+def run(args) -> int:
+    app = make_app()
+    window = open_window(args)
     # Ctrl-C in the terminal closes the window (the Python handler needs the event loop to
     # come back to Python now and then, hence the idle timer).
     signal.signal(signal.SIGINT, lambda *_: window.close())
     tick = QTimer()
     tick.start(250)
     tick.timeout.connect(lambda: None)
-    code = app.exec()
-    return code
+    try:
+        return app.exec()
+    finally:
+        tick.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

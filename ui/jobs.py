@@ -25,6 +25,7 @@ from PySide6.QtCore import QObject, QTimer, Signal
 
 from engine.config import save_config
 from workbench.runs import LOST, EventTail, process_alive
+from ui.run_history import RunHistory
 
 POLL_MS = 100
 # Per poll: a stage writes a few KB/s, so this only bounds catching up on a long events.jsonl
@@ -48,7 +49,7 @@ def stage_arguments(stage: str, run_dir: Path) -> list[str]:
 
 
 class Job(QObject):
-    eventsArrived = Signal(list)      # new event dicts, in order
+    eventsArrived = Signal(list)      # new event dicts, in order (metrics already in .history)
     finished = Signal(str, object)    # status (completed | stopped | failed), error text or None
 
     def __init__(self, stage: str, run_dir: Path, parent: QObject | None = None):
@@ -59,7 +60,10 @@ class Job(QObject):
         self.pid: int | None = None
         self.status = "created"
         self.error: str | None = None
-        self.events: list[dict] = []
+        # Metrics go into numpy buffers, not a list of dicts: a long run streams millions of
+        # values, and every live dict is work for each garbage collection on the UI thread.
+        self.history = RunHistory()
+        self.events: list[dict] = []           # the other events (start, sample, log, ...)
         self.progress: dict | None = None      # the last progress event
         self._tail = EventTail(self.run_dir / "events.jsonl")
         self._timer = QTimer(self)
@@ -124,7 +128,8 @@ class Job(QObject):
             elif t == "progress":
                 self.progress = ev
         if new:
-            self.events.extend(new)
+            self.history.add_events(e for e in new if e.get("type") == "metrics")
+            self.events.extend(e for e in new if e.get("type") not in ("metrics", "progress"))
             self.eventsArrived.emit(new)
         reap()                       # a child that exited must not linger as a zombie pid
         if done is not None:

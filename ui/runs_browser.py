@@ -146,7 +146,7 @@ class RunsBrowser(QWidget):
     def _history(self, info: RunInfo) -> RunHistory:
         job = self.ctx.job_for(info.name)
         if job is not None:
-            return RunHistory.from_events(job.events)
+            return job.history
         # A finished run's events do not change: read them once.
         if info.name not in self._histories or info.status == "running":
             self._histories[info.name] = RunHistory.from_events(read_events(info.path))
@@ -166,10 +166,7 @@ class RunsBrowser(QWidget):
             self.plots = PlotGrid(stage)
             self.plot_holder.addWidget(self.plots)
         if len(same) == 1:
-            self.plots.set_overlay(None)
-            self.plots.clear()
-            self.plots.load_events(read_events(same[0].path) if self.ctx.job_for(same[0].name) is None
-                                   else self.ctx.job_for(same[0].name).events)
+            self.plots.set_history(self._history(same[0]))
         else:
             self.plots.set_overlay([(i.name, self._history(i)) for i in same])
         skipped = len(infos) - len(same)

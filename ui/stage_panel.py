@@ -185,7 +185,9 @@ class StagePanel(QWidget):
             self.form.set_values(_read_config(info.path))
             job = self.ctx.job_for(info.name)
             if job is not None:
-                self._add_events(job.events)
+                # The plots show the job's own buffers; new metrics only need a redraw.
+                self.plots.set_history(job.history)
+                self._add_events(job.events + ([job.progress] if job.progress else []))
                 if job.running:
                     self._attach(job)
             else:
@@ -245,12 +247,12 @@ class StagePanel(QWidget):
 
     def _attach(self, job) -> None:
         self._job = job
-        job.eventsArrived.connect(self._add_events)
+        job.eventsArrived.connect(self._add_job_events)
         job.finished.connect(self._on_finished)
 
     def _detach(self) -> None:
         if self._job is not None:
-            for sig, slot in ((self._job.eventsArrived, self._add_events), (self._job.finished, self._on_finished)):
+            for sig, slot in ((self._job.eventsArrived, self._add_job_events), (self._job.finished, self._on_finished)):
                 try:
                     sig.disconnect(slot)
                 except (RuntimeError, TypeError):
@@ -265,7 +267,10 @@ class StagePanel(QWidget):
         self._show_status()
         self._update_buttons()
 
-    def _add_events(self, events: list[dict]) -> None:
+    def _add_job_events(self, events: list[dict]) -> None:
+        self._add_events(events, metrics_in_plots=True)
+
+    def _add_events(self, events: list[dict], metrics_in_plots: bool = False) -> None:
         metrics, progress = [], None
         for ev in events:
             t = ev.get("type")
@@ -281,7 +286,10 @@ class StagePanel(QWidget):
         if progress is not None:
             self._show_progress(progress)
         if metrics:
-            self.plots.load_events(metrics)
+            if metrics_in_plots:
+                self.plots.refresh()
+            else:
+                self.plots.load_events(metrics)
 
     def _show_progress(self, ev: dict) -> None:
         total = max(int(ev.get("total") or 1), 1)
