@@ -18,6 +18,7 @@ from pathlib import Path
 
 from workbench import annotate_cli, chat_cli, demo
 from workbench.runner import STAGES
+from workbench.suggest import TRAINING as T   # the demo settings, shared with the app's panels
 
 EPILOG = """\
 Each stage is also `python -m engine.<stage> --run-dir DIR`, which reads DIR/config.json and
@@ -97,19 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model size preset (default: the project's)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="tokenizer vocabulary (default: the project's)")
-    p.add_argument("--steps", type=int, default=1000, help="pretraining steps (default 1000)")
-    p.add_argument("--batch-size", type=int, default=16, help="pretraining batch size (default 16)")
-    p.add_argument("--lr", type=float, default=2e-3, help="pretraining peak learning rate (default 2e-3)")
-    p.add_argument("--sft-steps", type=int, default=500, help="SFT steps (default 500)")
-    p.add_argument("--sft-lr", type=float, default=1e-3, help="SFT learning rate (default 1e-3)")
+    p.add_argument("--steps", type=int, default=T["pretrain"]["max_steps"], help="pretraining steps (default 1000)")
+    p.add_argument("--batch-size", type=int, default=T["pretrain"]["batch_size"], help="pretraining batch size (default 16)")
+    p.add_argument("--lr", type=float, default=T["pretrain"]["lr"], help="pretraining peak learning rate (default 2e-3)")
+    p.add_argument("--sft-steps", type=int, default=T["sft"]["max_steps"], help="SFT steps (default 500)")
+    p.add_argument("--sft-lr", type=float, default=T["sft"]["lr"], help="SFT learning rate (default 1e-3)")
     p.add_argument("--eval-tasks", type=int, default=200, help="held-out tasks for accuracy and win rate")
-    p.add_argument("--rank-prompts", type=int, default=1000, help="prompts sampled for ranking (default 1000)")
-    p.add_argument("--k", type=int, default=8, help="answers per prompt to rank (default 8)")
-    p.add_argument("--rm-epochs", type=float, default=2.0, help="reward-model epochs (default 2)")
-    p.add_argument("--rm-lr", type=float, default=3e-4, help="reward-model learning rate (default 3e-4)")
-    p.add_argument("--ppo-steps", type=int, default=40, help="PPO iterations (default 40)")
-    p.add_argument("--ppo-lr", type=float, default=3e-5, help="PPO learning rate (default 3e-5)")
-    p.add_argument("--kl-coef", type=float, default=0.05, help="PPO KL coefficient beta (default 0.05)")
+    p.add_argument("--rank-prompts", type=int, default=T["sample"]["n_prompts"], help="prompts sampled for ranking (default 1000)")
+    p.add_argument("--k", type=int, default=T["sample"]["k"], help="answers per prompt to rank (default 8)")
+    p.add_argument("--rm-epochs", type=float, default=T["reward"]["epochs"], help="reward-model epochs (default 2)")
+    p.add_argument("--rm-lr", type=float, default=T["reward"]["lr"], help="reward-model learning rate (default 3e-4)")
+    p.add_argument("--ppo-steps", type=int, default=T["ppo"]["steps"], help="PPO iterations (default 40)")
+    p.add_argument("--ppo-lr", type=float, default=T["ppo"]["lr"], help="PPO learning rate (default 3e-5)")
+    p.add_argument("--kl-coef", type=float, default=T["ppo"]["kl_coef"], help="PPO KL coefficient beta (default 0.05)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.set_defaults(func=cmd_pipeline)
