@@ -7,10 +7,8 @@ the session through its thread-safe stop().
 
 Models come from a ModelCache (shared with compare mode when the main window passes one). The
 session borrows its model for one reply at a time and lets go of it after, so switching the
-checkpoint, or the cache evicting one, really frees the old weights.
-
-Also here, because compare mode uses them too: the checkpoint picker, the prompt box (Enter
-sends, Shift+Enter is a new line) and the message banner.
+checkpoint, or the cache evicting one, really frees the old weights. The widgets compare mode
+uses too (checkpoint picker, prompt box, banner) are in ui/chat_widgets.py.
 """
 from __future__ import annotations
 
@@ -18,52 +16,21 @@ import html
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-from PySide6.QtCore import QEvent, Qt, QTimer, QUrl, Signal
+from PySide6.QtCore import QEvent, QTimer, QUrl, Signal
 from PySide6.QtGui import QColor, QPalette
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFrame, QHBoxLayout, QLabel,
-                               QPlainTextEdit, QPushButton, QSplitter, QStyle, QTextBrowser,
-                               QToolButton, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QCheckBox, QHBoxLayout, QLabel, QPlainTextEdit, QSplitter, QTextBrowser,
+                               QVBoxLayout, QWidget)
 
 from engine.chat import ChatSession
+from ui.chat_widgets import (Banner, Checkpoints, CheckpointPicker, PromptEdit, button,
+                             error_text, input_row, tokens)
 from ui.sampling_controls import SamplingControls
 from ui.workers import Worker
 from workbench.model_cache import ModelCache, Reply, describe, model_info, run_reply, short_name
 
-Checkpoints = Callable[[], "list[tuple[str, Path]]"]
-BROWSE = "Browse…"
 RENDER_INTERVAL_MS = 40     # streamed text is drawn at most 25 times a second
-
-
-def button(text: str, tip: str) -> QPushButton:
-    b = QPushButton(text)
-    b.setToolTip(tip)
-    return b
-
-
-def input_row(edit: QWidget, send: QPushButton, stop: QPushButton) -> QHBoxLayout:
-    """The prompt box with Send and Stop stacked at its right."""
-    col = QVBoxLayout()
-    col.addWidget(send)
-    col.addWidget(stop)
-    col.addStretch(1)
-    row = QHBoxLayout()
-    row.addWidget(edit, 1)
-    row.addLayout(col)
-    return row
-
-
-def tokens(n: int) -> str:
-    return f"{n} token{'' if n == 1 else 's'}"
-
-
-def error_text(text: str) -> str:
-    """The Worker's 'Type: message' without the type where the message is written for users."""
-    for prefix in ("ModelCacheError: ", "OutOfMemory: ", "ConfigError: "):
-        if text.startswith(prefix):
-            return text[len(prefix):]
-    return text
 
 
 class _Session(ChatSession):
@@ -75,131 +42,6 @@ class _Session(ChatSession):
 
 
 # --- shared widgets ---------------------------------------------------------------------------
-
-class CheckpointPicker(QComboBox):
-    """The project's checkpoints, plus any folder the user browses to (imported checkpoints)."""
-
-    pathChanged = Signal(object)       # Path, or None when there is nothing to pick
-
-    def __init__(self, checkpoints: Checkpoints, parent=None):
-        super().__init__(parent)
-        self._checkpoints = checkpoints
-        self._browsed: list[tuple[str, Path]] = []
-        self._current: Optional[Path] = None
-        self.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
-        self.setMinimumContentsLength(24)
-        self.setToolTip("A checkpoint or run folder (a run uses its best checkpoint, else its newest)")
-        self.setPlaceholderText("Choose a checkpoint…")
-        self.activated.connect(self._on_activated)
-        self.refresh()
-
-    def path(self) -> Optional[Path]:
-        return self._current
-
-    def label(self) -> str:
-        return self.currentText() if self._current is not None else ""
-
-    def refresh(self) -> None:
-        """Re-read the choices, keeping the current one when it is still offered."""
-        keep = self._current
-        self.blockSignals(True)
-        self.clear()
-        for label, path in [*self._checkpoints(), *self._browsed]:
-            self.addItem(label, str(path))
-        self.addItem(BROWSE, None)
-        self.blockSignals(False)
-        i = self.findData(str(keep)) if keep is not None else -1
-        self.select_index(i if i >= 0 else (0 if self.count() > 1 else -1))
-
-    def set_path(self, path: Path, label: Optional[str] = None) -> None:
-        """Select `path`, adding it as a browsed choice if it is not offered."""
-        i = self.findData(str(path))
-        if i < 0:
-            self._browsed.append((label or f"{short_name(path)} (folder)", Path(path)))
-            self.refresh()
-            i = self.findData(str(path))
-        self.select_index(i)
-
-    def select_index(self, i: int) -> None:
-        new = Path(self.itemData(i)) if i >= 0 and self.itemData(i) else None
-        self.setCurrentIndex(i if new is not None else -1)
-        if new != self._current:
-            self._current = new
-            self.pathChanged.emit(new)
-
-    def _on_activated(self, i: int) -> None:
-        if self.itemData(i) is not None:
-            self.select_index(i)
-            return
-        folder = QFileDialog.getExistingDirectory(self, "Choose a checkpoint or run folder")
-        if folder:
-            self.set_path(Path(folder))
-        else:
-            self.setCurrentIndex(self.findData(str(self._current)) if self._current is not None else -1)
-
-
-class PromptEdit(QPlainTextEdit):
-    """Enter submits, Shift+Enter starts a new line, Esc is passed on (to stop an answer)."""
-
-    submitted = Signal()
-    escaped = Signal()
-
-    def __init__(self, placeholder: str, parent=None):
-        super().__init__(parent)
-        self.setPlaceholderText(placeholder)
-        self.setTabChangesFocus(True)
-        lines = self.fontMetrics().lineSpacing()
-        self.setMinimumHeight(2 * lines + 14)
-        self.setMaximumHeight(4 * lines + 14)
-
-    def keyPressEvent(self, e) -> None:
-        if e.key() in (Qt.Key_Return, Qt.Key_Enter) and not e.modifiers() & Qt.ShiftModifier:
-            self.submitted.emit()
-            return
-        if e.key() == Qt.Key_Escape:
-            self.escaped.emit()
-            return
-        super().keyPressEvent(e)
-
-
-class Banner(QFrame):
-    """An error or a note inside the view, with a button that dismisses it."""
-
-    closed = Signal()
-
-    def __init__(self, parent=None):
-        super().__init__(parent)
-        self.setFrameShape(QFrame.StyledPanel)
-        self.setAutoFillBackground(True)
-        self.setBackgroundRole(QPalette.AlternateBase)
-        self.icon, self.text = QLabel(), QLabel()
-        self.text.setWordWrap(True)
-        self.text.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        close = QToolButton()
-        close.setAutoRaise(True)
-        close.setIcon(self.style().standardIcon(QStyle.SP_TitleBarCloseButton))
-        close.setToolTip("Dismiss")
-        close.clicked.connect(self.dismiss)
-        row = QHBoxLayout(self)
-        row.setContentsMargins(8, 4, 4, 4)
-        row.addWidget(self.icon)
-        row.addWidget(self.text, 1)
-        row.addWidget(close, 0, Qt.AlignTop)
-        self.kind = ""
-        self.hide()
-
-    def show_message(self, text: str, kind: str = "error") -> None:
-        icon = QStyle.SP_MessageBoxWarning if kind == "error" else QStyle.SP_MessageBoxInformation
-        self.icon.setPixmap(self.style().standardIcon(icon).pixmap(20, 20))
-        self.text.setText(text)
-        self.kind = kind
-        self.show()
-
-    def dismiss(self) -> None:
-        if not self.isHidden():
-            self.hide()
-            self.closed.emit()
-
 
 # --- the transcript -------------------------------------------------------------------------
 

@@ -25,8 +25,8 @@ from PySide6.QtWidgets import (QCheckBox, QFrame, QGridLayout, QHBoxLayout, QLab
                                QPlainTextEdit, QSplitter, QVBoxLayout, QWidget)
 
 from engine.chat import ChatSession
-from ui.chat_view import (Banner, Checkpoints, CheckpointPicker, PromptEdit, button, error_text,
-                          input_row, tokens)
+from ui.chat_widgets import (Banner, Checkpoints, CheckpointPicker, PromptEdit, button, error_text,
+                             input_row, tokens)
 from ui.sampling_controls import SamplingControls
 from ui.workers import Worker
 from workbench import comparisons
