@@ -43,6 +43,11 @@ def icon(name: str, color: Optional[QColor | str] = None) -> QIcon:
     return cached
 
 
+def status_color(status: str) -> Optional[str]:
+    """The colour that marks a run status ("completed" is "done"), or None for idle ones."""
+    return STATUS_COLORS.get(STATUS_ALIASES.get(status, status))
+
+
 def status_icon(status: str, color: Optional[QColor | str] = None) -> QIcon:
     """The glyph for a run's state, in its own colour: blue running, green done, red failed…
     Idle takes the palette's text colour at half strength, so it recedes."""

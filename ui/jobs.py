@@ -157,6 +157,10 @@ class Job(QObject):
         self.status, self.error = status, error
         self.finished.emit(status, error)
 
+    def detach(self) -> None:
+        """Stop following the job (its project closes); the process runs on."""
+        self._timer.stop()
+
     @property
     def running(self) -> bool:
         return self.status == "running"

@@ -17,7 +17,7 @@ from PySide6.QtWidgets import (QFileDialog, QInputDialog, QLabel, QListWidget, Q
 
 from engine.runio import format_duration
 from workbench.project import Project, ProjectError, create_project
-from ui.icons import app_icon, icon
+from ui.icons import app_icon, icon, status_color
 from ui.project_context import ProjectContext
 from ui.runs_browser import RunsBrowser, result_text
 from ui.stage_pages import make_panel
@@ -278,7 +278,7 @@ class MainWindow(QMainWindow):
             state, status = self._state(key)
             item.setText(f"{label}\n{state}")
             item.setToolTip(f"{label}: {state}")
-            item.setIcon(icon(key) if status is None else icon(key, _status_color(status)))
+            item.setIcon(icon(key) if status is None else icon(key, status_color(status)))
         self.update_lineage()
 
     def _state(self, key: str) -> tuple[str, str | None]:
@@ -344,6 +344,3 @@ class MainWindow(QMainWindow):
             print(f"{len(running)} job(s) keep running; reopen the workbench to follow them.")
         super().closeEvent(event)
 
-
-def _status_color(status: str) -> str | None:
-    return {"running": "#1c7ed6", "completed": "#2f9e44", "failed": "#e03131", "stopped": "#e8590c"}.get(status)

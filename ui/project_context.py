@@ -48,7 +48,7 @@ class ProjectContext(QObject):
         if self._sync_worker is not None:
             self._sync_worker.wait()
         for job in self.jobs.values():
-            job._timer.stop()
+            job.detach()
         self.runs.close()
 
     # --- runs -----------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ class RunsBrowser(QWidget):
             self.table.blockSignals(True)
             for row in range(self.table.rowCount()):
                 if self.table.item(row, 0).text() in selected:
-                    self.table.selectRow(row) if len(selected) == 1 else self._add_row(row)
+                    self._add_row(row)
             self.table.blockSignals(False)
         self._update_buttons()
 

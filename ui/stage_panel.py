@@ -19,7 +19,7 @@ from PySide6.QtWidgets import (QComboBox, QFrame, QHBoxLayout, QLabel, QMessageB
 
 from engine.config import from_dict, save_config
 from engine.runio import format_count, format_duration, read_events
-from workbench.forms import DATA_FIELDS, check, config_class, defaults
+from workbench.forms import ARTIFACT_FIELDS, DATA_FIELDS, check, config_class, defaults
 from workbench.runs import RunInfo
 from workbench.suggest import suggested_values
 from ui.config_form import ConfigForm
@@ -160,7 +160,8 @@ class StagePanel(QWidget):
         self.show_run(self.ctx.runs.get(name) if name else None)
 
     def select_run(self, name: str) -> None:
-        self.ctx.sync()
+        if self.ctx.runs.get(name) is None:     # a folder made since the last sync
+            self.ctx.sync()
         self._fill_runs()
         self.show_run(self.ctx.runs.get(name))
 
@@ -260,8 +261,8 @@ class StagePanel(QWidget):
         self._job = None
 
     def _on_finished(self, status: str, error) -> None:
+        # The context synced the run store on this same signal (it connected first).
         self._detach()
-        self.ctx.sync()
         if self.run is not None:
             self.run = self.ctx.runs.get(self.run.name)
         self._show_status()
@@ -432,7 +433,7 @@ def _read_config(run_dir: Path) -> dict:
     # Paths in a run's config are relative to the run folder; the form shows them absolute.
     for key in list(values):
         v = values[key]
-        if key in DATA_FIELDS or key in ("tokenizer", "init", "checkpoint", "policy", "reward_model", "value_model"):
+        if key in DATA_FIELDS or key in ARTIFACT_FIELDS:
             if isinstance(v, list):
                 values[key] = [str(_resolve(run_dir, x)) for x in v]
             elif isinstance(v, str) and v:

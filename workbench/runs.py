@@ -18,7 +18,6 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from workbench.store import Store
 
@@ -293,13 +292,6 @@ class RunStore:
             c.execute("DELETE FROM runs WHERE name = ?", (name,))
         shutil.rmtree(doomed, ignore_errors=True)
 
-    def checkpoints(self, stages: Iterable[str] = ("pretrain", "sft", "ppo")) -> list[tuple[str, Path]]:
-        """(label, run folder) of runs with at least one checkpoint, for checkpoint pickers."""
-        out = []
-        for r in self.list():
-            if r.stage in stages and any((r.path / "checkpoints").glob("step-*")):
-                out.append((f"{r.name} ({r.status}, step {r.step})" if r.step is not None else r.name, r.path))
-        return out
 
 
 def _dict_row(cursor, row) -> dict:
