@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 
+from engine import distributed
 from engine.config import ConfigError, require, resolve_path
 from engine.corpus import list_corpus_files
 from engine.data import TokenData, encode_corpus, shards_ready, unigram_baseline
@@ -87,12 +88,15 @@ def run(cfg: PretrainConfig, run_dir: Path, sink: Optional[Sink] = None, control
     seq_len = cfg.seq_len or mcfg.max_seq_len
 
     data_dir = run_dir / "data"
-    if not shards_ready(data_dir, tok, files, val_fraction=cfg.val_fraction, seed=cfg.seed):
+    encoded = True
+    if distributed.is_main() and not shards_ready(data_dir, tok, files, val_fraction=cfg.val_fraction,
+                                                  seed=cfg.seed):
         ev.log(f"encoding {len(files)} file(s) into {data_dir}")
         meta = encode_corpus(tok, files, data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
                              control=control)
-        if meta is None or control.should_stop():
-            return "stopped"
+        encoded = meta is not None and not control.should_stop()
+    if not distributed.from_main(encoded):  # the other ranks wait here for rank 0's shards
+        return "stopped"
     data = TokenData(data_dir)
     for split in ("train", "val"):
         if data.n_tokens(split) < seq_len + 1:
@@ -136,7 +140,7 @@ def run(cfg: PretrainConfig, run_dir: Path, sink: Optional[Sink] = None, control
                   extra_files={"tokenizer.json": tok_path}, flops_per_token=model.flops_per_token(seq_len))
     status = train(cfg, run_dir, model, stage, device=device, dtype=dtype, sink=sink, control=control,
                    init_metrics={"val/unigram_baseline": baseline})
-    if status == "completed":
+    if status == "completed" and distributed.is_main():
         summary = {"stage": "pretrain", **run_summary(run_dir, cfg), "unigram_baseline": baseline,
                    "params": model.num_params()}
         write_summary(run_dir, summary)

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from engine import checkpoint as ckpt
+from engine import distributed
 from engine.artifacts import load_artifact
 from engine.config import require, resolve_path
 from engine.device import autocast, describe, setup
@@ -190,12 +191,13 @@ def run(cfg: RewardConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
         restore=restore,
         train_metrics=scorer.take_stats,
         extra_files={"tokenizer.json": loaded.tokenizer_path},
-        flops_per_token=model.flops_per_token(max_len))
+        flops_per_token=model.flops_per_token(max_len),
+        skip_batch=lambda _gen: sampler.take(cfg.batch_size))
     status = train(tcfg, run_dir, model, stage, device=device, dtype=dtype, sink=sink, control=control)
     if scorer.truncated:
         ev.log(f"{scorer.truncated} answer sequence(s) were longer than the context ({max_len}) and "
                "lost prompt tokens first", level="warning")
-    if status != "completed":
+    if status != "completed" or not distributed.is_main():
         return status
 
     # Normalisation statistics for every kept checkpoint, each over its own rewards, so PPO can

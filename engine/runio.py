@@ -264,18 +264,25 @@ def stage_main(stage: str, config_cls: type, run: StageFn, argv: list[str] | Non
     if not run_dir.is_dir():
         print(f"error: run folder {run_dir} does not exist", file=sys.stderr)
         return 2
-    log = EventLog(run_dir, echo)
+    from engine import distributed
+    world = distributed.from_env()
+    # Under torchrun rank 0 speaks for the run; the others only report their own failures, and
+    # only rank 0 reads the STOP file, which it clears at the start (a rank that saw the old one
+    # before it was cleared would stop the run at once).
+    log = EventLog(run_dir, echo) if world.is_main else RankErrors(world.rank, stage)
     ev = Emitter(log)
-    control = Control(run_dir)
+    control = Control(run_dir if world.is_main else None)
     control.clear()
     control.install_signal_handlers()
     try:
         cfg = load_config(config_cls, run_dir / "config.json")
+        distributed.start(getattr(cfg, "nproc", None), getattr(cfg, "device", "auto"))
     except ConfigError as e:
         ev.emit("done", status="failed", error=str(e), step=None)
         log.close()
         return 2
-    ev.emit("start", stage=stage, config=to_dict(cfg), pid=os.getpid())
+    ev.emit("start", stage=stage, config=to_dict(cfg), pid=os.getpid(),
+            **({"world_size": world.size} if world.enabled else {}))
     code = 0
     try:
         status = run(cfg, run_dir, log, control)
@@ -292,7 +299,24 @@ def stage_main(stage: str, config_cls: type, run: StageFn, argv: list[str] | Non
         code = 1
     finally:
         log.close()
+        distributed.stop(clean=code == 0)
     return code
+
+
+class RankErrors:
+    """The sink of a rank other than 0: its errors on stderr (torchrun shows them), nothing else."""
+
+    def __init__(self, rank: int, stage: str):
+        self.prefix = f"[{stage} rank {rank}]"
+
+    def __call__(self, ev: dict) -> None:
+        if ev.get("type") == "done" and ev.get("error"):
+            print(f"{self.prefix} {ev['status']}: {ev['error']}", file=sys.stderr, flush=True)
+        elif ev.get("type") == "log" and ev.get("level") == "error":
+            print(f"{self.prefix} {ev['message']}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 def _fields(cls):

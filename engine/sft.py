@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from engine import checkpoint as ckpt
+from engine import distributed
 from engine.artifacts import load_artifact
 from engine.config import ConfigError, require, resolve_path
 from engine.device import autocast, describe, setup
@@ -181,6 +182,12 @@ def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
             ev.log(f"epoch {sampler.epoch + 1} begins")
         return x.to(device), y.to(device), n
 
+    def skip_batch(_gen: torch.Generator) -> None:
+        epoch = sampler.epoch
+        sampler.take(cfg.batch_size)
+        if sampler.epoch != epoch:
+            ev.log(f"epoch {sampler.epoch + 1} begins")
+
     def loss(m, batch):
         # The mean over this batch's answer tokens, as HF's SFT does: a batch of short answers
         # weighs as much as one of long answers.
@@ -225,9 +232,9 @@ def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
 
     stage = Stage("sft", next_batch, loss, evaluate, sample, fixed_on_resume=FIXED_ON_RESUME,
                   state=state, restore=restore, extra_files={"tokenizer.json": art.tokenizer_path},
-                  flops_per_token=model.flops_per_token(seq_len))
+                  flops_per_token=model.flops_per_token(seq_len), skip_batch=skip_batch)
     fresh = ckpt.latest_checkpoint(run_dir / "checkpoints") is None
-    if fresh:
+    if fresh and distributed.is_main():
         model.eval()
         with torch.no_grad(), autocast(device, dtype):
             init_metrics.update(evaluate(model))
@@ -236,7 +243,7 @@ def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
         model.train()
     status = train(tcfg, run_dir, model, stage, device=device, dtype=dtype, sink=sink,
                    control=control, init_metrics=dict(init_metrics) if fresh else None)
-    if status != "completed":
+    if status != "completed" or not distributed.is_main():
         return status
     if not last_eval:  # resumed at max_steps: the trainer had nothing left to do or evaluate
         model.eval()

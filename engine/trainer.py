@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from engine import checkpoint as ckpt
+from engine import distributed
 from engine.config import ConfigError, require
 from engine.device import autocast, peak_flops
 from engine.model import safetensors_state, with_tied_head
@@ -47,9 +48,11 @@ class TrainConfig:
     device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"                 # auto (bf16 on CUDA, else fp32) | float32 | bfloat16
     compile: bool = False
+    nproc: int = 1                      # processes (one per GPU) training together with DDP, via torchrun
 
     def validate_training(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "checkpoint_every", "log_every"):
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "checkpoint_every", "log_every",
+                     "nproc"):
             require(getattr(self, name) > 0, name, "must be a positive integer")
         for name in ("warmup_steps", "sample_every", "keep_last"):
             require(getattr(self, name) >= 0, name, "must be zero or positive")
@@ -61,11 +64,14 @@ class TrainConfig:
         require(self.grad_clip >= 0, "grad_clip", "must be zero or positive")
         require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
                 "auto, float32, bfloat16 or float16")
+        if self.nproc > 1 and self.device != "cpu" and torch.cuda.is_available():
+            gpus = torch.cuda.device_count()
+            require(self.nproc <= gpus, "nproc", f"{self.nproc} processes need as many GPUs; this machine has {gpus}")
 
 
 # Settings that define what a run *is*: changing them on resume would silently train a different
 # run under the old name, so it is refused. The schedule's settings only warn.
-FIXED_ON_RESUME = ("batch_size", "grad_accum", "seed")
+FIXED_ON_RESUME = ("batch_size", "grad_accum", "seed", "nproc")
 WARN_ON_RESUME = ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip")
 
 
@@ -89,7 +95,17 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 def check_resume(saved: dict, cfg: TrainConfig, fixed: tuple[str, ...], ev: Emitter) -> None:
     now = dataclasses.asdict(cfg)
-    changed = [k for k in fixed if saved.get(k) != now.get(k)]
+    # A setting added after the run was saved has its default there.
+    saved = {**{f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING},
+             **saved}
+    # The micro-batch stream does not depend on how it is split among processes, so the run stays
+    # the same run on another number of processes as long as grad_accum x nproc is kept.
+    before, after = saved["grad_accum"] * saved["nproc"], now["grad_accum"] * now["nproc"]
+    if before != after:
+        raise ConfigError("grad_accum", f"grad_accum x nproc was {saved['grad_accum']} x {saved['nproc']} "
+                                        f"= {before} micro-batches per step and is now {after}: keep the "
+                                        "product to resume (or start a new run)")
+    changed = [k for k in fixed if k not in ("grad_accum", "nproc") and saved.get(k) != now.get(k)]
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ConfigError(changed[0], f"cannot change on resume ({detail}); start a new run instead")
@@ -109,7 +125,11 @@ LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, int]]
 
 @dataclass
 class Stage:
-    """What a stage hands the trainer. `loss` returns (mean loss, tokens processed)."""
+    """What a stage hands the trainer. `loss` returns (mean loss, tokens processed).
+
+    Under DDP every rank walks the whole stream of micro-batches and trains on its share;
+    `skip_batch` advances the stream past another rank's micro-batch without building it.
+    """
     name: str
     next_batch: Callable[[torch.Generator], Batch]
     loss: LossFn
@@ -121,19 +141,26 @@ class Stage:
     train_metrics: Optional[Callable[[], dict]] = None             # more train/* at each log step
     extra_files: Optional[dict[str, Path]] = None                  # copied into each checkpoint
     flops_per_token: Optional[float] = None
+    skip_batch: Optional[Callable[[torch.Generator], None]] = None
 
 
 def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage, *, device: torch.device,
           dtype: torch.dtype, sink=None, control=None, init_metrics: Optional[dict] = None) -> str:
-    """Train `model` (already on `device`) to cfg.max_steps, resuming from run_dir/checkpoints."""
-    ev = Emitter(sink)
+    """Train `model` (already on `device`) to cfg.max_steps, resuming from run_dir/checkpoints.
+
+    Under torchrun every rank calls this; rank 0 alone evaluates, samples and saves.
+    """
+    world = distributed.current()
+    ev = Emitter(sink if world.is_main else None)
     control = control or NeverStop()
     run_dir = Path(run_dir)
     opt = make_optimizer(model, cfg, device)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     ckpt_root = run_dir / "checkpoints"
-    for p in ckpt.clean_partial(ckpt_root):
-        ev.log(f"removed {p.name}, left by a save that was interrupted")
+    if world.is_main:
+        for p in ckpt.clean_partial(ckpt_root):
+            ev.log(f"removed {p.name}, left by a save that was interrupted")
+    distributed.barrier()
 
     step, tokens_seen, best_val, last_val = 0, 0, None, None
     latest = ckpt.latest_checkpoint(ckpt_root)
@@ -155,11 +182,18 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
         ev.log(f"already at step {step} of max_steps {cfg.max_steps}: nothing to do")
         return "completed"
 
-    train_model = torch.compile(model) if cfg.compile else model
+    # DDP before compile, as torch recommends: the compiled graph then sees the sync hooks.
+    train_model = distributed.wrap(model, device)
+    train_model = torch.compile(train_model) if cfg.compile else train_model
     flops, flops_source = peak_flops(device, dtype)
-    ev.log(f"MFU is measured against {flops / 1e9:.1f} GFLOP/s ({flops_source})")
+    if world.enabled:
+        ev.log(f"DDP over {world.size} processes: {cfg.batch_size} x {cfg.grad_accum} x {world.size} "
+               f"= {cfg.batch_size * cfg.grad_accum * world.size} samples per step")
+    ev.log(f"MFU is measured against {flops / 1e9:.1f} GFLOP/s per process ({flops_source})")
     if init_metrics:
         ev.metrics(step, init_metrics)
+    skip = stage.skip_batch or stage.next_batch
+    micro_batches = cfg.grad_accum * world.size
 
     def save(reason: str) -> None:
         rng = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
@@ -167,6 +201,7 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
             rng["cuda"] = torch.cuda.get_rng_state(device)
         state = {"stage": stage.name, "tokens_seen": tokens_seen, "val_loss": last_val,
                  "best_val_loss": best_val, "lr": lr_at(max(step - 1, 0), cfg), "reason": reason,
+                 "world_size": world.size,
                  "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.config),
                  **(stage.state() if stage.state else {})}
         weights, weights_meta = safetensors_state(model)
@@ -184,22 +219,30 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
     t_start = t_last = time.perf_counter()
     steps_since, busy, tokens_since = 0, 0.0, 0
     while step < cfg.max_steps:
-        if control.should_stop():
-            save("stop")
+        # Every rank must stop at the same step, or the others wait in a collective for ever.
+        if distributed.any_rank(control.should_stop()):
+            if world.is_main:
+                save("stop")
             return "stopped"
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
         loss_sum, step_tokens = 0.0, 0
-        for _ in range(cfg.grad_accum):
+        for i in range(micro_batches):
+            if i % world.size != world.rank:
+                skip(data_gen)
+                continue
             batch = stage.next_batch(data_gen)
-            with autocast(device, dtype):
-                loss, n_tok = stage.loss(train_model, batch)
-            (loss / cfg.grad_accum).backward()
+            with distributed.no_sync(train_model, i < micro_batches - world.size):
+                with autocast(device, dtype):
+                    loss, n_tok = stage.loss(train_model, batch)
+                (loss / cfg.grad_accum).backward()
             loss_sum += float(loss.detach())
             step_tokens += n_tok
-        loss_value = loss_sum / cfg.grad_accum
+        loss_sum, step_tokens = distributed.all_sum([loss_sum, step_tokens])
+        step_tokens = int(step_tokens)
+        loss_value = loss_sum / micro_batches
         if not math.isfinite(loss_value):
             raise StageError(f"non-finite loss ({loss_value}) at step {step + 1}; stopped without "
                              f"saving it. Lower lr (now {lr:.3g}) or check the data, then resume "
@@ -216,14 +259,14 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
         steps_since += 1
         busy += time.perf_counter() - t0
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        if world.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
             now = time.perf_counter()
             tok_s = tokens_since / max(busy, 1e-9)
             values = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm,
                       "train/tokens": tokens_seen, "perf/tokens_per_s": round(tok_s, 1),
                       "perf/peak_rss_mb": round(peak_rss_mb(), 1)}
             if stage.flops_per_token:
-                values["perf/mfu"] = round(tok_s * stage.flops_per_token / flops, 4)
+                values["perf/mfu"] = round(tok_s * stage.flops_per_token / (flops * world.size), 4)
             if stage.train_metrics:
                 values.update(stage.train_metrics())
             ev.metrics(step, values)
@@ -232,6 +275,8 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
             step_time = (now - t_last) / steps_since
             ev.progress(step, cfg.max_steps, round(tok_s, 1), now - t_start, (cfg.max_steps - step) * step_time)
             t_last, steps_since, busy, tokens_since = now, 0, 0.0, 0
+        if not world.is_main:
+            continue
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             model.eval()
             with torch.no_grad(), autocast(device, dtype):
@@ -245,6 +290,11 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
             model.train()
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             save("final" if step == cfg.max_steps else "periodic")
+    if world.enabled:
+        diverged = distributed.max_divergence(model)
+        ev.metrics(step, {"ddp/max_param_divergence": diverged})
+        if diverged > 0:
+            ev.log(f"the ranks' parameters differ by up to {diverged:.3g} at the end", level="warning")
     return "completed"
 
 

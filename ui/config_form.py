@@ -15,7 +15,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, Q
                                QLabel, QLineEdit, QPlainTextEdit, QSpinBox, QToolButton,
                                QVBoxLayout, QWidget)
 
-from workbench.forms import FieldSpec, check, field_specs
+from workbench.forms import LABELS, FieldSpec, check, field_specs
 
 # (label, path) choices for an artifact field: "tokenizer" | "checkpoint" | "reward".
 ArtifactSource = Callable[[str], list[tuple[str, Path]]]
@@ -154,7 +154,7 @@ class ConfigForm(QWidget):
         for spec in self.specs:
             editor = self._editor(spec, artifacts)
             editor.setToolTip(spec.help)
-            label = QLabel(spec.name.replace("_", " ") + ("*" if spec.required else ""))
+            label = QLabel(LABELS.get(spec.name, spec.name.replace("_", " ")) + ("*" if spec.required else ""))
             label.setToolTip(spec.help)
             (basic if spec.basic else advanced).addRow(label, editor)
             self.editors[spec.name] = editor

@@ -24,6 +24,7 @@ from pathlib import Path
 from PySide6.QtCore import QObject, QTimer, Signal
 
 from engine.config import save_config
+from workbench.runner import stage_command
 from workbench.runs import LOST, EventTail, process_alive
 from ui.run_history import RunHistory
 
@@ -45,7 +46,7 @@ def reap() -> None:
 
 def stage_arguments(stage: str, run_dir: Path) -> list[str]:
     # events.jsonl carries the events; stdout (to stdout.log) is the readable log.
-    return ["-u", "-m", f"engine.{stage}", "--run-dir", str(run_dir), "--log-format", "human"]
+    return stage_command(stage, run_dir, "human")[1:]
 
 
 class Job(QObject):

@@ -13,17 +13,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 from workbench import annotate_cli, chat_cli, demo
-from workbench.runner import STAGES
+from workbench.runner import STAGES, config_nproc, stage_command
 from workbench.suggest import TRAINING as T   # the demo settings, shared with the app's panels
 
 EPILOG = """\
 Each stage is also `python -m engine.<stage> --run-dir DIR`, which reads DIR/config.json and
 writes everything into DIR (events.jsonl, checkpoints/, summary.json). Stop a running stage with
 Ctrl-C, SIGTERM or by creating DIR/STOP: it saves a checkpoint and exits; run it again to resume.
+Pretrain, SFT and the reward model train on several GPUs with DDP when the config's nproc is
+above 1: `workbench run` then starts them under torchrun (one process per GPU; gloo on CPU).
 """
 
 
@@ -51,6 +54,8 @@ def cmd_run(args) -> int:
         cfg_path.write_text(json.dumps(config, indent=2) + "\n")
     if not cfg_path.exists():
         raise SystemExit(f"error: {cfg_path} does not exist; pass settings with --set key=value")
+    if config_nproc(run_dir) > 1:
+        return subprocess.call(stage_command(args.stage, run_dir, args.log_format))
     module = importlib.import_module(f"engine.{args.stage}")
     return module.main(["--run-dir", str(run_dir), "--log-format", args.log_format])
 
@@ -113,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-coef", type=float, default=T["ppo"]["kl_coef"], help="PPO KL coefficient beta (default 0.05)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes (one per GPU) for pretrain, SFT and the reward model, with DDP "
+                        "under torchrun; each trains batch-size samples, so the global batch grows")
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("run", help="run one engine stage on a run folder",

@@ -41,12 +41,14 @@ CHOICES = {
 # Shown up front; everything else goes under "Advanced". Inputs always come first.
 BASIC = {
     "tokenizer": ["vocab_size", "min_frequency"],
-    "pretrain": ["preset", "max_steps", "batch_size", "lr", "seq_len", "device"],
-    "sft": ["epochs", "max_steps", "batch_size", "lr", "device"],
+    "pretrain": ["preset", "max_steps", "batch_size", "lr", "seq_len", "device", "nproc"],
+    "sft": ["epochs", "max_steps", "batch_size", "lr", "device", "nproc"],
     "sample": ["n_prompts", "k", "temperature", "top_p", "max_new_tokens", "seed", "device"],
-    "reward": ["epochs", "batch_size", "lr", "device"],
+    "reward": ["epochs", "batch_size", "lr", "device", "nproc"],
     "ppo": ["steps", "rollout_batch_size", "lr", "kl_coef", "target_kl", "max_new_tokens", "device"],
 }
+# Form labels that say more than the field's name.
+LABELS = {"nproc": "processes (GPUs)"}
 # Tooltips for fields whose source line has no comment.
 HELP = {
     "batch_size": "examples per optimizer step (times grad_accum)",

@@ -137,7 +137,7 @@ def run_pipeline(args) -> int:
         res, s = _job(project, "pretrain", PretrainConfig(
             tokenizer=rel(tok_run / "tokenizer.json", runs), inputs=corpus, preset=preset, model=model,
             max_steps=steps, batch_size=args.batch_size, seed=args.seed, device=args.device,
-            lr=args.lr, warmup_steps=max(1, steps // 20),
+            nproc=args.nproc, lr=args.lr, warmup_steps=max(1, steps // 20),
             eval_every=max(1, steps // 6), sample_every=max(1, steps // 3),
             checkpoint_every=max(1, steps // 3), log_every=max(1, steps // 100)))
         m = res.metrics()
@@ -151,7 +151,8 @@ def run_pipeline(args) -> int:
             eval_tasks=rel(project.data_files("eval_tasks")[0], runs), eval_task_limit=args.eval_tasks,
             max_steps=args.sft_steps, batch_size=32, lr=args.sft_lr, warmup_steps=10,
             eval_every=max(1, args.sft_steps // 4), sample_every=max(1, args.sft_steps // 2),
-            checkpoint_every=args.sft_steps, log_every=5, seed=args.seed, device=args.device))
+            checkpoint_every=args.sft_steps, log_every=5, seed=args.seed, device=args.device,
+            nproc=args.nproc))
         sm = _summary(res.run_dir)
         rows.append(Row("sft", res.run_dir.name, f"task accuracy {sm.get('task_accuracy_before', 0):.1%} -> "
                         f"{sm.get('task_accuracy_after', 0):.1%} on {args.eval_tasks} held-out tasks", s))
@@ -183,7 +184,8 @@ def run_pipeline(args) -> int:
         n = write_rm_dataset(store, rm_dir / "rankings.jsonl", include_simulated=True, batch_ids=[batch])
         store.close()
         prepare_run(rm_dir, RewardConfig(init=rel(sft_run, runs), data=["rankings.jsonl"], epochs=args.rm_epochs,
-                                         batch_size=8, lr=args.rm_lr, seed=args.seed, device=args.device))
+                                         batch_size=8, lr=args.rm_lr, seed=args.seed, device=args.device,
+                                         nproc=args.nproc))
         line = ProgressLine("reward")
         t0 = time.perf_counter()
         res = run_job("reward", rm_dir, on_event=line)

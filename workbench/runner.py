@@ -40,11 +40,28 @@ class JobResult:
         return out
 
 
-def stage_command(stage: str, run_dir: Path) -> list[str]:
+def stage_command(stage: str, run_dir: Path, log_format: str = "json") -> list[str]:
+    """The command line of a stage's job: the engine module, under torchrun when the run's
+    config asks for several processes (`nproc`, for the DDP stages)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage '{stage}' (known: {', '.join(STAGES)})")
-    return [sys.executable, "-u", "-m", f"engine.{stage}", "--run-dir", str(run_dir),
-            "--log-format", "json"]
+    stage_args = ["-m", f"engine.{stage}", "--run-dir", str(run_dir), "--log-format", log_format]
+    nproc = config_nproc(run_dir)
+    if nproc > 1:
+        # --standalone: a rendezvous on a free local port, so several DDP jobs can run at once.
+        return [sys.executable, "-u", "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={nproc}", *stage_args]
+    return [sys.executable, "-u", *stage_args]
+
+
+def config_nproc(run_dir: Path) -> int:
+    """The number of processes a run trains with (1 when the config is absent or unreadable:
+    the stage itself then reports what is wrong with it)."""
+    try:
+        value = json.loads((Path(run_dir) / "config.json").read_text()).get("nproc", 1)
+    except (OSError, ValueError, AttributeError):
+        return 1
+    return value if isinstance(value, int) and value > 1 else 1
 
 
 def prepare_run(run_dir: Path, config) -> Path:
@@ -80,6 +97,8 @@ def run_job(stage: str, run_dir: Path, on_event: Optional[Callable[[dict], None]
                 pass
     stderr = proc.stderr.read()
     code = proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()
     done = next((e for e in reversed(events) if e.get("type") == "done"), None)
     if done is None:
         tail = stderr.strip().splitlines()[-5:]
