@@ -30,6 +30,35 @@ def rss_mb(pid: int | None = None) -> float | None:
     return None
 
 
+def _stat(pid: int) -> tuple[int, int, int] | None:
+    """(parent pid, session id, resident pages) from /proc/PID/stat."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()   # the command name may hold spaces
+    return int(fields[1]), int(fields[3]), int(fields[21])
+
+
+def job_rss_mb(pid: int) -> float | None:
+    """Resident memory of a job: all processes of its session when the job leads it (the app
+    starts each job in its own session, and a DDP job is torchrun plus one process per rank),
+    else the process alone (a run started from a terminal shares the shell's session)."""
+    own = _stat(pid)
+    if own is None:
+        return rss_mb(pid)
+    ppid, sid, _ = own
+    if sid not in (pid, ppid):
+        return rss_mb(pid)
+    pages = 0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            st = _stat(int(entry.name))
+            if st is not None and st[1] == sid:
+                pages += st[2]
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def device_text() -> str:
     import torch
     if torch.cuda.is_available():
@@ -68,7 +97,7 @@ class MachineStatus(QLabel):
         app = rss_mb()
         if app is not None:
             parts.append(f"app {app:.0f} MB")
-        jobs = [m for m in (rss_mb(p) for p in self.job_pids()) if m is not None]
+        jobs = [m for m in (job_rss_mb(p) for p in self.job_pids()) if m is not None]
         if jobs:
             parts.append(f"{len(jobs)} job(s) {sum(jobs):.0f} MB")
         self.setText("  ·  ".join(parts))
