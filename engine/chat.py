@@ -126,6 +126,13 @@ class ChatSession:
         self._turns.clear()
         self.dropped_turns = 0
 
+    def truncate(self, n_turns: int) -> None:
+        """Keep the first `n_turns` messages (user and assistant, no system): editing a message
+        drops it and everything after, and the edit is sent again."""
+        if n_turns < 0 or n_turns % 2:
+            raise ValueError(f"truncate keeps whole exchanges: an even number of turns, not {n_turns}")
+        del self._turns[n_turns:]
+
     def stop(self) -> None:
         """End the reply being generated (from any thread); it keeps the text so far. A call
         while no reply runs does nothing, so it cannot cut the next reply short."""

@@ -115,6 +115,19 @@ def test_regenerate_replaces_the_last_answer(tok):
                              {"role": "assistant", "content": second}]
 
 
+def test_truncate_drops_an_edited_message_and_what_follows(tok):
+    chat = session(tok, settings={"max_new_tokens": 4})
+    chat.send("one")
+    first_answer = chat.messages[1]
+    chat.send("two")
+    chat.truncate(2)
+    assert chat.messages == [{"role": "user", "content": "one"}, first_answer]
+    chat.send("two, edited")
+    assert [m["content"] for m in chat.messages[::2]] == ["one", "two, edited"]
+    with pytest.raises(ValueError, match="even"):
+        chat.truncate(1)
+
+
 def test_a_failed_reply_leaves_the_conversation_as_it_was(tok):
     chat = session(tok, settings={"max_new_tokens": 40})
     chat.stop_ids = ()

@@ -33,14 +33,6 @@ from workbench.model_cache import ModelCache, Reply, describe, model_info, run_r
 RENDER_INTERVAL_MS = 40     # streamed text is drawn at most 25 times a second
 
 
-class _Session(ChatSession):
-    """ChatSession plus the one thing the view needs that engine.chat does not offer yet:
-    dropping the turns from an edited message on, so it can be sent again."""
-
-    def truncate(self, n_turns: int) -> None:
-        del self._turns[n_turns:]
-
-
 # --- shared widgets ---------------------------------------------------------------------------
 
 # --- the transcript -------------------------------------------------------------------------
@@ -153,7 +145,7 @@ class ChatView(QWidget):
         super().__init__(parent)
         self.project_dir = Path(project_dir)
         self.cache = cache if cache is not None else ModelCache()
-        self.session = _Session(None, None)
+        self.session = ChatSession(None, None)
         self.completions: list[tuple[str, str]] = []     # completion mode's (prompt, text)
         self._worker: Optional[Worker] = None
         self._pending: Optional[_Pending] = None
