@@ -331,3 +331,16 @@ def test_the_crash_check_catches_a_writer_without_transactions(tmp_path):
     kill_writers(path, UNSAFE_WRITER, 8, seed=99)
     with Store(path) as s:
         assert partial_rankings(s.conn) != []
+
+
+def test_add_items_appends_after_the_last_position_in_one_transaction(tmp_path):
+    store = Store(tmp_path / "p.db")
+    batch = store.create_batch("b", [{"prompt": "p0", "answers": [{"text": "a"}, {"text": "b"}]}])
+    [(item, answers)] = store.add_items(batch, [{"prompt": "p1", "answers": [{"text": "c"}, {"text": "d"}]}])
+    assert [i.position for i in store.items(batch)] == [0, 1]
+    assert len(answers) == 2 and store.items(batch)[1].id == item
+    with pytest.raises(ValueError, match="item 3 has 1 answers"):
+        store.add_items(batch, [{"prompt": "p2", "answers": [{"text": "e"}, {"text": "f"}]},
+                                {"prompt": "p3", "answers": [{"text": "g"}]}])
+    assert len(store.items(batch)) == 2   # the good item of the refused call is not kept either
+    store.close()

@@ -13,7 +13,6 @@ which sampling settings, so a later analysis can tell blind votes from sighted o
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -83,34 +82,15 @@ def record(store: Store, prompt: str, left: Side, right: Side, verdict: str, *, 
         batch_id = compare_batch(store)
         who = store.annotator(annotator, "human")
         session_id, _ = store.session(batch_id, who.id, {"source": "compare view"})
-        item_id, answer_ids = _append_item(store, batch_id, prompt, messages, meta, [
-            {"side": "left", "checkpoint": left.checkpoint, "label": left.label, **left.meta},
-            {"side": "right", "checkpoint": right.checkpoint, "label": right.label, **right.meta},
-        ], [left.text, right.text])
+        [(item_id, answer_ids)] = store.add_items(batch_id, [{
+            "prompt": prompt, "messages": messages, "meta": meta, "answers": [
+                {"text": left.text, "meta": {"side": "left", "checkpoint": left.checkpoint,
+                                             "label": left.label, **left.meta}},
+                {"text": right.text, "meta": {"side": "right", "checkpoint": right.checkpoint,
+                                              "label": right.label, **right.meta}}]}])
         ranking_id = store.add_ranking(session_id, item_id, ordering(verdict, *answer_ids),
                                        duration_s=duration_s)
-    return Stored(batch_id, item_id, ranking_id, answer_ids)
-
-
-def _append_item(store: Store, batch_id: int, prompt: str, messages: Optional[list], meta: dict,
-                 answer_metas: list[dict], texts: list[str]) -> tuple[int, tuple[int, int]]:
-    # Store.create_batch writes a batch's items all at once; compare votes arrive one by one
-    # into a batch that already exists, which the Store has no method for yet, so the rows are
-    # written here, inside the caller's transaction, exactly as create_batch writes them.
-    c = store.conn
-    position = c.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM items WHERE batch_id = ?",
-                         (batch_id,)).fetchone()[0]
-    item_id = c.execute("INSERT INTO items (batch_id, prompt_id, position, meta) VALUES (?, ?, ?, ?)",
-                        (batch_id, store.prompt_id(prompt, messages), position, _dumps(meta))
-                        ).lastrowid
-    ids = tuple(c.execute("INSERT INTO answers (item_id, idx, text, meta) VALUES (?, ?, ?, ?)",
-                          (item_id, i, text, _dumps(m))).lastrowid
-                for i, (text, m) in enumerate(zip(texts, answer_metas)))
-    return item_id, ids
-
-
-def _dumps(value) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return Stored(batch_id, item_id, ranking_id, tuple(answer_ids))
 
 
 def tally(store: Store) -> dict[str, int]:

@@ -276,7 +276,17 @@ class Store:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (name, kind, time.time(), source, source_key, _dumps(dict(settings or {})), k),
             ).lastrowid
-            for position, item in enumerate(items):
+            self.add_items(batch_id, items)
+            return batch_id
+
+    def add_items(self, batch_id: int, items: Iterable[Mapping]) -> list[tuple[int, list[int]]]:
+        """Append items to a batch (positions continue after its last), in one transaction;
+        items as for create_batch. Returns (item id, answer ids) per item."""
+        out = []
+        with self.transaction() as c:
+            start = c.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM items WHERE batch_id = ?",
+                              (batch_id,)).fetchone()[0]
+            for position, item in enumerate(items, start):
                 answers = list(item["answers"])
                 if not MIN_K <= len(answers) <= MAX_K:
                     raise ValueError(f"item {position} has {len(answers)} answers; "
@@ -286,11 +296,11 @@ class Store:
                     "INSERT INTO items (batch_id, prompt_id, position, meta) VALUES (?, ?, ?, ?)",
                     (batch_id, pid, position, _dumps(dict(item.get("meta") or {}))),
                 ).lastrowid
-                c.executemany(
-                    "INSERT INTO answers (item_id, idx, text, meta) VALUES (?, ?, ?, ?)",
-                    [(item_id, i, a["text"], _dumps(dict(a.get("meta") or {})))
-                     for i, a in enumerate(answers)])
-            return batch_id
+                ids = [c.execute("INSERT INTO answers (item_id, idx, text, meta) VALUES (?, ?, ?, ?)",
+                                 (item_id, i, a["text"], _dumps(dict(a.get("meta") or {})))).lastrowid
+                       for i, a in enumerate(answers)]
+                out.append((item_id, ids))
+        return out
 
     def _batch(self, row) -> Batch:
         return Batch(row[0], row[1], row[2], row[3], row[4], row[5], json.loads(row[6]), row[7],
