@@ -259,7 +259,10 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
         steps_since += 1
         busy += time.perf_counter() - t0
 
-        if world.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+        log_now = step % cfg.log_every == 0 or step == cfg.max_steps
+        if log_now and not world.is_main and stage.train_metrics:
+            stage.train_metrics()   # drained, not reported: rank 0 reports its own share
+        if log_now and world.is_main:
             now = time.perf_counter()
             tok_s = tokens_since / max(busy, 1e-9)
             values = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm,
