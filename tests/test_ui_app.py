@@ -203,6 +203,19 @@ def test_a_failed_job_shows_its_error(qtbot, project, make_window):
     assert panel.run.status == "failed"
 
 
+def test_a_run_saved_before_a_setting_existed_opens_with_its_default(qtbot, project, make_window):
+    w = make_window(project)
+    panel = w.pages["pretrain"]
+    job = run_panel(qtbot, panel, dict(FAST["pretrain"], tokenizer=str(project / "none.json"), nproc=1))
+    config = json.loads((job.run_dir / "config.json").read_text())
+    del config["nproc"]
+    (job.run_dir / "config.json").write_text(json.dumps(config))
+    panel.form.set_values({"nproc": 0})
+    panel.show_run(panel.run)
+    assert panel.form.values()["nproc"] == 1
+    assert panel.form.error is None or panel.form.error.field != "nproc"
+
+
 def test_a_crash_without_a_done_event_is_an_error_too(qtbot, project, make_window):
     w = make_window(project)
     run_panel(qtbot, w.pages["tokenizer"], FAST["tokenizer"])

@@ -183,7 +183,8 @@ class StagePanel(QWidget):
             self.form.set_values(values)
             self.status_label.setText("A new run: check the settings and the Data tab, then Start.")
         else:
-            self.form.set_values(_read_config(info.path))
+            # A run saved before a setting existed has that setting's default.
+            self.form.set_values({**defaults(self.stage), **_read_config(info.path)})
             job = self.ctx.job_for(info.name)
             if job is not None:
                 # The plots show the job's own buffers; new metrics only need a redraw.
