@@ -93,7 +93,6 @@ def main() -> int:
         batches.append((xy[:, :-1].contiguous(), xy[:, 1:].contiguous()))
     fpt = Transformer(cfg).flops_per_token(seq)
 
-    cpu = torch.device("cpu")
     runs = [("cpu", "float32", False)]
     if args.compile_cpu:
         runs.append(("cpu", "float32", True))

@@ -159,6 +159,16 @@ def _optimizer(model, lr, device):
                              weight_decay=0.0, fused=device.type == "cuda")
 
 
+def _clock(device: torch.device) -> float:
+    # CUDA and MPS run asynchronously: without a sync, a phase's kernels would be billed to
+    # whichever later phase first waits for a result.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+    return time.perf_counter()
+
+
 def run(cfg: PPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None) -> str:
     ev = Emitter(sink)
     control = control or NeverStop()
@@ -295,7 +305,7 @@ def run(cfg: PPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
         if control.should_stop():
             save("stop")
             return "stopped"
-        t0 = time.perf_counter()
+        t0 = _clock(device)
         idx = sampler.take(cfg.rollout_batch_size)
         prompt_ids = [encode_prompt(prompts[i]) for i in idx]
         seeds = torch.randint(0, 2 ** 62, (len(idx),), generator=data_gen).tolist()
@@ -305,7 +315,7 @@ def run(cfg: PPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
         ro = build_rollout(prompt_ids, answers, tok.end_id, tok.pad_id)
         ids, mask = ro.ids.to(device), ro.mask.to(device)
         B = ids.size(0)
-        t_gen = time.perf_counter() - t0
+        t_gen = _clock(device) - t0
 
         # Score in the order and shapes of the first PPO epoch, so its first minibatch sees
         # bit-identical inputs: ratio 1 exactly, and KL 0 exactly against an identical reference.
@@ -328,7 +338,7 @@ def run(cfg: PPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
         adv, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             adv = masked_whiten(adv, mask)
-        t_score = time.perf_counter() - t0 - t_gen
+        t_score = _clock(device) - t0 - t_gen
 
         stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "approxkl", "ratio", "vclip", "ptx")}
         first_ratio = None
@@ -363,6 +373,7 @@ def run(cfg: PPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
             with torch.no_grad():
                 for pe, pp in zip(ema.parameters(), policy.parameters()):
                     pe.lerp_(pp, 1 - cfg.ema_decay)
+        t_train = _clock(device) - t0 - t_gen - t_score
         step += 1
         kl_seq = kl.sum(1)
         kl_ctl.update(float(kl_seq.mean()), B)
@@ -379,8 +390,11 @@ def run(cfg: PPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
             "rollout/length": float(mask.sum(1).mean()), "rollout/eos_fraction": float(ro.finished.float().mean()),
             "score/std": float(scores.std()), "score/min": float(scores.min()), "score/max": float(scores.max()),
             "score/p10": float(q[0]), "score/p50": float(q[1]), "score/p90": float(q[2]),
+            # Rollout, then the policy/reference/value/RM passes and GAE, then the PPO epochs;
+            # step_s adds this bookkeeping. The share says where a faster PPO must come from.
             "time/generation_s": round(t_gen, 3), "time/scoring_s": round(t_score, 3),
-            "time/step_s": round(time.perf_counter() - t0, 3),
+            "time/training_s": round(t_train, 3), "time/step_s": round(time.perf_counter() - t0, 3),
+            "time/generation_share": round(t_gen / max(t_gen + t_score + t_train, 1e-9), 4),
         }
         if stats["ptx"]:
             metrics["loss/ptx"] = mean("ptx")

@@ -59,6 +59,9 @@ def test_first_minibatch_ratio_is_exactly_one_and_kl_is_exactly_zero(tiny_lm_ckp
                 "policy/clipfrac", "policy/approxkl", "loss/policy", "loss/value", "val/ratio",
                 "rollout/length", "rollout/eos_fraction", "score/p50"]
     assert all(k in m[3] for k in required)
+    # The iteration's phases are reported and add up (each rounded to the millisecond).
+    phases = m[3]["time/generation_s"] + m[3]["time/scoring_s"] + m[3]["time/training_s"]
+    assert phases <= m[3]["time/step_s"] + 0.002 and 0 <= m[3]["time/generation_share"] <= 1
     probes = [e for e in events if e["type"] == "sample"]
     assert probes and all("score" in e for e in probes)
     last = ckpt.latest_checkpoint(tmp_path / "checkpoints")
