@@ -49,7 +49,7 @@ import torch  # noqa: E402
 from PySide6.QtCore import QEventLoop, QSettings, QTimer  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
-from bench.report import write_section  # noqa: E402
+from bench.report import markdown_table, write_section  # noqa: E402
 from engine.config import save_config, to_dict  # noqa: E402
 from engine.pretrain import PretrainConfig  # noqa: E402
 from engine.tokenizer import TokenizerConfig, run as run_tokenizer  # noqa: E402
@@ -203,9 +203,7 @@ def main() -> int:
                      " / ".join(f"{r['done']:.1f}" for r in results[v])))
     header = ("launched by", "launch to done s", "/ cli", "launcher knows s", "job CPU s", "tokens/s",
               "tokens/s / cli", "launcher CPU s", "load average", "launch to done s per round")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    table = "\n".join(lines)
+    table = markdown_table(header, rows)
     platform_name = os.environ.get("QT_QPA_PLATFORM") or QApplication.platformName()
     n_thr = torch.get_num_threads()
     threads = f"{n_thr} torch thread{'s' * (n_thr != 1)}"

@@ -13,7 +13,6 @@ Greedy cached and uncached outputs are compared as a correctness check.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import write_section  # noqa: E402
+from bench.report import markdown_table, torch_machine, write_section  # noqa: E402
 from engine.generate import generate_batch  # noqa: E402
 from engine.model import Transformer, config_from_preset  # noqa: E402
 
@@ -80,13 +79,9 @@ def main() -> int:
 
     header = ("batch", "new tokens (cache)", "tokens/s with cache", "new tokens (no cache)",
               "tokens/s without cache", "speed-up")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    table = "\n".join(lines)
+    table = markdown_table(header, rows)
     cfg = model.config
-    n_thr = torch.get_num_threads()
-    machine = (f"{platform.processor() or platform.machine()}, {n_thr} torch thread{'s' * (n_thr != 1)}, "
-               f"torch {torch.__version__}, Python {platform.python_version()}")
+    machine = torch_machine()
     cmd = f"python bench/generation.py --new-tokens {n_cache}" + (
         f" --no-cache-tokens {n_plain}" if n_plain != n_cache else "") + (
         f" --threads {args.threads}" if args.threads else "")

@@ -19,7 +19,6 @@ so a busy moment on the machine costs both.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import write_section  # noqa: E402
+from bench.report import markdown_table, torch_machine, write_section  # noqa: E402
 from engine.generate import generate_batch  # noqa: E402
 from engine.model import Transformer, config_from_preset, hf_config  # noqa: E402
 
@@ -133,13 +132,9 @@ def main() -> int:
     import transformers
 
     header = ("batch", "decoding", "tokens/s ours", "tokens/s HF", "ours / HF", "identical rows")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    table = "\n".join(lines)
+    table = markdown_table(header, rows)
     cfg = ours.config
-    n_thr = torch.get_num_threads()
-    machine = (f"{platform.machine()}, {n_thr} torch thread{'s' * (n_thr != 1)}, torch {torch.__version__}, "
-               f"transformers {transformers.__version__}, Python {platform.python_version()}")
+    machine = torch_machine(f"transformers {transformers.__version__}")
     cmd = (f"python bench/generation_vs_hf.py --new-tokens {n}" + (f" --preset {args.preset}"
            if args.preset != "small" else "") + (f" --threads {args.threads}" if args.threads else "")
            + (f" --repeats {args.repeats}" if args.repeats != 3 else ""))

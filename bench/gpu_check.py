@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import write_section  # noqa: E402
+from bench.report import markdown_table, write_section  # noqa: E402
 from engine.device import autocast, peak_flops, setup_backends  # noqa: E402
 from engine.model import Transformer, config_from_preset  # noqa: E402
 from engine.trainer import TrainConfig, make_optimizer  # noqa: E402
@@ -119,8 +119,7 @@ def main() -> int:
 
     header = ("configuration", "loss step 1", f"loss step {args.steps}", "max loss diff from CPU fp32",
               "within tolerance", "tokens/s", "MFU", "attention")
-    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                      + ["| " + " | ".join(r) + " |" for r in rows])
+    table = markdown_table(header, rows)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
     section = (f"{MARKER}\n\n`python bench/gpu_check.py --preset {args.preset} --steps {args.steps}` on "
                f"{platform.machine()}, {gpu}, torch {torch.__version__}. Preset `{args.preset}` "

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import write_section  # noqa: E402
+from bench.report import markdown_table, torch_machine, write_section  # noqa: E402
 from engine import checkpoint as ckpt  # noqa: E402
 from engine.config import from_dict  # noqa: E402
 from engine.model import ScalarModel, Transformer, config_from_preset, safetensors_state  # noqa: E402
@@ -121,12 +120,8 @@ def main() -> int:
 
     header = ("preset (params)", "mean answer tokens", "generation s", "scoring s", "training s",
               "iteration s (min-max)", "generation share", "scoring share", "training share")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    table = "\n".join(lines)
-    n_thr = torch.get_num_threads()
-    machine = (f"{platform.processor() or platform.machine()}, {n_thr} torch thread{'s' * (n_thr != 1)}, "
-               f"torch {torch.__version__}, Python {platform.python_version()}")
+    table = markdown_table(header, rows)
+    machine = torch_machine()
     cmd = (f"python bench/ppo_iteration.py --presets {' '.join(args.presets)} --iterations {args.iterations}"
            + (f" --threads {args.threads}" if args.threads else ""))
     n_mb = -(-cfg.rollout_batch_size // cfg.minibatch_size)

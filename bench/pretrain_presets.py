@@ -9,7 +9,6 @@ memory is that preset's alone. Tokens/s is the median over the logged intervals 
 from __future__ import annotations
 
 import argparse
-import platform
 import re
 import statistics
 import sys
@@ -17,13 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "## Pretraining throughput per preset"
 sys.path.insert(0, str(ROOT))
 
-from bench.report import write_section  # noqa: E402
+from bench.report import markdown_table, torch_machine, write_section  # noqa: E402
 from engine.pretrain import PretrainConfig  # noqa: E402
 from engine.tokenizer import TokenizerConfig  # noqa: E402
 from workbench.demo import write_demo_project  # noqa: E402
@@ -70,11 +68,8 @@ def main() -> int:
 
     header = ("preset", "model", "tokens/s", "MFU", "peak RSS MB", f"val loss / unigram @ {args.steps} steps",
               "wall s")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    table = "\n".join(lines)
-    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-               f"torch {torch.__version__}, Python {platform.python_version()}")
+    table = markdown_table(header, rows)
+    machine = torch_machine()
     section = (f"{MARKER} (CPU, fp32)\n\n"
                f"`python bench/pretrain_presets.py --steps {args.steps}` on {machine}; batch "
                f"{args.batch_size} x the preset's sequence length, vocab {args.vocab_size}, demo corpus.\n\n"

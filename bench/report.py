@@ -1,7 +1,25 @@
-"""Write one benchmark's section into docs/PERFORMANCE.md, keeping every other section."""
+"""What every benchmark writes: a markdown table, the machine it ran on, and its section of
+docs/PERFORMANCE.md (the other sections kept)."""
 from __future__ import annotations
 
+import platform
 from pathlib import Path
+from typing import Iterable, Sequence
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def torch_machine(*extra: str) -> str:
+    """'x86_64, 2 torch threads, torch 2.x, [extra, ]Python 3.x': the line above each table."""
+    import torch
+    n = torch.get_num_threads()
+    parts = [platform.processor() or platform.machine(), f"{n} torch thread{'s' * (n != 1)}",
+             f"torch {torch.__version__}", *extra, f"Python {platform.python_version()}"]
+    return ", ".join(parts)
 
 
 def write_section(path: Path, heading: str, section: str) -> None:

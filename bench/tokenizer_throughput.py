@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 import tokenizers  # noqa: E402
 from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
 
-from bench.report import write_section  # noqa: E402
+from bench.report import markdown_table, write_section  # noqa: E402
 from engine.corpus import iter_chunks, list_corpus_files  # noqa: E402
 from engine.data import BATCH_CHARS, encode_corpus  # noqa: E402
 from engine.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerConfig, run as run_stage  # noqa: E402
@@ -169,9 +169,7 @@ def main() -> int:
         rows.append((kind, name, f"{med[name]:.2f}", f"{min(times[name]):.2f}", f"{size / 1e6 / med[name]:.2f}",
                      extra, f"{med[base] / med[name]:.2f}x"))
     header = ("phase", "variant", "seconds (median)", "best s", "MB/s", "tokens/s", "speed vs library")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    table = "\n".join(lines)
+    table = markdown_table(header, rows)
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, tokenizers "
                f"{tokenizers.__version__}, Python {platform.python_version()}")
     cmd = f"python bench/tokenizer_throughput.py --mb {args.mb:g} --vocab-size {args.vocab_size} --repeats {args.repeats}"
