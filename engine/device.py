@@ -61,10 +61,10 @@ def setup_backends(device: torch.device) -> None:
 def setup(device_name: str, dtype_name: str) -> tuple[torch.device, torch.dtype]:
     """The device and precision a stage runs with, backends configured for them."""
     device = resolve_device(device_name)
-    if device.type == "cuda" and device.index is None:
+    from engine.distributed import current
+    if device.type == "cuda" and device.index is None and current().enabled:
         # Under torchrun each process trains on its own GPU (torchrun's LOCAL_RANK).
-        from engine.distributed import current
-        device = torch.device("cuda", current().local_rank if current().enabled else torch.cuda.current_device())
+        device = torch.device("cuda", current().local_rank)
     dtype = resolve_dtype(dtype_name, device)
     setup_backends(device)
     return device, dtype
