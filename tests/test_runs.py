@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -67,6 +68,10 @@ def test_a_live_process_is_running_and_a_dead_one_failed(tmp_path):
     try:
         with open(run / "events.jsonl", "w") as f:
             f.write(json.dumps({"type": "start", "stage": "pretrain", "pid": proc.pid, "time": 1.0}) + "\n")
+        # Until the child has exec'd, its command line is still this process's: wait for it.
+        deadline = time.monotonic() + 10
+        while not process_alive(proc.pid, run) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert process_alive(proc.pid, run)
         store = RunStore(tmp_path)
         assert store.sync()[0].status == "running"
@@ -126,3 +131,20 @@ def test_event_tail_spreads_a_long_file_over_calls(tmp_path):
         assert len(batch) <= 4096 // 60 + 1 or "long" in batch[-1]
         got.extend(batch)
     assert [e["step"] for e in got[:-1]] == list(range(1000)) and got[-1]["long"] == "y" * 5000
+
+
+def test_a_completed_run_shows_its_summary_figures_not_its_last_logged_ones(tmp_path):
+    # The reward stage logs val/accuracy during training, then re-evaluates its best checkpoint
+    # into summary.json: the sidebar and the runs table must show the checkpoint's figure.
+    run = make_run(tmp_path, "reward-1", {}, [{"type": "start", "stage": "reward", "pid": 1, "time": 1.0},
+                                              {"type": "metrics", "step": 50, "val/accuracy": 0.83, "val/margin": 1.5}])
+    (run / "summary.json").write_text(json.dumps({"val/accuracy": 0.87, "val_rankings": 250, "flag/x": True}))
+    store = RunStore(tmp_path)
+    info = store.sync()[0]
+    assert info.metrics["val/accuracy"] == 0.83    # still running (as far as events say): the live figure
+    with open(run / "events.jsonl", "a") as f:
+        f.write(json.dumps({"type": "done", "status": "completed", "time": 2.0}) + "\n")
+    info = store.sync()[0]
+    assert info.status == "completed"
+    assert info.metrics == {"val/accuracy": 0.87, "val/margin": 1.5}
+    store.close()

@@ -224,8 +224,17 @@ class RunStore:
             return      # running, nothing new: no write
         fold = _Fold(row if row is not None and size >= row["events_offset"] else None)
         tail = EventTail(events, row["events_offset"] if row is not None and size >= row["events_offset"] else 0)
+        finished = False
         for ev in tail.read_new():
             fold.add(ev)
+            finished = ev.get("type") == "done"
+        if finished and fold.status == "completed":
+            # A stage that ends by re-evaluating its chosen checkpoint (the reward model's best)
+            # writes those figures to summary.json before `done`: they, not the last logged
+            # evaluation, are the run's result.
+            summary = _read_json(path / "summary.json")
+            fold.metrics.update({k: v for k, v in summary.items()
+                                 if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)})
         if fold.status == "running" and not process_alive(fold.pid, path):
             fold.status, fold.error = "failed", LOST
         stage = fold.stage or (row or {}).get("stage") or stage_of(path)
