@@ -49,7 +49,7 @@ import torch  # noqa: E402
 from PySide6.QtCore import QEventLoop, QSettings, QTimer  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
-from bench.report import markdown_table, write_section  # noqa: E402
+from bench.report import markdown_table, publish  # noqa: E402
 from engine.config import save_config, to_dict  # noqa: E402
 from engine.pretrain import PretrainConfig  # noqa: E402
 from engine.tokenizer import TokenizerConfig, run as run_tokenizer  # noqa: E402
@@ -233,8 +233,7 @@ def main() -> int:
                   "against them and then vary several-fold from run to run." if args.threads == 1 else "")
                + "\n\n"
                f"{table}\n")
-    write_section(args.out, MARKER, section)
-    print(table)
+    publish(args.out, MARKER, section, table)
     return 0
 
 

@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import markdown_table, torch_machine, write_section  # noqa: E402
+from bench.report import markdown_table, publish, torch_machine  # noqa: E402
 from engine.generate import generate_batch  # noqa: E402
 from engine.model import Transformer, config_from_preset  # noqa: E402
 
@@ -97,8 +97,7 @@ def main() -> int:
                   "threads that spin-wait against it run several times slower." if args.threads == 1 else "")
                + "\n\n"
                f"{table}\n")
-    write_section(args.out, MARKER, section)
-    print(table)
+    publish(args.out, MARKER, section, table)
     return 0 if same else 1
 
 

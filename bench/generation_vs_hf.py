@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import markdown_table, torch_machine, write_section  # noqa: E402
+from bench.report import markdown_table, publish, torch_machine  # noqa: E402
 from engine.generate import generate_batch  # noqa: E402
 from engine.model import Transformer, config_from_preset, hf_config  # noqa: E402
 
@@ -149,8 +149,7 @@ def main() -> int:
                f"rows: greedy outputs of ours equal to HF's, token for token; sampling draws from different "
                f"generators, so only its speed is compared.\n\n"
                f"{table}\n")
-    write_section(args.out, MARKER, section)
-    print(table)
+    publish(args.out, MARKER, section, table)
     return 0 if all_same else 1
 
 

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import markdown_table, write_section  # noqa: E402
+from bench.report import markdown_table, publish  # noqa: E402
 from engine.device import autocast, peak_flops, setup_backends  # noqa: E402
 from engine.model import Transformer, config_from_preset  # noqa: E402
 from engine.trainer import TrainConfig, make_optimizer  # noqa: E402
@@ -126,8 +126,7 @@ def main() -> int:
                f"({Transformer(cfg).num_params():,} params), batch {args.batch_size} x {seq}, the same "
                f"initial weights and batches in every row, AdamW (fused on CUDA), lr 1e-3. Tolerance: "
                f"{TOLERANCE['float32']} for fp32/TF32, {TOLERANCE['bfloat16']} for bf16.\n\n{table}\n")
-    write_section(args.out, MARKER, section)
-    print(table)
+    publish(args.out, MARKER, section, table)
     return 0 if ok else 1
 
 

@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import markdown_table, torch_machine, write_section  # noqa: E402
+from bench.report import markdown_table, publish, torch_machine  # noqa: E402
 from engine import checkpoint as ckpt  # noqa: E402
 from engine.config import from_dict  # noqa: E402
 from engine.model import ScalarModel, Transformer, config_from_preset, safetensors_state  # noqa: E402
@@ -144,8 +144,7 @@ def main() -> int:
                   if args.threads == 1 else "")
                + "\n\n"
                f"{table}\n")
-    write_section(args.out, MARKER, section)
-    print(table)
+    publish(args.out, MARKER, section, table)
     return 0
 
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MARKER = "## Pretraining throughput per preset"
 sys.path.insert(0, str(ROOT))
 
-from bench.report import markdown_table, torch_machine, write_section  # noqa: E402
+from bench.report import markdown_table, publish, torch_machine  # noqa: E402
 from engine.pretrain import PretrainConfig  # noqa: E402
 from engine.tokenizer import TokenizerConfig  # noqa: E402
 from workbench.demo import write_demo_project  # noqa: E402
@@ -74,8 +74,7 @@ def main() -> int:
                f"`python bench/pretrain_presets.py --steps {args.steps}` on {machine}; batch "
                f"{args.batch_size} x the preset's sequence length, vocab {args.vocab_size}, demo corpus.\n\n"
                f"{table}\n")
-    write_section(args.out, MARKER, section)
-    print(table)
+    publish(args.out, MARKER, section, table)
     return 0
 
 

@@ -33,3 +33,9 @@ def write_section(path: Path, heading: str, section: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + section
     path.write_text(text)
+
+
+def publish(path: Path, heading: str, section: str, table: str) -> None:
+    """Write the benchmark's section of the report and show its table on the terminal."""
+    write_section(path, heading, section)
+    print(table)

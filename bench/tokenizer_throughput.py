@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 import tokenizers  # noqa: E402
 from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
 
-from bench.report import markdown_table, write_section  # noqa: E402
+from bench.report import markdown_table, publish  # noqa: E402
 from engine.corpus import iter_chunks, list_corpus_files  # noqa: E402
 from engine.data import BATCH_CHARS, encode_corpus  # noqa: E402
 from engine.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerConfig, run as run_stage  # noqa: E402
@@ -188,8 +188,7 @@ def main() -> int:
                f"characters as encode_corpus sends them. MB/s and tokens/s are of the median. "
                f"Speed vs library > 1 is faster than calling the library directly.\n\n"
                f"{table}\n")
-    write_section(args.out, MARKER, section)
-    print(table)
+    publish(args.out, MARKER, section, table)
     return 0
 
 

@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import write_section  # noqa: E402
+from bench.report import publish  # noqa: E402
 from engine.device import autocast, measure_matmul_flops, peak_flops, setup_backends  # noqa: E402
 from engine.model import Transformer, config_from_preset, hf_config  # noqa: E402
 
@@ -205,8 +205,7 @@ def main() -> int:
                f"model.flops_per_token(seq) (6 x non-embedding params + attention, the same for both) "
                f"over the {how} ({peak / 1e9:,.0f} GFLOP/s). Initial losses agree within {tol:g}: {ok}.\n\n"
                f"{table}\n")
-    write_section(args.out, MARKER, section)
-    print(table)
+    publish(args.out, MARKER, section, table)
     return 0 if ok else 1
 
 
