@@ -39,8 +39,8 @@ from engine.data import TokenData, encode_corpus, shards_ready
 from engine.device import autocast, describe, setup
 from engine.generate import generate_batch
 from engine.model import ScalarModel, load_model, model_from_state_dict, safetensors_state
-from engine.ppo_core import (KLController, gae, masked_mean, masked_whiten, per_token_rewards, ppo_losses,
-                             shift_values, token_entropy, token_logprobs)
+from engine.ppo_core import (KLController, gae, logprobs_and_entropy, masked_mean, masked_whiten,
+                             per_token_rewards, ppo_losses, shift_values, token_logprobs)
 from engine.reward import NORM_FILE
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sample import read_prompts
@@ -326,8 +326,7 @@ def run(cfg: PPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
         with torch.no_grad(), autocast(device, dtype):
             for c in chunks(perm0, cfg.minibatch_size):
                 logits = policy(ids[c])
-                old_logp[c] = token_logprobs(logits, ids[c], cfg.temperature)
-                entropy[c] = token_entropy(logits, cfg.temperature)
+                old_logp[c], entropy[c] = logprobs_and_entropy(logits, ids[c], cfg.temperature)
                 ref_logp[c] = token_logprobs(ref(ids[c]), ids[c], cfg.temperature)
                 old_values[c] = shift_values(value(ids[c]))
                 raw[c] = rm(ids[c])[torch.arange(len(c), device=device), last[c]].float()

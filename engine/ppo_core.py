@@ -21,10 +21,13 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) 
     return F.pad(picked, (1, 0))
 
 
-def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Entropy of the sampling distribution behind the token at t (column 0 is 0)."""
+def logprobs_and_entropy(logits: torch.Tensor, ids: torch.Tensor,
+                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs` and the entropy of the sampling distribution behind the token at t
+    (column 0 is 0), from one log-softmax: scoring needs both for every rollout token."""
     lp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    return F.pad(-(lp.exp() * lp).sum(-1), (1, 0))
+    picked = lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return F.pad(picked, (1, 0)), F.pad(-(lp.exp() * lp).sum(-1), (1, 0))
 
 
 def shift_values(values: torch.Tensor) -> torch.Tensor:

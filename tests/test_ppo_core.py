@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from engine.ppo_core import (KLController, gae, last_action_index, masked_whiten, per_token_rewards,
-                             ppo_losses, shift_values, token_logprobs)
+from engine.ppo_core import (KLController, gae, last_action_index, logprobs_and_entropy, masked_whiten,
+                             per_token_rewards, ppo_losses, shift_values, token_logprobs)
 
 
 def test_gae_matches_a_hand_computed_example():
@@ -55,6 +55,16 @@ def test_logprobs_are_shifted_and_temperature_scaled():
     assert lp[0, 0] == 0 and lp[0, 2].item() == pytest.approx(expect.item(), rel=1e-6)
     v = shift_values(torch.tensor([[1., 2., 3., 4.]]))
     assert v.tolist() == [[0., 1., 2., 3.]]
+
+
+def test_one_pass_logprobs_equal_token_logprobs_and_entropy_is_the_sampling_distributions():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 5, 9)
+    ids = torch.randint(0, 9, (2, 5))
+    lp, ent = logprobs_and_entropy(logits, ids, temperature=0.7)
+    assert torch.equal(lp, token_logprobs(logits, ids, temperature=0.7))   # PPO's ratio-1 start needs equality
+    expect = torch.distributions.Categorical(logits=logits[:, :-1] / 0.7).entropy()
+    assert torch.allclose(ent[:, 1:], expect, atol=1e-5) and (ent[:, 0] == 0).all()
 
 
 def test_ratio_is_one_and_losses_clip_as_specified():
