@@ -32,9 +32,9 @@ from engine.tasks import Task, as_transcript, iter_tasks, make_pools
 SCALES = {
     "tiny": {"docs_bytes": 300_000, "sft": 600, "eval": 110, "prompts": 110,
              "vocab_size": 2048, "model_preset": "tiny"},
-    "small": {"docs_bytes": 2_000_000, "sft": 3000, "eval": 550, "prompts": 1100,
+    "small": {"docs_bytes": 2_000_000, "sft": 3000, "eval": 550, "prompts": 3000,
               "vocab_size": 4096, "model_preset": "mini"},
-    "full": {"docs_bytes": 10_000_000, "sft": 10000, "eval": 1100, "prompts": 1100,
+    "full": {"docs_bytes": 10_000_000, "sft": 10000, "eval": 1100, "prompts": 3000,
              "vocab_size": 8192, "model_preset": "small"},
 }
 TASK_SHARE = 0.25       # task transcripts' share of the whole corpus, by bytes

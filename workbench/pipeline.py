@@ -22,6 +22,7 @@ from engine.tokenizer import TokenizerConfig
 from workbench import demo
 from workbench.project import Project, ProjectError
 from workbench.runner import JobResult, prepare_run, run_job
+from workbench.suggest import TRAINING
 
 STAGE_ORDER = ("tokenizer", "pretrain", "sft", "sample", "rank", "reward", "ppo", "evaluate")
 
@@ -184,7 +185,8 @@ def run_pipeline(args) -> int:
         n = write_rm_dataset(store, rm_dir / "rankings.jsonl", include_simulated=True, batch_ids=[batch])
         store.close()
         prepare_run(rm_dir, RewardConfig(init=rel(sft_run, runs), data=["rankings.jsonl"], epochs=args.rm_epochs,
-                                         batch_size=8, lr=args.rm_lr, seed=args.seed, device=args.device,
+                                         batch_size=8, lr=args.rm_lr, eval_every=TRAINING["reward"]["eval_every"],
+                                         seed=args.seed, device=args.device,
                                          nproc=args.nproc))
         line = ProgressLine("reward")
         t0 = time.perf_counter()

@@ -19,8 +19,8 @@ TRAINING = {
                      sample_every=333, checkpoint_every=333, log_every=10),
     "sft": dict(max_steps=500, batch_size=32, lr=1e-3, warmup_steps=10, eval_every=125, sample_every=250,
                 checkpoint_every=250, log_every=5, eval_task_limit=200),
-    "sample": dict(n_prompts=1000, k=8, max_new_tokens=24, temperature=1.0, top_p=1.0, batch_size=64),
-    "reward": dict(epochs=2.0, batch_size=8, lr=3e-4),
+    "sample": dict(n_prompts=3000, k=8, max_new_tokens=24, temperature=1.0, top_p=1.0, batch_size=64),
+    "reward": dict(epochs=2.0, batch_size=8, lr=3e-4, eval_every=50),
     "ppo": dict(steps=40, rollout_batch_size=32, minibatch_size=16, ppo_epochs=2, max_new_tokens=24,
                 lr=3e-5, value_lr=3e-5, kl_coef=0.05, probe_every=10, checkpoint_every=20),
 }
