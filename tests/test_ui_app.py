@@ -121,6 +121,7 @@ def test_the_pipeline_trains_from_the_panels(qtbot, project, make_window):
     job = run_panel(qtbot, reward, FAST["reward"])
     assert job.status == "completed", job.error
     assert len((job.run_dir / "rankings.jsonl").read_text().splitlines()) == simulated
+    rm_summary = json.loads((job.run_dir / "summary.json").read_text())
     assert len(reward.plots.history.arrays("train/accuracy")[0]) > 0
     # The finished run's rankings preview as preferences (not as SFT records), with no problem.
     reward.show_run(ctx.runs.get(job.run_dir.name))
@@ -147,6 +148,9 @@ def test_the_pipeline_trains_from_the_panels(qtbot, project, make_window):
     lineage = [r.stage for r in ctx.runs.lineage(job.run_dir.name)]
     assert set(lineage) == {"ppo", "sft", "reward", "pretrain", "tokenizer"}
     assert "score" in w.sidebar.item(5).text()
+    assert "1 batch · 6 rankings" in w.sidebar.item(3).text()
+    # The reward model's result is its chosen checkpoint's, as in its summary.
+    assert f"val acc {rm_summary['val/accuracy']:.1%}" in w.sidebar.item(4).text()
 
 
 def test_stop_resume_and_reattach_after_a_restart(qtbot, project, make_window, tmp_path):

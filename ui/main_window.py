@@ -302,7 +302,7 @@ class MainWindow(QMainWindow):
             conn = ctx.runs.store.conn
             n = conn.execute("SELECT COUNT(*) FROM rankings WHERE withdrawn_at IS NULL").fetchone()[0]
             b = conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
-            return f"{b} batches · {n} rankings", None
+            return f"{b} batch{'es' * (b != 1)} · {n} ranking{'s' * (n != 1)}", None
         info = ctx.latest(stage)
         if info is None:
             return "not started", None
