@@ -184,10 +184,9 @@ def run_pipeline(args) -> int:
         # The job's input lives in its own folder, so the run can be reproduced from it alone.
         n = write_rm_dataset(store, rm_dir / "rankings.jsonl", include_simulated=True, batch_ids=[batch])
         store.close()
-        prepare_run(rm_dir, RewardConfig(init=rel(sft_run, runs), data=["rankings.jsonl"], epochs=args.rm_epochs,
-                                         batch_size=8, lr=args.rm_lr, eval_every=TRAINING["reward"]["eval_every"],
-                                         seed=args.seed, device=args.device,
-                                         nproc=args.nproc))
+        settings = {**TRAINING["reward"], "epochs": args.rm_epochs, "lr": args.rm_lr}
+        prepare_run(rm_dir, RewardConfig(init=rel(sft_run, runs), data=["rankings.jsonl"], **settings,
+                                         seed=args.seed, device=args.device, nproc=args.nproc))
         line = ProgressLine("reward")
         t0 = time.perf_counter()
         res = run_job("reward", rm_dir, on_event=line)
