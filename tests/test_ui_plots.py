@@ -120,14 +120,14 @@ def test_events_reach_the_curves_on_the_redraw_timer(grid, qtbot):
     g.add_event(metrics(20, val__loss=1.5))
     with pytest.raises(KeyError):
         g.curve("Loss", "train/loss")           # add_event only buffers; the timer draws
-    qtbot.waitUntil(lambda: _has_curve(g, "Loss", "val/loss"), timeout=2000)
+    qtbot.waitUntil(lambda: _has_curve(g, "Loss", "val/loss"), timeout=10_000)
     x, y = g.curve("Loss", "train/loss").getData()
     np.testing.assert_array_equal(x, np.arange(1, 21))
     np.testing.assert_allclose(y, 3.0 - np.arange(1, 21) / 10)
     np.testing.assert_array_equal(g.curve_data("Learning rate", "train/lr")[1], [1e-3] * 20)
     # More points later are appended to the same curve.
     g.add_event(metrics(21, train__loss=0.5))
-    qtbot.waitUntil(lambda: len(g.curve_data("Loss", "train/loss")[0]) == 21, timeout=2000)
+    qtbot.waitUntil(lambda: len(g.curve_data("Loss", "train/loss")[0]) == 21, timeout=10_000)
 
 
 def legend_text(g, title):
@@ -152,7 +152,7 @@ def test_a_hidden_grid_draws_when_shown(qtbot):
     qtbot.wait(200)
     assert not _has_curve(g, "Loss", "train/loss")
     g.show()
-    qtbot.waitUntil(lambda: _has_curve(g, "Loss", "train/loss"), timeout=2000)
+    qtbot.waitUntil(lambda: _has_curve(g, "Loss", "train/loss"), timeout=10_000)
 
 
 def test_tokens_x_axis(grid):

@@ -214,7 +214,7 @@ def test_closing_the_view_mid_session_loses_nothing_and_a_new_view_resumes(qtbot
     showing = [a.answer_id for a in view.current.answers]
     view.close()
     view.deleteLater()                          # no close_store(): the view is just dropped
-    qtbot.waitUntil(lambda: not isValid(view), timeout=2000)
+    qtbot.waitUntil(lambda: not isValid(view), timeout=10_000)
     assert {r.item_id: r.ordering for r in stored(project)} == expected
 
     again = make_view(qtbot, project)
@@ -308,7 +308,7 @@ def test_new_batch_dialog_makes_a_sample_config_and_an_imported_run_opens(qtbot,
     dialog.temperature.setValue(0.7)
     cfg = dialog.config()
     assert (cfg.checkpoint, cfg.prompts, cfg.k, cfg.temperature) == (str(ckpt), [str(prompts)], 3, 0.7)
-    with qtbot.waitSignal(view.sampleRequested, timeout=1000) as sig:
+    with qtbot.waitSignal(view.sampleRequested, timeout=10_000) as sig:
         view.request_sample(cfg)
     assert sig.args[0] is cfg
 

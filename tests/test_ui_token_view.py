@@ -48,7 +48,7 @@ def formats(view):
 
 def test_typing_draws_one_coloured_span_per_token(inspector, qtbot):
     text = "hello world, the quick fox"
-    with qtbot.waitSignal(inspector.rendered, timeout=3000):
+    with qtbot.waitSignal(inspector.rendered, timeout=10_000):
         qtbot.keyClicks(inspector.editor, text)
     ids = inspector.tokenizer.encode(text)
     drawn = formats(inspector.view)
@@ -99,7 +99,7 @@ def test_hovering_a_token_shows_its_id(inspector, qtbot):
     assert view.piece_at(view.position_at(point)) is piece
     event = QHelpEvent(QEvent.Type.ToolTip, point, view.viewport().mapToGlobal(point))
     view.viewportEvent(event)
-    qtbot.waitUntil(lambda: QToolTip.isVisible(), timeout=2000)
+    qtbot.waitUntil(lambda: QToolTip.isVisible(), timeout=10_000)
     assert QToolTip.text().splitlines()[:2] == [f"id {piece.id}", repr(piece.text)]
     QToolTip.hideText()
 
@@ -139,7 +139,7 @@ def test_long_text_is_counted_in_full_and_drawn_up_to_the_cap(inspector):
 
 def test_chat_template_shows_the_special_tokens(inspector, qtbot):
     inspector.set_text("hello world")
-    with qtbot.waitSignal(inspector.rendered, timeout=3000):
+    with qtbot.waitSignal(inspector.rendered, timeout=10_000):
         inspector.chat_box.setChecked(True)
     ids, _ = render_chat(inspector.tokenizer, [{"role": "user", "content": "hello world"}])
     pieces = inspector.view.pieces
