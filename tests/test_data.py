@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.corpus import CorpusError, iter_chunks, split_draw
-from engine.data import TokenData, _dtype_for, encode_corpus, shards_ready, unigram_baseline
+from engine.data import SPLIT_CHARS, TokenData, _dtype_for, encode_corpus, shards_ready, unigram_baseline
 from engine.runio import StageError
 from engine.tokenizer import train_tokenizer
 
@@ -136,7 +136,8 @@ def test_shards_ready(tok, tmp_path):
     assert not shards_ready(out, tok, [src])
     encode_corpus(tok, [src], out, val_fraction=0.2, seed=1)
     assert shards_ready(out, tok, [src])
-    assert shards_ready(out, tok, [src], val_fraction=0.2, seed=1, chunk_chars=65536)
+    assert shards_ready(out, tok, [src], val_fraction=0.2, seed=1, chunk_chars=SPLIT_CHARS)
+    assert not shards_ready(out, tok, [src], chunk_chars=65536)
     assert not shards_ready(out, tok, [src], seed=2)
     other = train_tokenizer([src / "a.jsonl"], vocab_size=300)
     assert not shards_ready(out, other, [src])
@@ -237,3 +238,20 @@ def test_encoding_memory_is_bounded(tmp_path):
     grown_mb, n_tokens = map(int, out.stdout.split())
     assert n_tokens > 1_000_000
     assert grown_mb < 120, f"peak RSS grew by {grown_mb} MB"
+
+
+def test_the_default_split_unit_holds_out_near_the_asked_fraction_of_every_file(tok, tmp_path):
+    # two 200k-char files: with 64k-char units this was 8 units, and 5% came out as 0 or 1 of
+    # them (0% or 12%), all from one file
+    src = tmp_path / "c"
+    src.mkdir()
+    words = ("alpha beta gamma delta epsilon zeta eta theta " * 5000)[:200_000]
+    for name in ("docs.txt", "tasks.txt"):
+        (src / name).write_text(words)
+    meta = encode_corpus(tok, [src], tmp_path / "s", val_fraction=0.1, seed=0)
+    n = meta["n_tokens"]
+    assert meta["n_chunks"] >= 2 * 200_000 // SPLIT_CHARS
+    assert 0.05 < n["val"] / (n["train"] + n["val"]) < 0.15
+    held = [i for i in range(meta["n_chunks"]) if split_draw(0, i) < 0.1]
+    half = meta["n_chunks"] // 2
+    assert any(i < half for i in held) and any(i >= half for i in held)
