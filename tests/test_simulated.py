@@ -80,6 +80,18 @@ def test_rank_batch_ranks_everything_marked_simulated(store):
     assert len(rankings_for_training(store, include_simulated=True)) == 12
 
 
+def test_rank_batch_stops_between_chunks_and_keeps_what_it_ranked(store, monkeypatch):
+    import workbench.simulated as simulated
+    monkeypatch.setattr(simulated, "CHUNK", 5)
+    b = demo_batch(store)
+    seen = []
+    assert rank_batch(store, b, cancelled=lambda: len(seen) >= 1,
+                      progress=lambda done, total: seen.append((done, total))) == 5
+    assert seen == [(5, 12)] and len(store.rankings(batch_id=b)) == 5
+    assert rank_batch(store, b, progress=lambda done, total: seen.append((done, total))) == 7
+    assert seen[1:] == [(10, 12), (12, 12)] and len(store.rankings(batch_id=b)) == 12
+
+
 def test_simulated_name_cannot_be_a_human(store):
     b = demo_batch(store, n=2)
     store.annotator("me")

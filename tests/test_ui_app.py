@@ -78,9 +78,10 @@ def run_panel(qtbot, panel, values=None, action="start"):
 
 
 def test_the_pipeline_trains_from_the_panels(qtbot, project, make_window):
-    from workbench.simulated import rank_batch
     from workbench.store import Store
     w = make_window(project)
+    w.show()                # pages that refresh when shown (the reward page's counts) do so here
+    qtbot.waitExposed(w)
     ctx = w.ctx
     for stage in ("tokenizer", "pretrain", "sft"):
         w.go(stage)
@@ -109,15 +110,17 @@ def test_the_pipeline_trains_from_the_panels(qtbot, project, make_window):
     with Store.for_project(project) as store:
         batches = store.batches()
         assert len(batches) == 1 and batches[0].k == 3 and batches[0].n_items == 6
-        assert rank_batch(store, batches[0].id) == 6
+    w.ranking.end_session()
+    w.ranking.rank_simulated(batches[0].id)
+    qtbot.waitUntil(lambda: w.ranking.simulating is None, timeout=JOB_TIMEOUT_MS)
+    assert "ranked 6 item(s)" in w.ranking.start.status.text()
 
-    w.go("reward")
+    w.go("reward")          # counts the rankings made since it was built, and trains on them
     reward = w.pages["reward"]
-    reward._count()
     human, simulated = reward._n
     assert human == 0 and 0 < simulated <= 6       # a ranking tying every answer teaches nothing
-    reward.use_store.setChecked(True)
-    reward.use_simulated.setChecked(True)
+    assert reward.use_store.isChecked() and reward.use_simulated.isChecked()
+    assert f"0 human and {simulated} simulated" in reward.counts.text()
     job = run_panel(qtbot, reward, FAST["reward"])
     assert job.status == "completed", job.error
     assert len((job.run_dir / "rankings.jsonl").read_text().splitlines()) == simulated

@@ -415,3 +415,45 @@ def test_import_and_export_buttons_without_modal_dialogs(qtbot, view, project, m
     assert "Imported 6 ranking(s) of 6 item(s)" in told[-1] and "leaving out 1 bad" in told[-1]
     view.import_clicked()
     assert "imported before" in told[-1]
+
+
+# ----- the simulated annotator, from the start page
+
+
+def test_simulated_ranking_runs_off_the_ui_thread_and_is_labelled(qtbot, tmp_path, monkeypatch):
+    from PySide6.QtWidgets import QMessageBox
+    from engine.tasks import generate_tasks
+    from workbench.simulated import DEFAULT_NAME
+    tasks = generate_tasks(3, seed=0)
+    right = {t.prompt: t.answer for t in tasks}
+    with Store.for_project(tmp_path) as store:
+        batch = store.create_batch("tasks", [
+            {"prompt": t.prompt, "answers": [{"text": "no idea", "meta": {"finished": True}},
+                                             {"text": t.answer, "meta": {"finished": True}},
+                                             {"text": t.answer + "\nand so on", "meta": {"finished": False}}]}
+            for t in tasks], k=3)
+    view = make_view(qtbot, tmp_path)
+    assert view.start.selected_batch() == batch
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.No)
+    view.simulate_selected()                 # declined: nothing ranked
+    assert "3 item(s)" in asked[0] and "simulated" in asked[0] and stored(tmp_path) == []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.Yes)
+    view.start.simulate.click()
+    assert view.simulating is not None and not view.start.simulate.isEnabled()
+    qtbot.waitUntil(lambda: view.simulating is None, timeout=20_000)
+    assert view.start.simulate.isEnabled() and "ranked 3 item(s)" in view.start.status.text()
+    rankings = stored(tmp_path)
+    assert len(rankings) == 3 and all(r.simulated and r.annotator == DEFAULT_NAME for r in rankings)
+    with Store.for_project(tmp_path) as store:
+        for r in rankings:
+            item = store.items(batch, [r.item_id])[0]
+            text = {a.id: a.text for a in item.answers}
+            order = [[text[a] for a in g] for g in r.ordering]
+            # correct and ended, then correct but cut off (the check reads the first line), then wrong
+            assert order == [[right[item.prompt]], [right[item.prompt] + "\nand so on"], ["no idea"]]
+    # the batch list says who ranked it, and a second run has nothing left to do
+    assert "(simulated) 3/3" in view.start.batches.topLevelItem(0).text(3)
+    view.simulate_selected()
+    assert "ranked every item" in view.start.status.text()
+    view.close_store()

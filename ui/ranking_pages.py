@@ -45,6 +45,7 @@ class StartPage(QWidget):
     importRequested = Signal()
     exportRequested = Signal()
     guidelinesRequested = Signal()
+    simulateRequested = Signal()
     selectionChanged = Signal()
 
     def __init__(self):
@@ -85,12 +86,24 @@ class StartPage(QWidget):
                 ("Export…", self.exportRequested, "K-way rankings or {prompt, chosen, rejected} pairs"),
                 ("Guidelines…", self.guidelinesRequested, "read or edit this project's ranking guidelines")):
             actions.addWidget(button(text, signal, tip))
+        self.simulate = button("Simulated ranking…", self.simulateRequested,
+                               "rank the selected batch with the demo's simulated annotator; "
+                               "its rankings are labelled simulated, never passed off as a person's")
+        actions.addWidget(self.simulate)
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        self.status.setVisible(False)
         lay = QVBoxLayout(self)
         lay.addWidget(title)
         lay.addWidget(intro)
         lay.addWidget(self.batches, 1)
         lay.addLayout(form)
         lay.addLayout(actions)
+        lay.addWidget(self.status)
+
+    def set_status(self, text: str) -> None:
+        self.status.setText(text)
+        self.status.setVisible(bool(text))
 
     def populate(self, rows: list[BatchProgress], select: int | None = None) -> None:
         keep = select if select is not None else self.selected_batch()

@@ -37,12 +37,14 @@ from ui.ranking_cards import ordinal
 from ui.ranking_dialogs import ExportDialog, NewBatchDialog, show_error
 from ui.ranking_keys import LEGEND, RankInput
 from ui.ranking_pages import GuidelinesPage, SessionPage, StartPage
+from ui.workers import Worker
 from workbench import guidelines
 from workbench.annotation import AnnotationSession, Current
 from workbench.preferences import ImportResult, export_rankings, import_preferences
 from workbench.review import (batch_progress, existing_session, project_runs, recent_session,
                               reopen_item)
 from workbench.samples import import_sample_run
+from workbench.simulated import DEFAULT_NAME, DEMO_PREFERENCE_TEXT, rank_batch
 from workbench.store import InputError, RankingError, Store
 
 
@@ -72,6 +74,13 @@ def _close_on_owner_thread(store: Store, owner: int) -> None:
         store.close()
 
 
+def _rank_simulated(project_dir: Path, batch_id: int, *, emit, cancelled) -> int:
+    # On a worker thread: sqlite connections stay on the thread that opened them.
+    with Store.for_project(project_dir) as store:
+        return rank_batch(store, batch_id, DEFAULT_NAME, cancelled=cancelled,
+                          progress=lambda done, total: emit((done, total)))
+
+
 class RankingView(QWidget):
     """Rank a batch's answers. `checkpoints` lists (name, folder) for the new-batch dialog
     (default: the project's sft, ppo and pretrain runs)."""
@@ -92,6 +101,7 @@ class RankingView(QWidget):
             lambda: project_runs(self.project_dir, ("sft", "ppo", "pretrain")))
         self.session: AnnotationSession | None = None
         self.current: Current | None = None
+        self.simulating: Worker | None = None
         self.input = RankInput(2)
         self._shown_at = time.monotonic()     # when the item on screen was first shown
         self._guide_opened = self._shown_at
@@ -121,6 +131,7 @@ class RankingView(QWidget):
         self.start.importRequested.connect(self.import_clicked)
         self.start.exportRequested.connect(self.export_clicked)
         self.start.guidelinesRequested.connect(self.show_guidelines)
+        self.start.simulateRequested.connect(self.simulate_selected)
         self.start.selectionChanged.connect(self._selection_changed)
         self.guide.continueRequested.connect(self._guidelines_done)
         self.guide.saved.connect(self.set_guidelines)
@@ -193,6 +204,55 @@ class RankingView(QWidget):
         if name:
             self.open_session(batch_id, name, self.start.repeats.value() / 100)
         return batch_id
+
+    def simulate_selected(self) -> None:
+        """Rank the selected batch with the simulated annotator, after saying what it does."""
+        batch_id = self.start.selected_batch()
+        row = next((r for r in batch_progress(self.store) if r.batch.id == batch_id), None)
+        if row is None:
+            show_error(self, "Simulated ranking", ValueError("Pick a batch first."))
+            return
+        left = row.batch.n_items - row.ranked.get(DEFAULT_NAME, 0)
+        if left <= 0:
+            self.start.set_status(f"The simulated annotator has ranked every item of {row.batch.name!r}.")
+            return
+        if QMessageBox.question(self, "Simulated ranking", (
+                f"Rank the {left} item(s) of {row.batch.name!r} not yet ranked by the simulated "
+                f"annotator {DEFAULT_NAME!r}?\n\nIt prefers {DEMO_PREFERENCE_TEXT}, and flags "
+                "wrong answers to demo tasks. Its rankings are stored as simulated: exports and "
+                "the reward model leave them out unless you include them.")) != QMessageBox.Yes:
+            return
+        self.rank_simulated(batch_id)
+
+    def rank_simulated(self, batch_id: int) -> Worker:
+        """Start the simulated annotator on the batch, off the UI thread; returns its worker."""
+        self._stop_simulated()
+        name = self.store.batch(batch_id).name
+        self.start.simulate.setEnabled(False)
+        self.start.set_status(f"Ranking {name!r} with the simulated annotator…")
+        worker = self.simulating = Worker(_rank_simulated, self.project_dir, batch_id)
+        worker.progress.connect(lambda p: self.start.set_status(
+            f"Ranking {name!r} with the simulated annotator: {p[0]} of {p[1]} items…"))
+        worker.finished.connect(lambda n: self._simulated_done(
+            worker, batch_id, f"The simulated annotator ranked {n} item(s) of {name!r}."))
+        worker.errored.connect(lambda text: self._simulated_done(
+            worker, batch_id, f"⚠ Simulated ranking failed: {text}"))
+        return worker.start()
+
+    def _simulated_done(self, worker: Worker, batch_id: int, text: str) -> None:
+        if worker is not self.simulating:
+            return
+        self.simulating = None
+        self.start.simulate.setEnabled(True)
+        self.refresh(select=batch_id)
+        self.start.set_status(text)
+
+    def _stop_simulated(self) -> None:
+        if self.simulating is not None:
+            self.simulating.cancel()        # what it ranked so far stays: each chunk commits
+            self.simulating.wait()
+            self.simulating = None
+            self.start.simulate.setEnabled(True)
 
     def new_batch(self) -> None:
         dialog = NewBatchDialog(self.project_dir, self.checkpoints, self)
@@ -508,6 +568,7 @@ class RankingView(QWidget):
         is already committed; this only releases the database."""
         self._silence()
         self._clock.stop()
+        self._stop_simulated()
         self.agreement.shutdown()
         self.session = None
         self.store.close()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel
 
-from workbench.preferences import rankings_for_training, write_rm_dataset
+from workbench.preferences import count_for_training, write_rm_dataset
 from workbench.store import Store
 from ui.stage_panel import StagePanel
 from ui.token_view import TokenInspector
@@ -72,19 +72,31 @@ class RewardPanel(StagePanel):
         self.extra.addWidget(self.counts)
         self.use_store.toggled.connect(self._apply)
         self.use_simulated.toggled.connect(self._apply)
+        self._chosen = False        # until the user clicks a box, the boxes follow the counts
+        for box in (self.use_store, self.use_simulated):
+            box.clicked.connect(self._user_chose)
         ctx.runsChanged.connect(self._count)
         self._count()
-        human, simulated = self._n
-        self.use_store.setChecked(human + simulated > 0)
-        self.use_simulated.setChecked(human == 0 and simulated > 0)
-        self._apply()
+
+    def _user_chose(self, *_) -> None:
+        self._chosen = True
+
+    def showEvent(self, event) -> None:
+        # Rankings are made on another page, which does not signal each one: count on arrival.
+        super().showEvent(event)
+        self._count()
 
     def _count(self) -> None:
         with Store.for_project(self.ctx.path) as store:
-            human = len(rankings_for_training(store, include_simulated=False))
-            simulated = len(rankings_for_training(store, include_simulated=True, include_human=False))
+            human, simulated = count_for_training(store)
         self._n = (human, simulated)
         self.counts.setText(f"{human} human and {simulated} simulated rankings in this project")
+        if not self._chosen:
+            # People's rankings when there are any; the simulated ones only when they are all
+            # there is (the demo), since mixing them in is a choice the user should make.
+            self.use_store.setChecked(human + simulated > 0)
+            self.use_simulated.setChecked(human == 0 and simulated > 0)
+        self._apply()
 
     def _apply(self, *_):
         on = self.use_store.isChecked() and self.run is None

@@ -159,6 +159,15 @@ def rankings_for_training(store: Store, *, include_simulated: bool, include_huma
     return out
 
 
+def count_for_training(store: Store) -> tuple[int, int]:
+    """(human, simulated): how many records rankings_for_training gives of each, without
+    reading the items (a tenth of the time on 3,000 rankings; the reward page counts on show)."""
+    return tuple(sum(1 for r in store.rankings(include_simulated=sim, include_human=not sim,
+                                               include_repeats=False)
+                     if len(r.ordering) > 1)
+                 for sim in (False, True))
+
+
 def write_rm_dataset(store: Store, path: str | Path, *, include_simulated: bool,
                      include_human: bool = True, batch_ids: Iterable[int] | None = None) -> int:
     """rankings_for_training as JSONL at `path` (written atomically); returns the record count."""

@@ -55,6 +55,8 @@ def shorter_first(c: Candidate) -> int:
 
 
 DEMO_PREFERENCE: tuple[Key, ...] = (correct_first, finished_first, shorter_first)
+DEMO_PREFERENCE_TEXT = ("a correct answer first (on the demo's checkable tasks), then one that "
+                        "ended, then the shorter")
 
 
 def rank_answers(prompt: str, answers: Sequence[tuple[str, dict]],
@@ -78,20 +80,22 @@ def rank_answers(prompt: str, answers: Sequence[tuple[str, dict]],
 
 def rank_batch(store: Store, batch_id: int, annotator_name: str = DEFAULT_NAME,
                preference: Sequence[Key] = DEMO_PREFERENCE, *, seed: int = 0,
-               flag_incorrect: bool = True) -> int:
+               flag_incorrect: bool = True, cancelled: Callable[[], bool] | None = None,
+               progress: Callable[[int, int], None] | None = None) -> int:
     """Rank every item of the batch left unranked by this annotator; returns how many were
     ranked. With `flag_incorrect`, answers that fail a demo task's check get the flag
-    fails_instruction, as a person would mark them."""
+    fails_instruction, as a person would mark them. `cancelled` is polled between chunks
+    (what is ranked stays); `progress(done, total)` is called after each."""
     session = AnnotationSession(store, batch_id, annotator_name, seed=seed, kind="simulated")
     n = 0
-    while True:
+    while cancelled is None or not cancelled():
         # One commit per chunk instead of per ranking: a person's ranking is worth an fsync
         # each, a simulated one can be made again, and thousands of fsyncs cost seconds.
         with store.transaction():
             for _ in range(CHUNK):
                 item = session.current()
                 if item is None:
-                    return n
+                    break
                 groups = rank_answers(item.prompt, [(a.text, a.meta) for a in item.answers],
                                       preference)
                 task = parse_task(item.prompt) if flag_incorrect else None
@@ -100,3 +104,9 @@ def rank_batch(store: Store, batch_id: int, annotator_name: str = DEFAULT_NAME,
                 # Display numbers are 1-based positions in the shown order, as `answers` is.
                 session.submit([[i + 1 for i in g] for g in groups], flags=flags, duration_s=0.0)
                 n += 1
+        if progress is not None:
+            p = session.progress()
+            progress(p.done, p.total)
+        if item is None:
+            break
+    return n
