@@ -26,7 +26,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from engine.config import ConfigError, load_config, to_dict
 
@@ -211,19 +211,24 @@ class EventLog:
         self._f.close()
 
 
-def read_events(run_dir: str | os.PathLike) -> list[dict]:
-    """All events of a run; a torn last line (the writer was killed mid-line) is skipped."""
+def iter_events(run_dir: str | os.PathLike) -> Iterator[dict]:
+    """The events of a run, one at a time; a torn last line (the writer was killed mid-line) is
+    skipped. Folding them as they come keeps a long run's 100k events from being alive at once:
+    in the app, the collector that runs on the UI thread would have to walk them all."""
     path = Path(run_dir) / "events.jsonl"
-    out = []
     if not path.exists():
-        return out
+        return
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
-                out.append(json.loads(line))
+                yield json.loads(line)
             except json.JSONDecodeError:
                 continue
-    return out
+
+
+def read_events(run_dir: str | os.PathLike) -> list[dict]:
+    """All events of a run (iter_events as a list)."""
+    return list(iter_events(run_dir))
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:

@@ -148,3 +148,25 @@ def test_a_completed_run_shows_its_summary_figures_not_its_last_logged_ones(tmp_
     assert info.status == "completed"
     assert info.metrics == {"val/accuracy": 0.87, "val/margin": 1.5}
     store.close()
+
+
+def test_a_sliced_sync_catches_up_over_calls_and_never_calls_a_finished_run_lost(tmp_path):
+    # pid 1 is alive but is not this run's process, so only the final `done` says it completed
+    events = [{"type": "start", "stage": "pretrain", "pid": 1, "time": 1.0}]
+    events += [{"type": "metrics", "step": s, "train/loss": 10.0 / s} for s in range(1, 401)]
+    events += [{"type": "done", "status": "completed", "time": 2.0}]
+    make_run(tmp_path, "pretrain-1", {}, events)
+    store = RunStore(tmp_path)
+    seen, calls = [], 0
+    while True:
+        calls += 1
+        [info] = store.sync(max_bytes=4096)
+        seen.append((info.status, info.step))
+        if not store.behind:
+            break
+    assert calls > 3 and store.behind is False
+    assert all(status == "running" for status, _ in seen[:-1])    # not LOST before its done is read
+    steps = [step for _, step in seen]
+    assert steps == sorted(steps) and seen[-1] == ("completed", 400)
+    assert info.metrics == {"train/loss": 10.0 / 400}
+    store.close()

@@ -236,6 +236,8 @@ class ConfigForm(QWidget):
 
     def set_override(self, name: str, value) -> None:
         """Supply `name` from outside the form (None: the editor's value again)."""
+        if self.overrides.get(name) == value and (value is not None or name not in self.overrides):
+            return      # unchanged: validating the whole form again costs milliseconds
         if value is None:
             self.overrides.pop(name, None)
         else:

@@ -319,7 +319,7 @@ class MainWindow(QMainWindow):
             self.lineage.setText("")
             return
         # Oldest first: a parent always starts before its children.
-        chain = sorted(self.ctx.runs.lineage(run.name), key=lambda r: (r.started_at or r.created_at, r.name))
+        chain = sorted(self.ctx.lineage(run.name), key=lambda r: (r.started_at or r.created_at, r.name))
         lines = [f"<b>{html.escape(r.stage)}</b> {html.escape(r.name)}" for r in chain]
         self.lineage.setText("<small>Lineage<br>" + "<br>↓ ".join(lines) + "</small>")
 

@@ -14,11 +14,11 @@ from PySide6.QtCore import QObject, QTimer, Signal
 
 from engine.config import save_config, to_dict
 from workbench.project import Project
-from workbench.runs import RunInfo, RunStore, process_alive
+from workbench.runs import RunInfo, RunStore, lineage_of, process_alive
 from ui.jobs import Job, reap
-from ui.workers import Worker
 
 SYNC_MS = 3000
+SYNC_BYTES = 256 * 1024     # per run and turn: ~2,500 events, ~25 ms
 # Which stages' runs a picker for an artifact kind offers.
 ARTIFACT_STAGES = {"tokenizer": ("tokenizer",), "checkpoint": ("pretrain", "sft", "ppo"), "reward": ("reward",)}
 
@@ -38,15 +38,15 @@ class ProjectContext(QObject):
         self.sync()
         self._timer = QTimer(self)
         self._timer.setInterval(SYNC_MS)
-        self._timer.timeout.connect(self.sync_in_background)
+        self._timer.timeout.connect(self.sync)
         self._timer.start()
-        self._sync_worker: Worker | None = None
+        self._catch_up = QTimer(self, singleShot=True, interval=0)
+        self._catch_up.timeout.connect(self.sync)
 
     def close(self) -> None:
         """Stop watching; running jobs keep running (the next session re-attaches)."""
         self._timer.stop()
-        if self._sync_worker is not None:
-            self._sync_worker.wait()
+        self._catch_up.stop()
         for job in self.jobs.values():
             job.detach()
         self.runs.close()
@@ -54,27 +54,30 @@ class ProjectContext(QObject):
     # --- runs -----------------------------------------------------------------------------------
 
     def sync(self) -> list[RunInfo]:
-        """Bring the run list up to date now (after the app starts or ends a job)."""
+        """Bring the run list up to date (every few seconds, and when the app starts or ends
+        a job). On the UI thread, a slice at a time: a run that has more events than SYNC_BYTES
+        unread is read on in the next turns of the event loop. Not on a worker thread: folding
+        events is pure Python, and a thread doing it holds the GIL that every paint of a Python
+        widget needs (a job streaming 4,500 events/s stalled the window 0.4 s that way)."""
         reap()
-        self._apply(self.runs.sync())
+        self._apply(self.runs.sync(max_bytes=SYNC_BYTES))
+        if self.runs.behind:
+            self._catch_up.start()
         return self._infos
-
-    def sync_in_background(self) -> None:
-        """The periodic sync, on a worker thread with its own connection: a job writing
-        thousands of events a second makes the fold of its events.jsonl too long for the UI
-        thread. Results arrive as the same runsChanged."""
-        reap()
-        if self._sync_worker is not None and self._sync_worker.running:
-            return
-        self._sync_worker = Worker(_sync_project, self.path)
-        self._sync_worker.finished.connect(self._apply)
-        self._sync_worker.start()
 
     def _apply(self, infos: list[RunInfo]) -> None:
         before = [(r.name, r.status, r.step) for r in self._infos]
         self._infos = infos
         if [(r.name, r.status, r.step) for r in self._infos] != before:
             self.runsChanged.emit()
+
+    # The UI asks these many times per click: they read the list the last sync made, not
+    # the database.
+    def run(self, name: str) -> RunInfo | None:
+        return next((r for r in self._infos if r.name == name), None)
+
+    def lineage(self, name: str) -> list[RunInfo]:
+        return lineage_of(self._infos, name)
 
     def run_list(self, stage: str | None = None) -> list[RunInfo]:
         return [r for r in self._infos if stage is None or r.stage == stage]
@@ -115,7 +118,7 @@ class ProjectContext(QObject):
         return self._start(Job(stage, run_dir, self))
 
     def resume(self, name: str) -> Job:
-        info = self.runs.get(name)
+        info = self.run(name)
         if info is None:
             raise KeyError(name)
         return self._start(Job(info.stage, info.path, self))
@@ -150,14 +153,6 @@ class ProjectContext(QObject):
 
     def running_jobs(self) -> list[Job]:
         return [j for j in self.jobs.values() if j.running]
-
-
-def _sync_project(path: Path, emit=None, cancelled=None) -> list[RunInfo]:
-    store = RunStore(path)
-    try:
-        return store.sync()
-    finally:
-        store.close()
 
 
 def relativize(values: dict, run_dir: Path, project_dir: Path) -> dict:

@@ -14,7 +14,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLab
                                QMessageBox, QPushButton, QSplitter, QTableWidget, QTableWidgetItem,
                                QVBoxLayout, QWidget)
 
-from engine.runio import format_duration, read_events
+from engine.runio import format_duration, iter_events
 from workbench.runs import RunInfo
 from ui.plots import PlotGrid, RunHistory
 from ui.project_context import ProjectContext
@@ -149,12 +149,12 @@ class RunsBrowser(QWidget):
             return job.history
         # A finished run's events do not change: read them once.
         if info.name not in self._histories or info.status == "running":
-            self._histories[info.name] = RunHistory.from_events(read_events(info.path))
+            self._histories[info.name] = RunHistory.from_events(iter_events(info.path))
         return self._histories[info.name]
 
     def _on_selection(self) -> None:
         self._update_buttons()
-        infos = [i for i in (self.ctx.runs.get(n) for n in self.selected_names()) if i is not None]
+        infos = [i for i in (self.ctx.run(n) for n in self.selected_names()) if i is not None]
         if not infos:
             return
         stage = infos[0].stage
@@ -178,7 +178,7 @@ class RunsBrowser(QWidget):
     def open_selected(self) -> None:
         names = self.selected_names()
         if len(names) == 1:
-            info = self.ctx.runs.get(names[0])
+            info = self.ctx.run(names[0])
             if info is not None:
                 self.openRun.emit(info.stage, info.name)
 

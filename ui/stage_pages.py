@@ -38,7 +38,7 @@ class TokenizerPanel(StagePanel):
         self._inspect(self.run.name if self.run else "")
 
     def _inspect(self, name: str) -> None:
-        info = self.ctx.runs.get(name) if name else None
+        info = self.ctx.run(name) if name else None
         if info is None:
             # A new run: inspect the newest finished tokenizer, if any.
             newest = self._newest("tokenizer")
@@ -75,11 +75,16 @@ class RewardPanel(StagePanel):
         self._chosen = False        # until the user clicks a box, the boxes follow the counts
         for box in (self.use_store, self.use_simulated):
             box.clicked.connect(self._user_chose)
-        ctx.runsChanged.connect(self._count)
+        ctx.runsChanged.connect(self._runs_changed)
         self._count()
 
     def _user_chose(self, *_) -> None:
         self._chosen = True
+
+    def _runs_changed(self) -> None:
+        # A streaming job changes the runs every few seconds; a hidden page counts when shown.
+        if self.isVisible():
+            self._count()
 
     def showEvent(self, event) -> None:
         # Rankings are made on another page, which does not signal each one: count on arrival.

@@ -24,7 +24,7 @@ from PySide6.QtGui import QColor, QFont, QPalette
 from PySide6.QtWidgets import (QCheckBox, QHBoxLayout, QLabel, QPlainTextEdit, QSplitter,
                                QTextEdit, QToolTip, QVBoxLayout, QWidget)
 
-from engine.runio import read_events
+from engine.runio import iter_events
 from engine.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError, render_chat
 
 MAX_SHOWN = 5000           # tokens drawn; past this a QTextDocument gets sluggish to lay out
@@ -273,7 +273,7 @@ def run_figures(folder: Path) -> dict[str, float]:
     The stage reports them as a metrics event; a summary.json, where a run has one, wins.
     """
     figures: dict[str, float] = {}
-    for ev in read_events(folder):
+    for ev in iter_events(folder):
         if ev.get("type") == "metrics":
             figures.update({k: v for k, v in ev.items() if k.startswith("tokenizer/")})
     summary = folder / "summary.json"

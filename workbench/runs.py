@@ -18,6 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from workbench.store import Store
 
@@ -71,14 +72,19 @@ class EventTail:
     def read_new(self, max_bytes: int | None = None) -> list[dict]:
         """New complete lines; at most about `max_bytes` of them per call, so a reader catching
         up on a long file can spread the work over several calls."""
+        return list(self.iter_new(max_bytes))
+
+    def iter_new(self, max_bytes: int | None = None) -> Iterator[dict]:
+        """read_new one event at a time (the offset moves on at once): a fold that takes them
+        as they come never holds thousands alive for the UI thread's collector to walk."""
         try:
             size = self.path.stat().st_size
         except FileNotFoundError:
-            return []
+            return
         if size < self.offset:      # the file was replaced: start over
             self.offset = 0
         if size == self.offset:
-            return []
+            return
         want = size - self.offset if max_bytes is None else min(size - self.offset, max_bytes)
         with open(self.path, "rb") as f:
             f.seek(self.offset)
@@ -91,13 +97,11 @@ class EventTail:
                 data = f.read(size - self.offset)
             end = data.rfind(b"\n") + 1
         self.offset += end
-        out = []
         for line in data[:end].splitlines():
             try:
-                out.append(json.loads(line))
+                yield json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
-        return out
 
 
 def process_alive(pid: int | None, run_dir: Path) -> bool:
@@ -177,6 +181,20 @@ class _Fold:
             self.step = ev.get("step", self.step)
 
 
+def lineage_of(runs: Iterable[RunInfo], name: str) -> list[RunInfo]:
+    """The run `name` and its ancestors among `runs`, nearest first (tokenizer last)."""
+    by_name = {r.name: r for r in runs}
+    out, todo, seen = [], [name], set()
+    while todo:
+        n = todo.pop(0)
+        if n in seen or n not in by_name:
+            continue
+        seen.add(n)
+        out.append(by_name[n])
+        todo.extend(by_name[n].parents.values())
+    return out
+
+
 class RunStore:
     """The project's runs; one per app window, on the UI thread (a Store is single-threaded)."""
 
@@ -185,6 +203,7 @@ class RunStore:
         self.runs_dir = self.project_dir / "runs"
         self._own = store is None
         self.store = store or Store.for_project(self.project_dir)
+        self.behind = False         # the last sync left unread events (its max_bytes)
         if self._own:
             # The index is rebuilt from the folders whenever it is lost, so its commits need
             # not wait for the disk (FULL, the annotation store's setting, fsyncs every one;
@@ -195,8 +214,12 @@ class RunStore:
         if self._own:
             self.store.close()
 
-    def sync(self) -> list[RunInfo]:
-        """Bring the index up to date with the folders and return every run, newest first."""
+    def sync(self, max_bytes: int | None = None) -> list[RunInfo]:
+        """Bring the index up to date with the folders and return every run, newest first.
+
+        With `max_bytes`, each run's events.jsonl is read at most that far per call (the app
+        syncs on its UI thread, a slice at a time) and `behind` says whether a run has more."""
+        self.behind = False
         folders = {p.name: p for p in self.runs_dir.iterdir() if p.is_dir()} if self.runs_dir.is_dir() else {}
         conn = self.store.conn
         conn.row_factory = _dict_row
@@ -208,24 +231,27 @@ class RunStore:
             for name in set(rows) - set(folders):
                 c.execute("DELETE FROM runs WHERE name = ?", (name,))
             for name, path in folders.items():
-                self._sync_one(c, path, rows.get(name))
+                if not self._sync_one(c, path, rows.get(name), max_bytes):
+                    self.behind = True
         return self.list()
 
-    def _sync_one(self, c, path: Path, row: dict | None) -> None:
+    def _sync_one(self, c, path: Path, row: dict | None, max_bytes: int | None = None) -> bool:
+        """Fold the run's new events into its row; False if `max_bytes` left some unread."""
         events = path / "events.jsonl"
         try:
             size = events.stat().st_size
         except FileNotFoundError:
             size = 0
         if row is not None and row["events_offset"] == size and row["status"] != "running":
-            return
+            return True
         if (row is not None and row["events_offset"] == size and row["status"] == "running"
                 and process_alive(row["pid"], path)):
-            return      # running, nothing new: no write
+            return True     # running, nothing new: no write
         fold = _Fold(row if row is not None and size >= row["events_offset"] else None)
         tail = EventTail(events, row["events_offset"] if row is not None and size >= row["events_offset"] else 0)
+        caught_up = max_bytes is None or size - tail.offset <= max_bytes
         finished = False
-        for ev in tail.read_new():
+        for ev in tail.iter_new(max_bytes):
             fold.add(ev)
             finished = ev.get("type") == "done"
         if finished and fold.status == "completed":
@@ -235,7 +261,8 @@ class RunStore:
             summary = _read_json(path / "summary.json")
             fold.metrics.update({k: v for k, v in summary.items()
                                  if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)})
-        if fold.status == "running" and not process_alive(fold.pid, path):
+        if caught_up and fold.status == "running" and not process_alive(fold.pid, path):
+            # (only once every line is read: the unread ones may hold its `done`)
             fold.status, fold.error = "failed", LOST
         stage = fold.stage or (row or {}).get("stage") or stage_of(path)
         parents = (json.loads(row["parents"]) if row is not None and row["parents"] != "{}" else
@@ -251,6 +278,7 @@ class RunStore:
                  events_offset=excluded.events_offset""",
             (path.name, stage, fold.status, json.dumps(parents), created, fold.started_at, fold.ended_at,
              fold.error, fold.pid, fold.step, json.dumps(fold.metrics), tail.offset))
+        return caught_up
 
     def list(self, stage: str | None = None) -> list[RunInfo]:
         query = "SELECT * FROM runs" + (" WHERE stage = ?" if stage else "") + " ORDER BY created_at DESC, name DESC"
@@ -276,16 +304,7 @@ class RunStore:
 
     def lineage(self, name: str) -> list[RunInfo]:
         """The run and its ancestors, nearest first (tokenizer last)."""
-        by_name = {r.name: r for r in self.list()}
-        out, todo, seen = [], [name], set()
-        while todo:
-            n = todo.pop(0)
-            if n in seen or n not in by_name:
-                continue
-            seen.add(n)
-            out.append(by_name[n])
-            todo.extend(by_name[n].parents.values())
-        return out
+        return lineage_of(self.list(), name)
 
     def delete(self, name: str) -> None:
         """Delete a run's folder and its row; refuses a running run."""
