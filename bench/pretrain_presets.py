@@ -71,7 +71,7 @@ def main() -> int:
     table = markdown_table(header, rows)
     machine = torch_machine()
     section = (f"{MARKER} (CPU, fp32)\n\n"
-               f"`python bench/pretrain_presets.py --steps {args.steps}` on {machine}; batch "
+               f"`python bench/pretrain_presets.py --presets {' '.join(args.presets)} --steps {args.steps}` on {machine}; batch "
                f"{args.batch_size} x the preset's sequence length, vocab {args.vocab_size}, demo corpus.\n\n"
                f"{table}\n")
     publish(args.out, MARKER, section, table)
