@@ -210,6 +210,16 @@ def test_a_failed_job_shows_its_error(qtbot, project, make_window):
     assert panel.run.status == "failed"
 
 
+def test_an_open_project_is_frozen_from_the_collector_and_thawed_on_close(qtbot, project, make_window):
+    import gc
+    w = make_window(project)
+    frozen = gc.get_freeze_count()
+    # the window, its pages and every module are out of the timer's full collections
+    assert frozen > 50_000 and len(gc.get_objects()) < frozen / 4
+    w.close_project()
+    assert gc.get_freeze_count() == 0          # dropped pages can be collected again
+
+
 def test_a_run_saved_before_a_setting_existed_opens_with_its_default(qtbot, project, make_window):
     w = make_window(project)
     panel = w.pages["pretrain"]

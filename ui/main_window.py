@@ -17,6 +17,7 @@ from PySide6.QtWidgets import (QFileDialog, QInputDialog, QLabel, QListWidget, Q
 
 from engine.runio import format_duration
 from workbench.project import Project, ProjectError, create_project
+from ui.app import settle_gc, thaw_gc
 from ui.icons import app_icon, icon, status_color
 from ui.project_context import ProjectContext
 from ui.runs_browser import RunsBrowser, result_text
@@ -141,11 +142,13 @@ class MainWindow(QMainWindow):
         self.sidebar.setCurrentRow(min(max(row, 0), len(SIDEBAR) - 1))
         self._on_stage_chosen(self.sidebar.currentRow())
         self.update_states()
+        settle_gc()
         return True
 
     def close_project(self) -> None:
         if self.ctx is None:
             return
+        thaw_gc()
         self._state_timer.stop()
         for page in self.pages.values():
             shutdown = getattr(page, "shutdown", None)
