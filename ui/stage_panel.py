@@ -201,8 +201,7 @@ class StagePanel(QWidget):
     def _load_history(self, info: RunInfo) -> None:
         """A finished run's events, folded into plot buffers a slice at a time: a long run's
         file takes a second to read, and the window must not freeze meanwhile."""
-        if self._loader is not None:
-            self._loader.cancel()
+        self._drop_loader()
         self.progress_label.setText("loading the run's events…")
         self._loader = HistoryLoader(info.path, self)
         self._loader.loaded.connect(lambda history, others, name=info.name:
@@ -217,8 +216,15 @@ class StagePanel(QWidget):
         self._add_events(others)
 
     def shutdown(self) -> None:
+        self._drop_loader()
+
+    def _drop_loader(self) -> None:
+        # A loader is the panel's child: dropped ones would keep their half-read histories
+        # alive until the panel goes, one per run clicked.
         if self._loader is not None:
             self._loader.cancel()
+            self._loader.deleteLater()
+            self._loader = None
 
     def _newest(self, stage: str) -> Path | None:
         kind = {"tokenizer": "tokenizer", "reward": "reward"}.get(stage, "checkpoint")
