@@ -1,7 +1,7 @@
 """Live metric plots: a grid of pyqtgraph plots per stage, fed by the engine's `metrics` events.
 
 Events arrive far faster than a screen needs them (a step every few milliseconds on a GPU), so
-`add_event` only appends to numpy buffers (ui/run_history.py) and marks the grid dirty; a
+`add_event` only appends to numpy buffers (workbench/history.py) and marks the grid dirty; a
 ~15 Hz timer hands the buffers to the curves, and only the curves whose series changed. Curves
 draw with peak downsampling and clip-to-view, as in pyqtgraph's examples/scrollingPlots.py, so
 pyqtgraph draws about as many points as a plot is pixels wide however long the run. When a
@@ -28,7 +28,7 @@ from PySide6.QtCore import QEvent, Qt, QTimer
 from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import QComboBox, QGridLayout, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
-from ui.run_history import TOKENS, RunHistory, Series  # noqa: F401 - Series is re-exported
+from workbench.history import TOKENS, RunHistory, Series  # noqa: F401 - Series is re-exported
 
 REDRAW_MS = 66              # ~15 Hz: smooth to the eye, a small share of the UI thread
 SLOWEST_MS = 2000           # the longest the adaptive interval grows to
