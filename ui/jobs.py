@@ -26,7 +26,7 @@ from PySide6.QtCore import QObject, QTimer, Signal
 from engine.config import save_config
 from workbench.runner import stage_command
 from workbench.runs import LOST, EventTail, process_alive
-from ui.run_history import RunHistory
+from workbench.history import RunHistory
 
 POLL_MS = 100
 # Per poll: a stage writes a few KB/s, so this only bounds catching up on a long events.jsonl
