@@ -11,6 +11,7 @@ uninterrupted run (on CPU).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -137,7 +138,8 @@ def run(cfg: PretrainConfig, run_dir: Path, sink: Optional[Sink] = None, control
 
     stage = Stage("pretrain", next_batch, loss, evaluate, sample, fixed_on_resume=FIXED_ON_RESUME,
                   state=lambda: {"tokenizer_fingerprint": tok.fingerprint()},
-                  extra_files={"tokenizer.json": tok_path}, flops_per_token=model.flops_per_token(seq_len))
+                  extra_files={"tokenizer.json": tok_path}, flops_per_token=model.flops_per_token(seq_len),
+                  uniform_loss=math.log(mcfg.vocab_size))
     status = train(cfg, run_dir, model, stage, device=device, dtype=dtype, sink=sink, control=control,
                    init_metrics={"val/unigram_baseline": baseline})
     if status == "completed" and distributed.is_main():

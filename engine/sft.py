@@ -232,7 +232,8 @@ def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
 
     stage = Stage("sft", next_batch, loss, evaluate, sample, fixed_on_resume=FIXED_ON_RESUME,
                   state=state, restore=restore, extra_files={"tokenizer.json": art.tokenizer_path},
-                  flops_per_token=model.flops_per_token(seq_len), skip_batch=skip_batch)
+                  flops_per_token=model.flops_per_token(seq_len), skip_batch=skip_batch,
+                  uniform_loss=math.log(model.config.vocab_size))
     fresh = ckpt.latest_checkpoint(run_dir / "checkpoints") is None
     if fresh and distributed.is_main():
         model.eval()

@@ -9,14 +9,18 @@ checkpoints with the optimizer and RNG state, and exact resume.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from engine import checkpoint as ckpt
 from engine import distributed
@@ -93,24 +97,26 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
-def check_resume(saved: dict, cfg: TrainConfig, fixed: tuple[str, ...], ev: Emitter) -> None:
+def check_resume(saved: dict, cfg, fixed: tuple[str, ...], ev: Emitter,
+                 warn: tuple[str, ...] = WARN_ON_RESUME) -> None:
     now = dataclasses.asdict(cfg)
     # A setting added after the run was saved has its default there.
     saved = {**{f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING},
              **saved}
-    # The micro-batch stream does not depend on how it is split among processes, so the run stays
-    # the same run on another number of processes as long as grad_accum x nproc is kept.
-    before, after = saved["grad_accum"] * saved["nproc"], now["grad_accum"] * now["nproc"]
-    if before != after:
-        raise ConfigError("grad_accum", f"grad_accum x nproc was {saved['grad_accum']} x {saved['nproc']} "
-                                        f"= {before} micro-batches per step and is now {after}: keep the "
-                                        "product to resume (or start a new run)")
+    if "grad_accum" in now:
+        # The micro-batch stream does not depend on how it is split among processes, so the run
+        # stays the same run on another number of processes as long as grad_accum x nproc is kept.
+        before, after = saved["grad_accum"] * saved["nproc"], now["grad_accum"] * now["nproc"]
+        if before != after:
+            raise ConfigError("grad_accum", f"grad_accum x nproc was {saved['grad_accum']} x {saved['nproc']} "
+                                            f"= {before} micro-batches per step and is now {after}: keep the "
+                                            "product to resume (or start a new run)")
     changed = [k for k in fixed if k not in ("grad_accum", "nproc") and saved.get(k) != now.get(k)]
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ConfigError(changed[0], f"cannot change on resume ({detail}); start a new run instead")
-    for k in WARN_ON_RESUME:
-        if saved.get(k) != now.get(k):
+    for k in warn:
+        if k in now and saved.get(k) != now.get(k):
             ev.log(f"'{k}' changed on resume: {saved.get(k)!r} -> {now.get(k)!r}; "
                    "the run is no longer an exact continuation", level="warning")
 
@@ -142,6 +148,16 @@ class Stage:
     extra_files: Optional[dict[str, Path]] = None                  # copied into each checkpoint
     flops_per_token: Optional[float] = None
     skip_batch: Optional[Callable[[torch.Generator], None]] = None
+    uniform_loss: Optional[float] = None   # ln V for a language model: the loss of uniform output
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what each checkpoint's state.json records and resume restores."""
+    step: int = 0
+    tokens_seen: int = 0
+    best_val: Optional[float] = None
+    last_val: Optional[float] = None
 
 
 def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage, *, device: torch.device,
@@ -162,24 +178,17 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
             ev.log(f"removed {p.name}, left by a save that was interrupted")
     distributed.barrier()
 
-    step, tokens_seen, best_val, last_val = 0, 0, None, None
-    latest = ckpt.latest_checkpoint(ckpt_root)
-    if latest is not None:
-        saved = ckpt.load_checkpoint(latest)
-        check_resume(saved.state["config"], cfg, FIXED_ON_RESUME + stage.fixed_on_resume, ev)
-        model.load_state_dict(with_tied_head(model.config, saved.model))
-        opt.load_state_dict(saved.optimizer)
-        torch.set_rng_state(saved.rng["torch"])
-        data_gen.set_state(saved.rng["data"])
-        if device.type == "cuda" and "cuda" in saved.rng:
-            torch.cuda.set_rng_state(saved.rng["cuda"], device)
-        step, tokens_seen = saved.step, int(saved.state["tokens_seen"])
+    run = Progress()
+    saved = resume_run(ckpt_root, model, opt, data_gen=data_gen, device=device,
+                       check=lambda s: check_resume(s["config"], cfg, FIXED_ON_RESUME + stage.fixed_on_resume, ev))
+    if saved is not None:
+        run = Progress(saved.step, int(saved.state["tokens_seen"]), saved.state.get("best_val_loss"),
+                       saved.state.get("val_loss"))
         if stage.restore:
             stage.restore(saved.state)
-        best_val, last_val = saved.state.get("best_val_loss"), saved.state.get("val_loss")
-        ev.log(f"resumed from {latest.name}")
-    if step >= cfg.max_steps:
-        ev.log(f"already at step {step} of max_steps {cfg.max_steps}: nothing to do")
+        ev.log(f"resumed from {saved.path.name}")
+    if run.step >= cfg.max_steps:
+        ev.log(f"already at step {run.step} of max_steps {cfg.max_steps}: nothing to do")
         return "completed"
 
     # DDP before compile, as torch recommends: the compiled graph then sees the sync hooks.
@@ -191,114 +200,269 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
                f"= {cfg.batch_size * cfg.grad_accum * world.size} samples per step")
     ev.log(f"MFU is measured against {flops / 1e9:.1f} GFLOP/s per process ({flops_source})")
     if init_metrics:
-        ev.metrics(step, init_metrics)
-    skip = stage.skip_batch or stage.next_batch
-    micro_batches = cfg.grad_accum * world.size
+        ev.metrics(run.step, init_metrics)
 
     def save(reason: str) -> None:
-        rng = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        state = {"stage": stage.name, "tokens_seen": tokens_seen, "val_loss": last_val,
-                 "best_val_loss": best_val, "lr": lr_at(max(step - 1, 0), cfg), "reason": reason,
+        state = {"stage": stage.name, "tokens_seen": run.tokens_seen, "val_loss": run.last_val,
+                 "best_val_loss": run.best_val, "lr": lr_at(max(run.step - 1, 0), cfg), "reason": reason,
                  "world_size": world.size,
                  "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.config),
                  **(stage.state() if stage.state else {})}
-        weights, weights_meta = safetensors_state(model)
-        try:
-            path = ckpt.save_checkpoint(ckpt_root, step, model=weights, optimizer=opt.state_dict(),
-                                        state=state, rng=rng, model_metadata=weights_meta,
-                                        extra_files=stage.extra_files)
-        except ValueError as e:
-            raise StageError(str(e)) from None
-        removed = ckpt.prune(ckpt_root, cfg.keep_last)
-        ev.emit("checkpoint", step=step, path=str(path.relative_to(run_dir)),
-                best=last_val is not None and last_val == best_val, removed=[p.name for p in removed])
+        path, removed = save_run_checkpoint(ckpt_root, run.step, model, opt, data_gen=data_gen, device=device,
+                                            state=state, keep_last=cfg.keep_last, extra_files=stage.extra_files)
+        ev.emit("checkpoint", step=run.step, path=str(path.relative_to(run_dir)),
+                best=run.last_val is not None and run.last_val == run.best_val, removed=[p.name for p in removed])
 
     model.train()
-    t_start = t_last = time.perf_counter()
-    steps_since, busy, tokens_since = 0, 0.0, 0
-    while step < cfg.max_steps:
+    meter = _Meter(ev, stage, flops * world.size, cfg.max_steps)
+    watch = CollapseWatch(stage.uniform_loss, what="train/loss")
+    while run.step < cfg.max_steps:
         # Every rank must stop at the same step, or the others wait in a collective for ever.
         if distributed.any_rank(control.should_stop()):
             if world.is_main:
                 save("stop")
             return "stopped"
         t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss_sum, step_tokens = 0.0, 0
-        for i in range(micro_batches):
-            if i % world.size != world.rank:
-                skip(data_gen)
-                continue
-            batch = stage.next_batch(data_gen)
-            with distributed.no_sync(train_model, i < micro_batches - world.size):
-                with autocast(device, dtype):
-                    loss, n_tok = stage.loss(train_model, batch)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += float(loss.detach())
-            step_tokens += n_tok
-        loss_sum, step_tokens = distributed.all_sum([loss_sum, step_tokens])
-        step_tokens = int(step_tokens)
-        loss_value = loss_sum / micro_batches
-        if not math.isfinite(loss_value):
-            raise StageError(f"non-finite loss ({loss_value}) at step {step + 1}; stopped without "
-                             f"saving it. Lower lr (now {lr:.3g}) or check the data, then resume "
-                             "from the last checkpoint.")
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-        if not math.isfinite(grad_norm):
-            raise StageError(f"non-finite gradient norm at step {step + 1}; stopped before the update")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += step_tokens
-        tokens_since += step_tokens
-        steps_since += 1
-        busy += time.perf_counter() - t0
-
-        log_now = step % cfg.log_every == 0 or step == cfg.max_steps
+        lr = lr_at(run.step, cfg)
+        loss_value, grad_norm, step_tokens = _train_step(cfg, run.step + 1, train_model, model, opt, stage,
+                                                         data_gen, lr, device, dtype)
+        run.step += 1
+        run.tokens_seen += step_tokens
+        if run.step > cfg.warmup_steps:
+            watch.check(run.step, grad_norm, loss_value, cfg.lr)
+        meter.add(step_tokens, time.perf_counter() - t0)
+        log_now = run.step % cfg.log_every == 0 or run.step == cfg.max_steps
         if log_now and not world.is_main and stage.train_metrics:
             stage.train_metrics()   # drained, not reported: rank 0 reports its own share
         if log_now and world.is_main:
-            now = time.perf_counter()
-            tok_s = tokens_since / max(busy, 1e-9)
-            values = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm,
-                      "train/tokens": tokens_seen, "perf/tokens_per_s": round(tok_s, 1),
-                      "perf/peak_rss_mb": round(peak_rss_mb(), 1)}
-            if stage.flops_per_token:
-                values["perf/mfu"] = round(tok_s * stage.flops_per_token / (flops * world.size), 4)
-            if stage.train_metrics:
-                values.update(stage.train_metrics())
-            ev.metrics(step, values)
-            # Wall time per step (evaluation and saving included) for the ETA; tokens/s counts
-            # training time only, so it is comparable across eval settings.
-            step_time = (now - t_last) / steps_since
-            ev.progress(step, cfg.max_steps, round(tok_s, 1), now - t_start, (cfg.max_steps - step) * step_time)
-            t_last, steps_since, busy, tokens_since = now, 0, 0.0, 0
+            meter.report(run.step, {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm,
+                                    "train/tokens": run.tokens_seen})
         if not world.is_main:
             continue
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            model.eval()
-            with torch.no_grad(), autocast(device, dtype):
-                values = stage.evaluate(model)
+        if run.step % cfg.eval_every == 0 or run.step == cfg.max_steps:
+            _evaluate(model, stage, run, ev, device, dtype)
+        if stage.sample and cfg.sample_every and (run.step % cfg.sample_every == 0 or run.step == cfg.max_steps):
+            stage.sample(model, run.step)
             model.train()
-            last_val = float(values["val/loss"])
-            best_val = last_val if best_val is None else min(best_val, last_val)
-            ev.metrics(step, {**values, "val/best_loss": best_val})
-        if stage.sample and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
-            stage.sample(model, step)
-            model.train()
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            save("final" if step == cfg.max_steps else "periodic")
+        if run.step % cfg.checkpoint_every == 0 or run.step == cfg.max_steps:
+            save("final" if run.step == cfg.max_steps else "periodic")
     if world.enabled:
         diverged = distributed.max_divergence(model)
-        ev.metrics(step, {"ddp/max_param_divergence": diverged})
+        ev.metrics(run.step, {"ddp/max_param_divergence": diverged})
         if diverged > 0:
             ev.log(f"the ranks' parameters differ by up to {diverged:.3g} at the end", level="warning")
     return "completed"
+
+
+def _train_step(cfg: TrainConfig, step: int, train_model, model, opt, stage: Stage, data_gen, lr: float,
+                device, dtype) -> tuple[float, float, int]:
+    """One optimizer step over this rank's share of the micro-batches: (loss, grad norm, tokens),
+    the loss and tokens summed over every rank. `step` is the 1-based step being taken."""
+    world = distributed.current()
+    for g in opt.param_groups:
+        g["lr"] = lr
+    skip = stage.skip_batch or stage.next_batch
+    micro_batches = cfg.grad_accum * world.size
+    loss_sum, step_tokens = 0.0, 0
+    for i in range(micro_batches):
+        if i % world.size != world.rank:
+            skip(data_gen)
+            continue
+        batch = stage.next_batch(data_gen)
+        with distributed.no_sync(train_model, i < micro_batches - world.size):
+            with autocast(device, dtype):
+                loss, n_tok = stage.loss(train_model, batch)
+            (loss / cfg.grad_accum).backward()
+        loss_sum += float(loss.detach())
+        step_tokens += n_tok
+    loss_sum, step_tokens = distributed.all_sum([loss_sum, step_tokens])
+    loss_value = loss_sum / micro_batches
+    if not math.isfinite(loss_value):
+        raise StageError(f"non-finite loss ({loss_value}) at step {step}; stopped without "
+                         f"saving it. Lower lr (now {lr:.3g}) or check the data, then resume "
+                         "from the last checkpoint.")
+    grad_norm = clip_grads(model.parameters(), cfg.grad_clip)
+    if not math.isfinite(grad_norm):
+        raise StageError(f"non-finite gradient norm at step {step}; stopped before the update. "
+                         f"Lower lr (now {lr:.3g}) or grad_clip, then resume from the last checkpoint.")
+    optimizer_step(opt, step)
+    opt.zero_grad(set_to_none=True)
+    return loss_value, grad_norm, int(step_tokens)
+
+
+def _evaluate(model, stage: Stage, run: Progress, ev: Emitter, device, dtype) -> None:
+    model.eval()
+    with torch.no_grad(), autocast(device, dtype):
+        values = stage.evaluate(model)
+    model.train()
+    run.last_val = float(values["val/loss"])
+    run.best_val = run.last_val if run.best_val is None else min(run.best_val, run.last_val)
+    ev.metrics(run.step, {**values, "val/best_loss": run.best_val})
+
+
+class _Meter:
+    """Throughput and ETA between log steps, and the metrics event that reports them."""
+
+    def __init__(self, ev: Emitter, stage: Stage, flops: float, total: int):
+        self.ev, self.stage, self.flops, self.total = ev, stage, flops, total
+        self.t_start = self.t_last = time.perf_counter()
+        self.steps, self.busy, self.tokens = 0, 0.0, 0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.steps += 1
+        self.busy += seconds
+        self.tokens += tokens
+
+    def report(self, step: int, values: dict) -> None:
+        now = time.perf_counter()
+        tok_s = self.tokens / max(self.busy, 1e-9)
+        values = {**values, "perf/tokens_per_s": round(tok_s, 1), "perf/peak_rss_mb": round(peak_rss_mb(), 1)}
+        if self.stage.flops_per_token:
+            values["perf/mfu"] = round(tok_s * self.stage.flops_per_token / self.flops, 4)
+        if self.stage.train_metrics:
+            values.update(self.stage.train_metrics())
+        self.ev.metrics(step, values)
+        # Wall time per step (evaluation and saving included) for the ETA; tokens/s counts
+        # training time only, so it is comparable across eval settings.
+        step_time = (now - self.t_last) / self.steps
+        self.ev.progress(step, self.total, round(tok_s, 1), now - self.t_start, (self.total - step) * step_time)
+        self.t_last, self.steps, self.busy, self.tokens = now, 0, 0.0, 0
+
+
+def clip_grads(params, max_norm: float) -> float:
+    """Clip to `max_norm` (0: no clipping) and return the norm before clipping."""
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+
+
+def optimizer_step(opt: torch.optim.Optimizer, step: int) -> None:
+    """`opt.step()`, with the overflow of a huge learning rate named as such."""
+    try:
+        opt.step()
+    except RuntimeError as e:
+        # Adam's step size lr / (1 - beta1^t) no longer fits a float32 (lr around 1e38).
+        if "overflow" not in str(e):
+            raise
+        lr = max(g["lr"] for g in opt.param_groups)
+        raise StageError(f"the optimizer step overflowed at step {step}: the learning rate there, {lr:.3g}, "
+                         "is far too high; lower lr and start a new run") from None
+
+
+# A collapsed run keeps "training" with nothing left to learn from. These thresholds sit far from
+# anything a learning run produces: a gradient norm of exactly 0 (a real one is noisy, never 0),
+# and outputs within a thousandth of a nat of uniform (a freshly initialised model sits a few
+# thousandths away, a trained one far away), for COLLAPSE_STEPS steps in a row.
+COLLAPSE_STEPS = 10
+UNIFORM_TOL = 1e-3
+
+
+class CollapseWatch:
+    """Stops a run whose gradients vanished or whose predictions sit at the uniform distribution.
+
+    `uniform` is the value `entropy` takes when the model predicts every token alike: ln V for
+    a language model's loss or entropy; None where that means nothing (a reward model).
+    """
+
+    def __init__(self, uniform: Optional[float], what: str, steps: int = COLLAPSE_STEPS):
+        self.uniform, self.what, self.steps = uniform, what, steps
+        self.zero_grad = self.at_uniform = 0
+
+    def check(self, step: int, grad_norm: float, entropy: Optional[float], lr: float) -> None:
+        self.zero_grad = self.zero_grad + 1 if grad_norm == 0 else 0
+        flat = self.uniform is not None and entropy is not None and abs(entropy - self.uniform) < UNIFORM_TOL
+        self.at_uniform = self.at_uniform + 1 if flat else 0
+        advice = (f"The run has collapsed (lr {lr:.3g} is likely too high, or the data gives nothing "
+                  "to learn): lower lr and start a new run; its checkpoints from here on are collapsed too.")
+        if self.zero_grad >= self.steps:
+            raise StageError(f"the gradient norm has been 0 for {self.steps} steps in a row (to step {step}): "
+                             f"the model can no longer learn. {advice}")
+        if self.at_uniform >= self.steps:
+            raise StageError(f"{self.what} has sat at ln V = {self.uniform:.4f} for {self.steps} steps in a row "
+                             f"(to step {step}): the model predicts every token alike. {advice}")
+
+
+def rng_state(data_gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    rng = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def restore_rng(rng: dict[str, torch.Tensor], data_gen: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(rng["torch"])
+    data_gen.set_state(rng["data"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def save_run_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, *,
+                        data_gen: torch.Generator, device: torch.device, state: dict, keep_last: int,
+                        extra_files: Optional[dict[str, Path]] = None,
+                        modules: Optional[dict[str, torch.nn.Module]] = None,
+                        optimizers: Optional[dict[str, torch.optim.Optimizer]] = None) -> tuple[Path, list[Path]]:
+    """Save the model, its optimizer, the RNG states and `state`, then prune to `keep_last`:
+    (the checkpoint's folder, the folders pruned). A stage with more to keep (PPO's value model
+    and EMA) names it: module NAME is saved as NAME.safetensors, optimizer NAME as
+    NAME.safetensors + NAME.json, and `resume_run` reads them back under the same names."""
+    files = dict(extra_files or {})
+    scratch = Path(ckpt_root) / f".tmp-extra-{os.getpid()}"   # a killed save's is cleaned at start
+    try:
+        if modules or optimizers:
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir(parents=True)
+            files.update(_write_extras(scratch, modules or {}, optimizers or {}))
+        weights, meta = safetensors_state(model)
+        path = ckpt.save_checkpoint(ckpt_root, step, model=weights, model_metadata=meta, optimizer=opt.state_dict(),
+                                    state=state, rng=rng_state(data_gen, device), extra_files=files)
+    except ValueError as e:
+        raise StageError(str(e)) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return path, ckpt.prune(ckpt_root, keep_last)
+
+
+def _write_extras(folder: Path, modules: dict, optimizers: dict) -> dict[str, Path]:
+    files = {}
+    for name, module in modules.items():
+        tensors, meta = safetensors_state(module)
+        save_file(tensors, str(folder / f"{name}.safetensors"), metadata=meta)
+        files[f"{name}.safetensors"] = folder / f"{name}.safetensors"
+    for name, o in optimizers.items():
+        tensors, meta = ckpt.optimizer_to_files(o.state_dict())
+        save_file(tensors, str(folder / f"{name}.safetensors"))
+        (folder / f"{name}.json").write_text(json.dumps(meta))
+        files.update({f"{name}.safetensors": folder / f"{name}.safetensors", f"{name}.json": folder / f"{name}.json"})
+    return files
+
+
+def resume_run(ckpt_root: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, *, data_gen: torch.Generator,
+               device: torch.device, check: Callable[[dict], None],
+               modules: Optional[dict[str, torch.nn.Module]] = None,
+               optimizers: Optional[dict[str, torch.optim.Optimizer]] = None) -> Optional[ckpt.Checkpoint]:
+    """Load the newest checkpoint into the model, the optimizer, the RNGs and the named extras
+    (see `save_run_checkpoint`); None when there is none. `check(state)` runs first and raises to
+    refuse the resume (a setting that must not change)."""
+    latest = ckpt.latest_checkpoint(ckpt_root)
+    if latest is None:
+        return None
+    saved = ckpt.load_checkpoint(latest)
+    check(saved.state)
+    model.load_state_dict(with_tied_head(model.config, saved.model))
+    opt.load_state_dict(saved.optimizer)
+    for name, module in (modules or {}).items():
+        module.load_state_dict(with_tied_head(module.config, _read_extra(latest / f"{name}.safetensors", load_file)))
+    for name, o in (optimizers or {}).items():
+        tensors = _read_extra(latest / f"{name}.safetensors", load_file)
+        meta = _read_extra(latest / f"{name}.json", lambda p: json.loads(Path(p).read_text()))
+        o.load_state_dict(ckpt.optimizer_from_files(tensors, meta))
+    restore_rng(saved.rng, data_gen, device)
+    return saved
+
+
+def _read_extra(path: Path, read: Callable):
+    try:
+        return read(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors, OSError, JSON: all mean the same to a user
+        raise StageError(f"{path}: cannot read it to resume ({type(e).__name__}: {e})") from None
 
 
 def run_summary(run_dir: Path, cfg: TrainConfig) -> dict:
