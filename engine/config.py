@@ -7,15 +7,25 @@ own `validate()` method, which raises `ConfigError(field, message)`).
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
 import json
+import math
 import os
+import sys
+import textwrap
+import tokenize
 import types
 import typing
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+MISSING = dataclasses.MISSING
 
 
 class ConfigError(ValueError):
@@ -66,6 +76,10 @@ def _check_type(name: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(name, f"expected a number, got {value!r}")
+        # No setting means anything at infinity (a limit that is off is 0 or null), and NaN
+        # passes every range check in validate(): refused here, once for every stage.
+        if not math.isfinite(value) or abs(value) > sys.float_info.max:
+            raise ConfigError(name, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -87,13 +101,15 @@ def from_dict(cls: type[T], data: dict, prefix: str = "", source: str | None = N
     for key in data:
         if key not in names:
             raise ConfigError(prefix + key, f"unknown setting (known: {', '.join(sorted(names))})", source)
-    for f in dataclasses.fields(cls):
-        if (f.init and f.name not in data and f.default is dataclasses.MISSING
-                and f.default_factory is dataclasses.MISSING):
-            raise ConfigError(prefix + f.name, "is required", source)
+    for name in _required(cls):
+        if name not in data:
+            raise ConfigError(prefix + name, "is required", source)
     kwargs = {}
     try:
         for key, value in data.items():
+            if value is None and key in _required(cls) and type(None) not in typing.get_args(hints[key]):
+                # What --write-config leaves for a setting with no default: it must be filled in.
+                raise ConfigError(prefix + key, "is required (it is null)")
             kwargs[key] = _check_type(prefix + key, value, hints[key])
         obj = cls(**kwargs)
         validate = getattr(obj, "validate", None)
@@ -139,3 +155,83 @@ def require(cond: bool, field: str, message: str) -> None:
     """One-line range checks inside `validate()` methods."""
     if not cond:
         raise ConfigError(field, message)
+
+
+def _required(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)
+            if f.init and f.default is MISSING and f.default_factory is MISSING]
+
+
+@lru_cache(maxsize=None)
+def field_help(cls: type) -> dict[str, str]:
+    """{field: meaning}, read from the comment that ends each field's line in the source.
+
+    The comment a developer reads is the help the app's form, `--help` and the docs show, so
+    the three cannot disagree. A subclass's comment wins over its base's; a field the subclass
+    redeclares without one (a new default) keeps the base's.
+    """
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            out.update(_field_comments(klass))
+    return out
+
+
+def _field_comments(klass: type) -> dict[str, str]:
+    try:
+        source = textwrap.dedent(inspect.getsource(klass))
+    except (OSError, TypeError):
+        return {}
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT}
+    body = ast.parse(source).body[0].body
+    return {node.target.id: comments[node.end_lineno] for node in body
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            and node.end_lineno in comments}
+
+
+@dataclass
+class FieldDoc:
+    """One setting as `--help` and the app describe it."""
+    name: str
+    type: str           # as JSON spells it: "int", "float", "list of str", "str or null", ...
+    default: Any        # MISSING for a required setting
+    help: str
+    owner: type         # the config class that first declares it (TrainConfig for shared ones)
+
+    @property
+    def required(self) -> bool:
+        return self.default is MISSING
+
+
+def field_docs(cls: type) -> list[FieldDoc]:
+    """Every setting of a config class, in declaration order, with its type, default and help."""
+    hints = typing.get_type_hints(cls)
+    helps = field_help(cls)
+    docs = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        owner = next(k for k in reversed(cls.__mro__) if f.name in getattr(k, "__annotations__", {}))
+        docs.append(FieldDoc(f.name, type_name(hints[f.name]), default, helps.get(f.name, ""), owner))
+    return docs
+
+
+def type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        names = [type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names + (["null"] if type(None) in args else []))
+    if typing.get_origin(tp) in (list, tuple):
+        return f"list of {type_name(args[0]) if args else 'values'}"
+    if typing.get_origin(tp) is dict or tp is dict:
+        return "object"
+    return getattr(tp, "__name__", str(tp))
+
+
+def default_config(cls: type) -> dict:
+    """A config.json for a user to edit: every default, and null for each required setting
+    (loading it then names the first one still null)."""
+    return {d.name: None if d.required else d.default for d in field_docs(cls)}

@@ -50,45 +50,45 @@ from engine.tokenizer import render_chat
 
 @dataclass
 class PPOConfig:
-    policy: str                          # SFT checkpoint or run folder (also the frozen reference)
-    reward_model: str                    # reward-model checkpoint or run folder
-    prompts: list[str]                   # .txt one per line, or .jsonl with "prompt"
-    value_model: Optional[str] = None    # None: start the value model from the reward model
+    policy: str                         # SFT checkpoint or run folder (also the frozen reference)
+    reward_model: str                   # reward-model checkpoint or run folder
+    prompts: list[str]                  # .txt one per line, or .jsonl with "prompt"
+    value_model: Optional[str] = None   # None: start the value model from the reward model
     probe_prompts: list[str] = field(default_factory=list)  # empty: the first 4 prompts
     ptx_data: list[str] = field(default_factory=list)       # pretraining text, for PPO-ptx
-    ptx_coef: float = 0.0                # γ: weight of the pretraining loss (0 = plain PPO)
-    ptx_batch_size: int = 4
-    steps: int = 50                      # PPO iterations (rollout + update)
-    rollout_batch_size: int = 16
-    minibatch_size: int = 8
-    ppo_epochs: int = 2
-    max_new_tokens: int = 24
-    temperature: float = 1.0
-    kl_coef: float = 0.05                # β, the start value when adaptive
-    target_kl: Optional[float] = None    # set: adapt β toward this KL (nats per answer)
-    kl_horizon: int = 10000
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    reward_clip: float = 5.0             # normalised scores are clipped to ±reward_clip
-    missing_end_penalty: float = 1.0     # subtracted from the score of an answer with no end token
-    lr: float = 1e-5
-    value_lr: float = 1e-5
-    grad_clip: float = 1.0
-    ema_decay: float = 0.0               # > 0: keep an EMA of the policy, saved as ema.safetensors
-    kl_limit: float = 50.0               # guard: stop when objective/kl exceeds this
-    min_entropy: float = 0.01            # guard: stop when objective/entropy falls below this
-    probe_every: int = 10
-    probe_tokens: int = 32
-    checkpoint_every: int = 50
-    keep_last: int = 2
-    log_every: int = 1
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
+    ptx_coef: float = 0.0               # γ: weight of the pretraining loss (0 = plain PPO)
+    ptx_batch_size: int = 4             # pretraining sequences per PPO-ptx minibatch
+    steps: int = 50                     # PPO iterations (rollout + update)
+    rollout_batch_size: int = 16        # prompts per PPO iteration (one answer each)
+    minibatch_size: int = 8             # rollouts per PPO update
+    ppo_epochs: int = 2                 # passes over each rollout batch
+    max_new_tokens: int = 24            # answer length limit in tokens
+    temperature: float = 1.0            # sampling temperature (it divides the logits when scoring too)
+    kl_coef: float = 0.05               # β, the start value when adaptive
+    target_kl: Optional[float] = None   # set: adapt β toward this KL (nats per answer)
+    kl_horizon: int = 10000             # horizon of the adaptive KL controller, in rollouts
+    cliprange: float = 0.2              # PPO ratio clip epsilon
+    cliprange_value: float = 0.2        # value-function clip
+    vf_coef: float = 0.1                # weight of the value loss
+    gamma: float = 1.0                  # discount
+    lam: float = 0.95                   # GAE lambda
+    whiten_advantages: bool = True      # normalise advantages over each rollout batch's answer tokens
+    reward_clip: float = 5.0            # normalised scores are clipped to ±reward_clip
+    missing_end_penalty: float = 1.0    # subtracted from the score of an answer with no end token
+    lr: float = 1e-5                    # learning rate of the policy
+    value_lr: float = 1e-5              # learning rate of the value model
+    grad_clip: float = 1.0              # gradient norm clip of each model (0: off)
+    ema_decay: float = 0.0              # > 0: keep an EMA of the policy, saved as ema.safetensors
+    kl_limit: float = 50.0              # guard: stop when objective/kl exceeds this
+    min_entropy: float = 0.01           # guard: stop when objective/entropy falls below this
+    probe_every: int = 10               # greedy answers to the probe prompts every N steps
+    probe_tokens: int = 32              # answer length of the probe samples
+    checkpoint_every: int = 50          # save a checkpoint every N steps (and always at the end or on stop)
+    keep_last: int = 2                  # newest checkpoints kept
+    log_every: int = 1                  # metrics every N steps
+    seed: int = 0                       # random seed: the same seed and settings give the same run
+    device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"                 # auto (bf16 on CUDA, else fp32) | float32 | bfloat16
 
     def validate(self) -> None:
         for name in ("policy", "reward_model"):

@@ -29,6 +29,8 @@ from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write
 from engine.tokenizer import Tokenizer
 from engine.trainer import Stage, TrainConfig, run_summary, train
 
+SAMPLE_PROMPTS = ["The ", "Question: What is 12 + 7?\nAnswer:"]
+
 
 @dataclass(kw_only=True)
 class PretrainConfig(TrainConfig):
@@ -37,11 +39,11 @@ class PretrainConfig(TrainConfig):
     preset: str = "tiny"                # model size: see engine.model.PRESETS
     model: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's fields
     seq_len: int = 0                    # 0: the preset's max_seq_len
-    val_fraction: float = 0.05
-    eval_batches: int = 10
-    sample_prompts: list[str] = field(default_factory=lambda: ["The ", "Question: What is 12 + 7?\nAnswer:"])
-    sample_tokens: int = 48
-    sample_temperature: float = 0.8
+    val_fraction: float = 0.05          # share of the corpus held out for validation
+    eval_batches: int = 10              # batches of batch_size windows per validation
+    sample_prompts: list[str] = field(default_factory=SAMPLE_PROMPTS.copy)  # prompts continued at each sample step
+    sample_tokens: int = 48             # tokens generated per sample
+    sample_temperature: float = 0.8     # temperature of the samples (0: greedy)
 
     def validate(self) -> None:
         self.validate_training()

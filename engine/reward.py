@@ -44,7 +44,7 @@ class RewardConfig(TrainConfig):
     data: list[str]                       # JSONL rankings or chosen/rejected pairs
     tokenizer: Optional[str] = None       # None: the init checkpoint's own tokenizer.json
     val_data: list[str] = field(default_factory=list)  # empty: hold out val_fraction of prompts
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1             # share of prompts held out for validation (when val_data is empty)
     epochs: float = 1.0                   # > 0 sets max_steps from the data; 0: use max_steps
     seq_len: int = 0                      # 0: the model's max_seq_len
     batch_size: int = 8                   # rankings per step (each brings its K answers)

@@ -23,12 +23,13 @@ import math
 import os
 import signal
 import sys
+import textwrap
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from engine.config import ConfigError, load_config, to_dict
+from engine.config import ConfigError, default_config, field_docs, load_config, to_dict
 
 Sink = Callable[[dict], None]
 
@@ -142,6 +143,26 @@ def format_count(ev: dict) -> str:
     return f"step {ev['step']}/{ev['total']}"
 
 
+# The figures a progress line shows when the stage logs them: the gradient stages' loss, the
+# reward model's pair accuracy, PPO's score and KL, and the learning rate.
+PROGRESS_FIGURES = (("train/loss", "loss", "{:.4g}"), ("train/accuracy", "acc", "{:.1%}"),
+                    ("objective/score", "score", "{:+.3f}"), ("objective/kl", "KL", "{:.3f}"),
+                    ("train/lr", "lr", "{:.3g}"))
+# ... and what an evaluation line adds to the validation loss.
+EVAL_FIGURES = (("val/accuracy", "val acc", "{:.1%}"), ("eval/task_accuracy", "task acc", "{:.1%}"))
+
+
+def _figures(values: dict, figures) -> list[str]:
+    out = []
+    for key, label, fmt in figures:
+        v = values.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.append(f"{label} {fmt.format(v)}")
+        elif v is not None:
+            out.append(f"{label} {v}")   # a non-finite value arrives as its string
+    return out
+
+
 class HumanPrinter:
     """The terminal view of the event stream: one readable line per progress event."""
 
@@ -156,12 +177,10 @@ class HumanPrinter:
         if t == "metrics":
             self.last.update({k: v for k, v in ev.items() if "/" in k})
             if "val/loss" in ev:
-                line = f"[{self.stage}] step {ev['step']}  val loss {_num(ev['val/loss'])}"
+                line = "  ".join([f"[{self.stage}] step {ev['step']}  val loss {_num(ev['val/loss'])}",
+                                  *_figures(ev, EVAL_FIGURES)])
         elif t == "progress":
-            parts = [f"[{self.stage}] {format_count(ev)}"]
-            for key, label in (("train/loss", "loss"), ("train/lr", "lr")):
-                if key in self.last:
-                    parts.append(f"{label} {_num(self.last[key])}")
+            parts = [f"[{self.stage}] {format_count(ev)}", *_figures(self.last, PROGRESS_FIGURES)]
             if ev.get("tokens_per_s"):
                 parts.append(f"{ev['tokens_per_s'] / 1000:.1f}k tok/s")
             parts.append(f"ETA {format_duration(ev.get('eta_s'))}")
@@ -169,6 +188,8 @@ class HumanPrinter:
         elif t == "sample":
             text = str(ev.get("text", "")).replace("\n", "\\n")
             line = f"[{self.stage}] sample @ {ev.get('step')}: {ev.get('prompt', '')!r} -> {text[:160]!r}"
+            if isinstance(ev.get("score"), (int, float)):
+                line += f"  (score {ev['score']:+.3f})"
         elif t == "checkpoint":
             line = f"[{self.stage}] saved {ev['path']}" + ("  (best)" if ev.get("best") else "")
         elif t == "log":
@@ -250,17 +271,9 @@ def stage_main(stage: str, config_cls: type, run: StageFn, argv: list[str] | Non
 
     Exit codes: 0 completed or stopped, 1 failed while running, 2 refused before starting.
     """
-    parser = argparse.ArgumentParser(
-        prog=f"python -m engine.{stage}",
-        description=f"Run the {stage} stage on a run folder. Reads DIR/config.json "
-                    f"(settings: {', '.join(f.name for f in _fields(config_cls))}); writes "
-                    f"everything it produces, and DIR/events.jsonl, into DIR. Create DIR/STOP "
-                    f"or send SIGTERM to stop with a checkpoint.")
-    parser.add_argument("--run-dir", required=True, type=Path, help="the run folder")
-    parser.add_argument("--log-format", choices=["auto", "human", "json"], default="auto",
-                        help="stdout: readable lines (human), one JSON event per line (json), "
-                             "or human on a terminal and json otherwise (auto, the default)")
-    args = parser.parse_args(argv)
+    args = _parser(stage, config_cls).parse_args(argv)
+    if args.write_config is not None:
+        return write_default_config(stage, config_cls, args.write_config)
     fmt = args.log_format
     if fmt == "auto":
         fmt = "human" if sys.stdout.isatty() else "json"
@@ -324,6 +337,73 @@ class RankErrors:
         pass
 
 
-def _fields(cls):
-    import dataclasses
-    return dataclasses.fields(cls)
+def _parser(stage: str, config_cls: type) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m engine.{stage}", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            f"Run the {stage} stage on a run folder. Reads DIR/config.json (the settings below; a "
+            f"setting left out takes its default) and writes everything it produces, and "
+            f"DIR/events.jsonl, into DIR. Create DIR/STOP or send SIGTERM to stop with a checkpoint; "
+            f"run it again on DIR to resume. Exit codes: 0 completed or stopped, 1 failed while "
+            f"running, 2 refused before starting.", 100),
+        epilog=settings_help(stage, config_cls))
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--run-dir", type=Path, metavar="DIR", help="the run folder")
+    where.add_argument("--write-config", type=Path, metavar="DIR",
+                       help="write DIR/config.json with every setting at its default and each "
+                            "required one null, to edit before a run (never overwrites one)")
+    parser.add_argument("--log-format", choices=["auto", "human", "json"], default="auto",
+                        help="stdout: readable lines (human), one JSON event per line (json), "
+                             "or human on a terminal and json otherwise (auto, the default)")
+    return parser
+
+
+def settings_help(stage: str, config_cls: type, width: int = 100) -> str:
+    """The settings of config.json for `--help`: type, default and meaning, in groups:
+    the required ones, the stage's own, then each shared set (the training settings)."""
+    docs = field_docs(config_cls)
+    groups: dict[str, list] = {"required (no default: config.json must give them)": [d for d in docs if d.required],
+                               f"{stage} settings": []}
+    for d in docs:
+        if not d.required:
+            title = (f"{stage} settings" if d.owner is config_cls else
+                     (d.owner.__doc__ or d.owner.__name__).split(";")[0].split(".")[0].strip().lower())
+            groups.setdefault(title, []).append(d)
+    name_w = max(len(d.name) for d in docs)
+    type_w = max(len(d.type) for d in docs)
+    col = name_w + type_w + 20
+    lines = ["settings (config.json):"]
+    for title, members in groups.items():
+        if members:
+            lines += ["", f"{title}:"]
+            lines += [_setting_line(d, name_w, type_w, col, width) for d in members]
+    return "\n".join(lines)
+
+
+def _setting_line(d, name_w: int, type_w: int, col: int, width: int) -> str:
+    left = f"  {d.name:<{name_w}}  {d.type:<{type_w}}"
+    if not d.required:
+        left += f"  {json.dumps(d.default, ensure_ascii=False)}"
+    help_lines = textwrap.wrap(d.help or "-", max(30, width - col)) or [""]
+    if len(left) + 2 > col:
+        return "\n".join([left] + [" " * col + h for h in help_lines])
+    return "\n".join([left.ljust(col) + help_lines[0]] + [" " * col + h for h in help_lines[1:]])
+
+
+def write_default_config(stage: str, config_cls: type, folder: Path) -> int:
+    """`--write-config DIR`: a config.json of defaults (required settings null) to edit."""
+    path = folder / "config.json"
+    required = [d.name for d in field_docs(config_cls) if d.required]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(path, "x", encoding="utf-8") as f:
+            f.write(json.dumps(default_config(config_cls), indent=2, ensure_ascii=False) + "\n")
+    except FileExistsError:
+        print(f"error: {path} exists: not overwritten (edit it, or name a new folder)", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write {path}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    todo = f"fill in {', '.join(required)} (null now), then " if required else "edit it, then "
+    print(f"wrote {path}: {todo}run python -m engine.{stage} --run-dir {folder}")
+    return 0

@@ -71,19 +71,19 @@ def read_prompts(paths: list[str | os.PathLike]) -> list[str]:
 
 @dataclass
 class SampleConfig:
-    checkpoint: str                   # SFT (or any) checkpoint, or its run folder
-    prompts: list[str]                # .txt one per line, or .jsonl with "prompt"
-    tokenizer: Optional[str] = None   # None: the checkpoint's own
-    n_prompts: int = 0                # 0: all of them
-    k: int = 4                        # answers per prompt, 2..9
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 0.95
-    repetition_penalty: float = 1.0
-    batch_size: int = 16              # answers generated together
-    seed: int = 0
-    device: str = "auto"
+    checkpoint: str                     # SFT (or any) checkpoint, or its run folder
+    prompts: list[str]                  # .txt one per line, or .jsonl with "prompt"
+    tokenizer: Optional[str] = None     # None: the checkpoint's own
+    n_prompts: int = 0                  # 0: all of them
+    k: int = 4                          # answers per prompt, 2..9
+    max_new_tokens: int = 64            # answer length limit in tokens
+    temperature: float = 1.0            # sampling temperature
+    top_k: int = 0                      # sample from the k most likely tokens (0: off)
+    top_p: float = 0.95                 # nucleus sampling threshold (1: off)
+    repetition_penalty: float = 1.0     # above 1 discourages repeats (1: off)
+    batch_size: int = 16                # answers generated together
+    seed: int = 0                       # random seed: each answer's own seed derives from it
+    device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
 
     def validate(self) -> None:
         require(bool(self.checkpoint.strip()), "checkpoint", "a checkpoint or run folder is required")

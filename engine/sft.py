@@ -43,15 +43,15 @@ class SFTConfig(TrainConfig):
     data: list[str]                       # JSONL files: see engine.sft_data for the formats
     tokenizer: Optional[str] = None       # None: the init checkpoint's own tokenizer.json
     val_data: list[str] = field(default_factory=list)  # empty: hold out val_fraction of data
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05            # share of the data held out for validation (when val_data is empty)
     epochs: float = 0.0                   # > 0: sets max_steps from the number of samples
     seq_len: int = 0                      # 0: the model's max_seq_len; samples are cut to it
     eval_batches: int = 20                # val loss on the first eval_batches * batch_size samples
     eval_tasks: Optional[str] = None      # JSONL of engine.tasks.Task: greedy task accuracy
     eval_task_limit: int = 100            # the first N tasks (0: all)
     task_tokens: int = 32                 # answer length limit when checking tasks
-    sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    sample_tokens: int = 64
+    sample_prompts: list[str] = field(default_factory=DEFAULT_PROMPTS.copy)  # prompts answered at each sample step
+    sample_tokens: int = 64               # answer length limit of the samples
     sample_temperature: float = 0.0       # 0: greedy, so samples at different steps compare
     # Fine-tuning starts from a model that already works: a smaller step than pretraining's
     # keeps it from forgetting, and no weight decay, which would pull it toward zero rather

@@ -256,13 +256,13 @@ FALLBACK_CHARS = 256_000
 @dataclass
 class TokenizerConfig:
     inputs: list[str] = field(default_factory=list)  # files/folders; relative to the run folder
-    vocab_size: int = 4096
-    min_frequency: int = 2
-    holdout_fraction: float = 0.01  # share of chunks held out to measure chars/token
-    max_train_chars: int = 0        # 0 = train on everything
-    seed: int = 0
-    chunk_chars: int = 65536
-    examples: list[str] = field(default_factory=lambda: list(DEFAULT_EXAMPLES))
+    vocab_size: int = 4096              # tokens in the vocabulary, special tokens included
+    min_frequency: int = 2              # a merge must occur at least this often
+    holdout_fraction: float = 0.01      # share of chunks held out to measure chars/token
+    max_train_chars: int = 0            # 0 = train on everything
+    seed: int = 0                       # random seed of the held-out draw
+    chunk_chars: int = 65536            # characters read at a time while training
+    examples: list[str] = field(default_factory=DEFAULT_EXAMPLES.copy)  # texts shown tokenized after training
 
     def validate(self) -> None:
         require(len(self.inputs) > 0, "inputs", "give at least one .txt/.jsonl file or folder")

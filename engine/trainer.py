@@ -33,25 +33,25 @@ from engine.runio import Emitter, NeverStop, StageError
 @dataclass(kw_only=True)
 class TrainConfig:
     """Settings common to every training stage; stages subclass it and add their own."""
-    batch_size: int = 16
-    grad_accum: int = 1
-    max_steps: int = 1000
-    lr: float = 1e-3
+    batch_size: int = 16                # examples per optimizer step (times grad_accum)
+    grad_accum: int = 1                 # micro-batches accumulated before each optimizer step
+    max_steps: int = 1000               # optimizer steps to train for; raise it and resume to train longer
+    lr: float = 1e-3                    # peak learning rate (after warmup)
     min_lr_ratio: float = 0.1           # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    warmup_steps: int = 50              # steps of linear warmup from 0 to lr
+    weight_decay: float = 0.1           # AdamW weight decay (not applied to norm gains)
+    beta1: float = 0.9                  # AdamW beta1
+    beta2: float = 0.95                 # AdamW beta2
     grad_clip: float = 1.0              # 0 disables clipping
-    eval_every: int = 100
+    eval_every: int = 100               # validation every N steps (and at the end)
     sample_every: int = 200             # 0 disables samples
-    checkpoint_every: int = 200
+    checkpoint_every: int = 200         # save a checkpoint every N steps (and always at the end or on stop)
     keep_last: int = 2                  # newest checkpoints kept, besides the best by val loss
-    log_every: int = 10
-    seed: int = 0
+    log_every: int = 10                 # training metrics every N steps
+    seed: int = 0                       # random seed: the same seed and settings give the same run
     device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"                 # auto (bf16 on CUDA, else fp32) | float32 | bfloat16
-    compile: bool = False
+    compile: bool = False               # torch.compile the model (CUDA; slower start, faster steps)
     nproc: int = 1                      # processes (one per GPU) training together with DDP, via torchrun
 
     def validate_training(self) -> None:
