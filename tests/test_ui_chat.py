@@ -384,7 +384,7 @@ def test_sighted_compare_and_a_tie(qtbot, tmp_path, two_ckpts, cache):
     run_round(qtbot, view, "hello")
     assert [view.panes[s].title.text() for s in ("left", "right")] == ["model one", "model two"]
     with qtbot.waitSignal(view.voteStored, timeout=5_000):
-        qtbot.keyClick(view.input, Qt.Key_2, Qt.ControlModifier)
+        qtbot.keyClick(view.input, Qt.Key_2, Qt.AltModifier)    # typed in the prompt box, too
     with Store.for_project(tmp_path) as store:
         [r] = store.rankings()
         item = store.item(r.item_id)

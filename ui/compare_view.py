@@ -34,6 +34,11 @@ from workbench.model_cache import ModelCache, Reply, run_reply
 from workbench.store import Store
 
 SIDES = ("left", "right")
+# The vote keys: Alt, because the main window's View menu owns Ctrl+1..8 (two shortcuts on one
+# key fire neither), and plain keys would type into the prompt box, where the focus is after
+# sending. (button text, key)
+VOTES = {"left": ("◀  Left is better", "Alt+1"), "tie": ("Tie", "Alt+2"),
+         "right": ("Right is better  ▶", "Alt+3")}
 
 
 class AnswerPane(QFrame):
@@ -132,13 +137,16 @@ class CompareView(QWidget):
         self.system.setPlaceholderText("System prompt (optional)")
         self.sampling = SamplingControls(columns=4)
         self.panes = {side: AnswerPane() for side in SIDES}
-        self.vote_buttons = {"left": button("◀  Left is better", ""), "tie": button("Tie", ""),
-                             "right": button("Right is better  ▶", "")}
-        for key, (verdict, b) in zip("123", self.vote_buttons.items()):
-            b.setToolTip(f"Store this judgement (Ctrl+{key})")
+        self.vote_buttons = {verdict: button(f"{text}   {key}", f"Store this judgement ({key})")
+                             for verdict, (text, key) in VOTES.items()}
+        for verdict, b in self.vote_buttons.items():
             b.clicked.connect(lambda _=False, v=verdict: self.vote(v))
-            QShortcut(QKeySequence(f"Ctrl+{key}"), self, lambda v=verdict: self.vote(v),
+            QShortcut(QKeySequence(VOTES[verdict][1]), self, lambda v=verdict: self.vote(v),
                       context=Qt.WidgetWithChildrenShortcut)
+        self.legend = QLabel("  ·  ".join(f"<b>{key}</b>&nbsp;{text.strip('◀▶ ').lower()}"
+                                          for text, key in VOTES.values())
+                             + "  ·  <b>Enter</b>&nbsp;sends  ·  <b>Esc</b>&nbsp;stops")
+        self.legend.setForegroundRole(QPalette.PlaceholderText)
         self.status = QLabel("Ask both models the same question, then say which answer is better.")
         self.status.setForegroundRole(QPalette.PlaceholderText)
         self.banner = Banner()
@@ -185,6 +193,7 @@ class CompareView(QWidget):
         outer.addLayout(votes)
         outer.addWidget(self.banner)
         outer.addLayout(input_row(self.input, self.send_button, self.stop_button))
+        outer.addWidget(self.legend)
 
     # --- public API ----------------------------------------------------------------------
     @property
