@@ -16,6 +16,7 @@ resumes in the app and the other way round.
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from itertools import combinations
 from pathlib import Path
@@ -70,6 +71,8 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
         except OSError as e:   # an unreadable file, an --out folder that does not exist
             where = f"{e.filename}: " if e.filename else ""
             print(f"{prog}: {where}{e.strerror or e}", file=sys.stderr)
+        except sqlite3.Error as e:  # the store turns busy and full into StoreError; not these
+            print(f"{prog}: {args.project / DB_NAME}: {e}", file=sys.stderr)
         return 2
     return run
 
@@ -107,16 +110,6 @@ def cmd_import_samples(args) -> int:
     return 0
 
 
-def _session_rows(store: Store, batch_id: int) -> list[tuple[str, str, int]]:
-    """(annotator, kind, items ranked) per session on the batch; hidden repeats and withdrawn
-    rankings are not progress. A read-only query: building an AnnotationSession here would
-    create a session for anyone we merely look at."""
-    return store.conn.execute(
-        "SELECT a.name, a.kind, (SELECT COUNT(*) FROM rankings r WHERE r.session_id = s.id AND "
-        "r.is_repeat = 0 AND r.withdrawn_at IS NULL) FROM sessions s JOIN annotators a ON "
-        "a.id = s.annotator_id WHERE s.batch_id = ? ORDER BY s.id", (batch_id,)).fetchall()
-
-
 def cmd_batches(args) -> int:
     with open_store(args.project) as store:
         batches = store.batches()
@@ -126,7 +119,7 @@ def cmd_batches(args) -> int:
         print(f"{'id':>4}  {'name':<32} {'kind':<9} {'K':>3} {'items':>6}  ranked by")
         for b in batches:
             who = ", ".join(f"{name}{' (simulated)' if kind == 'simulated' else ''} {n}/{b.n_items}"
-                            for name, kind, n in _session_rows(store, b.id)) or "-"
+                            for _, name, kind, n in store.ranked_counts(b.id)) or "-"
             print(f"{b.id:>4}  {b.name[:32]:<32} {b.kind:<9} {b.k if b.k else 'mix':>3} "
                   f"{b.n_items:>6}  {who}")
     return 0

@@ -23,7 +23,6 @@ each item once, so the annotator cannot tell a repeat from a new item.
 from __future__ import annotations
 
 import bisect
-import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -144,37 +143,18 @@ class AnnotationSession:
 
     # --- the queue ---------------------------------------------------------------------------
 
-    # The next item in batch order that is neither ranked nor moved by skip/undo, from a
-    # position on: the items_position index lets SQLite start there and stop at the first hit.
-    _NEXT_SQL = """
-        SELECT i.position, i.id FROM items i
-        WHERE i.batch_id = :b AND i.position >= :start
-        AND NOT EXISTS (SELECT 1 FROM rankings r WHERE r.session_id = :s AND r.item_id = i.id
-                        AND r.is_repeat = 0 AND r.withdrawn_at IS NULL)
-        AND NOT EXISTS (SELECT 1 FROM shown_orders o WHERE o.session_id = :s AND o.item_id = i.id
-                        AND o.is_repeat = 0 AND o.queue_key IS NOT NULL)
-        ORDER BY i.position LIMIT 1"""
-    # The first item moved by skip (queue_key > 0) or undo (< 0) and not ranked since.
-    _MOVED_SQL = """
-        SELECT o.queue_key, i.position, i.id FROM shown_orders o JOIN items i ON i.id = o.item_id
-        WHERE o.session_id = :s AND o.is_repeat = 0 AND o.queue_key IS NOT NULL
-        AND NOT EXISTS (SELECT 1 FROM rankings r WHERE r.session_id = :s AND r.item_id = o.item_id
-                        AND r.is_repeat = 0 AND r.withdrawn_at IS NULL)
-        ORDER BY o.queue_key LIMIT 1"""
-
-    def _head(self, c) -> tuple[int, int, int] | None:
+    def _head(self) -> tuple[int, int, int] | None:
         """(queue_key, position, item) of the first original item to show, None if all are ranked.
 
         Items in batch order are searched from a cursor, not from the start: an item the
         cursor has passed was ranked then, and can only come back through undo, which moves
-        it (queue_key < 0) so _MOVED_SQL finds it. One full search before saying "none" keeps
+        it (queue_key < 0) so first_moved finds it. One full search before saying "none" keeps
         this right even if a ranking was withdrawn some other way."""
-        args = {"s": self.id, "b": self.batch.id, "start": self._cursor}
-        row = c.execute(self._NEXT_SQL, args).fetchone()
+        row = self.store.next_unranked(self.id, self.batch.id, self._cursor)
         if row is None and self._cursor > 0:
-            row = c.execute(self._NEXT_SQL, {**args, "start": 0}).fetchone()
+            row = self.store.next_unranked(self.id, self.batch.id, 0)
         self._cursor = row[0] if row else len(self._item_ids)
-        moved = c.execute(self._MOVED_SQL, args).fetchone()
+        moved = self.store.first_moved(self.id)
         plain = (0, row[0], row[1]) if row else None
         return min((x for x in (moved, plain) if x is not None), default=None)
 
@@ -182,19 +162,12 @@ class AnnotationSession:
         """What may be shown now, as sort keys (queue_key, originals after repeats, position,
         item, is_repeat): skipped entries last, an undone one first, and a due repeat before
         the next new item so it lands where it fell due."""
-        with self.store.snapshot() as c:
-            head = self._head(c)
+        with self.store.snapshot():
+            head = self._head()
             out = [(head[0], 1, head[1], head[2], 0)] if head else []
             if not self._repeats:
                 return out
-            originals = {i: rid for rid, i in c.execute(
-                "SELECT id, item_id FROM rankings WHERE session_id = ? AND is_repeat = 0 "
-                "AND withdrawn_at IS NULL", (self.id,))}
-            repeated = {r[0] for r in c.execute(
-                "SELECT item_id FROM rankings WHERE session_id = ? AND is_repeat = 1 "
-                "AND withdrawn_at IS NULL", (self.id,))}
-            keys = dict(c.execute("SELECT item_id, queue_key FROM shown_orders WHERE "
-                                  "session_id = ? AND is_repeat = 1", (self.id,)))
+            originals, repeated, keys = self.store.session_rankings(self.id)
         order = sorted(originals.values())
         for i in self._repeats:
             if i in originals and i not in repeated:
@@ -212,31 +185,16 @@ class AnnotationSession:
 
     def _shown_order(self, item_id: int, rep: int) -> list[int]:
         """The recorded display order of an entry, recording a fresh shuffle the first time."""
-        c = self.store.conn
-        row = c.execute("SELECT answer_ids FROM shown_orders WHERE session_id = ? AND item_id = ? "
-                        "AND is_repeat = ?", (self.id, item_id, rep)).fetchone()
-        if row:
-            return json.loads(row[0])
-        ids = [r[0] for r in c.execute("SELECT id FROM answers WHERE item_id = ? ORDER BY idx",
-                                       (item_id,))]
+        order = self.store.shown_order(self.id, item_id, bool(rep))
+        if order is not None:
+            return order
+        ids = self.store.answer_ids(item_id)
         random.Random(f"workbench-shuffle/{self.settings['seed']}/{item_id}/{rep}").shuffle(ids)
-        with self.store.transaction() as c:
-            # OR IGNORE: a second window on the same session may have recorded it first.
-            c.execute("INSERT OR IGNORE INTO shown_orders (session_id, item_id, is_repeat, answer_ids, "
-                      "shown_at) VALUES (?, ?, ?, ?, ?)",
-                      (self.id, item_id, rep, json.dumps(ids), time.time()))
-            return json.loads(c.execute(
-                "SELECT answer_ids FROM shown_orders WHERE session_id = ? AND item_id = ? AND "
-                "is_repeat = ?", (self.id, item_id, rep)).fetchone()[0])
+        return self.store.record_shown_order(self.id, item_id, bool(rep), ids)
 
     def _move(self, item_id: int, rep: int, to_back: bool) -> None:
         self._shown_order(item_id, rep)
-        with self.store.transaction() as c:
-            lo, hi = c.execute("SELECT MIN(queue_key), MAX(queue_key) FROM shown_orders "
-                               "WHERE session_id = ?", (self.id,)).fetchone()
-            key = max(hi or 0, 0) + 1 if to_back else min(lo or 0, 0) - 1
-            c.execute("UPDATE shown_orders SET queue_key = ? WHERE session_id = ? AND item_id = ? "
-                      "AND is_repeat = ?", (key, self.id, item_id, rep))
+        self.store.move_in_queue(self.id, item_id, bool(rep), to_back)
 
     # --- what a view calls -------------------------------------------------------------------
 
@@ -311,31 +269,19 @@ class AnnotationSession:
     def undo(self) -> int | None:
         """Withdraw this session's last ranking; its item becomes current again, with the
         withdrawn input in `current().previous`. Returns the ranking id, None if none is left."""
-        with self.store.transaction() as c:
-            row = c.execute("SELECT id, item_id, is_repeat FROM rankings WHERE session_id = ? "
-                            "AND withdrawn_at IS NULL ORDER BY id DESC LIMIT 1", (self.id,)).fetchone()
-            if row is None:
+        with self.store.transaction():
+            last = self.store.last_ranking(self.id)
+            if last is None:
                 return None
-            rid, item_id, rep = row
+            rid, item_id, rep = last
+            rep = int(rep)
             self.store.withdraw_ranking(rid)
             self._move(item_id, rep, to_back=False)
         self._shown_since.pop((item_id, rep), None)
         return rid
 
     def progress(self) -> Progress:
-        with self.store.snapshot() as c:
-            counts = dict(c.execute(
-                "SELECT is_repeat, COUNT(*) FROM rankings WHERE session_id = ? "
-                "AND withdrawn_at IS NULL GROUP BY is_repeat", (self.id,)))
-            skipped = c.execute(
-                "SELECT COUNT(*) FROM shown_orders o WHERE o.session_id = ? AND o.queue_key > 0 "
-                "AND NOT EXISTS (SELECT 1 FROM rankings r WHERE r.session_id = o.session_id AND "
-                "r.item_id = o.item_id AND r.is_repeat = o.is_repeat AND r.withdrawn_at IS NULL)",
-                (self.id,)).fetchone()[0]
-            mean = c.execute(
-                "SELECT AVG(duration_s) FROM rankings WHERE session_id = ? AND withdrawn_at IS NULL "
-                "AND duration_s IS NOT NULL", (self.id,)).fetchone()[0]
-        done, repeats_done = counts.get(0, 0), counts.get(1, 0)
+        done, repeats_done, skipped, mean = self.store.session_progress(self.id)
         total = len(self._item_ids)
         return Progress(done, total, skipped, repeats_done, len(self._repeats), mean,
                         remaining=(total - done) + (len(self._repeats) - repeats_done))

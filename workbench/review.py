@@ -18,8 +18,6 @@ from typing import Callable, Iterable, Sequence
 from workbench.agreement import pair_relations
 from workbench.store import Batch, Store
 
-NORM_FILE = "reward_norm.json"     # engine.reward writes it next to each kept checkpoint
-
 
 @dataclass
 class BatchProgress:
@@ -29,12 +27,8 @@ class BatchProgress:
 
 
 def batch_progress(store: Store) -> list[BatchProgress]:
-    """Every batch with who has ranked how many of its items. Read-only: opening an
-    AnnotationSession here would create a session for everyone merely looked at."""
-    rows = store.conn.execute(
-        "SELECT s.batch_id, a.name, a.kind, (SELECT COUNT(*) FROM rankings r WHERE r.session_id = "
-        "s.id AND r.is_repeat = 0 AND r.withdrawn_at IS NULL) FROM sessions s JOIN annotators a "
-        "ON a.id = s.annotator_id ORDER BY s.id").fetchall()
+    """Every batch with who has ranked how many of its items."""
+    rows = store.ranked_counts()
     out = []
     for b in store.batches():
         mine = [r for r in rows if r[0] == b.id]
@@ -45,18 +39,12 @@ def batch_progress(store: Store) -> list[BatchProgress]:
 
 def existing_session(store: Store, batch_id: int, annotator: str) -> dict | None:
     """The settings of `annotator`'s session on the batch, None if there is none yet."""
-    row = store.conn.execute(
-        "SELECT s.settings FROM sessions s JOIN annotators a ON a.id = s.annotator_id "
-        "WHERE s.batch_id = ? AND a.name = ?", (batch_id, annotator)).fetchone()
-    return json.loads(row[0]) if row else None
+    return store.session_settings(batch_id, annotator)
 
 
 def recent_session(store: Store) -> tuple[str, int] | None:
     """(annotator, batch id) of the human session touched last: where the view resumes."""
-    row = store.conn.execute(
-        "SELECT a.name, s.batch_id FROM sessions s JOIN annotators a ON a.id = s.annotator_id "
-        "WHERE a.kind = 'human' ORDER BY s.updated_at DESC, s.id DESC LIMIT 1").fetchone()
-    return (row[0], row[1]) if row else None
+    return store.recent_session("human")
 
 
 def reopen_item(session, item_id: int) -> int | None:
@@ -66,14 +54,13 @@ def reopen_item(session, item_id: int) -> int | None:
     store = session.store
     if store.item(item_id).batch_id != session.batch.id:
         raise ValueError(f"item {item_id} is not in batch {session.batch.name!r}")
-    with store.transaction() as c:
-        row = c.execute("SELECT id FROM rankings WHERE session_id = ? AND item_id = ? AND "
-                        "is_repeat = 0 AND withdrawn_at IS NULL", (session.id, item_id)).fetchone()
-        if row:
-            store.withdraw_ranking(row[0])
+    with store.transaction():
+        rid = store.active_ranking(session.id, item_id)
+        if rid is not None:
+            store.withdraw_ranking(rid)
         # The queue move undo uses: the item becomes the first one shown.
         session._move(item_id, 0, to_back=False)
-    return row[0] if row else None
+    return rid
 
 
 def project_runs(project_dir: str | Path, prefixes: Sequence[str]) -> list[tuple[str, Path]]:
@@ -119,6 +106,7 @@ def score_answers(rm_path: str | Path, items: Sequence[ScoreItem], *, batch_size
 
     from engine.artifacts import load_artifact
     from engine.device import resolve_device
+    from engine.reward import NORM_FILE
     from engine.reward_data import collate_answers, encode_answer
 
     device = resolve_device("auto")

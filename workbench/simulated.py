@@ -17,6 +17,7 @@ through the same AnnotationSession a person uses, so the demo pipeline exercises
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -25,7 +26,9 @@ from workbench.annotation import AnnotationSession
 from workbench.store import Store
 
 DEFAULT_NAME = "simulated:correct-then-short"
-CHUNK = 256     # rankings per transaction
+CHUNK = 256         # rankings per transaction at most
+CHUNK_S = 0.05      # ... and seconds of holding the write lock
+GAP_S = 0.005       # the lock is left free this long between transactions
 
 
 @dataclass
@@ -90,7 +93,10 @@ def rank_batch(store: Store, batch_id: int, annotator_name: str = DEFAULT_NAME,
     n = 0
     while cancelled is None or not cancelled():
         # One commit per chunk instead of per ranking: a person's ranking is worth an fsync
-        # each, a simulated one can be made again, and thousands of fsyncs cost seconds.
+        # each, a simulated one can be made again, and thousands of fsyncs cost seconds. The
+        # chunk is cut short by time and followed by a gap, so anyone else waiting to write
+        # (a person ranking in the app, an import) gets the lock within a chunk's time.
+        t0 = time.monotonic()
         with store.transaction():
             for _ in range(CHUNK):
                 item = session.current()
@@ -104,9 +110,12 @@ def rank_batch(store: Store, batch_id: int, annotator_name: str = DEFAULT_NAME,
                 # Display numbers are 1-based positions in the shown order, as `answers` is.
                 session.submit([[i + 1 for i in g] for g in groups], flags=flags, duration_s=0.0)
                 n += 1
+                if time.monotonic() - t0 > CHUNK_S:
+                    break
         if progress is not None:
             p = session.progress()
             progress(p.done, p.total)
         if item is None:
             break
+        time.sleep(GAP_S)
     return n

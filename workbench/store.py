@@ -1,6 +1,7 @@
 """The annotation store: PROJECT/workbench.db (SQLite) holding batches, rankings and who made them.
 
-Tables and their columns: workbench/schema.py.
+Tables and their columns: workbench/schema.py; the records it returns and the checks a ranking
+passes: workbench/store_types.py. This is the only module that speaks SQL to the database.
 
 A ranking is never deleted by the app: undo sets `withdrawn_at`, so what was once acknowledged
 stays on disk and the annotator's earlier input can be offered for editing. At most one
@@ -8,142 +9,42 @@ ranking per (session, item, is_repeat) is active (a partial unique index says so
 
 A ranking, its flags and its scores are written in one transaction; the crash-safety test kills
 a writer with SIGKILL many times and finds each ranking wholly present or wholly absent.
+
+Several processes share the file (the app, `workbench rank`, a simulated annotator). In WAL
+mode readers never wait; writers take turns on one lock, and `transaction` asks for it every
+millisecond (see `_begin`), so a long writer that leaves a few milliseconds between its
+transactions lets a person's ranking through at once. What still goes wrong comes out as one
+StoreError: StoreBusy after the timeout, DiskFull when nothing more can be written.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
-from engine.runio import InputProblems
 from workbench.schema import MIGRATIONS, SCHEMA_VERSION
+from workbench.store_types import (ANNOTATOR_KINDS, FLAGS, MAX_K, MIN_K, Annotator, Answer,  # noqa: F401
+                                   Batch, DiskFull, InputError, Item, Ranking, RankingError,
+                                   StoreBusy, StoreError, check_labels, check_ordering, dumps)
 
 DB_NAME = "workbench.db"
-FLAGS = ("fails_instruction", "made_up_facts", "harmful", "other")
-ANNOTATOR_KINDS = ("human", "simulated")
-MIN_K, MAX_K = 2, 9     # a ranking view numbers answers with the keys 1-9
+# SQLite's primary result codes (the low byte of sqlite_errorcode).
+SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL = 5, 6, 10, 13
+# A full disk shows up as "disk I/O error" where SQLite maps its shared-memory file; below
+# this much free space that error is taken to mean the disk is full.
+LOW_DISK_MB = 8.0
+LOCK_POLL_S = 0.001
 
 
-class StoreError(RuntimeError):
-    """The database cannot be used (newer schema, failed migration)."""
-
-
-class RankingError(ValueError):
-    """An ordering, flag or score that does not fit its item; the message says what is wrong."""
-
-
-class InputError(InputProblems, ValueError):
-    """Bad records in a file being imported: every problem as `FILE:LINE: reason`."""
-
-    def __init__(self, problems: Sequence[str], what: str = "input"):
-        super().__init__(problems, what)
-
-
-@dataclass
-class Answer:
-    id: int
-    idx: int
-    text: str
-    meta: dict
-
-
-@dataclass
-class Item:
-    id: int
-    batch_id: int
-    position: int
-    prompt: str
-    messages: list | None     # the turns of a multi-turn prompt, else None
-    answers: list[Answer]
-    meta: dict
-
-    @property
-    def answer_ids(self) -> list[int]:
-        return [a.id for a in self.answers]
-
-
-@dataclass
-class Batch:
-    id: int
-    name: str
-    kind: str
-    created_at: float
-    source: str | None
-    source_key: str | None
-    settings: dict
-    k: int | None             # None when items have different numbers of answers
-    n_items: int
-
-
-@dataclass
-class Annotator:
-    id: int
-    name: str
-    kind: str
-
-    @property
-    def simulated(self) -> bool:
-        return self.kind == "simulated"
-
-
-@dataclass
-class Ranking:
-    id: int
-    session_id: int
-    item_id: int
-    annotator: str
-    simulated: bool
-    is_repeat: bool
-    ordering: list[list[int]]            # groups of answer ids, best first
-    flags: dict[int, list[str]] = field(default_factory=dict)   # answer id -> flags
-    scores: dict[int, int] = field(default_factory=dict)        # answer id -> 1..7
-    note: str = ""
-    duration_s: float | None = None
-    created_at: float = 0.0
-    withdrawn_at: float | None = None
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def check_ordering(ordering: Any, answer_ids: Sequence[int], name: str = "answer") -> list[list[int]]:
-    """`ordering` as groups (a bare id is a group of one); every id exactly once, no empty group."""
-    if not isinstance(ordering, (list, tuple)) or not ordering:
-        raise RankingError("an ordering must be a non-empty list of answers or groups of tied answers")
-    groups: list[list[int]] = []
-    for g in ordering:
-        members = list(g) if isinstance(g, (list, tuple)) else [g]
-        if not members:
-            raise RankingError("an ordering has an empty group of tied answers")
-        for m in members:
-            if isinstance(m, bool) or not isinstance(m, int):
-                raise RankingError(f"an ordering holds {m!r}, which is not an {name} number")
-        groups.append(members)
-    known = set(answer_ids)
-    seen: set[int] = set()
-    for m in (m for g in groups for m in g):
-        if m not in known:
-            raise RankingError(f"{name} {m} does not exist here (there are {_span(answer_ids)})")
-        if m in seen:
-            raise RankingError(f"{name} {m} appears twice: rank each {name} exactly once")
-        seen.add(m)
-    missing = [a for a in answer_ids if a not in seen]
-    if missing:
-        raise RankingError(f"{name}{'s' if len(missing) > 1 else ''} "
-                           f"{', '.join(map(str, missing))} not ranked: rank every {name} exactly once")
-    return groups
-
-
-def _span(ids: Sequence[int]) -> str:
-    ids = list(ids)
-    if ids == list(range(ids[0], ids[0] + len(ids))):
-        return f"{ids[0]}-{ids[-1]}"
-    return ", ".join(map(str, ids))
+def free_mb(folder: Path) -> float | None:
+    try:
+        return shutil.disk_usage(folder).free / 1e6
+    except OSError:
+        return None
 
 
 class Store:
@@ -151,18 +52,23 @@ class Store:
 
     def __init__(self, path: str | Path, *, timeout_s: float = 10.0):
         self.path = Path(path)
-        self.conn = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
+        self.timeout_s = timeout_s
         self._depth = 0
         try:
-            # WAL: the ranking view reads while the CLI or a simulated annotator writes.
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            # FULL fsyncs the WAL at every commit. With WAL, NORMAL survives a crash of the app
-            # but may lose the last commits on power loss, and a ranking the view has
-            # acknowledged must survive both: an annotator's minute is worth more than an fsync.
-            self.conn.execute("PRAGMA synchronous=FULL")
-            self.conn.execute("PRAGMA foreign_keys=ON")
-            self.conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
-            self._migrate()
+            self.conn = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
+        except sqlite3.OperationalError as e:
+            raise self._translated(e, f"cannot open {self.path}") from None
+        try:
+            with self._errors(f"cannot open {self.path}"):
+                # WAL: the ranking view reads while the CLI or a simulated annotator writes.
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                # FULL fsyncs the WAL at every commit. With WAL, NORMAL survives a crash of the
+                # app but may lose the last commits on power loss, and a ranking the view has
+                # acknowledged must survive both: an annotator's minute is worth more than an fsync.
+                self.conn.execute("PRAGMA synchronous=FULL")
+                self.conn.execute("PRAGMA foreign_keys=ON")
+                self.conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+                self._migrate()
         except BaseException:
             self.conn.close()
             raise
@@ -180,32 +86,94 @@ class Store:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # --- transactions and schema ------------------------------------------------------------
+    # --- errors, transactions and schema ------------------------------------------------------
+
+    def _translated(self, e: sqlite3.Error, doing: str) -> Exception:
+        """The one-line error a user should see for `e`, or `e` itself if it is a bug."""
+        code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+        folder = self.path.parent
+        free = free_mb(folder)
+        if code == SQLITE_FULL or (code == SQLITE_IOERR and free is not None and free < LOW_DISK_MB):
+            shown = "?" if free is None else f"{free:.1f}"
+            return DiskFull(f"disk full: {shown} MB free in {folder} ({doing}; every ranking "
+                            f"acknowledged before is kept); free some space and try again")
+        if code in (SQLITE_BUSY, SQLITE_LOCKED):
+            return StoreBusy(f"{self.path} is busy: another process kept it locked for "
+                             f"{self.timeout_s:g} s ({doing}); try again")
+        if code == SQLITE_IOERR:
+            return StoreError(f"{self.path}: {e} ({doing})")
+        return e
+
+    @contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            err = self._translated(e, doing)
+            if err is e:
+                raise
+            raise err from None
+
+    def _begin(self) -> None:
+        """BEGIN IMMEDIATE, asked for every millisecond until the timeout. SQLite's own busy
+        handler backs off to one try per 100 ms, and a writer that commits chunk after chunk
+        frees the lock for a few milliseconds at a time: by the busy handler alone, a person's
+        ranking waited out a whole simulated run and then failed with "database is locked"."""
+        deadline = time.monotonic() + self.timeout_s
+        self.conn.execute("PRAGMA busy_timeout=0")
+        try:
+            while True:
+                try:
+                    self.conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as e:
+                    code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+                    if code != SQLITE_BUSY or time.monotonic() >= deadline:
+                        err = self._translated(e, "waiting to write")
+                        if err is e:
+                            raise
+                        raise err from None
+                time.sleep(LOCK_POLL_S)
+        finally:
+            self.conn.execute(f"PRAGMA busy_timeout={int(self.timeout_s * 1000)}")
+
+    def _rollback(self) -> None:
+        # SQLite rolls back by itself after some errors (a full disk among them).
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """A write transaction (BEGIN IMMEDIATE: takes the write lock up front, so two writers
-        queue on the busy timeout instead of failing at COMMIT). Nested use is a savepoint."""
+        queue instead of failing at COMMIT). Nested use is a savepoint. SQLite's errors that a
+        user can meet (busy, disk full) come out as StoreError, not sqlite3.OperationalError."""
         sp = f"sp{self._depth}"
-        self.conn.execute("BEGIN IMMEDIATE" if self._depth == 0 else f"SAVEPOINT {sp}")
+        if self._depth == 0:
+            self._begin()
+        else:
+            self.conn.execute(f"SAVEPOINT {sp}")
         self._depth += 1
         try:
             yield self.conn
-        except BaseException:
+        except BaseException as e:
             self._depth -= 1
             if self._depth == 0:
-                self.conn.execute("ROLLBACK")
-            else:
+                self._rollback()
+                if isinstance(e, sqlite3.OperationalError):
+                    err = self._translated(e, "writing")
+                    if err is not e:
+                        raise err from None
+            elif self.conn.in_transaction:
                 self.conn.execute(f"ROLLBACK TO {sp}")
                 self.conn.execute(f"RELEASE {sp}")
             raise
         self._depth -= 1
         if self._depth == 0:
             try:
-                self.conn.execute("COMMIT")
+                with self._errors("committing"):
+                    self.conn.execute("COMMIT")
             except BaseException:
-                if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
+                self._rollback()
                 raise
         else:
             self.conn.execute(f"RELEASE {sp}")
@@ -228,18 +196,25 @@ class Store:
     def schema_version(self) -> int:
         return self.conn.execute("PRAGMA user_version").fetchone()[0]
 
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema version {version} is newer than this workbench knows "
+                f"({SCHEMA_VERSION}); it was written by a newer workbench; update the workbench "
+                f"to open it")
+
     def _migrate(self, target: int | None = None) -> None:
         target = SCHEMA_VERSION if target is None else target
-        while True:
-            # The version is read inside the write transaction, so two processes opening an
-            # old database at once migrate it once, one after the other.
+        # A plain read first: opening a current database must not queue for the write lock
+        # behind whoever is writing (a simulated annotator can hold it for minutes in all).
+        version = self.schema_version
+        self._check_version(version)
+        while version < target:
+            # Read again inside the write transaction, so two processes opening an old
+            # database at once migrate it once, one after the other.
             with self.transaction() as c:
                 version = c.execute("PRAGMA user_version").fetchone()[0]
-                if version > SCHEMA_VERSION:
-                    raise StoreError(
-                        f"{self.path}: schema version {version} is newer than this workbench "
-                        f"knows ({SCHEMA_VERSION}); it was written by a newer workbench; "
-                        f"update the workbench to open it")
+                self._check_version(version)
                 if version >= target:
                     return
                 try:
@@ -249,12 +224,13 @@ class Store:
                     raise StoreError(f"{self.path}: migrating the schema from version {version} "
                                      f"to {version + 1} failed: {e}") from e
                 c.execute(f"PRAGMA user_version = {version + 1}")
+                version += 1
 
     # --- prompts, batches, items --------------------------------------------------------------
 
     def prompt_id(self, text: str, messages: list | None = None) -> int:
         """The id of this prompt, added if new."""
-        key = _dumps(messages) if messages else ""
+        key = dumps(messages) if messages else ""
         with self.transaction() as c:
             row = c.execute("SELECT id FROM prompts WHERE text = ? AND messages = ?",
                             (text, key)).fetchone()
@@ -274,7 +250,7 @@ class Store:
             batch_id = c.execute(
                 "INSERT INTO batches (name, kind, created_at, source, source_key, settings, k) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (name, kind, time.time(), source, source_key, _dumps(dict(settings or {})), k),
+                (name, kind, time.time(), source, source_key, dumps(dict(settings or {})), k),
             ).lastrowid
             self.add_items(batch_id, items)
             return batch_id
@@ -294,10 +270,10 @@ class Store:
                 pid = self.prompt_id(item["prompt"], item.get("messages"))
                 item_id = c.execute(
                     "INSERT INTO items (batch_id, prompt_id, position, meta) VALUES (?, ?, ?, ?)",
-                    (batch_id, pid, position, _dumps(dict(item.get("meta") or {}))),
+                    (batch_id, pid, position, dumps(dict(item.get("meta") or {}))),
                 ).lastrowid
                 ids = [c.execute("INSERT INTO answers (item_id, idx, text, meta) VALUES (?, ?, ?, ?)",
-                                 (item_id, i, a["text"], _dumps(dict(a.get("meta") or {})))).lastrowid
+                                 (item_id, i, a["text"], dumps(dict(a.get("meta") or {})))).lastrowid
                        for i, a in enumerate(answers)]
                 out.append((item_id, ids))
         return out
@@ -368,17 +344,17 @@ class Store:
             raise ValueError(f"annotator kind must be one of {', '.join(ANNOTATOR_KINDS)}, got {kind!r}")
         if not isinstance(name, str) or not name.strip():
             raise ValueError("an annotator needs a non-empty name")
-        with self.transaction() as c:
-            row = c.execute("SELECT id, name, kind FROM annotators WHERE name = ?", (name,)).fetchone()
-            if row:
-                if kind is not None and row[2] != kind:
-                    raise ValueError(f"annotator {name!r} exists as {row[2]}, not {kind}; "
-                                     f"pick another name")
-                return Annotator(*row)
-            kind = kind or "human"
-            aid = c.execute("INSERT INTO annotators (name, kind, created_at) VALUES (?, ?, ?)",
-                            (name, kind, time.time())).lastrowid
-            return Annotator(aid, name, kind)
+        sql = "SELECT id, name, kind FROM annotators WHERE name = ?"
+        # Looked up before taking the write lock: resuming a session writes nothing.
+        row = self.conn.execute(sql, (name,)).fetchone()
+        if row is None:
+            with self.transaction() as c:
+                c.execute("INSERT OR IGNORE INTO annotators (name, kind, created_at) VALUES (?, ?, ?)",
+                          (name, kind or "human", time.time()))
+                row = c.execute(sql, (name,)).fetchone()
+        if kind is not None and row[2] != kind:
+            raise ValueError(f"annotator {name!r} exists as {row[2]}, not {kind}; pick another name")
+        return Annotator(*row)
 
     def annotators(self) -> list[Annotator]:
         return [Annotator(*r) for r in self.conn.execute(
@@ -388,18 +364,155 @@ class Store:
                 ) -> tuple[int, dict]:
         """(session id, its settings): the existing session of this annotator on this batch,
         or a new one with `settings`."""
+        sql = "SELECT id, settings FROM sessions WHERE batch_id = ? AND annotator_id = ?"
+        row = self.conn.execute(sql, (batch_id, annotator_id)).fetchone()
+        if row is None:
+            with self.transaction() as c:
+                if not c.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone():
+                    raise KeyError(f"no batch with id {batch_id}")
+                now = time.time()
+                # OR IGNORE: another process may have made it since the look-up.
+                c.execute("INSERT OR IGNORE INTO sessions (batch_id, annotator_id, started_at, "
+                          "updated_at, settings) VALUES (?, ?, ?, ?, ?)",
+                          (batch_id, annotator_id, now, now, dumps(dict(settings or {}))))
+                row = c.execute(sql, (batch_id, annotator_id)).fetchone()
+        return row[0], json.loads(row[1])
+
+    def session_settings(self, batch_id: int, annotator: str) -> dict | None:
+        """The settings of `annotator`'s session on the batch, None if there is none yet."""
+        row = self.conn.execute(
+            "SELECT s.settings FROM sessions s JOIN annotators a ON a.id = s.annotator_id "
+            "WHERE s.batch_id = ? AND a.name = ?", (batch_id, annotator)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def recent_session(self, kind: str = "human") -> tuple[str, int] | None:
+        """(annotator, batch id) of the session of this kind touched last."""
+        row = self.conn.execute(
+            "SELECT a.name, s.batch_id FROM sessions s JOIN annotators a ON a.id = s.annotator_id "
+            "WHERE a.kind = ? ORDER BY s.updated_at DESC, s.id DESC LIMIT 1", (kind,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def ranked_counts(self, batch_id: int | None = None) -> list[tuple[int, str, str, int]]:
+        """(batch id, annotator, kind, items ranked) per session, oldest session first. Hidden
+        repeats and withdrawn rankings are not progress. Read-only: an AnnotationSession would
+        create a session for everyone merely looked at."""
+        where, args = ("WHERE s.batch_id = ?", (batch_id,)) if batch_id is not None else ("", ())
+        return self.conn.execute(
+            "SELECT s.batch_id, a.name, a.kind, (SELECT COUNT(*) FROM rankings r WHERE "
+            "r.session_id = s.id AND r.is_repeat = 0 AND r.withdrawn_at IS NULL) FROM sessions s "
+            f"JOIN annotators a ON a.id = s.annotator_id {where} ORDER BY s.id", args).fetchall()
+
+    def counts(self) -> tuple[int, int]:
+        """(batches, active rankings): what the app's sidebar shows for the ranking stage."""
+        with self.snapshot() as c:
+            batches = c.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
+            rankings = c.execute("SELECT COUNT(*) FROM rankings WHERE withdrawn_at IS NULL"
+                                 ).fetchone()[0]
+        return batches, rankings
+
+    # --- a session's queue (workbench.annotation) -----------------------------------------------
+
+    # The next item in batch order that is neither ranked nor moved by skip/undo, from a
+    # position on: the items_position index lets SQLite start there and stop at the first hit.
+    _NEXT_SQL = """
+        SELECT i.position, i.id FROM items i
+        WHERE i.batch_id = :b AND i.position >= :start
+        AND NOT EXISTS (SELECT 1 FROM rankings r WHERE r.session_id = :s AND r.item_id = i.id
+                        AND r.is_repeat = 0 AND r.withdrawn_at IS NULL)
+        AND NOT EXISTS (SELECT 1 FROM shown_orders o WHERE o.session_id = :s AND o.item_id = i.id
+                        AND o.is_repeat = 0 AND o.queue_key IS NOT NULL)
+        ORDER BY i.position LIMIT 1"""
+    # The first item moved by skip (queue_key > 0) or undo (< 0) and not ranked since.
+    _MOVED_SQL = """
+        SELECT o.queue_key, i.position, i.id FROM shown_orders o JOIN items i ON i.id = o.item_id
+        WHERE o.session_id = :s AND o.is_repeat = 0 AND o.queue_key IS NOT NULL
+        AND NOT EXISTS (SELECT 1 FROM rankings r WHERE r.session_id = :s AND r.item_id = o.item_id
+                        AND r.is_repeat = 0 AND r.withdrawn_at IS NULL)
+        ORDER BY o.queue_key LIMIT 1"""
+
+    def next_unranked(self, session_id: int, batch_id: int, start: int = 0) -> tuple[int, int] | None:
+        """(position, item id) of the first item from `start` on in batch order that the
+        session has neither ranked nor moved with skip or undo."""
+        return self.conn.execute(self._NEXT_SQL, {"s": session_id, "b": batch_id,
+                                                  "start": start}).fetchone()
+
+    def first_moved(self, session_id: int) -> tuple[int, int, int] | None:
+        """(queue key, position, item id) of the first item skip or undo moved, unranked since."""
+        return self.conn.execute(self._MOVED_SQL, {"s": session_id}).fetchone()
+
+    def session_rankings(self, session_id: int) -> tuple[dict[int, int], set[int], dict[int, int]]:
+        """The session's active rankings: {item: ranking id} of first rankings, the items with
+        a hidden repeat ranked, and {item: queue key} of the repeats shown so far."""
+        with self.snapshot() as c:
+            originals = {i: rid for rid, i in c.execute(
+                "SELECT id, item_id FROM rankings WHERE session_id = ? AND is_repeat = 0 "
+                "AND withdrawn_at IS NULL", (session_id,))}
+            repeated = {r[0] for r in c.execute(
+                "SELECT item_id FROM rankings WHERE session_id = ? AND is_repeat = 1 "
+                "AND withdrawn_at IS NULL", (session_id,))}
+            keys = dict(c.execute("SELECT item_id, queue_key FROM shown_orders WHERE "
+                                  "session_id = ? AND is_repeat = 1", (session_id,)))
+        return originals, repeated, keys
+
+    def answer_ids(self, item_id: int) -> list[int]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT id FROM answers WHERE item_id = ? ORDER BY idx", (item_id,))]
+
+    def shown_order(self, session_id: int, item_id: int, is_repeat: bool) -> list[int] | None:
+        """The answer ids in the order the session first showed them, None if not shown yet."""
+        row = self.conn.execute("SELECT answer_ids FROM shown_orders WHERE session_id = ? AND "
+                                "item_id = ? AND is_repeat = ?",
+                                (session_id, item_id, int(is_repeat))).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def record_shown_order(self, session_id: int, item_id: int, is_repeat: bool,
+                           answer_ids: Sequence[int]) -> list[int]:
+        """Record the order an entry is shown in, unless one is recorded; returns the one kept
+        (a second window on the same session may have recorded it first)."""
         with self.transaction() as c:
-            row = c.execute("SELECT id, settings FROM sessions WHERE batch_id = ? AND annotator_id = ?",
-                            (batch_id, annotator_id)).fetchone()
-            if row:
-                return row[0], json.loads(row[1])
-            if not c.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone():
-                raise KeyError(f"no batch with id {batch_id}")
-            now = time.time()
-            sid = c.execute("INSERT INTO sessions (batch_id, annotator_id, started_at, updated_at, "
-                            "settings) VALUES (?, ?, ?, ?, ?)",
-                            (batch_id, annotator_id, now, now, _dumps(dict(settings or {})))).lastrowid
-            return sid, dict(settings or {})
+            c.execute("INSERT OR IGNORE INTO shown_orders (session_id, item_id, is_repeat, "
+                      "answer_ids, shown_at) VALUES (?, ?, ?, ?, ?)",
+                      (session_id, item_id, int(is_repeat), json.dumps(list(answer_ids)), time.time()))
+            return self.shown_order(session_id, item_id, is_repeat)
+
+    def move_in_queue(self, session_id: int, item_id: int, is_repeat: bool, to_back: bool) -> None:
+        """Put a shown entry behind every other (skip) or before every other (undo)."""
+        with self.transaction() as c:
+            lo, hi = c.execute("SELECT MIN(queue_key), MAX(queue_key) FROM shown_orders "
+                               "WHERE session_id = ?", (session_id,)).fetchone()
+            key = max(hi or 0, 0) + 1 if to_back else min(lo or 0, 0) - 1
+            c.execute("UPDATE shown_orders SET queue_key = ? WHERE session_id = ? AND item_id = ? "
+                      "AND is_repeat = ?", (key, session_id, item_id, int(is_repeat)))
+
+    def last_ranking(self, session_id: int) -> tuple[int, int, bool] | None:
+        """(ranking id, item id, is_repeat) of the session's newest active ranking."""
+        row = self.conn.execute("SELECT id, item_id, is_repeat FROM rankings WHERE session_id = ? "
+                                "AND withdrawn_at IS NULL ORDER BY id DESC LIMIT 1",
+                                (session_id,)).fetchone()
+        return (row[0], row[1], bool(row[2])) if row else None
+
+    def active_ranking(self, session_id: int, item_id: int, is_repeat: bool = False) -> int | None:
+        row = self.conn.execute("SELECT id FROM rankings WHERE session_id = ? AND item_id = ? AND "
+                                "is_repeat = ? AND withdrawn_at IS NULL",
+                                (session_id, item_id, int(is_repeat))).fetchone()
+        return row[0] if row else None
+
+    def session_progress(self, session_id: int) -> tuple[int, int, int, float | None]:
+        """(first rankings, repeat rankings, entries waiting after a skip, mean seconds per
+        ranking), active rankings only."""
+        with self.snapshot() as c:
+            counts = dict(c.execute(
+                "SELECT is_repeat, COUNT(*) FROM rankings WHERE session_id = ? "
+                "AND withdrawn_at IS NULL GROUP BY is_repeat", (session_id,)))
+            skipped = c.execute(
+                "SELECT COUNT(*) FROM shown_orders o WHERE o.session_id = ? AND o.queue_key > 0 "
+                "AND NOT EXISTS (SELECT 1 FROM rankings r WHERE r.session_id = o.session_id AND "
+                "r.item_id = o.item_id AND r.is_repeat = o.is_repeat AND r.withdrawn_at IS NULL)",
+                (session_id,)).fetchone()[0]
+            mean = c.execute(
+                "SELECT AVG(duration_s) FROM rankings WHERE session_id = ? AND withdrawn_at IS NULL "
+                "AND duration_s IS NOT NULL", (session_id,)).fetchone()[0]
+        return counts.get(0, 0), counts.get(1, 0), skipped, mean
 
     # --- rankings -----------------------------------------------------------------------------
 
@@ -420,7 +533,7 @@ class Store:
             if not answer_ids:
                 raise KeyError(f"no item with id {item_id}")
             groups = check_ordering(ordering, answer_ids, "answer id")
-            flag_rows, score_rows = _labels(flags, scores, set(answer_ids), "answer id")
+            flag_rows, score_rows = check_labels(flags, scores, set(answer_ids), "answer id")
             if duration_s is not None and not duration_s >= 0:
                 raise RankingError(f"duration must be a number of seconds >= 0, got {duration_s!r}")
             now = time.time()
@@ -428,7 +541,7 @@ class Store:
                 rid = c.execute(
                     "INSERT INTO rankings (session_id, item_id, is_repeat, ordering, simulated, note, "
                     "duration_s, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (session_id, item_id, int(bool(is_repeat)), _dumps(groups), int(simulated),
+                    (session_id, item_id, int(bool(is_repeat)), dumps(groups), int(simulated),
                      str(note or ""), duration_s, now)).lastrowid
             except sqlite3.IntegrityError:
                 raise RankingError(f"item {item_id} already has a ranking in session {session_id}"
@@ -495,25 +608,3 @@ class Store:
         return out
 
 
-def _labels(flags: Mapping | None, scores: Mapping | None, known: set[int], name: str
-            ) -> tuple[list[tuple[int, str]], list[tuple[int, int]]]:
-    """Validated (answer, flag) and (answer, score) rows; keys are checked against `known`."""
-    flag_rows: list[tuple[int, str]] = []
-    for a, names in (flags or {}).items():
-        if a not in known:
-            raise RankingError(f"a flag names {name} {a}, which does not exist here")
-        names = [names] if isinstance(names, str) else list(names)
-        for f in names:
-            if f not in FLAGS:
-                raise RankingError(f"unknown flag {f!r} on {name} {a}; flags are {', '.join(FLAGS)}")
-        flag_rows += [(a, f) for f in sorted(set(names))]
-    score_rows: list[tuple[int, int]] = []
-    for a, s in (scores or {}).items():
-        if a not in known:
-            raise RankingError(f"a score names {name} {a}, which does not exist here")
-        if s is None:
-            continue
-        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 7:
-            raise RankingError(f"the score of {name} {a} must be a whole number from 1 to 7, got {s!r}")
-        score_rows.append((a, s))
-    return flag_rows, score_rows
