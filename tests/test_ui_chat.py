@@ -167,6 +167,32 @@ def test_completion_mode_continues_plain_text(qtbot, tmp_path, two_ckpts, cache)
     assert view.completions == [("alpha beta gamma", sig.args[0].text)]
 
 
+def test_switching_to_completion_mode_keeps_the_chat_and_says_so(qtbot, tmp_path, two_ckpts, cache):
+    view = make_chat(qtbot, tmp_path, two_ckpts, cache, max_new_tokens=4)
+    view.show()
+    qtbot.waitExposed(view)
+    qtbot.mouseClick(view.input, Qt.LeftButton)
+    qtbot.keyClicks(view.input, "first question")
+    with qtbot.waitSignal(view.replyFinished, timeout=20_000):
+        qtbot.keyClick(view.input, Qt.Key_Return)
+    qtbot.mouseClick(view.completion, Qt.LeftButton)
+    assert view.completion.isChecked()
+    assert "first question" not in view.transcript.toPlainText()     # this mode's own transcript
+    assert view.banner.isVisible() and "chat (2 messages) is kept" in view.banner.text.text()
+    qtbot.mouseClick(view.input, Qt.LeftButton)
+    qtbot.keyClicks(view.input, "alpha beta")
+    with qtbot.waitSignal(view.replyFinished, timeout=20_000):
+        qtbot.keyClick(view.input, Qt.Key_Return)
+    qtbot.mouseClick(view.completion, Qt.LeftButton)
+    assert not view.completion.isChecked()
+    assert "first question" in view.transcript.toPlainText()          # the chat is back as it was
+    assert len(view.session.messages) == 2
+    assert "completions (1) are kept" in view.banner.text.text()
+    qtbot.mouseClick(view.clear_button, Qt.LeftButton)                # Clear: this mode only
+    qtbot.mouseClick(view.completion, Qt.LeftButton)
+    assert "alpha beta" in view.transcript.toPlainText() and not view.banner.isVisible()
+
+
 def test_a_bad_checkpoint_is_a_message_not_a_crash(qtbot, tmp_path, two_ckpts, cache):
     view = make_chat(qtbot, tmp_path, two_ckpts, cache)
     with qtbot.waitSignal(view.errorShown, timeout=10_000) as sig:

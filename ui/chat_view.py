@@ -413,6 +413,16 @@ class ChatView(QWidget):
         self.stats.clear()
         if self._info is not None:
             self._show_info(self._info)
+        # Each mode keeps its own transcript; the one being hidden would look wiped without a word.
+        completion = self.completion.isChecked()
+        hidden = len(self._turns()) if completion else len(self.completions)
+        if hidden:
+            what = (f"Your chat ({hidden} message{'s' * (hidden != 1)}) is kept: untick Completion "
+                    "mode to go back to it." if completion else
+                    f"Your completions ({hidden}) are kept: tick Completion mode to see them again.")
+            self.banner.show_message(what, "info")
+        elif self.banner.kind == "info":
+            self.banner.dismiss()
         self._render()
         self._update()
 
