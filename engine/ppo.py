@@ -22,14 +22,12 @@ import copy
 import dataclasses
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from engine import checkpoint as ckpt
 from engine.artifacts import load_artifact
@@ -38,15 +36,16 @@ from engine.corpus import list_corpus_files
 from engine.data import TokenData, encode_corpus, shards_ready
 from engine.device import autocast, describe, setup
 from engine.generate import generate_batch
-from engine.model import ScalarModel, load_model, model_from_state_dict, safetensors_state
-from engine.ppo_core import (KLController, gae, logprobs_and_entropy, masked_mean, masked_whiten,
-                             per_token_rewards, ppo_losses, shift_values, token_logprobs)
+from engine.model import ScalarModel, load_model
+from engine.ppo_core import (KLController, Rollout, build_rollout, chunks, gae, logprobs_and_entropy, masked_mean,
+                             masked_whiten, per_token_rewards, ppo_losses, shift_values, token_logprobs)
 from engine.reward import NORM_FILE
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sample import read_prompts
 from engine.sft_data import EpochSampler
-from engine.tokenizer import render_chat
-
+from engine.tokenizer import Tokenizer, render_chat
+from engine.trainer import (CollapseWatch, check_resume, clip_grads, optimizer_step, resume_run, run_summary,
+                            save_run_checkpoint)
 
 @dataclass
 class PPOConfig:
@@ -121,30 +120,8 @@ class PPOConfig:
 
 FIXED_ON_RESUME = ("policy", "reward_model", "value_model", "prompts", "rollout_batch_size",
                    "minibatch_size", "ppo_epochs", "seed", "ptx_data")
-
-
-@dataclass
-class Rollout:
-    ids: torch.Tensor          # [B, T] prompt | answer | pad
-    mask: torch.Tensor         # [B, T] 1 on answer tokens (the actions)
-    finished: torch.Tensor     # [B] the answer ended with the end token
-    answers: list[list[int]]
-
-
-def build_rollout(prompts: list[list[int]], answers: list[list[int]], end_id: int, pad_id: int) -> Rollout:
-    T = max(len(p) + len(a) for p, a in zip(prompts, answers))
-    B = len(prompts)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, T))
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        ids[i, :len(p) + len(a)] = torch.tensor(p + a)
-        mask[i, len(p):len(p) + len(a)] = 1
-    finished = torch.tensor([bool(a) and a[-1] == end_id for a in answers])
-    return Rollout(ids, mask, finished, answers)
-
-
-def chunks(order: torch.Tensor, size: int) -> list[torch.Tensor]:
-    return [order[i:i + size] for i in range(0, order.numel(), size)]
+# Resuming with these changed is allowed, but the run is then no longer an exact continuation.
+WARN_ON_RESUME = ("lr", "value_lr", "grad_clip", "cliprange", "cliprange_value", "vf_coef", "ptx_coef")
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -169,255 +146,319 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def run(cfg: PPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None) -> str:
-    ev = Emitter(sink)
-    control = control or NeverStop()
-    run_dir = Path(run_dir)
-    device, dtype = setup(cfg.device, cfg.dtype)
-    torch.manual_seed(cfg.seed)
+@dataclass
+class Models:
+    """The policy and the three frozen or separately trained models PPO scores it with."""
+    policy: torch.nn.Module
+    ref: torch.nn.Module
+    rm: ScalarModel
+    value: ScalarModel
+    norm: dict                 # the RM's score statistics over SFT answers (mean, std)
+    tok: Tokenizer
+    policy_ckpt: Path
+    tokenizer_path: Path
+    rm_ckpt: Path
 
+
+def load_models(cfg: PPOConfig, run_dir: Path, device: torch.device) -> Models:
+    """Every model PPO needs, each checked before any work: a wrong one is a ConfigError naming it."""
     pol = load_artifact(resolve_path(run_dir, cfg.policy), device=device, field="policy", prefer="latest")
-    tok, policy = pol.tokenizer, pol.model
-    if policy.kind != "lm":
-        raise ConfigError("policy", f"{pol.checkpoint} holds a {policy.kind} model, not a language model")
-    ref = freeze(load_model(pol.checkpoint / "model.safetensors", device=device))
+    if pol.model.kind != "lm":
+        raise ConfigError("policy", f"{pol.checkpoint} holds a {pol.model.kind} model, not a language model")
     rm_art = load_artifact(resolve_path(run_dir, cfg.reward_model), device=device, field="reward_model")
     if not isinstance(rm_art.model, ScalarModel):
         raise ConfigError("reward_model", f"{rm_art.checkpoint} is not a reward model (no scalar head)")
-    if rm_art.tokenizer.fingerprint() != tok.fingerprint():
+    if rm_art.tokenizer.fingerprint() != pol.tokenizer.fingerprint():
         raise ConfigError("reward_model", "the reward model was trained with another tokenizer than the policy")
     norm_path = rm_art.checkpoint / NORM_FILE
     if not norm_path.exists():
         raise ConfigError("reward_model", f"{norm_path} is missing: run the reward stage to its end "
                                           "(it saves the normalisation statistics)")
-    norm = json.loads(norm_path.read_text())
-    rm = freeze(rm_art.model)
     value_src = resolve_path(run_dir, cfg.value_model) if cfg.value_model else rm_art.checkpoint
     value = load_artifact(value_src, device=device, field="value_model").model
     if not isinstance(value, ScalarModel):
         raise ConfigError("value_model", f"{value_src} is not a scalar-head model")
-    value.train()
-    policy.train()
+    ref = freeze(load_model(pol.checkpoint / "model.safetensors", device=device))
+    return Models(policy=pol.model.train(), ref=ref, rm=freeze(rm_art.model), value=value.train(),
+                  norm=json.loads(norm_path.read_text()), tok=pol.tokenizer, policy_ckpt=pol.checkpoint,
+                  tokenizer_path=pol.tokenizer_path, rm_ckpt=rm_art.checkpoint)
 
-    prompts = read_prompts([resolve_path(run_dir, p) for p in cfg.prompts])
-    probes = cfg.probe_prompts or prompts[:4]
-    limit = policy.config.max_seq_len
-    if cfg.max_new_tokens >= limit - 4:
-        raise ConfigError("max_new_tokens", f"must leave room for the prompt in the context ({limit} tokens)")
 
-    def encode_prompt(text: str) -> list[int]:
-        ids, _ = render_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True)
-        room = limit - cfg.max_new_tokens
+@dataclass
+class Scored:
+    """A rollout scored by all four models: what the PPO epochs train on."""
+    order: torch.Tensor        # the first epoch's minibatch order, which scoring used too
+    logp: torch.Tensor         # [B, T] policy log-probs at rollout time (the PPO "old" ones)
+    entropy: torch.Tensor      # [B, T] of the policy's sampling distribution
+    values: torch.Tensor       # [B, T] value model, at rollout time
+    raw: torch.Tensor          # [B] RM score before normalisation
+    scores: torch.Tensor       # [B] normalised, clipped, minus the missing-end penalty
+    kl: torch.Tensor           # [B, T] log π - log π_ref on the actions
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    beta: float
+
+
+class PPO:
+    """One PPO run: the models, both optimizers, the EMA, the KL controller and the prompt
+    stream, with one method per phase of an iteration (rollout, score, update, report)."""
+
+    def __init__(self, cfg: PPOConfig, run_dir: Path, device: torch.device, dtype: torch.dtype, ev: Emitter):
+        self.cfg, self.run_dir, self.device, self.dtype, self.ev = cfg, run_dir, device, dtype, ev
+        self.m = load_models(cfg, run_dir, device)
+        self.prompts = read_prompts([resolve_path(run_dir, p) for p in cfg.prompts])
+        self.probes = cfg.probe_prompts or self.prompts[:4]
+        self.limit = self.m.policy.config.max_seq_len
+        if cfg.max_new_tokens >= self.limit - 4:
+            raise ConfigError("max_new_tokens", f"must leave room for the prompt in the context ({self.limit} tokens)")
+        self.ptx: Optional[TokenData] = None
+        self.opt_pol = _optimizer(self.m.policy, cfg.lr, device)
+        self.opt_val = _optimizer(self.m.value, cfg.value_lr, device)
+        self.ema = copy.deepcopy(self.m.policy).requires_grad_(False) if cfg.ema_decay > 0 else None
+        self.kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+        self.sampler = EpochSampler(len(self.prompts), cfg.seed)
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)
+        self.watch = CollapseWatch(math.log(self.m.policy.config.vocab_size), what="objective/entropy")
+        self.ckpt_root = run_dir / "checkpoints"
+        self.step = 0
+
+    def encode_prompt(self, text: str) -> list[int]:
+        ids, _ = render_chat(self.m.tok, [{"role": "user", "content": text}], add_generation_prompt=True)
+        room = self.limit - self.cfg.max_new_tokens
         return ids if len(ids) <= room else [ids[0]] + ids[-(room - 1):]
 
-    ptx = None
-    if cfg.ptx_coef > 0:
-        files = list_corpus_files([resolve_path(run_dir, p) for p in cfg.ptx_data])
-        if not shards_ready(run_dir / "ptx", tok, files):
-            if encode_corpus(tok, files, run_dir / "ptx", control=control) is None:
-                return "stopped"
-        ptx = TokenData(run_dir / "ptx")
+    def prepare_ptx(self, control) -> bool:
+        """Encode the PPO-ptx corpus (once; reused on resume). False: stopped while encoding."""
+        if self.cfg.ptx_coef > 0:
+            files = list_corpus_files([resolve_path(self.run_dir, p) for p in self.cfg.ptx_data])
+            if not shards_ready(self.run_dir / "ptx", self.m.tok, files):
+                if encode_corpus(self.m.tok, files, self.run_dir / "ptx", control=control) is None:
+                    return False
+            self.ptx = TokenData(self.run_dir / "ptx")
+        return True
 
-    opt_pol = _optimizer(policy, cfg.lr, device)
-    opt_val = _optimizer(value, cfg.value_lr, device)
-    ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema_decay > 0 else None
-    kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-    sampler = EpochSampler(len(prompts), cfg.seed)
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    ckpt_root = run_dir / "checkpoints"
-    ckpt.clean_partial(ckpt_root)
-    step = 0
-    latest = ckpt.latest_checkpoint(ckpt_root)
-    if latest is not None:
-        saved = ckpt.load_checkpoint(latest)
-        old = saved.state["config"]
-        changed = [k for k in FIXED_ON_RESUME if old.get(k) != dataclasses.asdict(cfg).get(k)]
-        if changed:
-            raise ConfigError(changed[0], f"cannot change on resume ({old.get(changed[0])!r} -> "
-                                          f"{getattr(cfg, changed[0])!r}); start a new run instead")
-        policy.load_state_dict(model_from_state_dict(policy.config, saved.model).state_dict())
-        opt_pol.load_state_dict(saved.optimizer)
-        value.load_state_dict(load_file(str(latest / "value.safetensors")))
-        opt_val.load_state_dict(ckpt.optimizer_from_files(
-            load_file(str(latest / "value_optimizer.safetensors")),
-            json.loads((latest / "value_optimizer.json").read_text())))
-        if ema is not None:
-            ema.load_state_dict(model_from_state_dict(policy.config, load_file(str(latest / "ema.safetensors"))).state_dict())
-        torch.set_rng_state(saved.rng["torch"])
-        data_gen.set_state(saved.rng["data"])
-        kl_ctl.load(saved.state["kl_controller"])
-        sampler.load(saved.state["sampler"])
-        step = saved.step
-        ev.log(f"resumed from {latest.name}")
+    # --- checkpoints: the trainer's helpers, with PPO's extra models ------------------------
+    def _extras(self) -> tuple[dict, dict]:
+        modules = {"value": self.m.value, **({"ema": self.ema} if self.ema is not None else {})}
+        return modules, {"value_optimizer": self.opt_val}
 
-    ev.log(f"device {describe(device)}, {dtype}; policy {pol.checkpoint} ({policy.num_params():,} params), "
-           f"reward model {rm_art.checkpoint} (mean {norm['mean']:.3f}, std {norm['std']:.3f}); "
-           f"{len(prompts)} prompts, {cfg.steps} steps of {cfg.rollout_batch_size} rollouts")
+    def resume(self) -> None:
+        for p in ckpt.clean_partial(self.ckpt_root):
+            self.ev.log(f"removed {p.name}, left by a save that was interrupted")
+        modules, optimizers = self._extras()
+        saved = resume_run(self.ckpt_root, self.m.policy, self.opt_pol, data_gen=self.data_gen, device=self.device,
+                           check=lambda s: check_resume(s["config"], self.cfg, FIXED_ON_RESUME, self.ev,
+                                                        warn=WARN_ON_RESUME),
+                           modules=modules, optimizers=optimizers)
+        if saved is not None:
+            self.kl_ctl.load(saved.state["kl_controller"])
+            self.sampler.load(saved.state["sampler"])
+            self.step = saved.step
+            self.ev.log(f"resumed from {saved.path.name}")
 
-    def save(reason: str) -> None:
-        scratch = run_dir / ".ppo-scratch"
-        shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir(parents=True)
-        v_tensors, v_meta = safetensors_state(value)
-        save_file(v_tensors, str(scratch / "value.safetensors"), metadata=v_meta)
-        o_tensors, o_meta = ckpt.optimizer_to_files(opt_val.state_dict())
-        save_file(o_tensors, str(scratch / "value_optimizer.safetensors"))
-        (scratch / "value_optimizer.json").write_text(json.dumps(o_meta))
-        extra = {"tokenizer.json": pol.tokenizer_path, "value.safetensors": scratch / "value.safetensors",
-                 "value_optimizer.safetensors": scratch / "value_optimizer.safetensors",
-                 "value_optimizer.json": scratch / "value_optimizer.json"}
-        if ema is not None:
-            e_tensors, e_meta = safetensors_state(ema)
-            save_file(e_tensors, str(scratch / "ema.safetensors"), metadata=e_meta)
-            extra["ema.safetensors"] = scratch / "ema.safetensors"
-        weights, meta = safetensors_state(policy)
-        state = {"stage": "ppo", "reason": reason, "config": dataclasses.asdict(cfg),
-                 "kl_controller": kl_ctl.state(), "sampler": sampler.state(),
-                 "tokenizer_fingerprint": tok.fingerprint(), "model_config": dataclasses.asdict(policy.config)}
-        try:
-            path = ckpt.save_checkpoint(ckpt_root, step, model=weights, model_metadata=meta,
-                                        optimizer=opt_pol.state_dict(), state=state,
-                                        rng={"torch": torch.get_rng_state(), "data": data_gen.get_state()},
-                                        extra_files=extra)
-        except ValueError as e:
-            raise StageError(str(e)) from None
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        ckpt.prune(ckpt_root, cfg.keep_last)  # no val loss in PPO: the newest are kept
-        ev.emit("checkpoint", step=step, path=str(path.relative_to(run_dir)), best=False)
+    def save(self, reason: str) -> None:
+        state = {"stage": "ppo", "reason": reason, "config": dataclasses.asdict(self.cfg),
+                 "kl_controller": self.kl_ctl.state(), "sampler": self.sampler.state(),
+                 "tokenizer_fingerprint": self.m.tok.fingerprint(),
+                 "model_config": dataclasses.asdict(self.m.policy.config)}
+        modules, optimizers = self._extras()
+        # No validation loss in PPO: pruning keeps the newest.
+        path, removed = save_run_checkpoint(self.ckpt_root, self.step, self.m.policy, self.opt_pol,
+                                            data_gen=self.data_gen, device=self.device, state=state,
+                                            keep_last=self.cfg.keep_last,
+                                            extra_files={"tokenizer.json": self.m.tokenizer_path},
+                                            modules=modules, optimizers=optimizers)
+        self.ev.emit("checkpoint", step=self.step, path=str(path.relative_to(self.run_dir)), best=False,
+                     removed=[p.name for p in removed])
+
+    # --- one iteration ----------------------------------------------------------------------
+    def rollout(self) -> Rollout:
+        """One sampled answer to each of rollout_batch_size prompts, each with a seed of its own."""
+        cfg, tok = self.cfg, self.m.tok
+        prompt_ids = [self.encode_prompt(self.prompts[i]) for i in self.sampler.take(cfg.rollout_batch_size)]
+        seeds = torch.randint(0, 2 ** 62, (len(prompt_ids),), generator=self.data_gen).tolist()
+        answers = generate_batch(self.m.policy, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature,
+                                 seed=seeds, stop_ids=(tok.end_id,), pad_id=tok.pad_id)
+        self.m.policy.train()
+        return build_rollout(prompt_ids, answers, tok.end_id, tok.pad_id)
 
     @torch.no_grad()
-    def probe() -> None:
-        ids = [encode_prompt(p) for p in probes]
-        outs = generate_batch(policy, ids, cfg.probe_tokens, temperature=0.0, stop_ids=(tok.end_id,), pad_id=tok.pad_id)
-        ro = build_rollout(ids, outs, tok.end_id, tok.pad_id)
-        last = ro.ids.new_tensor([len(p) + len(a) - 1 for p, a in zip(ids, outs)])
-        scores = (rm(ro.ids.to(device))[torch.arange(len(ids)), last.to(device)] - norm["mean"]) / norm["std"]
-        for p, a, s, fin in zip(probes, outs, scores.tolist(), ro.finished.tolist()):
-            ev.emit("sample", step=step, prompt=p, text=tok.decode(a, skip_special=True), score=round(s, 4),
-                    finished=fin)
-        policy.train()
+    def score(self, ro: Rollout) -> Scored:
+        """Log-probs, entropy, values and RM scores of a rollout, then rewards and GAE.
 
-    if step == 0:
-        probe()
-    t_start, start_step, metrics = time.perf_counter(), step, {}
-    while step < cfg.steps:
-        if control.should_stop():
-            save("stop")
-            return "stopped"
-        t0 = _clock(device)
-        idx = sampler.take(cfg.rollout_batch_size)
-        prompt_ids = [encode_prompt(prompts[i]) for i in idx]
-        seeds = torch.randint(0, 2 ** 62, (len(idx),), generator=data_gen).tolist()
-        answers = generate_batch(policy, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature,
-                                 seed=seeds, stop_ids=(tok.end_id,), pad_id=tok.pad_id)
-        policy.train()
-        ro = build_rollout(prompt_ids, answers, tok.end_id, tok.pad_id)
+        Scored in the order and shapes of the first PPO epoch, so its first minibatch sees
+        bit-identical inputs: ratio 1 exactly, and KL 0 exactly against an identical reference.
+        """
+        cfg, m, device = self.cfg, self.m, self.device
         ids, mask = ro.ids.to(device), ro.mask.to(device)
-        B = ids.size(0)
-        t_gen = _clock(device) - t0
-
-        # Score in the order and shapes of the first PPO epoch, so its first minibatch sees
-        # bit-identical inputs: ratio 1 exactly, and KL 0 exactly against an identical reference.
-        perm0 = torch.randperm(B, generator=data_gen)
-        old_logp, ref_logp, entropy, old_values = (torch.zeros(ids.shape, device=device) for _ in range(4))
-        raw = torch.zeros(B, device=device)
+        order = torch.randperm(ids.size(0), generator=self.data_gen)
+        logp, ref_logp, entropy, values = (torch.zeros(ids.shape, device=device) for _ in range(4))
+        raw = torch.zeros(ids.size(0), device=device)
         last = (mask * torch.arange(ids.size(1), device=device)).argmax(1)
-        with torch.no_grad(), autocast(device, dtype):
-            for c in chunks(perm0, cfg.minibatch_size):
-                logits = policy(ids[c])
-                old_logp[c], entropy[c] = logprobs_and_entropy(logits, ids[c], cfg.temperature)
-                ref_logp[c] = token_logprobs(ref(ids[c]), ids[c], cfg.temperature)
-                old_values[c] = shift_values(value(ids[c]))
-                raw[c] = rm(ids[c])[torch.arange(len(c), device=device), last[c]].float()
-        scores = ((raw - norm["mean"]) / norm["std"]).clamp(-cfg.reward_clip, cfg.reward_clip)
+        with autocast(device, self.dtype):
+            for c in chunks(order, cfg.minibatch_size):
+                logp[c], entropy[c] = logprobs_and_entropy(m.policy(ids[c]), ids[c], cfg.temperature)
+                ref_logp[c] = token_logprobs(m.ref(ids[c]), ids[c], cfg.temperature)
+                values[c] = shift_values(m.value(ids[c]))
+                raw[c] = m.rm(ids[c])[torch.arange(len(c), device=device), last[c]].float()
+        scores = ((raw - m.norm["mean"]) / m.norm["std"]).clamp(-cfg.reward_clip, cfg.reward_clip)
         scores = scores - cfg.missing_end_penalty * (~ro.finished.to(device)).float()
-        beta = kl_ctl.value
-        rewards, kl = per_token_rewards(old_logp, ref_logp, mask, scores, beta)
-        adv, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        beta = self.kl_ctl.value
+        rewards, kl = per_token_rewards(logp, ref_logp, mask, scores, beta)
+        adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             adv = masked_whiten(adv, mask)
-        t_score = _clock(device) - t0 - t_gen
+        return Scored(order, logp, entropy, values, raw, scores, kl, adv, returns, beta)
 
-        stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "approxkl", "ratio", "vclip", "ptx")}
-        first_ratio = None
+    def update(self, ro: Rollout, sc: Scored) -> dict[str, list[float]]:
+        """ppo_epochs passes of clipped policy and value updates over minibatches; their statistics."""
+        cfg, m, device = self.cfg, self.m, self.device
+        ids, mask = ro.ids.to(device), ro.mask.to(device)
+        stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "approxkl", "ratio", "vclip",
+                                                         "ptx", "grad_norm")}
         for epoch in range(cfg.ppo_epochs):
-            order = perm0 if epoch == 0 else torch.randperm(B, generator=data_gen)
+            order = sc.order if epoch == 0 else torch.randperm(ids.size(0), generator=self.data_gen)
             for c in chunks(order, cfg.minibatch_size):
-                with autocast(device, dtype):
-                    new_logp = token_logprobs(policy(ids[c]), ids[c], cfg.temperature)
-                    new_values = shift_values(value(ids[c]))
-                    L = ppo_losses(new_logp, old_logp[c], adv[c], new_values, old_values[c], returns[c],
-                                   mask[c], cfg.cliprange, cfg.cliprange_value)
-                    loss = L.total_policy + cfg.vf_coef * L.value
-                    if ptx is not None:
-                        x, y = ptx.get_batch("train", cfg.ptx_batch_size, min(limit, 128), data_gen)
-                        ptx_loss = policy(x.to(device), y.to(device))[1]
-                        loss = loss + cfg.ptx_coef * ptx_loss
-                        stats["ptx"].append(float(ptx_loss.detach()))
-                if first_ratio is None:
-                    first_ratio = float(L.ratio)
+                with autocast(device, self.dtype):
+                    new_logp = token_logprobs(m.policy(ids[c]), ids[c], cfg.temperature)
+                    new_values = shift_values(m.value(ids[c]))
+                    L = ppo_losses(new_logp, sc.logp[c], sc.advantages[c], new_values, sc.values[c],
+                                   sc.returns[c], mask[c], cfg.cliprange, cfg.cliprange_value)
+                    loss = L.total_policy + cfg.vf_coef * L.value + self._ptx_loss(stats)
                 loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                    torch.nn.utils.clip_grad_norm_(value.parameters(), cfg.grad_clip)
-                opt_pol.step()
-                opt_val.step()
-                opt_pol.zero_grad(set_to_none=True)
-                opt_val.zero_grad(set_to_none=True)
+                stats["grad_norm"].append(clip_grads(m.policy.parameters(), cfg.grad_clip))
+                clip_grads(m.value.parameters(), cfg.grad_clip)
+                for opt in (self.opt_pol, self.opt_val):
+                    optimizer_step(opt, self.step + 1)
+                    opt.zero_grad(set_to_none=True)
                 for k, v in (("pg", L.total_policy), ("vf", L.value), ("clipfrac", L.clipfrac),
                              ("approxkl", L.approxkl), ("ratio", L.ratio), ("vclip", L.value_clipfrac)):
                     stats[k].append(float(v.detach()))
-        if ema is not None:
+        if self.ema is not None:
             with torch.no_grad():
-                for pe, pp in zip(ema.parameters(), policy.parameters()):
+                for pe, pp in zip(self.ema.parameters(), m.policy.parameters()):
                     pe.lerp_(pp, 1 - cfg.ema_decay)
-        t_train = _clock(device) - t0 - t_gen - t_score
-        step += 1
-        kl_seq = kl.sum(1)
-        kl_ctl.update(float(kl_seq.mean()), B)
-        mean = lambda k: sum(stats[k]) / max(1, len(stats[k]))
-        q = torch.quantile(scores.float().cpu(), torch.tensor([0.1, 0.5, 0.9]))
+        return stats
+
+    def _ptx_loss(self, stats: dict) -> torch.Tensor | float:
+        """PPO-ptx: γ times the pretraining loss on a batch of the ptx corpus (0 without one)."""
+        if self.ptx is None:
+            return 0.0
+        x, y = self.ptx.get_batch("train", self.cfg.ptx_batch_size, min(self.limit, 128), self.data_gen)
+        loss = self.m.policy(x.to(self.device), y.to(self.device))[1]
+        stats["ptx"].append(float(loss.detach()))
+        return self.cfg.ptx_coef * loss
+
+    def report(self, ro: Rollout, sc: Scored, stats: dict, times: dict[str, float]) -> dict[str, float]:
+        """The iteration's metrics (DESIGN's checklist item 9 and more)."""
+        mask = ro.mask.to(self.device)
+        kl_seq = sc.kl.sum(1)
+        mean = lambda k: sum(stats[k]) / max(1, len(stats[k]))  # noqa: E731
+        q = torch.quantile(sc.scores.float().cpu(), torch.tensor([0.1, 0.5, 0.9]))
+        busy = times["generation"] + times["scoring"] + times["training"]
         metrics = {
-            "objective/kl": float(kl_seq.mean()), "objective/kl_coef": beta,
-            "objective/entropy": float(masked_mean(entropy, mask)),
-            "objective/score": float(scores.mean()), "objective/score_raw": float(raw.mean()),
-            "objective/rlhf_reward": float((scores - beta * kl_seq).mean()),
+            "objective/kl": float(kl_seq.mean()), "objective/kl_coef": sc.beta,
+            "objective/entropy": float(masked_mean(sc.entropy, mask)),
+            "objective/score": float(sc.scores.mean()), "objective/score_raw": float(sc.raw.mean()),
+            "objective/rlhf_reward": float((sc.scores - sc.beta * kl_seq).mean()),
             "policy/clipfrac": mean("clipfrac"), "policy/approxkl": mean("approxkl"),
+            "policy/grad_norm": mean("grad_norm"),
             "loss/policy": mean("pg"), "loss/value": mean("vf"), "value/clipfrac": mean("vclip"),
-            "val/ratio": mean("ratio"), "val/ratio_first": first_ratio,
+            "val/ratio": mean("ratio"), "val/ratio_first": stats["ratio"][0],
             "rollout/length": float(mask.sum(1).mean()), "rollout/eos_fraction": float(ro.finished.float().mean()),
-            "score/std": float(scores.std()), "score/min": float(scores.min()), "score/max": float(scores.max()),
+            "score/std": float(sc.scores.std()), "score/min": float(sc.scores.min()),
+            "score/max": float(sc.scores.max()),
             "score/p10": float(q[0]), "score/p50": float(q[1]), "score/p90": float(q[2]),
             # Rollout, then the policy/reference/value/RM passes and GAE, then the PPO epochs;
             # step_s adds this bookkeeping. The share says where a faster PPO must come from.
-            "time/generation_s": round(t_gen, 3), "time/scoring_s": round(t_score, 3),
-            "time/training_s": round(t_train, 3), "time/step_s": round(time.perf_counter() - t0, 3),
-            "time/generation_share": round(t_gen / max(t_gen + t_score + t_train, 1e-9), 4),
+            **{f"time/{k}_s": round(v, 3) for k, v in times.items()},
+            "time/generation_share": round(times["generation"] / max(busy, 1e-9), 4),
         }
         if stats["ptx"]:
             metrics["loss/ptx"] = mean("ptx")
+        return metrics
+
+    def check(self, metrics: dict[str, float]) -> None:
+        """The guards: a non-finite figure, KL beyond kl_limit, entropy below min_entropy, and a
+        collapse (gradients gone, or entropy at ln V) stop the run, before it is saved."""
+        cfg, step = self.cfg, self.step
         for name, v in metrics.items():
             if not math.isfinite(v):
-                raise StageError(f"non-finite {name} ({v}) at step {step}: stopped before saving it")
+                raise StageError(f"non-finite {name} ({v}) at step {step}: stopped before saving it. "
+                                 f"Lower lr (now {cfg.lr:.3g}) and start again from the last checkpoint.")
         if metrics["objective/kl"] > cfg.kl_limit:
             raise StageError(f"objective/kl = {metrics['objective/kl']:.3f} at step {step} exceeds kl_limit "
                              f"{cfg.kl_limit}: the policy is drifting from the reference (raise kl_coef or lower lr)")
         if metrics["objective/entropy"] < cfg.min_entropy:
             raise StageError(f"objective/entropy = {metrics['objective/entropy']:.4f} at step {step} is below "
                              f"min_entropy {cfg.min_entropy}: the policy has collapsed")
+        self.watch.check(step, metrics["policy/grad_norm"], metrics["objective/entropy"], cfg.lr)
+
+    def iteration(self) -> dict[str, float]:
+        """Rollout, score, update; the step is counted and its metrics checked."""
+        t0 = _clock(self.device)
+        ro = self.rollout()
+        t1 = _clock(self.device)
+        sc = self.score(ro)
+        t2 = _clock(self.device)
+        stats = self.update(ro, sc)
+        t3 = _clock(self.device)
+        self.step += 1
+        self.kl_ctl.update(float(sc.kl.sum(1).mean()), ro.ids.size(0))
+        metrics = self.report(ro, sc, stats, {"generation": t1 - t0, "scoring": t2 - t1, "training": t3 - t2,
+                                              "step": time.perf_counter() - t0})
+        self.check(metrics)
+        return metrics
+
+    @torch.no_grad()
+    def probe(self) -> None:
+        """Greedy answers to the probe prompts, with their scores, as sample events."""
+        m, tok, device = self.m, self.m.tok, self.device
+        ids = [self.encode_prompt(p) for p in self.probes]
+        outs = generate_batch(m.policy, ids, self.cfg.probe_tokens, temperature=0.0, stop_ids=(tok.end_id,),
+                              pad_id=tok.pad_id)
+        ro = build_rollout(ids, outs, tok.end_id, tok.pad_id)
+        last = ro.ids.new_tensor([len(p) + len(a) - 1 for p, a in zip(ids, outs)])
+        scores = (m.rm(ro.ids.to(device))[torch.arange(len(ids)), last.to(device)] - m.norm["mean"]) / m.norm["std"]
+        for p, a, s, fin in zip(self.probes, outs, scores.tolist(), ro.finished.tolist()):
+            self.ev.emit("sample", step=self.step, prompt=p, text=tok.decode(a, skip_special=True),
+                         score=round(s, 4), finished=fin)
+        m.policy.train()
+
+
+def run(cfg: PPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None) -> str:
+    ev = Emitter(sink)
+    control = control or NeverStop()
+    run_dir = Path(run_dir)
+    device, dtype = setup(cfg.device, cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    ppo = PPO(cfg, run_dir, device, dtype, ev)
+    if not ppo.prepare_ptx(control):
+        return "stopped"
+    ppo.resume()
+    m = ppo.m
+    ev.log(f"device {describe(device)}, {dtype}; policy {m.policy_ckpt} ({m.policy.num_params():,} params), "
+           f"reward model {m.rm_ckpt} (mean {m.norm['mean']:.3f}, std {m.norm['std']:.3f}); "
+           f"{len(ppo.prompts)} prompts, {cfg.steps} steps of {cfg.rollout_batch_size} rollouts")
+    if ppo.step == 0:
+        ppo.probe()
+    t_start, start_step, metrics = time.perf_counter(), ppo.step, {}
+    while ppo.step < cfg.steps:
+        if control.should_stop():
+            ppo.save("stop")
+            return "stopped"
+        metrics = ppo.iteration()
+        step = ppo.step
         if step % cfg.log_every == 0 or step == cfg.steps:
             ev.metrics(step, metrics)
             elapsed = time.perf_counter() - t_start
             ev.progress(step, cfg.steps, None, elapsed, elapsed / (step - start_step) * (cfg.steps - step))
         if step % cfg.probe_every == 0 or step == cfg.steps:
-            probe()
+            ppo.probe()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save("final" if step == cfg.steps else "periodic")
-
-    summary = {"stage": "ppo", "step": step, "checkpoint": str(ckpt.latest_checkpoint(ckpt_root).relative_to(run_dir)),
-               **{k: v for k, v in metrics.items() if not k.startswith("time/")}}
-    write_summary(run_dir, summary)
+            ppo.save("final" if step == cfg.steps else "periodic")
+    summary = {k: v for k, v in run_summary(run_dir, cfg).items() if v is not None}
+    write_summary(run_dir, {"stage": "ppo", **summary, **{k: v for k, v in metrics.items() if not k.startswith("time/")}})
     return "completed"
 
 

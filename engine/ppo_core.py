@@ -30,6 +30,32 @@ def logprobs_and_entropy(logits: torch.Tensor, ids: torch.Tensor,
     return F.pad(picked, (1, 0)), F.pad(-(lp.exp() * lp).sum(-1), (1, 0))
 
 
+@dataclass
+class Rollout:
+    ids: torch.Tensor          # [B, T] prompt | answer | pad
+    mask: torch.Tensor         # [B, T] 1 on answer tokens (the actions)
+    finished: torch.Tensor     # [B] the answer ended with the end token
+    answers: list[list[int]]
+
+
+def build_rollout(prompts: list[list[int]], answers: list[list[int]], end_id: int, pad_id: int) -> Rollout:
+    """Right-padded `prompt | answer | pad` rows and the mask of their actions."""
+    T = max(len(p) + len(a) for p, a in zip(prompts, answers))
+    B = len(prompts)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T))
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+        mask[i, len(p):len(p) + len(a)] = 1
+    finished = torch.tensor([bool(a) and a[-1] == end_id for a in answers])
+    return Rollout(ids, mask, finished, answers)
+
+
+def chunks(order: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Minibatches of row indices, in `order`."""
+    return [order[i:i + size] for i in range(0, order.numel(), size)]
+
+
 def shift_values(values: torch.Tensor) -> torch.Tensor:
     """Value of the state before the token at t: the value head's output at t-1."""
     return F.pad(values[:, :-1].float(), (1, 0))

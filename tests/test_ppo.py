@@ -7,7 +7,8 @@ import torch
 from engine import checkpoint as ckpt
 from engine.config import ConfigError, from_dict
 from engine.model import ScalarModel, load_model, safetensors_state
-from engine.ppo import PPOConfig, build_rollout, run
+from engine.ppo import PPOConfig, run
+from engine.ppo_core import build_rollout
 from engine.reward import NORM_FILE
 from engine.runio import StageError
 from helpers import StopAt
