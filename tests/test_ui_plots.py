@@ -14,7 +14,8 @@ from PySide6.QtGui import QTextDocument  # noqa: E402
 
 from pyqtgraph.widgets.GraphicsView import GraphicsView  # noqa: E402
 
-from ui.plots import OTHER, PLOT_SPECS, REDRAW_MS, SLOWEST_MS, PlotGrid, RunHistory, Series  # noqa: E402
+from ui.plots import (FIGURES, OTHER, PLOT_SPECS, REDRAW_MS, SLOWEST_MS, PlotGrid, RunHistory,  # noqa: E402
+                      Series)
 from ui.stall_probe import StallProbe  # noqa: E402
 
 
@@ -105,6 +106,7 @@ def test_tokens_are_interpolated_and_extrapolated_for_steps_without_a_count():
 def test_every_key_in_the_plot_specs_is_one_the_engine_emits():
     source = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "engine").glob("*.py"))
     keys = {k for spec in PLOT_SPECS.values() for _, ks in spec for k in ks}
+    keys |= {k for figures in FIGURES.values() for _, k, _ in figures}
     missing = sorted(k for k in keys if f'"{k}"' not in source)
     assert missing == []
     assert set(PLOT_SPECS) == {"tokenizer", "pretrain", "sft", "sample", "reward", "ppo"}
@@ -301,15 +303,61 @@ def test_overlay_legend_has_an_entry_per_run_and_per_metric(grid):
 
 
 def test_clear_empties_the_grid(grid):
-    g = grid("tokenizer")
-    g.load_events([metrics(0, tokenizer__vocab_size=512, tokenizer__chars_per_token=3.2, tokenizer__train_chars=9)])
+    g = grid("pretrain")
+    g.load_events([metrics(1, train__loss=2.0, perf__mfu=0.1, time__step=9)])
     g.redraw()
-    assert g.curve_data("Vocabulary size", "tokenizer/vocab_size")[1][0] == 512
-    assert g.other_choices() == ["tokenizer/train_chars"]
+    assert g.curve_data("Loss", "train/loss")[1][0] == 2.0
+    assert g.other_choices() == ["time/step"]
     g.clear()
     g.redraw()
-    assert not _has_curve(g, "Vocabulary size", "tokenizer/vocab_size")
+    assert not _has_curve(g, "Loss", "train/loss")
     assert g.history.keys() == [] and g.other_choices() == []
+
+
+def view_range(g, title):
+    return g.plot_item(title).getViewBox().viewRange()
+
+
+def test_a_lone_point_or_a_flat_line_gets_axes_around_it_not_below_zero(grid, qtbot):
+    g = grid("pretrain")
+    g.load_events([metrics(0, train__loss=0.05)] + [metrics(s, train__lr=1e-3) for s in range(0, 20)])
+    g.redraw()
+    (x0, x1), (y0, y1) = view_range(g, "Loss")
+    assert 0 == x0 < x1 and 0 < y0 < 0.05 < y1 < 0.1         # pyqtgraph's own: -0.5..0.5 each
+    (x0, x1), (y0, y1) = view_range(g, "Learning rate")
+    assert 0 == x0 < 19 < x1 and 0 < y0 < 1e-3 < y1 < 2e-3
+    # A second value: the axis follows the data again.
+    g.load_events([metrics(1, train__loss=3.0)])
+    g.redraw()
+    qtbot.waitUntil(lambda: view_range(g, "Loss")[1][1] >= 3.0, timeout=10_000)
+    assert view_range(g, "Loss")[1][0] < 0.05
+
+
+def test_one_off_figures_are_a_table_not_one_point_plots(grid):
+    g = grid("tokenizer")
+    assert g.titles() == [] and not g.other_box.isVisible()
+    assert "when the run has finished" in g.figures.text()
+    g.load_events([metrics(0, tokenizer__vocab_size=4096, tokenizer__chars_per_token=3.214,
+                           tokenizer__train_chars=60000, tokenizer__new_figure=7)])
+    g.redraw()
+    text = _plain(g.figures.text())
+    assert "Vocabulary size 4,096 tokens" in text and "Characters per token 3.21 on held-out text" in text
+    assert "Training text 60,000 characters" in text and "tokenizer/new_figure 7" in text
+    assert "Held-out text" not in text                        # not reported by this run
+    other = RunHistory.from_events([metrics(0, tokenizer__vocab_size=512)])
+    g.set_overlay([("tok-a", g.history), ("tok-b", other)])
+    g.redraw()
+    text = _plain(g.figures.text())
+    assert "tok-a tok-b" in text and "Vocabulary size 4,096 tokens 512 tokens" in text
+    g.clear()
+    g.redraw()
+    assert "when the run has finished" in g.figures.text()
+
+
+def _plain(rich: str) -> str:
+    doc = QTextDocument()
+    doc.setHtml(rich)
+    return " ".join(doc.toPlainText().split())
 
 
 def test_expensive_redraws_are_spaced_out(grid, qtbot, monkeypatch):

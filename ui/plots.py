@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -42,14 +43,12 @@ _TRAINING = [("Learning rate", ["train/lr"]),
              ("Throughput (tokens/s)", ["perf/tokens_per_s"])]
 
 PLOT_SPECS: dict[str, list[tuple[str, list[str]]]] = {
-    "tokenizer": [("Vocabulary size", ["tokenizer/vocab_size"]),
-                  ("Characters per token", ["tokenizer/chars_per_token"])],
+    "tokenizer": [],            # one-off figures, not curves: FIGURES
     "pretrain": [("Loss", _STEP_KEYS + ["val/unigram_baseline"]), *_TRAINING,
                  ("Model FLOPs utilisation", ["perf/mfu"])],
     "sft": [("Loss", _STEP_KEYS), ("Task accuracy", ["eval/task_accuracy", "eval/task_score"]),
             *_TRAINING],
-    "sample": [("Finished answers (fraction)", ["sample/finished_fraction"]),
-               ("Answer length (tokens)", ["sample/mean_tokens"])],
+    "sample": [],
     "reward": [("Loss", _STEP_KEYS),
                ("Accuracy", ["train/accuracy", "val/accuracy"]),
                ("Margin", ["train/margin", "val/margin"]),
@@ -72,11 +71,31 @@ PLOT_SPECS: dict[str, list[tuple[str, list[str]]]] = {
             ("Answers ending with the end token", ["rollout/eos_fraction"])],
 }
 
+# Stages that report a few figures once, at the end, rather than curves over steps: a line
+# plot of one point says less than the number. (title, key, format)
+FIGURES: dict[str, list[tuple[str, str, str]]] = {
+    "tokenizer": [("Vocabulary size", "tokenizer/vocab_size", "{:,.0f} tokens"),
+                  ("Characters per token", "tokenizer/chars_per_token", "{:.2f} on held-out text"),
+                  ("Training text", "tokenizer/train_chars", "{:,.0f} characters"),
+                  ("Held-out text", "tokenizer/heldout_chars", "{:,.0f} characters")],
+    "sample": [("Answers that ended", "sample/finished_fraction", "{:.0%}"),
+               ("Mean answer length", "sample/mean_tokens", "{:.1f} tokens")],
+}
+
 # Tableau 10: distinct on white and on dark grey, and mostly colour-blind safe in its first five.
 COLORS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
           "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
 _DASHES = [Qt.SolidLine, Qt.DashLine, Qt.DotLine, Qt.DashDotLine]
 _GLYPHS = {Qt.SolidLine: "━━", Qt.DashLine: "╍╍", Qt.DotLine: "┉┉", Qt.DashDotLine: "━╍"}
+
+
+def _padded(v: float, step: bool) -> tuple[float, float]:
+    """A range around one value: ±10% (at least ±1 on a step axis), from zero up for zero."""
+    pad = max(abs(v) * 0.1, 1.0 if step else 0.0) or 1.0
+    lo, hi = v - pad, v + pad
+    if v >= 0 > lo:
+        lo = 0.0
+    return lo, hi
 
 
 def _short(v: float) -> str:
@@ -137,6 +156,7 @@ class _Cell:
     drawn: dict = field(default_factory=dict)       # (run index, key) -> what the curve holds
     styles: dict = field(default_factory=dict)      # (run index, key) -> (colour index, dash)
     entries: list = field(default_factory=list)     # the legend's entries, as _legend_entries
+    pinned: set = field(default_factory=set)        # axes given a range by _fit, not autorange
 
 
 class PlotGrid(QWidget):
@@ -168,9 +188,17 @@ class PlotGrid(QWidget):
         self.x_axis_box.addItem("Tokens", "tokens")
         self.x_axis_box.currentIndexChanged.connect(self._x_axis_chosen)
 
-        specs = PLOT_SPECS[stage] + [(OTHER, [])]
+        specs = PLOT_SPECS[stage] + ([] if stage in FIGURES else [(OTHER, [])])
         self._cells = {title: self._make_cell(title, keys) for title, keys in specs}
         self._spec_keys = {k for _, keys in PLOT_SPECS[stage] for k in keys}
+        self.figures = QLabel()
+        self.figures.setTextFormat(Qt.RichText)
+        self.figures.setAlignment(Qt.AlignLeft | Qt.AlignTop)
+        self.figures.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.figures.setContentsMargins(12, 12, 12, 12)
+        self.figures.setVisible(stage in FIGURES)
+        if stage in FIGURES:
+            self.figures.setText(self._figures_html(self._runs()))
 
         # The chooser sits in the bar, not in its cell, so every plot in the grid is the same size.
         bar = QHBoxLayout()
@@ -188,8 +216,11 @@ class PlotGrid(QWidget):
             grid.setColumnStretch(c, 1)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
-        outer.addLayout(bar)
-        outer.addLayout(grid, 1)
+        if stage in FIGURES:
+            outer.addWidget(self.figures, 1)
+        else:
+            outer.addLayout(bar)
+            outer.addLayout(grid, 1)
         self._apply_palette()
 
     # ----- feeding data
@@ -228,7 +259,8 @@ class PlotGrid(QWidget):
         self.other_box.blockSignals(True)
         self.other_box.clear()
         self.other_box.blockSignals(False)
-        self._cells[OTHER].keys = []
+        if OTHER in self._cells:
+            self._cells[OTHER].keys = []
         self._reset_curves()
 
     def set_x_axis(self, mode: str) -> None:
@@ -242,6 +274,7 @@ class PlotGrid(QWidget):
         self.x_axis_box.blockSignals(False)
         for cell in self._cells.values():
             cell.drawn.clear()
+            cell.pinned.discard("x")
             cell.widget.getPlotItem().enableAutoRange(x=True)
         self._schedule()
 
@@ -314,10 +347,14 @@ class PlotGrid(QWidget):
         """Hand every changed series to its curve now (the timer calls this ~15 times a second)."""
         self._dirty = False
         runs = self._runs()
+        if self.stage in FIGURES:
+            self.figures.setText(self._figures_html(runs))
+            return
         self._update_other_choices(runs)
         overlay = self._overlay is not None
         any_tokens = False
         for cell in self._cells.values():
+            changed = False
             for ri, (_label, hist) in enumerate(runs):
                 tok = hist.series.get(TOKENS) if self._x_mode == "tokens" else None
                 any_tokens |= tok is not None
@@ -355,6 +392,9 @@ class PlotGrid(QWidget):
                     curve.setData(x, y, symbol="o" if markers else None, symbolSize=5,
                                   skipFiniteCheck=not s.nonfinite)
                     cell.drawn[(ri, key)] = stamp
+                    changed = True
+            if changed:
+                self._fit(cell)
         label = "tokens" if any_tokens else "step"
         for cell in self._cells.values():
             axis = cell.widget.getPlotItem().getAxis("bottom")
@@ -369,6 +409,46 @@ class PlotGrid(QWidget):
         end = max(ends + [x[-1]])
         return np.array([x[0], end]), np.array([y[-1], y[-1]])
 
+    def _fit(self, cell: _Cell) -> None:
+        """An axis whose data is one value (a single point, a constant series) gets a range
+        padded around it, never below zero for a value that is not: pyqtgraph's autorange
+        would centre it in a range as wide as the last one, -0.5..0.5 on a new plot."""
+        box = cell.widget.getPlotItem().getViewBox()
+        data = [(c.xData, c.yData) for c in cell.curves.values()
+                if c.isVisible() and c.xData is not None and len(c.xData)]
+        for i, axis in enumerate(("x", "y")):
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)     # an all-NaN series: no bounds
+                bounds = [(np.nanmin(d[i]), np.nanmax(d[i])) for d in data]
+            bounds = [(a, b) for a, b in bounds if np.isfinite(a) and np.isfinite(b)]
+            lo = min((float(a) for a, _ in bounds), default=None)
+            hi = max((float(b) for _, b in bounds), default=None)
+            if lo is not None and lo == hi:
+                box.setRange(**{f"{axis}Range": _padded(lo, step=axis == "x")}, padding=0)
+                cell.pinned.add(axis)
+            elif axis in cell.pinned:
+                cell.pinned.discard(axis)
+                box.enableAutoRange(axis=box.XAxis if axis == "x" else box.YAxis)
+
+    def _figures_html(self, runs: list[tuple[str, RunHistory]]) -> str:
+        """One-off figures as a table: a row per figure, a column per run; then any metric the
+        table does not name, so a figure added to the engine is seen without a UI change."""
+        named = [(title, key, fmt) for title, key, fmt in FIGURES[self.stage]]
+        keys = {k for _, h in runs for k in h.series}
+        named += [(key, key, "{:g}") for key in sorted(keys - {k for _, k, _ in named})]
+        rows = []
+        for title, key, fmt in named:
+            cells = [fmt.format(h.last(key)) if key in h.series else "–" for _, h in runs]
+            if any(c != "–" for c in cells):
+                rows.append(f"<tr><td>{html.escape(title)}</td>"
+                            + "".join(f"<td align='right'><b>{html.escape(c)}</b></td>" for c in cells)
+                            + "</tr>")
+        if not rows:
+            return "<p>The figures appear here when the run has finished.</p>"
+        head = ("<tr><th></th>" + "".join(f"<th align='right'>{html.escape(name)}</th>" for name, _ in runs)
+                + "</tr>") if len(runs) > 1 else ""
+        return (f"<table cellpadding='6' style='font-size:large'>{head}{''.join(rows)}</table>")
+
     def _reset_curves(self) -> None:
         for cell in self._cells.values():
             self._empty(cell)
@@ -380,6 +460,7 @@ class PlotGrid(QWidget):
         cell.curves.clear()
         cell.drawn.clear()
         cell.styles.clear()
+        cell.pinned.clear()
         cell.widget.getPlotItem().enableAutoRange()
         self._update_legend(cell)
 
@@ -467,6 +548,8 @@ class PlotGrid(QWidget):
         for ident in ids:
             cell.curves[ident].setVisible(show)
         cell.widget.getPlotItem().enableAutoRange(y=True)
+        cell.pinned.discard("y")
+        self._fit(cell)
         self._update_legend(cell)
 
     # ----- look
@@ -483,6 +566,7 @@ class PlotGrid(QWidget):
             # live plot repaints its axes whenever its range grows.
             p.getAxis(side).setStyle(maxTickLevel=0)
         p.getAxis("left").setTickDensity(1.8)       # major-only leaves short y axes with two labels
+        p.getViewBox().setLimits(xMin=0)             # steps and tokens: autorange's margin stops at 0
         p.setLabel("bottom", "step")
         legend = QLabel()
         legend.setTextFormat(Qt.RichText)
