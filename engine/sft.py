@@ -103,20 +103,19 @@ def _batches(examples: list[Example], size: int, pad_id: int) -> list[tuple]:
     return [collate(examples[i:i + size], pad_id) for i in range(0, len(examples), size)]
 
 
-def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None) -> str:
-    ev = Emitter(sink)
-    control = control or NeverStop()
-    run_dir = Path(run_dir)
-    device, dtype = setup(cfg.device, cfg.dtype)
+@dataclass
+class SFTData:
+    """The rendered examples of both splits, their reports and the eval tasks, all checked."""
+    train: list[Example]
+    val: list[Example]
+    train_rep: object
+    val_rep: object
+    tasks: list
+    files: list[Path]          # every data file, for the fingerprint that guards a resume
 
-    # Everything that can be wrong with the inputs is found here, before any step or checkpoint.
-    art = load_artifact(resolve_path(run_dir, cfg.init), device=device, field="init",
-                        tokenizer=resolve_path(run_dir, cfg.tokenizer) if cfg.tokenizer else None)
-    model, tok = art.model, art.tokenizer
-    context = model.config.max_seq_len
-    if cfg.seq_len > context:
-        raise ConfigError("seq_len", f"{cfg.seq_len} is longer than the model's context ({context})")
-    seq_len = cfg.seq_len or context
+
+def load_data(cfg: SFTConfig, run_dir: Path, tok, seq_len: int, ev: Emitter) -> SFTData:
+    """Read, split and render the data; every problem in every file is one error, before any work."""
     data_files = [resolve_path(run_dir, p) for p in cfg.data]
     val_files = [resolve_path(run_dir, p) for p in cfg.val_data]
     # One error for every bad line in every input file, so one pass fixes them all.
@@ -139,7 +138,6 @@ def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
         train_recs = records
     else:
         train_recs, val_recs = split_records(records, cfg.val_fraction, cfg.seed)
-
     train_ex, train_rep = render(train_recs, tok, seq_len)
     val_ex, val_rep = render(val_recs, tok, seq_len)
     for split, rep in (("train", train_rep), ("validation", val_rep)):
@@ -156,116 +154,151 @@ def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
                              f"{rep.total} loss masks are empty (e.g. {', '.join(rep.empty[:3])}). "
                              f"Check that records have assistant answers and that the context "
                              f"({seq_len} tokens) leaves room for them.")
+    return SFTData(train_ex, val_ex, train_rep, val_rep, tasks, data_files + val_files)
 
-    steps_per_epoch = len(train_ex) / (cfg.batch_size * cfg.grad_accum)
-    tcfg = cfg
-    if cfg.epochs > 0:
-        # Computed, never written back into config.json: the trainer gets a copy.
-        tcfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * steps_per_epoch)))
-    n_targets = sum(e.n_targets for e in train_ex)
-    ev.log(f"device {describe(device)}, {dtype}; init {art.checkpoint.resolve()} "
-           f"({model.num_params():,} params, context {seq_len}); {len(train_ex)} train / "
-           f"{len(val_ex)} val samples, {n_targets:,} answer tokens; {tcfg.max_steps} steps = "
-           f"{tcfg.max_steps / steps_per_epoch:.2f} epochs"
-           + (f"; {len(tasks)} eval tasks" if tasks else ""))
 
-    sampler = EpochSampler(len(train_ex), cfg.seed)
-    fingerprint = data_fingerprint(data_files + val_files)
-    val_batches = _batches(val_ex[:cfg.eval_batches * cfg.batch_size], cfg.batch_size, tok.pad_id)
-    init_metrics: dict = {}
-    last_eval: dict = {}
+class Hooks:
+    """What the SFT stage hands the trainer (batches, loss, evaluation, samples, resume state),
+    and the evaluations before the first step and at the last."""
 
-    def next_batch(_gen: torch.Generator):
-        epoch = sampler.epoch
-        x, y, n = collate([train_ex[i] for i in sampler.take(cfg.batch_size)], tok.pad_id)
-        if sampler.epoch != epoch:
-            ev.log(f"epoch {sampler.epoch + 1} begins")
-        return x.to(device), y.to(device), n
+    def __init__(self, cfg: SFTConfig, art, data: SFTData, ev: Emitter, device):
+        self.cfg, self.art, self.tok, self.data, self.ev, self.device = cfg, art, art.tokenizer, data, ev, device
+        self.sampler = EpochSampler(len(data.train), cfg.seed)
+        self.fingerprint = data_fingerprint(data.files)
+        self.val_batches = _batches(data.val[:cfg.eval_batches * cfg.batch_size], cfg.batch_size, self.tok.pad_id)
+        self.init_metrics: dict = {}
+        self.last_eval: dict = {}
 
-    def skip_batch(_gen: torch.Generator) -> None:
-        epoch = sampler.epoch
-        sampler.take(cfg.batch_size)
-        if sampler.epoch != epoch:
-            ev.log(f"epoch {sampler.epoch + 1} begins")
+    def _take(self) -> list[int]:
+        epoch = self.sampler.epoch
+        idx = self.sampler.take(self.cfg.batch_size)
+        if self.sampler.epoch != epoch:
+            self.ev.log(f"epoch {self.sampler.epoch + 1} begins")
+        return idx
 
+    def next_batch(self, _gen: torch.Generator):
+        x, y, n = collate([self.data.train[i] for i in self._take()], self.tok.pad_id)
+        return x.to(self.device), y.to(self.device), n
+
+    def skip_batch(self, _gen: torch.Generator) -> None:
+        self._take()
+
+    @staticmethod
     def loss(m, batch):
         # The mean over this batch's answer tokens, as HF's SFT does: a batch of short answers
         # weighs as much as one of long answers.
         x, y, n = batch
         return m(x, y)[1], n
 
-    def evaluate(m) -> dict[str, float]:
+    def evaluate(self, m) -> dict[str, float]:
         # Token-weighted over a fixed set of samples, so curves compare across steps.
         total, count = 0.0, 0
-        for x, y, _ in val_batches:
+        for x, y, _ in self.val_batches:
             k = int((y != -100).sum())
-            total += float(m(x.to(device), y.to(device))[1]) * k
+            total += float(m(x.to(self.device), y.to(self.device))[1]) * k
             count += k
         values = {"val/loss": total / count}
+        tasks = self.data.tasks
         if tasks:
-            replies = reply_batch(m, tok, [t.prompt for t in tasks], cfg.task_tokens)
+            replies = reply_batch(m, self.tok, [t.prompt for t in tasks], self.cfg.task_tokens)
             acc = task_accuracy(tasks, [text for text, _ in replies])
             values["eval/task_accuracy"] = acc["overall"]
             values["eval/task_score"] = acc["score"]
             values.update({f"eval/acc/{k}": v for k, v in acc["per_kind"].items()})
-        last_eval.clear()
-        last_eval.update(values)
+        self.last_eval = dict(values)
         return values
 
-    def sample(m, step: int) -> None:
-        replies = reply_batch(m, tok, cfg.sample_prompts, cfg.sample_tokens,
+    def sample(self, m, step: int) -> None:
+        cfg = self.cfg
+        replies = reply_batch(m, self.tok, cfg.sample_prompts, cfg.sample_tokens,
                               temperature=cfg.sample_temperature, seed=cfg.seed)
         for prompt, (text, finished) in zip(cfg.sample_prompts, replies):
-            ev.emit("sample", step=step, prompt=prompt, text=text, finished=finished)
+            self.ev.emit("sample", step=step, prompt=prompt, text=text, finished=finished)
 
-    def state() -> dict:
-        return {"tokenizer_fingerprint": tok.fingerprint(), "sampler": sampler.state(),
-                "data_fingerprint": fingerprint, "init_checkpoint": str(art.checkpoint.resolve()),
-                "init_metrics": init_metrics}
+    def state(self) -> dict:
+        return {"tokenizer_fingerprint": self.tok.fingerprint(), "sampler": self.sampler.state(),
+                "data_fingerprint": self.fingerprint, "init_checkpoint": str(self.art.checkpoint.resolve()),
+                "init_metrics": self.init_metrics}
 
-    def restore(saved: dict) -> None:
-        if saved.get("data_fingerprint") != fingerprint:
+    def restore(self, saved: dict) -> None:
+        if saved.get("data_fingerprint") != self.fingerprint:
             raise StageError("the SFT data files changed since this run started; resuming would "
                              "train a different run under the old name: start a new run")
-        sampler.load(saved["sampler"])
-        init_metrics.update(saved.get("init_metrics") or {})
+        self.sampler.load(saved["sampler"])
+        self.init_metrics.update(saved.get("init_metrics") or {})
 
-    stage = Stage("sft", next_batch, loss, evaluate, sample, fixed_on_resume=FIXED_ON_RESUME,
-                  state=state, restore=restore, extra_files={"tokenizer.json": art.tokenizer_path},
-                  flops_per_token=model.flops_per_token(seq_len), skip_batch=skip_batch,
+    def evaluate_now(self, model, dtype, samples: bool = False) -> dict:
+        model.eval()
+        with torch.no_grad(), autocast(self.device, dtype):
+            values = self.evaluate(model)
+        if samples:
+            self.sample(model, 0)
+        model.train()
+        return values
+
+
+def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None) -> str:
+    ev = Emitter(sink)
+    control = control or NeverStop()
+    run_dir = Path(run_dir)
+    device, dtype = setup(cfg.device, cfg.dtype)
+
+    # Everything that can be wrong with the inputs is found here, before any step or checkpoint.
+    art = load_artifact(resolve_path(run_dir, cfg.init), device=device, field="init",
+                        tokenizer=resolve_path(run_dir, cfg.tokenizer) if cfg.tokenizer else None)
+    model = art.model
+    context = model.config.max_seq_len
+    if cfg.seq_len > context:
+        raise ConfigError("seq_len", f"{cfg.seq_len} is longer than the model's context ({context})")
+    seq_len = cfg.seq_len or context
+    data = load_data(cfg, run_dir, art.tokenizer, seq_len, ev)
+
+    steps_per_epoch = len(data.train) / (cfg.batch_size * cfg.grad_accum)
+    tcfg = cfg
+    if cfg.epochs > 0:
+        # Computed, never written back into config.json: the trainer gets a copy.
+        tcfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * steps_per_epoch)))
+    n_targets = sum(e.n_targets for e in data.train)
+    ev.log(f"device {describe(device)}, {dtype}; init {art.checkpoint.resolve()} "
+           f"({model.num_params():,} params, context {seq_len}); {len(data.train)} train / "
+           f"{len(data.val)} val samples, {n_targets:,} answer tokens; {tcfg.max_steps} steps = "
+           f"{tcfg.max_steps / steps_per_epoch:.2f} epochs"
+           + (f"; {len(data.tasks)} eval tasks" if data.tasks else ""))
+
+    hooks = Hooks(cfg, art, data, ev, device)
+    stage = Stage("sft", hooks.next_batch, hooks.loss, hooks.evaluate, hooks.sample, fixed_on_resume=FIXED_ON_RESUME,
+                  state=hooks.state, restore=hooks.restore, extra_files={"tokenizer.json": art.tokenizer_path},
+                  flops_per_token=model.flops_per_token(seq_len), skip_batch=hooks.skip_batch,
                   uniform_loss=math.log(model.config.vocab_size))
     fresh = ckpt.latest_checkpoint(run_dir / "checkpoints") is None
     if fresh and distributed.is_main():
-        model.eval()
-        with torch.no_grad(), autocast(device, dtype):
-            init_metrics.update(evaluate(model))
-        if cfg.sample_every:
-            sample(model, 0)
-        model.train()
+        hooks.init_metrics.update(hooks.evaluate_now(model, dtype, samples=bool(cfg.sample_every)))
     status = train(tcfg, run_dir, model, stage, device=device, dtype=dtype, sink=sink,
-                   control=control, init_metrics=dict(init_metrics) if fresh else None)
+                   control=control, init_metrics=dict(hooks.init_metrics) if fresh else None)
     if status != "completed" or not distributed.is_main():
         return status
-    if not last_eval:  # resumed at max_steps: the trainer had nothing left to do or evaluate
-        model.eval()
-        with torch.no_grad(), autocast(device, dtype):
-            evaluate(model)
-    after = dict(last_eval)
+    if not hooks.last_eval:  # resumed at max_steps: the trainer had nothing left to do or evaluate
+        hooks.evaluate_now(model, dtype)
+    write_summary(run_dir, _summary(run_dir, tcfg, art, data, hooks, steps_per_epoch))
+    return status
+
+
+def _summary(run_dir: Path, tcfg: SFTConfig, art, data: SFTData, hooks: Hooks, steps_per_epoch: float) -> dict:
+    before, after = hooks.init_metrics, hooks.last_eval
     summary = {"stage": "sft", **run_summary(run_dir, tcfg), "init": str(art.checkpoint.resolve()),
                "max_steps": tcfg.max_steps, "epochs": round(tcfg.max_steps / steps_per_epoch, 3),
-               "train_samples": len(train_ex), "val_samples": len(val_ex),
-               "truncated": len(train_rep.truncated) + len(val_rep.truncated),
-               "no_answer": len(train_rep.empty) + len(val_rep.empty),
-               "val_loss_before": init_metrics.get("val/loss"), "val_loss_after": after.get("val/loss")}
-    if tasks:
+               "train_samples": len(data.train), "val_samples": len(data.val),
+               "truncated": len(data.train_rep.truncated) + len(data.val_rep.truncated),
+               "no_answer": len(data.train_rep.empty) + len(data.val_rep.empty),
+               "val_loss_before": before.get("val/loss"), "val_loss_after": after.get("val/loss")}
+    if data.tasks:
         summary.update({
-            "eval_tasks": len(tasks),
-            "task_accuracy_before": init_metrics.get("eval/task_accuracy"),
+            "eval_tasks": len(data.tasks),
+            "task_accuracy_before": before.get("eval/task_accuracy"),
             "task_accuracy_after": after.get("eval/task_accuracy"),
-            "per_kind_before": _per_kind(init_metrics),
+            "per_kind_before": _per_kind(before),
             "per_kind_after": _per_kind(after)})
-    write_summary(run_dir, summary)
-    return status
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
