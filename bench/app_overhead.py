@@ -3,13 +3,13 @@
     xvfb-run -a python bench/app_overhead.py [--steps 200] [--repeats 3] [--out docs/PERFORMANCE.md]
     (or QT_QPA_PLATFORM=offscreen python bench/app_overhead.py ...)
 
-One small pretrain run (tiny preset, the app's pretrain settings from workbench/suggest.py
+One small pretrain run (tiny preset, the app's pretrain settings from the catalogue, workbench/stages.py
 with max_steps cut to `--steps`, on the demo corpus) started four ways:
 
   cli     `python -m engine.pretrain --run-dir DIR` in a subprocess, its stdout to a file
   cli +5  the same at the app's job priority (nice +5): on an idle machine it changes nothing;
           when other processes want the cores, it yields them, and this row shows how much
-  runner  workbench.runner.run_job: the same command, its JSON event lines parsed from a pipe
+  runner  workbench.jobs.run_job: the same command, followed through its events.jsonl
           (the `workbench run` / `workbench pipeline` path)
   app     the pretrain panel's Start (StagePanel.start -> ProjectContext.launch -> ui.jobs),
           the panel on screen with its live plots; the job runs niced +5 and the app follows it
@@ -54,8 +54,8 @@ from engine.config import save_config, to_dict  # noqa: E402
 from engine.pretrain import PretrainConfig  # noqa: E402
 from engine.tokenizer import TokenizerConfig, run as run_tokenizer  # noqa: E402
 from workbench.demo import write_demo_project  # noqa: E402
-from workbench.runner import run_job, stage_command  # noqa: E402
-from workbench.suggest import TRAINING  # noqa: E402
+from workbench.jobs import run_job, stage_command  # noqa: E402
+from workbench.stages import spec as stage_spec  # noqa: E402
 
 MARKER = "## Running a stage from the app against the command line"
 VARIANTS = ("cli", "cli +5", "runner", "app")
@@ -150,7 +150,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     from ui.app import make_app
-    from ui.jobs import JOB_NICENESS
+    from workbench.process import LOWER_PRIORITY as JOB_NICENESS
     from ui.main_window import MainWindow
 
     app = make_app()
@@ -161,7 +161,7 @@ def main() -> int:
     tok_dir = project / "runs" / "tokenizer-0"
     tok_dir.mkdir(parents=True)
     assert run_tokenizer(TokenizerConfig(inputs=[str(corpus)], vocab_size=4096), tok_dir) == "completed"
-    settings = dict(TRAINING["pretrain"], max_steps=args.steps, device="cpu")
+    settings = dict(stage_spec("pretrain").demo_settings(), max_steps=args.steps, device="cpu")
     cfg = PretrainConfig(tokenizer=str(tok_dir), inputs=[str(corpus)], preset="tiny", **settings)
 
     window = MainWindow(QSettings(str(tmp / "settings.ini"), QSettings.Format.IniFormat))
@@ -217,7 +217,7 @@ def main() -> int:
                f"settings otherwise (log every {cfg.log_every}, eval every {cfg.eval_every} steps), on the demo "
                f"corpus (scale small, encoded by each run), started four ways: *cli* is `python -m engine.pretrain "
                f"--run-dir DIR`; *cli +5* the same at the app's job priority (nice +{JOB_NICENESS}); *runner* is "
-               f"workbench.runner.run_job (the same command, events parsed from its stdout); *app* is the pretrain "
+               f"workbench.jobs.run_job (the same command, events parsed from its stdout); *app* is the pretrain "
                f"panel's Start with the panel and its live plots on screen, the job at nice +{JOB_NICENESS}, followed "
                f"through events.jsonl every 100 ms. *Launch to done* runs from the launch call to the time stamp of the "
                f"stage's done event (the same end for all four; it includes ~2 s of Python and torch start-up); "

@@ -4,7 +4,7 @@
 
 The real stage (engine.ppo.run, in this process, its events into a list) on the demo project's
 prompts and tokenizer, with the settings the app's PPO panel starts with
-(workbench.suggest.TRAINING["ppo"]). Each iteration the stage itself reports
+(the catalogue's demo settings, workbench/stages.py). Each iteration the stage itself reports
 time/generation_s (the rollout), time/scoring_s (policy, reference, value and reward-model
 passes, rewards, GAE), time/training_s (the PPO epochs of minibatch updates) and
 time/generation_share; this script takes their medians over `--iterations` iterations after
@@ -39,7 +39,7 @@ from engine.ppo import PPOConfig, run as run_ppo  # noqa: E402
 from engine.reward import NORM_FILE  # noqa: E402
 from engine.tokenizer import Tokenizer, TokenizerConfig, run as run_tokenizer  # noqa: E402
 from workbench.demo import write_demo_project  # noqa: E402
-from workbench.suggest import TRAINING  # noqa: E402
+from workbench.stages import spec as stage_spec  # noqa: E402
 
 MARKER = "## One PPO iteration: generation, scoring, training"
 PHASES = ("time/generation_s", "time/scoring_s", "time/training_s", "time/step_s")
@@ -67,7 +67,7 @@ def make_models(work: Path, preset: str, tok_path: Path, fingerprint: str, vocab
 
 
 def measure(work: Path, preset: str, policy: Path, rm: Path, prompts: Path, iterations: int) -> dict:
-    settings = dict(TRAINING["ppo"])
+    settings = dict(stage_spec("ppo").demo_settings())
     settings.update(steps=1 + iterations, device="cpu", log_every=1)
     cfg = from_dict(PPOConfig, dict(settings, policy=str(policy), reward_model=str(rm), prompts=[str(prompts)]))
     events: list[dict] = []

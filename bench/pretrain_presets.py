@@ -25,7 +25,8 @@ from bench.report import markdown_table, publish, torch_machine  # noqa: E402
 from engine.pretrain import PretrainConfig  # noqa: E402
 from engine.tokenizer import TokenizerConfig  # noqa: E402
 from workbench.demo import write_demo_project  # noqa: E402
-from workbench.runner import prepare_run, run_job  # noqa: E402
+from workbench.jobs import run_job
+from workbench.runfolder import prepare_run  # noqa: E402
 
 
 def main() -> int:

@@ -6,7 +6,7 @@
 The demo pipeline's own path, at several sizes: the SFT run samples K=8 answers for each of
 `--n-prompts` prompts (the sample stage, the pipeline's settings), the simulated annotator ranks
 them (correct, then ended, then shorter) through the annotation store, and reward models with
-the pipeline's settings (workbench.suggest.TRAINING["reward"]) train on the first N rankings
+the pipeline's settings (the catalogue's demo settings, workbench/stages.py) train on the first N rankings
 for each N in `--train`. All of them are measured on the same last `--val` rankings, whose
 prompts none of them trained on, so the sizes differ only in training data, and the figure
 moves by about +-1% from noise instead of the +-4% of the pipeline's 10% split.
@@ -38,11 +38,12 @@ from engine.sample import SampleConfig  # noqa: E402
 from engine.tasks import check, parse_task  # noqa: E402
 from engine.tokenizer import Tokenizer  # noqa: E402
 from workbench.preferences import write_rm_dataset  # noqa: E402
-from workbench.runner import prepare_run, run_job  # noqa: E402
+from workbench.jobs import run_job
+from workbench.runfolder import prepare_run  # noqa: E402
 from workbench.samples import import_sample_run  # noqa: E402
 from workbench.simulated import DEFAULT_NAME, rank_batch  # noqa: E402
 from workbench.store import Store  # noqa: E402
-from workbench.suggest import TRAINING  # noqa: E402
+from workbench.stages import spec as stage_spec  # noqa: E402
 
 MARKER = "## Reward-model accuracy against the amount of ranking data"
 
@@ -50,7 +51,7 @@ MARKER = "## Reward-model accuracy against the amount of ranking data"
 def make_rankings(work: Path, sft: Path, prompts: Path, n_prompts: int) -> tuple[list[str], float]:
     """The simulated annotator's rankings of the SFT model's answers, as RM JSONL lines."""
     sample_dir = work / "sample"
-    settings = {k: v for k, v in TRAINING["sample"].items() if k != "n_prompts"}
+    settings = {k: v for k, v in stage_spec("sample").demo_settings().items() if k != "n_prompts"}
     prepare_run(sample_dir, SampleConfig(checkpoint=str(sft), prompts=[str(prompts)], n_prompts=n_prompts,
                                          seed=0, device="cpu", **settings))
     t0 = time.perf_counter()
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
                 run_dir = work / f"reward-{n}-{seed}"
                 prepare_run(run_dir, RewardConfig(init=str(args.sft.resolve()), data=[str(train_file)],
                                                   val_data=[str(val_file)], seed=seed, device="cpu",
-                                                  **TRAINING["reward"]))
+                                                  **stage_spec("reward").demo_settings()))
                 t0 = time.perf_counter()
                 res = run_job("reward", run_dir)
                 if res.status != "completed":
@@ -134,10 +135,10 @@ def main(argv=None) -> int:
 
     table = markdown_table(["train rankings", "seed", "held-out pairwise accuracy", "pairs decided by correctness",
                             "pairs decided by ending/length", "steps", "time"], rows)
-    settings = ", ".join(f"{k} {v:g}" for k, v in TRAINING["reward"].items())
+    settings = ", ".join(f"{k} {v:g}" for k, v in stage_spec("reward").demo_settings().items())
     cmd = " ".join(["python bench/reward_data_scaling.py", *(argv if argv is not None else sys.argv[1:])])
     section = (f"{MARKER}\n\n`{cmd}` on {torch_machine()}. {args.n_prompts:,} prompts x "
-               f"{TRAINING['sample']['k']} answers from the SFT run ({sample_s:.0f} s), ranked by the simulated "
+               f"{stage_spec('sample').demo_settings()['k']} answers from the SFT run ({sample_s:.0f} s), ranked by the simulated "
                f"annotator: {len(lines):,} rankings (a prompt whose answers all tie gives none). Every reward "
                f"model trains with the pipeline's settings ({settings}) on the first N rankings and is "
                f"measured on the same last {args.val} (held-out prompts).\n\n{table}\n")

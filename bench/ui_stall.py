@@ -137,7 +137,8 @@ def main() -> None:
     from ui.main_window import MainWindow
     from ui.stall_probe import StallProbe
     from workbench.demo import write_demo_project
-    from workbench.runner import prepare_run, run_job
+    from workbench.jobs import run_job
+from workbench.runfolder import prepare_run
 
     app = make_app()
     tmp = Path(tempfile.mkdtemp(prefix="ui-stall-"))

@@ -36,7 +36,7 @@ def tiny_lm_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def gc_on_the_main_thread():
-    """As in the app (ui/app.install_gc): Python's cyclic collector, run on whichever thread
+    """As in the app (ui/collector.install_gc): Python's cyclic collector, run on whichever thread
     allocates, can free Qt wrappers and sqlite connections from a worker thread; collections
     happen on the main thread, between tests, instead."""
     import gc
@@ -56,11 +56,11 @@ def nothing_left_running():
         for w in workers.running_workers():
             w.wait(10_000)
         assert workers.running_workers() == [], "a test left a worker thread running"
-    jobs = sys.modules.get("ui.jobs")
-    if jobs is not None:
+    process = sys.modules.get("workbench.process")
+    if process is not None:
         import subprocess
         alive = []
-        for p in jobs._children:
+        for p in process.children():
             try:
                 p.wait(15)          # a job that wrote its done event is still exiting
             except subprocess.TimeoutExpired:
@@ -68,5 +68,5 @@ def nothing_left_running():
         for p in alive:
             p.kill()
             p.wait()
-        jobs.reap()
+        process.reap()
         assert alive == [], f"a test left {len(alive)} job process(es) running"

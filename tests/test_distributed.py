@@ -21,7 +21,7 @@ from engine import pretrain, reward, sft
 from engine.config import ConfigError, from_dict, save_config
 from engine.runio import read_events
 from engine.tokenizer import train_tokenizer
-from workbench.runner import run_job, stage_command
+from workbench.jobs import run_job, stage_command
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the cat sat on a mat and the dog ran to the red ball while birds sang in old trees".split()

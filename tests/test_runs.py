@@ -7,7 +7,10 @@ import time
 
 import pytest
 
-from workbench.runs import LOST, EventTail, RunStore, parent_runs, process_alive
+from workbench.jobs import LOST
+from workbench.process import alive as process_alive
+from workbench.runfold import EventTail
+from workbench.runs import RunStore, parent_runs
 
 
 def make_run(project, name, config=None, events=()):

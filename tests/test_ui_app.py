@@ -9,7 +9,7 @@ import pytest
 from PySide6.QtCore import QSettings
 
 from workbench.demo import write_demo_project
-from workbench.runs import process_alive
+from workbench.process import alive as process_alive
 
 pytestmark = pytest.mark.slow
 JOB_TIMEOUT_MS = 180_000
@@ -177,7 +177,7 @@ def test_stop_resume_and_reattach_after_a_restart(qtbot, project, make_window, t
     w2 = make_window(project)
     assert name in w2.ctx.jobs and w2.ctx.jobs[name].running
     job2 = w2.ctx.jobs[name]
-    assert job2.events[0]["type"] == "start" and job2.events[0]["pid"] == pid
+    assert job2.fold.listed[0]["type"] == "start" and job2.fold.listed[0]["pid"] == pid
     panel2 = w2.pages["pretrain"]
     assert panel2.run.name == name and panel2.stop_btn.isEnabled()
     qtbot.waitUntil(lambda: len(panel2.plots.history.arrays("train/loss")[0]) > 0, timeout=10_000)

@@ -6,7 +6,6 @@ the first start into the user's data folder, on a worker thread while the window
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import signal
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 
 from PySide6.QtCore import QSettings, QStandardPaths, QTimer
 from PySide6.QtWidgets import QApplication
+
+from ui.collector import install_gc
 
 APP_NAME = "workbench"
 
@@ -39,33 +40,6 @@ def make_app(argv: list[str] | None = None) -> QApplication:
     app.setWindowIcon(app_icon())
     install_gc()
     return app
-
-
-_collector = None
-
-
-def install_gc() -> None:
-    """Python's cyclic garbage collector runs in whichever thread allocates when it triggers;
-    run from a worker thread it can free Qt wrappers the UI thread is using (seen as a crash
-    about once in 20 data previews). So automatic collection is off and a UI-thread timer
-    collects instead, as pyqtgraph's GarbageCollector does."""
-    global _collector
-    if _collector is None:
-        from pyqtgraph.util.garbage_collector import GarbageCollector
-        _collector = GarbageCollector(interval=1.0, debug=False)
-
-
-def settle_gc() -> None:
-    """Collect once and freeze what survives (modules, classes, torch, the window and its
-    pages). The timer's full collections then walk only what was made since, a few thousand
-    objects instead of ~350,000: unfrozen, each one held the UI thread for 250-300 ms."""
-    gc.collect()
-    gc.freeze()
-
-
-def thaw_gc() -> None:
-    """Before a project's pages are dropped: let the collector see them again."""
-    gc.unfreeze()
 
 
 def choose_project(args, settings: QSettings) -> tuple[Path, bool]:

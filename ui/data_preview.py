@@ -48,6 +48,7 @@ class Request:
     tokenizer: Path | None = None
     shown: int = DEFAULT_SHOWN
     seq_len: int = DEFAULT_SEQ_LEN
+    simulated: bool = False         # project rankings: the simulated annotator's too
 
 
 @dataclass
@@ -183,6 +184,27 @@ def load_preferences(req: Request, emit: Callable, cancelled: Callable) -> Previ
     if n == 0 and not out.problems:
         out.problems.append(f"{', '.join(map(str, req.paths)) or 'no files'}: no preference records")
     out.summary = f"{n:,} ranked records · {pairs:,} comparison pairs for the reward model"
+    return out
+
+
+def load_project_rankings(req: Request, emit: Callable, cancelled: Callable) -> Preview:
+    """The rankings a reward run would be given (req.paths = [the project folder]), read from
+    the store exactly as Start writes them into the run folder."""
+    import tempfile
+    from workbench.preferences import write_rm_dataset
+    from workbench.store import Store
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rankings.jsonl"
+        with Store.for_project(req.paths[0]) as store:
+            n = write_rm_dataset(store, path, include_simulated=req.simulated)
+        if n == 0:
+            return Preview("preferences", ["this project has no rankings to train on yet: rank some "
+                                           "answers in Sample & Rank" + ("" if req.simulated else
+                                                                         " (or include simulated rankings)")])
+        out = load_preferences(Request([path], shown=req.shown), emit, cancelled)
+    out.records = [("this project", r) for _name, r in out.records]
+    out.note = ("The project's rankings" + (", simulated ones included," if req.simulated else "")
+                + " as Start writes them into the run folder (rankings.jsonl).")
     return out
 
 
@@ -330,6 +352,9 @@ class DataPreview(QWidget):
     def show_preferences(self, paths: list[Path]) -> None:
         self._start("preferences", load_preferences, Request(list(paths)))
 
+    def show_project_rankings(self, project: Path, simulated: bool) -> None:
+        self._start("preferences", load_project_rankings, Request([Path(project)], simulated=simulated))
+
     def set_seq_len(self, n: int) -> None:
         """The context SFT will cut examples to (the model's max_seq_len, or the config's)."""
         self.seq_spin.setValue(n)
@@ -360,7 +385,7 @@ class DataPreview(QWidget):
     def _again(self) -> None:
         if self._request is not None:
             kind, fn, req = self._request
-            self._start(kind, fn, Request(req.paths, req.tokenizer))
+            self._start(kind, fn, Request(req.paths, req.tokenizer, simulated=req.simulated))
 
     def _controls(self, kind: str | None, has_tokenizer: bool) -> None:
         units = {"sft": " examples", "prompts": " prompts", "preferences": " records"}

@@ -16,16 +16,32 @@ from PySide6.QtWidgets import (QFileDialog, QInputDialog, QLabel, QListWidget, Q
                                QMessageBox, QSplitter, QStackedWidget, QTabWidget, QVBoxLayout, QWidget)
 
 from engine.runio import format_duration
+from workbench import stages
 from workbench.project import Project, ProjectError, create_project
-from ui.app import settle_gc, thaw_gc
+from ui import help as help_pages
+from ui.collector import settle_gc, thaw_gc
 from ui.icons import app_icon, icon, status_color
 from ui.project_context import ProjectContext
 from ui.runs_browser import RunsBrowser, result_text
 from ui.stage_pages import make_panel
 from ui.status_bar import MachineStatus
 
-SIDEBAR = [("tokenizer", "Tokenizer"), ("pretrain", "Pretrain"), ("sft", "SFT"), ("rank", "Sample & Rank"),
-           ("reward", "Reward model"), ("ppo", "PPO"), ("chat", "Chat"), ("runs", "Runs")]
+# Pages that are not a stage's own, by key.
+OTHER_PAGES = {"rank": "Sample & Rank", "chat": "Chat", "runs": "Runs"}
+
+
+def sidebar() -> list[tuple[str, str]]:
+    """(page key, title) in pipeline order: a page per stage of the catalogue (a stage with a
+    `page` lives on that one, as sampling lives on Sample & Rank), then chat and the runs."""
+    pages: list[tuple[str, str]] = []
+    for s in stages.STAGES:
+        key = s.page or s.name
+        if key not in (k for k, _ in pages):
+            pages.append((key, OTHER_PAGES.get(key, s.title)))
+    return pages + [("chat", OTHER_PAGES["chat"]), ("runs", OTHER_PAGES["runs"])]
+
+
+SIDEBAR = sidebar()
 MAX_RECENT = 8
 
 
@@ -89,8 +105,15 @@ class MainWindow(QMainWindow):
         self._action(file, "&Quit", self.close, QKeySequence.StandardKey.Quit)
         view = self.menuBar().addMenu("&View")
         for i, (key, label) in enumerate(SIDEBAR):
-            self._action(view, label, lambda _=False, k=key: self.go(k), QKeySequence(f"Ctrl+{i + 1}"))
+            # "&&": a lone & in a menu marks the next letter as the mnemonic ("Sample _Rank").
+            self._action(view, label.replace("&", "&&"), lambda _=False, k=key: self.go(k),
+                         QKeySequence(f"Ctrl+{i + 1}") if i < 9 else None)
         helpm = self.menuBar().addMenu("&Help")
+        self._action(helpm, "&Keyboard shortcuts", self.show_shortcuts, QKeySequence("Ctrl+/"))
+        guide = helpm.addMenu("&Guide")
+        for text, heading in help_pages.SECTIONS:
+            self._action(guide, text, lambda _=False, h=heading: help_pages.guide_dialog(h, self).exec())
+        helpm.addSeparator()
         self._action(helpm, "&About the workbench", self.about)
         self._fill_recent()
 
@@ -184,6 +207,9 @@ class MainWindow(QMainWindow):
         if self.ctx is not None:
             QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.ctx.path)))
 
+    def show_shortcuts(self) -> None:
+        help_pages.shortcuts_dialog(SIDEBAR, self).exec()
+
     def about(self) -> None:
         QMessageBox.about(self, "About the workbench",
                           "<b>The workbench</b><p>Tokenizer → pretraining → SFT → ranking → reward model → "
@@ -198,10 +224,11 @@ class MainWindow(QMainWindow):
         from ui.compare_view import CompareView
         from ui.ranking_view import RankingView
         ctx = self.ctx
-        for stage in ("tokenizer", "pretrain", "sft", "reward", "ppo"):
-            panel = make_panel(ctx, stage)
-            panel.runSelected.connect(lambda _n: self.update_lineage())
-            self.pages[stage] = panel
+        for key, _title in SIDEBAR:
+            if key in stages.BY_NAME:
+                panel = make_panel(ctx, key)
+                panel.runSelected.connect(lambda _n: self.update_lineage())
+                self.pages[key] = panel
         rank = QTabWidget()
         self.ranking = RankingView(ctx.path, checkpoints=ctx.checkpoints)
         self.sample_panel = make_panel(ctx, "sample")
@@ -287,24 +314,23 @@ class MainWindow(QMainWindow):
     def _state(self, key: str) -> tuple[str, str | None]:
         ctx = self.ctx
         if key == "runs":
-            return f"{len(ctx.run_list())} runs", None
+            n = len(ctx.run_list())
+            return f"{n} run{'s' * (n != 1)}", None
         if key == "chat":
             return f"{len(ctx.checkpoints())} checkpoints", None
-        stage = "sample" if key == "rank" else key
+        stage = next((st.name for st in stages.STAGES if (st.page or st.name) == key), key)
         job = next((j for j in ctx.running_jobs() if j.stage == stage), None)
         if job is not None:
-            p = job.progress
+            p, eta = job.progress, job.fold.eta_s()
             if p and p.get("total"):
                 text = f"running {p['step'] / max(p['total'], 1):.0%}"
-                if p.get("eta_s") is not None:
-                    text += f" · ETA {format_duration(p['eta_s'])}"
+                if eta is not None:
+                    text += f" · ETA {format_duration(eta)}"
                 return text, "running"
             return "running", "running"
         if key == "rank":
-            # The run index's connection is open anyway; a read needs no transaction of its own.
-            conn = ctx.runs.store.conn
-            n = conn.execute("SELECT COUNT(*) FROM rankings WHERE withdrawn_at IS NULL").fetchone()[0]
-            b = conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
+            # The run index's connection is open anyway.
+            b, n = ctx.runs.store.counts()
             return f"{b} batch{'es' * (b != 1)} · {n} ranking{'s' * (n != 1)}", None
         info = ctx.latest(stage)
         if info is None:

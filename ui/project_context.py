@@ -1,26 +1,29 @@
 """The open project as the widgets see it: its runs, its jobs, and signals when either changes.
 
 Widgets are given this object and subscribe to it (DESIGN.md: a widget never owns training
-state). It starts jobs through ui/jobs.py, re-attaches to jobs a previous app session left
-running, and keeps the run store in step with the folders on a slow timer, so a run made by
-the CLI in a terminal appears in the app without a refresh button.
+state). It makes run folders through workbench/runfolder.py and starts jobs through ui/jobs.py
+(both shared with the CLI and the pipeline), re-attaches to jobs a previous app session left
+running, and keeps the run index in step with the folders on a slow timer, so a run made by the
+CLI in a terminal appears in the app without a refresh button.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import Optional
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
-from engine.config import save_config, to_dict
+from engine.checkpoint import latest_checkpoint
+from engine.config import to_dict
+from workbench import runfolder, stages
+from workbench.process import alive as process_alive
+from workbench.process import reap
 from workbench.project import Project
-from workbench.runs import RunInfo, RunStore, lineage_of, process_alive
-from ui.jobs import Job, reap
+from workbench.runs import RunInfo, RunStore, lineage_of
+from ui.jobs import Job
 
 SYNC_MS = 3000
 SYNC_BYTES = 256 * 1024     # per run and turn: ~2,500 events, ~25 ms
-# Which stages' runs a picker for an artifact kind offers.
-ARTIFACT_STAGES = {"tokenizer": ("tokenizer",), "checkpoint": ("pretrain", "sft", "ppo"), "reward": ("reward",)}
 
 
 class ProjectContext(QObject):
@@ -86,41 +89,65 @@ class ProjectContext(QObject):
         runs = self.run_list(stage)
         return runs[0] if runs else None
 
+    def usable(self, r: RunInfo, kind: str) -> bool:
+        """Does the run hold an artifact of this kind yet (a finished tokenizer, a checkpoint)?"""
+        if r.stage not in stages.ARTIFACT_STAGES.get(kind, ()):
+            return False
+        if kind == "tokenizer":
+            return (r.path / "tokenizer.json").exists()
+        return latest_checkpoint(r.path / "checkpoints") is not None
+
     def artifacts(self, kind: str) -> list[tuple[str, Path]]:
-        """Choices for an artifact picker: finished or checkpointed runs, newest first."""
+        """Choices for an artifact picker: runs that hold one, newest first."""
         out = []
         for r in self.run_list():
-            if r.stage not in ARTIFACT_STAGES.get(kind, ()):
+            if not self.usable(r, kind):
                 continue
             if kind == "tokenizer":
-                if (r.path / "tokenizer.json").exists():
-                    out.append((f"{r.name} (vocab {int(r.metrics.get('tokenizer/vocab_size', 0)) or '?'})", r.path))
-            elif any((r.path / "checkpoints").glob("step-*")):
+                out.append((f"{r.name} (vocab {int(r.metrics.get('tokenizer/vocab_size', 0)) or '?'})", r.path))
+            else:
                 out.append((f"{r.name} ({r.status}, step {r.step})", r.path))
         return out
 
     def checkpoints(self) -> list[tuple[str, Path]]:
-        return self.artifacts("checkpoint")
+        """Language models to chat with or sample from: fine-tuned ones first (SFT, PPO),
+        newest first, then base models."""
+        found = self.artifacts("checkpoint")
+        tuned = [c for c in found if stages.stage_of_folder(c[1].name) != "pretrain"]
+        return tuned + [c for c in found if c not in tuned]
+
+    def newest(self, parent: stages.Parent) -> Optional[Path]:
+        """The newest run that holds what `parent` loads, of a stage it expects."""
+        for r in self.run_list():
+            if r.stage in parent.expects and self.usable(r, parent.kind):
+                return r.path
+        return None
+
+    def suggested_values(self, stage: str) -> dict:
+        return runfolder.suggested_values(self.project, stage, self.newest)
 
     # --- jobs -----------------------------------------------------------------------------------
 
     def new_run_dir(self, stage: str) -> Path:
         return self.project.new_run_dir(stage)
 
-    def launch(self, stage: str, config, run_dir: Path | None = None) -> Job:
-        """Write the config into a (new) run folder, with paths inside the project made
-        relative to it so the project folder can be moved, and start the stage."""
-        run_dir = run_dir or self.new_run_dir(stage)
-        values = relativize(to_dict(config), run_dir, self.path)
-        from workbench.forms import config_class
-        from engine.config import from_dict
-        save_config(from_dict(config_class(stage), values), run_dir / "config.json")
+    def launch(self, stage: str, values, rankings: runfolder.Rankings | None = None) -> Job:
+        """Make a new run folder from `values` (a dict, or a stage's config) and start it.
+        Raises ConfigError or ValueError, leaving no folder, when it cannot start."""
+        if not isinstance(values, dict):
+            values = to_dict(values)
+        run_dir = runfolder.new_run(self.project, stage, values, rankings=rankings)
         return self._start(Job(stage, run_dir, self))
 
-    def resume(self, name: str) -> Job:
+    def resume(self, name: str, values: dict | None = None) -> Job:
+        """Continue a run from its last checkpoint; `values` (edits made before Resume, such as
+        a larger max_steps) go into its config first. The engine refuses changes that would
+        make it a different run, and says which."""
         info = self.run(name)
         if info is None:
             raise KeyError(name)
+        if values is not None:
+            runfolder.write_config(info.stage, values, info.path, self.path)
         return self._start(Job(info.stage, info.path, self))
 
     def _start(self, job: Job) -> Job:
@@ -153,21 +180,3 @@ class ProjectContext(QObject):
 
     def running_jobs(self) -> list[Job]:
         return [j for j in self.jobs.values() if j.running]
-
-
-def relativize(values: dict, run_dir: Path, project_dir: Path) -> dict:
-    """Absolute paths inside the project -> relative to the run folder (how the engine reads
-    them); anything else as given."""
-    from workbench.forms import ARTIFACT_FIELDS, DATA_FIELDS
-    root = os.path.abspath(project_dir)
-
-    def rel(v):
-        if isinstance(v, str) and os.path.isabs(v) and os.path.abspath(v).startswith(root + os.sep):
-            return os.path.relpath(v, run_dir)
-        return v
-
-    out = dict(values)
-    for key, v in values.items():
-        if key in ARTIFACT_FIELDS or key in DATA_FIELDS:
-            out[key] = [rel(x) for x in v] if isinstance(v, list) else rel(v)
-    return out

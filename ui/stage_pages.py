@@ -2,47 +2,32 @@
 learned) and the reward model (train on the rankings made in this project)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel
 
-from workbench.preferences import count_for_training, write_rm_dataset
+from workbench import runfolder
+from workbench.preferences import count_for_training
+from workbench.stages import Parent
 from workbench.store import Store
 from ui.stage_panel import StagePanel
 from ui.token_view import TokenInspector
 
-BLURBS = {
-    "tokenizer": "Learn a byte-level BPE vocabulary from the corpus, with the chat template's special "
-                 "tokens. Every later stage uses it.",
-    "pretrain": "Train a small GPT-style model from scratch to predict the next token of the corpus. "
-                "Watch the validation loss fall below the unigram baseline.",
-    "sft": "Supervised fine-tuning: teach the pretrained model to answer, on prompt/response pairs "
-           "rendered through the chat template. Only the answer tokens are trained on.",
-    "sample": "Sample K answers per prompt from a checkpoint, to be ranked.",
-    "reward": "Train a reward model on the rankings: a scalar head on the SFT model, scored on every "
-              "pair of each ranking. Held-out pairwise accuracy says how well it agrees with people.",
-    "ppo": "Optimise the SFT policy against the reward model with PPO, held near the SFT model by a "
-           "KL penalty. Watch score, KL and entropy together: a score that rises while KL explodes "
-           "is reward hacking.",
-}
-TITLES = {"tokenizer": "Tokenizer", "pretrain": "Pretrain", "sft": "Supervised fine-tuning",
-          "sample": "Sample answers", "reward": "Reward model", "ppo": "PPO"}
-
 
 class TokenizerPanel(StagePanel):
     def __init__(self, ctx, parent=None):
-        super().__init__(ctx, "tokenizer", TITLES["tokenizer"], BLURBS["tokenizer"], parent)
+        super().__init__(ctx, "tokenizer", parent)
         self.inspector = TokenInspector()
         self.tabs.insertTab(0, self.inspector, "Inspect")
         self.runSelected.connect(self._inspect)
+        # A run that finishes while shown has a tokenizer now: inspect it.
+        ctx.jobFinished.connect(lambda job: self._inspect(self.run.name if self.run else "")
+                                if job.stage == "tokenizer" else None)
         self._inspect(self.run.name if self.run else "")
 
     def _inspect(self, name: str) -> None:
         info = self.ctx.run(name) if name else None
         if info is None:
             # A new run: inspect the newest finished tokenizer, if any.
-            newest = self._newest("tokenizer")
-            path = newest
+            path = self.ctx.newest(Parent("tokenizer", "tokenizer", ("tokenizer",)))
         else:
             path = info.path
         self.inspector.set_tokenizer(path if path is not None and (path / "tokenizer.json").exists() else None)
@@ -53,10 +38,9 @@ class TokenizerPanel(StagePanel):
 class RewardPanel(StagePanel):
     """Adds 'train on this project's rankings': written into the run folder at Start, so the
     run is reproducible from its folder even after more rankings are made."""
-    DATA_FILE = "rankings.jsonl"
-
     def __init__(self, ctx, parent=None):
-        super().__init__(ctx, "reward", TITLES["reward"], BLURBS["reward"], parent)
+        self.use_store = None       # the base class shows a run (and previews) before these exist
+        super().__init__(ctx, "reward", parent)
         self.use_store = QCheckBox("Train on this project's rankings")
         self.use_simulated = QCheckBox("include simulated rankings")
         self.use_store.setToolTip("Export the rankings made in this project (Sample & Rank) into the "
@@ -103,32 +87,35 @@ class RewardPanel(StagePanel):
             self.use_simulated.setChecked(human == 0 and simulated > 0)
         self._apply()
 
+    def _on_project_rankings(self) -> bool:
+        return self.use_store is not None and self.use_store.isChecked() and self.run is None
+
     def _apply(self, *_):
-        on = self.use_store.isChecked() and self.run is None
         self.use_simulated.setEnabled(self.use_store.isChecked())
-        self.form.set_override("data", [self.DATA_FILE] if on else None)
+        self.form.set_override("data", [runfolder.RANKINGS] if self._on_project_rankings() else None)
+        # The preview reads every ranking: only when what Start would write has changed.
+        key = (self._on_project_rankings(), self.use_simulated.isChecked(), getattr(self, "_n", None))
+        if key != getattr(self, "_previewed", None):
+            self._previewed = key
+            self.refresh_preview()
 
     def show_run(self, info) -> None:
         super().show_run(info)
-        if hasattr(self, "use_store"):
+        if self.use_store is not None:
             self.use_store.setEnabled(info is None)
             self._apply()
 
     def refresh_preview(self) -> None:
-        if getattr(self, "use_store", None) is not None and self.use_store.isChecked() and self.run is None:
-            self._data_ok = True        # the rankings are written at Start; the count says what
-            self._update_buttons()
+        if self._on_project_rankings():
+            # What Start will write into the run folder, read from the store as it will be.
+            self.preview.show_project_rankings(self.ctx.path, self.use_simulated.isChecked())
             return
         super().refresh_preview()
 
-    def prepare_run_dir(self, run_dir: Path) -> None:
-        if self.use_store.isChecked():
-            with Store.for_project(self.ctx.path) as store:
-                n = write_rm_dataset(store, run_dir / self.DATA_FILE,
-                                     include_simulated=self.use_simulated.isChecked())
-            if n == 0:
-                raise ValueError("There are no rankings to train on yet: rank some answers in Sample & Rank "
-                                 "(or include simulated rankings).")
+    def rankings(self) -> runfolder.Rankings | None:
+        if not self._on_project_rankings():
+            return None
+        return runfolder.Rankings(include_simulated=self.use_simulated.isChecked())
 
 
 def make_panel(ctx, stage: str) -> StagePanel:
@@ -136,4 +123,4 @@ def make_panel(ctx, stage: str) -> StagePanel:
         return TokenizerPanel(ctx)
     if stage == "reward":
         return RewardPanel(ctx)
-    return StagePanel(ctx, stage, TITLES[stage], BLURBS[stage])
+    return StagePanel(ctx, stage)

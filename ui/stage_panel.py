@@ -1,10 +1,12 @@
 """One training stage's page: settings, inputs and their preview, Start / Stop / Resume,
 progress, live plots, samples, the log, and the error of a failed run.
 
-The panel shows one run at a time: "New run" (the form, filled with suggested settings) or an
-existing run of the stage (its settings, its plots from events.jsonl, and, while it runs, new
-events as the job reads them). It never trains anything itself; it asks the ProjectContext
-to launch or resume a job and subscribes to that job's signals.
+The panel shows one run at a time: "New run" (the form, filled with the settings the catalogue
+and the project suggest) or an existing run of the stage (its settings, and what its events
+say). What it shows of a run comes from one fold of the run's events (workbench/runfold.py):
+the live job's when the run is running, else a RunLoader's that reads the file a slice at a
+time; either way the curves, samples and progress are the same. It never trains anything
+itself; it asks the ProjectContext to launch or resume a job and subscribes to its signals.
 """
 from __future__ import annotations
 
@@ -12,20 +14,22 @@ import html
 import json
 from pathlib import Path
 
-from PySide6.QtCore import QObject, Qt, QTimer, Signal
+from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (QComboBox, QFrame, QHBoxLayout, QLabel, QMessageBox,
                                QPlainTextEdit, QProgressBar, QPushButton, QScrollArea, QSplitter,
                                QTabWidget, QTextBrowser, QVBoxLayout, QWidget)
 
-from engine.config import from_dict, save_config
+from engine.checkpoint import resolve_checkpoint
+from engine.config import ConfigError
 from engine.runio import format_count, format_duration
-from workbench.forms import ARTIFACT_FIELDS, DATA_FIELDS, check, config_class, defaults
-from workbench.runs import EventTail, RunInfo
-from workbench.suggest import suggested_values
+from workbench import runfolder, stages
+from workbench.forms import check
+from workbench.runs import RunInfo, estimate_seconds
 from ui.config_form import ConfigForm
 from ui.data_preview import DataPreview
-from ui.plots import PlotGrid, RunHistory
-from ui.project_context import ProjectContext, relativize
+from ui.jobs import RunLoader
+from ui.plots import PlotGrid
+from ui.project_context import ProjectContext
 
 NEW_RUN = "New run"
 ERROR_STYLE = ("QFrame#error { border: 1px solid #d9534f; border-radius: 4px; "
@@ -35,26 +39,41 @@ ERROR_STYLE = ("QFrame#error { border: 1px solid #d9534f; border-radius: 4px; "
 class StagePanel(QWidget):
     runSelected = Signal(str)        # run name, '' for a new run
 
-    def __init__(self, ctx: ProjectContext, stage: str, title: str, blurb: str, parent=None):
+    def __init__(self, ctx: ProjectContext, stage: str, parent=None):
         super().__init__(parent)
         self.ctx, self.stage = ctx, stage
+        self.spec = stages.spec(stage)
         self.run: RunInfo | None = None       # the run shown; None = a new run
-        self._job = None
-        self._loader: HistoryLoader | None = None
+        self._source = None                   # the live Job or the RunLoader of the shown run
+        self._suggested: dict = {}            # what a new run was last offered
+        self._steps_seen = None
         self._data_ok = True
+        self._build()
+        self._preview_timer = QTimer(self, singleShot=True, interval=400)
+        self._preview_timer.timeout.connect(self.refresh_preview)
+        ctx.runsChanged.connect(self._on_runs_changed)
+        ctx.jobStarted.connect(self._on_job_started)
+        self._fill_runs()
+        # Open on the newest run (its plots are what a returning user wants to see); "New run"
+        # is one click away, and Start also starts a new run from a shown run's settings.
+        self.show_run(ctx.latest(stage))
 
-        # --- left: run, settings, controls -------------------------------------------------
-        heading = QLabel(f"<h2 style='margin:0'>{html.escape(title)}</h2>")
-        about = QLabel(blurb)
+    def _build(self) -> None:
+        heading = QLabel(f"<h2 style='margin:0'>{html.escape(self.spec.heading)}</h2>")
+        about = QLabel(self.spec.blurb)
         about.setWordWrap(True)
-        about.setForegroundRole(about.foregroundRole())
         self.run_combo = QComboBox()
         self.run_combo.setToolTip("Start a new run, or open one of this stage's runs to see its plots, "
                                   "resume it or watch it train")
+        self.run_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.run_combo.setMinimumContentsLength(20)
         self.run_combo.activated.connect(self._on_run_chosen)
-        self.form = ConfigForm(stage, ctx.artifacts)
+        self.form = ConfigForm(self.stage, self.ctx.artifacts)
         self.form.validity.connect(lambda _e: self._update_buttons())
-        self.form.changed.connect(self._schedule_preview)
+        self.form.changed.connect(self._on_form_changed)
+        self.notes = QLabel()
+        self.notes.setWordWrap(True)
+        self.notes.setTextFormat(Qt.TextFormat.RichText)
         self.extra = QVBoxLayout()          # subclasses put stage-specific inputs here
         self.start_btn = QPushButton("Start")
         self.start_btn.setDefault(True)
@@ -93,6 +112,7 @@ class StagePanel(QWidget):
         left.addLayout(row)
         left.addWidget(self.form)
         left.addLayout(self.extra)
+        left.addWidget(self.notes)
         left.addLayout(buttons)
         left.addWidget(self.progress)
         left.addWidget(self.progress_label)
@@ -102,12 +122,12 @@ class StagePanel(QWidget):
         scroll = QScrollArea()
         scroll.setWidget(left_inner)
         scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         scroll.setFrameShape(QFrame.Shape.NoFrame)
-        scroll.setMinimumWidth(360)
+        scroll.setMinimumWidth(380)
 
-        # --- right: what the run shows ----------------------------------------------------
         self.tabs = QTabWidget()
-        self.plots = PlotGrid(stage)
+        self.plots = PlotGrid(self.stage)
         self.samples = QTextBrowser()
         self.samples.setOpenLinks(False)
         self.log = QPlainTextEdit()
@@ -125,21 +145,10 @@ class StagePanel(QWidget):
         split.addWidget(scroll)
         split.addWidget(self.tabs)
         split.setStretchFactor(1, 1)
-        split.setSizes([420, 900])
+        split.setSizes([440, 880])
         lay = QVBoxLayout(self)
         lay.setContentsMargins(6, 6, 6, 6)
         lay.addWidget(split)
-
-        self._preview_timer = QTimer(self)
-        self._preview_timer.setSingleShot(True)
-        self._preview_timer.setInterval(400)
-        self._preview_timer.timeout.connect(self.refresh_preview)
-        ctx.runsChanged.connect(self._on_runs_changed)
-        ctx.jobStarted.connect(self._on_job_started)
-        self._fill_runs()
-        # Open on the newest run (its plots are what a returning user wants to see); "New run"
-        # is one click away, and Start also starts a new run from a shown run's settings.
-        self.show_run(ctx.latest(stage))
 
     # --- which run is shown -------------------------------------------------------------------
 
@@ -150,6 +159,8 @@ class StagePanel(QWidget):
         self.run_combo.addItem(NEW_RUN, "")
         for r in self.ctx.run_list(self.stage):
             self.run_combo.addItem(f"{r.name} — {r.status}", r.name)
+            self.run_combo.setItemData(self.run_combo.count() - 1, f"{r.name} — {r.status}",
+                                       Qt.ItemDataRole.ToolTipRole)
         i = self.run_combo.findData(current)
         self.run_combo.setCurrentIndex(max(i, 0))
         self.run_combo.blockSignals(False)
@@ -165,152 +176,151 @@ class StagePanel(QWidget):
         self.show_run(self.ctx.run(name))
 
     def show_run(self, info: RunInfo | None) -> None:
-        self._detach()
+        self._drop_source()
         self.run = info
         i = self.run_combo.findData(info.name if info else "")
         self.run_combo.setCurrentIndex(max(i, 0))
         self.plots.clear()
         self.samples.clear()
         self.log.clear()
+        self.progress.setRange(0, 1)
         self.progress.setValue(0)
         self.progress_label.setText(" ")
         self.error_box.hide()
         self.form.refresh_choices()
         if info is None:
-            values = defaults(self.stage)
-            values.update(suggested_values(self.ctx.project, self.stage, self._newest))
-            self.form.set_values(values)
-            self.status_label.setText("A new run: check the settings and the Data tab, then Start.")
+            self._suggested = self.ctx.suggested_values(self.stage)
+            self.form.set_values(self._suggested)
         else:
-            # A run saved before a setting existed has that setting's default.
-            self.form.set_values({**defaults(self.stage), **_read_config(info.path)})
+            self.form.set_values(runfolder.form_values(self.stage, info.path))
             job = self.ctx.job_for(info.name)
-            if job is not None:
-                # The plots show the job's own buffers; new metrics only need a redraw.
-                self.plots.set_history(job.history)
-                self._add_events(job.events + ([job.progress] if job.progress else []))
-                if job.running:
-                    self._attach(job)
-            else:
-                self._load_history(info)
-            self._show_status()
+            self._follow(job if job is not None else RunLoader(info.path, self).start())
+        self._steps_seen = self._steps()
+        self._show_status()
+        self._update_notes()
         self.refresh_preview()
         self._update_buttons()
         self.runSelected.emit(info.name if info else "")
 
-    def _load_history(self, info: RunInfo) -> None:
-        """A finished run's events, folded into plot buffers a slice at a time: a long run's
-        file takes a second to read, and the window must not freeze meanwhile."""
-        self._drop_loader()
-        self.progress_label.setText("loading the run's events…")
-        self._loader = HistoryLoader(info.path, self)
-        self._loader.loaded.connect(lambda history, others, name=info.name:
-                                    self._history_loaded(name, history, others))
-        self._loader.start()
+    def _follow(self, source) -> None:
+        """Show a run through its fold: what it holds now, then each batch of new events."""
+        self._source = source
+        fold = source.fold
+        self.plots.set_history(fold.history)
+        self._list_events(fold.listed)
+        self._show_progress()
+        source.eventsArrived.connect(self._on_events)
+        if hasattr(source, "finished"):
+            source.finished.connect(self._on_finished)
+        else:
+            self.progress_label.setText("loading the run's events…")
+            source.loaded.connect(self._on_loaded)
 
-    def _history_loaded(self, name: str, history: RunHistory, others: list) -> None:
-        if self.run is None or self.run.name != name:
-            return          # the user moved on to another run meanwhile
-        self.plots.set_history(history)
-        self.progress_label.setText(" ")
-        self._add_events(others)
+    def _drop_source(self) -> None:
+        source, self._source = self._source, None
+        if source is None:
+            return
+        for sig, slot in ((source.eventsArrived, self._on_events),
+                          (getattr(source, "finished", None), self._on_finished),
+                          (getattr(source, "loaded", None), self._on_loaded)):
+            if sig is not None:
+                try:
+                    sig.disconnect(slot)
+                except (RuntimeError, TypeError):
+                    pass
+        if isinstance(source, RunLoader):
+            # A loader is the panel's child: dropped ones would keep their half-read folds
+            # alive until the panel goes, one per run clicked.
+            source.cancel()
+            source.deleteLater()
 
     def shutdown(self) -> None:
-        self._drop_loader()
-
-    def _drop_loader(self) -> None:
-        # A loader is the panel's child: dropped ones would keep their half-read histories
-        # alive until the panel goes, one per run clicked.
-        if self._loader is not None:
-            self._loader.cancel()
-            self._loader.deleteLater()
-            self._loader = None
-
-    def _newest(self, stage: str) -> Path | None:
-        kind = {"tokenizer": "tokenizer", "reward": "reward"}.get(stage, "checkpoint")
-        for _label, path in self.ctx.artifacts(kind):
-            if path.name.startswith(stage + "-"):
-                return path
-        return None
+        self._drop_source()
 
     def _on_runs_changed(self) -> None:
         self._fill_runs()
+        self.form.refresh_choices()
         if self.run is not None:
             self.run = self.ctx.run(self.run.name)
             if self.run is None:
                 self.show_run(None)
                 return
             self._show_status()
-        self.form.refresh_choices()
+        else:
+            self._follow_suggestions()
+        self.form.validate()
+        self._update_notes()
         self._update_buttons()
+
+    def _follow_suggestions(self) -> None:
+        """A new run's inputs follow the newest runs (a tokenizer just trained, a newer SFT
+        model) until the user picks something else."""
+        fresh = self.ctx.suggested_values(self.stage)
+        current = self.form.values()
+        watched = {p.field for p in self.spec.parents} | {d.field for d in self.spec.data}
+        changes = {k: fresh[k] for k in watched & set(fresh)
+                   if fresh[k] != current.get(k) and current.get(k) in (None, "", [], self._suggested.get(k))}
+        self._suggested = fresh
+        if changes:
+            self.form.set_values({**current, **changes})
 
     def _on_job_started(self, job) -> None:
         # A job of this stage started (here, from the ranking view, or re-attached): show it.
         if job.stage == self.stage:
             self.select_run(job.run_dir.name)
 
-    # --- the live job -------------------------------------------------------------------------
+    # --- what a run's events show -------------------------------------------------------------
 
-    def _attach(self, job) -> None:
-        self._job = job
-        job.eventsArrived.connect(self._add_job_events)
-        job.finished.connect(self._on_finished)
+    def _on_events(self, events: list[dict]) -> None:
+        self._list_events([e for e in events if e.get("type") in ("start", "done", "log", "sample", "checkpoint")])
+        self.plots.refresh()
+        self._show_progress()
 
-    def _detach(self) -> None:
-        if self._job is not None:
-            for sig, slot in ((self._job.eventsArrived, self._add_job_events), (self._job.finished, self._on_finished)):
-                try:
-                    sig.disconnect(slot)
-                except (RuntimeError, TypeError):
-                    pass
-        self._job = None
+    def _on_loaded(self) -> None:
+        self._show_progress()
 
     def _on_finished(self, status: str, error) -> None:
         # The context synced the run store on this same signal (it connected first).
-        self._detach()
         if self.run is not None:
-            self.run = self.ctx.run(self.run.name)
+            self.run = self.ctx.run(self.run.name) or self.run
+        self._show_progress()
         self._show_status()
         self._update_buttons()
 
-    def _add_job_events(self, events: list[dict]) -> None:
-        self._add_events(events, metrics_in_plots=True)
-
-    def _add_events(self, events: list[dict], metrics_in_plots: bool = False) -> None:
-        metrics, progress = [], None
+    def _list_events(self, events: list[dict]) -> None:
         for ev in events:
             t = ev.get("type")
-            if t == "metrics":
-                metrics.append(ev)
-            elif t == "progress":
-                progress = ev           # only the newest of a batch is worth drawing
-            elif t == "sample":
+            if t == "sample":
                 self.samples.append(f"<p><b>step {ev.get('step')}</b> · <i>{html.escape(str(ev.get('prompt', '')))}</i>"
                                     f"<br><span style='white-space:pre-wrap'>{html.escape(str(ev.get('text', '')))}</span></p>")
-            if t in ("log", "start", "done", "checkpoint"):
-                self.log.appendPlainText(_log_line(ev))
-        if progress is not None:
-            self._show_progress(progress)
-        if metrics:
-            if metrics_in_plots:
-                self.plots.refresh()
             else:
-                self.plots.load_events(metrics)
+                self.log.appendPlainText(_log_line(ev))
 
-    def _show_progress(self, ev: dict) -> None:
+    def _show_progress(self) -> None:
+        if self._source is None:
+            return
+        fold = self._source.fold
+        ev = fold.progress
+        if ev is None:
+            self.progress_label.setText(" ")
+            return
         total = max(int(ev.get("total") or 1), 1)
         self.progress.setRange(0, total)
         self.progress.setValue(min(int(ev.get("step") or 0), total))
         parts = [format_count(ev)]
         if ev.get("tokens_per_s"):
             parts.append(f"{ev['tokens_per_s'] / 1000:.1f}k tokens/s")
-        if ev.get("eta_s") is not None:
-            parts.append(f"ETA {format_duration(ev['eta_s'])}")
+        live = getattr(self._source, "running", False)
+        eta = fold.eta_s() if live else None
+        if eta is not None:
+            parts.append(f"ETA {format_duration(eta)}")
         self.progress_label.setText(" · ".join(parts))
 
     def _show_status(self) -> None:
         info = self.run
         if info is None:
+            self.status_label.setText(self._next_step())
+            self.error_box.hide()
             return
         status = "running" if self._live_job() is not None else info.status
         text = f"<b>{status}</b>"
@@ -326,32 +336,87 @@ class StagePanel(QWidget):
         else:
             self.error_box.hide()
 
+    def _next_step(self) -> str:
+        """What a new run waits for, said as the next thing to do."""
+        err = self.form.error
+        if isinstance(err, ConfigError):
+            parent = self.spec.parent(err.field)
+            if parent is not None and parent.expects and not self.ctx.newest(parent):
+                first = stages.spec(parent.expects[0])
+                return (f"Next: {first.action} on the {first.title} page; {err.field} needs one of its runs. "
+                        "Then Start here.")
+            return f"Fix the setting marked in red ({err.field}), then Start."
+        if not self._data_ok:
+            return "Fix the problems the Data tab lists, then Start."
+        return "A new run: check the settings and the Data tab, then Start."
+
+    # --- settings that depend on each other ---------------------------------------------------
+
+    def _steps(self):
+        field = self.spec.steps_field
+        return self.form.values().get(field) if field else None
+
+    def _on_form_changed(self) -> None:
+        steps = self._steps()
+        if (self.spec.follows and isinstance(steps, int) and steps > 0 and isinstance(self._steps_seen, int)
+                and steps != self._steps_seen):
+            # Intervals set as a share of the run follow its length, unless the user set them.
+            old, new = stages.follow_steps(self.spec, self._steps_seen), stages.follow_steps(self.spec, steps)
+            values = self.form.values()
+            changes = {k: new[k] for k in new if values.get(k) == old[k]}
+            if changes:
+                self.form.set_values({**values, **changes})
+        if isinstance(steps, int):
+            self._steps_seen = steps
+        self._update_notes()
+        self._preview_timer.start()
+
+    def _update_notes(self) -> None:
+        values = self.form.values()
+        notes = []
+        for p in self.spec.parents:
+            chosen = values.get(p.field)
+            stage = stages.stage_of_folder(Path(chosen).name) if isinstance(chosen, str) and chosen else None
+            if p.expects and stage and stage not in p.expects:
+                notes.append(f"⚠ {p.field} is a {stage} run: {p.why}.")
+        steps = values.get(self.spec.steps_field) if self.spec.steps_field else None
+        if isinstance(steps, int) and steps > 0:
+            late = [k for k in self.spec.follows if isinstance(values.get(k), int) and values[k] > steps]
+            if late:
+                notes.append(f"⚠ {', '.join(late)} {'is' if len(late) == 1 else 'are'} above "
+                             f"{self.spec.steps_field} ({steps}): only at the end of the run.")
+        if self.run is None or self._live_job() is None:
+            seconds, basis = estimate_seconds(self.stage, values, self.ctx.run_list(self.stage))
+            if seconds is not None:
+                notes.append(f"About {format_duration(seconds)} at the pace of {basis}.")
+        self.notes.setText("<br>".join(html.escape(n) for n in notes))
+        self.notes.setVisible(bool(notes))
+        if self.run is None:
+            self.status_label.setText(self._next_step())
+
     # --- actions ------------------------------------------------------------------------------
 
     def config_values(self) -> dict:
         return self.form.values()
 
+    def rankings(self) -> runfolder.Rankings | None:
+        """Hook: train on the project's rankings (written into the run folder at Start)."""
+        return None
+
     def start(self):
         """Start a new run with the form's settings; returns the Job (None if refused)."""
-        cfg, error = check(self.stage, self.config_values())
+        _cfg, error = check(self.stage, self.config_values())
         if error is not None:
             self.form.validate()
             return None
-        run_dir = self.ctx.new_run_dir(self.stage)
         try:
-            self.prepare_run_dir(run_dir)
-        except Exception as e:  # noqa: BLE001 - shown to the user; the half-made folder removed
-            import shutil
-            shutil.rmtree(run_dir, ignore_errors=True)
+            return self.ctx.launch(self.stage, self.config_values(), rankings=self.rankings())
+        except (ConfigError, ValueError, OSError) as e:
             QMessageBox.warning(self, "Cannot start", str(e))
             return None
-        return self.ctx.launch(self.stage, cfg, run_dir)
-
-    def prepare_run_dir(self, run_dir: Path) -> None:
-        """Hook: write a job's inputs into its folder before it starts."""
 
     def stop(self) -> None:
-        job = self.ctx.job_for(self.run.name) if self.run else None
+        job = self._live_job()
         if job is not None:
             job.stop()
             self.status_label.setText("<b>stopping</b> · saving a checkpoint")
@@ -360,16 +425,15 @@ class StagePanel(QWidget):
     def resume(self):
         if self.run is None:
             return None
-        cfg, error = check(self.stage, self.config_values())
+        _cfg, error = check(self.stage, self.config_values())
         if error is not None:
             self.form.validate()
             return None
-        # Edits made before Resume (a larger max_steps) go into the run's config; the engine
-        # refuses changes that would make it a different run, and says which.
-        values = relativize(self.config_values(), self.run.path, self.ctx.path)
-        save_config(from_dict(config_class(self.stage), values), self.run.path / "config.json")
-        job = self.ctx.resume(self.run.name)
-        return job
+        try:
+            return self.ctx.resume(self.run.name, self.config_values())
+        except (ConfigError, ValueError, OSError) as e:
+            QMessageBox.warning(self, "Cannot resume", str(e))
+            return None
 
     def _live_job(self):
         job = self.ctx.job_for(self.run.name) if self.run is not None else None
@@ -377,37 +441,52 @@ class StagePanel(QWidget):
 
     def _update_buttons(self) -> None:
         # A job just launched may not have written its start event yet: the job knows first.
-        running = self.run is not None and (self.run.status == "running" or self._live_job() is not None)
+        live = self._live_job()
+        running = self.run is not None and (self.run.status == "running" or live is not None)
         self.start_btn.setEnabled(not running and self.form.error is None and self._data_ok)
-        self.stop_btn.setEnabled(running and self._live_job() is not None)
+        self.stop_btn.setEnabled(live is not None and not live.stopping)
         self.resume_btn.setEnabled(self.run is not None and not running and self.run.resumable)
         self.form.set_editable(self.run is None or not running)
+        if self.run is None:
+            self.status_label.setText(self._next_step())
 
     # --- data preview -------------------------------------------------------------------------
-
-    def _schedule_preview(self) -> None:
-        self._preview_timer.start()
 
     def refresh_preview(self) -> None:
         values = self.form.values()
         base = self.run.path if self.run is not None else self.ctx.path
-        fields = [(k, v) for k, v in values.items() if k in DATA_FIELDS and k not in ("val_data", "ptx_data", "eval_tasks")]
-        if not fields:
+        shown = next((d for d in self.spec.data if d.preview), None)
+        if shown is None:
             self._data_ok = True
             return
-        key, value = fields[0]
+        value = values.get(shown.field)
         paths = [_resolve(base, p) for p in ([value] if isinstance(value, str) else value or [])]
-        # The reward model's `data` is rankings, not SFT records.
-        kind = "preferences" if self.stage == "reward" else DATA_FIELDS[key]
-        if kind == "pretrain":
+        if shown.kind == "pretrain":
             self.preview.show_pretrain(paths)
-        elif kind == "sft":
-            tok = values.get("tokenizer") or values.get("init")
-            self.preview.show_sft(paths, _resolve(base, tok) if tok else None)
-        elif kind == "prompts":
+        elif shown.kind == "sft":
+            self.preview.show_sft(paths, self._tokenizer_file(values, base))
+        elif shown.kind == "prompts":
             self.preview.show_prompts(paths)
-        elif kind == "preferences":
+        elif shown.kind == "preferences":
             self.preview.show_preferences(paths)
+
+    def _tokenizer_file(self, values: dict, base: Path) -> Path | None:
+        """The tokenizer the stage will use: its own field, else the one inside the checkpoint
+        it starts from (a run folder holds it in its chosen checkpoint's folder)."""
+        for name in ("tokenizer", *(p.field for p in self.spec.parents if p.kind == "checkpoint")):
+            v = values.get(name)
+            if not v:
+                continue
+            path = _resolve(base, v)
+            if path.is_file():
+                return path
+            if (path / "tokenizer.json").is_file():
+                return path / "tokenizer.json"
+            try:
+                return resolve_checkpoint(path) / "tokenizer.json"
+            except (FileNotFoundError, OSError, ValueError):
+                return None
+        return None
 
     def _on_data_validated(self, ok: bool, problems: list) -> None:
         self._data_ok = ok
@@ -416,66 +495,9 @@ class StagePanel(QWidget):
         self._update_buttons()
 
 
-class HistoryLoader(QObject):
-    """Folds a run's events.jsonl into a RunHistory on the UI thread, SLICE_BYTES per timer
-    tick, then emits `loaded(history, the other events)`.
-
-    Not on a worker thread: parsing JSON is pure Python, and a thread doing it holds the GIL,
-    so every call from Qt into Python on the UI thread (each paint of a Python widget) waits
-    for it: reopening a run of 100k events stalled the window for 0.4 s that way. A slice of
-    256 KB is ~2,500 events, about 15 ms."""
-    SLICE_BYTES = 256 * 1024
-    loaded = Signal(object, list)
-
-    def __init__(self, run_dir: Path, parent: QObject | None = None):
-        super().__init__(parent)
-        self.tail = EventTail(Path(run_dir) / "events.jsonl")
-        self.history = RunHistory()
-        self.others: list[dict] = []
-        self._timer = QTimer(self, interval=0)
-        self._timer.timeout.connect(self._step)
-
-    def start(self) -> "HistoryLoader":
-        self._timer.start()
-        return self
-
-    def cancel(self) -> None:
-        self._timer.stop()
-
-    @property
-    def busy(self) -> bool:
-        return self._timer.isActive()
-
-    def _step(self) -> None:
-        before = self.tail.offset
-        metrics = []
-        for ev in self.tail.iter_new(self.SLICE_BYTES):
-            (metrics if ev.get("type") == "metrics" else self.others).append(ev)
-        self.history.add_events(metrics)
-        if self.tail.offset == before:      # nothing more: the file is read
-            self._timer.stop()
-            self.loaded.emit(self.history, self.others)
-
-
 def _resolve(base: Path, p) -> Path:
     path = Path(p)
     return path if path.is_absolute() else (base / path).resolve()
-
-
-def _read_config(run_dir: Path) -> dict:
-    try:
-        values = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    # Paths in a run's config are relative to the run folder; the form shows them absolute.
-    for key in list(values):
-        v = values[key]
-        if key in DATA_FIELDS or key in ARTIFACT_FIELDS:
-            if isinstance(v, list):
-                values[key] = [str(_resolve(run_dir, x)) for x in v]
-            elif isinstance(v, str) and v:
-                values[key] = str(_resolve(run_dir, v))
-    return values
 
 
 def _log_line(ev: dict) -> str:

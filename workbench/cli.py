@@ -15,11 +15,12 @@ import importlib
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
-from workbench import annotate_cli, chat_cli, demo
-from workbench.runner import STAGES, config_nproc, stage_command
-from workbench.suggest import TRAINING as T   # the demo settings, shared with the app's panels
+from engine.config import ConfigError
+from workbench import annotate_cli, chat_cli, demo, runfolder, stages
+from workbench.jobs import config_nproc, stage_command
 
 EPILOG = """\
 Each stage is also `python -m engine.<stage> --run-dir DIR`, which reads DIR/config.json and
@@ -35,7 +36,7 @@ def parse_set(values: list[str]) -> dict:
     out = {}
     for item in values:
         if "=" not in item:
-            raise SystemExit(f"error: --set expects key=value, got '{item}'")
+            raise ValueError(f"--set expects key=value, got '{item}'")
         key, raw = item.split("=", 1)
         try:
             out[key] = json.loads(raw)
@@ -44,25 +45,114 @@ def parse_set(values: list[str]) -> dict:
     return out
 
 
+def refuse(message: str) -> int:
+    """A refusal before any work: one line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def cmd_run(args) -> int:
     run_dir: Path = args.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = run_dir / "config.json"
-    config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-    if args.set:
-        config.update(parse_set(args.set))
-        cfg_path.write_text(json.dumps(config, indent=2) + "\n")
-    if not cfg_path.exists():
-        raise SystemExit(f"error: {cfg_path} does not exist; pass settings with --set key=value")
+    cfg_path = run_dir / runfolder.CONFIG
+    try:
+        changes = parse_set(args.set)
+    except ValueError as e:
+        return refuse(str(e))
+    try:
+        if changes:
+            # Checked as a whole before anything is written: a bad value leaves the folder as it was.
+            runfolder.update_config(args.stage, run_dir, changes)
+        elif not cfg_path.exists():
+            return refuse(f"{cfg_path} does not exist; pass settings with --set key=value "
+                          f"(or write a default one: python -m {stages.spec(args.stage).module} --help)")
+    except ConfigError as e:
+        return refuse(runfolder.config_error_line(e, run_dir) + " (nothing was written)")
+    except runfolder.RunFolderError as e:
+        return refuse(str(e))
     if config_nproc(run_dir) > 1:
         return subprocess.call(stage_command(args.stage, run_dir, args.log_format))
-    module = importlib.import_module(f"engine.{args.stage}")
+    module = importlib.import_module(stages.spec(args.stage).module)
     return module.main(["--run-dir", str(run_dir), "--log-format", args.log_format])
 
 
 def cmd_pipeline(args) -> int:
     from workbench.pipeline import run_pipeline
     return run_pipeline(args)
+
+
+# (option, type, help) of `workbench pipeline`'s settings; what each sets is pipeline.OPTIONS.
+PIPELINE_OPTIONS = [
+    ("--vocab-size", int, "tokenizer vocabulary"),
+    ("--preset", str, "model size preset"),
+    ("--steps", int, "pretraining steps"),
+    ("--batch-size", int, "pretraining batch size"),
+    ("--lr", float, "pretraining peak learning rate"),
+    ("--sft-steps", int, "SFT steps"),
+    ("--sft-lr", float, "SFT learning rate"),
+    ("--eval-tasks", int, "held-out tasks for SFT's accuracy and the final win rate"),
+    ("--rank-prompts", int, "prompts sampled for ranking"),
+    ("--k", int, "answers per prompt to rank"),
+    ("--rm-epochs", float, "reward-model epochs"),
+    ("--rm-lr", float, "reward-model learning rate"),
+    ("--ppo-steps", int, "PPO iterations"),
+    ("--ppo-lr", float, "PPO learning rate"),
+    ("--kl-coef", float, "PPO KL coefficient beta"),
+]
+
+
+def add_pipeline_parser(sub) -> None:
+    from workbench.pipeline import OPTIONS, steps
+    p = sub.add_parser("pipeline", help="run the whole pipeline headless, one run folder per stage",
+                       description="Run tokenizer -> pretrain -> SFT -> sample -> simulated ranking -> "
+                                   "reward model -> PPO -> evaluation in a project folder (the demo "
+                                   "project with --demo), one run per stage under PROJECT/runs/, with a "
+                                   "progress line per stage and a table of each stage's key figure. Each "
+                                   "stage starts from the settings the app's panels start with (the "
+                                   "demo's, from the stage catalogue); these options change them.")
+    p.add_argument("--demo", action="store_true", help="use (and if needed write) the demo project")
+    p.add_argument("--project", type=Path, default=None,
+                   help="project folder (default with --demo: ./demo-project)")
+    p.add_argument("--until", default="evaluate", choices=steps(), metavar="STAGE",
+                   help=f"stop after this stage: {', '.join(steps())} (default: all)")
+    p.add_argument("--scale", choices=["tiny", "small", "full"], default="small",
+                   help="size of a newly written demo corpus (default small)")
+    for flag, kind, text in PIPELINE_OPTIONS:
+        stage, name = OPTIONS[flag[2:].replace("-", "_")]
+        default = stages.spec(stage).demo_settings().get(name)
+        where = f"default {default:g}" if isinstance(default, float) else (
+            f"default {default}" if default is not None else "default: the project's")
+        p.add_argument(flag, type=kind, default=None, help=f"{text} ({where})")
+    p.add_argument("--seed", type=int, default=0, help="random seed of every stage (default 0)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default auto)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes (one per GPU) for pretrain, SFT and the reward model, with DDP "
+                        "under torchrun; each trains batch-size samples, so the global batch grows")
+    p.add_argument("--table-out", type=Path, default=None, metavar="FILE",
+                   help="also write the final table to FILE (docs/pipeline_table.py uses it)")
+    p.set_defaults(func=cmd_pipeline)
+
+
+def add_run_parser(sub) -> None:
+    listing = "\n".join(textwrap.fill(s.blurb, 92, initial_indent=f"  {s.name:<11}", subsequent_indent=" " * 13)
+                         for s in stages.STAGES)
+    p = sub.add_parser("run", help="run one engine stage on a run folder",
+                       description=textwrap.fill(
+                           "Run one stage on a run folder: reads DIR/config.json, after merging any "
+                           "--set key=value into it (checked first: a bad value writes nothing). The "
+                           "same as python -m engine.STAGE --run-dir DIR; run that with --help for every "
+                           "setting of a stage, its type, default and meaning.", 92) + "\n\nstages:\n" + listing,
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=stages.NAMES, metavar="STAGE",
+                   help=f"the stage to run: {', '.join(stages.NAMES)}")
+    p.add_argument("--run-dir", type=Path, required=True, metavar="DIR",
+                   help="the run folder: its config.json is the stage's settings, and everything the "
+                        "stage writes goes into it (created if absent; run it again to resume)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting, value as JSON if it parses, else a string (repeatable); paths are "
+                        "relative to DIR")
+    p.add_argument("--log-format", choices=["auto", "human", "json"], default="human",
+                   help="stdout: readable progress lines (human, the default) or one JSON event per line")
+    p.set_defaults(func=cmd_run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,53 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_arguments(p)
     p.set_defaults(func=demo.run_from_args)
 
-    p = sub.add_parser("pipeline", help="run the whole pipeline headless, one run folder per stage",
-                       description="Run tokenizer -> pretrain -> SFT -> sample -> simulated ranking -> "
-                                   "reward model -> PPO -> evaluation in a project folder (the demo "
-                                   "project with --demo), one run per stage under PROJECT/runs/, with a "
-                                   "progress line per stage and a table of each stage's key figure.")
-    p.add_argument("--demo", action="store_true", help="use (and if needed write) the demo project")
-    p.add_argument("--project", type=Path, default=None,
-                   help="project folder (default with --demo: ./demo-project)")
-    p.add_argument("--until", default="evaluate", metavar="STAGE",
-                   help="stop after this stage: tokenizer, pretrain, sft, sample, rank, reward, ppo, "
-                        "evaluate (default: all)")
-    p.add_argument("--scale", choices=["tiny", "small", "full"], default="small",
-                   help="size of a newly written demo corpus (default small)")
-    p.add_argument("--preset", default=None,
-                   help="model size preset (default: the project's)")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="tokenizer vocabulary (default: the project's)")
-    p.add_argument("--steps", type=int, default=T["pretrain"]["max_steps"], help="pretraining steps (default 1000)")
-    p.add_argument("--batch-size", type=int, default=T["pretrain"]["batch_size"], help="pretraining batch size (default 16)")
-    p.add_argument("--lr", type=float, default=T["pretrain"]["lr"], help="pretraining peak learning rate (default 2e-3)")
-    p.add_argument("--sft-steps", type=int, default=T["sft"]["max_steps"], help="SFT steps (default 500)")
-    p.add_argument("--sft-lr", type=float, default=T["sft"]["lr"], help="SFT learning rate (default 1e-3)")
-    p.add_argument("--eval-tasks", type=int, default=200, help="held-out tasks for accuracy and win rate")
-    p.add_argument("--rank-prompts", type=int, default=T["sample"]["n_prompts"], help=f"prompts sampled for ranking (default {T['sample']['n_prompts']})")
-    p.add_argument("--k", type=int, default=T["sample"]["k"], help=f"answers per prompt to rank (default {T['sample']['k']})")
-    p.add_argument("--rm-epochs", type=float, default=T["reward"]["epochs"], help=f"reward-model epochs (default {T['reward']['epochs']:g})")
-    p.add_argument("--rm-lr", type=float, default=T["reward"]["lr"], help=f"reward-model learning rate (default {T['reward']['lr']:g})")
-    p.add_argument("--ppo-steps", type=int, default=T["ppo"]["steps"], help="PPO iterations (default 40)")
-    p.add_argument("--ppo-lr", type=float, default=T["ppo"]["lr"], help="PPO learning rate (default 3e-5)")
-    p.add_argument("--kl-coef", type=float, default=T["ppo"]["kl_coef"], help="PPO KL coefficient beta (default 0.05)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="processes (one per GPU) for pretrain, SFT and the reward model, with DDP "
-                        "under torchrun; each trains batch-size samples, so the global batch grows")
-    p.set_defaults(func=cmd_pipeline)
-
-    p = sub.add_parser("run", help="run one engine stage on a run folder",
-                       description="Run one stage on DIR: reads DIR/config.json, after merging any "
-                                   "--set key=value into it. Same as python -m engine.STAGE.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=STAGES)
-    p.add_argument("--run-dir", type=Path, required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config setting, value as JSON if it parses (repeatable)")
-    p.add_argument("--log-format", choices=["auto", "human", "json"], default="human")
-    p.set_defaults(func=cmd_run)
+    add_pipeline_parser(sub)
+    add_run_parser(sub)
 
     p = sub.add_parser("chat", help="talk to a checkpoint in the terminal (streamed answers)",
                        description="A terminal chat with a checkpoint, through the chat template its "

@@ -10,7 +10,6 @@ the ConfigError names the field the form marks.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import re
 import typing
@@ -19,33 +18,11 @@ from functools import lru_cache
 from typing import Any
 
 from engine.config import ConfigError, from_dict, to_dict
+from workbench.stages import spec as stage_spec
 
-CONFIG_CLASSES = {
-    "tokenizer": ("engine.tokenizer", "TokenizerConfig"),
-    "pretrain": ("engine.pretrain", "PretrainConfig"),
-    "sft": ("engine.sft", "SFTConfig"),
-    "sample": ("engine.sample", "SampleConfig"),
-    "reward": ("engine.reward", "RewardConfig"),
-    "ppo": ("engine.ppo", "PPOConfig"),
-}
-# Fields that name another run's artifact (picked from the project's runs) ...
-ARTIFACT_FIELDS = {"tokenizer": "tokenizer", "init": "checkpoint", "checkpoint": "checkpoint",
-                   "policy": "checkpoint", "reward_model": "reward", "value_model": "reward"}
-# ... and fields that list data files, with the kind of data they hold (for the preview).
-DATA_FIELDS = {"inputs": "pretrain", "data": "sft", "val_data": "sft", "prompts": "prompts",
-               "ptx_data": "pretrain", "eval_tasks": "tasks"}
 CHOICES = {
     "device": ["auto", "cpu", "cuda", "mps"],
     "dtype": ["auto", "float32", "bfloat16", "float16"],
-}
-# Shown up front; everything else goes under "Advanced". Inputs always come first.
-BASIC = {
-    "tokenizer": ["vocab_size", "min_frequency"],
-    "pretrain": ["preset", "max_steps", "batch_size", "lr", "seq_len", "device", "nproc"],
-    "sft": ["epochs", "max_steps", "batch_size", "lr", "device", "nproc"],
-    "sample": ["n_prompts", "k", "temperature", "top_p", "max_new_tokens", "seed", "device"],
-    "reward": ["epochs", "batch_size", "lr", "device", "nproc"],
-    "ppo": ["steps", "rollout_batch_size", "lr", "kl_coef", "target_kl", "max_new_tokens", "device"],
 }
 # Form labels that say more than the field's name.
 LABELS = {"nproc": "processes (GPUs)"}
@@ -108,8 +85,7 @@ class FieldSpec:
 
 
 def config_class(stage: str) -> type:
-    module, name = CONFIG_CLASSES[stage]
-    return getattr(importlib.import_module(module), name)
+    return stage_spec(stage).config_class()
 
 
 @lru_cache(maxsize=None)
@@ -131,10 +107,11 @@ def _comments(cls: type) -> dict[str, str]:
 
 
 def field_specs(stage: str) -> list[FieldSpec]:
-    cls = config_class(stage)
+    stage_ = stage_spec(stage)
+    cls = stage_.config_class()
     hints = typing.get_type_hints(cls)
     comments = _comments(cls)
-    basic = BASIC.get(stage, [])
+    basic = stage_.basic
     specs = []
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
@@ -152,13 +129,14 @@ def field_specs(stage: str) -> list[FieldSpec]:
                          required=f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
                          help=comments.get(f.name) or HELP.get(f.name, ""),
                          basic=f.name in basic)
-        if f.name in ARTIFACT_FIELDS:
+        parent, data = stage_.parent(f.name), stage_.data_field(f.name)
+        if parent is not None:
             # An optional artifact (a separate tokenizer) defaults to the checkpoint's own.
-            spec.kind, spec.artifact, spec.basic = "artifact", ARTIFACT_FIELDS[f.name], not optional
-        elif f.name in DATA_FIELDS:
+            spec.kind, spec.artifact, spec.basic = "artifact", parent.kind, not optional
+        elif data is not None:
             spec.kind = "files" if origin is list else "file"
-            spec.data = DATA_FIELDS[f.name]
-            spec.basic = f.name not in ("val_data", "ptx_data")
+            spec.data = data.kind
+            spec.basic = data.preview
         elif base is bool:
             spec.kind = "bool"
         elif base is int:

@@ -18,21 +18,14 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
+from engine.checkpoint import latest_checkpoint
+from workbench import stages
+from workbench.jobs import LOST
+from workbench.process import alive as process_alive
+from workbench.runfold import FINAL, Follower, RunFold
 from workbench.store import Store
-
-STAGE_NAMES = ("tokenizer", "pretrain", "sft", "sample", "reward", "ppo")
-FINAL = ("completed", "stopped", "failed")
-# Config fields that name another run's artifact, per stage: these make the lineage.
-PARENT_FIELDS = {
-    "pretrain": ("tokenizer",),
-    "sft": ("init", "tokenizer"),
-    "sample": ("checkpoint", "tokenizer"),
-    "reward": ("init", "tokenizer"),
-    "ppo": ("policy", "reward_model", "value_model"),
-}
-LOST = "the process ended without a done event (killed, or the machine stopped); resume to continue"
 
 
 @dataclass
@@ -59,81 +52,19 @@ class RunInfo:
 
     @property
     def resumable(self) -> bool:
-        return self.status in ("stopped", "failed") and any((self.path / "checkpoints").glob("step-*"))
-
-
-class EventTail:
-    """Reads the lines appended to an events.jsonl since the last call; a half-written last
-    line is left for the next call, so a reader never sees a torn event."""
-
-    def __init__(self, path: Path, offset: int = 0):
-        self.path, self.offset = Path(path), offset
-
-    def read_new(self, max_bytes: int | None = None) -> list[dict]:
-        """New complete lines; at most about `max_bytes` of them per call, so a reader catching
-        up on a long file can spread the work over several calls."""
-        return list(self.iter_new(max_bytes))
-
-    def iter_new(self, max_bytes: int | None = None) -> Iterator[dict]:
-        """read_new one event at a time (the offset moves on at once): a fold that takes them
-        as they come never holds thousands alive for the UI thread's collector to walk."""
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            return
-        if size < self.offset:      # the file was replaced: start over
-            self.offset = 0
-        if size == self.offset:
-            return
-        want = size - self.offset if max_bytes is None else min(size - self.offset, max_bytes)
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(want)
-        end = data.rfind(b"\n") + 1
-        if end == 0 and want < size - self.offset:
-            # One line longer than max_bytes: read on to its end rather than never progress.
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read(size - self.offset)
-            end = data.rfind(b"\n") + 1
-        self.offset += end
-        for line in data[:end].splitlines():
-            try:
-                yield json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-
-
-def process_alive(pid: int | None, run_dir: Path) -> bool:
-    """Is `pid` alive and still the stage process of this run (not a recycled pid)?"""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.exists():
-        try:
-            args = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            return False
-        return os.fsencode(str(run_dir)) in args or os.fsencode(run_dir.name) in b" ".join(args)
-    return True     # no /proc (macOS): a live pid is the best we know
+        return self.status in ("stopped", "failed") and latest_checkpoint(self.path / "checkpoints") is not None
 
 
 def stage_of(run_dir: Path) -> str:
     """The stage from the folder's name (runs/<stage>-<time>), as Project.new_run_dir makes it."""
-    head = run_dir.name.split("-", 1)[0]
-    return head if head in STAGE_NAMES else "unknown"
+    return stages.stage_of_folder(run_dir.name) or "unknown"
 
 
 def parent_runs(stage: str, config: dict, run_dir: Path, runs_dir: Path) -> dict[str, str]:
     """Which runs of this project a config starts from: field -> run folder name."""
     out = {}
-    for name in PARENT_FIELDS.get(stage, ()):
+    parents = stages.BY_NAME[stage].parents if stage in stages.BY_NAME else ()
+    for name in (p.field for p in parents):
         value = config.get(name)
         if not isinstance(value, str) or not value:
             continue
@@ -145,40 +76,6 @@ def parent_runs(stage: str, config: dict, run_dir: Path, runs_dir: Path) -> dict
         if rel.parts and rel.parts[0] != run_dir.name:
             out[name] = rel.parts[0]
     return out
-
-
-class _Fold:
-    """What the store keeps from a run's events, updated from appended lines only."""
-
-    def __init__(self, row: dict | None):
-        row = row or {}
-        self.status = row.get("status", "created")
-        self.started_at = row.get("started_at")
-        self.ended_at = row.get("ended_at")
-        self.error = row.get("error")
-        self.pid = row.get("pid")
-        self.step = row.get("step")
-        self.metrics = json.loads(row.get("metrics") or "{}")
-        self.stage = row.get("stage")
-
-    def add(self, ev: dict) -> None:
-        t = ev.get("type")
-        if t == "start":
-            self.status, self.error, self.ended_at = "running", None, None
-            self.pid = ev.get("pid")
-            self.stage = ev.get("stage") or self.stage
-            if self.started_at is None:
-                self.started_at = ev.get("time")
-        elif t == "done":
-            self.status, self.error = ev.get("status", "failed"), ev.get("error")
-            self.ended_at = ev.get("time")
-            if self.started_at is None:
-                self.started_at = ev.get("time")
-        elif t == "metrics":
-            self.step = ev.get("step", self.step)
-            self.metrics.update({k: v for k, v in ev.items() if "/" in k})
-        elif t == "progress":
-            self.step = ev.get("step", self.step)
 
 
 def lineage_of(runs: Iterable[RunInfo], name: str) -> list[RunInfo]:
@@ -247,13 +144,13 @@ class RunStore:
         if (row is not None and row["events_offset"] == size and row["status"] == "running"
                 and process_alive(row["pid"], path)):
             return True     # running, nothing new: no write
-        fold = _Fold(row if row is not None and size >= row["events_offset"] else None)
-        tail = EventTail(events, row["events_offset"] if row is not None and size >= row["events_offset"] else 0)
-        caught_up = max_bytes is None or size - tail.offset <= max_bytes
-        finished = False
-        for ev in tail.iter_new(max_bytes):
-            fold.add(ev)
-            finished = ev.get("type") == "done"
+        resume_at = row is not None and size >= row["events_offset"]
+        follower = Follower(path, fold=RunFold(keep=False, row=row if resume_at else None),
+                            offset=row["events_offset"] if resume_at else 0)
+        caught_up = max_bytes is None or size - follower.tail.offset <= max_bytes
+        new = follower.read(max_bytes)
+        fold, tail = follower.fold, follower.tail
+        finished = bool(new) and new[-1].get("type") == "done"
         if finished and fold.status == "completed":
             # A stage that ends by re-evaluating its chosen checkpoint (the reward model's best)
             # writes those figures to summary.json before `done`: they, not the last logged
@@ -337,3 +234,28 @@ def _read_json(path: Path) -> dict:
 def _created(path: Path) -> float:
     cfg = path / "config.json"
     return (cfg if cfg.exists() else path).stat().st_mtime
+
+
+def estimate_seconds(stage: str, values: dict, runs: Iterable[RunInfo]) -> tuple[float | None, str]:
+    """How long a run with `values` should take, from the newest completed run of the stage
+    that reported its length: its seconds per step, scaled by how much work a step does
+    (the catalogue's `work` settings). (None, "") when no such run exists."""
+    spec = stages.spec(stage)
+    steps = values.get(spec.steps_field) if spec.steps_field else None
+    if not isinstance(steps, (int, float)) or steps <= 0:
+        return None, ""
+    for r in runs:
+        if r.status != "completed" or not r.step or r.duration_s is None:
+            continue
+        try:
+            then = json.loads((r.path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        per_step = r.duration_s / r.step
+        scale = 1.0
+        for name in spec.work:
+            a, b = values.get(name), then.get(name)
+            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > 0 and b > 0:
+                scale *= a / b
+        return per_step * scale * steps, r.name
+    return None, ""

@@ -1,0 +1,78 @@
+"""Help ▸ Keyboard shortcuts and Help ▸ the README's sections, readable offline in the app.
+
+The shortcuts are read from where each view defines them (the page keys from the sidebar, the
+ranking keys from ui/ranking_keys.py, the vote keys from ui/compare_view.py), so this list
+cannot drift from what the keys do. The guide is the README that ships beside the package,
+rendered as Markdown and opened at the chosen section.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from PySide6.QtGui import QTextCursor
+from PySide6.QtWidgets import QDialog, QDialogButtonBox, QTextBrowser, QVBoxLayout, QWidget
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+# Help menu entries: (menu text, the README heading it opens at).
+SECTIONS = [("Quick start", "Quick start"), ("The app, page by page", "The app"),
+            ("The command line", "The command line"), ("Ranking from the command line", "Ranking from the command line")]
+
+
+def shortcuts_html(pages: list[tuple[str, str]]) -> str:
+    from ui.compare_view import VOTES
+    from ui.ranking_keys import LEGEND
+
+    def table(title: str, rows) -> str:
+        body = "".join(f"<tr><td style='padding-right:18px'><b>{html.escape(k)}</b></td>"
+                       f"<td>{html.escape(v)}</td></tr>" for k, v in rows)
+        return f"<h3>{html.escape(title)}</h3><table>{body}</table>"
+
+    return "".join([
+        table("Pages", [(f"Ctrl+{i + 1}", title) for i, (_k, title) in enumerate(pages[:9])]),
+        table("Projects", [("Ctrl+N", "new project"), ("Ctrl+O", "open a project"), ("Ctrl+Q", "quit (jobs keep running)")]),
+        table("Ranking a batch", [(k.format(k="K"), v) for k, v in LEGEND]),
+        table("Chat and Compare", [("Enter", "send"), ("Shift+Enter", "new line"), ("Esc", "stop the reply"),
+                                   *[(key, text.strip("◀▶ ")) for text, key in VOTES.values()]]),
+    ])
+
+
+class HelpDialog(QDialog):
+    def __init__(self, title: str, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setWindowTitle(title)
+        self.resize(760, 640)
+        self.text = QTextBrowser()
+        self.text.setOpenExternalLinks(True)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
+        buttons.rejected.connect(self.reject)
+        lay = QVBoxLayout(self)
+        lay.addWidget(self.text)
+        lay.addWidget(buttons)
+
+
+def shortcuts_dialog(pages: list[tuple[str, str]], parent: QWidget | None = None) -> HelpDialog:
+    d = HelpDialog("Keyboard shortcuts", parent)
+    d.text.setHtml(shortcuts_html(pages))
+    return d
+
+
+def guide_dialog(heading: str, parent: QWidget | None = None) -> HelpDialog:
+    """The README rendered, scrolled to `heading`."""
+    d = HelpDialog("The workbench: guide", parent)
+    try:
+        d.text.setMarkdown(README.read_text(encoding="utf-8"))
+    except OSError:
+        d.text.setPlainText(f"The guide is the README.md of the workbench; it is not beside this "
+                            f"installation ({README}).")
+        return d
+    block = d.text.document().begin()
+    while block.isValid():
+        if block.blockFormat().headingLevel() > 0 and block.text().strip() == heading:
+            # Scroll the heading to the top: to the end first, then back to it.
+            d.text.moveCursor(QTextCursor.MoveOperation.End)
+            d.text.setTextCursor(QTextCursor(block))
+            d.text.ensureCursorVisible()
+            break
+        block = block.next()
+    return d

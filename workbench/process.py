@@ -1,0 +1,126 @@
+"""Job processes, the same way on Linux, macOS and Windows (psutil, not POSIX calls).
+
+A job is a child process that must outlive the app that started it: it gets a session (POSIX)
+or process group (Windows) of its own, so Ctrl-C in the app's terminal and the app's exit do
+not reach it, and it runs at a slightly lower priority, so the window keeps drawing while the
+job uses every core. Stopping escalates from the run's STOP file (the job's own, cooperative
+way: a checkpoint, then exit) to a terminate request, then to killing the whole tree (torchrun
+and every rank).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import psutil
+
+LOWER_PRIORITY = 5          # POSIX niceness added to a job; Windows: below-normal class
+# Every child this process started, until it exits: a job may be forgotten (its project
+# closed) while its process runs on, and the Popen must outlive it to reap the process.
+_children: list[subprocess.Popen] = []
+
+
+def spawn(cmd: list[str], cwd: Path, env: dict, stdout, stderr) -> subprocess.Popen:
+    """Start a job process detached from this one's terminal, at a lower priority."""
+    if os.name == "nt":
+        flags = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.BELOW_NORMAL_PRIORITY_CLASS
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
+                                stderr=stderr, creationflags=flags)
+    else:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
+                                stderr=stderr, start_new_session=True)
+        lower_priority(proc.pid)
+    _children.append(proc)
+    return proc
+
+
+def lower_priority(pid: int) -> None:
+    """Lower a process's priority, and its children's (torchrun's ranks start after it)."""
+    try:
+        root = psutil.Process(pid)
+        for p in [root, *root.children(recursive=True)]:
+            if os.name == "nt":
+                p.nice(psutil.BELOW_NORMAL_PRIORITY_CLASS)
+            elif p.nice() < LOWER_PRIORITY:
+                p.nice(LOWER_PRIORITY)
+    except (psutil.Error, OSError):
+        pass        # it ended already, or the OS refuses: the job runs, only less politely
+
+
+def reap() -> None:
+    """Collect the exit status of children that ended, so none lingers as a zombie."""
+    _children[:] = [p for p in _children if p.poll() is None]
+
+
+def children() -> list[subprocess.Popen]:
+    return list(_children)
+
+
+def alive(pid: Optional[int], run_dir: Optional[Path] = None) -> bool:
+    """Is `pid` a live process, and (given `run_dir`) still one working on that run folder
+    rather than a recycled pid?"""
+    if not pid:
+        return False
+    try:
+        p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if run_dir is None:
+            return True
+        args = p.cmdline()
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True         # someone else's process: alive, but we cannot tell more
+    if not args:
+        return True
+    folder = Path(run_dir)
+    return any(a == str(folder) or a.endswith(folder.name) for a in args)
+
+
+def terminate(pid: int) -> bool:
+    """Ask a job to stop now (its handler still saves a checkpoint). False if it is gone."""
+    try:
+        if os.name == "nt":
+            os.kill(pid, signal.CTRL_BREAK_EVENT)
+        else:
+            psutil.Process(pid).terminate()
+    except (psutil.NoSuchProcess, ProcessLookupError):
+        return False
+    except (psutil.AccessDenied, OSError):
+        return True
+    return True
+
+
+def kill_tree(pid: int) -> None:
+    """Kill a job and every process it started (torchrun and its ranks)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+
+
+def tree_rss_mb(pid: Optional[int] = None) -> Optional[float]:
+    """Resident memory of a process and all its descendants in MB (this process: pid None)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
