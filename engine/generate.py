@@ -102,6 +102,21 @@ def _row_generators(seed: Seed, n: int, device) -> Optional[list[torch.Generator
     return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
+def _left_padded(prompts: Sequence[Sequence[int]], keep: int, pad_id: int,
+                 device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(ids, real, lengths): each prompt's last `keep` tokens, right-aligned over `pad_id`;
+    `real` marks the prompt tokens."""
+    rows = [[int(t) for t in p][-keep:] for p in prompts]
+    lens = [len(r) for r in rows]
+    P = max(lens)
+    ids = torch.full((len(rows), P), pad_id, dtype=torch.long)
+    real = torch.zeros((len(rows), P), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, P - len(r):] = torch.tensor(r)
+        real[i, P - len(r):] = True
+    return ids.to(device), real.to(device), lens
+
+
 def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                    repetition_penalty: float = 1.0, seed: Seed = None,
@@ -138,17 +153,9 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
         return out
 
     limit = model.config.max_seq_len
-    keep = max(limit - 1, 1)
-    rows = [[int(t) for t in p][-keep:] for p in prompts]
-    lens = [len(r) for r in rows]
-    P = max(lens)
     device = model.lm_head.weight.device
-    ids = torch.full((B, P), pad_id, dtype=torch.long)
-    real = torch.zeros((B, P), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, P - len(r):] = torch.tensor(r)
-        real[i, P - len(r):] = True
-    ids, real = ids.to(device), real.to(device)
+    ids, real, lens = _left_padded(prompts, max(limit - 1, 1), pad_id, device)
+    P = ids.size(1)
     padded = min(lens) < P
     gens = _row_generators(seed, B, device)
     stop = set(int(s) for s in stop_ids)
