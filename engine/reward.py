@@ -217,6 +217,8 @@ def run(cfg: RewardConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
     with torch.no_grad(), autocast(device, dtype):
         summary.update(evaluate_rankings(load_model(final / "model.safetensors", device=device),
                                          scorer, val_items, cfg.batch_size))
+    ev.log(f"{final.name}: held-out accuracy {summary['val/accuracy']:.1%} rests on {len(val_items)} "
+           f"ranking(s) ({sum(len(r.pairs()) for r in val_items)} pairs) of prompts it did not train on")
     write_summary(run_dir, summary)
     return "completed"
 

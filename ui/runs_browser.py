@@ -1,4 +1,5 @@
-"""Every run of the project: stage, status, parents, start, duration, final metrics.
+"""Every run of the project: stage, status, parents, start, duration, final metrics; newest
+first, and sorted by any column with a click on its header (times and durations as numbers).
 
 Select one run to see its plots, several of one stage to overlay them (x by step or by
 tokens, with the plots' own x-axis switch). Open shows the run in its stage's panel (to resume or watch it); Delete asks first
@@ -6,7 +7,10 @@ and refuses a running run; Show folder opens it in the file manager.
 """
 from __future__ import annotations
 
+import json
 import time
+from functools import lru_cache
+from pathlib import Path
 
 from PySide6.QtCore import Qt, QUrl, Signal
 from PySide6.QtGui import QDesktopServices
@@ -29,6 +33,10 @@ KEY_METRICS = {
     "ppo": [("objective/score", "score", "{:+.3f}"), ("objective/kl", "KL", "{:.2f}")],
 }
 COLUMNS = ["Run", "Stage", "Status", "Started from", "Started", "Duration", "Result"]
+STARTED, DURATION = COLUMNS.index("Started"), COLUMNS.index("Duration")
+# Below this many held-out rankings a reward model's accuracy moves by several points with
+# each one (95% interval about ±10 points at 100), so it is shown with a warning.
+FEW_HELD_OUT = 100
 
 
 def result_text(info: RunInfo) -> str:
@@ -36,8 +44,50 @@ def result_text(info: RunInfo) -> str:
     for key, label, fmt in KEY_METRICS.get(info.stage, []):
         v = info.metrics.get(key)
         if isinstance(v, (int, float)):
-            parts.append(f"{label} {fmt.format(v)}")
+            text = f"{label} {fmt.format(v)}"
+            if key == "val/accuracy":
+                text += _held_out(info)
+            parts.append(text)
     return ", ".join(parts)
+
+
+def _held_out(info: RunInfo) -> str:
+    """' on N held-out rankings', from the finished run's summary (no comma: the sidebar shows
+    the text up to the first one)."""
+    path = Path(info.path) / "summary.json"
+    try:
+        n = _summary_count(path, path.stat().st_mtime_ns)
+    except OSError:
+        return ""
+    if n is None:
+        return ""
+    if n < FEW_HELD_OUT:
+        return f" on only {n} held-out ranking{'s' * (n != 1)} (too few to go by)"
+    return f" on {n:,} held-out rankings"
+
+
+@lru_cache(maxsize=256)
+def _summary_count(path: Path, _mtime_ns: int) -> int | None:
+    # Keyed by the file's time: the sidebar asks every second, the file is written once.
+    try:
+        n = json.loads(path.read_text(encoding="utf-8")).get("val_rankings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+class _Cell(QTableWidgetItem):
+    """A table cell that sorts by a key of its own (a time, a duration), not by its text."""
+
+    def __init__(self, text: str, key=None):
+        super().__init__(text)
+        self.key = text.casefold() if key is None else key
+
+    def __lt__(self, other) -> bool:
+        mine, theirs = self.key, getattr(other, "key", other.text())
+        if type(mine) is not type(theirs):
+            return str(mine) < str(theirs)
+        return mine < theirs
 
 
 class RunsBrowser(QWidget):
@@ -54,8 +104,11 @@ class RunsBrowser(QWidget):
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.verticalHeader().hide()
         self.table.setAlternatingRowColors(True)
-        self.table.setSortingEnabled(True)
         header = self.table.horizontalHeader()
+        # Newest first until the user clicks a header (Qt's default, column 0 descending, put
+        # the runs in reverse alphabetical order); refreshes keep whatever order was chosen.
+        header.setSortIndicator(STARTED, Qt.SortOrder.DescendingOrder)
+        self.table.setSortingEnabled(True)
         header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         header.setStretchLastSection(True)
         self.table.itemSelectionChanged.connect(self._on_selection)
@@ -98,12 +151,14 @@ class RunsBrowser(QWidget):
         runs = self.ctx.run_list()
         self.table.setRowCount(len(runs))
         for row, info in enumerate(runs):
-            started = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.started_at or info.created_at))
+            when = info.started_at or info.created_at
+            duration = info.duration_s
             cells = [info.name, info.stage, info.status,
-                     ", ".join(info.parents.values()), started, format_duration(info.duration_s),
-                     result_text(info)]
+                     ", ".join(info.parents.values()), time.strftime("%Y-%m-%d %H:%M", time.localtime(when)),
+                     format_duration(duration), result_text(info)]
+            keys = {STARTED: when, DURATION: -1.0 if duration is None else duration}
             for col, text in enumerate(cells):
-                item = QTableWidgetItem(text)
+                item = _Cell(text, keys.get(col))
                 item.setData(Qt.ItemDataRole.UserRole, info.name)
                 if col == 2 and info.error:
                     item.setToolTip(info.error)
