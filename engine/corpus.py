@@ -3,26 +3,34 @@
 Everything downstream (tokenizer training, token shards) sees the corpus only as a stream of
 `Chunk`s of at most `chunk_chars` characters, so a 50 MB file with no newline costs
 O(chunk_chars) memory. Bad input is a `CorpusError` that names the file and the line (JSONL)
-or the byte offset (invalid UTF-8), so the user can open the file and fix it.
+or the byte offset (invalid UTF-8), so the user can open the file and fix it. After the first
+problem the stream yields nothing more but reads on to the end of the corpus, and the error
+lists every problem in it: one run finds them all.
 """
 from __future__ import annotations
 
 import codecs
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from engine.runio import StageError
+from engine.jsonl import BOM, read_jsonl
+from engine.runio import InputProblems
 
 EXTENSIONS = (".txt", ".jsonl")
-_BOM = codecs.BOM_UTF8
 
 
-class CorpusError(StageError):
-    """Unusable corpus input; the message names the file and where in it."""
+class CorpusError(InputProblems):
+    """Unusable corpus input: one problem, or every problem found, each naming the file and
+    where in it. A single problem is the whole message."""
+
+    def __init__(self, problems: str | list[str]):
+        problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__(problems, "corpus", "; nothing was read")
+        if len(problems) == 1:
+            self.args = (problems[0],)
 
 
 @dataclass
@@ -105,9 +113,9 @@ def _iter_txt(path: Path, chunk_chars: int) -> Iterator[str]:
             final = not block
             if first:
                 first = False
-                if block.startswith(_BOM):  # Windows editors add one; it is not text
-                    block = block[len(_BOM):]
-                    offset = len(_BOM)
+                if block.startswith(BOM):  # Windows editors add one; it is not text
+                    block = block[len(BOM):]
+                    offset = len(BOM)
             buffered = decoder.getstate()[0]
             try:
                 pending += decoder.decode(block, final=final)
@@ -126,72 +134,71 @@ def _iter_txt(path: Path, chunk_chars: int) -> Iterator[str]:
         yield pending
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) per record. A JSON record is parsed whole: that is JSON's nature."""
-    offset = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            start = offset
-            offset += len(raw)
-            if lineno == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM):]
-                start += len(_BOM)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise CorpusError(f"{path}:{lineno}: invalid UTF-8 at byte offset "
-                                  f"{start + e.start} ({e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}:{lineno}: invalid JSON at column {e.colno}: {e.msg}") from None
-            if not isinstance(rec, dict):
-                raise CorpusError(f"{path}:{lineno}: expected a JSON object with a 'text' field, "
-                                  f"got {type(rec).__name__}")
-            if "text" not in rec:
-                raise CorpusError(f"{path}:{lineno}: field 'text' is missing "
-                                  f"(fields: {', '.join(sorted(rec)) or 'none'})")
-            text = rec["text"]
-            if not isinstance(text, str):
-                raise CorpusError(f"{path}:{lineno}: field 'text' must be a string, "
-                                  f"got {type(text).__name__}")
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:  # JSON can spell a lone surrogate, UTF-8 cannot
-                raise CorpusError(f"{path}:{lineno}: field 'text' has an unpaired surrogate "
-                                  f"{text[e.start]!r} at character {e.start}") from None
-            yield lineno, text
+def _record_text(rec: Any, where: str, problems: list[str]) -> str | None:
+    """The `text` of a corpus record, or None after noting what is wrong with it."""
+    if not isinstance(rec, dict):
+        problems.append(f"{where}: expected a JSON object with a 'text' field, got {type(rec).__name__}")
+        return None
+    if "text" not in rec:
+        problems.append(f"{where}: field 'text' is missing (fields: {', '.join(sorted(rec)) or 'none'})")
+        return None
+    text = rec["text"]
+    if not isinstance(text, str):
+        problems.append(f"{where}: field 'text' must be a string, got {type(text).__name__}")
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON can spell a lone surrogate, UTF-8 cannot
+        problems.append(f"{where}: field 'text' has an unpaired surrogate {text[e.start]!r} "
+                        f"at character {e.start}")
+        return None
+    return text
+
+
+def _iter_jsonl(path: Path, problems: list[str]) -> Iterator[str]:
+    """The text of each good record (a JSON record is parsed whole: that is JSON's nature)."""
+    for lineno, rec in read_jsonl(path, problems):
+        text = _record_text(rec, f"{path}:{lineno}", problems)
+        if text is not None:
+            yield text
 
 
 def iter_chunks(files: Iterable[str | os.PathLike], chunk_chars: int = 65536) -> Iterator[Chunk]:
     """Stream every document of `files` as chunks of at most `chunk_chars` characters.
 
     A .txt file is one document; each JSONL record is one. Empty documents yield nothing
-    and take no doc_index.
+    and take no doc_index. Once a problem is found nothing more is yielded, the rest of the
+    corpus is only checked, and one CorpusError lists every problem at the end.
     """
     if chunk_chars < 1:
         raise ValueError("chunk_chars must be >= 1")
     doc = 0
+    problems: list[str] = []
     for path in files:
         path = Path(path)
         if path.suffix.lower() == ".jsonl":
-            for _lineno, text in _iter_jsonl(path):
-                pieces = _split_long(text, chunk_chars)
-                first = True
-                for piece in pieces:
-                    yield Chunk(path, doc, piece, first)
-                    first = False
-                if not first:
-                    doc += 1
+            documents = (_split_long(t, chunk_chars) for t in _iter_jsonl(path, problems))
         else:
+            documents = iter([_checked_txt(path, chunk_chars, problems)])
+        for pieces in documents:
             first = True
-            for piece in _iter_txt(path, chunk_chars):
+            for piece in pieces:
+                if problems:
+                    continue     # only checking from here on
                 yield Chunk(path, doc, piece, first)
                 first = False
             if not first:
                 doc += 1
+    if problems:
+        raise CorpusError(problems)
+
+
+def _checked_txt(path: Path, chunk_chars: int, problems: list[str]) -> Iterator[str]:
+    """A .txt file's pieces; invalid UTF-8 ends the file as a problem, not an exception."""
+    try:
+        yield from _iter_txt(path, chunk_chars)
+    except CorpusError as e:
+        problems.extend(e.problems)
 
 
 class NonEmptyGuard:
@@ -247,30 +254,3 @@ def split_draw(seed: int, index: int) -> float:
 def corpus_bytes(files: Iterable[str | os.PathLike]) -> int:
     """Total size on disk: an upper bound on characters, for progress reports."""
     return sum(Path(f).stat().st_size for f in files)
-
-
-BOM = b"\xef\xbb\xbf"
-
-
-def json_lines(path: Path, problems: list[str]) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed JSON) per non-blank line; bad lines become problems, not exceptions."""
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        problems.append(f"{path}: cannot open: {e.strerror or e}")
-        return
-    with f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1 and raw.startswith(BOM):  # Windows editors add one; it is not text
-                raw = raw[len(BOM):]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                problems.append(f"{path}:{lineno}: invalid UTF-8 at byte {e.start} of the line")
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield lineno, json.loads(text)
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{lineno}: malformed JSON at column {e.colno}: {e.msg}")

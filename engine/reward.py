@@ -9,16 +9,19 @@ default. Each step takes `batch_size` rankings; all answers of a ranking go thro
 the same batch (one forward pass per answer), and the loss over all C(K,2) pairs of a ranking is
 scaled by 1/C(K,2) once, ties giving no pair. At the end, every kept checkpoint gets
 `reward_norm.json`: the mean and std of the reward over the data's answers (sampled from the SFT
-model), which PPO uses to normalise scores.
+model), which PPO uses to normalise scores. That pass scores every answer once per kept
+checkpoint (the final one's scores also give the summary's validation figures) and reports
+progress in answers, since it can take a good part of the stage's time.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -75,7 +78,9 @@ class Scorer:
 
     def __init__(self, tok, max_len: int, device):
         self.tok, self.max_len, self.device = tok, max_len, device
-        self.truncated = 0
+        # Answers cut to the context, by (record, answer): each is counted once however many
+        # epochs, evaluations and normalisation passes encode it again.
+        self.truncated: set[tuple[str, int]] = set()
         self._stats: list[tuple[float, float, int]] = []   # (sum of correct, sum of margin, n pairs)
         self._rewards: list[torch.Tensor] = []
 
@@ -83,9 +88,10 @@ class Scorer:
         seqs, spans = [], []
         for r in items:
             start = len(seqs)
-            for a in r.answers:
+            for j, a in enumerate(r.answers):
                 ids, cut = encode_answer(self.tok, r.prompt, a, self.max_len)
-                self.truncated += cut
+                if cut:
+                    self.truncated.add((r.where, j))
                 seqs.append(ids)
             spans.append((start, len(r.answers), r.pairs()))
         x, last = collate_answers(seqs, self.tok.pad_id)
@@ -115,29 +121,76 @@ class Scorer:
                 "train/reward_mean": float(r.mean()), "train/reward_std": float(r.std()) if r.numel() > 1 else 0.0}
 
 
-def evaluate_rankings(model, scorer: Scorer, items: list[Ranking], batch_size: int) -> dict[str, float]:
-    losses, margins, rewards = [], [], []
+@torch.no_grad()
+def score_items(model, scorer: Scorer, items: list[Ranking], batch_size: int,
+                on_batch: Optional[Callable[[int], None]] = None) -> list[torch.Tensor]:
+    """The rewards of each ranking's answers (fp32, on the CPU); `on_batch(answers)` after each batch."""
+    out: list[torch.Tensor] = []
     for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        loss, _n, m, r = scorer.loss(model, scorer.batch(chunk), record=False)
-        losses.append(float(loss) * len(chunk))
-        margins.append(m.float().cpu())
-        rewards.append(r.float().cpu())
+        x, last, spans, _n = scorer.batch(items[i:i + batch_size])
+        r = model(x)[torch.arange(x.size(0), device=x.device), last].float().cpu()
+        out += [r[start:start + k] for start, k, _pairs in spans]
+        if on_batch is not None:
+            on_batch(sum(k for _start, k, _pairs in spans))
+    return out
+
+
+def ranking_metrics(items: list[Ranking], rewards: list[torch.Tensor]) -> dict[str, float]:
+    """Validation figures from each ranking's rewards: the loss averaged over rankings."""
+    losses, margins = [], []
+    for item, r in zip(items, rewards):
+        loss, m = ranking_loss(r, item.pairs(), len(item.answers))
+        losses.append(float(loss))
+        margins.append(m)
     m, r = torch.cat(margins), torch.cat(rewards)
     return {"val/loss": sum(losses) / len(items), "val/accuracy": float((m > 0).float().mean()),
             "val/margin": float(m.mean()), "val/reward_mean": float(r.mean()), "val/reward_std": float(r.std())}
 
 
-@torch.no_grad()
-def reward_stats(model, scorer: Scorer, items: list[Ranking], batch_size: int) -> dict:
-    """Mean and std of the reward over every answer in `items`: PPO's normalisation."""
-    model.eval()
-    rewards = []
-    for i in range(0, len(items), batch_size):
-        x, last, _spans, _n = scorer.batch(items[i:i + batch_size])
-        rewards.append(model(x)[torch.arange(x.size(0), device=x.device), last].float().cpu())
+def evaluate_rankings(model, scorer: Scorer, items: list[Ranking], batch_size: int) -> dict[str, float]:
+    return ranking_metrics(items, score_items(model, scorer, items, batch_size))
+
+
+def norm_stats(rewards: list[torch.Tensor]) -> dict:
+    """Mean and std of the reward over every answer: PPO's normalisation."""
     r = torch.cat(rewards)
     return {"mean": float(r.mean()), "std": float(r.std().clamp(min=1e-6)), "n_answers": r.numel()}
+
+
+def normalise_checkpoints(run_dir: Path, scorer: Scorer, train_items: list[Ranking],
+                          val_items: list[Ranking], batch_size: int, device, dtype,
+                          ev: Emitter) -> Optional[dict]:
+    """reward_norm.json for every kept checkpoint that lacks one, each over its own rewards, so
+    PPO can use whichever one the user picks. One scoring pass per checkpoint, reported as
+    progress in answers; the final checkpoint's pass also gives its validation figures, which
+    are returned (None if it already had its file). A crash here is mended by running again."""
+    final = ckpt.resolve_checkpoint(run_dir)
+    todo = [path for _s, path in ckpt.list_checkpoints(run_dir / "checkpoints")
+            if not (path / NORM_FILE).exists()]
+    items = train_items + val_items
+    total = len(todo) * sum(len(r.answers) for r in items)
+    done, t0, shown = 0, time.monotonic(), 0.0
+    val_metrics = None
+
+    def advance(n: int) -> None:
+        nonlocal done, shown
+        done += n
+        elapsed = time.monotonic() - t0
+        if done == total or elapsed - shown >= 1.0:    # a line a second is enough to see it move
+            shown = elapsed
+            ev.progress(done, total, None, elapsed, elapsed * (total - done) / done, unit="answers")
+
+    for path in todo:
+        model = load_model(path / "model.safetensors", device=device).eval()
+        with autocast(device, dtype):
+            rewards = score_items(model, scorer, items, batch_size, advance)
+        stats = norm_stats(rewards)
+        atomic_write_text(path / NORM_FILE, json.dumps(stats, indent=2) + "\n")
+        ev.log(f"{path.name}: reward mean {stats['mean']:.4f}, std {stats['std']:.4f} over "
+               f"{stats['n_answers']} answers (saved as {NORM_FILE})")
+        if path == final:
+            val_metrics = ranking_metrics(val_items, rewards[len(train_items):])
+    return val_metrics
 
 
 def run(cfg: RewardConfig, run_dir: Path, sink: Optional[Sink] = None, control=None) -> str:
@@ -195,28 +248,22 @@ def run(cfg: RewardConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
         skip_batch=lambda _gen: sampler.take(cfg.batch_size))
     status = train(tcfg, run_dir, model, stage, device=device, dtype=dtype, sink=sink, control=control)
     if scorer.truncated:
-        ev.log(f"{scorer.truncated} answer sequence(s) were longer than the context ({max_len}) and "
-               "lost prompt tokens first", level="warning")
+        n_answers = sum(len(r.answers) for r in train_items + val_items)
+        ev.log(f"{len(scorer.truncated)} of {n_answers} answer sequences were longer than the "
+               f"context ({max_len}) and lost prompt tokens first", level="warning")
     if status != "completed" or not distributed.is_main():
         return status
 
-    # Normalisation statistics for every kept checkpoint, each over its own rewards, so PPO can
-    # use whichever one the user picks. A crash here is mended by running the stage again.
-    for _step, path in ckpt.list_checkpoints(run_dir / "checkpoints"):
-        if not (path / NORM_FILE).exists():
-            scored = load_model(path / "model.safetensors", device=device)
-            with autocast(device, dtype):
-                stats = reward_stats(scored, scorer, train_items + val_items, cfg.batch_size)
-            atomic_write_text(path / NORM_FILE, json.dumps(stats, indent=2) + "\n")
-            ev.log(f"{path.name}: reward mean {stats['mean']:.4f}, std {stats['std']:.4f} over "
-                   f"{stats['n_answers']} answers (saved as {NORM_FILE})")
+    val_metrics = normalise_checkpoints(run_dir, scorer, train_items, val_items, cfg.batch_size,
+                                        device, dtype, ev)
     final = ckpt.resolve_checkpoint(run_dir)
+    if val_metrics is None:     # a rerun of a finished run: its final checkpoint was normalised
+        with autocast(device, dtype):
+            val_metrics = evaluate_rankings(load_model(final / "model.safetensors", device=device).eval(),
+                                            scorer, val_items, cfg.batch_size)
     summary = {"stage": "reward", **run_summary(run_dir, tcfg),
                "reward_norm": json.loads((final / NORM_FILE).read_text()),
-               "train_rankings": len(train_items), "val_rankings": len(val_items)}
-    with torch.no_grad(), autocast(device, dtype):
-        summary.update(evaluate_rankings(load_model(final / "model.safetensors", device=device),
-                                         scorer, val_items, cfg.batch_size))
+               "train_rankings": len(train_items), "val_rankings": len(val_items), **val_metrics}
     ev.log(f"{final.name}: held-out accuracy {summary['val/accuracy']:.1%} rests on {len(val_items)} "
            f"ranking(s) ({sum(len(r.pairs()) for r in val_items)} pairs) of prompts it did not train on")
     write_summary(run_dir, summary)

@@ -1,13 +1,18 @@
-"""Preference data for the reward model: K-way rankings and chosen/rejected pairs.
+"""Preference data for the reward model: K-way rankings, chosen/rejected pairs, transcripts.
 
-One record per prompt, as JSONL, in either form:
+One record per prompt, as JSONL (or JSONL.gz, engine.jsonl), in any of these forms:
 
     {"prompt": "...", "answers": ["a", "b", "c"], "ranking": [[2], [0, 1]]}
     {"prompt": "...", "chosen": "a", "rejected": "b"}
+    {"chosen": "\n\nHuman: ...\n\nAssistant: a", "rejected": "\n\nHuman: ...\n\nAssistant: b"}
 
 `ranking` lists groups of answer indexes from best to worst; answers in one group are tied. A
-prompt may also be a list of {role, content} messages (a multi-turn context). Every problem in
-every file is collected into one error, FILE:LINE: field, before any training starts.
+prompt may also be a list of {role, content} messages (a multi-turn context). The last form is
+how public preference sets ship: the conversation the two share up to their last
+"\n\nAssistant:" is the prompt (several turns allowed), the two final turns are the answers;
+engine/transcripts.py is the one reading of it, which `workbench preferences import` uses too.
+Every problem in every file is collected into one error, FILE:LINE: field, before any
+training starts.
 """
 from __future__ import annotations
 
@@ -21,10 +26,11 @@ from typing import Any, Iterable, Union
 
 import torch
 
-from engine.corpus import json_lines
+from engine.jsonl import read_jsonl
 from engine.runio import InputProblems
 from engine.sft_data import fit
 from engine.tokenizer import ROLES, Tokenizer, render_chat
+from engine.transcripts import split_transcripts
 
 Prompt = Union[str, list]
 
@@ -71,12 +77,30 @@ def _check_prompt(value: Any, where: str, problems: list[str]) -> bool:
     return False
 
 
+def _from_transcripts(rec: dict, where: str, problems: list[str]) -> Ranking | None:
+    texts = [rec.get(key) for key in ("chosen", "rejected")]
+    bad = [key for key, v in zip(("chosen", "rejected"), texts) if not isinstance(v, str)]
+    if bad:
+        problems += [f"{where}: field '{key}': expected a string" for key in bad]
+        return None
+    try:
+        messages, answers = split_transcripts(*texts)
+    except ValueError as e:
+        problems.append(f"{where}: {e}")
+        return None
+    prompt = messages[0]["content"] if len(messages) == 1 else messages
+    return Ranking(prompt, answers, [[0], [1]], where)
+
+
 def parse_record(rec: Any, where: str, problems: list[str]) -> Ranking | None:
     if not isinstance(rec, dict):
         problems.append(f"{where}: expected a JSON object, got {type(rec).__name__}")
         return None
     if "prompt" not in rec and "messages" not in rec:
-        problems.append(f"{where}: field 'prompt': missing")
+        if "chosen" in rec and "rejected" in rec:
+            return _from_transcripts(rec, where, problems)
+        problems.append(f"{where}: field 'prompt': missing (or give 'chosen' and 'rejected' as "
+                        "\\n\\nHuman: ... \\n\\nAssistant: ... transcripts)")
         return None
     # A multi-turn context comes as `messages` (the store's exports add it beside the prompt text).
     key = "messages" if "messages" in rec else "prompt"
@@ -116,7 +140,7 @@ def read_rankings(paths: Iterable[str | os.PathLike]) -> list[Ranking]:
     out: list[Ranking] = []
     problems: list[str] = []
     for path in map(Path, paths):
-        for n, rec in json_lines(path, problems):
+        for n, rec in read_jsonl(path, problems):
             r = parse_record(rec, f"{path}:{n}", problems)
             if r is not None:
                 out.append(r)

@@ -23,10 +23,10 @@ from typing import Optional
 
 from engine.artifacts import load_artifact
 from engine.config import require, resolve_path
-from engine.corpus import json_lines
 from engine.device import describe, resolve_device
 from engine.fsutil import atomic_write_text
 from engine.generate import generate_batch
+from engine.jsonl import read_jsonl
 from engine.runio import Emitter, InputProblems, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.tokenizer import render_chat
 
@@ -46,7 +46,7 @@ def read_prompts(paths: list[str | os.PathLike]) -> list[str]:
             problems.append(f"{path}: expected a .txt or .jsonl file of prompts")
             continue
         if path.suffix == ".jsonl":
-            for n, rec in json_lines(path, problems):
+            for n, rec in read_jsonl(path, problems):
                 p = rec.get("prompt") if isinstance(rec, dict) else None
                 if not isinstance(p, str) or not p.strip():
                     problems.append(f"{path}:{n}: field 'prompt': " + ("missing" if p is None else "expected a non-empty string"))

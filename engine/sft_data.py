@@ -32,7 +32,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from engine.corpus import json_lines
+from engine.jsonl import read_jsonl
 from engine.runio import InputProblems, StageError
 from engine.tasks import Task
 from engine.tokenizer import ROLES, Tokenizer, render_chat
@@ -160,7 +160,7 @@ def read_records(paths: Iterable[str | os.PathLike]) -> list[Record]:
     problems: list[str] = []
     for path in map(Path, paths):
         n_records, n_problems = len(records), len(problems)
-        for lineno, rec in json_lines(path, problems):
+        for lineno, rec in read_jsonl(path, problems):
             msgs = parse_record(rec, f"{path}:{lineno}", problems)
             if msgs is not None:
                 records.append(Record(path, lineno, msgs))
@@ -174,7 +174,7 @@ def read_records(paths: Iterable[str | os.PathLike]) -> list[Record]:
 def read_tasks(path: str | os.PathLike, limit: int = 0) -> list[Task]:
     """Held-out tasks (engine.tasks.Task as JSON, one per line); the first `limit` (0 = all)."""
     path, tasks, problems = Path(path), [], []
-    for lineno, rec in json_lines(path, problems):
+    for lineno, rec in read_jsonl(path, problems):
         try:
             tasks.append(Task.from_dict(rec))
         except ValueError as e:

@@ -210,7 +210,7 @@ def test_bad_import_file_lists_file_and_line(tmp_path, monkeypatch, capsys):
     proj.mkdir()
     rc, out, err = wb(monkeypatch, capsys, "preferences", "import", "--project", proj, bad)
     assert rc == 2 and out == ""
-    assert f"{bad}:2: invalid JSON" in err and f"{bad}:3: field 'ranking'" in err
+    assert f"{bad}:2: malformed JSON" in err and f"{bad}:3: field 'ranking'" in err
     assert f"{bad}:1" not in err
     with Store.for_project(proj) as store:
         assert store.batches() == []                 # nothing of a bad file goes in
@@ -226,6 +226,19 @@ def test_bad_import_file_lists_file_and_line(tmp_path, monkeypatch, capsys):
     assert rc == 2 and "has no workbench.db" in err and not (empty / "workbench.db").exists()
     rc, _, err = wb(monkeypatch, capsys, "rank", "--project", proj, "--batch", 7, "--annotator", "x")
     assert rc == 2 and "no batch with id 7" in err
+
+
+def test_an_empty_preference_file_is_refused_and_makes_no_batch(tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    rc, out, err = wb(monkeypatch, capsys, "preferences", "import", "--project", proj, empty)
+    assert (rc, out) == (2, "")
+    assert err == (f"workbench preferences import: 1 problem(s) in the preference file {empty}:\n"
+                   f"  {empty}: no preference records (the file is empty)\n")
+    rc, out, err = wb(monkeypatch, capsys, "batches", "--project", proj)
+    assert rc == 0 and out.startswith("no batches yet")
 
 
 def test_agreement_between_two_annotators_and_repeats(monkeypatch, capsys, project):

@@ -126,7 +126,7 @@ def test_jsonl_long_text_is_chunked(tmp_path):
 
 
 @pytest.mark.parametrize("line,expect", [
-    ('{"text": "ok"', r"invalid JSON at column \d+"),
+    ('{"text": "ok"', r"malformed JSON at column \d+"),
     ('{"title": "x"}', r"field 'text' is missing \(fields: title\)"),
     ('{"text": 5}', r"field 'text' must be a string, got int"),
     ('{"text": null}', r"field 'text' must be a string, got NoneType"),
@@ -180,3 +180,22 @@ def test_split_draw_is_deterministic_and_uniform():
     assert all(0.0 <= d < 1.0 for d in draws)
     share = sum(d < 0.1 for d in draws) / len(draws)
     assert 0.08 < share < 0.12
+
+
+def test_every_problem_of_the_corpus_is_listed_and_nothing_follows_the_first(tmp_path):
+    a = tmp_path / "a.jsonl"
+    a.write_text('{"text": "good"}\n{oops\n{"text": "fine"}\n{"title": 1}\n', encoding="utf-8")
+    b = tmp_path / "b.txt"
+    b.write_bytes(b"ab\xffcd")
+    c = jsonl(tmp_path / "c.jsonl", [{"text": "also good"}, ["text"]])
+    it = iter_chunks([a, b, c])
+    assert next(it).text == "good"
+    with pytest.raises(CorpusError) as e:
+        next(it)
+    assert e.value.problems == [
+        f"{a}:2: malformed JSON at column 2: Expecting property name enclosed in double quotes",
+        f"{a}:4: field 'text' is missing (fields: title)",
+        f"{b}: invalid UTF-8 at byte offset 2 (invalid start byte)",
+        f"{c}:2: expected a JSON object with a 'text' field, got list"]
+    assert str(e.value).startswith("4 problem(s) in the corpus; nothing was read:\n")
+

@@ -185,7 +185,7 @@ def test_bad_records_are_listed_with_file_and_line(tmp_path, store):
     with pytest.raises(InputError) as e:
         import_preferences(store, path)
     assert e.value.problems == [
-        f"{path}:2: invalid JSON at column 1: Expecting value",
+        f"{path}:2: malformed JSON at column 1: Expecting value",
         f"{path}:3: field 'ranking': answer index 2 not ranked: rank every answer index exactly once",
         f"{path}:4: field 'answers' has 1 answers; 2 to 9 needed",
         f"{path}:5: 'chosen' and 'rejected' differ before their last '\\n\\nAssistant:' "

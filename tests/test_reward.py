@@ -1,4 +1,5 @@
 """The reward model stage: pairs, the loss, bad input, training, normalisation, resume."""
+import gzip
 import json
 import math
 import random
@@ -9,9 +10,11 @@ import torch
 from engine import checkpoint as ckpt
 from engine.config import from_dict
 from engine.model import load_model, ScalarModel
+from engine import reward
 from engine.reward import NORM_FILE, RewardConfig, run
-from engine.reward_data import (PreferenceDataError, collate_answers, ranking_loss, ranking_pairs,
-                                read_rankings)
+from engine.reward_data import (PreferenceDataError, collate_answers, encode_answer, ranking_loss,
+                                ranking_pairs, read_rankings)
+from engine.tokenizer import Tokenizer
 from helpers import StopAt, losses
 
 WORDS = "alpha beta gamma delta echo fox golf hotel india juliet kilo lima".split()
@@ -111,10 +114,8 @@ def test_one_epoch_by_default_sets_the_steps(sft_ckpt, tmp_path):
     write_prefs(tmp_path / "prefs.jsonl", n=30)
     events = []
     run(cfg(sft_ckpt, tmp_path / "prefs.jsonl", epochs=1.0, eval_every=100), tmp_path / "run", events.append)
-    progress = [e for e in events if e["type"] == "progress"]
+    progress = [e for e in events if e["type"] == "progress" and e["unit"] == "steps"]
     # 30 rankings, 3 prompts held out (val_fraction 0.1) -> 27 train -> ceil(27 / 4) = 7 steps.
-    # The final accuracy's log line says how few held-out rankings it rests on.
-    assert any("rests on 3 ranking(s)" in e["message"] for e in events if e["type"] == "log")
     assert progress[-1]["total"] == 7 and progress[-1]["step"] == 7
 
 
@@ -144,3 +145,89 @@ def test_trains_the_same_way_on_imported_pairs(sft_ckpt, tmp_path):
     assert run(cfg(sft_ckpt, tmp_path / "pairs.jsonl"), tmp_path / "run", events.append) == "completed"
     vals = [e for e in events if e["type"] == "metrics" and "val/accuracy" in e]
     assert vals[-1]["val/accuracy"] >= 0.9 and vals[-1]["val/loss"] < vals[0]["val/loss"]
+
+
+HH_SINGLE = {"chosen": "\n\nHuman: What is 2 + 2?\n\nAssistant: 4",
+             "rejected": "\n\nHuman: What is 2 + 2?\n\nAssistant: 22"}
+HH_MULTI = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Add 2 and 3.\n\nAssistant: 5",
+            "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Add 2 and 3.\n\nAssistant: 23"}
+
+
+def test_gzipped_preferences_read_as_the_plain_file(tmp_path):
+    write_prefs(tmp_path / "prefs.jsonl", n=20)
+    gz = tmp_path / "prefs.jsonl.gz"
+    gz.write_bytes(gzip.compress((tmp_path / "prefs.jsonl").read_bytes()))
+    plain, packed = read_rankings([tmp_path / "prefs.jsonl"]), read_rankings([gz])
+    assert [(r.prompt, r.answers, r.groups) for r in packed] == \
+        [(r.prompt, r.answers, r.groups) for r in plain]
+    assert packed[3].where == f"{gz}:4"
+    gz.write_bytes(gzip.compress((tmp_path / "prefs.jsonl").read_bytes())[:-30])   # cut short
+    with pytest.raises(PreferenceDataError, match="gzip stream ends early"):
+        read_rankings([gz])
+
+
+def test_transcripts_are_accepted_as_the_import_reads_them(tmp_path, tiny_lm_ckpt):
+    f = tmp_path / "hh.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in (HH_SINGLE, HH_MULTI,
+                                                   {"chosen": "no turns", "rejected": "x"})) + "\n")
+    with pytest.raises(PreferenceDataError) as e:
+        read_rankings([f])
+    assert e.value.problems == [f"{f}:3: field 'chosen' has no '\\n\\nAssistant:' turn; "
+                                f"field 'rejected' has no '\\n\\nAssistant:' turn"]
+    f.write_text("\n".join(json.dumps(r) for r in (HH_SINGLE, HH_MULTI)) + "\n")
+    single, multi = read_rankings([f])
+    assert (single.prompt, single.answers, single.groups) == ("What is 2 + 2?", ["4", "22"], [[0], [1]])
+    assert multi.prompt == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                            {"role": "user", "content": "Add 2 and 3."}]
+    # The same conversation as the K-way record an import of the file exports encodes the same.
+    kway = tmp_path / "kway.jsonl"
+    kway.write_text(json.dumps({"prompt": "Human: Hi ...", "messages": multi.prompt,
+                                "answers": ["5", "23"], "ranking": [[0], [1]]}) + "\n")
+    [exported] = read_rankings([kway])
+    tok = Tokenizer.from_file(tiny_lm_ckpt / "tok.json")
+    assert [encode_answer(tok, exported.prompt, a, 64) for a in exported.answers] == \
+        [encode_answer(tok, multi.prompt, a, 64) for a in multi.answers]
+
+
+def test_normalisation_scores_each_kept_checkpoint_once_and_shows_progress(sft_ckpt, tmp_path,
+                                                                            monkeypatch):
+    write_prefs(tmp_path / "prefs.jsonl", n=24)
+    n_answers = sum(2 + i % 3 for i in range(24))
+    passes = []
+    score_items = reward.score_items
+
+    def counted(model, scorer, items, batch_size, on_batch=None):
+        passes.append(len(items))
+        return score_items(model, scorer, items, batch_size, on_batch)
+
+    monkeypatch.setattr(reward, "score_items", counted)
+    events = []
+    c = cfg(sft_ckpt, tmp_path / "prefs.jsonl", max_steps=12, eval_every=100, checkpoint_every=4,
+            keep_last=2, seq_len=12)
+    assert run(c, tmp_path / "run", events.append) == "completed"
+    kept = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+    done = next(i for i, e in enumerate(events) if e["type"] == "progress" and e["unit"] == "steps"
+                and e["step"] == e["total"])
+    after = [e for e in events[done + 1:] if e["type"] == "progress"]
+    assert {e["unit"] for e in after} == {"answers"}
+    assert after[-1]["step"] == after[-1]["total"] == len(kept) * n_answers
+    # One pass over all answers per kept checkpoint, and nothing after it: the final
+    # checkpoint's validation figures come from its normalisation pass.
+    assert passes[len(passes) - len(kept):] == [24] * len(kept)
+    assert 24 not in passes[:len(passes) - len(kept)]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    final = ckpt.resolve_checkpoint(tmp_path / "run")
+    model = load_model(final / "model.safetensors").eval()
+    again = reward.evaluate_rankings(model, reward.Scorer(Tokenizer.from_file(final / "tokenizer.json"),
+                                                          12, torch.device("cpu")),
+                                     _val_items(tmp_path / "prefs.jsonl", c), c.batch_size)
+    assert summary["val/accuracy"] == again["val/accuracy"]
+    assert summary["val/loss"] == pytest.approx(again["val/loss"], rel=1e-5)
+    # Every answer is cut to 12 tokens; the warning counts each once, not once per pass.
+    [warning] = [e["message"] for e in events if e["type"] == "log" and "longer than" in e["message"]]
+    assert warning.startswith(f"{n_answers} of {n_answers} answer sequences were longer")
+
+
+def _val_items(path, c):
+    from engine.reward_data import split_by_prompt
+    return split_by_prompt(read_rankings([path]), c.val_fraction, c.seed)[1]

@@ -90,7 +90,7 @@ def test_bad_run_lists_every_problem_with_file_line_and_field(tmp_path, store):
     samples, prov = run / "samples.jsonl", run / "provenance.json"
     assert e.value.problems == [
         f"{prov}: field 'seed' must be an integer",
-        f"{samples}:2: invalid JSON at column 2: Expecting property name enclosed in double quotes",
+        f"{samples}:2: malformed JSON at column 2: Expecting property name enclosed in double quotes",
         f"{samples}:3: field 'prompt' must be a non-empty string",
         f"{samples}:3: field 'prompt_index' 0 repeats line 1",
         f"{samples}:4: field 'answers' has 2 answers, provenance.json says k=3",

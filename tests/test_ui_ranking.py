@@ -287,7 +287,7 @@ def test_export_and_import_round_trip_through_the_view(qtbot, view, project, tmp
     assert "bad.jsonl:1:" in str(e.value) and "bad.jsonl:2:" in str(e.value)
     bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\nnot json\n')
     partial = second.import_preferences(bad, skip_bad=True)    # "Import the other records"
-    assert partial.records == 1 and partial.skipped == [f"{bad}:2: invalid JSON at column 1: "
+    assert partial.records == 1 and partial.skipped == [f"{bad}:2: malformed JSON at column 1: "
                                                         "Expecting value"]
     second.close_store()
 

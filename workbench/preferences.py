@@ -28,21 +28,19 @@ returns the batch the first import made.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from engine.fsutil import atomic_write_text
+from engine.jsonl import read_jsonl
+from engine.tokenizer import ROLES
+from engine.transcripts import split_transcript, split_transcripts  # noqa: F401 (re-exported)
 from workbench.store import (FLAGS, MAX_K, MIN_K, InputError, Item, RankingError, Ranking, Store,
                              check_ordering)
 
-ASSISTANT = "\n\nAssistant:"
-_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
-ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -200,46 +198,19 @@ def _messages(v, problems: list[str]) -> list | None:
     return [{"role": m["role"], "content": m["content"]} for m in v]
 
 
-def split_transcript(text: str) -> list[tuple[str, str]]:
-    """'\\n\\nHuman: a\\n\\nAssistant: b' -> [('user', 'a'), ('assistant', 'b')]."""
-    parts = _TURN.split(text)
-    if parts[0].strip():
-        raise ValueError("text before the first 'Human:' turn")
-    return [("user" if who == "Human" else "assistant", body.strip())
-            for who, body in zip(parts[1::2], parts[2::2])]
-
-
 def _from_transcripts(rec: dict, problems: list[str]):
     chosen, rejected = _text(rec, "chosen", problems), _text(rec, "rejected", problems)
     if problems:
         return None
-    cut_c, cut_r = chosen.rfind(ASSISTANT), rejected.rfind(ASSISTANT)
-    for key, cut in (("chosen", cut_c), ("rejected", cut_r)):
-        if cut < 0:
-            problems.append(f"field '{key}' has no '\\n\\nAssistant:' turn")
-    if problems:
-        return None
-    if chosen[:cut_c] != rejected[:cut_r]:
-        problems.append("'chosen' and 'rejected' differ before their last '\\n\\nAssistant:' "
-                        "(they must share the conversation up to the final answer)")
-        return None
     try:
-        turns = split_transcript(chosen[:cut_c])
+        messages, answers = split_transcripts(chosen, rejected)
     except ValueError as e:
-        problems.append(f"field 'chosen': {e}")
+        problems.append(str(e))
         return None
-    if not turns or turns[-1][0] != "user":
-        problems.append("the conversation before the final answer must end with a 'Human:' turn")
-        return None
-    answers = [chosen[cut_c + len(ASSISTANT):].strip(), rejected[cut_r + len(ASSISTANT):].strip()]
-    if answers[0] == answers[1]:
-        problems.append("'chosen' and 'rejected' end with the same answer")
-        return None
-    if len(turns) == 1:
-        return turns[0][1], None, answers
-    messages = [{"role": role, "content": body} for role, body in turns]
-    prompt = "\n\n".join(f"{'Human' if role == 'user' else 'Assistant'}: {body}"
-                         for role, body in turns)
+    if len(messages) == 1:
+        return messages[0]["content"], None, answers
+    prompt = "\n\n".join(f"{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
+                         for m in messages)
     return prompt, messages, answers
 
 
@@ -315,23 +286,14 @@ def parse_record(rec, line: int) -> tuple[Record | None, list[str]]:
 def read_preferences(path: str | Path) -> tuple[list[Record], list[str]]:
     """(records, problems as `FILE:LINE: reason`) for a preference file in any accepted format."""
     path = Path(path)
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     records, problems = [], []
-    for lineno, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            problems.append(f"{path}:{lineno}: invalid UTF-8 ({e.reason})")
-            continue
-        except json.JSONDecodeError as e:
-            problems.append(f"{path}:{lineno}: invalid JSON at column {e.colno}: {e.msg}")
-            continue
+    for lineno, rec in read_jsonl(path, problems):
         record, bad = parse_record(rec, lineno)
         problems += [f"{path}:{lineno}: {p}" for p in bad]
         if record is not None:
             records.append(record)
+    if not records and not problems:
+        problems.append(f"{path}: no preference records (the file is empty)")
     return records, problems
 
 

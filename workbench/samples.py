@@ -18,6 +18,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from engine.jsonl import read_jsonl
 from workbench.store import MAX_K, MIN_K, InputError, Store
 
 SAMPLES = "samples.jsonl"
@@ -78,23 +79,11 @@ def read_sample_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
     path = run_dir / SAMPLES
     items: list[dict] = []
     seen_index: dict[int, int] = {}
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    if not path.exists():
         raise InputError(problems + [f"{path}: missing (has the sample run finished?)"],
-                         "sample run") from None
-    for lineno, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue
+                         "sample run")
+    for lineno, rec in read_jsonl(path, problems):
         where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            problems.append(f"{where}: invalid UTF-8 ({e.reason})")
-            continue
-        except json.JSONDecodeError as e:
-            problems.append(f"{where}: invalid JSON at column {e.colno}: {e.msg}")
-            continue
         if not isinstance(rec, dict):
             problems.append(f"{where}: expected a JSON object, got {type(rec).__name__}")
             continue

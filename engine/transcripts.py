@@ -1,0 +1,44 @@
+"""The "\\n\\nHuman: ...\\n\\nAssistant: ..." transcript form of public preference sets.
+
+A record is {"chosen": transcript, "rejected": transcript}: the conversation the two share up
+to their last "\\n\\nAssistant:" is the prompt (several turns allowed), the two final assistant
+turns are the answers. The reward stage (engine.reward_data) and `workbench preferences import`
+both read it through `split_transcripts`. No torch here: the import command loads this module.
+"""
+from __future__ import annotations
+
+import re
+
+ASSISTANT = "\n\nAssistant:"
+_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+
+
+def split_transcript(text: str) -> list[tuple[str, str]]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b' -> [('user', 'a'), ('assistant', 'b')]."""
+    parts = _TURN.split(text)
+    if parts[0].strip():
+        raise ValueError("text before the first 'Human:' turn")
+    return [("user" if who == "Human" else "assistant", body.strip())
+            for who, body in zip(parts[1::2], parts[2::2])]
+
+
+def split_transcripts(chosen: str, rejected: str) -> tuple[list[dict], list[str]]:
+    """(the shared conversation as messages, ending with the user's turn; [chosen answer,
+    rejected answer]) of a transcript pair. ValueError says what is wrong."""
+    cut_c, cut_r = chosen.rfind(ASSISTANT), rejected.rfind(ASSISTANT)
+    missing = [key for key, cut in (("chosen", cut_c), ("rejected", cut_r)) if cut < 0]
+    if missing:
+        raise ValueError("; ".join(f"field '{key}' has no '\\n\\nAssistant:' turn" for key in missing))
+    if chosen[:cut_c] != rejected[:cut_r]:
+        raise ValueError("'chosen' and 'rejected' differ before their last '\\n\\nAssistant:' "
+                         "(they must share the conversation up to the final answer)")
+    try:
+        turns = split_transcript(chosen[:cut_c])
+    except ValueError as e:
+        raise ValueError(f"field 'chosen': {e}") from None
+    if not turns or turns[-1][0] != "user":
+        raise ValueError("the conversation before the final answer must end with a 'Human:' turn")
+    answers = [chosen[cut_c + len(ASSISTANT):].strip(), rejected[cut_r + len(ASSISTANT):].strip()]
+    if answers[0] == answers[1]:
+        raise ValueError("'chosen' and 'rejected' end with the same answer")
+    return [{"role": role, "content": body} for role, body in turns], answers
