@@ -457,3 +457,32 @@ def test_simulated_ranking_runs_off_the_ui_thread_and_is_labelled(qtbot, tmp_pat
     view.simulate_selected()
     assert "ranked every item" in view.start.status.text()
     view.close_store()
+
+
+def test_the_count_includes_the_hidden_repeat_and_the_end_disables_ranking(qtbot, view, project):
+    start_page = view.start
+    start_page.annotator.lineEdit().selectAll()
+    qtbot.keyClicks(start_page.annotator.lineEdit(), "bea")
+    start_page.repeats.lineEdit().selectAll()
+    qtbot.keyClicks(start_page.repeats.lineEdit(), "25")           # 1 of the 4 items comes back
+    qtbot.mouseClick(start_page.start, Qt.LeftButton)
+    press(qtbot, view, [Qt.Key_Return])                            # past the guidelines
+    assert view.stack.currentWidget() is view.page
+    seen = []
+    for n in range(N_ITEMS + 1):
+        assert view.page.bar.format() == f"{n} / {N_ITEMS + 1} ranked"
+        assert view.current is not None          # the repeat comes before the count is full
+        seen.append(view.current.item_id)
+        press(qtbot, view, ["1", "2", "3", Qt.Key_Return])
+    assert len(set(seen)) == N_ITEMS and view.current is None
+    assert view.page.bar.format() == f"{N_ITEMS + 1} / {N_ITEMS + 1} ranked"
+    assert "All 4 items" in view.page.done.text() and "1 of them a second time" in view.page.done.text()
+    assert [r.is_repeat for r in stored(project)].count(True) == 1
+    page = view.page
+    assert not any(b.isEnabled() for b in (page.submit_button, page.order_button, page.skip_button, page.note))
+    assert "Ctrl+Z" in page.legend.text() and "flag" not in page.legend.text()
+    press(qtbot, view, ["1", "2", "s", Qt.Key_Return])             # ranking keys do nothing now
+    assert len(stored(project)) == N_ITEMS + 1 and view.current is None
+    press(qtbot, view, ["u"])                                      # taking the last one back works
+    assert view.current is not None and page.skip_button.isEnabled()
+    assert page.bar.format() == f"{N_ITEMS} / {N_ITEMS + 1} ranked"

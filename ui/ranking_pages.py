@@ -222,11 +222,11 @@ class SessionPage(QWidget):
         head.addStretch(1)
         head.addWidget(self.bar)
         head.addWidget(self.pace)
-        for text, slot, tip in (("Guidelines", view.show_guidelines, "F1"),
-                                ("Skip", view.skip, "S: the item comes back at the end"),
-                                ("Undo", view.undo, "Ctrl+Z: take back your last ranking"),
-                                ("End session", view.end_session, "back to the batch list")):
-            head.addWidget(button(text, slot, tip))
+        self.skip_button = button("Skip", view.skip, "S: the item comes back at the end")
+        for b in (button("Guidelines", view.show_guidelines, "F1"), self.skip_button,
+                  button("Undo", view.undo, "Ctrl+Z: take back your last ranking"),
+                  button("End session", view.end_session, "back to the batch list")):
+            head.addWidget(b)
 
         self.prompt = PromptView()
         self.ranking = QLabel()
@@ -235,8 +235,9 @@ class SessionPage(QWidget):
         rank_row.addWidget(self.ranking, 1)
         self.submit_button = button("Submit  ⏎", view.submit)
         rank_row.addWidget(self.submit_button)
-        rank_row.addWidget(button("Submit card order  Ctrl+⏎", view.submit_card_order,
-                                  "rank the answers in the cards' order, top first"))
+        self.order_button = button("Submit card order  Ctrl+⏎", view.submit_card_order,
+                                   "rank the answers in the cards' order, top first")
+        rank_row.addWidget(self.order_button)
 
         self.scroll = QScrollArea()
         self.scroll.setWidgetResizable(True)

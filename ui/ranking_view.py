@@ -317,7 +317,9 @@ class RankingView(QWidget):
         if cur is None:
             p = self.session.progress()
             page.prompt.set_prompt("Every item is ranked.", None)
-            page.done.setText(f"All {p.total} items of this batch are ranked and stored.\n"
+            checks = (f" ({p.repeats_total} of them a second time, unannounced, to measure how "
+                      "consistent the rankings are)" if p.repeats_total else "")
+            page.done.setText(f"All {p.total} items of this batch are ranked and stored{checks}.\n"
                               "Ctrl+Z undoes the last ranking; the Agreement tab shows how "
                               "consistent the rankings are; End session picks another batch.")
             page.cards.set_answers([])
@@ -331,8 +333,12 @@ class RankingView(QWidget):
             if prev is not None:
                 self.input.prefill(prev.ordering, prev.flags, prev.scores)
             page.note.setText(prev.note if prev else "")
+        # Once every item is ranked, only taking a ranking back, the guidelines and leaving remain.
+        for w in (page.skip_button, page.order_button, page.note):
+            w.setEnabled(cur is not None)
+        legend = LEGEND if cur is not None else [(k, w) for k, w in LEGEND if k in ("Ctrl+Z", "F1")]
         page.legend.setText("  ·  ".join(f"<b>{escape(keys.format(k=cur.k if cur else 'K'))}"
-                                         f"</b>&nbsp;{escape(what)}" for keys, what in LEGEND))
+                                         f"</b>&nbsp;{escape(what)}" for keys, what in legend))
         self._render()
         self._show_progress()
         self._clock.start()
@@ -366,9 +372,9 @@ class RankingView(QWidget):
     def _show_progress(self) -> None:
         """The progress bar and pace from the store: after each change, not on every tick."""
         p = self.session.progress()
-        self.page.bar.setRange(0, max(1, p.total))
-        self.page.bar.setValue(p.done)
-        self.page.bar.setFormat(f"{p.done} / {p.total} ranked")
+        self.page.bar.setRange(0, max(1, p.rankings_total))
+        self.page.bar.setValue(p.rankings_done)
+        self.page.bar.setFormat(f"{p.rankings_done} / {p.rankings_total} ranked")
         parts = [f"{p.skipped} skipped"] if p.skipped else []
         if p.mean_seconds is not None:
             parts.append(f"{p.mean_seconds:.1f} s per item")

@@ -17,8 +17,9 @@ session sees the same queue.
 Hidden repeats. With `repeat_fraction` f > 0, round(f * N) items (drawn from the seed) come
 back once more after at least `repeat_gap` other items have been ranked since their first
 ranking (or at the end, when no first-time item is left), shuffled anew and stored with
-is_repeat = 1. They measure an annotator's consistency (workbench.agreement); progress counts
-each item once, so the annotator cannot tell a repeat from a new item.
+is_repeat = 1. They measure an annotator's consistency (workbench.agreement). The count an
+annotator sees (`Progress.rankings_done` of `rankings_total`) includes them: it ends when the
+session does, and it moves on every ranking, so it never gives a repeat away.
 """
 from __future__ import annotations
 
@@ -78,6 +79,15 @@ class Progress:
     @property
     def finished(self) -> bool:
         return self.remaining == 0
+
+    @property
+    def rankings_done(self) -> int:
+        """Rankings made, hidden repeats included: the count to show the annotator."""
+        return self.done + self.repeats_done
+
+    @property
+    def rankings_total(self) -> int:
+        return self.total + self.repeats_total
 
 
 def parse_ordering(text: str) -> list[list[int]]:
