@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from engine.checkpoint import resolve_checkpoint
+from engine.checkpoint import CheckpointError, read_json, resolve_checkpoint
 from engine.config import ConfigError
 from engine.model import Transformer, load_model
 from engine.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -47,17 +47,20 @@ def check_compatible(model: Transformer, tok: Tokenizer, state: dict, field: str
 def load_artifact(path: str | os.PathLike, *, tokenizer: Optional[str | os.PathLike] = None,
                   device: str | torch.device = "cpu", prefer: str = "best",
                   field: str = "checkpoint") -> Loaded:
-    """Model + tokenizer from a checkpoint folder or a run folder (its best, else newest)."""
+    """Model + tokenizer from a checkpoint folder or a run folder (its best, else newest).
+
+    A missing or broken checkpoint is a ConfigError on `field`, naming the file and what is
+    wrong, so every stage that starts from one refuses before any work.
+    """
     try:
         ck = resolve_checkpoint(path, prefer=prefer)
-    except FileNotFoundError as e:
-        raise ConfigError(field, str(e)) from None
-    state_file = ck / "state.json"
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    try:
+        state_file = ck / "state.json"
+        state = read_json(state_file) if state_file.exists() else {}
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{state_file}: expected a JSON object, got {type(state).__name__}")
         model = load_model(ck / "model.safetensors", device=device)
-    except (OSError, ValueError) as e:
-        raise ConfigError(field, f"cannot load the model in {ck}: {e}") from None
+    except (FileNotFoundError, CheckpointError) as e:
+        raise ConfigError(field, str(e)) from None
     tok_path = Path(tokenizer) if tokenizer else ck / "tokenizer.json"
     if tok_path.is_dir():
         tok_path = tok_path / "tokenizer.json"

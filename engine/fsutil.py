@@ -1,8 +1,65 @@
-"""Crash-safe file writes: write to a temporary name, fsync, rename, fsync the folder."""
+"""Crash-safe file writes (write to a temporary name, fsync, rename, fsync the folder), a full
+disk reported as such, and the fault points the fault tests kill a process at."""
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import signal
 from pathlib import Path
+
+from engine.runio import StageError
+
+FAULT_ENV = "WORKBENCH_FAULT"
+_fault_hits: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process here when WORKBENCH_FAULT is `name` (or `name@N`: at its Nth pass).
+
+    The only way to prove that a run survives a kill at each phase of a save or a prune without
+    strace (which CI may lack): the test names the phase, the process dies there, the test
+    reruns the stage. Costs one dictionary lookup when the variable is unset.
+    """
+    want = os.environ.get(FAULT_ENV)
+    if not want:
+        return
+    target, _, nth = want.partition("@")
+    if target != name:
+        return
+    _fault_hits[name] = _fault_hits.get(name, 0) + 1
+    if _fault_hits[name] == int(nth or 1):
+        _die()
+
+
+def _die() -> None:
+    os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))   # Windows has no SIGKILL
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(StageError, OSError):
+    """No space left where the run writes: said in one line, with what is free, not a traceback.
+    Still an OSError with errno ENOSPC, so callers that handle OSError go on doing so."""
+
+    def __init__(self, path: str | os.PathLike):
+        OSError.__init__(self, errno.ENOSPC, disk_full_message(path))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def disk_full_message(path: str | os.PathLike) -> str:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = f"{shutil.disk_usage(path).free / 1e6:.1f}"
+    except OSError:
+        free = "?"
+    return f"disk full: {free} MB free in {path}"
 
 
 def fsync_dir(path: Path) -> None:
@@ -13,14 +70,28 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise DiskFull(path.parent) from None
+        raise
     fsync_dir(path.parent)
 
 
@@ -32,9 +103,5 @@ def fsync_tree(root: Path) -> None:
     """fsync every file and folder under root (before the rename that publishes it)."""
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(Path(dirpath, name))
         fsync_dir(Path(dirpath))

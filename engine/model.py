@@ -420,23 +420,27 @@ def read_config(path) -> ModelConfig:
 
 
 def read_header(path) -> tuple[ModelConfig, str]:
-    """(config, kind) from a model.safetensors file's metadata; kind is "lm" or "scalar"."""
-    from safetensors import safe_open
+    """(config, kind) from a model.safetensors file's metadata; kind is "lm" or "scalar".
+    Any problem is a CheckpointError naming the file."""
+    from engine.checkpoint import CheckpointError, read_metadata
 
-    with safe_open(os.fspath(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = read_metadata(path)
     if "config" not in meta:
-        raise ValueError(f"{path}: no model config in the safetensors metadata "
-                         "(not written by engine.model.save_model)")
+        raise CheckpointError(f"{path}: no model config in the safetensors metadata "
+                              "(not written by engine.model.save_model)")
     kind = meta.get("kind", "lm")
     if kind not in MODEL_KINDS:
-        raise ValueError(f"{path}: unknown model kind {kind!r}")
-    return from_dict(ModelConfig, json.loads(meta["config"]), source=os.fspath(path)), kind
+        raise CheckpointError(f"{path}: unknown model kind {kind!r} in its metadata")
+    try:
+        return from_dict(ModelConfig, json.loads(meta["config"])), kind
+    except (ValueError, TypeError, AttributeError) as e:     # ConfigError is a ValueError
+        raise CheckpointError(f"{path}: the model config in its metadata is invalid ({e})") from None
 
 
 def with_tied_head(cfg: ModelConfig, sd: dict) -> dict:
     """Put back the lm_head that `safetensors_state` leaves out of a tied model's file."""
-    if cfg.tie_embeddings and "lm_head.weight" not in sd and "score.weight" not in sd:
+    if (cfg.tie_embeddings and "lm_head.weight" not in sd and "score.weight" not in sd
+            and "model.embed_tokens.weight" in sd):
         sd = {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}
     return sd
 
@@ -456,8 +460,43 @@ def model_from_state_dict(cfg: ModelConfig, sd: dict, kind: str = "lm") -> Trans
     return model
 
 
+def check_weights(model: nn.Module, sd: dict, path, needs: str = "the model config in its metadata") -> None:
+    """CheckpointError naming `path` unless `sd` is exactly the tensors `model` is made of
+    (names, shapes, one floating dtype, finite values): load_state_dict says less, in many lines,
+    and a NaN weight would only show up later as a non-finite loss."""
+    from engine.checkpoint import CheckpointError
+
+    want = model.state_dict()
+    missing = [k for k in want if k not in sd]
+    extra = [k for k in sd if k not in want]
+    if missing or extra:
+        what = "; ".join(part for part in (
+            f"{len(missing)} tensor(s) missing ({', '.join(missing[:3])})" if missing else "",
+            f"{len(extra)} unexpected tensor(s) ({', '.join(extra[:3])})" if extra else "") if part)
+        raise CheckpointError(f"{path}: does not match {needs}: {what}")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(want[k].shape):
+            raise CheckpointError(f"{path}: tensor '{k}' has shape {list(v.shape)}, but {needs} "
+                                  f"needs {list(want[k].shape)}")
+    dtypes = {}
+    for k, v in sd.items():
+        if v.is_floating_point():
+            dtypes.setdefault(v.dtype, k)
+    if len(dtypes) > 1:
+        (a, ka), (b, kb) = list(dtypes.items())[:2]
+        raise CheckpointError(f"{path}: mixed dtypes: '{ka}' is {a} but '{kb}' is {b}")
+    for k, v in sd.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{path}: tensor '{k}' holds NaN or infinite values: the model "
+                                  "it was saved from had diverged")
+
+
 def load_model(path, device="cpu") -> Transformer:
-    from safetensors.torch import load_file
+    """The model in a model.safetensors file; CheckpointError naming the file if it is broken."""
+    from engine.checkpoint import load_tensors
 
     cfg, kind = read_header(path)
-    return model_from_state_dict(cfg, load_file(os.fspath(path), device=str(device)), kind)
+    sd = with_tied_head(cfg, load_tensors(path, device=device))
+    with torch.device("meta"):
+        check_weights(MODEL_KINDS[kind](cfg), sd, path)
+    return model_from_state_dict(cfg, sd, kind)

@@ -115,8 +115,14 @@ class Control:
                 raise KeyboardInterrupt  # a second Ctrl-C means "now"
             self._flag = True
 
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        self._previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore_signal_handlers(self) -> None:
+        """Put back what install_signal_handlers replaced: a stage run in-process (tests, the
+        pipeline) must not leave its caller deaf to SIGTERM."""
+        for s, previous in getattr(self, "_previous", {}).items():
+            signal.signal(s, previous)
+        self._previous = {}
 
 
 class NeverStop:
@@ -213,38 +219,84 @@ def _num(v: Any) -> str:
 
 
 class EventLog:
-    """The sink used by the CLI: appends to events.jsonl, echoes on stdout, flushes every line."""
+    """The sink used by the CLI: appends to events.jsonl, echoes on stdout, one write per line.
+
+    A line torn by a kill or a full disk must not swallow the next one (a reader drops the line
+    it is glued to: the next run's `start`, say), so a session starts on a fresh line, and after
+    a failed write the next line starts with a newline too.
+    """
 
     def __init__(self, run_dir: Path, echo: Optional[Sink] = None):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "events.jsonl"
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+        self._torn = _ends_torn(self.path)
         self.echo = echo
 
     def __call__(self, ev: dict) -> None:
-        line = json.dumps(ev, ensure_ascii=False)
-        self._f.write(line + "\n")
-        self._f.flush()
-        if self.echo is not None:
-            self.echo(ev)
+        try:
+            self._write((json.dumps(ev, ensure_ascii=False) + "\n").encode("utf-8"))
+        finally:
+            if self.echo is not None:
+                self.echo(ev)   # stdout still carries an event the disk had no room for
+
+    def _write(self, data: bytes) -> None:
+        if self._torn:
+            data = b"\n" + data
+        self._torn = True
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as e:
+            from engine.fsutil import DiskFull, is_disk_full
+            if is_disk_full(e):
+                raise DiskFull(self.path.parent) from None
+            raise
+        self._torn = False
 
     def close(self) -> None:
-        self._f.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _ends_torn(path: Path) -> bool:
+    """Does the file end inside a line (its writer died mid-line)?"""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def iter_events(run_dir: str | os.PathLike) -> Iterator[dict]:
-    """The events of a run, one at a time; a torn last line (the writer was killed mid-line) is
-    skipped. Folding them as they come keeps a long run's 100k events from being alive at once:
-    in the app, the collector that runs on the UI thread would have to walk them all."""
+    """The events of a run, one at a time. A torn line (its writer was killed, or the disk was
+    full, mid-line) is skipped; an event glued to its end by an older writer is recovered.
+    Folding them as they come keeps a long run's 100k events from being alive at once: in the
+    app, the collector that runs on the UI thread would have to walk them all."""
     path = Path(run_dir) / "events.jsonl"
     if not path.exists():
         return
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
+            ev = parse_event_line(line)
+            if ev is not None:
+                yield ev
+
+
+def parse_event_line(line: str) -> Optional[dict]:
+    """One events.jsonl line as an event, or None; a torn event's remains before a whole one
+    on the same line are dropped (every event is written with "type" as its first key)."""
+    start = 0
+    while start >= 0:
+        try:
+            ev = json.loads(line[start:])
+            return ev if isinstance(ev, dict) else None
+        except json.JSONDecodeError:
+            start = line.find('{"type"', start + 1)
+    return None
 
 
 def read_events(run_dir: str | os.PathLike) -> list[dict]:
@@ -283,12 +335,43 @@ def stage_main(stage: str, config_cls: type, run: StageFn, argv: list[str] | Non
         print(f"error: run folder {run_dir} does not exist", file=sys.stderr)
         return 2
     from engine import distributed
+    from engine.runlock import RunLock
     world = distributed.from_env()
+    # Rank 0 locks the folder before touching anything in it (the STOP file, a killed save's
+    # leftovers): a second process would take this one's files for leftovers and delete them.
+    lock = RunLock(run_dir) if world.is_main else None
+    try:
+        if lock is not None:
+            lock.acquire()
+    except (StageError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _run_stage(stage, config_cls, run, run_dir, echo, world)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_stage(stage: str, config_cls: type, run: StageFn, run_dir: Path, echo: Sink, world) -> int:
+    from engine import distributed
+    from engine.fsutil import disk_full_message, is_disk_full
     # Under torchrun rank 0 speaks for the run; the others only report their own failures, and
     # only rank 0 reads the STOP file, which it clears at the start (a rank that saw the old one
     # before it was cleared would stop the run at once).
-    log = EventLog(run_dir, echo) if world.is_main else RankErrors(world.rank, stage)
+    try:
+        log = EventLog(run_dir, echo) if world.is_main else RankErrors(world.rank, stage)
+    except OSError as e:
+        print(f"error: {disk_full_message(run_dir) if is_disk_full(e) else e}", file=sys.stderr)
+        return 2
     ev = Emitter(log)
+
+    def done(**fields) -> None:
+        try:
+            ev.emit("done", **fields)
+        except OSError:
+            pass        # no room for it on disk: EventLog has still echoed it on stdout
+
     control = Control(run_dir if world.is_main else None)
     control.clear()
     control.install_signal_handlers()
@@ -296,27 +379,33 @@ def stage_main(stage: str, config_cls: type, run: StageFn, argv: list[str] | Non
         cfg = load_config(config_cls, run_dir / "config.json")
         distributed.start(getattr(cfg, "nproc", None), getattr(cfg, "device", "auto"))
     except ConfigError as e:
-        ev.emit("done", status="failed", error=str(e), step=None)
+        done(status="failed", error=str(e), step=None)
         log.close()
+        control.restore_signal_handlers()
         return 2
-    ev.emit("start", stage=stage, config=to_dict(cfg), pid=os.getpid(),
-            **({"world_size": world.size} if world.enabled else {}))
     code = 0
     try:
+        ev.emit("start", stage=stage, config=to_dict(cfg), pid=os.getpid(),
+                **({"world_size": world.size} if world.enabled else {}))
         status = run(cfg, run_dir, log, control)
-        ev.emit("done", status=status, error=None)
+        done(status=status, error=None)
     except (StageError, ConfigError) as e:
-        ev.emit("done", status="failed", error=str(e))
-        code = 1
+        # A bad setting, or a file it names that is broken, is found before any work: refused.
+        code = getattr(e, "exit_code", 2 if isinstance(e, ConfigError) else 1)
+        done(status="failed", error=str(e))
     except KeyboardInterrupt:
-        ev.emit("done", status="stopped", error="interrupted twice: stopped without a checkpoint")
+        done(status="stopped", error="interrupted twice: stopped without a checkpoint")
         code = 130
     except Exception as e:  # noqa: BLE001 - the app must see every failure as a done event
-        ev.log(traceback.format_exc(), level="error")
-        ev.emit("done", status="failed", error=f"{type(e).__name__}: {e}")
+        if is_disk_full(e):
+            done(status="failed", error=disk_full_message(run_dir))
+        else:
+            ev.log(traceback.format_exc(), level="error")
+            done(status="failed", error=f"{type(e).__name__}: {e}")
         code = 1
     finally:
         log.close()
+        control.restore_signal_handlers()
         distributed.stop(clean=code == 0)
     return code
 

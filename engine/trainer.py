@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from engine import checkpoint as ckpt
 from engine import distributed
 from engine.config import ConfigError, require
 from engine.device import autocast, peak_flops
-from engine.model import safetensors_state, with_tied_head
+from engine.model import check_weights, safetensors_state, with_tied_head
 from engine.runio import Emitter, NeverStop, StageError
 
 
@@ -182,10 +182,14 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
     saved = resume_run(ckpt_root, model, opt, data_gen=data_gen, device=device,
                        check=lambda s: check_resume(s["config"], cfg, FIXED_ON_RESUME + stage.fixed_on_resume, ev))
     if saved is not None:
-        run = Progress(saved.step, int(saved.state["tokens_seen"]), saved.state.get("best_val_loss"),
+        run = Progress(saved.step, saved.field("tokens_seen", int), saved.state.get("best_val_loss"),
                        saved.state.get("val_loss"))
         if stage.restore:
-            stage.restore(saved.state)
+            try:
+                stage.restore(saved.state)
+            except (KeyError, TypeError) as e:
+                raise ckpt.CheckpointError(f"{saved.path / 'state.json'}: the {stage.name} stage's "
+                                           f"state is missing or wrong ({type(e).__name__}: {e})") from None
         ev.log(f"resumed from {saved.path.name}")
     if run.step >= cfg.max_steps:
         ev.log(f"already at step {run.step} of max_steps {cfg.max_steps}: nothing to do")
@@ -444,25 +448,35 @@ def resume_run(ckpt_root: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     latest = ckpt.latest_checkpoint(ckpt_root)
     if latest is None:
         return None
+    # Every file is checked before anything is trained. A broken newest checkpoint refuses the
+    # resume (naming the file) rather than falling back to the one before, which would quietly
+    # redo steps: the user decides, by deleting it.
     saved = ckpt.load_checkpoint(latest)
+    saved.field("config", dict)
     check(saved.state)
-    model.load_state_dict(with_tied_head(model.config, saved.model))
-    opt.load_state_dict(saved.optimizer)
+    _load_module(model, saved.model, latest / "model.safetensors")
+    if saved.optimizer is None:
+        raise ckpt.CheckpointError(f"{latest / 'optimizer.json'}: missing")
+    ckpt.restore_optimizer(opt, saved.optimizer, latest / "optimizer.safetensors")
     for name, module in (modules or {}).items():
-        module.load_state_dict(with_tied_head(module.config, _read_extra(latest / f"{name}.safetensors", load_file)))
+        _load_module(module, ckpt.load_tensors(latest / f"{name}.safetensors"), latest / f"{name}.safetensors")
     for name, o in (optimizers or {}).items():
-        tensors = _read_extra(latest / f"{name}.safetensors", load_file)
-        meta = _read_extra(latest / f"{name}.json", lambda p: json.loads(Path(p).read_text()))
-        o.load_state_dict(ckpt.optimizer_from_files(tensors, meta))
-    restore_rng(saved.rng, data_gen, device)
+        meta_path = latest / f"{name}.json"
+        state = ckpt.optimizer_from_files(ckpt.load_tensors(latest / f"{name}.safetensors"),
+                                          ckpt.read_json(meta_path), meta_path)
+        ckpt.restore_optimizer(o, state, latest / f"{name}.safetensors")
+    try:
+        restore_rng(saved.rng, data_gen, device)
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise ckpt.CheckpointError(f"{latest / 'rng.safetensors'}: not the random state of a run "
+                                   f"({type(e).__name__}: {e})") from None
     return saved
 
 
-def _read_extra(path: Path, read: Callable):
-    try:
-        return read(str(path))
-    except Exception as e:  # noqa: BLE001 - safetensors, OSError, JSON: all mean the same to a user
-        raise StageError(f"{path}: cannot read it to resume ({type(e).__name__}: {e})") from None
+def _load_module(module: torch.nn.Module, tensors: dict, path: Path) -> None:
+    weights = with_tied_head(module.config, tensors)
+    check_weights(module, weights, path, needs="the model of this run")
+    module.load_state_dict(weights)
 
 
 def run_summary(run_dir: Path, cfg: TrainConfig) -> dict:

@@ -1,13 +1,10 @@
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
+import json
 
 import pytest
 import torch
 
 from engine import checkpoint as ckpt
+from engine import fsutil
 
 
 def small_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -83,47 +80,137 @@ def test_clean_partial_removes_leftovers(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["step-000005"]
 
 
-SAVER = r"""
-import sys, torch
-from engine import checkpoint as ckpt
-root = sys.argv[1]
-g = torch.Generator().manual_seed(0)
-big = {f"w{i}": torch.randn(512, 1024, generator=g) for i in range(12)}   # ~25 MB per save
-print("ready", flush=True)
-step = 0
-while True:
-    step += 1
-    ckpt.save_checkpoint(root, step, model=big, state={"marker": step},
-                         optimizer={"state": {0: {"m": big["w0"]}}, "param_groups": [{"lr": 0.1, "params": [0]}]})
-"""
+class Killed(BaseException):
+    """Stands for SIGKILL in-process: no `except Exception` or `except OSError` sees it."""
 
 
-def test_a_save_killed_half_way_never_looks_complete(tmp_path):
-    root = tmp_path / "checkpoints"
-    expected = None
-    # Keep killing until one kill has landed mid-save (under load a save can take longer or
-    # shorter than planned), with a bound so the test always ends.
-    delays = [0.05, 0.13, 0.21, 0.34, 0.5, 0.77, 0.09, 0.17, 0.27, 0.41, 0.6, 0.03]
-    for n, delay in enumerate(delays):
-        if n >= 4 and root.exists() and any(p.name.startswith(".tmp-") for p in root.iterdir()):
-            break
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(root)], stdout=subprocess.PIPE,
-                                cwd=Path(__file__).resolve().parents[1], text=True)
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
-        # Every step-* folder that exists must load whole, with the exact tensors.
-        for step, path in ckpt.list_checkpoints(root):
-            loaded = ckpt.load_checkpoint(path)
-            assert loaded.state["marker"] == step
-            if expected is None:
-                g = torch.Generator().manual_seed(0)
-                expected = {f"w{i}": torch.randn(512, 1024, generator=g) for i in range(12)}
-            assert all(torch.equal(loaded.model[k], v) for k, v in expected.items())
-            assert torch.equal(loaded.optimizer["state"][0]["m"], expected["w0"])
-    leftovers = [p for p in root.iterdir() if p.name.startswith(".tmp-")]
-    assert leftovers, "the kills should have caught at least one save half-way"
-    ckpt.clean_partial(root)
-    assert all(p.name.startswith("step-") for p in root.iterdir())
+@pytest.fixture
+def kill_at(monkeypatch):
+    """kill_at("phase") arms engine.fsutil's fault point, as WORKBENCH_FAULT does for a process."""
+    def die():
+        raise Killed()
+
+    def arm(phase: str) -> None:
+        monkeypatch.setenv(fsutil.FAULT_ENV, phase)
+        fsutil._fault_hits.clear()
+
+    monkeypatch.setattr(fsutil, "_die", die)
+    yield arm
+    fsutil._fault_hits.clear()
+
+
+OPT = {"state": {0: {"m": torch.ones(4, 3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+
+
+def save(root, step, seed=None, **state):
+    return ckpt.save_checkpoint(root, step, model=small_state(step if seed is None else seed), optimizer=OPT,
+                                state=state, rng={"torch": torch.arange(4, dtype=torch.uint8)})
+
+
+def assert_every_listed_checkpoint_loads_whole(root, seeds):
+    for step, path in ckpt.list_checkpoints(root):
+        loaded = ckpt.load_checkpoint(path)
+        assert loaded.step == step and torch.equal(loaded.model["a.weight"], small_state(seeds[step])["a.weight"])
+        assert torch.equal(loaded.optimizer["state"][0]["m"], OPT["state"][0]["m"])
+
+
+SAVE_PHASES = ["save:model-written", "save:files-written", "save:fsynced", "save:manifest-written",
+               "save:renamed"]
+
+
+@pytest.mark.parametrize("phase", SAVE_PHASES)
+def test_a_save_killed_at_any_phase_never_looks_complete(tmp_path, kill_at, phase):
+    save(tmp_path, 1)
+    kill_at(phase)
+    with pytest.raises(Killed):
+        save(tmp_path, 2)
+    assert_every_listed_checkpoint_loads_whole(tmp_path, {1: 1, 2: 2})
+    ckpt.clean_partial(tmp_path)
+    # Once the manifest is on disk the save is whole: the next start puts it in place.
+    kept = [1, 2] if phase in ("save:manifest-written", "save:renamed") else [1]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.step_dir_name(s) for s in kept]
+    assert_every_listed_checkpoint_loads_whole(tmp_path, {1: 1, 2: 2})
+
+
+def test_a_resave_killed_between_its_renames_is_found_whole(tmp_path, kill_at):
+    save(tmp_path, 7)
+    kill_at("save:old-moved-aside")
+    with pytest.raises(Killed):
+        save(tmp_path, 7, seed=99)
+    ckpt.clean_partial(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000007"]
+    loaded = ckpt.load_checkpoint(tmp_path / "step-000007").model["a.weight"]
+    assert torch.equal(loaded, small_state(7)["a.weight"]) or torch.equal(loaded, small_state(99)["a.weight"])
+
+
+@pytest.mark.parametrize("phase", ["prune:manifest-removed", "prune:renamed", "prune:file-removed@1",
+                                   "prune:file-removed@4"])
+def test_a_prune_killed_at_any_phase_never_leaves_a_checkpoint_that_is_not_one(tmp_path, kill_at, phase):
+    for step in (1, 2, 3):
+        save(tmp_path, step, val_loss=4.0 - step)
+    kill_at(phase)
+    with pytest.raises(Killed):
+        ckpt.prune(tmp_path, keep_last=2)
+    assert_every_listed_checkpoint_loads_whole(tmp_path, {1: 1, 2: 2, 3: 3})
+    assert ckpt.resolve_checkpoint(tmp_path, prefer="latest").name == "step-000003"
+    ckpt.clean_partial(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002", "step-000003"]
+
+
+def test_a_checkpoint_half_deleted_by_the_old_prune_never_comes_back(tmp_path):
+    """Issue 16, item 1: the old prune renamed a doomed step-N to .old-step-N-PID and deleted it;
+    a kill mid-delete left a folder that the next start renamed back to step-N without its
+    state.json, and every later run died on it."""
+    save(tmp_path, 1)
+    save(tmp_path, 2)
+    doomed = tmp_path / ".old-step-000001-999"
+    (tmp_path / "step-000001").rename(doomed)
+    for name in ("manifest.json", "state.json", "optimizer.json"):
+        (doomed / name).unlink()
+    ckpt.clean_partial(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002"]
+
+
+def test_a_step_folder_without_its_manifest_is_not_a_checkpoint(tmp_path):
+    save(tmp_path, 1)
+    p = save(tmp_path, 2)
+    (p / "manifest.json").unlink()          # a prune killed right after its first act
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-000001"
+    with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
+        ckpt.resolve_checkpoint(p)
+    assert [q.name for q in ckpt.clean_partial(tmp_path)] == ["step-000002"]
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["step-000001"]
+
+
+def test_checkpoints_saved_before_manifests_still_load(tmp_path):
+    for step in (1, 2):
+        p = save(tmp_path, step, val_loss=3.0 - step)
+        (p / "manifest.json").unlink()
+        state = json.loads((p / "state.json").read_text())
+        del state["checkpoint_format"]
+        (p / "state.json").write_text(json.dumps(state))
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1, 2]
+    assert_every_listed_checkpoint_loads_whole(tmp_path, {1: 1, 2: 2})
+    (tmp_path / "step-000001" / "state.json").unlink()      # one the old code broke
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2]
+    save(tmp_path, 3, val_loss=0.5)
+    ckpt.prune(tmp_path, keep_last=1)                         # old and new pruned alike
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3]
+
+
+def test_every_file_of_a_checkpoint_is_checked_before_a_resume(tmp_path):
+    p = save(tmp_path, 5)
+    cases = [("model.safetensors", lambda b: b[:-7], "bytes, but"),
+             ("optimizer.json", lambda b: b[:-3] + b"   ", "not valid JSON"),
+             ("rng.safetensors", lambda b: b"\x80\x04" + b[2:], "pickled"),
+             ("state.json", lambda b: b.replace(b'"step": 5', b'"step": 6'), "says step 6")]
+    for name, corrupt, words in cases:
+        good = (p / name).read_bytes()
+        (p / name).write_bytes(corrupt(good))
+        with pytest.raises(ckpt.CheckpointError) as e:
+            ckpt.load_checkpoint(p)
+        assert str(p / name) in str(e.value) and words in str(e.value) and "\n" not in str(e.value)
+        (p / name).write_bytes(good)
+    assert ckpt.load_checkpoint(p).step == 5

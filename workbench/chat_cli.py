@@ -123,6 +123,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     from engine.chat import ChatSession, SamplingSettings
     from engine.config import ConfigError
     from engine.device import resolve_device
+    from engine.runio import StageError
 
     given = {f: getattr(args, f) for f in ("temperature", "top_k", "top_p", "max_new_tokens",
                                            "repetition_penalty", "seed")}
@@ -131,7 +132,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         settings.validate()
         loaded = load_artifact(args.checkpoint, tokenizer=args.tokenizer,
                                device=resolve_device(args.device))
-    except ConfigError as e:
+    except (ConfigError, StageError) as e:      # a missing or broken checkpoint, in one line
         print(f"workbench chat: {e}", file=sys.stderr)
         return 2
     session = ChatSession(loaded.model, loaded.tokenizer, system_prompt=args.system, settings=settings)

@@ -36,6 +36,7 @@ from engine.chat import ChatSession
 from engine.checkpoint import resolve_checkpoint
 from engine.config import ConfigError
 from engine.device import resolve_device
+from engine.runio import StageError
 
 
 class ModelCacheError(RuntimeError):
@@ -85,7 +86,7 @@ class ModelCache:
         A run that saves a newer checkpoint is therefore a new entry, not a stale hit."""
         try:
             return resolve_checkpoint(path).resolve()
-        except FileNotFoundError as e:
+        except (FileNotFoundError, StageError) as e:   # StageError: a broken state.json, say
             raise ModelCacheError(str(e)) from None
 
     def get(self, path: str | os.PathLike) -> Loaded:
@@ -105,6 +106,8 @@ class ModelCache:
                 loaded = self._loader(key, device=self.device)
             except ConfigError as e:
                 raise ModelCacheError(f"{short_name(key)}: {e.message}") from None
+            except StageError as e:
+                raise ModelCacheError(str(e)) from None
             except Exception as e:
                 if is_out_of_memory(e):
                     self._free()
