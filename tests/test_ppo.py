@@ -1,5 +1,6 @@
 """The PPO stage: the checklist's testable items, resume and the guards."""
 import json
+import math
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from engine.ppo import PPOConfig, run
 from engine.ppo_core import build_rollout
 from engine.reward import NORM_FILE
 from engine.runio import StageError
+from engine.trainer import COLLAPSE_STEPS
 from helpers import StopAt
 
 
@@ -112,3 +114,19 @@ def test_adaptive_kl_and_bad_settings(tiny_lm_ckpt, rm_ckpt, prompts, tmp_path):
     with pytest.raises(ConfigError) as e:
         run(cfg(tiny_lm_ckpt, tiny_lm_ckpt, prompts), tmp_path / "x", None)
     assert e.value.field == "reward_model"
+
+
+def test_a_collapsed_policy_stops_failed_and_a_healthy_one_runs_on(tiny_lm_ckpt, rm_ckpt, prompts, tmp_path):
+    small = dict(steps=COLLAPSE_STEPS + 2, rollout_batch_size=3, minibatch_size=3, ppo_epochs=1, max_new_tokens=4)
+    healthy = []
+    assert run(cfg(tiny_lm_ckpt, rm_ckpt, prompts, **small), tmp_path / "ok", healthy.append) == "completed"
+    assert all(e["policy/grad_norm"] > 0 for e in metrics(healthy).values())
+    events = []
+    with pytest.raises(StageError, match=rf"gradient norm has been 0 for {COLLAPSE_STEPS} steps in a row "
+                                         rf"\(to step {COLLAPSE_STEPS + 1}\).*lower lr"):
+        run(cfg(tiny_lm_ckpt, rm_ckpt, prompts, lr=1e6, value_lr=1e6, **small), tmp_path / "bad", events.append)
+    # What it stopped: after one update the policy is uniform (entropy ln V) and learns nothing.
+    m = metrics(events)
+    assert m[2]["policy/grad_norm"] == 0 and m[2]["objective/entropy"] == pytest.approx(math.log(300), abs=1e-4)
+    with pytest.raises(StageError, match=r"overflowed at step 1: .*lower lr"):
+        run(cfg(tiny_lm_ckpt, rm_ckpt, prompts, lr=1e38), tmp_path / "overflow", None)
