@@ -65,7 +65,7 @@ class RewardConfig(TrainConfig):
         require(len(self.data) > 0, "data", "at least one JSONL file of rankings is required")
         if not self.val_data:
             require(0 < self.val_fraction < 0.5, "val_fraction", "must be between 0 and 0.5 (or give val_data)")
-        require(self.epochs >= 0 and math.isfinite(self.epochs), "epochs",
+        require(self.epochs >= 0, "epochs",
                 "must be 0 (train max_steps) or a positive number of passes over the data")
         require(self.seq_len == 0 or self.seq_len >= 4, "seq_len", "0 (the model's context) or at least 4")
 

@@ -60,7 +60,7 @@ class TrainConfig:
             require(getattr(self, name) > 0, name, "must be a positive integer")
         for name in ("warmup_steps", "sample_every", "keep_last"):
             require(getattr(self, name) >= 0, name, "must be zero or positive")
-        require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
+        require(self.lr > 0, "lr", "must be a positive number")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be between 0 and 1")
         require(self.weight_decay >= 0, "weight_decay", "must be zero or positive")
         require(0 <= self.beta1 < 1, "beta1", "must be in [0, 1)")
