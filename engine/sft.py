@@ -28,8 +28,8 @@ from engine.config import ConfigError, require, resolve_path
 from engine.device import autocast, describe, setup
 from engine.chat import reply_batch
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
-from engine.sft_data import (EpochSampler, Example, SFTDataError, collate, data_fingerprint,
-                             read_records, read_tasks, render, split_records)
+from engine.sft_data import (TOO_LONG, EpochSampler, Example, SFTDataError, collate,
+                             data_fingerprint, read_records, read_tasks, render, split_records)
 from engine.tasks import task_accuracy
 from engine.trainer import Stage, TrainConfig, run_summary, train
 
@@ -46,6 +46,7 @@ class SFTConfig(TrainConfig):
     val_fraction: float = 0.05            # share of the data held out for validation (when val_data is empty)
     epochs: float = 0.0                   # > 0: sets max_steps from the number of samples
     seq_len: int = 0                      # 0: the model's max_seq_len; samples are cut to it
+    too_long: str = "drop"                # a sample the context cuts into its answer or its whole prompt: drop | refuse | keep
     eval_batches: int = 20                # val loss on the first eval_batches * batch_size samples
     eval_tasks: Optional[str] = None      # JSONL of engine.tasks.Task: greedy task accuracy
     eval_task_limit: int = 100            # the first N tasks (0: all)
@@ -81,6 +82,7 @@ class SFTConfig(TrainConfig):
                 "must be 0 (train max_steps) or a positive number of passes over the data")
         require(self.seq_len == 0 or self.seq_len >= 3, "seq_len",
                 "0 (the model's context) or at least 3: bos, the assistant token, one answer token")
+        require(self.too_long in TOO_LONG, "too_long", f"one of {', '.join(TOO_LONG)}")
         require(self.eval_batches > 0, "eval_batches", "must be a positive integer")
         if self.eval_tasks is not None:
             require(self.eval_tasks.strip() != "", "eval_tasks", "empty path")
@@ -92,7 +94,7 @@ class SFTConfig(TrainConfig):
 
 # What the run *is*: changing any of these on resume would train a different run under the old
 # name. The data files' contents are checked too (a fingerprint in state.json).
-FIXED_ON_RESUME = ("init", "tokenizer", "data", "val_data", "val_fraction", "seq_len")
+FIXED_ON_RESUME = ("init", "tokenizer", "data", "val_data", "val_fraction", "seq_len", "too_long")
 
 
 def _per_kind(metrics: dict) -> dict:
@@ -138,15 +140,27 @@ def load_data(cfg: SFTConfig, run_dir: Path, tok, seq_len: int, ev: Emitter) -> 
         train_recs = records
     else:
         train_recs, val_recs = split_records(records, cfg.val_fraction, cfg.seed)
-    train_ex, train_rep = render(train_recs, tok, seq_len)
-    val_ex, val_rep = render(val_recs, tok, seq_len)
+    # Both splits are rendered before either refuses, so one error names every such sample.
+    rendered = {}
+    for split, recs in (("train", train_recs), ("validation", val_recs)):
+        rendered[split] = checked(render, recs, tok, seq_len, cfg.too_long) or ([], None)
+    if problems:
+        raise SFTDataError(problems)
+    (train_ex, train_rep), (val_ex, val_rep) = rendered["train"], rendered["validation"]
     for split, rep in (("train", train_rep), ("validation", val_rep)):
         message = rep.message(seq_len, split)
         if message:
             ev.emit("log", level="warning", message=message, split=split, samples=rep.total,
-                    truncated=len(rep.truncated), no_answer=len(rep.empty),
+                    truncated=len(rep.truncated), prompt_lost=len(rep.prompt_lost),
+                    answer_cut=len(rep.answer_cut), dropped=rep.dropped, no_answer=len(rep.empty),
                     truncated_lines=rep.truncated[:5], no_answer_lines=rep.empty[:5])
     for split, examples, rep in (("training", train_ex, train_rep), ("validation", val_ex, val_rep)):
+        if not examples and rep.damaged and rep.too_long == "drop":
+            raise StageError(f"no {split} sample fits the context ({seq_len} tokens): "
+                             f"{len(rep.damaged)} of {rep.total} would lose all of the prompt or "
+                             f"part of the answer (e.g. {', '.join(rep.damaged[:3])}). Raise "
+                             f"seq_len (up to the model's context), or set too_long to keep to "
+                             f"train on them cut.")
         if not examples:
             # The most common SFT bug is a loss mask that is all zeros: the run "trains" and
             # nothing changes. Refuse it loudly instead.
@@ -289,6 +303,9 @@ def _summary(run_dir: Path, tcfg: SFTConfig, art, data: SFTData, hooks: Hooks, s
                "max_steps": tcfg.max_steps, "epochs": round(tcfg.max_steps / steps_per_epoch, 3),
                "train_samples": len(data.train), "val_samples": len(data.val),
                "truncated": len(data.train_rep.truncated) + len(data.val_rep.truncated),
+               "prompt_lost": len(data.train_rep.prompt_lost) + len(data.val_rep.prompt_lost),
+               "answer_cut": len(data.train_rep.answer_cut) + len(data.val_rep.answer_cut),
+               "dropped": data.train_rep.dropped + data.val_rep.dropped,
                "no_answer": len(data.train_rep.empty) + len(data.val_rep.empty),
                "val_loss_before": before.get("val/loss"), "val_loss_after": after.get("val/loss")}
     if data.tasks:

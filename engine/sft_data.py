@@ -197,41 +197,69 @@ def data_fingerprint(paths: Iterable[str | os.PathLike]) -> str:
 
 # --- rendering and truncation ---------------------------------------------------------------
 
-def fit(ids: list[int], mask: list[int], max_len: int) -> tuple[list[int], list[int], bool]:
-    """Cut a rendered conversation to `max_len` tokens; returns (ids, mask, truncated).
+# What `fit` cut, worst last: only turns after the last answer (they carry no target), part of
+# the prompt, every word of the prompt, part of the answer (and then the prompt too).
+CUT_NOTHING, CUT_AFTER, CUT_PROMPT, CUT_WHOLE_PROMPT, CUT_ANSWER = (
+    "", "after the answer", "prompt", "whole prompt", "answer")
+DAMAGED = (CUT_WHOLE_PROMPT, CUT_ANSWER)   # samples that teach an answer to no question, or half one
+
+
+def fit(ids: list[int], mask: list[int], max_len: int,
+        special: frozenset[int] = frozenset()) -> tuple[list[int], list[int], str]:
+    """Cut a rendered conversation to `max_len` tokens; returns (ids, mask, what was cut), the
+    last one of the CUT_ values ("" when nothing was: it is falsy).
 
     What goes, in order: turns after the last answer (they carry no target); then prompt
-    tokens from the left, keeping <|bos|> and the role token that opens the last answer
-    (earlier turns count as prompt); and only when that answer alone does not fit, the
-    answer's tail. So an over-long sample still
-    teaches as much of its final answer as the context allows, never nothing.
+    tokens from the middle of the prompt (earlier turns count as prompt), so its start (the
+    instruction, a system prompt) and its end (the question right before the answer) both stay,
+    with <|bos|> and the role token that opens the last answer; and only when that answer alone
+    does not fit, the answer's tail. Tokens in `special` (the template's) are not the prompt's
+    words when deciding whether all of them went.
     """
     if len(ids) <= max_len:
-        return ids, mask, False
+        return ids, mask, CUT_NOTHING
     targets = [i for i, m in enumerate(mask) if m]
     if not targets:  # nothing to save: plain left truncation after bos
         keep = [0] + list(range(len(ids) - max_len + 1, len(ids)))
+        return [ids[i] for i in keep], [mask[i] for i in keep], CUT_PROMPT
+    start = targets[-1]
+    while start > 1 and mask[start - 1]:
+        start -= 1
+    role = [start - 1] if start >= 2 else []     # the <|assistant|> that opens the answer
+    middle = list(range(1, start - len(role)))
+    answer = list(range(start, targets[-1] + 1))
+    room = max_len - 1 - len(role) - len(answer)  # prompt tokens that still fit
+    if room >= len(middle):
+        keep, what = [0] + middle + role + answer, CUT_AFTER
+    elif room >= 0:
+        head = (room + 1) // 2
+        kept = middle[:head] + middle[len(middle) - (room - head):]
+        keep = [0] + kept + role + answer
+        what = CUT_PROMPT if any(ids[i] not in special for i in kept) else CUT_WHOLE_PROMPT
     else:
-        start = targets[-1]
-        while start > 1 and mask[start - 1]:
-            start -= 1
-        role = [start - 1] if start >= 2 else []     # the <|assistant|> that opens the answer
-        middle = list(range(1, start - len(role)))
-        answer = list(range(start, targets[-1] + 1))
-        room = max_len - 1 - len(role) - len(answer)  # prompt tokens that still fit
-        if room >= 0:
-            keep = [0] + middle[max(0, len(middle) - room):] + role + answer
-        else:
-            keep = ([0] + role + answer)[:max_len]
-    new_mask = [mask[i] for i in keep]
-    # An earlier answer whose start or role token was cut away stays as context only: its
-    # tokens would be learned as if they followed <|bos|> directly.
-    if len(keep) > 1 and keep[1] > 1 and mask[keep[1]]:
-        j = 1
-        while j < len(keep) and new_mask[j] and (j == 1 or keep[j] == keep[j - 1] + 1):
-            new_mask[j] = 0
+        keep, what = ([0] + role + answer)[:max_len], CUT_ANSWER
+    return [ids[i] for i in keep], _context_only_if_cut(mask, keep, start), what
+
+
+def _context_only_if_cut(mask: list[int], keep: list[int], last_answer: int) -> list[int]:
+    """The mask of the kept tokens, where an earlier answer that lost any token, or the role
+    token before it, becomes context: trained, it would follow words it never followed."""
+    kept = set(keep)
+    new = {i: mask[i] for i in keep}
+    i = 0
+    while i < last_answer:
+        if not mask[i]:
+            i += 1
+            continue
+        j = i
+        while j < last_answer and mask[j]:
             j += 1
-    return [ids[i] for i in keep], new_mask, True
+        if not all(k in kept for k in range(i - 1, j)):
+            for k in range(i, j):
+                if k in new:
+                    new[k] = 0
+        i = j
+    return [new[i] for i in keep]
 
 
 def targets_for(ids: list[int], mask: list[int]) -> list[int]:
@@ -255,35 +283,73 @@ class Example:
 class RenderReport:
     total: int
     truncated: list[str]       # FILE:LINE of samples cut to the context
-    empty: list[str]           # ... of samples left with no answer token (dropped)
+    prompt_lost: list[str]     # ... that lost every word of the prompt
+    answer_cut: list[str]      # ... that lost part of the answer (and the whole prompt)
+    empty: list[str]           # ... left with no answer token (dropped)
+    too_long: str = "drop"     # what became of prompt_lost and answer_cut: drop | keep
+
+    @property
+    def damaged(self) -> list[str]:
+        return self.prompt_lost + self.answer_cut
+
+    @property
+    def dropped(self) -> int:
+        return len(self.empty) + (len(self.damaged) if self.too_long == "drop" else 0)
 
     def message(self, max_len: int, split: str) -> Optional[str]:
         parts = []
         if self.truncated:
+            n_middle = len(self.truncated) - len(self.damaged)
             parts.append(f"{len(self.truncated)} of {self.total} {split} samples are longer than "
-                         f"the context ({max_len} tokens) and lost prompt tokens first "
+                         f"the context ({max_len} tokens): {n_middle} lost the middle of the "
+                         f"prompt or turns after the answer, {len(self.prompt_lost)} all of the "
+                         f"prompt, {len(self.answer_cut)} part of the answer "
                          f"(e.g. {', '.join(self.truncated[:MAX_EXAMPLES])})")
+        if self.damaged:
+            fate = ("are left out" if self.too_long == "drop" else
+                    "are trained on anyway (too_long = keep)")
+            parts.append(f"the {len(self.damaged)} that lost all of the prompt or part of the "
+                         f"answer {fate} (e.g. {', '.join(self.damaged[:MAX_EXAMPLES])})")
         if self.empty:
             parts.append(f"{len(self.empty)} {split} samples have no answer token left and are "
                          f"skipped (e.g. {', '.join(self.empty[:MAX_EXAMPLES])})")
         return "; ".join(parts) or None
 
 
-def render(records: list[Record], tok: Tokenizer, max_len: int) -> tuple[list[Example], RenderReport]:
-    """Render and fit every record; samples with no target are reported and left out."""
-    kept, truncated, empty = [], [], []
+TOO_LONG = ("drop", "refuse", "keep")
+
+
+def render(records: list[Record], tok: Tokenizer, max_len: int,
+           too_long: str = "drop") -> tuple[list[Example], RenderReport]:
+    """Render and fit every record; samples with no target are reported and left out. A sample
+    the context cuts into its answer or its whole prompt is left out (`too_long` "drop"),
+    refused with the rest of them as one SFTDataError ("refuse"), or kept ("keep")."""
+    if too_long not in TOO_LONG:
+        raise ValueError(f"too_long must be one of {', '.join(TOO_LONG)}, got {too_long!r}")
+    special = frozenset([tok.pad_id, tok.bos_id, tok.end_id, *tok.role_ids.values()])
+    kept, truncated, prompt_lost, answer_cut, empty = [], [], [], [], []
     for r in records:
         ids, mask = render_chat(tok, r.messages)
-        ids, mask, cut = fit(ids, mask, max_len)
-        ex = Example(ids, mask, r.where, cut)
+        ids, mask, cut = fit(ids, mask, max_len, special)
+        ex = Example(ids, mask, r.where, bool(cut))
         if cut:
             truncated.append(r.where)
+        if cut in DAMAGED:
+            (prompt_lost if cut == CUT_WHOLE_PROMPT else answer_cut).append(r.where)
+            if too_long != "keep":
+                continue
         # A sample with no target would add a NaN (0/0) loss to any batch made only of such.
         if ex.n_targets == 0:
             empty.append(r.where)
             continue
         kept.append(ex)
-    return kept, RenderReport(len(records), truncated, empty)
+    report = RenderReport(len(records), truncated, prompt_lost, answer_cut, empty,
+                          "keep" if too_long == "keep" else "drop")
+    if too_long == "refuse" and report.damaged:
+        why = f"to the context ({max_len} tokens; too_long = refuse, drop leaves it out)"
+        raise SFTDataError([f"{w}: loses all of its prompt {why}" for w in prompt_lost]
+                           + [f"{w}: loses part of its answer {why}" for w in answer_cut])
+    return kept, report
 
 
 def split_records(records: list[Record], val_fraction: float,

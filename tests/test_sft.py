@@ -222,11 +222,19 @@ def test_cli_epochs_set_the_steps_without_touching_config_json(base, tmp_path):
 
 def test_truncation_is_reported_with_counts_and_lines(base, tmp_path):
     events = []
-    assert run(make_cfg(base, seq_len=8, max_steps=2), tmp_path, events.append) == "completed"
+    cfg = make_cfg(base, seq_len=8, max_steps=2, too_long="keep")
+    assert run(cfg, tmp_path, events.append) == "completed"
     (warn,) = [e for e in events if e["type"] == "log" and e.get("split") == "train"]
     assert warn["level"] == "warning" and warn["truncated"] > 0 and warn["no_answer"] == 0
     assert warn["truncated_lines"][0].startswith(f"{base / 'sft.jsonl'}:")
-    assert "lost prompt tokens first" in warn["message"]
+    assert 0 < warn["prompt_lost"] + warn["answer_cut"] <= warn["truncated"] and warn["dropped"] == 0
+    assert "are trained on anyway (too_long = keep)" in warn["message"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["truncated"] >= summary["prompt_lost"] + summary["answer_cut"] > 0
+    # By default they are left out, and when that leaves nothing the run says why at once.
+    with pytest.raises(StageError, match=r"no validation sample fits the context \(8 tokens\): "
+                                         r"\d+ of \d+ would lose all of the prompt"):
+        run(make_cfg(base, seq_len=8, max_steps=2), tmp_path / "dropped", [].append)
 
 
 def test_problems_in_data_val_data_and_eval_tasks_come_as_one_error(base, tmp_path):

@@ -112,38 +112,49 @@ IDS = [1, 3, 50, 2, 4, 60, 61, 62, 63, 2, 5, 70, 71, 2]
 MASK = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
 
 
+SPECIAL = frozenset({1, 2, 3, 4, 5})
+
+
 def test_fit_leaves_a_sample_that_fits_alone():
-    assert fit(IDS, MASK, 14) == (IDS, MASK, False)
+    assert fit(IDS, MASK, 14, SPECIAL) == (IDS, MASK, "")
 
 
-def test_fit_drops_prompt_tokens_from_the_left_after_bos():
-    ids, mask, cut = fit(IDS, MASK, 10)
-    assert cut
-    assert ids == [1, 60, 61, 62, 63, 2, 5, 70, 71, 2]
+def test_fit_cuts_the_middle_of_the_prompt_keeping_its_start_and_end():
+    ids, mask, cut = fit(IDS, MASK, 10, SPECIAL)
+    assert cut == "prompt"
+    assert ids == [1, 3, 50, 2, 63, 2, 5, 70, 71, 2]       # the system turn and "d" stay
     assert mask == [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
-    # the whole prompt may go, but bos and the role token opening the answer stay
-    assert fit(IDS, MASK, 5) == ([1, 5, 70, 71, 2], [0, 0, 1, 1, 1], True)
+    # the words of the prompt may all go, but bos and the role token opening the answer stay
+    assert fit(IDS, MASK, 6, SPECIAL) == ([1, 3, 5, 70, 71, 2], [0, 0, 0, 1, 1, 1], "whole prompt")
+    assert fit(IDS, MASK, 5, SPECIAL) == ([1, 5, 70, 71, 2], [0, 0, 1, 1, 1], "whole prompt")
 
 
 def test_fit_cuts_the_answer_tail_only_when_the_answer_alone_does_not_fit():
-    assert fit(IDS, MASK, 4) == ([1, 5, 70, 71], [0, 0, 1, 1], True)
-    assert fit(IDS, MASK, 3) == ([1, 5, 70], [0, 0, 1], True)
+    assert fit(IDS, MASK, 4, SPECIAL) == ([1, 5, 70, 71], [0, 0, 1, 1], "answer")
+    assert fit(IDS, MASK, 3, SPECIAL) == ([1, 5, 70], [0, 0, 1], "answer")
 
 
 def test_fit_drops_turns_after_the_last_answer_first():
     ids, mask = IDS + [4, 80, 81, 2], MASK + [0, 0, 0, 0]
-    assert fit(ids, mask, 15) == (IDS, MASK, True)
-    assert fit(ids, mask, 12) == ([1] + IDS[3:], [0] + MASK[3:], True)
+    assert fit(ids, mask, 15, SPECIAL) == (IDS, MASK, "after the answer")
+    assert fit(ids, mask, 12, SPECIAL) == ([1, 3, 50, 2, 4, 62, 63, 2, 5, 70, 71, 2],
+                                           [0] * 9 + [1, 1, 1], "prompt")
 
 
 def test_fit_keeps_the_last_answer_of_a_multi_turn_conversation():
     # bos user q end asst A end user q2 end asst B C end
     ids = [1, 4, 60, 2, 5, 70, 2, 4, 61, 2, 5, 71, 72, 2]
     mask = [0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 1]
-    assert fit(ids, mask, 9) == ([1, 2, 4, 61, 2, 5, 71, 72, 2], [0, 0, 0, 0, 0, 0, 1, 1, 1], True)
-    # an earlier answer cut at its start is context, not target; a whole one stays a target
-    assert fit(ids, mask, 13) == ([1] + ids[2:], [0] + mask[2:], True)
-    assert fit(ids, mask, 10) == ([1] + ids[5:], [0, 0, 0] + mask[7:], True)
+    assert fit(ids, mask, 9, SPECIAL) == ([1, 4, 60, 61, 2, 5, 71, 72, 2],
+                                          [0, 0, 0, 0, 0, 0, 1, 1, 1], "prompt")
+    # an earlier answer that lost a token is context, not target
+    assert fit(ids, mask, 13, SPECIAL) == ([1, 4, 60, 2, 5, 2, 4, 61, 2, 5, 71, 72, 2],
+                                           [0] * 10 + [1, 1, 1], "prompt")
+    # ... and one that lost its role token; a whole one stays a target
+    ids = [1, 4, 60, 61, 62, 63, 64, 65, 2, 5, 70, 2, 4, 66, 2, 5, 71, 2]
+    mask = [0] * 10 + [1, 1] + [0] * 4 + [1, 1]
+    assert fit(ids, mask, 17, SPECIAL) == (ids[:8] + ids[9:], mask[:8] + mask[9:], "prompt")
+    assert fit(ids, mask, 15, SPECIAL) == (ids[:7] + ids[10:], [0] * 13 + [1, 1], "prompt")
 
 
 def test_targets_are_exactly_the_assistant_tokens_shifted_by_one(tok):
@@ -162,24 +173,47 @@ def test_targets_are_exactly_the_assistant_tokens_shifted_by_one(tok):
     assert len(trained) == n_answer and sum(ids[p] == tok.end_id for p in assistant) == 2
 
 
-def test_truncated_masked_positions_end_to_end(tok):
-    rec = Record(Path("d.jsonl"), 3,
-                 [{"role": "user", "content": "What is 2 + 3? " * 5}, {"role": "assistant", "content": "5"}])
+def test_truncation_keeps_the_start_and_end_of_the_prompt_end_to_end(tok):
+    rec = Record(Path("d.jsonl"), 3, [{"role": "user", "content": "Add these: " + "2 + 3 " * 9},
+                                      {"role": "assistant", "content": "5"}])
     full_ids, full_mask = render_chat(tok, rec.messages)
     answer = [tok.assistant_id] + tok.encode("5") + [tok.end_id]
-    examples, report = render([rec], tok, len(answer) + 3)
-    (ex,) = examples
-    assert report.truncated == ["d.jsonl:3"] and not report.empty and ex.truncated
-    assert ex.ids == [tok.bos_id] + full_ids[-(len(answer) + 2):]
-    assert ex.mask == [0, 0, 0, 0] + [1] * (len(answer) - 1)  # bos, 2 prompt tokens, role
+    (ex,), report = render([rec], tok, len(answer) + 6)
+    assert report.truncated == ["d.jsonl:3"] and not report.damaged and ex.truncated
+    # bos, <|user|> and the first two tokens of the instruction; the last prompt token, <|end|>
+    assert ex.ids == [tok.bos_id] + full_ids[1:4] + full_ids[-(len(answer) + 2):]
+    assert ex.ids[2:4] == tok.encode("Add these: ")[:2]
+    assert ex.mask == [0] * 7 + [1] * (len(answer) - 1)
     assert {t for t, v in enumerate(targets_for(ex.ids, ex.mask)) if v != -100} == \
-        set(range(3, len(ex.ids) - 1))
+        set(range(6, len(ex.ids) - 1))
+
+
+def test_samples_that_lose_the_whole_prompt_or_answer_are_dropped_refused_or_kept(tok):
+    q = [{"role": "user", "content": "What is 2 + 3? " * 5}]
+    fits = Record(Path("d.jsonl"), 1, q + [{"role": "assistant", "content": "5"}])
+    no_prompt = Record(Path("d.jsonl"), 2, q + [{"role": "assistant", "content": "five " * 3}])
+    half = Record(Path("d.jsonl"), 3, q + [{"role": "assistant", "content": "five " * 12}])
+    max_len = len(tok.encode("five " * 3)) + 5       # bos, user, end, asst ... end: no words left
+    kept, report = render([fits, no_prompt, half], tok, max_len)
+    assert [e.where for e in kept] == ["d.jsonl:1"]
+    assert (report.prompt_lost, report.answer_cut, report.dropped) == (["d.jsonl:2"], ["d.jsonl:3"], 2)
+    assert "2 that lost all of the prompt or part of the answer are left out" in \
+        report.message(max_len, "train")
+    kept, report = render([fits, no_prompt, half], tok, max_len, too_long="keep")
+    assert [e.where for e in kept] == ["d.jsonl:1", "d.jsonl:2", "d.jsonl:3"] and report.dropped == 0
+    with pytest.raises(SFTDataError) as e:
+        render([fits, no_prompt, half], tok, max_len, too_long="refuse")
+    assert [p.split(" (")[0] for p in e.value.problems] == [
+        "d.jsonl:2: loses all of its prompt to the context", "d.jsonl:3: loses part of its answer to the context"]
 
 
 def test_samples_without_answer_tokens_are_reported_and_all_empty_is_visible(tok):
     rec = Record(Path("d.jsonl"), 1,
                  [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}])
-    examples, report = render([rec, rec], tok, 2)  # room for bos and the role token only
+    # Room for bos and the role token only: dropped as having lost their answer, or, kept,
+    # dropped after all for having nothing to learn.
+    assert render([rec, rec], tok, 2)[1].answer_cut == ["d.jsonl:1", "d.jsonl:1"]
+    examples, report = render([rec, rec], tok, 2, too_long="keep")
     assert examples == [] and report.empty == ["d.jsonl:1", "d.jsonl:1"]
     assert "no answer token left" in report.message(2, "train")
 
