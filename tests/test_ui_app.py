@@ -261,7 +261,7 @@ def test_the_form_refuses_bad_settings_before_start(qtbot, project, make_window)
     panel.form.set_values(values)
     assert panel.form.error is not None and panel.form.error.field == "lr"
     assert not panel.start_btn.isEnabled()
-    assert "lr" in panel.form.message.text()
+    assert panel.form.messages["lr"].text() == panel.form.error.message     # said under the field
     assert panel.start() is None
     values["lr"] = 1e-3
     panel.form.set_values(values)

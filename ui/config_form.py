@@ -1,8 +1,10 @@
 """A stage's settings as a form, generated from its config dataclass (workbench/forms.py).
 
 Every widget carries the field's explanation as its tooltip. Values are checked by the stage's
-own `validate()` as the user types (debounced); the field it names is outlined and its message
-shown under the form, so a bad value is seen before Start, not after a failed launch.
+own `validate()` as the user types (debounced); every field in error is outlined with its
+message under it, in a line each field keeps free, so a bad value is seen before Start and the
+form does not move as messages come and go. Fields wrap under their labels rather than run
+past a narrow column.
 """
 from __future__ import annotations
 
@@ -11,15 +13,33 @@ from pathlib import Path
 from typing import Callable
 
 from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout,
                                QLabel, QLineEdit, QPlainTextEdit, QSpinBox, QToolButton,
                                QVBoxLayout, QWidget)
 
+from engine.config import ConfigError
 from workbench.forms import LABELS, FieldSpec, check, field_specs
 
 # (label, path) choices for an artifact field: "tokenizer" | "checkpoint" | "reward".
 ArtifactSource = Callable[[str], list[tuple[str, Path]]]
 NONE_LABEL = "(the checkpoint's own)"
+ERROR_COLOR = "#d9534f"
+# Stand-ins for required values the user has not given yet, so the form can go on to check the
+# other fields; never sent anywhere.
+_STAND_IN = {"files": ["-"], "lines": ["-"], "int": 1, "float": 1.0, "bool": False, "json": {}}
+
+
+def widen_popup(combo: QComboBox) -> None:
+    """Make the list a combo box drops down as wide as its longest entry (the box itself may be
+    narrower), and give each entry its full text as a tooltip."""
+    fm = combo.view().fontMetrics()
+    widest = 0
+    for i in range(combo.count()):
+        text = combo.itemText(i)
+        combo.setItemData(i, text, Qt.ItemDataRole.ToolTipRole)
+        widest = max(widest, fm.horizontalAdvance(text))
+    combo.view().setMinimumWidth(widest + 2 * fm.averageCharWidth() + combo.view().verticalScrollBar().sizeHint().width())
 
 
 class ArtifactPicker(QWidget):
@@ -32,7 +52,9 @@ class ArtifactPicker(QWidget):
         self.combo = QComboBox()
         self.combo.setEditable(True)
         self.combo.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
-        self.combo.setMinimumContentsLength(24)
+        # Small at least, as wide as the column allows: the form wraps a field under its label
+        # before the box would cut a run's name (which comes first in its entry).
+        self.combo.setMinimumContentsLength(12)
         self.combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         browse = QToolButton()
         browse.setText("…")
@@ -42,10 +64,12 @@ class ArtifactPicker(QWidget):
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(self.combo, 1)
         lay.addWidget(browse)
-        self.combo.currentTextChanged.connect(lambda _t: self.changed.emit())
+        self.combo.currentTextChanged.connect(self._on_text)
         self.refresh()
 
-    def refresh(self) -> None:
+    def refresh(self) -> bool:
+        """Offer the runs there are now, keeping the current choice; True (and `changed`) when
+        the value moved: an empty box now shows the first run, and the form must check it."""
         current = self.value()
         self.combo.blockSignals(True)
         self.combo.clear()
@@ -54,8 +78,24 @@ class ArtifactPicker(QWidget):
         for label, path in self.source(self.spec.artifact or ""):
             self.combo.addItem(label, str(path))
         self.combo.blockSignals(False)
+        widen_popup(self.combo)
         if current is not None:
             self.set_value(current)
+        self._show_tip()
+        if self.value() == current:
+            return False
+        self.changed.emit()
+        return True
+
+    def _on_text(self, _text: str) -> None:
+        self._show_tip()
+        self.changed.emit()
+
+    def _show_tip(self) -> None:
+        i = self.combo.findText(self.combo.currentText())
+        path = self.combo.itemData(i) if i >= 0 else None
+        full = self.combo.currentText() + (f"\n{path}" if path else "")
+        self.combo.setToolTip(f"{full}\n\n{self.spec.help}" if full.strip() else self.spec.help)
 
     def value(self):
         text = self.combo.currentText().strip()
@@ -71,9 +111,9 @@ class ArtifactPicker(QWidget):
         i = self.combo.findData(str(value))
         if i >= 0:
             self.combo.setCurrentIndex(i)
+            self.combo.lineEdit().setCursorPosition(0)     # the run's name, not the tail, in view
         else:
-            self.combo.setEditText(str(value))
-        self.combo.lineEdit().setCursorPosition(0)     # the run's name, not the tail, in view
+            self.combo.setEditText(str(value))             # a folder: its own name, at the end
 
     def _browse(self) -> None:
         path = QFileDialog.getExistingDirectory(self, f"Choose {self.spec.name}")
@@ -130,14 +170,15 @@ class ConfigForm(QWidget):
         self.stage = stage
         self.specs = field_specs(stage)
         self.editors: dict[str, QWidget] = {}
-        self.error = None
+        self.messages: dict[str, QLabel] = {}       # the line under each field for its error
+        self.error = None                           # the first of `errors`, or a form-wide one
+        self.errors: dict[str, ConfigError] = {}    # field -> what is wrong with it, form order
         # Values the panel supplies instead of an editor (the reward panel's rankings from the
         # store); the editor is disabled while it applies.
         self.overrides: dict = {}
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
-        basic = QFormLayout()
-        basic.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        basic = _form_layout()
         n_advanced = sum(not spec.basic for spec in self.specs)
         self.advanced_toggle = QToolButton()
         self.advanced_toggle.setText(f"Advanced settings ({n_advanced})")
@@ -146,9 +187,9 @@ class ConfigForm(QWidget):
         self.advanced_toggle.setArrowType(Qt.ArrowType.RightArrow)
         self.advanced_toggle.setAutoRaise(True)
         self.advanced_box = QWidget()
-        advanced = QFormLayout(self.advanced_box)
+        advanced = _form_layout()
+        self.advanced_box.setLayout(advanced)
         advanced.setContentsMargins(12, 0, 0, 0)
-        advanced.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
         self.advanced_box.hide()
         self.advanced_toggle.toggled.connect(self._toggle_advanced)
         for spec in self.specs:
@@ -156,21 +197,48 @@ class ConfigForm(QWidget):
             editor.setToolTip(spec.help)
             label = QLabel(LABELS.get(spec.name, spec.name.replace("_", " ")) + ("*" if spec.required else ""))
             label.setToolTip(spec.help)
-            (basic if spec.basic else advanced).addRow(label, editor)
+            (basic if spec.basic else advanced).addRow(label, self._with_message(spec.name, editor))
             self.editors[spec.name] = editor
         outer.addLayout(basic)
         outer.addWidget(self.advanced_toggle)
         outer.addWidget(self.advanced_box)
+        # An error no field owns (a setting the form does not show) is said under the form.
         self.message = QLabel()
         self.message.setWordWrap(True)
         self.message.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.message.setStyleSheet("color: #d9534f;")
+        self.message.setStyleSheet(f"color: {ERROR_COLOR};")
         self.message.hide()
         outer.addWidget(self.message)
         self._debounce = QTimer(self)
         self._debounce.setSingleShot(True)
         self._debounce.setInterval(150)
         self._debounce.timeout.connect(self.validate)
+
+    def _with_message(self, name: str, editor: QWidget) -> QWidget:
+        """The editor with a line under it for its error, kept free while there is none."""
+        message = QLabel()
+        message.setWordWrap(True)
+        message.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        font = message.font()
+        font.setPointSizeF(font.pointSizeF() * 0.85)
+        message.setFont(font)
+        message.setStyleSheet(f"color: {ERROR_COLOR};")
+        message.setText("Xg")                  # one line's height, with or without a message
+        message.setMinimumHeight(message.sizeHint().height())
+        message.clear()
+        self.messages[name] = message
+        # Editors may shrink below their content's width: the form wraps a row before a field
+        # is cut, and a narrow column never needs a horizontal scrollbar.
+        if not isinstance(editor, (ArtifactPicker, FilesPicker)):     # these size their own parts
+            editor.setMinimumWidth(min(editor.minimumSizeHint().width(),
+                                       12 * editor.fontMetrics().averageCharWidth()))
+        box = QWidget()
+        col = QVBoxLayout(box)
+        col.setContentsMargins(0, 0, 0, 0)
+        col.setSpacing(0)
+        col.addWidget(editor)
+        col.addWidget(message)
+        return box
 
     def _toggle_advanced(self, on: bool) -> None:
         self.advanced_box.setVisible(on)
@@ -271,9 +339,9 @@ class ConfigForm(QWidget):
         self.validate()
 
     def refresh_choices(self) -> None:
-        for w in self.editors.values():
-            if isinstance(w, ArtifactPicker):
-                w.refresh()
+        moved = [w.refresh() for w in self.editors.values() if isinstance(w, ArtifactPicker)]
+        if any(moved):
+            self.validate()     # at once: an error about an empty box must not outlive it
 
     def set_editable(self, editable: bool) -> None:
         for w in self.editors.values():
@@ -282,26 +350,69 @@ class ConfigForm(QWidget):
     # --- validation ---------------------------------------------------------------------------
 
     def validate(self):
-        """Check the values with the stage's own rules; mark the field the error names."""
-        values = self.values()
-        for w in self.editors.values():
-            w.setStyleSheet("")
-        _cfg, error = check(self.stage, values)
-        missing = [s.name for s in self.specs if s.required and s.name not in values]
-        if error is None and missing:
-            from engine.config import ConfigError
-            error = ConfigError(missing[0], "is required")
-        self.error = error
-        if error is None:
-            self.message.hide()
-        else:
-            field = getattr(error, "field", "").split(".")[0].split("[")[0]
-            if field in self.editors:
-                self.editors[field].setStyleSheet("border: 1px solid #d9534f; border-radius: 3px;")
-            self.message.setText(str(error))
-            self.message.show()
-        self.validity.emit(error)
-        return error
+        """Check the values with the stage's own rules; mark every field in error and say what
+        is wrong under it. Returns (and emits) the first error, None when all is well."""
+        self.errors, other = self._find_errors(self.values())
+        for name, editor in self.editors.items():
+            error = self.errors.get(name)
+            _mark(editor, error is not None)
+            self.messages[name].setText(error.message if error else "")
+            self.messages[name].setToolTip(str(error) if error else "")
+        self.error = next(iter(self.errors.values()), other)
+        self.message.setText(str(other) if other else "")
+        self.message.setVisible(other is not None)
+        self.validity.emit(self.error)
+        return self.error
+
+    def _find_errors(self, values: dict) -> tuple[dict[str, ConfigError], ConfigError | None]:
+        """Every field's error, not only the first the config's validation meets: each field it
+        names gets its default (or a stand-in, if required) and the check runs again. Returns
+        ({field: error} in form order, an error no field of the form owns)."""
+        found: dict[str, ConfigError] = {}
+        trial = dict(values)
+        for spec in self.specs:
+            if spec.required and trial.get(spec.name) in (None, "", []):
+                found[spec.name] = ConfigError(spec.name, "is required")
+                trial[spec.name] = _STAND_IN.get(spec.kind, "-")
+        by_name = {spec.name: spec for spec in self.specs}
+        other = None
+        for _ in range(len(self.specs) + 1):
+            _cfg, error = check(self.stage, trial)
+            if error is None:
+                break
+            name = str(getattr(error, "field", "")).split(".")[0].split("[")[0]
+            if name not in by_name:
+                other = error
+                break
+            if name in found:       # its stand-in is refused too: the rest stay unchecked
+                break
+            found[name] = error
+            spec = by_name[name]
+            trial[name] = _STAND_IN.get(spec.kind, "-") if spec.required else spec.default
+        return {name: found[name] for name in self.editors if name in found}, other
+
+
+def _mark(editor: QWidget, invalid: bool) -> None:
+    """Tint an invalid editor's background red. Through the palette, not a style sheet: a
+    border set by style sheet makes Qt draw a spin box's arrows and a combo's button its own
+    plain way."""
+    if not invalid:
+        editor.setPalette(QPalette())       # nothing set: the editor inherits again
+        return
+    pal = QPalette(editor.palette())
+    base, red = pal.color(QPalette.ColorRole.Base), QColor(ERROR_COLOR)
+    t = 0.22
+    pal.setColor(QPalette.ColorRole.Base, QColor.fromRgbF(*(a * (1 - t) + b * t for a, b in (
+        (base.redF(), red.redF()), (base.greenF(), red.greenF()), (base.blueF(), red.blueF())))))
+    editor.setPalette(pal)
+
+
+def _form_layout() -> QFormLayout:
+    form = QFormLayout()
+    form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+    form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+    form.setVerticalSpacing(2)      # each field's message line already spaces the rows
+    return form
 
 
 def _parse(spec: FieldSpec, text: str):
