@@ -29,6 +29,7 @@ from PySide6.QtCore import QEvent, Qt, QTimer
 from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import QComboBox, QGridLayout, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
+from ui.plot_figures import FIGURES, FigureTable
 from workbench.history import TOKENS, RunHistory, Series  # noqa: F401 - Series is re-exported
 
 REDRAW_MS = 66              # ~15 Hz: smooth to the eye, a small share of the UI thread
@@ -69,17 +70,6 @@ PLOT_SPECS: dict[str, list[tuple[str, list[str]]]] = {
             ("Ratio π/π_old", ["val/ratio", "val/ratio_first"]),
             ("Answer length (tokens)", ["rollout/length"]),
             ("Answers ending with the end token", ["rollout/eos_fraction"])],
-}
-
-# Stages that report a few figures once, at the end, rather than curves over steps: a line
-# plot of one point says less than the number. (title, key, format)
-FIGURES: dict[str, list[tuple[str, str, str]]] = {
-    "tokenizer": [("Vocabulary size", "tokenizer/vocab_size", "{:,.0f} tokens"),
-                  ("Characters per token", "tokenizer/chars_per_token", "{:.2f} on held-out text"),
-                  ("Training text", "tokenizer/train_chars", "{:,.0f} characters"),
-                  ("Held-out text", "tokenizer/heldout_chars", "{:,.0f} characters")],
-    "sample": [("Answers that ended", "sample/finished_fraction", "{:.0%}"),
-               ("Mean answer length", "sample/mean_tokens", "{:.1f} tokens")],
 }
 
 # Tableau 10: distinct on white and on dark grey, and mostly colour-blind safe in its first five.
@@ -191,14 +181,10 @@ class PlotGrid(QWidget):
         specs = PLOT_SPECS[stage] + ([] if stage in FIGURES else [(OTHER, [])])
         self._cells = {title: self._make_cell(title, keys) for title, keys in specs}
         self._spec_keys = {k for _, keys in PLOT_SPECS[stage] for k in keys}
-        self.figures = QLabel()
-        self.figures.setTextFormat(Qt.RichText)
-        self.figures.setAlignment(Qt.AlignLeft | Qt.AlignTop)
-        self.figures.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        self.figures.setContentsMargins(12, 12, 12, 12)
+        self.figures = FigureTable(stage)
         self.figures.setVisible(stage in FIGURES)
         if stage in FIGURES:
-            self.figures.setText(self._figures_html(self._runs()))
+            self.figures.show_runs(self._runs())
 
         # The chooser sits in the bar, not in its cell, so every plot in the grid is the same size.
         bar = QHBoxLayout()
@@ -348,7 +334,7 @@ class PlotGrid(QWidget):
         self._dirty = False
         runs = self._runs()
         if self.stage in FIGURES:
-            self.figures.setText(self._figures_html(runs))
+            self.figures.show_runs(runs)
             return
         self._update_other_choices(runs)
         overlay = self._overlay is not None
@@ -429,25 +415,6 @@ class PlotGrid(QWidget):
             elif axis in cell.pinned:
                 cell.pinned.discard(axis)
                 box.enableAutoRange(axis=box.XAxis if axis == "x" else box.YAxis)
-
-    def _figures_html(self, runs: list[tuple[str, RunHistory]]) -> str:
-        """One-off figures as a table: a row per figure, a column per run; then any metric the
-        table does not name, so a figure added to the engine is seen without a UI change."""
-        named = [(title, key, fmt) for title, key, fmt in FIGURES[self.stage]]
-        keys = {k for _, h in runs for k in h.series}
-        named += [(key, key, "{:g}") for key in sorted(keys - {k for _, k, _ in named})]
-        rows = []
-        for title, key, fmt in named:
-            cells = [fmt.format(h.last(key)) if key in h.series else "–" for _, h in runs]
-            if any(c != "–" for c in cells):
-                rows.append(f"<tr><td>{html.escape(title)}</td>"
-                            + "".join(f"<td align='right'><b>{html.escape(c)}</b></td>" for c in cells)
-                            + "</tr>")
-        if not rows:
-            return "<p>The figures appear here when the run has finished.</p>"
-        head = ("<tr><th></th>" + "".join(f"<th align='right'>{html.escape(name)}</th>" for name, _ in runs)
-                + "</tr>") if len(runs) > 1 else ""
-        return (f"<table cellpadding='6' style='font-size:large'>{head}{''.join(rows)}</table>")
 
     def _reset_curves(self) -> None:
         for cell in self._cells.values():

@@ -1,0 +1,55 @@
+"""One-off figures as a table, for the stages that report a few numbers once at the end (the
+tokenizer's vocabulary and compression, the sample stage's answer statistics) rather than
+curves over steps: a line plot of one point says less than the number. The plot grid
+(ui/plots.py) shows this table instead of plots for these stages."""
+from __future__ import annotations
+
+import html
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QLabel
+
+from workbench.history import RunHistory
+
+# stage -> (title, metric key, format), in the order shown
+FIGURES: dict[str, list[tuple[str, str, str]]] = {
+    "tokenizer": [("Vocabulary size", "tokenizer/vocab_size", "{:,.0f} tokens"),
+                  ("Characters per token", "tokenizer/chars_per_token", "{:.2f} on held-out text"),
+                  ("Training text", "tokenizer/train_chars", "{:,.0f} characters"),
+                  ("Held-out text", "tokenizer/heldout_chars", "{:,.0f} characters")],
+    "sample": [("Answers that ended", "sample/finished_fraction", "{:.0%}"),
+               ("Mean answer length", "sample/mean_tokens", "{:.1f} tokens")],
+}
+WAITING = "The figures appear here when the run has finished."
+
+
+class FigureTable(QLabel):
+    """A row per figure, a column per run (one run, or several overlaid in the runs browser);
+    then any metric the table does not name, so a figure added to the engine is seen without
+    a UI change."""
+
+    def __init__(self, stage: str, parent=None):
+        super().__init__(parent)
+        self.stage = stage
+        self.setTextFormat(Qt.RichText)
+        self.setAlignment(Qt.AlignLeft | Qt.AlignTop)
+        self.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.setContentsMargins(12, 12, 12, 12)
+
+    def show_runs(self, runs: list[tuple[str, RunHistory]]) -> None:
+        named = list(FIGURES.get(self.stage, []))
+        keys = {k for _, h in runs for k in h.series}
+        named += [(key, key, "{:g}") for key in sorted(keys - {k for _, k, _ in named})]
+        rows = []
+        for title, key, fmt in named:
+            cells = [fmt.format(h.last(key)) if key in h.series else "–" for _, h in runs]
+            if any(c != "–" for c in cells):
+                rows.append(f"<tr><td>{html.escape(title)}</td>"
+                            + "".join(f"<td align='right'><b>{html.escape(c)}</b></td>" for c in cells)
+                            + "</tr>")
+        if not rows:
+            self.setText(f"<p>{WAITING}</p>")
+            return
+        head = ("<tr><th></th>" + "".join(f"<th align='right'>{html.escape(name)}</th>" for name, _ in runs)
+                + "</tr>") if len(runs) > 1 else ""
+        self.setText(f"<table cellpadding='6' style='font-size:large'>{head}{''.join(rows)}</table>")
