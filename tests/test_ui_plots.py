@@ -413,10 +413,10 @@ def test_stall_probe_refuses_a_zero_interval():
         StallProbe(interval_ms=0)
 
 
-def test_the_history_loader_folds_a_run_in_slices_as_one_pass_would(qtbot, tmp_path, monkeypatch):
+def test_the_run_loader_folds_a_run_in_slices_as_one_pass_would(qtbot, tmp_path, monkeypatch):
     import json
     from engine.runio import read_events
-    from ui.stage_panel import HistoryLoader
+    from ui.jobs import RunLoader
     events = [{"type": "start", "stage": "pretrain", "pid": 1, "time": 0.0}]
     for s in range(1, 301):
         events.append(metrics(s, train__loss=5.0 / s, train__tokens=64 * s))
@@ -426,17 +426,18 @@ def test_the_history_loader_folds_a_run_in_slices_as_one_pass_would(qtbot, tmp_p
     events.append({"type": "done", "status": "completed", "error": None, "time": 1.0})
     (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events)
                                            + '{"type": "metrics", "step": 301, "tra')   # torn
-    monkeypatch.setattr(HistoryLoader, "SLICE_BYTES", 2048)
-    loader = HistoryLoader(tmp_path)
-    ticks = []
-    loader._timer.timeout.connect(lambda: ticks.append(1))
-    with qtbot.waitSignal(loader.loaded, timeout=10_000) as sig:
+    monkeypatch.setattr(RunLoader, "SLICE_BYTES", 2048)
+    loader = RunLoader(tmp_path)
+    slices = []
+    loader.eventsArrived.connect(slices.append)
+    with qtbot.waitSignal(loader.loaded, timeout=10_000):
         loader.start()
-    history, others = sig.args
-    assert len(ticks) > 5 and not loader.busy
+    assert len(slices) > 5 and not loader.busy
+    history = loader.fold.history
     whole = RunHistory.from_events(read_events(tmp_path))
     assert history.keys() == whole.keys() == ["train/loss", "train/tokens", "val/loss"]
     for key in whole.keys():
         np.testing.assert_array_equal(history.arrays(key)[0], whole.arrays(key)[0])
         np.testing.assert_array_equal(history.arrays(key)[1], whole.arrays(key)[1])
-    assert [e["type"] for e in others] == ["start", "log", "log", "log", "done"]
+    others = [e["type"] for part in slices for e in part if e["type"] != "metrics"]
+    assert others == ["start", "log", "log", "log", "done"]          # in order, the torn line left
