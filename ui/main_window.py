@@ -102,7 +102,8 @@ class MainWindow(QMainWindow):
         file.addSeparator()
         self._action(file, "Show Project &Folder", self.show_project_folder)
         file.addSeparator()
-        self._action(file, "&Quit", self.close, QKeySequence.StandardKey.Quit)
+        # Not StandardKey.Quit: outside KDE and GNOME, Qt's generic theme binds it to no key.
+        self._action(file, "&Quit", self.close, QKeySequence("Ctrl+Q"))
         view = self.menuBar().addMenu("&View")
         for i, (key, label) in enumerate(SIDEBAR):
             # "&&": a lone & in a menu marks the next letter as the mnemonic ("Sample _Rank").

@@ -45,7 +45,7 @@ class StagePanel(QWidget):
         self.spec = stages.spec(stage)
         self.run: RunInfo | None = None       # the run shown; None = a new run
         self._source = None                   # the live Job or the RunLoader of the shown run
-        self._suggested: dict = {}            # what a new run was last offered
+        self._auto: dict = {}                 # a new run's form values as last set by the panel
         self._steps_seen = None
         self._data_ok = True
         self._build()
@@ -189,8 +189,8 @@ class StagePanel(QWidget):
         self.error_box.hide()
         self.form.refresh_choices()
         if info is None:
-            self._suggested = self.ctx.suggested_values(self.stage)
-            self.form.set_values(self._suggested)
+            self.form.set_values(self.ctx.suggested_values(self.stage))
+            self._auto = self.form.values()
         else:
             self.form.set_values(runfolder.form_values(self.stage, info.path))
             job = self.ctx.job_for(info.name)
@@ -239,6 +239,7 @@ class StagePanel(QWidget):
 
     def _on_runs_changed(self) -> None:
         self._fill_runs()
+        before = self.form.values()
         self.form.refresh_choices()
         if self.run is not None:
             self.run = self.ctx.run(self.run.name)
@@ -247,22 +248,26 @@ class StagePanel(QWidget):
                 return
             self._show_status()
         else:
-            self._follow_suggestions()
+            self._follow_suggestions(before)
+        if self.form.values() != before:
+            self._preview_timer.start()     # a picker now offers (and holds) a new run
         self.form.validate()
         self._update_notes()
         self._update_buttons()
 
-    def _follow_suggestions(self) -> None:
+    def _follow_suggestions(self, before: dict) -> None:
         """A new run's inputs follow the newest runs (a tokenizer just trained, a newer SFT
-        model) until the user picks something else."""
+        model) until the user picks something else: an input still as the panel last set it
+        (`before` the pickers were refilled) takes the new suggestion."""
         fresh = self.ctx.suggested_values(self.stage)
         current = self.form.values()
         watched = {p.field for p in self.spec.parents} | {d.field for d in self.spec.data}
         changes = {k: fresh[k] for k in watched & set(fresh)
-                   if fresh[k] != current.get(k) and current.get(k) in (None, "", [], self._suggested.get(k))}
-        self._suggested = fresh
+                   if fresh[k] != current.get(k) and before.get(k) == self._auto.get(k)}
         if changes:
             self.form.set_values({**current, **changes})
+        self._auto = {**self._auto, **{k: v for k, v in self.form.values().items()
+                                       if k in watched and before.get(k) == self._auto.get(k)}}
 
     def _on_job_started(self, job) -> None:
         # A job of this stage started (here, from the ranking view, or re-attached): show it.

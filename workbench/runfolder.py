@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from engine.config import ConfigError, from_dict, save_config, to_dict
+from engine.config import ConfigError, from_dict, save_config
 from workbench.project import Project, ProjectError
 from workbench.stages import Parent, StageSpec, path_fields, spec
 
@@ -104,7 +104,6 @@ def read_config(run_dir: Path) -> dict:
 
 def form_values(stage: str, run_dir: Path) -> dict:
     """A run's settings for a form: every field (defaults for ones added since), paths absolute."""
-    cls = spec(stage).config_class()
     try:
         saved = read_config(run_dir)
     except RunFolderError:
@@ -206,8 +205,6 @@ def config_error_line(e: ConfigError, run_dir: Optional[Path] = None) -> str:
     return f"{where}: config field '{e.field}': {e.message}" if where else str(e)
 
 
-def as_values(config) -> dict:
-    return to_dict(config)
 
 
 def prepare_run(run_dir: Path, config) -> Path:

@@ -24,7 +24,7 @@ from engine.checkpoint import latest_checkpoint
 from workbench import stages
 from workbench.jobs import LOST
 from workbench.process import alive as process_alive
-from workbench.runfold import FINAL, Follower, RunFold
+from workbench.runfold import Follower, RunFold
 from workbench.store import Store
 
 
