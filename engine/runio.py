@@ -42,9 +42,10 @@ class InputProblems(StageError):
     """Bad input found before any work starts: every problem as `FILE:LINE: ...`, one error.
 
     Listing all of them (the first 20 shown) lets a user fix a file in one pass rather than
-    one line per run.
+    one line per run. Found before any work, so the stage is refused: exit code 2.
     """
     MAX_SHOWN = 20
+    exit_code = 2
 
     def __init__(self, problems, what: str = "input", consequence: str = "", indent: str = "  "):
         self.problems = list(problems)
@@ -172,9 +173,12 @@ def _figures(values: dict, figures) -> list[str]:
 class HumanPrinter:
     """The terminal view of the event stream: one readable line per progress event."""
 
-    def __init__(self, stage: str, stream=None):
+    def __init__(self, stage: str, stream=None, errors=None):
         self.stage = stage
         self.stream = stream or sys.stdout
+        # A failure and error log lines go to stderr, as every workbench command's errors do,
+        # so `2>errors.txt` or a wrapper that shows stderr catches them.
+        self.errors = errors or (stream if stream is not None else sys.stderr)
         self.last: dict[str, Any] = {}
 
     def __call__(self, ev: dict) -> None:
@@ -209,7 +213,9 @@ class HumanPrinter:
             body = {k: v for k, v in ev.items() if k not in ("type", "time")}
             line = f"[{self.stage}] {t}: {json.dumps(body, ensure_ascii=False)}"
         if line:
-            print(line, file=self.stream, flush=True)
+            failed = (t == "done" and ev.get("status") == "failed"
+                      or t == "log" and ev.get("level") == "error")
+            print(line, file=self.errors if failed else self.stream, flush=True)
 
 
 def _num(v: Any) -> str:

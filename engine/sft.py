@@ -156,18 +156,18 @@ def load_data(cfg: SFTConfig, run_dir: Path, tok, seq_len: int, ev: Emitter) -> 
                     truncated_lines=rep.truncated[:5], no_answer_lines=rep.empty[:5])
     for split, examples, rep in (("training", train_ex, train_rep), ("validation", val_ex, val_rep)):
         if not examples and rep.damaged and rep.too_long == "drop":
-            raise StageError(f"no {split} sample fits the context ({seq_len} tokens): "
-                             f"{len(rep.damaged)} of {rep.total} would lose all of the prompt or "
-                             f"part of the answer (e.g. {', '.join(rep.damaged[:3])}). Raise "
-                             f"seq_len (up to the model's context), or set too_long to keep to "
-                             f"train on them cut.")
+            raise SFTDataError([f"no {split} sample fits the context ({seq_len} tokens): "
+                                f"{len(rep.damaged)} of {rep.total} would lose all of the prompt or "
+                                f"part of the answer (e.g. {', '.join(rep.damaged[:3])}). Raise "
+                                f"seq_len (up to the model's context), or set too_long to keep to "
+                                f"train on them cut."])
         if not examples:
             # The most common SFT bug is a loss mask that is all zeros: the run "trains" and
             # nothing changes. Refuse it loudly instead.
-            raise StageError(f"no {split} sample has an answer token to learn from: all "
-                             f"{rep.total} loss masks are empty (e.g. {', '.join(rep.empty[:3])}). "
-                             f"Check that records have assistant answers and that the context "
-                             f"({seq_len} tokens) leaves room for them.")
+            raise SFTDataError([f"no {split} sample has an answer token to learn from: all "
+                                f"{rep.total} loss masks are empty (e.g. {', '.join(rep.empty[:3])}). "
+                                f"Check that records have assistant answers and that the context "
+                                f"({seq_len} tokens) leaves room for them."])
     return SFTData(train_ex, val_ex, train_rep, val_rep, tasks, data_files + val_files)
 
 

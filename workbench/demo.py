@@ -339,7 +339,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                                      overwrite=args.force)
     except (FileExistsError, RuntimeError, ValueError, OSError) as e:
         print(f"workbench demo: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"Demo project written to {summary['project']} "
           f"(scale {summary['scale']}, seed {summary['seed']}, {summary['elapsed_s']} s):")
     for rel, size in summary["files"].items():

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 from engine.config import ConfigError
 from engine.runio import format_count, format_duration
 from workbench import demo, runfolder, stages
+from workbench.cli import refuse
 from workbench.jobs import JobResult, run_job
 from workbench.project import Project, ProjectError
 from workbench.runfold import RunFold
@@ -220,17 +221,17 @@ FIGURES: dict[str, Figure] = {
 def run_pipeline(args) -> int:
     project_dir = args.project or (Path("demo-project") if args.demo else None)
     if project_dir is None:
-        raise SystemExit("error: give --project DIR, or --demo for the demo project")
+        return refuse("give --project DIR, or --demo for the demo project")
     order = steps()
     if args.until not in order:
-        raise SystemExit(f"error: --until must be one of {', '.join(order)}")
+        return refuse(f"--until must be one of {', '.join(order)}")
     if args.demo and not (project_dir / "workbench.toml").exists():
         print(f"writing the demo project to {project_dir} ...", flush=True)
         demo.write_demo_project(project_dir, seed=args.seed, scale=args.scale)
     try:
         project = Project.open(project_dir)
     except ProjectError as e:
-        raise SystemExit(f"error: {e}")
+        return refuse(str(e))
     print(f"project {project.name} at {project.path}", flush=True)
     pipe = Pipeline(project, args)
     t_all = time.perf_counter()

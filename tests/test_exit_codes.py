@@ -1,0 +1,47 @@
+"""One exit code for "refused before starting" (2) across the workbench's commands and the
+stages, with the reason on stderr and nothing on stdout that reads as an error."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine import reward
+from workbench import cli
+
+
+def workbench(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as e:     # argparse's own refusals exit 2 as well
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("argv, reason", [
+    (["pipeline"], "give --project DIR"),
+    (["pipeline", "--project", "{tmp}/nowhere"], "nowhere"),
+    (["pipeline", "--demo", "--project", "{tmp}/p", "--until", "nothing"], "invalid choice: 'nothing'"),
+    (["demo", "--project", "{tmp}/p"], "already holds a project"),
+    (["batches", "--project", "{tmp}/p"], "has no workbench.db yet"),
+])
+def test_workbench_commands_refuse_with_2_on_stderr(tmp_path, capsys, argv, reason):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "workbench.toml").write_text('name = "p"\n')
+    rc, out, err = workbench(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert rc == 2 and reason in err and "Traceback" not in err
+    assert "error" not in out.lower()
+
+
+def test_a_stage_refused_for_bad_data_exits_2_with_the_problems_on_stderr(tmp_path, capsys):
+    run_dir = tmp_path / "rm"
+    run_dir.mkdir()
+    (tmp_path / "prefs.jsonl").write_text('{"prompt": "p", "chosen": "a"}\nnot json\n')
+    (run_dir / "config.json").write_text(json.dumps(
+        {"init": str(tmp_path / "no-model"), "data": [str(tmp_path / "prefs.jsonl")], "device": "cpu"}))
+    rc = reward.main(["--run-dir", str(run_dir), "--log-format", "human"])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert "2 problem(s) in the preference data" in err and "prefs.jsonl:2: malformed JSON" in err
+    assert "failed" not in out and "problem" not in out
