@@ -78,11 +78,13 @@ def type_setting(qtbot, panel, name: str, value) -> None:
         replace_text(qtbot, line, str(value))
 
 
-def type_settings(qtbot, panel, values: dict) -> None:
+def type_settings(qtbot, panel, values: dict, valid: bool = True) -> None:
+    """Type each setting, then wait for the form to have checked them (and, with `valid`,
+    to have found nothing wrong)."""
     for name, value in values.items():
         type_setting(qtbot, panel, name, value)
     form = panel.form
-    qtbot.waitUntil(lambda: form.error is None and not form._debounce.isActive(), timeout=5_000)
+    qtbot.waitUntil(lambda: not form._debounce.isActive() and (form.error is None or not valid), timeout=5_000)
 
 
 def answer_next_dialog(qtbot, button=QMessageBox.StandardButton.Yes) -> None:

@@ -1,0 +1,128 @@
+"""What a stage's page says before Start, driven through its real widgets: intervals that follow
+the run's length, a time estimate, a warning when an input run is of an unexpected stage, the
+next step when an input is missing, and the menus (View, Help) as a person reads them."""
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from PySide6.QtCore import QSettings, Qt
+from PySide6.QtWidgets import QApplication, QDialog
+
+from ui_driver import click, go, press, type_settings
+from workbench.demo import write_demo_project
+
+
+@pytest.fixture(scope="module")
+def demo_template(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demo") / "project"
+    write_demo_project(path, seed=0, scale="tiny")
+    return path
+
+
+@pytest.fixture
+def project(demo_template, tmp_path):
+    dest = tmp_path / "project"
+    shutil.copytree(demo_template, dest)
+    return dest
+
+
+def fake_run(project: Path, name: str, config: dict, steps: int, seconds: float, checkpoint: Path | None = None):
+    """A finished run folder as a stage leaves it (config, events, maybe a checkpoint)."""
+    run = project / "runs" / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(config))
+    t0 = time.time() - 100
+    events = [{"type": "start", "stage": name.split("-")[0], "pid": 1, "time": t0},
+              {"type": "progress", "step": steps, "total": steps, "elapsed_s": seconds, "time": t0 + seconds},
+              {"type": "done", "status": "completed", "error": None, "time": t0 + seconds}]
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    if checkpoint is not None:
+        shutil.copytree(checkpoint / "checkpoints", run / "checkpoints")
+    return run
+
+
+@pytest.fixture
+def open_window(qtbot, tmp_path):
+    from ui.main_window import MainWindow
+    windows = []
+
+    def make(path):
+        w = MainWindow(QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
+        qtbot.addWidget(w)
+        w.show()
+        assert w.open_project(path)
+        windows.append(w)
+        return w
+
+    yield make
+    for w in windows:
+        w.close_project()
+
+
+def test_intervals_follow_max_steps_unless_set_by_hand(qtbot, project, open_window):
+    w = open_window(project)
+    go(qtbot, w, "pretrain")
+    panel = w.pages["pretrain"]
+    assert "Next: train a tokenizer on the Tokenizer page" in panel.status_label.text()
+    assert panel.form.values()["eval_every"] == 166         # the demo's 1,000 steps
+    type_settings(qtbot, panel, {"max_steps": 150}, valid=False)
+    v = panel.form.values()
+    assert (v["eval_every"], v["sample_every"], v["checkpoint_every"], v["warmup_steps"]) == (25, 50, 50, 7)
+    # A value the user typed is theirs: it stays, and the page says it only applies at the end.
+    type_settings(qtbot, panel, {"eval_every": 400, "max_steps": 300}, valid=False)
+    v = panel.form.values()
+    assert v["eval_every"] == 400 and v["checkpoint_every"] == 100
+    assert "eval_every is above max_steps (300)" in panel.notes.text()
+
+
+def test_the_page_estimates_a_run_from_the_last_runs_pace(qtbot, project, open_window):
+    fake_run(project, "pretrain-20260101-000000", {"batch_size": 16, "grad_accum": 1, "seq_len": 128}, 100, 60.0)
+    w = open_window(project)
+    go(qtbot, w, "pretrain")
+    panel = w.pages["pretrain"]
+    panel.run_combo.setFocus()              # back to a new run (the page opened on the old one)
+    qtbot.keyClick(panel.run_combo, Qt.Key.Key_Home)
+    assert panel.run is None
+    type_settings(qtbot, panel, {"max_steps": 200, "batch_size": 32}, valid=False)
+    # 0.6 s a step at batch 16 -> 1.2 s at batch 32, times 200 steps.
+    assert "About 4m00s at the pace of pretrain-20260101-000000" in panel.notes.text()
+
+
+def test_a_base_model_as_ppo_policy_is_named_and_a_missing_input_says_what_to_do(
+        qtbot, project, open_window, tiny_lm_ckpt):
+    fake_run(project, "pretrain-20260101-000000", {}, 10, 5.0, checkpoint=tiny_lm_ckpt)
+    w = open_window(project)
+    go(qtbot, w, "ppo")
+    ppo = w.pages["ppo"]
+    assert Path(ppo.form.values()["policy"]).name == "pretrain-20260101-000000"
+    assert "policy is a pretrain run" in ppo.notes.text()
+    # No reward model yet: the page names the next step instead of a bare "is required".
+    assert not ppo.start_btn.isEnabled()
+    assert "train a reward model on the Reward model page" in ppo.status_label.text()
+
+
+def test_menus_read_as_written_and_help_lists_the_keys(qtbot, project, open_window, monkeypatch):
+    w = open_window(project)
+    view = next(a.menu() for a in w.menuBar().actions() if a.text() == "&View")
+    texts = [a.text() for a in view.actions()]
+    assert "Sample && Rank" in texts            # shown "Sample & Rank", not "Sample _Rank"
+    assert "1 run" not in w.sidebar.item(7).text() and "0 runs" in w.sidebar.item(7).text()
+    shown = []
+    monkeypatch.setattr(QDialog, "exec", lambda self: shown.append(self) or 0)
+    press(qtbot, w, Qt.Key.Key_Slash, Qt.KeyboardModifier.ControlModifier)      # Help ▸ Keyboard shortcuts
+    text = shown[-1].text.toPlainText()
+    assert "Ctrl+3" in text and "SFT" in text and "Enter" in text and "tie with the previous" in text
+    helpm = next(a.menu() for a in w.menuBar().actions() if a.text() == "&Help")
+    guide = next(a.menu() for a in helpm.actions() if a.text() == "&Guide")
+    next(a for a in guide.actions() if a.text() == "The command line").trigger()
+    browser = shown[-1].text
+    assert browser.textCursor().block().text() == "The command line"
+    QApplication.processEvents()
+
+
+def test_one_run_is_one_run(qtbot, project, open_window):
+    fake_run(project, "tokenizer-20260101-000000", {}, 1, 1.0)
+    w = open_window(project)
+    assert w.sidebar.item(7).text().endswith("1 run")
