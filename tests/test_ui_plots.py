@@ -391,9 +391,10 @@ def test_unknown_stage_is_refused(qtbot):
 def test_stall_probe_measures_a_blocked_ui_thread(qtbot):
     probe = StallProbe(interval_ms=10)
     probe.start()
-    qtbot.wait(50)
-    QTimer.singleShot(0, lambda: time.sleep(0.15))   # a slot that holds the event loop
-    qtbot.wait(100)
+    qtbot.waitUntil(lambda: probe.ticks > 3, timeout=10_000)
+    blocked = []                                     # the tick count when the loop was let go
+    QTimer.singleShot(0, lambda: (time.sleep(0.15), blocked.append(probe.ticks)))   # holds the loop
+    qtbot.waitUntil(lambda: bool(blocked) and probe.ticks > blocked[0], timeout=10_000)   # late tick
     probe.stop()
     assert not probe.running
     assert probe.ticks > 3
