@@ -14,6 +14,7 @@ import torch
 
 from engine.artifacts import Loaded, load_artifact
 from engine.chat import reply_batch
+from engine.reward import NORM_FILE
 from engine.tasks import check, parse_task
 from engine.tokenizer import render_chat
 from workbench.simulated import DEMO_PREFERENCE, Key, rank_answers
@@ -75,7 +76,7 @@ def compare(base: Path, candidate: Path, prompts: Sequence[str], *, reward_model
               "mean_chars": sum(map(len, b.texts)) / len(prompts)}
     if reward_model is not None:
         rm = load_artifact(reward_model)
-        norm_file = rm.checkpoint / "reward_norm.json"
+        norm_file = rm.checkpoint / NORM_FILE
         norm = json.loads(norm_file.read_text()) if norm_file.exists() else None
         sa, sb = reward_scores(rm, prompts, a, norm), reward_scores(rm, prompts, b, norm)
         result.update(base_score=sum(sa) / len(sa), score=sum(sb) / len(sb))

@@ -1,20 +1,19 @@
 """The annotation store: PROJECT/workbench.db (SQLite) holding batches, rankings and who made them.
 
-Tables and their columns: workbench/schema.py; the records it returns and the checks a ranking
-passes: workbench/store_types.py. This is the only module that speaks SQL to the database.
+Tables: workbench/schema.py; the records returned and the checks a ranking passes:
+workbench/store_types.py. This is the only module that speaks SQL to the database.
 
 A ranking is never deleted by the app: undo sets `withdrawn_at`, so what was once acknowledged
 stays on disk and the annotator's earlier input can be offered for editing. At most one
-ranking per (session, item, is_repeat) is active (a partial unique index says so).
-
-A ranking, its flags and its scores are written in one transaction; the crash-safety test kills
-a writer with SIGKILL many times and finds each ranking wholly present or wholly absent.
+ranking per (session, item, is_repeat) is active (a partial unique index says so). A ranking,
+its flags and its scores are written in one transaction; the crash-safety test kills a writer
+with SIGKILL many times and finds each ranking wholly present or wholly absent.
 
 Several processes share the file (the app, `workbench rank`, a simulated annotator). In WAL
-mode readers never wait; writers take turns on one lock, and `transaction` asks for it every
-millisecond (see `_begin`), so a long writer that leaves a few milliseconds between its
-transactions lets a person's ranking through at once. What still goes wrong comes out as one
-StoreError: StoreBusy after the timeout, DiskFull when nothing more can be written.
+mode readers never wait; writers take turns on one lock, which `transaction` asks for every
+millisecond (`_begin`), so a long writer that leaves a few milliseconds between transactions
+lets a person's ranking through at once. What still goes wrong is one StoreError: StoreBusy
+after the timeout, DiskFull when nothing more can be written.
 """
 from __future__ import annotations
 
@@ -26,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
+from engine.fsutil import disk_full_message
 from workbench.schema import MIGRATIONS, SCHEMA_VERSION
 from workbench.store_types import (ANNOTATOR_KINDS, FLAGS, MAX_K, MIN_K, Annotator, Answer,  # noqa: F401
                                    Batch, DiskFull, InputError, Item, Ranking, RankingError,
@@ -40,11 +40,8 @@ LOW_DISK_MB = 8.0
 LOCK_POLL_S = 0.001
 
 
-def free_mb(folder: Path) -> float | None:
-    try:
-        return shutil.disk_usage(folder).free / 1e6
-    except OSError:
-        return None
+def _code(e: sqlite3.Error) -> int:
+    return (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
 
 
 class Store:
@@ -90,13 +87,14 @@ class Store:
 
     def _translated(self, e: sqlite3.Error, doing: str) -> Exception:
         """The one-line error a user should see for `e`, or `e` itself if it is a bug."""
-        code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
-        folder = self.path.parent
-        free = free_mb(folder)
-        if code == SQLITE_FULL or (code == SQLITE_IOERR and free is not None and free < LOW_DISK_MB):
-            shown = "?" if free is None else f"{free:.1f}"
-            return DiskFull(f"disk full: {shown} MB free in {folder} ({doing}; every ranking "
-                            f"acknowledged before is kept); free some space and try again")
+        code, folder = _code(e), self.path.parent
+        try:
+            low = shutil.disk_usage(folder).free / 1e6 < LOW_DISK_MB
+        except OSError:
+            low = False
+        if code == SQLITE_FULL or (code == SQLITE_IOERR and low):
+            return DiskFull(f"{disk_full_message(folder)} ({doing}; every ranking acknowledged "
+                            f"before is kept); free some space and try again")
         if code in (SQLITE_BUSY, SQLITE_LOCKED):
             return StoreBusy(f"{self.path} is busy: another process kept it locked for "
                              f"{self.timeout_s:g} s ({doing}); try again")
@@ -122,18 +120,15 @@ class Store:
         deadline = time.monotonic() + self.timeout_s
         self.conn.execute("PRAGMA busy_timeout=0")
         try:
-            while True:
-                try:
-                    self.conn.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as e:
-                    code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
-                    if code != SQLITE_BUSY or time.monotonic() >= deadline:
-                        err = self._translated(e, "waiting to write")
-                        if err is e:
+            with self._errors("waiting to write"):
+                while True:
+                    try:
+                        self.conn.execute("BEGIN IMMEDIATE")
+                        return
+                    except sqlite3.OperationalError as e:
+                        if _code(e) != SQLITE_BUSY or time.monotonic() >= deadline:
                             raise
-                        raise err from None
-                time.sleep(LOCK_POLL_S)
+                    time.sleep(LOCK_POLL_S)
         finally:
             self.conn.execute(f"PRAGMA busy_timeout={int(self.timeout_s * 1000)}")
 
@@ -155,28 +150,26 @@ class Store:
         self._depth += 1
         try:
             yield self.conn
-        except BaseException as e:
+        except BaseException:
             self._depth -= 1
             if self._depth == 0:
                 self._rollback()
-                if isinstance(e, sqlite3.OperationalError):
-                    err = self._translated(e, "writing")
-                    if err is not e:
-                        raise err from None
-            elif self.conn.in_transaction:
+                with self._errors("writing"):
+                    raise
+            if self.conn.in_transaction:
                 self.conn.execute(f"ROLLBACK TO {sp}")
                 self.conn.execute(f"RELEASE {sp}")
             raise
         self._depth -= 1
-        if self._depth == 0:
-            try:
-                with self._errors("committing"):
-                    self.conn.execute("COMMIT")
-            except BaseException:
-                self._rollback()
-                raise
-        else:
+        if self._depth:
             self.conn.execute(f"RELEASE {sp}")
+            return
+        try:
+            with self._errors("committing"):
+                self.conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
 
     @contextmanager
     def snapshot(self) -> Iterator[sqlite3.Connection]:
@@ -198,10 +191,8 @@ class Store:
 
     def _check_version(self, version: int) -> None:
         if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path}: schema version {version} is newer than this workbench knows "
-                f"({SCHEMA_VERSION}); it was written by a newer workbench; update the workbench "
-                f"to open it")
+            raise StoreError(f"{self.path}: schema version {version} is newer than this workbench "
+                             f"knows ({SCHEMA_VERSION}); update the workbench to open it")
 
     def _migrate(self, target: int | None = None) -> None:
         target = SCHEMA_VERSION if target is None else target
@@ -455,8 +446,8 @@ class Store:
         return originals, repeated, keys
 
     def answer_ids(self, item_id: int) -> list[int]:
-        return [r[0] for r in self.conn.execute(
-            "SELECT id FROM answers WHERE item_id = ? ORDER BY idx", (item_id,))]
+        return [r[0] for r in self.conn.execute("SELECT id FROM answers WHERE item_id = ? ORDER BY idx",
+                                                (item_id,))]
 
     def shown_order(self, session_id: int, item_id: int, is_repeat: bool) -> list[int] | None:
         """The answer ids in the order the session first showed them, None if not shown yet."""
@@ -467,8 +458,8 @@ class Store:
 
     def record_shown_order(self, session_id: int, item_id: int, is_repeat: bool,
                            answer_ids: Sequence[int]) -> list[int]:
-        """Record the order an entry is shown in, unless one is recorded; returns the one kept
-        (a second window on the same session may have recorded it first)."""
+        """Record the order an entry is shown in; returns the one kept (another window on the
+        session may have recorded one first)."""
         with self.transaction() as c:
             c.execute("INSERT OR IGNORE INTO shown_orders (session_id, item_id, is_repeat, "
                       "answer_ids, shown_at) VALUES (?, ?, ?, ?, ?)",
@@ -492,10 +483,9 @@ class Store:
         return (row[0], row[1], bool(row[2])) if row else None
 
     def active_ranking(self, session_id: int, item_id: int, is_repeat: bool = False) -> int | None:
-        row = self.conn.execute("SELECT id FROM rankings WHERE session_id = ? AND item_id = ? AND "
-                                "is_repeat = ? AND withdrawn_at IS NULL",
-                                (session_id, item_id, int(is_repeat))).fetchone()
-        return row[0] if row else None
+        return next((r[0] for r in self.conn.execute(
+            "SELECT id FROM rankings WHERE session_id = ? AND item_id = ? AND is_repeat = ? AND "
+            "withdrawn_at IS NULL", (session_id, item_id, int(is_repeat)))), None)
 
     def session_progress(self, session_id: int) -> tuple[int, int, int, float | None]:
         """(first rankings, repeat rankings, entries waiting after a skip, mean seconds per
