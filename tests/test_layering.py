@@ -41,3 +41,12 @@ def test_the_checker_catches_a_violation(tmp_path, monkeypatch):
     (tmp_path / "engine" / "bad.py").write_text("import os\nfrom PySide6 import QtCore\n")
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
     assert offenders("engine", ("PySide6",)) == ["engine/bad.py:2 imports PySide6"]
+
+
+def test_ui_never_trains_in_its_own_process():
+    """ui/ uses engine's readers, tokenizer and chat session for in-process work (previews, the
+    token view, chat), but training only ever runs as a job (workbench/jobs.py): no ui module
+    imports a training stage, the trainer or the distributed setup."""
+    training = ("engine.trainer", "engine.pretrain", "engine.sft", "engine.reward", "engine.ppo",
+                "engine.ppo_core", "engine.distributed")
+    assert offenders("ui", training) == []

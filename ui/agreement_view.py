@@ -156,7 +156,7 @@ class AgreementView(QWidget):
         self.batch.blockSignals(False)
         chosen = self.rm.currentData()
         self.rm.clear()
-        for name, path in project_runs(self.project_dir, ("reward",)):
+        for name, path in project_runs(self.project_dir, "reward"):
             self.rm.addItem(name, str(path))
         if chosen and self.rm.findData(chosen) < 0:
             self.rm.addItem(Path(chosen).name, chosen)

@@ -16,7 +16,6 @@ from PySide6.QtCore import QByteArray, Qt
 from PySide6.QtGui import QColor, QGuiApplication, QIcon, QImage, QPainter, QPalette, QPixmap
 from PySide6.QtSvg import QSvgRenderer
 
-SIDEBAR = ("tokenizer", "pretrain", "sft", "rank", "reward", "ppo", "chat", "runs")
 STATUS = ("running", "done", "failed", "stopped", "idle")
 # Run states as the engine and the runner spell them, onto the glyph that shows them.
 STATUS_ALIASES = {"completed": "done", "queued": "idle", "pending": "idle", "not started": "idle"}

@@ -155,8 +155,6 @@ class PlotGrid(QWidget):
 
     def __init__(self, stage: str, parent: Optional[QWidget] = None):
         super().__init__(parent)
-        if stage not in PLOT_SPECS:
-            raise ValueError(f"no plots for stage {stage!r}; known: {', '.join(PLOT_SPECS)}")
         self.stage = stage
         self.history = RunHistory()
         self._overlay: Optional[list[tuple[str, RunHistory]]] = None
@@ -178,9 +176,11 @@ class PlotGrid(QWidget):
         self.x_axis_box.addItem("Tokens", "tokens")
         self.x_axis_box.currentIndexChanged.connect(self._x_axis_chosen)
 
-        specs = PLOT_SPECS[stage] + ([] if stage in FIGURES else [(OTHER, [])])
+        # A stage with no plots of its own (a new one) shows every metric under "Other".
+        own = PLOT_SPECS.get(stage, [])
+        specs = own + ([] if stage in FIGURES else [(OTHER, [])])
         self._cells = {title: self._make_cell(title, keys) for title, keys in specs}
-        self._spec_keys = {k for _, keys in PLOT_SPECS[stage] for k in keys}
+        self._spec_keys = {k for _, keys in own for k in keys}
         self.figures = FigureTable(stage)
         self.figures.setVisible(stage in FIGURES)
         if stage in FIGURES:

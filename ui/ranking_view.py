@@ -98,7 +98,7 @@ class RankingView(QWidget):
         # destroyed signal: a lambda on it fails in PySide when the wrapper is collected late.
         weakref.finalize(self, _close_on_owner_thread, store, threading.get_ident())
         self.checkpoints = checkpoints or (
-            lambda: project_runs(self.project_dir, ("sft", "ppo", "pretrain")))
+            lambda: project_runs(self.project_dir, "checkpoint"))
         self.session: AnnotationSession | None = None
         self.current: Current | None = None
         self.simulating: Worker | None = None

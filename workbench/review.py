@@ -63,12 +63,14 @@ def reopen_item(session, item_id: int) -> int | None:
     return rid
 
 
-def project_runs(project_dir: str | Path, prefixes: Sequence[str]) -> list[tuple[str, Path]]:
-    """(name, folder) of PROJECT/runs/<prefix>-... folders that hold a checkpoint, newest first."""
+def project_runs(project_dir: str | Path, kind: str) -> list[tuple[str, Path]]:
+    """(name, folder) of the project's runs that hold a complete checkpoint of `kind`
+    (checkpoint | reward: which stages make one is the catalogue's), newest first."""
+    from engine.checkpoint import latest_checkpoint
+    from workbench.stages import ARTIFACT_STAGES, stage_of_folder
     runs = Path(project_dir) / "runs"
-    found = [p for p in runs.iterdir() if p.is_dir() and p.name.split("-")[0] in prefixes
-             and (p / "checkpoints").is_dir() and any((p / "checkpoints").iterdir())
-             ] if runs.is_dir() else []
+    found = [p for p in runs.iterdir() if p.is_dir() and stage_of_folder(p.name) in ARTIFACT_STAGES[kind]
+             and latest_checkpoint(p / "checkpoints") is not None] if runs.is_dir() else []
     return [(p.name, p) for p in sorted(found, key=lambda p: p.name, reverse=True)]
 
 

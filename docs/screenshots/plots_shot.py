@@ -28,6 +28,7 @@ from PySide6.QtGui import QColor, QFont, QImage, QPainter, QPalette  # noqa: E40
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
 from ui import icons  # noqa: E402
+from ui.main_window import SIDEBAR  # noqa: E402
 from ui.plots import PlotGrid, RunHistory  # noqa: E402
 
 
@@ -104,7 +105,7 @@ def shoot(grid: PlotGrid, path: Path, app: QApplication, other: str | None = Non
 
 
 def icon_sheet(path: Path) -> None:
-    rows = [(n, None) for n in icons.SIDEBAR] + [(n, "status") for n in icons.STATUS] + [("app", "app")]
+    rows = [(n, None) for n, _title in SIDEBAR] + [(n, "status") for n in icons.STATUS] + [("app", "app")]
     cell, label_w = 84, 90
     img = QImage(label_w + 4 * cell, 24 + len(rows) * cell, QImage.Format_ARGB32)
     backgrounds = [("#ffffff", "#1f1f1f"), ("#1e1f22", "#e8eaed")]
