@@ -3,7 +3,11 @@
 Every stage's config is a dataclass of plain typed fields (int, float, str, bool, lists of
 them, Optional of them). `load_config` turns a JSON object into one and names the field on
 any mistake: an unknown key, a wrong type, a value out of range (checked by the dataclass's
-own `validate()` method, which raises `ConfigError(field, message)`).
+own `validate()` method, which raises `ConfigError(field, message)`); a float that is not
+finite is refused for every field here.
+
+A field's meaning is the comment that ends its line (`field_help`); `field_docs` adds its type
+and default, for `python -m engine.<stage> --help`, `--write-config` and the app's forms.
 """
 from __future__ import annotations
 
@@ -162,14 +166,18 @@ def _required(cls: type) -> list[str]:
             if f.init and f.default is MISSING and f.default_factory is MISSING]
 
 
-@lru_cache(maxsize=None)
 def field_help(cls: type) -> dict[str, str]:
-    """{field: meaning}, read from the comment that ends each field's line in the source.
+    """{field: meaning}, read from the comment that ends each field's statement in the source.
 
     The comment a developer reads is the help the app's form, `--help` and the docs show, so
     the three cannot disagree. A subclass's comment wins over its base's; a field the subclass
     redeclares without one (a new default) keeps the base's.
     """
+    return dict(_field_help(cls))
+
+
+@lru_cache(maxsize=None)
+def _field_help(cls: type) -> dict[str, str]:
     out: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if dataclasses.is_dataclass(klass):
