@@ -13,7 +13,6 @@ period, then the whole process tree is killed (DESIGN.md §2).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import Callable, Optional
 
 from workbench import process
 from workbench.runfold import Follower, RunFold
+from workbench.runfolder import RunFolderError, read_config
 from workbench.stages import spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +45,8 @@ def config_nproc(run_dir: Path) -> int:
     """The number of processes a run trains with (1 when the config is absent or unreadable:
     the stage itself then reports what is wrong with it)."""
     try:
-        value = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8")).get("nproc", 1)
-    except (OSError, ValueError, AttributeError):
+        value = read_config(run_dir).get("nproc", 1)
+    except RunFolderError:
         return 1
     return value if isinstance(value, int) and value > 1 else 1
 

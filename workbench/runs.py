@@ -25,6 +25,7 @@ from workbench import stages
 from workbench.jobs import LOST
 from workbench.process import alive as process_alive
 from workbench.runfold import Follower, RunFold
+from workbench.runfolder import RunFolderError, read_config
 from workbench.store import Store
 
 
@@ -163,7 +164,7 @@ class RunStore:
             fold.status, fold.error = "failed", LOST
         stage = fold.stage or (row or {}).get("stage") or stage_of(path)
         parents = (json.loads(row["parents"]) if row is not None and row["parents"] != "{}" else
-                   parent_runs(stage, _read_json(path / "config.json"), path, self.runs_dir))
+                   parent_runs(stage, _config_or_empty(path), path, self.runs_dir))
         created = row["created_at"] if row is not None else _created(path)
         c.execute(
             """INSERT INTO runs (name, stage, status, parents, created_at, started_at, ended_at, error,
@@ -231,6 +232,13 @@ def _read_json(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _config_or_empty(path: Path) -> dict:
+    try:
+        return read_config(path)
+    except RunFolderError:
+        return {}
+
+
 def _created(path: Path) -> float:
     cfg = path / "config.json"
     return (cfg if cfg.exists() else path).stat().st_mtime
@@ -248,8 +256,8 @@ def estimate_seconds(stage: str, values: dict, runs: Iterable[RunInfo]) -> tuple
         if r.status != "completed" or not r.step or r.duration_s is None:
             continue
         try:
-            then = json.loads((r.path / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            then = read_config(r.path)
+        except RunFolderError:
             continue
         per_step = r.duration_s / r.step
         scale = 1.0
