@@ -380,9 +380,15 @@ def test_expensive_redraws_are_spaced_out(grid, qtbot, monkeypatch):
     assert g.redraw_interval_ms() <= SLOWEST_MS
 
 
-def test_unknown_stage_is_refused(qtbot):
-    with pytest.raises(ValueError, match="known"):
-        PlotGrid("chat")
+def test_a_stage_without_plots_of_its_own_shows_its_metrics_under_other(grid):
+    g = grid("dpo")                         # a stage added to the catalogue, no plot spec yet
+    assert g.titles() == [OTHER]
+    g.load_events([metrics(s, loss__dpo=1.0 / s, train__lr=1e-3) for s in range(1, 4)])
+    g.redraw()
+    assert g.other_choices() == ["loss/dpo", "train/lr"]
+    g.show_other("loss/dpo")
+    g.redraw()
+    np.testing.assert_array_equal(g.curve_data(OTHER, "loss/dpo")[0], [1, 2, 3])
 
 
 # ----- stall probe
