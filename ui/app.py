@@ -11,8 +11,8 @@ import signal
 import sys
 from pathlib import Path
 
-from PySide6.QtCore import QSettings, QStandardPaths, QTimer
-from PySide6.QtWidgets import QApplication
+from PySide6.QtCore import QSettings, QStandardPaths, Qt, QTimer
+from PySide6.QtWidgets import QApplication, QSplashScreen
 
 from ui.collector import install_gc
 
@@ -53,16 +53,31 @@ def choose_project(args, settings: QSettings) -> tuple[Path, bool]:
     return demo, not (demo / "workbench.toml").exists()
 
 
+def show_splash(app: QApplication) -> QSplashScreen:
+    """The app's icon and a line saying what is happening, painted before anything heavy."""
+    from ui.icons import app_icon
+    splash = QSplashScreen(app_icon().pixmap(160, 160))
+    splash.showMessage("Workbench\nloading…", Qt.AlignmentFlag.AlignBottom | Qt.AlignmentFlag.AlignHCenter)
+    splash.show()
+    app.processEvents()
+    return splash
+
+
 def open_window(args, settings: QSettings | None = None):
     """The main window on the chosen project; the demo project is written first if needed,
     on a worker thread while the window shows. Returns the window (shown)."""
-    make_app()
+    app = make_app()
+    # Something alive at once: loading PyTorch and building the window take seconds.
+    splash = show_splash(app)
     from ui.main_window import MainWindow
     from ui.workers import Worker
     settings = settings or QSettings()
     window = MainWindow(settings)
-    window.show()
     path, write_demo = choose_project(args, settings)
+    window.placeholder.setText(f"Opening {path} …")
+    window.show()
+    splash.finish(window)
+    app.processEvents()     # paint the window before the project's pages are built
     if write_demo:
         from workbench.demo import write_demo_project
         window.placeholder.setText(f"Writing the demo project to {path} …")
