@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from engine.config import ConfigError
-from engine.runio import format_count, format_duration
+from engine.runio import StageError, format_count, format_duration
 from workbench import demo, runfolder, stages
 from workbench.cli import refuse
 from workbench.jobs import JobResult, run_job
 from workbench.project import Project, ProjectError
 from workbench.runfold import RunFold
+from workbench.store_types import StoreError
 
 # Pipeline options onto the settings they set: (stage, setting). The help shows the
 # catalogue's demo value of each as its default.
@@ -163,14 +164,13 @@ class Pipeline:
                              f"{self.rankings} simulated rankings (correct, ended, then shorter)", s))
 
     def evaluate(self) -> None:
-        from engine.tasks import Task
+        from engine.sft_data import read_tasks
         from workbench.evaluate import compare
         t0 = time.perf_counter()
         base, tuned = self.made["sft"], self.made["ppo"]
         tasks_file = self.project.data_files("eval_tasks")[0]
         limit = self.values("sft").get("eval_task_limit") or 200
-        lines = tasks_file.read_text(encoding="utf-8").splitlines()[:limit]
-        held_out = [Task.from_dict(json.loads(line)).prompt for line in lines if line.strip()]
+        held_out = [t.prompt for t in read_tasks(tasks_file, limit)]
         r = compare(base, tuned, held_out, reward_model=self.made["reward"])
         s = time.perf_counter() - t0
         (tuned / "evaluation.json").write_text(json.dumps(r, indent=2) + "\n", encoding="utf-8")
@@ -243,7 +243,7 @@ def run_pipeline(args) -> int:
                 pipe.evaluate()
             else:
                 pipe.run_stage(step)
-    except (ConfigError, ProjectError, ValueError) as e:
+    except (ConfigError, ProjectError, StageError, StoreError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     table = pipe.table(time.perf_counter() - t_all)
     print()
