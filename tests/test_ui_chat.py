@@ -437,3 +437,28 @@ def test_compare_stop_and_a_failing_side(qtbot, tmp_path, two_ckpts, cache):
     assert "no checkpoint found" in view.banner.text.text()
     assert not view.can_vote and "No vote" in view.status.text()
     view.shutdown()
+
+
+def test_the_pickers_follow_new_models_until_the_user_picks_one(qtbot, tmp_path, two_ckpts):
+    # A page built when only the base model existed must offer the fine-tuned one once it is
+    # trained, and Compare must not pit a model against itself.
+    first, second = two_ckpts
+    offered = [("base", first)]
+    cache = ModelCache(device="cpu")
+    chat = ChatView(tmp_path, lambda: list(offered), cache)
+    compare = CompareView(tmp_path, lambda: list(offered), cache)
+    qtbot.addWidget(chat)
+    qtbot.addWidget(compare)
+    assert chat.picker.path() == first
+    offered.insert(0, ("sft, newer", second))      # the project lists the newest fine-tuned first
+    chat.refresh()
+    compare.refresh()
+    assert chat.picker.path() == second
+    assert [p.path() for p in compare.pickers] == [second, first]
+    # A model the user chose stays chosen when the list changes again.
+    chat.picker.setFocus()
+    qtbot.keyClick(chat.picker, Qt.Key_Down)         # the keyboard picks the next entry
+    assert chat.picker.path() == first
+    offered.insert(0, ("ppo, newest", tmp_path))
+    chat.refresh()
+    assert chat.picker.path() == first

@@ -11,17 +11,13 @@ import signal
 import sys
 from pathlib import Path
 
-from PySide6.QtCore import QSettings, QStandardPaths, Qt, QTimer
+from PySide6.QtCore import QSettings, Qt, QTimer
 from PySide6.QtWidgets import QApplication, QSplashScreen
 
 from ui.collector import install_gc
+from ui.launcher import demo_location
 
 APP_NAME = "workbench"
-
-
-def demo_location() -> Path:
-    base = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.AppLocalDataLocation)
-    return Path(base or Path.home() / ".workbench") / "demo-project"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

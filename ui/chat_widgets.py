@@ -47,15 +47,21 @@ def error_text(text: str) -> str:
 
 
 class CheckpointPicker(QComboBox):
-    """The project's checkpoints, plus any folder the user browses to (imported checkpoints)."""
+    """The project's checkpoints, plus any folder the user browses to (imported checkpoints).
+
+    Until the user picks one, it follows the list: the entry at `default_index` (the newest
+    fine-tuned model first, as the project lists them), so a model trained since the page was
+    built is the one offered."""
 
     pathChanged = Signal(object)       # Path, or None when there is nothing to pick
 
-    def __init__(self, checkpoints: Checkpoints, parent=None):
+    def __init__(self, checkpoints: Checkpoints, parent=None, default_index: int = 0):
         super().__init__(parent)
         self._checkpoints = checkpoints
         self._browsed: list[tuple[str, Path]] = []
         self._current: Optional[Path] = None
+        self._chosen = False            # the user picked the current entry
+        self.default_index = default_index
         self.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
         self.setMinimumContentsLength(24)
         self.setToolTip("A checkpoint or run folder (a run uses its best checkpoint, else its newest)")
@@ -70,8 +76,8 @@ class CheckpointPicker(QComboBox):
         return self.currentText() if self._current is not None else ""
 
     def refresh(self) -> None:
-        """Re-read the choices, keeping the current one when it is still offered."""
-        keep = self._current
+        """Re-read the choices, keeping the user's choice when it is still offered."""
+        keep = self._current if self._chosen else None
         self.blockSignals(True)
         self.clear()
         for label, path in [*self._checkpoints(), *self._browsed]:
@@ -79,10 +85,15 @@ class CheckpointPicker(QComboBox):
         self.addItem(BROWSE, None)
         self.blockSignals(False)
         i = self.findData(str(keep)) if keep is not None else -1
-        self.select_index(i if i >= 0 else (0 if self.count() > 1 else -1))
+        if i < 0:
+            self._chosen = False
+            choices = self.count() - 1
+            i = min(self.default_index, choices - 1) if choices else -1
+        self.select_index(i)
 
     def set_path(self, path: Path, label: Optional[str] = None) -> None:
         """Select `path`, adding it as a browsed choice if it is not offered."""
+        self._chosen = True
         i = self.findData(str(path))
         if i < 0:
             self._browsed.append((label or f"{short_name(path)} (folder)", Path(path)))
@@ -99,10 +110,12 @@ class CheckpointPicker(QComboBox):
 
     def _on_activated(self, i: int) -> None:
         if self.itemData(i) is not None:
+            self._chosen = True
             self.select_index(i)
             return
         folder = QFileDialog.getExistingDirectory(self, "Choose a checkpoint or run folder")
         if folder:
+            self._chosen = True
             self.set_path(Path(folder))
         else:
             self.setCurrentIndex(self.findData(str(self._current)) if self._current is not None else -1)

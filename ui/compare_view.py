@@ -123,9 +123,8 @@ class CompareView(QWidget):
         self.rng = random.Random()
         self.round: Optional[_Round] = None
 
-        self.pickers = (CheckpointPicker(checkpoints), CheckpointPicker(checkpoints))
-        if self.pickers[1].count() > 2:   # two checkpoints and Browse: start with two different ones
-            self.pickers[1].select_index(1)
+        # Two different models from the start: the newest and the one before it.
+        self.pickers = (CheckpointPicker(checkpoints), CheckpointPicker(checkpoints, default_index=1))
         self.blind = QCheckBox("Blind")
         self.blind.setChecked(True)
         self.blind.setToolTip("Hide which model wrote which answer, and put them on random sides, "

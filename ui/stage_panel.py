@@ -25,7 +25,7 @@ from engine.runio import format_count, format_duration
 from workbench import runfolder, stages
 from workbench.forms import check
 from workbench.runs import RunInfo, estimate_seconds
-from ui.config_form import ConfigForm
+from ui.config_form import ConfigForm, widen_popup
 from ui.data_preview import DataPreview
 from ui.jobs import RunLoader
 from ui.plots import PlotGrid
@@ -159,8 +159,7 @@ class StagePanel(QWidget):
         self.run_combo.addItem(NEW_RUN, "")
         for r in self.ctx.run_list(self.stage):
             self.run_combo.addItem(f"{r.name} — {r.status}", r.name)
-            self.run_combo.setItemData(self.run_combo.count() - 1, f"{r.name} — {r.status}",
-                                       Qt.ItemDataRole.ToolTipRole)
+        widen_popup(self.run_combo)
         i = self.run_combo.findData(current)
         self.run_combo.setCurrentIndex(max(i, 0))
         self.run_combo.blockSignals(False)
