@@ -347,7 +347,7 @@ def test_cli_completes(tmp_path):
 def test_cli_empty_corpus_fails(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n ", encoding="utf-8")
     out = run_cli(tmp_path, {"inputs": ["empty.txt"], "vocab_size": 300})
-    assert out.returncode == 1
+    assert out.returncode == 2      # bad input: refused
     done = read_events(tmp_path)[-1]
     assert done["type"] == "done" and done["status"] == "failed"
     assert "empty or whitespace-only corpus" in done["error"] and "empty.txt" in done["error"]
