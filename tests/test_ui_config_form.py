@@ -5,7 +5,7 @@ from PySide6.QtCore import QPoint, Qt
 from PySide6.QtWidgets import QScrollArea
 
 from ui.config_form import ConfigForm
-from workbench.forms import defaults
+from workbench.runfolder import defaults
 
 RUN = "pretrain-20250301-101500 (completed, step 2000)"
 
