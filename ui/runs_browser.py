@@ -18,7 +18,8 @@ from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLab
                                QMessageBox, QPushButton, QSplitter, QTableWidget, QTableWidgetItem,
                                QVBoxLayout, QWidget)
 
-from engine.runio import format_duration, iter_events
+from engine.runio import format_duration
+from workbench.runfold import fold_run
 from workbench.runs import RunInfo
 from ui.plots import PlotGrid, RunHistory
 from ui.project_context import ProjectContext
@@ -204,7 +205,7 @@ class RunsBrowser(QWidget):
             return job.history
         # A finished run's events do not change: read them once.
         if info.name not in self._histories or info.status == "running":
-            self._histories[info.name] = RunHistory.from_events(iter_events(info.path))
+            self._histories[info.name] = fold_run(info.path).history
         return self._histories[info.name]
 
     def _on_selection(self) -> None:

@@ -24,8 +24,8 @@ from PySide6.QtGui import QColor, QFont, QPalette
 from PySide6.QtWidgets import (QCheckBox, QHBoxLayout, QLabel, QPlainTextEdit, QSplitter,
                                QTextEdit, QToolTip, QVBoxLayout, QWidget)
 
-from engine.runio import iter_events
 from engine.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError, render_chat
+from workbench.runfold import fold_run
 
 MAX_SHOWN = 5000           # tokens drawn; past this a QTextDocument gets sluggish to lay out
 DEBOUNCE_MS = 60
@@ -272,10 +272,8 @@ def run_figures(folder: Path) -> dict[str, float]:
 
     The stage reports them as a metrics event; a summary.json, where a run has one, wins.
     """
-    figures: dict[str, float] = {}
-    for ev in iter_events(folder):
-        if ev.get("type") == "metrics":
-            figures.update({k: v for k, v in ev.items() if k.startswith("tokenizer/")})
+    fold = fold_run(folder)
+    figures: dict[str, float] = {k: v for k, v in fold.metrics.items() if k.startswith("tokenizer/")}
     summary = folder / "summary.json"
     if summary.is_file():
         try:

@@ -3,7 +3,7 @@
 The live plots (ui/plots.py) draw from these, and anything headless that wants a run's curves
 (the runs browser's summaries, a benchmark) can read them the same way:
 
-    h = RunHistory.from_events(iter_events(run_dir))
+    h = fold_run(run_dir).history          # workbench.runfold: the fold every view of a run uses
     steps, loss = h.arrays("train/loss")
     tokens, loss = h.arrays("train/loss", x="tokens")
 """
