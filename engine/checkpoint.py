@@ -93,15 +93,17 @@ def read_json(path: str | os.PathLike) -> Any:
 def _unreadable(path: Path, e: Exception) -> CheckpointError:
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(9)
     except FileNotFoundError:
         return CheckpointError(f"{path}: missing")
     except OSError as oe:
         return CheckpointError(f"{path}: cannot be read ({oe})")
     if not head:
         return CheckpointError(f"{path}: empty file")
-    if head[:1] == b"\x80" or head == b"PK\x03\x04":
-        # A pickle protocol byte, or the zip of torch.save: running it could run any code.
+    pickled = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    if (pickled or head[:4] == b"PK\x03\x04") and head[8:9] != b"{":
+        # A pickle's protocol bytes, or the zip of torch.save (where a safetensors file has its
+        # header length, then "{"): unpickling it could run any code.
         return CheckpointError(f"{path}: a pickled (PyTorch .pt/.bin) file renamed to .safetensors; "
                                "it is not loaded, since unpickling can run code")
     detail = str(e).removeprefix("Error while deserializing header: ")
@@ -259,7 +261,7 @@ def save_checkpoint(root: Path, step: int, *, model: dict[str, torch.Tensor],
             shutil.rmtree(tmp)
         tmp.mkdir()
         _write_files(tmp, step, model, state, optimizer, rng, model_metadata, extra_files)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(e):
             raise DiskFull(root) from None
@@ -310,12 +312,12 @@ def load_checkpoint(path: Path, *, with_optimizer: bool = True) -> Checkpoint:
     save wrote, each JSON file parsed and each safetensors header read (files a stage loads
     itself, such as PPO's value model, included), so a broken file stops the resume here."""
     path = Path(path)
-    check_manifest(path)
-    for f in sorted(path.iterdir()):
+    for f in sorted(path.iterdir()):    # first, so that the message says how a file is broken
         if f.suffix == ".json":
             read_json(f)
         elif f.suffix == ".safetensors":
             read_metadata(f)
+    check_manifest(path)
     state = _check_state(path, read_json(path / "state.json"))
     model = load_tensors(path / "model.safetensors")
     opt = None

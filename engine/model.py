@@ -487,8 +487,8 @@ def check_weights(model: nn.Module, sd: dict, path, needs: str = "the model conf
         raise CheckpointError(f"{path}: mixed dtypes: '{ka}' is {a} but '{kb}' is {b}")
     for k, v in sd.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise CheckpointError(f"{path}: tensor '{k}' holds NaN or infinite values: the model "
-                                  "it was saved from had diverged")
+            raise CheckpointError(f"{path}: tensor '{k}' holds NaN or infinite values: the model had "
+                                  "diverged when it was saved, or the file was altered since")
 
 
 def load_model(path, device="cpu") -> Transformer:

@@ -26,7 +26,7 @@ from engine import checkpoint as ckpt
 from engine import distributed
 from engine.config import ConfigError, require
 from engine.device import autocast, peak_flops
-from engine.model import check_weights, safetensors_state, with_tied_head
+from engine.model import check_weights, read_config, safetensors_state, with_tied_head
 from engine.runio import Emitter, NeverStop, StageError
 
 
@@ -474,6 +474,12 @@ def resume_run(ckpt_root: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
 
 
 def _load_module(module: torch.nn.Module, tensors: dict, path: Path) -> None:
+    # The metadata is what every other loader builds the model from: it must describe this run's.
+    saved_cfg = read_config(path)
+    if saved_cfg != module.config:
+        diff = [f"{k}={v!r}" for k, v in dataclasses.asdict(saved_cfg).items() if getattr(module.config, k) != v]
+        raise ckpt.CheckpointError(f"{path}: the model config in its metadata ({', '.join(diff)}) is not "
+                                   "this run's model")
     weights = with_tied_head(module.config, tensors)
     check_weights(module, weights, path, needs="the model of this run")
     module.load_state_dict(weights)

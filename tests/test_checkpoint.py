@@ -1,4 +1,5 @@
 import json
+import pickle
 
 import pytest
 import torch
@@ -202,9 +203,10 @@ def test_checkpoints_saved_before_manifests_still_load(tmp_path):
 
 def test_every_file_of_a_checkpoint_is_checked_before_a_resume(tmp_path):
     p = save(tmp_path, 5)
-    cases = [("model.safetensors", lambda b: b[:-7], "bytes, but"),
+    cases = [("model.safetensors", lambda b: b[:-7], "truncated or corrupt"),
              ("optimizer.json", lambda b: b[:-3] + b"   ", "not valid JSON"),
-             ("rng.safetensors", lambda b: b"\x80\x04" + b[2:], "pickled"),
+             ("rng.safetensors", lambda b: pickle.dumps({"torch": [1, 2]}), "pickled"),
+             ("state.json", lambda b: b + b"\n\n", "bytes, but"),       # parses, yet is not what was saved
              ("state.json", lambda b: b.replace(b'"step": 5', b'"step": 6'), "says step 6")]
     for name, corrupt, words in cases:
         good = (p / name).read_bytes()
