@@ -83,6 +83,7 @@ def test_rank_batch_ranks_everything_marked_simulated(store):
 def test_rank_batch_stops_between_chunks_and_keeps_what_it_ranked(store, monkeypatch):
     import workbench.simulated as simulated
     monkeypatch.setattr(simulated, "CHUNK", 5)
+    monkeypatch.setattr(simulated, "CHUNK_S", float("inf"))    # chunks by count alone here
     b = demo_batch(store)
     seen = []
     assert rank_batch(store, b, cancelled=lambda: len(seen) >= 1,
@@ -90,6 +91,15 @@ def test_rank_batch_stops_between_chunks_and_keeps_what_it_ranked(store, monkeyp
     assert seen == [(5, 12)] and len(store.rankings(batch_id=b)) == 5
     assert rank_batch(store, b, progress=lambda done, total: seen.append((done, total))) == 7
     assert seen[1:] == [(10, 12), (12, 12)] and len(store.rankings(batch_id=b)) == 12
+
+
+def test_simulated_commits_skip_the_fsync_and_a_persons_do_not(store):
+    b = demo_batch(store)
+    synchronous = lambda: store.conn.execute("PRAGMA synchronous").fetchone()[0]
+    during = []
+    rank_batch(store, b, progress=lambda done, total: during.append(synchronous()))
+    assert set(during) == {1}               # NORMAL: no fsync per commit, for re-makeable rankings
+    assert synchronous() == 2               # FULL again for whatever the store writes next
 
 
 def test_simulated_name_cannot_be_a_human(store):

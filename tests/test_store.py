@@ -344,3 +344,16 @@ def test_add_items_appends_after_the_last_position_in_one_transaction(tmp_path):
                                 {"prompt": "p3", "answers": [{"text": "g"}]}])
     assert len(store.items(batch)) == 2   # the good item of the refused call is not kept either
     store.close()
+
+
+def test_counts_are_batches_and_active_rankings(store):
+    assert store.counts() == (0, 0)
+    batch = make_batch(store, n_items=2, k=2)
+    make_batch(store, n_items=1, k=2, name="other")
+    who = store.annotator("ann")
+    sid, _ = store.session(batch, who.id)
+    items = store.items(batch)
+    first = store.add_ranking(sid, items[0].id, [[a] for a in items[0].answer_ids])
+    store.add_ranking(sid, items[1].id, [items[1].answer_ids])
+    store.withdraw_ranking(first)
+    assert store.counts() == (2, 1)

@@ -91,31 +91,31 @@ def rank_batch(store: Store, batch_id: int, annotator_name: str = DEFAULT_NAME,
     (what is ranked stays); `progress(done, total)` is called after each."""
     session = AnnotationSession(store, batch_id, annotator_name, seed=seed, kind="simulated")
     n = 0
-    while cancelled is None or not cancelled():
-        # One commit per chunk instead of per ranking: a person's ranking is worth an fsync
-        # each, a simulated one can be made again, and thousands of fsyncs cost seconds. The
-        # chunk is cut short by time and followed by a gap, so anyone else waiting to write
-        # (a person ranking in the app, an import) gets the lock within a chunk's time.
-        t0 = time.monotonic()
-        with store.transaction():
-            for _ in range(CHUNK):
-                item = session.current()
-                if item is None:
-                    break
-                groups = rank_answers(item.prompt, [(a.text, a.meta) for a in item.answers],
-                                      preference)
-                task = parse_task(item.prompt) if flag_incorrect else None
-                flags = {a.number: ["fails_instruction"] for a in item.answers
-                         if task is not None and not check(task, a.text)}
-                # Display numbers are 1-based positions in the shown order, as `answers` is.
-                session.submit([[i + 1 for i in g] for g in groups], flags=flags, duration_s=0.0)
-                n += 1
-                if time.monotonic() - t0 > CHUNK_S:
-                    break
-        if progress is not None:
-            p = session.progress()
-            progress(p.done, p.total)
-        if item is None:
-            break
-        time.sleep(GAP_S)
+    # Small chunks, each cut short by time and followed by a gap, so anyone else waiting to
+    # write (a person ranking in the app, an import) gets the lock within a chunk's time; not
+    # fsynced, since a simulated ranking can be made again and a thousand fsyncs cost seconds.
+    with store.without_fsync():
+        while cancelled is None or not cancelled():
+            t0 = time.monotonic()
+            with store.transaction():
+                for _ in range(CHUNK):
+                    item = session.current()
+                    if item is None:
+                        break
+                    groups = rank_answers(item.prompt, [(a.text, a.meta) for a in item.answers],
+                                          preference)
+                    task = parse_task(item.prompt) if flag_incorrect else None
+                    flags = {a.number: ["fails_instruction"] for a in item.answers
+                             if task is not None and not check(task, a.text)}
+                    # Display numbers are 1-based positions in the shown order, as `answers` is.
+                    session.submit([[i + 1 for i in g] for g in groups], flags=flags, duration_s=0.0)
+                    n += 1
+                    if time.monotonic() - t0 > CHUNK_S:
+                        break
+            if progress is not None:
+                p = session.progress()
+                progress(p.done, p.total)
+            if item is None:
+                break
+            time.sleep(GAP_S)
     return n

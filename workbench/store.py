@@ -34,8 +34,7 @@ from workbench.store_types import (ANNOTATOR_KINDS, FLAGS, MAX_K, MIN_K, Annotat
 DB_NAME = "workbench.db"
 # SQLite's primary result codes (the low byte of sqlite_errorcode).
 SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL = 5, 6, 10, 13
-# A full disk shows up as "disk I/O error" where SQLite maps its shared-memory file; below
-# this much free space that error is taken to mean the disk is full.
+# A full disk shows up as "disk I/O error" where SQLite maps its shared memory: below this, it is.
 LOW_DISK_MB = 8.0
 LOCK_POLL_S = 0.001
 
@@ -172,6 +171,16 @@ class Store:
             raise
 
     @contextmanager
+    def without_fsync(self) -> Iterator[None]:
+        """Commits that survive the process dying but maybe not a power cut (no fsync each):
+        for writes that can be made again, so a simulated annotator commits small chunks cheaply."""
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            yield
+        finally:
+            self.conn.execute("PRAGMA synchronous=FULL")
+
+    @contextmanager
     def snapshot(self) -> Iterator[sqlite3.Connection]:
         """A read transaction: several queries see one state, and writers are not blocked."""
         if self._depth:
@@ -269,10 +278,6 @@ class Store:
                 out.append((item_id, ids))
         return out
 
-    def _batch(self, row) -> Batch:
-        return Batch(row[0], row[1], row[2], row[3], row[4], row[5], json.loads(row[6]), row[7],
-                     row[8])
-
     _BATCH_SQL = ("SELECT b.id, b.name, b.kind, b.created_at, b.source, b.source_key, b.settings, "
                   "b.k, (SELECT COUNT(*) FROM items i WHERE i.batch_id = b.id) FROM batches b")
 
@@ -280,15 +285,15 @@ class Store:
         row = self.conn.execute(self._BATCH_SQL + " WHERE b.id = ?", (batch_id,)).fetchone()
         if row is None:
             raise KeyError(f"no batch with id {batch_id}")
-        return self._batch(row)
+        return Batch.from_row(row)
 
     def batch_by_source_key(self, source_key: str) -> Batch | None:
         row = self.conn.execute(self._BATCH_SQL + " WHERE b.source_key = ?",
                                 (source_key,)).fetchone()
-        return self._batch(row) if row else None
+        return Batch.from_row(row) if row else None
 
     def batches(self) -> list[Batch]:
-        return [self._batch(r) for r in self.conn.execute(self._BATCH_SQL + " ORDER BY b.id")]
+        return [Batch.from_row(r) for r in self.conn.execute(self._BATCH_SQL + " ORDER BY b.id")]
 
     def unique_batch_name(self, base: str) -> str:
         name, n = base, 1
@@ -323,8 +328,8 @@ class Store:
         return self.items(row[0], [item_id])[0]
 
     def item_ids(self, batch_id: int) -> list[int]:
-        return [r[0] for r in self.conn.execute(
-            "SELECT id FROM items WHERE batch_id = ? ORDER BY position", (batch_id,))]
+        return [r[0] for r in self.conn.execute("SELECT id FROM items WHERE batch_id = ? "
+                                                "ORDER BY position", (batch_id,))]
 
     # --- annotators and sessions ---------------------------------------------------------------
 
@@ -384,9 +389,8 @@ class Store:
         return (row[0], row[1]) if row else None
 
     def ranked_counts(self, batch_id: int | None = None) -> list[tuple[int, str, str, int]]:
-        """(batch id, annotator, kind, items ranked) per session, oldest session first. Hidden
-        repeats and withdrawn rankings are not progress. Read-only: an AnnotationSession would
-        create a session for everyone merely looked at."""
+        """(batch id, annotator, kind, items ranked: no repeats, none withdrawn) per session,
+        oldest first; read-only, where an AnnotationSession would create one per annotator."""
         where, args = ("WHERE s.batch_id = ?", (batch_id,)) if batch_id is not None else ("", ())
         return self.conn.execute(
             "SELECT s.batch_id, a.name, a.kind, (SELECT COUNT(*) FROM rankings r WHERE "
@@ -395,11 +399,8 @@ class Store:
 
     def counts(self) -> tuple[int, int]:
         """(batches, active rankings): what the app's sidebar shows for the ranking stage."""
-        with self.snapshot() as c:
-            batches = c.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
-            rankings = c.execute("SELECT COUNT(*) FROM rankings WHERE withdrawn_at IS NULL"
-                                 ).fetchone()[0]
-        return batches, rankings
+        return tuple(self.conn.execute("SELECT (SELECT COUNT(*) FROM batches), (SELECT COUNT(*) "
+                                       "FROM rankings WHERE withdrawn_at IS NULL)").fetchone())
 
     # --- a session's queue (workbench.annotation) -----------------------------------------------
 
@@ -432,8 +433,8 @@ class Store:
         return self.conn.execute(self._MOVED_SQL, {"s": session_id}).fetchone()
 
     def session_rankings(self, session_id: int) -> tuple[dict[int, int], set[int], dict[int, int]]:
-        """The session's active rankings: {item: ranking id} of first rankings, the items with
-        a hidden repeat ranked, and {item: queue key} of the repeats shown so far."""
+        """{item: id} of active first rankings, items with an active repeat, {item: queue key}
+        of the repeats shown."""
         with self.snapshot() as c:
             originals = {i: rid for rid, i in c.execute(
                 "SELECT id, item_id FROM rankings WHERE session_id = ? AND is_repeat = 0 "
@@ -488,8 +489,7 @@ class Store:
             "withdrawn_at IS NULL", (session_id, item_id, int(is_repeat)))), None)
 
     def session_progress(self, session_id: int) -> tuple[int, int, int, float | None]:
-        """(first rankings, repeat rankings, entries waiting after a skip, mean seconds per
-        ranking), active rankings only."""
+        """(first rankings, repeats, entries waiting after a skip, mean seconds per ranking)."""
         with self.snapshot() as c:
             counts = dict(c.execute(
                 "SELECT is_repeat, COUNT(*) FROM rankings WHERE session_id = ? "

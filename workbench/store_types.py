@@ -75,6 +75,11 @@ class Batch:
     k: int | None             # None when items have different numbers of answers
     n_items: int
 
+    @classmethod
+    def from_row(cls, row: Sequence) -> "Batch":
+        """From the columns in field order, settings as JSON text."""
+        return cls(*row[:6], json.loads(row[6]), *row[7:9])
+
 
 @dataclass
 class Annotator:
