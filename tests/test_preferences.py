@@ -6,9 +6,10 @@ import json
 
 import pytest
 
+from engine.transcripts import split_transcript
 from workbench.annotation import AnnotationSession
 from workbench.preferences import (count_for_training, export_rankings, import_preferences, rankings_for_training,
-                                   split_transcript, write_rm_dataset)
+                                   write_rm_dataset)
 from workbench.store import InputError, Store
 
 

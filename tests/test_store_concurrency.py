@@ -153,7 +153,7 @@ def fill(folder: Path, limit: int | None = None) -> Path:
 
 
 def test_a_full_disk_keeps_every_acknowledged_ranking_and_says_so(small_disk):
-    full = re.escape(f"disk full: ") + r"\d+\.\d" + re.escape(f" MB free in {small_disk} (")
+    full = re.escape("disk full: ") + r"\d+\.\d" + re.escape(f" MB free in {small_disk} (")
     with Store.for_project(small_disk) as store:
         batch = make_batch(store, 1000, "b")
     filler = fill(small_disk, limit=1 << 20)

@@ -37,7 +37,7 @@ from typing import Iterable, Iterator
 from engine.fsutil import atomic_write_text
 from engine.jsonl import read_jsonl
 from engine.tokenizer import ROLES
-from engine.transcripts import split_transcript, split_transcripts  # noqa: F401 (re-exported)
+from engine.transcripts import split_transcripts
 from workbench.store import (FLAGS, MAX_K, MIN_K, InputError, Item, RankingError, Ranking, Store,
                              check_ordering)
 
