@@ -486,3 +486,18 @@ def test_the_count_includes_the_hidden_repeat_and_the_end_disables_ranking(qtbot
     press(qtbot, view, ["u"])                                      # taking the last one back works
     assert view.current is not None and page.skip_button.isEnabled()
     assert page.bar.format() == f"{N_ITEMS} / {N_ITEMS + 1} ranked"
+
+
+def test_a_busy_database_keeps_the_typed_ranking_to_submit_again(qtbot, view, project, monkeypatch):
+    from workbench.store import StoreBusy
+    start(qtbot, view)
+    item = view.current.item_id
+    real = view.session.submit
+    monkeypatch.setattr(view.session, "submit", lambda *a, **k: (_ for _ in ()).throw(
+        StoreBusy(f"{project}/workbench.db: busy: another process held the write lock")))
+    press(qtbot, view, ["3", "1", "2", Qt.Key_Return])
+    assert "busy" in view.page.status.text() and view.current.item_id == item
+    assert stored(project) == []
+    monkeypatch.setattr(view.session, "submit", real)
+    press(qtbot, view, [Qt.Key_Return])          # the same ranking, submitted again
+    assert [r.item_id for r in stored(project)] == [item]

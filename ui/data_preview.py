@@ -129,7 +129,7 @@ def load_sft(req: Request, emit: Callable, cancelled: Callable) -> Preview | Non
         return out
     # sft_data.render is what SFT itself runs, so its truncation and skip counts are the job's
     n_tokens = n_targets = n_kept = 0
-    truncated, skipped = [], []
+    truncated, skipped, damaged = [], [], []
     for start in range(0, len(records), RENDER_CHUNK):
         if cancelled():
             return None
@@ -139,12 +139,15 @@ def load_sft(req: Request, emit: Callable, cancelled: Callable) -> Preview | Non
         n_targets += sum(ex.n_targets for ex in kept)
         truncated += report.truncated
         skipped += report.empty
+        damaged += report.damaged
         emit((min(start + RENDER_CHUNK, len(records)), len(records)))
     parts = [out.summary]
     if n_kept:
         parts.append(f"{n_tokens / n_kept:.0f} tokens on average, {n_targets / n_kept:.0f} trained on")
     if truncated:
-        parts.append(f"{len(truncated):,} longer than {req.seq_len} tokens (prompt cut first)")
+        parts.append(f"{len(truncated):,} longer than {req.seq_len} tokens (the prompt's middle cut first)")
+    if damaged:
+        parts.append(f"{len(damaged):,} dropped: the context cuts their whole prompt or their answer")
     if skipped:
         parts.append(f"{len(skipped):,} skipped: no answer token fits")
     out.summary = " · ".join(parts)
@@ -281,7 +284,7 @@ class DataPreview(QWidget):
         self.seq_spin.setValue(DEFAULT_SEQ_LEN)
         self.seq_spin.setPrefix("context ")
         self.seq_spin.setSuffix(" tokens")
-        self.seq_spin.setToolTip("The SFT context (seq_len): longer examples lose prompt tokens first")
+        self.seq_spin.setToolTip("The SFT context (seq_len): longer examples lose the middle of the prompt first")
         row = QHBoxLayout()
         row.addWidget(self.title)
         row.addStretch(1)

@@ -45,7 +45,7 @@ from workbench.review import (batch_progress, existing_session, project_runs, re
                               reopen_item)
 from workbench.samples import import_sample_run
 from workbench.simulated import DEFAULT_NAME, DEMO_PREFERENCE_TEXT, rank_batch
-from workbench.store import InputError, RankingError, Store
+from workbench.store import InputError, RankingError, Store, StoreError
 
 
 def key_token(event) -> str | None:
@@ -400,7 +400,8 @@ class RankingView(QWidget):
                 ordering, flags={n: sorted(f) for n, f in self.input.flags.items()},
                 scores=self.input.scores, note=self.page.note.text().strip(),
                 duration_s=round(max(0.0, time.monotonic() - self._shown_at), 3))
-        except RankingError as e:
+        except (RankingError, StoreError) as e:
+            # A busy or full project database: the typed ranking stays, to submit again.
             self._render(str(e), error=True)
             return None
         self.rankingSubmitted.emit(rid)
@@ -422,14 +423,23 @@ class RankingView(QWidget):
     def skip(self) -> None:
         if self.session is None or self.current is None:
             return
-        self.session.skip()
+        try:
+            self.session.skip()
+        except StoreError as e:
+            self._render(str(e), error=True)
+            return
         self._load()
         self._render("Skipped: the item comes back at the end.")
 
     def undo(self) -> None:
         if self.session is None:
             return
-        if self.session.undo() is None:
+        try:
+            undone = self.session.undo()
+        except StoreError as e:
+            self._render(str(e), error=True)
+            return
+        if undone is None:
             self._render("Nothing to undo in this session.", error=True)
             return
         self._load()
