@@ -116,6 +116,8 @@ def test_one_epoch_by_default_sets_the_steps(sft_ckpt, tmp_path):
     run(cfg(sft_ckpt, tmp_path / "prefs.jsonl", epochs=1.0, eval_every=100), tmp_path / "run", events.append)
     progress = [e for e in events if e["type"] == "progress" and e["unit"] == "steps"]
     # 30 rankings, 3 prompts held out (val_fraction 0.1) -> 27 train -> ceil(27 / 4) = 7 steps.
+    # The final accuracy's log line says how few held-out rankings it rests on.
+    assert any("rests on 3 ranking(s)" in e["message"] for e in events if e["type"] == "log")
     assert progress[-1]["total"] == 7 and progress[-1]["step"] == 7
 
 
