@@ -235,7 +235,8 @@ class EventLog:
     def __init__(self, run_dir: Path, echo: Optional[Sink] = None):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "events.jsonl"
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
+        self._fd = os.open(self.path, flags, 0o644)
         self._torn = _ends_torn(self.path)
         self.echo = echo
 
