@@ -159,7 +159,7 @@ def test_rerun_is_byte_identical_seeds_differ_and_overwrite_is_refused(project, 
 
 def test_cli_refuses_without_force(project, capsys):
     before = _read_all(project)
-    assert _cli(["--project", str(project), "--scale", "tiny"]) == 1
+    assert _cli(["--project", str(project), "--scale", "tiny"]) == 2      # refused before any work
     assert "already holds a project" in capsys.readouterr().err
     assert _read_all(project) == before
     with pytest.raises(ValueError, match="scale"):

@@ -102,6 +102,16 @@ class StagePanel(QWidget):
         QVBoxLayout(self.error_box).addWidget(self.error_text)
         self.error_box.hide()
 
+        split = QSplitter(Qt.Orientation.Horizontal)
+        split.addWidget(self._left_column(heading, about, buttons))
+        split.addWidget(self._tabs())
+        split.setStretchFactor(1, 1)
+        split.setSizes([440, 880])
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(6, 6, 6, 6)
+        lay.addWidget(split)
+
+    def _left_column(self, heading: QLabel, about: QLabel, buttons: QHBoxLayout) -> QScrollArea:
         left_inner = QWidget()
         left = QVBoxLayout(left_inner)
         left.addWidget(heading)
@@ -125,7 +135,9 @@ class StagePanel(QWidget):
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         scroll.setFrameShape(QFrame.Shape.NoFrame)
         scroll.setMinimumWidth(380)
+        return scroll
 
+    def _tabs(self) -> QTabWidget:
         self.tabs = QTabWidget()
         self.plots = PlotGrid(self.stage)
         self.samples = QTextBrowser()
@@ -140,15 +152,7 @@ class StagePanel(QWidget):
         self.tabs.addTab(self.samples, "Samples")
         self.tabs.addTab(self.log, "Log")
         self.tabs.addTab(self.preview, "Data")
-
-        split = QSplitter(Qt.Orientation.Horizontal)
-        split.addWidget(scroll)
-        split.addWidget(self.tabs)
-        split.setStretchFactor(1, 1)
-        split.setSizes([440, 880])
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(6, 6, 6, 6)
-        lay.addWidget(split)
+        return self.tabs
 
     # --- which run is shown -------------------------------------------------------------------
 
