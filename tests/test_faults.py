@@ -4,7 +4,7 @@ torn event lines. Each ends with the run resumable and one line for the user, ne
 
 The kills use engine.fsutil's fault points (WORKBENCH_FAULT=phase[@N]: the process SIGKILLs
 itself there), so no test depends on timing. WORKBENCH_FAULTS_LONG=1 adds every phase at
-several counts, and kills injected by strace into every unlinkat and rename of a run.
+several counts, and kills injected by strace into every unlink, rmdir and rename of a run.
 """
 import importlib
 import json
@@ -127,15 +127,15 @@ def strace_points(run_dir: Path, syscall: str) -> int:
     trace = run_dir.parent / "trace.txt"
     r = killed_run(run_dir, "", pre=("strace", "-f", "-qq", "-o", str(trace), "-e", f"trace={syscall}"))
     assert r.returncode == 0, r.stderr[-2000:]
-    return sum(1 for line in trace.read_text().splitlines() if f"{syscall}(" in line)
+    return sum(1 for line in trace.read_text().splitlines() if f" {syscall}(" in line)
 
 
 @long_only
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
-@pytest.mark.parametrize("syscall", ["unlinkat", "rename"])
+@pytest.mark.parametrize("syscall", ["unlink", "rmdir", "rename"])
 def test_long_a_kill_in_any_unlink_or_rename_leaves_a_run_that_resumes(corpus, tmp_path, capsys, syscall):
     n = strace_points(pretrain_dir(tmp_path / "count", corpus, max_steps=6), syscall)
-    assert n > 10
+    assert n > 0
     for when in range(1, n + 1):
         run_dir = pretrain_dir(tmp_path / f"run{when}", corpus, max_steps=6)
         killed_run(run_dir, "", pre=("strace", "-f", "-qq", "-o", os.devnull, "-e", f"trace={syscall}",
