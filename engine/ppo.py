@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -180,7 +179,7 @@ def load_models(cfg: PPOConfig, run_dir: Path, device: torch.device) -> Models:
         raise ConfigError("value_model", f"{value_src} is not a scalar-head model")
     ref = freeze(load_model(pol.checkpoint / "model.safetensors", device=device))
     return Models(policy=pol.model.train(), ref=ref, rm=freeze(rm_art.model), value=value.train(),
-                  norm=json.loads(norm_path.read_text()), tok=pol.tokenizer, policy_ckpt=pol.checkpoint,
+                  norm=ckpt.read_json(norm_path), tok=pol.tokenizer, policy_ckpt=pol.checkpoint,
                   tokenizer_path=pol.tokenizer_path, rm_ckpt=rm_art.checkpoint)
 
 

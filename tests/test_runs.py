@@ -173,3 +173,11 @@ def test_a_sliced_sync_catches_up_over_calls_and_never_calls_a_finished_run_lost
     assert steps == sorted(steps) and seen[-1] == ("completed", 400)
     assert info.metrics == {"train/loss": 10.0 / 400}
     store.close()
+
+
+def test_an_event_glued_onto_a_torn_line_is_recovered(tmp_path):
+    # An older writer killed mid-line left a torn event, and the next start was appended to it.
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"type": "metrics", "step": 1, "train/lo{"type": "start", "pid": 7}\n{"type": "done", "status": "completed"}\n')
+    got = EventTail(path).read_new()
+    assert [e["type"] for e in got] == ["start", "done"] and got[0]["pid"] == 7

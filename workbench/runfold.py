@@ -15,6 +15,7 @@ from collections import deque
 from pathlib import Path
 from typing import Iterator, Optional
 
+from engine.runio import parse_event_line
 from workbench.history import RunHistory
 
 FINAL = ("completed", "stopped", "failed")
@@ -45,7 +46,8 @@ class EventTail:
         """(offset just past the line, event) for each new complete line. The offset moves on
         at once: a fold that takes events as they come never holds thousands alive at a time
         for the UI thread's collector to walk. A line that is not JSON (torn by a kill) is
-        skipped; the line after it is read as usual."""
+        skipped; the line after it is read as usual, and an event an older writer glued onto a
+        torn line is recovered (engine.runio.parse_event_line, the engine's own reader)."""
         size = self.size()
         if size < self.offset:      # the file was replaced: start over
             self.offset = 0
@@ -66,10 +68,10 @@ class EventTail:
         for line in data[:end].splitlines(keepends=True):
             pos += len(line)
             try:
-                ev = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                ev = parse_event_line(line.decode("utf-8"))
+            except UnicodeDecodeError:
                 continue
-            if isinstance(ev, dict):
+            if ev is not None:
                 yield pos, ev
 
     @property
