@@ -195,6 +195,16 @@ def _summary(run_dir: Path) -> dict:
         return {}
 
 
+def _lines(path: Path) -> int:
+    """Records in a JSONL file the stage trained on (a ranking that ties every answer is not
+    written: it gives no pair)."""
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError:
+        return 0
+
+
 def _nan(m: dict, key: str) -> float:
     v = m.get(key)
     return float(v) if isinstance(v, (int, float)) else float("nan")
@@ -212,7 +222,8 @@ FIGURES: dict[str, Figure] = {
     "sample": lambda p, r, s: (f"{s.get('prompts')} prompts x {s.get('answers', 0) // max(s.get('prompts') or 1, 1)} answers, "
                                f"{s.get('finished_fraction', 0):.0%} ended"),
     "reward": lambda p, r, s: (f"held-out pairwise accuracy {s.get('val/accuracy', 0):.1%} "
-                               f"on {s.get('val_rankings')} rankings ({p.rankings} in all)"),
+                               f"on {s.get('val_rankings')} rankings ({_lines(r.run_dir / runfolder.RANKINGS)} "
+                               "in all)"),
     "ppo": lambda p, r, s: (f"score {_nan(r.metrics(), 'objective/score'):+.3f}, "
                             f"KL {_nan(r.metrics(), 'objective/kl'):.3f} nats"),
 }
