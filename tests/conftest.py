@@ -70,3 +70,46 @@ def nothing_left_running():
             p.wait()
         process.reap()
         assert alive == [], f"a test left {len(alive)} job process(es) running"
+
+
+@pytest.fixture(scope="session")
+def demo_template(tmp_path_factory):
+    """The tiny demo project, written once per test session (copy it before changing it)."""
+    from workbench.demo import write_demo_project
+    path = tmp_path_factory.mktemp("demo") / "project"
+    write_demo_project(path, seed=0, scale="tiny")
+    return path
+
+
+@pytest.fixture
+def demo_project(demo_template, tmp_path):
+    """A fresh copy of the tiny demo project for one test."""
+    import shutil
+    dest = tmp_path / "project"
+    shutil.copytree(demo_template, dest)
+    return dest
+
+
+@pytest.fixture
+def make_window(qtbot, tmp_path):
+    """make(project, show=False): the app's main window on a project, with its own settings
+    file; at the end every job it started is killed and the project closed."""
+    from PySide6.QtCore import QSettings
+    from ui.main_window import MainWindow
+    windows = []
+
+    def make(path, show=False):
+        w = MainWindow(QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
+        qtbot.addWidget(w)
+        if show:
+            w.show()
+        assert w.open_project(path)
+        windows.append(w)
+        return w
+
+    yield make
+    for w in windows:
+        if w.ctx is not None:
+            for job in w.ctx.jobs.values():
+                job.kill()
+            w.close_project()

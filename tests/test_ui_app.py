@@ -8,58 +8,14 @@ from pathlib import Path
 import pytest
 from PySide6.QtCore import QSettings
 
-from workbench.demo import write_demo_project
+from ui_driver import JOB_TIMEOUT_MS, TINY as FAST
 
 pytestmark = pytest.mark.slow
-JOB_TIMEOUT_MS = 180_000
-TINY_MODEL = {"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 2, "d_ff": 64, "max_seq_len": 64}
-FAST = {
-    "tokenizer": dict(vocab_size=320, max_train_chars=60_000),
-    "pretrain": dict(preset="tiny", model=TINY_MODEL, max_steps=6, batch_size=4, warmup_steps=1, eval_every=3,
-                     eval_batches=1, sample_every=3, sample_tokens=4, checkpoint_every=6, log_every=1, device="cpu"),
-    "sft": dict(max_steps=4, batch_size=4, warmup_steps=1, eval_every=2, eval_batches=1, eval_task_limit=3,
-                task_tokens=4, sample_every=2, sample_tokens=4, checkpoint_every=4, log_every=1, device="cpu"),
-    "sample": dict(n_prompts=6, k=3, max_new_tokens=4, batch_size=18, device="cpu"),
-    "reward": dict(epochs=1.0, batch_size=2, eval_every=1, log_every=1, device="cpu"),
-    "ppo": dict(steps=2, rollout_batch_size=4, minibatch_size=2, max_new_tokens=4, probe_every=1, probe_tokens=4,
-                checkpoint_every=2, device="cpu"),
-}
-
-
-@pytest.fixture(scope="module")
-def demo_template(tmp_path_factory):
-    path = tmp_path_factory.mktemp("demo") / "project"
-    write_demo_project(path, seed=0, scale="tiny")
-    return path
 
 
 @pytest.fixture
-def project(demo_template, tmp_path):
-    import shutil
-    dest = tmp_path / "project"
-    shutil.copytree(demo_template, dest)
-    return dest
-
-
-@pytest.fixture
-def make_window(qtbot, tmp_path):
-    from ui.main_window import MainWindow
-    windows = []
-
-    def make(path):
-        w = MainWindow(QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
-        qtbot.addWidget(w)
-        assert w.open_project(path)
-        windows.append(w)
-        return w
-
-    yield make
-    # No job may outlive its test: kill what is still running.
-    for w in windows:
-        if w.ctx is not None:
-            for job in w.ctx.jobs.values():
-                job.kill()
-            w.close_project()
+def project(demo_project):
+    return demo_project
 
 
 def run_panel(qtbot, panel, values=None, action="start"):

@@ -7,25 +7,15 @@ import time
 from pathlib import Path
 
 import pytest
-from PySide6.QtCore import QSettings, Qt
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QApplication, QDialog
 
-from ui_driver import click, go, press, type_settings
-from workbench.demo import write_demo_project
-
-
-@pytest.fixture(scope="module")
-def demo_template(tmp_path_factory):
-    path = tmp_path_factory.mktemp("demo") / "project"
-    write_demo_project(path, seed=0, scale="tiny")
-    return path
+from ui_driver import go, press, type_settings
 
 
 @pytest.fixture
-def project(demo_template, tmp_path):
-    dest = tmp_path / "project"
-    shutil.copytree(demo_template, dest)
-    return dest
+def project(demo_project):
+    return demo_project
 
 
 def fake_run(project: Path, name: str, config: dict, steps: int, seconds: float, checkpoint: Path | None = None):
@@ -43,26 +33,8 @@ def fake_run(project: Path, name: str, config: dict, steps: int, seconds: float,
     return run
 
 
-@pytest.fixture
-def open_window(qtbot, tmp_path):
-    from ui.main_window import MainWindow
-    windows = []
-
-    def make(path):
-        w = MainWindow(QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
-        qtbot.addWidget(w)
-        w.show()
-        assert w.open_project(path)
-        windows.append(w)
-        return w
-
-    yield make
-    for w in windows:
-        w.close_project()
-
-
-def test_intervals_follow_max_steps_unless_set_by_hand(qtbot, project, open_window):
-    w = open_window(project)
+def test_intervals_follow_max_steps_unless_set_by_hand(qtbot, project, make_window):
+    w = make_window(project, show=True)
     go(qtbot, w, "pretrain")
     panel = w.pages["pretrain"]
     assert "Next: train a tokenizer on the Tokenizer page" in panel.status_label.text()
@@ -77,9 +49,9 @@ def test_intervals_follow_max_steps_unless_set_by_hand(qtbot, project, open_wind
     assert "eval_every is above max_steps (300)" in panel.notes.text()
 
 
-def test_the_page_estimates_a_run_from_the_last_runs_pace(qtbot, project, open_window):
+def test_the_page_estimates_a_run_from_the_last_runs_pace(qtbot, project, make_window):
     fake_run(project, "pretrain-20260101-000000", {"batch_size": 16, "grad_accum": 1, "seq_len": 128}, 100, 60.0)
-    w = open_window(project)
+    w = make_window(project, show=True)
     go(qtbot, w, "pretrain")
     panel = w.pages["pretrain"]
     panel.run_combo.setFocus()              # back to a new run (the page opened on the old one)
@@ -91,9 +63,9 @@ def test_the_page_estimates_a_run_from_the_last_runs_pace(qtbot, project, open_w
 
 
 def test_a_base_model_as_ppo_policy_is_named_and_a_missing_input_says_what_to_do(
-        qtbot, project, open_window, tiny_lm_ckpt):
+        qtbot, project, make_window, tiny_lm_ckpt):
     fake_run(project, "pretrain-20260101-000000", {}, 10, 5.0, checkpoint=tiny_lm_ckpt)
-    w = open_window(project)
+    w = make_window(project, show=True)
     go(qtbot, w, "ppo")
     ppo = w.pages["ppo"]
     assert Path(ppo.form.values()["policy"]).name == "pretrain-20260101-000000"
@@ -103,8 +75,8 @@ def test_a_base_model_as_ppo_policy_is_named_and_a_missing_input_says_what_to_do
     assert "train a reward model on the Reward model page" in ppo.status_label.text()
 
 
-def test_menus_read_as_written_and_help_lists_the_keys(qtbot, project, open_window, monkeypatch):
-    w = open_window(project)
+def test_menus_read_as_written_and_help_lists_the_keys(qtbot, project, make_window, monkeypatch):
+    w = make_window(project, show=True)
     view = next(a.menu() for a in w.menuBar().actions() if a.text() == "&View")
     texts = [a.text() for a in view.actions()]
     assert "Sample && Rank" in texts            # shown "Sample & Rank", not "Sample _Rank"
@@ -122,7 +94,7 @@ def test_menus_read_as_written_and_help_lists_the_keys(qtbot, project, open_wind
     QApplication.processEvents()
 
 
-def test_one_run_is_one_run(qtbot, project, open_window):
+def test_one_run_is_one_run(qtbot, project, make_window):
     fake_run(project, "tokenizer-20260101-000000", {}, 1, 1.0)
-    w = open_window(project)
+    w = make_window(project, show=True)
     assert w.sidebar.item(7).text().endswith("1 run")

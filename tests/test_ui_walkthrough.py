@@ -7,46 +7,27 @@ import json
 from pathlib import Path
 
 import pytest
-from PySide6.QtCore import QSettings, Qt
+from PySide6.QtCore import Qt
 
 from ui_driver import (JOB_TIMEOUT_MS, TINY, answer_next_dialog, click, click_tab, go, press, start_and_wait,
                        type_settings,
                        wait_preview)
-from workbench.demo import write_demo_project
 from workbench.runfold import fold_run
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def demo_template(tmp_path_factory):
-    path = tmp_path_factory.mktemp("demo") / "project"
-    write_demo_project(path, seed=0, scale="tiny")
-    return path
+@pytest.fixture
+def project(demo_project):
+    return demo_project
 
 
 @pytest.fixture
-def project(demo_template, tmp_path):
-    import shutil
-    dest = tmp_path / "project"
-    shutil.copytree(demo_template, dest)
-    return dest
-
-
-@pytest.fixture
-def window(qtbot, project, tmp_path):
-    from ui.main_window import MainWindow
-    w = MainWindow(QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
-    qtbot.addWidget(w)
+def window(qtbot, project, make_window):
+    w = make_window(project, show=True)
     w.resize(1600, 1000)
-    w.show()
     qtbot.waitExposed(w)
-    assert w.open_project(project)
-    yield w
-    if w.ctx is not None:
-        for job in w.ctx.jobs.values():
-            job.kill()
-        w.close_project()
+    return w
 
 
 def ready(qtbot, panel) -> None:
@@ -217,65 +198,43 @@ def shows_what_a_fresh_load_shows(panel, run_dir: Path) -> None:
     assert len(samples) > 0 and len(shown) == len(samples)
 
 
-def test_quit_and_reopen_follows_the_running_job_to_its_end(qtbot, tokenized, tmp_path):
-    from ui.main_window import MainWindow
-    settings = lambda: QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)  # noqa: E731
-    w = MainWindow(settings())
-    qtbot.addWidget(w)
-    w.show()
-    assert w.open_project(tokenized)
+def test_quit_and_reopen_follows_the_running_job_to_its_end(qtbot, tokenized, make_window):
+    w = make_window(tokenized, show=True)
     panel, job = start_long_pretrain(qtbot, w)
     qtbot.waitUntil(lambda: (job.fold.step or 0) >= 4, timeout=JOB_TIMEOUT_MS)
 
     press(qtbot, w, Qt.Key.Key_Q, Qt.KeyboardModifier.ControlModifier)       # File ▸ Quit
     assert w.ctx is None and job.core._proc.poll() is None      # the job runs on
 
-    w2 = MainWindow(settings())
-    qtbot.addWidget(w2)
-    w2.show()
-    try:
-        assert w2.open_project(tokenized)
-        job2 = w2.ctx.jobs[job.run_dir.name]
-        panel2 = w2.pages["pretrain"]
-        assert panel2.run.name == job.run_dir.name and panel2.stop_btn.isEnabled()
-        reattached_at = job2.fold.step or 0
-        # The curve keeps growing past the step where the app re-attached.
-        qtbot.waitUntil(lambda: len(panel2.plots.history.arrays("train/loss")[0]) > reattached_at + 4,
-                        timeout=JOB_TIMEOUT_MS)
-        with qtbot.waitSignal(job2.finished, timeout=JOB_TIMEOUT_MS):
-            click(qtbot, panel2.stop_btn)
-        assert job2.status == "stopped"
-        shows_what_a_fresh_load_shows(panel2, job.run_dir)
-        assert "ETA" not in panel2.progress_label.text()
-    finally:
-        for j in w2.ctx.jobs.values():
-            j.kill()
-        w2.close_project()
+    w2 = make_window(tokenized, show=True)
+    job2 = w2.ctx.jobs[job.run_dir.name]
+    panel2 = w2.pages["pretrain"]
+    assert panel2.run.name == job.run_dir.name and panel2.stop_btn.isEnabled()
+    reattached_at = job2.fold.step or 0
+    # The curve keeps growing past the step where the app re-attached.
+    qtbot.waitUntil(lambda: len(panel2.plots.history.arrays("train/loss")[0]) > reattached_at + 4,
+                    timeout=JOB_TIMEOUT_MS)
+    with qtbot.waitSignal(job2.finished, timeout=JOB_TIMEOUT_MS):
+        click(qtbot, panel2.stop_btn)
+    assert job2.status == "stopped"
+    shows_what_a_fresh_load_shows(panel2, job.run_dir)
+    assert "ETA" not in panel2.progress_label.text()
     job.core.wait()
 
 
-def test_stop_then_resume_keeps_the_history_on_screen(qtbot, tokenized, tmp_path):
-    from ui.main_window import MainWindow
-    w = MainWindow(QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
-    qtbot.addWidget(w)
-    w.show()
-    assert w.open_project(tokenized)
-    try:
-        panel, job = start_long_pretrain(qtbot, w)
-        qtbot.waitUntil(lambda: (job.fold.step or 0) >= 4, timeout=JOB_TIMEOUT_MS)
-        with qtbot.waitSignal(job.finished, timeout=JOB_TIMEOUT_MS):
-            click(qtbot, panel.stop_btn)
-        assert job.status == "stopped" and panel.resume_btn.isEnabled()
-        assert "ETA" not in panel.progress_label.text()
-        stopped_at = panel.run.step
-        type_settings(qtbot, panel, {"max_steps": stopped_at + 4})
-        resumed = start_and_wait(qtbot, w, panel, "resume_btn")
-        assert resumed.status == "completed", resumed.error
-        xs = panel.plots.history.arrays("train/loss")[0]
-        assert xs[0] == 1 and xs[-1] == stopped_at + 4      # from the first step, not the resume
-        shows_what_a_fresh_load_shows(panel, job.run_dir)
-        assert "resuming from" in panel.log.toPlainText() or "resumed from step-" in panel.log.toPlainText()
-    finally:
-        for j in w.ctx.jobs.values():
-            j.kill()
-        w.close_project()
+def test_stop_then_resume_keeps_the_history_on_screen(qtbot, tokenized, make_window):
+    w = make_window(tokenized, show=True)
+    panel, job = start_long_pretrain(qtbot, w)
+    qtbot.waitUntil(lambda: (job.fold.step or 0) >= 4, timeout=JOB_TIMEOUT_MS)
+    with qtbot.waitSignal(job.finished, timeout=JOB_TIMEOUT_MS):
+        click(qtbot, panel.stop_btn)
+    assert job.status == "stopped" and panel.resume_btn.isEnabled()
+    assert "ETA" not in panel.progress_label.text()
+    stopped_at = panel.run.step
+    type_settings(qtbot, panel, {"max_steps": stopped_at + 4})
+    resumed = start_and_wait(qtbot, w, panel, "resume_btn")
+    assert resumed.status == "completed", resumed.error
+    xs = panel.plots.history.arrays("train/loss")[0]
+    assert xs[0] == 1 and xs[-1] == stopped_at + 4      # from the first step, not the resume
+    shows_what_a_fresh_load_shows(panel, job.run_dir)
+    assert "resumed from step-" in panel.log.toPlainText()
