@@ -45,3 +45,20 @@ def test_a_stage_refused_for_bad_data_exits_2_with_the_problems_on_stderr(tmp_pa
     assert rc == 2
     assert "2 problem(s) in the preference data" in err and "prefs.jsonl:2: malformed JSON" in err
     assert "failed" not in out and "problem" not in out
+
+
+def test_run_set_checks_the_whole_config_before_writing_it(tmp_path, capsys):
+    run_dir = tmp_path / "pre"
+    run_dir.mkdir()
+    # A config.json that is not JSON: one line naming the file, nothing rewritten.
+    (run_dir / "config.json").write_text('{"max_steps": 10,,}')
+    rc, out, err = workbench(capsys, "run", "pretrain", "--run-dir", run_dir, "--set", "max_steps=20")
+    assert rc == 2 and f"{run_dir / 'config.json'}: invalid JSON at line 1" in err
+    assert "Traceback" not in err and (run_dir / "config.json").read_text() == '{"max_steps": 10,,}'
+    # A bad value is named by its field, and the folder keeps what it had.
+    (run_dir / "config.json").write_text(json.dumps({"tokenizer": "../tok", "inputs": ["c.txt"]}))
+    rc, out, err = workbench(capsys, "run", "pretrain", "--run-dir", run_dir, "--set", "lr=-1")
+    assert rc == 2 and "config field 'lr'" in err and "nothing was written" in err
+    assert json.loads((run_dir / "config.json").read_text()) == {"tokenizer": "../tok", "inputs": ["c.txt"]}
+    rc, out, err = workbench(capsys, "run", "pretrain", "--run-dir", run_dir, "--set", "max_steps")
+    assert rc == 2 and "expects key=value" in err
