@@ -103,10 +103,7 @@ class RunStore:
         self.store = store or Store.for_project(self.project_dir)
         self.behind = False         # the last sync left unread events (its max_bytes)
         if self._own:
-            # The index is rebuilt from the folders whenever it is lost, so its commits need
-            # not wait for the disk (FULL, the annotation store's setting, fsyncs every one;
-            # the app syncs every few seconds on the UI thread).
-            self.store.conn.execute("PRAGMA synchronous=OFF")
+            self.store.index_without_fsync()
 
     def close(self) -> None:
         if self._own:
@@ -119,32 +116,31 @@ class RunStore:
         syncs on its UI thread, a slice at a time) and `behind` says whether a run has more."""
         self.behind = False
         folders = {p.name: p for p in self.runs_dir.iterdir() if p.is_dir()} if self.runs_dir.is_dir() else {}
-        conn = self.store.conn
-        conn.row_factory = _dict_row
-        try:
-            rows = {r["name"]: r for r in conn.execute("SELECT * FROM runs")}
-        finally:
-            conn.row_factory = None
-        with self.store.transaction() as c:
-            for name in set(rows) - set(folders):
-                c.execute("DELETE FROM runs WHERE name = ?", (name,))
-            for name, path in folders.items():
-                if not self._sync_one(c, path, rows.get(name), max_bytes):
-                    self.behind = True
+        rows = {r["name"]: r for r in self.store.run_rows()}
+        changed = []
+        for name, path in folders.items():
+            new_row, caught_up = self._sync_one(path, rows.get(name), max_bytes)
+            self.behind |= not caught_up
+            if new_row is not None:
+                changed.append(new_row)
+        gone = set(rows) - set(folders)
+        if changed or gone:
+            self.store.write_runs(changed, forget=gone)
         return self.list()
 
-    def _sync_one(self, c, path: Path, row: dict | None, max_bytes: int | None = None) -> bool:
-        """Fold the run's new events into its row; False if `max_bytes` left some unread."""
+    def _sync_one(self, path: Path, row: dict | None, max_bytes: int | None = None) -> tuple[dict | None, bool]:
+        """The run's row with its new events folded in (None: unchanged), and whether every
+        event is read (`max_bytes` may leave some for the next call)."""
         events = path / "events.jsonl"
         try:
             size = events.stat().st_size
         except FileNotFoundError:
             size = 0
         if row is not None and row["events_offset"] == size and row["status"] != "running":
-            return True
+            return None, True
         if (row is not None and row["events_offset"] == size and row["status"] == "running"
                 and process_alive(row["pid"], path)):
-            return True     # running, nothing new: no write
+            return None, True     # running, nothing new: no write
         resume_at = row is not None and size >= row["events_offset"]
         follower = Follower(path, fold=RunFold(keep=False, row=row if resume_at else None),
                             offset=row["events_offset"] if resume_at else 0)
@@ -166,27 +162,13 @@ class RunStore:
         parents = (json.loads(row["parents"]) if row is not None and row["parents"] != "{}" else
                    parent_runs(stage, _config_or_empty(path), path, self.runs_dir))
         created = row["created_at"] if row is not None else _created(path)
-        c.execute(
-            """INSERT INTO runs (name, stage, status, parents, created_at, started_at, ended_at, error,
-                                 pid, step, metrics, events_offset)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-               ON CONFLICT(name) DO UPDATE SET stage=excluded.stage, status=excluded.status,
-                 parents=excluded.parents, started_at=excluded.started_at, ended_at=excluded.ended_at,
-                 error=excluded.error, pid=excluded.pid, step=excluded.step, metrics=excluded.metrics,
-                 events_offset=excluded.events_offset""",
-            (path.name, stage, fold.status, json.dumps(parents), created, fold.started_at, fold.ended_at,
-             fold.error, fold.pid, fold.step, json.dumps(fold.metrics), tail.offset))
-        return caught_up
+        return dict(name=path.name, stage=stage, status=fold.status, parents=json.dumps(parents),
+                    created_at=created, started_at=fold.started_at, ended_at=fold.ended_at, error=fold.error,
+                    pid=fold.pid, step=fold.step, metrics=json.dumps(fold.metrics),
+                    events_offset=tail.offset), caught_up
 
     def list(self, stage: str | None = None) -> list[RunInfo]:
-        query = "SELECT * FROM runs" + (" WHERE stage = ?" if stage else "") + " ORDER BY created_at DESC, name DESC"
-        conn = self.store.conn
-        conn.row_factory = _dict_row
-        try:
-            rows = list(conn.execute(query, (stage,) if stage else ()))
-        finally:
-            conn.row_factory = None
-        return [self._info(r) for r in rows]
+        return [self._info(r) for r in self.store.run_rows(stage)]
 
     def get(self, name: str) -> RunInfo | None:
         return next((r for r in self.list() if r.name == name), None)
@@ -214,14 +196,9 @@ class RunStore:
         # Rename first: a half-deleted folder must not look like a damaged run on the next sync.
         doomed = info.path.with_name(f".deleting-{name}")
         info.path.rename(doomed)
-        with self.store.transaction() as c:
-            c.execute("DELETE FROM runs WHERE name = ?", (name,))
+        self.store.write_runs([], forget=[name])
         shutil.rmtree(doomed, ignore_errors=True)
 
-
-
-def _dict_row(cursor, row) -> dict:
-    return {d[0]: v for d, v in zip(cursor.description, row)}
 
 
 def _read_json(path: Path) -> dict:
