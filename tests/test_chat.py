@@ -337,3 +337,11 @@ def test_workbench_chat_completion_and_errors(checkpoint, monkeypatch, capsys):
     assert "checkpoint" in capsys.readouterr().err
     assert cli.main(["chat", "--checkpoint", str(checkpoint), "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_the_terminal_chat_picks_the_device_as_every_other_command_does():
+    import argparse
+    from workbench import chat_cli
+    p = argparse.ArgumentParser()
+    chat_cli.add_arguments(p)
+    assert p.parse_args(["--checkpoint", "x"]).device == "auto"

@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="make the replies reproducible (default: random each reply)")
     p.add_argument("--completion", action="store_true",
                    help="plain text completion, no chat template: for base (pretrained) models")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default cpu)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda or mps (default auto)")
 
 
 class _StopOnCtrlC:
