@@ -110,10 +110,10 @@ class ProjectContext(QObject):
         return out
 
     def checkpoints(self) -> list[tuple[str, Path]]:
-        """Language models to chat with or sample from: fine-tuned ones first (SFT, PPO),
-        newest first, then base models."""
+        """Language models to chat with or sample from: fine-tuned ones first (a stage that
+        starts from another model: SFT, PPO), newest first, then base models."""
         found = self.artifacts("checkpoint")
-        tuned = [c for c in found if stages.stage_of_folder(c[1].name) != "pretrain"]
+        tuned = [c for c in found if stages.fine_tunes(stages.stage_of_folder(c[1].name))]
         return tuned + [c for c in found if c not in tuned]
 
     def newest(self, parent: stages.Parent) -> Optional[Path]:

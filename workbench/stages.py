@@ -184,6 +184,11 @@ def artifact_fields() -> dict[str, str]:
     return {p.field: p.kind for s in STAGES for p in s.parents}
 
 
+def fine_tunes(stage: Optional[str]) -> bool:
+    """Does the stage start from another model (so its runs are fine-tuned, not base, models)?"""
+    return stage in BY_NAME and any(p.kind == "checkpoint" for p in BY_NAME[stage].parents)
+
+
 def path_fields(stage: str) -> set[str]:
     """The config fields of a stage that hold paths (runs and data)."""
     s = spec(stage)
