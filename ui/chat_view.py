@@ -28,6 +28,7 @@ from ui.chat_widgets import (Banner, Checkpoints, CheckpointPicker, PromptEdit, 
                              error_text, input_row, tokens)
 from ui.sampling_controls import SamplingControls
 from ui.workers import Worker
+from workbench import stages
 from workbench.model_cache import ModelCache, Reply, describe, model_info, run_reply, short_name
 
 RENDER_INTERVAL_MS = 40     # streamed text is drawn at most 25 times a second
@@ -372,7 +373,7 @@ class ChatView(QWidget):
     def _show_info(self, info: dict) -> None:
         self._info = info
         text = describe(info)
-        if info["stage"] == "pretrain" and not self.completion.isChecked():
+        if info["stage"] in stages.NAMES and not stages.fine_tunes(info["stage"]) and not self.completion.isChecked():
             text += " — a base model: completion mode suits it better"
         self.model_label.setText(text)
         self.model_label.setToolTip(info["checkpoint"])

@@ -12,6 +12,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from workbench import stages
+
 if TYPE_CHECKING:
     from engine.chat import ChatSession
 
@@ -140,7 +142,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     cfg = loaded.model.config
     print(f"{loaded.checkpoint} ({stage}, step {loaded.state.get('step', '?')}, "
           f"{loaded.model.num_params():,} params, context {cfg.max_seq_len} tokens)")
-    if stage == "pretrain" and not args.completion:
+    if stage in stages.NAMES and not stages.fine_tunes(stage) and not args.completion:
         print("  note: a pretrained base model has not learned the chat format; "
               "--completion continues plain text instead")
     print("/help lists the commands.")
