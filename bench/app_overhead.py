@@ -107,7 +107,7 @@ def same_run(app_dir: Path, cfg: PretrainConfig) -> None:
 
 
 def run_app(window, values: dict, cfg: PretrainConfig) -> dict:
-    from ui import jobs
+    from workbench import process
     panel = window.pages["pretrain"]
     panel.show_run(None)
     panel.form.set_values(values)
@@ -123,9 +123,9 @@ def run_app(window, values: dict, cfg: PretrainConfig) -> dict:
     same_run(job.run_dir, cfg)
     assert len(job.history.series["train/loss"]) > 0      # the plots were fed
     # The done event comes just before the process exits; its CPU time is known once reaped.
-    while any(p.pid == job.pid for p in jobs._children):
+    while any(p.pid == job.pid for p in process.children()):
         settle(0.05)
-        jobs.reap()
+        process.reap()
     return summarise(job.run_dir, launched, wall, cpu, children_cpu() - j0)
 
 
@@ -217,7 +217,7 @@ def main() -> int:
                f"settings otherwise (log every {cfg.log_every}, eval every {cfg.eval_every} steps), on the demo "
                f"corpus (scale small, encoded by each run), started four ways: *cli* is `python -m engine.pretrain "
                f"--run-dir DIR`; *cli +5* the same at the app's job priority (nice +{JOB_NICENESS}); *runner* is "
-               f"workbench.jobs.run_job (the same command, events parsed from its stdout); *app* is the pretrain "
+               f"workbench.jobs.run_job (the same job as the app's, followed through its events.jsonl every 0.2 s); *app* is the pretrain "
                f"panel's Start with the panel and its live plots on screen, the job at nice +{JOB_NICENESS}, followed "
                f"through events.jsonl every 100 ms. *Launch to done* runs from the launch call to the time stamp of the "
                f"stage's done event (the same end for all four; it includes ~2 s of Python and torch start-up); "

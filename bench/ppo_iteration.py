@@ -127,7 +127,7 @@ def main() -> int:
     n_mb = -(-cfg.rollout_batch_size // cfg.minibatch_size)
     section = (f"{MARKER}\n\n"
                f"`{cmd}` on {machine}. The PPO stage itself (engine/ppo.py, in-process) with the app's "
-               f"PPO settings (workbench/suggest.py): {cfg.rollout_batch_size} prompts of the demo project "
+               f"PPO settings (the stage catalogue, workbench/stages.py): {cfg.rollout_batch_size} prompts of the demo project "
                f"per iteration, up to {cfg.max_new_tokens} new tokens at temperature {cfg.temperature:g}, "
                f"{cfg.ppo_epochs} PPO epochs of {n_mb} minibatches of {cfg.minibatch_size}, fp32 on CPU, "
                f"vocab {args.vocab_size}. Policy and reward model are random models of the preset, so answers "

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import markdown_table, publish, torch_machine  # noqa: E402
 from engine.pretrain import PretrainConfig  # noqa: E402
+from engine.runio import read_events  # noqa: E402
 from engine.tokenizer import TokenizerConfig  # noqa: E402
 from workbench.demo import write_demo_project  # noqa: E402
 from workbench.jobs import run_job
@@ -56,10 +57,11 @@ def main() -> int:
             res = run_job("pretrain", run_dir)
             wall = time.perf_counter() - t0
             assert res.status == "completed", res.error
-            perf = [e for e in res.events if e["type"] == "metrics" and "perf/tokens_per_s" in e]
+            events = read_events(run_dir)
+            perf = [e for e in events if e["type"] == "metrics" and "perf/tokens_per_s" in e]
             tok_s = statistics.median(e["perf/tokens_per_s"] for e in perf[1:] or perf)
             mfu = statistics.median(e["perf/mfu"] for e in perf[1:] or perf)
-            params = next(e["message"] for e in res.events if e["type"] == "log" and "params" in e["message"])
+            params = next(e["message"] for e in events if e["type"] == "log" and "params" in e["message"])
             m = res.metrics()
             n_params = re.search(r"([\d,]+) params", params).group(1)
             rows.append((preset, f"{n_params} params", int(tok_s), f"{mfu:.1%}",

@@ -138,7 +138,7 @@ def main() -> None:
     from ui.stall_probe import StallProbe
     from workbench.demo import write_demo_project
     from workbench.jobs import run_job
-from workbench.runfolder import prepare_run
+    from workbench.runfolder import prepare_run
 
     app = make_app()
     tmp = Path(tempfile.mkdtemp(prefix="ui-stall-"))

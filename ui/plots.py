@@ -533,7 +533,8 @@ class PlotGrid(QWidget):
             # live plot repaints its axes whenever its range grows.
             p.getAxis(side).setStyle(maxTickLevel=0)
         p.getAxis("left").setTickDensity(1.8)       # major-only leaves short y axes with two labels
-        p.getViewBox().setLimits(xMin=0)             # steps and tokens: autorange's margin stops at 0
+        # No setLimits(xMin=0) to keep autorange's margin off negative steps: in a real X
+        # window, with a run streaming into a page, it made the plots repaint each other forever.
         p.setLabel("bottom", "step")
         legend = QLabel()
         legend.setTextFormat(Qt.RichText)
