@@ -12,8 +12,8 @@ import dataclasses
 import json
 import math
 import os
-import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +122,15 @@ def check_resume(saved: dict, cfg, fixed: tuple[str, ...], ev: Emitter,
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak resident memory in MB."""
+    try:
+        import resource             # POSIX only: imported here so the module loads on Windows
+    except ImportError:
+        import psutil
+        info = psutil.Process().memory_info()
+        return getattr(info, "peak_wset", info.rss) / 2**20     # Windows' peak working set
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024     # bytes there, KiB on Linux
 
 
 Batch = tuple

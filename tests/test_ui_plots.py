@@ -325,7 +325,9 @@ def test_a_lone_point_or_a_flat_line_gets_axes_around_it_not_below_zero(grid, qt
     (x0, x1), (y0, y1) = view_range(g, "Loss")
     assert 0 == x0 < x1 and 0 < y0 < 0.05 < y1 < 0.1         # pyqtgraph's own: -0.5..0.5 each
     (x0, x1), (y0, y1) = view_range(g, "Learning rate")
-    assert 0 == x0 < 19 < x1 and 0 < y0 < 1e-3 < y1 < 2e-3
+    # x: pyqtgraph's own margin around steps 0-19 (no limit at 0: it fought autorange into an
+    # endless repaint, see test_ui_stream_x11.py); y: the flat value padded, above zero.
+    assert -2 < x0 <= 0 and 19 < x1 and 0 < y0 < 1e-3 < y1 < 2e-3
     # A second value: the axis follows the data again.
     g.load_events([metrics(1, train__loss=3.0)])
     g.redraw()

@@ -24,7 +24,9 @@ POLL_BYTES = 256 * 1024
 
 
 class Job(QObject):
-    eventsArrived = Signal(list)      # new event dicts, in order (already folded into .fold)
+    # object, not list: a list signal converts every event dict to a QVariantMap and back,
+    # milliseconds per poll while a run streams.
+    eventsArrived = Signal(object)    # new event dicts, in order (already folded into .fold)
     finished = Signal(str, object)    # status (completed | stopped | failed), error text or None
 
     def __init__(self, stage: str, run_dir: Path, parent: QObject | None = None):
@@ -97,7 +99,7 @@ class RunLoader(QObject):
     for it: reopening a run of 100k events stalled the window for 0.4 s that way. A slice of
     256 KB is ~2,500 events, about 15 ms."""
     SLICE_BYTES = 256 * 1024
-    eventsArrived = Signal(list)
+    eventsArrived = Signal(object)    # each slice of events, as read
     loaded = Signal()
 
     def __init__(self, run_dir: Path, parent: QObject | None = None):

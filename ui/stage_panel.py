@@ -212,10 +212,12 @@ class StagePanel(QWidget):
         self.plots.set_history(fold.history)
         self._list_events(fold.listed)
         self._show_progress()
-        source.eventsArrived.connect(self._on_events)
         if hasattr(source, "finished"):
+            source.eventsArrived.connect(self._on_events)
             source.finished.connect(self._on_finished)
         else:
+            # A finished run is drawn once it is read: redrawing per slice made reopening a
+            # long run several times slower.
             self.progress_label.setText("loading the run's events…")
             source.loaded.connect(self._on_loaded)
 
@@ -223,7 +225,7 @@ class StagePanel(QWidget):
         source, self._source = self._source, None
         if source is None:
             return
-        for sig, slot in ((source.eventsArrived, self._on_events),
+        for sig, slot in ((getattr(source, "finished", None) and source.eventsArrived, self._on_events),
                           (getattr(source, "finished", None), self._on_finished),
                           (getattr(source, "loaded", None), self._on_loaded)):
             if sig is not None:
@@ -285,6 +287,8 @@ class StagePanel(QWidget):
         self._show_progress()
 
     def _on_loaded(self) -> None:
+        self._list_events(self._source.fold.listed)
+        self.plots.refresh()
         self._show_progress()
 
     def _on_finished(self, status: str, error) -> None:

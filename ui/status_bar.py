@@ -4,11 +4,10 @@ thread (a few file reads)."""
 from __future__ import annotations
 
 import os
-import resource
-import sys
 from pathlib import Path
 from typing import Callable
 
+import psutil
 from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QLabel
 
@@ -24,10 +23,10 @@ def rss_mb(pid: int | None = None) -> float | None:
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    if pid is None:   # no /proc (macOS): the peak is the best the standard library offers
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-    return None
+    try:              # no /proc (macOS, Windows): psutil knows
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except psutil.Error:
+        return None
 
 
 def _stat(pid: int) -> tuple[int, int, int] | None:

@@ -68,10 +68,13 @@ class EventTail:
         for line in data[:end].splitlines(keepends=True):
             pos += len(line)
             try:
-                ev = parse_event_line(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                continue
-            if ev is not None:
+                ev = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                try:        # the rare torn line: recover an event glued onto it
+                    ev = parse_event_line(line.decode("utf-8"))
+                except UnicodeDecodeError:
+                    continue
+            if isinstance(ev, dict):
                 yield pos, ev
 
     @property
@@ -101,7 +104,7 @@ class RunFold:
         self.error = row.get("error")
         self.pid = row.get("pid")
         self.step = row.get("step")
-        self.metrics: dict[str, float] = json.loads(row.get("metrics") or "{}")
+        self._metrics: dict[str, float] = json.loads(row.get("metrics") or "{}")
         self.progress: Optional[dict] = None
         self.keep = keep
         self.history = RunHistory() if keep else None
@@ -125,9 +128,10 @@ class RunFold:
                 self.started_at = ev.get("time")
         elif t == "metrics":
             self.step = ev.get("step", self.step)
-            self.metrics.update({k: v for k, v in ev.items() if "/" in k})
             if self.history is not None:
                 self.history.add_event(ev)
+            else:
+                self._metrics.update({k: v for k, v in ev.items() if "/" in k})
         elif t == "progress":
             self.step = ev.get("step", self.step)
             self.progress = ev
@@ -145,11 +149,17 @@ class RunFold:
         for ev in events:
             if ev.get("type") == "metrics":
                 self.step = ev.get("step", self.step)
-                self.metrics.update({k: v for k, v in ev.items() if "/" in k})
                 metrics.append(ev)
             else:
                 self.add(ev)
         self.history.add_events(metrics)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The last value of every metric (with curves kept, read from their ends)."""
+        if self.history is None:
+            return self._metrics
+        return {**self._metrics, **{k: self.history.last(k) for k in self.history.keys()}}
 
     @property
     def final(self) -> bool:
