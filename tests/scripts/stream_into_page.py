@@ -13,25 +13,8 @@ sys.path.insert(0, str(ROOT))
 
 from PySide6.QtCore import QSettings  # noqa: E402
 
-WRITER = r"""
-import json, os, sys, time
-path, seconds = sys.argv[1], float(sys.argv[2])
-t_end = time.time() + seconds
-with open(path, "a") as f:
-    f.write(json.dumps({"type": "start", "stage": "pretrain", "pid": os.getpid()}) + "\n")
-    step = 0
-    while time.time() < t_end:
-        for _ in range(50):
-            step += 1
-            f.write(json.dumps({"type": "metrics", "step": step, "train/loss": 5.0 / (1 + step / 1000),
-                                "train/lr": 1e-3, "train/grad_norm": 1.0, "train/tokens": step * 2048,
-                                "perf/tokens_per_s": 30000.0, "time": time.time()}) + "\n")
-            f.write(json.dumps({"type": "progress", "step": step, "total": 10**9, "unit": "steps",
-                                "tokens_per_s": 30000.0, "elapsed_s": 1.0, "eta_s": 100.0}) + "\n")
-        f.flush()
-        time.sleep(0.01)
-    f.write(json.dumps({"type": "done", "status": "completed", "error": None}) + "\n")
-"""
+# The bench's writer: a pretrain run streaming metrics and progress as fast as a file takes them.
+from bench.ui_stall import WRITER  # noqa: E402
 
 
 def main() -> None:
