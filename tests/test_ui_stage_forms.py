@@ -98,3 +98,12 @@ def test_one_run_is_one_run(qtbot, project, make_window):
     fake_run(project, "tokenizer-20260101-000000", {}, 1, 1.0)
     w = make_window(project, show=True)
     assert w.sidebar.item(7).text().endswith("1 run")
+
+
+def test_a_run_whose_config_holds_null_for_a_number_opens_and_names_the_field(qtbot, project, make_window):
+    # Written by hand or by another version: the page must open, not fail with a traceback.
+    fake_run(project, "ppo-20260101-000000", {"policy": "x", "reward_model": "y", "kl_horizon": None}, 2, 1.0)
+    w = make_window(project, show=True)
+    go(qtbot, w, "ppo")
+    form = w.pages["ppo"].form
+    assert "config.json holds null, not a whole number" in form.messages["kl_horizon"].text()

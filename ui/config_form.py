@@ -173,6 +173,7 @@ class ConfigForm(QWidget):
         self.messages: dict[str, QLabel] = {}       # the line under each field for its error
         self.error = None                           # the first of `errors`, or a form-wide one
         self.errors: dict[str, ConfigError] = {}    # field -> what is wrong with it, form order
+        self.unreadable: dict[str, ConfigError] = {}  # fields whose loaded value no editor could hold
         # Values the panel supplies instead of an editor (the reward panel's rankings from the
         # store); the editor is disabled while it applies.
         self.overrides: dict = {}
@@ -314,6 +315,10 @@ class ConfigForm(QWidget):
         self.validate()
 
     def set_values(self, values: dict) -> None:
+        # A value an editor cannot hold (a null or a word where a whole number goes, as a
+        # config.json written by hand or by another version may have) leaves the editor as it
+        # was and is named under the field, instead of failing the page.
+        self.unreadable = {}
         for spec in self.specs:
             if spec.name not in values:
                 continue
@@ -326,7 +331,12 @@ class ConfigForm(QWidget):
                 elif isinstance(w, QCheckBox):
                     w.setChecked(bool(v))
                 elif isinstance(w, QSpinBox):
-                    w.setValue(int(v))
+                    try:
+                        w.setValue(int(v))
+                    except (TypeError, ValueError, OverflowError):
+                        self.unreadable[spec.name] = ConfigError(
+                            spec.name, f"config.json holds {json.dumps(v)}, not a whole number: "
+                                       f"{w.value()} is shown")
                 elif isinstance(w, QComboBox):
                     i = w.findText(str(v))
                     w.setCurrentIndex(i if i >= 0 else 0)
@@ -353,6 +363,7 @@ class ConfigForm(QWidget):
         """Check the values with the stage's own rules; mark every field in error and say what
         is wrong under it. Returns (and emits) the first error, None when all is well."""
         self.errors, other = self._find_errors(self.values())
+        self.errors = {**self.errors, **self.unreadable}
         for name, editor in self.editors.items():
             error = self.errors.get(name)
             _mark(editor, error is not None)
