@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.fsutil import DiskFull, fault_point, fsync_dir, fsync_file, fsync_tree, is_disk_full
+from engine.fsutil import DiskFull, fault_point, fsync_dir, fsync_tree, is_disk_full
 from engine.runio import StageError
 
 STEP_RE = re.compile(r"^step-(\d{6,})$")
@@ -233,8 +233,15 @@ def _write_files(tmp: Path, step: int, model, state, optimizer, rng, model_metad
     fault_point("save:fsynced")
     # The marker, last: a folder holding it holds everything it lists, already on disk.
     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-    _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": files}, indent=1)
-    fsync_file(tmp / MANIFEST)
+    # Written beside and renamed: a kill inside the write must leave no manifest at all, never a
+    # torn one that a resume would take for the marker.
+    part = tmp / f"{MANIFEST}.part"
+    with open(part, "w", encoding="utf-8") as f:
+        fault_point("save:manifest-opened")
+        f.write(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, tmp / MANIFEST)
     fsync_dir(tmp)
     fault_point("save:manifest-written")
 
@@ -416,7 +423,7 @@ def clean_partial(root: Path) -> list[Path]:
     for p in sorted(root.iterdir()):
         if p.name.startswith((".tmp-", ".old-")):
             name = p.name.split("-", 1)[1].rsplit("-", 1)[0]
-            if STEP_RE.match(name) and p.is_dir() and (p / MANIFEST).is_file() and not (root / name).exists():
+            if STEP_RE.match(name) and p.is_dir() and _manifest_holds(p) and not (root / name).exists():
                 os.replace(p, root / name)
                 continue
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -427,6 +434,17 @@ def clean_partial(root: Path) -> list[Path]:
     if removed:
         fsync_dir(root)
     return removed
+
+
+def _manifest_holds(path: Path) -> bool:
+    """A leftover goes into place only when its manifest parses and every file it lists is whole."""
+    if not (path / MANIFEST).is_file():
+        return False
+    try:
+        check_manifest(path)
+    except CheckpointError:
+        return False
+    return True
 
 
 def _saved_by_this_format(path: Path) -> bool:

@@ -108,7 +108,21 @@ def test_a_run_killed_in_saves_and_prunes_resumes_and_completes(corpus, tmp_path
     assert sum(e["type"] == "start" for e in read_events(run_dir)) == len(kills) + 1
 
 
-PHASES = ["save:model-written", "save:files-written", "save:fsynced", "save:manifest-written", "save:renamed",
+def test_a_kill_inside_the_manifest_write_leaves_no_torn_marker(corpus, tmp_path, capsys):
+    """Found by CI: a kill while manifest.json was being written left it empty in the save's
+    leftover folder, the next start put that folder in place as complete, and the run could not
+    resume ("manifest.json: not valid JSON")."""
+    run_dir = pretrain_dir(tmp_path / "run", corpus, max_steps=4)
+    r = killed_run(run_dir, "save:manifest-opened@2")
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    leftovers = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    assert len(leftovers) == 1 and not (leftovers[0] / ckpt.MANIFEST).exists()
+    assert_checkpoints_whole(run_dir)
+    assert_completes(run_dir, capsys, 4)
+
+
+PHASES = ["save:model-written", "save:files-written", "save:fsynced", "save:manifest-opened",
+          "save:manifest-written", "save:renamed",
           "prune:manifest-removed", "prune:renamed", "prune:file-removed"]
 
 
