@@ -147,6 +147,7 @@ class _Cell:
     styles: dict = field(default_factory=dict)      # (run index, key) -> (colour index, dash)
     entries: list = field(default_factory=list)     # the legend's entries, as _legend_entries
     pinned: set = field(default_factory=set)        # axes given a range by _fit, not autorange
+    ds: int = 1                                     # the downsampling factor set by _downsample
 
 
 class PlotGrid(QWidget):
@@ -380,6 +381,7 @@ class PlotGrid(QWidget):
                     cell.drawn[(ri, key)] = stamp
                     changed = True
             if changed:
+                self._downsample(cell)
                 self._fit(cell)
         label = "tokens" if any_tokens else "step"
         for cell in self._cells.values():
@@ -394,6 +396,14 @@ class PlotGrid(QWidget):
                 if k in hist.series and len(hist.series[k]) and not k.endswith("_baseline")]
         end = max(ends + [x[-1]])
         return np.array([x[0], end]), np.array([y[-1], y[-1]])
+
+    def _downsample(self, cell: _Cell) -> None:
+        """About two points per pixel of width (peak mode keeps each bin's min and max)."""
+        n = max((len(c.xData) for c in cell.curves.values() if c.xData is not None), default=0)
+        ds = max(1, n // max(1, cell.widget.width()))
+        if ds != cell.ds:
+            cell.widget.getPlotItem().setDownsampling(ds=ds, auto=False, mode="peak")
+            cell.ds = ds
 
     def _fit(self, cell: _Cell) -> None:
         """An axis whose data is one value (a single point, a constant series) gets a range
@@ -525,7 +535,10 @@ class PlotGrid(QWidget):
         w = _TimedPlot(self._clock, axisItems={"bottom": _CountAxis("bottom"), "left": _CountAxis("left")})
         w.setMinimumSize(200, 120)
         p = w.getPlotItem()
-        p.setDownsampling(auto=True, mode="peak")
+        # Downsampling is set from the data's length and the plot's width (_downsample), not
+        # pyqtgraph's auto mode: that one follows the view range, which autorange takes from the
+        # downsampled points, and in a real X window the two moved each other on every repaint.
+        p.setDownsampling(auto=False, mode="peak")
         p.setClipToView(True)
         p.showGrid(x=True, y=True, alpha=0.15)
         for side in ("left", "bottom"):
