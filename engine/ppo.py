@@ -13,8 +13,13 @@ the last answer token; GAE; then `ppo_epochs` passes of clipped policy and value
 minibatches. The first minibatch is scored at rollout time in the very order and shapes it is
 trained in, so its ratio is exactly 1, and the KL before the first update is exactly 0.
 
+β is kl_coef, or, with target_kl, adapted toward that KL per answer each step (ppo_core's
+KLController). kl_budget ends a run early but well: once the mean KL of the last KL_WINDOW steps
+passes it, the step is saved and the run completes; kl_limit is the guard that fails a run.
+
 Checkpoints hold the policy as model.safetensors (so chat and sampling load a PPO checkpoint
-like any other), the value model, both optimizers, the KL controller and the RNG states.
+like any other), the value model, both optimizers, the KL controller and its window of recent
+KLs, and the RNG states.
 """
 from __future__ import annotations
 
@@ -36,8 +41,8 @@ from engine.data import TokenData, encode_corpus, shards_ready
 from engine.device import autocast, describe, setup
 from engine.generate import generate_batch
 from engine.model import ScalarModel, load_model
-from engine.ppo_core import (KLController, Rollout, build_rollout, chunks, gae, logprobs_and_entropy, masked_mean,
-                             masked_whiten, per_token_rewards, ppo_losses, shift_values, token_logprobs)
+from engine.ppo_core import (BETA_RANGE, KLController, Rollout, build_rollout, chunks, gae, logprobs_and_entropy,
+                             masked_mean, masked_whiten, per_token_rewards, ppo_losses, shift_values, token_logprobs)
 from engine.reward import NORM_FILE
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sample import read_prompts
@@ -63,8 +68,9 @@ class PPOConfig:
     max_new_tokens: int = 24            # answer length limit in tokens
     temperature: float = 1.0            # sampling temperature (it divides the logits when scoring too)
     kl_coef: float = 0.05               # β, the start value when adaptive
-    target_kl: Optional[float] = None   # set: adapt β toward this KL (nats per answer)
-    kl_horizon: int = 10000             # horizon of the adaptive KL controller, in rollouts
+    target_kl: Optional[float] = None   # set: adapt β toward this KL (nats per answer, summed over its tokens)
+    kl_horizon: Optional[int] = None    # adaptive β: rollouts to move β e-fold at full error (null: 10 steps' worth)
+    kl_budget: Optional[float] = None   # set: end the run (saved, completed) once the mean KL of 10 steps passes this
     cliprange: float = 0.2              # PPO ratio clip epsilon
     cliprange_value: float = 0.2        # value-function clip
     vf_coef: float = 0.1                # weight of the value loss
@@ -77,7 +83,7 @@ class PPOConfig:
     value_lr: float = 1e-5              # learning rate of the value model
     grad_clip: float = 1.0              # gradient norm clip of each model (0: off)
     ema_decay: float = 0.0              # > 0: keep an EMA of the policy, saved as ema.safetensors
-    kl_limit: float = 50.0              # guard: stop when objective/kl exceeds this
+    kl_limit: float = 50.0              # guard: fail the run when objective/kl exceeds this
     min_entropy: float = 0.01           # guard: stop when objective/entropy falls below this
     probe_every: int = 10               # greedy answers to the probe prompts every N steps
     probe_tokens: int = 32              # answer length of the probe samples
@@ -93,13 +99,17 @@ class PPOConfig:
             require(bool(getattr(self, name).strip()), name, "a checkpoint or run folder is required")
         require(len(self.prompts) > 0, "prompts", "at least one prompt file is required")
         for name in ("steps", "rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens",
-                     "kl_horizon", "probe_every", "probe_tokens", "checkpoint_every", "log_every", "ptx_batch_size"):
+                     "probe_every", "probe_tokens", "checkpoint_every", "log_every", "ptx_batch_size"):
             require(getattr(self, name) > 0, name, "must be a positive integer")
         require(self.minibatch_size <= self.rollout_batch_size, "minibatch_size",
                 "must not exceed rollout_batch_size")
         require(self.temperature > 0, "temperature", "must be positive")
         require(self.kl_coef >= 0, "kl_coef", "must be zero or positive")
         require(self.target_kl is None or self.target_kl > 0, "target_kl", "must be positive (or null for a fixed β)")
+        lo, hi = BETA_RANGE
+        require(self.target_kl is None or lo <= self.kl_coef <= hi, "kl_coef",
+                f"must be in [{lo:g}, {hi:g}] when target_kl adapts it (the range β is kept in)")
+        require(self.kl_horizon is None or self.kl_horizon > 0, "kl_horizon", "must be a positive integer (or null)")
         require(0 < self.cliprange < 1, "cliprange", "must be in (0, 1)")
         require(self.cliprange_value > 0, "cliprange_value", "must be positive")
         require(self.vf_coef >= 0, "vf_coef", "must be zero or positive")
@@ -113,6 +123,8 @@ class PPOConfig:
         require(self.ptx_coef >= 0, "ptx_coef", "must be zero or positive")
         require(self.ptx_coef == 0 or self.ptx_data, "ptx_data", "PPO-ptx (ptx_coef > 0) needs pretraining text")
         require(self.kl_limit > 0, "kl_limit", "must be positive")
+        require(self.kl_budget is None or 0 < self.kl_budget < self.kl_limit, "kl_budget",
+                f"must be positive and below kl_limit ({self.kl_limit:g}, the guard that fails the run), or null")
         require(self.min_entropy >= 0, "min_entropy", "must be zero or positive")
         require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "auto, float32, bfloat16 or float16")
 
@@ -120,7 +132,9 @@ class PPOConfig:
 FIXED_ON_RESUME = ("policy", "reward_model", "value_model", "prompts", "rollout_batch_size",
                    "minibatch_size", "ppo_epochs", "seed", "ptx_data")
 # Resuming with these changed is allowed, but the run is then no longer an exact continuation.
-WARN_ON_RESUME = ("lr", "value_lr", "grad_clip", "cliprange", "cliprange_value", "vf_coef", "ptx_coef")
+WARN_ON_RESUME = ("lr", "value_lr", "grad_clip", "cliprange", "cliprange_value", "vf_coef", "ptx_coef",
+                  "kl_coef", "target_kl", "kl_horizon")
+KL_WINDOW = 10      # steps in the mean KL that kl_budget is held to (objective/kl_mean)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -214,7 +228,8 @@ class PPO:
         self.opt_pol = _optimizer(self.m.policy, cfg.lr, device)
         self.opt_val = _optimizer(self.m.value, cfg.value_lr, device)
         self.ema = copy.deepcopy(self.m.policy).requires_grad_(False) if cfg.ema_decay > 0 else None
-        self.kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+        self.kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon or 10 * cfg.rollout_batch_size)
+        self.kl_recent: list[float] = []     # the last KL_WINDOW steps' objective/kl
         self.sampler = EpochSampler(len(self.prompts), cfg.seed)
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.watch = CollapseWatch(math.log(self.m.policy.config.vocab_size), what="objective/entropy")
@@ -251,13 +266,20 @@ class PPO:
                            modules=modules, optimizers=optimizers)
         if saved is not None:
             self.kl_ctl.load(saved.state["kl_controller"])
+            self.kl_recent = [float(k) for k in saved.state.get("kl_recent", [])]
             self.sampler.load(saved.state["sampler"])
             self.step = saved.step
             self.ev.log(f"resumed from {saved.path.name}")
+            before = saved.state["config"].get("kl_coef", self.cfg.kl_coef)
+            if before != self.cfg.kl_coef:
+                # A β changed by hand on resume is the one wanted from now on, not the saved one
+                # (an adaptive β starts from it again).
+                self.kl_ctl.reset(self.cfg.kl_coef)
+                self.ev.log(f"β is kl_coef {self.cfg.kl_coef:g} from here on (it was {before:g} when saved)")
 
     def save(self, reason: str) -> None:
         state = {"stage": "ppo", "reason": reason, "config": dataclasses.asdict(self.cfg),
-                 "kl_controller": self.kl_ctl.state(), "sampler": self.sampler.state(),
+                 "kl_controller": self.kl_ctl.state(), "kl_recent": self.kl_recent, "sampler": self.sampler.state(),
                  "tokenizer_fingerprint": self.m.tok.fingerprint(),
                  "model_config": dataclasses.asdict(self.m.policy.config)}
         modules, optimizers = self._extras()
@@ -403,11 +425,20 @@ class PPO:
         stats = self.update(ro, sc)
         t3 = _clock(self.device)
         self.step += 1
-        self.kl_ctl.update(float(sc.kl.sum(1).mean()), ro.ids.size(0))
+        kl = float(sc.kl.sum(1).mean())         # per answer, as objective/kl
+        self.kl_ctl.update(kl, ro.ids.size(0))
+        self.kl_recent = (self.kl_recent + [kl])[-KL_WINDOW:]
         metrics = self.report(ro, sc, stats, {"generation": t1 - t0, "scoring": t2 - t1, "training": t3 - t2,
                                               "step": time.perf_counter() - t0})
+        # One batch's KL is noisy (a few answers far from the reference move it a lot): the
+        # budget is held to the mean of the last KL_WINDOW steps, drawn beside it.
+        metrics["objective/kl_mean"] = sum(self.kl_recent) / len(self.kl_recent)
         self.check(metrics)
         return metrics
+
+    def over_budget(self, metrics: dict[str, float]) -> bool:
+        """Has the mean KL passed kl_budget? Then the run ends here, saved, as completed."""
+        return self.cfg.kl_budget is not None and metrics["objective/kl_mean"] > self.cfg.kl_budget
 
     @torch.no_grad()
     def probe(self) -> None:
@@ -441,22 +472,30 @@ def run(cfg: PPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
            f"{len(ppo.prompts)} prompts, {cfg.steps} steps of {cfg.rollout_batch_size} rollouts")
     if ppo.step == 0:
         ppo.probe()
-    t_start, start_step, metrics = time.perf_counter(), ppo.step, {}
+    t_start, start_step, metrics, spent = time.perf_counter(), ppo.step, {}, False
     while ppo.step < cfg.steps:
         if control.should_stop():
             ppo.save("stop")
             return "stopped"
         metrics = ppo.iteration()
-        step = ppo.step
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        step, spent = ppo.step, ppo.over_budget(metrics)
+        last = step == cfg.steps or spent
+        if step % cfg.log_every == 0 or last:
             ev.metrics(step, metrics)
             elapsed = time.perf_counter() - t_start
             ev.progress(step, cfg.steps, None, elapsed, elapsed / (step - start_step) * (cfg.steps - step))
-        if step % cfg.probe_every == 0 or step == cfg.steps:
+        if step % cfg.probe_every == 0 or last:
             ppo.probe()
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            ppo.save("final" if step == cfg.steps else "periodic")
+        if step % cfg.checkpoint_every == 0 or last:
+            ppo.save("kl_budget" if spent else "final" if last else "periodic")
+        if spent:
+            ev.log(f"stopped at the KL budget: the mean KL of the last {len(ppo.kl_recent)} steps, "
+                   f"{metrics['objective/kl_mean']:.3f} nats, passed kl_budget {cfg.kl_budget:g} at step {step} "
+                   f"of {cfg.steps}; step {step} is saved and is the run's result")
+            break
     summary = {k: v for k, v in run_summary(run_dir, cfg).items() if v is not None}
+    if spent:
+        summary["kl_budget_step"] = ppo.step
     write_summary(run_dir, {"stage": "ppo", **summary, **{k: v for k, v in metrics.items() if not k.startswith("time/")}})
     return "completed"
 

@@ -7,6 +7,7 @@ action t is read at t-1 too, so every per-token tensor here is aligned with the 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -143,21 +144,56 @@ def ppo_losses(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch
     return Losses(pg_loss, vf_loss, clipfrac, approxkl, mean_ratio, v_clipfrac)
 
 
-class KLController:
-    """β fixed, or adapted toward a target KL (Ziegler et al. 2019): β ← β·(1 + e·n/horizon),
-    with the proportional error e = clip(KL/target - 1, ±0.2)."""
+BETA_RANGE = (1e-4, 10.0)      # where an adaptive β stays: scores are normalised, so past 10 a
+                               # nat of KL outweighs any score; below 1e-4 the penalty is off
+ERROR_RANGE = (-0.2, 1.0)      # the controller's error ln(KL/target) is clipped to this
+KL_GAIN = 2.0                  # β's immediate answer to the error: β = b·exp(KL_GAIN·error)
 
-    def __init__(self, init: float, target: float | None, horizon: int):
+
+class KLController:
+    """β fixed (target None), or adapted toward a target KL per answer.
+
+    Ziegler et al. (2019) move β in proportion to the error, by at most 0.2·n/horizon per update:
+    with their horizon of 10000 rollouts and a batch of 32 that is 0.064 % a step, and a policy
+    pulled hard by its reward runs to many times the target before β has moved. This is a PI
+    controller in log β on the error e = clip(ln(KL/target), -0.2, 1):
+
+        log b ← log b + e·n/horizon     the integral: it finds the β that holds the target
+        β = b·exp(KL_GAIN·e)            the proportional part: an overshoot is met at once
+
+    The policy answers β with a lag (Adam's momentum, the PPO epochs), so the integral alone
+    overshoots and rings; the proportional part damps that.
+
+    The clip is asymmetric on purpose. Early in a run the KL is near 0 for many iterations; an
+    error of ln(0) would wind b down to nothing, and the KL would race far past the target before
+    b had climbed back. Lowering β slowly and raising it fast keeps that wind-up small, at the
+    cost of a KL that settles a little below the target when it is noisy. β stays in BETA_RANGE.
+    """
+
+    def __init__(self, init: float, target: float | None, horizon: float):
         self.value, self.target, self.horizon = init, target, horizon
+        self.base = init
 
     def update(self, kl: float, n_steps: int) -> None:
         if self.target is None:
             return
-        error = max(-0.2, min(0.2, kl / self.target - 1))
-        self.value *= 1 + error * n_steps / self.horizon
+        # A batch's KL estimate can be 0 or even negative: that is "far below" the target.
+        error = math.log(max(kl, 1e-12) / self.target)
+        error = min(max(error, ERROR_RANGE[0]), ERROR_RANGE[1])
+        self.base = _clip_beta(self.base * math.exp(error * n_steps / self.horizon))
+        self.value = _clip_beta(self.base * math.exp(KL_GAIN * error))
+
+    def reset(self, value: float) -> None:
+        """Start again from β = value (a kl_coef changed on resume)."""
+        self.value = self.base = value if self.target is None else _clip_beta(value)
 
     def state(self) -> dict:
-        return {"value": self.value}
+        return {"value": self.value, "base": self.base}
 
     def load(self, state: dict) -> None:
         self.value = float(state["value"])
+        self.base = float(state.get("base", self.value))     # checkpoints before the PI controller
+
+
+def _clip_beta(beta: float) -> float:
+    return min(max(beta, BETA_RANGE[0]), BETA_RANGE[1])

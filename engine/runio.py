@@ -151,9 +151,10 @@ def format_count(ev: dict) -> str:
 
 
 # The figures a progress line shows when the stage logs them: the gradient stages' loss, the
-# reward model's pair accuracy, PPO's score and KL, and the learning rate.
+# reward model's pair accuracy, PPO's score, GRPO's reward, the KL, and the learning rate.
 PROGRESS_FIGURES = (("train/loss", "loss", "{:.4g}"), ("train/accuracy", "acc", "{:.1%}"),
-                    ("objective/score", "score", "{:+.3f}"), ("objective/kl", "KL", "{:.3f}"),
+                    ("objective/score", "score", "{:+.3f}"), ("reward/total", "reward", "{:+.3f}"),
+                    ("objective/kl", "KL", "{:.3f}"),
                     ("train/lr", "lr", "{:.3g}"))
 # ... and what an evaluation line adds to the validation loss.
 EVAL_FIGURES = (("val/accuracy", "val acc", "{:.1%}"), ("eval/task_accuracy", "task acc", "{:.1%}"))

@@ -14,14 +14,15 @@ def test_demo_pipeline_end_to_end(tmp_path):
     cmd = [sys.executable, "-m", "workbench.cli", "pipeline", "--demo", "--project", str(project),
            "--scale", "tiny", "--vocab-size", "300", "--steps", "12", "--sft-steps", "6",
            "--eval-tasks", "8", "--rank-prompts", "12", "--k", "3", "--rm-epochs", "1",
-           "--ppo-steps", "2", "--device", "cpu"]
+           "--ppo-steps", "2", "--methods", "ppo,dpo", "--device", "cpu"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     table = proc.stdout[proc.stdout.index("stage      run"):]
-    for stage in ("tokenizer", "pretrain", "sft", "sample", "rank", "reward", "ppo", "evaluate"):
+    for stage in ("tokenizer", "pretrain", "sft", "sample", "rank", "reward", "ppo", "dpo", "evaluate"):
         assert f"\n{stage} " in table, table
+    assert "PPO vs SFT win rate" in table and "DPO vs SFT win rate" in table
     runs = sorted(p.name.split("-")[0] for p in (project / "runs").iterdir())
-    assert runs == ["ppo", "pretrain", "reward", "sample", "sft", "tokenizer"]
+    assert runs == ["dpo", "ppo", "pretrain", "reward", "sample", "sft", "tokenizer"]
     for run in (project / "runs").iterdir():
         events = [json.loads(l) for l in (run / "events.jsonl").read_text().splitlines()]
         assert events[-1]["type"] == "done" and events[-1]["status"] == "completed", run
@@ -34,5 +35,15 @@ def test_demo_pipeline_end_to_end(tmp_path):
         assert len(ranked) == 12 and all(r.simulated for r in ranked)
     finally:
         store.close()
-    ev = json.loads(next((project / "runs").glob("ppo-*")).joinpath("evaluation.json").read_text())
-    assert ev["n"] == 8 and ev["wins"] + ev["ties"] + ev["losses"] == 8
+    for method in ("ppo", "dpo"):
+        ev = json.loads(next((project / "runs").glob(f"{method}-*")).joinpath("evaluation.json").read_text())
+        assert ev["n"] == 8 and ev["wins"] + ev["ties"] + ev["losses"] == 8 and ev["kl"] >= 0
+        assert ev["method"] == method
+
+
+def test_an_unknown_method_is_refused_before_any_work(tmp_path):
+    cmd = [sys.executable, "-m", "workbench.cli", "pipeline", "--demo", "--project", str(tmp_path / "p"),
+           "--methods", "ppo,rlhf"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "rlhf" in proc.stderr and "choose from ppo, dpo" in proc.stderr
+    assert not (tmp_path / "p").exists()

@@ -75,7 +75,7 @@ def test_write_config_writes_the_defaults_to_edit_and_never_overwrites(tmp_path)
     assert written == default_config(PPOConfig)
     assert written["kl_coef"] == PPOConfig.kl_coef and written["probe_prompts"] == []
     assert [k for k, v in written.items() if v is None] == ["policy", "reward_model", "prompts", "value_model",
-                                                            "target_kl"]
+                                                            "target_kl", "kl_horizon", "kl_budget"]
     # As written, it is refused naming the first setting to fill in ...
     with pytest.raises(ConfigError) as e:
         load_config(PPOConfig, folder / "config.json")

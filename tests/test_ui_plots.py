@@ -9,13 +9,13 @@ import pytest
 
 pytest.importorskip("pytestqt")
 
-from PySide6.QtCore import QTimer  # noqa: E402
+from PySide6.QtCore import Qt, QTimer  # noqa: E402
 from PySide6.QtGui import QTextDocument  # noqa: E402
 
 from pyqtgraph.widgets.GraphicsView import GraphicsView  # noqa: E402
 
-from ui.plots import (FIGURES, OTHER, PLOT_SPECS, REDRAW_MS, SLOWEST_MS, PlotGrid, RunHistory,  # noqa: E402
-                      Series)
+from ui.plots import (FIGURES, OTHER, PLOT_SPECS, PLOT_X, REDRAW_MS, SLOWEST_MS, PlotGrid,  # noqa: E402
+                      RunHistory, Series)
 from ui.stall_probe import StallProbe  # noqa: E402
 
 
@@ -107,9 +107,11 @@ def test_every_key_in_the_plot_specs_is_one_the_engine_emits():
     source = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "engine").glob("*.py"))
     keys = {k for spec in PLOT_SPECS.values() for _, ks in spec for k in ks}
     keys |= {k for figures in FIGURES.values() for _, k, _ in figures}
+    keys |= {x for against in PLOT_X.values() for x, _ in against.values()}
     missing = sorted(k for k in keys if f'"{k}"' not in source)
     assert missing == []
-    assert set(PLOT_SPECS) == {"tokenizer", "pretrain", "sft", "sample", "reward", "ppo"}
+    from workbench import stages
+    assert set(PLOT_SPECS) == set(stages.NAMES)       # every stage, even one with no curves ([])
 
 
 # ----- the grid
@@ -272,6 +274,30 @@ def test_the_loss_baseline_spans_the_other_curves(grid):
     assert list(x) == [0, 20] and list(y) == [6.0, 6.0]
 
 
+def test_ppo_score_is_drawn_against_its_kl_as_points(grid):
+    g = grid("ppo")
+    g.load_events([metrics(s, objective__kl=kl, objective__score=score) for s, kl, score in
+                   ((1, 0.0, -0.5), (2, 1.5, 0.2), (3, "nan", 0.4), (4, 3.0, 0.9), (5, 2.0, 0.7))]
+                  + [metrics(6, objective__score=1.0)])         # no KL at step 6: no point
+    g.redraw()
+    title = "Score against KL"
+    x, y = g.curve_data(title, "objective/score")
+    assert list(x) == [0.0, 1.5, 3.0, 2.0] and list(y) == [-0.5, 0.2, 0.9, 0.7]   # KL goes back: points
+    curve = g.curve(title, "objective/score")
+    assert curve.opts["pen"].style() == Qt.NoPen and curve.opts["symbol"] == "o"
+    assert g.plot_item(title).getAxis("bottom").labelText == "KL to reference (nats)"
+    assert legend_text(g, title) == "● objective/score"
+    # The step/tokens switch is not its x; a resumed run replaces its points from the step it resumed at.
+    g.set_x_axis("tokens")
+    g.add_event(metrics(4, objective__kl=2.5, objective__score=0.8))
+    g.redraw()
+    x, y = g.curve_data(title, "objective/score")
+    assert list(x) == [0.0, 1.5, 2.5] and list(y) == [-0.5, 0.2, 0.8]
+    assert g.plot_item(title).getAxis("bottom").labelText == "KL to reference (nats)"
+    # The KL plot has the mean that kl_budget is held to beside the per-step KL.
+    assert dict(PLOT_SPECS["ppo"])["KL to reference (nats)"] == ["objective/kl", "objective/kl_mean"]
+
+
 def test_legend_click_hides_and_shows_a_curve(grid):
     g = grid("pretrain")
     g.load_events([metrics(s, train__loss=3.0, val__loss=3.5) for s in (10, 20)])
@@ -383,7 +409,7 @@ def test_expensive_redraws_are_spaced_out(grid, qtbot, monkeypatch):
 
 
 def test_a_stage_without_plots_of_its_own_shows_its_metrics_under_other(grid):
-    g = grid("dpo")                         # a stage added to the catalogue, no plot spec yet
+    g = grid("a-new-stage")                 # a stage added to the catalogue, no plot spec yet
     assert g.titles() == [OTHER]
     g.load_events([metrics(s, loss__dpo=1.0 / s, train__lr=1e-3) for s in range(1, 4)])
     g.redraw()

@@ -10,7 +10,7 @@ import pytest
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QApplication, QDialog
 
-from ui_driver import go, press, type_settings
+from ui_driver import go, press, sidebar_text, type_settings
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def test_menus_read_as_written_and_help_lists_the_keys(qtbot, project, make_wind
     view = next(a.menu() for a in w.menuBar().actions() if a.text() == "&View")
     texts = [a.text() for a in view.actions()]
     assert "Sample && Rank" in texts            # shown "Sample & Rank", not "Sample _Rank"
-    assert "1 run" not in w.sidebar.item(7).text() and "0 runs" in w.sidebar.item(7).text()
+    assert "1 run" not in sidebar_text(w, "runs") and "0 runs" in sidebar_text(w, "runs")
     shown = []
     monkeypatch.setattr(QDialog, "exec", lambda self: shown.append(self) or 0)
     press(qtbot, w, Qt.Key.Key_Slash, Qt.KeyboardModifier.ControlModifier)      # Help ▸ Keyboard shortcuts
@@ -97,13 +97,13 @@ def test_menus_read_as_written_and_help_lists_the_keys(qtbot, project, make_wind
 def test_one_run_is_one_run(qtbot, project, make_window):
     fake_run(project, "tokenizer-20260101-000000", {}, 1, 1.0)
     w = make_window(project, show=True)
-    assert w.sidebar.item(7).text().endswith("1 run")
+    assert sidebar_text(w, "runs").endswith("1 run")
 
 
 def test_a_run_whose_config_holds_null_for_a_number_opens_and_names_the_field(qtbot, project, make_window):
     # Written by hand or by another version: the page must open, not fail with a traceback.
-    fake_run(project, "ppo-20260101-000000", {"policy": "x", "reward_model": "y", "kl_horizon": None}, 2, 1.0)
+    fake_run(project, "ppo-20260101-000000", {"policy": "x", "reward_model": "y", "ppo_epochs": None}, 2, 1.0)
     w = make_window(project, show=True)
     go(qtbot, w, "ppo")
     form = w.pages["ppo"].form
-    assert "config.json holds null, not a whole number" in form.messages["kl_horizon"].text()
+    assert "config.json holds null, not a whole number" in form.messages["ppo_epochs"].text()

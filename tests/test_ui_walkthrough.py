@@ -10,7 +10,7 @@ import pytest
 from PySide6.QtCore import Qt
 
 from ui_driver import (JOB_TIMEOUT_MS, TINY, answer_next_dialog, click, click_tab, go, press, start_and_wait,
-                       type_settings,
+                       sidebar_text, type_settings,
                        wait_preview)
 from workbench.runfold import fold_run
 
@@ -140,10 +140,31 @@ def test_a_new_user_walks_the_pipeline_from_tokenizer_to_chat(qtbot, window, pro
     ppo_run = job.run_dir
     ends_at_last_step(ppo, ppo_run, "objective/kl")
 
-    # Chat: the newest fine-tuned model is picked; a message typed and sent gets a reply.
+    # DPO: from the same SFT run, on the same rankings, with no reward model.
+    go(qtbot, w, "dpo")
+    dpo = w.pages["dpo"]
+    ready(qtbot, dpo)
+    assert picks(dpo, "init") == sft_run.name and "⚠" not in dpo.notes.text()
+    assert "ranked records" in dpo.preview.summary.text()
+    type_settings(qtbot, dpo, TINY["dpo"])
+    job = start_and_wait(qtbot, w, dpo)
+    assert job.status == "completed", job.error
+    dpo_run = job.run_dir
+    ends_at_last_step(dpo, dpo_run, "train/reward_margin")
+
+    # Methods: both against their SFT model, compared with a click.
     go(qtbot, w, "chat")
+    click_tab(qtbot, w.pages["chat"], "Methods")
+    w.methods.prompts.setValue(3)
+    click(qtbot, w.methods.compare_btn)
+    qtbot.waitUntil(lambda: w.methods.worker is None, timeout=JOB_TIMEOUT_MS)
+    assert [w.methods.table.item(r, 1).text() for r in range(w.methods.table.rowCount())] == \
+        [ppo_run.name, dpo_run.name]
+
+    # Chat: the newest fine-tuned model is picked; a message typed and sent gets a reply.
+    click_tab(qtbot, w.pages["chat"], "Chat")
     chat = w.chat
-    assert chat.picker.path().name == ppo_run.name
+    assert chat.picker.path().name == dpo_run.name
     click(qtbot, chat.input)
     qtbot.keyClicks(chat.input, "What is 2 + 3?")
     qtbot.keyClick(chat.input, Qt.Key.Key_Return)
@@ -155,12 +176,12 @@ def test_a_new_user_walks_the_pipeline_from_tokenizer_to_chat(qtbot, window, pro
     go(qtbot, w, "runs")
     table = w.runs_browser.table
     names = {table.item(r, 0).text() for r in range(table.rowCount())}
-    assert {n.split("-")[0] for n in names} == {"ppo", "pretrain", "reward", "sample", "sft", "tokenizer"}
+    assert {n.split("-")[0] for n in names} == {"dpo", "ppo", "pretrain", "reward", "sample", "sft", "tokenizer"}
     assert {r.stage for r in ctx.lineage(ppo_run.name)} == {"ppo", "sft", "reward", "pretrain", "tokenizer"}
     rm_summary = json.loads((rm_run / "summary.json").read_text())
-    assert f"val acc {rm_summary['val/accuracy']:.1%}" in w.sidebar.item(4).text()
-    assert "score" in w.sidebar.item(5).text()
-    assert "1 batch ·" in w.sidebar.item(3).text() and "6 runs" in w.sidebar.item(7).text()
+    assert f"val acc {rm_summary['val/accuracy']:.1%}" in sidebar_text(w, "reward")
+    assert "score" in sidebar_text(w, "ppo")
+    assert "1 batch ·" in sidebar_text(w, "rank") and "7 runs" in sidebar_text(w, "runs")
 
 
 @pytest.fixture

@@ -21,6 +21,8 @@ TINY = {
     "reward": dict(epochs=1.0, batch_size=2, eval_every=1, log_every=1, device="cpu"),
     "ppo": dict(steps=2, rollout_batch_size=4, minibatch_size=2, max_new_tokens=4, probe_every=1, probe_tokens=4,
                 checkpoint_every=2, device="cpu"),
+    "dpo": dict(epochs=1.0, batch_size=2, eval_every=1, log_every=1, kl_prompts=2, kl_tokens=4, sample_every=0,
+                device="cpu"),
 }
 
 
@@ -37,6 +39,12 @@ def go(qtbot, window, key: str) -> None:
     qtbot.mouseClick(window.sidebar.viewport(), Qt.MouseButton.LeftButton,
                      pos=window.sidebar.visualItemRect(item).center())
     assert window.sidebar.currentRow() == row
+
+
+def sidebar_text(window, key: str) -> str:
+    """What the sidebar says under the page's title."""
+    from ui.main_window import SIDEBAR
+    return window.sidebar.item([k for k, _ in SIDEBAR].index(key)).text()
 
 
 def click_tab(qtbot, tabs: QTabWidget, title: str) -> None:

@@ -19,6 +19,11 @@ SECTIONS = [("Quick start", "Quick start"), ("The app, page by page", "The app")
             ("The command line", "The command line"), ("Ranking from the command line", "Ranking from the command line")]
 
 
+def page_key(i: int) -> str | None:
+    """The shortcut of the i-th page (0-based): Ctrl+1 .. Ctrl+9, then Ctrl+0, then none."""
+    return f"Ctrl+{(i + 1) % 10}" if i < 10 else None
+
+
 def shortcuts_html(pages: list[tuple[str, str]]) -> str:
     from ui.compare_view import VOTES
     from ui.ranking_keys import LEGEND
@@ -29,7 +34,7 @@ def shortcuts_html(pages: list[tuple[str, str]]) -> str:
         return f"<h3>{html.escape(title)}</h3><table>{body}</table>"
 
     return "".join([
-        table("Pages", [(f"Ctrl+{i + 1}", title) for i, (_k, title) in enumerate(pages[:9])]),
+        table("Pages", [(page_key(i), title) for i, (_k, title) in enumerate(pages[:10])]),
         table("Projects", [("Ctrl+N", "new project"), ("Ctrl+O", "open a project"), ("Ctrl+Q", "quit (jobs keep running)")]),
         table("Ranking a batch", [(k.format(k="K"), v) for k, v in LEGEND]),
         table("Chat and Compare", [("Enter", "send"), ("Shift+Enter", "new line"), ("Esc", "stop the reply"),

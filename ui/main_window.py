@@ -108,7 +108,7 @@ class MainWindow(QMainWindow):
         for i, (key, label) in enumerate(SIDEBAR):
             # "&&": a lone & in a menu marks the next letter as the mnemonic ("Sample _Rank").
             self._action(view, label.replace("&", "&&"), lambda _=False, k=key: self.go(k),
-                         QKeySequence(f"Ctrl+{i + 1}") if i < 9 else None)
+                         QKeySequence(help_pages.page_key(i)) if help_pages.page_key(i) else None)
         helpm = self.menuBar().addMenu("&Help")
         self._action(helpm, "&Keyboard shortcuts", self.show_shortcuts, QKeySequence("Ctrl+/"))
         guide = helpm.addMenu("&Guide")
@@ -223,6 +223,7 @@ class MainWindow(QMainWindow):
     def _build_pages(self) -> None:
         from ui.chat_view import ChatView
         from ui.compare_view import CompareView
+        from ui.methods_view import MethodsView
         from ui.ranking_view import RankingView
         ctx = self.ctx
         for key, _title in SIDEBAR:
@@ -245,16 +246,28 @@ class MainWindow(QMainWindow):
         self.model_cache = ModelCache(capacity=2)
         self.chat = ChatView(ctx.path, ctx.checkpoints, cache=self.model_cache)
         self.compare = CompareView(ctx.path, ctx.checkpoints, cache=self.model_cache)
+        self.methods = MethodsView(ctx.path)
+        self.methods.abRequested.connect(self._blind_ab)
         chat.addTab(self.chat, "Chat")
         chat.addTab(self.compare, "Compare")
-        chat.shutdown = lambda: (self.chat.shutdown(), self.compare.shutdown(), self.model_cache.clear())
-        chat.currentChanged.connect(lambda _i: (self.chat.refresh(), self.compare.refresh()))
+        chat.addTab(self.methods, "Methods")
+        chat.shutdown = lambda: (self.chat.shutdown(), self.compare.shutdown(), self.methods.shutdown(),
+                                 self.model_cache.clear())
+        chat.currentChanged.connect(lambda _i: (self.chat.refresh(), self.compare.refresh(),
+                                                self.methods.refresh()))
         self.pages["chat"] = chat
         self.runs_browser = RunsBrowser(ctx)
         self.runs_browser.openRun.connect(self.open_run)
         self.pages["runs"] = self.runs_browser
         for page in self.pages.values():
             self.stack.addWidget(page)
+
+    def _blind_ab(self, sft: Path, run: Path) -> None:
+        """A method's run against its SFT model, in the Compare tab, blind."""
+        self.compare.pickers[0].set_path(sft)
+        self.compare.pickers[1].set_path(run)
+        self.compare.blind.setChecked(True)
+        self.pages["chat"].setCurrentWidget(self.compare)
 
     def _sample_for_ranking(self, config) -> None:
         self.ctx.launch("sample", config)

@@ -61,7 +61,8 @@ PLOT_SPECS: dict[str, list[tuple[str, list[str]]]] = {
     # loss of a few nats) would flatten the policy loss the same way: it is under Other metrics.
     "ppo": [("Score", ["objective/score", "objective/rlhf_reward"]),
             ("Score quantiles", ["score/p10", "score/p50", "score/p90"]),
-            ("KL to reference (nats)", ["objective/kl"]),
+            ("KL to reference (nats)", ["objective/kl", "objective/kl_mean"]),
+            ("Score against KL", ["objective/score"]),
             ("KL coefficient β", ["objective/kl_coef"]),
             ("Entropy", ["objective/entropy"]),
             ("Clip fraction", ["policy/clipfrac", "value/clipfrac"]),
@@ -70,13 +71,45 @@ PLOT_SPECS: dict[str, list[tuple[str, list[str]]]] = {
             ("Ratio π/π_old", ["val/ratio", "val/ratio_first"]),
             ("Answer length (tokens)", ["rollout/length"]),
             ("Answers ending with the end token", ["rollout/eos_fraction"])],
+    # DPO's rewards are β·log(π/π_ref) of the ranked answers: chosen rising and rejected falling
+    # is learning the preference; both falling together is the policy drifting off its answers.
+    "dpo": [("Loss", _STEP_KEYS),
+            ("Reward accuracy", ["train/reward_accuracy", "val/reward_accuracy"]),
+            ("Rewards β·log π/π_ref", ["train/reward_chosen", "train/reward_rejected",
+                                      "val/reward_chosen", "val/reward_rejected"]),
+            ("Reward margin", ["train/reward_margin", "val/reward_margin"]),
+            ("Log-probs of the answers", ["train/logp_chosen", "train/logp_rejected"]),
+            ("KL to reference (nats)", ["val/kl"]),
+            *_TRAINING],
+    # GRPO: the weighted total and each reward function's mean (their stds are under Other
+    # metrics); accuracy on the training groups beside the held-out one; the share of groups
+    # whose answers all scored alike, which get zero advantage and teach nothing.
+    "grpo": [("Reward", ["reward/total", "reward/total_std"]),
+             ("Reward per function", ["reward/task", "reward/rm", "reward/length", "reward/format",
+                                      "reward/user"]),
+             ("Task accuracy", ["task/accuracy", "eval/task_accuracy"]),
+             ("Groups that all scored alike", ["groups/uniform_fraction"]),
+             ("KL to reference (nats)", ["objective/kl"]),
+             ("Entropy", ["objective/entropy"]),
+             ("Clip fraction", ["policy/clipfrac"]),
+             ("Policy loss", ["loss/policy"]),
+             ("Answer length (tokens)", ["rollout/length"]),
+             ("Answers ending with the end token", ["rollout/eos_fraction"])],
+}
+
+# Plots drawn against another metric instead of the step: stage -> {title: (x key, x axis label)},
+# as points (one per step), since the x values go back and forth. PPO's score against its KL
+# shows over-optimisation coming: KL still growing while the score has stopped paying for it.
+PLOT_X: dict[str, dict[str, tuple[str, str]]] = {
+    "ppo": {"Score against KL": ("objective/kl", "KL to reference (nats)")},
 }
 
 # Tableau 10: distinct on white and on dark grey, and mostly colour-blind safe in its first five.
 COLORS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
           "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
 _DASHES = [Qt.SolidLine, Qt.DashLine, Qt.DotLine, Qt.DashDotLine]
-_GLYPHS = {Qt.SolidLine: "━━", Qt.DashLine: "╍╍", Qt.DotLine: "┉┉", Qt.DashDotLine: "━╍"}
+_GLYPHS = {Qt.SolidLine: "━━", Qt.DashLine: "╍╍", Qt.DotLine: "┉┉", Qt.DashDotLine: "━╍",
+           Qt.NoPen: "●"}          # points only: a plot against another metric (PLOT_X)
 
 
 def _padded(v: float, step: bool) -> tuple[float, float]:
@@ -148,6 +181,7 @@ class _Cell:
     entries: list = field(default_factory=list)     # the legend's entries, as _legend_entries
     pinned: set = field(default_factory=set)        # axes given a range by _fit, not autorange
     ds: int = 1                                     # the downsampling factor set by _downsample
+    x_key: Optional[str] = None                     # drawn against this metric (PLOT_X), not the step
 
 
 class PlotGrid(QWidget):
@@ -180,7 +214,8 @@ class PlotGrid(QWidget):
         # A stage with no plots of its own (a new one) shows every metric under "Other".
         own = PLOT_SPECS.get(stage, [])
         specs = own + ([] if stage in FIGURES else [(OTHER, [])])
-        self._cells = {title: self._make_cell(title, keys) for title, keys in specs}
+        against = PLOT_X.get(stage, {})
+        self._cells = {title: self._make_cell(title, keys, against.get(title)) for title, keys in specs}
         self._spec_keys = {k for _, keys in own for k in keys}
         self.figures = FigureTable(stage)
         self.figures.setVisible(stage in FIGURES)
@@ -343,13 +378,16 @@ class PlotGrid(QWidget):
         for cell in self._cells.values():
             changed = False
             for ri, (_label, hist) in enumerate(runs):
-                tok = hist.series.get(TOKENS) if self._x_mode == "tokens" else None
+                tok = hist.series.get(TOKENS) if self._x_mode == "tokens" and cell.x_key is None else None
                 any_tokens |= tok is not None
+                xs = hist.series.get(cell.x_key) if cell.x_key else None
+                if cell.x_key and xs is None:
+                    continue
                 for ki, key in enumerate(cell.keys):
                     s = hist.series.get(key)
                     if s is None or not len(s):
                         continue
-                    stamp = (s.version, tok.version if tok is not None else None)
+                    stamp = (s.version, tok.version if tok is not None else None, xs.version if xs else None)
                     if key.endswith("_baseline"):
                         # A baseline spans the plot's other curves, so it moves when they do.
                         stamp = (stamp, tuple(hist.series[k].version for k in cell.keys if k in hist.series))
@@ -357,14 +395,14 @@ class PlotGrid(QWidget):
                         continue
                     curve = cell.curves.get((ri, key))
                     if curve is None:
-                        dash = _DASHES[ki % len(_DASHES)] if overlay else (
+                        dash = Qt.NoPen if cell.x_key else _DASHES[ki % len(_DASHES)] if overlay else (
                             Qt.DashLine if key.endswith("_baseline") else Qt.SolidLine)
                         curve = cell.widget.plot(symbolPen=None)
                         cell.curves[(ri, key)] = curve
                         cell.styles[(ri, key)] = (ri if overlay else ki, dash)
                         self._style_curve(curve, cell.styles[(ri, key)])
                         self._update_legend(cell)
-                    x, y = hist.arrays(key, self._x_mode)
+                    x, y = hist.against(cell.x_key, key) if cell.x_key else hist.arrays(key, self._x_mode)
                     if key.endswith("_baseline"):
                         x, y = self._baseline(cell, hist, x, y)
                     if s.nonfinite:
@@ -373,7 +411,7 @@ class PlotGrid(QWidget):
                         # on an all-NaN array, inside a paint call where a warning can't surface).
                         finite = np.isfinite(y)
                         x, y = (x, np.where(finite, y, np.nan)) if finite.any() else (x[:0], y[:0])
-                    markers = len(s) <= MARKERS_UP_TO and not key.endswith("_baseline")
+                    markers = bool(cell.x_key) or (len(s) <= MARKERS_UP_TO and not key.endswith("_baseline"))
                     # The series knows whether it holds a non-finite value: spare pyqtgraph its
                     # own scan of every point on every redraw.
                     curve.setData(x, y, symbol="o" if markers else None, symbolSize=5,
@@ -385,6 +423,8 @@ class PlotGrid(QWidget):
                 self._fit(cell)
         label = "tokens" if any_tokens else "step"
         for cell in self._cells.values():
+            if cell.x_key:
+                continue        # labelled once, with its metric
             axis = cell.widget.getPlotItem().getAxis("bottom")
             if axis.labelText != label:
                 axis.setLabel(label)
@@ -399,6 +439,8 @@ class PlotGrid(QWidget):
 
     def _downsample(self, cell: _Cell) -> None:
         """About two points per pixel of width (peak mode keeps each bin's min and max)."""
+        if cell.x_key:
+            return
         n = max((len(c.xData) for c in cell.curves.values() if c.xData is not None), default=0)
         ds = max(1, n // max(1, cell.widget.width()))
         if ds != cell.ds:
@@ -531,15 +573,16 @@ class PlotGrid(QWidget):
 
     # ----- look
 
-    def _make_cell(self, title: str, keys: list[str]) -> _Cell:
+    def _make_cell(self, title: str, keys: list[str], against: Optional[tuple[str, str]] = None) -> _Cell:
         w = _TimedPlot(self._clock, axisItems={"bottom": _CountAxis("bottom"), "left": _CountAxis("left")})
         w.setMinimumSize(200, 120)
         p = w.getPlotItem()
         # Downsampling is set from the data's length and the plot's width (_downsample), not
         # pyqtgraph's auto mode: that one follows the view range, which autorange takes from the
         # downsampled points, and in a real X window the two moved each other on every repaint.
+        # Neither it nor clipping suits a plot against another metric (x not sorted): every point.
         p.setDownsampling(auto=False, mode="peak")
-        p.setClipToView(True)
+        p.setClipToView(against is None)
         p.showGrid(x=True, y=True, alpha=0.15)
         for side in ("left", "bottom"):
             # Major ticks only: the minor grid doubles the lines drawn on every repaint, and a
@@ -548,7 +591,7 @@ class PlotGrid(QWidget):
         p.getAxis("left").setTickDensity(1.8)       # major-only leaves short y axes with two labels
         # No setLimits(xMin=0) to keep autorange's margin off negative steps: in a real X
         # window, with a run streaming into a page, it made the plots repaint each other forever.
-        p.setLabel("bottom", "step")
+        p.setLabel("bottom", against[1] if against else "step")
         legend = QLabel()
         legend.setTextFormat(Qt.RichText)
         legend.setContentsMargins(6, 0, 6, 0)
@@ -567,7 +610,7 @@ class PlotGrid(QWidget):
         # Links name the cell and the entry, so one bound method serves every legend: no
         # lambda holding the grid alive from its own children.
         legend.linkActivated.connect(self._toggle_curve)
-        return _Cell(title, list(keys), w, legend, frame)
+        return _Cell(title, list(keys), w, legend, frame, x_key=against[0] if against else None)
 
     def _color(self, index: int) -> QColor:
         c = QColor(COLORS[index % len(COLORS)])

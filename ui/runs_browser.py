@@ -32,6 +32,8 @@ KEY_METRICS = {
     "sample": [("sample/finished_fraction", "ended", "{:.0%}")],
     "reward": [("val/accuracy", "val acc", "{:.1%}"), ("val/margin", "margin", "{:.2f}")],
     "ppo": [("objective/score", "score", "{:+.3f}"), ("objective/kl", "KL", "{:.2f}")],
+    "grpo": [("eval/task_accuracy", "task acc", "{:.1%}"), ("reward/total", "reward", "{:+.3f}"),
+             ("objective/kl", "KL", "{:.2f}")],
 }
 COLUMNS = ["Run", "Stage", "Status", "Started from", "Started", "Duration", "Result"]
 STARTED, DURATION = COLUMNS.index("Started"), COLUMNS.index("Duration")

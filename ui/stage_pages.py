@@ -1,10 +1,11 @@
 """The stage panels that need more than the generic one: the tokenizer (inspect what it
-learned) and the reward model (train on the rankings made in this project)."""
+learned) and the stages that train on rankings (the reward model, DPO: train on the rankings
+made in this project)."""
 from __future__ import annotations
 
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel
 
-from workbench import runfolder
+from workbench import runfolder, stages
 from workbench.preferences import count_for_training
 from workbench.stages import Parent
 from workbench.store import Store
@@ -35,12 +36,14 @@ class TokenizerPanel(StagePanel):
             self.tabs.setCurrentWidget(self.inspector)
 
 
-class RewardPanel(StagePanel):
+class RankingsPanel(StagePanel):
     """Adds 'train on this project's rankings': written into the run folder at Start, so the
     run is reproducible from its folder even after more rankings are made."""
-    def __init__(self, ctx, parent=None):
+    def __init__(self, ctx, stage: str, parent=None):
         self.use_store = None       # the base class shows a run (and previews) before these exist
-        super().__init__(ctx, "reward", parent)
+        # The config field the rankings go into (the catalogue's Data marked rankings).
+        self.rankings_field = next(d.field for d in stages.spec(stage).data if d.rankings)
+        super().__init__(ctx, stage, parent)
         self.use_store = QCheckBox("Train on this project's rankings")
         self.use_simulated = QCheckBox("include simulated rankings")
         self.use_store.setToolTip("Export the rankings made in this project (Sample & Rank) into the "
@@ -92,7 +95,7 @@ class RewardPanel(StagePanel):
 
     def _apply(self, *_):
         self.use_simulated.setEnabled(self.use_store.isChecked())
-        self.form.set_override("data", [runfolder.RANKINGS] if self._on_project_rankings() else None)
+        self.form.set_override(self.rankings_field, [runfolder.RANKINGS] if self._on_project_rankings() else None)
         # The preview reads every ranking: only when what Start would write has changed.
         key = (self._on_project_rankings(), self.use_simulated.isChecked(), getattr(self, "_n", None))
         if key != getattr(self, "_previewed", None):
@@ -121,6 +124,6 @@ class RewardPanel(StagePanel):
 def make_panel(ctx, stage: str) -> StagePanel:
     if stage == "tokenizer":
         return TokenizerPanel(ctx)
-    if stage == "reward":
-        return RewardPanel(ctx)
+    if any(d.rankings for d in stages.spec(stage).data):
+        return RankingsPanel(ctx, stage)
     return StagePanel(ctx, stage)

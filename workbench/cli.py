@@ -4,6 +4,7 @@
     workbench demo --project DIR            write the offline demo project
     workbench pipeline --demo               the whole pipeline on the demo project, with a table
     workbench run STAGE --run-dir DIR       run one stage on a run folder (--set key=value)
+    workbench compare-methods --project DIR PPO, DPO and GRPO runs side by side against SFT
     workbench chat --checkpoint PATH        talk to a checkpoint in the terminal
     workbench import-samples / batches / rank / preferences / agreement
                                             ranking data, headless (workbench/annotate_cli.py)
@@ -97,14 +98,18 @@ PIPELINE_OPTIONS = [
     ("--ppo-steps", int, "PPO iterations"),
     ("--ppo-lr", float, "PPO learning rate"),
     ("--kl-coef", float, "PPO KL coefficient beta"),
+    ("--dpo-lr", float, "DPO learning rate"),
+    ("--dpo-beta", float, "DPO beta"),
+    ("--grpo-steps", int, "GRPO iterations"),
+    ("--grpo-lr", float, "GRPO learning rate"),
 ]
 
 
 def add_pipeline_parser(sub) -> None:
-    from workbench.pipeline import OPTIONS, steps
+    from workbench.pipeline import DEFAULT_METHODS, OPTIONS, methods, steps
     p = sub.add_parser("pipeline", help="run the whole pipeline headless, one run folder per stage",
                        description="Run tokenizer -> pretrain -> SFT -> sample -> simulated ranking -> "
-                                   "reward model -> PPO -> evaluation in a project folder (the demo "
+                                   "reward model -> PPO (and DPO, GRPO with --methods) -> evaluation in a project folder (the demo "
                                    "project with --demo), one run per stage under PROJECT/runs/, with a "
                                    "progress line per stage and a table of each stage's key figure. Each "
                                    "stage starts from the settings the app's panels start with (the "
@@ -114,6 +119,9 @@ def add_pipeline_parser(sub) -> None:
                    help="project folder (default with --demo: ./demo-project)")
     p.add_argument("--until", default="evaluate", choices=steps(), metavar="STAGE",
                    help=f"stop after this stage: {', '.join(steps())} (default: all)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), metavar="LIST",
+                   help=f"alignment methods to run from the SFT model and evaluate against it, "
+                        f"comma-separated: {', '.join(methods())} (default {','.join(DEFAULT_METHODS)})")
     p.add_argument("--scale", choices=["tiny", "small", "full"], default="small",
                    help="size of a newly written demo corpus (default small)")
     for flag, kind, text in PIPELINE_OPTIONS:
@@ -178,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_pipeline_parser(sub)
     add_run_parser(sub)
+
+    from workbench import methods
+    p = sub.add_parser("compare-methods", help="PPO, DPO and GRPO runs side by side against their SFT model",
+                       description=methods.__doc__.split("\n\n")[0] + " " + " ".join(
+                           methods.__doc__.split("\n\n")[2].split()))
+    methods.add_arguments(p)
+    p.set_defaults(func=methods.run_from_args)
 
     p = sub.add_parser("chat", help="talk to a checkpoint in the terminal (streamed answers)",
                        description="A terminal chat with a checkpoint, through the chat template its "

@@ -63,6 +63,30 @@ def win_rate(prompts: Sequence[str], a: Answers, b: Answers, preference: Sequenc
     return {"win_rate": (wins + 0.5 * ties) / n, "wins": wins, "ties": ties, "losses": losses}
 
 
+@torch.no_grad()
+def kl_to_base(candidate: Loaded, base: Loaded, prompts: Sequence[str], max_new_tokens: int = 32,
+               seed: int = 0, batch_size: int = 32) -> float:
+    """KL(candidate ‖ base) per answer, in nats: the candidate answers each prompt once (sampled
+    at temperature 1, seeded), and the exact KL of the next-token distributions is summed over
+    the states its answer visits (engine.dpo_loss.state_kl). The same figure for every method,
+    so PPO's, DPO's and GRPO's distances from their SFT start compare."""
+    from engine.dpo_loss import state_kl
+    from engine.generate import generate_batch
+    from engine.ppo_core import build_rollout
+    tok, total = candidate.tokenizer, 0.0
+    for lo in range(0, len(prompts), batch_size):
+        # Cut as generation cuts a long prompt, so prompt and answer fit one forward pass.
+        keep = candidate.model.config.max_seq_len - 1
+        chunk = [render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0][-keep:]
+                 for p in prompts[lo:lo + batch_size]]
+        answers = generate_batch(candidate.model, chunk, max_new_tokens, temperature=1.0,
+                                 seed=[seed + lo + i for i in range(len(chunk))],
+                                 stop_ids=(tok.end_id,), pad_id=tok.pad_id)
+        ro = build_rollout(chunk, answers, tok.end_id, tok.pad_id)
+        total += float((state_kl(candidate.model(ro.ids), base.model(ro.ids)) * ro.mask).sum())
+    return total / max(1, len(prompts))
+
+
 def compare(base: Path, candidate: Path, prompts: Sequence[str], *, reward_model: Optional[Path] = None,
             max_new_tokens: int = 32) -> dict:
     """Figures for `candidate` against `base` (e.g. PPO against its SFT start) on `prompts`."""
@@ -73,7 +97,8 @@ def compare(base: Path, candidate: Path, prompts: Sequence[str], *, reward_model
     result = {"n": len(prompts), "base_accuracy": accuracy(prompts, a), "accuracy": accuracy(prompts, b),
               **win_rate(prompts, a, b),
               "base_mean_chars": sum(map(len, a.texts)) / len(prompts),
-              "mean_chars": sum(map(len, b.texts)) / len(prompts)}
+              "mean_chars": sum(map(len, b.texts)) / len(prompts),
+              "kl": kl_to_base(b_art, a_art, prompts, max_new_tokens)}
     if reward_model is not None:
         rm = load_artifact(reward_model)
         norm_file = rm.checkpoint / NORM_FILE

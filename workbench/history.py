@@ -202,6 +202,16 @@ class RunHistory:
             return self._tokens_x(key), y
         return steps, y
 
+    def against(self, x_key: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y): `key`'s values against `x_key`'s at the steps that have both (PPO's score
+        against its KL), without the pairs where either is not finite: a point needs both."""
+        sx, x = self.series[x_key].arrays()
+        sy, y = self.series[key].arrays()
+        _, ix, iy = np.intersect1d(sx, sy, assume_unique=True, return_indices=True)
+        x, y = x[ix], y[iy]
+        keep = np.isfinite(x) & np.isfinite(y)
+        return (x, y) if keep.all() else (x[keep], y[keep])
+
     def _tokens_x(self, key: str) -> np.ndarray:
         s, tok = self.series[key], self.series[TOKENS]
         stamp = (s.rewinds, tok.rewinds)

@@ -1,6 +1,9 @@
 """`workbench pipeline`: every stage of the catalogue in order, each a run folder in the project.
 
-    tokenizer -> pretrain -> sft -> sample -> rank (simulated) -> reward -> ppo -> evaluate
+    tokenizer -> pretrain -> sft -> sample -> rank (simulated) -> reward -> ppo [dpo grpo] -> evaluate
+
+The alignment methods (the catalogue's `method` stages) run when --methods names them (PPO by
+default); the evaluation sets each against the SFT model on the same held-out prompts.
 
 Each stage's settings are made exactly as the app's panels make them for a new run
 (workbench/runfolder.py: the engine's defaults, the demo's settings from the catalogue, the
@@ -23,6 +26,7 @@ from engine.runio import StageError, format_count, format_duration
 from workbench import demo, runfolder, stages
 from workbench.cli import refuse
 from workbench.jobs import JobResult, run_job
+from workbench.methods import methods
 from workbench.project import Project, ProjectError
 from workbench.runfold import RunFold
 from workbench.store_types import StoreError
@@ -45,16 +49,25 @@ OPTIONS = {
     "ppo_steps": ("ppo", "steps"),
     "ppo_lr": ("ppo", "lr"),
     "kl_coef": ("ppo", "kl_coef"),
+    "dpo_lr": ("dpo", "lr"),
+    "dpo_beta": ("dpo", "beta"),
+    "grpo_steps": ("grpo", "steps"),
+    "grpo_lr": ("grpo", "lr"),
 }
 COMMON = ("seed", "device", "nproc")        # set on every stage whose config has them
 RANK, EVALUATE = "rank", "evaluate"
 
 
-def steps() -> list[str]:
-    """What the pipeline runs, in order: the catalogue's stages, the simulated ranking after
-    sampling, and the evaluation at the end."""
+DEFAULT_METHODS = ("ppo",)
+
+
+def steps(chosen: Optional[tuple[str, ...]] = None) -> list[str]:
+    """What the pipeline runs, in order: the catalogue's stages (of the alignment methods, the
+    chosen ones; all when None), the simulated ranking after sampling, the evaluation at the end."""
     out = []
     for s in stages.STAGES:
+        if s.method and chosen is not None and s.name not in chosen:
+            continue
         out.append(s.name)
         if s.produces == "samples":
             out.append(RANK)
@@ -113,12 +126,18 @@ class Pipeline:
         self.rankings = 0
         self.rows: list[Row] = []
 
-    def newest(self, parent: stages.Parent) -> Optional[Path]:
-        made = [self.made[s] for s in parent.expects if s in self.made]
-        return max(made, key=lambda p: p.name) if made else None
+    def newest(self, parent: stages.Parent, method: bool = False) -> Optional[Path]:
+        """The run this pipeline made last among the stages the input expects; an alignment
+        method's model is the SFT run, so every method starts from the same one and compares."""
+        if method and parent.kind == "checkpoint" and "sft" in parent.expects and "sft" in self.made:
+            return self.made["sft"]
+        order = list(self.made)
+        made = [s for s in parent.expects if s in self.made]
+        return self.made[max(made, key=order.index)] if made else None
 
     def values(self, stage: str) -> dict:
-        values = runfolder.suggested_values(self.project, stage, self.newest)
+        method = stages.spec(stage).method
+        values = runfolder.suggested_values(self.project, stage, lambda p: self.newest(p, method))
         fields = set(runfolder.defaults(stage)) | {p.field for p in stages.spec(stage).parents}
         for option, (target, name) in OPTIONS.items():
             value = getattr(self.args, option, None)
@@ -164,20 +183,27 @@ class Pipeline:
                              f"{self.rankings} simulated rankings (correct, ended, then shorter)", s))
 
     def evaluate(self) -> None:
-        from engine.sft_data import read_tasks
-        from workbench.evaluate import compare
-        t0 = time.perf_counter()
-        base, tuned = self.made["sft"], self.made["ppo"]
-        tasks_file = self.project.data_files("eval_tasks")[0]
-        limit = self.values("sft").get("eval_task_limit") or 200
-        held_out = [t.prompt for t in read_tasks(tasks_file, limit)]
-        r = compare(base, tuned, held_out, reward_model=self.made["reward"])
-        s = time.perf_counter() - t0
-        (tuned / "evaluation.json").write_text(json.dumps(r, indent=2) + "\n", encoding="utf-8")
-        self.rows.append(Row(EVALUATE, tuned.name,
-                             f"PPO vs SFT win rate {r['win_rate']:.1%} (W{r['wins']}/T{r['ties']}/L{r['losses']}); "
-                             f"accuracy {r['base_accuracy']:.1%} -> {r['accuracy']:.1%}; "
-                             f"RM score {r['base_score']:+.3f} -> {r['score']:+.3f}", s))
+        """Each alignment method's run against the SFT model it started from, on the same
+        held-out prompts (workbench.methods, as `workbench compare-methods` does)."""
+        from workbench import methods as side_by_side
+        prompts = side_by_side.held_out_prompts(self.project, self.values("sft").get("eval_task_limit") or 200)
+        rows = []
+        for method in (m for m in side_by_side.methods() if m in self.made):
+            t0 = time.perf_counter()
+            tuned = self.made[method]
+            r = side_by_side.evaluate_method(method, self.made["sft"], tuned, prompts, self.made.get("reward"),
+                                             next(row.seconds for row in self.rows if row.stage == method))
+            (tuned / "evaluation.json").write_text(json.dumps(r, indent=2) + "\n", encoding="utf-8")
+            rows.append(r)
+            score = f"; RM score {r['base_score']:+.3f} -> {r['score']:+.3f}" if "score" in r else ""
+            self.rows.append(Row(EVALUATE, tuned.name,
+                                 f"{stages.spec(method).title} vs SFT win rate {r['win_rate']:.1%} "
+                                 f"(W{r['wins']}/T{r['ties']}/L{r['losses']}); KL {r['kl']:.2f} nats; "
+                                 f"accuracy {r['base_accuracy']:.1%} -> {r['accuracy']:.1%}{score}",
+                                 time.perf_counter() - t0))
+        reward = self.made.get("reward")
+        side_by_side.save_result(self.project.path, self.made["sft"].name, reward.name if reward else None,
+                                 len(prompts), rows)
 
     def table(self, total_s: float) -> str:
         lines = [f"{'stage':<10} {'run':<28} {'time':>7}  key figure"]
@@ -226,6 +252,11 @@ FIGURES: dict[str, Figure] = {
                                "in all)"),
     "ppo": lambda p, r, s: (f"score {_nan(r.metrics(), 'objective/score'):+.3f}, "
                             f"KL {_nan(r.metrics(), 'objective/kl'):.3f} nats"),
+    "dpo": lambda p, r, s: (f"held-out reward accuracy {_nan(s, 'val/reward_accuracy'):.1%} on "
+                            f"{s.get('val_rankings')} rankings, KL {_nan(s, 'val/kl'):.3f} nats"),
+    "grpo": lambda p, r, s: (f"task accuracy {_nan(s, 'task_accuracy_before'):.1%} -> "
+                             f"{_nan(s, 'task_accuracy_after'):.1%} on {s.get('eval_tasks', '?')} held-out tasks, "
+                             f"reward {_nan(s, 'reward/total'):+.3f}, KL {_nan(s, 'objective/kl'):.3f} nats"),
 }
 
 
@@ -233,9 +264,14 @@ def run_pipeline(args) -> int:
     project_dir = args.project or (Path("demo-project") if args.demo else None)
     if project_dir is None:
         return refuse("give --project DIR, or --demo for the demo project")
-    order = steps()
+    chosen = tuple(m.strip() for m in (getattr(args, "methods", None) or ",".join(DEFAULT_METHODS)).split(",")
+                   if m.strip())
+    unknown = [m for m in chosen if m not in methods()]
+    if unknown or not chosen:
+        return refuse(f"--methods: {', '.join(unknown) or 'none given'}: choose from {', '.join(methods())}")
+    order = steps(chosen)
     if args.until not in order:
-        return refuse(f"--until must be one of {', '.join(order)}")
+        return refuse(f"--until must be one of {', '.join(order)} (with --methods {','.join(chosen)})")
     if args.demo and not (project_dir / "workbench.toml").exists():
         print(f"writing the demo project to {project_dir} ...", flush=True)
         demo.write_demo_project(project_dir, seed=args.seed, scale=args.scale)

@@ -55,6 +55,9 @@ class StageSpec:
     work: tuple[str, ...] = ()
     page: Optional[str] = None      # the app page it lives on, if not its own
     project_defaults: dict = field(default_factory=dict)   # field -> (workbench.toml section, key)
+    # An alignment method that starts from the SFT model (PPO, DPO, GRPO): `workbench pipeline`
+    # runs the ones its --methods names, and the methods comparison sets them side by side.
+    method: bool = False
 
     @property
     def module(self) -> str:
@@ -82,8 +85,6 @@ def follow_steps(spec: StageSpec, steps: int) -> dict:
     """The settings that scale with a run of `steps` steps (eval, samples, checkpoints...)."""
     return {name: max(1, int(steps * share + 1e-9)) for name, share in spec.follows.items()}
 
-
-_CKPT = ("pretrain", "sft", "ppo")     # stages whose runs hold a language model
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec(
@@ -151,18 +152,56 @@ STAGES: tuple[StageSpec, ...] = (
         blurb="Optimise the SFT policy against the reward model with PPO, held near the SFT model by a "
               "KL penalty. Watch score, KL and entropy together: a score that rises while KL explodes "
               "is reward hacking.",
-        config="engine.ppo:PPOConfig", produces="checkpoint", action="run PPO",
+        config="engine.ppo:PPOConfig", produces="checkpoint", action="run PPO", method=True,
         work=("rollout_batch_size", "max_new_tokens", "ppo_epochs"),
         parents=(Parent("policy", "checkpoint", ("sft",),
                         "PPO starts from the SFT model; a base model has not learned to answer"),
                  Parent("reward_model", "reward", ("reward",)),
                  Parent("value_model", "reward")),
         data=(Data("prompts", "prompts", project="prompts"), Data("ptx_data", "pretrain", preview=False)),
-        basic=("steps", "rollout_batch_size", "lr", "kl_coef", "target_kl", "max_new_tokens", "device"),
+        basic=("steps", "rollout_batch_size", "lr", "kl_coef", "target_kl", "kl_budget", "max_new_tokens", "device"),
         demo=dict(steps=40, rollout_batch_size=32, minibatch_size=16, ppo_epochs=2, max_new_tokens=24,
                   lr=3e-5, value_lr=3e-5, kl_coef=0.05),
         steps_field="steps",
         follows=dict(probe_every=0.25, checkpoint_every=0.5)),
+    StageSpec(
+        name="dpo", title="DPO", heading="Direct preference optimisation",
+        blurb="Optimise the SFT model on the rankings directly, with no reward model and no sampling: "
+              "each ranking's better answers gain probability over its worse ones, measured against "
+              "the frozen SFT model, and beta holds the policy near it. Pairwise uses every pair of a "
+              "ranking; Plackett-Luce the whole order.",
+        config="engine.dpo:DPOConfig", produces="checkpoint", action="run DPO", method=True,
+        work=("batch_size", "grad_accum"),
+        parents=(Parent("init", "checkpoint", ("sft",),
+                        "DPO starts from the SFT model, which is also the reference it is held near"),
+                 Parent("tokenizer", "tokenizer")),
+        data=(Data("data", "preferences", rankings=True), Data("val_data", "preferences", preview=False)),
+        basic=("epochs", "beta", "loss", "form", "batch_size", "lr", "device", "nproc"),
+        demo=dict(epochs=1.0, batch_size=8, lr=1e-4, beta=0.1, eval_every=50, sample_every=100)),
+    # GRPO trains on the demo's prompts.txt (task prompts the checker can score, held out from
+    # the corpus and SFT), never on eval_tasks: those only measure it, as they measure SFT and the
+    # pipeline's evaluation.
+    StageSpec(
+        name="grpo", title="GRPO", heading="GRPO with verifiable rewards",
+        blurb="Sample a group of answers to each prompt and push the policy toward the ones that beat "
+              "their group. The reward is a weighted sum: the demo's task checker, a reward model, "
+              "length and format rules, or your own Python function. Watch held-out task accuracy "
+              "and KL to the starting model; groups whose answers all scored alike teach nothing.",
+        config="engine.grpo:GRPOConfig", produces="checkpoint", action="run GRPO", method=True,
+        work=("prompts_per_step", "group_size", "max_new_tokens", "grpo_epochs"),
+        parents=(Parent("policy", "checkpoint", ("sft", "ppo"),
+                        "GRPO starts from a model that already answers (SFT, or PPO to go on from it); "
+                        "a base model's answers rarely score, so its groups teach nothing"),
+                 Parent("reward_model", "reward", ("reward",)),
+                 Parent("tokenizer", "tokenizer")),
+        data=(Data("prompts", "prompts", project="prompts"),
+              Data("eval_tasks", "tasks", project="eval_tasks", first_only=True, preview=False)),
+        basic=("steps", "prompts_per_step", "group_size", "lr", "task_weight", "rm_weight", "user_reward",
+               "kl_coef", "max_new_tokens", "device"),
+        demo=dict(steps=100, prompts_per_step=16, group_size=8, minibatch_size=32, max_new_tokens=16,
+                  lr=1e-4, temperature=1.0, kl_coef=0.0, eval_task_limit=200, task_weight=1.0, rm_weight=0.0),
+        steps_field="steps",
+        follows=dict(eval_every=0.25, probe_every=0.25, checkpoint_every=0.5)),
 )
 
 BY_NAME = {s.name: s for s in STAGES}

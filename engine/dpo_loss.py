@@ -1,0 +1,81 @@
+"""The arithmetic of direct preference optimisation on K-way rankings, as pure tensor functions.
+
+For an answer y to a prompt x, the policy's *log-ratio* is log π(y|x) - log π_ref(y|x), summed
+over the answer's tokens (its <|end|> included, as SFT trains it); β times it is DPO's implicit
+reward. A ranking of K answers (groups of tied answers, best first) gives:
+
+* pairwise: every (better, worse) pair of the C(K,2) it implies, ties giving none, each scored
+  like a chosen/rejected pair; the sum is divided by C(K,2), as the reward model's loss is, so
+  a ranking weighs the same whatever its K and ties just contribute less. For K = 2 this is DPO.
+  Loss per pair: sigmoid (DPO): -log σ(β·h); IPO: (h - 1/(2β))², h the pair's log-ratio margin.
+* plackett_luce: the likelihood of the whole order, Π over places of softmax(β·log-ratio) over the
+  answers not yet placed (tied answers share one denominator, Breslow's way; the last group
+  places nothing), divided by K - 1. For K = 2 it is exactly pairwise DPO.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from engine.reward_data import ranking_pairs
+
+LOSSES = ("sigmoid", "ipo")
+FORMS = ("pairwise", "plackett_luce")
+
+
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Σ log p(target) over each row's targets (-100: not counted): [N] in fp32."""
+    lp = F.log_softmax(logits.float(), dim=-1)
+    keep = targets != -100
+    picked = lp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return (picked * keep).sum(-1)
+
+
+def state_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """KL(π ‖ π_ref) of the next-token distributions, aligned with the token they predict:
+    column t is the KL at the state before token t (column 0 is 0), as ppo_core aligns log-probs."""
+    lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    ref = F.log_softmax(ref_logits[:, :-1].float(), dim=-1)
+    return F.pad((lp.exp() * (lp - ref)).sum(-1), (1, 0))
+
+
+def pair_margins(logratio: torch.Tensor, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, chosen log-ratio, rejected log-ratio) of each pair: h = chosen - rejected."""
+    w = torch.tensor([p[0] for p in pairs], device=logratio.device)
+    l = torch.tensor([p[1] for p in pairs], device=logratio.device)
+    return logratio[w] - logratio[l], logratio[w], logratio[l]
+
+
+def pairwise_loss(logratio: torch.Tensor, groups: list[list[int]], beta: float, loss: str) -> torch.Tensor:
+    k = logratio.numel()
+    h, _, _ = pair_margins(logratio, ranking_pairs(groups))
+    if loss == "ipo":
+        per_pair = (h - 1 / (2 * beta)) ** 2
+    else:
+        per_pair = -F.logsigmoid(beta * h)
+    return per_pair.sum() / math.comb(k, 2)
+
+
+def plackett_luce_loss(logratio: torch.Tensor, groups: list[list[int]], beta: float) -> torch.Tensor:
+    """-log P(order) under Plackett-Luce with scores β·log-ratio, over K - 1."""
+    z = beta * logratio
+    terms = []
+    for i, group in enumerate(groups[:-1]):
+        rest = torch.tensor([j for g in groups[i:] for j in g], device=z.device)
+        denom = torch.logsumexp(z[rest], dim=0)
+        terms.append((denom - z[torch.tensor(group, device=z.device)]).sum())
+    return torch.stack(terms).sum() / (logratio.numel() - 1)
+
+
+def ranking_loss(logratio: torch.Tensor, groups: list[list[int]], beta: float, loss: str = "sigmoid",
+                 form: str = "pairwise") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ranking's loss and, for the metrics, its pairs' (β·margin, β·chosen, β·rejected)
+    implicit rewards, detached. The ranking must imply at least one pair."""
+    if form == "plackett_luce":
+        value = plackett_luce_loss(logratio, groups, beta)
+    else:
+        value = pairwise_loss(logratio, groups, beta, loss)
+    h, c, r = pair_margins(logratio.detach(), ranking_pairs(groups))
+    return value, beta * h, beta * c, beta * r

@@ -1,0 +1,90 @@
+"""The methods side by side: which runs are compared, the command, and the app's Methods tab."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PySide6.QtCore import Qt
+
+from test_ui_stage_forms import fake_run
+from workbench.methods import MethodsError, choose, read_result
+from workbench.runs import RunInfo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def info(name, status="completed", **parents):
+    return RunInfo(name=name, stage=name.split("-")[0], path=Path(name), status=status, parents=parents,
+                   created_at=0.0)
+
+
+def test_the_sft_run_most_methods_started_from_and_the_newest_run_of_each():
+    runs = [info("sft-1"), info("sft-2"),
+            info("ppo-1", policy="sft-1"), info("ppo-3", policy="sft-1"), info("ppo-4", "failed", policy="sft-1"),
+            info("dpo-2", init="sft-1"), info("dpo-5", init="sft-2"),
+            info("reward-1", init="sft-1"), info("reward-2", init="sft-2")]
+    sft, chosen, judge = choose(runs)
+    assert sft.name == "sft-1" and judge.name == "reward-1"
+    assert {m: r.name for m, r in chosen.items()} == {"ppo": "ppo-3", "dpo": "dpo-2"}   # failed ppo-4 is not
+    sft, chosen, judge = choose(runs, "sft-2")
+    assert {m: r.name for m, r in chosen.items()} == {"dpo": "dpo-5"} and judge.name == "reward-2"
+    with pytest.raises(MethodsError, match="no completed method run starts from sft-9|no run named sft-9"):
+        choose(runs, "sft-9")
+    with pytest.raises(MethodsError, match="no completed PPO/DPO"):
+        choose([info("sft-1"), info("ppo-1", "stopped", policy="sft-1")])
+
+
+@pytest.fixture
+def methods_project(demo_project, tiny_lm_ckpt):
+    """An SFT run and a DPO and a PPO run from it (the same tiny weights: they cannot differ)."""
+    fake_run(demo_project, "sft-20260101-000000", {}, 5, 1.0, checkpoint=tiny_lm_ckpt)
+    fake_run(demo_project, "dpo-20260101-000100", {"init": "../sft-20260101-000000"}, 5, 30.0,
+             checkpoint=tiny_lm_ckpt)
+    fake_run(demo_project, "ppo-20260101-000200", {"policy": "../sft-20260101-000000"}, 5, 90.0,
+             checkpoint=tiny_lm_ckpt)
+    return demo_project
+
+
+def test_compare_methods_evaluates_each_against_sft_and_keeps_the_result(methods_project):
+    cmd = [sys.executable, "-m", "workbench.cli", "compare-methods", "--project", str(methods_project),
+           "--prompts", "6"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "against sft-20260101-000000 on 6 held-out prompts" in proc.stdout
+    result = read_result(methods_project)
+    assert [r["method"] for r in result["rows"]] == ["ppo", "dpo"]          # the catalogue's order
+    for r in result["rows"]:
+        # The same weights as SFT: every answer ties, and KL to SFT is exactly zero.
+        assert (r["n"], r["ties"], r["win_rate"], r["kl"]) == (6, 6, 0.5, 0.0)
+    assert result["rows"][1]["seconds"] == pytest.approx(30.0)
+
+
+def test_nothing_to_compare_is_one_line_and_exit_2(demo_project):
+    cmd = [sys.executable, "-m", "workbench.cli", "compare-methods", "--project", str(demo_project)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: no completed PPO/DPO")
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_methods_tab_compares_plots_and_hands_a_pair_to_blind_ab(qtbot, methods_project, make_window):
+    w = make_window(methods_project, show=True)
+    w.go("chat")
+    tabs = w.pages["chat"]
+    tabs.setCurrentWidget(w.methods)
+    view = w.methods
+    assert "No comparison yet" in view.status.text() and not view.ab_btn.isEnabled()
+    view.prompts.setValue(4)
+    qtbot.mouseClick(view.compare_btn, Qt.LeftButton)
+    assert not view.compare_btn.isEnabled()
+    qtbot.waitUntil(lambda: view.worker is None, timeout=120_000)
+    assert view.status.text().startswith("Against sft-20260101-000000 on 4 held-out prompts")
+    assert view.table.rowCount() == 2 and view.table.item(0, 0).text() == "PPO"
+    assert view.table.item(1, 6).text() == "0.00"
+    points = [i for i in view.plot.getPlotItem().items if hasattr(i, "points")]
+    assert len(points) == 2
+    view.table.selectRow(1)
+    qtbot.mouseClick(view.ab_btn, Qt.LeftButton)
+    assert tabs.currentWidget() is w.compare and w.compare.blind.isChecked()
+    assert [p.path().name for p in w.compare.pickers] == ["sft-20260101-000000", "dpo-20260101-000100"]
+    assert json.loads((methods_project / "methods.json").read_text())["prompts"] == 4

@@ -1,0 +1,161 @@
+"""The methods side by side: PPO, DPO and GRPO runs from one SFT model, evaluated against it on
+the same held-out prompts (workbench.methods), as a table and a plot of win rate against KL.
+
+The evaluation runs on a Worker (it answers a few hundred prompts with each model: seconds to a
+minute on a CPU); the last result is read back from the project's methods.json, so the page
+shows it when the app opens. "Blind A/B" hands the selected method and its SFT model to the
+Compare tab, where a person judges the two answer by answer.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLabel, QPushButton, QSpinBox,
+                               QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+
+from engine.runio import format_duration
+from ui.plots import COLORS
+from ui.workers import Worker
+from workbench import methods, stages
+from workbench.project import Project
+
+COLUMNS = ("Method", "Run", "Win rate vs SFT", "W / T / L", "Task accuracy", "RM score", "KL to SFT (nats)",
+           "Training time")
+
+
+def row_cells(r: dict) -> list[str]:
+    acc = (f"{r['base_accuracy']:.1%} → {r['accuracy']:.1%}" if r.get("accuracy") is not None else "–")
+    score = f"{r['base_score']:+.3f} → {r['score']:+.3f}" if "score" in r else "–"
+    secs = format_duration(r["seconds"]) if r.get("seconds") is not None else "–"
+    return [stages.spec(r["method"]).title, r["run"], f"{r['win_rate']:.1%}",
+            f"{r['wins']} / {r['ties']} / {r['losses']}", acc, score, f"{r['kl']:.2f}", secs]
+
+
+class MethodsView(QWidget):
+    abRequested = Signal(object, object)      # (SFT run folder, method run folder)
+
+    def __init__(self, project_dir: Path, parent: Optional[QWidget] = None):
+        super().__init__(parent)
+        self.project_dir = Path(project_dir)
+        self.result: Optional[dict] = None
+        self.worker: Optional[Worker] = None
+        intro = QLabel("Each alignment method's newest run from one SFT model, against that model on the "
+                       "same held-out tasks: how often the simulated annotator prefers it, its task "
+                       "accuracy and reward-model score, and how far it moved (KL, measured the same way "
+                       "for every method). Train PPO, DPO or GRPO from the same SFT run first.")
+        intro.setWordWrap(True)
+        self.prompts = QSpinBox()
+        self.prompts.setRange(1, 10000)
+        self.prompts.setValue(methods.DEFAULT_PROMPTS)
+        self.prompts.setToolTip("held-out tasks each model answers")
+        self.compare_btn = QPushButton("Compare methods")
+        self.compare_btn.clicked.connect(self.start)
+        self.ab_btn = QPushButton("Blind A/B against SFT")
+        self.ab_btn.setToolTip("judge the selected method against its SFT model in the Compare tab")
+        self.ab_btn.clicked.connect(self._ab)
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        controls = QHBoxLayout()
+        controls.addWidget(QLabel("Held-out prompts"))
+        controls.addWidget(self.prompts)
+        controls.addWidget(self.compare_btn)
+        controls.addWidget(self.ab_btn)
+        controls.addStretch(1)
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SingleSelection)
+        self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
+        self.table.itemSelectionChanged.connect(self._update_buttons)
+        self.plot = pg.PlotWidget()
+        self.plot.setLabel("bottom", "KL to SFT (nats per answer)")
+        self.plot.setLabel("left", "win rate vs SFT")
+        self.plot.addLine(y=0.5, pen=pg.mkPen("#888", style=Qt.DashLine))
+        self.plot.showGrid(x=True, y=True, alpha=0.2)
+        col = QVBoxLayout(self)
+        col.addWidget(intro)
+        col.addLayout(controls)
+        col.addWidget(self.status)
+        col.addWidget(self.table, 1)
+        col.addWidget(self.plot, 2)
+        self.refresh()
+
+    def refresh(self) -> None:
+        if self.worker is None:
+            self.show_result(methods.read_result(self.project_dir))
+
+    def show_result(self, result: Optional[dict]) -> None:
+        self.result = result
+        rows = result["rows"] if result else []
+        self.table.setRowCount(len(rows))
+        for i, r in enumerate(rows):
+            for j, text in enumerate(row_cells(r)):
+                item = QTableWidgetItem(text)
+                if j >= 2:
+                    item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
+                self.table.setItem(i, j, item)
+        self._draw(rows)
+        if result:
+            judge = f", scored by {result['reward_model']}" if result.get("reward_model") else ""
+            self.status.setText(f"Against {result['sft']} on {result['prompts']} held-out prompts{judge}.")
+        else:
+            self.status.setText("No comparison yet: train two or more methods from one SFT run, then Compare.")
+        self._update_buttons()
+
+    def _draw(self, rows: list[dict]) -> None:
+        for item in [i for i in self.plot.getPlotItem().items if isinstance(i, (pg.ScatterPlotItem, pg.TextItem))]:
+            self.plot.removeItem(item)
+        for i, r in enumerate(rows):
+            color = COLORS[i % len(COLORS)]
+            self.plot.addItem(pg.ScatterPlotItem([r["kl"]], [r["win_rate"]], size=12, brush=pg.mkBrush(color),
+                                                 pen=pg.mkPen(color)))
+            label = pg.TextItem(stages.spec(r["method"]).title, color=color, anchor=(0, 1))
+            label.setPos(r["kl"], r["win_rate"])
+            self.plot.addItem(label)
+
+    def selected(self) -> Optional[dict]:
+        rows = self.table.selectionModel().selectedRows()
+        return self.result["rows"][rows[0].row()] if rows and self.result else None
+
+    def _update_buttons(self) -> None:
+        self.ab_btn.setEnabled(self.selected() is not None and self.worker is None)
+        self.compare_btn.setEnabled(self.worker is None)
+
+    def start(self) -> None:
+        self.worker = Worker(self._compare, self.prompts.value())
+        self.worker.progress.connect(lambda text: self.status.setText(text))
+        self.worker.finished.connect(self._finished)
+        self.worker.errored.connect(self._failed)
+        self.status.setText("Evaluating …")
+        self._update_buttons()
+        self.worker.start()
+
+    def _compare(self, n_prompts: int, emit, cancelled) -> dict:
+        project = Project.open(self.project_dir)
+        return methods.compare_methods(project, None, n_prompts, on_progress=lambda i, n, m: emit(
+            f"Evaluating {stages.spec(m).title} ({i + 1} of {n}) on {n_prompts} held-out prompts …"))
+
+    def _finished(self, result: dict) -> None:
+        self.worker = None
+        self.show_result(result)
+
+    def _failed(self, text: str) -> None:
+        self.worker = None
+        self._update_buttons()
+        self.status.setText(text.split(": ", 1)[-1] if text.startswith("MethodsError") else text)
+
+    def _ab(self) -> None:
+        r = self.selected()
+        if r is not None:
+            runs = self.project_dir / "runs"
+            self.abRequested.emit(runs / self.result["sft"], runs / r["run"])
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+            self.worker.wait()
