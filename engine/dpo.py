@@ -36,9 +36,9 @@ from engine.artifacts import load_artifact
 from engine.chat import reply_batch
 from engine.config import ConfigError, require, resolve_path
 from engine.device import describe, setup
-from engine.dpo_loss import FORMS, LOSSES, ranking_loss, sequence_logps, state_kl
+from engine.dpo_loss import FORMS, LOSSES, ranking_loss, sequence_logps
 from engine.generate import generate_batch
-from engine.ppo_core import build_rollout
+from engine.ppo_core import build_rollout, state_kl
 from engine.reward_data import Ranking, prompt_key, ranking_pairs, read_rankings, split_by_prompt
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sft import DEFAULT_PROMPTS

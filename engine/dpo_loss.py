@@ -33,14 +33,6 @@ def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (picked * keep).sum(-1)
 
 
-def state_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
-    """KL(π ‖ π_ref) of the next-token distributions, aligned with the token they predict:
-    column t is the KL at the state before token t (column 0 is 0), as ppo_core aligns log-probs."""
-    lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    ref = F.log_softmax(ref_logits[:, :-1].float(), dim=-1)
-    return F.pad((lp.exp() * (lp - ref)).sum(-1), (1, 0))
-
-
 def pair_margins(logratio: torch.Tensor, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(h, chosen log-ratio, rejected log-ratio) of each pair: h = chosen - rejected."""
     w = torch.tensor([p[0] for p in pairs], device=logratio.device)

@@ -14,7 +14,8 @@ minibatches. The first minibatch is scored at rollout time in the very order and
 trained in, so its ratio is exactly 1, and the KL before the first update is exactly 0.
 
 β is kl_coef, or, with target_kl, adapted toward that KL per answer each step (ppo_core's
-KLController). kl_budget ends a run early but well: once the mean KL of the last KL_WINDOW steps
+KLController), read as objective/kl_exact: each answer's KL summed over the whole next-token
+distributions of the states it visits, not only over the tokens drawn (objective/kl). kl_budget ends a run early but well: once the mean KL of the last KL_WINDOW steps
 passes it, the step is saved and the run completes; kl_limit is the guard that fails a run.
 
 Checkpoints hold the policy as model.safetensors (so chat and sampling load a PPO checkpoint
@@ -42,7 +43,8 @@ from engine.device import autocast, describe, setup
 from engine.generate import generate_batch
 from engine.model import ScalarModel, load_model
 from engine.ppo_core import (BETA_RANGE, KLController, Rollout, build_rollout, chunks, gae, logprobs_and_entropy,
-                             masked_mean, masked_whiten, per_token_rewards, ppo_losses, shift_values, token_logprobs)
+                             masked_mean, masked_whiten, per_token_rewards, ppo_losses, shift_values, state_kl,
+                             token_logprobs)
 from engine.reward import NORM_FILE
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sample import read_prompts
@@ -207,6 +209,7 @@ class Scored:
     raw: torch.Tensor          # [B] RM score before normalisation
     scores: torch.Tensor       # [B] normalised, clipped, minus the missing-end penalty
     kl: torch.Tensor           # [B, T] log π - log π_ref on the actions
+    kl_exact: torch.Tensor     # [B] each answer's KL summed over its states' whole distributions
     advantages: torch.Tensor
     returns: torch.Tensor
     beta: float
@@ -229,7 +232,7 @@ class PPO:
         self.opt_val = _optimizer(self.m.value, cfg.value_lr, device)
         self.ema = copy.deepcopy(self.m.policy).requires_grad_(False) if cfg.ema_decay > 0 else None
         self.kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon or 10 * cfg.rollout_batch_size)
-        self.kl_recent: list[float] = []     # the last KL_WINDOW steps' objective/kl
+        self.kl_recent: list[float] = []     # the last KL_WINDOW steps' objective/kl_exact
         self.sampler = EpochSampler(len(self.prompts), cfg.seed)
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.watch = CollapseWatch(math.log(self.m.policy.config.vocab_size), what="objective/entropy")
@@ -314,12 +317,14 @@ class PPO:
         ids, mask = ro.ids.to(device), ro.mask.to(device)
         order = torch.randperm(ids.size(0), generator=self.data_gen)
         logp, ref_logp, entropy, values = (torch.zeros(ids.shape, device=device) for _ in range(4))
-        raw = torch.zeros(ids.size(0), device=device)
+        raw, kl_exact = torch.zeros(ids.size(0), device=device), torch.zeros(ids.size(0), device=device)
         last = (mask * torch.arange(ids.size(1), device=device)).argmax(1)
         with autocast(device, self.dtype):
             for c in chunks(order, cfg.minibatch_size):
-                logp[c], entropy[c] = logprobs_and_entropy(m.policy(ids[c]), ids[c], cfg.temperature)
-                ref_logp[c] = token_logprobs(m.ref(ids[c]), ids[c], cfg.temperature)
+                logits, ref_logits = m.policy(ids[c]), m.ref(ids[c])
+                logp[c], entropy[c] = logprobs_and_entropy(logits, ids[c], cfg.temperature)
+                ref_logp[c] = token_logprobs(ref_logits, ids[c], cfg.temperature)
+                kl_exact[c] = (state_kl(logits, ref_logits, cfg.temperature) * mask[c]).sum(1)
                 values[c] = shift_values(m.value(ids[c]))
                 raw[c] = m.rm(ids[c])[torch.arange(len(c), device=device), last[c]].float()
         scores = ((raw - m.norm["mean"]) / m.norm["std"]).clamp(-cfg.reward_clip, cfg.reward_clip)
@@ -329,7 +334,7 @@ class PPO:
         adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             adv = masked_whiten(adv, mask)
-        return Scored(order, logp, entropy, values, raw, scores, kl, adv, returns, beta)
+        return Scored(order, logp, entropy, values, raw, scores, kl, kl_exact, adv, returns, beta)
 
     def update(self, ro: Rollout, sc: Scored) -> dict[str, list[float]]:
         """ppo_epochs passes of clipped policy and value updates over minibatches; their statistics."""
@@ -378,7 +383,8 @@ class PPO:
         q = torch.quantile(sc.scores.float().cpu(), torch.tensor([0.1, 0.5, 0.9]))
         busy = times["generation"] + times["scoring"] + times["training"]
         metrics = {
-            "objective/kl": float(kl_seq.mean()), "objective/kl_coef": sc.beta,
+            "objective/kl": float(kl_seq.mean()), "objective/kl_exact": float(sc.kl_exact.mean()),
+            "objective/kl_coef": sc.beta,
             "objective/entropy": float(masked_mean(sc.entropy, mask)),
             "objective/score": float(sc.scores.mean()), "objective/score_raw": float(sc.raw.mean()),
             "objective/rlhf_reward": float((sc.scores - sc.beta * kl_seq).mean()),
@@ -425,7 +431,9 @@ class PPO:
         stats = self.update(ro, sc)
         t3 = _clock(self.device)
         self.step += 1
-        kl = float(sc.kl.sum(1).mean())         # per answer, as objective/kl
+        # The controller and the budget read the exact KL (objective/kl_exact): the same figure
+        # as objective/kl in expectation, with the noise of the drawn tokens taken out.
+        kl = float(sc.kl_exact.mean())
         self.kl_ctl.update(kl, ro.ids.size(0))
         self.kl_recent = (self.kl_recent + [kl])[-KL_WINDOW:]
         metrics = self.report(ro, sc, stats, {"generation": t1 - t0, "scoring": t2 - t1, "training": t3 - t2,

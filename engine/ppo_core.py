@@ -22,6 +22,17 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) 
     return F.pad(picked, (1, 0))
 
 
+def state_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(π ‖ π_ref) of the next-token distributions, summed over the vocabulary, aligned with
+    the token they predict: column t is the KL at the state before token t (column 0 is 0).
+
+    Summed over an answer's tokens it estimates the answer's KL as the sampled log-ratios do,
+    without the noise of which token was drawn at each state."""
+    lp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    ref = F.log_softmax(ref_logits[:, :-1].float() / temperature, dim=-1)
+    return F.pad((lp.exp() * (lp - ref)).sum(-1), (1, 0))
+
+
 def logprobs_and_entropy(logits: torch.Tensor, ids: torch.Tensor,
                          temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_logprobs` and the entropy of the sampling distribution behind the token at t

@@ -7,7 +7,7 @@ import torch
 
 from engine.ppo_core import (BETA_RANGE, ERROR_RANGE, KL_GAIN, KLController, gae, last_action_index,
                              logprobs_and_entropy, masked_whiten, per_token_rewards, ppo_losses, shift_values,
-                             token_logprobs)
+                             state_kl, token_logprobs)
 
 
 def test_gae_matches_a_hand_computed_example():
@@ -140,3 +140,26 @@ def test_adaptive_kl_holds_a_plant_that_pulls_hard():
     assert max(seen[:50]) > 4.5                             # it does pull past the target first
     assert 2.0 <= min(seen[49:]) and max(seen[49:]) <= 4.5
     assert sum(seen[100:]) / 100 == pytest.approx(3.0, rel=0.1)
+
+
+def test_state_kl_is_the_kl_of_each_next_token_distribution_aligned_with_its_token():
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.2, 0.5, 0.3])
+    logits = torch.stack([p.log(), q.log(), p.log()])[None]        # [1, 3 positions, V]
+    ref = torch.stack([q.log(), q.log(), q.log()])[None]
+    kl = state_kl(logits, ref)
+    want = float((p * (p / q).log()).sum())
+    # Column t is the state before token t: column 0 has none, column 1 is position 0's.
+    assert kl.shape == (1, 3) and kl[0, 0] == 0.0
+    assert kl[0, 1].item() == pytest.approx(want, abs=1e-6) and kl[0, 2].item() == pytest.approx(0.0, abs=1e-6)
+    # With a temperature, the distributions the tokens were sampled from.
+    hot = torch.softmax(p.log() / 2, -1), torch.softmax(q.log() / 2, -1)
+    assert state_kl(logits, ref, 2.0)[0, 1].item() == pytest.approx(float((hot[0] * (hot[0] / hot[1]).log()).sum()),
+                                                                    abs=1e-6)
+
+
+def test_state_kl_is_what_sampled_log_ratios_average_to():
+    g = torch.Generator().manual_seed(0)
+    logits, ref = torch.randn(1, 2, 5, generator=g), torch.randn(1, 2, 5, generator=g)
+    lp, lq = logits[0, 0].log_softmax(-1), ref[0, 0].log_softmax(-1)
+    draws = torch.multinomial(lp.exp(), 200_000, replacement=True, generator=g)
+    assert float((lp - lq)[draws].mean()) == pytest.approx(float(state_kl(logits, ref)[0, 1]), abs=0.01)

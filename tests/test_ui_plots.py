@@ -295,7 +295,7 @@ def test_ppo_score_is_drawn_against_its_kl_as_points(grid):
     assert list(x) == [0.0, 1.5, 2.5] and list(y) == [-0.5, 0.2, 0.8]
     assert g.plot_item(title).getAxis("bottom").labelText == "KL to reference (nats)"
     # The KL plot has the mean that kl_budget is held to beside the per-step KL.
-    assert dict(PLOT_SPECS["ppo"])["KL to reference (nats)"] == ["objective/kl", "objective/kl_mean"]
+    assert dict(PLOT_SPECS["ppo"])["KL to reference (nats)"] == ["objective/kl", "objective/kl_exact", "objective/kl_mean"]
 
 
 def test_legend_click_hides_and_shows_a_curve(grid):

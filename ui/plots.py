@@ -61,7 +61,7 @@ PLOT_SPECS: dict[str, list[tuple[str, list[str]]]] = {
     # loss of a few nats) would flatten the policy loss the same way: it is under Other metrics.
     "ppo": [("Score", ["objective/score", "objective/rlhf_reward"]),
             ("Score quantiles", ["score/p10", "score/p50", "score/p90"]),
-            ("KL to reference (nats)", ["objective/kl", "objective/kl_mean"]),
+            ("KL to reference (nats)", ["objective/kl", "objective/kl_exact", "objective/kl_mean"]),
             ("Score against KL", ["objective/score"]),
             ("KL coefficient β", ["objective/kl_coef"]),
             ("Entropy", ["objective/entropy"]),

@@ -68,9 +68,9 @@ def kl_to_base(candidate: Loaded, base: Loaded, prompts: Sequence[str], max_new_
                seed: int = 0, batch_size: int = 32) -> float:
     """KL(candidate ‖ base) per answer, in nats: the candidate answers each prompt once (sampled
     at temperature 1, seeded), and the exact KL of the next-token distributions is summed over
-    the states its answer visits (engine.dpo_loss.state_kl). The same figure for every method,
+    the states its answer visits (engine.ppo_core.state_kl). The same figure for every method,
     so PPO's, DPO's and GRPO's distances from their SFT start compare."""
-    from engine.dpo_loss import state_kl
+    from engine.ppo_core import state_kl
     from engine.generate import generate_batch
     from engine.ppo_core import build_rollout
     tok, total = candidate.tokenizer, 0.0
