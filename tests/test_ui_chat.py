@@ -7,6 +7,7 @@ import gc
 import json
 import random
 import shutil
+import threading
 import time
 import weakref
 
@@ -87,13 +88,27 @@ def test_the_answer_streams_in_and_is_kept(qtbot, tmp_path, two_ckpts, cache):
     qtbot.keyClick(view.input, Qt.Key_Return, Qt.ShiftModifier)   # Shift+Enter: a new line, no send
     assert not view.busy and view.input.toPlainText() == "alpha beta\n"
     view.input.setPlainText("alpha beta")
-    with qtbot.waitSignal(view.replyFinished, timeout=20_000) as sig:
-        qtbot.keyClick(view.input, Qt.Key_Return)
-        assert view.busy and view.input.toPlainText() == ""
-        assert not view.send_button.isEnabled() and view.stop_button.isEnabled()
-        qtbot.waitUntil(lambda: len(view.partial_text) > 0, timeout=10_000)
-        assert view.busy  # text on screen before the answer is finished
-        qtbot.waitUntil(lambda: view.partial_text in view.transcript.toPlainText(), timeout=10_000)
+    # The answer holds after each piece of text until the test has seen it on screen: a tiny
+    # model on a loaded machine can otherwise finish between two looks, and nothing streamed.
+    gate, send = threading.Event(), view.session.send
+
+    def held_send(text, on_token=None):
+        def then_wait(delta):
+            on_token(delta)
+            gate.wait(30)
+        return send(text, then_wait)
+    view.session.send = held_send
+    try:
+        with qtbot.waitSignal(view.replyFinished, timeout=20_000) as sig:
+            qtbot.keyClick(view.input, Qt.Key_Return)
+            assert view.busy and view.input.toPlainText() == ""
+            assert not view.send_button.isEnabled() and view.stop_button.isEnabled()
+            qtbot.waitUntil(lambda: len(view.partial_text) > 0, timeout=10_000)
+            assert view.busy  # text on screen before the answer is finished
+            qtbot.waitUntil(lambda: view.partial_text in view.transcript.toPlainText(), timeout=10_000)
+            gate.set()
+    finally:
+        gate.set()
     reply = sig.args[0]
     assert not view.busy
     assert reply.n_tokens > 1 and not reply.stopped
