@@ -71,6 +71,21 @@ def make_chat(qtbot, tmp_path, ckpts, cache, **settings):
     return view
 
 
+def hold_each_piece(view) -> threading.Event:
+    """Sent answers wait after each streamed piece of text until the returned gate is set: a
+    tiny model on a loaded machine can otherwise finish between two looks of a test, which then
+    never sees text streaming. Set the gate in a `finally`."""
+    gate, send = threading.Event(), view.session.send
+
+    def held_send(text, on_token=None):
+        def then_wait(delta):
+            on_token(delta)
+            gate.wait(30)
+        return send(text, then_wait)
+    view.session.send = held_send
+    return gate
+
+
 def say(qtbot, view, text):
     view.input.setPlainText(text)
     with qtbot.waitSignal(view.replyFinished, timeout=20_000) as sig:
@@ -88,16 +103,7 @@ def test_the_answer_streams_in_and_is_kept(qtbot, tmp_path, two_ckpts, cache):
     qtbot.keyClick(view.input, Qt.Key_Return, Qt.ShiftModifier)   # Shift+Enter: a new line, no send
     assert not view.busy and view.input.toPlainText() == "alpha beta\n"
     view.input.setPlainText("alpha beta")
-    # The answer holds after each piece of text until the test has seen it on screen: a tiny
-    # model on a loaded machine can otherwise finish between two looks, and nothing streamed.
-    gate, send = threading.Event(), view.session.send
-
-    def held_send(text, on_token=None):
-        def then_wait(delta):
-            on_token(delta)
-            gate.wait(30)
-        return send(text, then_wait)
-    view.session.send = held_send
+    gate = hold_each_piece(view)
     try:
         with qtbot.waitSignal(view.replyFinished, timeout=20_000) as sig:
             qtbot.keyClick(view.input, Qt.Key_Return)
@@ -122,10 +128,15 @@ def test_the_answer_streams_in_and_is_kept(qtbot, tmp_path, two_ckpts, cache):
 def test_stop_ends_the_answer_early_and_keeps_it(qtbot, tmp_path, two_ckpts, cache):
     view = make_chat(qtbot, tmp_path, two_ckpts, cache, max_new_tokens=10_000)
     view.input.setPlainText("gamma")
-    with qtbot.waitSignal(view.replyFinished, timeout=20_000) as sig:
-        view.send()
-        qtbot.waitUntil(lambda: len(view.partial_text) > 0, timeout=10_000)
-        qtbot.keyClick(view.input, Qt.Key_Escape)
+    gate = hold_each_piece(view)
+    try:
+        with qtbot.waitSignal(view.replyFinished, timeout=20_000) as sig:
+            view.send()
+            qtbot.waitUntil(lambda: len(view.partial_text) > 0, timeout=10_000)
+            qtbot.keyClick(view.input, Qt.Key_Escape)
+            gate.set()
+    finally:
+        gate.set()
     assert not view.busy
     reply = sig.args[0]
     assert reply.stopped
@@ -263,8 +274,12 @@ def test_switching_checkpoints_frees_the_old_model(qtbot, tmp_path, two_ckpts):
 def test_shutdown_stops_a_reply_and_waits(qtbot, tmp_path, two_ckpts, cache):
     view = make_chat(qtbot, tmp_path, two_ckpts, cache, max_new_tokens=10_000)
     view.input.setPlainText("long")
-    view.send()
-    qtbot.waitUntil(lambda: len(view.partial_text) > 0, timeout=10_000)
+    gate = hold_each_piece(view)
+    try:
+        view.send()
+        qtbot.waitUntil(lambda: len(view.partial_text) > 0, timeout=10_000)
+    finally:
+        gate.set()
     view.shutdown()
     assert running_workers() == []
     qtbot.waitUntil(lambda: not view.busy, timeout=5_000)
