@@ -106,6 +106,13 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     return measure_matmul_flops(device, dtype), "measured matmul ceiling"
 
 
+def clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work is done. CUDA and MPS run asynchronously:
+    without the sync, a phase's kernels would be billed to whichever later phase first waits."""
+    _sync(device)
+    return time.perf_counter()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -39,22 +39,19 @@ from engine.device import describe, setup
 from engine.dpo_loss import FORMS, LOSSES, ranking_loss, sequence_logps
 from engine.generate import generate_batch
 from engine.ppo_core import build_rollout, state_kl
+from engine.reward import RankingsConfig
 from engine.reward_data import Ranking, prompt_key, ranking_pairs, read_rankings, split_by_prompt
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sft import DEFAULT_PROMPTS
 from engine.sft_data import CUT_NOTHING, EpochSampler, Example, collate, data_fingerprint, fit
 from engine.tokenizer import render_chat
-from engine.trainer import Stage, TrainConfig, run_summary, train
+from engine.trainer import Stage, run_summary, train
 
 
 @dataclass(kw_only=True)
-class DPOConfig(TrainConfig):
+class DPOConfig(RankingsConfig):
     init: str                             # SFT checkpoint or run folder: where the policy starts, and the frozen reference
     data: list[str]                       # JSONL rankings or chosen/rejected pairs (the reward model's formats)
-    tokenizer: Optional[str] = None       # None: the init checkpoint's own tokenizer.json
-    val_data: list[str] = field(default_factory=list)  # empty: hold out val_fraction of prompts
-    val_fraction: float = 0.1             # share of prompts held out for validation (when val_data is empty)
-    epochs: float = 1.0                   # > 0 sets max_steps from the data; 0: use max_steps
     seq_len: int = 0                      # 0: the model's max_seq_len; longer conversations lose prompt tokens first
     beta: float = 0.1                     # β: how strongly the policy is held to the reference (smaller: it may move further)
     loss: str = "sigmoid"                 # sigmoid (DPO) | ipo (IPO's squared loss; pairwise only)
@@ -63,7 +60,6 @@ class DPOConfig(TrainConfig):
     kl_tokens: int = 24                   # answer length limit of those answers
     sample_prompts: list[str] = field(default_factory=DEFAULT_PROMPTS.copy)  # prompts answered at each sample step
     sample_tokens: int = 48               # answer length limit of the samples
-    batch_size: int = 8                   # rankings per step (each brings its K answers)
     lr: float = 5e-5
     weight_decay: float = 0.0
     warmup_steps: int = 10
@@ -73,14 +69,7 @@ class DPOConfig(TrainConfig):
     log_every: int = 5
 
     def validate(self) -> None:
-        self.validate_training()
-        require(bool(self.init.strip()), "init", "an SFT checkpoint or run folder is required")
-        require(len(self.data) > 0, "data", "at least one JSONL file of rankings is required")
-        if not self.val_data:
-            require(0 < self.val_fraction < 0.5, "val_fraction", "must be between 0 and 0.5 (or give val_data)")
-        require(self.epochs >= 0 and math.isfinite(self.epochs), "epochs",
-                "must be 0 (train max_steps) or a positive number of passes over the data")
-        require(self.seq_len == 0 or self.seq_len >= 4, "seq_len", "0 (the model's context) or at least 4")
+        self.validate_rankings()
         require(math.isfinite(self.beta) and self.beta > 0, "beta", "must be a positive number")
         require(self.loss in LOSSES, "loss", f"one of {', '.join(LOSSES)}")
         require(self.form in FORMS, "form", f"one of {', '.join(FORMS)}")

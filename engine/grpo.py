@@ -36,7 +36,7 @@ from engine import checkpoint as ckpt
 from engine.artifacts import load_artifact
 from engine.chat import reply_batch
 from engine.config import ConfigError, require, resolve_path
-from engine.device import autocast, describe, setup
+from engine.device import autocast, clock, describe, setup
 from engine.generate import generate_batch
 from engine.grpo_core import group_advantages, grpo_losses, kl_k3, mean_std, uniform_groups
 from engine.grpo_rewards import (Answers, FormatReward, LengthReward, RewardModelReward, TaskReward, UserReward,
@@ -48,8 +48,8 @@ from engine.sample import read_prompts
 from engine.sft_data import EpochSampler, read_tasks
 from engine.tasks import task_accuracy
 from engine.tokenizer import render_chat
-from engine.trainer import (COLLAPSE_STEPS, CollapseWatch, check_resume, clip_grads, optimizer_step, resume_run,
-                            run_summary, save_run_checkpoint)
+from engine.trainer import (COLLAPSE_STEPS, CollapseWatch, check_resume, clip_grads, optimizer_step,
+                            policy_optimizer, resume_run, run_summary, save_run_checkpoint)
 
 
 @dataclass
@@ -175,8 +175,7 @@ class GRPO:
         self.tasks = read_tasks(resolve_path(run_dir, cfg.eval_tasks), cfg.eval_task_limit) if cfg.eval_tasks else []
         self.probes = cfg.probe_prompts or self.prompts[:4]
         self.fns = self._reward_functions()
-        self.opt = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=cfg.lr,
-                                     betas=(0.9, 0.95), weight_decay=0.0, fused=device.type == "cuda")
+        self.opt = policy_optimizer(self.policy, cfg.lr, device)
         self.sampler = EpochSampler(len(self.prompts), cfg.seed)
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.watch = CollapseWatch(math.log(self.policy.config.vocab_size), what="objective/entropy")
@@ -375,13 +374,13 @@ class GRPO:
 
     def iteration(self) -> dict[str, float]:
         """Sample, reward and score, update; the step is counted and its metrics checked."""
-        t0 = _clock(self.device)
+        t0 = clock(self.device)
         ro, a = self.rollout()
-        t1 = _clock(self.device)
+        t1 = clock(self.device)
         sc = self.score(ro, a)
-        t2 = _clock(self.device)
+        t2 = clock(self.device)
         stats = self.update(ro, sc)
-        t3 = _clock(self.device)
+        t3 = clock(self.device)
         self.step += 1
         metrics = self.report(ro, a, sc, stats, {"generation": t1 - t0, "scoring": t2 - t1, "training": t3 - t2,
                                               "step": time.perf_counter() - t0})
@@ -416,16 +415,6 @@ class GRPO:
         self.ev.log(f"held-out task accuracy {acc['overall']:.1%} on {len(self.tasks)} tasks at step {self.step}")
         return {"eval/task_accuracy": acc["overall"], "eval/task_score": acc["score"],
                 **{f"eval/acc/{k}": v for k, v in acc["per_kind"].items()}}
-
-
-def _clock(device: torch.device) -> float:
-    # CUDA and MPS run asynchronously: without a sync, a phase's kernels would be billed to
-    # whichever later phase first waits for a result.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-    return time.perf_counter()
 
 
 def run(cfg: GRPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None) -> str:

@@ -39,7 +39,7 @@ from engine.artifacts import load_artifact
 from engine.config import ConfigError, require, resolve_path
 from engine.corpus import list_corpus_files
 from engine.data import TokenData, encode_corpus, shards_ready
-from engine.device import autocast, describe, setup
+from engine.device import autocast, clock, describe, setup
 from engine.generate import generate_batch
 from engine.model import ScalarModel, load_model
 from engine.ppo_core import (BETA_RANGE, KLController, Rollout, build_rollout, chunks, gae, logprobs_and_entropy,
@@ -50,8 +50,8 @@ from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write
 from engine.sample import read_prompts
 from engine.sft_data import EpochSampler
 from engine.tokenizer import Tokenizer, render_chat
-from engine.trainer import (CollapseWatch, check_resume, clip_grads, optimizer_step, resume_run, run_summary,
-                            save_run_checkpoint)
+from engine.trainer import (CollapseWatch, check_resume, clip_grads, optimizer_step, policy_optimizer, resume_run,
+                            run_summary, save_run_checkpoint)
 
 @dataclass
 class PPOConfig:
@@ -146,21 +146,6 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _optimizer(model, lr, device):
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
-                             weight_decay=0.0, fused=device.type == "cuda")
-
-
-def _clock(device: torch.device) -> float:
-    # CUDA and MPS run asynchronously: without a sync, a phase's kernels would be billed to
-    # whichever later phase first waits for a result.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-    return time.perf_counter()
-
-
 @dataclass
 class Models:
     """The policy and the three frozen or separately trained models PPO scores it with."""
@@ -228,8 +213,8 @@ class PPO:
         if cfg.max_new_tokens >= self.limit - 4:
             raise ConfigError("max_new_tokens", f"must leave room for the prompt in the context ({self.limit} tokens)")
         self.ptx: Optional[TokenData] = None
-        self.opt_pol = _optimizer(self.m.policy, cfg.lr, device)
-        self.opt_val = _optimizer(self.m.value, cfg.value_lr, device)
+        self.opt_pol = policy_optimizer(self.m.policy, cfg.lr, device)
+        self.opt_val = policy_optimizer(self.m.value, cfg.value_lr, device)
         self.ema = copy.deepcopy(self.m.policy).requires_grad_(False) if cfg.ema_decay > 0 else None
         self.kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon or 10 * cfg.rollout_batch_size)
         self.kl_recent: list[float] = []     # the last KL_WINDOW steps' objective/kl_exact
@@ -423,13 +408,13 @@ class PPO:
 
     def iteration(self) -> dict[str, float]:
         """Rollout, score, update; the step is counted and its metrics checked."""
-        t0 = _clock(self.device)
+        t0 = clock(self.device)
         ro = self.rollout()
-        t1 = _clock(self.device)
+        t1 = clock(self.device)
         sc = self.score(ro)
-        t2 = _clock(self.device)
+        t2 = clock(self.device)
         stats = self.update(ro, sc)
-        t3 = _clock(self.device)
+        t3 = clock(self.device)
         self.step += 1
         # The controller and the budget read the exact KL (objective/kl_exact): the same figure
         # as objective/kl in expectation, with the noise of the drawn tokens taken out.

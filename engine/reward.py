@@ -42,7 +42,8 @@ NORM_FILE = "reward_norm.json"
 
 
 @dataclass(kw_only=True)
-class RewardConfig(TrainConfig):
+class RankingsConfig(TrainConfig):
+    """What a stage that trains an SFT model on rankings (reward, DPO) starts from and reads."""
     init: str                             # SFT checkpoint, or its run folder
     data: list[str]                       # JSONL rankings or chosen/rejected pairs
     tokenizer: Optional[str] = None       # None: the init checkpoint's own tokenizer.json
@@ -51,6 +52,20 @@ class RewardConfig(TrainConfig):
     epochs: float = 1.0                   # > 0 sets max_steps from the data; 0: use max_steps
     seq_len: int = 0                      # 0: the model's max_seq_len
     batch_size: int = 8                   # rankings per step (each brings its K answers)
+
+    def validate_rankings(self) -> None:
+        self.validate_training()
+        require(bool(self.init.strip()), "init", "an SFT checkpoint or run folder is required")
+        require(len(self.data) > 0, "data", "at least one JSONL file of rankings is required")
+        if not self.val_data:
+            require(0 < self.val_fraction < 0.5, "val_fraction", "must be between 0 and 0.5 (or give val_data)")
+        require(self.epochs >= 0 and math.isfinite(self.epochs), "epochs",
+                "must be 0 (train max_steps) or a positive number of passes over the data")
+        require(self.seq_len == 0 or self.seq_len >= 4, "seq_len", "0 (the model's context) or at least 4")
+
+
+@dataclass(kw_only=True)
+class RewardConfig(RankingsConfig):
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 5
@@ -60,14 +75,7 @@ class RewardConfig(TrainConfig):
     log_every: int = 5
 
     def validate(self) -> None:
-        self.validate_training()
-        require(bool(self.init.strip()), "init", "an SFT checkpoint or run folder is required")
-        require(len(self.data) > 0, "data", "at least one JSONL file of rankings is required")
-        if not self.val_data:
-            require(0 < self.val_fraction < 0.5, "val_fraction", "must be between 0 and 0.5 (or give val_data)")
-        require(self.epochs >= 0, "epochs",
-                "must be 0 (train max_steps) or a positive number of passes over the data")
-        require(self.seq_len == 0 or self.seq_len >= 4, "seq_len", "0 (the model's context) or at least 4")
+        self.validate_rankings()
 
 
 FIXED_ON_RESUME = ("init", "tokenizer", "data", "val_data", "val_fraction", "seq_len")

@@ -18,6 +18,7 @@ in tests) and ask a `control` whether to stop, so tests need no process at all.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -463,8 +464,11 @@ def settings_help(stage: str, config_cls: type, width: int = 100) -> str:
                                f"{stage} settings": []}
     for d in docs:
         if not d.required:
-            title = (f"{stage} settings" if d.owner is config_cls else
-                     (d.owner.__doc__ or d.owner.__name__).split(";")[0].split(".")[0].strip().lower())
+            # A shared set is a root config class (TrainConfig); a base between it and the stage
+            # (RankingsConfig, of reward and DPO) holds settings the user reads as the stage's own.
+            shared = d.owner is not config_cls and not any(dataclasses.is_dataclass(b) for b in d.owner.__bases__)
+            title = ((d.owner.__doc__ or d.owner.__name__).split(";")[0].split(".")[0].strip().lower() if shared
+                     else f"{stage} settings")
             groups.setdefault(title, []).append(d)
     name_w = max(len(d.name) for d in docs)
     type_w = max(len(d.type) for d in docs)

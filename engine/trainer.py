@@ -97,6 +97,13 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
+def policy_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """The RL stages' optimizer (PPO's policy and value model, GRPO's policy): no weight decay,
+    which would pull the policy away from its SFT start for no reward."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
+                             weight_decay=0.0, fused=device.type == "cuda")
+
+
 def check_resume(saved: dict, cfg, fixed: tuple[str, ...], ev: Emitter,
                  warn: tuple[str, ...] = WARN_ON_RESUME) -> None:
     now = dataclasses.asdict(cfg)

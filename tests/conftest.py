@@ -34,6 +34,29 @@ def tiny_lm_ckpt(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def rm_ckpt(tiny_lm_ckpt, tmp_path_factory):
+    """A reward model made from the tiny LM's backbone, with normalisation stats."""
+    import json
+
+    import torch
+    from engine import checkpoint as ckpt
+    from engine.model import ScalarModel, load_model, safetensors_state
+    from engine.reward import NORM_FILE
+
+    root = tmp_path_factory.mktemp("rm")
+    lm_ckpt = ckpt.latest_checkpoint(tiny_lm_ckpt / "checkpoints")
+    torch.manual_seed(1)
+    rm = ScalarModel.from_lm(load_model(lm_ckpt / "model.safetensors"))
+    weights, meta = safetensors_state(rm)
+    state = json.loads((lm_ckpt / "state.json").read_text())
+    path = ckpt.save_checkpoint(root / "checkpoints", 3, model=weights, model_metadata=meta,
+                                state={"tokenizer_fingerprint": state["tokenizer_fingerprint"]},
+                                extra_files={"tokenizer.json": lm_ckpt / "tokenizer.json"})
+    (path / NORM_FILE).write_text(json.dumps({"mean": 0.1, "std": 0.5, "n_answers": 10}))
+    return root
+
+
 @pytest.fixture(scope="session", autouse=True)
 def gc_on_the_main_thread():
     """As in the app (ui/collector.install_gc): Python's cyclic collector, run on whichever thread

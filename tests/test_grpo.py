@@ -4,32 +4,13 @@ import json
 import pytest
 import torch
 
-from engine import checkpoint as ckpt
 from engine.config import ConfigError, from_dict
 from engine.grpo import GRPOConfig, main, run
 from engine.grpo_core import group_advantages, grpo_losses, kl_k3, uniform_groups
 from engine.grpo_rewards import Answers, FormatReward, LengthReward, TaskReward
-from engine.model import ScalarModel, load_model, safetensors_state
-from engine.reward import NORM_FILE
 from engine.runio import StageError
 from engine.trainer import COLLAPSE_STEPS
 from helpers import StopAt
-
-
-@pytest.fixture(scope="module")
-def rm_ckpt(tiny_lm_ckpt, tmp_path_factory):
-    """A reward model made from the tiny LM's backbone, with normalisation stats."""
-    root = tmp_path_factory.mktemp("grpo_rm")
-    lm_ckpt = ckpt.latest_checkpoint(tiny_lm_ckpt / "checkpoints")
-    torch.manual_seed(1)
-    rm = ScalarModel.from_lm(load_model(lm_ckpt / "model.safetensors"))
-    weights, meta = safetensors_state(rm)
-    state = json.loads((lm_ckpt / "state.json").read_text())
-    path = ckpt.save_checkpoint(root / "checkpoints", 3, model=weights, model_metadata=meta,
-                                state={"tokenizer_fingerprint": state["tokenizer_fingerprint"]},
-                                extra_files={"tokenizer.json": lm_ckpt / "tokenizer.json"})
-    (path / NORM_FILE).write_text(json.dumps({"mean": 0.1, "std": 0.5, "n_answers": 10}))
-    return root
 
 
 @pytest.fixture

@@ -7,29 +7,12 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine.config import ConfigError, from_dict
-from engine.model import ScalarModel, load_model, safetensors_state
+from engine.model import load_model, safetensors_state
 from engine.ppo import PPOConfig, run
 from engine.ppo_core import ERROR_RANGE, KL_GAIN, build_rollout
-from engine.reward import NORM_FILE
 from engine.runio import StageError
 from engine.trainer import COLLAPSE_STEPS
 from helpers import StopAt
-
-
-@pytest.fixture(scope="module")
-def rm_ckpt(tiny_lm_ckpt, tmp_path_factory):
-    """A reward model made from the tiny LM's backbone, with normalisation stats."""
-    root = tmp_path_factory.mktemp("rm")
-    lm_ckpt = ckpt.latest_checkpoint(tiny_lm_ckpt / "checkpoints")
-    torch.manual_seed(1)
-    rm = ScalarModel.from_lm(load_model(lm_ckpt / "model.safetensors"))
-    weights, meta = safetensors_state(rm)
-    state = json.loads((lm_ckpt / "state.json").read_text())
-    path = ckpt.save_checkpoint(root / "checkpoints", 3, model=weights, model_metadata=meta,
-                                state={"tokenizer_fingerprint": state["tokenizer_fingerprint"]},
-                                extra_files={"tokenizer.json": lm_ckpt / "tokenizer.json"})
-    (path / NORM_FILE).write_text(json.dumps({"mean": 0.1, "std": 0.5, "n_answers": 10}))
-    return root
 
 
 @pytest.fixture
