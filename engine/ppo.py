@@ -42,8 +42,8 @@ from engine.data import TokenData, encode_corpus, shards_ready
 from engine.device import autocast, clock, describe, setup
 from engine.generate import generate_batch
 from engine.model import ScalarModel, load_model
-from engine.ppo_core import (BETA_RANGE, KLController, Rollout, build_rollout, chunks, gae, logprobs_and_entropy,
-                             masked_mean, masked_whiten, per_token_rewards, ppo_losses, shift_values, state_kl,
+from engine.ppo_core import (BETA_RANGE, KLController, Rollout, build_rollout, chunks, gae, masked_mean,
+                             masked_whiten, per_token_rewards, ppo_losses, score_against_reference, shift_values,
                              token_logprobs)
 from engine.reward import NORM_FILE
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
@@ -306,10 +306,9 @@ class PPO:
         last = (mask * torch.arange(ids.size(1), device=device)).argmax(1)
         with autocast(device, self.dtype):
             for c in chunks(order, cfg.minibatch_size):
-                logits, ref_logits = m.policy(ids[c]), m.ref(ids[c])
-                logp[c], entropy[c] = logprobs_and_entropy(logits, ids[c], cfg.temperature)
-                ref_logp[c] = token_logprobs(ref_logits, ids[c], cfg.temperature)
-                kl_exact[c] = (state_kl(logits, ref_logits, cfg.temperature) * mask[c]).sum(1)
+                logp[c], entropy[c], ref_logp[c], kl_state = score_against_reference(
+                    m.policy(ids[c]), m.ref(ids[c]), ids[c], cfg.temperature)
+                kl_exact[c] = (kl_state * mask[c]).sum(1)
                 values[c] = shift_values(m.value(ids[c]))
                 raw[c] = m.rm(ids[c])[torch.arange(len(c), device=device), last[c]].float()
         scores = ((raw - m.norm["mean"]) / m.norm["std"]).clamp(-cfg.reward_clip, cfg.reward_clip)

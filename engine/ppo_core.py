@@ -42,6 +42,18 @@ def logprobs_and_entropy(logits: torch.Tensor, ids: torch.Tensor,
     return F.pad(picked, (1, 0)), F.pad(-(lp.exp() * lp).sum(-1), (1, 0))
 
 
+def score_against_reference(logits: torch.Tensor, ref_logits: torch.Tensor, ids: torch.Tensor,
+                            temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probs, entropy, reference log-probs, state_kl) of a rollout, from one log-softmax of
+    each model: the same figures as the three functions above, without computing them twice."""
+    lp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    ref = F.log_softmax(ref_logits[:, :-1].float() / temperature, dim=-1)
+    p, idx = lp.exp(), ids[:, 1:, None]
+    figures = (lp.gather(-1, idx).squeeze(-1), -(p * lp).sum(-1), ref.gather(-1, idx).squeeze(-1),
+               (p * (lp - ref)).sum(-1))
+    return tuple(F.pad(f, (1, 0)) for f in figures)
+
+
 @dataclass
 class Rollout:
     ids: torch.Tensor          # [B, T] prompt | answer | pad

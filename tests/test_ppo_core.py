@@ -7,7 +7,7 @@ import torch
 
 from engine.ppo_core import (BETA_RANGE, ERROR_RANGE, KL_GAIN, KLController, gae, last_action_index,
                              logprobs_and_entropy, masked_whiten, per_token_rewards, ppo_losses, shift_values,
-                             state_kl, token_logprobs)
+                             score_against_reference, state_kl, token_logprobs)
 
 
 def test_gae_matches_a_hand_computed_example():
@@ -163,3 +163,13 @@ def test_state_kl_is_what_sampled_log_ratios_average_to():
     lp, lq = logits[0, 0].log_softmax(-1), ref[0, 0].log_softmax(-1)
     draws = torch.multinomial(lp.exp(), 200_000, replacement=True, generator=g)
     assert float((lp - lq)[draws].mean()) == pytest.approx(float(state_kl(logits, ref)[0, 1]), abs=0.01)
+
+
+def test_score_against_reference_gives_the_three_figures_bit_for_bit():
+    g = torch.Generator().manual_seed(3)
+    logits, ref = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    ids = torch.randint(0, 7, (2, 5), generator=g)
+    logp, entropy, ref_logp, kl = score_against_reference(logits, ref, ids, 0.7)
+    want_logp, want_entropy = logprobs_and_entropy(logits, ids, 0.7)
+    assert torch.equal(logp, want_logp) and torch.equal(entropy, want_entropy)
+    assert torch.equal(ref_logp, token_logprobs(ref, ids, 0.7)) and torch.equal(kl, state_kl(logits, ref, 0.7))
