@@ -13,9 +13,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
+
 from engine.config import require
 from engine.generate import generate, generate_batch
 from engine.model import Transformer
+from engine.ppo_core import build_rollout, state_kl
 from engine.tokenizer import SPECIAL_TOKENS, Tokenizer, render_chat
 
 OnText = Optional[Callable[[str], None]]
@@ -249,3 +252,27 @@ def reply_batch(model: Transformer, tok: Tokenizer, prompts: list[str], max_new_
             done = bool(ans) and ans[-1] == tok.end_id
             out.append((tok.decode(ans[:-1] if done else ans, skip_special=True), done))
     return out
+
+
+@torch.no_grad()
+def sampled_kl(model: Transformer, ref: Transformer, tok: Tokenizer, prompts: list, max_new_tokens: int, *,
+               seed: int = 0, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(model ‖ ref) of one answer per prompt, and its length in tokens: [N] each.
+
+    `model` answers each prompt (text, or a list of chat messages) once, sampled at temperature 1
+    and seeded by position; the exact KL of the next-token distributions (ppo_core.state_kl) is
+    summed over the states the answer visits. DPO's val/kl and the methods' comparison read it."""
+    device = next(model.parameters()).device
+    keep = model.config.max_seq_len - 1     # as generation cuts a long prompt: one forward pass fits
+    kl, lengths = [], []
+    for lo in range(0, len(prompts), batch_size):
+        chunk = [render_chat(tok, [{"role": "user", "content": p}] if isinstance(p, str) else list(p),
+                             add_generation_prompt=True)[0][-keep:] for p in prompts[lo:lo + batch_size]]
+        answers = generate_batch(model, chunk, max_new_tokens, temperature=1.0,
+                                 seed=[seed + lo + i for i in range(len(chunk))],
+                                 stop_ids=(tok.end_id,), pad_id=tok.pad_id)
+        ro = build_rollout(chunk, answers, tok.end_id, tok.pad_id)
+        ids, mask = ro.ids.to(device), ro.mask.to(device)
+        kl.append((state_kl(model(ids), ref(ids)) * mask).sum(1))
+        lengths.append(mask.sum(1))
+    return torch.cat(kl), torch.cat(lengths)

@@ -33,12 +33,10 @@ import torch
 
 from engine import distributed
 from engine.artifacts import load_artifact
-from engine.chat import reply_batch
+from engine.chat import reply_batch, sampled_kl
 from engine.config import ConfigError, require, resolve_path
 from engine.device import describe, setup
 from engine.dpo_loss import FORMS, LOSSES, ranking_loss, sequence_logps
-from engine.generate import generate_batch
-from engine.ppo_core import build_rollout, state_kl
 from engine.reward import RankingsConfig
 from engine.reward_data import Ranking, prompt_key, ranking_pairs, read_rankings, split_by_prompt
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
@@ -180,19 +178,9 @@ class Hooks:
         self.last_eval = dict(values)
         return values
 
-    @torch.no_grad()
     def kl_to_reference(self, model) -> dict[str, float]:
-        tok = self.tok
-        keep = model.config.max_seq_len - 1     # as generation cuts a long prompt: one forward pass fits
-        prompts = [render_chat(tok, [{"role": "user", "content": p}] if isinstance(p, str) else list(p),
-                               add_generation_prompt=True)[0][-keep:] for p in self.kl_prompts]
-        seeds = [self.cfg.seed + i for i in range(len(prompts))]
-        answers = generate_batch(model, prompts, self.cfg.kl_tokens, temperature=1.0, seed=seeds,
-                                 stop_ids=(tok.end_id,), pad_id=tok.pad_id)
-        ro = build_rollout(prompts, answers, tok.end_id, tok.pad_id)
-        ids, mask = ro.ids.to(self.device), ro.mask.to(self.device)
-        kl = (state_kl(model(ids), self.ref(ids)) * mask).sum(1)
-        return {"val/kl": float(kl.mean()), "val/answer_tokens": float(mask.sum(1).mean())}
+        kl, lengths = sampled_kl(model, self.ref, self.tok, self.kl_prompts, self.cfg.kl_tokens, seed=self.cfg.seed)
+        return {"val/kl": float(kl.mean()), "val/answer_tokens": float(lengths.mean())}
 
     def sample(self, model, step: int) -> None:
         cfg = self.cfg

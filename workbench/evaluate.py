@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from engine.artifacts import Loaded, load_artifact
-from engine.chat import reply_batch
+from engine.chat import reply_batch, sampled_kl
 from engine.reward import NORM_FILE
 from engine.tasks import check, parse_task
 from engine.tokenizer import render_chat
@@ -63,46 +63,56 @@ def win_rate(prompts: Sequence[str], a: Answers, b: Answers, preference: Sequenc
     return {"win_rate": (wins + 0.5 * ties) / n, "wins": wins, "ties": ties, "losses": losses}
 
 
-@torch.no_grad()
 def kl_to_base(candidate: Loaded, base: Loaded, prompts: Sequence[str], max_new_tokens: int = 32,
-               seed: int = 0, batch_size: int = 32) -> float:
-    """KL(candidate ‖ base) per answer, in nats: the candidate answers each prompt once (sampled
-    at temperature 1, seeded), and the exact KL of the next-token distributions is summed over
-    the states its answer visits (engine.ppo_core.state_kl). The same figure for every method,
-    so PPO's, DPO's and GRPO's distances from their SFT start compare."""
-    from engine.ppo_core import state_kl
-    from engine.generate import generate_batch
-    from engine.ppo_core import build_rollout
-    tok, total = candidate.tokenizer, 0.0
-    for lo in range(0, len(prompts), batch_size):
-        # Cut as generation cuts a long prompt, so prompt and answer fit one forward pass.
-        keep = candidate.model.config.max_seq_len - 1
-        chunk = [render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0][-keep:]
-                 for p in prompts[lo:lo + batch_size]]
-        answers = generate_batch(candidate.model, chunk, max_new_tokens, temperature=1.0,
-                                 seed=[seed + lo + i for i in range(len(chunk))],
-                                 stop_ids=(tok.end_id,), pad_id=tok.pad_id)
-        ro = build_rollout(chunk, answers, tok.end_id, tok.pad_id)
-        total += float((state_kl(candidate.model(ro.ids), base.model(ro.ids)) * ro.mask).sum())
-    return total / max(1, len(prompts))
+               seed: int = 0) -> float:
+    """KL(candidate ‖ base) per answer, in nats (engine.chat.sampled_kl): the same figure for
+    every method, so PPO's, DPO's and GRPO's distances from their SFT start compare."""
+    kl, _ = sampled_kl(candidate.model, base.model, candidate.tokenizer, list(prompts), max_new_tokens, seed=seed)
+    return float(kl.sum()) / max(1, len(prompts))
 
 
-def compare(base: Path, candidate: Path, prompts: Sequence[str], *, reward_model: Optional[Path] = None,
-            max_new_tokens: int = 32) -> dict:
-    """Figures for `candidate` against `base` (e.g. PPO against its SFT start) on `prompts`."""
+@dataclass
+class Baseline:
+    """The model the others are measured against, answered (and scored) once for all of them."""
+    art: Loaded
+    prompts: list[str]
+    answers: Answers
+    max_new_tokens: int
+    rm: Optional[Loaded] = None
+    norm: Optional[dict] = None
+    scores: Optional[list[float]] = None
+
+
+def baseline(base: Path, prompts: Sequence[str], *, reward_model: Optional[Path] = None,
+             max_new_tokens: int = 32) -> Baseline:
     import json
-    a_art = load_artifact(base, prefer="latest")
+    art = load_artifact(base, prefer="latest")
+    b = Baseline(art, list(prompts), answer_all(art, prompts, max_new_tokens), max_new_tokens)
+    if reward_model is not None:
+        b.rm = load_artifact(reward_model)
+        norm_file = b.rm.checkpoint / NORM_FILE
+        b.norm = json.loads(norm_file.read_text()) if norm_file.exists() else None
+        b.scores = reward_scores(b.rm, prompts, b.answers, b.norm)
+    return b
+
+
+def compare_to(base: Baseline, candidate: Path) -> dict:
+    """Figures for `candidate` against the baseline (e.g. PPO against its SFT start)."""
+    prompts, a = base.prompts, base.answers
     b_art = load_artifact(candidate, prefer="latest")
-    a, b = answer_all(a_art, prompts, max_new_tokens), answer_all(b_art, prompts, max_new_tokens)
+    b = answer_all(b_art, prompts, base.max_new_tokens)
     result = {"n": len(prompts), "base_accuracy": accuracy(prompts, a), "accuracy": accuracy(prompts, b),
               **win_rate(prompts, a, b),
               "base_mean_chars": sum(map(len, a.texts)) / len(prompts),
               "mean_chars": sum(map(len, b.texts)) / len(prompts),
-              "kl": kl_to_base(b_art, a_art, prompts, max_new_tokens)}
-    if reward_model is not None:
-        rm = load_artifact(reward_model)
-        norm_file = rm.checkpoint / NORM_FILE
-        norm = json.loads(norm_file.read_text()) if norm_file.exists() else None
-        sa, sb = reward_scores(rm, prompts, a, norm), reward_scores(rm, prompts, b, norm)
-        result.update(base_score=sum(sa) / len(sa), score=sum(sb) / len(sb))
+              "kl": kl_to_base(b_art, base.art, prompts, base.max_new_tokens)}
+    if base.rm is not None:
+        sb = reward_scores(base.rm, prompts, b, base.norm)
+        result.update(base_score=sum(base.scores) / len(base.scores), score=sum(sb) / len(sb))
     return result
+
+
+def compare(base: Path, candidate: Path, prompts: Sequence[str], *, reward_model: Optional[Path] = None,
+            max_new_tokens: int = 32) -> dict:
+    """Figures for `candidate` against `base` on `prompts` (one pair; see `baseline` for several)."""
+    return compare_to(baseline(base, prompts, reward_model=reward_model, max_new_tokens=max_new_tokens), candidate)

@@ -76,10 +76,11 @@ def choose(runs: list[RunInfo], sft: Optional[str] = None) -> tuple[RunInfo, dic
     return by_name[sft], {m: chosen[m] for m in methods() if m in chosen}, (judges[-1] if judges else None)
 
 
-def evaluate_method(method: str, base: Path, run: Path, prompts: list[str], reward_model: Optional[Path],
-                    seconds: Optional[float]) -> dict:
-    from workbench.evaluate import compare
-    r = compare(base, run, prompts, reward_model=reward_model)
+def evaluate_method(method: str, base, run: Path, seconds: Optional[float]) -> dict:
+    """One method's run against `base` (a workbench.evaluate.Baseline: the SFT model, answered
+    and scored once for every method)."""
+    from workbench.evaluate import compare_to
+    r = compare_to(base, run)
     r.update(method=method, run=run.name, seconds=seconds)
     return r
 
@@ -92,14 +93,15 @@ def compare_methods(project: Project, sft: Optional[str] = None, n_prompts: int 
         runs = store.sync()
     finally:
         store.close()
+    from workbench.evaluate import baseline
     base, chosen, judge = choose(runs, sft)
     prompts = held_out_prompts(project, n_prompts)
+    reference = baseline(base.path, prompts, reward_model=judge.path if judge else None)
     rows = []
     for i, (method, run) in enumerate(chosen.items()):
         if on_progress:
             on_progress(i, len(chosen), method)
-        rows.append(evaluate_method(method, base.path, run.path, prompts, judge.path if judge else None,
-                                    run.duration_s))
+        rows.append(evaluate_method(method, reference, run.path, run.duration_s))
     return save_result(project.path, base.name, judge.name if judge else None, len(prompts), rows)
 
 

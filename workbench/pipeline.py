@@ -186,12 +186,14 @@ class Pipeline:
         """Each alignment method's run against the SFT model it started from, on the same
         held-out prompts (workbench.methods, as `workbench compare-methods` does)."""
         from workbench import methods as side_by_side
+        from workbench.evaluate import baseline
         prompts = side_by_side.held_out_prompts(self.project, self.values("sft").get("eval_task_limit") or 200)
+        reference = baseline(self.made["sft"], prompts, reward_model=self.made.get("reward"))
         rows = []
         for method in (m for m in side_by_side.methods() if m in self.made):
             t0 = time.perf_counter()
             tuned = self.made[method]
-            r = side_by_side.evaluate_method(method, self.made["sft"], tuned, prompts, self.made.get("reward"),
+            r = side_by_side.evaluate_method(method, reference, tuned,
                                              next(row.seconds for row in self.rows if row.stage == method))
             (tuned / "evaluation.json").write_text(json.dumps(r, indent=2) + "\n", encoding="utf-8")
             rows.append(r)
