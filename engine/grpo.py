@@ -40,14 +40,15 @@ from engine.device import autocast, clock, describe, setup
 from engine.generate import generate_batch
 from engine.grpo_core import group_advantages, grpo_losses, kl_k3, mean_std, uniform_groups
 from engine.grpo_rewards import (Answers, FormatReward, LengthReward, RewardModelReward, TaskReward, UserReward,
-                                 load_reward_model, load_user_function, parse_user_spec, score_all)
+                                 load_user_function, parse_user_spec, score_all)
 from engine.model import load_model
+from engine.ppo import check_guards, encode_prompt, freeze
 from engine.ppo_core import Rollout, build_rollout, chunks, logprobs_and_entropy, masked_mean, token_logprobs
+from engine.reward import load_reward_model
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sample import read_prompts
 from engine.sft_data import EpochSampler, read_tasks
 from engine.tasks import task_accuracy
-from engine.tokenizer import render_chat
 from engine.trainer import (COLLAPSE_STEPS, CollapseWatch, check_resume, clip_grads, optimizer_step,
                             policy_optimizer, resume_run, run_summary, save_run_checkpoint)
 
@@ -166,7 +167,7 @@ class GRPO:
         if art.model.kind != "lm":
             raise ConfigError("policy", f"{art.checkpoint} holds a {art.model.kind} model, not a language model")
         self.policy, self.tok, self.art = art.model.train(), art.tokenizer, art
-        self.ref = load_model(art.checkpoint / "model.safetensors", device=device).eval().requires_grad_(False)
+        self.ref = freeze(load_model(art.checkpoint / "model.safetensors", device=device))
         self.limit = self.policy.config.max_seq_len
         for name in ("max_new_tokens", "eval_tokens", "probe_tokens"):
             if getattr(cfg, name) >= self.limit - 4:
@@ -216,9 +217,7 @@ class GRPO:
         return fns
 
     def encode_prompt(self, text: str) -> list[int]:
-        ids, _ = render_chat(self.tok, [{"role": "user", "content": text}], add_generation_prompt=True)
-        room = self.limit - self.cfg.max_new_tokens
-        return ids if len(ids) <= room else [ids[0]] + ids[-(room - 1):]
+        return encode_prompt(self.tok, text, self.limit, self.cfg.max_new_tokens)
 
     # --- checkpoints ----------------------------------------------------------------------------
     def _user_fingerprint(self) -> Optional[str]:
@@ -350,16 +349,7 @@ class GRPO:
         """The guards, before the step is saved: a non-finite figure, KL beyond kl_limit, entropy
         below min_entropy, and a collapse (gradients gone, or entropy at ln V) stop the run."""
         cfg, step = self.cfg, self.step
-        for name, v in metrics.items():
-            if not math.isfinite(v):
-                raise StageError(f"non-finite {name} ({v}) at step {step}: stopped before saving it. "
-                                 f"Lower lr (now {cfg.lr:.3g}) and start again from the last checkpoint.")
-        if metrics["objective/kl"] > cfg.kl_limit:
-            raise StageError(f"objective/kl = {metrics['objective/kl']:.3f} at step {step} exceeds kl_limit "
-                             f"{cfg.kl_limit}: the policy is drifting from the reference (raise kl_coef or lower lr)")
-        if metrics["objective/entropy"] < cfg.min_entropy:
-            raise StageError(f"objective/entropy = {metrics['objective/entropy']:.4f} at step {step} is below "
-                             f"min_entropy {cfg.min_entropy}: the policy has collapsed")
+        check_guards(metrics, cfg, step)
         # A step with no update says nothing about the gradients (NaN is never 0 to the watch);
         # a run of them, every group alike for COLLAPSE_STEPS steps, is a run that cannot learn.
         self.flat = self.flat + 1 if metrics["groups/uniform_fraction"] == 1 else 0

@@ -28,13 +28,10 @@ from typing import Callable, Optional
 
 import torch
 
-from engine import checkpoint as ckpt
-from engine.artifacts import load_artifact
 from engine.config import ConfigError
 from engine.device import autocast
 from engine.model import ScalarModel
 from engine.ppo_core import chunks, last_action_index
-from engine.reward import NORM_FILE
 from engine.runio import StageError
 from engine.tasks import Task, check, parse_task
 
@@ -187,21 +184,6 @@ def load_user_function(spec: str, path: Path) -> Callable:
     except ValueError:
         pass                # a builtin without a signature: its first call will tell
     return fn
-
-
-def load_reward_model(path: Path, tok_fingerprint: str, device: torch.device) -> tuple[ScalarModel, dict, Path]:
-    """(frozen RM, its normalisation statistics, its checkpoint), each checked, or a ConfigError."""
-    art = load_artifact(path, device=device, field="reward_model")
-    if not isinstance(art.model, ScalarModel):
-        raise ConfigError("reward_model", f"{art.checkpoint} is not a reward model (no scalar head)")
-    if art.tokenizer.fingerprint() != tok_fingerprint:
-        raise ConfigError("reward_model", "the reward model was trained with another tokenizer than the policy")
-    norm_path = art.checkpoint / NORM_FILE
-    if not norm_path.exists():
-        raise ConfigError("reward_model", f"{norm_path} is missing: run the reward stage to its end "
-                                          "(it saves the normalisation statistics)")
-    model = art.model.eval().requires_grad_(False)
-    return model, ckpt.read_json(norm_path), art.checkpoint
 
 
 def weighted_total(fns: list, scores: dict[str, torch.Tensor]) -> torch.Tensor:

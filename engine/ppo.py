@@ -45,7 +45,7 @@ from engine.model import ScalarModel, load_model
 from engine.ppo_core import (BETA_RANGE, KLController, Rollout, build_rollout, chunks, gae, masked_mean,
                              masked_whiten, per_token_rewards, ppo_losses, score_against_reference, shift_values,
                              token_logprobs)
-from engine.reward import NORM_FILE
+from engine.reward import load_reward_model
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sample import read_prompts
 from engine.sft_data import EpochSampler
@@ -139,6 +139,27 @@ WARN_ON_RESUME = ("lr", "value_lr", "grad_clip", "cliprange", "cliprange_value",
 KL_WINDOW = 10      # steps in the mean KL that kl_budget is held to (objective/kl_mean)
 
 
+def encode_prompt(tok, text: str, limit: int, max_new_tokens: int) -> list[int]:
+    """A prompt as the policy reads it, its middle cut when it leaves no room for the answer."""
+    ids, _ = render_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True)
+    room = limit - max_new_tokens
+    return ids if len(ids) <= room else [ids[0]] + ids[-(room - 1):]
+
+
+def check_guards(metrics: dict[str, float], cfg, step: int) -> None:
+    """The guards PPO and GRPO share (cfg: lr, kl_limit, min_entropy), before a step is saved."""
+    for name, v in metrics.items():
+        if not math.isfinite(v):
+            raise StageError(f"non-finite {name} ({v}) at step {step}: stopped before saving it. "
+                             f"Lower lr (now {cfg.lr:.3g}) and start again from the last checkpoint.")
+    if metrics["objective/kl"] > cfg.kl_limit:
+        raise StageError(f"objective/kl = {metrics['objective/kl']:.3f} at step {step} exceeds kl_limit "
+                         f"{cfg.kl_limit}: the policy is drifting from the reference (raise kl_coef or lower lr)")
+    if metrics["objective/entropy"] < cfg.min_entropy:
+        raise StageError(f"objective/entropy = {metrics['objective/entropy']:.4f} at step {step} is below "
+                         f"min_entropy {cfg.min_entropy}: the policy has collapsed")
+
+
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.eval()
     for p in model.parameters():
@@ -165,23 +186,14 @@ def load_models(cfg: PPOConfig, run_dir: Path, device: torch.device) -> Models:
     pol = load_artifact(resolve_path(run_dir, cfg.policy), device=device, field="policy", prefer="latest")
     if pol.model.kind != "lm":
         raise ConfigError("policy", f"{pol.checkpoint} holds a {pol.model.kind} model, not a language model")
-    rm_art = load_artifact(resolve_path(run_dir, cfg.reward_model), device=device, field="reward_model")
-    if not isinstance(rm_art.model, ScalarModel):
-        raise ConfigError("reward_model", f"{rm_art.checkpoint} is not a reward model (no scalar head)")
-    if rm_art.tokenizer.fingerprint() != pol.tokenizer.fingerprint():
-        raise ConfigError("reward_model", "the reward model was trained with another tokenizer than the policy")
-    norm_path = rm_art.checkpoint / NORM_FILE
-    if not norm_path.exists():
-        raise ConfigError("reward_model", f"{norm_path} is missing: run the reward stage to its end "
-                                          "(it saves the normalisation statistics)")
-    value_src = resolve_path(run_dir, cfg.value_model) if cfg.value_model else rm_art.checkpoint
+    rm, norm, rm_ckpt = load_reward_model(resolve_path(run_dir, cfg.reward_model), pol.tokenizer.fingerprint(), device)
+    value_src = resolve_path(run_dir, cfg.value_model) if cfg.value_model else rm_ckpt
     value = load_artifact(value_src, device=device, field="value_model").model
     if not isinstance(value, ScalarModel):
         raise ConfigError("value_model", f"{value_src} is not a scalar-head model")
     ref = freeze(load_model(pol.checkpoint / "model.safetensors", device=device))
-    return Models(policy=pol.model.train(), ref=ref, rm=freeze(rm_art.model), value=value.train(),
-                  norm=ckpt.read_json(norm_path), tok=pol.tokenizer, policy_ckpt=pol.checkpoint,
-                  tokenizer_path=pol.tokenizer_path, rm_ckpt=rm_art.checkpoint)
+    return Models(policy=pol.model.train(), ref=ref, rm=rm, value=value.train(), norm=norm, tok=pol.tokenizer,
+                  policy_ckpt=pol.checkpoint, tokenizer_path=pol.tokenizer_path, rm_ckpt=rm_ckpt)
 
 
 @dataclass
@@ -225,9 +237,7 @@ class PPO:
         self.step = 0
 
     def encode_prompt(self, text: str) -> list[int]:
-        ids, _ = render_chat(self.m.tok, [{"role": "user", "content": text}], add_generation_prompt=True)
-        room = self.limit - self.cfg.max_new_tokens
-        return ids if len(ids) <= room else [ids[0]] + ids[-(room - 1):]
+        return encode_prompt(self.m.tok, text, self.limit, self.cfg.max_new_tokens)
 
     def prepare_ptx(self, control) -> bool:
         """Encode the PPO-ptx corpus (once; reused on resume). False: stopped while encoding."""
@@ -393,16 +403,7 @@ class PPO:
         """The guards: a non-finite figure, KL beyond kl_limit, entropy below min_entropy, and a
         collapse (gradients gone, or entropy at ln V) stop the run, before it is saved."""
         cfg, step = self.cfg, self.step
-        for name, v in metrics.items():
-            if not math.isfinite(v):
-                raise StageError(f"non-finite {name} ({v}) at step {step}: stopped before saving it. "
-                                 f"Lower lr (now {cfg.lr:.3g}) and start again from the last checkpoint.")
-        if metrics["objective/kl"] > cfg.kl_limit:
-            raise StageError(f"objective/kl = {metrics['objective/kl']:.3f} at step {step} exceeds kl_limit "
-                             f"{cfg.kl_limit}: the policy is drifting from the reference (raise kl_coef or lower lr)")
-        if metrics["objective/entropy"] < cfg.min_entropy:
-            raise StageError(f"objective/entropy = {metrics['objective/entropy']:.4f} at step {step} is below "
-                             f"min_entropy {cfg.min_entropy}: the policy has collapsed")
+        check_guards(metrics, cfg, step)
         self.watch.check(step, metrics["policy/grad_norm"], metrics["objective/entropy"], cfg.lr)
 
     def iteration(self) -> dict[str, float]:

@@ -28,7 +28,7 @@ import torch
 from engine import checkpoint as ckpt
 from engine import distributed
 from engine.artifacts import load_artifact
-from engine.config import require, resolve_path
+from engine.config import ConfigError, require, resolve_path
 from engine.device import autocast, describe, setup
 from engine.fsutil import atomic_write_text
 from engine.model import ScalarModel, load_model
@@ -39,6 +39,21 @@ from engine.sft_data import EpochSampler, data_fingerprint
 from engine.trainer import Stage, TrainConfig, run_summary, train
 
 NORM_FILE = "reward_norm.json"
+
+
+def load_reward_model(path: Path, tok_fingerprint: str, device: torch.device) -> tuple[ScalarModel, dict, Path]:
+    """(frozen RM, its normalisation statistics, its checkpoint), each checked, or a ConfigError
+    naming `reward_model`: what PPO and GRPO score answers with."""
+    art = load_artifact(path, device=device, field="reward_model")
+    if not isinstance(art.model, ScalarModel):
+        raise ConfigError("reward_model", f"{art.checkpoint} is not a reward model (no scalar head)")
+    if art.tokenizer.fingerprint() != tok_fingerprint:
+        raise ConfigError("reward_model", "the reward model was trained with another tokenizer than the policy")
+    norm_path = art.checkpoint / NORM_FILE
+    if not norm_path.exists():
+        raise ConfigError("reward_model", f"{norm_path} is missing: run the reward stage to its end "
+                                          "(it saves the normalisation statistics)")
+    return art.model.eval().requires_grad_(False), ckpt.read_json(norm_path), art.checkpoint
 
 
 @dataclass(kw_only=True)
