@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.fsutil import DiskFull, fault_point, fsync_dir, fsync_tree, is_disk_full
+from engine.fsutil import DiskFull, atomic_write_text, fault_point, fsync_dir, fsync_tree, is_disk_full
 from engine.runio import StageError
 
 STEP_RE = re.compile(r"^step-(\d{6,})$")
@@ -233,16 +233,10 @@ def _write_files(tmp: Path, step: int, model, state, optimizer, rng, model_metad
     fault_point("save:fsynced")
     # The marker, last: a folder holding it holds everything it lists, already on disk.
     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-    # Written beside and renamed: a kill inside the write must leave no manifest at all, never a
-    # torn one that a resume would take for the marker.
-    part = tmp / f"{MANIFEST}.part"
-    with open(part, "w", encoding="utf-8") as f:
-        fault_point("save:manifest-opened")
-        f.write(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, tmp / MANIFEST)
-    fsync_dir(tmp)
+    # Atomic: a kill inside the write must leave no manifest at all, never a torn one that a
+    # resume would take for the marker.
+    atomic_write_text(tmp / MANIFEST, json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1),
+                      fault="save:manifest-opened")
     fault_point("save:manifest-written")
 
 

@@ -77,11 +77,15 @@ def fsync_path(path: Path) -> None:
 fsync_dir = fsync_file = fsync_path     # the names callers read best by
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, fault: str = "") -> None:
+    """`path` holds `data` whole, or what it held before: never a torn write. `fault` names a
+    fault point inside the write (tests kill the process there)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
+            if fault:
+                fault_point(fault)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -94,8 +98,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str, fault: str = "") -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), fault)
 
 
 def fsync_tree(root: Path) -> None:
