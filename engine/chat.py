@@ -19,6 +19,7 @@ from engine.config import require
 from engine.generate import generate, generate_batch
 from engine.model import Transformer
 from engine.ppo_core import build_rollout, state_kl
+from engine.tasks import Task, task_accuracy
 from engine.tokenizer import SPECIAL_TOKENS, Tokenizer, render_chat
 
 OnText = Optional[Callable[[str], None]]
@@ -252,6 +253,15 @@ def reply_batch(model: Transformer, tok: Tokenizer, prompts: list[str], max_new_
             done = bool(ans) and ans[-1] == tok.end_id
             out.append((tok.decode(ans[:-1] if done else ans, skip_special=True), done))
     return out
+
+
+def task_metrics(model: Transformer, tok: Tokenizer, tasks: list[Task], max_new_tokens: int) -> dict[str, float]:
+    """Greedy accuracy on held-out tasks, as the eval/ metrics SFT and GRPO report: overall,
+    partial-credit score and each kind's accuracy."""
+    replies = reply_batch(model, tok, [t.prompt for t in tasks], max_new_tokens)
+    acc = task_accuracy(tasks, [text for text, _ in replies])
+    return {"eval/task_accuracy": acc["overall"], "eval/task_score": acc["score"],
+            **{f"eval/acc/{k}": v for k, v in acc["per_kind"].items()}}
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ from engine.chat import reply_batch, sampled_kl
 from engine.config import ConfigError, require, resolve_path
 from engine.device import describe, setup
 from engine.dpo_loss import FORMS, LOSSES, ranking_loss, sequence_logps
+from engine.model import freeze, load_model
 from engine.reward import RankingsConfig
 from engine.reward_data import Ranking, prompt_key, ranking_pairs, read_rankings, split_by_prompt
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
@@ -249,8 +250,7 @@ def run(cfg: DPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
     device, dtype = setup(cfg.device, cfg.dtype)
     tok_arg = resolve_path(run_dir, cfg.tokenizer) if cfg.tokenizer else None
     art = load_artifact(resolve_path(run_dir, cfg.init), tokenizer=tok_arg, device=device, field="init")
-    ref = load_artifact(art.checkpoint, tokenizer=art.tokenizer_path, device=device, field="init").model
-    ref.eval().requires_grad_(False)
+    ref = freeze(load_model(art.checkpoint / "model.safetensors", device=device))
     model = art.model
     context = model.config.max_seq_len
     if cfg.seq_len > context:

@@ -34,21 +34,20 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine.artifacts import load_artifact
-from engine.chat import reply_batch
+from engine.chat import task_metrics
 from engine.config import ConfigError, require, resolve_path
 from engine.device import autocast, clock, describe, setup
 from engine.generate import generate_batch
 from engine.grpo_core import group_advantages, grpo_losses, kl_k3, mean_std, uniform_groups
 from engine.grpo_rewards import (Answers, FormatReward, LengthReward, RewardModelReward, TaskReward, UserReward,
                                  load_user_function, parse_user_spec, score_all)
-from engine.model import load_model
-from engine.ppo import check_guards, encode_prompt, freeze
+from engine.model import freeze, load_model
+from engine.ppo import check_guards, encode_prompt
 from engine.ppo_core import Rollout, build_rollout, chunks, logprobs_and_entropy, masked_mean, token_logprobs
 from engine.reward import load_reward_model
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sample import read_prompts
 from engine.sft_data import EpochSampler, read_tasks
-from engine.tasks import task_accuracy
 from engine.trainer import (COLLAPSE_STEPS, CollapseWatch, check_resume, clip_grads, optimizer_step,
                             policy_optimizer, resume_run, run_summary, save_run_checkpoint)
 
@@ -397,14 +396,13 @@ class GRPO:
         """Greedy accuracy on the held-out tasks ({} without eval_tasks)."""
         if not self.tasks:
             return {}
-        replies = reply_batch(self.policy, self.tok, [t.prompt for t in self.tasks], self.cfg.eval_tokens)
+        values = task_metrics(self.policy, self.tok, self.tasks, self.cfg.eval_tokens)
         self.policy.train()
-        acc = task_accuracy(self.tasks, [text for text, _ in replies])
-        self.first_eval = acc["overall"] if self.first_eval is None else self.first_eval
-        self.last_eval = acc["overall"]
-        self.ev.log(f"held-out task accuracy {acc['overall']:.1%} on {len(self.tasks)} tasks at step {self.step}")
-        return {"eval/task_accuracy": acc["overall"], "eval/task_score": acc["score"],
-                **{f"eval/acc/{k}": v for k, v in acc["per_kind"].items()}}
+        acc = values["eval/task_accuracy"]
+        self.first_eval = acc if self.first_eval is None else self.first_eval
+        self.last_eval = acc
+        self.ev.log(f"held-out task accuracy {acc:.1%} on {len(self.tasks)} tasks at step {self.step}")
+        return values
 
 
 def run(cfg: GRPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None) -> str:

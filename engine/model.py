@@ -500,3 +500,11 @@ def load_model(path, device="cpu") -> Transformer:
     with torch.device("meta"):
         check_weights(MODEL_KINDS[kind](cfg), sd, path)
     return model_from_state_dict(cfg, sd, kind)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """In eval mode and out of autograd: a reference or reward model that is read, never trained."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

@@ -41,7 +41,7 @@ from engine.corpus import list_corpus_files
 from engine.data import TokenData, encode_corpus, shards_ready
 from engine.device import autocast, clock, describe, setup
 from engine.generate import generate_batch
-from engine.model import ScalarModel, load_model
+from engine.model import ScalarModel, freeze, load_model
 from engine.ppo_core import (BETA_RANGE, KLController, Rollout, build_rollout, chunks, gae, masked_mean,
                              masked_whiten, per_token_rewards, ppo_losses, score_against_reference, shift_values,
                              token_logprobs)
@@ -158,13 +158,6 @@ def check_guards(metrics: dict[str, float], cfg, step: int) -> None:
     if metrics["objective/entropy"] < cfg.min_entropy:
         raise StageError(f"objective/entropy = {metrics['objective/entropy']:.4f} at step {step} is below "
                          f"min_entropy {cfg.min_entropy}: the policy has collapsed")
-
-
-def freeze(model: torch.nn.Module) -> torch.nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 @dataclass

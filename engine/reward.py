@@ -31,7 +31,7 @@ from engine.artifacts import load_artifact
 from engine.config import ConfigError, require, resolve_path
 from engine.device import autocast, describe, setup
 from engine.fsutil import atomic_write_text
-from engine.model import ScalarModel, load_model
+from engine.model import ScalarModel, freeze, load_model
 from engine.reward_data import (Ranking, collate_answers, encode_answer, ranking_loss, read_rankings,
                                 split_by_prompt)
 from engine.runio import Emitter, NeverStop, Sink, stage_main, write_summary
@@ -53,7 +53,7 @@ def load_reward_model(path: Path, tok_fingerprint: str, device: torch.device) ->
     if not norm_path.exists():
         raise ConfigError("reward_model", f"{norm_path} is missing: run the reward stage to its end "
                                           "(it saves the normalisation statistics)")
-    return art.model.eval().requires_grad_(False), ckpt.read_json(norm_path), art.checkpoint
+    return freeze(art.model), ckpt.read_json(norm_path), art.checkpoint
 
 
 @dataclass(kw_only=True)

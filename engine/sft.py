@@ -26,11 +26,10 @@ from engine import distributed
 from engine.artifacts import load_artifact
 from engine.config import ConfigError, require, resolve_path
 from engine.device import autocast, describe, setup
-from engine.chat import reply_batch
+from engine.chat import reply_batch, task_metrics
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sft_data import (TOO_LONG, EpochSampler, Example, SFTDataError, collate,
                              data_fingerprint, read_records, read_tasks, render, split_records)
-from engine.tasks import task_accuracy
 from engine.trainer import Stage, TrainConfig, run_summary, train
 
 DEFAULT_PROMPTS = ["What is 12 + 7?", "Reverse the word 'garden'.",
@@ -214,11 +213,7 @@ class Hooks:
         values = {"val/loss": total / count}
         tasks = self.data.tasks
         if tasks:
-            replies = reply_batch(m, self.tok, [t.prompt for t in tasks], self.cfg.task_tokens)
-            acc = task_accuracy(tasks, [text for text, _ in replies])
-            values["eval/task_accuracy"] = acc["overall"]
-            values["eval/task_score"] = acc["score"]
-            values.update({f"eval/acc/{k}": v for k, v in acc["per_kind"].items()})
+            values.update(task_metrics(m, self.tok, tasks, self.cfg.task_tokens))
         self.last_eval = dict(values)
         return values
 
