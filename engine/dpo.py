@@ -23,7 +23,6 @@ dozen answers an evaluation can afford.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from engine.device import describe, setup
 from engine.dpo_loss import FORMS, LOSSES, ranking_loss, sequence_logps
 from engine.model import freeze, load_model
 from engine.reward import RankingsConfig
-from engine.reward_data import Ranking, prompt_key, ranking_pairs, read_rankings, split_by_prompt
+from engine.reward_data import Ranking, prompt_key, ranking_pairs
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sft import DEFAULT_PROMPTS
 from engine.sft_data import CUT_NOTHING, EpochSampler, Example, collate, data_fingerprint, fit
@@ -226,13 +225,7 @@ def _figures(split: str, f: dict[str, torch.Tensor]) -> dict[str, float]:
 def load_rankings(cfg: DPOConfig, run_dir: Path, tok, max_len: int,
                   ev: Emitter) -> tuple[list[Encoded], list[Encoded], list[Path]]:
     """Read, split and encode the rankings, every problem in every file before any work."""
-    data_paths = [resolve_path(run_dir, p) for p in cfg.data]
-    val_paths = [resolve_path(run_dir, p) for p in cfg.val_data]
-    items = read_rankings(data_paths)
-    if val_paths:
-        train_items, val_items = items, read_rankings(val_paths)
-    else:
-        train_items, val_items = split_by_prompt(items, cfg.val_fraction, cfg.seed)
+    train_items, val_items, files = cfg.read_data(run_dir)
     # read_rankings refuses a ranking that ties every answer: each one here implies a pair.
     train_enc = [encode_ranking(tok, r, max_len) for r in train_items]
     val_enc = [encode_ranking(tok, r, max_len) for r in val_items]
@@ -240,7 +233,7 @@ def load_rankings(cfg: DPOConfig, run_dir: Path, tok, max_len: int,
     if cut:
         ev.log(f"{cut} answer sequence(s) were longer than the context ({max_len}) and lost prompt "
                "tokens first", level="warning")
-    return train_enc, val_enc, data_paths + val_paths
+    return train_enc, val_enc, files
 
 
 def run(cfg: DPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None) -> str:
@@ -258,10 +251,7 @@ def run(cfg: DPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
     max_len = cfg.seq_len or context
     train_items, val_items, files = load_rankings(cfg, run_dir, art.tokenizer, max_len, ev)
 
-    per_step = cfg.batch_size * cfg.grad_accum
-    tcfg = cfg
-    if cfg.epochs > 0:    # computed, never written back into config.json: the trainer gets a copy
-        tcfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * len(train_items) / per_step)))
+    tcfg = cfg.with_steps_for(len(train_items))
     n_pairs = sum(len(e.ranking.pairs()) for e in train_items)
     ev.log(f"device {describe(device)}, {dtype}; policy and reference from {art.checkpoint.resolve()} "
            f"({model.num_params():,} params); {len(train_items)} train rankings ({n_pairs} pairs), "

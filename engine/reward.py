@@ -78,6 +78,24 @@ class RankingsConfig(TrainConfig):
                 "must be 0 (train max_steps) or a positive number of passes over the data")
         require(self.seq_len == 0 or self.seq_len >= 4, "seq_len", "0 (the model's context) or at least 4")
 
+    def read_data(self, run_dir: Path) -> tuple[list[Ranking], list[Ranking], list[Path]]:
+        """(train rankings, held-out rankings, every file read): val_data, or val_fraction of the
+        prompts held out. Every problem in every file is reported before any work."""
+        data_paths = [resolve_path(run_dir, p) for p in self.data]
+        val_paths = [resolve_path(run_dir, p) for p in self.val_data]
+        items = read_rankings(data_paths)
+        if val_paths:
+            return items, read_rankings(val_paths), data_paths + val_paths
+        return *split_by_prompt(items, self.val_fraction, self.seed), data_paths
+
+    def with_steps_for(self, n_train: int):
+        """A copy whose max_steps makes `epochs` passes over n_train rankings (epochs 0: this
+        config). Never written back into config.json: the trainer gets the copy."""
+        if self.epochs <= 0:
+            return self
+        per_step = self.batch_size * self.grad_accum
+        return dataclasses.replace(self, max_steps=max(1, math.ceil(self.epochs * n_train / per_step)))
+
 
 @dataclass(kw_only=True)
 class RewardConfig(RankingsConfig):
@@ -222,14 +240,7 @@ def run(cfg: RewardConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
     run_dir = Path(run_dir)
     device, dtype = setup(cfg.device, cfg.dtype)
 
-    data_paths = [resolve_path(run_dir, p) for p in cfg.data]
-    items = read_rankings(data_paths)
-    if cfg.val_data:
-        val_paths = [resolve_path(run_dir, p) for p in cfg.val_data]
-        train_items, val_items = items, read_rankings(val_paths)
-    else:
-        val_paths = []
-        train_items, val_items = split_by_prompt(items, cfg.val_fraction, cfg.seed)
+    train_items, val_items, files = cfg.read_data(run_dir)
     tok_arg = str(resolve_path(run_dir, cfg.tokenizer)) if cfg.tokenizer else None
     loaded = load_artifact(resolve_path(run_dir, cfg.init), tokenizer=tok_arg, device=device, field="init")
     tok = loaded.tokenizer
@@ -238,9 +249,7 @@ def run(cfg: RewardConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
     model = model.to(device)
     max_len = min(cfg.seq_len or model.config.max_seq_len, model.config.max_seq_len)
 
-    per_step = cfg.batch_size * cfg.grad_accum
-    steps = math.ceil(cfg.epochs * len(train_items) / per_step) if cfg.epochs > 0 else cfg.max_steps
-    tcfg = dataclasses.replace(cfg, max_steps=max(1, steps))
+    tcfg = cfg.with_steps_for(len(train_items))
     n_pairs = sum(len(r.pairs()) for r in train_items)
     ev.log(f"device {describe(device)}, {dtype}; reward model from {loaded.checkpoint} "
            f"({model.num_params():,} params); {len(train_items)} train rankings ({n_pairs} pairs), "
@@ -248,7 +257,7 @@ def run(cfg: RewardConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
 
     scorer = Scorer(tok, max_len, device)
     sampler = EpochSampler(len(train_items), cfg.seed)
-    fingerprint = data_fingerprint(data_paths + val_paths)
+    fingerprint = data_fingerprint(files)
 
     def restore(state: dict) -> None:
         if state.get("data_fingerprint") != fingerprint:
