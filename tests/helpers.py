@@ -14,3 +14,8 @@ class StopAt:
 def losses(events) -> dict[int, float]:
     """train/loss by step."""
     return {e["step"]: e["train/loss"] for e in events if e["type"] == "metrics" and "train/loss" in e}
+
+
+def metrics(events) -> dict[int, dict]:
+    """Each step's metrics event."""
+    return {e["step"]: e for e in events if e["type"] == "metrics"}

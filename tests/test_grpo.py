@@ -10,7 +10,7 @@ from engine.grpo_core import group_advantages, grpo_losses, kl_k3, uniform_group
 from engine.grpo_rewards import Answers, FormatReward, LengthReward, TaskReward
 from engine.runio import StageError
 from engine.trainer import COLLAPSE_STEPS
-from helpers import StopAt
+from helpers import StopAt, metrics
 
 
 @pytest.fixture
@@ -33,10 +33,6 @@ def cfg(lm, prompts, **kw):
                 probe_every=100, probe_tokens=8, checkpoint_every=100, eval_every=100, device="cpu")
     base.update(kw)
     return from_dict(GRPOConfig, base)
-
-
-def metrics(events):
-    return {e["step"]: e for e in events if e["type"] == "metrics"}
 
 
 def test_advantages_are_zero_for_a_group_whose_rewards_are_equal():

@@ -12,7 +12,7 @@ from engine.ppo import PPOConfig, run
 from engine.ppo_core import ERROR_RANGE, KL_GAIN, build_rollout
 from engine.runio import StageError
 from engine.trainer import COLLAPSE_STEPS
-from helpers import StopAt
+from helpers import StopAt, metrics
 
 
 @pytest.fixture
@@ -28,10 +28,6 @@ def cfg(lm, rm, prompts, **kw):
                 value_lr=1e-3, probe_every=100, checkpoint_every=100, device="cpu")
     base.update(kw)
     return from_dict(PPOConfig, base)
-
-
-def metrics(events):
-    return {e["step"]: e for e in events if e["type"] == "metrics"}
 
 
 def test_first_minibatch_ratio_is_exactly_one_and_kl_is_exactly_zero(tiny_lm_ckpt, rm_ckpt, prompts, tmp_path):

@@ -86,8 +86,12 @@ class MethodsView(QWidget):
         self.refresh()
 
     def refresh(self) -> None:
+        """Called whenever the Chat page changes tab: redrawn only when methods.json changed, so
+        a selected row survives a visit to the Compare tab."""
         if self.worker is None:
-            self.show_result(methods.read_result(self.project_dir))
+            result = methods.read_result(self.project_dir)
+            if result != self.result or result is None:
+                self.show_result(result)
 
     def show_result(self, result: Optional[dict]) -> None:
         self.result = result
