@@ -50,6 +50,8 @@ def test_the_ui_tables_are_keyed_by_the_catalogue():
     from ui.runs_browser import KEY_METRICS
     from workbench.pipeline import FIGURES as TABLE_FIGURES, steps
     assert set(PLOT_SPECS) | set(FIGURES) | set(KEY_METRICS) | set(TABLE_FIGURES) <= set(stages.NAMES)
+    # Every stage says how its run went in the sidebar and the runs table (DPO once said nothing).
+    assert set(KEY_METRICS) == set(stages.NAMES)
     pages = [key for key, _ in SIDEBAR]
     assert all((s.page or s.name) in pages for s in stages.STAGES)
     assert [s for s in steps() if s in stages.NAMES] == list(stages.NAMES)

@@ -85,3 +85,19 @@ def test_a_picker_that_fills_in_is_checked_at_once_and_shows_whole_names(qtbot, 
     picker.set_value(str(folder))
     edit = picker.combo.lineEdit()
     assert edit.cursorPosition() == len(str(folder))
+
+
+def test_dpo_offers_its_losses_and_forms_as_choices_and_refuses_a_bad_pair(qtbot):
+    from PySide6.QtWidgets import QComboBox
+    form = ConfigForm("dpo", lambda kind: [])
+    form.set_values({**defaults("dpo"), "init": "sft", "data": ["r.jsonl"]})
+    qtbot.addWidget(form)
+    form.show()
+    loss, shape = form.editors["loss"], form.editors["form"]
+    assert isinstance(loss, QComboBox) and [loss.itemText(i) for i in range(loss.count())] == ["sigmoid", "ipo"]
+    assert [shape.itemText(i) for i in range(shape.count())] == ["pairwise", "plackett_luce"]
+    loss.setCurrentText("ipo")
+    shape.setCurrentText("plackett_luce")
+    assert form.values()["loss"] == "ipo" and form.values()["form"] == "plackett_luce"
+    qtbot.waitUntil(lambda: "loss" in form.errors, timeout=10_000)
+    assert "pairwise loss" in form.messages["loss"].text()

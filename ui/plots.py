@@ -70,7 +70,7 @@ PLOT_SPECS: dict[str, list[tuple[str, list[str]]]] = {
             ("Value loss", ["loss/value"]),
             ("Ratio π/π_old", ["val/ratio", "val/ratio_first"]),
             ("Answer length (tokens)", ["rollout/length"]),
-            ("Answers ending with the end token", ["rollout/eos_fraction"])],
+            ("Answers that ended", ["rollout/eos_fraction"])],
     # DPO's rewards are β·log(π/π_ref) of the ranked answers: chosen rising and rejected falling
     # is learning the preference; both falling together is the policy drifting off its answers.
     "dpo": [("Loss", _STEP_KEYS),
@@ -94,7 +94,7 @@ PLOT_SPECS: dict[str, list[tuple[str, list[str]]]] = {
              ("Clip fraction", ["policy/clipfrac"]),
              ("Policy loss", ["loss/policy"]),
              ("Answer length (tokens)", ["rollout/length"]),
-             ("Answers ending with the end token", ["rollout/eos_fraction"])],
+             ("Answers that ended", ["rollout/eos_fraction"])],
 }
 
 # Plots drawn against another metric instead of the step: stage -> {title: (x key, x axis label)},

@@ -32,6 +32,7 @@ KEY_METRICS = {
     "sample": [("sample/finished_fraction", "ended", "{:.0%}")],
     "reward": [("val/accuracy", "val acc", "{:.1%}"), ("val/margin", "margin", "{:.2f}")],
     "ppo": [("objective/score", "score", "{:+.3f}"), ("objective/kl", "KL", "{:.2f}")],
+    "dpo": [("val/reward_accuracy", "reward acc", "{:.1%}"), ("val/kl", "KL", "{:.2f}")],
     "grpo": [("eval/task_accuracy", "task acc", "{:.1%}"), ("reward/total", "reward", "{:+.3f}"),
              ("objective/kl", "KL", "{:.2f}")],
 }

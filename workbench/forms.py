@@ -16,12 +16,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.config import ConfigError, field_help
+from engine.dpo_loss import FORMS, LOSSES
 from workbench.runfolder import build
 from workbench.stages import spec as stage_spec
 
 CHOICES = {
     "device": ["auto", "cpu", "cuda", "mps"],
     "dtype": ["auto", "float32", "bfloat16", "float16"],
+    "loss": list(LOSSES),           # DPO's
+    "form": list(FORMS),
 }
 # Form labels that say more than the field's name.
 LABELS = {"nproc": "processes (GPUs)"}
