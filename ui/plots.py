@@ -575,7 +575,7 @@ class PlotGrid(QWidget):
 
     def _make_cell(self, title: str, keys: list[str], against: Optional[tuple[str, str]] = None) -> _Cell:
         w = _TimedPlot(self._clock, axisItems={"bottom": _CountAxis("bottom"), "left": _CountAxis("left")})
-        w.setMinimumSize(200, 120)
+        w.setMinimumSize(200, 90)
         p = w.getPlotItem()
         # Downsampling is set from the data's length and the plot's width (_downsample), not
         # pyqtgraph's auto mode: that one follows the view range, which autorange takes from the
