@@ -83,6 +83,10 @@ def test_the_methods_tab_compares_plots_and_hands_a_pair_to_blind_ab(qtbot, meth
     assert view.table.item(1, 6).text() == "0.00"
     points = [i for i in view.plot.getPlotItem().items if hasattr(i, "points")]
     assert len(points) == 2
+    saved = json.loads((methods_project / "methods.json").read_text())["rows"]
+    # Drawn in percent, as the axis says, each against its KL.
+    assert sorted((float(p.getData()[0][0]), float(p.getData()[1][0])) for p in points) == \
+        sorted((r["kl"], 100 * r["win_rate"]) for r in saved)
     view.table.selectRow(1)
     qtbot.mouseClick(view.ab_btn, Qt.LeftButton)
     assert tabs.currentWidget() is w.compare and w.compare.blind.isChecked()

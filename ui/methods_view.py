@@ -13,6 +13,7 @@ from typing import Optional
 
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLabel, QPushButton, QSpinBox,
                                QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
@@ -74,8 +75,12 @@ class MethodsView(QWidget):
         self.table.itemSelectionChanged.connect(self._update_buttons)
         self.plot = pg.PlotWidget()
         self.plot.setLabel("bottom", "KL to SFT (nats per answer)")
-        self.plot.setLabel("left", "win rate vs SFT")
-        self.plot.addLine(y=0.5, pen=pg.mkPen("#888", style=Qt.DashLine))
+        self.plot.setLabel("left", "win rate vs SFT (%)")
+        # Percent as it is: pyqtgraph would otherwise rescale 73 to "730 (x0.1)" and the like.
+        self.plot.getAxis("left").enableAutoSIPrefix(False)
+        self.plot.getAxis("bottom").enableAutoSIPrefix(False)
+        self.plot.setBackground(self.palette().color(QPalette.Base))
+        self.plot.addLine(y=50, pen=pg.mkPen("#888", style=Qt.DashLine))     # a tie with SFT
         self.plot.showGrid(x=True, y=True, alpha=0.2)
         col = QVBoxLayout(self)
         col.addWidget(intro)
@@ -116,11 +121,17 @@ class MethodsView(QWidget):
             self.plot.removeItem(item)
         for i, r in enumerate(rows):
             color = COLORS[i % len(COLORS)]
-            self.plot.addItem(pg.ScatterPlotItem([r["kl"]], [r["win_rate"]], size=12, brush=pg.mkBrush(color),
-                                                 pen=pg.mkPen(color)))
+            self.plot.addItem(pg.ScatterPlotItem([r["kl"]], [100 * r["win_rate"]], size=12,
+                                                 brush=pg.mkBrush(color), pen=pg.mkPen(color)))
             label = pg.TextItem(stages.spec(r["method"]).title, color=color, anchor=(0, 1))
-            label.setPos(r["kl"], r["win_rate"])
+            label.setPos(r["kl"], 100 * r["win_rate"])
             self.plot.addItem(label)
+        if rows:
+            # Room for the labels, which sit above and right of their points, and the 50% line.
+            kls, wins = [r["kl"] for r in rows], [100 * r["win_rate"] for r in rows]
+            span = max(max(kls) - min(kls), 0.5)
+            self.plot.setXRange(min(0.0, min(kls)), max(kls) + 0.25 * span, padding=0.02)
+            self.plot.setYRange(min(45.0, min(wins) - 5), max(wins) + 8, padding=0)
 
     def selected(self) -> Optional[dict]:
         rows = self.table.selectionModel().selectedRows()
