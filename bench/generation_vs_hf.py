@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import markdown_table, publish, torch_machine  # noqa: E402
 from engine.generate import generate_batch  # noqa: E402
-from engine.model import Transformer, config_from_preset, hf_config  # noqa: E402
+from engine.hf_model import hf_config  # noqa: E402
+from engine.model import Transformer, config_from_preset  # noqa: E402
 
 MARKER = "## Generation against Hugging Face transformers"
 PAD = 0

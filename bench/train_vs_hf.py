@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import publish  # noqa: E402
 from engine.device import autocast, measure_matmul_flops, peak_flops, setup_backends  # noqa: E402
-from engine.model import Transformer, config_from_preset, hf_config  # noqa: E402
+from engine.hf_model import hf_config  # noqa: E402
+from engine.model import Transformer, config_from_preset  # noqa: E402
 
 MARKER = "## Training step against Hugging Face transformers"
 

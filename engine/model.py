@@ -2,8 +2,8 @@
 
 Parameter names and shapes are exactly those of Hugging Face's `LlamaForCausalLM`
 (`model.layers.0.self_attn.q_proj.weight`, ...), and RoPE uses HF's "rotate_half" layout, so a
-state_dict moves between the two with no renaming and no permutation. `hf_config` writes the
-matching `config.json`.
+state_dict moves between the two with no renaming and no permutation. `engine.hf_model` reads
+and writes the matching `config.json` (Llama, and Qwen2/Qwen3 with the options they add).
 
 Weights are stored as safetensors with our config JSON in the file's metadata, never pickled.
 """
@@ -14,6 +14,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -35,15 +36,21 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # What imported families add (engine.hf_model maps their config.json onto these):
+    head_size: int = 0          # per-head width; 0: d_model // n_head (Qwen3 sets its own)
+    qkv_bias: bool = False      # biases on q/k/v projections (Qwen2)
+    qk_norm: bool = False       # RMSNorm over each head of q and k before RoPE (Qwen3)
+    rope_scaling: Optional[dict[str, Any]] = None   # HF's rope_scaling: {"rope_type": "linear"|"llama3", ...}
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.head_size or self.d_model // self.n_head
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "max_seq_len"):
             require(getattr(self, name) > 0, name, "must be a positive integer")
-        require(self.d_model % self.n_head == 0, "n_head",
+        require(self.head_size >= 0, "head_size", "must be 0 (d_model / n_head) or positive")
+        require(self.head_size > 0 or self.d_model % self.n_head == 0, "n_head",
                 f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         require(self.n_head % self.n_kv_head == 0, "n_kv_head",
                 f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
@@ -52,6 +59,8 @@ class ModelConfig:
         require(self.rope_theta > 0, "rope_theta", "must be positive")
         require(self.norm_eps > 0, "norm_eps", "must be positive")
         require(self.init_std > 0, "init_std", "must be positive")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
 
 
 # Everything but vocab_size, which comes from the tokenizer. d_ff is ~8/3 * d_model (SwiGLU keeps
@@ -73,35 +82,6 @@ def config_from_preset(name: str, vocab_size: int, **overrides) -> ModelConfig:
     return from_dict(ModelConfig, {**PRESETS[name], "vocab_size": vocab_size, **overrides})
 
 
-def hf_config(cfg: ModelConfig) -> dict:
-    """A `LlamaConfig`-compatible dict (config.json of an exported model).
-
-    rope_theta is written both the transformers-4 way (top level) and the 5 way (rope_parameters).
-    Token ids (bos/eos/pad) belong to the tokenizer; the exporter adds them.
-    """
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.d_ff,
-        "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head,
-        "num_key_value_heads": cfg.n_kv_head,
-        "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "attention_dropout": 0.0,
-        "initializer_range": cfg.init_std,
-    }
-
-
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 
@@ -120,14 +100,49 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def check_rope_scaling(rs: dict) -> None:
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    require(kind in ROPE_TYPES, "rope_scaling",
+            f"rope type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    need = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                              "original_max_position_embeddings")}.get(kind, ())
+    for key in need:
+        require(isinstance(rs.get(key), (int, float)) and not isinstance(rs.get(key), bool)
+                and rs[key] > 0, "rope_scaling", f"{kind} scaling needs a positive '{key}'")
+    if kind == "llama3":
+        require(rs["high_freq_factor"] > rs["low_freq_factor"], "rope_scaling",
+                "high_freq_factor must exceed low_freq_factor")
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict], device=None):
+    """The rotary frequencies, as transformers computes them for each rope type."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float) / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / hi) & ~(wavelen > old_len / lo)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype, scaling: Optional[dict] = None):
     """cos/sin [B, T, head_dim] for integer positions [B, T].
 
     Computed per call from the config rather than stored as a buffer: a buffer would be cast by
     `model.to(torch.bfloat16)` and the angles of late positions would lose all precision.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device,
-                                             dtype=torch.float) / head_dim))
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, position_ids.device)
     freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)  # HF layout: the two halves share frequencies
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -184,16 +199,22 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
@@ -268,6 +289,8 @@ class Transformer(nn.Module):
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=self.config.init_std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
         elif isinstance(m, RMSNorm):
             nn.init.ones_(m.weight)
 
@@ -321,7 +344,8 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {past + T} tokens exceeds the {what} ({limit})")
         mask, pos = self._mask_and_positions(B, T, past, attention_mask, position_ids, idx.device)
         x = self.model.embed_tokens(idx)
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cfg = self.config
+        cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype, cfg.rope_scaling)
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, mask, cache, i)
         if cache is not None:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from engine.config import ConfigError
-from engine.model import (PRESETS, ModelConfig, Transformer, config_from_preset, hf_config,
+from engine.hf_model import hf_config
+from engine.model import (PRESETS, ModelConfig, Transformer, config_from_preset,
                           load_model, model_from_state_dict, read_config, save_model)
 
 V = 97

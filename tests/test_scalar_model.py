@@ -39,7 +39,7 @@ def test_scalar_model_round_trips_through_safetensors(tmp_path, tied):
 
 def test_matches_hf_sequence_classification_head():
     transformers = pytest.importorskip("transformers")
-    from engine.model import hf_config
+    from engine.hf_model import hf_config
     torch.manual_seed(2)
     rm = ScalarModel.from_lm(Transformer(tiny_cfg()))
     hf = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**hf_config(rm.config), num_labels=1))
