@@ -7,7 +7,6 @@ model read through the wrong tokenizer trains and samples garbage without any er
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from engine.checkpoint import CheckpointError, read_json, resolve_checkpoint
 from engine.config import ConfigError
 from engine.model import Transformer, load_model
-from engine.tokenizer import SPECIAL_TOKENS, Tokenizer
+from engine.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer, load_tokenizer, tokenizer_files
 
 
 @dataclass
@@ -29,15 +28,26 @@ class Loaded:
     state: dict               # its state.json ({} for a bare model folder)
     tokenizer_path: Path
 
+    @property
+    def tokenizer_files(self) -> dict[str, Path]:
+        """What a checkpoint made from this artifact copies to stand on its own."""
+        return tokenizer_files(self.tokenizer_path)
+
 
 def check_compatible(model: Transformer, tok: Tokenizer, state: dict, field: str = "tokenizer") -> None:
     vocab = model.config.vocab_size
-    if tok.vocab_size != vocab:
+    if isinstance(tok, Tokenizer):
+        if tok.vocab_size != vocab:
+            raise ConfigError(field, f"tokenizer has {tok.vocab_size} tokens but the checkpoint's model "
+                                     f"has {vocab}: they were not trained together")
+        for i, name in enumerate(SPECIAL_TOKENS):
+            if tok.id_to_token(i) != name:
+                raise ConfigError(field, f"special token {i} is {tok.id_to_token(i)!r}, expected {name!r}")
+    elif tok.vocab_size > vocab:
+        # An imported model's embedding often has spare rows past its tokenizer (Qwen's 151936
+        # for 151665 tokens); fewer rows than tokens is a mismatch.
         raise ConfigError(field, f"tokenizer has {tok.vocab_size} tokens but the checkpoint's model "
-                                 f"has {vocab}: they were not trained together")
-    for i, name in enumerate(SPECIAL_TOKENS):
-        if tok.id_to_token(i) != name:
-            raise ConfigError(field, f"special token {i} is {tok.id_to_token(i)!r}, expected {name!r}")
+                                 f"has only {vocab} embedding rows: they do not belong together")
     want = state.get("tokenizer_fingerprint")
     if want and want != tok.fingerprint():
         raise ConfigError(field, "tokenizer differs from the one the checkpoint was trained with "
@@ -61,12 +71,12 @@ def load_artifact(path: str | os.PathLike, *, tokenizer: Optional[str | os.PathL
         model = load_model(ck / "model.safetensors", device=device)
     except (FileNotFoundError, CheckpointError) as e:
         raise ConfigError(field, str(e)) from None
-    tok_path = Path(tokenizer) if tokenizer else ck / "tokenizer.json"
+    tok_path = Path(tokenizer) if tokenizer else ck / TOKENIZER_FILE
     if tok_path.is_dir():
-        tok_path = tok_path / "tokenizer.json"
+        tok_path = tok_path / TOKENIZER_FILE
     tok_field = "tokenizer" if tokenizer else field
     try:
-        tok = Tokenizer.from_file(tok_path)
+        tok = load_tokenizer(tok_path)
     except (OSError, ValueError) as e:
         raise ConfigError(tok_field, f"cannot load a tokenizer from {tok_path}: {e}") from None
     check_compatible(model, tok, state, tok_field)

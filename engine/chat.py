@@ -20,7 +20,7 @@ from engine.generate import generate, generate_batch
 from engine.model import Transformer
 from engine.ppo_core import build_rollout, state_kl
 from engine.tasks import Task, task_accuracy
-from engine.tokenizer import SPECIAL_TOKENS, Tokenizer, render_chat
+from engine.tokenizer import Tokenizer
 
 OnText = Optional[Callable[[str], None]]
 
@@ -109,7 +109,7 @@ class ChatSession:
         self.last_prompt_ids: list[int] = []
         self.stopped = False  # whether the last reply was cut short by stop()
         self.last_seed: Optional[int] = None  # what the last reply drew with, to reproduce it
-        self.stop_ids = tuple(range(len(SPECIAL_TOKENS)))
+        self.stop_ids: Optional[tuple[int, ...]] = None   # what ends a reply; None: the tokenizer's
 
     # --- state ---------------------------------------------------------------------------
     @property
@@ -173,9 +173,10 @@ class ChatSession:
         return text
 
     def complete(self, text: str, on_token: OnText = None) -> str:
-        """Plain completion for a base model: <|bos|> + text, no template, no history."""
+        """Plain completion for a base model: its BOS (if it has one) + text, no template, no history."""
+        bos = [] if self.tok.bos_id is None else [self.tok.bos_id]
         with self._generating():
-            return self._run([self.tok.bos_id] + self.tok.encode(text), on_token)
+            return self._run(bos + self.tok.encode(text), on_token)
 
     def prompt_ids(self) -> list[int]:
         """What the model would see now, ending with the generation prompt."""
@@ -221,7 +222,7 @@ class ChatSession:
         self.last_seed = seed
         self.last_prompt_ids = prompt
         stream = TextStream(self.tok, on_token)
-        stops = set(self.stop_ids)
+        stops = set(self.tok.stop_ids if self.stop_ids is None else self.stop_ids)
 
         def push(t: int) -> None:
             if t not in stops:  # the closing token is not part of the answer's text
@@ -245,7 +246,7 @@ def reply_batch(model: Transformer, tok: Tokenizer, prompts: list[str], max_new_
     out = []
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo:lo + batch_size]
-        ids = [render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in chunk]
+        ids = [tok.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in chunk]
         seeds = None if seed is None else [seed + lo + i for i in range(len(chunk))]
         for ans in generate_batch(model, ids, max_new_tokens, temperature=temperature,
                                   top_k=50 if temperature else 0, seed=seeds,
@@ -276,7 +277,7 @@ def sampled_kl(model: Transformer, ref: Transformer, tok: Tokenizer, prompts: li
     keep = model.config.max_seq_len - 1     # as generation cuts a long prompt: one forward pass fits
     kl, lengths = [], []
     for lo in range(0, len(prompts), batch_size):
-        chunk = [render_chat(tok, [{"role": "user", "content": p}] if isinstance(p, str) else list(p),
+        chunk = [tok.render_chat([{"role": "user", "content": p}] if isinstance(p, str) else list(p),
                              add_generation_prompt=True)[0][-keep:] for p in prompts[lo:lo + batch_size]]
         answers = generate_batch(model, chunk, max_new_tokens, temperature=1.0,
                                  seed=[seed + lo + i for i in range(len(chunk))],

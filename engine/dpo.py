@@ -42,7 +42,6 @@ from engine.reward_data import Ranking, prompt_key, ranking_pairs
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sft import DEFAULT_PROMPTS
 from engine.sft_data import CUT_NOTHING, EpochSampler, Example, collate, data_fingerprint, fit
-from engine.tokenizer import render_chat
 from engine.trainer import Stage, run_summary, train
 
 
@@ -91,10 +90,10 @@ class Encoded:
 
 def encode_ranking(tok, r: Ranking, max_len: int) -> Encoded:
     context = [{"role": "user", "content": r.prompt}] if isinstance(r.prompt, str) else list(r.prompt)
-    start = len(render_chat(tok, context, add_generation_prompt=True)[0])
+    start = len(tok.render_chat(context, add_generation_prompt=True)[0])
     out = []
     for j, a in enumerate(r.answers):
-        ids, mask = render_chat(tok, context + [{"role": "assistant", "content": a}])
+        ids, mask = tok.render_chat(context + [{"role": "assistant", "content": a}])
         mask = [0] * start + mask[start:]       # earlier assistant turns are context here
         ids, mask, cut = fit(ids, mask, max_len)
         out.append(Example(ids, mask, f"{r.where} answer {j}", truncated=cut != CUT_NOTHING))
@@ -261,7 +260,7 @@ def run(cfg: DPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
     hooks = Hooks(cfg, art, ref, train_items, val_items, ev, device, data_fingerprint(files))
     stage = Stage("dpo", hooks.next_batch, hooks.loss, hooks.evaluate, hooks.sample,
                   fixed_on_resume=FIXED_ON_RESUME, state=hooks.state, restore=hooks.restore,
-                  train_metrics=hooks.take_stats, extra_files={"tokenizer.json": art.tokenizer_path},
+                  train_metrics=hooks.take_stats, extra_files=art.tokenizer_files,
                   flops_per_token=model.flops_per_token(max_len), skip_batch=hooks.skip_batch)
     status = train(tcfg, run_dir, model, stage, device=device, dtype=dtype, sink=sink, control=control)
     if status != "completed" or not distributed.is_main():

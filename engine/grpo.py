@@ -245,7 +245,7 @@ class GRPO:
                  "last_eval": self.last_eval, "user_reward_sha256": self._user_fingerprint()}
         path, removed = save_run_checkpoint(self.ckpt_root, self.step, self.policy, self.opt, data_gen=self.data_gen,
                                             device=self.device, state=state, keep_last=self.cfg.keep_last,
-                                            extra_files={"tokenizer.json": self.art.tokenizer_path})
+                                            extra_files=self.art.tokenizer_files)
         self.ev.emit("checkpoint", step=self.step, path=str(path.relative_to(self.run_dir)), best=False,
                      removed=[p.name for p in removed])
 

@@ -49,7 +49,7 @@ from engine.reward import load_reward_model
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sample import read_prompts
 from engine.sft_data import EpochSampler
-from engine.tokenizer import Tokenizer, render_chat
+from engine.tokenizer import Tokenizer, tokenizer_files
 from engine.trainer import (CollapseWatch, check_resume, clip_grads, optimizer_step, policy_optimizer, resume_run,
                             run_summary, save_run_checkpoint)
 
@@ -141,7 +141,7 @@ KL_WINDOW = 10      # steps in the mean KL that kl_budget is held to (objective/
 
 def encode_prompt(tok, text: str, limit: int, max_new_tokens: int) -> list[int]:
     """A prompt as the policy reads it, its middle cut when it leaves no room for the answer."""
-    ids, _ = render_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True)
+    ids, _ = tok.render_chat([{"role": "user", "content": text}], add_generation_prompt=True)
     room = limit - max_new_tokens
     return ids if len(ids) <= room else [ids[0]] + ids[-(room - 1):]
 
@@ -278,7 +278,7 @@ class PPO:
         path, removed = save_run_checkpoint(self.ckpt_root, self.step, self.m.policy, self.opt_pol,
                                             data_gen=self.data_gen, device=self.device, state=state,
                                             keep_last=self.cfg.keep_last,
-                                            extra_files={"tokenizer.json": self.m.tokenizer_path},
+                                            extra_files=tokenizer_files(self.m.tokenizer_path),
                                             modules=modules, optimizers=optimizers)
         self.ev.emit("checkpoint", step=self.step, path=str(path.relative_to(self.run_dir)), best=False,
                      removed=[p.name for p in removed])

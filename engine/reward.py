@@ -275,7 +275,7 @@ def run(cfg: RewardConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
                        "tokenizer_fingerprint": tok.fingerprint()},
         restore=restore,
         train_metrics=scorer.take_stats,
-        extra_files={"tokenizer.json": loaded.tokenizer_path},
+        extra_files=loaded.tokenizer_files,
         flops_per_token=model.flops_per_token(max_len),
         skip_batch=lambda _gen: sampler.take(cfg.batch_size))
     status = train(tcfg, run_dir, model, stage, device=device, dtype=dtype, sink=sink, control=control)

@@ -29,7 +29,7 @@ import torch
 from engine.jsonl import read_jsonl
 from engine.runio import InputProblems
 from engine.sft_data import fit
-from engine.tokenizer import ROLES, Tokenizer, render_chat
+from engine.tokenizer import ROLES, Tokenizer
 from engine.transcripts import split_transcripts
 
 Prompt = Union[str, list]
@@ -169,9 +169,13 @@ def split_by_prompt(items: list[Ranking], val_fraction: float, seed: int) -> tup
 
 
 def encode_answer(tok: Tokenizer, prompt: Prompt, answer: str, max_len: int) -> tuple[list[int], bool]:
-    """The conversation's ids, ending at the <|end|> that closes the answer (where r is read)."""
+    """The conversation's ids, ending at the token that closes the answer (where r is read)."""
     context = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    ids, mask = render_chat(tok, context + [{"role": "assistant", "content": answer}])
+    ids, mask = tok.render_chat(context + [{"role": "assistant", "content": answer}])
+    # An imported model's template may write more after the turn's end token (ChatML's newline):
+    # the score is read at the end token itself, where a rollout's answer ends.
+    last = max((i for i, m in enumerate(mask) if m), default=len(ids) - 1)
+    ids, mask = ids[:last + 1], mask[:last + 1]
     ids, _mask, cut = fit(ids, mask, max_len)
     if cut and ids[-1] != tok.end_id:
         ids[-1] = tok.end_id  # the answer's tail was cut: the score is still read at an end token

@@ -28,7 +28,6 @@ from engine.fsutil import atomic_write_text
 from engine.generate import generate_batch
 from engine.jsonl import read_jsonl
 from engine.runio import Emitter, InputProblems, NeverStop, Sink, StageError, stage_main, write_summary
-from engine.tokenizer import render_chat
 
 OUT = "samples.jsonl"
 
@@ -156,7 +155,7 @@ def run(cfg: SampleConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
                 ev.log(f"stopped after {lo} of {len(prompts)} prompts; run again to continue")
                 return "stopped"
             idx = list(range(lo, min(lo + per_batch, len(prompts))))
-            rendered = [render_chat(tok, [{"role": "user", "content": prompts[i]}], add_generation_prompt=True)[0]
+            rendered = [tok.render_chat([{"role": "user", "content": prompts[i]}], add_generation_prompt=True)[0]
                         for i in idx]
             batch = [ids for ids in rendered for _ in range(cfg.k)]
             seeds = [answer_seed(cfg.seed, i, j) for i in idx for j in range(cfg.k)]

@@ -276,7 +276,7 @@ def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
 
     hooks = Hooks(cfg, art, data, ev, device)
     stage = Stage("sft", hooks.next_batch, hooks.loss, hooks.evaluate, hooks.sample, fixed_on_resume=FIXED_ON_RESUME,
-                  state=hooks.state, restore=hooks.restore, extra_files={"tokenizer.json": art.tokenizer_path},
+                  state=hooks.state, restore=hooks.restore, extra_files=art.tokenizer_files,
                   flops_per_token=model.flops_per_token(seq_len), skip_batch=hooks.skip_batch,
                   uniform_loss=math.log(model.config.vocab_size))
     fresh = ckpt.latest_checkpoint(run_dir / "checkpoints") is None

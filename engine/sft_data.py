@@ -35,7 +35,7 @@ import torch
 from engine.jsonl import read_jsonl
 from engine.runio import InputProblems, StageError
 from engine.tasks import Task
-from engine.tokenizer import ROLES, Tokenizer, render_chat
+from engine.tokenizer import ROLES, Tokenizer
 
 MAX_EXAMPLES = 5       # line numbers quoted in a truncation report
 FORMATS = {"messages": ("messages",), "alpaca": ("instruction", "input", "output"),
@@ -326,10 +326,10 @@ def render(records: list[Record], tok: Tokenizer, max_len: int,
     refused with the rest of them as one SFTDataError ("refuse"), or kept ("keep")."""
     if too_long not in TOO_LONG:
         raise ValueError(f"too_long must be one of {', '.join(TOO_LONG)}, got {too_long!r}")
-    special = frozenset([tok.pad_id, tok.bos_id, tok.end_id, *tok.role_ids.values()])
+    special = tok.special_ids
     kept, truncated, prompt_lost, answer_cut, empty = [], [], [], [], []
     for r in records:
-        ids, mask = render_chat(tok, r.messages)
+        ids, mask = tok.render_chat(r.messages)
         ids, mask, cut = fit(ids, mask, max_len, special)
         ex = Example(ids, mask, r.where, bool(cut))
         if cut:

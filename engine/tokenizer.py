@@ -29,6 +29,10 @@ from engine.runio import Emitter, NeverStop, StageError, stage_main
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 ROLES = ("system", "user", "assistant")
+TOKENIZER_FILE = "tokenizer.json"
+HF_CONFIG = "tokenizer_config.json"
+# Beside an imported model's tokenizer.json: its settings and chat template, and what ends a reply.
+HF_FILES = (HF_CONFIG, "chat_template.jinja", "special_tokens_map.json", "generation_config.json")
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1  # bytes + specials + at least one merge
 MAX_VOCAB = 1 << 20
 
@@ -72,6 +76,15 @@ class Tokenizer:
             range(len(SPECIAL_TOKENS))
         self.role_ids = {"system": self.system_id, "user": self.user_id,
                          "assistant": self.assistant_id}
+        self.special_ids = frozenset(range(len(SPECIAL_TOKENS)))
+        # Any special token ends a reply: a model that writes <|user|> has begun the next turn.
+        self.stop_ids = tuple(range(len(SPECIAL_TOKENS)))
+
+    @property
+    def chat_template(self) -> str:
+        """render_chat as Jinja, for an exported tokenizer_config.json."""
+        from engine.hf_tokenizer import WORKBENCH_TEMPLATE
+        return WORKBENCH_TEMPLATE
 
     # --- files ---------------------------------------------------------------------------
     @classmethod
@@ -171,6 +184,26 @@ class Tokenizer:
     def render_chat(self, messages: Sequence[Mapping[str, Any]],
                     add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
         return render_chat(self, messages, add_generation_prompt)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer in `path` (a tokenizer.json, or a folder holding one): ours, or an imported
+    model's (engine.hf_tokenizer), told apart by the tokenizer_config.json that only the latter
+    has beside it. Both offer the same methods and ids to every stage."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if (folder / HF_CONFIG).is_file():
+        from engine.hf_tokenizer import HFTokenizer
+        return HFTokenizer.from_folder(folder)
+    return Tokenizer.from_file(path)
+
+
+def tokenizer_files(path: str | os.PathLike) -> dict[str, Path]:
+    """The files that make up the tokenizer at `path`, by name: what a checkpoint copies."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    names = (TOKENIZER_FILE,) + HF_FILES
+    return {n: folder / n for n in names if (folder / n).is_file()}
 
 
 def render_chat(tok: Tokenizer, messages: Sequence[Mapping[str, Any]],

@@ -15,7 +15,7 @@ from engine.config import ConfigError, from_dict
 from engine.runio import StageError, read_events
 from engine.sft import SFTConfig, run
 from engine.sft_data import SFTDataError, read_records, targets_for
-from engine.tokenizer import render_chat, train_tokenizer
+from engine.tokenizer import Tokenizer, render_chat, train_tokenizer
 from helpers import StopAt, losses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,13 +154,11 @@ def test_a_mismatched_tokenizer_is_refused_by_field(base, tmp_path):
 
 
 def test_all_empty_masks_are_an_error_not_a_silent_no_op(base, tmp_path, monkeypatch):
-    from engine import sft_data
-
     def no_targets(tok, messages, add_generation_prompt=False):
         ids, mask = render_chat(tok, messages, add_generation_prompt)
         return ids, [0] * len(mask)
 
-    monkeypatch.setattr(sft_data, "render_chat", no_targets)
+    monkeypatch.setattr(Tokenizer, "render_chat", no_targets)
     with pytest.raises(StageError, match="loss masks are empty"):
         run(make_cfg(base), tmp_path, None)
     assert not (tmp_path / "checkpoints").exists()

@@ -95,7 +95,7 @@ def _floats(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if float in (hints[f.name], *typing.get_args(hints[f.name]))]
 
 
-@pytest.mark.parametrize("stage", list(CONFIGS))
+@pytest.mark.parametrize("stage", [s for s in CONFIGS if s != "hf_import"])   # it has no float
 def test_every_float_setting_refuses_infinity_and_nan_by_name(stage):
     cls = CONFIGS[stage]
     fill = {"str": "x", "list of str": ["x"]}

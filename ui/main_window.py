@@ -35,6 +35,8 @@ def sidebar() -> list[tuple[str, str]]:
     `page` lives on that one, as sampling lives on Sample & Rank), then chat and the runs."""
     pages: list[tuple[str, str]] = []
     for s in stages.STAGES:
+        if not s.sidebar:
+            continue
         key = s.page or s.name
         if key not in (k for k, _ in pages):
             pages.append((key, OTHER_PAGES.get(key, s.title)))
@@ -100,6 +102,7 @@ class MainWindow(QMainWindow):
         self._action(file, "&Open Project…", self.choose_project, QKeySequence.StandardKey.Open)
         self.recent_menu = file.addMenu("Open &Recent")
         file.addSeparator()
+        self.import_action = self._action(file, "&Import Model…", self.choose_model_to_import)
         self._action(file, "Show Project &Folder", self.show_project_folder)
         file.addSeparator()
         # Not StandardKey.Quit: outside KDE and GNOME, Qt's generic theme binds it to no key.
@@ -203,6 +206,37 @@ class MainWindow(QMainWindow):
         folder = QFileDialog.getExistingDirectory(self, "Open a project folder (with workbench.toml)")
         if folder:
             self.open_project(Path(folder))
+
+    def choose_model_to_import(self) -> None:
+        """A model already in the local Hugging Face cache by name, or any model folder."""
+        if self.ctx is None:
+            return
+        from engine.hf_import import cached_models
+        folder_item = "A model folder on disk…"
+        cached = cached_models()
+        source = folder_item
+        if cached:
+            source, ok = QInputDialog.getItem(
+                self, "Import a Hugging Face model", "Models in the local Hugging Face cache (nothing is "
+                "downloaded), or a folder:", [folder_item] + cached, 0, False)
+            if not ok:
+                return
+        if source == folder_item:
+            source = QFileDialog.getExistingDirectory(
+                self, "A Hugging Face model folder (config.json, model.safetensors, tokenizer.json)")
+        if source:
+            self.import_model(source)
+
+    def import_model(self, source: str) -> None:
+        """Start an import run of `source` and show it on the Runs page."""
+        from engine.config import ConfigError
+        try:
+            job = self.ctx.launch("hf_import", {"source": source})
+        except (ConfigError, ValueError) as e:
+            QMessageBox.warning(self, "Cannot import", str(e))
+            return
+        self.go("runs")
+        self.runs_browser.select([job.run_dir.name])
 
     def show_project_folder(self) -> None:
         if self.ctx is not None:

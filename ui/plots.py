@@ -44,6 +44,7 @@ _TRAINING = [("Learning rate", ["train/lr"]),
              ("Throughput (tokens/s)", ["perf/tokens_per_s"])]
 
 PLOT_SPECS: dict[str, list[tuple[str, list[str]]]] = {
+    "hf_import": [],            # one step: its log says what was imported
     "tokenizer": [],            # one-off figures, not curves: FIGURES
     "pretrain": [("Loss", _STEP_KEYS + ["val/unigram_baseline"]), *_TRAINING,
                  ("Model FLOPs utilisation", ["perf/mfu"])],

@@ -18,14 +18,18 @@ from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLab
                                QMessageBox, QPushButton, QSplitter, QTableWidget, QTableWidgetItem,
                                QVBoxLayout, QWidget)
 
+from engine.checkpoint import latest_checkpoint
 from engine.runio import format_duration
 from workbench.runfold import fold_run
+from workbench import stages
 from workbench.runs import RunInfo
+from ui.export_dialog import ExportDialog
 from ui.plots import PlotGrid, RunHistory
 from ui.project_context import ProjectContext
 
 # The figure that says how a run went, per stage: (metric, label, format).
 KEY_METRICS = {
+    "hf_import": [("import/params_m", "params", "{:.0f}M"), ("import/vocab_size", "vocab", "{:.0f}")],
     "tokenizer": [("tokenizer/vocab_size", "vocab", "{:.0f}"), ("tokenizer/chars_per_token", "chars/token", "{:.2f}")],
     "pretrain": [("val/loss", "val loss", "{:.3f}"), ("train/loss", "loss", "{:.3f}")],
     "sft": [("eval/task_accuracy", "task acc", "{:.1%}"), ("val/loss", "val loss", "{:.3f}")],
@@ -121,12 +125,15 @@ class RunsBrowser(QWidget):
         self.open_btn = QPushButton("Open in its panel")
         self.folder_btn = QPushButton("Show folder")
         self.delete_btn = QPushButton("Delete…")
+        self.export_btn = QPushButton("Export…")
+        self.export_btn.setToolTip("Its newest checkpoint as a Hugging Face folder or a GGUF file")
+        self.export_btn.clicked.connect(self.export_selected)
         self.open_btn.clicked.connect(self.open_selected)
         self.folder_btn.clicked.connect(self.show_folder)
         self.delete_btn.clicked.connect(self.delete_selected)
         self.hint = QLabel("Select runs of one stage to overlay their curves.")
         bar = QHBoxLayout()
-        for w in (self.open_btn, self.folder_btn, self.delete_btn):
+        for w in (self.open_btn, self.folder_btn, self.export_btn, self.delete_btn):
             bar.addWidget(w)
         bar.addStretch(1)
         bar.addWidget(self.hint)
@@ -199,6 +206,14 @@ class RunsBrowser(QWidget):
         self.open_btn.setEnabled(len(names) == 1)
         self.folder_btn.setEnabled(len(names) == 1)
         self.delete_btn.setEnabled(len(names) >= 1)
+        info = self.ctx.run(names[0]) if len(names) == 1 else None
+        self.export_btn.setEnabled(info is not None and self._exportable(info))
+
+    @staticmethod
+    def _exportable(info: RunInfo) -> bool:
+        spec = stages.BY_NAME.get(info.stage)
+        return spec is not None and spec.produces in ("checkpoint", "reward") and latest_checkpoint(
+            info.path / "checkpoints") is not None
 
     # --- plots --------------------------------------------------------------------------------
 
@@ -240,6 +255,15 @@ class RunsBrowser(QWidget):
             info = self.ctx.run(names[0])
             if info is not None:
                 self.openRun.emit(info.stage, info.name)
+
+    def export_selected(self) -> "ExportDialog | None":
+        names = self.selected_names()
+        info = self.ctx.run(names[0]) if len(names) == 1 else None
+        if info is None:
+            return None
+        dialog = ExportDialog(info.path, reward_model=stages.spec(info.stage).produces == "reward", parent=self)
+        dialog.open()
+        return dialog
 
     def show_folder(self) -> None:
         names = self.selected_names()

@@ -24,7 +24,7 @@ from PySide6.QtGui import QColor, QFont, QPalette
 from PySide6.QtWidgets import (QCheckBox, QHBoxLayout, QLabel, QPlainTextEdit, QSplitter,
                                QTextEdit, QToolTip, QVBoxLayout, QWidget)
 
-from engine.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError, render_chat
+from engine.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError
 from workbench.runfold import fold_run
 
 MAX_SHOWN = 5000           # tokens drawn; past this a QTextDocument gets sluggish to lay out
@@ -74,7 +74,7 @@ def chat_pieces(tok: Tokenizer, messages: Sequence[Mapping], limit: int = MAX_SH
     Encoded content never contains a special id, so each message body is the run of ids
     between its role token and the next <|end|>.
     """
-    ids, mask = render_chat(tok, messages)
+    ids, mask = tok.render_chat(messages)
     pieces = [Piece(SPECIAL_TOKENS[ids[0]], ids[0], True, bool(mask[0]))]
     k = 1
     for m in messages:

@@ -6,6 +6,8 @@
     workbench run STAGE --run-dir DIR       run one stage on a run folder (--set key=value)
     workbench compare-methods --project DIR PPO, DPO and GRPO runs side by side against SFT
     workbench chat --checkpoint PATH        talk to a checkpoint in the terminal
+    workbench import-model PATH|NAME        a Hugging Face model as a run of the project
+    workbench export RUN --format hf|gguf   a checkpoint for transformers or llama.cpp
     workbench import-samples / batches / rank / preferences / agreement
                                             ranking data, headless (workbench/annotate_cli.py)
 """
@@ -74,6 +76,42 @@ def cmd_run(args) -> int:
         return subprocess.call(stage_command(args.stage, run_dir, args.log_format))
     module = importlib.import_module(stages.spec(args.stage).module)
     return module.main(["--run-dir", str(run_dir), "--log-format", args.log_format])
+
+
+def cmd_import_model(args) -> int:
+    from workbench.project import Project, ProjectError
+    source = Path(args.source).expanduser()
+    values = {"source": str(source.resolve()) if source.exists() else args.source,
+              "dtype": args.dtype, "chat_template": args.chat_template}
+    try:
+        run_dir = runfolder.new_run(Project.open(args.project), "hf_import", values)
+    except ProjectError as e:
+        return refuse(str(e))
+    except ConfigError as e:
+        return refuse(runfolder.config_error_line(e) + " (nothing was written)")
+    print(f"run folder: {run_dir}")
+    module = importlib.import_module(stages.spec("hf_import").module)
+    return module.main(["--run-dir", str(run_dir), "--log-format", args.log_format])
+
+
+def add_import_parser(sub) -> None:
+    from engine.hf_import import DTYPES, TEMPLATES
+    from engine.hf_model import SUPPORTED
+    p = sub.add_parser("import-model", help="import a Hugging Face model as a run of the project",
+                       description=textwrap.fill(
+                           "Import a Hugging Face model folder (config.json, model.safetensors or its "
+                           "shards, tokenizer.json, tokenizer_config.json), or a model already in the "
+                           "local Hugging Face cache by its name, as a new run of the project that SFT, "
+                           "the reward model, PPO, DPO, GRPO and chat can start from. Nothing is "
+                           f"downloaded. Supported: {SUPPORTED}.", 92))
+    p.add_argument("source", metavar="PATH|NAME", help="a model folder, or org/name in the local cache")
+    p.add_argument("--project", type=Path, required=True, help="the project folder")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="weights as the run keeps them (default float32, which trains on any device)")
+    p.add_argument("--chat-template", choices=list(TEMPLATES), default="auto",
+                   help="auto: the model's own chat template, or the workbench's when it has none")
+    p.add_argument("--log-format", choices=["auto", "human", "json"], default="human")
+    p.set_defaults(func=cmd_import_model)
 
 
 def cmd_pipeline(args) -> int:
@@ -200,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=chat_cli.COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter)
     chat_cli.add_arguments(p)
     p.set_defaults(func=chat_cli.run_from_args)
+
+    add_import_parser(sub)
+    from engine import export
+    p = sub.add_parser("export", help="export a checkpoint as a Hugging Face folder or a GGUF file",
+                       description=export.__doc__.split("\n\n")[0] + " " + " ".join(export.__doc__.split("\n\n")[2].split()))
+    export.add_arguments(p)
+    p.set_defaults(func=export.run_from_args)
 
     annotate_cli.add_commands(sub)
     return parser

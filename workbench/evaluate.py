@@ -15,8 +15,8 @@ import torch
 from engine.artifacts import Loaded, load_artifact
 from engine.chat import reply_batch, sampled_kl
 from engine.reward import NORM_FILE
+from engine.reward_data import encode_answer
 from engine.tasks import check, parse_task
-from engine.tokenizer import render_chat
 from workbench.simulated import DEMO_PREFERENCE, Key, rank_answers
 
 
@@ -36,8 +36,7 @@ def reward_scores(rm: Loaded, prompts: Sequence[str], answers: Answers, norm: Op
     tok, model = rm.tokenizer, rm.model
     out = []
     for p, a in zip(prompts, answers.texts):
-        ids, _ = render_chat(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": a}])
-        ids = ids[-model.config.max_seq_len:]
+        ids, _ = encode_answer(tok, p, a, model.config.max_seq_len)
         r = float(model(torch.tensor([ids]))[0, -1])
         out.append((r - norm["mean"]) / norm["std"] if norm else r)
     return out

@@ -66,7 +66,7 @@ def steps(chosen: Optional[tuple[str, ...]] = None) -> list[str]:
     chosen ones; all when None), the simulated ranking after sampling, the evaluation at the end."""
     out = []
     for s in stages.STAGES:
-        if s.method and chosen is not None and s.name not in chosen:
+        if not s.pipeline or (s.method and chosen is not None and s.name not in chosen):
             continue
         out.append(s.name)
         if s.produces == "samples":

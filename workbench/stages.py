@@ -58,6 +58,9 @@ class StageSpec:
     # An alignment method that starts from the SFT model (PPO, DPO, GRPO): `workbench pipeline`
     # runs the ones its --methods names, and the methods comparison sets them side by side.
     method: bool = False
+    pipeline: bool = True           # `workbench pipeline` runs it (importing a model is a choice, not a step)
+    chat_ready: bool = False        # its models answer in the chat format without fine-tuning here
+    sidebar: bool = True            # has a page in the app's sidebar (an import is begun from the File menu)
 
     @property
     def module(self) -> str:
@@ -110,13 +113,20 @@ STAGES: tuple[StageSpec, ...] = (
                      log_every=0.01),
         project_defaults={"preset": ("model", "preset"), "model": ("model", "overrides")}),
     StageSpec(
+        name="hf_import", title="Import", heading="Import a Hugging Face model",
+        blurb="Start from a real model: a Hugging Face model folder (Llama, SmolLM, TinyLlama, Qwen2/2.5, "
+              "Qwen3), or one already in the local Hugging Face cache by its name; nothing is downloaded. "
+              "SFT, the reward model, PPO, DPO, GRPO and chat can start from it like from a pretrained run.",
+        config="engine.hf_import:ImportConfig", produces="checkpoint", action="import a model",
+        basic=("source", "dtype", "chat_template"), pipeline=False, chat_ready=True, sidebar=False),
+    StageSpec(
         name="sft", title="SFT", heading="Supervised fine-tuning",
         blurb="Supervised fine-tuning: teach the pretrained model to answer, on prompt/response pairs "
               "rendered through the chat template. Only the answer tokens are trained on.",
         config="engine.sft:SFTConfig", produces="checkpoint", action="fine-tune a model with SFT",
         work=("batch_size", "grad_accum"),
-        parents=(Parent("init", "checkpoint", ("pretrain",),
-                        "SFT usually starts from a pretrained model"),
+        parents=(Parent("init", "checkpoint", ("pretrain", "hf_import"),
+                        "SFT usually starts from a pretrained or imported model"),
                  Parent("tokenizer", "tokenizer")),
         data=(Data("data", "sft", project="sft"), Data("val_data", "sft", preview=False),
               Data("eval_tasks", "tasks", project="eval_tasks", first_only=True, preview=False)),
@@ -130,7 +140,7 @@ STAGES: tuple[StageSpec, ...] = (
         blurb="Sample K answers per prompt from a checkpoint, to be ranked.",
         config="engine.sample:SampleConfig", produces="samples", page="rank", action="sample answers",
         steps_field="n_prompts", work=("k", "max_new_tokens"),
-        parents=(Parent("checkpoint", "checkpoint", ("sft", "ppo"),
+        parents=(Parent("checkpoint", "checkpoint", ("sft", "ppo", "hf_import"),
                         "answers to rank usually come from a fine-tuned (SFT or PPO) model"),
                  Parent("tokenizer", "tokenizer")),
         data=(Data("prompts", "prompts", project="prompts"),),
@@ -141,7 +151,7 @@ STAGES: tuple[StageSpec, ...] = (
         blurb="Train a reward model on the rankings: a scalar head on the SFT model, scored on every "
               "pair of each ranking. Held-out pairwise accuracy says how well it agrees with people.",
         config="engine.reward:RewardConfig", produces="reward", action="train a reward model",
-        parents=(Parent("init", "checkpoint", ("sft",),
+        parents=(Parent("init", "checkpoint", ("sft", "hf_import"),
                         "InstructGPT starts the reward model from the SFT model"),
                  Parent("tokenizer", "tokenizer")),
         data=(Data("data", "preferences", rankings=True), Data("val_data", "preferences", preview=False)),
@@ -154,8 +164,9 @@ STAGES: tuple[StageSpec, ...] = (
               "is reward hacking.",
         config="engine.ppo:PPOConfig", produces="checkpoint", action="run PPO", method=True,
         work=("rollout_batch_size", "max_new_tokens", "ppo_epochs"),
-        parents=(Parent("policy", "checkpoint", ("sft",),
-                        "PPO starts from the SFT model; a base model has not learned to answer"),
+        parents=(Parent("policy", "checkpoint", ("sft", "hf_import"),
+                        "PPO starts from the SFT model (or an imported chat model); a base model has not "
+                        "learned to answer"),
                  Parent("reward_model", "reward", ("reward",)),
                  Parent("value_model", "reward")),
         data=(Data("prompts", "prompts", project="prompts"), Data("ptx_data", "pretrain", preview=False)),
@@ -172,8 +183,9 @@ STAGES: tuple[StageSpec, ...] = (
               "ranking; Plackett-Luce the whole order.",
         config="engine.dpo:DPOConfig", produces="checkpoint", action="run DPO", method=True,
         work=("batch_size", "grad_accum"),
-        parents=(Parent("init", "checkpoint", ("sft",),
-                        "DPO starts from the SFT model, which is also the reference it is held near"),
+        parents=(Parent("init", "checkpoint", ("sft", "hf_import"),
+                        "DPO starts from the SFT model (or an imported chat model), which is also the "
+                        "reference it is held near"),
                  Parent("tokenizer", "tokenizer")),
         data=(Data("data", "preferences", rankings=True), Data("val_data", "preferences", preview=False)),
         basic=("epochs", "beta", "loss", "form", "batch_size", "lr", "device", "nproc"),
@@ -189,7 +201,7 @@ STAGES: tuple[StageSpec, ...] = (
               "and KL to the starting model; groups whose answers all scored alike teach nothing.",
         config="engine.grpo:GRPOConfig", produces="checkpoint", action="run GRPO", method=True,
         work=("prompts_per_step", "group_size", "max_new_tokens", "grpo_epochs"),
-        parents=(Parent("policy", "checkpoint", ("sft", "ppo"),
+        parents=(Parent("policy", "checkpoint", ("sft", "ppo", "hf_import"),
                         "GRPO starts from a model that already answers (SFT, or PPO to go on from it); "
                         "a base model's answers rarely score, so its groups teach nothing"),
                  Parent("reward_model", "reward", ("reward",)),
@@ -224,8 +236,10 @@ def artifact_fields() -> dict[str, str]:
 
 
 def fine_tunes(stage: Optional[str]) -> bool:
-    """Does the stage start from another model (so its runs are fine-tuned, not base, models)?"""
-    return stage in BY_NAME and any(p.kind == "checkpoint" for p in BY_NAME[stage].parents)
+    """Do the stage's models answer in the chat format: does it start from another model (so its
+    runs are fine-tuned, not base, models), or bring one that does (an imported chat model)?"""
+    return stage in BY_NAME and (BY_NAME[stage].chat_ready
+                                 or any(p.kind == "checkpoint" for p in BY_NAME[stage].parents))
 
 
 def path_fields(stage: str) -> set[str]:

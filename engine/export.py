@@ -1,0 +1,128 @@
+"""Export a checkpoint for the tools people already use: a Hugging Face folder, or GGUF.
+
+    python -m engine.export RUN_OR_CHECKPOINT --format hf|gguf --out PATH [--gguf-type f16|q8_0]
+
+A language model becomes a folder that `AutoModelForCausalLM` and `AutoTokenizer` load with no
+custom code (config.json of its family, model.safetensors, tokenizer.json, tokenizer_config.json
+with the chat template, generation_config.json), or one GGUF file for llama.cpp and the tools
+built on it. A reward model becomes `<Family>ForSequenceClassification` weights with one label
+(`score.weight`), the layout InstructGPT-style reward models are shared in.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from engine.artifacts import Loaded, load_artifact
+from engine.config import ConfigError
+from engine.fsutil import atomic_write_text
+from engine.hf_model import FAMILIES, family_of, save_hf_weights
+from engine.model import ScalarModel
+from engine.runio import StageError
+from engine.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+FORMATS = ("hf", "gguf")
+GGUF_TYPES = ("f16", "q8_0", "f32")
+
+
+def token_ids(tok) -> dict:
+    """config.json's ids: end of turn as eos, since that is where an exported chat model stops."""
+    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.end_id, "pad_token_id": tok.pad_id}
+
+
+def _write_workbench_tokenizer(tok: Tokenizer, out: Path) -> None:
+    """Our tokenizer as transformers reads one: the JSON as is, plus a config naming the special
+    tokens and carrying render_chat as a Jinja chat template."""
+    tok.save(out / "tokenizer.json")
+    pad, bos, end = (SPECIAL_TOKENS[i] for i in (tok.pad_id, tok.bos_id, tok.end_id))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": end,
+              "pad_token": pad, "add_bos_token": False, "add_eos_token": False,
+              "clean_up_tokenization_spaces": False, "chat_template": tok.chat_template}
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def export_hf(art: Loaded, out: Path) -> Path:
+    """The folder `out` (created; its model files replaced) holding the checkpoint for transformers."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = art.model, art.tokenizer
+    if isinstance(tok, Tokenizer):
+        _write_workbench_tokenizer(tok, out)
+    else:
+        tok.save(out)
+    ids = token_ids(tok)
+    save_hf_weights(model, out, ids)
+    if isinstance(model, ScalarModel):
+        _as_sequence_classifier(out / "config.json", family_of(model.config))
+    else:
+        gen = {k: v for k, v in {**ids, "eos_token_id": list(dict.fromkeys([tok.end_id, *tok.stop_ids]))}.items()
+               if v is not None}
+        atomic_write_text(out / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+    return out
+
+
+def _as_sequence_classifier(config_path: Path, family: str) -> None:
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    arch = FAMILIES[family].replace("ForCausalLM", "ForSequenceClassification")
+    config.update(architectures=[arch], num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
+
+
+def export_gguf(art: Loaded, out: Path, gguf_type: str = "f16") -> Path:
+    """One GGUF file at `out`, with the tokenizer and chat template in its metadata."""
+    from engine.gguf_export import write_gguf
+
+    if isinstance(art.model, ScalarModel):
+        raise ConfigError("format", "a reward model has no GGUF form that llama.cpp runs: export it as hf")
+    tok = art.tokenizer
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_gguf(out, art.model, tok.to_str(), bos_id=tok.bos_id, eos_id=tok.end_id, pad_id=tok.pad_id,
+               chat_template=tok.chat_template, ftype=gguf_type, name=art.checkpoint.parent.parent.name)
+    return out
+
+
+def export(source: Path, fmt: str, out: Path, gguf_type: str = "f16") -> Path:
+    if fmt not in FORMATS:
+        raise ConfigError("format", f"must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if gguf_type not in GGUF_TYPES:
+        raise ConfigError("gguf_type", f"must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+    art = load_artifact(source, field="checkpoint", prefer="latest")
+    art.model.float()
+    return export_hf(art, out) if fmt == "hf" else export_gguf(art, out, gguf_type)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", type=Path, metavar="RUN",
+                   help="a run folder (its newest checkpoint) or a checkpoint folder")
+    p.add_argument("--format", choices=FORMATS, default="hf",
+                   help="hf: a folder for transformers (default); gguf: one file for llama.cpp")
+    p.add_argument("--out", type=Path, required=True, metavar="PATH",
+                   help="the folder (hf) or the .gguf file (gguf) to write")
+    p.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16",
+                   help="GGUF weight type: f16 (default), q8_0 (8-bit, about half the size) or f32")
+
+
+def run_from_args(args) -> int:
+    try:
+        out = export(args.source, args.format, args.out, args.gguf_type)
+    except (ConfigError, StageError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
+        return 1
+    print(f"exported {args.source} to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m engine.export", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,203 @@
+"""Start from a Hugging Face model: import a folder (or a cached name) as a run, fine-tune it with
+the stages, chat with it, and export it back for transformers and llama.cpp."""
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from engine import hf_import  # noqa: E402
+from engine.artifacts import load_artifact  # noqa: E402
+from engine.chat import ChatSession, SamplingSettings  # noqa: E402
+from engine.config import ConfigError, from_dict  # noqa: E402
+from engine.export import export  # noqa: E402
+from tests.hf_fixtures import save_model_folder  # noqa: E402
+from workbench.cli import main as workbench  # noqa: E402
+from workbench.project import create_project  # noqa: E402
+
+QA = [("What is two plus two?", "It is four."), ("Say hello.", "Hello there!"),
+      ("How are you today?", "I am fine, thank you."), ("Answer briefly.", "The answer is simple.")]
+
+
+def import_run(folder, run_dir, **kw):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    events = []
+    cfg = from_dict(hf_import.ImportConfig, {"source": str(folder), **kw})
+    assert hf_import.run(cfg, run_dir, sink=events.append) == "completed"
+    return run_dir, events
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    return save_model_folder(tmp_path_factory.mktemp("qwen") / "Qwen2.5-tiny", "qwen2.5", "qwen2")
+
+
+@pytest.fixture(scope="module")
+def imported(qwen_folder, tmp_path_factory):
+    return import_run(qwen_folder, tmp_path_factory.mktemp("runs") / "hf_import-1")[0]
+
+
+def test_the_imported_run_computes_what_transformers_computes(qwen_folder, imported):
+    art = load_artifact(imported)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(qwen_folder).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(qwen_folder)
+    chat = [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "It is four."}]
+    ids, mask = art.tokenizer.render_chat(chat)
+    assert ids == hf_tok.apply_chat_template(chat, tokenize=True, return_dict=False)
+    assert art.tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "It is four.<|im_end|>"
+    with torch.no_grad():
+        torch.testing.assert_close(art.model.eval()(torch.tensor([ids])), hf(torch.tensor([ids])).logits,
+                                   atol=1e-4, rtol=1e-4)
+    # Qwen's embedding has rows past its tokenizer: kept, so the weights stay the model's own.
+    assert art.model.config.vocab_size == hf.config.vocab_size > art.tokenizer.vocab_size
+    assert art.state["family"] == "qwen2" and art.state["tokenizer_fingerprint"] == art.tokenizer.fingerprint()
+
+
+def test_chat_with_an_imported_model_stops_at_its_end_of_turn(imported):
+    art = load_artifact(imported)
+    session = ChatSession(art.model, art.tokenizer, settings=SamplingSettings(max_new_tokens=6, temperature=0.0))
+    reply = session.send("Say hello.")
+    assert isinstance(reply, str)
+    # What it was shown is the model's own template up to the generation prompt.
+    text = art.tokenizer.decode(session.last_prompt_ids)
+    assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nSay hello.<|im_end|>" in text
+
+
+def write_sft(path, n=24):
+    path.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in QA * (n // len(QA))))
+    return path
+
+
+def test_sft_from_an_import_learns_and_exports_for_transformers(imported, tmp_path):
+    from engine.sft import SFTConfig, run as sft_run
+    run_dir = tmp_path / "sft"
+    run_dir.mkdir()
+    cfg = from_dict(SFTConfig, dict(init=str(imported), data=[str(write_sft(tmp_path / "sft.jsonl"))],
+                                    val_fraction=0.0, val_data=[str(write_sft(tmp_path / "val.jsonl", 4))],
+                                    max_steps=30, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=30,
+                                    sample_every=0, checkpoint_every=30, log_every=1, device="cpu"))
+    events = []
+    assert sft_run(cfg, run_dir, sink=events.append) == "completed"
+    loss = [e["train/loss"] for e in events if e.get("type") == "metrics" and "train/loss" in e]
+    assert loss[-1] < loss[0] * 0.7
+    ckpt = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    assert (ckpt / "tokenizer_config.json").is_file()       # the template travels with the checkpoint
+
+    out = export(run_dir, "hf", tmp_path / "hf")
+    art = load_artifact(run_dir, prefer="latest")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    back_tok = transformers.AutoTokenizer.from_pretrained(out)
+    chat = [{"role": "user", "content": "Say hello."}]
+    ids = back_tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert ids == art.tokenizer.render_chat(chat, add_generation_prompt=True)[0]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(art.model.eval()(x), back(x).logits, atol=1e-4, rtol=1e-4)
+    greedy = back.generate(x, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    ours = ChatSession(art.model, art.tokenizer, settings=SamplingSettings(max_new_tokens=6, temperature=0.0))
+    ours.stop_ids = ()
+    ours.send("Say hello.")
+    assert back_tok.decode(greedy[0, len(ids):]).startswith(ours.messages[-1]["content"])
+
+
+def test_a_base_model_without_a_template_gets_ours_and_room_for_its_tokens(tmp_path):
+    folder = save_model_folder(tmp_path / "base", "smollm2", "llama", spare_rows=0, tie_word_embeddings=True)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    run_dir, events = import_run(folder, tmp_path / "run")
+    art = load_artifact(run_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    old = hf.config.vocab_size
+    assert art.model.config.vocab_size == art.tokenizer.vocab_size == old + 6
+    emb = art.model.model.embed_tokens.weight
+    torch.testing.assert_close(emb[old:], emb[:old].mean(0, keepdim=True).expand(6, -1))
+    assert art.model.lm_head.weight is emb              # still tied
+    ids, mask = art.tokenizer.render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}])
+    assert art.tokenizer.decode(ids) == "<|bos|><|user|>Hi<|end|><|assistant|>Yo<|end|>"
+    assert any("no chat template" in e.get("message", "") for e in events)
+
+
+def test_import_by_name_from_the_local_cache_and_refusals(qwen_folder, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "hub"
+    snap = cache / "models--tiny-org--Qwen2.5-tiny" / "snapshots" / "abc123"
+    snap.parent.mkdir(parents=True)
+    snap.symlink_to(qwen_folder, target_is_directory=True)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    assert hf_import.cached_models() == ["tiny-org/Qwen2.5-tiny"]
+    project = create_project(tmp_path / "proj", "p")
+    assert workbench(["import-model", "tiny-org/Qwen2.5-tiny", "--project", str(project.path),
+                      "--log-format", "json"]) == 0
+    runs = sorted((project.path / "runs").glob("hf_import-*"))
+    assert len(runs) == 1 and load_artifact(runs[0]).state["family"] == "qwen2"
+    capsys.readouterr()
+    # An unknown name and an unsupported family: one line each, exit code 2, no traceback.
+    assert workbench(["import-model", "nobody/nothing", "--project", str(project.path), "--log-format", "json"]) == 2
+    assert "no model of that name in the local Hugging Face cache" in capsys.readouterr().out
+    bad = tmp_path / "gpt2"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    assert workbench(["import-model", str(bad), "--project", str(project.path), "--log-format", "json"]) == 2
+    out = capsys.readouterr()
+    assert "model_type 'gpt2' (GPT2LMHeadModel) is not supported; supported: Llama" in out.out
+    assert "Traceback" not in out.out + out.err
+
+
+def test_gguf_export_of_an_imported_model_carries_its_tokenizer(imported, tmp_path):
+    from engine.gguf_export import read_gguf_fields, read_gguf_tensors
+    out = export(imported, "gguf", tmp_path / "m.gguf", "q8_0")
+    fields = read_gguf_fields(out)
+    tok = load_artifact(imported).tokenizer
+    assert fields["general.architecture"] == "qwen2"
+    assert fields["tokenizer.ggml.eos_token_id"] == tok.end_id
+    assert fields["tokenizer.chat_template"] == tok.chat_template
+    assert len(fields["tokenizer.ggml.tokens"]) == load_artifact(imported).model.config.vocab_size
+    assert "blk.1.attn_q.bias" in read_gguf_tensors(out)
+
+
+def test_a_reward_model_exports_as_a_sequence_classifier(rm_ckpt, tmp_path):
+    out = export(rm_ckpt, "hf", tmp_path / "rm")
+    art = load_artifact(rm_ckpt)
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    x = torch.tensor([[1, 5, 9, 12, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits[0, 0], art.model.eval()(x)[0, -1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="no GGUF form"):
+        export(rm_ckpt, "gguf", tmp_path / "rm.gguf")
+
+
+def test_reward_model_and_ppo_start_from_an_import_and_export(imported, tmp_path):
+    """InstructGPT's loop on an imported chat model: its reward model, PPO against it, the result
+    back in transformers."""
+    from engine.ppo import PPOConfig, run as ppo_run
+    from engine.reward import RewardConfig, run as rm_run
+    from test_reward import write_prefs
+    write_prefs(tmp_path / "prefs.jsonl", n=24)
+    rm_dir = tmp_path / "rm"
+    rm_dir.mkdir()
+    rm_cfg = from_dict(RewardConfig, dict(init=str(imported), data=[str(tmp_path / "prefs.jsonl")], batch_size=4,
+                                          lr=3e-3, max_steps=6, warmup_steps=1, eval_every=6, checkpoint_every=6,
+                                          log_every=1, device="cpu"))
+    assert rm_run(rm_cfg, rm_dir, sink=lambda e: None) == "completed"
+    (tmp_path / "prompts.txt").write_text("".join(q + "\n" for q, _ in QA))
+    ppo_dir = tmp_path / "ppo"
+    ppo_dir.mkdir()
+    ppo_cfg = from_dict(PPOConfig, dict(policy=str(imported), reward_model=str(rm_dir),
+                                        prompts=[str(tmp_path / "prompts.txt")], steps=2, rollout_batch_size=4,
+                                        minibatch_size=2, ppo_epochs=1, max_new_tokens=6, lr=1e-3, value_lr=1e-3,
+                                        probe_every=100, checkpoint_every=100, device="cpu"))
+    events = []
+    assert ppo_run(ppo_cfg, ppo_dir, sink=events.append) == "completed"
+    kl = [e["objective/kl"] for e in events if e.get("type") == "metrics" and "objective/kl" in e]
+    assert kl and kl[0] == pytest.approx(0.0, abs=1e-6)     # the first rollout is the imported policy's own
+    out = export(ppo_dir, "hf", tmp_path / "ppo-hf")
+    art = load_artifact(ppo_dir, prefer="latest")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.tensor([art.tokenizer.render_chat([{"role": "user", "content": "Say hello."}],
+                                                add_generation_prompt=True)[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(art.model.eval()(x), back(x).logits, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,90 @@
+"""Export… on a run: its newest checkpoint as a Hugging Face folder or a GGUF file.
+
+The export runs on a worker thread (a large model takes a while to write) and the dialog says
+where it went, or the one-line reason it could not.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout,
+                               QLabel, QLineEdit, QPushButton, QVBoxLayout)
+
+from ui.workers import Worker
+
+# (label, format, GGUF weight type)
+CHOICES = [("Hugging Face folder (transformers)", "hf", "f16"),
+           ("GGUF, 16-bit (llama.cpp, Ollama, LM Studio)", "gguf", "f16"),
+           ("GGUF, 8-bit q8_0 (about half the size)", "gguf", "q8_0")]
+
+
+def _export(source: Path, fmt: str, out: Path, gguf_type: str, *, emit, cancelled) -> Path:
+    from engine.export import export
+    return export(source, fmt, out, gguf_type)
+
+
+class ExportDialog(QDialog):
+    def __init__(self, run_dir: Path, reward_model: bool = False, parent=None):
+        super().__init__(parent)
+        self.run_dir = Path(run_dir)
+        self.setWindowTitle(f"Export {self.run_dir.name}")
+        self.worker: Worker | None = None
+        self.format = QComboBox()
+        for label, fmt, _t in CHOICES:
+            if fmt == "hf" or not reward_model:     # a reward model has no GGUF form
+                self.format.addItem(label)
+        self.path = QLineEdit()
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse)
+        self.format.currentIndexChanged.connect(lambda _i: self._default_path())
+        row = QHBoxLayout()
+        row.addWidget(self.path, 1)
+        row.addWidget(browse)
+        form = QFormLayout()
+        form.addRow("Format", self.format)
+        form.addRow("Save to", row)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.buttons = QDialogButtonBox()
+        self.export_btn = self.buttons.addButton("Export", QDialogButtonBox.ButtonRole.AcceptRole)
+        self.buttons.addButton(QDialogButtonBox.StandardButton.Close)
+        self.export_btn.clicked.connect(self.start)
+        self.buttons.rejected.connect(self.reject)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(self.status)
+        lay.addWidget(self.buttons)
+        self._default_path()
+        self.resize(620, 180)
+
+    def choice(self) -> tuple[str, str]:
+        label = self.format.currentText()
+        return next((fmt, t) for lab, fmt, t in CHOICES if lab == label)
+
+    def _default_path(self) -> None:
+        fmt, gguf_type = self.choice()
+        base = self.run_dir.parent.parent / "exports" / self.run_dir.name
+        self.path.setText(str(base) if fmt == "hf" else f"{base}-{gguf_type}.gguf")
+
+    def _browse(self) -> None:
+        fmt, _t = self.choice()
+        if fmt == "hf":
+            chosen = QFileDialog.getExistingDirectory(self, "Folder for the Hugging Face model", self.path.text())
+        else:
+            chosen, _f = QFileDialog.getSaveFileName(self, "GGUF file", self.path.text(), "GGUF (*.gguf)")
+        if chosen:
+            self.path.setText(chosen)
+
+    def start(self) -> None:
+        fmt, gguf_type = self.choice()
+        out = Path(self.path.text().strip()).expanduser()
+        if not self.path.text().strip():
+            self.status.setText("Choose where to save it.")
+            return
+        self.export_btn.setEnabled(False)
+        self.status.setText("Exporting…")
+        self.worker = Worker(_export, self.run_dir, fmt, out, gguf_type)
+        self.worker.finished.connect(lambda p: self.status.setText(f"Exported to {p}"))
+        self.worker.errored.connect(lambda msg: self.status.setText(f"Not exported: {msg}"))
+        self.worker.done.connect(lambda: self.export_btn.setEnabled(True))
+        self.worker.start()
