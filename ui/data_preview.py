@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (QHBoxLayout, QHeaderView, QLabel, QPlainTextEdit,
 from engine.corpus import CorpusError, check_nonempty, list_corpus_files
 from engine.sample import PromptFileError, read_prompts
 from engine.sft_data import SFTDataError, read_records, render
-from engine.tokenizer import Tokenizer, TokenizerError
+from engine.tokenizer import TokenizerError, load_tokenizer
 from ui.token_view import Piece, TokenView, blend, chat_pieces, is_dark
 from ui.workers import Worker
 from workbench.preferences import read_preferences
@@ -38,7 +38,7 @@ RENDER_CHUNK = 256         # records rendered between cancellation checks
 MAX_PIECES = 2000          # tokens drawn per example
 ERROR_BOX_HEIGHT = 180     # when records are previewed below it
 QWIDGETSIZE_MAX = (1 << 24) - 1
-LEGEND = ("Highlighted tokens are trained on (each answer and the <|end|> that closes it); "
+LEGEND = ("Highlighted tokens are trained on (each answer and the end-of-turn token that closes it); "
           "dimmed tokens are context. Hover a token for its id.")
 
 
@@ -119,7 +119,7 @@ def load_sft(req: Request, emit: Callable, cancelled: Callable) -> Preview | Non
     tok = None
     if req.tokenizer is not None:
         try:
-            tok = Tokenizer.from_file(req.tokenizer)
+            tok = load_tokenizer(req.tokenizer)
         except TokenizerError as e:
             out.note = f"{e}: showing plain text."
     if tok is None:

@@ -29,7 +29,7 @@ from ui.project_context import ProjectContext
 
 # The figure that says how a run went, per stage: (metric, label, format).
 KEY_METRICS = {
-    "hf_import": [("import/params_m", "params", "{:.0f}M"), ("import/vocab_size", "vocab", "{:.0f}")],
+    "hf_import": [("import/params_m", "params", "{:.3g}M"), ("import/vocab_size", "vocab", "{:.0f}")],
     "tokenizer": [("tokenizer/vocab_size", "vocab", "{:.0f}"), ("tokenizer/chars_per_token", "chars/token", "{:.2f}")],
     "pretrain": [("val/loss", "val loss", "{:.3f}"), ("train/loss", "loss", "{:.3f}")],
     "sft": [("eval/task_accuracy", "task acc", "{:.1%}"), ("val/loss", "val loss", "{:.3f}")],
@@ -105,6 +105,7 @@ class RunsBrowser(QWidget):
         super().__init__(parent)
         self.ctx = ctx
         self._histories: dict[str, RunHistory] = {}
+        self.last_export: ExportDialog | None = None
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(COLUMNS)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
@@ -262,6 +263,7 @@ class RunsBrowser(QWidget):
         if info is None:
             return None
         dialog = ExportDialog(info.path, reward_model=stages.spec(info.stage).produces == "reward", parent=self)
+        self.last_export = dialog
         dialog.open()
         return dialog
 

@@ -24,7 +24,7 @@ from PySide6.QtGui import QColor, QFont, QPalette
 from PySide6.QtWidgets import (QCheckBox, QHBoxLayout, QLabel, QPlainTextEdit, QSplitter,
                                QTextEdit, QToolTip, QVBoxLayout, QWidget)
 
-from engine.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError
+from engine.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError, load_tokenizer
 from workbench.runfold import fold_run
 
 MAX_SHOWN = 5000           # tokens drawn; past this a QTextDocument gets sluggish to lay out
@@ -62,6 +62,9 @@ def token_spans(tok: Tokenizer, text: str, ids: Sequence[int]) -> list[tuple[int
 
 def text_pieces(tok: Tokenizer, text: str, limit: int = MAX_SHOWN) -> tuple[list[Piece], int]:
     """The first `limit` tokens of `text` as pieces, and the text's full token count."""
+    if not isinstance(tok, Tokenizer):      # an imported model's: its own offsets
+        spans = tok.token_spans(text)
+        return [Piece(text[s:e], i) for s, e, i in spans[:limit]], len(spans)
     ids = tok.encode(text)
     return [Piece(text[s:e], i) for s, e, i in token_spans(tok, text, ids[:limit])], len(ids)
 
@@ -75,6 +78,8 @@ def chat_pieces(tok: Tokenizer, messages: Sequence[Mapping], limit: int = MAX_SH
     between its role token and the next <|end|>.
     """
     ids, mask = tok.render_chat(messages)
+    if not isinstance(tok, Tokenizer):
+        return _template_pieces(tok, ids, mask, limit), ids, mask
     pieces = [Piece(SPECIAL_TOKENS[ids[0]], ids[0], True, bool(mask[0]))]
     k = 1
     for m in messages:
@@ -89,6 +94,12 @@ def chat_pieces(tok: Tokenizer, messages: Sequence[Mapping], limit: int = MAX_SH
         if len(pieces) >= limit:
             break
     return pieces[:limit], ids, mask
+
+
+def _template_pieces(tok, ids: list[int], mask: list[int], limit: int) -> list[Piece]:
+    """An imported model's template has no fixed layout to walk: each token is drawn as it
+    decodes on its own (a character split across tokens shows as its replacement mark)."""
+    return [Piece(tok.decode([i]), i, i in tok.special_ids, bool(m)) for i, m in zip(ids[:limit], mask[:limit])]
 
 
 def blend(a: QColor, b: QColor, t: float) -> QColor:
@@ -116,7 +127,7 @@ def describe(piece: Piece, tok: Tokenizer | None) -> str:
         what = repr(piece.text)
     else:
         what = "the rest of the character before"
-    if tok is not None and not piece.special:
+    if isinstance(tok, Tokenizer) and not piece.special:
         raw = tok.token_bytes(piece.id)
         if raw.decode("utf-8", "replace") != piece.text:   # a piece of a multi-byte character
             what += f"  (bytes {raw.hex(' ')})"
@@ -348,7 +359,7 @@ class TokenInspector(QWidget):
         else:
             path = Path(path)
             try:
-                self._tok = Tokenizer.from_file(path)
+                self._tok = load_tokenizer(path)
             except TokenizerError as e:
                 self.header.setText(f"<b>Cannot use this tokenizer.</b> {_esc(str(e))}")
             else:
@@ -364,7 +375,9 @@ class TokenInspector(QWidget):
 
     def _header_html(self, path: Path) -> str:
         tok = self._tok
-        specials = " ".join(f"<code>{_esc(s)}</code>&nbsp;{i}" for i, s in enumerate(SPECIAL_TOKENS))
+        specials = " ".join(f"<code>{_esc(tok.id_to_token(i))}</code>&nbsp;{i}" for i in sorted(tok.special_ids)[:12])
+        if len(tok.special_ids) > 12:
+            specials += f" … ({len(tok.special_ids)} in all)"
         lines = [f"<b>{tok.vocab_size:,}</b> tokens in the vocabulary "
                  f"(<span style='font-family:monospace'>{_esc(str(path))}</span>)",
                  f"Special tokens: {specials}"]
@@ -397,7 +410,7 @@ class TokenInspector(QWidget):
             for p in pieces:   # a lone user turn trains on nothing: the mask would dim it all
                 p.target = None
             n_tokens = len(ids)
-            n_special = sum(1 for i in ids if i < len(SPECIAL_TOKENS))
+            n_special = sum(1 for i in ids if i in tok.special_ids)
         else:
             pieces, n_tokens = text_pieces(tok, text)
             n_special = 0
