@@ -1,4 +1,6 @@
 """File > Import Model... and Export... on the Runs page, clicked as a person does."""
+from pathlib import Path
+
 import pytest
 import torch
 from PySide6.QtCore import Qt
@@ -9,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 from engine.artifacts import load_artifact  # noqa: E402
 from tests.hf_fixtures import save_model_folder  # noqa: E402
 from ui.token_view import TokenInspector  # noqa: E402
+from ui_driver import TINY, go, start_and_wait, type_settings, wait_preview  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +25,11 @@ def finished(window, stage):
     return bool(jobs) and all(j.status in ("completed", "failed", "stopped") for j in jobs)
 
 
-def test_import_from_the_file_menu_then_export_from_the_runs_page(make_window, demo_project, model_folder,
-                                                                  tmp_path, qtbot, monkeypatch):
+def test_import_from_the_file_menu_fine_tune_it_and_export_from_the_runs_page(make_window, demo_project, model_folder,
+                                                                             tmp_path, qtbot, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))     # no cached models: a folder
     monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(model_folder))
-    w = make_window(demo_project)
+    w = make_window(demo_project, show=True)
     w.import_action.trigger()
     qtbot.waitUntil(lambda: finished(w, "hf_import"), timeout=60_000)
     job = next(j for j in w.ctx.jobs.values() if j.stage == "hf_import")
@@ -37,10 +40,18 @@ def test_import_from_the_file_menu_then_export_from_the_runs_page(make_window, d
     row = next(r for r in range(browser.table.rowCount()) if browser.table.item(r, 0).text() == job.run_dir.name)
     assert "params" in browser.table.item(row, browser.table.columnCount() - 1).text()
 
-    # The SFT page offers the import as its starting model.
-    sft = w.ctx.newest(next(p for p in w.pages["sft"].spec.parents if p.field == "init"))
-    assert sft == job.run_dir
+    # The SFT page starts from the import, and its Data tab draws the model's own template.
+    go(qtbot, w, "sft")
+    sft = w.pages["sft"]
+    wait_preview(qtbot, sft)
+    assert Path(sft.form.values()["init"]).name == job.run_dir.name
+    assert "<|im_start|>" in sft.preview.view.toPlainText()
+    type_settings(qtbot, sft, {**TINY["sft"], "eval_task_limit": 0, "sample_every": 0})
+    sft_job = start_and_wait(qtbot, w, sft)
+    assert sft_job.status == "completed", sft_job.error
 
+    go(qtbot, w, "runs")
+    browser.select([sft_job.run_dir.name])
     assert browser.export_btn.isEnabled()
     qtbot.mouseClick(browser.export_btn, Qt.MouseButton.LeftButton)
     dialog = browser.last_export
@@ -55,13 +66,12 @@ def test_import_from_the_file_menu_then_export_from_the_runs_page(make_window, d
     assert read_gguf_fields(out)["general.architecture"] == "llama"
 
     dialog.format.setCurrentIndex(0)                                       # Hugging Face folder
-    assert dialog.path.text().endswith(job.run_dir.name)                   # a default path per format
+    assert dialog.path.text().endswith(sft_job.run_dir.name)               # a default path per format
     qtbot.mouseClick(dialog.export_btn, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: dialog.status.text().startswith("Exported to ") and "gguf" not in dialog.status.text(),
                     timeout=30_000)
-    hf_dir = dialog.path.text()
-    back = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
-    art = load_artifact(job.run_dir)
+    back = transformers.AutoModelForCausalLM.from_pretrained(dialog.path.text()).eval()
+    art = load_artifact(sft_job.run_dir, prefer="latest")
     x = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
         torch.testing.assert_close(back(x).logits, art.model.eval()(x), atol=1e-4, rtol=1e-4)
