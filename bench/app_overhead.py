@@ -150,7 +150,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     from ui.app import make_app
-    from workbench.process import LOWER_PRIORITY as JOB_NICENESS
+    from engine.osproc import LOWER_PRIORITY as JOB_NICENESS
     from ui.main_window import MainWindow
 
     app = make_app()

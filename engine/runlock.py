@@ -20,6 +20,7 @@ from typing import Optional
 from filelock import FileLock, Timeout
 
 from engine.runio import StageError
+from engine.osproc import pid_alive
 
 LOCK_NAME = ".run.lock"
 PID_NAME = ".run.pid"
@@ -81,18 +82,6 @@ def _read_pid(run_dir: Path) -> Optional[int]:
         return None
 
 
-def _alive(pid: int) -> bool:
-    if os.name == "nt":
-        return True         # os.kill there terminates; the lock being held is the evidence
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def locked_by(run_dir: str | os.PathLike) -> Optional[int]:
     """The pid of the process working in `run_dir`, or None if none is.
 
@@ -115,7 +104,7 @@ def locked_by(run_dir: str | os.PathLike) -> Optional[int]:
     deadline = time.monotonic() + PID_WAIT_S
     while time.monotonic() < deadline:
         pid = _read_pid(run_dir)
-        if pid and _alive(pid):
+        if pid and pid_alive(pid):
             return pid
         time.sleep(0.05)
     return 0

@@ -79,7 +79,7 @@ def nothing_left_running():
         for w in workers.running_workers():
             w.wait(10_000)
         assert workers.running_workers() == [], "a test left a worker thread running"
-    process = sys.modules.get("workbench.process")
+    process = sys.modules.get("engine.osproc")
     if process is not None:
         import subprocess
         alive = []

@@ -1,4 +1,4 @@
-"""The Qt-free job (workbench/jobs.py) over the portable process layer (workbench/process.py):
+"""The Qt-free job (workbench/jobs.py) over the portable process layer (engine/osproc.py):
 start, re-attach by pid, follow events with a byte budget, tell its own end from an earlier
 session's, and stop with escalation down to killing the whole process tree."""
 import json
@@ -9,7 +9,8 @@ import time
 import psutil
 import pytest
 
-from workbench import jobs, process
+from engine import osproc as process
+from workbench import jobs
 from workbench.jobs import Job
 
 

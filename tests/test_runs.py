@@ -8,7 +8,7 @@ import time
 import pytest
 
 from workbench.jobs import LOST
-from workbench.process import alive as process_alive
+from engine.osproc import alive as process_alive
 from workbench.runfold import EventTail
 from workbench.runs import RunStore, parent_runs
 

@@ -16,8 +16,8 @@ from PySide6.QtCore import QObject, QTimer, Signal
 from engine.checkpoint import latest_checkpoint
 from engine.config import to_dict
 from workbench import runfolder, stages
-from workbench.process import alive as process_alive
-from workbench.process import reap
+from engine.osproc import alive as process_alive
+from engine.osproc import reap
 from workbench.project import Project
 from workbench.runs import RunInfo, RunStore, lineage_of
 from ui.jobs import Job

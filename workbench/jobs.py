@@ -1,7 +1,7 @@
 """A run of a stage as a job: started, re-attached, followed and stopped, with no Qt.
 
 A job is `python -m engine.<stage> --run-dir DIR` (under torchrun when the config asks for
-several processes) in a child process of its own (workbench/process.py). Its events are the
+several processes) in a child process of its own (engine/osproc.py). Its events are the
 lines the stage appends to DIR/events.jsonl, read through the run fold every view shares
 (workbench/runfold.py); its stdout and stderr go to DIR/stdout.log and DIR/stderr.log, so a
 crash before the first event (an import error) still has its traceback, shown as the error.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from workbench import process
+from engine import osproc as process
 from workbench.runfold import Follower, RunFold
 from workbench.runfolder import RunFolderError, read_config
 from workbench.stages import spec

@@ -23,7 +23,7 @@ from typing import Iterable
 from engine.checkpoint import latest_checkpoint
 from workbench import stages
 from workbench.jobs import LOST
-from workbench.process import alive as process_alive
+from engine.osproc import alive as process_alive
 from workbench.runfold import Follower, RunFold
 from workbench.runfolder import RunFolderError, read_config
 from workbench.store import Store

@@ -1,4 +1,5 @@
-"""Job processes, the same way on Linux, macOS and Windows (psutil, not POSIX calls).
+"""Processes and memory the same way on Linux, macOS and Windows: the one module that asks
+which OS it runs on (psutil, not POSIX calls; a branch per platform where they differ).
 
 A job is a child process that must outlive the app that started it: it gets a session (POSIX)
 or process group (Windows) of its own, so Ctrl-C in the app's terminal and the app's exit do
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -108,6 +110,28 @@ def kill_tree(pid: int) -> None:
         except psutil.Error:
             pass
     psutil.wait_procs(procs, timeout=5)
+
+
+def pid_alive(pid: int) -> bool:
+    """Does a process with this pid exist (any owner)?"""
+    return psutil.pid_exists(pid)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB."""
+    if os.name == "nt":
+        info = psutil.Process().memory_info()
+        return info.peak_wset / 2**20                       # Windows' peak working set
+    if sys.platform.startswith("linux"):
+        try:
+            for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+                if line.startswith("VmHWM:"):               # the high-water mark, in kB
+                    return int(line.split()[1]) / 1024
+        except (OSError, ValueError, IndexError):
+            pass
+    import resource                                          # macOS (and any other POSIX)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024     # bytes there, KiB elsewhere
 
 
 def tree_rss_mb(pid: Optional[int] = None) -> Optional[float]:
