@@ -152,19 +152,30 @@ def test_a_new_user_walks_the_pipeline_from_tokenizer_to_chat(qtbot, window, pro
     dpo_run = job.run_dir
     ends_at_last_step(dpo, dpo_run, "train/reward_margin")
 
-    # Methods: both against their SFT model, compared with a click.
+    # GRPO: from the SFT model too (not the newer PPO run), scored by the task checker.
+    go(qtbot, w, "grpo")
+    grpo = w.pages["grpo"]
+    ready(qtbot, grpo)
+    assert picks(grpo, "policy") == sft_run.name and "⚠" not in grpo.notes.text()
+    type_settings(qtbot, grpo, TINY["grpo"])
+    job = start_and_wait(qtbot, w, grpo)
+    assert job.status == "completed", job.error
+    grpo_run = job.run_dir
+    ends_at_last_step(grpo, grpo_run, "objective/kl")
+
+    # Methods: the three against their SFT model, compared with a click.
     go(qtbot, w, "chat")
     click_tab(qtbot, w.pages["chat"], "Methods")
     w.methods.prompts.setValue(3)
     click(qtbot, w.methods.compare_btn)
     qtbot.waitUntil(lambda: w.methods.worker is None, timeout=JOB_TIMEOUT_MS)
     assert [w.methods.table.item(r, 1).text() for r in range(w.methods.table.rowCount())] == \
-        [ppo_run.name, dpo_run.name]
+        [ppo_run.name, dpo_run.name, grpo_run.name]
 
     # Chat: the newest fine-tuned model is picked; a message typed and sent gets a reply.
     click_tab(qtbot, w.pages["chat"], "Chat")
     chat = w.chat
-    assert chat.picker.path().name == dpo_run.name
+    assert chat.picker.path().name == grpo_run.name
     click(qtbot, chat.input)
     qtbot.keyClicks(chat.input, "What is 2 + 3?")
     qtbot.keyClick(chat.input, Qt.Key.Key_Return)
@@ -176,12 +187,13 @@ def test_a_new_user_walks_the_pipeline_from_tokenizer_to_chat(qtbot, window, pro
     go(qtbot, w, "runs")
     table = w.runs_browser.table
     names = {table.item(r, 0).text() for r in range(table.rowCount())}
-    assert {n.split("-")[0] for n in names} == {"dpo", "ppo", "pretrain", "reward", "sample", "sft", "tokenizer"}
+    assert {n.split("-")[0] for n in names} == {"dpo", "grpo", "ppo", "pretrain", "reward", "sample", "sft",
+                                                "tokenizer"}
     assert {r.stage for r in ctx.lineage(ppo_run.name)} == {"ppo", "sft", "reward", "pretrain", "tokenizer"}
     rm_summary = json.loads((rm_run / "summary.json").read_text())
     assert f"val acc {rm_summary['val/accuracy']:.1%}" in sidebar_text(w, "reward")
     assert "score" in sidebar_text(w, "ppo")
-    assert "1 batch ·" in sidebar_text(w, "rank") and "7 runs" in sidebar_text(w, "runs")
+    assert "1 batch ·" in sidebar_text(w, "rank") and "8 runs" in sidebar_text(w, "runs")
 
 
 @pytest.fixture

@@ -23,6 +23,8 @@ TINY = {
                 checkpoint_every=2, device="cpu"),
     "dpo": dict(epochs=1.0, batch_size=2, eval_every=1, log_every=1, kl_prompts=2, kl_tokens=4, sample_every=0,
                 device="cpu"),
+    "grpo": dict(steps=2, prompts_per_step=2, group_size=2, minibatch_size=4, max_new_tokens=4, eval_every=2,
+                 eval_task_limit=3, probe_every=2, probe_tokens=4, checkpoint_every=2, device="cpu"),
 }
 
 

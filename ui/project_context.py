@@ -116,15 +116,20 @@ class ProjectContext(QObject):
         tuned = [c for c in found if stages.fine_tunes(stages.stage_of_folder(c[1].name))]
         return tuned + [c for c in found if c not in tuned]
 
-    def newest(self, parent: stages.Parent) -> Optional[Path]:
-        """The newest run that holds what `parent` loads, of a stage it expects."""
-        for r in self.run_list():
-            if r.stage in parent.expects and self.usable(r, parent.kind):
-                return r.path
+    def newest(self, parent: stages.Parent, method: bool = False) -> Optional[Path]:
+        """The newest run that holds what `parent` loads, of a stage it expects; for an alignment
+        method's model, the newest SFT run when there is one (as the pipeline does), so PPO, DPO
+        and GRPO started one after another all start from it and compare."""
+        wanted = ("sft",) if method and parent.kind == "checkpoint" and "sft" in parent.expects else ()
+        for stages_ in (wanted, parent.expects):
+            for r in self.run_list():
+                if r.stage in stages_ and self.usable(r, parent.kind):
+                    return r.path
         return None
 
     def suggested_values(self, stage: str) -> dict:
-        return runfolder.suggested_values(self.project, stage, self.newest)
+        method = stages.spec(stage).method
+        return runfolder.suggested_values(self.project, stage, lambda p: self.newest(p, method))
 
     # --- jobs -----------------------------------------------------------------------------------
 
