@@ -48,14 +48,16 @@ def build(folder: Path):
 
 
 def with_lora(ours, hf, rank: int):
-    """Both models with the same LoRA layout; None when this checkout has no engine.lora."""
+    """Both models with the same LoRA layout (peft on both); None in a checkout with no engine.lora,
+    so the script also measures an older commit."""
     try:
         from engine import lora
     except ImportError:
         return None
     import peft
     cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, lora_dropout=0.0)
-    return lora.apply_lora(ours, rank=rank, alpha=2 * rank, targets=LORA_TARGETS), peft.get_peft_model(hf, cfg)
+    settings = lora.LoRASettings(lora_rank=rank, lora_alpha=2.0 * rank, lora_targets=list(LORA_TARGETS))
+    return lora.add_adapters(ours, settings, seed=0), peft.get_peft_model(hf, cfg)
 
 
 class Step:

@@ -4,11 +4,13 @@ reward model or sampling, held near the model it starts from by β.
     python -m engine.dpo --run-dir DIR
 
 reads DIR/config.json (`DPOConfig`), loads the SFT checkpoint `init` twice (the policy, and the
-frozen reference), checks every preference record before any work (the reward model's readers:
-K-way rankings, chosen/rejected pairs, transcripts) and holds out whole prompts for validation
-as the reward model does. Each step takes `batch_size` rankings; all answers of a ranking go
-through the policy and the reference in one batch, and engine.dpo_loss turns their log-ratios
-into the ranking's loss (pairwise over C(K,2) pairs, or Plackett-Luce over the whole order).
+frozen reference; with lora_rank > 0 once, the reference being the policy with its LoRA adapters
+switched off, engine.lora), checks every preference record before any work (the reward model's
+readers: K-way rankings, chosen/rejected pairs, transcripts) and holds out whole prompts for
+validation as the reward model does. Each step takes `batch_size` rankings; all answers of a
+ranking go through the policy and the reference in one batch, and engine.dpo_loss turns their
+log-ratios into the ranking's loss (pairwise over C(K,2) pairs, or Plackett-Luce over the whole
+order).
 
 The reference's log-probs are computed alongside the policy's at every step rather than cached
 for the whole data set up front: one more forward pass without gradients per step, no start-up
@@ -36,7 +38,7 @@ from engine.chat import reply_batch, sampled_kl
 from engine.config import ConfigError, require, resolve_path
 from engine.device import describe, setup
 from engine.dpo_loss import FORMS, LOSSES, ranking_loss, sequence_logps
-from engine.model import freeze, load_model
+from engine.lora import LORA_FIELDS, add_adapters, describe as describe_lora, reference_for, uses_lora
 from engine.reward import RankingsConfig
 from engine.reward_data import Ranking, prompt_key, ranking_pairs
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
@@ -78,7 +80,8 @@ class DPOConfig(RankingsConfig):
 
 
 # What the run *is*: changing any of these on resume would train a different run under its name.
-FIXED_ON_RESUME = ("init", "tokenizer", "data", "val_data", "val_fraction", "seq_len", "beta", "loss", "form")
+FIXED_ON_RESUME = ("init", "tokenizer", "data", "val_data", "val_fraction", "seq_len", "beta", "loss", "form",
+                   *LORA_FIELDS)
 
 
 @dataclass
@@ -136,9 +139,11 @@ class Hooks:
     def ranking_losses(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean loss over the batch's rankings, and per-pair figures for the metrics."""
         x, y, spans, _n = batch
-        logp = sequence_logps(model(x), y)
+        # The reference first: a LoRA reference switches the policy's adapters off and on, which
+        # must not happen while the policy's graph for this batch is being built.
         with torch.no_grad():
             ref_logp = sequence_logps(self.ref(x), y)
+        logp = sequence_logps(model(x), y)
         logratio = logp - ref_logp
         losses, figs = [], {"margin": [], "chosen": [], "rejected": [], "logp_chosen": [], "logp_rejected": []}
         for start, k, groups in spans:
@@ -242,8 +247,11 @@ def run(cfg: DPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
     device, dtype = setup(cfg.device, cfg.dtype)
     tok_arg = resolve_path(run_dir, cfg.tokenizer) if cfg.tokenizer else None
     art = load_artifact(resolve_path(run_dir, cfg.init), tokenizer=tok_arg, device=device, field="init")
-    ref = freeze(load_model(art.checkpoint / "model.safetensors", device=device))
     model = art.model
+    if uses_lora(cfg):
+        add_adapters(model, cfg, cfg.seed)
+        ev.log(describe_lora(model))
+    ref = reference_for(model, art.checkpoint, device)
     context = model.config.max_seq_len
     if cfg.seq_len > context:
         raise ConfigError("seq_len", f"{cfg.seq_len} is longer than the model's context ({context})")

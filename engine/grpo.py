@@ -17,8 +17,10 @@ As in PPO, the first minibatch is scored in the very order and shapes it is trai
 ratio is exactly 1, and the KL before the first update is exactly 0.
 
 `eval_tasks` (held-out tasks, never trained on) gives the greedy task accuracy at the start,
-every `eval_every` steps and at the end. Checkpoints hold the policy as model.safetensors, so
-chat, sampling and evaluation load a GRPO checkpoint like any other.
+every `eval_every` steps and at the end. With lora_rank > 0 the policy trains LoRA adapters on
+a frozen base and the reference is the policy with its adapters off (engine.lora). Checkpoints
+hold the policy as model.safetensors, so chat, sampling and evaluation load a GRPO checkpoint
+like any other.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from engine.generate import generate_batch
 from engine.grpo_core import group_advantages, grpo_losses, kl_k3, mean_std, uniform_groups
 from engine.grpo_rewards import (Answers, FormatReward, LengthReward, RewardModelReward, TaskReward, UserReward,
                                  load_user_function, parse_user_spec, score_all)
-from engine.model import freeze, load_model
+from engine.lora import LORA_FIELDS, LoRASettings, add_adapters, describe as describe_lora, reference_for, uses_lora
 from engine.ppo import check_guards, encode_prompt
 from engine.ppo_core import Rollout, build_rollout, chunks, logprobs_and_entropy, masked_mean, token_logprobs
 from engine.reward import load_reward_model
@@ -53,7 +55,7 @@ from engine.trainer import (COLLAPSE_STEPS, CollapseWatch, check_resume, clip_gr
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(LoRASettings):
     policy: str                         # SFT (or PPO) checkpoint or run folder; also the frozen reference
     prompts: list[str]                  # .txt one per line, or .jsonl with "prompt" (the checker scores task prompts)
     reward_model: Optional[str] = None  # reward-model checkpoint or run folder, used when rm_weight is not 0
@@ -95,8 +97,10 @@ class GRPOConfig:
     seed: int = 0                       # random seed: the same seed and settings give the same run
     device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"                 # auto (bf16 on CUDA, else fp32) | float32 | bfloat16
+    grad_checkpointing: bool = False    # recompute each layer's activations in the backward pass: less memory, about a third more compute
 
     def validate(self) -> None:
+        self.validate_lora_without_dropout("GRPO")
         require(bool(self.policy.strip()), "policy", "a checkpoint or run folder is required")
         require(len(self.prompts) > 0, "prompts", "at least one prompt file is required")
         for name in ("steps", "prompts_per_step", "minibatch_size", "grpo_epochs", "max_new_tokens", "eval_every",
@@ -133,7 +137,7 @@ class GRPOConfig:
 
 
 FIXED_ON_RESUME = ("policy", "tokenizer", "prompts", "prompts_per_step", "group_size", "minibatch_size", "grpo_epochs",
-                   "seed")
+                   "seed", *LORA_FIELDS)
 # Resuming with these changed is allowed, but the run is then no longer an exact continuation.
 WARN_ON_RESUME = ("lr", "grad_clip", "cliprange", "kl_coef", "scale_rewards", "skip_uniform_groups",
                   "temperature", "max_new_tokens",
@@ -165,8 +169,12 @@ class GRPO:
                             prefer="latest")
         if art.model.kind != "lm":
             raise ConfigError("policy", f"{art.checkpoint} holds a {art.model.kind} model, not a language model")
+        if uses_lora(cfg):
+            add_adapters(art.model, cfg, cfg.seed)
+            ev.log(f"policy: {describe_lora(art.model)}; the reference is the policy with its adapters off")
+        art.model.grad_checkpointing = cfg.grad_checkpointing
         self.policy, self.tok, self.art = art.model.train(), art.tokenizer, art
-        self.ref = freeze(load_model(art.checkpoint / "model.safetensors", device=device))
+        self.ref = reference_for(self.policy, art.checkpoint, device)
         self.limit = self.policy.config.max_seq_len
         for name in ("max_new_tokens", "eval_tokens", "probe_tokens"):
             if getattr(cfg, name) >= self.limit - 4:

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from engine.config import ConfigError, from_dict, require
 
@@ -267,6 +268,10 @@ class Backbone(nn.Module):
 
 class Transformer(nn.Module):
     kind = "lm"  # what the head computes; stored in the weights file so loading picks the class
+    # Recompute each layer's activations in the backward pass instead of keeping them: memory for
+    # activations drops from one set per layer to one layer's, for about a third more compute.
+    # A training switch (the stages set it from their config), never saved with the weights.
+    grad_checkpointing = False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -346,8 +351,16 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(idx)
         cfg = self.config
         cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype, cfg.rope_scaling)
+        # Only where a backward pass will follow: not in evaluation, generation (the KV cache) or
+        # under no_grad, where nothing is kept for a backward pass anyway.
+        recompute = self.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, mask, cache, i)
+            if recompute:
+                # Non-reentrant: works with inputs that need no grad (a frozen base under LoRA),
+                # and replays the RNG state so dropout draws the same masks the second time.
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.advance(T)
         return self.model.norm(x)

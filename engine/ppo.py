@@ -18,13 +18,16 @@ KLController), read as objective/kl_exact: each answer's KL summed over the whol
 distributions of the states it visits, not only over the tokens drawn (objective/kl). kl_budget ends a run early but well: once the mean KL of the last KL_WINDOW steps
 passes it, the step is saved and the run completes; kl_limit is the guard that fails a run.
 
+With lora_rank > 0 the policy and the value model train LoRA adapters on frozen bases
+(engine.lora), and the reference is the policy with its adapters switched off: the SFT weights
+are held once.
+
 Checkpoints hold the policy as model.safetensors (so chat and sampling load a PPO checkpoint
 like any other), the value model, both optimizers, the KL controller and its window of recent
-KLs, and the RNG states.
+KLs, and the RNG states; under LoRA each model's adapters too (engine.lora).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -41,7 +44,9 @@ from engine.corpus import list_corpus_files
 from engine.data import TokenData, encode_corpus, shards_ready
 from engine.device import autocast, clock, describe, setup
 from engine.generate import generate_batch
-from engine.model import ScalarModel, freeze, load_model
+from engine.lora import (LORA_FIELDS, LoRASettings, Reference, add_adapters, describe as describe_lora,
+                         frozen_copy, reference_for, uses_lora)
+from engine.model import ScalarModel
 from engine.ppo_core import (BETA_RANGE, KLController, Rollout, build_rollout, chunks, gae, masked_mean,
                              masked_whiten, per_token_rewards, ppo_losses, score_against_reference, shift_values,
                              token_logprobs)
@@ -54,7 +59,7 @@ from engine.trainer import (CollapseWatch, check_resume, clip_grads, optimizer_s
                             run_summary, save_run_checkpoint)
 
 @dataclass
-class PPOConfig:
+class PPOConfig(LoRASettings):
     policy: str                         # SFT checkpoint or run folder (also the frozen reference)
     reward_model: str                   # reward-model checkpoint or run folder
     prompts: list[str]                  # .txt one per line, or .jsonl with "prompt"
@@ -95,8 +100,10 @@ class PPOConfig:
     seed: int = 0                       # random seed: the same seed and settings give the same run
     device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"                 # auto (bf16 on CUDA, else fp32) | float32 | bfloat16
+    grad_checkpointing: bool = False    # recompute each layer's activations in the backward pass: less memory, about a third more compute
 
     def validate(self) -> None:
+        self.validate_lora_without_dropout("PPO")
         for name in ("policy", "reward_model"):
             require(bool(getattr(self, name).strip()), name, "a checkpoint or run folder is required")
         require(len(self.prompts) > 0, "prompts", "at least one prompt file is required")
@@ -132,7 +139,7 @@ class PPOConfig:
 
 
 FIXED_ON_RESUME = ("policy", "reward_model", "value_model", "prompts", "rollout_batch_size",
-                   "minibatch_size", "ppo_epochs", "seed", "ptx_data")
+                   "minibatch_size", "ppo_epochs", "seed", "ptx_data", *LORA_FIELDS)
 # Resuming with these changed is allowed, but the run is then no longer an exact continuation.
 WARN_ON_RESUME = ("lr", "value_lr", "grad_clip", "cliprange", "cliprange_value", "vf_coef", "ptx_coef",
                   "kl_coef", "target_kl", "kl_horizon")
@@ -164,7 +171,7 @@ def check_guards(metrics: dict[str, float], cfg, step: int) -> None:
 class Models:
     """The policy and the three frozen or separately trained models PPO scores it with."""
     policy: torch.nn.Module
-    ref: torch.nn.Module
+    ref: torch.nn.Module | Reference    # the policy with its adapters off, under LoRA
     rm: ScalarModel
     value: ScalarModel
     norm: dict                 # the RM's score statistics over SFT answers (mean, std)
@@ -184,8 +191,14 @@ def load_models(cfg: PPOConfig, run_dir: Path, device: torch.device) -> Models:
     value = load_artifact(value_src, device=device, field="value_model").model
     if not isinstance(value, ScalarModel):
         raise ConfigError("value_model", f"{value_src} is not a scalar-head model")
-    ref = freeze(load_model(pol.checkpoint / "model.safetensors", device=device))
-    return Models(policy=pol.model.train(), ref=ref, rm=rm, value=value.train(), norm=norm, tok=pol.tokenizer,
+    policy = pol.model
+    if uses_lora(cfg):
+        add_adapters(policy, cfg, cfg.seed)
+        add_adapters(value, cfg, cfg.seed + 1)      # its own draw: the two start unrelated
+    for model in (policy, value):
+        model.grad_checkpointing = cfg.grad_checkpointing
+    ref = reference_for(policy, pol.checkpoint, device)
+    return Models(policy=policy.train(), ref=ref, rm=rm, value=value.train(), norm=norm, tok=pol.tokenizer,
                   policy_ckpt=pol.checkpoint, tokenizer_path=pol.tokenizer_path, rm_ckpt=rm_ckpt)
 
 
@@ -220,7 +233,7 @@ class PPO:
         self.ptx: Optional[TokenData] = None
         self.opt_pol = policy_optimizer(self.m.policy, cfg.lr, device)
         self.opt_val = policy_optimizer(self.m.value, cfg.value_lr, device)
-        self.ema = copy.deepcopy(self.m.policy).requires_grad_(False) if cfg.ema_decay > 0 else None
+        self.ema = frozen_copy(self.m.policy) if cfg.ema_decay > 0 else None
         self.kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon or 10 * cfg.rollout_batch_size)
         self.kl_recent: list[float] = []     # the last KL_WINDOW steps' objective/kl_exact
         self.sampler = EpochSampler(len(self.prompts), cfg.seed)
@@ -350,7 +363,8 @@ class PPO:
         if self.ema is not None:
             with torch.no_grad():
                 for pe, pp in zip(self.ema.parameters(), m.policy.parameters()):
-                    pe.lerp_(pp, 1 - cfg.ema_decay)
+                    if pe is not pp:        # a frozen base the EMA shares under LoRA
+                        pe.lerp_(pp, 1 - cfg.ema_decay)
         return stats
 
     def _ptx_loss(self, stats: dict) -> torch.Tensor | float:
@@ -453,6 +467,9 @@ def run(cfg: PPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
         return "stopped"
     ppo.resume()
     m = ppo.m
+    if uses_lora(cfg):
+        ev.log(f"policy: {describe_lora(m.policy)}; value model: {describe_lora(m.value)}; "
+               "the reference is the policy with its adapters off")
     ev.log(f"device {describe(device)}, {dtype}; policy {m.policy_ckpt} ({m.policy.num_params():,} params), "
            f"reward model {m.rm_ckpt} (mean {m.norm['mean']:.3f}, std {m.norm['std']:.3f}); "
            f"{len(ppo.prompts)} prompts, {cfg.steps} steps of {cfg.rollout_batch_size} rollouts")

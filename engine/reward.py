@@ -11,7 +11,8 @@ scaled by 1/C(K,2) once, ties giving no pair. At the end, every kept checkpoint 
 `reward_norm.json`: the mean and std of the reward over the data's answers (sampled from the SFT
 model), which PPO uses to normalise scores. That pass scores every answer once per kept
 checkpoint (the final one's scores also give the summary's validation figures) and reports
-progress in answers, since it can take a good part of the stage's time.
+progress in answers, since it can take a good part of the stage's time. With lora_rank > 0 the
+SFT backbone stays frozen and its LoRA adapters train with the new scalar head (engine.lora).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from engine.artifacts import load_artifact
 from engine.config import ConfigError, require, resolve_path
 from engine.device import autocast, describe, setup
 from engine.fsutil import atomic_write_text
+from engine.lora import LORA_FIELDS, LoRASettings, add_adapters, describe as describe_lora, uses_lora
 from engine.model import ScalarModel, freeze, load_model
 from engine.reward_data import (Ranking, collate_answers, encode_answer, ranking_loss, read_rankings,
                                 split_by_prompt)
@@ -57,7 +59,7 @@ def load_reward_model(path: Path, tok_fingerprint: str, device: torch.device) ->
 
 
 @dataclass(kw_only=True)
-class RankingsConfig(TrainConfig):
+class RankingsConfig(LoRASettings, TrainConfig):
     """What a stage that trains an SFT model on rankings (reward, DPO) starts from and reads."""
     init: str                             # SFT checkpoint, or its run folder
     data: list[str]                       # JSONL rankings or chosen/rejected pairs
@@ -70,6 +72,7 @@ class RankingsConfig(TrainConfig):
 
     def validate_rankings(self) -> None:
         self.validate_training()
+        self.validate_lora()
         require(bool(self.init.strip()), "init", "an SFT checkpoint or run folder is required")
         require(len(self.data) > 0, "data", "at least one JSONL file of rankings is required")
         if not self.val_data:
@@ -111,7 +114,7 @@ class RewardConfig(RankingsConfig):
         self.validate_rankings()
 
 
-FIXED_ON_RESUME = ("init", "tokenizer", "data", "val_data", "val_fraction", "seq_len")
+FIXED_ON_RESUME = ("init", "tokenizer", "data", "val_data", "val_fraction", "seq_len", *LORA_FIELDS)
 
 
 class Scorer:
@@ -247,6 +250,9 @@ def run(cfg: RewardConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
     torch.manual_seed(cfg.seed)
     model = loaded.model if isinstance(loaded.model, ScalarModel) else ScalarModel.from_lm(loaded.model)
     model = model.to(device)
+    if uses_lora(cfg):
+        add_adapters(model, cfg, cfg.seed)
+        ev.log(describe_lora(model))
     max_len = min(cfg.seq_len or model.config.max_seq_len, model.config.max_seq_len)
 
     tcfg = cfg.with_steps_for(len(train_items))

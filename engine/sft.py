@@ -9,7 +9,8 @@ trains through engine.trainer and writes DIR/checkpoints/step-NNNNNN/ (each with
 tokenizer.json, so engine.artifacts.load_artifact reads SFT checkpoints like any other),
 DIR/events.jsonl and, at the end, DIR/summary.json. A fresh run is evaluated once before the
 first step, so plots and the summary show the task accuracy before SFT next to after.
-A run folder with checkpoints resumes from the newest, exactly (on CPU).
+A run folder with checkpoints resumes from the newest, exactly (on CPU). With lora_rank > 0
+only LoRA adapters train on the frozen init (engine.lora); checkpoints are merged all the same.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from engine.artifacts import load_artifact
 from engine.config import ConfigError, require, resolve_path
 from engine.device import autocast, describe, setup
 from engine.chat import reply_batch, task_metrics
+from engine.lora import LORA_FIELDS, LoRASettings, add_adapters, describe as describe_lora, uses_lora
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sft_data import (TOO_LONG, EpochSampler, Example, SFTDataError, collate,
                              data_fingerprint, read_records, read_tasks, render, split_records)
@@ -37,7 +39,7 @@ DEFAULT_PROMPTS = ["What is 12 + 7?", "Reverse the word 'garden'.",
 
 
 @dataclass(kw_only=True)
-class SFTConfig(TrainConfig):
+class SFTConfig(LoRASettings, TrainConfig):
     init: str                             # pretraining checkpoint, or its run folder (best one)
     data: list[str]                       # JSONL files: see engine.sft_data for the formats
     tokenizer: Optional[str] = None       # None: the init checkpoint's own tokenizer.json
@@ -66,6 +68,7 @@ class SFTConfig(TrainConfig):
 
     def validate(self) -> None:
         self.validate_training()
+        self.validate_lora()
         require(bool(self.init.strip()), "init", "a pretraining checkpoint or run folder is required")
         require(len(self.data) > 0, "data", "at least one JSONL file is required")
         for name in ("data", "val_data"):
@@ -93,7 +96,7 @@ class SFTConfig(TrainConfig):
 
 # What the run *is*: changing any of these on resume would train a different run under the old
 # name. The data files' contents are checked too (a fingerprint in state.json).
-FIXED_ON_RESUME = ("init", "tokenizer", "data", "val_data", "val_fraction", "seq_len", "too_long")
+FIXED_ON_RESUME = ("init", "tokenizer", "data", "val_data", "val_fraction", "seq_len", "too_long", *LORA_FIELDS)
 
 
 def _per_kind(metrics: dict) -> dict:
@@ -256,6 +259,9 @@ def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
     art = load_artifact(resolve_path(run_dir, cfg.init), device=device, field="init",
                         tokenizer=resolve_path(run_dir, cfg.tokenizer) if cfg.tokenizer else None)
     model = art.model
+    if uses_lora(cfg):
+        add_adapters(model, cfg, cfg.seed)
+        ev.log(describe_lora(model))
     context = model.config.max_seq_len
     if cfg.seq_len > context:
         raise ConfigError("seq_len", f"{cfg.seq_len} is longer than the model's context ({context})")

@@ -1,10 +1,11 @@
-"""The training loop every gradient stage shares: pretraining, SFT and the reward model.
+"""The training loop every gradient stage shares: pretraining, SFT, the reward model and DPO.
 
 A stage builds its model and its data, then hands the trainer four small functions: how to
 draw a batch, how to compute its loss, how to evaluate, how to write samples. The trainer owns
 everything a run must get right the same way each time: the LR schedule, gradient accumulation
 and clipping, the non-finite guard, metrics and progress events, cooperative stop, atomic
-checkpoints with the optimizer and RNG state, and exact resume.
+checkpoints with the optimizer and RNG state, and exact resume. A model with LoRA adapters
+(engine.lora) is saved merged, with its adapters beside it, and resumes from its adapters.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +24,11 @@ from safetensors.torch import save_file
 
 from engine import checkpoint as ckpt
 from engine import distributed
+from engine import lora
 from engine.config import ConfigError, require
 from engine.device import autocast, peak_flops
-from engine.model import check_weights, read_config, safetensors_state, with_tied_head
+from engine.model import check_weights, read_config, with_tied_head
+from engine.osproc import peak_rss_mb
 from engine.runio import Emitter, NeverStop, StageError
 
 
@@ -51,7 +53,8 @@ class TrainConfig:
     seed: int = 0                       # random seed: the same seed and settings give the same run
     device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"                 # auto (bf16 on CUDA, else fp32) | float32 | bfloat16
-    compile: bool = False               # torch.compile the model (CUDA; slower start, faster steps)
+    compile: bool = False               # torch.compile the model (CUDA only; slower start, faster steps)
+    grad_checkpointing: bool = False    # recompute each layer's activations in the backward pass: less memory, about a third more compute
     nproc: int = 1                      # processes (one per GPU) training together with DDP, via torchrun
 
     def validate_training(self) -> None:
@@ -108,8 +111,8 @@ def check_resume(saved: dict, cfg, fixed: tuple[str, ...], ev: Emitter,
                  warn: tuple[str, ...] = WARN_ON_RESUME) -> None:
     now = dataclasses.asdict(cfg)
     # A setting added after the run was saved has its default there.
-    saved = {**{f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING},
-             **saved}
+    saved = {**{f.name: _default(f) for f in dataclasses.fields(cfg)
+                if (f.default, f.default_factory) != (dataclasses.MISSING, dataclasses.MISSING)}, **saved}
     if "grad_accum" in now:
         # The micro-batch stream does not depend on how it is split among processes, so the run
         # stays the same run on another number of processes as long as grad_accum x nproc is kept.
@@ -128,16 +131,8 @@ def check_resume(saved: dict, cfg, fixed: tuple[str, ...], ev: Emitter,
                    "the run is no longer an exact continuation", level="warning")
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MB."""
-    try:
-        import resource             # POSIX only: imported here so the module loads on Windows
-    except ImportError:
-        import psutil
-        info = psutil.Process().memory_info()
-        return getattr(info, "peak_wset", info.rss) / 2**20     # Windows' peak working set
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024     # bytes there, KiB on Linux
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 Batch = tuple
@@ -185,8 +180,14 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
     ev = Emitter(sink if world.is_main else None)
     control = control or NeverStop()
     run_dir = Path(run_dir)
+    model.grad_checkpointing = cfg.grad_checkpointing
     opt = make_optimizer(model, cfg, device)
     data_gen = torch.Generator().manual_seed(cfg.seed)
+    # Measured before the RNG is seeded and restored: the measuring matmul draws random numbers.
+    flops, flops_source = peak_flops(device, dtype)
+    # What draws from the global RNG while training (LoRA's dropout) draws the same in every run
+    # with this seed; a resume then restores the state saved with the checkpoint.
+    torch.manual_seed(cfg.seed)
     ckpt_root = run_dir / "checkpoints"
     if world.is_main:
         for p in ckpt.clean_partial(ckpt_root):
@@ -212,8 +213,11 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
 
     # DDP before compile, as torch recommends: the compiled graph then sees the sync hooks.
     train_model = distributed.wrap(model, device)
-    train_model = torch.compile(train_model) if cfg.compile else train_model
-    flops, flops_source = peak_flops(device, dtype)
+    if cfg.compile and device.type != "cuda":
+        # torch.compile's CPU and MPS back ends are slower to start than they gain on these runs,
+        # and fail where no compiler is installed (Windows without MSVC): CUDA only.
+        ev.log(f"compile is used on CUDA only; training uncompiled on {device.type}", level="warning")
+    train_model = torch.compile(train_model) if cfg.compile and device.type == "cuda" else train_model
     if world.enabled:
         ev.log(f"DDP over {world.size} processes: {cfg.batch_size} x {cfg.grad_accum} x {world.size} "
                f"= {cfg.batch_size * cfg.grad_accum * world.size} samples per step")
@@ -421,15 +425,18 @@ def save_run_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, opt:
     """Save the model, its optimizer, the RNG states and `state`, then prune to `keep_last`:
     (the checkpoint's folder, the folders pruned). A stage with more to keep (PPO's value model
     and EMA) names it: module NAME is saved as NAME.safetensors, optimizer NAME as
-    NAME.safetensors + NAME.json, and `resume_run` reads them back under the same names."""
+    NAME.safetensors + NAME.json, and `resume_run` reads them back under the same names.
+    A model with LoRA adapters is saved merged, its adapters beside it (engine.lora)."""
     files = dict(extra_files or {})
     scratch = Path(ckpt_root) / f".tmp-extra-{os.getpid()}"   # a killed save's is cleaned at start
     try:
-        if modules or optimizers:
+        if modules or optimizers or lora.has_adapters(model):
             shutil.rmtree(scratch, ignore_errors=True)
             scratch.mkdir(parents=True)
             files.update(_write_extras(scratch, modules or {}, optimizers or {}))
-        weights, meta = safetensors_state(model)
+            if lora.has_adapters(model):
+                files.update(lora.write_adapter(scratch, model))
+        weights, meta = lora.checkpoint_weights(model)
         path = ckpt.save_checkpoint(ckpt_root, step, model=weights, model_metadata=meta, optimizer=opt.state_dict(),
                                     state=state, rng=rng_state(data_gen, device), extra_files=files)
     except ValueError as e:
@@ -442,9 +449,11 @@ def save_run_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, opt:
 def _write_extras(folder: Path, modules: dict, optimizers: dict) -> dict[str, Path]:
     files = {}
     for name, module in modules.items():
-        tensors, meta = safetensors_state(module)
+        tensors, meta = lora.checkpoint_weights(module)
         save_file(tensors, str(folder / f"{name}.safetensors"), metadata=meta)
         files[f"{name}.safetensors"] = folder / f"{name}.safetensors"
+        if lora.has_adapters(module):
+            files.update(lora.write_adapter(folder, module, prefix=f"{name}_"))
     for name, o in optimizers.items():
         tensors, meta = ckpt.optimizer_to_files(o.state_dict())
         save_file(tensors, str(folder / f"{name}.safetensors"))
@@ -469,12 +478,15 @@ def resume_run(ckpt_root: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     saved = ckpt.load_checkpoint(latest)
     saved.field("config", dict)
     check(saved.state)
-    _load_module(model, saved.model, latest / "model.safetensors")
+    _load_module(model, saved.model, latest / "model.safetensors", latest / lora.ADAPTER_FILE)
+    saved.model = {}    # in the model now; a second copy of every weight for the whole run otherwise
     if saved.optimizer is None:
         raise ckpt.CheckpointError(f"{latest / 'optimizer.json'}: missing")
     ckpt.restore_optimizer(opt, saved.optimizer, latest / "optimizer.safetensors")
     for name, module in (modules or {}).items():
-        _load_module(module, ckpt.load_tensors(latest / f"{name}.safetensors"), latest / f"{name}.safetensors")
+        path = latest / f"{name}.safetensors"
+        _load_module(module, None if lora.has_adapters(module) else ckpt.load_tensors(path), path,
+                     latest / f"{name}_{lora.ADAPTER_FILE}")
     for name, o in (optimizers or {}).items():
         meta_path = latest / f"{name}.json"
         state = ckpt.optimizer_from_files(ckpt.load_tensors(latest / f"{name}.safetensors"),
@@ -488,13 +500,18 @@ def resume_run(ckpt_root: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     return saved
 
 
-def _load_module(module: torch.nn.Module, tensors: dict, path: Path) -> None:
+def _load_module(module: torch.nn.Module, tensors: Optional[dict], path: Path, adapter: Path) -> None:
     # The metadata is what every other loader builds the model from: it must describe this run's.
     saved_cfg = read_config(path)
     if saved_cfg != module.config:
         diff = [f"{k}={v!r}" for k, v in dataclasses.asdict(saved_cfg).items() if getattr(module.config, k) != v]
         raise ckpt.CheckpointError(f"{path}: the model config in its metadata ({', '.join(diff)}) is not "
                                    "this run's model")
+    if lora.has_adapters(module):
+        # The stage built the frozen base from its init checkpoint again; only what trained comes
+        # back. (The merged file's sums would not give the base back bit for bit.)
+        lora.load_adapters(module, adapter)
+        return
     weights = with_tied_head(module.config, tensors)
     check_weights(module, weights, path, needs="the model of this run")
     module.load_state_dict(weights)

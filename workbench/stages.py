@@ -130,7 +130,7 @@ STAGES: tuple[StageSpec, ...] = (
                  Parent("tokenizer", "tokenizer")),
         data=(Data("data", "sft", project="sft"), Data("val_data", "sft", preview=False),
               Data("eval_tasks", "tasks", project="eval_tasks", first_only=True, preview=False)),
-        basic=("epochs", "max_steps", "batch_size", "lr", "device", "nproc"),
+        basic=("epochs", "max_steps", "batch_size", "lr", "lora_rank", "device", "nproc"),
         demo=dict(max_steps=500, batch_size=32, lr=1e-3, eval_task_limit=200),
         steps_field="max_steps",
         follows=dict(warmup_steps=0.02, eval_every=0.25, sample_every=0.5, checkpoint_every=0.5,
@@ -155,7 +155,7 @@ STAGES: tuple[StageSpec, ...] = (
                         "InstructGPT starts the reward model from the SFT model"),
                  Parent("tokenizer", "tokenizer")),
         data=(Data("data", "preferences", rankings=True), Data("val_data", "preferences", preview=False)),
-        basic=("epochs", "batch_size", "lr", "device", "nproc"),
+        basic=("epochs", "batch_size", "lr", "lora_rank", "device", "nproc"),
         demo=dict(epochs=2.0, batch_size=8, lr=3e-4, eval_every=50)),
     StageSpec(
         name="ppo", title="PPO", heading="PPO",
@@ -188,7 +188,7 @@ STAGES: tuple[StageSpec, ...] = (
                         "reference it is held near"),
                  Parent("tokenizer", "tokenizer")),
         data=(Data("data", "preferences", rankings=True), Data("val_data", "preferences", preview=False)),
-        basic=("epochs", "beta", "loss", "form", "batch_size", "lr", "device", "nproc"),
+        basic=("epochs", "beta", "loss", "form", "batch_size", "lr", "lora_rank", "device", "nproc"),
         demo=dict(epochs=1.0, batch_size=8, lr=1e-4, beta=0.1, eval_every=50, sample_every=100)),
     # GRPO trains on the demo's prompts.txt (task prompts the checker can score, held out from
     # the corpus and SFT), never on eval_tasks: those only measure it, as they measure SFT and the
