@@ -24,6 +24,7 @@ from engine.config import ConfigError
 from engine.runio import format_count, format_duration
 from workbench import runfolder, stages
 from workbench.forms import check
+from workbench.memory import memory_note
 from workbench.runs import RunInfo, estimate_seconds
 from ui.config_form import ConfigForm, widen_popup
 from ui.data_preview import DataPreview
@@ -401,6 +402,9 @@ class StagePanel(QWidget):
             seconds, basis = estimate_seconds(self.stage, values, self.ctx.run_list(self.stage))
             if seconds is not None:
                 notes.append(f"About {format_duration(seconds)} at the pace of {basis}.")
+            memory = memory_note(self.stage, values)
+            if memory is not None:
+                notes.append(memory)
         self.notes.setText("<br>".join(html.escape(n) for n in notes))
         self.notes.setVisible(bool(notes))
         if self.run is None:

@@ -61,6 +61,7 @@ class StageSpec:
     pipeline: bool = True           # `workbench pipeline` runs it (importing a model is a choice, not a step)
     chat_ready: bool = False        # its models answer in the chat format without fine-tuning here
     sidebar: bool = True            # has a page in the app's sidebar (an import is begun from the File menu)
+    memory: str = ""                # the shape of its runs for the memory plan (engine.memory_plan.SHAPES)
 
     @property
     def module(self) -> str:
@@ -111,7 +112,8 @@ STAGES: tuple[StageSpec, ...] = (
         steps_field="max_steps",
         follows=dict(warmup_steps=0.05, eval_every=1 / 6, sample_every=1 / 3, checkpoint_every=1 / 3,
                      log_every=0.01),
-        project_defaults={"preset": ("model", "preset"), "model": ("model", "overrides")}),
+        project_defaults={"preset": ("model", "preset"), "model": ("model", "overrides")},
+        memory="causal-lm"),
     StageSpec(
         name="hf_import", title="Import", heading="Import a Hugging Face model",
         blurb="Start from a real model: a Hugging Face model folder (Llama, SmolLM, TinyLlama, Qwen2/2.5, "
@@ -134,7 +136,8 @@ STAGES: tuple[StageSpec, ...] = (
         demo=dict(max_steps=500, batch_size=32, lr=1e-3, eval_task_limit=200),
         steps_field="max_steps",
         follows=dict(warmup_steps=0.02, eval_every=0.25, sample_every=0.5, checkpoint_every=0.5,
-                     log_every=0.01)),
+                     log_every=0.01),
+        memory="causal-lm"),
     StageSpec(
         name="sample", title="Sample", heading="Sample answers",
         blurb="Sample K answers per prompt from a checkpoint, to be ranked.",
@@ -145,7 +148,8 @@ STAGES: tuple[StageSpec, ...] = (
                  Parent("tokenizer", "tokenizer")),
         data=(Data("prompts", "prompts", project="prompts"),),
         basic=("n_prompts", "k", "temperature", "top_p", "max_new_tokens", "seed", "device"),
-        demo=dict(n_prompts=3000, k=8, max_new_tokens=24, temperature=1.0, top_p=1.0, batch_size=64)),
+        demo=dict(n_prompts=3000, k=8, max_new_tokens=24, temperature=1.0, top_p=1.0, batch_size=64),
+        memory="generation"),
     StageSpec(
         name="reward", title="Reward model", heading="Reward model",
         blurb="Train a reward model on the rankings: a scalar head on the SFT model, scored on every "
@@ -156,7 +160,8 @@ STAGES: tuple[StageSpec, ...] = (
                  Parent("tokenizer", "tokenizer")),
         data=(Data("data", "preferences", rankings=True), Data("val_data", "preferences", preview=False)),
         basic=("epochs", "batch_size", "lr", "lora_rank", "device", "nproc"),
-        demo=dict(epochs=2.0, batch_size=8, lr=3e-4, eval_every=50)),
+        demo=dict(epochs=2.0, batch_size=8, lr=3e-4, eval_every=50),
+        memory="ranking"),
     StageSpec(
         name="ppo", title="PPO", heading="PPO",
         blurb="Optimise the SFT policy against the reward model with PPO, held near the SFT model by a "
@@ -174,7 +179,8 @@ STAGES: tuple[StageSpec, ...] = (
         demo=dict(steps=40, rollout_batch_size=32, minibatch_size=16, ppo_epochs=2, max_new_tokens=24,
                   lr=3e-5, value_lr=3e-5, kl_coef=0.05),
         steps_field="steps",
-        follows=dict(probe_every=0.25, checkpoint_every=0.5)),
+        follows=dict(probe_every=0.25, checkpoint_every=0.5),
+        memory="actor-critic"),
     StageSpec(
         name="dpo", title="DPO", heading="Direct preference optimisation",
         blurb="Optimise the SFT model on the rankings directly, with no reward model and no sampling: "
@@ -189,7 +195,8 @@ STAGES: tuple[StageSpec, ...] = (
                  Parent("tokenizer", "tokenizer")),
         data=(Data("data", "preferences", rankings=True), Data("val_data", "preferences", preview=False)),
         basic=("epochs", "beta", "loss", "form", "batch_size", "lr", "lora_rank", "device", "nproc"),
-        demo=dict(epochs=1.0, batch_size=8, lr=1e-4, beta=0.1, eval_every=50, sample_every=100)),
+        demo=dict(epochs=1.0, batch_size=8, lr=1e-4, beta=0.1, eval_every=50, sample_every=100),
+        memory="preference"),
     # GRPO trains on the demo's prompts.txt (task prompts the checker can score, held out from
     # the corpus and SFT), never on eval_tasks: those only measure it, as they measure SFT and the
     # pipeline's evaluation.
@@ -213,7 +220,8 @@ STAGES: tuple[StageSpec, ...] = (
         demo=dict(steps=100, prompts_per_step=16, group_size=8, minibatch_size=32, max_new_tokens=16,
                   lr=1e-4, temperature=1.0, kl_coef=0.0, eval_task_limit=200, task_weight=1.0, rm_weight=0.0),
         steps_field="steps",
-        follows=dict(eval_every=0.25, probe_every=0.25, checkpoint_every=0.5)),
+        follows=dict(eval_every=0.25, probe_every=0.25, checkpoint_every=0.5),
+        memory="group-rl"),
 )
 
 BY_NAME = {s.name: s for s in STAGES}
