@@ -170,19 +170,27 @@ def test_a_reward_model_exports_as_a_sequence_classifier(rm_ckpt, tmp_path):
         export(rm_ckpt, "gguf", tmp_path / "rm.gguf")
 
 
-def test_reward_model_and_ppo_start_from_an_import_and_export(imported, tmp_path):
-    """InstructGPT's loop on an imported chat model: its reward model, PPO against it, the result
-    back in transformers."""
-    from engine.ppo import PPOConfig, run as ppo_run
+@pytest.fixture(scope="module")
+def rm_from_import(imported, tmp_path_factory):
+    """A reward model trained from the import on a few rankings."""
     from engine.reward import RewardConfig, run as rm_run
     from test_reward import write_prefs
-    write_prefs(tmp_path / "prefs.jsonl", n=24)
-    rm_dir = tmp_path / "rm"
+    root = tmp_path_factory.mktemp("rm-import")
+    write_prefs(root / "prefs.jsonl", n=24)
+    rm_dir = root / "rm"
     rm_dir.mkdir()
-    rm_cfg = from_dict(RewardConfig, dict(init=str(imported), data=[str(tmp_path / "prefs.jsonl")], batch_size=4,
+    rm_cfg = from_dict(RewardConfig, dict(init=str(imported), data=[str(root / "prefs.jsonl")], batch_size=4,
                                           lr=3e-3, max_steps=6, warmup_steps=1, eval_every=6, checkpoint_every=6,
                                           log_every=1, device="cpu"))
     assert rm_run(rm_cfg, rm_dir, sink=lambda e: None) == "completed"
+    return rm_dir
+
+
+def test_reward_model_and_ppo_start_from_an_import_and_export(imported, rm_from_import, tmp_path):
+    """InstructGPT's loop on an imported chat model: its reward model, PPO against it, the result
+    back in transformers."""
+    from engine.ppo import PPOConfig, run as ppo_run
+    rm_dir = rm_from_import
     (tmp_path / "prompts.txt").write_text("".join(q + "\n" for q, _ in QA))
     ppo_dir = tmp_path / "ppo"
     ppo_dir.mkdir()
@@ -195,6 +203,37 @@ def test_reward_model_and_ppo_start_from_an_import_and_export(imported, tmp_path
     kl = [e["objective/kl"] for e in events if e.get("type") == "metrics" and "objective/kl" in e]
     assert kl and kl[0] == pytest.approx(0.0, abs=1e-6)     # the first rollout is the imported policy's own
     out = export(ppo_dir, "hf", tmp_path / "ppo-hf")
+    art = load_artifact(ppo_dir, prefer="latest")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.tensor([art.tokenizer.render_chat([{"role": "user", "content": "Say hello."}],
+                                                add_generation_prompt=True)[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(art.model.eval()(x), back(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_sft_then_lora_ppo_from_an_import_exports_for_transformers(imported, rm_from_import, tmp_path):
+    """The chain with adapters: LoRA SFT on the import, LoRA PPO on that, the result merged on
+    export and loaded by transformers with the run's own logits."""
+    from engine.ppo import PPOConfig, run as ppo_run
+    from engine.sft import SFTConfig, run as sft_run
+    sft_dir = tmp_path / "sft"
+    sft_dir.mkdir()
+    cfg = from_dict(SFTConfig, dict(init=str(imported), data=[str(write_sft(tmp_path / "sft.jsonl"))],
+                                    val_fraction=0.0, val_data=[str(write_sft(tmp_path / "val.jsonl", 4))],
+                                    max_steps=12, batch_size=8, lr=3e-3, warmup_steps=1, eval_every=12,
+                                    sample_every=0, checkpoint_every=12, log_every=1, device="cpu", lora_rank=4))
+    assert sft_run(cfg, sft_dir, sink=lambda e: None) == "completed"
+    ckpt = sorted((sft_dir / "checkpoints").glob("step-*"))[-1]
+    assert (ckpt / "adapter.safetensors").is_file()
+    (tmp_path / "prompts.txt").write_text("".join(q + "\n" for q, _ in QA))
+    ppo_dir = tmp_path / "ppo"
+    ppo_dir.mkdir()
+    ppo_cfg = from_dict(PPOConfig, dict(policy=str(sft_dir), reward_model=str(rm_from_import),
+                                        prompts=[str(tmp_path / "prompts.txt")], steps=2, rollout_batch_size=4,
+                                        minibatch_size=2, ppo_epochs=1, max_new_tokens=6, lr=1e-3, value_lr=1e-3,
+                                        probe_every=100, checkpoint_every=100, device="cpu", lora_rank=4))
+    assert ppo_run(ppo_cfg, ppo_dir, sink=lambda e: None) == "completed"
+    out = export(ppo_dir, "hf", tmp_path / "hf")
     art = load_artifact(ppo_dir, prefer="latest")
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     x = torch.tensor([art.tokenizer.render_chat([{"role": "user", "content": "Say hello."}],
