@@ -21,7 +21,7 @@ import re
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jinja2
 import jinja2.ext
@@ -31,7 +31,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 
 from engine.fsutil import atomic_write_text
-from engine.tokenizer import ROLES, SPECIAL_TOKENS, TokenizerError
+from engine.tokenizer import ROLES, SPECIAL_TOKENS, TextCodec, TokenizerError
 
 # The special-token attributes transformers passes to a template (its special_tokens_map).
 NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
@@ -273,7 +273,7 @@ def _load_parts(folder: str | os.PathLike) -> dict[str, Any]:
                 source=str(config_path))
 
 
-class HFTokenizer:
+class HFTokenizer(TextCodec):
     """A Hugging Face tokenizer.json + chat template with the interface of our Tokenizer."""
 
     def __init__(self, tk: tokenizers.Tokenizer, chat_template: str | None = None,
@@ -291,7 +291,7 @@ class HFTokenizer:
         self._register_named_tokens()
         self._added = {i: t.content for i, t in tk.get_added_tokens_decoder().items()}
         self.special_ids = frozenset(self._added)
-        self._text_tk = self._plain_text_copy()
+        self._text = self._plain_text_copy()
         self._vocab_size = max(tk.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self._newline_ids = tk.encode("\n", add_special_tokens=False).ids
         for i in self._generation_eos:
@@ -443,27 +443,12 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         return self._vocab_size
 
-    def encode(self, text: str) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
-        return self._text_tk.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        enc = getattr(self._text_tk, "encode_batch_fast", self._text_tk.encode_batch)
-        return [e.ids for e in enc(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-        return self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special)
-
     def id_to_token(self, i: int) -> str:
         i = int(i)
         tok = self._tk.id_to_token(i) if 0 <= i < self._vocab_size else None
         if tok is None:
             raise IndexError(f"token id {i} outside the vocabulary (size {self.vocab_size})")
         return tok
-
-    def token_to_id(self, token: str) -> int | None:
-        return self._tk.token_to_id(token)
 
     def token_spans(self, text: str) -> list[tuple[int, int, int]]:
         """(start, end, id) per token of encode(text), as character offsets that tile the text.
@@ -472,7 +457,7 @@ class HFTokenizer:
         (a space a token's offsets leave out): each span starts where the last ended, so a
         later piece of a split character gets an empty span and a gap joins the next token.
         """
-        enc = self._text_tk.encode(text, add_special_tokens=False)
+        enc = self._text.encode(text, add_special_tokens=False)
         out, pos = [], 0
         for k, (i, (_, end)) in enumerate(zip(enc.ids, enc.offsets)):
             end = len(text) if k == len(enc.ids) - 1 else min(max(end, pos), len(text))
@@ -574,7 +559,7 @@ class HFTokenizer:
         return ids, offsets
 
     def _encode_piece(self, piece: str, plain: bool, first: bool):
-        tk = self._text_tk if plain else self._tk
+        tk = self._text if plain else self._tk
         if not first:
             enc = tk.encode("\n" + piece, add_special_tokens=False)
             n = len(self._newline_ids)

@@ -60,7 +60,30 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-class Tokenizer:
+class TextCodec:
+    """Text in and out of ids, shared by our tokenizer and an imported one (engine.hf_tokenizer):
+    `_text` encodes user text (its special tokens never parsed), `_tk` decodes."""
+    _tk: tokenizers.Tokenizer
+    _text: tokenizers.Tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        return self._text.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # the fast variant skips offsets, which only token_spans needs (absent before 0.20)
+        enc = getattr(self._text, "encode_batch_fast", self._text.encode_batch)
+        return [e.ids for e in enc(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tk.token_to_id(token)
+
+
+class Tokenizer(TextCodec):
     """A thin wrapper: the special-token ids, safe encoding, spans, fingerprint, chat template."""
 
     def __init__(self, tk: tokenizers.Tokenizer, source: str = "<memory>"):
@@ -70,7 +93,7 @@ class Tokenizer:
                                      f"has {tk.token_to_id(s)}")
         # Not stored in tokenizer.json, so it is set on every load: user text stays text.
         tk.encode_special_tokens = True
-        self._tk = tk
+        self._tk = self._text = tk
         self._fingerprint: str | None = None
         self.pad_id, self.bos_id, self.end_id, self.system_id, self.user_id, self.assistant_id = \
             range(len(SPECIAL_TOKENS))
@@ -128,27 +151,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tk.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
-        return self._tk.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        # the fast variant skips offsets, which only token_spans needs (absent before 0.20)
-        enc = getattr(self._tk, "encode_batch_fast", self._tk.encode_batch)
-        return [e.ids for e in enc(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-        return self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special)
-
     def id_to_token(self, i: int) -> str:
         tok = self._tk.id_to_token(int(i))
         if tok is None:
             raise IndexError(f"token id {i} outside the vocabulary (size {self.vocab_size})")
         return tok
-
-    def token_to_id(self, token: str) -> int | None:
-        return self._tk.token_to_id(token)
 
     def token_bytes(self, i: int) -> bytes:
         """The raw bytes a token stands for (special tokens: their spelling)."""

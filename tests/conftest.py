@@ -57,6 +57,17 @@ def rm_ckpt(tiny_lm_ckpt, tmp_path_factory):
     return root
 
 
+@pytest.fixture
+def one_thread():
+    """Two threads spin against each other on a busy 2-core machine: tiny models and long runs
+    go several times faster on one."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def gc_on_the_main_thread():
     """As in the app (ui/collector.install_gc): Python's cyclic collector, run on whichever thread

@@ -11,14 +11,7 @@ from engine.model import Block, ScalarModel, Transformer, config_from_preset
 from engine.trainer import TrainConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads spin against each other on a busy 2-core machine; these tiny models run
-    several times faster on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(cls=Transformer, seed=0):

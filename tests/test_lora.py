@@ -24,14 +24,7 @@ WORDS = "alpha beta gamma delta echo fox golf hotel india juliet kilo lima".spli
 R, ALPHA = 4, 8.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads spin against each other on a busy 2-core machine; these tiny models run
-    several times faster on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

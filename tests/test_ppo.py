@@ -148,16 +148,6 @@ def digit_rm(peaked_lm, tmp_path_factory):
     return token_share_reward(peaked_lm, tmp_path_factory.mktemp("digit_rm"), digits)
 
 
-@pytest.fixture
-def one_thread():
-    """Two threads spin against each other on a busy 2-core machine: the long runs here go
-    several times faster on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # No missing-end penalty: a random policy never ends its answers, and ending at once would be
 # the cheapest way to a better score, a second pull that is not the one under test.
 HARD = dict(rollout_batch_size=16, minibatch_size=8, lr=1e-2, value_lr=1e-2, missing_end_penalty=0.0)
