@@ -240,3 +240,21 @@ def test_lora_sft_then_lora_ppo_from_an_import_exports_for_transformers(imported
                                                 add_generation_prompt=True)[0]])
     with torch.no_grad():
         torch.testing.assert_close(art.model.eval()(x), back(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_model_trained_here_exports_with_our_template_for_transformers(tiny_lm_ckpt, tmp_path):
+    """Ours -> Hugging Face: the tokenizer and its chat template as AutoTokenizer reads them, the
+    same logits and the same greedy tokens in AutoModelForCausalLM."""
+    out = export(tiny_lm_ckpt, "hf", tmp_path / "hf")
+    art = load_artifact(tiny_lm_ckpt)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    chat = [{"role": "user", "content": "alpha beta?"}, {"role": "assistant", "content": "gamma delta"}]
+    assert hf_tok.apply_chat_template(chat, tokenize=True, return_dict=False) == art.tokenizer.render_chat(chat)[0]
+    ids = art.tokenizer.render_chat(chat[:1], add_generation_prompt=True)[0]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(art.model.eval()(x), back(x).logits, atol=1e-4, rtol=1e-4)
+    greedy = back.generate(x, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    from engine.generate import generate
+    assert greedy[0, len(ids):].tolist() == generate(art.model, ids, 8, temperature=0.0)
