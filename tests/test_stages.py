@@ -19,13 +19,15 @@ def test_every_fact_of_a_stage_names_a_setting_of_its_config(spec):
     assert spec.module.split(".")[-1] == spec.name
     named = ([p.field for p in spec.parents] + [d.field for d in spec.data] + list(spec.basic)
              + list(spec.demo) + list(spec.follows) + list(spec.work) + list(spec.project_defaults)
-             + ([spec.steps_field] if spec.steps_field else []))
+             + ([spec.steps_field] if spec.steps_field else []) + ([spec.origin] if spec.origin else []))
     assert set(named) <= fields, set(named) - fields
     for p in spec.parents:
         assert p.kind in KINDS and set(p.expects) <= set(stages.NAMES)
         assert all(stages.BY_NAME[s].produces == p.kind for s in p.expects), p
     assert {d.kind for d in spec.data} <= DATA_KINDS
     assert spec.title and spec.heading and spec.blurb and spec.action
+    from engine.memory_plan import SHAPES
+    assert spec.memory in SHAPES + ("",)
     # The demo's settings pass the stage's own checks, by name and type.
     from engine.config import _check_type
     import typing

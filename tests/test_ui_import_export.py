@@ -39,6 +39,7 @@ def test_import_from_the_file_menu_fine_tune_it_and_export_from_the_runs_page(ma
     assert browser.selected_names() == [job.run_dir.name]
     row = next(r for r in range(browser.table.rowCount()) if browser.table.item(r, 0).text() == job.run_dir.name)
     assert "params" in browser.table.item(row, browser.table.columnCount() - 1).text()
+    assert browser.table.item(row, 3).text() == model_folder.name          # Started from: the folder
 
     # The SFT page starts from the import, and its Data tab draws the model's own template.
     go(qtbot, w, "sft")

@@ -55,7 +55,7 @@ class ExportDialog(QDialog):
         lay.addWidget(self.status)
         lay.addWidget(self.buttons)
         self._default_path()
-        self.resize(620, 180)
+        self.resize(620, self.sizeHint().height())
 
     def choice(self) -> tuple[str, str]:
         label = self.format.currentText()

@@ -21,7 +21,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLab
 from engine.checkpoint import latest_checkpoint
 from engine.runio import format_duration
 from workbench.runfold import fold_run
-from workbench import stages
+from workbench import runfolder, stages
 from workbench.runs import RunInfo
 from ui.export_dialog import ExportDialog
 from ui.plots import PlotGrid, RunHistory
@@ -57,6 +57,18 @@ def result_text(info: RunInfo) -> str:
                 text += _held_out(info)
             parts.append(text)
     return ", ".join(parts)
+
+
+def _origin(info: RunInfo) -> str:
+    """Where a run from outside the project came from (an import's model folder or name)."""
+    spec = stages.BY_NAME.get(info.stage)
+    if spec is None or not spec.origin:
+        return ""
+    try:
+        value = runfolder.read_config(info.path).get(spec.origin)
+    except (OSError, ValueError, runfolder.RunFolderError):
+        return ""
+    return Path(value).name if isinstance(value, str) and Path(value).is_absolute() else str(value or "")
 
 
 def _held_out(info: RunInfo) -> str:
@@ -166,7 +178,7 @@ class RunsBrowser(QWidget):
             when = info.started_at or info.created_at
             duration = info.duration_s
             cells = [info.name, info.stage, info.status,
-                     ", ".join(info.parents.values()), time.strftime("%Y-%m-%d %H:%M", time.localtime(when)),
+                     ", ".join(info.parents.values()) or _origin(info), time.strftime("%Y-%m-%d %H:%M", time.localtime(when)),
                      format_duration(duration), result_text(info)]
             keys = {STARTED: when, DURATION: -1.0 if duration is None else duration}
             for col, text in enumerate(cells):

@@ -62,6 +62,7 @@ class StageSpec:
     chat_ready: bool = False        # its models answer in the chat format without fine-tuning here
     sidebar: bool = True            # has a page in the app's sidebar (an import is begun from the File menu)
     memory: str = ""                # the shape of its runs for the memory plan (engine.memory_plan.SHAPES)
+    origin: str = ""                # the setting naming where a run comes from outside the project
 
     @property
     def module(self) -> str:
@@ -120,7 +121,8 @@ STAGES: tuple[StageSpec, ...] = (
               "Qwen3), or one already in the local Hugging Face cache by its name; nothing is downloaded. "
               "SFT, the reward model, PPO, DPO, GRPO and chat can start from it like from a pretrained run.",
         config="engine.hf_import:ImportConfig", produces="checkpoint", action="import a model",
-        basic=("source", "dtype", "chat_template"), pipeline=False, chat_ready=True, sidebar=False),
+        basic=("source", "dtype", "chat_template"), pipeline=False, chat_ready=True, sidebar=False,
+        origin="source"),
     StageSpec(
         name="sft", title="SFT", heading="Supervised fine-tuning",
         blurb="Supervised fine-tuning: teach the pretrained model to answer, on prompt/response pairs "
