@@ -31,7 +31,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 
 from engine.fsutil import atomic_write_text
-from engine.tokenizer import ROLES, SPECIAL_TOKENS, TextCodec, TokenizerError
+from engine.tokenizer import SPECIAL_TOKENS, TextCodec, TokenizerError, check_messages
 
 # The special-token attributes transformers passes to a template (its special_tokens_map).
 NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
@@ -99,23 +99,6 @@ def _compile(source: str) -> jinja2.Template:
 
 
 # --- messages and markers -------------------------------------------------------------------
-def _check_messages(messages: Any) -> list[dict[str, str]]:
-    """The same checks and messages as engine.tokenizer.render_chat; returns plain copies."""
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ValueError(f"messages must be a list of {{role, content}}, got {type(messages).__name__}")
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping):
-            raise ValueError(f"message {i}: expected an object with 'role' and 'content', "
-                             f"got {type(m).__name__}")
-        if m.get("role") not in ROLES:
-            raise ValueError(f"message {i}: field 'role' must be one of {', '.join(ROLES)}, "
-                             f"got {m.get('role')!r}")
-        if not isinstance(m.get("content"), str):
-            raise ValueError(f"message {i}: field 'content' must be a string, "
-                             f"got {type(m.get('content')).__name__}")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
 def _markers(used: str) -> str:
     """Four private-use characters absent from `used`: content start/end, literal start/end."""
     out: list[str] = []
@@ -469,13 +452,13 @@ class HFTokenizer(TextCodec):
     def render_text(self, messages: Sequence[Mapping[str, Any]],
                     add_generation_prompt: bool = False) -> str:
         """The template's text for a conversation, as apply_chat_template(tokenize=False)."""
-        return self._render(_check_messages(messages), add_generation_prompt)
+        return self._render(check_messages(messages), add_generation_prompt)
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]],
                     add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
         """(ids, mask) for a conversation; the mask is 1 on each assistant content's tokens
         and on the end-of-turn token right after it (so the model learns to stop)."""
-        msgs = _check_messages(messages)
+        msgs = check_messages(messages)
         text, spans, literals = self._layout(msgs, add_generation_prompt)
         ids, offsets = self._encode_rendered(text, literals)
         return ids, self._mask(ids, offsets, spans)

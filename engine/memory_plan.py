@@ -450,13 +450,16 @@ def plan(stage: str, model_cfg, *, batch_size: int, seq_len: int, dtype: str = "
                 phases={n: dict(p) for n, p in phases.items()}, detail=act, inputs=inputs)
 
 
-def free_memory(device: str = "cpu") -> int:
-    """Bytes a new run on `device` can use now."""
+def free_memory(device: str = "cpu", ask_torch: bool = True) -> Optional[int]:
+    """Bytes a new run on `device` can use now. On CUDA without NVML, torch is asked only when
+    `ask_torch` (the app passes False: the asking process would hold a CUDA context); else None."""
     kind = _device_type(device)
     if kind == "cuda":
         index = int(device.split(":", 1)[1]) if ":" in device else 0
         free = _nvml_free(index)
-        return free if free is not None else int(torch.cuda.mem_get_info(index)[0])
+        if free is None and ask_torch:
+            free = int(torch.cuda.mem_get_info(index)[0])
+        return free
     import psutil
     available = int(psutil.virtual_memory().available)
     # Unified memory on MPS: Metal caps what one process may allocate below the machine's RAM.

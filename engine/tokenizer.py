@@ -213,15 +213,9 @@ def tokenizer_files(path: str | os.PathLike) -> dict[str, Path]:
     return {n: folder / n for n in names if (folder / n).is_file()}
 
 
-def render_chat(tok: Tokenizer, messages: Sequence[Mapping[str, Any]],
-                add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-    """The chat template: (ids, mask) for a conversation.
-
-    <|bos|> then, per message, <|ROLE|> content <|end|>. The mask is 1 on what the model
-    is trained to say: the assistant's content and the <|end|> that closes its turn (so it
-    learns to stop). Everything else is context. With add_generation_prompt, a final
-    <|assistant|> asks the model to answer next.
-    """
+def check_messages(messages: Any) -> list[dict[str, str]]:
+    """A conversation's {role, content} messages as plain copies, or ValueError naming the first
+    message that is not one; every template (ours, an imported model's) checks with this."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ValueError(f"messages must be a list of {{role, content}}, got {type(messages).__name__}")
     for i, m in enumerate(messages):
@@ -234,6 +228,19 @@ def render_chat(tok: Tokenizer, messages: Sequence[Mapping[str, Any]],
         if not isinstance(m.get("content"), str):
             raise ValueError(f"message {i}: field 'content' must be a string, "
                              f"got {type(m.get('content')).__name__}")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def render_chat(tok: Tokenizer, messages: Sequence[Mapping[str, Any]],
+                add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """The chat template: (ids, mask) for a conversation.
+
+    <|bos|> then, per message, <|ROLE|> content <|end|>. The mask is 1 on what the model
+    is trained to say: the assistant's content and the <|end|> that closes its turn (so it
+    learns to stop). Everything else is context. With add_generation_prompt, a final
+    <|assistant|> asks the model to answer next.
+    """
+    messages = check_messages(messages)
     bodies = tok.encode_batch([m["content"] for m in messages]) if messages else []
     ids, mask = [tok.bos_id], [0]
     for m, body in zip(messages, bodies):

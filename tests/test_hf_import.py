@@ -64,19 +64,31 @@ def test_chat_with_an_imported_model_stops_at_its_end_of_turn(imported):
     assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nSay hello.<|im_end|>" in text
 
 
+def sft_config(init, tmp_path, **kw):
+    from engine.sft import SFTConfig
+    return from_dict(SFTConfig, dict(init=str(init), data=[str(write_sft(tmp_path / "sft.jsonl"))],
+                                     val_fraction=0.0, val_data=[str(write_sft(tmp_path / "val.jsonl", 4))],
+                                     batch_size=8, lr=3e-3, sample_every=0, log_every=1, device="cpu", **kw))
+
+
+def ppo_config(policy, rm, tmp_path, **kw):
+    from engine.ppo import PPOConfig
+    (tmp_path / "prompts.txt").write_text("".join(q + "\n" for q, _ in QA))
+    return from_dict(PPOConfig, dict(policy=str(policy), reward_model=str(rm), prompts=[str(tmp_path / "prompts.txt")],
+                                     steps=2, rollout_batch_size=4, minibatch_size=2, ppo_epochs=1, max_new_tokens=6,
+                                     lr=1e-3, value_lr=1e-3, probe_every=100, checkpoint_every=100, device="cpu", **kw))
+
+
 def write_sft(path, n=24):
     path.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in QA * (n // len(QA))))
     return path
 
 
 def test_sft_from_an_import_learns_and_exports_for_transformers(imported, tmp_path):
-    from engine.sft import SFTConfig, run as sft_run
+    from engine.sft import run as sft_run
     run_dir = tmp_path / "sft"
     run_dir.mkdir()
-    cfg = from_dict(SFTConfig, dict(init=str(imported), data=[str(write_sft(tmp_path / "sft.jsonl"))],
-                                    val_fraction=0.0, val_data=[str(write_sft(tmp_path / "val.jsonl", 4))],
-                                    max_steps=30, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=30,
-                                    sample_every=0, checkpoint_every=30, log_every=1, device="cpu"))
+    cfg = sft_config(imported, tmp_path, max_steps=30, warmup_steps=2, eval_every=30, checkpoint_every=30)
     events = []
     assert sft_run(cfg, run_dir, sink=events.append) == "completed"
     loss = [e["train/loss"] for e in events if e.get("type") == "metrics" and "train/loss" in e]
@@ -189,15 +201,10 @@ def rm_from_import(imported, tmp_path_factory):
 def test_reward_model_and_ppo_start_from_an_import_and_export(imported, rm_from_import, tmp_path):
     """InstructGPT's loop on an imported chat model: its reward model, PPO against it, the result
     back in transformers."""
-    from engine.ppo import PPOConfig, run as ppo_run
-    rm_dir = rm_from_import
-    (tmp_path / "prompts.txt").write_text("".join(q + "\n" for q, _ in QA))
+    from engine.ppo import run as ppo_run
     ppo_dir = tmp_path / "ppo"
     ppo_dir.mkdir()
-    ppo_cfg = from_dict(PPOConfig, dict(policy=str(imported), reward_model=str(rm_dir),
-                                        prompts=[str(tmp_path / "prompts.txt")], steps=2, rollout_batch_size=4,
-                                        minibatch_size=2, ppo_epochs=1, max_new_tokens=6, lr=1e-3, value_lr=1e-3,
-                                        probe_every=100, checkpoint_every=100, device="cpu"))
+    ppo_cfg = ppo_config(imported, rm_from_import, tmp_path)
     events = []
     assert ppo_run(ppo_cfg, ppo_dir, sink=events.append) == "completed"
     kl = [e["objective/kl"] for e in events if e.get("type") == "metrics" and "objective/kl" in e]
@@ -214,24 +221,18 @@ def test_reward_model_and_ppo_start_from_an_import_and_export(imported, rm_from_
 def test_lora_sft_then_lora_ppo_from_an_import_exports_for_transformers(imported, rm_from_import, tmp_path):
     """The chain with adapters: LoRA SFT on the import, LoRA PPO on that, the result merged on
     export and loaded by transformers with the run's own logits."""
-    from engine.ppo import PPOConfig, run as ppo_run
-    from engine.sft import SFTConfig, run as sft_run
+    from engine.ppo import run as ppo_run
+    from engine.sft import run as sft_run
     sft_dir = tmp_path / "sft"
     sft_dir.mkdir()
-    cfg = from_dict(SFTConfig, dict(init=str(imported), data=[str(write_sft(tmp_path / "sft.jsonl"))],
-                                    val_fraction=0.0, val_data=[str(write_sft(tmp_path / "val.jsonl", 4))],
-                                    max_steps=12, batch_size=8, lr=3e-3, warmup_steps=1, eval_every=12,
-                                    sample_every=0, checkpoint_every=12, log_every=1, device="cpu", lora_rank=4))
+    cfg = sft_config(imported, tmp_path, max_steps=12, warmup_steps=1, eval_every=12, checkpoint_every=12,
+                     lora_rank=4)
     assert sft_run(cfg, sft_dir, sink=lambda e: None) == "completed"
     ckpt = sorted((sft_dir / "checkpoints").glob("step-*"))[-1]
     assert (ckpt / "adapter.safetensors").is_file()
-    (tmp_path / "prompts.txt").write_text("".join(q + "\n" for q, _ in QA))
     ppo_dir = tmp_path / "ppo"
     ppo_dir.mkdir()
-    ppo_cfg = from_dict(PPOConfig, dict(policy=str(sft_dir), reward_model=str(rm_from_import),
-                                        prompts=[str(tmp_path / "prompts.txt")], steps=2, rollout_batch_size=4,
-                                        minibatch_size=2, ppo_epochs=1, max_new_tokens=6, lr=1e-3, value_lr=1e-3,
-                                        probe_every=100, checkpoint_every=100, device="cpu", lora_rank=4))
+    ppo_cfg = ppo_config(sft_dir, rm_from_import, tmp_path, lora_rank=4)
     assert ppo_run(ppo_cfg, ppo_dir, sink=lambda e: None) == "completed"
     out = export(ppo_dir, "hf", tmp_path / "hf")
     art = load_artifact(ppo_dir, prefer="latest")

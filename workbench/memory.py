@@ -8,7 +8,7 @@ import os
 from functools import lru_cache
 from typing import Optional
 
-from engine.memory_plan import Plan, _nvml_free, plan
+from engine.memory_plan import Plan, free_memory, plan
 from workbench import stages
 
 # Prompts of PPO, GRPO and sampling are cut to fit the model, with no setting of their own: the
@@ -58,10 +58,7 @@ def _device(value: str) -> str:
 
 def free_bytes(device: str) -> Optional[int]:
     """What the device has free now; None for a GPU the app cannot ask without holding memory."""
-    if device.startswith("cuda"):
-        return _nvml_free(int(device.split(":", 1)[1]) if ":" in device else 0)
-    from engine.memory_plan import free_memory
-    return free_memory(device)
+    return free_memory(device, ask_torch=False)
 
 
 def plan_for(stage: str, values: dict) -> Optional[tuple[Plan, Optional[int]]]:
