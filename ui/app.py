@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="project folder to open (default: the last one, or the demo project)")
     p.add_argument("--demo", action="store_true",
                    help="open the demo project (written on first use into the user's data folder)")
+    p.add_argument("--pack", type=Path, default=None, metavar="FILE",
+                   help="rank an annotation pack (a .wbpack file) instead of opening a project")
 
 
 def make_app(argv: list[str] | None = None) -> QApplication:
@@ -59,6 +61,12 @@ def show_splash(app: QApplication) -> QSplashScreen:
     return splash
 
 
+def open_pack(path: Path):
+    """A window ranking one annotation pack (None, after an error box, if it is not one)."""
+    from ui.pack_window import open_pack_window
+    return open_pack_window(path)
+
+
 def open_window(args, settings: QSettings | None = None):
     """The main window on the chosen project; the demo project is written first if needed,
     on a worker thread while the window shows. Returns the window (shown)."""
@@ -89,7 +97,9 @@ def open_window(args, settings: QSettings | None = None):
 
 def run(args) -> int:
     app = make_app()
-    window = open_window(args)
+    window = open_pack(args.pack) if getattr(args, "pack", None) else open_window(args)
+    if window is None:
+        return 2
     # Ctrl-C in the terminal closes the window (the Python handler needs the event loop to
     # come back to Python now and then, hence the idle timer).
     signal.signal(signal.SIGINT, lambda *_: window.close())

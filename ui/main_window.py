@@ -105,6 +105,8 @@ class MainWindow(QMainWindow):
         self.import_action = self._action(file, "&Import Model…", self.choose_model_to_import)
         self._action(file, "Show Project &Folder", self.show_project_folder)
         file.addSeparator()
+        self._action(file, "Open Annotation &Pack…", self.choose_pack)
+        file.addSeparator()
         # Not StandardKey.Quit: outside KDE and GNOME, Qt's generic theme binds it to no key.
         self._action(file, "&Quit", self.close, QKeySequence("Ctrl+Q"))
         view = self.menuBar().addMenu("&View")
@@ -206,6 +208,14 @@ class MainWindow(QMainWindow):
         folder = QFileDialog.getExistingDirectory(self, "Open a project folder (with workbench.toml)")
         if folder:
             self.open_project(Path(folder))
+
+    def choose_pack(self) -> None:
+        """Rank an annotation pack in a window of its own (no project needed)."""
+        from ui.pack_window import choose_and_open_pack
+        window = choose_and_open_pack(self)
+        if window is not None:
+            self.pack_windows = [w for w in getattr(self, "pack_windows", []) if w.isVisible()]
+            self.pack_windows.append(window)
 
     def choose_model_to_import(self) -> None:
         """A model already in the local Hugging Face cache by name, or any model folder."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFormLayout, QFrame, QHBoxLayout,
-                               QHeaderView, QLabel, QLineEdit, QPlainTextEdit, QProgressBar,
+                               QHeaderView, QLabel, QLineEdit, QMenu, QPlainTextEdit, QProgressBar,
                                QPushButton, QScrollArea, QSpinBox, QTextBrowser, QTreeWidget,
                                QTreeWidgetItem, QVBoxLayout, QWidget)
 
@@ -46,15 +46,17 @@ class StartPage(QWidget):
     exportRequested = Signal()
     guidelinesRequested = Signal()
     simulateRequested = Signal()
+    packsRequested = Signal()
+    mergeRequested = Signal()
     selectionChanged = Signal()
 
     def __init__(self):
         super().__init__()
-        title = QLabel("Rank sampled answers")
+        self.title = title = QLabel("Rank sampled answers")
         title.setFont(scaled_font(self, 1.5, bold=True))
-        intro = QLabel("Pick a batch and who you are, then rank each prompt's answers best "
-                       "first. Every ranking is stored the moment you submit it; a session "
-                       "resumes where it was left.")
+        self.intro = intro = QLabel(
+            "Pick a batch and who you are, then rank each prompt's answers best first. Every "
+            "ranking is stored the moment you submit it; a session resumes where it was left.")
         intro.setWordWrap(True)
         self.batches = QTreeWidget()
         self.batches.setHeaderLabels(["Batch", "K", "Items", "Ranked by"])
@@ -86,6 +88,13 @@ class StartPage(QWidget):
                 ("Export…", self.exportRequested, "K-way rankings or {prompt, chosen, rejected} pairs"),
                 ("Guidelines…", self.guidelinesRequested, "read or edit this project's ranking guidelines")):
             actions.addWidget(button(text, signal, tip))
+        packs = button("Packs…", lambda: None, "a class ranks this batch on their own machines: "
+                       "one pack file per annotator, merged back here")
+        menu = QMenu(packs)
+        menu.addAction("Make annotation packs for this batch…", self.packsRequested.emit)
+        menu.addAction("Merge annotation packs…", self.mergeRequested.emit)
+        packs.setMenu(menu)
+        actions.addWidget(packs)
         self.simulate = button("Simulated ranking…", self.simulateRequested,
                                "rank the selected batch with the demo's simulated annotator; "
                                "its rankings are labelled simulated, never passed off as a person's")
@@ -100,6 +109,17 @@ class StartPage(QWidget):
         lay.addLayout(form)
         lay.addLayout(actions)
         lay.addWidget(self.status)
+
+    def set_pack_mode(self, annotator: str, path: str) -> None:
+        """An annotation pack: one batch, one annotator, none of the project's actions."""
+        self.title.setText(f"Annotation pack for {annotator}")
+        self.intro.setText(f"This is an annotation pack ({path}): every ranking you submit is "
+                           "saved into it at once. When you are done, send the file back.")
+        for w in self.findChildren(QPushButton):
+            w.setVisible(w is self.start)
+        self.annotator.setEditText(annotator)
+        self.annotator.setEnabled(False)
+        self.repeats.setEnabled(False)
 
     def set_status(self, text: str) -> None:
         self.status.setText(text)

@@ -33,6 +33,7 @@ from PySide6.QtWidgets import (QFileDialog, QMessageBox, QStackedWidget, QTabWid
                                QWidget)
 
 from ui.agreement_view import AgreementView
+from ui.pack_dialogs import make_packs, merge_pack_files
 from ui.ranking_cards import ordinal
 from ui.ranking_dialogs import ExportDialog, NewBatchDialog, show_error
 from ui.ranking_keys import LEGEND, RankInput
@@ -89,10 +90,13 @@ class RankingView(QWidget):
     rankingSubmitted = Signal(int)      # the stored ranking's id
 
     def __init__(self, project_dir: Path, parent: QWidget | None = None, *,
-                 checkpoints: Callable[[], list[tuple[str, Path]]] | None = None):
+                 checkpoints: Callable[[], list[tuple[str, Path]]] | None = None,
+                 store: Store | None = None, guides=None):
         super().__init__(parent)
         self.project_dir = Path(project_dir)
-        self.store = Store.for_project(self.project_dir)
+        # An annotation pack (ui/pack_window.py) passes its own store and guidelines.
+        self.store = store if store is not None else Store.for_project(self.project_dir)
+        self.guides = guides if guides is not None else guidelines.ProjectGuidelines(self.project_dir)
         store = self.store
         # A view dropped without close_store() still closes its connection. Not through the
         # destroyed signal: a lambda on it fails in PySide when the wrapper is collected late.
@@ -132,6 +136,8 @@ class RankingView(QWidget):
         self.start.exportRequested.connect(self.export_clicked)
         self.start.guidelinesRequested.connect(self.show_guidelines)
         self.start.simulateRequested.connect(self.simulate_selected)
+        self.start.packsRequested.connect(lambda: make_packs(self))
+        self.start.mergeRequested.connect(lambda: merge_pack_files(self))
         self.start.selectionChanged.connect(self._selection_changed)
         self.guide.continueRequested.connect(self._guidelines_done)
         self.guide.saved.connect(self.set_guidelines)
@@ -182,7 +188,7 @@ class RankingView(QWidget):
                                          repeat_fraction=repeat_fraction)
         self.tabs.setCurrentIndex(0)
         self._load()
-        if guidelines.needs_showing(self.project_dir, annotator, batch_id):
+        if self.guides.needs_showing(annotator, batch_id):
             self.show_guidelines()
         else:
             self.stack.setCurrentWidget(self.page)
@@ -282,11 +288,12 @@ class RankingView(QWidget):
 
     def show_guidelines(self) -> None:
         in_session = self.session is not None
-        first = in_session and guidelines.needs_showing(
-            self.project_dir, self.session.annotator.name, self.session.batch.id)
+        first = in_session and self.guides.needs_showing(self.session.annotator.name,
+                                                         self.session.batch.id)
         heading = (f"Before you start: the guidelines for {self.session.batch.name!r}" if first
                    else "Ranking guidelines")
-        self.guide.show_text(guidelines.read_guidelines(self.project_dir), heading,
+        self.guide.edit.setVisible(self.guides.editable)
+        self.guide.show_text(self.guides.read(), heading,
                              "Start ranking" if first else ("Back to ranking" if in_session else "Back"))
         self.tabs.setCurrentIndex(0)
         self.stack.setCurrentWidget(self.guide)
@@ -294,13 +301,13 @@ class RankingView(QWidget):
         self.setFocus()
 
     def set_guidelines(self, text: str) -> None:
-        guidelines.write_guidelines(self.project_dir, text)
+        self.guides.write(text)
 
     def _guidelines_done(self) -> None:
         if self.session is None:
             self.stack.setCurrentWidget(self.start)
             return
-        guidelines.mark_seen(self.project_dir, self.session.annotator.name, self.session.batch.id)
+        self.guides.mark_seen(self.session.annotator.name, self.session.batch.id)
         self.stack.setCurrentWidget(self.page)
         self._shown_at += time.monotonic() - self._guide_opened   # reading them is not ranking
         self.setFocus()

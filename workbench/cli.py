@@ -10,6 +10,7 @@
     workbench export RUN --format hf|gguf   a checkpoint for transformers or llama.cpp
     workbench import-samples / batches / rank / preferences / agreement
                                             ranking data, headless (workbench/annotate_cli.py)
+    workbench pack export|merge|open        a batch ranked by a class, one file per annotator
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import textwrap
 from pathlib import Path
 
 from engine.config import ConfigError
-from workbench import annotate_cli, chat_cli, demo, runfolder, stages
+from workbench import annotate_cli, chat_cli, demo, pack_cli, runfolder, stages
 from workbench.jobs import config_nproc, stage_command
 
 EPILOG = """\
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=export.run_from_args)
 
     annotate_cli.add_commands(sub)
+    pack_cli.add_commands(sub)
     return parser
 
 
@@ -261,6 +263,11 @@ def main(argv: list[str] | None = None, open_app=None) -> int:
             print("\nThe desktop app is started by the `workbench` command (python -m ui.launcher).")
             return 0
         return int(open_app(args) or 0)
+    if args.command == "pack" and args.action == "open":
+        problem = pack_cli.check_pack(args.pack)
+        if problem or open_app is None:
+            return refuse(problem or "the app is started by the `workbench` command")
+        return int(open_app(pack_cli.open_args(args)) or 0)
     return int(args.func(args) or 0)
 
 

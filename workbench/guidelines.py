@@ -109,3 +109,24 @@ def mark_seen(project_dir: str | Path, annotator: str, batch_id: int) -> None:
     seen = _seen(project_dir)
     seen[f"{annotator}\t{batch_id}"] = _digest(read_guidelines(project_dir))
     atomic_write_text(project_dir / SEEN, json.dumps(seen, indent=1, ensure_ascii=False) + "\n")
+
+
+class ProjectGuidelines:
+    """The guidelines of a project folder, as the ranking view asks for them (an annotation
+    pack answers the same questions from its own file: workbench.packs.PackGuidelines)."""
+    editable = True
+
+    def __init__(self, project_dir: str | Path):
+        self.project_dir = Path(project_dir)
+
+    def read(self) -> str:
+        return read_guidelines(self.project_dir)
+
+    def write(self, text: str) -> None:
+        write_guidelines(self.project_dir, text)
+
+    def needs_showing(self, annotator: str, batch_id: int) -> bool:
+        return needs_showing(self.project_dir, annotator, batch_id)
+
+    def mark_seen(self, annotator: str, batch_id: int) -> None:
+        mark_seen(self.project_dir, annotator, batch_id)

@@ -15,6 +15,8 @@ Tables:
     flags         (ranking, answer, flag), flags from workbench.store.FLAGS
     scores        (ranking, answer) -> a 1-7 score
 
+    ranking_sources  where a ranking merged from elsewhere came from: (source, its id there),
+                  e.g. ("pack:<uuid>", 12), so merging an annotation pack again adds nothing
     runs          the run store's index of PROJECT/runs/<name>/ folders (workbench/runs.py):
                   stage, status, parent runs, times, last metrics, how far events.jsonl was read
 
@@ -138,6 +140,16 @@ MIGRATIONS: list[tuple[str, ...]] = [
             metrics TEXT NOT NULL DEFAULT '{}',
             events_offset INTEGER NOT NULL DEFAULT 0)""",
         "CREATE UNIQUE INDEX runs_name ON runs(name)",
+    ),
+    # v4: annotation packs (workbench/packs.py). A merged ranking remembers the pack ranking it
+    # copies; the pack's later undo or re-ranking of that item can then replace it, and a
+    # second merge of the same pack finds everything already there.
+    (
+        """CREATE TABLE ranking_sources (
+            ranking_id INTEGER PRIMARY KEY REFERENCES rankings(id) ON DELETE CASCADE,
+            source TEXT NOT NULL,
+            source_ranking INTEGER NOT NULL)""",
+        "CREATE UNIQUE INDEX ranking_sources_key ON ranking_sources(source, source_ranking)",
     ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -27,6 +27,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 from engine.fsutil import disk_full_message
 from workbench.schema import MIGRATIONS, SCHEMA_VERSION
+from workbench.store_packs import PackTables
 from workbench.store_runs import RunIndexTable
 from workbench.store_types import (ANNOTATOR_KINDS, FLAGS, MAX_K, MIN_K, Annotator, Answer,  # noqa: F401
                                    Batch, DiskFull, InputError, Item, Ranking, RankingError,
@@ -44,7 +45,7 @@ def _code(e: sqlite3.Error) -> int:
     return (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
 
 
-class Store(RunIndexTable):
+class Store(RunIndexTable, PackTables):
     """One connection to a workbench.db. Not shared between threads (sqlite3's default)."""
 
     def __init__(self, path: str | Path, *, timeout_s: float = 10.0):

@@ -1,0 +1,86 @@
+"""Annotation packs in the app, clicked and typed as a person would: the Rank page's Packs… menu
+makes packs and merges them back; File ▸ Open Annotation Pack… ranks one in its own window."""
+from __future__ import annotations
+
+from PySide6.QtCore import QSettings, Qt, QTimer
+from PySide6.QtWidgets import QApplication, QDialogButtonBox, QFileDialog, QMessageBox, QPushButton
+
+from tests.test_packs import make_project
+from ui.pack_dialogs import MakePacksDialog
+from ui.ranking_view import RankingView
+from workbench.packs import open_pack
+from workbench.store import Store
+
+
+def fill_next_dialog(qtbot, names: str, overlap: int) -> None:
+    """Type into the Make packs dialog when it opens (it is modal), then click Make packs."""
+    def fill():
+        dialog = QApplication.activeModalWidget()
+        if not isinstance(dialog, MakePacksDialog):
+            QTimer.singleShot(20, fill)
+            return
+        qtbot.keyClicks(dialog.annotators, names)
+        dialog.overlap.setValue(overlap)
+        qtbot.mouseClick(dialog.findChild(QDialogButtonBox).button(QDialogButtonBox.Ok),
+                         Qt.LeftButton)
+    QTimer.singleShot(0, fill)
+
+
+def packs_action(view: RankingView, text: str):
+    button = next(b for b in view.start.findChildren(QPushButton) if b.text() == "Packs…")
+    assert button.isVisible()
+    return next(a for a in button.menu().actions() if a.text().startswith(text))
+
+
+def test_make_rank_and_merge_packs_from_the_app(qtbot, tmp_path, monkeypatch):
+    project = make_project(tmp_path / "p", n=4)
+    view = RankingView(project)
+    qtbot.addWidget(view)
+    view.show()
+    view.start.batches.setCurrentItem(view.start.batches.topLevelItem(0))
+    shown = []
+    monkeypatch.setattr(QMessageBox, "information", lambda *a: shown.append(a[2]))
+    fill_next_dialog(qtbot, "ana, ben", 1)
+    packs_action(view, "Make annotation packs").trigger()
+    files = sorted((project / "packs").glob("*.wbpack"))
+    assert [f.name for f in files] == ["class_batch-ana.wbpack", "class_batch-ben.wbpack"]
+    assert "Wrote 2 pack(s)" in shown[-1]
+
+    # ana opens her pack from the File menu of a window with no project open
+    from ui.main_window import MainWindow
+    main = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(main)
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(files[0]), ""))
+    action = next(a for a in main.menuBar().actions()[0].menu().actions()
+                  if a.text() == "Open Annotation &Pack…")
+    action.trigger()
+    (window,) = main.pack_windows
+    qtbot.addWidget(window)
+    pv = window.view
+    assert pv.stack.currentWidget() is pv.guide and not pv.guide.edit.isVisible()
+    qtbot.keyClick(pv, Qt.Key_Return)                       # read the guidelines, start
+    first = pv.current.item_id
+    for key in ("2", "1", "3"):
+        qtbot.keyClicks(pv, key)
+    qtbot.keyClick(pv, Qt.Key_Return)
+    with open_pack(files[0]) as pack:                       # in the file at once
+        (r,) = pack.store.rankings()
+        assert r.item_id == first and r.annotator == "ana"
+    assert pv.tabs.count() == 2 and not pv.tabs.isTabVisible(1)
+    pv.end_session()
+    visible = [b.text() for b in pv.start.findChildren(QPushButton) if b.isVisible()]
+    assert visible == ["Start ranking  ⏎"] and not pv.start.annotator.isEnabled()
+    window.close()
+
+    # back on the project's Rank page, the teacher merges both packs, twice
+    monkeypatch.setattr(QFileDialog, "getOpenFileNames", lambda *a, **k: ([str(f) for f in files], ""))
+    texts = []
+    monkeypatch.setattr(QMessageBox, "exec", lambda box: texts.append(box.text()) or 0)
+    packs_action(view, "Merge annotation packs").trigger()
+    packs_action(view, "Merge annotation packs").trigger()
+    assert "ana on 'class batch': 1 added" in texts[0] and "ben on 'class batch': 0 added" in texts[0]
+    assert "ana on 'class batch': 0 added, 1 already merged" in texts[1]
+    with Store.for_project(project) as store:
+        assert [r.annotator for r in store.rankings()] == ["ana"]
+    assert "ana" in view.start.batches.topLevelItem(0).text(3)   # the batch list shows who ranked
+    view.close_store()
