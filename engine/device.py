@@ -7,6 +7,8 @@ fp32 on most laptops and MPS bf16 support is uneven.
 from __future__ import annotations
 
 import contextlib
+import json
+import platform
 import time
 
 import torch
@@ -97,13 +99,52 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float3
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """(FLOP/s, how it was found): the datasheet peak on a known GPU, else a measured matmul."""
+    """(FLOP/s, how it was found): the datasheet peak on a known GPU, else the matmul ceiling
+    measured once for this machine, device, dtype and thread count (cached_ceiling)."""
     if device.type == "cuda" and dtype == torch.bfloat16:
         name = torch.cuda.get_device_name(device)
         for key, value in GPU_PEAK_BF16.items():
             if key in name:
                 return value, f"datasheet bf16 peak of {key}"
-    return measure_matmul_flops(device, dtype), "measured matmul ceiling"
+    return cached_ceiling(device, dtype)
+
+
+CEILING_FILE = "matmul_ceiling.json"
+CEILING_TRIES = 5
+
+
+def ceiling_key(device: torch.device, dtype: torch.dtype) -> str:
+    what = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine())
+    return f"{platform.node()}|{device.type}:{what}|{dtype}|{torch.get_num_threads()} threads"
+
+
+def cached_ceiling(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """The achievable matmul FLOP/s, measured the first time (best of CEILING_TRIES, so a
+    moment of load elsewhere does not lower it) and then read from the cache: re-measured each
+    run it moved with whatever else the machine was doing, and MFU with it."""
+    from engine.fsutil import atomic_write_text
+    from engine.osproc import cache_dir
+    path = cache_dir() / CEILING_FILE
+    key = ceiling_key(device, dtype)
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}     # a damaged cache is measured anew
+    entry = known.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)):
+        return float(entry["flops"]), (f"matmul ceiling measured {entry.get('measured')} "
+                                       f"(best of {CEILING_TRIES}), cached in {path}")
+    flops = max(measure_matmul_flops(device, dtype, seconds=0.2) for _ in range(CEILING_TRIES))
+    known[key] = {"flops": flops, "measured": time.strftime("%Y-%m-%d %H:%M")}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(known, indent=1) + "\n")
+        where = f"cached in {path}"
+    except OSError as e:
+        where = f"not cached: {e.strerror or e}"
+    return flops, f"matmul ceiling measured now (best of {CEILING_TRIES}), {where}"
 
 
 def clock(device: torch.device) -> float:

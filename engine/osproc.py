@@ -148,3 +148,18 @@ def tree_rss_mb(pid: Optional[int] = None) -> Optional[float]:
         except psutil.Error:
             pass
     return total / 2**20
+
+
+def cache_dir() -> Path:
+    """This user's cache folder for the workbench (WORKBENCH_CACHE_DIR overrides): what is
+    measured once per machine, never project data."""
+    if os.environ.get("WORKBENCH_CACHE_DIR"):
+        return Path(os.environ["WORKBENCH_CACHE_DIR"])
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "workbench"
+

@@ -13,6 +13,13 @@ import pytest  # noqa: E402
 TINY_WORDS = "alpha beta gamma delta echo fox golf hotel india juliet kilo lima".split()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache_dir(tmp_path_factory):
+    """What the workbench caches per machine (the MFU ceiling) goes to a folder of the test
+    session's, inherited by the stages tests start: never the user's cache."""
+    os.environ["WORKBENCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_lm_ckpt(tmp_path_factory):
     """A tiny random language-model checkpoint with its tokenizer (a stand-in SFT model)."""
