@@ -94,8 +94,9 @@ def export(source: Path, fmt: str, out: Path, gguf_type: str = "f16") -> Path:
     return export_hf(art, out) if fmt == "hf" else export_gguf(art, out, gguf_type)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", type=Path, metavar="RUN",
+def add_arguments(p: argparse.ArgumentParser, nargs: str | None = None) -> None:
+    """`nargs="+"`: `workbench export` also takes several runs (`export tensorboard RUN...`)."""
+    p.add_argument("source", type=Path, metavar="RUN", nargs=nargs,
                    help="a run folder (its newest checkpoint) or a checkpoint folder")
     p.add_argument("--format", choices=FORMATS, default="hf",
                    help="hf: a folder for transformers (default); gguf: one file for llama.cpp")

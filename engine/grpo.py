@@ -50,12 +50,13 @@ from engine.reward import load_reward_model
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sample import read_prompts
 from engine.sft_data import EpochSampler, read_tasks
+from engine.trackers import TrackerSettings
 from engine.trainer import (COLLAPSE_STEPS, CollapseWatch, check_resume, clip_grads, optimizer_step,
                             policy_optimizer, resume_run, run_summary, save_run_checkpoint)
 
 
 @dataclass
-class GRPOConfig(LoRASettings):
+class GRPOConfig(LoRASettings, TrackerSettings):
     policy: str                         # SFT (or PPO) checkpoint or run folder; also the frozen reference
     prompts: list[str]                  # .txt one per line, or .jsonl with "prompt" (the checker scores task prompts)
     reward_model: Optional[str] = None  # reward-model checkpoint or run folder, used when rm_weight is not 0
@@ -101,6 +102,7 @@ class GRPOConfig(LoRASettings):
 
     def validate(self) -> None:
         self.validate_lora_without_dropout("GRPO")
+        self.validate_trackers()
         require(bool(self.policy.strip()), "policy", "a checkpoint or run folder is required")
         require(len(self.prompts) > 0, "prompts", "at least one prompt file is required")
         for name in ("steps", "prompts_per_step", "minibatch_size", "grpo_epochs", "max_new_tokens", "eval_every",

@@ -55,11 +55,12 @@ from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write
 from engine.sample import read_prompts
 from engine.sft_data import EpochSampler
 from engine.tokenizer import Tokenizer, tokenizer_files
+from engine.trackers import TrackerSettings
 from engine.trainer import (CollapseWatch, check_resume, clip_grads, optimizer_step, policy_optimizer, resume_run,
                             run_summary, save_run_checkpoint)
 
 @dataclass
-class PPOConfig(LoRASettings):
+class PPOConfig(LoRASettings, TrackerSettings):
     policy: str                         # SFT checkpoint or run folder (also the frozen reference)
     reward_model: str                   # reward-model checkpoint or run folder
     prompts: list[str]                  # .txt one per line, or .jsonl with "prompt"
@@ -104,6 +105,7 @@ class PPOConfig(LoRASettings):
 
     def validate(self) -> None:
         self.validate_lora_without_dropout("PPO")
+        self.validate_trackers()
         for name in ("policy", "reward_model"):
             require(bool(getattr(self, name).strip()), name, "a checkpoint or run folder is required")
         require(len(self.prompts) > 0, "prompts", "at least one prompt file is required")

@@ -27,13 +27,14 @@ from engine.generate import generate
 from engine.model import PRESETS, ModelConfig, Transformer, config_from_preset
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.tokenizer import Tokenizer
+from engine.trackers import TrackerSettings
 from engine.trainer import Stage, TrainConfig, run_summary, train
 
 SAMPLE_PROMPTS = ["The ", "Question: What is 12 + 7?\nAnswer:"]
 
 
 @dataclass(kw_only=True)
-class PretrainConfig(TrainConfig):
+class PretrainConfig(TrainConfig, TrackerSettings):
     tokenizer: str                      # tokenizer.json, or the tokenizer run's folder
     inputs: list[str]                   # .txt / .jsonl files or folders
     preset: str = "tiny"                # model size: see engine.model.PRESETS
@@ -47,6 +48,7 @@ class PretrainConfig(TrainConfig):
 
     def validate(self) -> None:
         self.validate_training()
+        self.validate_trackers()
         require(bool(self.tokenizer), "tokenizer", "a tokenizer path is required")
         require(len(self.inputs) > 0, "inputs", "at least one corpus file or folder is required")
         require(self.preset in PRESETS, "preset", f"unknown preset '{self.preset}' (known: {', '.join(PRESETS)})")

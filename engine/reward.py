@@ -38,6 +38,7 @@ from engine.reward_data import (Ranking, collate_answers, encode_answer, ranking
                                 split_by_prompt)
 from engine.runio import Emitter, NeverStop, Sink, stage_main, write_summary
 from engine.sft_data import EpochSampler, data_fingerprint
+from engine.trackers import TrackerSettings
 from engine.trainer import Stage, TrainConfig, run_summary, train
 
 NORM_FILE = "reward_norm.json"
@@ -59,7 +60,7 @@ def load_reward_model(path: Path, tok_fingerprint: str, device: torch.device) ->
 
 
 @dataclass(kw_only=True)
-class RankingsConfig(LoRASettings, TrainConfig):
+class RankingsConfig(LoRASettings, TrainConfig, TrackerSettings):
     """What a stage that trains an SFT model on rankings (reward, DPO) starts from and reads."""
     init: str                             # SFT checkpoint, or its run folder
     data: list[str]                       # JSONL rankings or chosen/rejected pairs
@@ -73,6 +74,7 @@ class RankingsConfig(LoRASettings, TrainConfig):
     def validate_rankings(self) -> None:
         self.validate_training()
         self.validate_lora()
+        self.validate_trackers()
         require(bool(self.init.strip()), "init", "an SFT checkpoint or run folder is required")
         require(len(self.data) > 0, "data", "at least one JSONL file of rankings is required")
         if not self.val_data:

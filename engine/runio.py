@@ -4,7 +4,7 @@ A stage is `python -m engine.<stage> --run-dir DIR`. It reads `DIR/config.json`,
 JSON object per line to `DIR/events.jsonl` and echoes each on stdout, and ends with a `done`
 event whose status is `completed`, `stopped` or `failed`. Event types:
 
-    start       stage, config, pid
+    start       stage, config, pid, host (python, torch, threads, platform)
     metrics     step, then flat names such as "train/loss", "train/lr"
     progress    step, total, unit ("steps", "bytes", "prompts"), tokens_per_s, elapsed_s, eta_s
     sample      step, prompt, text
@@ -386,6 +386,11 @@ def _run_stage(stage: str, config_cls: type, run: StageFn, run_dir: Path, echo: 
     control.install_signal_handlers()
     try:
         cfg = load_config(config_cls, run_dir / "config.json")
+        if world.is_main:
+            # log_to: TensorBoard, MLflow, W&B get a copy of the metrics (a tracker named but not
+            # installed is a ConfigError here, before any work).
+            from engine.trackers import with_trackers
+            log = ev.sink = with_trackers(log, cfg, run_dir, stage)
         distributed.start(getattr(cfg, "nproc", None), getattr(cfg, "device", "auto"))
     except ConfigError as e:
         done(status="failed", error=str(e), step=None)
@@ -394,7 +399,7 @@ def _run_stage(stage: str, config_cls: type, run: StageFn, run_dir: Path, echo: 
         return 2
     code = 0
     try:
-        ev.emit("start", stage=stage, config=to_dict(cfg), pid=os.getpid(),
+        ev.emit("start", stage=stage, config=to_dict(cfg), pid=os.getpid(), host=host_info(),
                 **({"world_size": world.size} if world.enabled else {}))
         status = run(cfg, run_dir, log, control)
         done(status=status, error=None)
@@ -417,6 +422,21 @@ def _run_stage(stage: str, config_cls: type, run: StageFn, run_dir: Path, echo: 
         control.restore_signal_handlers()
         distributed.stop(clean=code == 0)
     return code
+
+
+def host_info() -> dict:
+    """What the run ran on, kept in its start event: a run folder outlives the machine and the
+    environment it ran in, and a report of the run (workbench/report.py) names them."""
+    import platform
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    # The stage module has imported torch by now if it uses it; the tokenizer does not, and is
+    # not made to wait for it.
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info.update(torch=torch.__version__, threads=torch.get_num_threads())
+        if torch.version.cuda:
+            info["cuda"] = torch.version.cuda
+    return info
 
 
 class RankErrors:

@@ -32,6 +32,7 @@ from engine.lora import LORA_FIELDS, LoRASettings, add_adapters, describe as des
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sft_data import (TOO_LONG, EpochSampler, Example, SFTDataError, collate,
                              data_fingerprint, read_records, read_tasks, render, split_records)
+from engine.trackers import TrackerSettings
 from engine.trainer import Stage, TrainConfig, run_summary, train
 
 DEFAULT_PROMPTS = ["What is 12 + 7?", "Reverse the word 'garden'.",
@@ -39,7 +40,7 @@ DEFAULT_PROMPTS = ["What is 12 + 7?", "Reverse the word 'garden'.",
 
 
 @dataclass(kw_only=True)
-class SFTConfig(LoRASettings, TrainConfig):
+class SFTConfig(LoRASettings, TrainConfig, TrackerSettings):
     init: str                             # pretraining checkpoint, or its run folder (best one)
     data: list[str]                       # JSONL files: see engine.sft_data for the formats
     tokenizer: Optional[str] = None       # None: the init checkpoint's own tokenizer.json
@@ -69,6 +70,7 @@ class SFTConfig(LoRASettings, TrainConfig):
     def validate(self) -> None:
         self.validate_training()
         self.validate_lora()
+        self.validate_trackers()
         require(bool(self.init.strip()), "init", "a pretraining checkpoint or run folder is required")
         require(len(self.data) > 0, "data", "at least one JSONL file is required")
         for name in ("data", "val_data"):

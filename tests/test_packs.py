@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench.agreement import agreement
+from workbench.agreement import agreement, figures as all_figures
 from workbench.annotation import AnnotationSession
 from workbench.pack_merge import merge_packs
 from workbench.packs import PackError, assign, export_packs, open_pack
@@ -135,6 +135,7 @@ def test_a_class_ranks_in_packs_one_killed_and_merges_twice(tmp_path, tiny_lm_ck
         results = merge_packs(store, paths)
         assert [(r.added, r.already) for r in results] == [(0, 4), (0, 4), (2, 2)]
         figures = agreement(store)
+        more = all_figures(store)
     assert positions_in_project(project) == Counter((n, p) for n in NAMES for p in acked[n])
     # By hand. Each item is ranked by two of the three; with loads of 4 each, every pair shares
     # 2 items. ana and ben agree on all 3 answer pairs of their 2 items (6 comparisons agree);
@@ -145,6 +146,15 @@ def test_a_class_ranks_in_packs_one_killed_and_merges_twice(tmp_path, tiny_lm_ck
     assert figures.items == 6 and figures.comparisons == 18
     assert figures.agreement == pytest.approx(6 / 18)
     assert figures.alpha == pytest.approx(-11 / 24)
+    # Kendall's W of two rankings: 1 when equal; reversed, every answer's rank sum is 4 = the
+    # mean m(K+1)/2, so S = 0 and W = 0. Mean over the 6 items: 2/6. Every pair is strict, so
+    # the human-human ceiling is the agreement, 6/18.
+    assert more.kendall_w == pytest.approx(1 / 3) and more.ceiling == pytest.approx(1 / 3)
+    pairs = {p.names: p.tally.agreement for p in more.pairs}
+    assert pairs == {("ana", "ben"): 1.0, ("ana", "chloe"): 0.0, ("ben", "chloe"): 0.0}
+    rows = {a.name: (a.done, a.assigned, a.total, a.tally.agreement) for a in more.annotators}
+    assert rows == {"ana": (4, 4, 6, 0.5), "ben": (4, 4, 6, 0.5), "chloe": (4, 4, 6, 0.0)}
+    assert [it.agreement for it in more.items] == [0.0] * 4 + [1.0] * 2     # most disagreed first
 
     from engine.reward import RewardConfig, run
     from engine.config import from_dict

@@ -396,7 +396,7 @@ def test_import_and_export_buttons_without_modal_dialogs(qtbot, view, project, m
 
     class Export(rv.ExportDialog):
         def exec(self):
-            self.pairs.setChecked(True)
+            self.set_format("pairs")
             self.path.setText(str(project / "out" / "pairs.jsonl"))
             return 1
 
@@ -404,6 +404,17 @@ def test_import_and_export_buttons_without_modal_dialogs(qtbot, view, project, m
     view.export_clicked()
     assert "Wrote 6 record(s) from 1 ranking(s) (1 human, 0 simulated)" in told[-1]
     assert len((project / "out" / "pairs.jsonl").read_text().splitlines()) == 6
+
+    class ToParquet(rv.ExportDialog):      # the format list suggests the file ending it takes
+        def exec(self):
+            self.set_format("hf")
+            assert self.path.text().endswith("preferences-hf.parquet")
+            self.path.setText(str(project / "out" / "prefs.parquet"))
+            return 1
+
+    monkeypatch.setattr(rv, "ExportDialog", ToParquet)
+    view.export_clicked()
+    assert "Wrote 6 record(s)" in told[-1] and (project / "out" / "prefs.parquet").stat().st_size
 
     bad = project / "mixed.jsonl"
     bad.write_text((project / "out" / "pairs.jsonl").read_text() + "{oops\n")

@@ -1,5 +1,5 @@
 """The runs table: newest first, sorted by a click on a header (times and durations as numbers),
-and a reward model's accuracy with the number of held-out rankings it rests on."""
+a reward model's accuracy with the number of held-out rankings it rests on, and Export report…"""
 import json
 import time
 
@@ -95,3 +95,62 @@ def test_reward_accuracy_says_how_many_held_out_rankings_it_rests_on(tmp_path):
     assert result_text(many) == "val acc 86.0% on 246 held-out rankings"
     running = info(tmp_path, "reward-c", "reward", T0, 60, **{"val/accuracy": 0.5})
     assert result_text(running) == "val acc 50.0%"      # no summary yet: no count to give
+
+
+def pretrain_folder(path):
+    """A finished pretraining run's folder, as the engine writes one: settings, events, samples."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"max_steps": 4, "lr": 0.002}))
+    events = [{"type": "start", "time": T0, "stage": "pretrain", "config": {"max_steps": 4, "lr": 0.002}, "pid": 1}]
+    events += [{"type": "metrics", "time": T0 + s, "step": s, "train/loss": 5.0 - s / 2, "train/lr": 0.002}
+               for s in range(1, 5)]
+    events += [{"type": "sample", "time": T0 + 4, "step": 4, "prompt": "The <b>", "text": "cat <script>"},
+               {"type": "done", "time": T0 + 5, "status": "completed", "error": None}]
+    (path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+def click_run(qtbot, b, name):
+    row = names(b).index(name)
+    rect = b.table.visualItemRect(b.table.item(row, 0))
+    qtbot.mouseClick(b.table.viewport(), Qt.LeftButton, pos=rect.center())
+    assert b.selected_names() == [name]
+
+
+def test_export_report_asks_where_and_writes_the_page(qtbot, browser, tmp_path, monkeypatch):
+    b = browser
+    run = "pretrain-20250301-100000"
+    pretrain_folder(tmp_path / run)
+    out = tmp_path / "hand-in" / "report.html"
+    asked = []
+
+    def save_as(parent, title, start, filters):
+        asked.append(start)
+        return str(out), filters
+
+    monkeypatch.setattr("ui.runs_browser.QFileDialog.getSaveFileName", save_as)
+    click_run(qtbot, b, run)
+    assert b.report_btn.isEnabled()
+    qtbot.mouseClick(b.report_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: "written to" in b.hint.text(), timeout=20_000)
+    qtbot.waitUntil(lambda: not b.report_worker.running and b.report_btn.isEnabled(), timeout=5_000)
+    assert asked == [str(tmp_path / run / "report.html")]      # proposed beside the run
+    page = out.read_text(encoding="utf-8")
+    assert "train/loss" in page and "<svg" in page and "cat &lt;script&gt;" in page
+    assert str(out) in b.hint.text()
+
+
+def test_a_report_that_cannot_be_written_says_why_in_one_line(qtbot, browser, tmp_path, monkeypatch):
+    b = browser
+    run = "pretrain-20250301-100000"
+    pretrain_folder(tmp_path / run)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr("ui.runs_browser.QFileDialog.getSaveFileName",
+                        lambda *a: (str(tmp_path / "a-file" / "report.html"), ""))
+    warnings = []
+    monkeypatch.setattr("ui.runs_browser.QMessageBox.warning", lambda _p, title, text: warnings.append((title, text)))
+    click_run(qtbot, b, run)
+    qtbot.mouseClick(b.report_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: bool(warnings), timeout=20_000)
+    qtbot.waitUntil(lambda: not b.report_worker.running, timeout=5_000)
+    (title, text), = warnings
+    assert title == "Report not written" and text.startswith("cannot write") and "\n" not in text

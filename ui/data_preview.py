@@ -29,6 +29,7 @@ from engine.tokenizer import TokenizerError, load_tokenizer
 from ui.token_view import Piece, TokenView, blend, chat_pieces, is_dark
 from ui.workers import Worker
 from workbench.preferences import read_preferences
+from workbench.runfolder import Rankings
 
 HEAD_LINES = 40
 HEAD_BYTES = 64 * 1024
@@ -49,6 +50,7 @@ class Request:
     shown: int = DEFAULT_SHOWN
     seq_len: int = DEFAULT_SEQ_LEN
     simulated: bool = False         # project rankings: the simulated annotator's too
+    choice: Rankings | None = None  # project rankings: what Start will write
 
 
 @dataclass
@@ -198,15 +200,23 @@ def load_project_rankings(req: Request, emit: Callable, cancelled: Callable) -> 
     from workbench.store import Store
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "rankings.jsonl"
+        choice = req.choice or Rankings(include_simulated=req.simulated)
         with Store.for_project(req.paths[0]) as store:
-            n = write_rm_dataset(store, path, include_simulated=req.simulated)
+            n = write_rm_dataset(store, path, **choice.dataset_options())
+        if n == 0 and choice.min_agreement is not None:
+            return Preview("preferences", [f"no item's rankings agree on {choice.min_agreement:.0%} "
+                                           "of answer pairs or more: lower the threshold"])
         if n == 0:
             return Preview("preferences", ["this project has no rankings to train on yet: rank some "
                                            "answers in Sample & Rank" + ("" if req.simulated else
                                                                          " (or include simulated rankings)")])
         out = load_preferences(Request([path], shown=req.shown), emit, cancelled)
     out.records = [("this project", r) for _name, r in out.records]
+    how = ([f"only items whose annotators agree on {choice.min_agreement:.0%} of pairs or more"]
+           if choice.min_agreement is not None else [])
+    how += ["one Borda ranking per item"] if choice.aggregate == "borda" else []
     out.note = ("The project's rankings" + (", simulated ones included," if req.simulated else "")
+                + (f" ({'; '.join(how)})" if how else "")
                 + " as Start writes them into the run folder (rankings.jsonl).")
     return out
 
@@ -355,8 +365,10 @@ class DataPreview(QWidget):
     def show_preferences(self, paths: list[Path]) -> None:
         self._start("preferences", load_preferences, Request(list(paths)))
 
-    def show_project_rankings(self, project: Path, simulated: bool) -> None:
-        self._start("preferences", load_project_rankings, Request([Path(project)], simulated=simulated))
+    def show_project_rankings(self, project: Path, choice) -> None:
+        """What Start writes for `choice` (a runfolder.Rankings)."""
+        self._start("preferences", load_project_rankings,
+                    Request([Path(project)], simulated=choice.include_simulated, choice=choice))
 
     def set_seq_len(self, n: int) -> None:
         """The context SFT will cut examples to (the model's max_seq_len, or the config's)."""
@@ -388,7 +400,8 @@ class DataPreview(QWidget):
     def _again(self) -> None:
         if self._request is not None:
             kind, fn, req = self._request
-            self._start(kind, fn, Request(req.paths, req.tokenizer, simulated=req.simulated))
+            self._start(kind, fn, Request(req.paths, req.tokenizer, simulated=req.simulated,
+                                          choice=req.choice))
 
     def _controls(self, kind: str | None, has_tokenizer: bool) -> None:
         units = {"sft": " examples", "prompts": " prompts", "preferences": " records"}

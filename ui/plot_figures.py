@@ -10,16 +10,8 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QLabel
 
 from workbench.history import RunHistory
+from workbench.plot_specs import FIGURES  # noqa: F401 - re-exported
 
-# stage -> (title, metric key, format), in the order shown
-FIGURES: dict[str, list[tuple[str, str, str]]] = {
-    "tokenizer": [("Vocabulary size", "tokenizer/vocab_size", "{:,.0f} tokens"),
-                  ("Characters per token", "tokenizer/chars_per_token", "{:.2f} on held-out text"),
-                  ("Training text", "tokenizer/train_chars", "{:,.0f} characters"),
-                  ("Held-out text", "tokenizer/heldout_chars", "{:,.0f} characters")],
-    "sample": [("Answers that ended", "sample/finished_fraction", "{:.0%}"),
-               ("Mean answer length", "sample/mean_tokens", "{:.1f} tokens")],
-}
 WAITING = "The figures appear here when the run has finished."
 
 

@@ -8,12 +8,11 @@ pyqtgraph draws about as many points as a plot is pixels wide however long the r
 redraw still costs more than UI_SHARE of the interval (a million points, a slow machine), the
 timer slows down instead of starving the UI.
 
-Which plots a stage gets is data (`PLOT_SPECS`), built from the keys the engine emits:
-engine/trainer.py (every gradient stage), engine/pretrain.py, engine/sft.py, engine/reward.py,
-engine/ppo.py, engine/tokenizer.py and engine/sample.py. Any other key a run emits (per-task SFT
-accuracies, PPO score quantiles, timings, memory) can be shown in the last plot, chosen from
-the "Other metrics" list singly or by prefix group ("eval/acc/*"), so a metric added to the
-engine is visible without a UI change.
+Which plots a stage gets is data (`PLOT_SPECS`, in workbench/plot_specs.py, which the HTML
+report draws from too), built from the keys the engine emits. Any other key a run emits
+(per-task SFT accuracies, PPO score quantiles, timings, memory) can be shown in the last plot,
+chosen from the "Other metrics" list singly or by prefix group ("eval/acc/*"), so a metric
+added to the engine is visible without a UI change.
 """
 from __future__ import annotations
 
@@ -31,6 +30,7 @@ from PySide6.QtWidgets import QComboBox, QGridLayout, QHBoxLayout, QLabel, QVBox
 
 from ui.plot_figures import FIGURES, FigureTable
 from workbench.history import TOKENS, RunHistory, Series  # noqa: F401 - Series is re-exported
+from workbench.plot_specs import COLORS, PLOT_SPECS, PLOT_X  # noqa: F401 - re-exported
 
 REDRAW_MS = 66              # ~15 Hz: smooth to the eye, a small share of the UI thread
 SLOWEST_MS = 2000           # the longest the adaptive interval grows to
@@ -38,76 +38,6 @@ UI_SHARE = 0.3              # the most of the UI thread that redrawing plots may
 MARKERS_UP_TO = 100         # sparse series (evaluations, one-off stats) get point markers
 OTHER = "Other metrics"
 
-_STEP_KEYS = ["train/loss", "val/loss"]
-_TRAINING = [("Learning rate", ["train/lr"]),
-             ("Gradient norm", ["train/grad_norm"]),
-             ("Throughput (tokens/s)", ["perf/tokens_per_s"])]
-
-PLOT_SPECS: dict[str, list[tuple[str, list[str]]]] = {
-    "hf_import": [],            # one step: its log says what was imported
-    "tokenizer": [],            # one-off figures, not curves: FIGURES
-    "pretrain": [("Loss", _STEP_KEYS + ["val/unigram_baseline"]), *_TRAINING,
-                 ("Model FLOPs utilisation", ["perf/mfu"])],
-    "sft": [("Loss", _STEP_KEYS), ("Task accuracy", ["eval/task_accuracy", "eval/task_score"]),
-            *_TRAINING],
-    "sample": [],
-    "reward": [("Loss", _STEP_KEYS),
-               ("Accuracy", ["train/accuracy", "val/accuracy"]),
-               ("Margin", ["train/margin", "val/margin"]),
-               ("Reward mean", ["train/reward_mean", "val/reward_mean"]),
-               ("Reward std", ["train/reward_std", "val/reward_std"]),
-               *_TRAINING],
-    # KL and β get separate plots: β is ~0.05 and KL several nats, so on one axis β is a flat
-    # line at zero exactly when an adaptive β is worth watching. loss/ptx (PPO-ptx only, an LM
-    # loss of a few nats) would flatten the policy loss the same way: it is under Other metrics.
-    "ppo": [("Score", ["objective/score", "objective/rlhf_reward"]),
-            ("Score quantiles", ["score/p10", "score/p50", "score/p90"]),
-            ("KL to reference (nats)", ["objective/kl", "objective/kl_exact", "objective/kl_mean"]),
-            ("Score against KL", ["objective/score"]),
-            ("KL coefficient β", ["objective/kl_coef"]),
-            ("Entropy", ["objective/entropy"]),
-            ("Clip fraction", ["policy/clipfrac", "value/clipfrac"]),
-            ("Policy loss", ["loss/policy"]),
-            ("Value loss", ["loss/value"]),
-            ("Ratio π/π_old", ["val/ratio", "val/ratio_first"]),
-            ("Answer length (tokens)", ["rollout/length"]),
-            ("Answers that ended", ["rollout/eos_fraction"])],
-    # DPO's rewards are β·log(π/π_ref) of the ranked answers: chosen rising and rejected falling
-    # is learning the preference; both falling together is the policy drifting off its answers.
-    "dpo": [("Loss", _STEP_KEYS),
-            ("Reward accuracy", ["train/reward_accuracy", "val/reward_accuracy"]),
-            ("Rewards β·log π/π_ref", ["train/reward_chosen", "train/reward_rejected",
-                                      "val/reward_chosen", "val/reward_rejected"]),
-            ("Reward margin", ["train/reward_margin", "val/reward_margin"]),
-            ("Log-probs of the answers", ["train/logp_chosen", "train/logp_rejected"]),
-            ("KL to reference (nats)", ["val/kl"]),
-            *_TRAINING],
-    # GRPO: the weighted total and each reward function's mean (their stds are under Other
-    # metrics); accuracy on the training groups beside the held-out one; the share of groups
-    # whose answers all scored alike, which get zero advantage and teach nothing.
-    "grpo": [("Reward", ["reward/total", "reward/total_std"]),
-             ("Reward per function", ["reward/task", "reward/rm", "reward/length", "reward/format",
-                                      "reward/user"]),
-             ("Task accuracy", ["task/accuracy", "eval/task_accuracy"]),
-             ("Groups that all scored alike", ["groups/uniform_fraction"]),
-             ("KL to reference (nats)", ["objective/kl"]),
-             ("Entropy", ["objective/entropy"]),
-             ("Clip fraction", ["policy/clipfrac"]),
-             ("Policy loss", ["loss/policy"]),
-             ("Answer length (tokens)", ["rollout/length"]),
-             ("Answers that ended", ["rollout/eos_fraction"])],
-}
-
-# Plots drawn against another metric instead of the step: stage -> {title: (x key, x axis label)},
-# as points (one per step), since the x values go back and forth. PPO's score against its KL
-# shows over-optimisation coming: KL still growing while the score has stopped paying for it.
-PLOT_X: dict[str, dict[str, tuple[str, str]]] = {
-    "ppo": {"Score against KL": ("objective/kl", "KL to reference (nats)")},
-}
-
-# Tableau 10: distinct on white and on dark grey, and mostly colour-blind safe in its first five.
-COLORS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
-          "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
 _DASHES = [Qt.SolidLine, Qt.DashLine, Qt.DotLine, Qt.DashDotLine]
 _GLYPHS = {Qt.SolidLine: "━━", Qt.DashLine: "╍╍", Qt.DotLine: "┉┉", Qt.DashDotLine: "━╍",
            Qt.NoPen: "●"}          # points only: a plot against another metric (PLOT_X)

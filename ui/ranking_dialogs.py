@@ -10,7 +10,7 @@ from typing import Callable
 
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox,
                                QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
-                               QMessageBox, QPushButton, QRadioButton, QSpinBox, QVBoxLayout,
+                               QMessageBox, QPushButton, QSpinBox, QVBoxLayout,
                                QWidget)
 
 from engine.config import ConfigError
@@ -136,6 +136,18 @@ class NewBatchDialog(QDialog):
         super().accept()
 
 
+# format -> (what the list says, the file ending it suggests); workbench.pref_formats has the
+# other tools' layouts and refuses an ending they do not take.
+EXPORT_FORMATS = {
+    "kway": ("K-way rankings, ours (one record per ranking, ties kept)", ".jsonl"),
+    "pairs": ("Pairs {prompt, chosen, rejected} (ties give none)", ".jsonl"),
+    "hf": ("Hugging Face / TRL pairs, Parquet", ".parquet"),
+    "hf-messages": ("Hugging Face / TRL conversational pairs, Parquet", ".parquet"),
+    "label-studio": ("Label Studio ranker tasks (JSON)", ".json"),
+    "argilla": ("Argilla v2 records with a ranking question (JSON)", ".json"),
+}
+
+
 class ExportDialog(QDialog):
     """Where and what to export; `options()` are export_rankings' keyword arguments."""
 
@@ -143,8 +155,9 @@ class ExportDialog(QDialog):
                  parent: QWidget | None = None):
         super().__init__(parent)
         self.setWindowTitle("Export preferences")
-        self.kway = QRadioButton("K-way rankings (one record per ranking, ties kept)", checked=True)
-        self.pairs = QRadioButton("Pairs {prompt, chosen, rejected} (ties give none)")
+        self.format = QComboBox()
+        for fmt, (text, suffix) in EXPORT_FORMATS.items():
+            self.format.addItem(text, fmt)
         self.simulated = QCheckBox("Include simulated annotators (records are labelled)")
         self.repeats = QCheckBox("Include hidden repeat rankings")
         self.only_batch = QCheckBox(f"Only batch {batch[1]!r}" if batch else "Only this batch")
@@ -153,28 +166,39 @@ class ExportDialog(QDialog):
         self.path = QLineEdit(str(Path(project_dir) / "data" / "preferences.jsonl"))
         browse = QPushButton("Browse…")
         browse.clicked.connect(self._browse)
-        self.kway.toggled.connect(self._suggest_name)
+        self.format.currentIndexChanged.connect(self._suggest_name)
         buttons = QDialogButtonBox(QDialogButtonBox.Save | QDialogButtonBox.Cancel)
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         lay = QVBoxLayout(self)
-        for w in (self.kway, self.pairs, self.simulated, self.repeats, self.only_batch):
+        lay.addWidget(self.format)
+        for w in (self.simulated, self.repeats, self.only_batch):
             lay.addWidget(w)
         lay.addWidget(_row(self.path, browse))
         lay.addWidget(buttons)
 
+    def fmt(self) -> str:
+        return self.format.currentData()
+
+    def set_format(self, fmt: str) -> None:
+        self.format.setCurrentIndex(self.format.findData(fmt))
+
     def _suggest_name(self) -> None:
         p = Path(self.path.text())
-        stem = p.stem.removesuffix("-pairs")
-        self.path.setText(str(p.with_name(stem + ("" if self.kway.isChecked() else "-pairs") + p.suffix)))
+        stem = p.stem.split("-")[0] if "-" in p.stem else p.stem
+        fmt = self.fmt()
+        tail = "" if fmt == "kway" else f"-{fmt}"
+        self.path.setText(str(p.with_name(stem + tail + EXPORT_FORMATS[fmt][1])))
 
     def _browse(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Export to", self.path.text(), "JSON Lines (*.jsonl)")
+        suffix = EXPORT_FORMATS[self.fmt()][1]
+        path, _ = QFileDialog.getSaveFileName(self, "Export to", self.path.text(),
+                                              f"{self.format.currentText()} (*{suffix})")
         if path:
             self.path.setText(path)
 
     def options(self) -> dict:
-        return {"fmt": "kway" if self.kway.isChecked() else "pairs",
+        return {"fmt": self.fmt(),
                 "include_simulated": self.simulated.isChecked(),
                 "include_repeats": self.repeats.isChecked(),
                 "batch_ids": [self.batch_id] if self.only_batch.isChecked() and self.batch_id else None}

@@ -84,7 +84,8 @@ class StartPage(QWidget):
         actions.addStretch(1)
         for text, signal, tip in (
                 ("New batch…", self.newBatchRequested, "sample K answers per prompt from a checkpoint"),
-                ("Import…", self.importRequested, "K-way rankings, pairs or Human:/Assistant: transcripts"),
+                ("Import…", self.importRequested, "K-way rankings, pairs, transcripts, Hugging Face "
+                 "(JSONL or Parquet), Label Studio or Argilla exports"),
                 ("Export…", self.exportRequested, "K-way rankings or {prompt, chosen, rejected} pairs"),
                 ("Guidelines…", self.guidelinesRequested, "read or edit this project's ranking guidelines")):
             actions.addWidget(button(text, signal, tip))

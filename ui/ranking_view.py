@@ -524,7 +524,7 @@ class RankingView(QWidget):
     def import_clicked(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
             self, "Import preferences", str(self.project_dir),
-            "Preference data (*.jsonl *.jsonl.gz *.json);;All files (*)")
+            "Preference data (*.jsonl *.jsonl.gz *.json *.parquet);;All files (*)")
         if not path:
             return
         try:

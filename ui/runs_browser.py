@@ -3,7 +3,8 @@ first, and sorted by any column with a click on its header (times and durations 
 
 Select one run to see its plots, several of one stage to overlay them (x by step or by
 tokens, with the plots' own x-axis switch). Open shows the run in its stage's panel (to resume or watch it); Delete asks first
-and refuses a running run; Show folder opens it in the file manager.
+and refuses a running run; Show folder opens it in the file manager; Export report… writes it as
+one HTML page to hand in (workbench/report.py).
 """
 from __future__ import annotations
 
@@ -14,32 +15,21 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt, QUrl, Signal
 from PySide6.QtGui import QDesktopServices
-from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLabel,
+from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QLabel,
                                QMessageBox, QPushButton, QSplitter, QTableWidget, QTableWidgetItem,
                                QVBoxLayout, QWidget)
 
 from engine.checkpoint import latest_checkpoint
 from engine.runio import format_duration
 from workbench.runfold import fold_run
-from workbench import runfolder, stages
+from workbench import report, runfolder, stages
+from workbench.plot_specs import KEY_METRICS
 from workbench.runs import RunInfo
 from ui.export_dialog import ExportDialog
 from ui.plots import PlotGrid, RunHistory
 from ui.project_context import ProjectContext
+from ui.workers import Worker
 
-# The figure that says how a run went, per stage: (metric, label, format).
-KEY_METRICS = {
-    "hf_import": [("import/params_m", "params", "{:.3g}M"), ("import/vocab_size", "vocab", "{:.0f}")],
-    "tokenizer": [("tokenizer/vocab_size", "vocab", "{:.0f}"), ("tokenizer/chars_per_token", "chars/token", "{:.2f}")],
-    "pretrain": [("val/loss", "val loss", "{:.3f}"), ("train/loss", "loss", "{:.3f}")],
-    "sft": [("eval/task_accuracy", "task acc", "{:.1%}"), ("val/loss", "val loss", "{:.3f}")],
-    "sample": [("sample/finished_fraction", "ended", "{:.0%}")],
-    "reward": [("val/accuracy", "val acc", "{:.1%}"), ("val/margin", "margin", "{:.2f}")],
-    "ppo": [("objective/score", "score", "{:+.3f}"), ("objective/kl", "KL", "{:.2f}")],
-    "dpo": [("val/reward_accuracy", "reward acc", "{:.1%}"), ("val/kl", "KL", "{:.2f}")],
-    "grpo": [("eval/task_accuracy", "task acc", "{:.1%}"), ("reward/total", "reward", "{:+.3f}"),
-             ("objective/kl", "KL", "{:.2f}")],
-}
 COLUMNS = ["Run", "Stage", "Status", "Started from", "Started", "Duration", "Result"]
 STARTED, DURATION = COLUMNS.index("Started"), COLUMNS.index("Duration")
 # Below this many held-out rankings a reward model's accuracy moves by several points with
@@ -96,6 +86,15 @@ def _summary_count(path: Path, _mtime_ns: int) -> int | None:
     return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
+def _write_report(run_dir: Path, out: Path, *, emit, cancelled) -> tuple[Path | None, str | None]:
+    """(where it went, None) or (None, the one-line reason): the reasons a person can act on
+    are answers, not exceptions with a type name in front."""
+    try:
+        return report.write_report(run_dir, out), None
+    except (report.ReportError, OSError) as e:
+        return None, report.error_line(e, out)
+
+
 class _Cell(QTableWidgetItem):
     """A table cell that sorts by a key of its own (a time, a duration), not by its text."""
 
@@ -118,6 +117,7 @@ class RunsBrowser(QWidget):
         self.ctx = ctx
         self._histories: dict[str, RunHistory] = {}
         self.last_export: ExportDialog | None = None
+        self.report_worker: Worker | None = None
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(COLUMNS)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
@@ -141,12 +141,16 @@ class RunsBrowser(QWidget):
         self.export_btn = QPushButton("Export…")
         self.export_btn.setToolTip("Its newest checkpoint as a Hugging Face folder or a GGUF file")
         self.export_btn.clicked.connect(self.export_selected)
+        self.report_btn = QPushButton("Export report…")
+        self.report_btn.setToolTip("The run as one HTML page to hand in: summary, plots, samples, config, "
+                                   "lineage and hardware")
+        self.report_btn.clicked.connect(self.export_report)
         self.open_btn.clicked.connect(self.open_selected)
         self.folder_btn.clicked.connect(self.show_folder)
         self.delete_btn.clicked.connect(self.delete_selected)
         self.hint = QLabel("Select runs of one stage to overlay their curves.")
         bar = QHBoxLayout()
-        for w in (self.open_btn, self.folder_btn, self.export_btn, self.delete_btn):
+        for w in (self.open_btn, self.folder_btn, self.export_btn, self.report_btn, self.delete_btn):
             bar.addWidget(w)
         bar.addStretch(1)
         bar.addWidget(self.hint)
@@ -221,6 +225,7 @@ class RunsBrowser(QWidget):
         self.delete_btn.setEnabled(len(names) >= 1)
         info = self.ctx.run(names[0]) if len(names) == 1 else None
         self.export_btn.setEnabled(info is not None and self._exportable(info))
+        self.report_btn.setEnabled(info is not None and (self.report_worker is None or not self.report_worker.running))
 
     @staticmethod
     def _exportable(info: RunInfo) -> bool:
@@ -278,6 +283,33 @@ class RunsBrowser(QWidget):
         self.last_export = dialog
         dialog.open()
         return dialog
+
+    def export_report(self) -> "Worker | None":
+        """Ask where, then write the report on a worker thread (a long run's events take a
+        while to read); a failure is one line in a message box."""
+        names = self.selected_names()
+        info = self.ctx.run(names[0]) if len(names) == 1 else None
+        if info is None:
+            return None
+        chosen, _f = QFileDialog.getSaveFileName(self, f"Save the report of {info.name}",
+                                                 str(info.path / report.REPORT_NAME), "HTML page (*.html)")
+        if not chosen:
+            return None
+        out = Path(chosen)
+        self.report_btn.setEnabled(False)
+        self.hint.setText(f"Writing the report of {info.name}…")
+        self.report_worker = Worker(_write_report, info.path, out)
+        self.report_worker.finished.connect(lambda result: self._report_written(info.name, *result))
+        self.report_worker.done.connect(self._update_buttons)
+        self.report_worker.start()
+        return self.report_worker
+
+    def _report_written(self, name: str, out: Path | None, problem: str | None) -> None:
+        if problem:
+            self.hint.setText(f"No report of {name}.")
+            QMessageBox.warning(self, "Report not written", problem)
+        else:
+            self.hint.setText(f"Report of {name} written to {out}")
 
     def show_folder(self) -> None:
         names = self.selected_names()

@@ -3,7 +3,7 @@ learned) and the stages that train on rankings (the reward model, DPO: train on 
 made in this project)."""
 from __future__ import annotations
 
-from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel
+from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QSpinBox
 
 from workbench import runfolder, stages
 from workbench.preferences import count_for_training
@@ -56,14 +56,38 @@ class RankingsPanel(StagePanel):
         row.addWidget(self.use_simulated)
         row.addStretch(1)
         self.extra.addLayout(row)
+        for row in self._agreement_rows():
+            self.extra.addLayout(row)
         self.extra.addWidget(self.counts)
-        self.use_store.toggled.connect(self._apply)
-        self.use_simulated.toggled.connect(self._apply)
+        for box in (self.use_store, self.use_simulated, self.use_threshold, self.use_borda):
+            box.toggled.connect(self._apply)
+        self.threshold.valueChanged.connect(self._apply)
         self._chosen = False        # until the user clicks a box, the boxes follow the counts
         for box in (self.use_store, self.use_simulated):
             box.clicked.connect(self._user_chose)
         ctx.runsChanged.connect(self._runs_changed)
         self._count()
+
+    def _agreement_rows(self) -> list[QHBoxLayout]:
+        """How items people disagree on are used (workbench.agreement_items.for_training)."""
+        self.use_threshold = QCheckBox("only items whose annotators agree on at least")
+        self.threshold = QSpinBox()
+        self.threshold.setRange(0, 100)
+        self.threshold.setValue(60)
+        self.threshold.setSuffix(" % of pairs")
+        self.use_threshold.setToolTip(
+            "Leave out items whose rankings agree on fewer answer pairs than this (the Agreement "
+            "tab of Sample & Rank lists each item's). Items ranked by one person are kept.")
+        self.use_borda = QCheckBox("one ranking per item (Borda count)")
+        self.use_borda.setToolTip(
+            "Train on one ranking per item: its answers ordered by their Borda points summed over "
+            "everyone's rankings (equal points tie), instead of on every ranking of it")
+        rows = [QHBoxLayout(), QHBoxLayout()]    # two: the panel's column is narrow
+        for row, widgets in zip(rows, [(self.use_threshold, self.threshold), (self.use_borda,)]):
+            for w in widgets:
+                row.addWidget(w)
+            row.addStretch(1)
+        return rows
 
     def _user_chose(self, *_) -> None:
         self._chosen = True
@@ -94,10 +118,13 @@ class RankingsPanel(StagePanel):
         return self.use_store is not None and self.use_store.isChecked() and self.run is None
 
     def _apply(self, *_):
-        self.use_simulated.setEnabled(self.use_store.isChecked())
+        on = self.use_store.isChecked()
+        for w in (self.use_simulated, self.use_threshold, self.use_borda):
+            w.setEnabled(on)
+        self.threshold.setEnabled(on and self.use_threshold.isChecked())
         self.form.set_override(self.rankings_field, [runfolder.RANKINGS] if self._on_project_rankings() else None)
         # The preview reads every ranking: only when what Start would write has changed.
-        key = (self._on_project_rankings(), self.use_simulated.isChecked(), getattr(self, "_n", None))
+        key = (self._on_project_rankings(), self._choice(), getattr(self, "_n", None))
         if key != getattr(self, "_previewed", None):
             self._previewed = key
             self.refresh_preview()
@@ -111,14 +138,20 @@ class RankingsPanel(StagePanel):
     def refresh_preview(self) -> None:
         if self._on_project_rankings():
             # What Start will write into the run folder, read from the store as it will be.
-            self.preview.show_project_rankings(self.ctx.path, self.use_simulated.isChecked())
+            self.preview.show_project_rankings(self.ctx.path, self._choice())
             return
         super().refresh_preview()
+
+    def _choice(self) -> runfolder.Rankings:
+        return runfolder.Rankings(
+            include_simulated=self.use_simulated.isChecked(),
+            min_agreement=self.threshold.value() / 100 if self.use_threshold.isChecked() else None,
+            aggregate="borda" if self.use_borda.isChecked() else "each")
 
     def rankings(self) -> runfolder.Rankings | None:
         if not self._on_project_rankings():
             return None
-        return runfolder.Rankings(include_simulated=self.use_simulated.isChecked())
+        return self._choice()
 
 
 def make_panel(ctx, stage: str) -> StagePanel:

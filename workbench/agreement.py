@@ -1,4 +1,5 @@
-"""How consistently items are ranked: pairwise agreement and Krippendorff's alpha.
+"""How consistently items are ranked: pairwise agreement, Krippendorff's alpha, and every
+agreement figure of a batch or the project (`figures`).
 
 Rankings are compared through the answer pairs they imply. For an item with answers a < b
 (by answer id, a fixed orientation), a ranking says one of three things about the pair:
@@ -22,27 +23,40 @@ undefined (no unit with two values, or every value the same, so no disagreement 
 What counts as "ranked twice": two annotators' first rankings of an item (`between=
 "annotators"`), or one annotator's first ranking and its hidden repeat (`between="repeats"`,
 each annotator's items a unit set of its own).
+
+`figures` gives everything the Agreement tab and `workbench agreement` show, for some batches
+or the whole project, from one read of the first rankings (r_x(p) below is the +1/0/-1 that
+annotator x's ranking gives answer pair p of an item, [.] is 1 when true, else 0):
+  * progress per annotator: items ranked (done) of the items assigned to them (every item of
+    a batch they have a session on, unless its settings say "assigned": N) and of all items;
+  * every annotator pair x, y on the items both ranked: pairwise agreement
+    sum [r_x(p) = r_y(p)] / (number of answer pairs), strict agreement (the same over the
+    pairs where r_x(p) != 0 and r_y(p) != 0), and alpha of the two;
+  * each annotator x against the rest, on the items x shares with someone:
+    sum over those items, every other ranker y and answer pair p of [r_x(p) = r_y(p)], over
+    the number of such terms; and alpha without x (everyone else's rankings: well above the
+    overall alpha, x is the one out of step);
+  * per item ranked by two or more: its agreement and Kendall's W (workbench.agreement_items),
+    most disagreed first (lowest agreement, then lowest W); the mean W is the plain mean of
+    W over those items (where W is defined);
+  * the human-human ceiling: strict agreement over every item, annotator pair and answer pair:
+    sum [r_x(p) = r_y(p)] / (number of terms), counting only terms with r_x(p), r_y(p) != 0.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Callable, Hashable, Iterable, Sequence
 
-from workbench.store import Ranking, Store
+# pair_relations lives with the other one-item measures; callers import it from here too.
+from workbench.agreement_items import Tally, kendall_w, pair_relations, tally, tally_two
+from workbench.store import Batch, Ranking, Store
 
 METRICS: dict[str, Callable[[float, float], float]] = {
     "nominal": lambda c, k: 0.0 if c == k else 1.0,
     "interval": lambda c, k: float(c - k) ** 2,
 }
-
-
-def pair_relations(ordering: Sequence[Sequence[int]]) -> dict[tuple[int, int], int]:
-    """{(a, b): +1 | 0 | -1} for every answer pair a < b of a ranking (groups, best first)."""
-    rank = {a: gi for gi, group in enumerate(ordering) for a in group}
-    return {(a, b): (rank[b] > rank[a]) - (rank[b] < rank[a])
-            for a, b in combinations(sorted(rank), 2)}
 
 
 def krippendorff_alpha(units: Iterable[Sequence], metric: str = "nominal") -> float | None:
@@ -116,3 +130,167 @@ def agreement(store: Store, *, between: str = "annotators", batch_ids: Iterable[
     agree, total, units = compare(groups)
     return Agreement(between, len(groups), total, agree / total if total else None,
                      krippendorff_alpha(units, "nominal"), krippendorff_alpha(units, "interval"))
+
+
+# --- every figure of some batches (or the project) at once -----------------------------------
+
+@dataclass
+class AnnotatorFigures:
+    """One annotator: progress, and agreement with everyone else on the items they share."""
+    name: str
+    simulated: bool
+    done: int                   # items ranked (active first rankings)
+    assigned: int               # items given to them to rank
+    total: int                  # items in the batches looked at
+    items: int = 0              # their items that someone else ranked too
+    tally: Tally = field(default_factory=Tally)   # their ranking against each other one
+    alpha_without: float | None = None            # nominal alpha of everyone else
+
+
+@dataclass
+class PairFigures:
+    """Two annotators on the items both ranked."""
+    names: tuple[str, str]
+    items: int
+    tally: Tally
+    alpha: float | None
+    alpha_interval: float | None
+
+
+@dataclass
+class ItemFigures:
+    """One item ranked by two or more annotators."""
+    batch_id: int
+    item_id: int
+    position: int               # in its batch, from 0
+    prompt: str
+    rankers: list[str]
+    tally: Tally
+    w: float | None             # Kendall's W
+
+    @property
+    def agreement(self) -> float | None:
+        return self.tally.agreement
+
+
+@dataclass
+class Figures:
+    overall: Agreement          # between annotators, over every item ranked twice or more
+    tally: Tally                # the same comparisons, strict ones counted apart
+    annotators: list[AnnotatorFigures]
+    pairs: list[PairFigures]    # annotator pairs with an item in common
+    items: list[ItemFigures]    # most disagreed first
+
+    @property
+    def ceiling(self) -> float | None:
+        """The human-human ceiling for a reward model's held-out pairwise accuracy."""
+        return self.tally.strict
+
+    @property
+    def kendall_w(self) -> float | None:
+        """Mean Kendall's W over the items ranked by two or more (where it is defined)."""
+        ws = [it.w for it in self.items if it.w is not None]
+        return sum(ws) / len(ws) if ws else None
+
+
+Relations = dict[str, dict]     # annotator -> pair_relations of their ranking of one item
+
+
+def _units(items: Iterable[Relations], without: str | None = None) -> list[list[int]]:
+    """Alpha units: one per answer pair of each item, the values of its rankers but one."""
+    units = []
+    for rel in items:
+        rows = [r for name, r in rel.items() if name != without]
+        if len(rows) >= 2:
+            units += [[r[pair] for r in rows] for pair in rows[0]]
+    return units
+
+
+def _annotators(store: Store, ids: list[int], include_simulated: bool) -> list[AnnotatorFigures]:
+    """Progress of everyone with a session on the batches, in the order they first came."""
+    batches = [store.batch(i) for i in ids]
+    total = sum(b.n_items for b in batches)
+    rows: dict[str, AnnotatorFigures] = {}
+    for b in batches:
+        for _, name, kind, done in store.ranked_counts(b.id):
+            if kind == "simulated" and not include_simulated:
+                continue
+            row = rows.setdefault(name, AnnotatorFigures(name, kind == "simulated", 0, 0, total))
+            row.done += done
+            row.assigned += _assigned(store, b, name)
+    return list(rows.values())
+
+
+def _assigned(store: Store, batch: Batch, name: str) -> int:
+    """Items of the batch given to `name`: a session queues the whole batch, unless its
+    settings say "assigned": N (a share of the batch handed out, as annotation packs do)."""
+    n = (store.session_settings(batch.id, name) or {}).get("assigned")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else batch.n_items
+
+
+def _pair(a: str, b: str, items: list[Relations]) -> PairFigures | None:
+    both = [{a: rel[a], b: rel[b]} for rel in items if a in rel and b in rel]
+    if not both:
+        return None
+    t = Tally()
+    for rel in both:
+        t += tally_two(rel[a], rel[b])
+    units = _units(both)
+    return PairFigures((a, b), len(both), t, krippendorff_alpha(units),
+                       krippendorff_alpha(units, "interval"))
+
+
+def _versus_rest(row: AnnotatorFigures, items: list[Relations]) -> None:
+    mine = [rel for rel in items if row.name in rel]
+    row.items = len(mine)
+    for rel in mine:
+        for name, other in rel.items():
+            if name != row.name:
+                row.tally += tally_two(rel[row.name], other)
+    row.alpha_without = krippendorff_alpha(_units(items, without=row.name))
+
+
+def _item_figures(store: Store, shared: dict[int, tuple[int, list[Ranking]]]
+                  ) -> list[ItemFigures]:
+    out = []
+    by_batch: dict[int, list[int]] = defaultdict(list)
+    for item_id, (batch_id, _) in shared.items():
+        by_batch[batch_id].append(item_id)
+    for batch_id, item_ids in by_batch.items():
+        for item in store.items(batch_id, item_ids):
+            rankings = shared[item.id][1]
+            out.append(ItemFigures(batch_id, item.id, item.position, item.prompt,
+                                   [r.annotator for r in rankings],
+                                   tally([pair_relations(r.ordering) for r in rankings]),
+                                   kendall_w([r.ordering for r in rankings])))
+    # Lowest agreement first; among equals the lower W (None, all tied, last), then batch order.
+    out.sort(key=lambda it: (it.agreement, 2.0 if it.w is None else it.w, it.batch_id,
+                             it.position))
+    return out
+
+
+def figures(store: Store, *, batch_ids: Iterable[int] | None = None,
+            include_simulated: bool = True) -> Figures:
+    """Every agreement figure over the given batches (default: the whole project), from the
+    annotators' first rankings."""
+    ids = sorted(batch_ids) if batch_ids is not None else [b.id for b in store.batches()]
+    shared: dict[int, tuple[int, list[Ranking]]] = {}
+    for batch_id in ids:
+        by_item: dict[int, list[Ranking]] = defaultdict(list)
+        for r in store.rankings(batch_id=batch_id, include_simulated=include_simulated,
+                                include_repeats=False):
+            by_item[r.item_id].append(r)
+        shared.update({i: (batch_id, rs) for i, rs in by_item.items() if len(rs) >= 2})
+    items = [{r.annotator: pair_relations(r.ordering) for r in rs} for _, rs in shared.values()]
+    rows = _annotators(store, ids, include_simulated)
+    for row in rows:
+        _versus_rest(row, items)
+    pairs = [p for a, b in combinations([r.name for r in rows], 2)
+             if (p := _pair(a, b, items)) is not None]
+    total = Tally()
+    for rel in items:
+        total += tally(list(rel.values()))
+    units = _units(items)
+    overall = Agreement("annotators", len(items), total.total, total.agreement,
+                        krippendorff_alpha(units), krippendorff_alpha(units, "interval"))
+    return Figures(overall, total, rows, pairs, _item_figures(store, shared))

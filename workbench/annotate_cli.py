@@ -3,10 +3,11 @@
     workbench import-samples --project DIR RUN_DIR [--name NAME]
     workbench batches --project DIR
     workbench rank --project DIR --batch ID --annotator NAME [--simulated]
-    workbench preferences export --project DIR --out FILE --format kway|pairs
+    workbench preferences export --project DIR --out FILE
+                                 --format kway|pairs|hf|hf-messages|label-studio|argilla
                                  (--include-simulated | --human-only)
     workbench preferences import --project DIR FILE [--annotator NAME] [--simulated]
-    workbench agreement --project DIR [--between annotators|repeats]
+    workbench agreement --project DIR [--between annotators|repeats] [--batch ID] [--human-only]
 
 Everything lives in DIR/workbench.db (workbench.store); this module only parses, prints and
 maps errors to exit codes: 0 done, 2 bad input (a message on stderr, never a traceback).
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import sqlite3
 import sys
-from itertools import combinations
 from pathlib import Path
 from typing import Callable
 
@@ -75,10 +75,6 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
             print(f"{prog}: {args.project / DB_NAME}: {e}", file=sys.stderr)
         return 2
     return run
-
-
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 # --- import-samples and batches -------------------------------------------------------------
@@ -312,7 +308,9 @@ def cmd_export(args) -> int:
         counts = export_rankings(store, args.out, include_simulated=args.include_simulated,
                                  fmt=args.format, batch_ids=args.batch or None,
                                  include_repeats=args.include_repeats)
-    what = "pairs" if args.format == "pairs" else "K-way rankings"
+    what = {"kway": "K-way rankings", "pairs": "pairs", "hf": "Hugging Face pairs",
+            "hf-messages": "Hugging Face message pairs", "label-studio": "Label Studio tasks",
+            "argilla": "Argilla records"}[args.format]
     print(f"wrote {counts['records']} {what} to {args.out} from {counts['rankings']} ranking(s): "
           f"{counts['human']} human, {counts['simulated']} simulated")
     return 0
@@ -341,34 +339,33 @@ def cmd_import(args) -> int:
 # --- agreement ------------------------------------------------------------------------------
 
 def cmd_agreement(args) -> int:
-    from workbench.agreement import agreement
+    from workbench import agreement_text as text
+    from workbench.agreement import agreement, figures
+    from workbench.review import reward_accuracy
 
     with open_store(args.project) as store:
-        kw = dict(between=args.between, batch_ids=args.batch or None,
-                  include_simulated=not args.human_only)
-        names = [a.name for a in store.annotators() if not (args.human_only and a.simulated)]
-        total = agreement(store, **kw)
-        # One row per annotator pair (or per annotator for repeats), then all together: an
-        # overall alpha can hide one annotator who disagrees with everyone.
-        groups = ([[a] for a in names] if args.between == "repeats"
-                  else [list(p) for p in combinations(names, 2)])
-        rows = [(" ~ ".join(g), agreement(store, annotators=g, **kw)) for g in groups]
-    rows = [(label, a) for label, a in rows if a.items]
-    if not total.items:
-        print("no item has been ranked twice "
-              + ("by one annotator (rank with --repeats F to get hidden repeats)"
-                 if args.between == "repeats" else "by two annotators"))
+        kw = dict(batch_ids=args.batch or None, include_simulated=not args.human_only)
+        if args.between == "annotators":
+            found = figures(store, **kw)
+        else:
+            names = [a.name for a in store.annotators() if not (args.human_only and a.simulated)]
+            total = agreement(store, between="repeats", **kw)
+            rows = [(name, agreement(store, between="repeats", annotators=[name], **kw))
+                    for name in names]
+    if args.between == "annotators":
+        text.annotator_report(found, reward_accuracy(args.project))
         return 0
-    print(f"agreement between {args.between}: pairwise = share of answer pairs two rankings "
-          f"order the same way (a tie agrees only with a tie)")
-    width = max(len("all"), *(len(label) for label, _ in rows))
-    print(f"  {'':<{width}}  {'items':>5}  {'pairs':>6}  {'agreement':>9}  {'alpha':>6}  "
-          f"{'alpha(interval)':>15}")
-    for label, a in rows + ([("all", total)] if len(rows) != 1 else []):
-        print(f"  {label:<{width}}  {a.items:>5}  {a.comparisons:>6}  {_fmt(a.agreement):>9}  "
-              f"{_fmt(a.alpha):>6}  {_fmt(a.alpha_interval):>15}")
-    print("Krippendorff's alpha: 1 = perfect, 0 = chance; n/a when every ranking agrees on "
-          "a single kind of answer pair (no disagreement is expected)")
+    if not total.items:
+        print("no item has been ranked twice by one annotator (rank with --repeats F to get "
+              "hidden repeats)")
+        return 0
+    rows = [(label, a) for label, a in rows if a.items]
+    print(f"agreement between repeats: {text.PAIRWISE}")
+    for line in text.agreement_rows(
+            [(label, a.items, a.comparisons, a.agreement, a.alpha, a.alpha_interval)
+             for label, a in rows + ([("all", total)] if len(rows) != 1 else [])]):
+        print(line)
+    print(text.ALPHA)
     return 0
 
 
@@ -418,15 +415,21 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("preferences", help="export or import preference data (rankings, pairs)")
     psub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    e = psub.add_parser("export", help="write rankings as K-way JSONL or {prompt, chosen, rejected} pairs",
-                        description="Write the project's rankings as JSONL. Say whether simulated "
+    e = psub.add_parser("export", help="write rankings as K-way JSONL, pairs, or for Hugging Face, "
+                                       "Label Studio or Argilla",
+                        description="Write the project's rankings to FILE. Say whether simulated "
                                     "rankings go in: human and simulated labels are never mixed "
                                     "silently (every record also says which it is).")
     _project(e)
-    e.add_argument("--out", type=Path, required=True, metavar="FILE")
-    e.add_argument("--format", choices=["kway", "pairs"], default="kway",
-                   help="kway: one record per ranking (default); pairs: one per (better, worse) "
-                        "pair, ties give none")
+    e.add_argument("--out", type=Path, required=True, metavar="FILE",
+                   help="hf and hf-messages: .jsonl or .parquet; label-studio and argilla: .json")
+    e.add_argument("--format", choices=["kway", "pairs", "hf", "hf-messages", "label-studio",
+                                        "argilla"], default="kway",
+                   help="kway: one JSONL record per ranking (default); pairs: one per (better, "
+                        "worse) pair, ties give none; hf: those pairs as Hugging Face/TRL "
+                        "{prompt, chosen, rejected} strings; hf-messages: the same as TRL's "
+                        "message lists; label-studio: a Ranker project's JSON export, a task per "
+                        "item; argilla: v2 records with a RankingQuestion 'ranking', one per item")
     who = e.add_mutually_exclusive_group(required=True)
     who.add_argument("--include-simulated", action="store_true",
                      help="human and simulated rankings")
@@ -437,10 +440,16 @@ def add_commands(sub) -> None:
                    help="also the hidden repeat rankings (marked repeat: true)")
     e.set_defaults(func=_guarded(cmd_export))
 
-    i = psub.add_parser("import", help="import K-way, pairs or Human:/Assistant: transcript JSONL",
-                        description="Import a preference file as a new batch with its rankings. "
-                                    "Every record is checked first; bad ones are listed as "
-                                    "FILE:LINE: reason and nothing is imported (or, with "
+    i = psub.add_parser("import", help="import K-way, pairs, transcripts, Hugging Face, Label "
+                                       "Studio or Argilla preference data",
+                        description="Import a preference file as a new batch with its rankings: "
+                                    "K-way or pairs JSONL, Human:/Assistant: transcripts, Hugging "
+                                    "Face preference sets (strings or message lists; .jsonl or "
+                                    ".parquet), a Label Studio ranker/pairwise JSON export, or "
+                                    "Argilla records with a ranking question (.json, .jsonl, "
+                                    ".parquet). Every record is checked first; bad ones are "
+                                    "listed as FILE:LINE: reason (FILE:record N in a JSON array, "
+                                    "FILE:row N in Parquet) and nothing is imported (or, with "
                                     "--skip-bad, the rest is).")
     _project(i)
     i.add_argument("file", type=Path, metavar="FILE")
@@ -453,10 +462,15 @@ def add_commands(sub) -> None:
                    help="import the good records and list the bad ones")
     i.set_defaults(func=_guarded(cmd_import))
 
-    p = sub.add_parser("agreement", help="pairwise agreement and Krippendorff's alpha",
-                       description="How consistently items are ranked: between annotators (items "
-                                   "ranked by two or more) or between an annotator's ranking and "
-                                   "its hidden repeat.")
+    p = sub.add_parser("agreement", help="agreement between annotators: pairs, alpha, Kendall's W, "
+                                         "the items most disagreed on, the ceiling for a reward model",
+                       description="How consistently items are ranked. Between annotators (items "
+                                   "ranked by two or more): progress and each annotator against "
+                                   "the rest, pairwise agreement and Krippendorff's alpha per "
+                                   "pair, Kendall's W, the items most disagreed on, and the "
+                                   "human-human agreement ceiling beside the newest reward "
+                                   "model's held-out accuracy. Between repeats: each annotator's "
+                                   "ranking against its hidden repeat.")
     _project(p)
     p.add_argument("--between", choices=["annotators", "repeats"], default="annotators")
     p.add_argument("--batch", type=int, action="append", metavar="ID",

@@ -4,10 +4,12 @@
     workbench demo --project DIR            write the offline demo project
     workbench pipeline --demo               the whole pipeline on the demo project, with a table
     workbench run STAGE --run-dir DIR       run one stage on a run folder (--set key=value)
+    workbench report RUN [--out FILE.html]  a run as one HTML page: plots, config, lineage, samples
     workbench compare-methods --project DIR PPO, DPO and GRPO runs side by side against SFT
     workbench chat --checkpoint PATH        talk to a checkpoint in the terminal
     workbench import-model PATH|NAME        a Hugging Face model as a run of the project
     workbench export RUN --format hf|gguf   a checkpoint for transformers or llama.cpp
+    workbench export tensorboard RUN...     runs' metrics and samples as TensorBoard files
     workbench import-samples / batches / rank / preferences / agreement
                                             ranking data, headless (workbench/annotate_cli.py)
     workbench pack export|merge|open        a batch ranked by a class, one file per annotator
@@ -169,6 +171,13 @@ def add_pipeline_parser(sub) -> None:
         where = f"default {default:g}" if isinstance(default, float) else (
             f"default {default}" if default is not None else "default: the project's")
         p.add_argument(flag, type=kind, default=None, help=f"{text} ({where})")
+    p.add_argument("--min-agreement", type=float, default=None, metavar="F",
+                   help="reward model and DPO: train only on items whose rankings agree on at "
+                        "least this share (0-1) of answer pairs; items ranked once are kept "
+                        "(see workbench agreement)")
+    p.add_argument("--borda", action="store_true",
+                   help="reward model and DPO: one ranking per item, the Borda count of its "
+                        "rankings, instead of every ranking")
     p.add_argument("--seed", type=int, default=0, help="random seed of every stage (default 0)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default auto)")
     p.add_argument("--nproc", type=int, default=None,
@@ -226,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_pipeline_parser(sub)
     add_run_parser(sub)
 
+    from workbench import report
+    p = sub.add_parser("report", help="write a run as one self-contained HTML page to hand in",
+                       description=report.DESCRIPTION)
+    report.add_arguments(p)
+    p.set_defaults(func=report.run_from_args)
+
     from workbench import methods
     p = sub.add_parser("compare-methods", help="PPO, DPO and GRPO runs side by side against their SFT model",
                        description=methods.__doc__.split("\n\n")[0] + " " + " ".join(
@@ -241,11 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=chat_cli.run_from_args)
 
     add_import_parser(sub)
-    from engine import export
-    p = sub.add_parser("export", help="export a checkpoint as a Hugging Face folder or a GGUF file",
-                       description=export.__doc__.split("\n\n")[0] + " " + " ".join(export.__doc__.split("\n\n")[2].split()))
-    export.add_arguments(p)
-    p.set_defaults(func=export.run_from_args)
+    from workbench import tb_export
+    p = sub.add_parser("export", help="export a checkpoint (Hugging Face folder, GGUF file), or runs' "
+                                      "metrics for TensorBoard (export tensorboard RUN...)",
+                       usage=tb_export.USAGE, description=tb_export.DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    tb_export.add_arguments(p)
+    p.set_defaults(func=tb_export.run_from_args)
 
     annotate_cli.add_commands(sub)
     pack_cli.add_commands(sub)

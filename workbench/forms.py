@@ -27,7 +27,8 @@ CHOICES = {
     "form": list(FORMS),
 }
 # Form labels that say more than the field's name.
-LABELS = {"nproc": "processes (GPUs)"}
+LABELS = {"nproc": "processes (GPUs)",
+          "log_to": "also log to (one a line)"}
 
 
 @dataclass

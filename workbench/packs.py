@@ -191,8 +191,10 @@ def _write_pack(path: Path, info: PackInfo, batch: Batch, items: list[Item],
                                     source_key=info.source, settings={"pack": asdict(info)},
                                     k=batch.k)
             who = pack.annotator(info.annotator, "human")
+            # "assigned": merged into the project's session, it makes the annotator's progress
+            # (workbench.agreement) count the items dealt to them, not the whole batch.
             sid, _ = pack.session(bid, who.id, {"seed": seed, "repeat_fraction": repeat_fraction,
-                                                "repeat_gap": REPEAT_GAP})
+                                                "repeat_gap": REPEAT_GAP, "assigned": len(items)})
             rng = random.Random(f"workbench-pack-order/{info.id}")
             with pack.transaction():
                 for item_id in pack.item_ids(bid):

@@ -154,7 +154,10 @@ class Pipeline:
     def run_stage(self, stage: str) -> None:
         rankings = None
         if any(d.rankings for d in stages.spec(stage).data):
-            rankings = runfolder.Rankings(include_simulated=True, batch_ids=[self.batch] if self.batch else None)
+            rankings = runfolder.Rankings(
+                include_simulated=True, batch_ids=[self.batch] if self.batch else None,
+                min_agreement=getattr(self.args, "min_agreement", None),
+                aggregate="borda" if getattr(self.args, "borda", False) else "each")
         run_dir = runfolder.new_run(self.project, stage, self.values(stage), rankings=rankings)
         line = ProgressLine(stage)
         t0 = time.perf_counter()
@@ -274,6 +277,9 @@ def run_pipeline(args) -> int:
     order = steps(chosen)
     if args.until not in order:
         return refuse(f"--until must be one of {', '.join(order)} (with --methods {','.join(chosen)})")
+    threshold = getattr(args, "min_agreement", None)
+    if threshold is not None and not 0.0 <= threshold <= 1.0:   # before hours of pretraining
+        return refuse(f"--min-agreement is a share from 0 to 1, got {threshold}")
     if args.demo and not (project_dir / "workbench.toml").exists():
         print(f"writing the demo project to {project_dir} ...", flush=True)
         demo.write_demo_project(project_dir, seed=args.seed, scale=args.scale)

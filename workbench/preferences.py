@@ -9,6 +9,8 @@ Formats (JSON Lines, one record per line; `.gz` files are read transparently):
     transcript  {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}, the form of
              public preference sets: the shared conversation up to the last "\\n\\nAssistant:"
              is the prompt (several turns allowed), the two final assistant turns are the answers
+    others   Hugging Face (TRL) message lists, Label Studio and Argilla exports, in JSONL, JSON
+             or Parquet: workbench/pref_formats.py reads and writes them
 
 The ranking groups answer indexes best first; answers in one group are tied. Pairs are what
 the reward model trains on: every (better, worse) pair of a ranking, C(K, 2) of them when
@@ -35,7 +37,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from engine.fsutil import atomic_write_text
-from engine.jsonl import read_jsonl
 from engine.tokenizer import ROLES
 from engine.transcripts import split_transcripts
 from workbench.store import (FLAGS, MAX_K, MIN_K, InputError, Item, RankingError, Ranking, Store,
@@ -45,8 +46,8 @@ from workbench.store import (FLAGS, MAX_K, MIN_K, InputError, Item, RankingError
 
 @dataclass
 class Record:
-    """One imported ranking, normalised from any of the three formats."""
-    line: int
+    """One imported ranking, normalised from any of the formats."""
+    line: int | str                         # a line number, or "record N" / "row N"
     prompt: str
     messages: list | None
     answers: list[str]
@@ -128,10 +129,14 @@ def _write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
 def export_rankings(store: Store, path: str | Path, *, include_simulated: bool,
                     include_human: bool = True, fmt: str = "kway",
                     batch_ids: Iterable[int] | None = None, include_repeats: bool = False) -> dict:
-    """Write rankings as K-way records (fmt="kway") or pairs (fmt="pairs"); returns counts:
+    """Write rankings as K-way records (fmt="kway"), pairs (fmt="pairs") or another tool's
+    layout (workbench.pref_formats.FORMATS); returns counts:
     {"records", "rankings", "human", "simulated"}."""
     if fmt not in ("kway", "pairs"):
-        raise ValueError(f"fmt must be 'kway' or 'pairs', got {fmt!r}")
+        from workbench.pref_formats import export     # it builds on this module
+        return export(store, path, fmt=fmt, include_simulated=include_simulated,
+                      include_human=include_human, batch_ids=batch_ids,
+                      include_repeats=include_repeats)
     counts = {"records": 0, "rankings": 0, "human": 0, "simulated": 0}
     records: list[dict] = []
     for item, r in _ranked(store, batch_ids=batch_ids, include_simulated=include_simulated,
@@ -144,16 +149,35 @@ def export_rankings(store: Store, path: str | Path, *, include_simulated: bool,
 
 
 def rankings_for_training(store: Store, *, include_simulated: bool, include_human: bool = True,
-                          batch_ids: Iterable[int] | None = None) -> list[dict]:
+                          batch_ids: Iterable[int] | None = None,
+                          min_agreement: float | None = None, keep_single: bool = True,
+                          aggregate: str = "each") -> list[dict]:
     """The reward model's input: {prompt, answers, ranking} (+ messages for a multi-turn
     prompt) per ranking, repeats left out. A ranking that ties every answer teaches nothing
-    (it has no pair), so it is left out too."""
+    (it has no pair), so it is left out too.
+
+    Agreement options (workbench.agreement_items.for_training), over the rankings chosen here:
+    `min_agreement` keeps only items whose rankings agree on at least that share of answer-pair
+    comparisons (items ranked once are kept unless `keep_single` is False); aggregate="borda"
+    gives one record per item, the Borda aggregate of its rankings, instead of every ranking."""
+    from itertools import groupby
+
+    from workbench.agreement_items import check_choice, for_training
+    check_choice(min_agreement, aggregate)
     out = []
-    for item, r in _ranked(store, batch_ids=batch_ids, include_simulated=include_simulated,
-                           include_human=include_human):
-        if len(r.ordering) > 1:
-            out.append({**_prompt_fields(item), "answers": [a.text for a in item.answers],
-                        "ranking": _index_groups(item, r)})
+    ranked = _ranked(store, batch_ids=batch_ids, include_simulated=include_simulated,
+                     include_human=include_human)
+    # _ranked gives an item's rankings one after another: one group per item.
+    for _, group in groupby(ranked, key=lambda pair: pair[0].id):
+        pairs = list(group)
+        item = pairs[0][0]
+        orderings = for_training([r.ordering for _, r in pairs], min_agreement=min_agreement,
+                                 keep_single=keep_single, aggregate=aggregate)
+        idx = {a.id: a.idx for a in item.answers}
+        for ordering in orderings:
+            if len(ordering) > 1:
+                out.append({**_prompt_fields(item), "answers": [a.text for a in item.answers],
+                            "ranking": [sorted(idx[a] for a in g) for g in ordering]})
     return out
 
 
@@ -167,11 +191,14 @@ def count_for_training(store: Store) -> tuple[int, int]:
 
 
 def write_rm_dataset(store: Store, path: str | Path, *, include_simulated: bool,
-                     include_human: bool = True, batch_ids: Iterable[int] | None = None) -> int:
+                     include_human: bool = True, batch_ids: Iterable[int] | None = None,
+                     min_agreement: float | None = None, keep_single: bool = True,
+                     aggregate: str = "each") -> int:
     """rankings_for_training as JSONL at `path` (written atomically); returns the record count."""
     return _write_jsonl(path, rankings_for_training(
         store, include_simulated=include_simulated, include_human=include_human,
-        batch_ids=batch_ids))
+        batch_ids=batch_ids, min_agreement=min_agreement, keep_single=keep_single,
+        aggregate=aggregate))
 
 
 # --- import ---------------------------------------------------------------------------------
@@ -284,16 +311,19 @@ def parse_record(rec, line: int) -> tuple[Record | None, list[str]]:
 
 
 def read_preferences(path: str | Path) -> tuple[list[Record], list[str]]:
-    """(records, problems as `FILE:LINE: reason`) for a preference file in any accepted format."""
+    """(records, problems as `FILE:LINE: reason`) for a preference file in any accepted format;
+    in a JSON array or a Parquet file LINE is "record N" or "row N"."""
+    from workbench import pref_formats     # the file layouts; it builds on this module
     path = Path(path)
-    records, problems = [], []
-    for lineno, rec in read_jsonl(path, problems):
-        record, bad = parse_record(rec, lineno)
-        problems += [f"{path}:{lineno}: {p}" for p in bad]
-        if record is not None:
-            records.append(record)
+    records, problems, n = [], [], 0
+    for where, rec in pref_formats.rows(path, problems):
+        got, bad = pref_formats.parse_any(rec, where)
+        problems += [f"{path}:{where}: {p}" for p in bad]
+        records += got
+        n += 1
     if not records and not problems:
-        problems.append(f"{path}: no preference records (the file is empty)")
+        why = f"none of its {n} records is ranked" if n else "the file is empty"
+        problems.append(f"{path}: no preference records ({why})")
     return records, problems
 
 

@@ -1,6 +1,7 @@
 """What the ranking view needs beyond the store and AnnotationSession, without a screen: who
-has ranked how much of each batch, reopening a ranked item to rank it again, and the answer
-pairs where a reward model disagrees most with the people who ranked them.
+has ranked how much of each batch, reopening a ranked item to rank it again, the answer pairs
+where a reward model disagrees most with the people who ranked them, and the newest
+reward model's held-out accuracy (to set beside the human-human agreement ceiling).
 
 Disagreement. For every active first ranking (hidden repeats are consistency checks, not
 labels) and every pair it orders, answer w above answer l, the margin is r(l) - r(w): positive
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from workbench.agreement import pair_relations
+from workbench.agreement_items import pair_relations
 from workbench.store import Batch, Store
 
 
@@ -72,6 +73,29 @@ def project_runs(project_dir: str | Path, kind: str) -> list[tuple[str, Path]]:
     found = [p for p in runs.iterdir() if p.is_dir() and stage_of_folder(p.name) in ARTIFACT_STAGES[kind]
              and latest_checkpoint(p / "checkpoints") is not None] if runs.is_dir() else []
     return [(p.name, p) for p in sorted(found, key=lambda p: p.name, reverse=True)]
+
+
+@dataclass
+class RewardAccuracy:
+    run: str                    # the reward run's folder name
+    accuracy: float             # held-out pairwise accuracy
+    rankings: int | None        # the held-out rankings it rests on
+
+
+def reward_accuracy(project_dir: str | Path) -> RewardAccuracy | None:
+    """The newest reward run's held-out pairwise accuracy: summary.json's "val/accuracy", the
+    final checkpoint scored on rankings of prompts it did not train on, written when the run
+    completes (a run still going, or stopped, has none yet: the one before it answers)."""
+    for name, path in project_runs(project_dir, "reward"):
+        try:
+            summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        acc = summary.get("val/accuracy") if isinstance(summary, dict) else None
+        if isinstance(acc, (int, float)) and not isinstance(acc, bool):
+            n = summary.get("val_rankings")
+            return RewardAccuracy(name, float(acc), n if isinstance(n, int) else None)
+    return None
 
 
 # --- the reward model against the rankings ----------------------------------------------------

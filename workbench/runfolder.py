@@ -29,9 +29,24 @@ class RunFolderError(ValueError):
 
 @dataclass
 class Rankings:
-    """Train on the project's rankings: written into the run folder when it is made."""
+    """Train on the project's rankings: written into the run folder when it is made.
+
+    min_agreement: only items whose rankings agree on at least this share of answer-pair
+    comparisons (workbench.agreement_items; items ranked by one person are kept).
+    aggregate: "each" ranking of an item, or its "borda" aggregate (one record per item)."""
     include_simulated: bool = False
     batch_ids: Optional[list[int]] = None
+    min_agreement: Optional[float] = None
+    aggregate: str = "each"
+
+    def __post_init__(self):
+        from workbench.agreement_items import check_choice
+        check_choice(self.min_agreement, self.aggregate)
+
+    def dataset_options(self) -> dict:
+        """write_rm_dataset's keyword arguments for this choice."""
+        return dict(include_simulated=self.include_simulated, batch_ids=self.batch_ids,
+                    min_agreement=self.min_agreement, aggregate=self.aggregate)
 
 
 def build(stage: str, values: dict):
@@ -187,8 +202,11 @@ def _write_rankings(project: Project, run_dir: Path, choice: Rankings) -> None:
     from workbench.preferences import write_rm_dataset
     from workbench.store import Store
     with Store.for_project(project.path) as store:
-        n = write_rm_dataset(store, run_dir / RANKINGS, include_simulated=choice.include_simulated,
-                             batch_ids=choice.batch_ids)
+        n = write_rm_dataset(store, run_dir / RANKINGS, **choice.dataset_options())
+    if n == 0 and choice.min_agreement is not None:
+        raise ValueError(f"No item's rankings agree on {choice.min_agreement:.0%} of answer pairs "
+                         "or more: lower the agreement threshold (the Agreement tab of Sample & "
+                         "Rank shows each item's).")
     if n == 0:
         raise ValueError("There are no rankings to train on yet: rank some answers in Sample & Rank "
                          "(or include simulated rankings).")

@@ -1,0 +1,104 @@
+"""The Agreement tab and the reward page's agreement options, driven through their widgets on
+the made-up class batch of tests/test_agreement_figures.py (its docstring has the rankings,
+its tests the hand computations of every figure shown here)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+from PySide6.QtCore import Qt
+
+from test_agreement_figures import make_class
+from ui.ranking_view import RankingView
+from ui_driver import click, click_tab, go, replace_text, wait_preview
+from workbench.store import Store
+
+RM_RUN = "reward-20250101-000000"
+
+
+def _cells(table, row: int, columns: int) -> list[str]:
+    return [table.item(row, c).text() for c in range(columns)]
+
+
+def test_agreement_tab_shows_every_figure_and_leads_back_to_ranking(qtbot, tmp_path, rm_ckpt):
+    with Store.for_project(tmp_path) as store:
+        batch, _ = make_class(store)
+        item_2 = store.items(batch)[1].id          # the most disagreed item
+    run = tmp_path / "runs" / RM_RUN              # a finished reward run: its held-out accuracy
+    shutil.copytree(rm_ckpt, run)
+    (run / "summary.json").write_text(json.dumps({"val/accuracy": 0.5, "val_rankings": 12}))
+    view = RankingView(tmp_path)
+    qtbot.addWidget(view)
+    view.resize(1100, 800)
+    view.show()
+    qtbot.waitExposed(view)
+    try:
+        click_tab(qtbot, view.tabs, "Agreement")
+        page = view.agreement
+        # The whole project: 4 annotators (dee has a session, no ranking), items 1, 2, 4
+        # ranked by two or more, agreement 16/33, alpha 13/336, W 185/319, ceiling 15/28.
+        assert page.summary.text() == (
+            "4 annotators · 3 items ranked by two or more · agreement 48.5% · α 0.039 · "
+            "Kendall's W 0.580 (mean over items) · human-human ceiling 53.6% of 28 comparisons")
+        click_tab(qtbot, page.sections, "Annotators")
+        assert _cells(page.annotators, 0, 8) == ["ann", "5", "6", "6", "3", "24", "62.5%", "-0.432"]
+        assert _cells(page.annotators, 2, 8) == ["cy", "2", "4", "6", "2", "18", "16.7%", "0.442"]
+        assert _cells(page.annotators, 3, 8) == ["dee", "0", "1", "6", "0", "0", "n/a", "0.039"]
+        assert _cells(page.between, 0, 7) == ["ann ~ bob", "3", "15", "86.7%", "0.442", "0.442",
+                                              "100.0% of 12"]
+        assert _cells(page.between, 3, 7) == ["all", "3", "33", "48.5%", "0.039", "-0.152",
+                                              "53.6% of 28"]
+        assert page.repeats.item(0, 0).text() == "no hidden repeats ranked yet"
+        # One batch: progress counts that batch only.
+        page.batch.setCurrentIndex(page.batch.findData(batch))
+        assert _cells(page.annotators, 0, 4) == ["ann", "4", "4", "4"]
+
+        click_tab(qtbot, page.sections, "Items")
+        assert page.items.rowCount() == 3
+        assert _cells(page.items, 0, 5) == ["27.8%", "0.103", "3: ann, bob, cy", "class", "prompt 1"]
+        assert [page.items.item(r, 1).text() for r in range(3)] == ["0.103", "0.636", "1.000"]
+
+        click_tab(qtbot, page.sections, "Reward model")
+        assert [v for _, v in page.ceiling.rows] == [0.5, 15 / 28]
+        assert "50.0% of held-out answer pairs" in page.ceiling_note.text()
+        assert f"{RM_RUN}, on 12 held-out rankings" in page.ceiling_note.text()
+        assert page.rm.currentText() == RM_RUN
+
+        # Re-rank from the items list: the item opens on the Rank tab in the annotator's session.
+        click_tab(qtbot, view.tabs, "Rank")
+        replace_text(qtbot, view.start.annotator.lineEdit(), "ann")
+        click_tab(qtbot, view.tabs, "Agreement")
+        click_tab(qtbot, page.sections, "Items")
+        click(qtbot, page.items.cellWidget(0, 5))
+        assert view.tabs.currentIndex() == 0
+        assert view.current.item_id == item_2 and view.current.previous is not None
+    finally:
+        view.close_store()
+
+
+def test_the_reward_page_trains_on_agreed_items_or_their_borda_ranking(qtbot, demo_project,
+                                                                       make_window):
+    with Store.for_project(demo_project) as store:
+        batch, _ = make_class(store)
+    w = make_window(demo_project, show=True)
+    go(qtbot, w, "reward")
+    reward = w.pages["reward"]
+    wait_preview(qtbot, reward)
+    assert reward.use_store.isChecked() and not reward.threshold.isEnabled()
+    # 9 rankings of "class" + 1 of "extra", every one.
+    assert reward.rankings().min_agreement is None and "10 ranked records" in reward.preview.summary.text()
+    click(qtbot, reward.use_threshold)
+    assert reward.threshold.isEnabled()
+    reward.threshold.selectAll()
+    qtbot.keyClicks(reward.threshold, "50")
+    qtbot.keyClick(reward.threshold, Qt.Key_Tab)
+    wait_preview(qtbot, reward)
+    # Item 2 (agreement 5/18) goes: 10 - 3 = 7.
+    assert reward.rankings().min_agreement == 0.5
+    assert "7 ranked records" in reward.preview.summary.text()
+    assert "agree on 50% of pairs or more" in reward.preview.note.text()
+    click(qtbot, reward.use_borda)
+    wait_preview(qtbot, reward)
+    # One Borda ranking per item left: items 1, 3, 4 of "class" and "extra" 0.
+    assert reward.rankings().aggregate == "borda"
+    assert "4 ranked records" in reward.preview.summary.text()

@@ -1,0 +1,106 @@
+"""Which plots each stage shows, in what colours, and the figure that sums a run up: data, no Qt.
+
+The app's live plots (ui/plots.py, ui/plot_figures.py), its runs table (ui/runs_browser.py) and
+the HTML report (workbench/report.py) all draw from these tables, so a report shows exactly the
+plots the app shows for a stage. The keys are the ones the engine emits: engine/trainer.py
+(every gradient stage), engine/pretrain.py, engine/sft.py, engine/reward.py, engine/ppo.py,
+engine/dpo.py, engine/grpo.py, engine/tokenizer.py and engine/sample.py.
+"""
+from __future__ import annotations
+
+_STEP_KEYS = ["train/loss", "val/loss"]
+_TRAINING = [("Learning rate", ["train/lr"]),
+             ("Gradient norm", ["train/grad_norm"]),
+             ("Throughput (tokens/s)", ["perf/tokens_per_s"])]
+
+PLOT_SPECS: dict[str, list[tuple[str, list[str]]]] = {
+    "hf_import": [],            # one step: its log says what was imported
+    "tokenizer": [],            # one-off figures, not curves: FIGURES
+    "pretrain": [("Loss", _STEP_KEYS + ["val/unigram_baseline"]), *_TRAINING,
+                 ("Model FLOPs utilisation", ["perf/mfu"])],
+    "sft": [("Loss", _STEP_KEYS), ("Task accuracy", ["eval/task_accuracy", "eval/task_score"]),
+            *_TRAINING],
+    "sample": [],
+    "reward": [("Loss", _STEP_KEYS),
+               ("Accuracy", ["train/accuracy", "val/accuracy"]),
+               ("Margin", ["train/margin", "val/margin"]),
+               ("Reward mean", ["train/reward_mean", "val/reward_mean"]),
+               ("Reward std", ["train/reward_std", "val/reward_std"]),
+               *_TRAINING],
+    # KL and β get separate plots: β is ~0.05 and KL several nats, so on one axis β is a flat
+    # line at zero exactly when an adaptive β is worth watching. loss/ptx (PPO-ptx only, an LM
+    # loss of a few nats) would flatten the policy loss the same way: it is under Other metrics.
+    "ppo": [("Score", ["objective/score", "objective/rlhf_reward"]),
+            ("Score quantiles", ["score/p10", "score/p50", "score/p90"]),
+            ("KL to reference (nats)", ["objective/kl", "objective/kl_exact", "objective/kl_mean"]),
+            ("Score against KL", ["objective/score"]),
+            ("KL coefficient β", ["objective/kl_coef"]),
+            ("Entropy", ["objective/entropy"]),
+            ("Clip fraction", ["policy/clipfrac", "value/clipfrac"]),
+            ("Policy loss", ["loss/policy"]),
+            ("Value loss", ["loss/value"]),
+            ("Ratio π/π_old", ["val/ratio", "val/ratio_first"]),
+            ("Answer length (tokens)", ["rollout/length"]),
+            ("Answers that ended", ["rollout/eos_fraction"])],
+    # DPO's rewards are β·log(π/π_ref) of the ranked answers: chosen rising and rejected falling
+    # is learning the preference; both falling together is the policy drifting off its answers.
+    "dpo": [("Loss", _STEP_KEYS),
+            ("Reward accuracy", ["train/reward_accuracy", "val/reward_accuracy"]),
+            ("Rewards β·log π/π_ref", ["train/reward_chosen", "train/reward_rejected",
+                                      "val/reward_chosen", "val/reward_rejected"]),
+            ("Reward margin", ["train/reward_margin", "val/reward_margin"]),
+            ("Log-probs of the answers", ["train/logp_chosen", "train/logp_rejected"]),
+            ("KL to reference (nats)", ["val/kl"]),
+            *_TRAINING],
+    # GRPO: the weighted total and each reward function's mean (their stds are under Other
+    # metrics); accuracy on the training groups beside the held-out one; the share of groups
+    # whose answers all scored alike, which get zero advantage and teach nothing.
+    "grpo": [("Reward", ["reward/total", "reward/total_std"]),
+             ("Reward per function", ["reward/task", "reward/rm", "reward/length", "reward/format",
+                                      "reward/user"]),
+             ("Task accuracy", ["task/accuracy", "eval/task_accuracy"]),
+             ("Groups that all scored alike", ["groups/uniform_fraction"]),
+             ("KL to reference (nats)", ["objective/kl"]),
+             ("Entropy", ["objective/entropy"]),
+             ("Clip fraction", ["policy/clipfrac"]),
+             ("Policy loss", ["loss/policy"]),
+             ("Answer length (tokens)", ["rollout/length"]),
+             ("Answers that ended", ["rollout/eos_fraction"])],
+}
+
+# Plots drawn against another metric instead of the step: stage -> {title: (x key, x axis label)},
+# as points (one per step), since the x values go back and forth. PPO's score against its KL
+# shows over-optimisation coming: KL still growing while the score has stopped paying for it.
+PLOT_X: dict[str, dict[str, tuple[str, str]]] = {
+    "ppo": {"Score against KL": ("objective/kl", "KL to reference (nats)")},
+}
+
+# Tableau 10: distinct on white and on dark grey, and mostly colour-blind safe in its first five.
+COLORS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
+          "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
+
+# One-off figures shown as a table instead of plots, for the stages that report a few numbers
+# once at the end: stage -> (title, metric key, format), in the order shown.
+FIGURES: dict[str, list[tuple[str, str, str]]] = {
+    "tokenizer": [("Vocabulary size", "tokenizer/vocab_size", "{:,.0f} tokens"),
+                  ("Characters per token", "tokenizer/chars_per_token", "{:.2f} on held-out text"),
+                  ("Training text", "tokenizer/train_chars", "{:,.0f} characters"),
+                  ("Held-out text", "tokenizer/heldout_chars", "{:,.0f} characters")],
+    "sample": [("Answers that ended", "sample/finished_fraction", "{:.0%}"),
+               ("Mean answer length", "sample/mean_tokens", "{:.1f} tokens")],
+}
+
+# The figure that says how a run went, per stage: (metric, label, format); the runs table's
+# Result column and the report's lineage show it.
+KEY_METRICS = {
+    "hf_import": [("import/params_m", "params", "{:.3g}M"), ("import/vocab_size", "vocab", "{:.0f}")],
+    "tokenizer": [("tokenizer/vocab_size", "vocab", "{:.0f}"), ("tokenizer/chars_per_token", "chars/token", "{:.2f}")],
+    "pretrain": [("val/loss", "val loss", "{:.3f}"), ("train/loss", "loss", "{:.3f}")],
+    "sft": [("eval/task_accuracy", "task acc", "{:.1%}"), ("val/loss", "val loss", "{:.3f}")],
+    "sample": [("sample/finished_fraction", "ended", "{:.0%}")],
+    "reward": [("val/accuracy", "val acc", "{:.1%}"), ("val/margin", "margin", "{:.2f}")],
+    "ppo": [("objective/score", "score", "{:+.3f}"), ("objective/kl", "KL", "{:.2f}")],
+    "dpo": [("val/reward_accuracy", "reward acc", "{:.1%}"), ("val/kl", "KL", "{:.2f}")],
+    "grpo": [("eval/task_accuracy", "task acc", "{:.1%}"), ("reward/total", "reward", "{:+.3f}"),
+             ("objective/kl", "KL", "{:.2f}")],
+}
