@@ -45,10 +45,11 @@ class MakePacksDialog(QDialog):
         lay = QVBoxLayout(self)
         lay.addWidget(QLabel("Each annotator gets one file holding only their items, the answers "
                              "in a shuffled order and the guidelines. They open it with File ▸ "
-                             "Open annotation pack… (no project needed) and send it back."))
+                             "Open Annotation Pack… (no project needed) and send it back."))
         lay.itemAt(0).widget().setWordWrap(True)
         lay.addLayout(form)
         lay.addWidget(buttons)
+        self.setMinimumWidth(560)
 
     def _browse(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Folder for the packs", self.folder.text())
@@ -85,8 +86,10 @@ def make_packs(view) -> list[Path]:
 
 def merge_pack_files(view) -> str:
     """Ask for pack files and merge them into the project; returns the summary shown."""
-    paths, _ = QFileDialog.getOpenFileNames(view, "Merge annotation packs",
-                                            str(view.project_dir), PACK_FILTER)
+    folder = view.project_dir / "packs"     # where Make packs writes them by default
+    paths, _ = QFileDialog.getOpenFileNames(
+        view, "Merge annotation packs (select several)",
+        str(folder if folder.is_dir() else view.project_dir), PACK_FILTER)
     if not paths:
         return ""
     try:

@@ -132,7 +132,8 @@ class StartPage(QWidget):
         for row in rows:
             b = row.batch
             who = ", ".join(f"{name}{' (simulated)' if name in row.simulated else ''} "
-                            f"{n}/{b.n_items}" for name, n in row.ranked.items()) or "–"
+                            f"{n}/{row.assigned.get(name, b.n_items)}"
+                            for name, n in row.ranked.items()) or "–"
             item = QTreeWidgetItem([b.name, str(b.k or "mixed"), str(b.n_items), who])
             item.setData(0, Qt.UserRole, b.id)
             self.batches.addTopLevelItem(item)

@@ -25,16 +25,20 @@ class BatchProgress:
     batch: Batch
     ranked: dict[str, int]      # annotator -> items ranked (first rankings, not withdrawn)
     simulated: set[str]         # which of those annotators are simulated
+    assigned: dict[str, int]    # annotator -> items theirs to rank: the batch, or a pack's share
 
 
 def batch_progress(store: Store) -> list[BatchProgress]:
-    """Every batch with who has ranked how many of its items."""
+    """Every batch with who has ranked how many of its items (of how many were theirs)."""
     rows = store.ranked_counts()
     out = []
     for b in store.batches():
         mine = [r for r in rows if r[0] == b.id]
+        assigned = {name: (store.session_settings(b.id, name) or {}).get("assigned", b.n_items)
+                    for _, name, _, _ in mine}
         out.append(BatchProgress(b, {name: n for _, name, _, n in mine},
-                                 {name for _, name, kind, _ in mine if kind == "simulated"}))
+                                 {name for _, name, kind, _ in mine if kind == "simulated"},
+                                 assigned))
     return out
 
 
