@@ -126,3 +126,25 @@ def test_the_demo_project_is_where_the_readme_says(tmp_path):
     new.mkdir(parents=True)
     (new / "workbench.toml").write_text("")
     assert launcher.demo_folder(data) == new
+
+
+def test_the_app_reaches_its_window_without_loading_pytorch():
+    """The window paints before PyTorch loads (a second or more): the app's arguments are parsed
+    without building every command's parser, and the main window's module imports no page."""
+    import subprocess
+    import sys
+    code = ("import sys; from workbench import cli; seen = []\n"
+            "cli.main(['--project', 'somewhere'], open_app=lambda a: seen.append(a))\n"
+            "import ui.main_window, ui.app\n"
+            "print(seen[0].project, seen[0].command, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "QT_QPA_PLATFORM": "offscreen"})
+    assert out.stdout.split() == ["somewhere", "None", "False"], out.stderr
+
+
+def test_only_plain_app_arguments_take_the_quick_path():
+    from workbench.cli import app_only_args
+    assert app_only_args(["app", "--demo"]).demo is True
+    assert app_only_args([]).project is None
+    for argv in (["--help"], ["run", "sft"], ["--project"], ["pack", "open", "x.wbpack"]):
+        assert app_only_args(argv) is None, argv

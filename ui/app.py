@@ -9,10 +9,11 @@ import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
-from PySide6.QtCore import QSettings, Qt, QTimer
-from PySide6.QtWidgets import QApplication, QSplashScreen
+from PySide6.QtCore import QEvent, QObject, QSettings, Qt, QTimer
+from PySide6.QtWidgets import QApplication, QLabel, QVBoxLayout, QWidget
 
 from ui.collector import install_gc
 from ui.launcher import demo_location
@@ -51,11 +52,45 @@ def choose_project(args, settings: QSettings) -> tuple[Path, bool]:
     return demo, not (demo / "workbench.toml").exists()
 
 
-def show_splash(app: QApplication) -> QSplashScreen:
-    """The app's icon and a line saying what is happening, painted before anything heavy."""
+class StartupLog(QObject):
+    """Milestones of start-up and quit as `seconds-since-the-epoch name` lines in the file named
+    by WORKBENCH_STARTUP_LOG (bench/app_start.py reads them); without it, nothing is written."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path, self.painted = path, False
+
+    def mark(self, name: str) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"{time.time():.6f} {name}\n")
+
+    def eventFilter(self, obj, event) -> bool:
+        if event.type() == QEvent.Type.Paint and not self.painted:
+            self.painted = True
+            self.mark("window-painted")
+        return False
+
+
+def startup_log() -> StartupLog | None:
+    path = os.environ.get("WORKBENCH_STARTUP_LOG")
+    return StartupLog(path) if path else None
+
+
+def show_splash(app: QApplication) -> QWidget:
+    """The app's icon and a line saying what is happening, painted before anything heavy.
+
+    A frameless widget rather than QSplashScreen: QSplashScreen's show() and finish() each wait
+    for the window system to confirm the window is exposed, up to a second each where no window
+    manager answers (a bare X server), and a splash must not delay what it stands in for."""
     from ui.icons import app_icon
-    splash = QSplashScreen(app_icon().pixmap(160, 160))
-    splash.showMessage("Workbench\nloading…", Qt.AlignmentFlag.AlignBottom | Qt.AlignmentFlag.AlignHCenter)
+    splash = QWidget(None, Qt.WindowType.SplashScreen | Qt.WindowType.FramelessWindowHint)
+    lay = QVBoxLayout(splash)
+    picture = QLabel()
+    picture.setPixmap(app_icon().pixmap(160, 160))
+    words = QLabel("Workbench\nloading…")
+    for label in (picture, words):
+        label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        lay.addWidget(label)
     splash.show()
     app.processEvents()
     return splash
@@ -71,16 +106,22 @@ def open_window(args, settings: QSettings | None = None):
     """The main window on the chosen project; the demo project is written first if needed,
     on a worker thread while the window shows. Returns the window (shown)."""
     app = make_app()
+    log = app.startup_log = startup_log()
     # Something alive at once: loading PyTorch and building the window take seconds.
     splash = show_splash(app)
+    if log:
+        log.mark("splash-shown")
     from ui.main_window import MainWindow
     from ui.workers import Worker
     settings = settings or QSettings()
     window = MainWindow(settings)
     path, write_demo = choose_project(args, settings)
     window.placeholder.setText(f"Opening {path} …")
+    if log:
+        window.installEventFilter(log)
+        window.projectOpened.connect(lambda: log.mark("project-open"))
     window.show()
-    splash.finish(window)
+    splash.close()
     app.processEvents()     # paint the window before the project's pages are built
     if write_demo:
         from workbench.demo import write_demo_project
@@ -107,9 +148,29 @@ def run(args) -> int:
     tick.start(250)
     tick.timeout.connect(lambda: None)
     try:
-        return app.exec()
+        code = app.exec()
     finally:
         tick.stop()
+        if getattr(app, "startup_log", None):
+            app.startup_log.mark("event-loop-left")
+    quick_exit(code, window)
+    return code
+
+
+def quick_exit(code: int, window) -> None:
+    """Leave now, once the window has closed. What must outlive the app is on disk by then:
+    closing the window closed the project's stores (each ranking was committed as it was
+    made) and jobs run in processes of their own. Tearing PyTorch, Qt and every module down
+    object by object writes nothing and takes most of a second. A worker thread still running
+    (a demo project being written) gets the ordinary, waiting exit instead."""
+    from ui.workers import running_workers
+    if running_workers():
+        return
+    settings = getattr(window, "settings", None)     # the main window's geometry, last project
+    (settings if isinstance(settings, QSettings) else QSettings()).sync()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

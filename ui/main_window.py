@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from PySide6.QtCore import QSettings, QSize, Qt, QTimer, QUrl
+from PySide6.QtCore import QSettings, QSize, Qt, QTimer, QUrl, Signal
 from PySide6.QtGui import QAction, QDesktopServices, QKeySequence
 from PySide6.QtWidgets import (QFileDialog, QInputDialog, QLabel, QListWidget, QListWidgetItem, QMainWindow,
                                QMessageBox, QSplitter, QStackedWidget, QTabWidget, QVBoxLayout, QWidget)
@@ -21,10 +21,10 @@ from workbench.project import Project, ProjectError, create_project
 from ui import help as help_pages
 from ui.collector import settle_gc, thaw_gc
 from ui.icons import app_icon, icon, status_color
-from ui.project_context import ProjectContext
-from ui.runs_browser import RunsBrowser, result_text
-from ui.stage_pages import make_panel
 from ui.status_bar import MachineStatus
+# The project's pages (ui.project_context, ui.stage_pages, ui.runs_browser, ...) are imported
+# when a project opens, not here: they load PyTorch, a second or more, and the window should
+# paint before that (bench/app_start.py).
 
 # Pages that are not a stage's own, by key.
 OTHER_PAGES = {"rank": "Sample & Rank", "chat": "Chat", "runs": "Runs"}
@@ -48,10 +48,12 @@ MAX_RECENT = 8
 
 
 class MainWindow(QMainWindow):
+    projectOpened = Signal()     # a project's pages are built and shown
+
     def __init__(self, settings: QSettings | None = None):
         super().__init__()
         self.settings = settings or QSettings()
-        self.ctx: ProjectContext | None = None
+        self.ctx = None                  # ui.project_context.ProjectContext of the open project
         self.pages: dict[str, QWidget] = {}
         self.setWindowIcon(app_icon())
         self.setWindowTitle("Workbench")
@@ -158,6 +160,7 @@ class MainWindow(QMainWindow):
             QMessageBox.warning(self, "Cannot open project", str(e))
             return False
         self.close_project()
+        from ui.project_context import ProjectContext
         self.ctx = ProjectContext(project, self)
         self._build_pages()
         self.setWindowTitle(f"{project.name} — {project.path} — Workbench")
@@ -172,6 +175,7 @@ class MainWindow(QMainWindow):
         self._on_stage_chosen(self.sidebar.currentRow())
         self.update_states()
         settle_gc()
+        self.projectOpened.emit()
         return True
 
     def close_project(self) -> None:
@@ -265,6 +269,8 @@ class MainWindow(QMainWindow):
     # --- pages --------------------------------------------------------------------------------
 
     def _build_pages(self) -> None:
+        from ui.runs_browser import RunsBrowser
+        from ui.stage_pages import make_panel
         from ui.chat_view import ChatView
         from ui.compare_view import CompareView
         from ui.methods_view import MethodsView
@@ -393,6 +399,7 @@ class MainWindow(QMainWindow):
         info = ctx.latest(stage)
         if info is None:
             return "not started", None
+        from ui.runs_browser import result_text
         result = result_text(info).split(", ")[0]
         return (f"{info.status} · {result}" if result and info.status == "completed" else info.status), info.status
 

@@ -4,6 +4,7 @@ thread (a few file reads)."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -80,7 +81,9 @@ class MachineStatus(QLabel):
     def __init__(self, job_pids: Callable[[], list[int]], parent=None):
         super().__init__(parent)
         self.job_pids = job_pids
-        self.device = device_text()
+        # Asked of PyTorch once something else has loaded it (a project's pages do): importing it
+        # here would hold back the window's first paint by a second.
+        self.device: str | None = None
         self.setToolTip("The device jobs run on by default, and memory in use")
         self._timer = QTimer(self)
         self._timer.setInterval(INTERVAL_MS)
@@ -89,8 +92,10 @@ class MachineStatus(QLabel):
         self.update_text()
 
     def update_text(self) -> None:
-        parts = [self.device]
-        gpu = gpu_memory_text()
+        if self.device is None and "torch" in sys.modules:
+            self.device = device_text()
+        parts = [self.device or f"{os.cpu_count()} cores"]
+        gpu = gpu_memory_text() if self.device is not None else None
         if gpu:
             parts.append(gpu)
         app = rss_mb()

@@ -269,9 +269,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def app_only_args(argv: list[str]) -> argparse.Namespace | None:
+    """The arguments of a plain `workbench [app] [--project DIR] [--demo]`, parsed without
+    building every command's parser (which imports PyTorch: a second before the window could
+    show); None for anything else, --help included, which the full parser then handles."""
+    p = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    p.add_argument("--project", type=Path, default=None)
+    p.add_argument("--demo", action="store_true")
+    try:
+        args, rest = p.parse_known_args(argv)
+    except argparse.ArgumentError:
+        return None
+    if rest not in ([], ["app"]):
+        return None
+    return argparse.Namespace(command=rest[0] if rest else None, project=args.project,
+                              demo=args.demo)
+
+
 def main(argv: list[str] | None = None, open_app=None) -> int:
     """`open_app(args)` opens the desktop app; the `workbench` entry point (ui/launcher.py)
     passes it in, so this package never imports Qt widgets and works where Qt cannot load."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    quick = app_only_args(argv) if open_app is not None else None
+    if quick is not None:
+        return int(open_app(quick) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in (None, "app"):

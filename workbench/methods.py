@@ -20,7 +20,6 @@ from typing import Optional
 
 from engine.fsutil import atomic_write_text
 from engine.runio import format_duration
-from engine.sft_data import read_tasks
 from workbench import stages
 from workbench.project import Project
 from workbench.runs import RunInfo, RunStore
@@ -39,6 +38,7 @@ def methods() -> tuple[str, ...]:
 
 def held_out_prompts(project: Project, limit: int = DEFAULT_PROMPTS) -> list[str]:
     """The project's held-out tasks (the ones SFT's accuracy is measured on): never trained on."""
+    from engine.sft_data import read_tasks   # torch: not at import, the app's start needs this module
     return [t.prompt for t in read_tasks(project.data_files("eval_tasks")[0], limit)]
 
 
