@@ -13,6 +13,21 @@ import pytest  # noqa: E402
 TINY_WORDS = "alpha beta gamma delta echo fox golf hotel india juliet kilo lima".split()
 
 
+SLOW_LIST = Path(__file__).with_name("slow_tests.txt")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `slow` the tests tests/slow_list.py measured as outside the fast loop's budget."""
+    try:
+        slow = {line.strip() for line in SLOW_LIST.read_text().splitlines()
+                if line.strip() and not line.startswith("#")}
+    except FileNotFoundError:
+        return
+    for item in items:
+        if item.nodeid in slow:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def own_cache_dir(tmp_path_factory):
     """What the workbench caches per machine (the MFU ceiling) goes to a folder of the test
@@ -86,12 +101,25 @@ def gc_on_the_main_thread():
     gc.enable()
 
 
+FULL_GC_EVERY = 25
+_tests_since_full_gc = [0]
+
+
 @pytest.fixture(autouse=True)
 def nothing_left_running():
-    """No worker thread or job process outlives a test."""
+    """No worker thread or job process outlives a test.
+
+    With the collector off, what a test allocated is all in the youngest generations, so
+    collecting those frees its cycles; a full collection (a quarter of a second with torch, Qt
+    and transformers loaded, more than most tests take) runs every FULL_GC_EVERY tests."""
     import gc
     yield
-    gc.collect()
+    _tests_since_full_gc[0] += 1
+    if _tests_since_full_gc[0] >= FULL_GC_EVERY:
+        _tests_since_full_gc[0] = 0
+        gc.collect()
+    else:
+        gc.collect(1)
     workers = sys.modules.get("ui.workers")
     if workers is not None:
         for w in workers.running_workers():
