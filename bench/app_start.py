@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import write_section  # noqa: E402
 
+HEADING = "## Start-up and quit"
 MILESTONES = ("splash-shown", "window-painted", "project-open", "event-loop-left")
 
 
@@ -95,6 +96,7 @@ def main() -> int:
                     f"{min(xs):.2f}-{max(xs):.2f} s |")
     paint, quit_ = (statistics.median(r[k] for r in runs) for k in ("window-painted", "quit"))
     table = "\n".join([
+        HEADING, "",
         f"`python bench/app_start.py --repeats {args.repeats}` on {platform.machine()}, "
         f"{os.cpu_count()} cores, Qt platform `{os.environ.get('QT_QPA_PLATFORM') or ('xcb' if os.environ.get('DISPLAY') else 'offscreen')}`, "
         f"project {'given' if args.project else 'a fresh demo project (no runs)'}. Seconds from "
@@ -105,7 +107,7 @@ def main() -> int:
         "", "| milestone | median | min-max |", "|---|---|---|", *rows])
     print(table)
     if args.out:
-        write_section(args.out, "Start-up and quit", table)
+        write_section(args.out, HEADING, table + "\n")
     return 0
 
 

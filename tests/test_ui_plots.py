@@ -476,3 +476,22 @@ def test_the_run_loader_folds_a_run_in_slices_as_one_pass_would(qtbot, tmp_path,
         np.testing.assert_array_equal(history.arrays(key)[1], whole.arrays(key)[1])
     others = [e["type"] for part in slices for e in part if e["type"] != "metrics"]
     assert others == ["start", "log", "log", "log", "done"]          # in order, the torn line left
+
+
+def test_a_live_round_redraws_one_plot_per_turn_of_the_event_loop(grid):
+    """Qt repaints every changed plot of a window in one pass: one plot per timer tick keeps
+    each pass to one plot's repaint while a job streams."""
+    g = grid("pretrain")
+    g.load_events([metrics(s, train__loss=1.0 / s, train__lr=1e-3, train__grad_norm=0.5,
+                           perf__tokens_per_s=100.0) for s in range(1, 30)])
+    drawn = []
+    for _ in range(20):
+        g._tick()
+        drawn.append(sum(1 for t in ("Loss", "Learning rate", "Gradient norm", "Throughput (tokens/s)")
+                         if _has_curve(g, t, {"Loss": "train/loss", "Learning rate": "train/lr",
+                                              "Gradient norm": "train/grad_norm",
+                                              "Throughput (tokens/s)": "perf/tokens_per_s"}[t])))
+        if drawn[-1] == 4:
+            break
+    assert drawn[:4] == [1, 2, 3, 4]                  # one more plot each tick, then all
+    assert g.redraw_interval_ms() >= 66               # rounds are still spaced by the throttle

@@ -132,6 +132,9 @@ class PlotGrid(QWidget):
         self._timer.timeout.connect(self._tick)
         self._clock = _Clock()
         self._redraw_s = 0.0
+        self._next_cell = 0         # where a redraw limited to some plots goes on from
+        self._round_s = 0.0         # seconds a round of one-plot redraws has cost so far
+        self._interval = REDRAW_MS  # between rounds, as the throttle last set it
 
         self.other_box = QComboBox()
         self.other_box.setPlaceholderText("choose a metric")
@@ -239,7 +242,7 @@ class PlotGrid(QWidget):
 
     def redraw_interval_ms(self) -> int:
         """The live redraw period now: REDRAW_MS, or longer while redraws are expensive."""
-        return self._timer.interval()
+        return self._interval
 
     # ----- inspection (tests, and panels that show the latest value)
 
@@ -284,33 +287,52 @@ class PlotGrid(QWidget):
 
     def _tick(self) -> None:
         # A hidden grid (another stage's page) waits for showEvent instead of drawing unseen.
-        if not self._dirty or not self.isVisible():
+        if (not self._dirty and self._next_cell == 0) or not self.isVisible():
             self._timer.stop()
             return
-        # Orange-style throttle: when the last redraw and its repaints cost more than UI_SHARE
-        # of the interval (a million points, many runs, a slow machine), redraw less often
-        # rather than starve input and the event stream.
-        cost_ms = (self._redraw_s + self._clock.take()) * 1000
-        self._timer.setInterval(int(min(SLOWEST_MS, max(REDRAW_MS, cost_ms / UI_SHARE))))
+        if self._next_cell == 0:
+            self._dirty = False     # a round takes what came so far; what comes during it, the next
+        # One plot per tick: Qt repaints every changed plot of a window in one pass, and nine
+        # plots at once held the UI thread for 60-90 ms while a job streamed; one at a time, an
+        # input event waits for one plot's repaint at most. Within a round the next plot follows
+        # as soon as the loop is idle; rounds are spaced by the throttle below.
+        self._round_s += self._redraw_s + self._clock.take()    # the last tick and its repaints
         t = time.perf_counter()
-        self.redraw()
+        more = self.redraw(limit=1)
         self._redraw_s = time.perf_counter() - t
+        if more:
+            self._timer.setInterval(0)
+            return
+        # Orange-style throttle: when a round of redraws and repaints cost more than UI_SHARE of
+        # the interval (a million points, many runs, a slow machine), rounds come less often
+        # rather than starve input and the event stream.
+        self._interval = int(min(SLOWEST_MS, max(REDRAW_MS, self._round_s * 1000 / UI_SHARE)))
+        self._round_s = 0.0
+        self._timer.setInterval(self._interval)
 
-    def redraw(self) -> None:
-        """Hand every changed series to its curve now (the timer calls this ~15 times a second)."""
-        self._dirty = False
+    def redraw(self, limit: Optional[int] = None) -> bool:
+        """Hand every changed series to its curve now; with `limit`, those of at most that
+        many plots, from where the last limited call stopped. True if plots are left in the
+        round (changed or not: they are looked at by the next call)."""
+        if limit is None:
+            self._dirty = False
         runs = self._runs()
         if self.stage in FIGURES:
             self.figures.show_runs(runs)
-            return
+            return False
         self._update_other_choices(runs)
         overlay = self._overlay is not None
-        any_tokens = False
-        for cell in self._cells.values():
+        cells = list(self._cells.values())
+        # A limited call goes on from where the last one stopped, to the last plot: a round.
+        start = min(self._next_cell, len(cells)) if limit else 0
+        updated, more = 0, False
+        for i, cell in enumerate(cells[start:]):
+            if limit is not None and updated >= limit:
+                self._next_cell, more = start + i, True
+                break
             changed = False
             for ri, (_label, hist) in enumerate(runs):
                 tok = hist.series.get(TOKENS) if self._x_mode == "tokens" and cell.x_key is None else None
-                any_tokens |= tok is not None
                 xs = hist.series.get(cell.x_key) if cell.x_key else None
                 if cell.x_key and xs is None:
                     continue
@@ -350,8 +372,14 @@ class PlotGrid(QWidget):
                     cell.drawn[(ri, key)] = stamp
                     changed = True
             if changed:
+                updated += 1
                 self._downsample(cell)
                 self._fit(cell)
+        else:
+            self._next_cell = 0
+        # From every run, not only the plots this call visited: a limited call sees a few.
+        any_tokens = self._x_mode == "tokens" and any(
+            hist.series.get(TOKENS) is not None for _label, hist in runs)
         label = "tokens" if any_tokens else "step"
         for cell in self._cells.values():
             if cell.x_key:
@@ -359,6 +387,7 @@ class PlotGrid(QWidget):
             axis = cell.widget.getPlotItem().getAxis("bottom")
             if axis.labelText != label:
                 axis.setLabel(label)
+        return more
 
     def _baseline(self, cell: _Cell, hist: RunHistory, x: np.ndarray, y: np.ndarray):
         """A reference value measured once (the unigram model's loss), drawn as a level line
@@ -579,5 +608,5 @@ class PlotGrid(QWidget):
 
     def showEvent(self, event) -> None:
         super().showEvent(event)
-        if self._dirty:
+        if self._dirty or self._next_cell:      # new data, or a round left half-drawn when hidden
             self._timer.start()
