@@ -119,6 +119,19 @@ def ceiling_key(device: torch.device, dtype: torch.dtype) -> str:
     return f"{platform.node()}|{device.type}:{what}|{dtype}|{torch.get_num_threads()} threads"
 
 
+def machine_busy() -> str | None:
+    """Why a CPU ceiling measured now would be too low to cache (None if the machine is idle):
+    the load average of the last minute, less this process's own threads, above a third of
+    the cores."""
+    import os
+    import psutil
+    cores = os.cpu_count() or 1
+    load = psutil.getloadavg()[0]
+    if load - 1.0 > cores / 3:
+        return f"the machine was busy (load {load:.1f} on {cores} cores)"
+    return None
+
+
 def cached_ceiling(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     """The achievable matmul FLOP/s, measured the first time (best of CEILING_TRIES, so a
     moment of load elsewhere does not lower it) and then read from the cache: re-measured each
@@ -137,6 +150,10 @@ def cached_ceiling(device: torch.device, dtype: torch.dtype) -> tuple[float, str
         return float(entry["flops"]), (f"matmul ceiling measured {entry.get('measured')} "
                                        f"(best of {CEILING_TRIES}), cached in {path}")
     flops = max(measure_matmul_flops(device, dtype, seconds=0.2) for _ in range(CEILING_TRIES))
+    busy = machine_busy() if device.type == "cpu" else None
+    if busy:
+        # Measured while other work held the cores, the figure is too low to keep for good.
+        return flops, f"matmul ceiling measured now (best of {CEILING_TRIES}), not cached: {busy}"
     known[key] = {"flops": flops, "measured": time.strftime("%Y-%m-%d %H:%M")}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from engine import device as D
 
 def test_the_ceiling_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch, one_thread):
     monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(D, "machine_busy", lambda: None)
     measured = []
 
     def fake(dev, dtype, n=1024, seconds=0.25):
@@ -33,7 +34,17 @@ def test_the_ceiling_is_measured_once_then_read_from_the_cache(tmp_path, monkeyp
 
 def test_a_damaged_cache_is_measured_anew(tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(D, "machine_busy", lambda: None)
     (tmp_path / D.CEILING_FILE).write_text("{not json")
     monkeypatch.setattr(D, "measure_matmul_flops", lambda *a, **k: 3e9)
     assert D.peak_flops(torch.device("cpu"), torch.float32)[0] == 3e9
     assert json.loads((tmp_path / D.CEILING_FILE).read_text())
+
+
+def test_a_ceiling_measured_on_a_busy_machine_is_used_but_not_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(D, "measure_matmul_flops", lambda *a, **k: 2e9)
+    monkeypatch.setattr(D, "machine_busy", lambda: "the machine was busy (load 3.0 on 2 cores)")
+    flops, how = D.peak_flops(torch.device("cpu"), torch.float32)
+    assert flops == 2e9 and "not cached: the machine was busy" in how
+    assert not (tmp_path / D.CEILING_FILE).exists()
