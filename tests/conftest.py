@@ -182,3 +182,13 @@ def make_window(qtbot, tmp_path):
             for job in w.ctx.jobs.values():
                 job.kill()
             w.close_project()
+
+
+@pytest.fixture
+def fresh(tmp_path):
+    """An empty annotation store to import into (preference round trips)."""
+    from workbench.store import Store
+    s = Store(tmp_path / "b.db")
+    yield s
+    s.close()
+

@@ -26,13 +26,6 @@ def store(tmp_path):
     s.close()
 
 
-@pytest.fixture
-def fresh(tmp_path):
-    s = Store(tmp_path / "b.db")
-    yield s
-    s.close()
-
-
 def kway(store, path, **kw):
     """The K-way export, without the labels no other format carries."""
     export_rankings(store, path, include_simulated=True, include_repeats=True, **kw)

@@ -20,13 +20,6 @@ def store(tmp_path):
     s.close()
 
 
-@pytest.fixture
-def fresh(tmp_path):
-    s = Store(tmp_path / "b.db")
-    yield s
-    s.close()
-
-
 def read(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
