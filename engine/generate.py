@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
+from engine.decode import make_step
 from engine.model import Transformer
 
 Seed = Union[int, Sequence[int], None]
@@ -183,6 +184,7 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
                 cache = model.make_cache(B, P + min(max_new_tokens, limit - min(lens)), device=device)
                 mask = real if padded else None
                 logits = model(ids, cache=cache, attention_mask=mask)[:, -1]
+                step = make_step(model, cache.max_len)     # the tokens after the prompt
             else:
                 logits = forward_window(ids, real)
             if stopped():
@@ -208,7 +210,8 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
                 if use_cache:
                     if padded:
                         mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.bool, device=device)], 1)
-                    logits = model(nxt[:, None], cache=cache, attention_mask=mask)[:, -1]
+                    logits = (step(nxt, cache, mask) if step is not None else
+                              model(nxt[:, None], cache=cache, attention_mask=mask)[:, -1])
                 else:
                     ids = torch.cat([ids, nxt[:, None]], 1)
                     real = torch.cat([real, torch.ones((B, 1), dtype=torch.bool, device=device)], 1)

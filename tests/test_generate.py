@@ -3,6 +3,8 @@ batched left-padded generation and the repetition penalty."""
 import pytest
 import torch
 
+from engine import decode
+from engine import generate as gen_module
 from engine.generate import apply_repetition_penalty, generate, generate_batch, sample_next
 from engine.model import Transformer, config_from_preset
 
@@ -138,18 +140,35 @@ def test_context_limit():
     assert len(generate(m, long, 5, temperature=0.0)) == 1
 
 
-def test_generate_restores_mode_uses_cache_and_tracks_no_grad():
+def spy_on_steps(monkeypatch, m, calls: list, record) -> None:
+    """Record each forward of `m` and each decoding step after the prompt (engine.decode)."""
+    orig = m.forward
+
+    def forward(idx, *a, cache=None, attention_mask=None, **kw):
+        out = orig(idx, *a, cache=cache, attention_mask=attention_mask, **kw)
+        calls.append(record(idx, cache, attention_mask, out))
+        return out
+
+    def make_step(model, max_len):
+        real = decode.make_step(model, max_len)
+
+        def step(tokens, cache, attention_mask):
+            out = real(tokens, cache, attention_mask)
+            calls.append(record(tokens[:, None], cache, attention_mask, out))
+            return out
+        return step
+
+    m.forward = forward
+    monkeypatch.setattr(gen_module, "make_step", make_step)
+
+
+def test_generate_restores_mode_uses_cache_and_tracks_no_grad(monkeypatch):
     m = model()
     m.train()
     calls = []
-    orig = m.forward
-
-    def spy(idx, *a, cache=None, **kw):
-        out = orig(idx, *a, cache=cache, **kw)
-        calls.append((idx.shape[1], cache is not None, m.training, out.requires_grad))
-        return out
-
-    m.forward = spy
+    spy_on_steps(monkeypatch, m, calls,
+                 lambda idx, cache, _mask, out: (idx.shape[1], cache is not None, m.training,
+                                                 out.requires_grad))
     generate(m, PROMPT, 4, seed=0)
     # a prefill of the prompt, then one token per step through the cache, all in eval, no grad
     assert calls == [(len(PROMPT), True, False, False)] + [(1, True, False, False)] * 3
@@ -266,16 +285,11 @@ def test_batch_context_limit_is_per_row():
     assert [s[:len(a)] for s, a in zip(slid, alone)] == alone
 
 
-def test_padded_batch_prefills_once_then_one_token_per_step():
+def test_padded_batch_prefills_once_then_one_token_per_step(monkeypatch):
     m = model()
     calls = []
-    orig = m.forward
-
-    def spy(idx, *a, cache=None, attention_mask=None, **kw):
-        calls.append((tuple(idx.shape), None if attention_mask is None else tuple(attention_mask.shape)))
-        return orig(idx, *a, cache=cache, attention_mask=attention_mask, **kw)
-
-    m.forward = spy
+    spy_on_steps(monkeypatch, m, calls, lambda idx, _cache, mask, _out: (
+        tuple(idx.shape), None if mask is None else tuple(mask.shape)))
     generate_batch(m, PROMPTS, 4, temperature=0.0)
     B, P = len(PROMPTS), max(map(len, PROMPTS))
     assert calls == [((B, P), (B, P))] + [((B, 1), (B, P + i)) for i in (1, 2, 3)]

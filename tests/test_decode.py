@@ -1,0 +1,74 @@
+"""The decoding step written on the weights (engine/decode.py) gives the model's own logits, to
+the bit, for every model shape the workbench loads, padded batches included."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import decode, generate
+from engine.model import Transformer, config_from_preset
+
+SHAPES = {
+    "plain": {},
+    "gqa": dict(n_head=4, n_kv_head=2),
+    "qwen2-bias": dict(qkv_bias=True),
+    "qwen3-qk-norm": dict(qk_norm=True, head_size=24),
+    "llama3-rope": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+}
+
+
+def model_of(shape: str, fuse: bool, monkeypatch) -> Transformer:
+    monkeypatch.setattr(decode, "FUSE_UP_TO_PARAMS", 10**12 if fuse else 0)
+    torch.manual_seed(0)
+    shape = {**dict(d_model=48, n_head=4, n_kv_head=4, d_ff=96, max_seq_len=64), **SHAPES[shape]}
+    m = Transformer(config_from_preset("tiny", 97, **shape)).eval()
+    for p in m.parameters():         # scrambled, so every term of the arithmetic matters
+        p.data.normal_(0, 0.3)
+    return m
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_a_step_gives_the_forwards_logits_to_the_bit(shape, fuse, monkeypatch):
+    m = model_of(shape, fuse, monkeypatch)
+    prompts = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 9]])      # row 0 left-padded
+    real = prompts != 0
+    real[1, 0] = True
+    with torch.inference_mode():
+        mine, theirs = m.make_cache(2, 20), m.make_cache(2, 20)
+        m(prompts, cache=mine, attention_mask=real)
+        m(prompts, cache=theirs, attention_mask=real)
+        step = decode.make_step(m, 20)
+        mask = real
+        tok = torch.tensor([11, 12])
+        for _ in range(6):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], 1)
+            got = step(tok, mine, mask)
+            want = m(tok[:, None], cache=theirs, attention_mask=mask)[:, -1]
+            assert torch.equal(got, want)
+            tok = got.argmax(-1)
+        unpadded = torch.tensor([[3, 4, 5]])
+        c1, c2 = m.make_cache(1, 10), m.make_cache(1, 10)
+        m(unpadded, cache=c1)
+        m(unpadded, cache=c2)
+        assert torch.equal(step(torch.tensor([8]), c1, None), m(torch.tensor([[8]]), cache=c2)[:, -1])
+
+
+def test_generation_is_the_same_with_and_without_it(monkeypatch):
+    m = model_of("gqa", True, monkeypatch)
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 9, 10], [8]]
+    fast = generate.generate_batch(m, prompts, 12, temperature=0.9, top_k=20, seed=3)
+    monkeypatch.setattr(generate, "make_step", lambda *a, **k: None)
+    slow = generate.generate_batch(m, prompts, 12, temperature=0.9, top_k=20, seed=3)
+    assert fast == slow
+
+
+def test_a_model_with_lora_adapters_keeps_its_forward():
+    from engine.lora import LoRASettings, add_adapters
+    torch.manual_seed(0)
+    m = Transformer(config_from_preset("tiny", 97, d_model=32, n_head=2, n_kv_head=2, d_ff=64,
+                                       max_seq_len=32))
+    assert decode.make_step(m, 16) is not None
+    add_adapters(m, LoRASettings(lora_rank=2, lora_targets=["q_proj", "v_proj"]), seed=0)
+    assert decode.make_step(m, 16) is None
