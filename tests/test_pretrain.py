@@ -200,3 +200,11 @@ def test_cli_refuses_a_bad_config_before_any_work(tmp_path):
     done = json.loads(proc.stdout.splitlines()[-1])
     assert done["status"] == "failed" and "'warmup_steps'" in done["error"]
     assert not (tmp_path / "data").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_half_precision_dtype_off_cuda_is_said_to_train_in_float32(corpus, tmp_path):
+    events = []
+    assert run(make_cfg(corpus, dtype="bfloat16", max_steps=2), tmp_path, events.append) == "completed"
+    warnings = [e["message"] for e in events if e["type"] == "log" and e["level"] == "warning"]
+    assert "bfloat16 is used on CUDA only; training in float32 on cpu" in warnings
+
