@@ -255,7 +255,8 @@ def test_without_torchrun_a_killed_peer_fails_rank_0_with_an_error(corpus, tmp_p
         wait_for_training(run_dir, procs[0])
         procs[1].kill()
         procs[1].wait()
-        assert procs[0].wait(timeout=120) == 1
+        code = procs[0].wait(timeout=120)
+        assert code == 1, procs[0].stderr.read()[-3000:]
         done = read_events(run_dir)[-1]
         assert done["type"] == "done" and done["status"] == "failed" and done["error"]
 

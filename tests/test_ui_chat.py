@@ -449,7 +449,24 @@ def test_sighted_compare_and_a_tie(qtbot, tmp_path, two_ckpts, cache):
         assert write_rm_dataset(store, tmp_path / "rm.jsonl", include_simulated=False) == 0
 
 
-def test_compare_stop_and_a_failing_side(qtbot, tmp_path, two_ckpts, cache):
+def slow_decoding(monkeypatch, seconds: float = 0.05) -> None:
+    """Each decoding step takes at least `seconds`: an answer then lasts long enough for a
+    Stop to land in it, however fast the machine (the tiny models end at their context)."""
+    from engine import decode, generate
+
+    def make_step(model, max_len):
+        step = decode.make_step(model, max_len)
+
+        def slow(*a):
+            time.sleep(seconds)
+            return step(*a)
+        return slow if step is not None else None
+
+    monkeypatch.setattr(generate, "make_step", make_step)
+
+
+def test_compare_stop_and_a_failing_side(qtbot, tmp_path, two_ckpts, cache, monkeypatch):
+    slow_decoding(monkeypatch)
     view = make_compare(qtbot, tmp_path, two_ckpts, cache, max_new_tokens=10_000)
     view.input.setPlainText("go on")
     with qtbot.waitSignal(view.roundFinished, timeout=20_000):
