@@ -54,6 +54,14 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
+def precision_warning(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """What a run asked for half precision where `autocast` keeps float32 is told (None if
+    nothing): a bf16 run on a CPU must not be taken for one."""
+    if dtype != torch.float32 and device.type != "cuda":
+        return f"{name} is used on CUDA only; training in float32 on {device.type}"
+    return None
+
+
 def setup_backends(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -38,7 +38,7 @@ from engine import checkpoint as ckpt
 from engine.artifacts import load_artifact
 from engine.chat import task_metrics
 from engine.config import ConfigError, require, resolve_path
-from engine.device import autocast, clock, describe, setup
+from engine.device import autocast, clock, describe, precision_warning, setup
 from engine.generate import generate_batch
 from engine.grpo_core import group_advantages, grpo_losses, kl_k3, mean_std, uniform_groups
 from engine.grpo_rewards import (Answers, FormatReward, LengthReward, RewardModelReward, TaskReward, UserReward,
@@ -422,6 +422,8 @@ def run(cfg: GRPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=Non
     device, dtype = setup(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     g = GRPO(cfg, run_dir, device, dtype, ev)
+    if precision_warning(cfg.dtype, device, dtype):
+        ev.log(precision_warning(cfg.dtype, device, dtype), level="warning")
     g.resume()
     ev.log(f"device {describe(device)}, {dtype}; policy {g.art.checkpoint} ({g.policy.num_params():,} params); "
            f"rewards {' + '.join(f'{fn.weight:g}·{fn.name}' for fn in g.fns)}; {len(g.prompts)} prompts, "

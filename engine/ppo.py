@@ -42,7 +42,7 @@ from engine.artifacts import load_artifact
 from engine.config import ConfigError, require, resolve_path
 from engine.corpus import list_corpus_files
 from engine.data import TokenData, encode_corpus, shards_ready
-from engine.device import autocast, clock, describe, setup
+from engine.device import autocast, clock, describe, precision_warning, setup
 from engine.generate import generate_batch
 from engine.lora import (LORA_FIELDS, LoRASettings, Reference, add_adapters, describe as describe_lora,
                          frozen_copy, reference_for, uses_lora)
@@ -465,6 +465,8 @@ def run(cfg: PPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
     device, dtype = setup(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     ppo = PPO(cfg, run_dir, device, dtype, ev)
+    if precision_warning(cfg.dtype, device, dtype):
+        ev.log(precision_warning(cfg.dtype, device, dtype), level="warning")
     if not ppo.prepare_ptx(control):
         return "stopped"
     ppo.resume()

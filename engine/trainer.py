@@ -26,7 +26,7 @@ from engine import checkpoint as ckpt
 from engine import distributed
 from engine import lora
 from engine.config import ConfigError, require
-from engine.device import autocast, peak_flops
+from engine.device import autocast, peak_flops, precision_warning
 from engine.model import check_weights, read_config, with_tied_head
 from engine.osproc import peak_rss_mb
 from engine.runio import Emitter, NeverStop, StageError
@@ -218,11 +218,8 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
         # and fail where no compiler is installed (Windows without MSVC): CUDA only.
         ev.log(f"compile is used on CUDA only; training uncompiled on {device.type}", level="warning")
     train_model = torch.compile(train_model) if cfg.compile and device.type == "cuda" else train_model
-    if dtype != torch.float32 and device.type != "cuda":
-        # engine.device.autocast: mixed precision on CUDA only. Said, so that a bf16 run on a
-        # CPU is not taken for one.
-        ev.log(f"{cfg.dtype} is used on CUDA only; training in float32 on {device.type}",
-               level="warning")
+    if precision_warning(cfg.dtype, device, dtype):
+        ev.log(precision_warning(cfg.dtype, device, dtype), level="warning")
     if world.enabled:
         ev.log(f"DDP over {world.size} processes: {cfg.batch_size} x {cfg.grad_accum} x {world.size} "
                f"= {cfg.batch_size * cfg.grad_accum * world.size} samples per step")

@@ -48,3 +48,10 @@ def test_a_ceiling_measured_on_a_busy_machine_is_used_but_not_kept(tmp_path, mon
     flops, how = D.peak_flops(torch.device("cpu"), torch.float32)
     assert flops == 2e9 and "not cached: the machine was busy" in how
     assert not (tmp_path / D.CEILING_FILE).exists()
+
+
+def test_half_precision_off_cuda_is_named_as_float32():
+    cpu = torch.device("cpu")
+    assert D.precision_warning("bfloat16", cpu, torch.bfloat16) == \
+        "bfloat16 is used on CUDA only; training in float32 on cpu"
+    assert D.precision_warning("auto", cpu, torch.float32) is None

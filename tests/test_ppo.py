@@ -198,3 +198,11 @@ def test_a_kl_coef_changed_on_resume_is_used(tiny_lm_ckpt, rm_ckpt, prompts, tmp
     logs = [e["message"] for e in more if e["type"] == "log"]
     assert any("'kl_coef' changed on resume" in x for x in logs)
     assert any("β is kl_coef 0.2 from here on (it was 0.05 when saved)" in x for x in logs)
+
+
+def test_a_bf16_run_on_a_cpu_says_it_trains_in_float32(tiny_lm_ckpt, rm_ckpt, prompts, tmp_path):
+    events = []
+    assert run(cfg(tiny_lm_ckpt, rm_ckpt, prompts, steps=1, dtype="bfloat16"), tmp_path,
+               events.append) == "completed"
+    assert "bfloat16 is used on CUDA only; training in float32 on cpu" in [
+        e["message"] for e in events if e["type"] == "log" and e["level"] == "warning"]
