@@ -422,8 +422,8 @@ def run(cfg: GRPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=Non
     device, dtype = setup(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     g = GRPO(cfg, run_dir, device, dtype, ev)
-    if precision_warning(cfg.dtype, device, dtype):
-        ev.log(precision_warning(cfg.dtype, device, dtype), level="warning")
+    if warning := precision_warning(cfg.dtype, device, dtype):
+        ev.log(warning, level="warning")
     g.resume()
     ev.log(f"device {describe(device)}, {dtype}; policy {g.art.checkpoint} ({g.policy.num_params():,} params); "
            f"rewards {' + '.join(f'{fn.weight:g}·{fn.name}' for fn in g.fns)}; {len(g.prompts)} prompts, "

@@ -465,8 +465,8 @@ def run(cfg: PPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
     device, dtype = setup(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     ppo = PPO(cfg, run_dir, device, dtype, ev)
-    if precision_warning(cfg.dtype, device, dtype):
-        ev.log(precision_warning(cfg.dtype, device, dtype), level="warning")
+    if warning := precision_warning(cfg.dtype, device, dtype):
+        ev.log(warning, level="warning")
     if not ppo.prepare_ptx(control):
         return "stopped"
     ppo.resume()

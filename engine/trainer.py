@@ -218,8 +218,8 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
         # and fail where no compiler is installed (Windows without MSVC): CUDA only.
         ev.log(f"compile is used on CUDA only; training uncompiled on {device.type}", level="warning")
     train_model = torch.compile(train_model) if cfg.compile and device.type == "cuda" else train_model
-    if precision_warning(cfg.dtype, device, dtype):
-        ev.log(precision_warning(cfg.dtype, device, dtype), level="warning")
+    if warning := precision_warning(cfg.dtype, device, dtype):
+        ev.log(warning, level="warning")
     if world.enabled:
         ev.log(f"DDP over {world.size} processes: {cfg.batch_size} x {cfg.grad_accum} x {world.size} "
                f"= {cfg.batch_size * cfg.grad_accum * world.size} samples per step")

@@ -251,11 +251,9 @@ def prompts(tmp_path):
 
 
 def ppo_cfg(lm, rm, prompts, **kw):
-    base = dict(policy=str(lm), reward_model=str(rm), prompts=[str(prompts)], steps=3, rollout_batch_size=6,
-                minibatch_size=3, ppo_epochs=2, max_new_tokens=8, lr=1e-2, value_lr=1e-2, probe_every=100,
-                checkpoint_every=100, device="cpu", lora_rank=R)
-    base.update(kw)
-    return from_dict(ppo.PPOConfig, base)
+    """tests/test_ppo.py's settings, with adapters and a learning rate they move at."""
+    from tests.test_ppo import cfg
+    return cfg(lm, rm, prompts, **{"lr": 1e-2, "value_lr": 1e-2, "lora_rank": R, **kw})
 
 
 def test_ppo_with_lora_first_ratio_is_one_and_kl_is_zero(tiny_lm_ckpt, rm_ckpt, prompts, tmp_path):

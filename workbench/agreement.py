@@ -217,11 +217,11 @@ def _annotators(store: Store, ids: list[int], include_simulated: bool) -> list[A
                 continue
             row = rows.setdefault(name, AnnotatorFigures(name, kind == "simulated", 0, 0, total))
             row.done += done
-            row.assigned += _assigned(store, b, name)
+            row.assigned += assigned_items(store, b, name)
     return list(rows.values())
 
 
-def _assigned(store: Store, batch: Batch, name: str) -> int:
+def assigned_items(store: Store, batch: Batch, name: str) -> int:
     """Items of the batch given to `name`: a session queues the whole batch, unless its
     settings say "assigned": N (a share of the batch handed out, as annotation packs do)."""
     n = (store.session_settings(batch.id, name) or {}).get("assigned")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from workbench.agreement import assigned_items
 from workbench.agreement_items import pair_relations
 from workbench.store import Batch, Store
 
@@ -34,8 +35,7 @@ def batch_progress(store: Store) -> list[BatchProgress]:
     out = []
     for b in store.batches():
         mine = [r for r in rows if r[0] == b.id]
-        assigned = {name: (store.session_settings(b.id, name) or {}).get("assigned", b.n_items)
-                    for _, name, _, _ in mine}
+        assigned = {name: assigned_items(store, b, name) for _, name, _, _ in mine}
         out.append(BatchProgress(b, {name: n for _, name, _, n in mine},
                                  {name for _, name, kind, _ in mine if kind == "simulated"},
                                  assigned))
