@@ -87,3 +87,13 @@ def test_icon_files_are_valid_recolourable_and_shipped():
             assert b"currentColor" in svg and not re.search(rb"#[0-9a-fA-F]{3,6}\b", svg), name
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert "icons/*.svg" in data["assets"]
+
+
+def test_a_page_without_an_icon_of_its_own_gets_the_stage_glyph(qapp):
+    """A stage added to the catalogue needs no icon file: its sidebar page draws a generic one."""
+    own = icons.page_icon("ppo", "#2b8a3e").pixmap(32, 32).toImage()
+    assert own == icons.icon("ppo", "#2b8a3e").pixmap(32, 32).toImage()
+    new = icons.page_icon("a_stage_added_later", "#2b8a3e")
+    assert opaque_colors(new) == {"#2b8a3e"}
+    assert new.pixmap(32, 32).toImage() == icons.icon("stage", "#2b8a3e").pixmap(32, 32).toImage()
+    assert new.pixmap(32, 32).toImage() != own

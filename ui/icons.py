@@ -42,6 +42,12 @@ def icon(name: str, color: Optional[QColor | str] = None) -> QIcon:
     return cached
 
 
+def page_icon(name: str, color: Optional[QColor | str] = None) -> QIcon:
+    """A sidebar page's icon: the one named after it, or a generic stage glyph, so a stage
+    added to the catalogue without an icon of its own still gets a page."""
+    return icon(name if (_icons_dir() / f"{name}.svg").is_file() else "stage", color)
+
+
 def status_color(status: str) -> Optional[str]:
     """The colour that marks a run status ("completed" is "done"), or None for idle ones."""
     return STATUS_COLORS.get(STATUS_ALIASES.get(status, status))

@@ -20,7 +20,7 @@ from workbench import stages
 from workbench.project import Project, ProjectError, create_project
 from ui import help as help_pages
 from ui.collector import settle_gc, thaw_gc
-from ui.icons import app_icon, icon, status_color
+from ui.icons import app_icon, page_icon, status_color
 from ui.status_bar import MachineStatus
 # The project's pages (ui.project_context, ui.stage_pages, ui.runs_browser, ...) are imported
 # when a project opens, not here: they load PyTorch, a second or more, and the window should
@@ -64,7 +64,7 @@ class MainWindow(QMainWindow):
         self.sidebar.setSpacing(2)
         self.sidebar.setMinimumWidth(210)
         for key, label in SIDEBAR:
-            item = QListWidgetItem(icon(key), label)
+            item = QListWidgetItem(page_icon(key), label)
             item.setData(Qt.ItemDataRole.UserRole, key)
             item.setSizeHint(QSize(200, 46))
             self.sidebar.addItem(item)
@@ -372,7 +372,7 @@ class MainWindow(QMainWindow):
             state, status = self._state(key)
             item.setText(f"{label}\n{state}")
             item.setToolTip(f"{label}: {state}")
-            item.setIcon(icon(key) if status is None else icon(key, status_color(status)))
+            item.setIcon(page_icon(key) if status is None else page_icon(key, status_color(status)))
         self.update_lineage()
 
     def _state(self, key: str) -> tuple[str, str | None]:

@@ -1,4 +1,5 @@
-"""Which plots each stage shows, in what colours, and the figure that sums a run up: data, no Qt.
+"""Which plots each stage shows and in what colours: data, no Qt. A stage with none here shows its
+metrics under 'Other'.
 
 The app's live plots (ui/plots.py, ui/plot_figures.py), its runs table (ui/runs_browser.py) and
 the HTML report (workbench/report.py) all draw from these tables, so a report shows exactly the
@@ -7,6 +8,8 @@ plots the app shows for a stage. The keys are the ones the engine emits: engine/
 engine/dpo.py, engine/grpo.py, engine/tokenizer.py and engine/sample.py.
 """
 from __future__ import annotations
+
+from workbench import stages
 
 _STEP_KEYS = ["train/loss", "val/loss"]
 _TRAINING = [("Learning rate", ["train/lr"]),
@@ -90,17 +93,5 @@ FIGURES: dict[str, list[tuple[str, str, str]]] = {
                ("Mean answer length", "sample/mean_tokens", "{:.1f} tokens")],
 }
 
-# The figure that says how a run went, per stage: (metric, label, format); the runs table's
-# Result column and the report's lineage show it.
-KEY_METRICS = {
-    "hf_import": [("import/params_m", "params", "{:.3g}M"), ("import/vocab_size", "vocab", "{:.0f}")],
-    "tokenizer": [("tokenizer/vocab_size", "vocab", "{:.0f}"), ("tokenizer/chars_per_token", "chars/token", "{:.2f}")],
-    "pretrain": [("val/loss", "val loss", "{:.3f}"), ("train/loss", "loss", "{:.3f}")],
-    "sft": [("eval/task_accuracy", "task acc", "{:.1%}"), ("val/loss", "val loss", "{:.3f}")],
-    "sample": [("sample/finished_fraction", "ended", "{:.0%}")],
-    "reward": [("val/accuracy", "val acc", "{:.1%}"), ("val/margin", "margin", "{:.2f}")],
-    "ppo": [("objective/score", "score", "{:+.3f}"), ("objective/kl", "KL", "{:.2f}")],
-    "dpo": [("val/reward_accuracy", "reward acc", "{:.1%}"), ("val/kl", "KL", "{:.2f}")],
-    "grpo": [("eval/task_accuracy", "task acc", "{:.1%}"), ("reward/total", "reward", "{:+.3f}"),
-             ("objective/kl", "KL", "{:.2f}")],
-}
+# The figures that say how a run went, per stage (each stage's spec holds its own).
+KEY_METRICS = {s.name: list(s.key_metrics) for s in stages.STAGES}

@@ -5,8 +5,10 @@ Everything the rest of the workbench needs to know about it is here: which confi
 another run (and which stages' runs they expect), which name data (and what kind), what the
 stage produces for later stages, which settings a form shows up front, the settings the demo
 pipeline uses on a laptop CPU, its titles and description. The forms, the run index, the job
-runner, the pipeline and the app's pages are all derived from this table; adding a stage is an
-engine module plus a spec here (plus a panel class only if it needs special widgets).
+runner, the pipeline and the app's pages are all derived from this table. Adding a stage is two
+files: its engine module (`engine/<name>.py`, named as the stage) and its spec here. Optional:
+a panel class in ui/stage_pages.py for special widgets, plots in workbench/plot_specs.py (without
+them its metrics show under "Other") and an icon in assets/icons/<name>.svg (else a generic one).
 """
 from __future__ import annotations
 
@@ -63,6 +65,9 @@ class StageSpec:
     sidebar: bool = True            # has a page in the app's sidebar (an import is begun from the File menu)
     memory: str = ""                # the shape of its runs for the memory plan (engine.memory_plan.SHAPES)
     origin: str = ""                # the setting naming where a run comes from outside the project
+    # The figures that say how a run went, (metric, label, format): the runs table's Result
+    # column, the sidebar and the report's lineage show the first ones a run has.
+    key_metrics: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def module(self) -> str:
@@ -99,7 +104,9 @@ STAGES: tuple[StageSpec, ...] = (
         config="engine.tokenizer:TokenizerConfig", produces="tokenizer", action="train a tokenizer",
         data=(Data("inputs", "pretrain", project="pretrain"),),
         basic=("vocab_size", "min_frequency"),
-        project_defaults={"vocab_size": ("tokenizer", "vocab_size")}),
+        project_defaults={"vocab_size": ("tokenizer", "vocab_size")},
+        key_metrics=(("tokenizer/vocab_size", "vocab", "{:.0f}"),
+                     ("tokenizer/chars_per_token", "chars/token", "{:.2f}"))),
     StageSpec(
         name="pretrain", title="Pretrain", heading="Pretrain",
         blurb="Train a small GPT-style model from scratch to predict the next token of the corpus. "
@@ -114,7 +121,9 @@ STAGES: tuple[StageSpec, ...] = (
         follows=dict(warmup_steps=0.05, eval_every=1 / 6, sample_every=1 / 3, checkpoint_every=1 / 3,
                      log_every=0.01),
         project_defaults={"preset": ("model", "preset"), "model": ("model", "overrides")},
-        memory="causal-lm"),
+        memory="causal-lm",
+        key_metrics=(("val/loss", "val loss", "{:.3f}"),
+                     ("train/loss", "loss", "{:.3f}"))),
     StageSpec(
         name="hf_import", title="Import", heading="Import a Hugging Face model",
         blurb="Start from a real model: a Hugging Face model folder (Llama, SmolLM, TinyLlama, Qwen2/2.5, "
@@ -122,7 +131,9 @@ STAGES: tuple[StageSpec, ...] = (
               "SFT, the reward model, PPO, DPO, GRPO and chat can start from it like from a pretrained run.",
         config="engine.hf_import:ImportConfig", produces="checkpoint", action="import a model",
         basic=("source", "dtype", "chat_template"), pipeline=False, chat_ready=True, sidebar=False,
-        origin="source"),
+        origin="source",
+        key_metrics=(("import/params_m", "params", "{:.3g}M"),
+                     ("import/vocab_size", "vocab", "{:.0f}"))),
     StageSpec(
         name="sft", title="SFT", heading="Supervised fine-tuning",
         blurb="Supervised fine-tuning: teach the pretrained model to answer, on prompt/response pairs "
@@ -139,7 +150,9 @@ STAGES: tuple[StageSpec, ...] = (
         steps_field="max_steps",
         follows=dict(warmup_steps=0.02, eval_every=0.25, sample_every=0.5, checkpoint_every=0.5,
                      log_every=0.01),
-        memory="causal-lm"),
+        memory="causal-lm",
+        key_metrics=(("eval/task_accuracy", "task acc", "{:.1%}"),
+                     ("val/loss", "val loss", "{:.3f}"))),
     StageSpec(
         name="sample", title="Sample", heading="Sample answers",
         blurb="Sample K answers per prompt from a checkpoint, to be ranked.",
@@ -151,7 +164,8 @@ STAGES: tuple[StageSpec, ...] = (
         data=(Data("prompts", "prompts", project="prompts"),),
         basic=("n_prompts", "k", "temperature", "top_p", "max_new_tokens", "seed", "device"),
         demo=dict(n_prompts=3000, k=8, max_new_tokens=24, temperature=1.0, top_p=1.0, batch_size=64),
-        memory="generation"),
+        memory="generation",
+        key_metrics=(("sample/finished_fraction", "ended", "{:.0%}"),)),
     StageSpec(
         name="reward", title="Reward model", heading="Reward model",
         blurb="Train a reward model on the rankings: a scalar head on the SFT model, scored on every "
@@ -163,7 +177,9 @@ STAGES: tuple[StageSpec, ...] = (
         data=(Data("data", "preferences", rankings=True), Data("val_data", "preferences", preview=False)),
         basic=("epochs", "batch_size", "lr", "lora_rank", "device", "nproc"),
         demo=dict(epochs=2.0, batch_size=8, lr=3e-4, eval_every=50),
-        memory="ranking"),
+        memory="ranking",
+        key_metrics=(("val/accuracy", "val acc", "{:.1%}"),
+                     ("val/margin", "margin", "{:.2f}"))),
     StageSpec(
         name="ppo", title="PPO", heading="PPO",
         blurb="Optimise the SFT policy against the reward model with PPO, held near the SFT model by a "
@@ -182,7 +198,9 @@ STAGES: tuple[StageSpec, ...] = (
                   lr=3e-5, value_lr=3e-5, kl_coef=0.05),
         steps_field="steps",
         follows=dict(probe_every=0.25, checkpoint_every=0.5),
-        memory="actor-critic"),
+        memory="actor-critic",
+        key_metrics=(("objective/score", "score", "{:+.3f}"),
+                     ("objective/kl", "KL", "{:.2f}"))),
     StageSpec(
         name="dpo", title="DPO", heading="Direct preference optimisation",
         blurb="Optimise the SFT model on the rankings directly, with no reward model and no sampling: "
@@ -198,7 +216,9 @@ STAGES: tuple[StageSpec, ...] = (
         data=(Data("data", "preferences", rankings=True), Data("val_data", "preferences", preview=False)),
         basic=("epochs", "beta", "loss", "form", "batch_size", "lr", "lora_rank", "device", "nproc"),
         demo=dict(epochs=1.0, batch_size=8, lr=1e-4, beta=0.1, eval_every=50, sample_every=100),
-        memory="preference"),
+        memory="preference",
+        key_metrics=(("val/reward_accuracy", "reward acc", "{:.1%}"),
+                     ("val/kl", "KL", "{:.2f}"))),
     # GRPO trains on the demo's prompts.txt (task prompts the checker can score, held out from
     # the corpus and SFT), never on eval_tasks: those only measure it, as they measure SFT and the
     # pipeline's evaluation.
@@ -223,7 +243,10 @@ STAGES: tuple[StageSpec, ...] = (
                   lr=1e-4, temperature=1.0, kl_coef=0.0, eval_task_limit=200, task_weight=1.0, rm_weight=0.0),
         steps_field="steps",
         follows=dict(eval_every=0.25, probe_every=0.25, checkpoint_every=0.5),
-        memory="group-rl"),
+        memory="group-rl",
+        key_metrics=(("eval/task_accuracy", "task acc", "{:.1%}"),
+                     ("reward/total", "reward", "{:+.3f}"),
+                     ("objective/kl", "KL", "{:.2f}"))),
 )
 
 BY_NAME = {s.name: s for s in STAGES}
