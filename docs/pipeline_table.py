@@ -1,4 +1,5 @@
-"""Run `workbench pipeline --demo` on a fresh demo project and put its table into the README.
+"""Run `workbench pipeline --demo --methods ppo,dpo,grpo` on a fresh demo project and put its
+table into the README.
 
     python docs/pipeline_table.py [--project /tmp/pipeline-demo] [--readme README.md] [--check]
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- pipeline-table -->", "<!-- /pipeline-table -->"
+METHODS = "ppo,dpo,grpo"      # every alignment method, so the table sets them side by side
 
 
 def run_pipeline(project: Path) -> str:
@@ -28,7 +30,7 @@ def run_pipeline(project: Path) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "table.txt"
         subprocess.run([sys.executable, "-m", "workbench.cli", "pipeline", "--demo", "--project", str(project),
-                        "--table-out", str(table)], check=True, cwd=ROOT)
+                        "--methods", METHODS, "--table-out", str(table)], check=True, cwd=ROOT)
         return table.read_text(encoding="utf-8").rstrip("\n")
 
 
