@@ -3,8 +3,8 @@
     workbench pipeline --demo --project /tmp/shots-project      (a project with every stage run)
     xvfb-run -a -s "-screen 0 1600x1000x24" python docs/screenshots/app_shots.py /tmp/shots-project
 
-Writes docs/img/app-<page>.png for the sidebar pages (tokenizer, pretrain, sft, rank, reward,
-ppo, chat, runs), with the tokenizer inspecting a sentence, the runs browser showing a run's
+Writes docs/img/app-<page>.png for every sidebar page (tokenizer, pretrain, sft, rank, reward,
+ppo, dpo, grpo, chat, runs), with the tokenizer inspecting a sentence, the runs browser showing a run's
 plots, and the chat having answered a question.
 """
 from __future__ import annotations
