@@ -124,7 +124,9 @@ def test_events_reach_the_curves_on_the_redraw_timer(grid, qtbot):
     g.add_event(metrics(20, val__loss=1.5))
     with pytest.raises(KeyError):
         g.curve("Loss", "train/loss")           # add_event only buffers; the timer draws
-    qtbot.waitUntil(lambda: _has_curve(g, "Loss", "val/loss"), timeout=10_000)
+    # The timer draws one plot per event-loop turn: wait for the last plot that has data.
+    qtbot.waitUntil(lambda: _has_curve(g, "Loss", "val/loss") and _has_curve(g, "Learning rate", "train/lr"),
+                    timeout=10_000)
     x, y = g.curve("Loss", "train/loss").getData()
     np.testing.assert_array_equal(x, np.arange(1, 21))
     np.testing.assert_allclose(y, 3.0 - np.arange(1, 21) / 10)
