@@ -101,7 +101,7 @@ def find_policy(args, work: Path) -> tuple[Path, Path]:
 
 
 def run_ppo(policy: Path, rm: Path, prompts: Path, out: Path, steps: int, target_kl,
-            seed: int) -> tuple[list[dict], str]:
+            seed: int, rollout: int = 0) -> tuple[list[dict], str]:
     """The PPO stage in this process with the app's PPO settings: its metrics events, and how
     it ended ("completed", or the guard that failed it: a fixed β can run into kl_limit)."""
     from engine.config import from_dict
@@ -111,6 +111,8 @@ def run_ppo(policy: Path, rm: Path, prompts: Path, out: Path, steps: int, target
     settings = dict(stage_spec("ppo").demo_settings())
     settings.update(policy=str(policy), reward_model=str(rm), prompts=[str(prompts)], steps=steps,
                     target_kl=target_kl, checkpoint_every=steps, probe_every=steps, log_every=1, seed=seed)
+    if rollout:     # more answers a step: a steadier KL estimate; minibatches of half, as the app's
+        settings.update(rollout_batch_size=rollout, minibatch_size=rollout // 2)
     events: list[dict] = []
     try:
         ended = run(from_dict(PPOConfig, settings), out, events.append)
@@ -155,6 +157,8 @@ def main() -> int:
     ap.add_argument("--baseline-steps", type=int, default=50,
                     help="steps of the fixed-β run (kl_coef, no target) that shows the pull; 0: none")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rollout-batch-size", type=int, default=0,
+                    help="answers per step (default: the app's); minibatches are half of it")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "PERFORMANCE.md")
     args = ap.parse_args()
@@ -171,7 +175,8 @@ def main() -> int:
         for name, steps, target in [("fixed β", args.baseline_steps, None),
                                     (f"target_kl {args.target_kl:g}", args.steps, args.target_kl)]:
             if steps:
-                m, ended = run_ppo(policy, rm, prompts, work / name.replace(" ", "-"), steps, target, args.seed)
+                m, ended = run_ppo(policy, rm, prompts, work / name.replace(" ", "-"), steps, target, args.seed,
+                                   args.rollout_batch_size)
                 rows.append(row(name, m, args.target_kl, args.hold_from))
                 ends.append(f"{name}: {ended}")
                 print(rows[-1], ended, flush=True)
@@ -183,9 +188,11 @@ def main() -> int:
     table = markdown_table(header, rows)
     cmd = "python bench/ppo_kl_hold.py" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k in ("steps", "baseline_steps", "target_kl", "hold_from", "seed", "threads") and v)
+        if k in ("steps", "baseline_steps", "target_kl", "hold_from", "seed", "threads", "rollout_batch_size") and v)
     section = (f"{MARKER}\n\n`{cmd}` on {torch_machine()}, policy {policy.name} ({len(digits)} digit tokens "
-               f"of {tok.vocab_size}). The PPO stage with the app's PPO settings (workbench/stages.py) for "
+               f"of {tok.vocab_size}). The PPO stage with the app's PPO settings (workbench/stages.py)"
+               + (f", but {args.rollout_batch_size} answers a step in minibatches of {args.rollout_batch_size // 2},"
+                  if args.rollout_batch_size else "") + " for "
                "a reward model built to pay for the share of digit tokens (bench/ppo_kl_hold.py: "
                f"token_share_reward), for {args.baseline_steps} steps with the fixed β of kl_coef and for "
                f"{args.steps} with target_kl {args.target_kl:g}. KL is objective/kl_exact, nats per answer "

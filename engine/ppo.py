@@ -76,7 +76,7 @@ class PPOConfig(LoRASettings, TrackerSettings):
     max_new_tokens: int = 24            # answer length limit in tokens
     temperature: float = 1.0            # sampling temperature (it divides the logits when scoring too)
     kl_coef: float = 0.05               # β, the start value when adaptive
-    target_kl: Optional[float] = None   # set: adapt β toward this KL (nats per answer, summed over its tokens)
+    target_kl: Optional[float] = None   # set: adapt β toward this KL (nats per answer, summed over its tokens); a step's KL is estimated from its answers, so more of them (rollout_batch_size) hold single steps closer
     kl_horizon: Optional[int] = None    # adaptive β: rollouts to move β e-fold at full error (null: 10 steps' worth)
     kl_budget: Optional[float] = None   # set: end the run (saved, completed) once the mean KL of 10 steps passes this
     cliprange: float = 0.2              # PPO ratio clip epsilon
