@@ -45,7 +45,13 @@ def icon(name: str, color: Optional[QColor | str] = None) -> QIcon:
 def page_icon(name: str, color: Optional[QColor | str] = None) -> QIcon:
     """A sidebar page's icon: the one named after it, or a generic stage glyph, so a stage
     added to the catalogue without an icon of its own still gets a page."""
-    return icon(name if (_icons_dir() / f"{name}.svg").is_file() else "stage", color)
+    return icon(_page_glyph(name), color)
+
+
+@lru_cache(maxsize=None)
+def _page_glyph(name: str) -> str:
+    # Looked up once per page: the sidebar sets its icons again on every refresh.
+    return name if (_icons_dir() / f"{name}.svg").is_file() else "stage"
 
 
 def status_color(status: str) -> Optional[str]:
