@@ -48,7 +48,7 @@ def train_losses(cfg, state, batches, device, dtype, compile_model=False):
         t0 = time.perf_counter()
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
-            loss = step_model(x, y)[1]
+            loss = step_model(x, y, loss_only=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -5,9 +5,13 @@
 
 Both models live in one process and start from the same weights (ours copied into HF's, the
 names match one to one). Each runs the full step a training loop runs: forward with the loss,
-backward, clip_grad_norm, AdamW step, zero_grad. Same batch, sequence length, precision and
-optimizer. HF computes its loss with its own loss function, given the already shifted targets
-(`shift_labels`), so both average over the same positions and the initial losses must agree.
+backward, clip_grad_norm, AdamW step, zero_grad. Same batch, sequence length and precision.
+Ours is what engine.trainer's step runs: the loss of `model(x, y, loss_only=True)` (the fused
+head + cross-entropy of engine.fused_loss) and the optimizer of engine.trainer.make_optimizer.
+HF's is what transformers' Trainer runs by default: its model's own loss function, given the
+already shifted targets (`shift_labels`, so both average over the same positions and the initial
+losses must agree), and torch's AdamW as the Trainer's default `optim` builds it (fused, as
+`adamw_torch_fused`, where transformers defaults to that, as it does with torch >= 2.8).
 
 After warm-up the two models alternate in rounds, the order flipped every round (A B, B A, ...),
 so a slow patch of a shared machine lands on both. Tokens/s is the median over all timed steps.
@@ -30,11 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import publish  # noqa: E402
-from engine.device import autocast, measure_matmul_flops, peak_flops, setup_backends  # noqa: E402
+from engine.device import autocast, fused_adamw, measure_matmul_flops, peak_flops, setup_backends  # noqa: E402
 from engine.hf_model import hf_config  # noqa: E402
 from engine.model import Transformer, config_from_preset  # noqa: E402
+from engine.trainer import TrainConfig, make_optimizer  # noqa: E402
 
 MARKER = "## Training step against Hugging Face transformers"
+LR, WEIGHT_DECAY = 3e-4, 0.1
 
 
 def sync(device) -> None:
@@ -56,24 +62,41 @@ def build_pair(preset: str, vocab: int, seq_len: int, device):
 
 
 def our_loss(model, x, y):
-    return model(x, y)[1]
+    return model(x, y, loss_only=True)   # as the pretrain and SFT stages' training steps
 
 
 def hf_loss(model, x, y):
     return model(input_ids=x, labels=y, shift_labels=y).loss
 
 
+def our_optimizer(model, device):
+    return make_optimizer(model, TrainConfig(lr=LR, weight_decay=WEIGHT_DECAY), device)
+
+
+def hf_default_optim() -> str:
+    """The `optim` transformers' Trainer uses when none is given (it depends on the torch version)."""
+    import transformers
+    optim = transformers.TrainingArguments.__dataclass_fields__["optim"].default
+    return str(getattr(optim, "value", optim))   # a plain string, or an OptimizerNames member
+
+
+def hf_uses_fused() -> bool:
+    return {"adamw_torch": False, "adamw_torch_fused": True}[hf_default_optim()]
+
+
+def hf_optimizer(model):
+    # As the Trainer's _get_adamw_torch builds it for adamw_torch / adamw_torch_fused.
+    return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=hf_uses_fused())
+
+
 class Trainer:
     """One model, its optimizer and its timed step (the seconds of each recorded step in `times`)."""
 
-    def __init__(self, name, model, loss_fn, device, dtype, compile_: bool):
+    def __init__(self, name, model, loss_fn, opt, device, dtype, compile_: bool):
         self.name, self.model, self.device, self.dtype = name, model, device, dtype
-        self.loss_fn = loss_fn
+        self.loss_fn, self.opt = loss_fn, opt
         self.fwd = torch.compile(model) if compile_ else model
         model.train()
-        # As engine.trainer.make_optimizer: fused on CUDA, torch's default implementation on CPU.
-        self.opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1,
-                                     fused=device.type == "cuda")
         self.times: list[float] = []
 
     def loss(self, x, y):
@@ -103,8 +126,8 @@ def run_preset(preset, args, device, dtype) -> dict:
         seqs = torch.randint(0, args.vocab_size, (args.batch_size, seq + 1), generator=g).to(device)
         batches.append((seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()))
 
-    a = Trainer("ours", ours, our_loss, device, dtype, args.compile)
-    b = Trainer("HF", hf, hf_loss, device, dtype, args.compile)
+    a = Trainer("ours", ours, our_loss, our_optimizer(ours, device), device, dtype, args.compile)
+    b = Trainer("HF", hf, hf_loss, hf_optimizer(hf), device, dtype, args.compile)
     with torch.no_grad():  # correctness first: identical weights, identical loss
         l_ours, l_hf = (t.loss(*batches[0]).item() for t in (a, b))
     for t in (a, b):
@@ -198,8 +221,13 @@ def main() -> int:
                f"LlamaForCausalLM` of identical shape ({shapes}; vocab {args.vocab_size}), HF with "
                f"`attn_implementation=\"sdpa\"`, our weights copied into HF's so both start identical. "
                f"Both run the full training step (forward with loss, backward, clip_grad_norm 1.0, "
-               f"torch AdamW{' fused' if device.type == 'cuda' else ''}, zero_grad) on the same batches "
-               f"(batch x seq in the table), {precision}{', both torch.compile-d' if args.compile else ''}. "
+               f"AdamW step, zero_grad) on the same batches (batch x seq in the table), {precision}"
+               f"{', both torch.compile-d' if args.compile else ''}. Ours is engine.trainer's step: "
+               f"the loss of `model(x, y, loss_only=True)` (engine.fused_loss: head and cross-entropy "
+               f"fused, chunk by chunk of rows, never the whole logits tensor) and make_optimizer's "
+               f"torch AdamW{' (fused)' if fused_adamw(device.type) else ''}. HF's is transformers' Trainer's "
+               f"default: its model's own loss (labels with shift_labels) and its default optim, "
+               f"`{hf_default_optim()}` (torch AdamW{' fused' if hf_uses_fused() else ''}). "
                f"After {args.warmup} warm-up steps each, {args.rounds} interleaved rounds of "
                f"{args.steps_per_round} step{'s' * (args.steps_per_round != 1)} per model, the order "
                f"flipped every round; tokens/s is the median step. MFU = tokens/s x "

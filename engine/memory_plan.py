@@ -41,6 +41,8 @@ from typing import Optional
 
 import torch
 
+from engine.device import fused_adamw
+
 # What a run holds in memory, by its shape: a language model trained on its tokens (pretraining,
 # SFT), a scalar model on K answers (the reward model), a policy on answer pairs against a
 # reference (DPO), PPO's four models, GRPO's groups, generation alone (sampling, chat). Which
@@ -344,9 +346,9 @@ def _phases(stage, cfg, a: dict) -> tuple[dict, dict]:
     # otherwise only the untied lm_head's, written first.
     head_grad = cfg.vocab_size * cfg.d_model * w if kind == "lm" and not rank and not cfg.tie_embeddings else 0
     live_grads = grads if a["grad_accum"] > 1 else head_grad
-    # AdamW's for-loop kernel (CPU, MPS) allocates sqrt(v) and its quotient for one parameter at
-    # a time; the fused CUDA kernel allocates nothing.
-    step_tmp = 0 if a["device_type"] == "cuda" else 2 * _largest_param(cfg, kind, rank, targets) * w
+    # AdamW's for-loop kernel (MPS) allocates sqrt(v) and its quotient for one parameter at a
+    # time; the fused kernel (CUDA, CPU) allocates nothing.
+    step_tmp = 0 if fused_adamw(a["device_type"]) else 2 * _largest_param(cfg, kind, rank, targets) * w
     phases = {"backward": {**held, "activations": act["peak"], "gradients": live_grads},
               "optimizer step": {**held, "gradients": grads, "workspace": step_tmp}}
     if stage in ("actor-critic", "group-rl"):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from engine.config import ConfigError, from_dict, require
+from engine.fused_loss import IGNORE_INDEX, linear_cross_entropy
 
 
 @dataclass
@@ -262,6 +263,11 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
 
+def cross_entropy(logits, targets):
+    """Mean over the targets that are not -100, as linear_cross_entropy computes it fused."""
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
 # ---------------------------------------------------------------------------------------------
 # The model
 
@@ -365,15 +371,32 @@ class Transformer(nn.Module):
             cache.advance(T)
         return self.model.norm(x)
 
-    def forward(self, idx, targets=None, *, cache=None, attention_mask=None, position_ids=None):
+    def forward(self, idx, targets=None, *, cache=None, attention_mask=None, position_ids=None,
+                loss_only: bool = False):
         """Logits [B, T, vocab] in fp32; with targets (aligned with idx: targets[:, t] is the
-        token after idx[:, t], -100 where no loss), returns (logits, mean cross-entropy)."""
+        token after idx[:, t], -100 where no loss), returns (logits, mean cross-entropy).
+
+        loss_only=True returns the loss alone, computed by engine.fused_loss without ever
+        holding the whole logits tensor: what training steps and evaluation use. A keyword of
+        forward rather than a method of its own, so that it goes through DDP and torch.compile
+        wrappers like any call of the model."""
+        if loss_only and targets is None:
+            raise ValueError("loss_only needs targets")
         h = self.hidden(idx, cache=cache, attention_mask=attention_mask, position_ids=position_ids)
+        if loss_only:
+            return self.head_loss(h, targets)
         logits = self.lm_head(h).float()
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return logits, cross_entropy(logits, targets)
+
+    def head_loss(self, h, targets):
+        """Mean cross-entropy of the head's logits for hidden states h [B, T, d], fused."""
+        head = self.lm_head
+        if type(head) is nn.Linear and head.bias is None:
+            return linear_cross_entropy(h, head.weight, targets)
+        # A head wrapped by something with its own forward (an adapter): that forward decides.
+        return cross_entropy(head(h).float(), targets)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters. exclude_embeddings drops the input lookup table, which does no

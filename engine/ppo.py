@@ -374,7 +374,7 @@ class PPO:
         if self.ptx is None:
             return 0.0
         x, y = self.ptx.get_batch("train", self.cfg.ptx_batch_size, min(self.limit, 128), self.data_gen)
-        loss = self.m.policy(x.to(self.device), y.to(self.device))[1]
+        loss = self.m.policy(x.to(self.device), y.to(self.device), loss_only=True)
         stats["ptx"].append(float(loss.detach()))
         return self.cfg.ptx_coef * loss
 

@@ -121,7 +121,7 @@ def run(cfg: PretrainConfig, run_dir: Path, sink: Optional[Sink] = None, control
 
     def loss(m, batch):
         x, y = batch
-        return m(x, y)[1], x.numel()
+        return m(x, y, loss_only=True), x.numel()
 
     def evaluate(m) -> dict[str, float]:
         # The same windows at every evaluation, from a generator of their own, so val curves are
@@ -130,7 +130,7 @@ def run(cfg: PretrainConfig, run_dir: Path, sink: Optional[Sink] = None, control
         total = 0.0
         for _ in range(cfg.eval_batches):
             x, y = data.get_batch("val", cfg.batch_size, seq_len, gen)
-            total += float(m(x.to(device), y.to(device))[1])
+            total += float(m(x.to(device), y.to(device), loss_only=True))
         return {"val/loss": total / cfg.eval_batches, "val/unigram_baseline": baseline}
 
     def sample(m, step: int) -> None:

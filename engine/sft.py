@@ -206,14 +206,14 @@ class Hooks:
         # The mean over this batch's answer tokens, as HF's SFT does: a batch of short answers
         # weighs as much as one of long answers.
         x, y, n = batch
-        return m(x, y)[1], n
+        return m(x, y, loss_only=True), n
 
     def evaluate(self, m) -> dict[str, float]:
         # Token-weighted over a fixed set of samples, so curves compare across steps.
         total, count = 0.0, 0
         for x, y, _ in self.val_batches:
             k = int((y != -100).sum())
-            total += float(m(x.to(self.device), y.to(self.device))[1]) * k
+            total += float(m(x.to(self.device), y.to(self.device), loss_only=True)) * k
             count += k
         values = {"val/loss": total / count}
         tasks = self.data.tasks

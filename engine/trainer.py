@@ -26,7 +26,7 @@ from engine import checkpoint as ckpt
 from engine import distributed
 from engine import lora
 from engine.config import ConfigError, require
-from engine.device import autocast, peak_flops, precision_warning
+from engine.device import autocast, fused_adamw, peak_flops, precision_warning
 from engine.model import check_weights, read_config, with_tied_head
 from engine.osproc import peak_rss_mb
 from engine.runio import Emitter, NeverStop, StageError
@@ -97,14 +97,14 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused_adamw(device.type))
 
 
 def policy_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.AdamW:
     """The RL stages' optimizer (PPO's policy and value model, GRPO's policy): no weight decay,
     which would pull the policy away from its SFT start for no reward."""
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
-                             weight_decay=0.0, fused=device.type == "cuda")
+                             weight_decay=0.0, fused=fused_adamw(device.type))
 
 
 def check_resume(saved: dict, cfg, fixed: tuple[str, ...], ev: Emitter,
@@ -361,15 +361,23 @@ def clip_grads(params, max_norm: float) -> float:
 
 def optimizer_step(opt: torch.optim.Optimizer, step: int) -> None:
     """`opt.step()`, with the overflow of a huge learning rate named as such."""
-    try:
-        opt.step()
-    except RuntimeError as e:
-        # Adam's step size lr / (1 - beta1^t) no longer fits a float32 (lr around 1e38).
-        if "overflow" not in str(e):
-            raise
+    if _step_size_overflows(opt):
         lr = max(g["lr"] for g in opt.param_groups)
         raise StageError(f"the optimizer step overflowed at step {step}: the learning rate there, {lr:.3g}, "
-                         "is far too high; lower lr and start a new run") from None
+                         "is far too high; lower lr and start a new run")
+    opt.step()
+
+
+def _step_size_overflows(opt: torch.optim.Optimizer) -> bool:
+    """Adam's step size lr / (1 - beta1^t) does not fit a float32 (lr around 1e38). Checked
+    before the step: torch's for-loop kernel raises a bare RuntimeError on it, but the fused
+    kernels write inf into every weight without a word."""
+    for g in opt.param_groups:
+        state = (opt.state.get(p, {}) for p in g["params"])
+        t = next((float(s["step"]) for s in state if "step" in s), 0.0) + 1
+        if g["lr"] / (1 - g["betas"][0] ** t) > torch.finfo(torch.float32).max:
+            return True
+    return False
 
 
 # A collapsed run keeps "training" with nothing left to learn from. These thresholds sit far from
