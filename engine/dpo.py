@@ -142,8 +142,8 @@ class Hooks:
         # The reference first: a LoRA reference switches the policy's adapters off and on, which
         # must not happen while the policy's graph for this batch is being built.
         with torch.no_grad():
-            ref_logp = sequence_logps(self.ref(x), y)
-        logp = sequence_logps(model(x), y)
+            ref_logp = sequence_logps(self.ref, x, y)
+        logp = sequence_logps(model, x, y)
         logratio = logp - ref_logp
         losses, figs = [], {"margin": [], "chosen": [], "rejected": [], "logp_chosen": [], "logp_rejected": []}
         for start, k, groups in spans:

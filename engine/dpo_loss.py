@@ -19,18 +19,20 @@ import math
 import torch
 import torch.nn.functional as F
 
+from engine.ppo_core import logprobs_of
+
 from engine.reward_data import ranking_pairs
 
 LOSSES = ("sigmoid", "ipo")
 FORMS = ("pairwise", "plackett_luce")
 
 
-def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Σ log p(target) over each row's targets (-100: not counted): [N] in fp32."""
-    lp = F.log_softmax(logits.float(), dim=-1)
+def sequence_logps(model, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Σ log p(target) over each row's targets (-100: not counted): [N] in fp32. The model is
+    asked for its logits at the targets' positions only (`at`): the prompt's are never read."""
     keep = targets != -100
-    picked = lp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-    return (picked * keep).sum(-1)
+    picked = logprobs_of(model(x, at=keep), targets[keep], 1.0)
+    return torch.zeros(x.size(0), dtype=picked.dtype, device=picked.device).index_add_(0, keep.nonzero()[:, 0], picked)
 
 
 def pair_margins(logratio: torch.Tensor, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

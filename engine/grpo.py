@@ -45,7 +45,8 @@ from engine.grpo_rewards import (Answers, FormatReward, LengthReward, RewardMode
                                  load_user_function, parse_user_spec, score_all)
 from engine.lora import LORA_FIELDS, LoRASettings, add_adapters, describe as describe_lora, reference_for, uses_lora
 from engine.ppo import check_guards, encode_prompt
-from engine.ppo_core import Rollout, build_rollout, chunks, logprobs_and_entropy, masked_mean, token_logprobs
+from engine.ppo_core import (AnswerStates, Rollout, build_rollout, chunks, logprobs_entropy_of, logprobs_of,
+                             masked_mean)
 from engine.reward import load_reward_model
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sample import read_prompts
@@ -295,10 +296,13 @@ class GRPO:
         rows = train.nonzero().squeeze(1)
         order = rows[torch.randperm(rows.numel(), generator=self.data_gen)]
         logp, ref_logp, entropy = (torch.zeros(ids.shape, device=device) for _ in range(3))
+        mask = ro.mask.to(device)
         with autocast(device, self.dtype):
             for c in chunks(order, cfg.minibatch_size) + chunks((~train).nonzero().squeeze(1), cfg.minibatch_size):
-                logp[c], entropy[c] = logprobs_and_entropy(self.policy(ids[c]), ids[c], cfg.temperature)
-                ref_logp[c] = token_logprobs(self.ref(ids[c]), ids[c], cfg.temperature)
+                st = AnswerStates.of(ids[c], mask[c])
+                lp, ent = logprobs_entropy_of(self.policy(ids[c], at=st.at), st.targets, cfg.temperature)
+                logp[c], entropy[c] = st.spread(lp), st.spread(ent)
+                ref_logp[c] = st.spread(logprobs_of(self.ref(ids[c], at=st.at), st.targets, cfg.temperature))
         return Scored(rows, order, logp, ref_logp, entropy, scores, rewards, adv)
 
     def update(self, ro: Rollout, sc: Scored) -> dict[str, list[float]]:
@@ -310,7 +314,8 @@ class GRPO:
             order = sc.order if epoch == 0 else sc.rows[torch.randperm(sc.rows.numel(), generator=self.data_gen)]
             for c in chunks(order, cfg.minibatch_size):
                 with autocast(device, self.dtype):
-                    new_logp = token_logprobs(self.policy(ids[c]), ids[c], cfg.temperature)
+                    st = AnswerStates.of(ids[c], mask[c])
+                    new_logp = st.spread(logprobs_of(self.policy(ids[c], at=st.at), st.targets, cfg.temperature))
                     L = grpo_losses(new_logp, sc.logp[c], sc.ref_logp[c], sc.advantages[c], mask[c],
                                     cfg.cliprange, cfg.kl_coef)
                 L.loss.backward()

@@ -372,20 +372,25 @@ class Transformer(nn.Module):
         return self.model.norm(x)
 
     def forward(self, idx, targets=None, *, cache=None, attention_mask=None, position_ids=None,
-                loss_only: bool = False):
+                loss_only: bool = False, at=None):
         """Logits [B, T, vocab] in fp32; with targets (aligned with idx: targets[:, t] is the
         token after idx[:, t], -100 where no loss), returns (logits, mean cross-entropy).
 
         loss_only=True returns the loss alone, computed by engine.fused_loss without ever
-        holding the whole logits tensor: what training steps and evaluation use. A keyword of
-        forward rather than a method of its own, so that it goes through DDP and torch.compile
+        holding the whole logits tensor: what training steps and evaluation use. `at` (bool
+        [B, T], no targets) returns the logits of those positions only, [M, vocab] in row-major
+        order: the head and its softmax are a large part of a small model's pass, and PPO, GRPO
+        and DPO read only the states their answer tokens are drawn from. Keywords of forward
+        rather than methods of their own, so that they go through DDP and torch.compile
         wrappers like any call of the model."""
         if loss_only and targets is None:
             raise ValueError("loss_only needs targets")
+        if at is not None and targets is not None:
+            raise ValueError("at gives logits only; compute the loss from them")
         h = self.hidden(idx, cache=cache, attention_mask=attention_mask, position_ids=position_ids)
         if loss_only:
             return self.head_loss(h, targets)
-        logits = self.lm_head(h).float()
+        logits = self.lm_head(h if at is None else h[at]).float()
         if targets is None:
             return logits
         return logits, cross_entropy(logits, targets)

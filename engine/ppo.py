@@ -47,9 +47,9 @@ from engine.generate import generate_batch
 from engine.lora import (LORA_FIELDS, LoRASettings, Reference, add_adapters, describe as describe_lora,
                          frozen_copy, reference_for, uses_lora)
 from engine.model import ScalarModel
-from engine.ppo_core import (BETA_RANGE, KLController, Rollout, build_rollout, chunks, gae, masked_mean,
-                             masked_whiten, per_token_rewards, ppo_losses, score_against_reference, shift_values,
-                             token_logprobs)
+from engine.ppo_core import (BETA_RANGE, AnswerStates, KLController, Rollout, build_rollout, chunks, gae,
+                             logprobs_of, masked_mean, masked_whiten, per_token_rewards, ppo_losses,
+                             reference_figures_of, shift_values)
 from engine.reward import load_reward_model
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sample import read_prompts
@@ -324,9 +324,11 @@ class PPO:
         last = (mask * torch.arange(ids.size(1), device=device)).argmax(1)
         with autocast(device, self.dtype):
             for c in chunks(order, cfg.minibatch_size):
-                logp[c], entropy[c], ref_logp[c], kl_state = score_against_reference(
-                    m.policy(ids[c]), m.ref(ids[c]), ids[c], cfg.temperature)
-                kl_exact[c] = (kl_state * mask[c]).sum(1)
+                st = AnswerStates.of(ids[c], mask[c])
+                figures = reference_figures_of(m.policy(ids[c], at=st.at), m.ref(ids[c], at=st.at), st.targets,
+                                               cfg.temperature)
+                logp[c], entropy[c], ref_logp[c], kl_state = (st.spread(f) for f in figures)
+                kl_exact[c] = kl_state.sum(1)
                 values[c] = shift_values(m.value(ids[c]))
                 raw[c] = m.rm(ids[c])[torch.arange(len(c), device=device), last[c]].float()
         scores = ((raw - m.norm["mean"]) / m.norm["std"]).clamp(-cfg.reward_clip, cfg.reward_clip)
@@ -348,7 +350,8 @@ class PPO:
             order = sc.order if epoch == 0 else torch.randperm(ids.size(0), generator=self.data_gen)
             for c in chunks(order, cfg.minibatch_size):
                 with autocast(device, self.dtype):
-                    new_logp = token_logprobs(m.policy(ids[c]), ids[c], cfg.temperature)
+                    st = AnswerStates.of(ids[c], mask[c])
+                    new_logp = st.spread(logprobs_of(m.policy(ids[c], at=st.at), st.targets, cfg.temperature))
                     new_values = shift_values(m.value(ids[c]))
                     L = ppo_losses(new_logp, sc.logp[c], sc.advantages[c], new_values, sc.values[c],
                                    sc.returns[c], mask[c], cfg.cliprange, cfg.cliprange_value)

@@ -14,12 +14,44 @@ import torch
 import torch.nn.functional as F
 
 
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return F.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def _picked(lp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return lp.gather(-1, targets[..., None]).squeeze(-1)
+
+
+# The figures below come in two layouts. The aligned ones take logits [..., V] and the tokens
+# they predict [...] (AnswerStates gives both for the answer tokens only); the full-layout ones
+# take a model's logits [B, T, V] and its ids [B, T] and align them: column t is the figure of
+# token t (column 0 is 0). Both run the very same ops, so a log-prob is bit-identical either way.
+
+def logprobs_of(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log π(target) in fp32, the sampling temperature dividing the logits exactly as it did
+    when the answer was sampled."""
+    return _picked(_log_softmax(logits, temperature), targets)
+
+
+def logprobs_entropy_of(logits: torch.Tensor, targets: torch.Tensor,
+                        temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logprobs_of` and the entropy of the sampling distribution, from one log-softmax."""
+    lp = _log_softmax(logits, temperature)
+    return _picked(lp, targets), -(lp.exp() * lp).sum(-1)
+
+
+def reference_figures_of(logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor,
+                         temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probs, entropy, reference log-probs, KL(π ‖ π_ref) of the next-token distribution),
+    from one log-softmax of each model."""
+    lp, ref = _log_softmax(logits, temperature), _log_softmax(ref_logits, temperature)
+    p = lp.exp()
+    return _picked(lp, targets), -(p * lp).sum(-1), _picked(ref, targets), (p * (lp - ref)).sum(-1)
+
+
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log π(ids[t] | ids[<t]) at every t ≥ 1 (column 0 is 0), in fp32, with the sampling
-    temperature dividing the logits exactly as it did when the answer was sampled."""
-    lp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    picked = lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return F.pad(picked, (1, 0))
+    """log π(ids[t] | ids[<t]) at every t ≥ 1 (column 0 is 0): `logprobs_of`, full layout."""
+    return F.pad(logprobs_of(logits[:, :-1], ids[:, 1:], temperature), (1, 0))
 
 
 def state_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -28,30 +60,44 @@ def state_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float 
 
     Summed over an answer's tokens it estimates the answer's KL as the sampled log-ratios do,
     without the noise of which token was drawn at each state."""
-    lp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    ref = F.log_softmax(ref_logits[:, :-1].float() / temperature, dim=-1)
+    lp = _log_softmax(logits[:, :-1], temperature)
+    ref = _log_softmax(ref_logits[:, :-1], temperature)
     return F.pad((lp.exp() * (lp - ref)).sum(-1), (1, 0))
 
 
 def logprobs_and_entropy(logits: torch.Tensor, ids: torch.Tensor,
                          temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`token_logprobs` and the entropy of the sampling distribution behind the token at t
-    (column 0 is 0), from one log-softmax: scoring needs both for every rollout token."""
-    lp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    picked = lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return F.pad(picked, (1, 0)), F.pad(-(lp.exp() * lp).sum(-1), (1, 0))
+    """`logprobs_entropy_of`, full layout."""
+    figures = logprobs_entropy_of(logits[:, :-1], ids[:, 1:], temperature)
+    return tuple(F.pad(f, (1, 0)) for f in figures)
 
 
 def score_against_reference(logits: torch.Tensor, ref_logits: torch.Tensor, ids: torch.Tensor,
                             temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log-probs, entropy, reference log-probs, state_kl) of a rollout, from one log-softmax of
-    each model: the same figures as the three functions above, without computing them twice."""
-    lp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    ref = F.log_softmax(ref_logits[:, :-1].float() / temperature, dim=-1)
-    p, idx = lp.exp(), ids[:, 1:, None]
-    figures = (lp.gather(-1, idx).squeeze(-1), -(p * lp).sum(-1), ref.gather(-1, idx).squeeze(-1),
-               (p * (lp - ref)).sum(-1))
+    """`reference_figures_of`, full layout: the same figures as token_logprobs,
+    logprobs_and_entropy and state_kl, without computing them twice."""
+    figures = reference_figures_of(logits[:, :-1], ref_logits[:, :-1], ids[:, 1:], temperature)
     return tuple(F.pad(f, (1, 0)) for f in figures)
+
+
+@dataclass
+class AnswerStates:
+    """Where a batch's answer tokens are drawn from: position t of a row when token t+1 is an
+    action. A model called with `at=states.at` returns its logits there only ([M, V], row-major),
+    `targets` are the actions they predict, and `spread` puts a figure of each back in the
+    full layout. A rollout row is half prompt, so this halves the head's work and its softmax."""
+    at: torch.Tensor        # [B, T] bool
+    targets: torch.Tensor   # [M]
+
+    @classmethod
+    def of(cls, ids: torch.Tensor, mask: torch.Tensor) -> "AnswerStates":
+        acts = mask[:, 1:] > 0
+        return cls(F.pad(acts, (0, 1)), ids[:, 1:][acts])
+
+    def spread(self, x: torch.Tensor) -> torch.Tensor:
+        """[M] -> [B, T], column t the figure of token t, 0 where token t is no action."""
+        out = torch.zeros(self.at.shape, dtype=x.dtype, device=x.device).masked_scatter(self.at, x)
+        return F.pad(out[:, :-1], (1, 0))
 
 
 @dataclass

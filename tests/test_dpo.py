@@ -66,7 +66,11 @@ def test_sequence_log_probs_count_only_the_targets():
     logits = torch.randn(1, 3, 5)
     targets = torch.tensor([[-100, 2, 4]])
     lp = torch.log_softmax(logits, -1)
-    assert sequence_logps(logits, targets).item() == pytest.approx(float(lp[0, 1, 2] + lp[0, 2, 4]), rel=1e-6)
+    asked = []
+    model = lambda x, at: asked.append(at.clone()) or logits[at]  # noqa: E731
+    assert sequence_logps(model, torch.zeros(1, 3), targets).item() == pytest.approx(float(lp[0, 1, 2] + lp[0, 2, 4]),
+                                                                                     rel=1e-6)
+    assert asked[0].tolist() == [[False, True, True]]   # the prompt's logits are never computed
 
 
 def test_the_mask_covers_the_final_answer_only(tiny_lm_ckpt):

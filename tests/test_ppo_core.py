@@ -5,9 +5,10 @@ import random
 import pytest
 import torch
 
-from engine.ppo_core import (BETA_RANGE, ERROR_RANGE, KL_GAIN, KLController, gae, last_action_index,
-                             logprobs_and_entropy, masked_whiten, per_token_rewards, ppo_losses, shift_values,
-                             score_against_reference, state_kl, token_logprobs)
+from engine.model import Transformer, config_from_preset
+from engine.ppo_core import (BETA_RANGE, ERROR_RANGE, KL_GAIN, AnswerStates, KLController, build_rollout, gae,
+                             last_action_index, logprobs_and_entropy, masked_whiten, per_token_rewards, ppo_losses,
+                             reference_figures_of, shift_values, score_against_reference, state_kl, token_logprobs)
 
 
 def test_gae_matches_a_hand_computed_example():
@@ -173,3 +174,29 @@ def test_score_against_reference_gives_the_three_figures_bit_for_bit():
     want_logp, want_entropy = logprobs_and_entropy(logits, ids, 0.7)
     assert torch.equal(logp, want_logp) and torch.equal(entropy, want_entropy)
     assert torch.equal(ref_logp, token_logprobs(ref, ids, 0.7)) and torch.equal(kl, state_kl(logits, ref, 0.7))
+
+
+def test_answer_states_give_the_full_layouts_figures_on_the_actions_and_zero_elsewhere():
+    torch.manual_seed(0)
+    ro = build_rollout([[5, 6, 7], [5, 6]], [[1, 2], [3, 4, 0]], end_id=0, pad_id=9)
+    logits, ref = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    st = AnswerStates.of(ro.ids, ro.mask)
+    # The states before each action: column 2 and 3 of row 0, 1 2 3 of row 1.
+    assert st.at.tolist() == [[False, False, True, True, False], [False, True, True, True, False]]
+    assert st.targets.tolist() == [1, 2, 3, 4, 0]
+    full = score_against_reference(logits, ref, ro.ids, 0.7)
+    for want, got in zip(full, (st.spread(f) for f in reference_figures_of(logits[st.at], ref[st.at], st.targets, 0.7))):
+        assert torch.equal(got, want * ro.mask)     # bit for bit where it counts, 0 where it does not
+
+
+def test_a_model_asked_at_some_positions_gives_exactly_their_logits():
+    torch.manual_seed(0)
+    model = Transformer(config_from_preset("tiny", 64)).eval()
+    ids = torch.randint(0, 64, (3, 9))
+    at = torch.rand(3, 9) > 0.5
+    with torch.no_grad():
+        got, full = model(ids, at=at), model(ids)
+    assert got.shape == (int(at.sum()), 64) and got.dtype == torch.float32
+    assert torch.allclose(got, full[at], atol=1e-5)
+    with pytest.raises(ValueError):
+        model(ids, ids, at=at)
