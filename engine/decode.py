@@ -30,7 +30,7 @@ Step = Callable[[torch.Tensor, KVCache, Optional[torch.Tensor]], torch.Tensor]
 
 
 def _rms(x, weight, eps: float):
-    # engine.model.RMSNorm.forward, op for op.
+    # engine.model.RMSNorm's arithmetic (engine.fused_ops.rms_norm): the same values to the bit.
     dtype = x.dtype
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)

@@ -13,13 +13,13 @@ breakdown of the largest one, and they add up to `total`.
 
 The activation model counts what autograd saves for our Block (engine/model.py), tensor by
 tensor (tests/test_memory_plan.py checks it against torch's saved-tensor hooks):
-* the two RMSNorms save their fp32 input, the rsqrt and the normalised x (all fp32, whatever
-  the autocast dtype: the norm computes in fp32); each linear saves its input;
+* each RMSNorm saves its input and the fp32 rsqrt of each row (engine.fused_ops: the
+  backward recomputes the rest); each linear saves its input;
 * attention goes through SDPA's fused kernels (flash / efficient on CUDA, the flash CPU kernel
   on CPU), which save q, k, v (k and v after repeat_kv, so n_head wide), the output and the
   fp32 logsumexp, never the T x T matrix; only the math fallback (e.g. a float mask on an old
   GPU) keeps it, and our training stages never pass a mask;
-* SwiGLU saves gate, silu(gate), up and their product;
+* SwiGLU saves gate and up (silu(gate) is recomputed), down_proj their product;
 * the LM head's fp32 logits: log_softmax keeps its output [B, T, vocab], and the backward of the
   loss makes two more copies of that size (the loss's gradient, then log_softmax's), which is
   what dominates a small model with a large vocabulary.
@@ -180,20 +180,20 @@ def _layer_saved(cfg, e: int, autocast: bool, targets, first: bool) -> int:
     grad_mid = grad_attn or bool(hit("o_proj"))
     grad_mlp = grad_mid or bool(hit("gate_proj", "up_proj"))
     b = 0
-    b += (f * d + f) * grad_in + f * d * full                     # input_layernorm: x, rsqrt, x-hat
+    b += (f * d + f) * grad_in                                   # input_layernorm: x, rsqrt
     qkv = hit("q_proj", "k_proj", "v_proj")
     b += (e * d * len(qkv)) if autocast else (f * d if qkv else 0)   # their (cast) input
-    if cfg.qk_norm and grad_attn:   # per-head norms: fp32 input, rsqrt, x-hat (cast back under autocast)
-        b += (f + (e if autocast else f) * full) * (att + kvw) + f * (cfg.n_head + cfg.n_kv_head)
+    if cfg.qk_norm and grad_attn:   # per-head norms: their input (the projections' dtype), rsqrt
+        b += e * (att + kvw) + f * (cfg.n_head + cfg.n_kv_head)
     # SDPA: q, k, v, out, logsumexp. With one kv head repeat_kv is a stride-0 view, so k and v
     # stay one head wide, unless autocast's cast of fp32 k (after RoPE) copies it out.
     kv_saved = 2 * att if cfg.n_kv_head > 1 else (att + kvw if autocast else 2 * kvw)
     b += (e * (2 * att + kv_saved) + f * cfg.n_head) * grad_attn
     b += e * att * (not grad_attn and bool(hit("o_proj")))      # else o_proj's input is SDPA's out
-    b += (f * d + f) * grad_mid + f * d * full                     # post_attention_layernorm
+    b += (f * d + f) * grad_mid                                    # post_attention_layernorm
     gate_up = hit("gate_proj", "up_proj")
     b += (e * d * len(gate_up)) if autocast else (f * d if gate_up else 0)
-    b += 3 * e * dff * grad_mlp + e * dff * bool(hit("down_proj"))   # gate, silu, up; product
+    b += 2 * e * dff * grad_mlp + e * dff * bool(hit("down_proj"))   # gate, up; product
     return b
 
 
@@ -205,7 +205,7 @@ def _lora_saved(cfg, e: int, rank: int, targets) -> int:
 def _head_saved(cfg, e: int, autocast: bool, kind: str, full: bool) -> int:
     """Per token: the final norm, the head's input, and what the loss keeps of the logits."""
     f, d = 4, cfg.d_model
-    b = f * d + f + f * d * full
+    b = f * d + f                     # the final norm: its input, rsqrt
     if kind == "scalar" or full:      # the score head is always trained; lm_head only in full FT
         b += e * d if autocast else f * d
     if kind == "lm":

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.config import ConfigError, from_dict, require
 from engine.fused_loss import IGNORE_INDEX, linear_cross_entropy
+from engine.fused_ops import rms_norm, rope, swiglu
 
 
 @dataclass
@@ -95,11 +96,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # As HF does it: normalise in fp32 (bf16 squares lose too much), cast back, then scale.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # As HF does it: normalise in fp32 (bf16 squares lose too much), cast back, then scale;
+        # one autograd node (engine.fused_ops), the same result to the bit.
+        return rms_norm(x, self.weight, self.eps)
 
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -150,15 +149,10 @@ def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype, scaling: Opti
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x, cos, sin):
-    # x: [B, H, T, hd]; cos/sin: [B, T, hd], broadcast over heads
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1) (engine.fused_ops.rope).
+    x: [B, H, T, hd]; cos/sin: [B, T, hd], broadcast over heads."""
+    return rope(x, cos.unsqueeze(1), sin.unsqueeze(1))
 
 
 def repeat_kv(x, n_rep: int):
@@ -237,7 +231,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))   # silu(gate) * up
 
 
 class Block(nn.Module):
