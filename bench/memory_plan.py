@@ -4,9 +4,10 @@
 
 Each shape runs in a fresh child process (`--child`), so its peak resident memory (ru_maxrss) is
 its own: the imports a stage makes, the model, then a few SFT-like training steps exactly as
-engine.trainer takes them (forward with targets, backward, clip_grad_norm, AdamW from
-make_optimizer, zero_grad(set_to_none)), or one batched generation with the KV cache. The plan
-is computed for the same settings in this process and never sees the child's numbers.
+engine.trainer takes them (the fused loss `model(x, y, loss_only=True)` as pretrain and sft call
+it, backward, clip_grad_norm, AdamW from make_optimizer, zero_grad(set_to_none)), or one batched
+generation with the KV cache. The plan is computed for the same settings in this process and
+never sees the child's numbers.
 The "baseline" row is a child that only imports and trains the `tiny` preset for one step:
 the fixed runtime overhead the plan adds (RUNTIME_OVERHEAD["cpu"]).
 
@@ -124,7 +125,7 @@ def child(name: str, steps: int) -> dict:
         for step in range(s.get("steps", steps)):
             x = torch.randint(0, V, (s["batch"], s["seq"]), generator=gen)
             y = torch.randint(0, V, (s["batch"], s["seq"]), generator=gen)
-            loss = model(x, y)[1]
+            loss = model(x, y, loss_only=True)
             loss.backward()
             clip_grads(model.parameters(), 1.0)
             optimizer_step(opt, step + 1)
@@ -241,9 +242,9 @@ def section(steps: int, table: str, machine: str) -> str:
 `python bench/memory_plan.py --steps {steps}` on {machine}. Each run is a fresh child process;
 its peak RSS (ru_maxrss) is set against `engine.memory_plan.plan(...).total` for the same
 settings, fp32 on CPU, computed without looking at the child. Training rows take {steps} steps
-the way engine.trainer does (forward with targets, backward, clip_grad_norm, AdamW from
-make_optimizer, zero_grad), planned as stage `pretrain` (`sft` for LoRA); *generate* is one
-`generate_batch` call with the KV cache, planned as stage `sample`. Shapes: *small* is preset
+the way engine.trainer does (the fused loss `model(x, y, loss_only=True)`, backward,
+clip_grad_norm, AdamW from make_optimizer, zero_grad), planned as stage `pretrain` (`sft` for
+LoRA); *generate* is one `generate_batch` call with the KV cache, planned as stage `sample`. Shapes: *small* is preset
 small with vocab 4096, *medium* preset medium with vocab 8192, *135M-GQA* a SmolLM-135M-like
 Llama (d_model 576, 30 layers, 9 heads, 3 kv heads, d_ff 1536, vocab 49152, tied embeddings);
 *ckpt* turns on gradient checkpointing and *LoRA16* puts rank-16 adapters on every linear of every
@@ -272,12 +273,15 @@ scalar head, CPU bf16 autocast (the rules CUDA autocast applies to linear and SD
 each projection's input and of each weight), LoRA adapters on any subset of the projections (the
 engine's peft layers and an unmerged stand-in), and checkpointed blocks. SDPA's fused kernels (the
 flash kernel on CPU, flash or memory-efficient on CUDA) keep q, k, v, the output and the
-logsumexp, never a T x T matrix; only the math fallback would. What the hooks cannot see is
-measured here: the two extra fp32 copies of the logits in the loss's backward, AdamW's per-tensor
-temporaries, the process overhead, and glibc's heap. The CUDA figures (autocast copies, fused
-AdamW, a 512 MiB context) are the same accounting, not measured on a GPU: no GPU was available to
-this work, and the caching allocator's fragmentation is not modelled. Cross-check against a
-real stage: the pretraining table above (the pretrain stage itself, 60 steps, default malloc)
+logsumexp, never a T x T matrix; only the math fallback would. The fused loss of pretraining and
+SFT keeps grad_h and grad_W, no logits; its forward's working set (a chunk's logits and
+log-softmax and the one before, the copies) is held there to the allocator's own events
+(torch.profiler), byte for byte. PPO's, GRPO's and DPO's logits at the answer states are held to
+the saved-tensor hooks like the rest; no row here runs those stages. What the tests cannot see
+is measured here: the layers' transient gradients in the backward, the process overhead, and
+glibc's heap. The CUDA figures (autocast copies, fused AdamW, a 512 MiB context) are the same
+accounting, not measured on a GPU: no GPU was available to this work, and the caching
+allocator's fragmentation is not modelled. Cross-check against a real stage: the pretraining table above (the pretrain stage itself, 60 steps, default malloc)
 peaked at 493, 621 and 1,460 MiB for tiny, mini and small at 16 x their context; the plan says
 {cross}.
 """

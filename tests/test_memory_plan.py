@@ -1,20 +1,28 @@
-"""engine.memory_plan: the activation model against what autograd really saves, the optimizer
-and LoRA arithmetic against counts made here, and the suggestions against re-planning.
+"""engine.memory_plan: the activation model against what autograd really saves, the fused
+loss's working set against the allocations it makes, the optimizer and LoRA arithmetic against
+counts made here, and the suggestions against re-planning.
 No timing and no RSS here: those depend on the machine (bench/memory_plan.py measures them)."""
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
 from engine import memory_plan as mp
+from engine.fused_loss import linear_cross_entropy
 from engine.model import ModelConfig, ScalarModel, Transformer
+from engine.ppo_core import AnswerStates, logprobs_of
 
 B, T = 3, 16
+A = 6                  # answer tokens per row in the `at=` tests
 
 
 def tiny(**kw) -> ModelConfig:
@@ -37,8 +45,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def saved_bytes(model, *, autocast=False, lm_loss=True) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves in one forward (+ loss)."""
+def answer_states(x) -> AnswerStates:
+    """A rollout's layout: prompts of different lengths, then A answer tokens in every row."""
+    mask = torch.zeros(x.shape)
+    for row, start in enumerate((3, 7, 10)[:x.size(0)]):
+        mask[row, start:start + A] = 1
+    return AnswerStates.of(x, mask)
+
+
+def saved_bytes(model, *, autocast=False, head="fused", prompt=0) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves in one forward and its loss,
+    the way training runs it: head "fused" is pretraining's and SFT's `model(x, y,
+    loss_only=True)` (the first `prompt` targets of each row -100), "at" PPO's, GRPO's and DPO's
+    log-probs from `model(x, at=...)` at the answer states, "scalar" a ScalarModel's scores."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -51,15 +70,64 @@ def saved_bytes(model, *, autocast=False, lm_loss=True) -> int:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.config.vocab_size, (B, T), generator=g)
     y = torch.randint(0, model.config.vocab_size, (B, T), generator=g)
+    y[:, :prompt] = -100
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
-        out = model(x, y)[1] if lm_loss else model(x).sum()
+        if head == "fused":
+            out = model(x, y, loss_only=True)
+        elif head == "at":
+            st = answer_states(x)
+            out = logprobs_of(model(x, at=st.at), st.targets, 0.7).sum()
+        else:
+            out = model(x).sum()
     out.backward()          # the graph is complete and usable: nothing was missed by the count
     return sum(seen.values())
 
 
-def linear_weight_count(cfg) -> int:
-    return sum(m.weight.numel() for m in Transformer(cfg).modules() if isinstance(m, nn.Linear))
+def linear_weight_count(cfg, head: bool) -> int:
+    """Weights of the model's nn.Linear layers, lm_head's only if `head`."""
+    model = Transformer(cfg)
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)
+               and (head or m is not model.lm_head))
+
+
+def allocated(fn) -> tuple[int, int]:
+    """(bytes fn leaves allocated, its result alive, and the most it had allocated at once) on
+    the CPU, from the allocator's own events as torch.profiler records them, in order."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    now = peak = 0
+    for e in prof.profiler.kineto_results.events():
+        if e.name() == "[memory]":
+            now += e.nbytes()
+            peak = max(peak, now)
+    del out             # the result and its graph were alive until the profile ended
+    return now, peak
+
+
+class OpOutputs(TorchDispatchMode):
+    """Bytes of the storages the ops make (op outputs: no kernel's private scratch), alive now
+    and at most; storages of `given` tensors are not counted."""
+
+    def __init__(self, *given):
+        super().__init__()
+        self.live = {t.untyped_storage().data_ptr() for t in given}
+        self.now = self.peak = 0
+
+    def _freed(self, key, nbytes):
+        self.live.discard(key)
+        self.now -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.live:
+                s = t.untyped_storage()
+                self.live.add(s.data_ptr())
+                self.now += s.nbytes()
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(s, self._freed, s.data_ptr(), s.nbytes())
+        return out
 
 
 # --- the activation model is what autograd keeps -------------------------------------------
@@ -70,33 +138,136 @@ VARIANTS = [{}, {"n_kv_head": 4}, {"n_kv_head": 1}, {"tie_embeddings": True}, {"
 
 
 def test_saved_tensors_of_a_training_forward_match_the_formula_exactly():
+    n = B * T
     for kw in VARIANTS:
         cfg = tiny(**kw)
         torch.manual_seed(0)
-        assert saved_bytes(Transformer(cfg)) == mp.saved_activation_bytes(cfg, B, T), kw
+        got = saved_bytes(Transformer(cfg))
+        assert got == mp.saved_activation_bytes(cfg, B, T), kw
+        # SFT's prompt targets are left out of the loss, but grad_h is kept for every row.
+        assert saved_bytes(Transformer(cfg), prompt=5) == got
         p = mp.plan("causal-lm", cfg, batch_size=B, seq_len=T, device="cpu")
-        assert p.detail["saved"] == mp.saved_activation_bytes(cfg, B, T)
-        # The backward adds two fp32 copies of the logits (the loss's gradient, log_softmax's).
-        assert p.detail["logit_grads"] == 2 * 4 * B * T * cfg.vocab_size
+        assert p.detail["saved"] == got
+        # The fused loss keeps grad_h and grad_W; no logits at all.
+        kept = 4 * n * cfg.d_model + 4 * cfg.vocab_size * cfg.d_model
+        assert p.detail["head_kept"] == kept
+        assert got < mp.saved_activation_bytes(cfg, B, T, logits_at=T)        # the plain path's
         assert p.phases["backward"]["activations"] == p.detail["peak"]
 
 
+def test_logits_at_the_answer_states_keep_what_the_formula_says():
+    """PPO, GRPO and DPO: log-probs from `model(x, at=...)`, M = B x A answer states."""
+    for kw in VARIANTS:
+        cfg = tiny(**kw)
+        torch.manual_seed(0)
+        got = saved_bytes(Transformer(cfg), head="at")
+        assert got == mp.saved_activation_bytes(cfg, B, T, logits_at=A), kw
+        grpo = mp.plan("group-rl", cfg, batch_size=1, seq_len=T, ppo={
+            "prompts_per_step": 1, "group_size": B, "minibatch_size": B, "max_new_tokens": A})
+        assert grpo.detail["saved"] == got
+        # The backward's two fp32 copies of the answer states' log-softmax, and no more.
+        assert grpo.detail["head"] == 2 * 4 * B * A * cfg.vocab_size
+        # DPO: the plan does not know the answers' share, so every position has logits.
+        dpo = mp.plan("preference", cfg, batch_size=1, seq_len=T, answers=B)
+        assert dpo.detail["saved"] == mp.saved_activation_bytes(cfg, B, T, logits_at=T) > got
+
+
 def test_autocast_saves_bf16_casts_and_weight_copies_as_the_cuda_formula_says():
-    """CPU autocast follows the same rules for linear and SDPA as CUDA's: the plan's CUDA terms."""
+    """CPU autocast follows the same rules for linear and SDPA as CUDA's: the plan's CUDA terms.
+    The fused loss casts lm_head's weight for its forward only; `at=` goes through lm_head."""
     for kw in VARIANTS:
         cfg = tiny(**kw)
         torch.manual_seed(0)
         got = saved_bytes(Transformer(cfg), autocast=True)
-        weights = 2 * linear_weight_count(cfg)            # one bf16 copy of every matmul weight
+        weights = 2 * linear_weight_count(cfg, head=False)     # one bf16 copy of every layer's weight
         assert got == mp.saved_activation_bytes(cfg, B, T, compute_bytes=2, autocast=True) + weights, kw
         p = mp.plan("causal-lm", cfg, batch_size=B, seq_len=T, device="cuda", dtype="bfloat16")
+        assert p.detail["saved"] + p.detail["autocast_weights"] == got
+
+        got = saved_bytes(Transformer(cfg), autocast=True, head="at")
+        weights = 2 * linear_weight_count(cfg, head=True)
+        assert got == mp.saved_activation_bytes(cfg, B, T, compute_bytes=2, autocast=True, logits_at=A) + weights, kw
+        p = mp.plan("group-rl", cfg, batch_size=1, seq_len=T, device="cuda", dtype="bfloat16", ppo={
+            "prompts_per_step": 1, "group_size": B, "minibatch_size": B, "max_new_tokens": A})
         assert p.detail["saved"] + p.detail["autocast_weights"] == got
 
 
 def test_reward_models_scalar_head_keeps_no_logits():
     cfg = tiny()
     torch.manual_seed(0)
-    assert saved_bytes(ScalarModel(cfg), lm_loss=False) == mp.saved_activation_bytes(cfg, B, T, kind="scalar")
+    assert saved_bytes(ScalarModel(cfg), head="scalar") == mp.saved_activation_bytes(cfg, B, T, kind="scalar")
+
+
+# --- the fused loss's working set: what it allocates, not only what it keeps ------------------
+
+def loss_inputs(n, d, v, n_valid, dtype=torch.float32, head_trained=True):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(v, d, generator=g).to(dtype).requires_grad_(head_trained)
+    t = torch.randint(0, v, (n,), generator=g)
+    t[torch.randperm(n, generator=g)[:n - n_valid]] = -100
+    return h, w, t
+
+
+# (rows, d, vocab, valid rows, chunk rows, head trained): one chunk or several, a short last
+# chunk, every target valid or some ignored (SFT), a frozen head (LoRA), the default chunk size.
+LOSS_CASES = [(300, 32, 97, 300, 128, True), (300, 32, 97, 299, 128, True), (300, 32, 97, 200, 64, True),
+              (300, 32, 97, 300, None, True), (300, 32, 97, 250, 100, False), (300, 512, 50, 299, 128, True),
+              (300, 8, 1000, 290, 100, True), (300, 8, 1000, 0, 100, True)]
+
+
+@pytest.mark.parametrize("n,d,v,valid,rows,trained", LOSS_CASES)
+def test_fused_loss_allocates_what_the_formula_says(n, d, v, valid, rows, trained):
+    """fp32, as on CPU: every byte the allocator hands out during the loss's forward."""
+    h, w, t = loss_inputs(n, d, v, valid, head_trained=trained)
+    end, peak = allocated(lambda: linear_cross_entropy(h, w, t, chunk_rows=rows))
+    kept, planned = mp.fused_loss_bytes(n, d, v, n_valid=valid, head_trained=trained, rows=rows)
+    assert end == kept + 4                    # + the loss
+    assert peak == planned
+    # n_valid unknown (the plan's case): the worst any share of valid rows can do.
+    assert mp.fused_loss_bytes(n, d, v, head_trained=trained, rows=rows)[1] >= planned
+
+
+@pytest.mark.parametrize("n,d,v,valid,rows,autocast,weights", [
+    (300, 32, 97, 300, 128, True, torch.float32), (300, 32, 97, 250, 128, True, torch.float32),
+    (300, 8, 1000, 290, 100, True, torch.float32), (300, 512, 50, 299, 128, True, torch.float32),
+    (10, 256, 3000, 10, 4, True, torch.float32), (300, 32, 97, 250, 128, False, torch.bfloat16),
+    (10, 256, 3000, 9, 128, False, torch.bfloat16)])
+def test_fused_loss_in_bf16_makes_what_the_formula_says(n, d, v, valid, rows, autocast, weights):
+    """bf16 matmuls (autocast, or half weights) with the softmax in fp32, counted as op outputs:
+    CPU bf16 kernels allocate scratch of their own that CUDA's do not (see fused_loss_bytes)."""
+    h, w, t = loss_inputs(n, d, v, valid, weights)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx, OpOutputs(h, w, t) as made:
+        loss = linear_cross_entropy(h, w, t, chunk_rows=rows)
+    wb = w.element_size()
+    kept, planned = mp.fused_loss_bytes(n, d, v, n_valid=valid, compute_bytes=2, hidden_bytes=wb, weight_bytes=wb,
+                                        rows=rows)
+    assert made.now == kept + 4 and loss.dtype == torch.float32
+    assert made.peak == planned
+
+
+def test_the_plans_head_term_is_the_fused_loss_in_the_model():
+    """The model's own call, SFT-like (some targets -100), against the plan's head term."""
+    cfg = tiny(vocab_size=1000)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    x = torch.randint(0, cfg.vocab_size, (B, T))
+    y = torch.randint(0, cfg.vocab_size, (B, T))
+    y[0, 0] = -100
+    h = model.hidden(x).detach().requires_grad_()
+    end, peak = allocated(lambda: model.head_loss(h, y))
+    n = B * T
+    kept, planned = mp.fused_loss_bytes(n, cfg.d_model, cfg.vocab_size, n_valid=n - 1)
+    assert (end, peak) == (kept + 4, planned)
+    p = mp.plan("causal-lm", cfg, batch_size=B, seq_len=T)
+    assert p.detail["head_kept"] == kept
+    # Its forward's working set beyond what it keeps (the plan takes the worst share of valid
+    # targets), or its backward's scaled copy of grad_h.
+    assert p.detail["head"] >= peak - kept
+    assert p.detail["head"] == max(mp.fused_loss_bytes(n, cfg.d_model, cfg.vocab_size)[1] - kept, 4 * n * cfg.d_model)
+    lora = mp.plan("causal-lm", cfg, batch_size=B, seq_len=T, lora_rank=4)
+    assert lora.detail["head_kept"] == 4 * n * cfg.d_model          # a frozen head: no grad_W
 
 
 # --- LoRA ------------------------------------------------------------------------------------
@@ -129,17 +300,20 @@ def lorafy(model, r, targets):
 TARGET_SETS = [mp.LINEARS, ("q_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj"), ("o_proj",)]
 
 
+HEADS = {"fused": dict(kind="lm"), "at": dict(kind="lm", logits_at=A), "scalar": dict(kind="scalar")}
+
+
 def test_lora_saved_tensors_match_the_formula():
     for targets in TARGET_SETS:
-        for kind in ("lm", "scalar"):
+        for head, kw in HEADS.items():
             cfg = tiny()
             torch.manual_seed(0)
-            model = lorafy(Transformer(cfg) if kind == "lm" else ScalarModel(cfg), 4, targets)
-            got = saved_bytes(model, lm_loss=kind == "lm")
-            assert got == mp.saved_activation_bytes(cfg, B, T, kind=kind, lora_rank=4, lora_targets=targets), \
-                (targets, kind)
+            model = lorafy(ScalarModel(cfg) if head == "scalar" else Transformer(cfg), 4, targets)
+            got = saved_bytes(model, head=head)
+            assert got == mp.saved_activation_bytes(cfg, B, T, lora_rank=4, lora_targets=targets, **kw), \
+                (targets, head)
             # Frozen weights save no inputs of their own; only the adapters' [N, r] are extra.
-            full = mp.saved_activation_bytes(cfg, B, T, kind=kind)
+            full = mp.saved_activation_bytes(cfg, B, T, **kw)
             assert got < full + B * T * cfg.n_layer * mp._lora_saved(cfg, 4, 4, targets)
             if len(targets) < len(mp.LINEARS):
                 assert got < full
@@ -150,13 +324,14 @@ def test_engine_lora_saves_what_the_formula_says():
     pytest.importorskip("peft")
     lora = pytest.importorskip("engine.lora")
     for targets in TARGET_SETS[:2]:
-        for cls in (Transformer, ScalarModel):
+        for head, kw in HEADS.items():
             cfg = tiny()
             torch.manual_seed(0)
+            cls = ScalarModel if head == "scalar" else Transformer
             model = lora.add_adapters(cls(cfg), lora.LoRASettings(lora_rank=4, lora_targets=list(targets)), seed=0)
-            kind = "lm" if cls is Transformer else "scalar"
-            assert saved_bytes(model, lm_loss=kind == "lm") == mp.saved_activation_bytes(
-                cfg, B, T, kind=kind, lora_rank=4, lora_targets=targets), (targets, kind)
+            kind = kw["kind"]
+            assert saved_bytes(model, head=head) == mp.saved_activation_bytes(
+                cfg, B, T, lora_rank=4, lora_targets=targets, **kw), (targets, head)
             trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
             plan = mp.plan("ranking" if kind == "scalar" else "causal-lm", cfg, batch_size=2, seq_len=32, lora_rank=4,
                            lora_targets=targets)
@@ -210,7 +385,7 @@ def test_checkpointing_keeps_each_blocks_input_and_recomputes_one_block():
     assert ckpt.detail["recompute"] == pytest.approx(one_layer, rel=0.25)
     assert ckpt.detail["peak"] < plain.detail["peak"]
     head_and_inputs = mp.saved_activation_bytes(cfg, 8, 64, checkpointing=True)
-    assert ckpt.detail["peak"] <= head_and_inputs + max(ckpt.detail["logit_grads"],
+    assert ckpt.detail["peak"] <= head_and_inputs + max(ckpt.detail["head"],
                                                         ckpt.detail["recompute"] + ckpt.detail["layer_grads"])
 
 
@@ -258,11 +433,36 @@ def test_the_total_is_the_largest_phase_and_its_parts_add_up():
 
 
 def test_grad_accum_keeps_every_gradient_alive_through_the_next_backward():
-    cfg = tiny()
-    one = mp.plan("causal-lm", cfg, batch_size=4, seq_len=48)
-    four = mp.plan("causal-lm", cfg, batch_size=4, seq_len=48, grad_accum=4)
-    assert four.phases["backward"]["gradients"] == 4 * mp.param_count(cfg)
-    assert four.total > one.total
+    for tied in (False, True):
+        cfg = tiny(tie_embeddings=tied)
+        one = mp.plan("causal-lm", cfg, batch_size=4, seq_len=48)
+        four = mp.plan("causal-lm", cfg, batch_size=4, seq_len=48, grad_accum=4)
+        # The head's fresh gradient, tied or not (a tied one waits in autograd's buffer for the
+        # embedding's), beside every accumulated one.
+        head = 4 * cfg.vocab_size * cfg.d_model
+        assert one.phases["backward"]["gradients"] == head
+        assert four.phases["backward"]["gradients"] == 4 * mp.param_count(cfg) + head
+        assert four.total > one.total
+
+
+def test_a_tied_heads_gradient_waits_for_the_embeddings_at_the_end_of_the_backward():
+    """A whole training step, measured: with few tokens and wide layers its peak is the moment
+    the embedding's gradient meets the tied head's, every other gradient written."""
+    for tied in (False, True):
+        cfg = tiny(vocab_size=2000, d_model=64, d_ff=512, n_layer=4, tie_embeddings=tied)
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        x, y = (torch.randint(0, cfg.vocab_size, (1, 8)) for _ in range(2))
+        end, peak = allocated(lambda: model(x, y, loss_only=True).backward())
+        grads, head = 4 * mp.param_count(cfg), 4 * cfg.vocab_size * cfg.d_model
+        assert end == grads
+        p = mp.plan("causal-lm", cfg, batch_size=1, seq_len=8)
+        if tied:
+            assert head <= peak - end < head + 4096
+            assert p.phases["end of backward"]["gradients"] == grads + head
+        else:
+            assert peak - end < 4096
+            assert "end of backward" not in p.phases
 
 
 def test_allocator_slack_on_linux_cpu_follows_the_environment(monkeypatch):
@@ -317,9 +517,12 @@ def test_suggestions_each_make_the_plan_fit_and_come_best_first():
 
 
 def test_rl_suggestions_shrink_the_minibatch():
+    # Long answers: the minibatch's logits at its answer states set the peak (short ones leave it
+    # to generation's prefill of the whole rollout).
     cfg = tiny(vocab_size=4096, max_seq_len=512)
     p = mp.plan("actor-critic", cfg, batch_size=1, seq_len=512, ppo={"rollout_batch_size": 64, "minibatch_size": 32,
-                                                            "max_new_tokens": 64})
+                                                            "max_new_tokens": 448})
+    assert p.phase == "scoring"
     texts = check_options(p, int(p.total * 0.6))
     assert any(t.startswith("minibatch_size 16 instead of 32") or t.startswith("minibatch_size 8 instead of 32")
                for t in texts)
