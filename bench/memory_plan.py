@@ -175,7 +175,7 @@ def mib(b: float) -> str:
 
 
 def row(name: str, runs: dict, plans: dict) -> list:
-    from engine.memory_plan import param_count
+    from engine.memory_tensors import param_count
     s = SHAPES[name]
     gen = s["mode"] == "generate"
     shape = f"{s['batch']} x {s['seq']}" + (f" ({s['new']} new)" if gen else "")

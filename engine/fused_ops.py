@@ -13,7 +13,7 @@ back out; SwiGLU keeps silu(gate) beside gate and up. On a CPU these passes, not
 set the time, and in a small model they are a large share of a training step. Here each layer
 is a torch.autograd.Function: the forward pass keeps only what its backward needs (RMSNorm: x
 and one scale per row; RoPE: cos and sin, shared by every layer; SwiGLU: gate and up; what
-engine.memory_plan counts) and the backward pass computes the gradients directly, in place
+engine.memory_tensors counts) and the backward pass computes the gradients directly, in place
 where it can.
 
 The forward result is bit-for-bit the plain formula's: the same operations on the same values in

@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
 from engine import memory_plan as mp
+from engine import memory_tensors as mt
 from engine.fused_loss import linear_cross_entropy
 from engine.model import ModelConfig, ScalarModel, Transformer
 from engine.ppo_core import AnswerStates, logprobs_of
@@ -143,7 +144,7 @@ def test_saved_tensors_of_a_training_forward_match_the_formula_exactly():
         cfg = tiny(**kw)
         torch.manual_seed(0)
         got = saved_bytes(Transformer(cfg))
-        assert got == mp.saved_activation_bytes(cfg, B, T), kw
+        assert got == mt.saved_activation_bytes(cfg, B, T), kw
         # SFT's prompt targets are left out of the loss, but grad_h is kept for every row.
         assert saved_bytes(Transformer(cfg), prompt=5) == got
         p = mp.plan("causal-lm", cfg, batch_size=B, seq_len=T, device="cpu")
@@ -151,7 +152,7 @@ def test_saved_tensors_of_a_training_forward_match_the_formula_exactly():
         # The fused loss keeps grad_h and grad_W; no logits at all.
         kept = 4 * n * cfg.d_model + 4 * cfg.vocab_size * cfg.d_model
         assert p.detail["head_kept"] == kept
-        assert got < mp.saved_activation_bytes(cfg, B, T, logits_at=T)        # the plain path's
+        assert got < mt.saved_activation_bytes(cfg, B, T, logits_at=T)        # the plain path's
         assert p.phases["backward"]["activations"] == p.detail["peak"]
 
 
@@ -161,7 +162,7 @@ def test_logits_at_the_answer_states_keep_what_the_formula_says():
         cfg = tiny(**kw)
         torch.manual_seed(0)
         got = saved_bytes(Transformer(cfg), head="at")
-        assert got == mp.saved_activation_bytes(cfg, B, T, logits_at=A), kw
+        assert got == mt.saved_activation_bytes(cfg, B, T, logits_at=A), kw
         grpo = mp.plan("group-rl", cfg, batch_size=1, seq_len=T, ppo={
             "prompts_per_step": 1, "group_size": B, "minibatch_size": B, "max_new_tokens": A})
         assert grpo.detail["saved"] == got
@@ -169,7 +170,7 @@ def test_logits_at_the_answer_states_keep_what_the_formula_says():
         assert grpo.detail["head"] == 2 * 4 * B * A * cfg.vocab_size
         # DPO: the plan does not know the answers' share, so every position has logits.
         dpo = mp.plan("preference", cfg, batch_size=1, seq_len=T, answers=B)
-        assert dpo.detail["saved"] == mp.saved_activation_bytes(cfg, B, T, logits_at=T) > got
+        assert dpo.detail["saved"] == mt.saved_activation_bytes(cfg, B, T, logits_at=T) > got
 
 
 def test_autocast_saves_bf16_casts_and_weight_copies_as_the_cuda_formula_says():
@@ -180,13 +181,13 @@ def test_autocast_saves_bf16_casts_and_weight_copies_as_the_cuda_formula_says():
         torch.manual_seed(0)
         got = saved_bytes(Transformer(cfg), autocast=True)
         weights = 2 * linear_weight_count(cfg, head=False)     # one bf16 copy of every layer's weight
-        assert got == mp.saved_activation_bytes(cfg, B, T, compute_bytes=2, autocast=True) + weights, kw
+        assert got == mt.saved_activation_bytes(cfg, B, T, compute_bytes=2, autocast=True) + weights, kw
         p = mp.plan("causal-lm", cfg, batch_size=B, seq_len=T, device="cuda", dtype="bfloat16")
         assert p.detail["saved"] + p.detail["autocast_weights"] == got
 
         got = saved_bytes(Transformer(cfg), autocast=True, head="at")
         weights = 2 * linear_weight_count(cfg, head=True)
-        assert got == mp.saved_activation_bytes(cfg, B, T, compute_bytes=2, autocast=True, logits_at=A) + weights, kw
+        assert got == mt.saved_activation_bytes(cfg, B, T, compute_bytes=2, autocast=True, logits_at=A) + weights, kw
         p = mp.plan("group-rl", cfg, batch_size=1, seq_len=T, device="cuda", dtype="bfloat16", ppo={
             "prompts_per_step": 1, "group_size": B, "minibatch_size": B, "max_new_tokens": A})
         assert p.detail["saved"] + p.detail["autocast_weights"] == got
@@ -195,7 +196,7 @@ def test_autocast_saves_bf16_casts_and_weight_copies_as_the_cuda_formula_says():
 def test_reward_models_scalar_head_keeps_no_logits():
     cfg = tiny()
     torch.manual_seed(0)
-    assert saved_bytes(ScalarModel(cfg), head="scalar") == mp.saved_activation_bytes(cfg, B, T, kind="scalar")
+    assert saved_bytes(ScalarModel(cfg), head="scalar") == mt.saved_activation_bytes(cfg, B, T, kind="scalar")
 
 
 # --- the fused loss's working set: what it allocates, not only what it keeps ------------------
@@ -221,11 +222,11 @@ def test_fused_loss_allocates_what_the_formula_says(n, d, v, valid, rows, traine
     """fp32, as on CPU: every byte the allocator hands out during the loss's forward."""
     h, w, t = loss_inputs(n, d, v, valid, head_trained=trained)
     end, peak = allocated(lambda: linear_cross_entropy(h, w, t, chunk_rows=rows))
-    kept, planned = mp.fused_loss_bytes(n, d, v, n_valid=valid, head_trained=trained, rows=rows)
+    kept, planned = mt.fused_loss_bytes(n, d, v, n_valid=valid, head_trained=trained, rows=rows)
     assert end == kept + 4                    # + the loss
     assert peak == planned
     # n_valid unknown (the plan's case): the worst any share of valid rows can do.
-    assert mp.fused_loss_bytes(n, d, v, head_trained=trained, rows=rows)[1] >= planned
+    assert mt.fused_loss_bytes(n, d, v, head_trained=trained, rows=rows)[1] >= planned
 
 
 @pytest.mark.parametrize("n,d,v,valid,rows,autocast,weights", [
@@ -241,7 +242,7 @@ def test_fused_loss_in_bf16_makes_what_the_formula_says(n, d, v, valid, rows, au
     with ctx, OpOutputs(h, w, t) as made:
         loss = linear_cross_entropy(h, w, t, chunk_rows=rows)
     wb = w.element_size()
-    kept, planned = mp.fused_loss_bytes(n, d, v, n_valid=valid, compute_bytes=2, hidden_bytes=wb, weight_bytes=wb,
+    kept, planned = mt.fused_loss_bytes(n, d, v, n_valid=valid, compute_bytes=2, hidden_bytes=wb, weight_bytes=wb,
                                         rows=rows)
     assert made.now == kept + 4 and loss.dtype == torch.float32
     assert made.peak == planned
@@ -258,14 +259,14 @@ def test_the_plans_head_term_is_the_fused_loss_in_the_model():
     h = model.hidden(x).detach().requires_grad_()
     end, peak = allocated(lambda: model.head_loss(h, y))
     n = B * T
-    kept, planned = mp.fused_loss_bytes(n, cfg.d_model, cfg.vocab_size, n_valid=n - 1)
+    kept, planned = mt.fused_loss_bytes(n, cfg.d_model, cfg.vocab_size, n_valid=n - 1)
     assert (end, peak) == (kept + 4, planned)
     p = mp.plan("causal-lm", cfg, batch_size=B, seq_len=T)
     assert p.detail["head_kept"] == kept
     # Its forward's working set beyond what it keeps (the plan takes the worst share of valid
     # targets), or its backward's scaled copy of grad_h.
     assert p.detail["head"] >= peak - kept
-    assert p.detail["head"] == max(mp.fused_loss_bytes(n, cfg.d_model, cfg.vocab_size)[1] - kept, 4 * n * cfg.d_model)
+    assert p.detail["head"] == max(mt.fused_loss_bytes(n, cfg.d_model, cfg.vocab_size)[1] - kept, 4 * n * cfg.d_model)
     lora = mp.plan("causal-lm", cfg, batch_size=B, seq_len=T, lora_rank=4)
     assert lora.detail["head_kept"] == 4 * n * cfg.d_model          # a frozen head: no grad_W
 
@@ -297,7 +298,7 @@ def lorafy(model, r, targets):
     return model
 
 
-TARGET_SETS = [mp.LINEARS, ("q_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj"), ("o_proj",)]
+TARGET_SETS = [mt.LINEARS, ("q_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj"), ("o_proj",)]
 
 
 HEADS = {"fused": dict(kind="lm"), "at": dict(kind="lm", logits_at=A), "scalar": dict(kind="scalar")}
@@ -310,12 +311,12 @@ def test_lora_saved_tensors_match_the_formula():
             torch.manual_seed(0)
             model = lorafy(ScalarModel(cfg) if head == "scalar" else Transformer(cfg), 4, targets)
             got = saved_bytes(model, head=head)
-            assert got == mp.saved_activation_bytes(cfg, B, T, lora_rank=4, lora_targets=targets, **kw), \
+            assert got == mt.saved_activation_bytes(cfg, B, T, lora_rank=4, lora_targets=targets, **kw), \
                 (targets, head)
             # Frozen weights save no inputs of their own; only the adapters' [N, r] are extra.
-            full = mp.saved_activation_bytes(cfg, B, T, **kw)
-            assert got < full + B * T * cfg.n_layer * mp._lora_saved(cfg, 4, 4, targets)
-            if len(targets) < len(mp.LINEARS):
+            full = mt.saved_activation_bytes(cfg, B, T, **kw)
+            assert got < full + B * T * cfg.n_layer * mt._lora_saved(cfg, 4, 4, targets)
+            if len(targets) < len(mt.LINEARS):
                 assert got < full
 
 
@@ -330,7 +331,7 @@ def test_engine_lora_saves_what_the_formula_says():
             cls = ScalarModel if head == "scalar" else Transformer
             model = lora.add_adapters(cls(cfg), lora.LoRASettings(lora_rank=4, lora_targets=list(targets)), seed=0)
             kind = kw["kind"]
-            assert saved_bytes(model, head=head) == mp.saved_activation_bytes(
+            assert saved_bytes(model, head=head) == mt.saved_activation_bytes(
                 cfg, B, T, lora_rank=4, lora_targets=targets, **kw), (targets, head)
             trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
             plan = mp.plan("ranking" if kind == "scalar" else "causal-lm", cfg, batch_size=2, seq_len=32, lora_rank=4,
@@ -338,7 +339,7 @@ def test_engine_lora_saves_what_the_formula_says():
             assert plan.optimizer == 2 * 4 * trained
 
 
-@pytest.mark.parametrize("rank,targets", [(4, mp.LINEARS), (16, ("q_proj", "v_proj", "down_proj"))])
+@pytest.mark.parametrize("rank,targets", [(4, mt.LINEARS), (16, ("q_proj", "v_proj", "down_proj"))])
 def test_lora_optimizer_state_is_two_fp32_moments_per_adapter_param(rank, targets):
     cfg = tiny(n_kv_head=1)
     model = Transformer(cfg)
@@ -358,7 +359,7 @@ def test_lora_has_no_separate_reference_model():
     cfg = tiny()
     full = mp.plan("preference", cfg, batch_size=2, seq_len=32)
     lora = mp.plan("preference", cfg, batch_size=2, seq_len=32, lora_rank=8)
-    assert full.phases["backward"]["other_models"] == 4 * mp.param_count(cfg)
+    assert full.phases["backward"]["other_models"] == 4 * mt.param_count(cfg)
     assert lora.phases["backward"]["other_models"] == 0
 
 
@@ -374,17 +375,17 @@ def test_checkpointing_keeps_each_blocks_input_and_recomputes_one_block():
         for block in model.model.layers:
             block.forward = (lambda f: lambda *a: checkpoint(f, *a, use_reentrant=False))(block.forward)
     got = saved_bytes(model)
-    assert got == mp.saved_activation_bytes(cfg, B, T, checkpointing=True)
+    assert got == mt.saved_activation_bytes(cfg, B, T, checkpointing=True)
 
     plain = mp.plan("causal-lm", cfg, batch_size=8, seq_len=64)
     ckpt = mp.plan("causal-lm", cfg, batch_size=8, seq_len=64, grad_checkpointing=True)
     n = 8 * 64
     inputs = cfg.n_layer * 4 * n * cfg.d_model
-    one_layer = (plain.detail["saved"] - mp.saved_activation_bytes(cfg, 8, 64, checkpointing=True)
+    one_layer = (plain.detail["saved"] - mt.saved_activation_bytes(cfg, 8, 64, checkpointing=True)
                  + inputs) / cfg.n_layer          # roughly: the head's share is left in, spread thin
     assert ckpt.detail["recompute"] == pytest.approx(one_layer, rel=0.25)
     assert ckpt.detail["peak"] < plain.detail["peak"]
-    head_and_inputs = mp.saved_activation_bytes(cfg, 8, 64, checkpointing=True)
+    head_and_inputs = mt.saved_activation_bytes(cfg, 8, 64, checkpointing=True)
     assert ckpt.detail["peak"] <= head_and_inputs + max(ckpt.detail["head"],
                                                         ckpt.detail["recompute"] + ckpt.detail["layer_grads"])
 
@@ -394,22 +395,22 @@ def test_checkpointing_keeps_each_blocks_input_and_recomputes_one_block():
 def test_param_count_matches_the_models():
     for kw in VARIANTS + [{"qk_norm": True, "qkv_bias": True, "tie_embeddings": True}]:
         cfg = tiny(**kw)
-        assert mp.param_count(cfg, "lm") == Transformer(cfg).num_params(), kw
-        assert mp.param_count(cfg, "scalar") == ScalarModel(cfg).num_params(), kw
+        assert mt.param_count(cfg, "lm") == Transformer(cfg).num_params(), kw
+        assert mt.param_count(cfg, "scalar") == ScalarModel(cfg).num_params(), kw
 
 
 def test_kv_cache_matches_the_models_cache():
     cfg = tiny(n_kv_head=1)
     cache = Transformer(cfg).make_cache(5, 40)
-    assert mp.kv_cache_bytes(cfg, 5, 40, 4) == sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+    assert mt.kv_cache_bytes(cfg, 5, 40, 4) == sum(t.numel() * t.element_size() for t in cache.k + cache.v)
     p = mp.plan("generation", cfg, batch_size=5, seq_len=40, ppo={"max_new_tokens": 30})
-    assert p.kv_cache == mp.kv_cache_bytes(cfg, 5, 40, 4)
+    assert p.kv_cache == mt.kv_cache_bytes(cfg, 5, 40, 4)
     assert p.gradients == p.optimizer == p.activations == 0
 
 
 def test_stages_hold_the_models_they_load():
     cfg = tiny()
-    lm, sc = 4 * mp.param_count(cfg, "lm"), 4 * mp.param_count(cfg, "scalar")
+    lm, sc = 4 * mt.param_count(cfg, "lm"), 4 * mt.param_count(cfg, "scalar")
     ppo = mp.plan("actor-critic", cfg, batch_size=1, seq_len=48, ppo={"rollout_batch_size": 8, "minibatch_size": 4,
                                                               "max_new_tokens": 16})
     assert ppo.phases["generation"]["other_models"] == lm + 2 * sc          # reference, value, reward
@@ -418,7 +419,7 @@ def test_stages_hold_the_models_they_load():
     grpo = mp.plan("group-rl", cfg, batch_size=1, seq_len=48, ppo={"rm_weight": 1.0, "max_new_tokens": 16})
     assert grpo.phases["backward"]["other_models"] == lm + sc
     reward = mp.plan("ranking", cfg, batch_size=2, seq_len=32, answers=4)
-    assert reward.detail["saved"] == mp.saved_activation_bytes(cfg, 8, 32, kind="scalar")
+    assert reward.detail["saved"] == mt.saved_activation_bytes(cfg, 8, 32, kind="scalar")
 
 
 def test_the_total_is_the_largest_phase_and_its_parts_add_up():
@@ -441,7 +442,7 @@ def test_grad_accum_keeps_every_gradient_alive_through_the_next_backward():
         # embedding's), beside every accumulated one.
         head = 4 * cfg.vocab_size * cfg.d_model
         assert one.phases["backward"]["gradients"] == head
-        assert four.phases["backward"]["gradients"] == 4 * mp.param_count(cfg) + head
+        assert four.phases["backward"]["gradients"] == 4 * mt.param_count(cfg) + head
         assert four.total > one.total
 
 
@@ -454,7 +455,7 @@ def test_a_tied_heads_gradient_waits_for_the_embeddings_at_the_end_of_the_backwa
         model = Transformer(cfg)
         x, y = (torch.randint(0, cfg.vocab_size, (1, 8)) for _ in range(2))
         end, peak = allocated(lambda: model(x, y, loss_only=True).backward())
-        grads, head = 4 * mp.param_count(cfg), 4 * cfg.vocab_size * cfg.d_model
+        grads, head = 4 * mt.param_count(cfg), 4 * cfg.vocab_size * cfg.d_model
         assert end == grads
         p = mp.plan("causal-lm", cfg, batch_size=1, seq_len=8)
         if tied:
