@@ -103,25 +103,32 @@ def _chunks(h, w, t, rows, scale, need):
     # Where each row's target sits in a chunk's flattened logits.
     offsets = torch.arange(min(rows, h.size(0)), device=h.device) * v
     for s in range(0, h.size(0), rows):
-        hc, tc = h[s:s + rows], t[s:s + rows]
-        at = offsets[:hc.size(0)] + tc
-        logp = torch.log_softmax((hc @ w.T).float(), dim=-1)
-        total -= logp.view(-1).take(at).sum()
-        if grad_h is None and grad_w is None:
-            continue
-        g = logp.exp_()                       # softmax ...
-        g.view(-1).index_add_(0, at, torch.full_like(at, -1.0, dtype=g.dtype))   # ... minus one-hot
-        g = g.mul_(scale).to(h.dtype)
-        if grad_h is not None:
-            torch.mm(g, w, out=grad_h[s:s + rows])
-        if grad_w is not None:
-            if grad_w.dtype == g.dtype:   # beta 0: the first chunk ignores grad_w's garbage
-                grad_w.addmm_(g.T, hc, beta=0.0 if s == 0 else 1.0)
-            elif s == 0:                  # half-precision products, summed in fp32 across chunks
-                grad_w.copy_(g.T @ hc)
-            else:
-                grad_w += g.T @ hc
+        total -= _chunk(h[s:s + rows], t[s:s + rows], w, offsets, scale, grad_h, grad_w, s, rows)
     return total, grad_h, grad_w
+
+
+def _chunk(hc, tc, w, offsets, scale, grad_h, grad_w, s: int, rows: int) -> torch.Tensor:
+    """One chunk: its summed log-prob of the targets, its rows of grad_h written, its share added
+    to grad_w. A function of its own so that its vocab-wide tensors are freed when it returns,
+    before the next chunk's are allocated."""
+    at = offsets[:hc.size(0)] + tc
+    logp = torch.log_softmax((hc @ w.T).float(), dim=-1)
+    picked = logp.view(-1).take(at).sum()
+    if grad_h is None and grad_w is None:
+        return picked
+    g = logp.exp_()                       # softmax ...
+    g.view(-1).index_add_(0, at, torch.full_like(at, -1.0, dtype=g.dtype))   # ... minus one-hot
+    g = g.mul_(scale).to(hc.dtype)
+    if grad_h is not None:
+        torch.mm(g, w, out=grad_h[s:s + rows])
+    if grad_w is not None:
+        if grad_w.dtype == g.dtype:   # beta 0: the first chunk ignores grad_w's garbage
+            grad_w.addmm_(g.T, hc, beta=0.0 if s == 0 else 1.0)
+        elif s == 0:                  # half-precision products, summed in fp32 across chunks
+            grad_w.copy_(g.T @ hc)
+        else:
+            grad_w += g.T @ hc
+    return picked
 
 
 def _compute_dtype(h, weight) -> torch.dtype:

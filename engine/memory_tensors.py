@@ -120,8 +120,8 @@ def fused_loss_bytes(n: int, d: int, vocab: int, *, n_valid: Optional[int] = Non
     the valid rows of h and of their targets; where the compute dtype differs from h's or the
     weight's (autocast), a cast of each; grad_h of the valid rows in the compute dtype and grad_W
     in fp32, filled chunk by chunk. A chunk holds its fp32 logits and their log-softmax (and that
-    log-softmax's cast to the compute dtype, which its matmuls read), and the previous chunk's
-    are still alive while the next chunk's are computed. At the end grad_h is cast and spread
+    log-softmax's cast to the compute dtype, which its matmuls read), all freed before the next
+    chunk's are computed. At the end grad_h is cast and spread
     back to all n rows, then grad_W cast to the weight's dtype, before the copies are let go.
 
     n_valid: rows whose target is not -100. None is the worst case for n rows: all of them valid,
@@ -139,18 +139,15 @@ def fused_loss_bytes(n: int, d: int, vocab: int, *, n_valid: Optional[int] = Non
     every = n_valid == n
     r = min(rows or max(MIN_ROWS, CHUNK_BYTES // (4 * v)), nv)
     chunks = -(-nv // r)
-    last = nv - (chunks - 1) * r
     grad_w = 4 * v * d * head_trained
-    left = 4 * r * v + c * r * v * (c != 4)       # what a finished chunk leaves: log-softmax, its cast
+    soft = 4 * r * v + c * r * v * (c != 4)       # a chunk's softmax gradient and its cast
     base = 8 * nv + (hb * nv * d + 8 * nv) * (not every)   # valid rows' indices; their rows of h, targets
     casts = c * nv * d * (c != hb) + c * v * d * (c != wb)
     work = 4 + c * nv * d + grad_w + 8 * r        # summed loss, grad_h, grad_W, each row's target offset
-    chunk = 8 * r + 8 * r * v                     # the first chunk: target index, logits, log-softmax
-    if chunks > 1:                                # the next one while the previous one's are alive
-        r2 = r if chunks > 2 else last
-        chunk = max(chunk, left + 8 * r2 + 8 * r2 * v)
-    if c != 4 and head_trained:                   # grad_W's product in the compute dtype, added in fp32
-        chunk = max(chunk, left + 8 * r + c * v * d)
+    # A chunk: its target index, logits and log-softmax; the one before it is freed by then.
+    chunk = 8 * r + 8 * r * v
+    if c != 4 and head_trained:   # grad_W's product in the compute dtype, added in fp32 (+ the chunk's loss)
+        chunk = max(chunk, soft + 8 * r + c * v * d + 4)
     during = base + casts + work + chunk
     if every:       # grad_h cast to h's dtype beside the compute-dtype one
         spread = hb * n * d * (c != hb)
