@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.fused_ops import rms_norm
 from engine.model import KVCache, Transformer, apply_rope, repeat_kv, rope_cos_sin
 
 # Concatenated weights cost a copy of most of the model for the length of a generate call:
@@ -27,14 +28,6 @@ from engine.model import KVCache, Transformer, apply_rope, repeat_kv, rope_cos_s
 FUSE_UP_TO_PARAMS = 50_000_000
 
 Step = Callable[[torch.Tensor, KVCache, Optional[torch.Tensor]], torch.Tensor]
-
-
-def _rms(x, weight, eps: float):
-    # engine.model.RMSNorm's arithmetic (engine.fused_ops.rms_norm): the same values to the bit.
-    dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
 
 
 def _plain(model: Transformer) -> bool:
@@ -106,16 +99,16 @@ def make_step(model: Transformer, max_len: int) -> Optional[Step]:
         cos, sin = cos_t[0, pos][:, None], sin_t[0, pos][:, None]
         x = F.embedding(tokens[:, None], emb)
         for i, w in enumerate(layers):
-            q, k, v = qkv(w, _rms(x, w["norm1"], eps), B)
+            q, k, v = qkv(w, rms_norm(x, w["norm1"], eps), B)
             if w["q_norm"] is not None:
-                q, k = _rms(q, w["q_norm"], eps), _rms(k, w["k_norm"], eps)
+                q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             k, v = cache.update(i, k, v)
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             x = x + F.linear(y.transpose(1, 2).reshape(B, 1, -1), w["o"])
-            x = x + mlp(w, _rms(x, w["norm2"], eps))
+            x = x + mlp(w, rms_norm(x, w["norm2"], eps))
         cache.advance(1)
-        return F.linear(_rms(x, final, eps), head).float()[:, -1]
+        return F.linear(rms_norm(x, final, eps), head).float()[:, -1]
 
     return step

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from engine.ppo_core import logprobs_of
-
 from engine.reward_data import ranking_pairs
 
 LOSSES = ("sigmoid", "ipo")

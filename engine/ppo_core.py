@@ -22,10 +22,9 @@ def _picked(lp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return lp.gather(-1, targets[..., None]).squeeze(-1)
 
 
-# The figures below come in two layouts. The aligned ones take logits [..., V] and the tokens
-# they predict [...] (AnswerStates gives both for the answer tokens only); the full-layout ones
-# take a model's logits [B, T, V] and its ids [B, T] and align them: column t is the figure of
-# token t (column 0 is 0). Both run the very same ops, so a log-prob is bit-identical either way.
+# The figures below take logits [..., V] and the tokens they predict [...], aligned
+# (AnswerStates gives both for a rollout's answer tokens, and puts each figure back in the
+# rollout's layout).
 
 def logprobs_of(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
     """log π(target) in fp32, the sampling temperature dividing the logits exactly as it did
@@ -49,11 +48,6 @@ def reference_figures_of(logits: torch.Tensor, ref_logits: torch.Tensor, targets
     return _picked(lp, targets), -(p * lp).sum(-1), _picked(ref, targets), (p * (lp - ref)).sum(-1)
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log π(ids[t] | ids[<t]) at every t ≥ 1 (column 0 is 0): `logprobs_of`, full layout."""
-    return F.pad(logprobs_of(logits[:, :-1], ids[:, 1:], temperature), (1, 0))
-
-
 def state_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(π ‖ π_ref) of the next-token distributions, summed over the vocabulary, aligned with
     the token they predict: column t is the KL at the state before token t (column 0 is 0).
@@ -65,27 +59,12 @@ def state_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float 
     return F.pad((lp.exp() * (lp - ref)).sum(-1), (1, 0))
 
 
-def logprobs_and_entropy(logits: torch.Tensor, ids: torch.Tensor,
-                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`logprobs_entropy_of`, full layout."""
-    figures = logprobs_entropy_of(logits[:, :-1], ids[:, 1:], temperature)
-    return tuple(F.pad(f, (1, 0)) for f in figures)
-
-
-def score_against_reference(logits: torch.Tensor, ref_logits: torch.Tensor, ids: torch.Tensor,
-                            temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`reference_figures_of`, full layout: the same figures as token_logprobs,
-    logprobs_and_entropy and state_kl, without computing them twice."""
-    figures = reference_figures_of(logits[:, :-1], ref_logits[:, :-1], ids[:, 1:], temperature)
-    return tuple(F.pad(f, (1, 0)) for f in figures)
-
-
 @dataclass
 class AnswerStates:
     """Where a batch's answer tokens are drawn from: position t of a row when token t+1 is an
     action. A model called with `at=states.at` returns its logits there only ([M, V], row-major),
     `targets` are the actions they predict, and `spread` puts a figure of each back in the
-    full layout. A rollout row is half prompt, so this halves the head's work and its softmax."""
+    rollout's layout. A rollout row is half prompt, so this halves the head's work and its softmax."""
     at: torch.Tensor        # [B, T] bool
     targets: torch.Tensor   # [M]
 

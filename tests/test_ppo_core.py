@@ -4,11 +4,19 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine.model import Transformer, config_from_preset
 from engine.ppo_core import (BETA_RANGE, ERROR_RANGE, KL_GAIN, AnswerStates, KLController, build_rollout, gae,
-                             last_action_index, logprobs_and_entropy, masked_whiten, per_token_rewards, ppo_losses,
-                             reference_figures_of, shift_values, score_against_reference, state_kl, token_logprobs)
+                             last_action_index, logprobs_entropy_of, logprobs_of, masked_whiten, per_token_rewards,
+                             ppo_losses, reference_figures_of, shift_values, state_kl)
+
+
+def full_layout(figures_of, *logits, ids, temperature):
+    """A figure function of aligned logits, over a model's whole [B, T] output: column t is the
+    figure of token t, column 0 is 0 (as state_kl lays it out)."""
+    out = figures_of(*(x[:, :-1] for x in logits), ids[:, 1:], temperature)
+    return tuple(F.pad(f, (1, 0)) for f in out) if isinstance(out, tuple) else F.pad(out, (1, 0))
 
 
 def test_gae_matches_a_hand_computed_example():
@@ -53,7 +61,9 @@ def test_logprobs_are_shifted_and_temperature_scaled():
     torch.manual_seed(0)
     logits = torch.randn(1, 4, 7)
     ids = torch.tensor([[3, 1, 6, 2]])
-    lp = token_logprobs(logits, ids, temperature=0.7)
+    mask = torch.tensor([[0., 1., 1., 1.]])
+    st = AnswerStates.of(ids, mask)
+    lp = st.spread(logprobs_of(logits[st.at], st.targets, temperature=0.7))
     expect = torch.log_softmax(logits[0, 1] / 0.7, -1)[6]
     assert lp[0, 0] == 0 and lp[0, 2].item() == pytest.approx(expect.item(), rel=1e-6)
     v = shift_values(torch.tensor([[1., 2., 3., 4.]]))
@@ -64,8 +74,8 @@ def test_one_pass_logprobs_equal_token_logprobs_and_entropy_is_the_sampling_dist
     torch.manual_seed(1)
     logits = torch.randn(2, 5, 9)
     ids = torch.randint(0, 9, (2, 5))
-    lp, ent = logprobs_and_entropy(logits, ids, temperature=0.7)
-    assert torch.equal(lp, token_logprobs(logits, ids, temperature=0.7))   # PPO's ratio-1 start needs equality
+    lp, ent = full_layout(logprobs_entropy_of, logits, ids=ids, temperature=0.7)
+    assert torch.equal(lp, full_layout(logprobs_of, logits, ids=ids, temperature=0.7))   # PPO's ratio-1 start needs equality
     expect = torch.distributions.Categorical(logits=logits[:, :-1] / 0.7).entropy()
     assert torch.allclose(ent[:, 1:], expect, atol=1e-5) and (ent[:, 0] == 0).all()
 
@@ -166,14 +176,15 @@ def test_state_kl_is_what_sampled_log_ratios_average_to():
     assert float((lp - lq)[draws].mean()) == pytest.approx(float(state_kl(logits, ref)[0, 1]), abs=0.01)
 
 
-def test_score_against_reference_gives_the_three_figures_bit_for_bit():
+def test_reference_figures_give_the_three_figures_bit_for_bit():
     g = torch.Generator().manual_seed(3)
     logits, ref = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
     ids = torch.randint(0, 7, (2, 5), generator=g)
-    logp, entropy, ref_logp, kl = score_against_reference(logits, ref, ids, 0.7)
-    want_logp, want_entropy = logprobs_and_entropy(logits, ids, 0.7)
+    logp, entropy, ref_logp, kl = full_layout(reference_figures_of, logits, ref, ids=ids, temperature=0.7)
+    want_logp, want_entropy = full_layout(logprobs_entropy_of, logits, ids=ids, temperature=0.7)
     assert torch.equal(logp, want_logp) and torch.equal(entropy, want_entropy)
-    assert torch.equal(ref_logp, token_logprobs(ref, ids, 0.7)) and torch.equal(kl, state_kl(logits, ref, 0.7))
+    assert (torch.equal(ref_logp, full_layout(logprobs_of, ref, ids=ids, temperature=0.7))
+            and torch.equal(kl, state_kl(logits, ref, 0.7)))
 
 
 def test_answer_states_give_the_full_layouts_figures_on_the_actions_and_zero_elsewhere():
@@ -184,7 +195,7 @@ def test_answer_states_give_the_full_layouts_figures_on_the_actions_and_zero_els
     # The states before each action: column 2 and 3 of row 0, 1 2 3 of row 1.
     assert st.at.tolist() == [[False, False, True, True, False], [False, True, True, True, False]]
     assert st.targets.tolist() == [1, 2, 3, 4, 0]
-    full = score_against_reference(logits, ref, ro.ids, 0.7)
+    full = full_layout(reference_figures_of, logits, ref, ids=ro.ids, temperature=0.7)
     for want, got in zip(full, (st.spread(f) for f in reference_figures_of(logits[st.at], ref[st.at], st.targets, 0.7))):
         assert torch.equal(got, want * ro.mask)     # bit for bit where it counts, 0 where it does not
 
