@@ -6,8 +6,12 @@ same ops in the same order, so the logits are the same to the bit: tests/test_de
 without the module calls, with the cos/sin of every position computed once per generate call,
 and, for a small model, with q/k/v and gate/up each one matmul over weights concatenated once
 per call (a matmul's columns do not depend on their neighbours: the same bits). On CPU at
-batch 1 the step's weight matmuls are about half its time (bench/decode_floor.py); the rest was
-Python and dispatch, which this cuts.
+batch 1 the step's weight matmuls are about half its time (bench/decode_floor.py); the rest is
+Python and dispatch, a microsecond or more per op whatever its size, so the step is written in
+as few ops as give the same bits: 2-D activations and torch.mm on the transposed weights (what
+F.linear calls, without its layers), q and k rotated together, in-place adds, RMSNorm without
+no-op casts and with its constants as tensors, the padding mask made additive once a step
+rather than by SDPA in every layer.
 
 Only a plain Transformer takes this path: a model whose layers are wrapped (LoRA adapters
 while they train) keeps the forward, which knows its wrappers.
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.fused_ops import rms_norm
-from engine.model import KVCache, Transformer, apply_rope, repeat_kv, rope_cos_sin
+from engine.model import KVCache, Transformer, repeat_kv, rope_cos_sin
 
 # Concatenated weights cost a copy of most of the model for the length of a generate call:
 # worth it for the small models a CPU decodes token by token, not for a large one.
@@ -41,20 +45,55 @@ def _plain(model: Transformer) -> bool:
 
 
 def _layer_weights(block, fuse: bool) -> dict:
+    """Each projection's weight as the transposed view F.linear multiplies by (so torch.mm here
+    is the very call F.linear makes), q/k/v and gate/up concatenated when `fuse`."""
     a, mlp = block.self_attn, block.mlp
     w = {"norm1": block.input_layernorm.weight, "norm2": block.post_attention_layernorm.weight,
-         "o": a.o_proj.weight, "down": mlp.down_proj.weight,
+         "o": a.o_proj.weight.t(), "down": mlp.down_proj.weight.t(),
          "q_norm": a.q_norm.weight if a.qk_norm else None,
          "k_norm": a.k_norm.weight if a.qk_norm else None}
     if fuse:
-        w["qkv"] = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        w["qkv"] = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).t()
         w["qkv_b"] = (torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
                       if a.q_proj.bias is not None else None)
-        w["gate_up"] = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        w["gate_up"] = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t()
     else:
-        w.update(q=a.q_proj, k=a.k_proj, v=a.v_proj, gate=mlp.gate_proj.weight,
-                 up=mlp.up_proj.weight)
+        for n in "qkv":
+            proj = getattr(a, n + "_proj")
+            w[n], w[n + "_b"] = proj.weight.t(), proj.bias
+        w.update(gate=mlp.gate_proj.weight.t(), up=mlp.up_proj.weight.t())
     return w
+
+
+def _mm(h, weight_t, bias):
+    """F.linear(h, weight, bias) for a 2-D h, minus its dispatch layers."""
+    return torch.mm(h, weight_t) if bias is None else torch.addmm(bias, h, weight_t)
+
+
+def _norm(x, weight, eps: float, consts):
+    """fused_ops.rms_norm's arithmetic. For fp32 without its two casts (each a no-op) and with
+    mean written as what it runs on CPU, sum then divide; the divisor and eps are 0-dim tensors
+    made once, since a Python number is wrapped into a tensor on every call."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return rms_norm(x, weight, eps)
+    width, eps_t = consts
+    return (x * (x * x).sum(-1, keepdim=True).div_(width).add_(eps_t).rsqrt_()).mul_(weight)
+
+
+def _swapped_halves(sin):
+    s1, s2 = sin.chunk(2, dim=-1)
+    return torch.cat((s2, s1), dim=-1)
+
+
+def _rope(x, cos, swapped_sin):
+    """fused_ops._rope with sin's halves swapped once per generate call rather than every step:
+    x * cos + rotate_half(x) * sin, the same bits."""
+    y, t = x * cos, x * swapped_sin
+    y1, y2 = y.chunk(2, dim=-1)
+    t1, t2 = t.chunk(2, dim=-1)
+    y1.sub_(t2)
+    y2.add_(t1)
+    return y
 
 
 def make_step(model: Transformer, max_len: int) -> Optional[Step]:
@@ -65,50 +104,64 @@ def make_step(model: Transformer, max_len: int) -> Optional[Step]:
     cfg = model.config
     fuse = model.num_params() <= FUSE_UP_TO_PARAMS
     layers = [_layer_weights(b, fuse) for b in model.model.layers]
-    emb, head, final = model.model.embed_tokens.weight, model.lm_head.weight, model.model.norm.weight
+    emb, final = model.model.embed_tokens.weight, model.model.norm.weight
+    head = model.lm_head.weight.t()
     cos_t, sin_t = rope_cos_sin(torch.arange(max_len, device=emb.device)[None], cfg.head_dim,
                                 cfg.rope_theta, emb.dtype, cfg.rope_scaling)
+    cos_t, sin_t = cos_t[0], _swapped_halves(sin_t[0])
     H, K, hd, eps = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps
-    n_rep, d_ff = H // K, cfg.d_ff
+    n_rep, d_ff, qk_norm = H // K, cfg.d_ff, cfg.qk_norm
+    eps_t = torch.tensor(eps, device=emb.device)
+    by_model = (torch.tensor(float(cfg.d_model), device=emb.device), eps_t)
+    by_head = (torch.tensor(float(hd), device=emb.device), eps_t)
 
-    def qkv(w, h, B):
+    def attention(w, h, i, cache, past, cos, sin, mask):
+        B = h.shape[0]
         if fuse:
-            y = F.linear(h, w["qkv"], w["qkv_b"])
-            q, k, v = y.split([H * hd, K * hd, K * hd], dim=-1)
+            y = _mm(h, w["qkv"], w["qkv_b"])
+            q, k, v = y.narrow(1, 0, H * hd), y.narrow(1, H * hd, K * hd), y.narrow(1, (H + K) * hd, K * hd)
         else:
-            q, k, v = (F.linear(h, m.weight, m.bias) for m in (w["q"], w["k"], w["v"]))
-        return (q.view(B, 1, H, hd).transpose(1, 2), k.view(B, 1, K, hd).transpose(1, 2),
-                v.view(B, 1, K, hd).transpose(1, 2))
+            q, k, v = (_mm(h, w[n], w[n + "_b"]) for n in ("q", "k", "v"))
+        if qk_norm:   # each normed on its own, then rotated on its own
+            q = _rope(_norm(q.view(B, H, hd), w["q_norm"], eps, by_head), cos, sin)
+            k = _rope(_norm(k.view(B, K, hd), w["k_norm"], eps, by_head), cos, sin)
+        elif fuse:    # q and k lie side by side: one rotation for both
+            qk = _rope(y.narrow(1, 0, (H + K) * hd).view(B, H + K, hd), cos, sin)
+            q, k = qk.narrow(1, 0, H), qk.narrow(1, H, K)
+        else:
+            q, k = _rope(q.view(B, H, hd), cos, sin), _rope(k.view(B, K, hd), cos, sin)
+        cache.k[i].select(2, past).copy_(k)
+        cache.v[i].select(2, past).copy_(v.view(B, K, hd))
+        keys = repeat_kv(cache.k[i].narrow(2, 0, past + 1), n_rep)
+        values = repeat_kv(cache.v[i].narrow(2, 0, past + 1), n_rep)
+        att = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask)
+        return torch.mm(att.reshape(B, H * hd), w["o"])
 
     def mlp(w, h):
         if fuse:
-            g, u = F.linear(h, w["gate_up"]).split(d_ff, dim=-1)
+            gu = torch.mm(h, w["gate_up"])
+            g, u = gu.narrow(1, 0, d_ff), gu.narrow(1, d_ff, d_ff)
         else:
-            g, u = F.linear(h, w["gate"]), F.linear(h, w["up"])
-        return F.linear(F.silu(g) * u, w["down"])
+            g, u = torch.mm(h, w["gate"]), torch.mm(h, w["up"])
+        return torch.mm(F.silu(g).mul_(u), w["down"])
 
     def step(tokens: torch.Tensor, cache: KVCache, attention_mask: Optional[torch.Tensor]):
-        B, past = tokens.shape[0], cache.length
+        past = cache.length
         if attention_mask is None:
-            pos, mask = torch.full((B,), past, device=tokens.device), None
+            cos, sin, mask = cos_t[past], sin_t[past], None
         else:
             # The model's rule: a left-padded row counts positions from its first real token.
+            # SDPA turns a bool mask into this additive one in every call; here once a step.
             real = attention_mask.to(torch.bool)
-            pos = real.long().sum(-1) - 1
-            mask = real[:, None, None, :]
-        cos, sin = cos_t[0, pos][:, None], sin_t[0, pos][:, None]
-        x = F.embedding(tokens[:, None], emb)
+            pos = real.sum(-1) - 1
+            cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]
+            mask = torch.zeros(real.shape, dtype=emb.dtype, device=emb.device).masked_fill_(
+                ~real, float("-inf"))[:, None, None]
+        x = F.embedding(tokens, emb)
         for i, w in enumerate(layers):
-            q, k, v = qkv(w, rms_norm(x, w["norm1"], eps), B)
-            if w["q_norm"] is not None:
-                q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            k, v = cache.update(i, k, v)
-            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            x = x + F.linear(y.transpose(1, 2).reshape(B, 1, -1), w["o"])
-            x = x + mlp(w, rms_norm(x, w["norm2"], eps))
+            x.add_(attention(w, _norm(x, w["norm1"], eps, by_model), i, cache, past, cos, sin, mask))
+            x.add_(mlp(w, _norm(x, w["norm2"], eps, by_model)))
         cache.advance(1)
-        return F.linear(rms_norm(x, final, eps), head).float()[:, -1]
+        return torch.mm(_norm(x, final, eps, by_model), head).float()
 
     return step
