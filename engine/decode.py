@@ -31,7 +31,7 @@ from engine.model import KVCache, Transformer, repeat_kv, rope_cos_sin
 # worth it for the small models a CPU decodes token by token, not for a large one.
 FUSE_UP_TO_PARAMS = 50_000_000
 
-Step = Callable[[torch.Tensor, KVCache, Optional[torch.Tensor]], torch.Tensor]
+Step = Callable[[torch.Tensor, KVCache], torch.Tensor]
 
 
 def _plain(model: Transformer) -> bool:
@@ -96,9 +96,15 @@ def _rope(x, cos, swapped_sin):
     return y
 
 
-def make_step(model: Transformer, max_len: int) -> Optional[Step]:
-    """step(tokens [B], cache, attention_mask [B, past + 1] or None) -> logits [B, vocab] (fp32),
-    for positions below max_len; None when the model must keep its own forward."""
+def make_step(model: Transformer, max_len: int,
+              prompt_real: Optional[torch.Tensor] = None) -> Optional[Step]:
+    """step(tokens [B], cache) -> logits [B, vocab] (fp32), for positions below max_len; None
+    when the model must keep its own forward.
+
+    prompt_real (bool [B, P]) marks the real tokens of left-padded prompts already in the cache,
+    None when no row is padded. Every token a step adds is real (generate_batch feeds a finished
+    row a pad token that no one reads), so the model's attention_mask for a step is prompt_real
+    followed by ones: its additive form and each row's offset are made here, once a call."""
     if not _plain(model):
         return None
     cfg = model.config
@@ -114,6 +120,13 @@ def make_step(model: Transformer, max_len: int) -> Optional[Step]:
     eps_t = torch.tensor(eps, device=emb.device)
     by_model = (torch.tensor(float(cfg.d_model), device=emb.device), eps_t)
     by_head = (torch.tensor(float(hd), device=emb.device), eps_t)
+    pads, additive = None, None
+    if prompt_real is not None:
+        # The model's rule: a left-padded row counts positions from its first real token.
+        pads = (~prompt_real).sum(-1)
+        additive = torch.zeros((prompt_real.shape[0], max_len), dtype=emb.dtype, device=emb.device)
+        additive[:, :prompt_real.shape[1]].masked_fill_(~prompt_real, float("-inf"))
+        additive = additive[:, None, None]      # SDPA makes this of a bool mask in every call
 
     def attention(w, h, i, cache, past, cos, sin, mask):
         B = h.shape[0]
@@ -145,18 +158,13 @@ def make_step(model: Transformer, max_len: int) -> Optional[Step]:
             g, u = torch.mm(h, w["gate"]), torch.mm(h, w["up"])
         return torch.mm(F.silu(g).mul_(u), w["down"])
 
-    def step(tokens: torch.Tensor, cache: KVCache, attention_mask: Optional[torch.Tensor]):
+    def step(tokens: torch.Tensor, cache: KVCache):
         past = cache.length
-        if attention_mask is None:
+        if pads is None:
             cos, sin, mask = cos_t[past], sin_t[past], None
         else:
-            # The model's rule: a left-padded row counts positions from its first real token.
-            # SDPA turns a bool mask into this additive one in every call; here once a step.
-            real = attention_mask.to(torch.bool)
-            pos = real.sum(-1) - 1
-            cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]
-            mask = torch.zeros(real.shape, dtype=emb.dtype, device=emb.device).masked_fill_(
-                ~real, float("-inf"))[:, None, None]
+            pos = pads.neg().add_(past)
+            cos, sin, mask = cos_t[pos][:, None], sin_t[pos][:, None], additive.narrow(3, 0, past + 1)
         x = F.embedding(tokens, emb)
         for i, w in enumerate(layers):
             x.add_(attention(w, _norm(x, w["norm1"], eps, by_model), i, cache, past, cos, sin, mask))

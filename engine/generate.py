@@ -54,7 +54,7 @@ def sample_next(logits, temperature: float = 1.0, top_k: int = 0, top_p: float =
     """
     _check_settings(temperature, top_k, top_p)
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return logits.max(dim=-1).indices    # argmax's first-max rule, in one faster pass
     logits = logits.float() / temperature
     if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -88,7 +88,7 @@ def _draw_per_row(probs, generators: Sequence[torch.Generator]):
     q = torch.empty_like(probs)
     for row, g in zip(q, generators):
         row.exponential_(generator=g)
-    return (probs / q).argmax(dim=-1)
+    return (probs / q).max(dim=-1).indices
 
 
 def _row_generators(seed: Seed, n: int, device) -> Optional[list[torch.Generator]]:
@@ -184,7 +184,7 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
                 cache = model.make_cache(B, P + min(max_new_tokens, limit - min(lens)), device=device)
                 mask = real if padded else None
                 logits = model(ids, cache=cache, attention_mask=mask)[:, -1]
-                step = make_step(model, cache.max_len)     # the tokens after the prompt
+                step = make_step(model, cache.max_len, mask)     # the tokens after the prompt
             else:
                 logits = forward_window(ids, real)
             if stopped():
@@ -207,11 +207,12 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
                 nxt = torch.tensor([pad_id if d else t for t, d in zip(toks, done)], device=device)
                 if seen is not None:
                     seen[arange, nxt] = True  # a finished row's pad mark is never read again
-                if use_cache:
+                if use_cache and step is not None:
+                    logits = step(nxt, cache)
+                elif use_cache:
                     if padded:
                         mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.bool, device=device)], 1)
-                    logits = (step(nxt, cache, mask) if step is not None else
-                              model(nxt[:, None], cache=cache, attention_mask=mask)[:, -1])
+                    logits = model(nxt[:, None], cache=cache, attention_mask=mask)[:, -1]
                 else:
                     ids = torch.cat([ids, nxt[:, None]], 1)
                     real = torch.cat([real, torch.ones((B, 1), dtype=torch.bool, device=device)], 1)
