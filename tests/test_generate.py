@@ -60,6 +60,22 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert set(sample_next(logits, 1.0, top_k=2, top_p=0.5, generator=g).tolist()) == {1}
 
 
+def test_per_row_generators_draw_each_token_at_its_probability():
+    # One generator per row (the seeded path): the race over -log(uniform) must draw token i with
+    # probability p_i, never a token of probability 0, and each row from its own generator only.
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    logits = probs.log().expand(6000, 4)
+    gens = [torch.Generator().manual_seed(i) for i in range(6000)]
+    drawn = sample_next(logits, 1.0, generator=gens)
+    share = torch.bincount(drawn, minlength=4).float() / 6000
+    assert share[3] == 0
+    assert torch.allclose(share[:3], probs[:3], atol=0.025), share
+    again = [torch.Generator().manual_seed(i) for i in range(6000)]
+    assert torch.equal(sample_next(logits, 1.0, generator=again), drawn)
+    alone = sample_next(logits[4:5], 1.0, generator=[torch.Generator().manual_seed(4)])
+    assert alone.item() == drawn[4].item()
+
+
 def test_temperature_sharpens_and_flattens():
     logits = torch.tensor([[2.0, 1.0, 0.0]]).expand(4000, 3)
     g = torch.Generator().manual_seed(3)
