@@ -10,8 +10,8 @@ batch 1 the step's weight matmuls are about half its time (bench/decode_floor.py
 Python and dispatch, a microsecond or more per op whatever its size, so the step is written in
 as few ops as give the same bits: 2-D activations and torch.mm on the transposed weights (what
 F.linear calls, without its layers), q and k rotated together, in-place adds, RMSNorm without
-no-op casts and with its constants as tensors, the padding mask made additive once a step
-rather than by SDPA in every layer.
+no-op casts and with its constants as tensors, the prompts' padding made an additive mask once
+a generate call rather than by SDPA in every layer of every step.
 
 Only a plain Transformer takes this path: a model whose layers are wrapped (LoRA adapters
 while they train) keeps the forward, which knows its wrappers.
