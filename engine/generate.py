@@ -122,6 +122,27 @@ def _left_padded(prompts: Sequence[Sequence[int]], keep: int, pad_id: int,
     return ids.to(device), real.to(device), lens
 
 
+def _prefill(model: Transformer, ids: torch.Tensor, real: Optional[torch.Tensor], cache_len: int):
+    """Run the (left-padded) prompts through the model's forward, filling a KV cache of
+    cache_len positions; return the last position's logits [B, vocab] and the cache.
+
+    A prompt that several rows share (K answers to one prompt: the Sample stage, GRPO's groups)
+    goes through the forward once, and its keys, values and logits are copied to each of its
+    rows: the prompt's work is done once instead of K times."""
+    key = ids if real is None else torch.where(real, ids, -1)     # a pad position is no token
+    group: dict[tuple, int] = {}                 # prompt -> its place among the distinct ones
+    of_row = [group.setdefault(tuple(r), len(group)) for r in key.tolist()]
+    if len(group) == len(of_row):
+        cache = model.make_cache(ids.size(0), cache_len, device=ids.device)
+        return model(ids, cache=cache, attention_mask=real)[:, -1], cache
+    leaders = torch.tensor([of_row.index(g) for g in range(len(group))], device=ids.device)
+    cache = model.make_cache(len(group), cache_len, device=ids.device)
+    mask = None if real is None else real[leaders]
+    logits = model(ids[leaders], cache=cache, attention_mask=mask)[:, -1]
+    rows = torch.tensor(of_row, device=ids.device)
+    return logits[rows], cache.rows(rows)
+
+
 def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                    repetition_penalty: float = 1.0, seed: Seed = None,
@@ -144,7 +165,8 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
     is cropped from the left every step (a sliding window) and rows run on to max_new_tokens.
 
     Finished rows stay in the batch (fed a pad token) rather than being compacted out of the
-    cache: simpler, and at the batch sizes of ranking and PPO on CPU the waste is small.
+    cache: simpler, and at the batch sizes of ranking and PPO on CPU the waste is small. Rows
+    that share a prompt share its prefill (_prefill).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -185,9 +207,8 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
             if use_cache:
                 # Rows stop at their own limit, so the cache must hold the longest-running row:
                 # the shortest prompt, after the padding that lines it up with the longest.
-                cache = model.make_cache(B, P + min(max_new_tokens, limit - min(lens)), device=device)
                 mask = real if padded else None
-                logits = model(ids, cache=cache, attention_mask=mask)[:, -1]
+                logits, cache = _prefill(model, ids, mask, P + min(max_new_tokens, limit - min(lens)))
                 step = make_step(model, cache.max_len, mask)     # the tokens after the prompt
             else:
                 logits = forward_window(ids, real)

@@ -187,6 +187,15 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def rows(self, index: torch.Tensor) -> "KVCache":
+        """A new cache whose row i is row index[i] of this one, up to the same length: one
+        prompt's keys and values for each of the rows that continue it."""
+        new = KVCache.__new__(KVCache)
+        new.k = [k.index_select(0, index) for k in self.k]
+        new.v = [v.index_select(0, index) for v in self.v]
+        new.max_len, new.length = self.max_len, self.length
+        return new
+
     def reset(self) -> None:
         self.length = 0
 

@@ -310,8 +310,24 @@ def test_padded_batch_prefills_once_then_one_token_per_step(monkeypatch):
     B, P = len(PROMPTS), max(map(len, PROMPTS))
     assert calls == [((B, P), (B, P))] + [((B, 1), (B, P))] * 3
     calls.clear()
-    generate_batch(m, [PROMPTS[0]] * 2, 3, temperature=0.0)  # nothing padded: no mask at all
+    generate_batch(m, [PROMPTS[0], PROMPTS[0][::-1]], 3, temperature=0.0)  # nothing padded: no mask
     assert calls == [((2, 6), None), ((2, 1), None), ((2, 1), None)]
+
+
+def test_a_prompt_shared_by_several_rows_is_prefilled_once(monkeypatch):
+    m = model()
+    calls = []
+    spy_on_steps(monkeypatch, m, calls, lambda idx, _cache, mask, _out: (
+        tuple(idx.shape), None if mask is None else tuple(mask.shape)))
+    a, b = PROMPTS[0], PROMPTS[2]                     # lengths 6 and 4: b is left-padded
+    batch = [a, b, a, a, b]
+    kw = dict(temperature=1.0, top_k=20, seed=[7, 8, 9, 10, 11])
+    out = generate_batch(m, batch, 5, **kw)
+    assert calls[0] == ((2, 6), (2, 6))               # the two distinct prompts, once each
+    assert calls[1:] == [((5, 1), (5, 6))] * 4        # then every row, each with its own seed
+    # the same answers as each row alone, whose prefill is its own
+    assert out == [generate(m, p, 5, temperature=1.0, top_k=20, seed=s) for p, s in zip(batch, kw["seed"])]
+    assert generate_batch(m, batch, 8, temperature=0.0) == [generate(m, p, 8, temperature=0.0) for p in batch]
 
 
 def test_generate_batch_rejects_bad_input():
