@@ -11,13 +11,14 @@ Python and dispatch, a microsecond or more per op whatever its size, so the step
 as few ops as give the same bits: 2-D activations and torch.mm on the transposed weights (what
 F.linear calls, without its layers), q and k rotated together, in-place adds, RMSNorm without
 no-op casts and with its constants as tensors, the prompts' padding made an additive mask once
-a generate call rather than by SDPA in every layer of every step.
+a generate call (Padding) rather than by SDPA in every layer of every step.
 
 Only a plain Transformer takes this path: a model whose layers are wrapped (LoRA adapters
 while they train) keeps the forward, which knows its wrappers.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -31,7 +32,30 @@ from engine.model import KVCache, Transformer, repeat_kv, rope_cos_sin
 # worth it for the small models a CPU decodes token by token, not for a large one.
 FUSE_UP_TO_PARAMS = 50_000_000
 
-Step = Callable[[torch.Tensor, KVCache], torch.Tensor]
+
+
+@dataclass
+class Padding:
+    """Left-padded prompts already in the cache, as a decoding step needs them: each row's count
+    of pad tokens (a row counts positions from its first real token, the model's rule) and the
+    additive attention mask the model's attention_mask implies for every step after the prompt,
+    prompt_real followed by ones (generate_batch feeds a finished row a pad token that no one
+    reads). Made once a generate call: SDPA would make the additive mask of a bool one in every
+    layer of every step."""
+    pads: torch.Tensor         # [B] long
+    additive: torch.Tensor     # [B, 1, 1, max_len]: -inf at the prompts' pads, 0 after
+
+    @classmethod
+    def of(cls, prompt_real: torch.Tensor, max_len: int, dtype: torch.dtype) -> "Padding":
+        additive = torch.zeros((prompt_real.shape[0], max_len), dtype=dtype, device=prompt_real.device)
+        additive[:, :prompt_real.shape[1]].masked_fill_(~prompt_real, float("-inf"))
+        return cls((~prompt_real).sum(-1), additive[:, None, None])
+
+    def rows(self, index: torch.Tensor) -> "Padding":
+        return Padding(self.pads[index], self.additive[index])
+
+
+Step = Callable[[torch.Tensor, KVCache, Optional[Padding]], torch.Tensor]
 
 
 def _plain(model: Transformer) -> bool:
@@ -96,15 +120,10 @@ def _rope(x, cos, swapped_sin):
     return y
 
 
-def make_step(model: Transformer, max_len: int,
-              prompt_real: Optional[torch.Tensor] = None) -> Optional[Step]:
-    """step(tokens [B], cache) -> logits [B, vocab] (fp32), for positions below max_len; None
-    when the model must keep its own forward.
-
-    prompt_real (bool [B, P]) marks the real tokens of left-padded prompts already in the cache,
-    None when no row is padded. Every token a step adds is real (generate_batch feeds a finished
-    row a pad token that no one reads), so the model's attention_mask for a step is prompt_real
-    followed by ones: its additive form and each row's offset are made here, once a call."""
+def make_step(model: Transformer, max_len: int) -> Optional[Step]:
+    """step(tokens [B], cache, padding) -> logits [B, vocab] (fp32), for positions below max_len;
+    None when the model must keep its own forward. padding: the prompts' (Padding), None when no
+    row of the cache is padded."""
     if not _plain(model):
         return None
     cfg = model.config
@@ -120,13 +139,6 @@ def make_step(model: Transformer, max_len: int,
     eps_t = torch.tensor(eps, device=emb.device)
     by_model = (torch.tensor(float(cfg.d_model), device=emb.device), eps_t)
     by_head = (torch.tensor(float(hd), device=emb.device), eps_t)
-    pads, additive = None, None
-    if prompt_real is not None:
-        # The model's rule: a left-padded row counts positions from its first real token.
-        pads = (~prompt_real).sum(-1)
-        additive = torch.zeros((prompt_real.shape[0], max_len), dtype=emb.dtype, device=emb.device)
-        additive[:, :prompt_real.shape[1]].masked_fill_(~prompt_real, float("-inf"))
-        additive = additive[:, None, None]      # SDPA makes this of a bool mask in every call
 
     def attention(w, h, i, cache, past, cos, sin, mask):
         B = h.shape[0]
@@ -158,13 +170,14 @@ def make_step(model: Transformer, max_len: int,
             g, u = torch.mm(h, w["gate"]), torch.mm(h, w["up"])
         return torch.mm(F.silu(g).mul_(u), w["down"])
 
-    def step(tokens: torch.Tensor, cache: KVCache):
+    def step(tokens: torch.Tensor, cache: KVCache, padding: Optional[Padding]):
         past = cache.length
-        if pads is None:
+        if padding is None:
             cos, sin, mask = cos_t[past], sin_t[past], None
         else:
-            pos = pads.neg().add_(past)
-            cos, sin, mask = cos_t[pos][:, None], sin_t[pos][:, None], additive.narrow(3, 0, past + 1)
+            pos = padding.pads.neg().add_(past)
+            cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]
+            mask = padding.additive.narrow(3, 0, past + 1)
         x = F.embedding(tokens, emb)
         for i, w in enumerate(layers):
             x.add_(attention(w, _norm(x, w["norm1"], eps, by_model), i, cache, past, cos, sin, mask))

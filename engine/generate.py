@@ -11,12 +11,13 @@ rounding of batched matmuls, which can flip a draw that lands on a probability b
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
-from engine.decode import make_step
-from engine.model import Transformer
+from engine.decode import Padding, make_step
+from engine.model import KVCache, Transformer
 
 Seed = Union[int, Sequence[int], None]
 
@@ -143,6 +144,28 @@ def _prefill(model: Transformer, ids: torch.Tensor, real: Optional[torch.Tensor]
     return logits[rows], cache.rows(rows)
 
 
+@dataclass
+class _Rows:
+    """The rows a decoding loop still runs, and what each carries in the batch: its index in
+    the prompts, its generator, its seen-token marks (repetition penalty), its KV-cache row and
+    its padding (the decoding step's Padding, or the bool attention_mask the model's forward
+    takes when there is no step). `keep` drops the rest: a finished row fed pad tokens costs a
+    decoding step as much as a running one."""
+    index: list[int]
+    gens: Optional[list[torch.Generator]]
+    seen: Optional[torch.Tensor]
+    cache: Optional[KVCache]          # None without the cache (never kept then)
+    padding: Optional[Padding] = None
+    mask: Optional[torch.Tensor] = None
+
+    def keep(self, rows: list[int]) -> "_Rows":
+        at = torch.tensor(rows, device=self.cache.k[0].device)
+        return _Rows([self.index[r] for r in rows], None if self.gens is None else [self.gens[r] for r in rows],
+                     None if self.seen is None else self.seen[at], self.cache.rows(at),
+                     None if self.padding is None else self.padding.rows(at),
+                     None if self.mask is None else self.mask[at])
+
+
 def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                    repetition_penalty: float = 1.0, seed: Seed = None,
@@ -164,9 +187,10 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
     forward pass, which is what training and PPO scoring need. Without the cache, the context
     is cropped from the left every step (a sliding window) and rows run on to max_new_tokens.
 
-    Finished rows stay in the batch (fed a pad token) rather than being compacted out of the
-    cache: simpler, and at the batch sizes of ranking and PPO on CPU the waste is small. Rows
-    that share a prompt share its prefill (_prefill).
+    Rows that share a prompt share its prefill (_prefill). With the cache, once half of the
+    rows in the batch have finished they leave it (their cache rows are dropped), so a batch
+    whose answers end at different lengths does not run its longest one at full width; halving
+    keeps the copying to about one cache's worth in all.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -184,14 +208,13 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
     ids, real, lens = _left_padded(prompts, max(limit - 1, 1), pad_id, device)
     P = ids.size(1)
     padded = min(lens) < P
-    gens = _row_generators(seed, B, device)
     stop = set(int(s) for s in stop_ids)
     stopped = should_stop or (lambda: False)
-    arange = torch.arange(B, device=device)
     seen = None
     if repetition_penalty != 1.0:
         seen = torch.zeros((B, model.config.vocab_size), dtype=torch.bool, device=device)
-        seen[arange[:, None].expand(B, P)[real], ids[real]] = True
+        seen[torch.arange(B, device=device)[:, None].expand(B, P)[real], ids[real]] = True
+    gens = _row_generators(seed, B, device)
 
     def forward_window(ids, real):
         # No cache: the whole sequence every step, its last max_seq_len columns. A window with no
@@ -209,16 +232,22 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
                 # the shortest prompt, after the padding that lines it up with the longest.
                 mask = real if padded else None
                 logits, cache = _prefill(model, ids, mask, P + min(max_new_tokens, limit - min(lens)))
-                step = make_step(model, cache.max_len, mask)     # the tokens after the prompt
+                step = make_step(model, cache.max_len)     # the tokens after the prompt
+                rows = _Rows(list(range(B)), gens, seen, cache)
+                if step is None:
+                    rows.mask = mask
+                elif padded:
+                    rows.padding = Padding.of(real, cache.max_len, model.lm_head.weight.dtype)
             else:
                 logits = forward_window(ids, real)
+                rows = _Rows(list(range(B)), gens, seen, None)
             if stopped():
                 return out
             while True:
-                if seen is not None:
-                    logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-                toks = sample_next(logits, temperature, top_k, top_p, gens).tolist()
-                for i, t in enumerate(toks):
+                if rows.seen is not None:
+                    logits = apply_repetition_penalty(logits, rows.seen, repetition_penalty)
+                toks = sample_next(logits, temperature, top_k, top_p, rows.gens).tolist()
+                for i, t in zip(rows.index, toks):
                     if done[i]:
                         continue
                     out[i].append(t)
@@ -229,15 +258,18 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
                         done[i] = True
                 if all(done) or stopped():
                     break
-                nxt = torch.tensor([pad_id if d else t for t, d in zip(toks, done)], device=device)
-                if seen is not None:
-                    seen[arange, nxt] = True  # a finished row's pad mark is never read again
+                running = [r for r, i in enumerate(rows.index) if not done[i]]
+                if use_cache and 2 * len(running) <= len(rows.index):
+                    rows, toks = rows.keep(running), [toks[r] for r in running]
+                nxt = torch.tensor([pad_id if done[i] else t for i, t in zip(rows.index, toks)], device=device)
+                if rows.seen is not None:   # a finished row's pad mark is never read again
+                    rows.seen[torch.arange(len(toks), device=device), nxt] = True
                 if use_cache and step is not None:
-                    logits = step(nxt, cache)
+                    logits = step(nxt, rows.cache, rows.padding)
                 elif use_cache:
-                    if padded:
-                        mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.bool, device=device)], 1)
-                    logits = model(nxt[:, None], cache=cache, attention_mask=mask)[:, -1]
+                    if rows.mask is not None:
+                        rows.mask = torch.cat([rows.mask, rows.mask.new_ones((len(toks), 1))], 1)
+                    logits = model(nxt[:, None], cache=rows.cache, attention_mask=rows.mask)[:, -1]
                 else:
                     ids = torch.cat([ids, nxt[:, None]], 1)
                     real = torch.cat([real, torch.ones((B, 1), dtype=torch.bool, device=device)], 1)

@@ -39,12 +39,13 @@ def test_a_step_gives_the_forwards_logits_to_the_bit(shape, fuse, monkeypatch):
         mine, theirs = m.make_cache(2, 20), m.make_cache(2, 20)
         m(prompts, cache=mine, attention_mask=real)
         m(prompts, cache=theirs, attention_mask=real)
-        step = decode.make_step(m, 20, real)
+        step = decode.make_step(m, 20)
+        padding = decode.Padding.of(real, 20, torch.float32)
         mask = real
         tok = torch.tensor([11, 12])
         for _ in range(6):
             mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], 1)
-            got = step(tok, mine)
+            got = step(tok, mine, padding)
             want = m(tok[:, None], cache=theirs, attention_mask=mask)[:, -1]
             assert torch.equal(got, want)
             tok = got.argmax(-1)
@@ -53,7 +54,7 @@ def test_a_step_gives_the_forwards_logits_to_the_bit(shape, fuse, monkeypatch):
         m(unpadded, cache=c1)
         m(unpadded, cache=c2)
         step = decode.make_step(m, 10)
-        assert torch.equal(step(torch.tensor([8]), c1), m(torch.tensor([[8]]), cache=c2)[:, -1])
+        assert torch.equal(step(torch.tensor([8]), c1, None), m(torch.tensor([[8]]), cache=c2)[:, -1])
 
 
 def test_generation_is_the_same_with_and_without_it(monkeypatch):

@@ -165,12 +165,13 @@ def spy_on_steps(monkeypatch, m, calls: list, record) -> None:
         calls.append(record(idx, cache, attention_mask, out))
         return out
 
-    def make_step(model, max_len, prompt_real=None):
-        real = decode.make_step(model, max_len, prompt_real)
+    def make_step(model, max_len):
+        real = decode.make_step(model, max_len)
 
-        def step(tokens, cache):     # its mask: the prompt's padding, then every step's token
-            out = real(tokens, cache)
-            calls.append(record(tokens[:, None], cache, prompt_real, out))
+        def step(tokens, cache, padding):    # its mask: the prompts' padding, then every token
+            out = real(tokens, cache, padding)
+            mask = None if padding is None else padding.additive[:, 0, 0, :cache.length]
+            calls.append(record(tokens[:, None], cache, mask, out))
             return out
         return step
 
@@ -308,7 +309,7 @@ def test_padded_batch_prefills_once_then_one_token_per_step(monkeypatch):
         tuple(idx.shape), None if mask is None else tuple(mask.shape)))
     generate_batch(m, PROMPTS, 4, temperature=0.0)
     B, P = len(PROMPTS), max(map(len, PROMPTS))
-    assert calls == [((B, P), (B, P))] + [((B, 1), (B, P))] * 3
+    assert calls == [((B, P), (B, P))] + [((B, 1), (B, P + i)) for i in (1, 2, 3)]
     calls.clear()
     generate_batch(m, [PROMPTS[0], PROMPTS[0][::-1]], 3, temperature=0.0)  # nothing padded: no mask
     assert calls == [((2, 6), None), ((2, 1), None), ((2, 1), None)]
@@ -324,10 +325,31 @@ def test_a_prompt_shared_by_several_rows_is_prefilled_once(monkeypatch):
     kw = dict(temperature=1.0, top_k=20, seed=[7, 8, 9, 10, 11])
     out = generate_batch(m, batch, 5, **kw)
     assert calls[0] == ((2, 6), (2, 6))               # the two distinct prompts, once each
-    assert calls[1:] == [((5, 1), (5, 6))] * 4        # then every row, each with its own seed
+    assert calls[1:] == [((5, 1), (5, 6 + i)) for i in (1, 2, 3, 4)]   # every row, its own seed
     # the same answers as each row alone, whose prefill is its own
     assert out == [generate(m, p, 5, temperature=1.0, top_k=20, seed=s) for p, s in zip(batch, kw["seed"])]
     assert generate_batch(m, batch, 8, temperature=0.0) == [generate(m, p, 8, temperature=0.0) for p in batch]
+
+
+@pytest.mark.parametrize("with_step", [True, False])
+def test_finished_rows_leave_the_batch_and_the_rest_decode_as_alone(with_step, monkeypatch):
+    # Rows end at the context limit (24 tokens) after different numbers of tokens; the batch
+    # sheds its finished rows once half have finished, and every row still draws exactly what
+    # it would alone (its own seed, its own repetition marks, its own padding).
+    m = model(max_seq_len=24)
+    prompts = [list(range(3, 3 + n)) for n in (20, 4, 18, 2, 12)]
+    kw = dict(temperature=1.0, top_k=20, repetition_penalty=1.3)
+    seeds = [1, 2, 3, 4, 5]
+    alone = [generate(m, p, 50, seed=s, **kw) for p, s in zip(prompts, seeds)]
+    calls = []
+    spy_on_steps(monkeypatch, m, calls, lambda idx, _cache, _mask, _out: idx.shape[0])
+    if not with_step:
+        monkeypatch.setattr(gen_module, "make_step", lambda *a: None)
+    out = generate_batch(m, prompts, 50, seed=seeds, **kw)
+    assert [len(o) for o in out] == [4, 20, 6, 22, 12]
+    assert out == alone
+    widths = calls[1:]                     # after the prefill: 5 rows, then 2 (3 of 5 done), then 1
+    assert widths == [5] * 11 + [2] * 8 + [1] * 2
 
 
 def test_generate_batch_rejects_bad_input():
