@@ -129,11 +129,12 @@ def _prefill(model: Transformer, ids: torch.Tensor, real: Optional[torch.Tensor]
 
     A prompt that several rows share (K answers to one prompt: the Sample stage, GRPO's groups)
     goes through the forward once, and its keys, values and logits are copied to each of its
-    rows: the prompt's work is done once instead of K times."""
+    rows: the prompt's work is done once instead of K times. Done when it at least halves the
+    rows, so the cache it copies from is at most half the whole (what the memory plan allows)."""
     key = ids if real is None else torch.where(real, ids, -1)     # a pad position is no token
     group: dict[tuple, int] = {}                 # prompt -> its place among the distinct ones
     of_row = [group.setdefault(tuple(r), len(group)) for r in key.tolist()]
-    if len(group) == len(of_row):
+    if 2 * len(group) > len(of_row):      # not worth the copy (nor the memory plan's bound)
         cache = model.make_cache(ids.size(0), cache_len, device=ids.device)
         return model(ids, cache=cache, attention_mask=real)[:, -1], cache
     leaders = torch.tensor([of_row.index(g) for g in range(len(group))], device=ids.device)

@@ -30,7 +30,7 @@ import torch
 
 from engine.device import fused_adamw
 from engine.memory_tensors import (DEFAULT_LORA_TARGETS, LINEARS, adapter_count, forward_scratch, kv_cache_bytes,
-                                   largest_param, param_count, prefill_bytes, train_activations)
+                                   generation_workspace, largest_param, param_count, train_activations)
 
 # What a run holds in memory, by its shape: a language model trained on its tokens (pretraining,
 # SFT), a scalar model on K answers (the reward model), a policy on answer pairs against a
@@ -176,7 +176,7 @@ def _phases(stage, cfg, a: dict) -> tuple[dict, dict]:
         prompt = max(1, seq - rl["max_new_tokens"]) if rl["max_new_tokens"] else seq
         return {"generation": {**base, "weights": param_count(cfg) * w,
                                "kv_cache": kv_cache_bytes(cfg, a["batch_size"], seq, w),
-                               "workspace": prefill_bytes(cfg, a["batch_size"], prompt, w)}}, {}
+                               "workspace": generation_workspace(cfg, a["batch_size"], prompt, seq, w)}}, {}
     kind = "scalar" if stage == "ranking" else "lm"
     logits_at = None          # causal-lm: the fused loss
     if stage in ("actor-critic", "group-rl"):
@@ -214,7 +214,7 @@ def _phases(stage, cfg, a: dict) -> tuple[dict, dict]:
     if stage in ("actor-critic", "group-rl"):
         prompt = max(1, seq - rl["max_new_tokens"])
         phases["generation"] = {**held, "kv_cache": kv_cache_bytes(cfg, rows, seq, w),
-                                "workspace": prefill_bytes(cfg, rows, prompt, w)}
+                                "workspace": generation_workspace(cfg, rows, prompt, seq, w)}
         phases["scoring"] = {**held, "workspace": SCORING_LOGIT_COPIES[stage] * 4 * batch * logits_at * cfg.vocab_size
                              + forward_scratch(cfg, batch * seq, e)}
     return phases, act

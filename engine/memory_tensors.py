@@ -138,7 +138,6 @@ def fused_loss_bytes(n: int, d: int, vocab: int, *, n_valid: Optional[int] = Non
         return kept, kept + 4
     every = n_valid == n
     r = min(rows or max(MIN_ROWS, CHUNK_BYTES // (4 * v)), nv)
-    chunks = -(-nv // r)
     grad_w = 4 * v * d * head_trained
     soft = 4 * r * v + c * r * v * (c != 4)       # a chunk's softmax gradient and its cast
     base = 8 * nv + (hb * nv * d + 8 * nv) * (not every)   # valid rows' indices; their rows of h, targets
@@ -248,3 +247,11 @@ def prefill_bytes(cfg, batch: int, prompt: int, elt: int) -> int:
     and SDPA's float copy)."""
     n = batch * prompt
     return 4 * n * cfg.vocab_size + forward_scratch(cfg, n, elt) + 5 * n * prompt
+
+
+def generation_workspace(cfg, batch: int, prompt: int, length: int, elt: int) -> int:
+    """What generation holds beside its weights and KV cache at its worst moment: the prompts'
+    forward, or a copy of at most half the cache, which engine.generate makes when rows share a
+    prompt (its prefill's cache spread over the rows) and when half the rows have finished (the
+    rest's rows moved to a smaller cache)."""
+    return max(prefill_bytes(cfg, batch, prompt, elt), kv_cache_bytes(cfg, batch, length, elt) // 2)

@@ -408,6 +408,18 @@ def test_kv_cache_matches_the_models_cache():
     assert p.gradients == p.optimizer == p.activations == 0
 
 
+def test_generation_workspace_covers_the_cache_copies_generate_makes():
+    # engine.generate copies up to half the KV cache (a shared prompt's prefill spread over its
+    # rows; the rows left when half have finished): with a short prompt and a long answer that
+    # is more than the prompt's forward, and the plan must hold it.
+    cfg = tiny(n_kv_head=1)
+    p = mp.plan("generation", cfg, batch_size=8, seq_len=64, ppo={"max_new_tokens": 60})
+    half = Transformer(cfg).make_cache(8, 64).rows(torch.arange(4))
+    copy = sum(t.numel() * t.element_size() for t in half.k + half.v)
+    assert copy > mt.prefill_bytes(cfg, 8, 4, 4)
+    assert p.phases["generation"]["workspace"] >= copy
+
+
 def test_stages_hold_the_models_they_load():
     cfg = tiny()
     lm, sc = 4 * mt.param_count(cfg, "lm"), 4 * mt.param_count(cfg, "scalar")
