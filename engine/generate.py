@@ -133,14 +133,18 @@ def _prefill(model: Transformer, ids: torch.Tensor, real: Optional[torch.Tensor]
     rows, so the cache it copies from is at most half the whole (what the memory plan allows)."""
     key = ids if real is None else torch.where(real, ids, -1)     # a pad position is no token
     group: dict[tuple, int] = {}                 # prompt -> its place among the distinct ones
-    of_row = [group.setdefault(tuple(r), len(group)) for r in key.tolist()]
+    of_row, leaders = [], []                     # each row's group; each group's first row
+    for r, row in enumerate(key.tolist()):
+        of_row.append(group.setdefault(tuple(row), len(group)))
+        if len(group) > len(leaders):
+            leaders.append(r)
     if 2 * len(group) > len(of_row):      # not worth the copy (nor the memory plan's bound)
         cache = model.make_cache(ids.size(0), cache_len, device=ids.device)
         return model(ids, cache=cache, attention_mask=real)[:, -1], cache
-    leaders = torch.tensor([of_row.index(g) for g in range(len(group))], device=ids.device)
+    first = torch.tensor(leaders, device=ids.device)
     cache = model.make_cache(len(group), cache_len, device=ids.device)
-    mask = None if real is None else real[leaders]
-    logits = model(ids[leaders], cache=cache, attention_mask=mask)[:, -1]
+    mask = None if real is None else real[first]
+    logits = model(ids[first], cache=cache, attention_mask=mask)[:, -1]
     rows = torch.tensor(of_row, device=ids.device)
     return logits[rows], cache.rows(rows)
 
@@ -165,6 +169,20 @@ class _Rows:
                      None if self.seen is None else self.seen[at], self.cache.rows(at),
                      None if self.padding is None else self.padding.rows(at),
                      None if self.mask is None else self.mask[at])
+
+
+def _start_cached(model: Transformer, ids: torch.Tensor, real: Optional[torch.Tensor], cache_len: int,
+                  gens, seen) -> tuple[torch.Tensor, _Rows, Optional[Callable]]:
+    """The prefill, the rows it starts and the decoding step for the tokens after the prompts
+    (None: the model's own forward with the bool mask, for a model the step cannot run)."""
+    logits, cache = _prefill(model, ids, real, cache_len)
+    step = make_step(model, cache.max_len)
+    rows = _Rows(list(range(ids.size(0))), gens, seen, cache)
+    if step is None:
+        rows.mask = real
+    elif real is not None:
+        rows.padding = Padding.of(real, cache.max_len, model.lm_head.weight.dtype)
+    return logits, rows, step
 
 
 def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
@@ -231,14 +249,8 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
             if use_cache:
                 # Rows stop at their own limit, so the cache must hold the longest-running row:
                 # the shortest prompt, after the padding that lines it up with the longest.
-                mask = real if padded else None
-                logits, cache = _prefill(model, ids, mask, P + min(max_new_tokens, limit - min(lens)))
-                step = make_step(model, cache.max_len)     # the tokens after the prompt
-                rows = _Rows(list(range(B)), gens, seen, cache)
-                if step is None:
-                    rows.mask = mask
-                elif padded:
-                    rows.padding = Padding.of(real, cache.max_len, model.lm_head.weight.dtype)
+                logits, rows, step = _start_cached(model, ids, real if padded else None,
+                                                   P + min(max_new_tokens, limit - min(lens)), gens, seen)
             else:
                 logits = forward_window(ids, real)
                 rows = _Rows(list(range(B)), gens, seen, None)
