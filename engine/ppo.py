@@ -11,7 +11,9 @@ with the policy, the reference and the value model (fp32 log-probs, the sampling
 dividing the logits of both); per-token reward -β(log π - log π_ref) with the RM score added at
 the last answer token; GAE; then `ppo_epochs` passes of clipped policy and value updates over
 minibatches. The first minibatch is scored at rollout time in the very order and shapes it is
-trained in, so its ratio is exactly 1, and the KL before the first update is exactly 0.
+trained in, its policy and value passes with their graphs kept: the first update trains on those
+very passes instead of running them again (the weights have not moved since), so its ratio is
+exactly 1, and the KL before the first update is exactly 0.
 
 β is kl_coef, or, with target_kl, adapted toward that KL per answer each step (ppo_core's
 KLController), read as objective/kl_exact: each answer's KL summed over the whole next-token
@@ -218,6 +220,9 @@ class Scored:
     advantages: torch.Tensor
     returns: torch.Tensor
     beta: float
+    # The first minibatch's policy logits (at its answer states) and value outputs, with their
+    # graphs: the first update's forward passes. Taken (and dropped) by that update.
+    first_passes: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
 
 class PPO:
@@ -322,14 +327,19 @@ class PPO:
         logp, ref_logp, entropy, values = (torch.zeros(ids.shape, device=device) for _ in range(4))
         raw, kl_exact = torch.zeros(ids.size(0), device=device), torch.zeros(ids.size(0), device=device)
         last = (mask * torch.arange(ids.size(1), device=device)).argmax(1)
+        first = None
         with autocast(device, self.dtype):
-            for c in chunks(order, cfg.minibatch_size):
+            for n, c in enumerate(chunks(order, cfg.minibatch_size)):
                 st = AnswerStates.of(ids[c], mask[c])
-                figures = reference_figures_of(m.policy(ids[c], at=st.at), m.ref(ids[c], at=st.at), st.targets,
+                with torch.set_grad_enabled(n == 0):    # the first update's own passes
+                    pol_logits, val = m.policy(ids[c], at=st.at), m.value(ids[c])
+                if n == 0:
+                    first = (pol_logits, val)
+                figures = reference_figures_of(pol_logits.detach(), m.ref(ids[c], at=st.at), st.targets,
                                                cfg.temperature)
                 logp[c], entropy[c], ref_logp[c], kl_state = (st.spread(f) for f in figures)
                 kl_exact[c] = kl_state.sum(1)
-                values[c] = shift_values(m.value(ids[c]))
+                values[c] = shift_values(val.detach())
                 raw[c] = m.rm(ids[c])[torch.arange(len(c), device=device), last[c]].float()
         scores = ((raw - m.norm["mean"]) / m.norm["std"]).clamp(-cfg.reward_clip, cfg.reward_clip)
         scores = scores - cfg.missing_end_penalty * (~ro.finished.to(device)).float()
@@ -338,7 +348,7 @@ class PPO:
         adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             adv = masked_whiten(adv, mask)
-        return Scored(order, logp, entropy, values, raw, scores, kl, kl_exact, adv, returns, beta)
+        return Scored(order, logp, entropy, values, raw, scores, kl, kl_exact, adv, returns, beta, first)
 
     def update(self, ro: Rollout, sc: Scored) -> dict[str, list[float]]:
         """ppo_epochs passes of clipped policy and value updates over minibatches; their statistics."""
@@ -351,8 +361,13 @@ class PPO:
             for c in chunks(order, cfg.minibatch_size):
                 with autocast(device, self.dtype):
                     st = AnswerStates.of(ids[c], mask[c])
-                    new_logp = st.spread(logprobs_of(m.policy(ids[c], at=st.at), st.targets, cfg.temperature))
-                    new_values = shift_values(m.value(ids[c]))
+                    if sc.first_passes is not None:
+                        pol_logits, val = sc.first_passes
+                        sc.first_passes = None
+                    else:
+                        pol_logits, val = m.policy(ids[c], at=st.at), m.value(ids[c])
+                    new_logp = st.spread(logprobs_of(pol_logits, st.targets, cfg.temperature))
+                    new_values = shift_values(val)
                     L = ppo_losses(new_logp, sc.logp[c], sc.advantages[c], new_values, sc.values[c],
                                    sc.returns[c], mask[c], cfg.cliprange, cfg.cliprange_value)
                     loss = L.total_policy + cfg.vf_coef * L.value + self._ptx_loss(stats)

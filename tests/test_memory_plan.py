@@ -428,6 +428,8 @@ def test_stages_hold_the_models_they_load():
     assert ppo.phases["generation"]["other_models"] == lm + 2 * sc          # reference, value, reward
     assert ppo.optimizer == 2 * (lm + sc)                              # policy and value model
     assert set(ppo.phases) == {"generation", "scoring", "backward", "optimizer step"}
+    # PPO scores the rest of the rollout holding the first minibatch's graphs for its update
+    assert ppo.phases["scoring"]["activations"] == ppo.detail["saved"] > 0
     grpo = mp.plan("group-rl", cfg, batch_size=1, seq_len=48, ppo={"rm_weight": 1.0, "max_new_tokens": 16})
     assert grpo.phases["backward"]["other_models"] == lm + sc
     reward = mp.plan("ranking", cfg, batch_size=2, seq_len=32, answers=4)
