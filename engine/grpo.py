@@ -13,8 +13,9 @@ its reward minus its group's mean, divided by the group's std unless `scale_rewa
 score every answer token with the policy and the reference (fp32 log-probs, the sampling
 temperature dividing the logits of both); then `grpo_epochs` passes of the clipped surrogate,
 plus β·k3 toward the reference when kl_coef > 0, averaged over all answer tokens of a minibatch.
-As in PPO, the first minibatch is scored in the very order and shapes it is trained in, so its
-ratio is exactly 1, and the KL before the first update is exactly 0.
+As in PPO, the first minibatch is scored in the very order and shapes it is trained in, its
+policy pass kept with its graph for the first update (which then runs no forward of its own), so
+its ratio is exactly 1, and the KL before the first update is exactly 0.
 
 `eval_tasks` (held-out tasks, never trained on) gives the greedy task accuracy at the start,
 every `eval_every` steps and at the end. With lora_rank > 0 the policy trains LoRA adapters on
@@ -159,6 +160,9 @@ class Scored:
     scores: dict               # reward function name -> [N] unweighted scores
     rewards: torch.Tensor      # [N] weighted total
     advantages: torch.Tensor   # [N] group-relative
+    # The first minibatch's policy logits at its answer states, with their graph: the first
+    # update's forward pass. Taken (and dropped) by that update.
+    first_pass: Optional[torch.Tensor] = None
 
 
 class GRPO:
@@ -297,13 +301,20 @@ class GRPO:
         order = rows[torch.randperm(rows.numel(), generator=self.data_gen)]
         logp, ref_logp, entropy = (torch.zeros(ids.shape, device=device) for _ in range(3))
         mask = ro.mask.to(device)
+        first = None
         with autocast(device, self.dtype):
-            for c in chunks(order, cfg.minibatch_size) + chunks((~train).nonzero().squeeze(1), cfg.minibatch_size):
+            for n, c in enumerate(chunks(order, cfg.minibatch_size)
+                                  + chunks((~train).nonzero().squeeze(1), cfg.minibatch_size)):
                 st = AnswerStates.of(ids[c], mask[c])
-                lp, ent = logprobs_entropy_of(self.policy(ids[c], at=st.at), st.targets, cfg.temperature)
+                keep = n == 0 and order.numel() > 0          # the first update's own pass
+                with torch.set_grad_enabled(keep):
+                    logits = self.policy(ids[c], at=st.at)
+                if keep:
+                    first = logits
+                lp, ent = logprobs_entropy_of(logits.detach(), st.targets, cfg.temperature)
                 logp[c], entropy[c] = st.spread(lp), st.spread(ent)
                 ref_logp[c] = st.spread(logprobs_of(self.ref(ids[c], at=st.at), st.targets, cfg.temperature))
-        return Scored(rows, order, logp, ref_logp, entropy, scores, rewards, adv)
+        return Scored(rows, order, logp, ref_logp, entropy, scores, rewards, adv, first)
 
     def update(self, ro: Rollout, sc: Scored) -> dict[str, list[float]]:
         """grpo_epochs passes of clipped updates over minibatches; their statistics."""
@@ -315,7 +326,10 @@ class GRPO:
             for c in chunks(order, cfg.minibatch_size):
                 with autocast(device, self.dtype):
                     st = AnswerStates.of(ids[c], mask[c])
-                    new_logp = st.spread(logprobs_of(self.policy(ids[c], at=st.at), st.targets, cfg.temperature))
+                    logits, sc.first_pass = sc.first_pass, None
+                    if logits is None:
+                        logits = self.policy(ids[c], at=st.at)
+                    new_logp = st.spread(logprobs_of(logits, st.targets, cfg.temperature))
                     L = grpo_losses(new_logp, sc.logp[c], sc.ref_logp[c], sc.advantages[c], mask[c],
                                     cfg.cliprange, cfg.kl_coef)
                 L.loss.backward()

@@ -217,8 +217,8 @@ def _phases(stage, cfg, a: dict) -> tuple[dict, dict]:
                                 "workspace": generation_workspace(cfg, rows, prompt, seq, w)}
         phases["scoring"] = {**held, "workspace": SCORING_LOGIT_COPIES[stage] * 4 * batch * logits_at * cfg.vocab_size
                              + forward_scratch(cfg, batch * seq, e)}
-        if stage == "actor-critic":   # the first minibatch's passes, kept for its update (engine.ppo)
-            phases["scoring"]["activations"] = act["saved"]
+        # The first minibatch's passes, kept for its update (engine.ppo, engine.grpo).
+        phases["scoring"]["activations"] = act["saved"]
     return phases, act
 
 

@@ -428,10 +428,11 @@ def test_stages_hold_the_models_they_load():
     assert ppo.phases["generation"]["other_models"] == lm + 2 * sc          # reference, value, reward
     assert ppo.optimizer == 2 * (lm + sc)                              # policy and value model
     assert set(ppo.phases) == {"generation", "scoring", "backward", "optimizer step"}
-    # PPO scores the rest of the rollout holding the first minibatch's graphs for its update
+    # PPO (and GRPO) score the rest of a rollout holding the first minibatch's graphs for its update
     assert ppo.phases["scoring"]["activations"] == ppo.detail["saved"] > 0
     grpo = mp.plan("group-rl", cfg, batch_size=1, seq_len=48, ppo={"rm_weight": 1.0, "max_new_tokens": 16})
     assert grpo.phases["backward"]["other_models"] == lm + sc
+    assert grpo.phases["scoring"]["activations"] == grpo.detail["saved"] > 0
     reward = mp.plan("ranking", cfg, batch_size=2, seq_len=32, answers=4)
     assert reward.detail["saved"] == mt.saved_activation_bytes(cfg, 8, 32, kind="scalar")
 
