@@ -77,8 +77,8 @@ def accuracy_by_decider(run_dir: Path, val_file: Path) -> dict[str, tuple[int, i
     out = {"correctness": [0, 0], "rest": [0, 0]}
     for i in range(0, len(items), 16):
         chunk = items[i:i + 16]
-        x, last, spans, _n = scorer.batch(chunk)
-        r = model(x)[torch.arange(x.size(0)), last]
+        packed, spans, _n = scorer.batch(chunk)
+        r = packed.rewards(model)
         for item, (start, _k, pairs) in zip(chunk, spans):
             task = parse_task(item.prompt)
             correct = [task is not None and check(task, a) for a in item.answers]

@@ -326,6 +326,11 @@ class Transformer(nn.Module):
         otherwise see no key at all, and SDPA turns an all-masked row into NaN that then
         leaks through 0 * NaN into the real rows of the next layer.
         """
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # Who reads whom, given whole (engine.reward_data.Packed): the caller's positions too.
+            if past or position_ids is None or attention_mask.shape[-2:] != (T, T):
+                raise ValueError("a [B, 1, T, T] attention_mask takes position_ids and no cache")
+            return attention_mask, position_ids
         if attention_mask is None:
             if position_ids is None:
                 position_ids = torch.arange(past, past + T, device=device)[None]

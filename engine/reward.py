@@ -34,7 +34,7 @@ from engine.device import autocast, describe, setup
 from engine.fsutil import atomic_write_text
 from engine.lora import LORA_FIELDS, LoRASettings, add_adapters, describe as describe_lora, uses_lora
 from engine.model import ScalarModel, freeze, load_model
-from engine.reward_data import (Ranking, collate_answers, encode_answer, ranking_loss, read_rankings,
+from engine.reward_data import (Ranking, encode_answer, pack_answers, ranking_loss, read_rankings,
                                 split_by_prompt)
 from engine.runio import Emitter, NeverStop, Sink, stage_main, write_summary
 from engine.sft_data import EpochSampler, data_fingerprint
@@ -131,21 +131,24 @@ class Scorer:
         self._rewards: list[torch.Tensor] = []
 
     def batch(self, items: list[Ranking]):
-        seqs, spans = [], []
+        """(Packed answers, each ranking's (first answer, K, pairs), tokens run)."""
+        groups, spans, n = [], [], 0
         for r in items:
-            start = len(seqs)
+            seqs = []
             for j, a in enumerate(r.answers):
                 ids, cut = encode_answer(self.tok, r.prompt, a, self.max_len)
                 if cut:
                     self.truncated.add((r.where, j))
                 seqs.append(ids)
-            spans.append((start, len(r.answers), r.pairs()))
-        x, last = collate_answers(seqs, self.tok.pad_id)
-        return x.to(self.device), last.to(self.device), spans, sum(len(s) for s in seqs)
+            groups.append(seqs)
+            spans.append((n, len(seqs), r.pairs()))
+            n += len(seqs)
+        packed = pack_answers(groups, self.tok.pad_id, self.max_len)
+        return packed.to(self.device), spans, packed.tokens
 
     def loss(self, model, batch, record: bool = True):
-        x, last, spans, n_tok = batch
-        rewards = model(x)[torch.arange(x.size(0), device=x.device), last]
+        packed, spans, n_tok = batch
+        rewards = packed.rewards(model)
         losses, margins = [], []
         for start, k, pairs in spans:
             loss, m = ranking_loss(rewards[start:start + k], pairs, k)
@@ -173,8 +176,8 @@ def score_items(model, scorer: Scorer, items: list[Ranking], batch_size: int,
     """The rewards of each ranking's answers (fp32, on the CPU); `on_batch(answers)` after each batch."""
     out: list[torch.Tensor] = []
     for i in range(0, len(items), batch_size):
-        x, last, spans, _n = scorer.batch(items[i:i + batch_size])
-        r = model(x)[torch.arange(x.size(0), device=x.device), last].float().cpu()
+        packed, spans, _n = scorer.batch(items[i:i + batch_size])
+        r = packed.rewards(model).float().cpu()
         out += [r[start:start + k] for start, k, _pairs in spans]
         if on_batch is not None:
             on_batch(sum(k for _start, k, _pairs in spans))

@@ -192,6 +192,62 @@ def collate_answers(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, t
     return x, torch.tensor([len(s) - 1 for s in seqs])
 
 
+@dataclass
+class Packed:
+    """Rankings' answers packed behind their shared prompt, several answers to a row: a row is
+    the prompt once, then answers one after another, each reading the prompt and itself only
+    (`mask`) at the positions it would have alone (`positions`), so its score is the one it gets
+    as a sequence of its own, up to float rounding. The prompt's forward is done once a row
+    instead of once an answer: in the demo's rankings (a ~20-token prompt, 8 answers of ~4) a
+    third of the tokens."""
+    ids: torch.Tensor          # [R, L] right-padded
+    positions: torch.Tensor    # [R, L]
+    mask: torch.Tensor         # [R, 1, L, L] bool: query row, key column
+    at: torch.Tensor           # [N] each answer's last token, as an index into ids.flatten(), in order
+    tokens: int                # real tokens in the rows
+
+    def to(self, device) -> "Packed":
+        return Packed(self.ids.to(device), self.positions.to(device), self.mask.to(device), self.at.to(device),
+                      self.tokens)
+
+    def rewards(self, model) -> torch.Tensor:
+        """The scalar model's score of every answer [N], read where each answer ends."""
+        return model(self.ids, attention_mask=self.mask, position_ids=self.positions).flatten()[self.at]
+
+
+def pack_answers(groups: list[list[list[int]]], pad_id: int, max_len: int) -> Packed:
+    """Pack each group's sequences (one ranking's answers, each prompt + answer, each at most
+    max_len tokens) into rows of at most max_len tokens behind their longest common prefix."""
+    rows: list[tuple[list[int], list[int], list[int]]] = []      # (ids, segment, position)
+    ends: list[tuple[int, int]] = []
+    for seqs in groups:
+        P = min(len(s) for s in seqs) - 1                        # every answer keeps a token
+        P = next((i for i in range(P) if any(s[i] != seqs[0][i] for s in seqs)), P)
+        row = None
+        for s in seqs:
+            if row is None or len(row[0]) + len(s) - P > max_len:
+                row = (list(s[:P]), [0] * P, list(range(P)))     # segment 0: the prompt
+                rows.append(row)
+            seg = (row[1][-1] if len(row[1]) > P else 0) + 1
+            row[0].extend(s[P:])
+            row[1].extend([seg] * (len(s) - P))
+            row[2].extend(range(P, len(s)))
+            ends.append((len(rows) - 1, len(row[0]) - 1))
+    L = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    seg = torch.full((len(rows), L), -1, dtype=torch.long)
+    pos = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, (a, b, c) in enumerate(rows):
+        ids[i, :len(a)], seg[i, :len(b)], pos[i, :len(c)] = torch.tensor(a), torch.tensor(b), torch.tensor(c)
+    q, k = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    # A query reads the prompt and its own answer, before it; padding reads itself only (a row
+    # with no key at all would be NaN, and NaN leaks through 0 * NaN).
+    mask = (((k == q) | (k == 0)) & (k >= 0) & causal) | torch.eye(L, dtype=torch.bool)
+    at = torch.tensor([r * L + c for r, c in ends])
+    return Packed(ids, pos, mask[:, None], at, sum(len(r[0]) for r in rows))
+
+
 def ranking_loss(rewards: torch.Tensor, pairs: list[tuple[int, int]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """InstructGPT's loss for one prompt: -1/C(K,2) · Σ log σ(r_w - r_l) over its pairs.
 

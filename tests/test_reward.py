@@ -65,6 +65,47 @@ def test_collate_reads_each_answer_at_its_own_end():
     assert x[1].tolist() == [1, 7, 2, 0]
 
 
+def packed_case(max_len=24):
+    from engine.model import config_from_preset
+    torch.manual_seed(0)
+    model = ScalarModel(config_from_preset("tiny", 50, max_seq_len=max_len)).eval()
+    for p in model.parameters():          # scrambled, so every term of the arithmetic matters
+        p.data.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(1)
+    rand = lambda n: torch.randint(3, 50, (n,), generator=g).tolist()    # noqa: E731
+    groups = []
+    for prompt_len, answer_lens in [(9, [3, 1, 5, 2]), (4, [2, 2]), (12, [6, 7, 5])]:
+        prompt = rand(prompt_len)
+        groups.append([prompt + rand(n) for n in answer_lens])
+    return model, groups
+
+
+def test_packed_answers_score_as_each_alone():
+    # A ranking's answers packed behind one copy of their prompt (engine.reward_data.Packed):
+    # each answer's reward is the one it gets as a sequence of its own. The third group's
+    # answers do not fit one row of 24 tokens with their prompt: they spill into a second.
+    from engine.reward_data import pack_answers
+    model, groups = packed_case()
+    packed = pack_answers(groups, pad_id=0, max_len=24)
+    alone = torch.stack([model(torch.tensor([s]))[0, -1] for seqs in groups for s in seqs])
+    with torch.no_grad():
+        got = packed.rewards(model)
+    assert packed.ids.shape[0] == 4 and packed.ids.shape[1] <= 24
+    assert packed.tokens == (9 + 11) + (4 + 4) + (12 + 6) + (12 + 7 + 5)
+    assert torch.allclose(got, alone.detach(), atol=1e-5), (got, alone)
+
+
+def test_a_packed_answer_reads_none_of_its_neighbours():
+    from engine.reward_data import pack_answers
+    model, groups = packed_case()
+    with torch.no_grad():
+        before = pack_answers(groups, pad_id=0, max_len=24).rewards(model)
+        groups[0][1] = groups[0][1][:-1] + [49]            # another last token for answer 1 only
+        after = pack_answers(groups, pad_id=0, max_len=24).rewards(model)
+    changed = torch.ne(before, after).nonzero().flatten().tolist()
+    assert changed == [1]
+
+
 @pytest.fixture
 def sft_ckpt(tiny_lm_ckpt):
     return tiny_lm_ckpt
