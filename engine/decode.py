@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.fused_ops import rms_norm
+from engine.fused_ops import rms_norm, rope_swapped, swap_halves
 from engine.model import KVCache, Transformer, repeat_kv, rope_cos_sin
 
 # Concatenated weights cost a copy of most of the model for the length of a generate call:
@@ -104,22 +104,6 @@ def _norm(x, weight, eps: float, consts):
     return (x * (x * x).sum(-1, keepdim=True).div_(width).add_(eps_t).rsqrt_()).mul_(weight)
 
 
-def _swapped_halves(sin):
-    s1, s2 = sin.chunk(2, dim=-1)
-    return torch.cat((s2, s1), dim=-1)
-
-
-def _rope(x, cos, swapped_sin):
-    """fused_ops._rope with sin's halves swapped once per generate call rather than every step:
-    x * cos + rotate_half(x) * sin, the same bits."""
-    y, t = x * cos, x * swapped_sin
-    y1, y2 = y.chunk(2, dim=-1)
-    t1, t2 = t.chunk(2, dim=-1)
-    y1.sub_(t2)
-    y2.add_(t1)
-    return y
-
-
 def make_step(model: Transformer, max_len: int) -> Optional[Step]:
     """step(tokens [B], cache, padding) -> logits [B, vocab] (fp32), for positions below max_len;
     None when the model must keep its own forward. padding: the prompts' (Padding), None when no
@@ -133,7 +117,7 @@ def make_step(model: Transformer, max_len: int) -> Optional[Step]:
     head = model.lm_head.weight.t()
     cos_t, sin_t = rope_cos_sin(torch.arange(max_len, device=emb.device)[None], cfg.head_dim,
                                 cfg.rope_theta, emb.dtype, cfg.rope_scaling)
-    cos_t, sin_t = cos_t[0], _swapped_halves(sin_t[0])
+    cos_t, sin_t = cos_t[0], swap_halves(sin_t[0])   # once a call, for rope_swapped
     H, K, hd, eps = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps
     n_rep, d_ff, qk_norm = H // K, cfg.d_ff, cfg.qk_norm
     eps_t = torch.tensor(eps, device=emb.device)
@@ -148,13 +132,13 @@ def make_step(model: Transformer, max_len: int) -> Optional[Step]:
         else:
             q, k, v = (_mm(h, w[n], w[n + "_b"]) for n in ("q", "k", "v"))
         if qk_norm:   # each normed on its own, then rotated on its own
-            q = _rope(_norm(q.view(B, H, hd), w["q_norm"], eps, by_head), cos, sin)
-            k = _rope(_norm(k.view(B, K, hd), w["k_norm"], eps, by_head), cos, sin)
+            q = rope_swapped(_norm(q.view(B, H, hd), w["q_norm"], eps, by_head), cos, sin)
+            k = rope_swapped(_norm(k.view(B, K, hd), w["k_norm"], eps, by_head), cos, sin)
         elif fuse:    # q and k lie side by side: one rotation for both
-            qk = _rope(y.narrow(1, 0, (H + K) * hd).view(B, H + K, hd), cos, sin)
+            qk = rope_swapped(y.narrow(1, 0, (H + K) * hd).view(B, H + K, hd), cos, sin)
             q, k = qk.narrow(1, 0, H), qk.narrow(1, H, K)
         else:
-            q, k = _rope(q.view(B, H, hd), cos, sin), _rope(k.view(B, K, hd), cos, sin)
+            q, k = rope_swapped(q.view(B, H, hd), cos, sin), rope_swapped(k.view(B, K, hd), cos, sin)
         cache.k[i].select(2, past).copy_(k)
         cache.v[i].select(2, past).copy_(v.view(B, K, hd))
         keys = repeat_kv(cache.k[i].narrow(2, 0, past + 1), n_rep)

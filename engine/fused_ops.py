@@ -95,13 +95,24 @@ def _plain_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def _rope(x, cos, sin):
-    # rotate_half(x) * sin is [-x2 * s1, x1 * s2]: x times sin with its halves swapped (a small
-    # tensor, shared by all heads) gives both products; then each half is added where it belongs.
-    # (-a) * b == -(a * b) and p + (-q) == p - q exactly, so this is the plain sum to the bit.
+def swap_halves(sin):
+    """[s2, s1] for sin = [s1, s2]: what rope_swapped takes (a decoding loop makes it once)."""
     s1, s2 = sin.chunk(2, dim=-1)
+    return torch.cat((s2, s1), dim=-1)
+
+
+def _rope(x, cos, sin):
+    return rope_swapped(x, cos, swap_halves(sin))
+
+
+def rope_swapped(x, cos, swapped_sin):
+    """The rope forward given sin's halves swapped, without autograd.
+
+    rotate_half(x) * sin is [-x2 * s1, x1 * s2]: x times sin with its halves swapped (a small
+    tensor, shared by all heads) gives both products; then each half is added where it belongs.
+    (-a) * b == -(a * b) and p + (-q) == p - q exactly, so this is the plain sum to the bit."""
     y = x * cos
-    t = x * torch.cat((s2, s1), dim=-1)
+    t = x * swapped_sin
     y1, y2 = y.chunk(2, dim=-1)
     t1, t2 = t.chunk(2, dim=-1)
     y1.sub_(t2)                      # x1 * c1 - x2 * s1

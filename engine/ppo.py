@@ -361,11 +361,8 @@ class PPO:
             for c in chunks(order, cfg.minibatch_size):
                 with autocast(device, self.dtype):
                     st = AnswerStates.of(ids[c], mask[c])
-                    if sc.first_passes is not None:
-                        pol_logits, val = sc.first_passes
-                        sc.first_passes = None
-                    else:
-                        pol_logits, val = m.policy(ids[c], at=st.at), m.value(ids[c])
+                    passes, sc.first_passes = sc.first_passes, None
+                    pol_logits, val = passes or (m.policy(ids[c], at=st.at), m.value(ids[c]))
                     new_logp = st.spread(logprobs_of(pol_logits, st.targets, cfg.temperature))
                     new_values = shift_values(val)
                     L = ppo_losses(new_logp, sc.logp[c], sc.advantages[c], new_values, sc.values[c],
