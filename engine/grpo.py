@@ -300,7 +300,7 @@ class GRPO:
         rows = train.nonzero().squeeze(1)
         order = rows[torch.randperm(rows.numel(), generator=self.data_gen)]
         logp, ref_logp, entropy = (torch.zeros(ids.shape, device=device) for _ in range(3))
-        mask = ro.mask.to(device)
+        mask, lengths = ro.mask.to(device), ro.lengths.to(device)
         first = None
         with autocast(device, self.dtype):
             for n, c in enumerate(chunks(order, cfg.minibatch_size)
@@ -308,18 +308,18 @@ class GRPO:
                 st = AnswerStates.of(ids[c], mask[c])
                 keep = n == 0 and order.numel() > 0          # the first update's own pass
                 with torch.set_grad_enabled(keep):
-                    logits = self.policy(ids[c], at=st.at)
+                    logits = self.policy(ids[c], at=st.at, lengths=lengths[c])
                 if keep:
                     first = logits
                 lp, ent = logprobs_entropy_of(logits.detach(), st.targets, cfg.temperature)
                 logp[c], entropy[c] = st.spread(lp), st.spread(ent)
-                ref_logp[c] = st.spread(logprobs_of(self.ref(ids[c], at=st.at), st.targets, cfg.temperature))
+                ref_logp[c] = st.spread(logprobs_of(self.ref(ids[c], at=st.at, lengths=lengths[c]), st.targets, cfg.temperature))
         return Scored(rows, order, logp, ref_logp, entropy, scores, rewards, adv, first)
 
     def update(self, ro: Rollout, sc: Scored) -> dict[str, list[float]]:
         """grpo_epochs passes of clipped updates over minibatches; their statistics."""
         cfg, device = self.cfg, self.device
-        ids, mask = ro.ids.to(device), ro.mask.to(device)
+        ids, mask, lengths = ro.ids.to(device), ro.mask.to(device), ro.lengths.to(device)
         stats: dict[str, list[float]] = {k: [] for k in ("pg", "kl", "clipfrac", "approxkl", "ratio", "grad_norm")}
         for epoch in range(cfg.grpo_epochs):
             order = sc.order if epoch == 0 else sc.rows[torch.randperm(sc.rows.numel(), generator=self.data_gen)]
@@ -328,7 +328,7 @@ class GRPO:
                     st = AnswerStates.of(ids[c], mask[c])
                     logits, sc.first_pass = sc.first_pass, None
                     if logits is None:
-                        logits = self.policy(ids[c], at=st.at)
+                        logits = self.policy(ids[c], at=st.at, lengths=lengths[c])
                     new_logp = st.spread(logprobs_of(logits, st.targets, cfg.temperature))
                     L = grpo_losses(new_logp, sc.logp[c], sc.ref_logp[c], sc.advantages[c], mask[c],
                                     cfg.cliprange, cfg.kl_coef)

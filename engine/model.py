@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from engine.config import ConfigError, from_dict, require
 from engine.fused_loss import IGNORE_INDEX, linear_cross_entropy
 from engine.fused_ops import rms_norm, rope, swiglu
+from engine.ragged import Ragged
 
 
 @dataclass
@@ -213,7 +214,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, keep=None):
+        """keep (bool, x's layout without d): the outputs wanted, [M, d]; None: all of them."""
+        if isinstance(mask, Ragged):
+            return self._ragged(x, cos, sin, mask, keep)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -229,7 +233,23 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y if keep is None else y[keep])
+
+    def _ragged(self, x, cos, sin, layout: Ragged, keep=None):
+        """x [N, d], the real tokens alone (engine.ragged); cos/sin [N, 1, hd]."""
+        N = x.shape[0]
+        q = self.q_proj(x).view(N, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(N, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(N, self.n_kv_head, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        n_rep = self.n_head // self.n_kv_head
+        q, k, v = layout.to_heads(q), layout.to_heads(k), layout.to_heads(v)
+        y = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), is_causal=True)
+        y = layout.from_heads(y)
+        return self.o_proj(y if keep is None else y[keep])
 
 
 class MLP(nn.Module):
@@ -251,8 +271,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, keep=None):
+        """keep: see Attention. Past the attention a position reads no other, so the last
+        layer need not run its projection and MLP where no one reads the output."""
+        y = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, keep)
+        x = x + y if keep is None else x[keep] + y
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -353,34 +376,49 @@ class Transformer(nn.Module):
         mask = ((j <= i)[None] & real[:, None, :]) | (j == i)[None]
         return mask[:, None], position_ids
 
-    def hidden(self, idx, *, cache=None, attention_mask=None, position_ids=None):
-        """Final normed hidden states [B, T, d_model] (what reward and value heads read)."""
+    def hidden(self, idx, *, cache=None, attention_mask=None, position_ids=None, lengths=None, at=None):
+        """Final normed hidden states [B, T, d_model] (what reward and value heads read). With
+        `lengths` (right-padded rows: row b's first lengths[b] tokens are real; or their Ragged
+        layout), [N, d_model] for the real tokens alone, row-major (engine.ragged). With `at`
+        (bool [B, T]), [M, d_model] for those positions alone, row-major: the last layer runs
+        its output projection and MLP there only."""
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         limit = cache.max_len if cache is not None else self.config.max_seq_len
         if past + T > limit:
             what = "KV cache" if cache is not None else "max_seq_len"
             raise ValueError(f"sequence of {past + T} tokens exceeds the {what} ({limit})")
-        mask, pos = self._mask_and_positions(B, T, past, attention_mask, position_ids, idx.device)
-        x = self.model.embed_tokens(idx)
         cfg = self.config
-        cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype, cfg.rope_scaling)
+        if lengths is not None:
+            if cache is not None or attention_mask is not None or position_ids is not None:
+                raise ValueError("lengths takes no cache, attention_mask or position_ids")
+            mask = lengths if isinstance(lengths, Ragged) else Ragged.of(lengths.to(idx.device), T)
+            at = None if at is None else mask.take(at)
+            x = self.model.embed_tokens(mask.take(idx))
+            cos, sin = rope_cos_sin(mask.positions[None], cfg.head_dim, cfg.rope_theta, x.dtype, cfg.rope_scaling)
+            cos, sin = cos[0, :, None], sin[0, :, None]      # [N, 1, hd]: one angle per token, all heads
+        else:
+            mask, pos = self._mask_and_positions(B, T, past, attention_mask, position_ids, idx.device)
+            x = self.model.embed_tokens(idx)
+            cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype, cfg.rope_scaling)
         # Only where a backward pass will follow: not in evaluation, generation (the KV cache) or
         # under no_grad, where nothing is kept for a backward pass anyway.
         recompute = self.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        last = len(self.model.layers) - 1
         for i, block in enumerate(self.model.layers):
+            keep = at if i == last else None
             if recompute:
                 # Non-reentrant: works with inputs that need no grad (a frozen base under LoRA),
                 # and replays the RNG state so dropout draws the same masks the second time.
-                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, keep=keep, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache, i)
+                x = block(x, cos, sin, mask, cache, i, keep)
         if cache is not None:
             cache.advance(T)
         return self.model.norm(x)
 
     def forward(self, idx, targets=None, *, cache=None, attention_mask=None, position_ids=None,
-                loss_only: bool = False, at=None):
+                loss_only: bool = False, at=None, lengths=None):
         """Logits [B, T, vocab] in fp32; with targets (aligned with idx: targets[:, t] is the
         token after idx[:, t], -100 where no loss), returns (logits, mean cross-entropy).
 
@@ -390,18 +428,26 @@ class Transformer(nn.Module):
         order: the head and its softmax are a large part of a small model's pass, and PPO, GRPO
         and DPO read only the states their answer tokens are drawn from. Keywords of forward
         rather than methods of their own, so that they go through DDP and torch.compile
-        wrappers like any call of the model."""
+        wrappers like any call of the model. `lengths` ([B], right-padded rows) runs the real
+        tokens alone (engine.ragged): the same results, zero logits at the pads."""
         if loss_only and targets is None:
             raise ValueError("loss_only needs targets")
         if at is not None and targets is not None:
             raise ValueError("at gives logits only; compute the loss from them")
-        h = self.hidden(idx, cache=cache, attention_mask=attention_mask, position_ids=position_ids)
+        layout = None if lengths is None else Ragged.of(lengths.to(idx.device), idx.shape[1])
+        h = self.hidden(idx, cache=cache, attention_mask=attention_mask, position_ids=position_ids,
+                        lengths=layout, at=at)
+        if layout is not None and targets is not None:
+            targets = layout.take(targets)
         if loss_only:
             return self.head_loss(h, targets)
-        logits = self.lm_head(h if at is None else h[at]).float()
-        if targets is None:
-            return logits
-        return logits, cross_entropy(logits, targets)
+        if at is not None:
+            return self.lm_head(h).float()
+        logits = self.lm_head(h).float()
+        loss = None if targets is None else cross_entropy(logits, targets)
+        if layout is not None:
+            logits = layout.spread(logits)
+        return logits if loss is None else (logits, loss)
 
     def head_loss(self, h, targets):
         """Mean cross-entropy of the head's logits for hidden states h [B, T, d], fused."""
@@ -440,10 +486,13 @@ class ScalarModel(Transformer):
     def tie_weights(self) -> None:
         pass  # no unembedding to tie
 
-    def forward(self, idx, *, attention_mask=None, position_ids=None):
-        """Scalars [B, T] in fp32, one per position."""
-        h = self.hidden(idx, attention_mask=attention_mask, position_ids=position_ids)
-        return self.score(h).squeeze(-1).float()
+    def forward(self, idx, *, attention_mask=None, position_ids=None, lengths=None, at=None):
+        """Scalars [B, T] in fp32, one per position (0 at the pads with `lengths`); with `at`
+        (bool [B, T]), [M] for those positions only, row-major."""
+        layout = None if lengths is None else Ragged.of(lengths.to(idx.device), idx.shape[1])
+        h = self.hidden(idx, attention_mask=attention_mask, position_ids=position_ids, lengths=layout, at=at)
+        out = self.score(h).squeeze(-1).float()
+        return out if layout is None or at is not None else layout.spread(out)
 
     @classmethod
     def from_lm(cls, lm: Transformer) -> "ScalarModel":

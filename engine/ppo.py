@@ -51,7 +51,7 @@ from engine.lora import (LORA_FIELDS, LoRASettings, Reference, add_adapters, des
 from engine.model import ScalarModel
 from engine.ppo_core import (BETA_RANGE, AnswerStates, KLController, Rollout, build_rollout, chunks, gae,
                              logprobs_of, masked_mean, masked_whiten, per_token_rewards, ppo_losses,
-                             reference_figures_of, shift_values)
+                             reference_figures_of)
 from engine.reward import load_reward_model
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sample import read_prompts
@@ -322,7 +322,7 @@ class PPO:
         bit-identical inputs: ratio 1 exactly, and KL 0 exactly against an identical reference.
         """
         cfg, m, device = self.cfg, self.m, self.device
-        ids, mask = ro.ids.to(device), ro.mask.to(device)
+        ids, mask, lengths = ro.ids.to(device), ro.mask.to(device), ro.lengths.to(device)
         order = torch.randperm(ids.size(0), generator=self.data_gen)
         logp, ref_logp, entropy, values = (torch.zeros(ids.shape, device=device) for _ in range(4))
         raw, kl_exact = torch.zeros(ids.size(0), device=device), torch.zeros(ids.size(0), device=device)
@@ -332,15 +332,18 @@ class PPO:
             for n, c in enumerate(chunks(order, cfg.minibatch_size)):
                 st = AnswerStates.of(ids[c], mask[c])
                 with torch.set_grad_enabled(n == 0):    # the first update's own passes
-                    pol_logits, val = m.policy(ids[c], at=st.at), m.value(ids[c])
+                    pol_logits = m.policy(ids[c], at=st.at, lengths=lengths[c])
+                    val = m.value(ids[c], at=st.at, lengths=lengths[c])      # [M]: at the states too
                 if n == 0:
                     first = (pol_logits, val)
-                figures = reference_figures_of(pol_logits.detach(), m.ref(ids[c], at=st.at), st.targets,
+                figures = reference_figures_of(pol_logits.detach(), m.ref(ids[c], at=st.at, lengths=lengths[c]), st.targets,
                                                cfg.temperature)
                 logp[c], entropy[c], ref_logp[c], kl_state = (st.spread(f) for f in figures)
                 kl_exact[c] = kl_state.sum(1)
-                values[c] = shift_values(val.detach())
-                raw[c] = m.rm(ids[c])[torch.arange(len(c), device=device), last[c]].float()
+                values[c] = st.spread(val.detach())
+                ends = torch.zeros_like(st.at)
+                ends[torch.arange(len(c), device=device), last[c]] = True
+                raw[c] = m.rm(ids[c], at=ends, lengths=lengths[c])
         scores = ((raw - m.norm["mean"]) / m.norm["std"]).clamp(-cfg.reward_clip, cfg.reward_clip)
         scores = scores - cfg.missing_end_penalty * (~ro.finished.to(device)).float()
         beta = self.kl_ctl.value
@@ -353,7 +356,7 @@ class PPO:
     def update(self, ro: Rollout, sc: Scored) -> dict[str, list[float]]:
         """ppo_epochs passes of clipped policy and value updates over minibatches; their statistics."""
         cfg, m, device = self.cfg, self.m, self.device
-        ids, mask = ro.ids.to(device), ro.mask.to(device)
+        ids, mask, lengths = ro.ids.to(device), ro.mask.to(device), ro.lengths.to(device)
         stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "approxkl", "ratio", "vclip",
                                                          "ptx", "grad_norm")}
         for epoch in range(cfg.ppo_epochs):
@@ -362,9 +365,10 @@ class PPO:
                 with autocast(device, self.dtype):
                     st = AnswerStates.of(ids[c], mask[c])
                     passes, sc.first_passes = sc.first_passes, None
-                    pol_logits, val = passes or (m.policy(ids[c], at=st.at), m.value(ids[c]))
+                    pol_logits, val = passes or (m.policy(ids[c], at=st.at, lengths=lengths[c]),
+                                                 m.value(ids[c], at=st.at, lengths=lengths[c]))
                     new_logp = st.spread(logprobs_of(pol_logits, st.targets, cfg.temperature))
-                    new_values = shift_values(val)
+                    new_values = st.spread(val)
                     L = ppo_losses(new_logp, sc.logp[c], sc.advantages[c], new_values, sc.values[c],
                                    sc.returns[c], mask[c], cfg.cliprange, cfg.cliprange_value)
                     loss = L.total_policy + cfg.vf_coef * L.value + self._ptx_loss(stats)

@@ -85,6 +85,7 @@ class Rollout:
     mask: torch.Tensor         # [B, T] 1 on answer tokens (the actions)
     finished: torch.Tensor     # [B] the answer ended with the end token
     answers: list[list[int]]
+    lengths: torch.Tensor      # [B] prompt + answer: the models run these tokens alone (engine.ragged)
 
 
 def build_rollout(prompts: list[list[int]], answers: list[list[int]], end_id: int, pad_id: int) -> Rollout:
@@ -97,17 +98,13 @@ def build_rollout(prompts: list[list[int]], answers: list[list[int]], end_id: in
         ids[i, :len(p) + len(a)] = torch.tensor(p + a)
         mask[i, len(p):len(p) + len(a)] = 1
     finished = torch.tensor([bool(a) and a[-1] == end_id for a in answers])
-    return Rollout(ids, mask, finished, answers)
+    lengths = torch.tensor([len(p) + len(a) for p, a in zip(prompts, answers)])
+    return Rollout(ids, mask, finished, answers, lengths)
 
 
 def chunks(order: torch.Tensor, size: int) -> list[torch.Tensor]:
     """Minibatches of row indices, in `order`."""
     return [order[i:i + size] for i in range(0, order.numel(), size)]
-
-
-def shift_values(values: torch.Tensor) -> torch.Tensor:
-    """Value of the state before the token at t: the value head's output at t-1."""
-    return F.pad(values[:, :-1].float(), (1, 0))
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from engine.model import Transformer, config_from_preset
 from engine.ppo_core import (BETA_RANGE, ERROR_RANGE, KL_GAIN, AnswerStates, KLController, build_rollout, gae,
                              last_action_index, logprobs_entropy_of, logprobs_of, masked_whiten, per_token_rewards,
-                             ppo_losses, reference_figures_of, shift_values, state_kl)
+                             ppo_losses, reference_figures_of, state_kl)
 
 
 def full_layout(figures_of, *logits, ids, temperature):
@@ -66,7 +66,8 @@ def test_logprobs_are_shifted_and_temperature_scaled():
     lp = st.spread(logprobs_of(logits[st.at], st.targets, temperature=0.7))
     expect = torch.log_softmax(logits[0, 1] / 0.7, -1)[6]
     assert lp[0, 0] == 0 and lp[0, 2].item() == pytest.approx(expect.item(), rel=1e-6)
-    v = shift_values(torch.tensor([[1., 2., 3., 4.]]))
+    # A value read at the states (the value model's `at`) lands on the action it comes before.
+    v = st.spread(torch.tensor([1., 2., 3.]))
     assert v.tolist() == [[0., 1., 2., 3.]]
 
 
