@@ -127,8 +127,8 @@ class Hooks:
         for e in items:
             spans.append((len(examples), len(e.answers), e.ranking.groups))
             examples += e.answers
-        x, y, n = collate(examples, self.tok.pad_id)
-        return x.to(self.device), y.to(self.device), spans, n
+        x, y, n, lengths = collate(examples, self.tok.pad_id)
+        return x.to(self.device), y.to(self.device), spans, n, lengths.to(self.device)
 
     def next_batch(self, _gen):
         return self.batch([self.train_items[i] for i in self.sampler.take(self.cfg.batch_size)])
@@ -138,12 +138,12 @@ class Hooks:
 
     def ranking_losses(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean loss over the batch's rankings, and per-pair figures for the metrics."""
-        x, y, spans, _n = batch
+        x, y, spans, _n, lengths = batch
         # The reference first: a LoRA reference switches the policy's adapters off and on, which
         # must not happen while the policy's graph for this batch is being built.
         with torch.no_grad():
-            ref_logp = sequence_logps(self.ref, x, y)
-        logp = sequence_logps(model, x, y)
+            ref_logp = sequence_logps(self.ref, x, y, lengths)
+        logp = sequence_logps(model, x, y, lengths)
         logratio = logp - ref_logp
         losses, figs = [], {"margin": [], "chosen": [], "rejected": [], "logp_chosen": [], "logp_rejected": []}
         for start, k, groups in spans:

@@ -26,11 +26,12 @@ LOSSES = ("sigmoid", "ipo")
 FORMS = ("pairwise", "plackett_luce")
 
 
-def sequence_logps(model, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def sequence_logps(model, x: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Σ log p(target) over each row's targets (-100: not counted): [N] in fp32. The model is
-    asked for its logits at the targets' positions only (`at`): the prompt's are never read."""
+    asked for its logits at the targets' positions only (`at`): the prompt's are never read;
+    `lengths` (each right-padded row's) lets it skip the pads."""
     keep = targets != -100
-    picked = logprobs_of(model(x, at=keep), targets[keep], 1.0)
+    picked = logprobs_of(model(x, at=keep, lengths=lengths), targets[keep], 1.0)
     return torch.zeros(x.size(0), dtype=picked.dtype, device=picked.device).index_add_(0, keep.nonzero()[:, 0], picked)
 
 

@@ -73,9 +73,11 @@ def largest_param(cfg, kind: str, rank: int, targets) -> int:
 
 # --- activations: what autograd keeps, per token -------------------------------------------
 
-def _layer_saved(cfg, e: int, autocast: bool, targets, first: bool) -> int:
+def _layer_saved(cfg, e: int, autocast: bool, targets, first: bool, part: str = "all") -> int:
     """Bytes one Block saves per token. `targets` None: full fine-tuning; else the LoRA targets
-    (frozen base weights save no input; a frozen norm gain does not need the normalised x)."""
+    (frozen base weights save no input; a frozen norm gain does not need the normalised x).
+    part "attention": up to SDPA's output; "mlp": post_attention_layernorm and the MLP (what a
+    last layer that `at` prunes saves per kept position); "all": the whole layer."""
     f, d, dff = 4, cfg.d_model, cfg.d_ff
     att, kvw = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     full = targets is None
@@ -95,12 +97,26 @@ def _layer_saved(cfg, e: int, autocast: bool, targets, first: bool) -> int:
     # stay one head wide, unless autocast's cast of fp32 k (after RoPE) copies it out.
     kv_saved = 2 * att if cfg.n_kv_head > 1 else (att + kvw if autocast else 2 * kvw)
     b += (e * (2 * att + kv_saved) + f * cfg.n_head) * grad_attn
-    b += e * att * (not grad_attn and bool(hit("o_proj")))      # else o_proj's input is SDPA's out
-    b += (f * d + f) * grad_mid                                    # post_attention_layernorm
+    o_alone = e * att * (not grad_attn and bool(hit("o_proj")))    # else o_proj's input is SDPA's out
+    m = (f * d + f) * grad_mid                                     # post_attention_layernorm
     gate_up = hit("gate_proj", "up_proj")
-    b += (e * d * len(gate_up)) if autocast else (f * d if gate_up else 0)
-    b += 2 * e * dff * grad_mlp + e * dff * bool(hit("down_proj"))   # gate, up; product
-    return b
+    m += (e * d * len(gate_up)) if autocast else (f * d if gate_up else 0)
+    m += 2 * e * dff * grad_mlp + e * dff * bool(hit("down_proj"))   # gate, up; product
+    return {"attention": b, "mlp": m, "all": b + o_alone + m}[part]
+
+
+def _pruned_last_layer(cfg, e: int, autocast: bool, targets, rank: int, n: int, m: int) -> int:
+    """The last Block when `at` keeps m of its n positions (engine.model): attention over all n,
+    then o_proj on its own copy of SDPA's output at the m, post norm and MLP over the m, and the
+    bool mask [n] its two index ops keep."""
+    full = targets is None
+    pre = [t for t in ("q_proj", "k_proj", "v_proj") if not full and t in targets]
+    post = [t for t in ("o_proj", "gate_proj", "up_proj", "down_proj") if not full and t in targets]
+    first = cfg.n_layer == 1
+    o_in = e * cfg.n_head * cfg.head_dim * (full or "o_proj" in targets)
+    return (n * (_layer_saved(cfg, e, autocast, targets, first, "attention") + _lora_saved(cfg, e, rank, pre))
+            + m * (o_in + _layer_saved(cfg, e, autocast, targets, first, "mlp") + _lora_saved(cfg, e, rank, post))
+            + n)
 
 
 def _lora_saved(cfg, e: int, rank: int, targets) -> int:
@@ -162,7 +178,8 @@ def _head_saved(cfg, batch: int, seq: int, e: int, autocast: bool, kind: str, fu
     """Bytes the final norm, the head and the loss keep for the backward. kind "scalar": the score
     head; "lm" with logits_at None: the fused loss (pretraining, SFT); with logits_at A: logits at
     A positions of each sequence (`model(ids, at=mask)`: PPO, GRPO, DPO)."""
-    f, d, n = 4, cfg.d_model, batch * seq
+    f, d = 4, cfg.d_model
+    n = batch * (seq if logits_at is None else logits_at)    # `at`: the kept positions alone
     b = n * (f * d + f)                           # the final norm: its input, rsqrt
     h_in = e * d if autocast else f * d           # a linear's (cast) input
     if kind == "scalar":                          # the score head is always trained
@@ -170,9 +187,9 @@ def _head_saved(cfg, batch: int, seq: int, e: int, autocast: bool, kind: str, fu
     if logits_at is None:
         return b + fused_loss_bytes(n, d, cfg.vocab_size, compute_bytes=e, hidden_bytes=w, weight_bytes=w,
                                     head_trained=full)[0]
-    # h[at] keeps the bool mask; lm_head its input (only if it trains), log_softmax its fp32
-    # output, gather the int64 index of each scored token.
-    return b + n + batch * logits_at * (h_in * full + f * cfg.vocab_size + 8)
+    # lm_head its input (only if it trains), log_softmax its fp32 output, gather the int64 index
+    # of each scored token.
+    return b + n * (h_in * full + f * cfg.vocab_size + 8)
 
 
 def saved_activation_bytes(cfg, batch: int, seq: int, *, compute_bytes: int = 4, autocast: bool = False,
@@ -181,7 +198,12 @@ def saved_activation_bytes(cfg, batch: int, seq: int, *, compute_bytes: int = 4,
                            weight_bytes: int = 4) -> int:
     """What autograd holds at the end of a training forward of `batch` x `seq` tokens and its loss.
     For kind "lm", logits_at None is the fused loss of pretraining and SFT (`model(x, y,
-    loss_only=True)`), an int the logits at that many positions of each sequence (`at=`)."""
+    loss_only=True)`), an int the logits at that many positions of each sequence (`at=`); for
+    "scalar", the scores at that many (PPO's value model) or at all positions.
+
+    Padded rows, as planned: a forward given the rows' `lengths` (engine.ragged) saves its
+    layers' per-token tensors for the real tokens only, plus attention's padded q/k/v/out over
+    the longest row and a copy of SDPA's output at the real tokens for o_proj."""
     n, e = batch * seq, compute_bytes
     targets = tuple(lora_targets) if lora_rank else None
     full = targets is None
@@ -190,9 +212,11 @@ def saved_activation_bytes(cfg, batch: int, seq: int, *, compute_bytes: int = 4,
     shared = 8 * n * full + 2 * 4 * seq * cfg.head_dim
     if checkpointing:
         return cfg.n_layer * 4 * n * cfg.d_model + shared + head     # each block's fp32 input
-    layers = sum(_layer_saved(cfg, e, autocast, targets, i == 0) for i in range(cfg.n_layer))
-    layers += cfg.n_layer * _lora_saved(cfg, e, lora_rank, targets or ())
-    return n * layers + shared + head
+    pruned = logits_at is not None
+    layers = sum(_layer_saved(cfg, e, autocast, targets, i == 0) for i in range(cfg.n_layer - pruned))
+    layers += (cfg.n_layer - pruned) * _lora_saved(cfg, e, lora_rank, targets or ())
+    last = _pruned_last_layer(cfg, e, autocast, targets, lora_rank, n, batch * logits_at) if pruned else 0
+    return n * layers + last + shared + head
 
 
 def train_activations(cfg, batch, seq, e, autocast, kind, rank, targets, ckpt, logits_at=None, w=4) -> dict:

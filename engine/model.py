@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from engine.config import ConfigError, from_dict, require
 from engine.fused_loss import IGNORE_INDEX, linear_cross_entropy
 from engine.fused_ops import rms_norm, rope, swiglu
-from engine.ragged import Ragged
+from engine.ragged import Ragged, layout_of, zero_pads
 
 
 @dataclass
@@ -376,12 +376,11 @@ class Transformer(nn.Module):
         mask = ((j <= i)[None] & real[:, None, :]) | (j == i)[None]
         return mask[:, None], position_ids
 
-    def hidden(self, idx, *, cache=None, attention_mask=None, position_ids=None, lengths=None, at=None):
-        """Final normed hidden states [B, T, d_model] (what reward and value heads read). With
-        `lengths` (right-padded rows: row b's first lengths[b] tokens are real; or their Ragged
-        layout), [N, d_model] for the real tokens alone, row-major (engine.ragged). With `at`
-        (bool [B, T]), [M, d_model] for those positions alone, row-major: the last layer runs
-        its output projection and MLP there only."""
+    def hidden(self, idx, *, cache=None, attention_mask=None, position_ids=None, layout=None, at=None):
+        """Final normed hidden states [B, T, d_model] (what reward and value heads read). With a
+        `layout` (engine.ragged.Ragged of right-padded rows), [N, d_model] for the real tokens
+        alone, row-major. With `at` (bool [B, T]), [M, d_model] for those positions alone,
+        row-major: the last layer runs its output projection and MLP there only."""
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         limit = cache.max_len if cache is not None else self.config.max_seq_len
@@ -389,10 +388,8 @@ class Transformer(nn.Module):
             what = "KV cache" if cache is not None else "max_seq_len"
             raise ValueError(f"sequence of {past + T} tokens exceeds the {what} ({limit})")
         cfg = self.config
-        if lengths is not None:
-            if cache is not None or attention_mask is not None or position_ids is not None:
-                raise ValueError("lengths takes no cache, attention_mask or position_ids")
-            mask = lengths if isinstance(lengths, Ragged) else Ragged.of(lengths.to(idx.device), T)
+        if layout is not None:
+            mask = layout
             at = None if at is None else mask.take(at)
             x = self.model.embed_tokens(mask.take(idx))
             cos, sin = rope_cos_sin(mask.positions[None], cfg.head_dim, cfg.rope_theta, x.dtype, cfg.rope_scaling)
@@ -429,24 +426,25 @@ class Transformer(nn.Module):
         and DPO read only the states their answer tokens are drawn from. Keywords of forward
         rather than methods of their own, so that they go through DDP and torch.compile
         wrappers like any call of the model. `lengths` ([B], right-padded rows) runs the real
-        tokens alone (engine.ragged): the same results, zero logits at the pads."""
+        tokens alone (engine.ragged): the same results, no loss and zero logits at the pads."""
         if loss_only and targets is None:
             raise ValueError("loss_only needs targets")
         if at is not None and targets is not None:
             raise ValueError("at gives logits only; compute the loss from them")
-        layout = None if lengths is None else Ragged.of(lengths.to(idx.device), idx.shape[1])
+        if lengths is not None and (cache is not None or attention_mask is not None or position_ids is not None):
+            raise ValueError("lengths takes no cache, attention_mask or position_ids")
+        real, layout = layout_of(idx, lengths, at)
         h = self.hidden(idx, cache=cache, attention_mask=attention_mask, position_ids=position_ids,
-                        lengths=layout, at=at)
-        if layout is not None and targets is not None:
-            targets = layout.take(targets)
+                        layout=layout, at=at)
+        if targets is not None and real is not None:
+            targets = targets.masked_fill(~real, IGNORE_INDEX) if layout is None else layout.take(targets)
         if loss_only:
             return self.head_loss(h, targets)
         if at is not None:
             return self.lm_head(h).float()
         logits = self.lm_head(h).float()
         loss = None if targets is None else cross_entropy(logits, targets)
-        if layout is not None:
-            logits = layout.spread(logits)
+        logits = zero_pads(logits, real, layout)
         return logits if loss is None else (logits, loss)
 
     def head_loss(self, h, targets):
@@ -489,10 +487,12 @@ class ScalarModel(Transformer):
     def forward(self, idx, *, attention_mask=None, position_ids=None, lengths=None, at=None):
         """Scalars [B, T] in fp32, one per position (0 at the pads with `lengths`); with `at`
         (bool [B, T]), [M] for those positions only, row-major."""
-        layout = None if lengths is None else Ragged.of(lengths.to(idx.device), idx.shape[1])
-        h = self.hidden(idx, attention_mask=attention_mask, position_ids=position_ids, lengths=layout, at=at)
+        if lengths is not None and (attention_mask is not None or position_ids is not None):
+            raise ValueError("lengths takes no cache, attention_mask or position_ids")
+        real, layout = layout_of(idx, lengths, at)
+        h = self.hidden(idx, attention_mask=attention_mask, position_ids=position_ids, layout=layout, at=at)
         out = self.score(h).squeeze(-1).float()
-        return out if layout is None or at is not None else layout.spread(out)
+        return out if at is not None else zero_pads(out, real, layout)
 
     @classmethod
     def from_lm(cls, lm: Transformer) -> "ScalarModel":

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 
 def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return F.log_softmax(logits.float() / temperature, dim=-1)
+    # x / 1 is x to the bit: at temperature 1 the division is a pass over [M, V] for nothing.
+    logits = logits.float()
+    return F.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
 
 
 def _picked(lp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

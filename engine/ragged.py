@@ -9,12 +9,48 @@ and lays them out as [B, T', ...] (T' the longest row) only for attention, where
 over right-padded rows never lets a real token read a pad; the pads there are zeros whose
 outputs nobody reads. The real positions compute the padded forward's arithmetic (the same
 values up to the rounding of a matmul over another number of rows).
+
+Rows that are nearly full run padded all the same: there the gathers and scatters cost about
+what the pads do, and the copy of attention's output that o_proj keeps would make a training
+forward hold more than the padded one the memory plan counts (engine.memory_tensors).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Optional
+
 import torch
+
+# The share of pad positions below which the padded pass is taken.
+MIN_PAD_SHARE = 0.1
+
+
+def layout_of(idx: torch.Tensor, lengths: Optional[torch.Tensor],
+              at: Optional[torch.Tensor] = None) -> tuple[Optional[torch.Tensor], Optional["Ragged"]]:
+    """(real tokens bool [B, T], their Ragged layout or None where the rows run padded) of the
+    right-padded rows idx [B, T] of these lengths; (None, None) without lengths. `at`, the
+    positions whose outputs are wanted, must lie among the real tokens."""
+    if lengths is None:
+        return None, None
+    batch, seq = idx.shape
+    lengths = lengths.to(device=idx.device, dtype=torch.long)
+    if lengths.shape != (batch,) or bool((lengths < 1).any()) or bool((lengths > seq).any()):
+        raise ValueError(f"lengths must be {batch} counts between 1 and {seq}, got {lengths.tolist()}")
+    real = torch.arange(seq, device=idx.device) < lengths[:, None]
+    if at is not None and bool((at & ~real).any()):
+        raise ValueError("at marks positions past a row's length")
+    return real, Ragged.of(real)
+
+
+def zero_pads(out: torch.Tensor, real: Optional[torch.Tensor], layout: Optional["Ragged"]) -> torch.Tensor:
+    """A per-position output [B, T, ...] (the real tokens' [N, ...] under a layout) in the
+    input's layout, zeros at the pads; as it is without lengths (real None)."""
+    if real is None:
+        return out
+    if layout is not None:
+        return layout.spread(out)
+    return out.masked_fill(~real.view(*real.shape, *(1,) * (out.dim() - 2)), 0)
 
 
 @dataclass
@@ -28,16 +64,20 @@ class Ragged:
     width: int               # the longest row: attention's width
 
     @classmethod
-    def of(cls, lengths: torch.Tensor, seq: int) -> "Ragged":
-        lengths = lengths.to(torch.long)
-        if lengths.dim() != 1 or bool((lengths < 1).any()) or bool((lengths > seq).any()):
-            raise ValueError(f"lengths must be [batch] counts between 1 and {seq}, got {lengths.tolist()}")
+    def of(cls, real: torch.Tensor, force: bool = False) -> Optional["Ragged"]:
+        """The layout of `real` [B, T] (real_tokens); None where the pads are too few to skip,
+        unless `force`."""
+        batch, seq = real.shape
+        lengths = real.sum(1)
+        n = int(lengths.sum())
+        if not force and batch * seq - n < MIN_PAD_SHARE * batch * seq:
+            return None
         width = int(lengths.max())
-        t = torch.arange(width, device=lengths.device)
-        real = t < lengths[:, None]                                  # [B, width]
-        rows = torch.arange(len(lengths), device=lengths.device)[:, None].expand_as(real)[real]
+        real = real[:, :width]
+        t = torch.arange(width, device=real.device)
+        rows = torch.arange(batch, device=real.device)[:, None].expand_as(real)[real]
         positions = t.expand_as(real)[real]
-        return cls(rows * seq + positions, rows * width + positions, positions, len(lengths), seq, width)
+        return cls(rows * seq + positions, rows * width + positions, positions, batch, seq, width)
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, ...] (the input's layout) -> [N, ...], the real tokens in row-major order."""

@@ -195,8 +195,8 @@ class Hooks:
         return idx
 
     def next_batch(self, _gen: torch.Generator):
-        x, y, n = collate([self.data.train[i] for i in self._take()], self.tok.pad_id)
-        return x.to(self.device), y.to(self.device), n
+        x, y, n, lengths = collate([self.data.train[i] for i in self._take()], self.tok.pad_id)
+        return x.to(self.device), y.to(self.device), n, lengths.to(self.device)
 
     def skip_batch(self, _gen: torch.Generator) -> None:
         self._take()
@@ -205,15 +205,15 @@ class Hooks:
     def loss(m, batch):
         # The mean over this batch's answer tokens, as HF's SFT does: a batch of short answers
         # weighs as much as one of long answers.
-        x, y, n = batch
-        return m(x, y, loss_only=True), n
+        x, y, n, lengths = batch
+        return m(x, y, loss_only=True, lengths=lengths), n
 
     def evaluate(self, m) -> dict[str, float]:
         # Token-weighted over a fixed set of samples, so curves compare across steps.
         total, count = 0.0, 0
-        for x, y, _ in self.val_batches:
+        for x, y, _, lengths in self.val_batches:
             k = int((y != -100).sum())
-            total += float(m(x.to(self.device), y.to(self.device), loss_only=True)) * k
+            total += float(m(x.to(self.device), y.to(self.device), loss_only=True, lengths=lengths.to(self.device))) * k
             count += k
         values = {"val/loss": total / count}
         tasks = self.data.tasks

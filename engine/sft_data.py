@@ -368,8 +368,9 @@ def split_records(records: list[Record], val_fraction: float,
 
 # --- batches ----------------------------------------------------------------------------------
 
-def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(inputs [B, T], targets [B, T], real tokens): right-padded to the longest sample."""
+def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """(inputs [B, T], targets [B, T], real tokens, each row's length [B]): right-padded to the
+    longest sample; the model runs the real tokens alone given the lengths (engine.ragged)."""
     T = max(len(e.ids) - 1 for e in examples)
     x = torch.full((len(examples), T), pad_id, dtype=torch.long)
     y = torch.full((len(examples), T), -100, dtype=torch.long)
@@ -379,7 +380,7 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
         x[i, :n] = torch.tensor(e.ids[:-1])
         y[i, :n] = torch.tensor(targets_for(e.ids, e.mask))
         real += n
-    return x, y, real
+    return x, y, real, torch.tensor([len(e.ids) - 1 for e in examples])
 
 
 class EpochSampler:

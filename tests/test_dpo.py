@@ -67,10 +67,11 @@ def test_sequence_log_probs_count_only_the_targets():
     targets = torch.tensor([[-100, 2, 4]])
     lp = torch.log_softmax(logits, -1)
     asked = []
-    model = lambda x, at: asked.append(at.clone()) or logits[at]  # noqa: E731
-    assert sequence_logps(model, torch.zeros(1, 3), targets).item() == pytest.approx(float(lp[0, 1, 2] + lp[0, 2, 4]),
-                                                                                     rel=1e-6)
-    assert asked[0].tolist() == [[False, True, True]]   # the prompt's logits are never computed
+    model = lambda x, at, lengths: asked.append((at.clone(), lengths)) or logits[at]  # noqa: E731
+    assert sequence_logps(model, torch.zeros(1, 3), targets, torch.tensor([3])).item() == pytest.approx(
+        float(lp[0, 1, 2] + lp[0, 2, 4]), rel=1e-6)
+    assert asked[0][0].tolist() == [[False, True, True]]   # the prompt's logits are never computed
+    assert asked[0][1].tolist() == [3]                     # and the model is told the row's length
 
 
 def test_the_mask_covers_the_final_answer_only(tiny_lm_ckpt):

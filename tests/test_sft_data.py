@@ -221,8 +221,8 @@ def test_samples_without_answer_tokens_are_reported_and_all_empty_is_visible(tok
 def test_collate_right_pads_inputs_and_ignores_their_targets(tok):
     a = Example([1, 4, 60, 2, 5, 70, 2], [0, 0, 0, 0, 0, 1, 1], "a")
     b = Example([1, 4, 61, 62, 63, 2, 5, 71, 72, 2], [0, 0, 0, 0, 0, 0, 0, 1, 1, 1], "b")
-    x, y, n = collate([a, b], tok.pad_id)
-    assert x.shape == y.shape == (2, 9) and n == 6 + 9
+    x, y, n, lengths = collate([a, b], tok.pad_id)
+    assert x.shape == y.shape == (2, 9) and n == 6 + 9 and lengths.tolist() == [6, 9]
     assert x[0].tolist() == [1, 4, 60, 2, 5, 70, tok.pad_id, tok.pad_id, tok.pad_id]
     assert y[0].tolist() == [-100, -100, -100, -100, 70, 2, -100, -100, -100]
     assert y[1].tolist() == [-100] * 6 + [71, 72, 2]
@@ -235,10 +235,15 @@ def test_right_padding_does_not_change_the_real_tokens_logits(tok):
                                            n_kv_head=2, d_ff=64, max_seq_len=32)).eval()
     a = Example([1, 4, 60, 2, 5, 70, 2], [0, 0, 0, 0, 0, 1, 1], "a")
     b = Example([1, 4, 61, 62, 63, 64, 65, 2, 5, 71, 72, 2], [0] * 9 + [1, 1, 1], "b")
-    x, _, _ = collate([a, b], tok.pad_id)
-    alone, _, _ = collate([a], tok.pad_id)
+    x, _, _, lengths = collate([a, b], tok.pad_id)
+    alone, _, _, _ = collate([a], tok.pad_id)
     with torch.no_grad():
         assert torch.allclose(model(x)[0, :6], model(alone)[0], atol=1e-6)
+        # Given the rows' lengths the model runs the real tokens alone: the same logits, and
+        # zeros (not the pads' own logits) where no token is.
+        ragged = model(x, lengths=lengths)
+        assert torch.allclose(ragged[0, :6], model(alone)[0], atol=1e-6)
+        assert torch.allclose(ragged[1], model(x)[1], atol=1e-6) and (ragged[0, 6:] == 0).all()
 
 
 def test_split_is_by_record_deterministic_and_disjoint():
