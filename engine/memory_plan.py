@@ -191,7 +191,7 @@ def _phases(stage, cfg, a: dict) -> tuple[dict, dict]:
         logits_at = seq
     act = train_activations(cfg, batch, seq, e, ac, kind, rank, targets, ckpt, logits_at, w)
     if stage == "actor-critic":      # the value model's forward and backward run with the policy's
-        act_v = train_activations(cfg, batch, seq, e, ac, "scalar", rank, targets, ckpt)
+        act_v = train_activations(cfg, batch, seq, e, ac, "scalar", rank, targets, ckpt, logits_at)
         act = {k: act[k] + act_v[k] for k in act}
     weights, others, grads = _held_models(stage, cfg, a)
     held = {**base, "weights": weights, "other_models": others, "optimizer": 2 * grads,

@@ -79,6 +79,8 @@ def saved_bytes(model, *, autocast=False, head="fused", prompt=0) -> int:
         elif head == "at":
             st = answer_states(x)
             out = logprobs_of(model(x, at=st.at), st.targets, 0.7).sum()
+        elif head == "values":     # PPO's value model, read at the answer states
+            out = model(x, at=answer_states(x).at).sum()
         else:
             out = model(x).sum()
     out.backward()          # the graph is complete and usable: nothing was missed by the count
@@ -193,10 +195,15 @@ def test_autocast_saves_bf16_casts_and_weight_copies_as_the_cuda_formula_says():
         assert p.detail["saved"] + p.detail["autocast_weights"] == got
 
 
-def test_reward_models_scalar_head_keeps_no_logits():
+def test_reward_and_value_models_scalar_heads_keep_no_logits():
     cfg = tiny()
     torch.manual_seed(0)
     assert saved_bytes(ScalarModel(cfg), head="scalar") == mt.saved_activation_bytes(cfg, B, T, kind="scalar")
+    values = saved_bytes(ScalarModel(cfg), head="values")
+    assert values == mt.saved_activation_bytes(cfg, B, T, kind="scalar", logits_at=A)
+    ppo = mp.plan("actor-critic", cfg, batch_size=1, seq_len=T, ppo={
+        "rollout_batch_size": B, "minibatch_size": B, "max_new_tokens": A})
+    assert ppo.detail["saved"] == values + saved_bytes(Transformer(cfg), head="at")
 
 
 # --- the fused loss's working set: what it allocates, not only what it keeps ------------------
