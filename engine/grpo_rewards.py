@@ -32,6 +32,7 @@ from engine.config import ConfigError
 from engine.device import autocast
 from engine.model import ScalarModel
 from engine.ppo_core import chunks, last_action_index
+from engine.ragged import scores_at_ends
 from engine.runio import StageError
 from engine.tasks import Task, check, parse_task
 
@@ -83,7 +84,7 @@ class RewardModelReward:
         raw = torch.zeros(ids.size(0), device=self.device)
         with autocast(self.device, self.dtype):
             for c in chunks(torch.arange(ids.size(0), device=self.device), self.batch):
-                raw[c] = self.model(ids[c])[torch.arange(len(c), device=self.device), last[c]].float()
+                raw[c] = scores_at_ends(self.model, ids[c], last[c])
         scores = (raw - self.norm["mean"]) / self.norm["std"]
         return scores.clamp(-self.clip, self.clip).cpu()
 

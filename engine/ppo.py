@@ -49,6 +49,7 @@ from engine.generate import generate_batch
 from engine.lora import (LORA_FIELDS, LoRASettings, Reference, add_adapters, describe as describe_lora,
                          frozen_copy, reference_for, uses_lora)
 from engine.model import ScalarModel
+from engine.ragged import scores_at_ends
 from engine.ppo_core import (BETA_RANGE, AnswerStates, KLController, Rollout, build_rollout, chunks, gae,
                              logprobs_of, masked_mean, masked_whiten, per_token_rewards, ppo_losses,
                              reference_figures_of)
@@ -341,9 +342,7 @@ class PPO:
                 logp[c], entropy[c], ref_logp[c], kl_state = (st.spread(f) for f in figures)
                 kl_exact[c] = kl_state.sum(1)
                 values[c] = st.spread(val.detach())
-                ends = torch.zeros_like(st.at)
-                ends[torch.arange(len(c), device=device), last[c]] = True
-                raw[c] = m.rm(ids[c], at=ends, lengths=lengths[c])
+                raw[c] = scores_at_ends(m.rm, ids[c], last[c])
         scores = ((raw - m.norm["mean"]) / m.norm["std"]).clamp(-cfg.reward_clip, cfg.reward_clip)
         scores = scores - cfg.missing_end_penalty * (~ro.finished.to(device)).float()
         beta = self.kl_ctl.value

@@ -96,3 +96,11 @@ class Ragged:
     def from_heads(self, y: torch.Tensor) -> torch.Tensor:
         """Attention's [B, heads, width, hd] -> [N, heads * hd], the real tokens' rows."""
         return y.transpose(1, 2).reshape(self.batch * self.width, -1).index_select(0, self.inner)
+
+
+def scores_at_ends(model, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """A scalar model's score of each right-padded row at its last real token, index `last`
+    [B]: [B] fp32. The rows run as their real tokens alone, the last layer at those tokens only."""
+    ends = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    ends[torch.arange(ids.size(0), device=ids.device), last] = True
+    return model(ids, lengths=last + 1, at=ends)

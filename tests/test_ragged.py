@@ -7,7 +7,7 @@ import torch
 
 from engine.lora import LoRASettings, add_adapters
 from engine.model import ScalarModel, Transformer, config_from_preset
-from engine.ragged import MIN_PAD_SHARE, layout_of
+from engine.ragged import MIN_PAD_SHARE, layout_of, scores_at_ends
 
 V = 97
 LENGTHS = torch.tensor([13, 3, 9, 1, 11])
@@ -170,3 +170,12 @@ def test_at_past_a_rows_length_is_refused():
     ids, real = batch(7)
     with pytest.raises(ValueError, match="at marks positions past a row's length"):
         model(ids, at=~real, lengths=LENGTHS)
+
+
+def test_scores_at_ends_read_each_row_at_its_last_token():
+    scalar = ScalarModel.from_lm(scrambled(n_kv_head=2)).eval()
+    ids, _ = batch(8)
+    last = LENGTHS - 1
+    with torch.no_grad():
+        want = scalar(ids)[torch.arange(len(LENGTHS)), last]
+        torch.testing.assert_close(scores_at_ends(scalar, ids, last), want, atol=1e-5, rtol=1e-5)

@@ -137,6 +137,7 @@ def score_answers(rm_path: str | Path, items: Sequence[ScoreItem], *, batch_size
     from engine.artifacts import load_artifact
     from engine.device import resolve_device
     from engine.reward import NORM_FILE
+    from engine.ragged import scores_at_ends
     from engine.reward_data import collate_answers, encode_answer
 
     device = resolve_device("auto")
@@ -156,7 +157,7 @@ def score_answers(rm_path: str | Path, items: Sequence[ScoreItem], *, batch_size
             seqs = [encode_answer(tok, p, text, model.config.max_seq_len)[0] for p, _, text in chunk]
             x, last = collate_answers(seqs, tok.pad_id)
             x, last = x.to(device), last.to(device)
-            r = model(x)[torch.arange(x.size(0), device=device), last].float().cpu()
+            r = scores_at_ends(model, x, last).cpu()
             for (_, aid, _), value in zip(chunk, r.tolist()):
                 scores[aid] = (value - norm["mean"]) / norm["std"]
             if emit is not None:
