@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 from bench.report import markdown_table, publish, torch_machine  # noqa: E402
 from engine import checkpoint as ckpt  # noqa: E402
 from engine.config import from_dict  # noqa: E402
-from engine.model import ScalarModel, Transformer, config_from_preset, safetensors_state  # noqa: E402
+from engine.model import ScalarModel, Transformer, config_from_preset  # noqa: E402
+from engine.weights import safetensors_state  # noqa: E402
 from engine.ppo import PPOConfig, run as run_ppo  # noqa: E402
 from engine.reward import NORM_FILE  # noqa: E402
 from engine.tokenizer import Tokenizer, TokenizerConfig, run as run_tokenizer  # noqa: E402

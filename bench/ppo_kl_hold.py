@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from engine import checkpoint as ckpt  # noqa: E402
 from engine.artifacts import load_artifact  # noqa: E402
-from engine.model import RMSNorm, ScalarModel, safetensors_state  # noqa: E402
+from engine.model import RMSNorm, ScalarModel  # noqa: E402
+from engine.weights import safetensors_state  # noqa: E402
 from engine.reward import NORM_FILE  # noqa: E402
 
 MARKER = "## PPO's KL held at target_kl against a reward that pulls hard"

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import markdown_table, publish, torch_machine  # noqa: E402
 from engine import checkpoint as ckpt  # noqa: E402
-from engine.model import load_model  # noqa: E402
+from engine.weights import load_model  # noqa: E402
 from engine.reward import RewardConfig, Scorer  # noqa: E402
 from engine.reward_data import read_rankings  # noqa: E402
 from engine.sample import SampleConfig  # noqa: E402

@@ -16,7 +16,8 @@ import torch
 
 from engine.checkpoint import CheckpointError, read_json, resolve_checkpoint
 from engine.config import ConfigError
-from engine.model import Transformer, load_model
+from engine.model import Transformer
+from engine.weights import load_model
 from engine.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer, load_tokenizer, tokenizer_files
 
 

@@ -16,7 +16,8 @@ import torch
 
 from engine.checkpoint import CheckpointError, load_tensors, read_json
 from engine.config import ConfigError, from_dict
-from engine.model import ModelConfig, check_weights, model_from_state_dict, MODEL_KINDS
+from engine.model import ModelConfig
+from engine.weights import check_weights, model_from_state_dict, MODEL_KINDS
 
 FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 SUPPORTED = "Llama (SmolLM, SmolLM2, TinyLlama, Llama 3.x), Qwen2/Qwen2.5, Qwen3"
@@ -191,7 +192,7 @@ def save_hf_weights(model, out: Path, token_ids: Optional[dict] = None) -> None:
     """config.json and model.safetensors of `model` in `out`, as `save_pretrained` lays them out."""
     from safetensors.torch import save
     from engine.fsutil import atomic_write_bytes, atomic_write_text
-    from engine.model import safetensors_state
+    from engine.weights import safetensors_state
 
     Path(out).mkdir(parents=True, exist_ok=True)
     tensors, _ = safetensors_state(model)

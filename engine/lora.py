@@ -35,7 +35,8 @@ from safetensors.torch import save_file
 
 from engine import checkpoint as ckpt
 from engine.config import ConfigError, require
-from engine.model import Transformer, freeze, load_model, model_from_state_dict, safetensors_state
+from engine.model import Transformer, freeze
+from engine.weights import load_model, model_from_state_dict, safetensors_state
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # What a run is made of: changing one on resume would continue another run under the old name.

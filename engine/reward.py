@@ -33,7 +33,8 @@ from engine.config import ConfigError, require, resolve_path
 from engine.device import autocast, describe, setup
 from engine.fsutil import atomic_write_text
 from engine.lora import LORA_FIELDS, LoRASettings, add_adapters, describe as describe_lora, uses_lora
-from engine.model import ScalarModel, freeze, load_model
+from engine.model import ScalarModel, freeze
+from engine.weights import load_model
 from engine.reward_data import (Ranking, encode_answer, pack_answers, ranking_loss, read_rankings,
                                 split_by_prompt)
 from engine.runio import Emitter, NeverStop, Sink, stage_main, write_summary

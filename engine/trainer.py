@@ -27,7 +27,7 @@ from engine import distributed
 from engine import lora
 from engine.config import ConfigError, require
 from engine.device import autocast, fused_adamw, peak_flops, precision_warning
-from engine.model import check_weights, read_config, with_tied_head
+from engine.weights import check_weights, read_config, with_tied_head
 from engine.osproc import peak_rss_mb
 from engine.runio import Emitter, NeverStop, StageError
 

@@ -40,7 +40,8 @@ def tiny_lm_ckpt(tmp_path_factory):
     """A tiny random language-model checkpoint with its tokenizer (a stand-in SFT model)."""
     import torch
     from engine import checkpoint as ckpt
-    from engine.model import Transformer, config_from_preset, safetensors_state
+    from engine.model import Transformer, config_from_preset
+    from engine.weights import safetensors_state
     from engine.tokenizer import train_from_texts
 
     root = tmp_path_factory.mktemp("tiny_lm")
@@ -63,7 +64,8 @@ def rm_ckpt(tiny_lm_ckpt, tmp_path_factory):
 
     import torch
     from engine import checkpoint as ckpt
-    from engine.model import ScalarModel, load_model, safetensors_state
+    from engine.model import ScalarModel
+    from engine.weights import load_model, safetensors_state
     from engine.reward import NORM_FILE
 
     root = tmp_path_factory.mktemp("rm")

@@ -5,7 +5,8 @@ import torch
 from engine import checkpoint as ckpt
 from engine.artifacts import load_artifact
 from engine.config import ConfigError
-from engine.model import Transformer, config_from_preset, safetensors_state
+from engine.model import Transformer, config_from_preset
+from engine.weights import safetensors_state
 from engine.tokenizer import train_from_texts
 
 TEXT = ["the quick brown fox jumps over the lazy dog " * 20, "pack my box with five dozen liquor jugs " * 20]

@@ -13,7 +13,8 @@ import torch
 from engine import checkpoint as ckpt
 from engine.chat import ChatSession, SamplingSettings, TextStream
 from engine.config import ConfigError
-from engine.model import Transformer, config_from_preset, safetensors_state
+from engine.model import Transformer, config_from_preset
+from engine.weights import safetensors_state
 from engine.tokenizer import _byte_decoder, render_chat, train_from_texts
 from workbench import cli
 from workbench.chat_cli import chat_loop

@@ -246,7 +246,8 @@ CASES = {
 def artifacts(tiny_lm_ckpt, corpus, tmp_path_factory):
     """A tiny LM run, a reward model made from it, a pretraining run to resume, and data."""
     from engine import pretrain
-    from engine.model import ScalarModel, load_model, safetensors_state
+    from engine.model import ScalarModel
+    from engine.weights import load_model, safetensors_state
     from engine.reward import NORM_FILE
     root = tmp_path_factory.mktemp("artifacts")
     lm_ck = ckpt.latest_checkpoint(tiny_lm_ckpt / "checkpoints")

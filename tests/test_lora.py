@@ -15,7 +15,8 @@ from engine.config import ConfigError, from_dict
 from engine.device import setup
 from engine.grpo import GRPOConfig
 from engine.lora import ALL_TARGETS, Reference, add_adapters, adapters_off, has_adapters
-from engine.model import ScalarModel, Transformer, load_model, safetensors_state
+from engine.model import ScalarModel, Transformer
+from engine.weights import load_model, safetensors_state
 from engine.runio import Emitter
 from helpers import StopAt, losses, metrics
 from test_reward import write_prefs

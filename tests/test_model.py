@@ -6,8 +6,8 @@ import torch
 
 from engine.config import ConfigError
 from engine.hf_model import hf_config
-from engine.model import (PRESETS, ModelConfig, Transformer, config_from_preset,
-                          load_model, model_from_state_dict, read_config, save_model)
+from engine.model import PRESETS, ModelConfig, Transformer, config_from_preset
+from engine.weights import load_model, model_from_state_dict, read_config, save_model
 
 V = 97
 

@@ -7,7 +7,7 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine.config import ConfigError, from_dict
-from engine.model import load_model, safetensors_state
+from engine.weights import load_model, safetensors_state
 from engine.ppo import PPOConfig, run
 from engine.ppo_core import ERROR_RANGE, KL_GAIN, build_rollout
 from engine.runio import StageError

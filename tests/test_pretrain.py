@@ -105,7 +105,7 @@ def test_resume_is_exact_and_needs_the_rng_state(corpus, tmp_path):
 
 
 def test_tied_embeddings_save_load_and_resume(corpus, tmp_path):
-    from engine.model import load_model
+    from engine.weights import load_model
     model_kw = {"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 1, "d_ff": 64,
                 "max_seq_len": 32, "tie_embeddings": True}
     part = []

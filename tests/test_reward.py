@@ -9,7 +9,8 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine.config import from_dict
-from engine.model import load_model, ScalarModel
+from engine.model import ScalarModel
+from engine.weights import load_model
 from engine import reward
 from engine.reward import NORM_FILE, RewardConfig, run
 from engine.reward_data import (PreferenceDataError, collate_answers, encode_answer, ranking_loss,

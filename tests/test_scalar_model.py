@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from engine.model import (ScalarModel, Transformer, config_from_preset, load_model, save_model)
+from engine.model import ScalarModel, Transformer, config_from_preset
+from engine.weights import load_model, save_model
 
 
 def tiny_cfg(**kw):

@@ -20,7 +20,8 @@ from PySide6.QtWidgets import QFileDialog
 from engine.artifacts import load_artifact
 from engine.chat import ChatSession, SamplingSettings
 from engine.checkpoint import resolve_checkpoint, save_checkpoint
-from engine.model import Transformer, config_from_preset, safetensors_state
+from engine.model import Transformer, config_from_preset
+from engine.weights import safetensors_state
 from engine.tokenizer import Tokenizer
 from ui.chat_view import ChatView
 from ui.compare_view import CompareView

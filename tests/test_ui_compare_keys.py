@@ -5,7 +5,8 @@ from PySide6.QtCore import QSettings, Qt
 
 from engine.chat import SamplingSettings
 from engine.checkpoint import resolve_checkpoint, save_checkpoint
-from engine.model import Transformer, config_from_preset, safetensors_state
+from engine.model import Transformer, config_from_preset
+from engine.weights import safetensors_state
 from engine.tokenizer import Tokenizer
 from workbench.demo import write_demo_project
 from workbench.store import Store

@@ -337,7 +337,8 @@ def tiny_rm(tiny_lm_ckpt, tmp_path_factory):
 
     from engine import checkpoint as ckpt
     from engine.artifacts import load_artifact
-    from engine.model import ScalarModel, safetensors_state
+    from engine.model import ScalarModel
+    from engine.weights import safetensors_state
 
     lm = load_artifact(tiny_lm_ckpt)
     torch.manual_seed(0)

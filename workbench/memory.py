@@ -24,7 +24,7 @@ RL_SETTINGS = {"actor-critic": ("rollout_batch_size", "minibatch_size", "max_new
 @lru_cache(maxsize=32)
 def _model_config(path: str, _mtime: float):
     from engine.checkpoint import resolve_checkpoint
-    from engine.model import read_config
+    from engine.weights import read_config
     return read_config(resolve_checkpoint(path) / "model.safetensors")
 
 

@@ -84,7 +84,8 @@ def tiny_reward_model(root: Path) -> Path:
     import torch
 
     from engine import checkpoint as ckpt
-    from engine.model import ScalarModel, Transformer, config_from_preset, safetensors_state
+    from engine.model import ScalarModel, Transformer, config_from_preset
+    from engine.weights import safetensors_state
     from engine.tokenizer import train_from_texts
 
     tok = train_from_texts([" ".join(t.prompt + " " + t.answer for t in generate_tasks(300, 1))],
