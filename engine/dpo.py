@@ -37,13 +37,13 @@ from engine.artifacts import load_artifact
 from engine.chat import reply_batch, sampled_kl
 from engine.config import ConfigError, require, resolve_path
 from engine.device import describe, setup
-from engine.dpo_loss import FORMS, LOSSES, ranking_loss, sequence_logps
+from engine.dpo_loss import FORMS, LOSSES, AnswerTokens, ranking_loss, sequence_logps
 from engine.lora import LORA_FIELDS, add_adapters, describe as describe_lora, reference_for, uses_lora
 from engine.reward import RankingsConfig
 from engine.reward_data import Ranking, prompt_key, ranking_pairs
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sft import DEFAULT_PROMPTS
-from engine.sft_data import CUT_NOTHING, EpochSampler, Example, collate, data_fingerprint, fit
+from engine.sft_data import CUT_NOTHING, EpochSampler, Example, data_fingerprint, fit
 from engine.trainer import Stage, run_summary, train
 
 
@@ -107,8 +107,9 @@ class Hooks:
     """What the DPO stage hands the trainer: batches, the loss, evaluation, samples, resume state."""
 
     def __init__(self, cfg: DPOConfig, art, ref, train_items: list[Encoded], val_items: list[Encoded],
-                 ev: Emitter, device, fingerprint: str):
+                 ev: Emitter, device, fingerprint: str, max_len: int):
         self.cfg, self.tok, self.ref, self.ev, self.device = cfg, art.tokenizer, ref, ev, device
+        self.max_len = max_len      # a packed row's most tokens, as an answer's
         self.train_items, self.val_items = train_items, val_items
         self.sampler = EpochSampler(len(train_items), cfg.seed)
         self.fingerprint = fingerprint
@@ -123,12 +124,15 @@ class Hooks:
                 self.kl_prompts.append(e.ranking.prompt)
 
     def batch(self, items: list[Encoded]):
-        examples, spans = [], []
+        """(the answers packed behind their prompts, each ranking's (first answer, K, groups),
+        tokens run)."""
+        spans, start = [], 0
         for e in items:
-            spans.append((len(examples), len(e.answers), e.ranking.groups))
-            examples += e.answers
-        x, y, n, lengths = collate(examples, self.tok.pad_id)
-        return x.to(self.device), y.to(self.device), spans, n, lengths.to(self.device)
+            spans.append((start, len(e.answers), e.ranking.groups))
+            start += len(e.answers)
+        tokens = AnswerTokens.of([[(a.ids, a.mask) for a in e.answers] for e in items], self.tok.pad_id,
+                                 self.max_len)
+        return tokens.to(self.device), spans, tokens.packed.tokens
 
     def next_batch(self, _gen):
         return self.batch([self.train_items[i] for i in self.sampler.take(self.cfg.batch_size)])
@@ -138,12 +142,12 @@ class Hooks:
 
     def ranking_losses(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean loss over the batch's rankings, and per-pair figures for the metrics."""
-        x, y, spans, _n, lengths = batch
+        tokens, spans, _n = batch
         # The reference first: a LoRA reference switches the policy's adapters off and on, which
         # must not happen while the policy's graph for this batch is being built.
         with torch.no_grad():
-            ref_logp = sequence_logps(self.ref, x, y, lengths)
-        logp = sequence_logps(model, x, y, lengths)
+            ref_logp = sequence_logps(self.ref, tokens)
+        logp = sequence_logps(model, tokens)
         logratio = logp - ref_logp
         losses, figs = [], {"margin": [], "chosen": [], "rejected": [], "logp_chosen": [], "logp_rejected": []}
         for start, k, groups in spans:
@@ -161,7 +165,7 @@ class Hooks:
     def loss(self, model, batch):
         value, figs = self.ranking_losses(model, batch)
         self._stats.append(figs)
-        return value, batch[3]
+        return value, batch[2]
 
     def take_stats(self) -> dict:
         figs = _merge(self._stats)
@@ -174,7 +178,7 @@ class Hooks:
         for i in range(0, len(self.val_items), self.cfg.batch_size):
             batch = self.batch(self.val_items[i:i + self.cfg.batch_size])
             value, f = self.ranking_losses(model, batch)
-            losses.append(float(value) * len(batch[2]))
+            losses.append(float(value) * len(batch[1]))
             figs.append(f)
         values = {"val/loss": sum(losses) / len(self.val_items), **_figures("val", _merge(figs))}
         if self.kl_prompts:
@@ -265,7 +269,7 @@ def run(cfg: DPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
            f"{len(val_items)} validation rankings on held-out prompts; {cfg.loss} loss, {cfg.form}, "
            f"beta {cfg.beta}; {tcfg.max_steps} steps")
 
-    hooks = Hooks(cfg, art, ref, train_items, val_items, ev, device, data_fingerprint(files))
+    hooks = Hooks(cfg, art, ref, train_items, val_items, ev, device, data_fingerprint(files), max_len)
     stage = Stage("dpo", hooks.next_batch, hooks.loss, hooks.evaluate, hooks.sample,
                   fixed_on_resume=FIXED_ON_RESUME, state=hooks.state, restore=hooks.restore,
                   train_metrics=hooks.take_stats, extra_files=art.tokenizer_files,

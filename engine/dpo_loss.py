@@ -15,24 +15,60 @@ reward. A ranking of K answers (groups of tied answers, best first) gives:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from engine.ppo_core import logprobs_of
-from engine.reward_data import ranking_pairs
+from engine.reward_data import Packed, pack_answers, ranking_pairs
 
 LOSSES = ("sigmoid", "ipo")
 FORMS = ("pairwise", "plackett_luce")
 
 
-def sequence_logps(model, x: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Σ log p(target) over each row's targets (-100: not counted): [N] in fp32. The model is
-    asked for its logits at the targets' positions only (`at`): the prompt's are never read;
-    `lengths` (each right-padded row's) lets it skip the pads."""
-    keep = targets != -100
-    picked = logprobs_of(model(x, at=keep, lengths=lengths), targets[keep], 1.0)
-    return torch.zeros(x.size(0), dtype=picked.dtype, device=picked.device).index_add_(0, keep.nonzero()[:, 0], picked)
+@dataclass
+class AnswerTokens:
+    """Rankings' answers packed behind one copy of their prompt (engine.reward_data.Packed: each
+    answer reads the prompt and itself, at the positions it has alone), and where each trained
+    token's log-prob is read: the position before it, which for an answer's first token is the
+    prompt's last, one position shared by all K answers. A batch of K answers to a ~20-token
+    prompt runs the prompt once instead of K times."""
+    packed: Packed
+    at: torch.Tensor        # [R, L] bool: the positions whose logits are read
+    rows: torch.Tensor      # [M] each trained token's row among those logits (row-major)
+    targets: torch.Tensor   # [M] the token
+    owner: torch.Tensor     # [M] its answer
+    answers: int
+
+    @classmethod
+    def of(cls, groups: list[list[tuple[list[int], list[int]]]], pad_id: int, max_len: int) -> "AnswerTokens":
+        """groups: per ranking, each answer's (ids, mask): mask 1 on the tokens trained."""
+        packed = pack_answers([[ids for ids, _ in g] for g in groups], pad_id, max_len)
+        src, targets, owner = [], [], []
+        for j, ((ids, mask), where) in enumerate(zip((a for g in groups for a in g), packed.where)):
+            for t in range(len(ids) - 1):
+                if mask[t + 1]:
+                    src.append(int(where[t]))
+                    targets.append(ids[t + 1])
+                    owner.append(j)
+        read, rows = torch.tensor(src, dtype=torch.long).unique(return_inverse=True)
+        at = torch.zeros(packed.ids.numel(), dtype=torch.bool)
+        at[read] = True
+        return cls(packed, at.view(packed.ids.shape), rows, torch.tensor(targets), torch.tensor(owner),
+                   len(packed.where))
+
+    def to(self, device) -> "AnswerTokens":
+        return AnswerTokens(self.packed.to(device), self.at.to(device), self.rows.to(device),
+                            self.targets.to(device), self.owner.to(device), self.answers)
+
+
+def sequence_logps(model, batch: AnswerTokens) -> torch.Tensor:
+    """Σ log p(token) over each answer's trained tokens: [answers] in fp32. The model is asked
+    for its logits at the positions read only (`at`): the prompt's others are never computed."""
+    p = batch.packed
+    logits = model(p.ids, attention_mask=p.mask, position_ids=p.positions, at=batch.at)
+    picked = F.log_softmax(logits.float(), dim=-1)[batch.rows, batch.targets]
+    return torch.zeros(batch.answers, dtype=picked.dtype, device=picked.device).index_add_(0, batch.owner, picked)
 
 
 def pair_margins(logratio: torch.Tensor, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -205,10 +205,13 @@ class Packed:
     mask: torch.Tensor         # [R, 1, L, L] bool: query row, key column
     at: torch.Tensor           # [N] each answer's last token, as an index into ids.flatten(), in order
     tokens: int                # real tokens in the rows
+    # Each sequence's positions 0..len-1 as indexes into ids.flatten(): its share of the prompt
+    # where the prompt is, then its own tokens (DPO reads the log-probs of every answer token).
+    where: list[torch.Tensor]
 
     def to(self, device) -> "Packed":
         return Packed(self.ids.to(device), self.positions.to(device), self.mask.to(device), self.at.to(device),
-                      self.tokens)
+                      self.tokens, [w.to(device) for w in self.where])
 
     def rewards(self, model) -> torch.Tensor:
         """The scalar model's score of every answer [N], read where each answer ends."""
@@ -220,6 +223,7 @@ def pack_answers(groups: list[list[list[int]]], pad_id: int, max_len: int) -> Pa
     max_len tokens) into rows of at most max_len tokens behind their longest common prefix."""
     rows: list[tuple[list[int], list[int], list[int]]] = []      # (ids, segment, position)
     ends: list[tuple[int, int]] = []
+    places: list[tuple[int, list[int]]] = []                     # (row, each position's column)
     for seqs in groups:
         P = min(len(s) for s in seqs) - 1                        # every answer keeps a token
         P = next((i for i in range(P) if any(s[i] != seqs[0][i] for s in seqs)), P)
@@ -229,6 +233,7 @@ def pack_answers(groups: list[list[list[int]]], pad_id: int, max_len: int) -> Pa
                 row = (list(s[:P]), [0] * P, list(range(P)))     # segment 0: the prompt
                 rows.append(row)
             seg = (row[1][-1] if len(row[1]) > P else 0) + 1
+            places.append((len(rows) - 1, list(range(P)) + list(range(len(row[0]), len(row[0]) + len(s) - P))))
             row[0].extend(s[P:])
             row[1].extend([seg] * (len(s) - P))
             row[2].extend(range(P, len(s)))
@@ -245,7 +250,8 @@ def pack_answers(groups: list[list[list[int]]], pad_id: int, max_len: int) -> Pa
     # with no key at all would be NaN, and NaN leaks through 0 * NaN).
     mask = (((k == q) | (k == 0)) & (k >= 0) & causal) | torch.eye(L, dtype=torch.bool)
     at = torch.tensor([r * L + c for r, c in ends])
-    return Packed(ids, pos, mask[:, None], at, sum(len(r[0]) for r in rows))
+    where = [torch.tensor(cols) + r * L for r, cols in places]
+    return Packed(ids, pos, mask[:, None], at, sum(len(r[0]) for r in rows), where)
 
 
 def ranking_loss(rewards: torch.Tensor, pairs: list[tuple[int, int]], k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ import torch
 
 from engine.config import ConfigError, from_dict
 from engine.dpo import DPOConfig, Hooks, encode_ranking, run
-from engine.dpo_loss import pairwise_loss, plackett_luce_loss, ranking_loss, sequence_logps
+from engine.dpo_loss import AnswerTokens, pairwise_loss, plackett_luce_loss, ranking_loss, sequence_logps
 from engine.reward_data import Ranking
 from engine.tokenizer import Tokenizer
 from helpers import StopAt, losses
@@ -62,16 +62,39 @@ def test_plackett_luce_for_two_answers_is_dpo_and_handles_ties_as_one_place():
     assert plackett_luce_loss(z, [[0], [1], [2]], 1.0).item() == pytest.approx(full, rel=1e-6)
 
 
-def test_sequence_log_probs_count_only_the_targets():
-    logits = torch.randn(1, 3, 5)
-    targets = torch.tensor([[-100, 2, 4]])
-    lp = torch.log_softmax(logits, -1)
+def _alone(model, ids, mask):
+    """Σ log p(token) over the trained tokens of one sequence run on its own."""
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].float(), -1)
+    return sum(float(lp[t, ids[t + 1]]) for t in range(len(ids) - 1) if mask[t + 1])
+
+
+@pytest.mark.parametrize("max_len", [64, 14])
+def test_packed_answers_log_probs_equal_each_answer_alone(max_len):
+    """Answers packed behind one copy of their prompt (engine.dpo_loss.AnswerTokens): each
+    answer's log-prob is the one it has as a sequence of its own, including answers that share
+    their first tokens, a trained token inside the shared prefix, and rows split at max_len."""
+    from engine.model import Transformer, config_from_preset
+    torch.manual_seed(0)
+    model = Transformer(config_from_preset("tiny", 50, max_seq_len=64)).eval()
+    p1, p2 = [1, 5, 6, 7, 8, 3], [1, 9, 9, 4]
+    groups = [[(p1 + [10, 11, 2], [0] * 6 + [1] * 3),          # the answers begin alike
+               (p1 + [10, 12, 13, 2], [0] * 6 + [1] * 4),
+               (p1 + [14, 2], [0] * 6 + [1] * 2)],
+              [(p2 + [20, 2], [0, 0, 0, 1, 1, 1]),           # the prompt's last token trained too
+               (p2 + [21, 22, 2], [0, 0, 0, 0, 1, 1, 1])]]
+    batch = AnswerTokens.of(groups, pad_id=0, max_len=max_len)
+    assert (batch.packed.ids.shape[1] <= max_len) and (max_len > 14 or batch.packed.ids.shape[0] > 2)
+    with torch.no_grad():
+        got = sequence_logps(model, batch)
+    want = torch.tensor([_alone(model, ids, mask) for g in groups for ids, mask in g])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # Logits are asked for where a trained token is read, once a position: the prompt's last
+    # token once for all three answers of the first ranking, no other prompt position.
     asked = []
-    model = lambda x, at, lengths: asked.append((at.clone(), lengths)) or logits[at]  # noqa: E731
-    assert sequence_logps(model, torch.zeros(1, 3), targets, torch.tensor([3])).item() == pytest.approx(
-        float(lp[0, 1, 2] + lp[0, 2, 4]), rel=1e-6)
-    assert asked[0][0].tolist() == [[False, True, True]]   # the prompt's logits are never computed
-    assert asked[0][1].tolist() == [3]                     # and the model is told the row's length
+    sequence_logps(lambda *a, at, **k: asked.append(at) or model(*a, at=at, **k), batch)
+    trained = sum(m[t + 1] for g in groups for _, m in g for t in range(len(m) - 1))
+    assert int(asked[0].sum()) == batch.rows.max() + 1 < trained
 
 
 def test_the_mask_covers_the_final_answer_only(tiny_lm_ckpt):
@@ -123,7 +146,7 @@ def test_kl_to_an_identical_reference_is_exactly_zero(tiny_lm_ckpt, tmp_path):
     art = load_artifact(tiny_lm_ckpt)
     ref = load_artifact(tiny_lm_ckpt).model.eval()
     train_items, val_items, _ = load_rankings(c, tmp_path, art.tokenizer, 48, Emitter(None))
-    hooks = Hooks(c, art, ref, train_items, val_items, Emitter(None), torch.device("cpu"), "x")
+    hooks = Hooks(c, art, ref, train_items, val_items, Emitter(None), torch.device("cpu"), "x", 48)
     figures = hooks.kl_to_reference(art.model.eval())
     assert figures["val/kl"] == 0.0 and figures["val/answer_tokens"] > 0
 
