@@ -20,13 +20,22 @@ from typing import Optional
 import psutil
 
 LOWER_PRIORITY = 5          # POSIX niceness added to a job; Windows: below-normal class
+# OpenMP's worker threads spin a while between parallel regions before they sleep. Alone that
+# saves waking them; two jobs that both spin on the same cores take each other's turns and each
+# runs several times slower than it would at half the machine (docs/PERFORMANCE.md). A job
+# started while another of ours runs spins briefly (GNU libgomp: a spin count; LLVM and Intel
+# OpenMP: milliseconds); the first keeps its spin, so a job alone loses nothing. Settings the
+# user made in the environment win.
+SHARED_CPU_ENV = {"GOMP_SPINCOUNT": "3000", "KMP_BLOCKTIME": "1"}
 # Every child this process started, until it exits: a job may be forgotten (its project
 # closed) while its process runs on, and the Popen must outlive it to reap the process.
 _children: list[subprocess.Popen] = []
 
 
 def spawn(cmd: list[str], cwd: Path, env: dict, stdout, stderr) -> subprocess.Popen:
-    """Start a job process detached from this one's terminal, at a lower priority."""
+    """Start a job process detached from this one's terminal, at a lower priority (and, beside
+    another running job, with SHARED_CPU_ENV)."""
+    env = beside_running(env)
     if os.name == "nt":
         flags = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.BELOW_NORMAL_PRIORITY_CLASS
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
@@ -50,6 +59,15 @@ def lower_priority(pid: int) -> None:
                 p.nice(LOWER_PRIORITY)
     except (psutil.Error, OSError):
         pass        # it ended already, or the OS refuses: the job runs, only less politely
+
+
+def beside_running(env: dict) -> dict:
+    """`env`, with SHARED_CPU_ENV added when another child of ours is running and the user set
+    none of these settings (nor OMP_WAIT_POLICY) in it."""
+    reap()
+    if not _children or any(k in env for k in ("OMP_WAIT_POLICY", *SHARED_CPU_ENV)):
+        return env
+    return {**env, **SHARED_CPU_ENV}
 
 
 def reap() -> None:

@@ -4,6 +4,7 @@ import ast
 import os
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -40,8 +41,10 @@ print("\n".join(failed) or "ok")
 
 def test_every_module_imports_without_the_posix_only_modules():
     code = f"ROOT = {str(ROOT)!r}\nBLOCKED = {set(POSIX_ONLY)!r}\nPACKAGES = {PACKAGES!r}\n" + IMPORT_ALL
+    # Windows always names the user in USERNAME (getpass reads it there, pwd elsewhere: torch's
+    # compiler asks for it on import); a shell without USER or LOGNAME would need pwd.
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})
+                         env={"USERNAME": "user", **os.environ, "QT_QPA_PLATFORM": "offscreen"})
     assert out.stdout.strip() == "ok", out.stdout + out.stderr
 
 
@@ -135,3 +138,33 @@ def test_windows_branches_start_a_process_group_below_normal_and_stop_with_ctrl_
 def test_linux_peak_memory_is_the_high_water_mark():
     import resource
     assert osproc.peak_rss_mb() == pytest.approx(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rel=0.05)
+
+
+def test_a_job_started_beside_a_running_one_spins_briefly(tmp_path):
+    """Two jobs whose OpenMP threads both spin take each other's turns (each ran ~13x slower
+    than alone on 2 cores): a job started while another runs gets SHARED_CPU_ENV, the first
+    keeps its spin, and the user's own OpenMP settings are left alone."""
+    import subprocess
+    osproc.reap()
+    assert not osproc.children()
+    show = "import os, sys, time; open(sys.argv[1], 'w').write(os.environ.get('GOMP_SPINCOUNT', '-')); time.sleep(float(sys.argv[2]))"
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_WAIT_POLICY")}
+    first = osproc.spawn([sys.executable, "-c", show, str(tmp_path / "a"), "30"], tmp_path, env,
+                         subprocess.DEVNULL, subprocess.DEVNULL)
+    try:
+        second = osproc.spawn([sys.executable, "-c", show, str(tmp_path / "b"), "0"], tmp_path, env,
+                              subprocess.DEVNULL, subprocess.DEVNULL)
+        user = osproc.spawn([sys.executable, "-c", show, str(tmp_path / "c"), "0"], tmp_path,
+                            {**env, "OMP_WAIT_POLICY": "ACTIVE"}, subprocess.DEVNULL, subprocess.DEVNULL)
+        for p in (second, user):
+            p.wait(timeout=60)
+        assert (tmp_path / "b").read_text() == osproc.SHARED_CPU_ENV["GOMP_SPINCOUNT"]
+        assert (tmp_path / "c").read_text() == "-"
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "a").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "a").read_text() == "-"
+    finally:
+        first.kill()
+        first.wait()
+        osproc.reap()
