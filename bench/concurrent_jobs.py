@@ -8,6 +8,9 @@ count, and reports its tokens/s. Four ways, each `--rounds` times, medians:
 alone; two at once as they used to start (both spin-waiting: OpenMP's default); two at once the
 way the app now starts a job beside a running one (engine/osproc.py SHARED_CPU_ENV on the second
 only); and alone with SHARED_CPU_ENV (what the second job gives up when it ends up alone).
+Then the app's chat beside a job: batch-1 greedy generation of the `small` preset (what the
+window's own process runs) beside the same training job, as before (both spinning) and now
+(the app with SHARED_CPU_ENV: engine.osproc.spin_briefly), and alone.
 """
 from __future__ import annotations
 
@@ -42,18 +45,50 @@ for _ in range(n):
     step()
 print(n * 16 * 128 / (time.perf_counter() - t))
 """
+CHAT = """
+import sys, time, torch
+sys.path.insert(0, sys.argv[2])
+from engine.model import Transformer, config_from_preset
+from engine.generate import generate_batch
+torch.manual_seed(0)
+m = Transformer(config_from_preset("small", 4096)).eval()
+prompt = [list(range(5, 25))]
+generate_batch(m, prompt, 8, temperature=0, stop_ids=(), pad_id=0)
+n, t = int(sys.argv[1]), time.perf_counter()
+for _ in range(n):
+    generate_batch(m, prompt, 64, temperature=0, stop_ids=(), pad_id=0)
+print(n * 64 / (time.perf_counter() - t))
+"""
 
 
-def start(preset: str, steps: int, shared: bool) -> subprocess.Popen:
+def start(preset: str, steps: int, shared: bool, script: str = STEPS) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in (*SHARED_CPU_ENV, "OMP_WAIT_POLICY")}
     if shared:
         env.update(SHARED_CPU_ENV)
-    return subprocess.Popen([sys.executable, "-c", STEPS, preset, str(steps), str(ROOT)], env=env,
+    args = [preset, str(steps)] if script is STEPS else [str(steps)]
+    return subprocess.Popen([sys.executable, "-c", script, *args, str(ROOT)], env=env,
                             stdout=subprocess.PIPE, text=True)
 
 
 def rates(*procs: subprocess.Popen) -> list[float]:
     return [float(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+
+
+def chat_table(args) -> str:
+    """The app's chat (batch-1 generation in its own process) beside a training job."""
+    ways = {"chat alone": [], "chat alone, with SHARED_CPU_ENV": [],
+            "job + chat, both spinning (before)": [], "job + chat, the app with SHARED_CPU_ENV (now)": []}
+    n = 4 * args.steps // 3          # about as long as the job's steps
+    for _ in range(args.rounds):
+        ways["chat alone"].append((None, *rates(start("", n, False, CHAT))))
+        ways["chat alone, with SHARED_CPU_ENV"].append((None, *rates(start("", n, True, CHAT))))
+        for way, shared in (("job + chat, both spinning (before)", False),
+                            ("job + chat, the app with SHARED_CPU_ENV (now)", True)):
+            ways[way].append(tuple(rates(start(args.preset, args.steps, False), start("", n, shared, CHAT))))
+        print({w: v[-1] for w, v in ways.items()}, flush=True)
+    med = lambda v, i: statistics.median(r[i] for r in v) if v[0][i] is not None else None  # noqa: E731
+    rows = [(w, "" if med(v, 0) is None else f"{med(v, 0):,.0f}", f"{med(v, 1):,.0f}") for w, v in ways.items()]
+    return markdown_table(("the app's chat", "training tokens/s", "chat tokens/s (small, batch 1)"), rows)
 
 
 def main() -> int:
@@ -77,6 +112,7 @@ def main() -> int:
         each = [statistics.median(r[i] for r in runs) for i in range(len(runs[0]))]
         rows.append((way, " + ".join(f"{r:,.0f}" for r in each), f"{sum(each):,.0f}", f"{sum(each) / alone:.2f}x"))
     table = markdown_table(("jobs", "tokens/s of each", "together", "vs one alone"), rows)
+    table += "\n\n" + chat_table(args)
     env = ", ".join(f"{k}={v}" for k, v in SHARED_CPU_ENV.items())
     section = (f"{MARKER}\n\n`python bench/concurrent_jobs.py --preset {args.preset} --steps {args.steps} "
                f"--rounds {args.rounds}` on {torch_machine()}. Each job a process of its own training the "
@@ -84,7 +120,11 @@ def main() -> int:
                f"steps, torch's own thread count in each; medians of {args.rounds} rounds. OpenMP's worker "
                f"threads spin-wait between parallel regions: two jobs that both spin on the same cores take "
                f"each other's turns. The app now starts a job beside a running one with {env} "
-               f"(engine/osproc.py); the first keeps its spin, so one job alone runs as before.\n\n{table}\n")
+               f"(engine/osproc.py); the first keeps its spin, so one job alone runs as before. The app's "
+               f"own process (chat, compare) takes the same setting before it loads torch "
+               f"(osproc.spin_briefly), and jobs it starts alone do not inherit it: the second table "
+               f"is batch-1 greedy generation of the small preset (64 tokens a call) beside the "
+               f"training job.\n\n{table}\n")
     publish(args.out, MARKER, section, table)
     return 0
 

@@ -168,3 +168,24 @@ def test_a_job_started_beside_a_running_one_spins_briefly(tmp_path):
         first.kill()
         first.wait()
         osproc.reap()
+
+
+def test_the_app_spins_briefly_itself_but_a_job_it_starts_alone_does_not(tmp_path):
+    """The app's own model work (chat) beside a job collapsed both like two spinning jobs: the
+    app takes SHARED_CPU_ENV before torch loads; a job it starts alone gets the default back."""
+    script = (
+        "import os, subprocess, sys\n"
+        "from engine import osproc\n"
+        "osproc.spin_briefly()\n"
+        "mine = os.environ.get('GOMP_SPINCOUNT', '-')\n"
+        "show = \"import os, sys; open(sys.argv[1], 'w').write(os.environ.get('GOMP_SPINCOUNT', '-'))\"\n"
+        "p = osproc.spawn([sys.executable, '-c', show, sys.argv[1]], sys.argv[2], dict(os.environ),\n"
+        "                 subprocess.DEVNULL, subprocess.DEVNULL)\n"
+        "p.wait()\n"
+        "print(mine, open(sys.argv[1]).read())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_WAIT_POLICY")}
+    run = lambda extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", script, str(tmp_path / "job"), str(tmp_path)], cwd=ROOT,
+        env={**env, **extra}, capture_output=True, text=True, timeout=120).stdout.split()
+    assert run({}) == [osproc.SHARED_CPU_ENV["GOMP_SPINCOUNT"], "-"]
+    assert run({"OMP_WAIT_POLICY": "ACTIVE"}) == ["-", "-"]      # the user's choice stands

@@ -137,6 +137,10 @@ def open_window(args, settings: QSettings | None = None):
 
 
 def run(args) -> int:
+    # The window's own model work (chat, compare) comes in bursts beside jobs: it must not
+    # spin-wait on cores a job is using (engine/osproc.py). Before anything loads torch.
+    from engine.osproc import spin_briefly
+    spin_briefly()
     app = make_app()
     window = open_pack(args.pack) if getattr(args, "pack", None) else open_window(args)
     if window is None:
