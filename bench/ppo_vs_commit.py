@@ -86,7 +86,7 @@ def measure(base: Path, preset: str, args, tmp: Path) -> dict:
         order = [("base", base), ("here", ROOT)]
         for side, checkout in (order if r % 2 == 0 else order[::-1]):
             if preset == "trained":
-                runs[side].append(trained_run(checkout, project_models(args.project), args.iterations, args.threads))
+                runs[side].append(trained_run(checkout, args.models, args.iterations, args.threads))
             else:
                 runs[side].append(one_run(checkout, preset, args.iterations, args.threads, tmp / f"{side}.md"))
             print(side, preset, runs[side][-1][:3], flush=True)
@@ -110,6 +110,7 @@ def main() -> int:
                     help="also measure on this project's newest SFT and reward runs (trained models)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "PERFORMANCE.md")
     args = ap.parse_args()
+    args.models = project_models(args.project) if args.project else None
     here = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
     rows, settings = [], ""
@@ -122,8 +123,7 @@ def main() -> int:
             m = measure(tmp / "base", preset, args, tmp)
             if preset == "trained":
                 trained = (f" The row *trained* runs the PPO stage of each commit on {args.project}'s newest SFT "
-                           f"and reward runs ({project_models(args.project)[0].name}, "
-                           f"{project_models(args.project)[1].name}) and its prompts, with the same settings "
+                           f"and reward runs ({args.models[0].name}, {args.models[1].name}) and its prompts, with the same settings "
                            f"({m['settings']}: rollout batch, new tokens, temperature, epochs, minibatch), "
                            f"its answers {m['length']:.1f} tokens on average.")
             else:

@@ -48,7 +48,7 @@ class AnswerTokens:
         for j, ((ids, mask), where) in enumerate(zip((a for g in groups for a in g), packed.where)):
             for t in range(len(ids) - 1):
                 if mask[t + 1]:
-                    src.append(int(where[t]))
+                    src.append(where[t])
                     targets.append(ids[t + 1])
                     owner.append(j)
         read, rows = torch.tensor(src, dtype=torch.long).unique(return_inverse=True)

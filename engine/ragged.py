@@ -64,13 +64,12 @@ class Ragged:
     width: int               # the longest row: attention's width
 
     @classmethod
-    def of(cls, real: torch.Tensor, force: bool = False) -> Optional["Ragged"]:
-        """The layout of `real` [B, T] (real_tokens); None where the pads are too few to skip,
-        unless `force`."""
+    def of(cls, real: torch.Tensor) -> Optional["Ragged"]:
+        """The layout of `real` [B, T] (layout_of's); None where the pads are too few to skip."""
         batch, seq = real.shape
         lengths = real.sum(1)
         n = int(lengths.sum())
-        if not force and batch * seq - n < MIN_PAD_SHARE * batch * seq:
+        if batch * seq - n < MIN_PAD_SHARE * batch * seq:
             return None
         width = int(lengths.max())
         real = real[:, :width]

@@ -207,11 +207,12 @@ class Packed:
     tokens: int                # real tokens in the rows
     # Each sequence's positions 0..len-1 as indexes into ids.flatten(): its share of the prompt
     # where the prompt is, then its own tokens (DPO reads the log-probs of every answer token).
-    where: list[torch.Tensor]
+    # Bookkeeping for building a batch: it stays on the host.
+    where: list[list[int]]
 
     def to(self, device) -> "Packed":
         return Packed(self.ids.to(device), self.positions.to(device), self.mask.to(device), self.at.to(device),
-                      self.tokens, [w.to(device) for w in self.where])
+                      self.tokens, self.where)
 
     def rewards(self, model) -> torch.Tensor:
         """The scalar model's score of every answer [N], read where each answer ends."""
@@ -222,7 +223,6 @@ def pack_answers(groups: list[list[list[int]]], pad_id: int, max_len: int) -> Pa
     """Pack each group's sequences (one ranking's answers, each prompt + answer, each at most
     max_len tokens) into rows of at most max_len tokens behind their longest common prefix."""
     rows: list[tuple[list[int], list[int], list[int]]] = []      # (ids, segment, position)
-    ends: list[tuple[int, int]] = []
     places: list[tuple[int, list[int]]] = []                     # (row, each position's column)
     for seqs in groups:
         P = min(len(s) for s in seqs) - 1                        # every answer keeps a token
@@ -237,7 +237,6 @@ def pack_answers(groups: list[list[list[int]]], pad_id: int, max_len: int) -> Pa
             row[0].extend(s[P:])
             row[1].extend([seg] * (len(s) - P))
             row[2].extend(range(P, len(s)))
-            ends.append((len(rows) - 1, len(row[0]) - 1))
     L = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     seg = torch.full((len(rows), L), -1, dtype=torch.long)
@@ -249,8 +248,8 @@ def pack_answers(groups: list[list[list[int]]], pad_id: int, max_len: int) -> Pa
     # A query reads the prompt and its own answer, before it; padding reads itself only (a row
     # with no key at all would be NaN, and NaN leaks through 0 * NaN).
     mask = (((k == q) | (k == 0)) & (k >= 0) & causal) | torch.eye(L, dtype=torch.bool)
-    at = torch.tensor([r * L + c for r, c in ends])
-    where = [torch.tensor(cols) + r * L for r, cols in places]
+    where = [[r * L + c for c in cols] for r, cols in places]
+    at = torch.tensor([w[-1] for w in where])
     return Packed(ids, pos, mask[:, None], at, sum(len(r[0]) for r in rows), where)
 
 
