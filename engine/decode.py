@@ -3,29 +3,32 @@
 `generate_batch` runs the prompt through the model's forward, which fills the KV cache; each
 token after it comes here. The arithmetic is the model's own for one token with a cache (the
 same ops in the same order, so the logits are the same to the bit: tests/test_decode.py), but
-without the module calls, with the cos/sin of every position computed once per generate call,
-and, for a small model, with q/k/v and gate/up each one matmul over weights concatenated once
-per call (a matmul's columns do not depend on their neighbours: the same bits). On CPU at
+without the module calls, with the rope angles of every position computed once per generate
+call, and, for a small model, with q/k/v and gate/up each one matmul over weights concatenated
+once per call (a matmul's columns do not depend on their neighbours: the same bits). On CPU at
 batch 1 the step's weight matmuls are about half its time (bench/decode_floor.py); the rest is
-Python and dispatch, a microsecond or more per op whatever its size, so the step is written in
-as few ops as give the same bits: 2-D activations and torch.mm on the transposed weights (what
-F.linear calls, without its layers), q and k rotated together, in-place adds, RMSNorm without
-no-op casts and with its constants as tensors, the prompts' padding made an additive mask once
-a generate call (Padding) rather than by SDPA in every layer of every step.
+dispatch, a microsecond or so per op whatever its size, so the step is written in as few ops as
+give the same bits and runs as one TorchScript function (no Python between its ops): 2-D
+activations and torch.mm on the transposed weights (what F.linear calls, without its layers);
+q, k and v rotated by one rope (the values by an angle of 0) and k, v written to the cache
+(KVCache.kv) with one copy; in-place adds; RMSNorm without no-op casts and with its constants as
+tensors; the prompts' padding made an additive mask once a generate call (Padding) rather than
+by SDPA in every layer of every step.
 
 Only a plain Transformer takes this path: a model whose layers are wrapped (LoRA adapters
 while they train) keeps the forward, which knows its wrappers.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.fused_ops import rms_norm, rope_swapped, swap_halves
+from engine.fused_ops import rope_halves, rope_halves_tables
 from engine.model import KVCache, Transformer, repeat_kv, rope_cos_sin
 
 # Concatenated weights cost a copy of most of the model for the length of a generate call:
@@ -68,40 +71,143 @@ def _plain(model: Transformer) -> bool:
         for n in ("gate_proj", "up_proj", "down_proj"))
 
 
-def _layer_weights(block, fuse: bool) -> dict:
+def _layer_weights(block, fuse: bool) -> dict[str, list]:
     """Each projection's weight as the transposed view F.linear multiplies by (so torch.mm here
-    is the very call F.linear makes), q/k/v and gate/up concatenated when `fuse`."""
+    is the very call F.linear makes); q/k/v and gate/up as one matmul over concatenated weights
+    when `fuse`, else one each. Every value a list, as the scripted step takes them."""
     a, mlp = block.self_attn, block.mlp
-    w = {"norm1": block.input_layernorm.weight, "norm2": block.post_attention_layernorm.weight,
-         "o": a.o_proj.weight.t(), "down": mlp.down_proj.weight.t(),
-         "q_norm": a.q_norm.weight if a.qk_norm else None,
-         "k_norm": a.k_norm.weight if a.qk_norm else None}
+    projs = [a.q_proj, a.k_proj, a.v_proj]
     if fuse:
-        w["qkv"] = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).t()
-        w["qkv_b"] = (torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-                      if a.q_proj.bias is not None else None)
-        w["gate_up"] = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t()
+        qkv = [torch.cat([p.weight for p in projs]).t()]
+        qkv_b = [torch.cat([p.bias for p in projs]) if a.q_proj.bias is not None else None]
+        gate_up = [torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t()]
     else:
-        for n in "qkv":
-            proj = getattr(a, n + "_proj")
-            w[n], w[n + "_b"] = proj.weight.t(), proj.bias
-        w.update(gate=mlp.gate_proj.weight.t(), up=mlp.up_proj.weight.t())
-    return w
+        qkv, qkv_b = [p.weight.t() for p in projs], [p.bias for p in projs]
+        gate_up = [mlp.gate_proj.weight.t(), mlp.up_proj.weight.t()]
+    return {"norms": [block.input_layernorm.weight, block.post_attention_layernorm.weight]
+            + ([a.q_norm.weight, a.k_norm.weight] if a.qk_norm else []),
+            "qkv": qkv, "qkv_b": qkv_b, "o": a.o_proj.weight.t(), "gate_up": gate_up,
+            "down": mlp.down_proj.weight.t()}
 
 
-def _mm(h, weight_t, bias):
+def _mm(h, weight_t, bias: Optional[torch.Tensor]):
     """F.linear(h, weight, bias) for a 2-D h, minus its dispatch layers."""
-    return torch.mm(h, weight_t) if bias is None else torch.addmm(bias, h, weight_t)
+    if bias is None:
+        return torch.mm(h, weight_t)
+    return torch.addmm(bias, h, weight_t)
 
 
-def _norm(x, weight, eps: float, consts):
+def _norm(x, weight, eps: float, consts: list[torch.Tensor]):
     """fused_ops.rms_norm's arithmetic. For fp32 without its two casts (each a no-op) and with
-    mean written as what it runs on CPU, sum then divide; the divisor and eps are 0-dim tensors
-    made once, since a Python number is wrapped into a tensor on every call."""
+    mean written as what it runs on CPU, sum then divide (mean is a composite that adds a cast);
+    consts: the divisor and eps, 0-dim tensors made once, since a number is wrapped into a tensor
+    on every call."""
     if x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return rms_norm(x, weight, eps)
-    width, eps_t = consts
-    return (x * (x * x).sum(-1, keepdim=True).div_(width).add_(eps_t).rsqrt_()).mul_(weight)
+        xf = x.float()
+        xhat = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return xhat.mul_(weight) if xhat.dtype == weight.dtype else weight * xhat
+    return (x * (x * x).sum(-1, keepdim=True).div_(consts[0]).add_(consts[1]).rsqrt_()).mul_(weight)
+
+
+class _Weights(NamedTuple):
+    """What a decoding step reads, made once a generate call; lists over layers."""
+    norms: list[list[torch.Tensor]]           # input, post-attention[, q, k] norm weights
+    qkv: list[list[torch.Tensor]]             # [qkv] or [q, k, v], transposed
+    qkv_b: list[list[Optional[torch.Tensor]]]
+    o: list[torch.Tensor]
+    gate_up: list[list[torch.Tensor]]         # [gate_up] or [gate, up]
+    down: list[torch.Tensor]
+    emb: torch.Tensor
+    final: torch.Tensor
+    head: torch.Tensor
+    cos: torch.Tensor                         # [max_len, n_head + 2 n_kv_head, 2, head_dim / 2]
+    sin: torch.Tensor                         # (rope_halves' tables; the value heads' turn by 0)
+    shape: list[int]                          # n_head, n_kv_head, head_dim, d_ff
+    eps: float
+    by_model: list[torch.Tensor]              # d_model, eps as 0-dim tensors (_norm's consts)
+    by_head: list[torch.Tensor]               # head_dim, eps
+
+
+def _attention(h, w: _Weights, i: int, kv, past: int, cos, sin, mask: Optional[torch.Tensor]):
+    """q, k and v side by side, [B, heads, 2, head_dim / 2], go through one rope (the values' a
+    turn by 0: v * 1 + 0, the same values) and k, v into the cache (KVCache.kv) with one copy."""
+    H, K, hd = w.shape[0], w.shape[1], w.shape[2]
+    B = h.size(0)
+    w_qkv, b_qkv = w.qkv[i], w.qkv_b[i]
+    if len(w_qkv) == 1:
+        y = _mm(h, w_qkv[0], b_qkv[0])
+    else:
+        y = torch.cat([_mm(h, w_qkv[0], b_qkv[0]), _mm(h, w_qkv[1], b_qkv[1]), _mm(h, w_qkv[2], b_qkv[2])], 1)
+    norms = w.norms[i]
+    if len(norms) == 4:       # q and k each normed on its own before the rotation
+        y = torch.cat([_norm(y.narrow(1, 0, H * hd).view(B, H, hd), norms[2], w.eps, w.by_head),
+                       _norm(y.narrow(1, H * hd, K * hd).view(B, K, hd), norms[3], w.eps, w.by_head),
+                       y.narrow(1, (H + K) * hd, K * hd).view(B, K, hd)], 1)
+    r = rope_halves(y.view(B, H + 2 * K, 2, hd // 2), cos, sin)
+    kv.select(2, past).copy_(r.narrow(1, H, 2 * K).view(B, 2 * K, hd))
+    cached = kv.narrow(2, 0, past + 1)
+    keys, values = repeat_kv(cached.narrow(1, 0, K), H // K), repeat_kv(cached.narrow(1, K, K), H // K)
+    att = F.scaled_dot_product_attention(r.narrow(1, 0, H).view(B, H, 1, hd), keys, values, attn_mask=mask)
+    return torch.mm(att.reshape(B, H * hd), w.o[i])
+
+
+def _mlp(h, w: _Weights, i: int):
+    d_ff, w_gate_up = w.shape[3], w.gate_up[i]
+    if len(w_gate_up) == 1:
+        gu = torch.mm(h, w_gate_up[0])
+        g, u = gu.narrow(1, 0, d_ff), gu.narrow(1, d_ff, d_ff)
+    else:
+        g, u = torch.mm(h, w_gate_up[0]), torch.mm(h, w_gate_up[1])
+    return torch.mm(F.silu(g).mul_(u), w.down[i])
+
+
+def _logits(tokens, w: _Weights, kv: list[torch.Tensor], past: int,
+            pads: Optional[torch.Tensor], additive: Optional[torch.Tensor]):
+    """The logits [B, vocab] of one new token per row at position `past` (less each row's pads)."""
+    if pads is None or additive is None:
+        cos, sin, mask = w.cos[past], w.sin[past], additive
+    else:
+        pos = pads.neg().add_(past)
+        cos, sin = w.cos[pos], w.sin[pos]
+        mask = additive.narrow(3, 0, past + 1)
+    x = F.embedding(tokens, w.emb)
+    for i in range(len(w.o)):
+        x.add_(_attention(_norm(x, w.norms[i][0], w.eps, w.by_model), w, i, kv[i], past, cos, sin, mask))
+        x.add_(_mlp(_norm(x, w.norms[i][1], w.eps, w.by_model), w, i))
+    return torch.mm(_norm(x, w.final, w.eps, w.by_model), w.head).float()
+
+
+def _scripted(fn):
+    """fn compiled by TorchScript, whose interpreter runs the step's few hundred small ops without
+    a trip through Python for each (the same kernels in the same order: the same bits); fn itself
+    where TorchScript is off (PYTORCH_JIT=0) or cannot compile it.
+
+    torch.jit.script is deprecated in favour of torch.compile, which makes a chat wait many
+    seconds for its first reply while it compiles, for about the same step (docs/PERFORMANCE.md);
+    the plain function is the fallback the day TorchScript goes."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(fn)
+    except Exception:   # noqa: BLE001 - the plain function computes the same
+        return fn
+
+
+def _rope_tables(cfg, max_len: int, like: torch.Tensor):
+    """rope_halves' cos and sin for every position below max_len and every head of q, k and v
+    [max_len, n_head + 2 n_kv_head, 2, head_dim / 2]: the values' an angle of 0 (cos 1, sin 0)."""
+    H, K, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    cos, sin = rope_cos_sin(torch.arange(max_len, device=like.device)[None], hd, cfg.rope_theta, like.dtype,
+                            cfg.rope_scaling)
+    cos, sin = rope_halves_tables(cos[0], sin[0])
+    heads = (max_len, H + 2 * K, 2, hd // 2)
+    cos_t = torch.ones(heads, dtype=like.dtype, device=like.device)
+    sin_t = torch.zeros(heads, dtype=like.dtype, device=like.device)
+    cos_t[:, :H + K], sin_t[:, :H + K] = cos[:, None], sin[:, None]
+    return cos_t, sin_t
+
+
+_run = None
 
 
 def make_step(model: Transformer, max_len: int) -> Optional[Step]:
@@ -110,63 +216,25 @@ def make_step(model: Transformer, max_len: int) -> Optional[Step]:
     row of the cache is padded."""
     if not _plain(model):
         return None
+    global _run
+    if _run is None:          # compiled on first use, not at import: the app starts sooner
+        _run = _scripted(_logits)
     cfg = model.config
     fuse = model.num_params() <= FUSE_UP_TO_PARAMS
-    layers = [_layer_weights(b, fuse) for b in model.model.layers]
-    emb, final = model.model.embed_tokens.weight, model.model.norm.weight
-    head = model.lm_head.weight.t()
-    cos_t, sin_t = rope_cos_sin(torch.arange(max_len, device=emb.device)[None], cfg.head_dim,
-                                cfg.rope_theta, emb.dtype, cfg.rope_scaling)
-    cos_t, sin_t = cos_t[0], swap_halves(sin_t[0])   # once a call, for rope_swapped
-    H, K, hd, eps = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps
-    n_rep, d_ff, qk_norm = H // K, cfg.d_ff, cfg.qk_norm
-    eps_t = torch.tensor(eps, device=emb.device)
-    by_model = (torch.tensor(float(cfg.d_model), device=emb.device), eps_t)
-    by_head = (torch.tensor(float(hd), device=emb.device), eps_t)
-
-    def attention(w, h, i, cache, past, cos, sin, mask):
-        B = h.shape[0]
-        if fuse:
-            y = _mm(h, w["qkv"], w["qkv_b"])
-            q, k, v = y.narrow(1, 0, H * hd), y.narrow(1, H * hd, K * hd), y.narrow(1, (H + K) * hd, K * hd)
-        else:
-            q, k, v = (_mm(h, w[n], w[n + "_b"]) for n in ("q", "k", "v"))
-        if qk_norm:   # each normed on its own, then rotated on its own
-            q = rope_swapped(_norm(q.view(B, H, hd), w["q_norm"], eps, by_head), cos, sin)
-            k = rope_swapped(_norm(k.view(B, K, hd), w["k_norm"], eps, by_head), cos, sin)
-        elif fuse:    # q and k lie side by side: one rotation for both
-            qk = rope_swapped(y.narrow(1, 0, (H + K) * hd).view(B, H + K, hd), cos, sin)
-            q, k = qk.narrow(1, 0, H), qk.narrow(1, H, K)
-        else:
-            q, k = rope_swapped(q.view(B, H, hd), cos, sin), rope_swapped(k.view(B, K, hd), cos, sin)
-        cache.k[i].select(2, past).copy_(k)
-        cache.v[i].select(2, past).copy_(v.view(B, K, hd))
-        keys = repeat_kv(cache.k[i].narrow(2, 0, past + 1), n_rep)
-        values = repeat_kv(cache.v[i].narrow(2, 0, past + 1), n_rep)
-        att = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask)
-        return torch.mm(att.reshape(B, H * hd), w["o"])
-
-    def mlp(w, h):
-        if fuse:
-            gu = torch.mm(h, w["gate_up"])
-            g, u = gu.narrow(1, 0, d_ff), gu.narrow(1, d_ff, d_ff)
-        else:
-            g, u = torch.mm(h, w["gate"]), torch.mm(h, w["up"])
-        return torch.mm(F.silu(g).mul_(u), w["down"])
+    ws = [_layer_weights(b, fuse) for b in model.model.layers]
+    emb = model.model.embed_tokens.weight
+    consts = lambda v: torch.tensor(float(v), device=emb.device)   # noqa: E731
+    H, K, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    cos_t, sin_t = _rope_tables(cfg, max_len, emb)
+    w = _Weights(*([x[k] for x in ws] for k in ("norms", "qkv", "qkv_b", "o", "gate_up", "down")),
+                 emb=emb, final=model.model.norm.weight, head=model.lm_head.weight.t(), cos=cos_t, sin=sin_t,
+                 shape=[H, K, hd, cfg.d_ff], eps=cfg.norm_eps, by_model=[consts(cfg.d_model), consts(cfg.norm_eps)],
+                 by_head=[consts(hd), consts(cfg.norm_eps)])
 
     def step(tokens: torch.Tensor, cache: KVCache, padding: Optional[Padding]):
-        past = cache.length
-        if padding is None:
-            cos, sin, mask = cos_t[past], sin_t[past], None
-        else:
-            pos = padding.pads.neg().add_(past)
-            cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]
-            mask = padding.additive.narrow(3, 0, past + 1)
-        x = F.embedding(tokens, emb)
-        for i, w in enumerate(layers):
-            x.add_(attention(w, _norm(x, w["norm1"], eps, by_model), i, cache, past, cos, sin, mask))
-            x.add_(mlp(w, _norm(x, w["norm2"], eps, by_model)))
+        logits = _run(tokens, w, cache.kv, cache.length,
+                      None if padding is None else padding.pads, None if padding is None else padding.additive)
         cache.advance(1)
-        return torch.mm(_norm(x, final, eps, by_model), head).float()
+        return logits
 
     return step

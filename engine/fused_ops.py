@@ -101,6 +101,21 @@ def swap_halves(sin):
     return torch.cat((s2, s1), dim=-1)
 
 
+def rope_halves_tables(cos, sin):
+    """cos and sin [..., hd] as rope_halves takes them: [..., 2, hd / 2], sin's halves swapped
+    and its first negated ([s2, -s1]; a decoding loop makes these once)."""
+    s1, s2 = sin.chunk(2, dim=-1)
+    return cos.unflatten(-1, (2, -1)), torch.stack((s2, -s1), dim=-2)
+
+
+def rope_halves(x, cos, sin):
+    """The rope forward in the fewest ops, for a small x (a decoding step's q and k) viewed as
+    [..., 2, hd / 2], without autograd; cos, sin from rope_halves_tables. x * [s2, -s1] is
+    [x1 * s2, -x2 * s1]; its halves swapped (flip) are rotate_half(x) * sin, added to x * cos in
+    one pass. (-a) * b == -(a * b) and p + (-q) == p - q exactly: the plain sum to the bit."""
+    return (x * cos).add_((x * sin).flip(-2))
+
+
 def _rope(x, cos, sin):
     return rope_swapped(x, cos, swap_halves(sin))
 

@@ -165,16 +165,23 @@ def repeat_kv(x, n_rep: int):
 class KVCache:
     """Preallocated keys and values for every layer: [B, n_kv_head, max_len, head_dim] each.
 
-    `length` counts the positions already written; a forward pass writes its T new positions
-    at `length` in every layer, then advances it once.
+    A layer's keys and values are the two halves of one tensor `kv[layer]` [B, 2 n_kv_head,
+    max_len, head_dim] (keys first), so a decoding step (engine/decode.py) writes both with one
+    copy. `length` counts the positions already written; a forward pass writes its T new
+    positions at `length` in every layer, then advances it once.
     """
 
     def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, device=None, dtype=None):
-        shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        shape = (batch_size, 2 * n_kv_head, max_len, head_dim)
+        self._views([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)])
         self.max_len = max_len
         self.length = 0
+
+    def _views(self, kv: list) -> None:
+        K = kv[0].shape[1] // 2
+        self.kv = kv
+        self.k = [t.narrow(1, 0, K) for t in kv]
+        self.v = [t.narrow(1, K, K) for t in kv]
 
     def update(self, layer: int, k, v):
         """Write the new block at `length`; return all keys and values so far."""
@@ -190,8 +197,7 @@ class KVCache:
         """A new cache whose row i is row index[i] of this one, up to the same length: one
         prompt's keys and values for each of the rows that continue it."""
         new = KVCache.__new__(KVCache)
-        new.k = [k.index_select(0, index) for k in self.k]
-        new.v = [v.index_select(0, index) for v in self.v]
+        new._views([t.index_select(0, index) for t in self.kv])
         new.max_len, new.length = self.max_len, self.length
         return new
 

@@ -28,10 +28,16 @@ def model_of(shape: str, fuse: bool, monkeypatch) -> Transformer:
     return m
 
 
+@pytest.mark.parametrize("scripted", [True, False])
 @pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_a_step_gives_the_forwards_logits_to_the_bit(shape, fuse, monkeypatch):
+def test_a_step_gives_the_forwards_logits_to_the_bit(shape, fuse, scripted, monkeypatch):
     m = model_of(shape, fuse, monkeypatch)
+    decode.make_step(m, 4)
+    if scripted:    # what runs: TorchScript's compilation of the step, not a silent fallback
+        assert isinstance(decode._run, torch.jit.ScriptFunction)
+    else:           # the same source as plain Python (PYTORCH_JIT=0, or TorchScript gone)
+        monkeypatch.setattr(decode, "_run", decode._logits)
     prompts = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 9]])      # row 0 left-padded
     real = prompts != 0
     real[1, 0] = True

@@ -116,6 +116,17 @@ def test_rope_is_the_plain_formula_to_the_bit_and_has_its_gradients(B, H, T, hd,
         assert torch.equal(fused_ops._rope(x, cos, sin), y_ref)
 
 
+def test_rope_on_halves_is_the_plain_formula_to_the_bit_and_a_zero_turn_keeps_values():
+    # The decoding step's rope: x viewed [..., 2, hd/2], angles from rope_halves_tables.
+    x = leaf((2, 3, 5, 8), 0).detach()
+    cos, sin = leaf((1, 1, 5, 8), 1).detach(), leaf((1, 1, 5, 8), 2).detach()
+    c, s = fused_ops.rope_halves_tables(cos, sin)
+    got = fused_ops.rope_halves(x.unflatten(-1, (2, 4)), c, s).flatten(-2)
+    assert torch.equal(got, plain_rope(x, cos, sin))
+    c0, s0 = fused_ops.rope_halves_tables(torch.ones(8), torch.zeros(8))   # how values pass through it
+    assert torch.equal(fused_ops.rope_halves(x.unflatten(-1, (2, 4)), c0, s0).flatten(-2), x)
+
+
 def test_rope_takes_any_cos_and_sin_not_only_halves_that_repeat():
     # The model's angles repeat across the two halves; the formula holds for any values.
     x = leaf((2, 3, 5, 8), 0)
