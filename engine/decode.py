@@ -20,9 +20,11 @@ while they train) keeps the forward, which knows its wrappers.
 """
 from __future__ import annotations
 
+import copy
+import typing
 import warnings
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -109,88 +111,125 @@ def _norm(x, weight, eps: float, consts: list[torch.Tensor]):
     return (x * (x * x).sum(-1, keepdim=True).div_(consts[0]).add_(consts[1]).rsqrt_()).mul_(weight)
 
 
-class _Weights(NamedTuple):
-    """What a decoding step reads, made once a generate call; lists over layers."""
+class _Decoder(nn.Module):
+    """What a decoding step reads, made once a generate call (lists over layers), and the step.
+    Scripted, it lives on the C++ side: a step passes it no weights."""
     norms: list[list[torch.Tensor]]           # input, post-attention[, q, k] norm weights
     qkv: list[list[torch.Tensor]]             # [qkv] or [q, k, v], transposed
     qkv_b: list[list[Optional[torch.Tensor]]]
     o: list[torch.Tensor]
     gate_up: list[list[torch.Tensor]]         # [gate_up] or [gate, up]
     down: list[torch.Tensor]
-    emb: torch.Tensor
-    final: torch.Tensor
-    head: torch.Tensor
-    cos: torch.Tensor                         # [max_len, n_head + 2 n_kv_head, 2, head_dim / 2]
-    sin: torch.Tensor                         # (rope_halves' tables; the value heads' turn by 0)
     shape: list[int]                          # n_head, n_kv_head, head_dim, d_ff
     eps: float
     by_model: list[torch.Tensor]              # d_model, eps as 0-dim tensors (_norm's consts)
     by_head: list[torch.Tensor]               # head_dim, eps
 
+    def __init__(self, layers: list[dict], emb, final, head, cos, sin, shape: list[int], eps: float):
+        super().__init__()
+        for name in ("norms", "qkv", "qkv_b", "o", "gate_up", "down"):
+            setattr(self, name, [x[name] for x in layers])
+        self.emb, self.final, self.head = emb, final, head
+        self.cos, self.sin = cos, sin             # _rope_tables
+        self.shape, self.eps = shape, eps
+        const = lambda v: torch.tensor(float(v), device=emb.device)   # noqa: E731
+        self.by_model = [const(emb.shape[1]), const(eps)]
+        self.by_head = [const(shape[2]), const(eps)]
 
-def _attention(h, w: _Weights, i: int, kv, past: int, cos, sin, mask: Optional[torch.Tensor]):
-    """q, k and v side by side, [B, heads, 2, head_dim / 2], go through one rope (the values' a
-    turn by 0: v * 1 + 0, the same values) and k, v into the cache (KVCache.kv) with one copy."""
-    H, K, hd = w.shape[0], w.shape[1], w.shape[2]
-    B = h.size(0)
-    w_qkv, b_qkv = w.qkv[i], w.qkv_b[i]
-    if len(w_qkv) == 1:
-        y = _mm(h, w_qkv[0], b_qkv[0])
-    else:
-        y = torch.cat([_mm(h, w_qkv[0], b_qkv[0]), _mm(h, w_qkv[1], b_qkv[1]), _mm(h, w_qkv[2], b_qkv[2])], 1)
-    norms = w.norms[i]
-    if len(norms) == 4:       # q and k each normed on its own before the rotation
-        y = torch.cat([_norm(y.narrow(1, 0, H * hd).view(B, H, hd), norms[2], w.eps, w.by_head),
-                       _norm(y.narrow(1, H * hd, K * hd).view(B, K, hd), norms[3], w.eps, w.by_head),
-                       y.narrow(1, (H + K) * hd, K * hd).view(B, K, hd)], 1)
-    r = rope_halves(y.view(B, H + 2 * K, 2, hd // 2), cos, sin)
-    kv.select(2, past).copy_(r.narrow(1, H, 2 * K).view(B, 2 * K, hd))
-    cached = kv.narrow(2, 0, past + 1)
-    keys, values = repeat_kv(cached.narrow(1, 0, K), H // K), repeat_kv(cached.narrow(1, K, K), H // K)
-    att = F.scaled_dot_product_attention(r.narrow(1, 0, H).view(B, H, 1, hd), keys, values, attn_mask=mask)
-    return torch.mm(att.reshape(B, H * hd), w.o[i])
+    def attention(self, h, i: int, kv, past: int, cos, sin, mask: Optional[torch.Tensor]):
+        """q, k and v side by side, [B, heads, 2, head_dim / 2], go through one rope (the values
+        a turn by 0: v * 1 + 0, the same values) and k, v into the cache (KVCache.kv) with one copy."""
+        H, K, hd = self.shape[0], self.shape[1], self.shape[2]
+        B = h.size(0)
+        w_qkv, b_qkv = self.qkv[i], self.qkv_b[i]
+        if len(w_qkv) == 1:
+            y = _mm(h, w_qkv[0], b_qkv[0])
+        else:
+            y = torch.cat([_mm(h, w_qkv[0], b_qkv[0]), _mm(h, w_qkv[1], b_qkv[1]), _mm(h, w_qkv[2], b_qkv[2])], 1)
+        norms = self.norms[i]
+        if len(norms) == 4:       # q and k each normed on its own before the rotation
+            y = torch.cat([_norm(y.narrow(1, 0, H * hd).view(B, H, hd), norms[2], self.eps, self.by_head),
+                           _norm(y.narrow(1, H * hd, K * hd).view(B, K, hd), norms[3], self.eps, self.by_head),
+                           y.narrow(1, (H + K) * hd, K * hd).view(B, K, hd)], 1)
+        r = rope_halves(y.view(B, H + 2 * K, 2, hd // 2), cos, sin)
+        kv.select(2, past).copy_(r.narrow(1, H, 2 * K).view(B, 2 * K, hd))
+        cached = kv.narrow(2, 0, past + 1)
+        keys, values = repeat_kv(cached.narrow(1, 0, K), H // K), repeat_kv(cached.narrow(1, K, K), H // K)
+        att = F.scaled_dot_product_attention(r.narrow(1, 0, H).view(B, H, 1, hd), keys, values, attn_mask=mask)
+        return torch.mm(att.reshape(B, H * hd), self.o[i])
+
+    def mlp(self, h, i: int):
+        d_ff, w_gate_up = self.shape[3], self.gate_up[i]
+        if len(w_gate_up) == 1:
+            gu = torch.mm(h, w_gate_up[0])
+            g, u = gu.narrow(1, 0, d_ff), gu.narrow(1, d_ff, d_ff)
+        else:
+            g, u = torch.mm(h, w_gate_up[0]), torch.mm(h, w_gate_up[1])
+        return torch.mm(F.silu(g).mul_(u), self.down[i])
+
+    def forward(self, tokens, kv: list[torch.Tensor], past: int, pads: Optional[torch.Tensor],
+                additive: Optional[torch.Tensor]):
+        """[B, vocab] for one new token per row at position `past` (less each row's pads)."""
+        if pads is None or additive is None:
+            cos, sin, mask = self.cos[past], self.sin[past], additive
+        else:
+            pos = pads.neg().add_(past)
+            cos, sin = self.cos[pos], self.sin[pos]
+            mask = additive.narrow(3, 0, past + 1)
+        x = F.embedding(tokens, self.emb)
+        for i in range(len(self.o)):
+            x.add_(self.attention(_norm(x, self.norms[i][0], self.eps, self.by_model), i, kv[i], past, cos, sin, mask))
+            x.add_(self.mlp(_norm(x, self.norms[i][1], self.eps, self.by_model), i))
+        return torch.mm(_norm(x, self.final, self.eps, self.by_model), self.head).float()
 
 
-def _mlp(h, w: _Weights, i: int):
-    d_ff, w_gate_up = w.shape[3], w.gate_up[i]
-    if len(w_gate_up) == 1:
-        gu = torch.mm(h, w_gate_up[0])
-        g, u = gu.narrow(1, 0, d_ff), gu.narrow(1, d_ff, d_ff)
-    else:
-        g, u = torch.mm(h, w_gate_up[0]), torch.mm(h, w_gate_up[1])
-    return torch.mm(F.silu(g).mul_(u), w.down[i])
+# The attributes' types as objects, not the strings postponed annotations leave: TorchScript
+# reads a module's attribute types from __annotations__ as they are.
+_Decoder.__annotations__ = {k: v for k, v in typing.get_type_hints(_Decoder).items() if k in _Decoder.__annotations__}
 
 
-def _logits(tokens, w: _Weights, kv: list[torch.Tensor], past: int,
-            pads: Optional[torch.Tensor], additive: Optional[torch.Tensor]):
-    """The logits [B, vocab] of one new token per row at position `past` (less each row's pads)."""
-    if pads is None or additive is None:
-        cos, sin, mask = w.cos[past], w.sin[past], additive
-    else:
-        pos = pads.neg().add_(past)
-        cos, sin = w.cos[pos], w.sin[pos]
-        mask = additive.narrow(3, 0, past + 1)
-    x = F.embedding(tokens, w.emb)
-    for i in range(len(w.o)):
-        x.add_(_attention(_norm(x, w.norms[i][0], w.eps, w.by_model), w, i, kv[i], past, cos, sin, mask))
-        x.add_(_mlp(_norm(x, w.norms[i][1], w.eps, w.by_model), w, i))
-    return torch.mm(_norm(x, w.final, w.eps, w.by_model), w.head).float()
-
-
-def _scripted(fn):
-    """fn compiled by TorchScript, whose interpreter runs the step's few hundred small ops without
-    a trip through Python for each (the same kernels in the same order: the same bits); fn itself
-    where TorchScript is off (PYTORCH_JIT=0) or cannot compile it.
+def _scripted(decoder: _Decoder):
+    """The decoder compiled by TorchScript, whose interpreter runs the step's few hundred small
+    ops without a trip through Python for each (the same kernels in the same order: the same
+    bits); the decoder itself where TorchScript is off (PYTORCH_JIT=0) or cannot compile it.
 
     torch.jit.script is deprecated in favour of torch.compile, which makes a chat wait many
     seconds for its first reply while it compiles, for about the same step (docs/PERFORMANCE.md);
-    the plain function is the fallback the day TorchScript goes."""
+    the plain module is the fallback the day TorchScript goes."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.script(fn)
-    except Exception:   # noqa: BLE001 - the plain function computes the same
-        return fn
+            return torch.jit.script(decoder)
+    except Exception:   # noqa: BLE001 - the plain module computes the same
+        return decoder
+
+
+# The first decoder's compilation, emptied of its weights: every later step gets a copy with its
+# own weights bound, since scripting a module costs milliseconds (a short answer's whole
+# decoding) and a copy and its binding some microseconds. False: TorchScript could not compile it.
+_template = None
+_LISTS = ("norms", "qkv", "qkv_b", "o", "gate_up", "down", "shape", "by_model", "by_head")
+_TENSORS = ("emb", "final", "head", "cos", "sin")
+
+
+def _compiled(plain: _Decoder):
+    """plain as a scripted module of its own (plain itself where TorchScript cannot compile)."""
+    global _template
+    if _template is None:
+        scripted = _scripted(plain)
+        _template = copy.copy(scripted) if scripted is not plain else False
+        if _template is not False:           # holds no model's weights
+            for name in _LISTS:
+                setattr(_template, name, [])
+            for name in _TENSORS:
+                setattr(_template, name, torch.empty(0))
+        return scripted
+    if _template is False:
+        return plain
+    dec = copy.copy(_template)
+    for name in (*_LISTS, *_TENSORS, "eps"):
+        setattr(dec, name, getattr(plain, name))
+    return dec
 
 
 def _rope_tables(cfg, max_len: int, like: torch.Tensor):
@@ -207,33 +246,22 @@ def _rope_tables(cfg, max_len: int, like: torch.Tensor):
     return cos_t, sin_t
 
 
-_run = None
-
-
 def make_step(model: Transformer, max_len: int) -> Optional[Step]:
     """step(tokens [B], cache, padding) -> logits [B, vocab] (fp32), for positions below max_len;
     None when the model must keep its own forward. padding: the prompts' (Padding), None when no
     row of the cache is padded."""
     if not _plain(model):
         return None
-    global _run
-    if _run is None:          # compiled on first use, not at import: the app starts sooner
-        _run = _scripted(_logits)
     cfg = model.config
     fuse = model.num_params() <= FUSE_UP_TO_PARAMS
-    ws = [_layer_weights(b, fuse) for b in model.model.layers]
-    emb = model.model.embed_tokens.weight
-    consts = lambda v: torch.tensor(float(v), device=emb.device)   # noqa: E731
-    H, K, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    cos_t, sin_t = _rope_tables(cfg, max_len, emb)
-    w = _Weights(*([x[k] for x in ws] for k in ("norms", "qkv", "qkv_b", "o", "gate_up", "down")),
-                 emb=emb, final=model.model.norm.weight, head=model.lm_head.weight.t(), cos=cos_t, sin=sin_t,
-                 shape=[H, K, hd, cfg.d_ff], eps=cfg.norm_eps, by_model=[consts(cfg.d_model), consts(cfg.norm_eps)],
-                 by_head=[consts(hd), consts(cfg.norm_eps)])
+    cos, sin = _rope_tables(cfg, max_len, model.lm_head.weight)
+    dec = _compiled(_Decoder([_layer_weights(b, fuse) for b in model.model.layers], model.model.embed_tokens.weight,
+                             model.model.norm.weight, model.lm_head.weight.t(), cos, sin,
+                             [cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff], cfg.norm_eps))
 
     def step(tokens: torch.Tensor, cache: KVCache, padding: Optional[Padding]):
-        logits = _run(tokens, w, cache.kv, cache.length,
-                      None if padding is None else padding.pads, None if padding is None else padding.additive)
+        logits = dec.forward(tokens, cache.kv, cache.length,
+                             None if padding is None else padding.pads, None if padding is None else padding.additive)
         cache.advance(1)
         return logits
 

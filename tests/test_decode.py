@@ -33,11 +33,10 @@ def model_of(shape: str, fuse: bool, monkeypatch) -> Transformer:
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_a_step_gives_the_forwards_logits_to_the_bit(shape, fuse, scripted, monkeypatch):
     m = model_of(shape, fuse, monkeypatch)
-    decode.make_step(m, 4)
-    if scripted:    # what runs: TorchScript's compilation of the step, not a silent fallback
-        assert isinstance(decode._run, torch.jit.ScriptFunction)
-    else:           # the same source as plain Python (PYTORCH_JIT=0, or TorchScript gone)
-        monkeypatch.setattr(decode, "_run", decode._logits)
+    made, script = [], decode._compiled
+    # scripted: what runs is TorchScript's compilation of the step, not a silent fallback to the
+    # plain module; plain: the same source as Python (PYTORCH_JIT=0, or TorchScript gone).
+    monkeypatch.setattr(decode, "_compiled", lambda d: made.append(script(d) if scripted else d) or made[-1])
     prompts = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 9]])      # row 0 left-padded
     real = prompts != 0
     real[1, 0] = True
@@ -61,6 +60,30 @@ def test_a_step_gives_the_forwards_logits_to_the_bit(shape, fuse, scripted, monk
         m(unpadded, cache=c2)
         step = decode.make_step(m, 10)
         assert torch.equal(step(torch.tensor([8]), c1, None), m(torch.tensor([[8]]), cache=c2)[:, -1])
+    assert len(made) == 2 and all(isinstance(d, torch.jit.ScriptModule) == scripted for d in made)
+
+
+def test_steps_made_in_turn_keep_their_own_models_weights(monkeypatch):
+    # Every step is a copy of one compiled decoder with its own weights bound: a step made for a
+    # second model (or the same model after an update) leaves the first step's model alone.
+    a, b = model_of("plain", True, monkeypatch), model_of("gqa", True, monkeypatch)
+    with torch.inference_mode():
+        caches = {m: (m.make_cache(1, 8), m.make_cache(1, 8)) for m in (a, b)}
+        steps = {}
+        for m in (a, b):
+            mine, theirs = caches[m]
+            m(torch.tensor([[3, 4]]), cache=mine)
+            m(torch.tensor([[3, 4]]), cache=theirs)
+            steps[m] = decode.make_step(m, 8)
+        for m in (a, b, a):
+            mine, theirs = caches[m]
+            assert torch.equal(steps[m](torch.tensor([5]), mine, None), m(torch.tensor([[5]]), cache=theirs)[:, -1])
+        for p in a.parameters():
+            p.mul_(1.5)
+        mine, theirs = a.make_cache(1, 8), a.make_cache(1, 8)
+        a(torch.tensor([[3, 4]]), cache=mine)
+        a(torch.tensor([[3, 4]]), cache=theirs)
+        assert torch.equal(decode.make_step(a, 8)(torch.tensor([5]), mine, None), a(torch.tensor([[5]]), cache=theirs)[:, -1])
 
 
 def test_generation_is_the_same_with_and_without_it(monkeypatch):
