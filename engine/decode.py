@@ -21,6 +21,7 @@ while they train) keeps the forward, which knows its wrappers.
 from __future__ import annotations
 
 import copy
+import threading
 import typing
 import warnings
 from dataclasses import dataclass
@@ -210,20 +211,22 @@ def _scripted(decoder: _Decoder):
 _template = None
 _LISTS = ("norms", "qkv", "qkv_b", "o", "gate_up", "down", "shape", "by_model", "by_head")
 _TENSORS = ("emb", "final", "head", "cos", "sin")
+_compiling = threading.Lock()
 
 
 def _compiled(plain: _Decoder):
     """plain as a scripted module of its own (plain itself where TorchScript cannot compile)."""
     global _template
-    if _template is None:
-        scripted = _scripted(plain)
-        _template = copy.copy(scripted) if scripted is not plain else False
-        if _template is not False:           # holds no model's weights
-            for name in _LISTS:
-                setattr(_template, name, [])
-            for name in _TENSORS:
-                setattr(_template, name, torch.empty(0))
-        return scripted
+    with _compiling:           # the app's chat and a comparison may start decoding at once
+        if _template is None:
+            scripted = _scripted(plain)
+            _template = copy.copy(scripted) if scripted is not plain else False
+            if _template is not False:           # holds no model's weights
+                for name in _LISTS:
+                    setattr(_template, name, [])
+                for name in _TENSORS:
+                    setattr(_template, name, torch.empty(0))
+            return scripted
     if _template is False:
         return plain
     dec = copy.copy(_template)
