@@ -96,7 +96,7 @@ def _plain_rope(x, cos, sin):
 
 
 def swap_halves(sin):
-    """[s2, s1] for sin = [s1, s2]: what rope_swapped takes (a decoding loop makes it once)."""
+    """[s2, s1] for sin = [s1, s2]: what rope_swapped takes."""
     s1, s2 = sin.chunk(2, dim=-1)
     return torch.cat((s2, s1), dim=-1)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from engine.decode import FUSE_UP_TO_PARAMS
 from engine.fused_loss import CHUNK_BYTES, MIN_ROWS
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -273,9 +274,22 @@ def prefill_bytes(cfg, batch: int, prompt: int, elt: int) -> int:
     return 4 * n * cfg.vocab_size + forward_scratch(cfg, n, elt) + 5 * n * prompt
 
 
+def decode_step_bytes(cfg, length: int, elt: int) -> int:
+    """What engine.decode's step holds through a generate call: rope tables (cos and sin for each
+    of q's, k's and v's heads at every position) and, for a model small enough that it fuses
+    them, q/k/v's weights (and biases) and gate/up's concatenated."""
+    heads = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+    tables = 2 * length * heads * elt
+    if param_count(cfg) > FUSE_UP_TO_PARAMS:
+        return tables
+    per_layer = cfg.d_model * (heads + 2 * cfg.d_ff) + (heads if cfg.qkv_bias else 0)
+    return tables + cfg.n_layer * per_layer * elt
+
+
 def generation_workspace(cfg, batch: int, prompt: int, length: int, elt: int) -> int:
     """What generation holds beside its weights and KV cache at its worst moment: the prompts'
-    forward, or a copy of at most half the cache, which engine.generate makes when rows share a
-    prompt (its prefill's cache spread over the rows) and when half the rows have finished (the
-    rest's rows moved to a smaller cache)."""
-    return max(prefill_bytes(cfg, batch, prompt, elt), kv_cache_bytes(cfg, batch, length, elt) // 2)
+    forward, or the decoding step's tables and fused weights with a copy of at most half the
+    cache, which engine.generate makes when rows share a prompt (its prefill's cache spread over
+    the rows) and when half the rows have finished (the rest's rows moved to a smaller cache)."""
+    return max(prefill_bytes(cfg, batch, prompt, elt),
+               decode_step_bytes(cfg, length, elt) + kv_cache_bytes(cfg, batch, length, elt) // 2)

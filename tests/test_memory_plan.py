@@ -427,6 +427,29 @@ def test_generation_workspace_covers_the_cache_copies_generate_makes():
     assert p.phases["generation"]["workspace"] >= copy
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("shape", [{}, dict(n_kv_head=1, qkv_bias=True)])
+def test_the_decoding_steps_tables_and_fused_weights_are_counted_exactly(shape, fuse, monkeypatch):
+    from engine import decode
+    monkeypatch.setattr(decode, "FUSE_UP_TO_PARAMS", 10**12 if fuse else 0)
+    monkeypatch.setattr(mt, "FUSE_UP_TO_PARAMS", decode.FUSE_UP_TO_PARAMS)
+    monkeypatch.setattr(decode, "_compiled", lambda plain: held.append(plain) or plain)
+    cfg, held = tiny(**shape), []
+    model = Transformer(cfg)
+    decode.make_step(model, 40)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    tensors = [t for name in (*decode._LISTS, *decode._TENSORS) for t in _flat(getattr(held[0], name))]
+    own = sum(t.untyped_storage().nbytes() for t in tensors if t.untyped_storage().data_ptr() not in params)
+    consts = sum(t.untyped_storage().nbytes() for t in held[0].by_model + held[0].by_head)
+    assert own - consts == mt.decode_step_bytes(cfg, 40, 4)
+
+
+def _flat(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [t for v in value for t in _flat(v)] if isinstance(value, list) else []
+
+
 def test_stages_hold_the_models_they_load():
     cfg = tiny()
     lm, sc = 4 * mt.param_count(cfg, "lm"), 4 * mt.param_count(cfg, "scalar")
