@@ -56,23 +56,34 @@ def sample_next(logits, temperature: float = 1.0, top_k: int = 0, top_p: float =
     _check_settings(temperature, top_k, top_p)
     if temperature == 0:
         return logits.max(dim=-1).indices    # argmax's first-max rule, in one faster pass
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1 else logits.float() / temperature
+    # With top-k the draw runs over the k candidates (their logits in descending order, `ids`
+    # their tokens): softmax, top-p and the draw then read k numbers, not the whole vocabulary.
+    ids = None
     if 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        values, ids = torch.topk(logits, top_k + 1, dim=-1)   # one more, to see a tie at the k-th
+        kth = values[..., top_k - 1:top_k]
+        if bool((values[..., top_k:] == kth).any()):           # then every tied token stays
+            logits, ids = logits.masked_fill(logits < kth, float("-inf")), None
+        else:
+            logits, ids = values[..., :top_k], ids[..., :top_k]
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
+        if ids is None:
+            logits, order = torch.sort(logits, dim=-1, descending=True)
+            ids = order
+        probs = torch.softmax(logits, dim=-1)
         # Drop a token when the tokens before it already reach top_p; the first always stays.
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
         drop[..., 0] = False
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if isinstance(generator, (list, tuple)):
         if len(generator) != probs.size(0):
             raise ValueError(f"{len(generator)} generators for {probs.size(0)} rows")
-        return _draw_per_row(probs, generator)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        drawn = _draw_per_row(probs, generator)
+    else:
+        drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return drawn if ids is None else ids.gather(-1, drawn[:, None]).squeeze(-1)
 
 
 def _draw_per_row(probs, generators: Sequence[torch.Generator]):

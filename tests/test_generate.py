@@ -47,6 +47,21 @@ def test_top_k_restricts_the_support():
     assert torch.equal(sample_next(logits[:3], 1.0, top_k=1, generator=g), logits[:3].argmax(-1))
 
 
+def test_top_k_draws_each_candidate_at_its_renormalised_probability_and_keeps_ties():
+    # The draw runs over the k candidates only: their odds must be the full softmax's, renormalised.
+    probs = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15])
+    logits = probs.log().expand(6000, 5)
+    want = torch.tensor([0.0, 0.4, 0.0, 0.3, 0.0]) / 0.85
+    want[4] = 0.15 / 0.85
+    for gen in ([torch.Generator().manual_seed(i) for i in range(6000)], torch.Generator().manual_seed(7)):
+        share = torch.bincount(sample_next(logits, 1.0, top_k=3, generator=gen), minlength=5).float() / 6000
+        assert torch.allclose(share, want, atol=0.025), share
+    # A tie at the k-th logit keeps every tied token (the rule transformers' top-k warper has).
+    tied = torch.tensor([3.0, 2.0, 1.0, 1.0, 0.0]).expand(4000, 5)
+    drawn = set(sample_next(tied, 1.0, top_k=3, generator=torch.Generator().manual_seed(8)).tolist())
+    assert drawn == {0, 1, 2, 3}
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # sorted: 1 (0.5), 3 (0.8), 2 (0.95), 0 (1.0)
     logits = probs.log().expand(4000, 4)

@@ -451,9 +451,13 @@ def test_sighted_compare_and_a_tie(qtbot, tmp_path, two_ckpts, cache):
 
 
 def slow_decoding(monkeypatch, seconds: float = 0.05) -> None:
-    """Each decoding step takes at least `seconds`: an answer then lasts long enough for a
-    Stop to land in it, however fast the machine (the tiny models end at their context)."""
-    from engine import decode, generate
+    """Each decoding step takes at least `seconds` and no answer ends on a stop token, whatever
+    the seed draws: an answer then lasts long enough for a Stop to land in it, however fast the
+    machine (the tiny models end at their context)."""
+    from engine import chat, decode, generate
+
+    endless = chat.generate
+    monkeypatch.setattr(chat, "generate", lambda *a, **k: endless(*a, **{**k, "stop_ids": ()}))
 
     def make_step(*args):
         step = decode.make_step(*args)
