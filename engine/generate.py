@@ -69,8 +69,7 @@ def sample_next(logits, temperature: float = 1.0, top_k: int = 0, top_p: float =
             logits, ids = values[..., :top_k], ids[..., :top_k]
     if top_p < 1.0:
         if ids is None:
-            logits, order = torch.sort(logits, dim=-1, descending=True)
-            ids = order
+            logits, ids = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(logits, dim=-1)
         # Drop a token when the tokens before it already reach top_p; the first always stays.
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
