@@ -133,6 +133,14 @@ def _left_padded(prompts: Sequence[Sequence[int]], keep: int, pad_id: int,
     return ids.to(device), real.to(device), lens
 
 
+def _last(ids: torch.Tensor) -> torch.Tensor:
+    """The forward's `at` for the last position of every (left-padded) row: the head and the
+    last layer's MLP run there only, which is all a prefill reads."""
+    at = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    at[:, -1] = True
+    return at
+
+
 def _prefill(model: Transformer, ids: torch.Tensor, real: Optional[torch.Tensor], cache_len: int):
     """Run the (left-padded) prompts through the model's forward, filling a KV cache of
     cache_len positions; return the last position's logits [B, vocab] and the cache.
@@ -150,11 +158,11 @@ def _prefill(model: Transformer, ids: torch.Tensor, real: Optional[torch.Tensor]
             leaders.append(r)
     if 2 * len(group) > len(of_row):      # not worth the copy (nor the memory plan's bound)
         cache = model.make_cache(ids.size(0), cache_len, device=ids.device)
-        return model(ids, cache=cache, attention_mask=real)[:, -1], cache
+        return model(ids, cache=cache, attention_mask=real, at=_last(ids)), cache
     first = torch.tensor(leaders, device=ids.device)
     cache = model.make_cache(len(group), cache_len, device=ids.device)
     mask = None if real is None else real[first]
-    logits = model(ids[first], cache=cache, attention_mask=mask)[:, -1]
+    logits = model(ids[first], cache=cache, attention_mask=mask, at=_last(ids[first]))
     rows = torch.tensor(of_row, device=ids.device)
     return logits[rows], cache.rows(rows)
 

@@ -267,11 +267,11 @@ def forward_scratch(cfg, tokens: int, elt: int) -> int:
 
 
 def prefill_bytes(cfg, batch: int, prompt: int, elt: int) -> int:
-    """The prompt's forward in generation: fp32 logits for every prompt position (kept until the
-    first new token's logits replace them), one layer's intermediates, the padding mask (bool,
-    and SDPA's float copy)."""
+    """The prompt's forward in generation: one layer's intermediates, the padding mask (bool,
+    and SDPA's float copy), and the fp32 logits of each row's last position (the only ones
+    engine.generate asks the head for)."""
     n = batch * prompt
-    return 4 * n * cfg.vocab_size + forward_scratch(cfg, n, elt) + 5 * n * prompt
+    return 4 * batch * cfg.vocab_size + forward_scratch(cfg, n, elt) + 5 * n * prompt
 
 
 def decode_step_bytes(cfg, length: int, elt: int) -> int:

@@ -330,6 +330,17 @@ def test_padded_batch_prefills_once_then_one_token_per_step(monkeypatch):
     assert calls == [((2, 6), None), ((2, 1), None), ((2, 1), None)]
 
 
+def test_the_prefill_asks_the_head_for_each_rows_last_position_only(monkeypatch):
+    # The only prompt logits a generate call reads are the last position's: the head (and the
+    # last layer's MLP) run there alone, and the answers are the same as the reference's.
+    m = model()
+    calls = []
+    spy_on_steps(monkeypatch, m, calls, lambda _idx, _cache, _mask, out: tuple(out.shape))
+    out = generate_batch(m, PROMPTS, 3, temperature=0.0)
+    assert calls[0] == (len(PROMPTS), V)
+    assert out[0] == greedy_reference(m, PROMPTS[0], 3)
+
+
 def test_a_prompt_shared_by_several_rows_is_prefilled_once(monkeypatch):
     m = model()
     calls = []
