@@ -125,13 +125,18 @@ class _Decoder(nn.Module):
     eps: float
     by_model: list[torch.Tensor]              # d_model, eps as 0-dim tensors (_norm's consts)
     by_head: list[torch.Tensor]               # head_dim, eps
+    emb: torch.Tensor
+    final: torch.Tensor
+    head: torch.Tensor
+    cos: torch.Tensor                         # _rope_tables
+    sin: torch.Tensor
 
     def __init__(self, layers: list[dict], emb, final, head, cos, sin, shape: list[int], eps: float):
         super().__init__()
         for name in ("norms", "qkv", "qkv_b", "o", "gate_up", "down"):
             setattr(self, name, [x[name] for x in layers])
         self.emb, self.final, self.head = emb, final, head
-        self.cos, self.sin = cos, sin             # _rope_tables
+        self.cos, self.sin = cos, sin
         self.shape, self.eps = shape, eps
         const = lambda v: torch.tensor(float(v), device=emb.device)   # noqa: E731
         self.by_model = [const(emb.shape[1]), const(eps)]
@@ -209,8 +214,6 @@ def _scripted(decoder: _Decoder):
 # own weights bound, since scripting a module costs milliseconds (a short answer's whole
 # decoding) and a copy and its binding some microseconds. False: TorchScript could not compile it.
 _template = None
-_LISTS = ("norms", "qkv", "qkv_b", "o", "gate_up", "down", "shape", "by_model", "by_head")
-_TENSORS = ("emb", "final", "head", "cos", "sin")
 _compiling = threading.Lock()
 
 
@@ -222,15 +225,16 @@ def _compiled(plain: _Decoder):
             scripted = _scripted(plain)
             _template = copy.copy(scripted) if scripted is not plain else False
             if _template is not False:           # holds no model's weights
-                for name in _LISTS:
-                    setattr(_template, name, [])
-                for name in _TENSORS:
-                    setattr(_template, name, torch.empty(0))
+                for name, kind in _Decoder.__annotations__.items():
+                    if kind is torch.Tensor:
+                        setattr(_template, name, torch.empty(0))
+                    elif kind is not float:
+                        setattr(_template, name, [])
             return scripted
     if _template is False:
         return plain
     dec = copy.copy(_template)
-    for name in (*_LISTS, *_TENSORS, "eps"):
+    for name in _Decoder.__annotations__:
         setattr(dec, name, getattr(plain, name))
     return dec
 

@@ -95,12 +95,6 @@ def _plain_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def swap_halves(sin):
-    """[s2, s1] for sin = [s1, s2]: what rope_swapped takes."""
-    s1, s2 = sin.chunk(2, dim=-1)
-    return torch.cat((s2, s1), dim=-1)
-
-
 def rope_halves_tables(cos, sin):
     """cos and sin [..., hd] as rope_halves takes them: [..., 2, hd / 2], sin's halves swapped
     and its first negated ([s2, -s1]; a decoding loop makes these once)."""
@@ -117,17 +111,12 @@ def rope_halves(x, cos, sin):
 
 
 def _rope(x, cos, sin):
-    return rope_swapped(x, cos, swap_halves(sin))
-
-
-def rope_swapped(x, cos, swapped_sin):
-    """The rope forward given sin's halves swapped, without autograd.
-
-    rotate_half(x) * sin is [-x2 * s1, x1 * s2]: x times sin with its halves swapped (a small
-    tensor, shared by all heads) gives both products; then each half is added where it belongs.
-    (-a) * b == -(a * b) and p + (-q) == p - q exactly, so this is the plain sum to the bit."""
+    # rotate_half(x) * sin is [-x2 * s1, x1 * s2]: x times sin with its halves swapped (a small
+    # tensor, shared by all heads) gives both products; then each half is added where it belongs.
+    # (-a) * b == -(a * b) and p + (-q) == p - q exactly, so this is the plain sum to the bit.
+    s1, s2 = sin.chunk(2, dim=-1)
     y = x * cos
-    t = x * swapped_sin
+    t = x * torch.cat((s2, s1), dim=-1)
     y1, y2 = y.chunk(2, dim=-1)
     t1, t2 = t.chunk(2, dim=-1)
     y1.sub_(t2)                      # x1 * c1 - x2 * s1

@@ -438,7 +438,7 @@ def test_the_decoding_steps_tables_and_fused_weights_are_counted_exactly(shape, 
     model = Transformer(cfg)
     decode.make_step(model, 40)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    tensors = [t for name in (*decode._LISTS, *decode._TENSORS) for t in _flat(getattr(held[0], name))]
+    tensors = [t for name in decode._Decoder.__annotations__ for t in _flat(getattr(held[0], name))]
     own = sum(t.untyped_storage().nbytes() for t in tensors if t.untyped_storage().data_ptr() not in params)
     consts = sum(t.untyped_storage().nbytes() for t in held[0].by_model + held[0].by_head)
     assert own - consts == mt.decode_step_bytes(cfg, 40, 4)
