@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import markdown_table, publish, torch_machine  # noqa: E402
-from engine.osproc import SHARED_CPU_ENV  # noqa: E402
+from engine.osproc import SHARED_CPU_ENV, SPIN_SETTINGS  # noqa: E402
 
 MARKER = "## Two jobs at once"
 STEPS = """
@@ -62,7 +62,7 @@ print(n * 64 / (time.perf_counter() - t))
 
 
 def start(preset: str, steps: int, shared: bool, script: str = STEPS) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in (*SHARED_CPU_ENV, "OMP_WAIT_POLICY")}
+    env = {k: v for k, v in os.environ.items() if k not in SPIN_SETTINGS}
     if shared:
         env.update(SHARED_CPU_ENV)
     args = [preset, str(steps)] if script is STEPS else [str(steps)]

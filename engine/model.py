@@ -444,9 +444,9 @@ class Transformer(nn.Module):
             targets = targets.masked_fill(~real, IGNORE_INDEX) if layout is None else layout.take(targets)
         if loss_only:
             return self.head_loss(h, targets)
-        if at is not None:
-            return self.lm_head(h).float()
         logits = self.lm_head(h).float()
+        if at is not None:
+            return logits
         loss = None if targets is None else cross_entropy(logits, targets)
         logits = zero_pads(logits, real, layout)
         return logits if loss is None else (logits, loss)

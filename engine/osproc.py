@@ -27,6 +27,8 @@ LOWER_PRIORITY = 5          # POSIX niceness added to a job; Windows: below-norm
 # OpenMP: milliseconds); the first keeps its spin, so a job alone loses nothing. Settings the
 # user made in the environment win.
 SHARED_CPU_ENV = {"GOMP_SPINCOUNT": "3000", "KMP_BLOCKTIME": "1"}
+# Any of these in an environment is the user's choice of spin, which we then leave alone.
+SPIN_SETTINGS = ("OMP_WAIT_POLICY", *SHARED_CPU_ENV)
 _ours: set[str] = set()     # the SHARED_CPU_ENV keys spin_briefly put in this process's own environment
 # Every child this process started, until it exits: a job may be forgotten (its project
 # closed) while its process runs on, and the Popen must outlive it to reap the process.
@@ -66,7 +68,7 @@ def spin_briefly() -> None:
     """SHARED_CPU_ENV for this process itself, when its torch work comes in short bursts beside
     jobs (the app: chat, compare, review), unless the user set these settings. Only before torch
     loads OpenMP, which reads them once. Jobs it starts alone do not inherit them."""
-    if "torch" in sys.modules or any(k in os.environ for k in ("OMP_WAIT_POLICY", *SHARED_CPU_ENV)):
+    if "torch" in sys.modules or any(k in os.environ for k in SPIN_SETTINGS):
         return
     os.environ.update(SHARED_CPU_ENV)
     _ours.update(SHARED_CPU_ENV)
@@ -77,7 +79,7 @@ def beside_running(env: dict) -> dict:
     none of these settings (nor OMP_WAIT_POLICY) in it; without what spin_briefly set here."""
     env = {k: v for k, v in env.items() if k not in _ours}
     reap()
-    if not _children or any(k in env for k in ("OMP_WAIT_POLICY", *SHARED_CPU_ENV)):
+    if not _children or any(k in env for k in SPIN_SETTINGS):
         return env
     return {**env, **SHARED_CPU_ENV}
 

@@ -468,8 +468,7 @@ class PPO:
         outs = generate_batch(m.policy, ids, self.cfg.probe_tokens, temperature=0.0, stop_ids=(tok.end_id,),
                               pad_id=tok.pad_id)
         ro = build_rollout(ids, outs, tok.end_id, tok.pad_id)
-        last = ro.ids.new_tensor([len(p) + len(a) - 1 for p, a in zip(ids, outs)])
-        scores = (m.rm(ro.ids.to(device))[torch.arange(len(ids)), last.to(device)] - m.norm["mean"]) / m.norm["std"]
+        scores = (scores_at_ends(m.rm, ro.ids.to(device), (ro.lengths - 1).to(device)) - m.norm["mean"]) / m.norm["std"]
         for p, a, s, fin in zip(self.probes, outs, scores.tolist(), ro.finished.tolist()):
             self.ev.emit("sample", step=self.step, prompt=p, text=tok.decode(a, skip_special=True),
                          score=round(s, 4), finished=fin)

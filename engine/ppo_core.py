@@ -92,16 +92,15 @@ class Rollout:
 
 def build_rollout(prompts: list[list[int]], answers: list[list[int]], end_id: int, pad_id: int) -> Rollout:
     """Right-padded `prompt | answer | pad` rows and the mask of their actions."""
-    T = max(len(p) + len(a) for p, a in zip(prompts, answers))
-    B = len(prompts)
+    lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
+    B, T = len(prompts), max(lengths)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     mask = torch.zeros((B, T))
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        ids[i, :len(p) + len(a)] = torch.tensor(p + a)
-        mask[i, len(p):len(p) + len(a)] = 1
+    for i, (p, a, n) in enumerate(zip(prompts, answers, lengths)):
+        ids[i, :n] = torch.tensor(p + a)
+        mask[i, len(p):n] = 1
     finished = torch.tensor([bool(a) and a[-1] == end_id for a in answers])
-    lengths = torch.tensor([len(p) + len(a) for p, a in zip(prompts, answers)])
-    return Rollout(ids, mask, finished, answers, lengths)
+    return Rollout(ids, mask, finished, answers, torch.tensor(lengths))
 
 
 def chunks(order: torch.Tensor, size: int) -> list[torch.Tensor]:

@@ -371,16 +371,14 @@ def split_records(records: list[Record], val_fraction: float,
 def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """(inputs [B, T], targets [B, T], real tokens, each row's length [B]): right-padded to the
     longest sample; the model runs the real tokens alone given the lengths (engine.ragged)."""
-    T = max(len(e.ids) - 1 for e in examples)
+    lengths = [len(e.ids) - 1 for e in examples]
+    T = max(lengths)
     x = torch.full((len(examples), T), pad_id, dtype=torch.long)
     y = torch.full((len(examples), T), -100, dtype=torch.long)
-    real = 0
-    for i, e in enumerate(examples):
-        n = len(e.ids) - 1
+    for i, (e, n) in enumerate(zip(examples, lengths)):
         x[i, :n] = torch.tensor(e.ids[:-1])
         y[i, :n] = torch.tensor(targets_for(e.ids, e.mask))
-        real += n
-    return x, y, real, torch.tensor([len(e.ids) - 1 for e in examples])
+    return x, y, sum(lengths), torch.tensor(lengths)
 
 
 class EpochSampler:
