@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.fused_ops import rope_halves, rope_halves_tables
+from engine.fused_ops import _rms_norm, rope_halves, rope_halves_tables
 from engine.model import KVCache, Transformer, repeat_kv, rope_cos_sin
 
 # Concatenated weights cost a copy of most of the model for the length of a generate call:
@@ -106,9 +106,7 @@ def _norm(x, weight, eps: float, consts: list[torch.Tensor]):
     consts: the divisor and eps, 0-dim tensors made once, since a number is wrapped into a tensor
     on every call."""
     if x.dtype != torch.float32 or weight.dtype != torch.float32:
-        xf = x.float()
-        xhat = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-        return xhat.mul_(weight) if xhat.dtype == weight.dtype else weight * xhat
+        return _rms_norm(x, weight, eps)[0]
     return (x * (x * x).sum(-1, keepdim=True).div_(consts[0]).add_(consts[1]).rsqrt_()).mul_(weight)
 
 

@@ -40,8 +40,9 @@ def rms_norm(x, weight, eps: float):
     return _rms_norm(x, weight, eps)[0]
 
 
-def _rms_norm(x, weight, eps):
-    """(output, r): r = 1 / rms per row, fp32, [..., 1]."""
+def _rms_norm(x, weight, eps: float):
+    """(output, r): r = 1 / rms per row, fp32, [..., 1]. (Typed: engine.decode's scripted step
+    calls it.)"""
     xf = x.float()
     r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     xhat = (xf * r).to(x.dtype)                # a new tensor: scaled in place when dtypes allow
