@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from engine.checkpoint import CheckpointError, read_json, resolve_checkpoint
+from engine.checkpoint import CheckpointError, latest_checkpoint, read_json, read_state, resolve_checkpoint
 from engine.config import ConfigError
 from engine.model import Transformer
 from engine.weights import load_model
@@ -82,3 +82,90 @@ def load_artifact(path: str | os.PathLike, *, tokenizer: Optional[str | os.PathL
         raise ConfigError(tok_field, f"cannot load a tokenizer from {tok_path}: {e}") from None
     check_compatible(model, tok, state, tok_field)
     return Loaded(model, tok, ck, state, tok_path)
+
+
+# --- the inputs of a training run ----------------------------------------------------------------
+
+SOURCES = "sources"     # state.json: {config field: the checkpoint folder it resolved to at the start}
+
+
+def started_from(run_dir: str | os.PathLike, config) -> dict[str, str]:
+    """The checkpoint each model input of a run resolved to when the run started, as its newest
+    checkpoint recorded them, for the inputs `config` still names as the run did: {} before
+    the first save (SFT's init_checkpoint and DPO's reference_checkpoint, from before sources
+    were recorded, stand for "init"). An input named differently now (a setting a stage lets
+    change on resume) is read from where it now points."""
+    latest = latest_checkpoint(Path(run_dir) / "checkpoints")
+    try:
+        state = read_state(latest) if latest is not None else {}
+    except CheckpointError:
+        return {}          # the resume itself names what is wrong with it
+    legacy = state.get("init_checkpoint") or state.get("reference_checkpoint")
+    recorded = {**({"init": legacy} if legacy else {}), **(state.get(SOURCES) or {})}
+    was = state.get("config") or {}
+    return {k: v for k, v in recorded.items() if k in was and was[k] == getattr(config, k, None)}
+
+
+class RunInputs:
+    """The checkpoints a training run reads its models from, fixed for the run's whole life.
+
+    A run folder named as an input resolves to its best or newest checkpoint, and that moves
+    on when the run it names is trained further. A resumed run must go on against the models it
+    started with (the reference its KL is measured to, the reward model, the base its LoRA
+    adapters were trained on), so on a resume each input is read from the checkpoint the run
+    recorded when it started, whatever its folder holds now. And whatever dtype the file holds
+    (an import may keep bf16 to halve its size), a model a run trains or scores with is float32
+    in memory: the run's dtype picks the precision of the arithmetic (autocast), not that of the
+    weights and their optimizer state, where most small updates of bf16 would round away.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, config, log):
+        self.started = started_from(run_dir, config)
+        self.used: dict[str, str] = {}
+        self.log = log             # log(message, level=...): the stage's Emitter.log
+
+    def path(self, field: str, named: str | os.PathLike, *, prefer: str = "best", required: bool = True) -> Path:
+        """Where `field` is read from: the recorded checkpoint on a resume, else `named`.
+        required: the input's weights matter after a resume (a reference, a reward model, a
+        LoRA base), so a recorded checkpoint that is gone ends the resume; when they do not
+        (a fully trained model's init), `named` serves instead."""
+        was = self.started.get(field)
+        if was is None:
+            return Path(named)
+        if not (Path(was) / "model.safetensors").exists():
+            if not required:
+                return Path(named)
+            raise ConfigError(field, f"this run started from {was}, which no longer exists (pruned or deleted): "
+                                     "a resumed run goes on from the checkpoints it started with; start a new run")
+        try:
+            now = resolve_checkpoint(named, prefer=prefer).resolve()
+        except (FileNotFoundError, CheckpointError):
+            now = None
+        if now != Path(was):
+            self.log(f"{field}: resuming with {was}, the checkpoint this run started from "
+                     f"({named} now resolves to {now or 'nothing'})")
+        return Path(was)
+
+    def record(self, field: str, checkpoint: Path) -> None:
+        self.used[field] = str(Path(checkpoint).resolve())
+
+    def load(self, field: str, named: str | os.PathLike, *, prefer: str = "best", required: bool = True,
+             **kw) -> Loaded:
+        """load_artifact of the input, its weights float32, recorded for the run's checkpoints."""
+        art = load_artifact(self.path(field, named, prefer=prefer, required=required), prefer=prefer,
+                            field=field, **kw)
+        art.model = self.float32(field, art.model)
+        self.record(field, art.checkpoint)
+        return art
+
+    def float32(self, field: str, model: torch.nn.Module) -> torch.nn.Module:
+        stored = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        if stored == torch.float32:
+            return model
+        self.log(f"{field} is stored in {str(stored).removeprefix('torch.')}: this run holds its weights "
+                 "in float32 (its own checkpoints are float32)")
+        return model.float()
+
+    def state(self) -> dict:
+        """What each of the run's checkpoints records (under SOURCES) for its resumes."""
+        return {SOURCES: dict(self.used)}

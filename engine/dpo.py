@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from engine import distributed
-from engine.artifacts import load_artifact
+from engine.artifacts import RunInputs
 from engine.chat import reply_batch, sampled_kl
 from engine.config import ConfigError, require, resolve_path
 from engine.device import describe, setup
@@ -107,13 +107,13 @@ class Hooks:
     """What the DPO stage hands the trainer: batches, the loss, evaluation, samples, resume state."""
 
     def __init__(self, cfg: DPOConfig, art, ref, train_items: list[Encoded], val_items: list[Encoded],
-                 ev: Emitter, device, fingerprint: str, max_len: int):
+                 ev: Emitter, device, fingerprint: str, max_len: int, sources: dict):
         self.cfg, self.tok, self.ref, self.ev, self.device = cfg, art.tokenizer, ref, ev, device
         self.max_len = max_len      # a packed row's most tokens, as an answer's
         self.train_items, self.val_items = train_items, val_items
         self.sampler = EpochSampler(len(train_items), cfg.seed)
         self.fingerprint = fingerprint
-        self.reference = str(art.checkpoint.resolve())
+        self.sources = sources       # RunInputs.state(): the checkpoints this run reads
         self._stats: list[dict[str, torch.Tensor]] = []
         self.last_eval: dict = {}
         seen, self.kl_prompts = set(), []
@@ -198,15 +198,12 @@ class Hooks:
 
     def state(self) -> dict:
         return {"sampler": self.sampler.state(), "data_fingerprint": self.fingerprint,
-                "tokenizer_fingerprint": self.tok.fingerprint(), "reference_checkpoint": self.reference}
+                "tokenizer_fingerprint": self.tok.fingerprint(), **self.sources}
 
     def restore(self, saved: dict) -> None:
         if saved.get("data_fingerprint") != self.fingerprint:
             raise StageError("the preference data changed since this run started; resuming would "
                              "train a different run under the old name: start a new run")
-        if saved["reference_checkpoint"] != self.reference:
-            raise StageError(f"init now names {self.reference}, but this run's reference was "
-                             f"{saved['reference_checkpoint']}: start a new run")
         self.sampler.load(saved["sampler"])
 
 
@@ -250,7 +247,8 @@ def run(cfg: DPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
     run_dir = Path(run_dir)
     device, dtype = setup(cfg.device, cfg.dtype)
     tok_arg = resolve_path(run_dir, cfg.tokenizer) if cfg.tokenizer else None
-    art = load_artifact(resolve_path(run_dir, cfg.init), tokenizer=tok_arg, device=device, field="init")
+    inputs = RunInputs(run_dir, cfg, ev.log)      # init is also the reference: required on a resume
+    art = inputs.load("init", resolve_path(run_dir, cfg.init), tokenizer=tok_arg, device=device)
     model = art.model
     if uses_lora(cfg):
         add_adapters(model, cfg, cfg.seed)
@@ -269,7 +267,8 @@ def run(cfg: DPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
            f"{len(val_items)} validation rankings on held-out prompts; {cfg.loss} loss, {cfg.form}, "
            f"beta {cfg.beta}; {tcfg.max_steps} steps")
 
-    hooks = Hooks(cfg, art, ref, train_items, val_items, ev, device, data_fingerprint(files), max_len)
+    hooks = Hooks(cfg, art, ref, train_items, val_items, ev, device, data_fingerprint(files), max_len,
+                  inputs.state())
     stage = Stage("dpo", hooks.next_batch, hooks.loss, hooks.evaluate, hooks.sample,
                   fixed_on_resume=FIXED_ON_RESUME, state=hooks.state, restore=hooks.restore,
                   train_metrics=hooks.take_stats, extra_files=art.tokenizer_files,
@@ -280,7 +279,7 @@ def run(cfg: DPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
     if not hooks.last_eval:   # resumed at max_steps: nothing was left to train or evaluate
         model.eval()
         hooks.evaluate(model)
-    summary = {"stage": "dpo", **run_summary(run_dir, tcfg), "init": hooks.reference,
+    summary = {"stage": "dpo", **run_summary(run_dir, tcfg), "init": str(art.checkpoint.resolve()),
                "beta": cfg.beta, "loss": cfg.loss, "form": cfg.form,
                "train_rankings": len(train_items), "val_rankings": len(val_items), "train_pairs": n_pairs,
                **hooks.last_eval}

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from engine import checkpoint as ckpt
-from engine.artifacts import load_artifact
+from engine.artifacts import RunInputs
 from engine.chat import task_metrics
 from engine.config import ConfigError, require, resolve_path
 from engine.device import autocast, clock, describe, precision_warning, setup
@@ -172,8 +172,9 @@ class GRPO:
     def __init__(self, cfg: GRPOConfig, run_dir: Path, device: torch.device, dtype: torch.dtype, ev: Emitter):
         self.cfg, self.run_dir, self.device, self.dtype, self.ev = cfg, run_dir, device, dtype, ev
         tok_arg = str(resolve_path(run_dir, cfg.tokenizer)) if cfg.tokenizer else None
-        art = load_artifact(resolve_path(run_dir, cfg.policy), tokenizer=tok_arg, device=device, field="policy",
-                            prefer="latest")
+        self.inputs = RunInputs(run_dir, cfg, ev.log)       # the policy is also the reference: required
+        art = self.inputs.load("policy", resolve_path(run_dir, cfg.policy), tokenizer=tok_arg, device=device,
+                               prefer="latest")
         if art.model.kind != "lm":
             raise ConfigError("policy", f"{art.checkpoint} holds a {art.model.kind} model, not a language model")
         if uses_lora(cfg):
@@ -214,8 +215,8 @@ class GRPO:
                             "can score: their task reward is always 0", level="warning")
             fns.append(self.checker)
         if cfg.rm_weight:
-            rm, norm, where = load_reward_model(resolve_path(self.run_dir, cfg.reward_model), self.tok.fingerprint(),
-                                                self.device)
+            rm, norm, where = load_reward_model(self.inputs, resolve_path(self.run_dir, cfg.reward_model),
+                                                self.tok.fingerprint(), self.device)
             self.ev.log(f"reward model {where} (mean {norm['mean']:.3f}, std {norm['std']:.3f})")
             fns.append(RewardModelReward(cfg.rm_weight, rm, norm, cfg.reward_clip, cfg.minibatch_size,
                                          self.device, self.dtype))
@@ -257,7 +258,7 @@ class GRPO:
         state = {"stage": "grpo", "reason": reason, "config": dataclasses.asdict(self.cfg),
                  "sampler": self.sampler.state(), "tokenizer_fingerprint": self.tok.fingerprint(),
                  "model_config": dataclasses.asdict(self.policy.config), "first_eval": self.first_eval,
-                 "last_eval": self.last_eval, "user_reward_sha256": self._user_fingerprint()}
+                 "last_eval": self.last_eval, "user_reward_sha256": self._user_fingerprint(), **self.inputs.state()}
         path, removed = save_run_checkpoint(self.ckpt_root, self.step, self.policy, self.opt, data_gen=self.data_gen,
                                             device=self.device, state=state, keep_last=self.cfg.keep_last,
                                             extra_files=self.art.tokenizer_files)

@@ -34,7 +34,7 @@ TEMPLATES = ("auto", "workbench")
 @dataclass
 class ImportConfig:
     source: str                     # a Hugging Face model folder, or a model's name (org/name) in the local Hugging Face cache; nothing is downloaded
-    dtype: str = "float32"          # float32 trains on any device; bfloat16 or float16 keep half the size
+    dtype: str = "float32"          # how the weights are stored: bfloat16 or float16 keep half the size on disk (training still holds them in float32)
     chat_template: str = "auto"     # auto: the model's own, or the workbench's when it has none; workbench: always the workbench's (adds its special tokens)
 
     def validate(self) -> None:

@@ -167,7 +167,10 @@ def reference_for(model: nn.Module, checkpoint: Path, device) -> nn.Module | Ref
     second copy, loaded from the checkpoint `model` came from."""
     if has_adapters(model):
         return Reference(model)
-    return freeze(load_model(Path(checkpoint) / "model.safetensors", device=device))
+    # In the policy's dtype (a bf16 file is trained float32: engine.artifacts.RunInputs), so that
+    # the two agree exactly before the first update.
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return freeze(load_model(Path(checkpoint) / "model.safetensors", device=device).to(dtype))
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

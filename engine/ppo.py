@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 from engine import checkpoint as ckpt
-from engine.artifacts import load_artifact
+from engine.artifacts import RunInputs
 from engine.config import ConfigError, require, resolve_path
 from engine.corpus import list_corpus_files
 from engine.data import TokenData, encode_corpus, shards_ready
@@ -143,11 +143,12 @@ class PPOConfig(LoRASettings, TrackerSettings):
         require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "auto, float32, bfloat16 or float16")
 
 
+# ema_decay: the EMA is one of the run's saved models from its first step, or none is.
 FIXED_ON_RESUME = ("policy", "reward_model", "value_model", "prompts", "rollout_batch_size",
-                   "minibatch_size", "ppo_epochs", "seed", "ptx_data", *LORA_FIELDS)
+                   "minibatch_size", "ppo_epochs", "seed", "ptx_data", "ema_decay", *LORA_FIELDS)
 # Resuming with these changed is allowed, but the run is then no longer an exact continuation.
 WARN_ON_RESUME = ("lr", "value_lr", "grad_clip", "cliprange", "cliprange_value", "vf_coef", "ptx_coef",
-                  "kl_coef", "target_kl", "kl_horizon")
+                  "kl_coef", "target_kl", "kl_horizon", "temperature", "max_new_tokens")
 KL_WINDOW = 10      # steps in the mean KL that kl_budget is held to (objective/kl_mean)
 
 
@@ -186,14 +187,17 @@ class Models:
     rm_ckpt: Path
 
 
-def load_models(cfg: PPOConfig, run_dir: Path, device: torch.device) -> Models:
+def load_models(cfg: PPOConfig, run_dir: Path, device: torch.device, inputs: RunInputs) -> Models:
     """Every model PPO needs, each checked before any work: a wrong one is a ConfigError naming it."""
-    pol = load_artifact(resolve_path(run_dir, cfg.policy), device=device, field="policy", prefer="latest")
+    # The policy is also the reference, so it is required on a resume, as is the reward model.
+    pol = inputs.load("policy", resolve_path(run_dir, cfg.policy), device=device, prefer="latest")
     if pol.model.kind != "lm":
         raise ConfigError("policy", f"{pol.checkpoint} holds a {pol.model.kind} model, not a language model")
-    rm, norm, rm_ckpt = load_reward_model(resolve_path(run_dir, cfg.reward_model), pol.tokenizer.fingerprint(), device)
+    rm, norm, rm_ckpt = load_reward_model(inputs, resolve_path(run_dir, cfg.reward_model),
+                                          pol.tokenizer.fingerprint(), device)
+    # Under LoRA a resume rebuilds the value model's frozen base from its source.
     value_src = resolve_path(run_dir, cfg.value_model) if cfg.value_model else rm_ckpt
-    value = load_artifact(value_src, device=device, field="value_model").model
+    value = inputs.load("value_model", value_src, device=device, required=uses_lora(cfg)).model
     if not isinstance(value, ScalarModel):
         raise ConfigError("value_model", f"{value_src} is not a scalar-head model")
     policy = pol.model
@@ -232,7 +236,8 @@ class PPO:
 
     def __init__(self, cfg: PPOConfig, run_dir: Path, device: torch.device, dtype: torch.dtype, ev: Emitter):
         self.cfg, self.run_dir, self.device, self.dtype, self.ev = cfg, run_dir, device, dtype, ev
-        self.m = load_models(cfg, run_dir, device)
+        self.inputs = RunInputs(run_dir, cfg, ev.log)
+        self.m = load_models(cfg, run_dir, device, self.inputs)
         self.prompts = read_prompts([resolve_path(run_dir, p) for p in cfg.prompts])
         self.probes = cfg.probe_prompts or self.prompts[:4]
         self.limit = self.m.policy.config.max_seq_len
@@ -292,7 +297,7 @@ class PPO:
     def save(self, reason: str) -> None:
         state = {"stage": "ppo", "reason": reason, "config": dataclasses.asdict(self.cfg),
                  "kl_controller": self.kl_ctl.state(), "kl_recent": self.kl_recent, "sampler": self.sampler.state(),
-                 "tokenizer_fingerprint": self.m.tok.fingerprint(),
+                 "tokenizer_fingerprint": self.m.tok.fingerprint(), **self.inputs.state(),
                  "model_config": dataclasses.asdict(self.m.policy.config)}
         modules, optimizers = self._extras()
         # No validation loss in PPO: pruning keeps the newest.

@@ -28,7 +28,7 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine import distributed
-from engine.artifacts import load_artifact
+from engine.artifacts import RunInputs
 from engine.config import ConfigError, require, resolve_path
 from engine.device import autocast, describe, setup
 from engine.fsutil import atomic_write_text
@@ -45,10 +45,11 @@ from engine.trainer import Stage, TrainConfig, run_summary, train
 NORM_FILE = "reward_norm.json"
 
 
-def load_reward_model(path: Path, tok_fingerprint: str, device: torch.device) -> tuple[ScalarModel, dict, Path]:
+def load_reward_model(inputs: RunInputs, path: Path, tok_fingerprint: str,
+                      device: torch.device) -> tuple[ScalarModel, dict, Path]:
     """(frozen RM, its normalisation statistics, its checkpoint), each checked, or a ConfigError
     naming `reward_model`: what PPO and GRPO score answers with."""
-    art = load_artifact(path, device=device, field="reward_model")
+    art = inputs.load("reward_model", path, device=device)
     if not isinstance(art.model, ScalarModel):
         raise ConfigError("reward_model", f"{art.checkpoint} is not a reward model (no scalar head)")
     if art.tokenizer.fingerprint() != tok_fingerprint:
@@ -251,7 +252,10 @@ def run(cfg: RewardConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
 
     train_items, val_items, files = cfg.read_data(run_dir)
     tok_arg = str(resolve_path(run_dir, cfg.tokenizer)) if cfg.tokenizer else None
-    loaded = load_artifact(resolve_path(run_dir, cfg.init), tokenizer=tok_arg, device=device, field="init")
+    inputs = RunInputs(run_dir, cfg, ev.log)
+    # Under LoRA a resume rebuilds the frozen base from init; else its weights come from the run's own.
+    loaded = inputs.load("init", resolve_path(run_dir, cfg.init), required=uses_lora(cfg), tokenizer=tok_arg,
+                         device=device)
     tok = loaded.tokenizer
     torch.manual_seed(cfg.seed)
     model = loaded.model if isinstance(loaded.model, ScalarModel) else ScalarModel.from_lm(loaded.model)
@@ -284,7 +288,7 @@ def run(cfg: RewardConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
         evaluate=lambda m: evaluate_rankings(m, scorer, val_items, cfg.batch_size),
         fixed_on_resume=FIXED_ON_RESUME,
         state=lambda: {"sampler": sampler.state(), "data_fingerprint": fingerprint,
-                       "tokenizer_fingerprint": tok.fingerprint()},
+                       "tokenizer_fingerprint": tok.fingerprint(), **inputs.state()},
         restore=restore,
         train_metrics=scorer.take_stats,
         extra_files=loaded.tokenizer_files,

@@ -24,7 +24,7 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine import distributed
-from engine.artifacts import load_artifact
+from engine.artifacts import RunInputs
 from engine.config import ConfigError, require, resolve_path
 from engine.device import autocast, describe, setup
 from engine.chat import reply_batch, task_metrics
@@ -179,8 +179,9 @@ class Hooks:
     """What the SFT stage hands the trainer (batches, loss, evaluation, samples, resume state),
     and the evaluations before the first step and at the last."""
 
-    def __init__(self, cfg: SFTConfig, art, data: SFTData, ev: Emitter, device):
+    def __init__(self, cfg: SFTConfig, art, data: SFTData, ev: Emitter, device, sources: dict):
         self.cfg, self.art, self.tok, self.data, self.ev, self.device = cfg, art, art.tokenizer, data, ev, device
+        self.sources = sources       # RunInputs.state(): the checkpoints this run reads
         self.sampler = EpochSampler(len(data.train), cfg.seed)
         self.fingerprint = data_fingerprint(data.files)
         self.val_batches = _batches(data.val[:cfg.eval_batches * cfg.batch_size], cfg.batch_size, self.tok.pad_id)
@@ -231,7 +232,7 @@ class Hooks:
 
     def state(self) -> dict:
         return {"tokenizer_fingerprint": self.tok.fingerprint(), "sampler": self.sampler.state(),
-                "data_fingerprint": self.fingerprint, "init_checkpoint": str(self.art.checkpoint.resolve()),
+                "data_fingerprint": self.fingerprint, **self.sources,
                 "init_metrics": self.init_metrics}
 
     def restore(self, saved: dict) -> None:
@@ -258,8 +259,10 @@ def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
     device, dtype = setup(cfg.device, cfg.dtype)
 
     # Everything that can be wrong with the inputs is found here, before any step or checkpoint.
-    art = load_artifact(resolve_path(run_dir, cfg.init), device=device, field="init",
-                        tokenizer=resolve_path(run_dir, cfg.tokenizer) if cfg.tokenizer else None)
+    inputs = RunInputs(run_dir, cfg, ev.log)
+    # Under LoRA a resume rebuilds the frozen base from init; else its weights come from the run's own.
+    art = inputs.load("init", resolve_path(run_dir, cfg.init), required=uses_lora(cfg), device=device,
+                      tokenizer=resolve_path(run_dir, cfg.tokenizer) if cfg.tokenizer else None)
     model = art.model
     if uses_lora(cfg):
         add_adapters(model, cfg, cfg.seed)
@@ -282,7 +285,7 @@ def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
            f"{tcfg.max_steps / steps_per_epoch:.2f} epochs"
            + (f"; {len(data.tasks)} eval tasks" if data.tasks else ""))
 
-    hooks = Hooks(cfg, art, data, ev, device)
+    hooks = Hooks(cfg, art, data, ev, device, inputs.state())
     stage = Stage("sft", hooks.next_batch, hooks.loss, hooks.evaluate, hooks.sample, fixed_on_resume=FIXED_ON_RESUME,
                   state=hooks.state, restore=hooks.restore, extra_files=art.tokenizer_files,
                   flops_per_token=model.flops_per_token(seq_len), skip_batch=hooks.skip_batch,

@@ -82,6 +82,14 @@ def rm_ckpt(tiny_lm_ckpt, tmp_path_factory):
 
 
 @pytest.fixture
+def prompts(tmp_path):
+    """Prompts for the RL stages (test_grpo and test_sample have their own)."""
+    p = tmp_path / "prompts.txt"
+    p.write_text("\n".join(f"question alpha beta {i}" for i in range(12)) + "\n")
+    return p
+
+
+@pytest.fixture
 def one_thread():
     """Two threads spin against each other on a busy 2-core machine: tiny models and long runs
     go several times faster on one."""

@@ -146,7 +146,7 @@ def test_kl_to_an_identical_reference_is_exactly_zero(tiny_lm_ckpt, tmp_path):
     art = load_artifact(tiny_lm_ckpt)
     ref = load_artifact(tiny_lm_ckpt).model.eval()
     train_items, val_items, _ = load_rankings(c, tmp_path, art.tokenizer, 48, Emitter(None))
-    hooks = Hooks(c, art, ref, train_items, val_items, Emitter(None), torch.device("cpu"), "x", 48)
+    hooks = Hooks(c, art, ref, train_items, val_items, Emitter(None), torch.device("cpu"), "x", 48, {})
     figures = hooks.kl_to_reference(art.model.eval())
     assert figures["val/kl"] == 0.0 and figures["val/answer_tokens"] > 0
 

@@ -244,13 +244,6 @@ def test_dpo_with_lora_keeps_its_reference_at_the_init_model(tiny_lm_ckpt, tmp_p
     assert {"model.safetensors", "adapter.safetensors", "adapter_config.json"} <= {p.name for p in last.iterdir()}
 
 
-@pytest.fixture
-def prompts(tmp_path):
-    p = tmp_path / "prompts.txt"
-    p.write_text("\n".join(f"question alpha beta {i}" for i in range(12)) + "\n")
-    return p
-
-
 def ppo_cfg(lm, rm, prompts, **kw):
     """tests/test_ppo.py's settings, with adapters and a learning rate they move at."""
     from tests.test_ppo import cfg

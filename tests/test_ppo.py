@@ -15,13 +15,6 @@ from engine.trainer import COLLAPSE_STEPS
 from helpers import StopAt, metrics
 
 
-@pytest.fixture
-def prompts(tmp_path):
-    p = tmp_path / "prompts.txt"
-    p.write_text("\n".join(f"question alpha beta {i}" for i in range(12)) + "\n")
-    return p
-
-
 def cfg(lm, rm, prompts, **kw):
     base = dict(policy=str(lm), reward_model=str(rm), prompts=[str(prompts)], steps=3,
                 rollout_batch_size=6, minibatch_size=3, ppo_epochs=2, max_new_tokens=8, lr=1e-3,
