@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from engine.config import ConfigError
+from engine.config import ConfigError, require
 
 # Dense bf16 tensor-core peaks (FLOP/s) for common GPUs; MFU on others falls back to measuring.
 GPU_PEAK_BF16 = {
@@ -36,6 +36,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
         raise ConfigError("device", f"unknown device '{name}' (auto, cpu, cuda, cuda:N, mps)")
     return torch.device(name)
+
+
+TRAIN_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def check_train_dtype(name: str) -> None:
+    """A training stage's dtype setting. float16 is not one: its gradients underflow without
+    loss scaling, which the stages do not do (bf16 has float32's range and needs none)."""
+    if name == "float16":
+        raise ConfigError("dtype", "float16 training needs loss scaling, which the workbench does not do: "
+                                   "use bfloat16 (on a GPU that has it) or float32")
+    require(name in TRAIN_DTYPES, "dtype", ", ".join(TRAIN_DTYPES[:-1]) + f" or {TRAIN_DTYPES[-1]}")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

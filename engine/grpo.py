@@ -39,7 +39,7 @@ from engine import checkpoint as ckpt
 from engine.artifacts import RunInputs
 from engine.chat import task_metrics
 from engine.config import ConfigError, require, resolve_path
-from engine.device import autocast, clock, describe, precision_warning, setup
+from engine.device import check_train_dtype, autocast, clock, describe, precision_warning, setup
 from engine.generate import generate_batch
 from engine.grpo_core import group_advantages, grpo_losses, kl_k3, mean_std, uniform_groups
 from engine.grpo_rewards import (Answers, FormatReward, LengthReward, RewardModelReward, TaskReward, UserReward,
@@ -137,7 +137,7 @@ class GRPOConfig(LoRASettings, TrackerSettings):
         require(self.kl_limit > 0, "kl_limit", "must be positive")
         require(self.min_entropy >= 0, "min_entropy", "must be zero or positive")
         require(self.keep_last > 0, "keep_last", "must be a positive integer")
-        require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "auto, float32, bfloat16 or float16")
+        check_train_dtype(self.dtype)
 
 
 FIXED_ON_RESUME = ("policy", "tokenizer", "prompts", "prompts_per_step", "group_size", "minibatch_size", "grpo_epochs",

@@ -44,7 +44,7 @@ from engine.artifacts import RunInputs
 from engine.config import ConfigError, require, resolve_path
 from engine.corpus import list_corpus_files
 from engine.data import TokenData, encode_corpus, shards_ready
-from engine.device import autocast, clock, describe, precision_warning, setup
+from engine.device import check_train_dtype, autocast, clock, describe, precision_warning, setup
 from engine.generate import generate_batch
 from engine.lora import (LORA_FIELDS, LoRASettings, Reference, add_adapters, describe as describe_lora,
                          frozen_copy, reference_for, uses_lora)
@@ -140,7 +140,7 @@ class PPOConfig(LoRASettings, TrackerSettings):
         require(self.kl_budget is None or 0 < self.kl_budget < self.kl_limit, "kl_budget",
                 f"must be positive and below kl_limit ({self.kl_limit:g}, the guard that fails the run), or null")
         require(self.min_entropy >= 0, "min_entropy", "must be zero or positive")
-        require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "auto, float32, bfloat16 or float16")
+        check_train_dtype(self.dtype)
 
 
 # ema_decay: the EMA is one of the run's saved models from its first step, or none is.

@@ -26,7 +26,7 @@ from engine import checkpoint as ckpt
 from engine import distributed
 from engine import lora
 from engine.config import ConfigError, require
-from engine.device import autocast, fused_adamw, peak_flops, precision_warning
+from engine.device import check_train_dtype, autocast, fused_adamw, peak_flops, precision_warning
 from engine.weights import check_weights, read_config, with_tied_head
 from engine.osproc import peak_rss_mb
 from engine.runio import Emitter, NeverStop, StageError
@@ -69,8 +69,7 @@ class TrainConfig:
         require(0 <= self.beta1 < 1, "beta1", "must be in [0, 1)")
         require(0 <= self.beta2 < 1, "beta2", "must be in [0, 1)")
         require(self.grad_clip >= 0, "grad_clip", "must be zero or positive")
-        require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
-                "auto, float32, bfloat16 or float16")
+        check_train_dtype(self.dtype)
         if self.nproc > 1 and self.device != "cpu" and torch.cuda.is_available():
             gpus = torch.cuda.device_count()
             require(self.nproc <= gpus, "nproc", f"{self.nproc} processes need as many GPUs; this machine has {gpus}")

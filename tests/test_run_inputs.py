@@ -145,3 +145,15 @@ def test_an_input_named_anew_on_resume_is_read_from_where_it_now_points(tiny_lm_
     inputs = RunInputs(tmp_path / "run", SimpleNamespace(policy="sft", reward_model="rm-b"), print)
     assert inputs.path("policy", tmp_path / "elsewhere") == src
     assert inputs.path("reward_model", tmp_path / "rm-b") == tmp_path / "rm-b"
+
+
+@pytest.mark.parametrize("config_class, fields", [
+    (SFTConfig, dict(init="x", data=["y"])),
+    (DPOConfig, dict(init="x", data=["y"])),
+    (GRPOConfig, dict(policy="x", prompts=["y"])),
+])
+def test_float16_training_is_refused_by_name(config_class, fields):
+    # Without loss scaling its small gradients underflow to zero; bf16 has float32's range.
+    with pytest.raises(ConfigError, match="dtype.*float16 training needs loss scaling"):
+        from_dict(config_class, dict(fields, dtype="float16"))
+    assert from_dict(config_class, dict(fields, dtype="bfloat16")).dtype == "bfloat16"

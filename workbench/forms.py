@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.config import ConfigError, field_help
+from engine.device import TRAIN_DTYPES
 from engine.dpo_loss import FORMS, LOSSES
 from workbench.runfolder import build
 from workbench.stages import spec as stage_spec
 
 CHOICES = {
     "device": ["auto", "cpu", "cuda", "mps"],
-    "dtype": ["auto", "float32", "bfloat16", "float16"],
+    "dtype": list(TRAIN_DTYPES),
     "loss": list(LOSSES),           # DPO's
     "form": list(FORMS),
 }
