@@ -247,6 +247,8 @@ class GRPO:
         if saved is None:
             return
         self.sampler.load(saved.state["sampler"])
+        self.watch.load(saved.state.get("collapse"))
+        self.flat = int(saved.state.get("flat", 0))
         self.step = saved.step
         self.first_eval, self.last_eval = saved.state.get("first_eval"), saved.state.get("last_eval")
         if saved.state.get("user_reward_sha256") != self._user_fingerprint():
@@ -258,7 +260,8 @@ class GRPO:
         state = {"stage": "grpo", "reason": reason, "config": dataclasses.asdict(self.cfg),
                  "sampler": self.sampler.state(), "tokenizer_fingerprint": self.tok.fingerprint(),
                  "model_config": dataclasses.asdict(self.policy.config), "first_eval": self.first_eval,
-                 "last_eval": self.last_eval, "user_reward_sha256": self._user_fingerprint(), **self.inputs.state()}
+                 "last_eval": self.last_eval, "user_reward_sha256": self._user_fingerprint(), **self.inputs.state(),
+                 "collapse": self.watch.state(), "flat": self.flat}
         path, removed = save_run_checkpoint(self.ckpt_root, self.step, self.policy, self.opt, data_gen=self.data_gen,
                                             device=self.device, state=state, keep_last=self.cfg.keep_last,
                                             extra_files=self.art.tokenizer_files)

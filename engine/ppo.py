@@ -285,6 +285,7 @@ class PPO:
             self.kl_ctl.load(saved.state["kl_controller"])
             self.kl_recent = [float(k) for k in saved.state.get("kl_recent", [])]
             self.sampler.load(saved.state["sampler"])
+            self.watch.load(saved.state.get("collapse"))
             self.step = saved.step
             self.ev.log(f"resumed from {saved.path.name}")
             before = saved.state["config"].get("kl_coef", self.cfg.kl_coef)
@@ -297,6 +298,7 @@ class PPO:
     def save(self, reason: str) -> None:
         state = {"stage": "ppo", "reason": reason, "config": dataclasses.asdict(self.cfg),
                  "kl_controller": self.kl_ctl.state(), "kl_recent": self.kl_recent, "sampler": self.sampler.state(),
+                 "collapse": self.watch.state(),
                  "tokenizer_fingerprint": self.m.tok.fingerprint(), **self.inputs.state(),
                  "model_config": dataclasses.asdict(self.m.policy.config)}
         modules, optimizers = self._extras()

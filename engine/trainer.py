@@ -194,11 +194,13 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
     distributed.barrier()
 
     run = Progress()
+    watch = CollapseWatch(stage.uniform_loss, what="train/loss")
     saved = resume_run(ckpt_root, model, opt, data_gen=data_gen, device=device,
                        check=lambda s: check_resume(s["config"], cfg, FIXED_ON_RESUME + stage.fixed_on_resume, ev))
     if saved is not None:
         run = Progress(saved.step, saved.field("tokens_seen", int), saved.state.get("best_val_loss"),
                        saved.state.get("val_loss"))
+        watch.load(saved.state.get("collapse"))
         if stage.restore:
             try:
                 stage.restore(saved.state)
@@ -229,7 +231,7 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
     def save(reason: str) -> None:
         state = {"stage": stage.name, "tokens_seen": run.tokens_seen, "val_loss": run.last_val,
                  "best_val_loss": run.best_val, "lr": lr_at(max(run.step - 1, 0), cfg), "reason": reason,
-                 "world_size": world.size,
+                 "world_size": world.size, "collapse": watch.state(),
                  "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.config),
                  **(stage.state() if stage.state else {})}
         path, removed = save_run_checkpoint(ckpt_root, run.step, model, opt, data_gen=data_gen, device=device,
@@ -239,7 +241,6 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
 
     model.train()
     meter = _Meter(ev, stage, flops * world.size, cfg.max_steps)
-    watch = CollapseWatch(stage.uniform_loss, what="train/loss")
     while run.step < cfg.max_steps:
         # Every rank must stop at the same step, or the others wait in a collective for ever.
         if distributed.any_rank(control.should_stop()):
@@ -410,6 +411,15 @@ class CollapseWatch:
         if self.at_uniform >= self.steps:
             raise StageError(f"{self.what} has sat at ln V = {self.uniform:.4f} for {self.steps} steps in a row "
                              f"(to step {step}): the model predicts every token alike. {advice}")
+
+    def state(self) -> dict:
+        return {"zero_grad": self.zero_grad, "at_uniform": self.at_uniform}
+
+    def load(self, state: Optional[dict]) -> None:
+        """The counts a checkpoint saved (a resumed run stops where the whole one would); a
+        checkpoint from before they were saved has none, and they start from 0."""
+        if state:
+            self.zero_grad, self.at_uniform = int(state["zero_grad"]), int(state["at_uniform"])
 
 
 def rng_state(data_gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:

@@ -100,3 +100,14 @@ def test_the_watch_stops_outputs_at_uniform_but_not_a_fresh_model():
     no_vocab = CollapseWatch(None, what="train/loss")
     for step in range(1, 3 * COLLAPSE_STEPS):
         no_vocab.check(step, 0.5, LN_V, 1e-3)
+
+
+def test_a_collapsing_run_stopped_and_resumed_stops_at_the_same_step(tiny_lm_ckpt, sft_data, tmp_path):
+    # The counts of steps in a row at a zero gradient are saved with the checkpoint.
+    from helpers import StopAt
+    events = []
+    with pytest.raises(StageError, match=f"to step {1 + COLLAPSE_STEPS}"):
+        run_sft(sft_cfg(tiny_lm_ckpt, sft_data, lr=1e6), tmp_path / "res", events.append,
+                StopAt(events, COLLAPSE_STEPS - 1))
+        run_sft(sft_cfg(tiny_lm_ckpt, sft_data, lr=1e6), tmp_path / "res", events.append)
+    assert any(e["type"] == "log" and e["message"].startswith("resumed from") for e in events)
