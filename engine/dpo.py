@@ -149,6 +149,8 @@ class Hooks:
             ref_logp = sequence_logps(self.ref, tokens)
         logp = sequence_logps(model, tokens)
         logratio = logp - ref_logp
+        if self.cfg.loss == "ipo":     # per token (engine.dpo_loss): so are its reward figures
+            logratio = logratio / tokens.lengths().to(logratio)
         losses, figs = [], {"margin": [], "chosen": [], "rejected": [], "logp_chosen": [], "logp_rejected": []}
         for start, k, groups in spans:
             value, margin, chosen, rejected = ranking_loss(logratio[start:start + k], groups, self.cfg.beta,

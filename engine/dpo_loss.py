@@ -8,6 +8,9 @@ reward. A ranking of K answers (groups of tied answers, best first) gives:
   like a chosen/rejected pair; the sum is divided by C(K,2), as the reward model's loss is, so
   a ranking weighs the same whatever its K and ties just contribute less. For K = 2 this is DPO.
   Loss per pair: sigmoid (DPO): -log σ(β·h); IPO: (h - 1/(2β))², h the pair's log-ratio margin.
+  For IPO each log-ratio is the mean over the answer's tokens, not the sum (as TRL does, on the
+  IPO authors' advice): its squared loss pulls h to a fixed target, which a sum would make
+  easier to reach the longer the answers.
 * plackett_luce: the likelihood of the whole order, Π over places of softmax(β·log-ratio) over the
   answers not yet placed (tied answers share one denominator, Breslow's way; the last group
   places nothing), divided by K - 1. For K = 2 it is exactly pairwise DPO.
@@ -56,6 +59,10 @@ class AnswerTokens:
         at[read] = True
         return cls(packed, at.view(packed.ids.shape), rows, torch.tensor(targets), torch.tensor(owner),
                    len(packed.where))
+
+    def lengths(self) -> torch.Tensor:
+        """[answers] each answer's trained tokens."""
+        return torch.bincount(self.owner, minlength=self.answers)
 
     def to(self, device) -> "AnswerTokens":
         return AnswerTokens(self.packed.to(device), self.at.to(device), self.rows.to(device),

@@ -151,6 +151,30 @@ def test_kl_to_an_identical_reference_is_exactly_zero(tiny_lm_ckpt, tmp_path):
     assert figures["val/kl"] == 0.0 and figures["val/answer_tokens"] > 0
 
 
+def test_ipo_holds_each_answers_per_token_log_ratio_margin_to_its_target(tiny_lm_ckpt, tmp_path):
+    from engine.artifacts import load_artifact
+    from engine.dpo import load_rankings
+    from engine.runio import Emitter
+    write_prefs(tmp_path / "prefs.jsonl", n=20)
+    c = cfg(tiny_lm_ckpt, tmp_path / "prefs.jsonl", loss="ipo", beta=0.5)
+    art, ref = load_artifact(tiny_lm_ckpt), load_artifact(tiny_lm_ckpt).model.eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in art.model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    train_items, val_items, _ = load_rankings(c, tmp_path, art.tokenizer, 48, Emitter(None))
+    hooks = Hooks(c, art, ref, train_items, val_items, Emitter(None), torch.device("cpu"), "x", 48, {})
+    batch = hooks.batch(train_items[:4])
+    value, _ = hooks.ranking_losses(art.model.eval(), batch)
+    tokens, spans, _ = batch
+    n = tokens.lengths().double()
+    assert len(set(n.tolist())) > 1            # a sum and a mean would disagree
+    with torch.no_grad():
+        per_token = (sequence_logps(art.model, tokens) - sequence_logps(ref, tokens)).double() / n
+    want = sum(pairwise_loss(per_token[s:s + k], g, 0.5, "ipo") for s, k, g in spans) / len(spans)
+    assert value.item() == pytest.approx(want.item(), rel=1e-5)
+
+
 def test_resume_is_exact(tiny_lm_ckpt, tmp_path):
     write_prefs(tmp_path / "prefs.jsonl", n=24)
     c = cfg(tiny_lm_ckpt, tmp_path / "prefs.jsonl", max_steps=10, eval_every=5, checkpoint_every=100)
