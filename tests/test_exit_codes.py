@@ -34,6 +34,19 @@ def test_workbench_commands_refuse_with_2_on_stderr(tmp_path, capsys, argv, reas
     assert "error" not in out.lower()
 
 
+@pytest.mark.parametrize("toml, reason", [
+    (b'name = "p"\n\xff\xfe\n', "workbench.toml: not UTF-8 text (byte 11)"),
+    (b'name = "p"\n[defaults.data]\npretrain = 5\n', "[defaults.data] 'pretrain' must be a path or a list of paths"),
+    (b'name = "p"\n[defaults.data]\npretrain = "gone.txt"\n', "[defaults.data] 'pretrain' names "),
+])
+def test_a_broken_workbench_toml_is_one_line_before_any_stage(tmp_path, capsys, toml, reason):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "workbench.toml").write_bytes(toml)
+    rc, out, err = workbench(capsys, "pipeline", "--project", tmp_path / "p")
+    assert rc == 2 and reason in err and "Traceback" not in err
+    assert not (tmp_path / "p" / "runs").exists()
+
+
 def test_a_stage_refused_for_bad_data_exits_2_with_the_problems_on_stderr(tmp_path, capsys):
     run_dir = tmp_path / "rm"
     run_dir.mkdir()

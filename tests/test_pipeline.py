@@ -10,12 +10,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_pipeline_end_to_end(tmp_path):
+    # A project named relative to the working folder, as `workbench pipeline --demo` names its own.
     project = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "workbench.cli", "pipeline", "--demo", "--project", str(project),
+    cmd = [sys.executable, "-m", "workbench.cli", "pipeline", "--demo", "--project", "demo",
            "--scale", "tiny", "--vocab-size", "300", "--steps", "12", "--sft-steps", "6",
            "--eval-tasks", "8", "--rank-prompts", "12", "--k", "3", "--rm-epochs", "1",
            "--ppo-steps", "2", "--methods", "ppo,dpo", "--device", "cpu"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     table = proc.stdout[proc.stdout.index("stage      run"):]
     for stage in ("tokenizer", "pretrain", "sft", "sample", "rank", "reward", "ppo", "dpo", "evaluate"):
@@ -47,3 +48,11 @@ def test_an_unknown_method_is_refused_before_any_work(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "rlhf" in proc.stderr and "choose from ppo, dpo" in proc.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_a_bad_option_of_a_later_stage_is_refused_before_any_stage_runs(tmp_path):
+    cmd = [sys.executable, "-m", "workbench.cli", "pipeline", "--demo", "--project", str(tmp_path / "p"),
+           "--scale", "tiny", "--k", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "error: --k: answers per prompt must be between 2 and 9" in proc.stderr
+    assert not (tmp_path / "p" / "runs").exists()

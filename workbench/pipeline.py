@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from engine.config import ConfigError
+from engine.device import resolve_device
 from engine.runio import StageError, format_count, format_duration
 from workbench import demo, runfolder, stages
 from workbench.cli import refuse
 from workbench.jobs import JobResult, run_job
 from workbench.methods import methods
-from workbench.project import Project, ProjectError
+from workbench.project import NoDataEntry, Project, ProjectError
 from workbench.runfold import RunFold
 from workbench.store_types import StoreError
 
@@ -150,6 +151,43 @@ class Pipeline:
         if s.steps_field and values.get(s.steps_field):
             values.update(stages.follow_steps(s, values[s.steps_field]))
         return values
+
+    def check(self, order: list[str]) -> Optional[str]:
+        """What is wrong with the settings of any stage in `order` (None: nothing), found before
+        the first stage runs: a bad option would otherwise surface only when its stage is
+        reached, after the hours of the ones before. The runs and rankings that earlier stages
+        will make stand in as placeholders."""
+        if getattr(self.args, "device", None):
+            try:
+                resolve_device(self.args.device)
+            except ConfigError as e:
+                return f"--device: {e.message}"
+        for stage in (s for s in order if s not in (RANK, EVALUATE)):
+            s = stages.spec(stage)
+            for d in (d for d in s.data if d.project):
+                try:
+                    files = self.project.data_files(d.project)
+                except NoDataEntry:
+                    continue      # the stage's own check names the setting it lacks
+                except ProjectError as e:
+                    return str(e)
+                if missing := [f for f in files if not f.exists()]:
+                    return (f"{self.project.path / 'workbench.toml'}: [defaults.data] '{d.project}' names "
+                            f"{missing[0]}, which does not exist")
+            values = self.values(stage)
+            for p in s.parents:
+                if p.expects:
+                    values.setdefault(p.field, f"<the {p.expects[0]} run>")
+            values.update({d.field: [runfolder.RANKINGS] for d in s.data if d.rankings})
+            try:
+                runfolder.build(stage, values)
+            except ConfigError as e:
+                option = next((f"--{o.replace('_', '-')}" for o, (target, name) in OPTIONS.items()
+                               if target == stage and name == e.field and getattr(self.args, o, None) is not None),
+                              None)
+                option = option or next((f"--{n}" for n in COMMON if n == e.field), None)
+                return f"{option or f'the {stage} stage, setting {e.field!r}'}: {e.message}"
+        return None
 
     def run_stage(self, stage: str) -> None:
         rankings = None
@@ -280,6 +318,9 @@ def run_pipeline(args) -> int:
     threshold = getattr(args, "min_agreement", None)
     if threshold is not None and not 0.0 <= threshold <= 1.0:   # before hours of pretraining
         return refuse(f"--min-agreement is a share from 0 to 1, got {threshold}")
+    table_out = Path(args.table_out) if getattr(args, "table_out", None) else None
+    if table_out is not None and not table_out.absolute().parent.is_dir():
+        return refuse(f"--table-out: {table_out.parent} is not a folder")
     if args.demo and not (project_dir / "workbench.toml").exists():
         print(f"writing the demo project to {project_dir} ...", flush=True)
         demo.write_demo_project(project_dir, seed=args.seed, scale=args.scale)
@@ -289,6 +330,8 @@ def run_pipeline(args) -> int:
         return refuse(str(e))
     print(f"project {project.name} at {project.path}", flush=True)
     pipe = Pipeline(project, args)
+    if problem := pipe.check(order[:order.index(args.until) + 1]):
+        return refuse(problem)
     t_all = time.perf_counter()
     try:
         for step in order[:order.index(args.until) + 1]:
@@ -303,6 +346,10 @@ def run_pipeline(args) -> int:
     table = pipe.table(time.perf_counter() - t_all)
     print()
     print(table)
-    if getattr(args, "table_out", None):
-        Path(args.table_out).write_text(table + "\n", encoding="utf-8")
+    if table_out is not None:
+        try:
+            table_out.write_text(table + "\n", encoding="utf-8")
+        except OSError as e:
+            print(f"error: --table-out: cannot write {table_out}: {e.strerror or e}", file=sys.stderr)
+            return 1
     return 0

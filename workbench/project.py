@@ -12,6 +12,10 @@ class ProjectError(ValueError):
     pass
 
 
+class NoDataEntry(ProjectError):
+    """workbench.toml's [defaults.data] names no file for a key (the user picks one)."""
+
+
 @dataclass
 class Project:
     path: Path
@@ -19,7 +23,9 @@ class Project:
 
     @classmethod
     def open(cls, path: Path) -> "Project":
-        path = Path(path)
+        # Absolute: run configs name other runs by paths the engine reads from the run folder,
+        # and a path relative to the working directory means nothing there.
+        path = Path(path).absolute()
         toml = path / "workbench.toml"
         if not toml.is_file():
             raise ProjectError(f"{path} is not a workbench project (no workbench.toml)")
@@ -27,6 +33,10 @@ class Project:
             settings = tomllib.loads(toml.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ProjectError(f"{toml}: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ProjectError(f"{toml}: not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise ProjectError(f"{toml}: cannot be read ({e.strerror or e})") from None
         return cls(path, settings)
 
     @property
@@ -41,8 +51,11 @@ class Project:
         """The data named by [defaults.data] <key>, resolved against the project folder."""
         value = self.default("data", key)
         if value is None:
-            raise ProjectError(f"{self.path / 'workbench.toml'}: [defaults.data] has no '{key}' entry")
+            raise NoDataEntry(f"{self.path / 'workbench.toml'}: [defaults.data] has no '{key}' entry")
         values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, str) and v for v in values):
+            raise ProjectError(f"{self.path / 'workbench.toml'}: [defaults.data] '{key}' must be a path or a list "
+                               f"of paths (relative to the project folder), not {value!r}")
         return [(self.path / v).resolve() for v in values]
 
     def new_run_dir(self, stage: str) -> Path:
