@@ -136,6 +136,10 @@ def load_config(cls: type[T], path: str | os.PathLike) -> T:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError("<file>", "config.json not found", str(path)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("<file>", f"not UTF-8 text (byte {e.start})", str(path)) from None
+    except OSError as e:
+        raise ConfigError("<file>", f"cannot be read ({e.strerror or e})", str(path)) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

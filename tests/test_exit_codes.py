@@ -75,3 +75,12 @@ def test_run_set_checks_the_whole_config_before_writing_it(tmp_path, capsys):
     assert json.loads((run_dir / "config.json").read_text()) == {"tokenizer": "../tok", "inputs": ["c.txt"]}
     rc, out, err = workbench(capsys, "run", "pretrain", "--run-dir", run_dir, "--set", "max_steps")
     assert rc == 2 and "expects key=value" in err
+    # A value the stage itself refuses before any work (a device this machine lacks; a setting
+    # the checkpoints cannot take on resume): the folder keeps the config that describes it.
+    rc, out, err = workbench(capsys, "run", "pretrain", "--run-dir", run_dir, "--set", "device=tpu")
+    assert rc == 2 and "unknown device 'tpu'" in err and "is as it was before --set" in err
+    assert json.loads((run_dir / "config.json").read_text()) == {"tokenizer": "../tok", "inputs": ["c.txt"]}
+    # A config.json that is not text, or not a file, is one line too.
+    (run_dir / "config.json").write_bytes(b"\xff\xfe{}")
+    rc, out, err = workbench(capsys, "run", "pretrain", "--run-dir", run_dir)
+    assert rc == 2 and "not UTF-8 text (byte 0)" in err and "Traceback" not in err

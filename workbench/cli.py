@@ -25,6 +25,7 @@ import textwrap
 from pathlib import Path
 
 from engine.config import ConfigError
+from engine.fsutil import atomic_write_bytes
 from workbench import annotate_cli, chat_cli, demo, pack_cli, runfolder, stages
 from workbench.jobs import config_nproc, stage_command
 
@@ -64,6 +65,7 @@ def cmd_run(args) -> int:
         changes = parse_set(args.set)
     except ValueError as e:
         return refuse(str(e))
+    before = cfg_path.read_bytes() if changes and cfg_path.is_file() else None
     try:
         if changes:
             # Checked as a whole before anything is written: a bad value leaves the folder as it was.
@@ -76,9 +78,20 @@ def cmd_run(args) -> int:
     except runfolder.RunFolderError as e:
         return refuse(str(e))
     if config_nproc(run_dir) > 1:
-        return subprocess.call(stage_command(args.stage, run_dir, args.log_format))
-    module = importlib.import_module(stages.spec(args.stage).module)
-    return module.main(["--run-dir", str(run_dir), "--log-format", args.log_format])
+        rc = subprocess.call(stage_command(args.stage, run_dir, args.log_format))
+    else:
+        module = importlib.import_module(stages.spec(args.stage).module)
+        rc = module.main(["--run-dir", str(run_dir), "--log-format", args.log_format])
+    if changes and rc == 2:
+        # The stage refused before any work (a setting its checkpoints cannot take on resume, a
+        # device this machine lacks, a folder another process holds): the folder keeps the
+        # config that describes it, or a later plain resume would fail on the same change.
+        if before is None:
+            cfg_path.unlink(missing_ok=True)
+        else:
+            atomic_write_bytes(cfg_path, before)
+        print(f"{cfg_path} is as it was before --set", file=sys.stderr)
+    return rc
 
 
 def cmd_import_model(args) -> int:

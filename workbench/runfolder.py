@@ -108,6 +108,8 @@ def read_config(run_dir: Path) -> dict:
         return {}
     except OSError as e:
         raise RunFolderError(f"{path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise RunFolderError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
         values = json.loads(text)
     except json.JSONDecodeError as e:
