@@ -346,3 +346,13 @@ def test_the_terminal_chat_picks_the_device_as_every_other_command_does():
     p = argparse.ArgumentParser()
     chat_cli.add_arguments(p)
     assert p.parse_args(["--checkpoint", "x"]).device == "auto"
+
+
+def test_a_typed_line_that_is_not_utf8_is_asked_for_again(monkeypatch, capsys):
+    # Python keeps a pipe's undecodable bytes as lone surrogates; the tokenizer and the store
+    # cannot take them, and the session would end on the error.
+    from workbench.chat_cli import typed_line
+    lines = iter(["hi caf\udce9", "hi café"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
+    assert typed_line("you> ") == "hi café"
+    assert "not UTF-8 text and was not taken" in capsys.readouterr().out

@@ -25,6 +25,7 @@ def workbench(capsys, *argv) -> tuple[int, str, str]:
     (["pipeline", "--demo", "--project", "{tmp}/p", "--until", "nothing"], "invalid choice: 'nothing'"),
     (["demo", "--project", "{tmp}/p"], "already holds a project"),
     (["batches", "--project", "{tmp}/p"], "has no workbench.db yet"),
+    (["rank", "--project", "{tmp}/p", "--batch", "1", "--annotator", "al\udce9"], "an argument is not UTF-8 text"),
 ])
 def test_workbench_commands_refuse_with_2_on_stderr(tmp_path, capsys, argv, reason):
     (tmp_path / "p").mkdir()

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from workbench.chat_cli import typed_line
 from workbench.store import DB_NAME, FLAGS, InputError, RankingError, Store, StoreError
 
 RANK_HELP = """\
@@ -66,6 +67,9 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
             return fn(args)
         except (CliError, InputError, StoreError) as e:
             print(f"{prog}: {e}", file=sys.stderr)
+        except UnicodeError as e:   # an argument in another encoding (lone surrogates)
+            print(f"{prog}: an argument is not UTF-8 text ({e.object[e.start:e.end]!r} in "
+                  f"{e.object!r})", file=sys.stderr)
         except (KeyError, ValueError) as e:   # unknown batch, a name taken by the other kind
             print(f"{prog}: {e.args[0] if e.args else e}", file=sys.stderr)
         except OSError as e:   # an unreadable file, an --out folder that does not exist
@@ -146,7 +150,7 @@ class RankLoop:
     """The terminal ranking session: one item on screen, labels gathered until the ranking
     line submits them. `read` and `out` are parameters so tests can drive it in-process."""
 
-    def __init__(self, session, *, read: Callable[[str], str] = input, out=None):
+    def __init__(self, session, *, read: Callable[[str], str] = typed_line, out=None):
         self.session, self.read, self.out = session, read, out or sys.stdout
         self.flags: dict[int, list[str]] = {}
         self.scores: dict[int, int] = {}
@@ -278,6 +282,7 @@ def _block(label: str, text: str, width: int = 9) -> str:
 def cmd_rank(args) -> int:
     from workbench.annotation import AnnotationSession
 
+    (args.annotator or "").encode("utf-8")      # a name the store cannot keep, before opening it
     with open_store(args.project) as store:
         batch = store.batch(args.batch)
         if args.simulated:

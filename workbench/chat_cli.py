@@ -17,6 +17,19 @@ from workbench import stages
 if TYPE_CHECKING:
     from engine.chat import ChatSession
 
+def typed_line(prompt: str) -> str:
+    """input(), asking again for a line that is not UTF-8 text (a terminal or a pipe in another
+    encoding): its undecodable bytes would reach the tokenizer or the store and fail there,
+    losing the session's last line."""
+    while True:
+        try:
+            line = input(prompt)
+            line.encode("utf-8")        # Python keeps undecodable bytes as lone surrogates
+            return line
+        except UnicodeError:
+            print("  (that line is not UTF-8 text and was not taken: type it again)", flush=True)
+
+
 COMMANDS = """\
   /regen          another answer to your last message (replaces it)
   /reset          forget the conversation (the system prompt stays)
@@ -67,7 +80,7 @@ class _StopOnCtrlC:
 
 
 def chat_loop(session: "ChatSession", *, completion: bool = False,
-              read: Callable[[str], str] = input, out=None) -> int:
+              read: Callable[[str], str] = typed_line, out=None) -> int:
     """The read-reply loop; `read` and `out` are parameters so tests can drive it in-process."""
     out = out or sys.stdout
 
