@@ -148,3 +148,16 @@ def test_only_plain_app_arguments_take_the_quick_path():
     assert app_only_args([]).project is None
     for argv in (["--help"], ["run", "sft"], ["--project"], ["pack", "open", "x.wbpack"]):
         assert app_only_args(argv) is None, argv
+
+
+def test_a_ctrl_c_that_no_command_handles_is_one_line(monkeypatch, capsys):
+    # The CLI's imports take seconds: a Ctrl-C then (or in a command that does not catch it)
+    # used to end in a KeyboardInterrupt traceback.
+    from workbench import cli
+
+    def interrupted(argv, open_app=None):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "main", interrupted)
+    assert launcher.main(["batches"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "workbench: interrupted"

@@ -17,8 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from workbench import cli
-
 APP_DIR = "workbench"           # the folder under the user's data folder
 DEMO_DIR = "demo-project"
 
@@ -143,7 +141,14 @@ def demo_location() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(argv, open_app=open_app)
+    try:
+        # The CLI's imports (torch among them) take seconds: a Ctrl-C meanwhile, or in a command
+        # that does not handle it itself, ends with one line instead of a traceback.
+        from workbench import cli
+        return cli.main(argv, open_app=open_app)
+    except KeyboardInterrupt:
+        print("\nworkbench: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
