@@ -148,3 +148,36 @@ def test_the_eta_follows_the_recent_pace_not_the_average():
     assert 1500 < eta < 1900            # ~180 steps left at ~9-10 s each, not 180 s at the average
     fold.add({"type": "done", "status": "stopped"})
     assert fold.eta_s() is None         # no ETA for a run that is not running
+
+
+STOPS_ON_REQUEST = """
+import json, os, sys, time
+path = os.path.join(sys.argv[1], "events.jsonl")
+def emit(**ev):
+    with open(path, "a") as f:
+        f.write(json.dumps(ev) + "\\n")
+emit(type="start", pid=os.getpid())
+emit(type="metrics", step=1, **{"train/loss": 3.0})
+while not os.path.exists(os.path.join(sys.argv[1], "STOP")):
+    time.sleep(0.02)
+emit(type="done", status="stopped", error=None)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM cannot be sent to oneself there")
+def test_a_sigterm_to_the_runner_stops_its_stage_instead_of_orphaning_it(tmp_path, monkeypatch):
+    # `kill PID`, a CI cancel or `timeout` on `workbench pipeline` used to leave the stage
+    # training on, a child of init holding its run folder.
+    import os
+    import signal
+    run = tmp_path / "pretrain-1"
+    run.mkdir()
+    fake_stage(monkeypatch, STOPS_ON_REQUEST)
+    before = signal.getsignal(signal.SIGTERM)
+
+    def on_event(ev):
+        if ev["type"] == "metrics":
+            os.kill(os.getpid(), signal.SIGTERM)
+    result = jobs.run_job("pretrain", run, on_event=on_event, poll_s=0.02)
+    assert result.status == "stopped" and result.returncode is not None
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -13,8 +13,11 @@ period, then the whole process tree is killed (DESIGN.md §2).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,22 +208,41 @@ class JobResult:
 
 def run_job(stage: str, run_dir: Path, on_event: Optional[Callable[[dict], None]] = None,
             poll_s: float = 0.2, stop_grace_s: float = 30.0) -> JobResult:
-    """Run a stage to its end, following its events; Ctrl-C asks it to stop cleanly (a
-    checkpoint), a second Ctrl-C kills it."""
+    """Run a stage to its end, following its events; Ctrl-C (or SIGTERM: a `kill`, a CI
+    cancel, `timeout`) asks it to stop cleanly (a checkpoint), a second one kills it. The stage
+    is a process of its own: left to the default SIGTERM, this one would die and leave it
+    training, an orphan holding its run folder."""
     job = Job(stage, run_dir, keep=False).start()
     interrupted = False
-    while job.running:
-        try:
-            for ev in job.poll():
-                if on_event is not None:
-                    on_event(ev)
-            if job.running:
-                time.sleep(poll_s)
-        except KeyboardInterrupt:
-            if interrupted:
-                job.kill()
-            else:
-                interrupted = True
-                job.stop(stop_grace_s)
-    job.wait()
+    with _terminate_as_interrupt():
+        while job.running:
+            try:
+                for ev in job.poll():
+                    if on_event is not None:
+                        on_event(ev)
+                if job.running:
+                    time.sleep(poll_s)
+            except KeyboardInterrupt:
+                if interrupted:
+                    job.kill()
+                else:
+                    interrupted = True
+                    job.stop(stop_grace_s)
+        job.wait()
     return JobResult(stage, job.run_dir, job.status, job.error, job.returncode, job.fold)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt meanwhile (main thread only: where Python runs handlers)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        yield
+        return
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
