@@ -193,6 +193,10 @@ def restore_optimizer(opt: torch.optim.Optimizer, state: dict, path: Path) -> No
     """Load a saved optimizer state into `opt`, or CheckpointError naming `path` if it was not
     saved from an optimizer over parameters of these shapes (torch accepts moments of another
     shape and fails only at the next step, in the middle of the run)."""
+    if bad := _non_finite_moment(state):
+        # A run never saves one (its guard stops first): the file was altered since, and the
+        # first step would blame the model's weights.
+        raise CheckpointError(f"{path}: {bad} holds NaN or infinite values: the file was altered since it was saved")
     try:
         saved_groups = state["param_groups"]
         if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in opt.param_groups]:
@@ -209,6 +213,15 @@ def restore_optimizer(opt: torch.optim.Optimizer, state: dict, path: Path) -> No
     except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: does not fit this model's optimizer ({detail})") from None
+
+
+def _non_finite_moment(state: dict) -> Optional[str]:
+    """Which saved moment holds NaN or inf ("'exp_avg' of parameter 3"), if one does."""
+    for i, moments in state.get("state", {}).items():
+        for name, v in moments.items():
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                return f"'{name}' of parameter {i}"
+    return None
 
 
 def _all_finite(tensors: dict[str, torch.Tensor]) -> Optional[str]:

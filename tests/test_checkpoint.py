@@ -216,3 +216,20 @@ def test_every_file_of_a_checkpoint_is_checked_before_a_resume(tmp_path):
         assert str(p / name) in str(e.value) and words in str(e.value) and "\n" not in str(e.value)
         (p / name).write_bytes(good)
     assert ckpt.load_checkpoint(p).step == 5
+
+
+def test_a_moment_altered_to_nan_is_named_at_load_not_blamed_on_the_model(tmp_path):
+    from safetensors.torch import load_file, save_file
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(8, 3)).pow(2).mean().backward()
+    opt.step()
+    path = ckpt.save_checkpoint(tmp_path, 1, model=model.state_dict(), optimizer=opt.state_dict(), state={})
+    tensors = load_file(path / "optimizer.safetensors")
+    name = next(k for k, v in tensors.items() if v.is_floating_point() and v.dim() > 0)
+    tensors[name][0] = float("nan")        # same size: the manifest cannot tell
+    save_file(tensors, path / "optimizer.safetensors")
+    loaded = ckpt.load_checkpoint(path)
+    with pytest.raises(ckpt.CheckpointError, match=r"optimizer.safetensors: 'exp_avg.*' of parameter \d holds NaN"):
+        ckpt.restore_optimizer(torch.optim.AdamW(model.parameters()), loaded.optimizer,
+                               path / "optimizer.safetensors")
