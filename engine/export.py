@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 from engine.artifacts import Loaded, load_artifact
 from engine.config import ConfigError
-from engine.fsutil import atomic_write_text
+from engine.fsutil import atomic_write_text, disk_full_message, is_disk_full
 from engine.hf_model import FAMILIES, family_of, save_hf_weights
 from engine.model import ScalarModel
 from engine.runio import StageError
@@ -91,7 +92,15 @@ def export(source: Path, fmt: str, out: Path, gguf_type: str = "f16") -> Path:
         raise ConfigError("gguf_type", f"must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
     art = load_artifact(source, field="checkpoint", prefer="latest")
     art.model.float()
-    return export_hf(art, out) if fmt == "hf" else export_gguf(art, out, gguf_type)
+    if fmt == "gguf":
+        return export_gguf(art, out, gguf_type)     # one file, renamed into place when whole
+    made = not Path(out).exists()
+    try:
+        return export_hf(art, out)
+    except BaseException:
+        if made:        # a full disk, a kill: no folder that looks like a model without its weights
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def add_arguments(p: argparse.ArgumentParser, nargs: str | None = None) -> None:
@@ -113,7 +122,8 @@ def run_from_args(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
+        print(f"error: cannot write {args.out}: {disk_full_message(args.out) if is_disk_full(e) else e}",
+              file=sys.stderr)
         return 1
     print(f"exported {args.source} to {out}")
     return 0

@@ -37,6 +37,9 @@ def _die() -> None:
 
 
 def is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno is None:
+        # numpy's tofile (the GGUF writer's) reports a full disk as a short write, no errno.
+        return " requested and " in str(e) and str(e).endswith("written")
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
     # safetensors writes in Rust and reports the OS error in its text only.

@@ -259,3 +259,16 @@ def test_a_model_trained_here_exports_with_our_template_for_transformers(tiny_lm
     greedy = back.generate(x, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     from engine.generate import generate
     assert greedy[0, len(ids):].tolist() == generate(art.model, ids, 8, temperature=0.0)
+
+
+def test_an_export_that_runs_out_of_disk_leaves_no_folder_and_says_so(tiny_lm_ckpt, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from engine import export as export_mod
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(export_mod, "save_hf_weights", full)
+    rc = export_mod.main([str(tiny_lm_ckpt), "--format", "hf", "--out", str(tmp_path / "hf")])
+    assert rc == 1 and "disk full:" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()      # not a folder of tokenizer files without weights
