@@ -84,6 +84,8 @@ def atomic_write_bytes(path: Path, data: bytes, fault: str = "") -> None:
     """`path` holds `data` whole, or what it held before: never a torn write. `fault` names a
     fault point inside the write (tests kill the process there)."""
     path = Path(path)
+    if path.is_dir():       # else the rename fails naming the temporary file, not this one
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:

@@ -233,3 +233,12 @@ def test_a_moment_altered_to_nan_is_named_at_load_not_blamed_on_the_model(tmp_pa
     with pytest.raises(ckpt.CheckpointError, match=r"optimizer.safetensors: 'exp_avg.*' of parameter \d holds NaN"):
         ckpt.restore_optimizer(torch.optim.AdamW(model.parameters()), loaded.optimizer,
                                path / "optimizer.safetensors")
+
+
+def test_an_atomic_write_onto_a_folder_names_the_folder_not_its_temporary_file(tmp_path):
+    from engine.fsutil import atomic_write_text
+    (tmp_path / "out").mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        atomic_write_text(tmp_path / "out", "x")
+    assert e.value.filename == str(tmp_path / "out") and ".tmp-" not in str(e.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -25,6 +25,8 @@ def workbench(capsys, *argv) -> tuple[int, str, str]:
     (["pipeline", "--demo", "--project", "{tmp}/p", "--until", "nothing"], "invalid choice: 'nothing'"),
     (["demo", "--project", "{tmp}/p"], "already holds a project"),
     (["batches", "--project", "{tmp}/p"], "has no workbench.db yet"),
+    (["batches", "--project", "{tmp}/p/workbench.toml"], "workbench.toml is a file, not a project folder"),
+    (["run", "pretrain", "--run-dir", "{tmp}/p/workbench.toml"], "workbench.toml is a file, not a run folder"),
     (["rank", "--project", "{tmp}/p", "--batch", "1", "--annotator", "al\udce9"], "an argument is not UTF-8 text"),
 ])
 def test_workbench_commands_refuse_with_2_on_stderr(tmp_path, capsys, argv, reason):

@@ -49,7 +49,8 @@ def open_store(project: Path, *, create: bool = False) -> Store:
     """The project's store. Only importing commands may create workbench.db: a mistyped
     --project for `rank` or `agreement` should say so, not quietly make an empty database."""
     if not project.is_dir():
-        raise CliError(f"project folder {project} does not exist")
+        raise CliError(f"{project} is a file, not a project folder" if project.exists()
+                       else f"project folder {project} does not exist")
     if not create and not (project / DB_NAME).exists():
         raise CliError(f"{project} has no {DB_NAME} yet: import samples or preferences first "
                        f"(workbench import-samples / workbench preferences import)")

@@ -61,6 +61,8 @@ def refuse(message: str) -> int:
 def cmd_run(args) -> int:
     run_dir: Path = args.run_dir
     cfg_path = run_dir / runfolder.CONFIG
+    if run_dir.exists() and not run_dir.is_dir():
+        return refuse(f"{run_dir} is a file, not a run folder")
     try:
         changes = parse_set(args.set)
     except ValueError as e:
