@@ -25,6 +25,7 @@ def workbench(capsys, *argv) -> tuple[int, str, str]:
     (["pipeline", "--demo", "--project", "{tmp}/p", "--until", "nothing"], "invalid choice: 'nothing'"),
     (["demo", "--project", "{tmp}/p"], "already holds a project"),
     (["batches", "--project", "{tmp}/p"], "has no workbench.db yet"),
+    (["import-model", "{tmp}/nowhere", "--project", "{tmp}/p"], "nowhere: no such folder, and no model of that name"),
     (["batches", "--project", "{tmp}/p/workbench.toml"], "workbench.toml is a file, not a project folder"),
     (["run", "pretrain", "--run-dir", "{tmp}/p/workbench.toml"], "workbench.toml is a file, not a run folder"),
     (["rank", "--project", "{tmp}/p", "--batch", "1", "--annotator", "al\udce9"], "an argument is not UTF-8 text"),
@@ -35,6 +36,7 @@ def test_workbench_commands_refuse_with_2_on_stderr(tmp_path, capsys, argv, reas
     rc, out, err = workbench(capsys, *[a.format(tmp=tmp_path) for a in argv])
     assert rc == 2 and reason in err and "Traceback" not in err
     assert "error" not in out.lower()
+    assert not (tmp_path / "p" / "runs").exists()
 
 
 @pytest.mark.parametrize("toml, reason", [

@@ -99,8 +99,13 @@ def cmd_run(args) -> int:
 def cmd_import_model(args) -> int:
     from workbench.project import Project, ProjectError
     source = Path(args.source).expanduser()
+    from engine.hf_import import find_source
     values = {"source": str(source.resolve()) if source.exists() else args.source,
               "dtype": args.dtype, "chat_template": args.chat_template}
+    try:
+        find_source(Path("."), values["source"])    # before a run folder exists for it
+    except ConfigError as e:
+        return refuse(e.message)
     try:
         run_dir = runfolder.new_run(Project.open(args.project), "hf_import", values)
     except ProjectError as e:
