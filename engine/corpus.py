@@ -41,6 +41,16 @@ class Chunk:
     new_doc: bool    # True on the first chunk of a document (where a <|bos|> belongs)
 
 
+def config_corpus_files(run_dir: str | os.PathLike, paths: Iterable[str], field: str) -> list[Path]:
+    """list_corpus_files of a config field's paths (relative ones to the run folder): a missing
+    or unsupported file is a ConfigError naming the field, as every other bad setting is."""
+    from engine.config import ConfigError, resolve_path
+    try:
+        return list_corpus_files([resolve_path(run_dir, p) for p in paths])
+    except CorpusError as e:
+        raise ConfigError(field, str(e)) from None
+
+
 def list_corpus_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Expand files and folders into .txt/.jsonl files, in a deterministic order.
 

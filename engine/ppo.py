@@ -42,7 +42,7 @@ import torch
 from engine import checkpoint as ckpt
 from engine.artifacts import RunInputs
 from engine.config import ConfigError, require, resolve_path
-from engine.corpus import list_corpus_files
+from engine.corpus import config_corpus_files
 from engine.data import TokenData, encode_corpus, shards_ready
 from engine.device import check_train_dtype, autocast, clock, describe, precision_warning, setup
 from engine.generate import generate_batch
@@ -261,7 +261,7 @@ class PPO:
     def prepare_ptx(self, control) -> bool:
         """Encode the PPO-ptx corpus (once; reused on resume). False: stopped while encoding."""
         if self.cfg.ptx_coef > 0:
-            files = list_corpus_files([resolve_path(self.run_dir, p) for p in self.cfg.ptx_data])
+            files = config_corpus_files(self.run_dir, self.cfg.ptx_data, "ptx_data")
             if not shards_ready(self.run_dir / "ptx", self.m.tok, files):
                 if encode_corpus(self.m.tok, files, self.run_dir / "ptx", control=control) is None:
                     return False

@@ -20,7 +20,7 @@ import torch
 
 from engine import distributed
 from engine.config import ConfigError, require, resolve_path
-from engine.corpus import list_corpus_files
+from engine.corpus import config_corpus_files
 from engine.data import TokenData, encode_corpus, shards_ready, unigram_baseline
 from engine.device import describe, setup
 from engine.generate import generate
@@ -88,7 +88,7 @@ def run(cfg: PretrainConfig, run_dir: Path, sink: Optional[Sink] = None, control
     device, dtype = setup(cfg.device, cfg.dtype)
 
     tok, tok_path = load_tokenizer(run_dir, cfg.tokenizer)
-    files = list_corpus_files([resolve_path(run_dir, p) for p in cfg.inputs])
+    files = config_corpus_files(run_dir, cfg.inputs, "inputs")
     mcfg = cfg.model_config(tok.vocab_size)
     seq_len = cfg.seq_len or mcfg.max_seq_len
 

@@ -21,8 +21,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from engine.config import require, resolve_path
-from engine.corpus import (NonEmptyGuard, corpus_bytes, empty_corpus_error,
+from engine.config import require
+from engine.corpus import (NonEmptyGuard, config_corpus_files, corpus_bytes, empty_corpus_error,
                            iter_chunks, list_corpus_files, split_draw)
 from engine.fsutil import atomic_write_text
 from engine.runio import Emitter, NeverStop, StageError, stage_main
@@ -334,7 +334,7 @@ def run(cfg: TokenizerConfig, run_dir: Path, sink=None, control=None) -> str:
     ev = Emitter(sink)
     control = control or NeverStop()
     run_dir = Path(run_dir)
-    files = list_corpus_files([resolve_path(run_dir, p) for p in cfg.inputs])
+    files = config_corpus_files(run_dir, cfg.inputs, "inputs")
     total = corpus_bytes(files)
     ev.log(f"training a {cfg.vocab_size}-token byte-level BPE on {len(files)} file(s), "
            f"{total / 1e6:.1f} MB")

@@ -208,3 +208,9 @@ def test_a_half_precision_dtype_off_cuda_is_said_to_train_in_float32(corpus, tmp
     warnings = [e["message"] for e in events if e["type"] == "log" and e["level"] == "warning"]
     assert "bfloat16 is used on CUDA only; training in float32 on cpu" in warnings
 
+
+
+def test_a_missing_input_is_named_with_its_setting(corpus, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        run(make_cfg(corpus, inputs=[str(tmp_path / "gone.txt")]), tmp_path / "run", [].append)
+    assert e.value.field == "inputs" and f"{tmp_path / 'gone.txt'}: no such file or folder" in e.value.message
