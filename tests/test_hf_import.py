@@ -149,7 +149,8 @@ def test_import_by_name_from_the_local_cache_and_refusals(qwen_folder, tmp_path,
     capsys.readouterr()
     # An unknown name and an unsupported family: one line each, exit code 2, no traceback.
     assert workbench(["import-model", "nobody/nothing", "--project", str(project.path), "--log-format", "json"]) == 2
-    assert "no model of that name in the local Hugging Face cache" in capsys.readouterr().out
+    assert "no model of that name in the local Hugging Face cache" in capsys.readouterr().err
+    assert len(list((project.path / "runs").glob("hf_import-*"))) == 1     # no run folder for it
     bad = tmp_path / "gpt2"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))

@@ -37,13 +37,16 @@ def poll_until_done(job, timeout_s=30.0, **kw):
     return seen
 
 
-WRITES_A_RUN = """
+# The start of a fake stage: events written as a stage writes them.
+EMITS = """
 import json, os, sys, time
 path = os.path.join(sys.argv[1], "events.jsonl")
 def emit(**ev):
     with open(path, "a") as f:
         f.write(json.dumps(ev) + "\\n")
 emit(type="start", pid=os.getpid())
+"""
+WRITES_A_RUN = EMITS + """
 for step in range(1, 4):
     emit(type="metrics", step=step, **{"train/loss": 4.0 - step})
     time.sleep(0.05)
@@ -150,13 +153,7 @@ def test_the_eta_follows_the_recent_pace_not_the_average():
     assert fold.eta_s() is None         # no ETA for a run that is not running
 
 
-STOPS_ON_REQUEST = """
-import json, os, sys, time
-path = os.path.join(sys.argv[1], "events.jsonl")
-def emit(**ev):
-    with open(path, "a") as f:
-        f.write(json.dumps(ev) + "\\n")
-emit(type="start", pid=os.getpid())
+STOPS_ON_REQUEST = EMITS + """
 emit(type="metrics", step=1, **{"train/loss": 3.0})
 while not os.path.exists(os.path.join(sys.argv[1], "STOP")):
     time.sleep(0.02)

@@ -147,7 +147,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         settings.validate()
         loaded = load_artifact(args.checkpoint, tokenizer=args.tokenizer,
                                device=resolve_device(args.device))
-    except (ConfigError, StageError) as e:      # a missing or broken checkpoint, in one line
+    except ConfigError as e:      # a bad option, a missing or broken checkpoint: named as typed
+        option = {"checkpoint": "--checkpoint", "tokenizer": "--tokenizer"}.get(
+            e.field, f"--{e.field.replace('_', '-')}")
+        print(f"workbench chat: {option}: {e.message}", file=sys.stderr)
+        return 2
+    except StageError as e:
         print(f"workbench chat: {e}", file=sys.stderr)
         return 2
     session = ChatSession(loaded.model, loaded.tokenizer, system_prompt=args.system, settings=settings)

@@ -174,7 +174,9 @@ def add_pipeline_parser(sub) -> None:
                                    "project with --demo), one run per stage under PROJECT/runs/, with a "
                                    "progress line per stage and a table of each stage's key figure. Each "
                                    "stage starts from the settings the app's panels start with (the "
-                                   "demo's, from the stage catalogue); these options change them.")
+                                   "demo's, from the stage catalogue); these options change them. All of "
+                                   "them are checked before the first stage runs; Ctrl-C or SIGTERM stops "
+                                   "the running stage with a checkpoint.")
     p.add_argument("--demo", action="store_true", help="use (and if needed write) the demo project")
     p.add_argument("--project", type=Path, default=None,
                    help="project folder (default with --demo: ./demo-project)")
@@ -225,7 +227,8 @@ def add_run_parser(sub) -> None:
                         "stage writes goes into it (created if absent; run it again to resume)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting, value as JSON if it parses, else a string (repeatable); paths are "
-                        "relative to DIR")
+                        "relative to DIR. Written to DIR/config.json, which goes back to what it was "
+                        "if the stage refuses the run before any work")
     p.add_argument("--log-format", choices=["auto", "human", "json"], default="human",
                    help="stdout: readable progress lines (human, the default) or one JSON event per line")
     p.set_defaults(func=cmd_run)
