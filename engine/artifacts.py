@@ -146,16 +146,13 @@ class RunInputs:
                      f"({named} now resolves to {now or 'nothing'})")
         return Path(was)
 
-    def record(self, field: str, checkpoint: Path) -> None:
-        self.used[field] = str(Path(checkpoint).resolve())
-
     def load(self, field: str, named: str | os.PathLike, *, prefer: str = "best", required: bool = True,
              **kw) -> Loaded:
         """load_artifact of the input, its weights float32, recorded for the run's checkpoints."""
         art = load_artifact(self.path(field, named, prefer=prefer, required=required), prefer=prefer,
                             field=field, **kw)
         art.model = self.float32(field, art.model)
-        self.record(field, art.checkpoint)
+        self.used[field] = str(art.checkpoint.resolve())
         return art
 
     def float32(self, field: str, model: torch.nn.Module) -> torch.nn.Module:

@@ -39,7 +39,7 @@ from engine import checkpoint as ckpt
 from engine.artifacts import RunInputs
 from engine.chat import task_metrics
 from engine.config import ConfigError, require, resolve_path
-from engine.device import check_train_dtype, autocast, clock, describe, precision_warning, setup
+from engine.device import autocast, check_train_dtype, clock, describe, precision_warning, setup
 from engine.generate import generate_batch
 from engine.grpo_core import group_advantages, grpo_losses, kl_k3, mean_std, uniform_groups
 from engine.grpo_rewards import (Answers, FormatReward, LengthReward, RewardModelReward, TaskReward, UserReward,

@@ -44,7 +44,7 @@ from engine.artifacts import RunInputs
 from engine.config import ConfigError, require, resolve_path
 from engine.corpus import config_corpus_files
 from engine.data import TokenData, encode_corpus, shards_ready
-from engine.device import check_train_dtype, autocast, clock, describe, precision_warning, setup
+from engine.device import autocast, check_train_dtype, clock, describe, precision_warning, setup
 from engine.generate import generate_batch
 from engine.lora import (LORA_FIELDS, LoRASettings, Reference, add_adapters, describe as describe_lora,
                          frozen_copy, reference_for, uses_lora)

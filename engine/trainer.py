@@ -26,7 +26,7 @@ from engine import checkpoint as ckpt
 from engine import distributed
 from engine import lora
 from engine.config import ConfigError, require
-from engine.device import check_train_dtype, autocast, fused_adamw, peak_flops, precision_warning
+from engine.device import autocast, check_train_dtype, fused_adamw, peak_flops, precision_warning
 from engine.weights import check_weights, read_config, with_tied_head
 from engine.osproc import peak_rss_mb
 from engine.runio import Emitter, NeverStop, StageError
@@ -418,8 +418,8 @@ class CollapseWatch:
     def load(self, state: Optional[dict]) -> None:
         """The counts a checkpoint saved (a resumed run stops where the whole one would); a
         checkpoint from before they were saved has none, and they start from 0."""
-        if state:
-            self.zero_grad, self.at_uniform = int(state["zero_grad"]), int(state["at_uniform"])
+        if isinstance(state, dict):
+            self.zero_grad, self.at_uniform = int(state.get("zero_grad", 0)), int(state.get("at_uniform", 0))
 
 
 def rng_state(data_gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
