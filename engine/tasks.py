@@ -13,8 +13,10 @@ for `sort`, commas, semicolons, brackets and parentheses count as spaces. The re
 correct when the line's words equal the answer's words ("68", "68.", "'tac'"), or when the
 line ends with the answer's words right after a lead-in: a real word of two or more letters,
 "a", "an", ":", "=", or a word ending in "?" ("The answer is 68.", "50 + 18 = 68", "A piano.").
-Words that negate or hedge ("not", "or", "than", ...) are no lead-in. So "6 8", "168", "068",
-"-68", "1 68", "12 or 68", "not 68" and "a b c d" (for "d") are all wrong.
+Words that hedge ("or", "than", ...) are no lead-in, and a denial anywhere before the answer
+("not", "never", "isn't", "doesn't", with either apostrophe or none) makes it wrong. So "6 8",
+"168", "068", "-68", "1 68", "12 or 68", "not 68", "it doesn't equal 68" and "a b c d" (for "d")
+are all wrong.
 
 Held-out sets: tasks are drawn from a seeded stream; `make_pools` draws held-out pools first
 (each prompt unique, pools disjoint) and then training pools that exclude every held-out
@@ -408,7 +410,16 @@ def parse_task(prompt: str) -> Task | None:
 _QUOTES = "\"'`\u2018\u2019\u201c\u201d"
 _WORD = re.compile(r"[a-z][a-z'\u2019-]*[a-z]")
 # Lead-ins that would let a hedge or a denial pass for the answer.
-_NOT_LEAD_IN = {"or", "nor", "and", "not", "no", "isn't", "than", "except", "but", "either"}
+_NOT_LEAD_IN = {"or", "nor", "and", "than", "except", "but", "either"}
+# A denial anywhere before the answer ("not", "it isn't", "it doesn't equal"), contractions with
+# either apostrophe or none.
+_NEGATIONS = {"not", "no", "never", "cannot", "isnt", "arent", "wasnt", "werent", "dont", "doesnt", "didnt",
+              "cant", "wont", "hasnt", "havent", "couldnt", "shouldnt", "wouldnt"}
+_CONTRACTED_NOT = re.compile(r"[a-z]+n['\u2019]t")
+
+
+def _negates(word: str) -> bool:
+    return word in _NEGATIONS or bool(_CONTRACTED_NOT.fullmatch(word))
 
 
 def _words(text: str, kind: str) -> list[str]:
@@ -442,7 +453,8 @@ def check(task: Task, response: str) -> bool:
     if got == want:
         return True
     n = len(want)
-    return len(got) > n and got[-n:] == want and _lead_in(got[-n - 1])
+    return (len(got) > n and got[-n:] == want and _lead_in(got[-n - 1])
+            and not any(_negates(w) for w in got[:-n]))
 
 
 def score(task: Task, response: str) -> float:

@@ -79,7 +79,7 @@ def test_answers_recomputed_independently(sample):
 @pytest.mark.parametrize("response", [
     "68", " 68 ", "68.", "68!", "'68'", "The answer is 68.", "the answer is 68",
     "Answer: 68", "50 + 18 = 68", "What is 50 + 18? 68", "68\nQuestion: What is 1 + 1?",
-    "\n\n68\n", "It's 68.",
+    "\n\n68\n", "It's 68.", "It went up to 68", "I want 68",
 ])
 def test_number_answer_accepted(response):
     assert check(Task("add", "What is 50 + 18?", "68", {"a": 50, "b": 18}), response)
@@ -89,6 +89,9 @@ def test_number_answer_accepted(response):
     "", "   ", "\n\n", "6 8", "168", "680", "068", "-68", "+68", "68.0", "67", "69",
     "1 68", "68 68", "The answer is 67.", "12 or 68", "It is not 68.", "more than 68",
     "12\n68", "68?", "6,8", "sixty-eight", "68 apples",
+    # denials anywhere before the answer, either apostrophe or none
+    "It isn't 68.", "It isn\u2019t 68.", "It isnt 68", "It is never 68.", "The answer wasn't 68.",
+    "It doesn't equal 68", "I cannot say 68",
 ])
 def test_number_near_misses_rejected(response):
     assert not check(Task("add", "What is 50 + 18?", "68", {"a": 50, "b": 18}), response)
