@@ -152,7 +152,14 @@ def read_rankings(paths: Iterable[str | os.PathLike]) -> list[Ranking]:
 
 
 def prompt_key(prompt: Prompt) -> str:
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+    """One key per conversation however a file writes it (the held-out split is by prompt): a
+    lone user message is its text, and a message keeps only its role and content."""
+    if isinstance(prompt, str):
+        return prompt
+    messages = [{"role": m.get("role"), "content": m.get("content")} for m in prompt]
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return str(messages[0]["content"])
+    return json.dumps(messages, sort_keys=True)
 
 
 def split_by_prompt(items: list[Ranking], val_fraction: float, seed: int) -> tuple[list[Ranking], list[Ranking]]:

@@ -275,3 +275,18 @@ def test_normalisation_scores_each_kept_checkpoint_once_and_shows_progress(sft_c
 def _val_items(path, c):
     from engine.reward_data import split_by_prompt
     return split_by_prompt(read_rankings([path]), c.val_fraction, c.seed)[1]
+
+
+def test_one_prompt_written_two_ways_falls_on_one_side_of_the_split():
+    # "prompt": "X" in one file, "messages": [{"role": "user", "content": "X"}] in another: the
+    # same conversation, so never in train and validation both.
+    from engine.reward_data import Ranking, split_by_prompt
+    items = []
+    for i in range(20):
+        text = f"question {i}"
+        items.append(Ranking(text, ["a", "b"], [[0], [1]], f"a.jsonl:{i}"))
+        items.append(Ranking([{"role": "user", "content": text, "name": "x"}], ["c", "d"], [[0], [1]], f"b.jsonl:{i}"))
+    train, val = split_by_prompt(items, 0.3, seed=0)
+    def text(r):
+        return r.prompt if isinstance(r.prompt, str) else r.prompt[0]["content"]
+    assert val and not {text(r) for r in train} & {text(r) for r in val}
