@@ -238,11 +238,15 @@ class ChatSession:
 def reply_batch(model: Transformer, tok: Tokenizer, prompts: list[str], max_new_tokens: int, *,
                 temperature: float = 0.0, seed: Optional[int] = None,
                 batch_size: int = 32) -> list[tuple[str, bool]]:
-    """One-turn replies to many prompts, batched: (text, ended with the end token) for each.
+    """One-turn replies to many prompts, batched: (text, ended) for each.
 
     What evaluation and training-time samples use; greedy by default, so replies at different
-    steps or from different checkpoints compare answer for answer.
+    steps or from different checkpoints compare answer for answer. A reply ends where a chat
+    reply ends, at any of the tokenizer's stop tokens (a model that writes "<|user|>" has begun
+    the next turn; an imported one may end with its eos rather than its end-of-turn token), so
+    what is scored is what a person chatting with the model sees.
     """
+    stops = set(tok.stop_ids)
     out = []
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo:lo + batch_size]
@@ -250,8 +254,8 @@ def reply_batch(model: Transformer, tok: Tokenizer, prompts: list[str], max_new_
         seeds = None if seed is None else [seed + lo + i for i in range(len(chunk))]
         for ans in generate_batch(model, ids, max_new_tokens, temperature=temperature,
                                   top_k=50 if temperature else 0, seed=seeds,
-                                  stop_ids=(tok.end_id,), pad_id=tok.pad_id):
-            done = bool(ans) and ans[-1] == tok.end_id
+                                  stop_ids=stops, pad_id=tok.pad_id):
+            done = bool(ans) and ans[-1] in stops
             out.append((tok.decode(ans[:-1] if done else ans, skip_special=True), done))
     return out
 

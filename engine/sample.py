@@ -147,6 +147,7 @@ def run(cfg: SampleConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
     ev.log(f"sampling {cfg.k} answers to each of {len(prompts)} prompts from {loaded.checkpoint} "
            f"on {describe(device)}")
     per_batch = max(1, cfg.batch_size // cfg.k)   # whole prompts per batch, so lines stay whole
+    stops = set(tok.stop_ids)       # where a chat reply ends (engine.chat.reply_batch says why)
     t0 = time.perf_counter()
     n_tokens = 0
     with open(out_path, "a", encoding="utf-8") as f:
@@ -161,13 +162,13 @@ def run(cfg: SampleConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
             seeds = [answer_seed(cfg.seed, i, j) for i in idx for j in range(cfg.k)]
             outs = generate_batch(model, batch, cfg.max_new_tokens, temperature=cfg.temperature,
                                   top_k=cfg.top_k, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
-                                  seed=seeds, stop_ids=(tok.end_id,), pad_id=tok.pad_id)
+                                  seed=seeds, stop_ids=stops, pad_id=tok.pad_id)
             for n, i in enumerate(idx):
                 answers = []
                 for j in range(cfg.k):
                     out = outs[n * cfg.k + j]
                     n_tokens += len(out)
-                    finished = bool(out) and out[-1] == tok.end_id
+                    finished = bool(out) and out[-1] in stops
                     answers.append({"text": tok.decode(out[:-1] if finished else out, skip_special=True),
                                     "n_tokens": len(out), "finished": finished, "seed": seeds[n * cfg.k + j]})
                 f.write(json.dumps({"prompt": prompts[i], "prompt_index": i, "answers": answers},

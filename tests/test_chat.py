@@ -357,3 +357,26 @@ def test_a_typed_line_that_is_not_utf8_is_asked_for_again(monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
     assert typed_line("you> ") == "hi café"
     assert "not UTF-8 text and was not taken" in capsys.readouterr().out
+
+
+def test_evaluation_replies_end_where_chat_replies_end():
+    # A model that writes "12<|user|>0<|end|>": in chat the reply is "12" (the model began the
+    # next turn); evaluation (reply_batch) used to score "120", read on to <|end|>.
+    from engine.chat import reply_batch
+    from engine.model import ModelConfig
+    tok = train_from_texts(["What is 5 + 7? 12 and 0 and 120."] * 50, vocab_size=300)
+    one, two, zero = (tok.encode(c)[0] for c in "120")
+    chain = [(tok.assistant_id, one), (one, two), (two, tok.user_id), (tok.user_id, zero), (zero, tok.end_id)]
+    m = Transformer(ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_layer=1, n_head=2, n_kv_head=2,
+                                d_ff=32, max_seq_len=64)).eval()
+    with torch.no_grad():    # a bigram model: the layers add nothing, the head reads the token itself
+        for p in m.parameters():
+            p.zero_()
+        for norm in [m.model.norm] + [n for b in m.model.layers for n in (b.input_layernorm, b.post_attention_layernorm)]:
+            norm.weight.fill_(1.0)
+        for k, (a, b) in enumerate(chain):
+            m.model.embed_tokens.weight[a, k] = 1.0
+            m.lm_head.weight[b, k] = 10.0
+    chat = ChatSession(m, tok, settings=SamplingSettings(temperature=0.0, max_new_tokens=8)).send("What is 5 + 7?")
+    assert chat == "12"
+    assert reply_batch(m, tok, ["What is 5 + 7?"], 8) == [("12", True)]
