@@ -459,7 +459,14 @@ class HFTokenizer(TextCodec):
         """(ids, mask) for a conversation; the mask is 1 on each assistant content's tokens
         and on the end-of-turn token right after it (so the model learns to stop)."""
         msgs = check_messages(messages)
-        text, spans, literals = self._layout(msgs, add_generation_prompt)
+        try:
+            text, spans, literals = self._layout(msgs, add_generation_prompt)
+        except ValueError:
+            if not add_generation_prompt:
+                raise
+            # A prompt to answer needs no mask, so a template that rewrites earlier answers
+            # (Qwen3 drops their reasoning) renders it as apply_chat_template does.
+            text, spans, literals = self._layout(msgs, add_generation_prompt, answers=False)
         ids, offsets = self._encode_rendered(text, literals)
         return ids, self._mask(ids, offsets, spans)
 
@@ -475,45 +482,49 @@ class HFTokenizer(TextCodec):
         except Exception as e:  # the template is someone else's code: any failure is its verdict
             raise ValueError(f"chat template: {type(e).__name__}: {e}") from e
 
-    def _layout(self, msgs: list[dict[str, str]], add_generation_prompt: bool):
+    def _layout(self, msgs: list[dict[str, str]], add_generation_prompt: bool, answers: bool = True):
         """(text, assistant content spans, spans of special-token spellings in contents).
 
         The spans come from a second render with private-use markers around each assistant
-        content and around each special-token spelling in any content; it must give the same
-        text once the markers are gone. Templates that trim contents (Llama 3) are tried with
-        trimmed contents too.
+        content (unless not `answers`) and around each special-token spelling in any content;
+        it must give the same text once the markers are gone. Templates that trim contents
+        (Llama 3) are tried with trimmed contents too. Without `answers`, assistant contents are
+        rendered as the template writes them, unmarked.
         """
         text = self._render(msgs, add_generation_prompt)
-        n_assistant = sum(m["role"] == "assistant" for m in msgs)
+        n_assistant = sum(m["role"] == "assistant" for m in msgs) if answers else 0
         forged = self._literal_re is not None and any(
-            self._literal_re.search(m["content"]) for m in msgs)
+            self._literal_re.search(m["content"]) for m in msgs if answers or m["role"] != "assistant")
         if not n_assistant and not forged:
             return text, [], []
         marks = _markers(text)
         for strip in (False, True):
-            marked = [self._mark(m, marks, strip) for m in msgs]
+            marked = [self._mark(m, marks, strip, answers) for m in msgs]
             parsed = _parse_marked(self._render(marked, add_generation_prompt), marks)
-            if parsed is not None and parsed[0] == text and self._verbatim(msgs, parsed, strip):
+            if parsed is not None and parsed[0] == text and self._verbatim(msgs, parsed, strip, answers):
                 return parsed
         raise ValueError("the chat template does not render each message's content verbatim, "
                          "so the assistant's tokens cannot be located for the mask"
                          + (" nor special-token spellings kept as text" if forged else ""))
 
-    def _verbatim(self, msgs: list[dict[str, str]], parsed, strip: bool) -> bool:
+    def _verbatim(self, msgs: list[dict[str, str]], parsed, strip: bool, answers: bool = True) -> bool:
         """Each assistant span holds its content (trimmed, if tried so), each literal span a
         token's spelling: a template that transforms contents (upper-cases, cuts) fails here."""
         text, spans, literals = parsed
         contents = [m["content"].strip() if strip else m["content"]
-                    for m in msgs if m["role"] == "assistant"]
+                    for m in msgs if answers and m["role"] == "assistant"]
         return (len(spans) == len(contents)
                 and all(text[s:e] == c for (s, e), c in zip(spans, contents))
                 and all(self._literal_re.fullmatch(text[s:e]) for s, e in literals))
 
-    def _mark(self, m: dict[str, str], marks: str, strip: bool) -> dict[str, str]:
+    def _mark(self, m: dict[str, str], marks: str, strip: bool, answers: bool = True) -> dict[str, str]:
         content = m["content"].strip() if strip else m["content"]
-        if self._literal_re is not None:
+        # Without `answers` (a prompt to answer), earlier answers are the model's own text: their
+        # token spellings stay tokens, as apply_chat_template leaves them, and a template may cut
+        # them (Qwen3 drops "<think>...</think>").
+        if self._literal_re is not None and (answers or m["role"] != "assistant"):
             content = self._literal_re.sub(lambda t: marks[2] + t.group() + marks[3], content)
-        if m["role"] == "assistant":
+        if answers and m["role"] == "assistant":
             content = marks[0] + content + marks[1]
         return {"role": m["role"], "content": content}
 

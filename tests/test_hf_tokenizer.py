@@ -212,6 +212,20 @@ def test_template_that_changes_content_is_refused(tmp_path):
         tok.render_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
 
 
+def test_a_prompt_after_a_qwen3_reply_with_its_reasoning_renders_as_transformers_does(tmp_path):
+    # Qwen3's template drops "<think>...</think>" from earlier answers, so they are not verbatim:
+    # a mask could not be made, but a prompt to answer needs none (chat's second turn failed).
+    folder = _save(tmp_path, FAMILIES["qwen3"])
+    tok, ref = HFTokenizer.from_folder(folder), transformers.AutoTokenizer.from_pretrained(str(folder))
+    msgs = [{"role": "user", "content": "What is two plus two?"},
+            {"role": "assistant", "content": "<think>\nHello there\n</think>\n\nIt is four."},
+            {"role": "user", "content": "Thank you."}]
+    want = ref.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)
+    assert tok.render_chat(msgs, add_generation_prompt=True) == (want, [0] * len(want))
+    with pytest.raises(ValueError, match="verbatim"):        # training on it still needs the mask
+        tok.render_chat(msgs[:2])
+
+
 def _structure(tok, ids, mask, specials):
     """[(special token | decoded text run, mask)] to compare tokenizers with different vocabularies."""
     out, run = [], []
