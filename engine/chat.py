@@ -173,8 +173,9 @@ class ChatSession:
         return text
 
     def complete(self, text: str, on_token: OnText = None) -> str:
-        """Plain completion for a base model: its BOS (if it has one) + text, no template, no history."""
-        bos = [] if self.tok.bos_id is None else [self.tok.bos_id]
+        """Plain completion for a base model: text as its tokenizer starts plain text (BOS first,
+        where it puts one), no template, no history."""
+        bos = [self.tok.bos_id] if self.tok.adds_bos else []
         with self._generating():
             return self._run(bos + self.tok.encode(text), on_token)
 

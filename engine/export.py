@@ -81,6 +81,7 @@ def export_gguf(art: Loaded, out: Path, gguf_type: str = "f16") -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_gguf(out, art.model, tok.to_str(), bos_id=tok.bos_id, eos_id=tok.end_id, pad_id=tok.pad_id,
+               add_bos=tok.adds_bos,
                chat_template=tok.chat_template, ftype=gguf_type, name=art.checkpoint.parent.parent.name)
     return out
 

@@ -292,6 +292,9 @@ class HFTokenizer(TextCodec):
         self.stop_ids = tuple(dict.fromkeys(i for i in stops if i is not None))
         pad = self._named_id("pad_token")
         self.pad_id = self.end_id if pad is None else pad
+        # Whether plain text starts with BOS, as the tokenizer's own post-processor decides:
+        # SmolLM2 names <|im_start|> as its bos_token but never prepends it.
+        self.adds_bos = self.bos_id is not None and self._tk.encode("a").ids[:1] == [self.bos_id]
         self._fingerprint: str | None = None
 
     # --- construction helpers -------------------------------------------------------------

@@ -102,6 +102,7 @@ class Tokenizer(TextCodec):
         self.special_ids = frozenset(range(len(SPECIAL_TOKENS)))
         # Any special token ends a reply: a model that writes <|user|> has begun the next turn.
         self.stop_ids = tuple(range(len(SPECIAL_TOKENS)))
+        self.adds_bos = True        # pretraining puts <|bos|> before each document
 
     @property
     def chat_template(self) -> str:

@@ -273,3 +273,12 @@ def test_an_export_that_runs_out_of_disk_leaves_no_folder_and_says_so(tiny_lm_ck
     rc = export_mod.main([str(tiny_lm_ckpt), "--format", "hf", "--out", str(tmp_path / "hf")])
     assert rc == 1 and "disk full:" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()      # not a folder of tokenizer files without weights
+
+
+def test_gguf_says_bos_is_prepended_only_where_the_tokenizer_prepends_it(tmp_path):
+    # SmolLM2 names <|im_start|> as its bos_token but never prepends it: llama.cpp must not either.
+    from engine.gguf_export import read_gguf_fields
+    run_dir, _ = import_run(save_model_folder(tmp_path / "smol", "smollm2", "llama", spare_rows=0), tmp_path / "run")
+    fields = read_gguf_fields(export(run_dir, "gguf", tmp_path / "m.gguf", "f32"))
+    assert fields["tokenizer.ggml.bos_token_id"] == load_artifact(run_dir).tokenizer.bos_id
+    assert fields["tokenizer.ggml.add_bos_token"] is False

@@ -226,6 +226,22 @@ def test_a_prompt_after_a_qwen3_reply_with_its_reasoning_renders_as_transformers
         tok.render_chat(msgs[:2])
 
 
+def test_it_knows_whether_plain_text_starts_with_bos_as_transformers_does(tmp_path):
+    # SmolLM2 names <|im_start|> as its bos_token but never prepends it; Llama 3.2's
+    # post-processor prepends <|begin_of_text|>. GGUF's add_bos_token and --completion follow it.
+    smol = _save(tmp_path / "smol", FAMILIES["smollm2"])
+    llama = _save(tmp_path / "llama", FAMILIES["llama3.2"])
+    tk = tokenizers.Tokenizer.from_file(str(llama / "tokenizer.json"))
+    bos = tk.token_to_id("<|begin_of_text|>")
+    tk.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+    tk.save(str(llama / "tokenizer.json"))
+    for folder, adds in ((smol, False), (llama, True)):
+        ref = transformers.AutoTokenizer.from_pretrained(str(folder))
+        assert (ref("Hello there")["input_ids"][:1] == [ref.bos_token_id]) is adds
+        assert HFTokenizer.from_folder(folder).adds_bos is adds
+
+
 def _structure(tok, ids, mask, specials):
     """[(special token | decoded text run, mask)] to compare tokenizers with different vocabularies."""
     out, run = [], []
