@@ -29,6 +29,16 @@ class Runs(QObject):
     def job_for(self, _name):
         return None
 
+    @property
+    def runs(self):     # the project's run store, as ProjectContext.runs
+        return self
+
+    def delete(self, name):
+        self.infos = [i for i in self.infos if i.name != name]
+
+    def sync(self):
+        self.runsChanged.emit()
+
 
 def info(tmp_path, name, stage, started, seconds, **metrics):
     path = tmp_path / name
@@ -154,3 +164,18 @@ def test_a_report_that_cannot_be_written_says_why_in_one_line(qtbot, browser, tm
     qtbot.waitUntil(lambda: not b.report_worker.running, timeout=5_000)
     (title, text), = warnings
     assert title == "Report not written" and text.startswith("cannot write") and "\n" not in text
+
+
+def test_delete_asks_first_and_deletes_only_on_yes(qtbot, browser, monkeypatch):
+    # The button's clicked(bool) once arrived as confirm=False: a click deleted at once.
+    from PySide6.QtWidgets import QMessageBox
+    b, run = browser, "pretrain-20250301-100000"
+    answers, asked = [QMessageBox.StandardButton.No, QMessageBox.StandardButton.Yes], []
+    monkeypatch.setattr("ui.runs_browser.QMessageBox.question",
+                        lambda _p, title, text: asked.append(text) or answers.pop(0))
+    click_run(qtbot, b, run)
+    qtbot.mouseClick(b.delete_btn, Qt.LeftButton)
+    assert len(asked) == 1 and "This cannot be undone" in asked[0] and run in names(b)
+    qtbot.mouseClick(b.delete_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: run not in names(b), timeout=5_000)
+    assert len(asked) == 2

@@ -147,7 +147,8 @@ class RunsBrowser(QWidget):
         self.report_btn.clicked.connect(self.export_report)
         self.open_btn.clicked.connect(self.open_selected)
         self.folder_btn.clicked.connect(self.show_folder)
-        self.delete_btn.clicked.connect(self.delete_selected)
+        # Not the slot itself: clicked(bool checked) would arrive as `confirm=False`.
+        self.delete_btn.clicked.connect(lambda: self.delete_selected())
         self.hint = QLabel("Select runs of one stage to overlay their curves.")
         bar = QHBoxLayout()
         for w in (self.open_btn, self.folder_btn, self.export_btn, self.report_btn, self.delete_btn):
