@@ -102,3 +102,26 @@ def test_the_reward_page_trains_on_agreed_items_or_their_borda_ranking(qtbot, de
     # One Borda ranking per item left: items 1, 3, 4 of "class" and "extra" 0.
     assert reward.rankings().aggregate == "borda"
     assert "4 ranked records" in reward.preview.summary.text()
+
+
+def test_start_beside_a_finished_reward_run_takes_the_projects_rankings_as_they_are_now(
+        qtbot, demo_project, make_window, tiny_lm_ckpt, monkeypatch):
+    # Start copied the shown run's settings, its rankings.jsonl too: a new run trained on the
+    # old day's rankings while the page counted the new ones (found by a real-window walk).
+    from test_ui_stage_forms import fake_run
+    with Store.for_project(demo_project) as store:
+        make_class(store)
+    fake_run(demo_project, "reward-20260101-000000", {"init": str(tiny_lm_ckpt), "data": ["rankings.jsonl"]}, 10, 5.0)
+    w = make_window(demo_project, show=True)
+    go(qtbot, w, "reward")
+    reward = w.pages["reward"]
+    assert reward.run is not None and reward.run.name == "reward-20260101-000000"
+    wait_preview(qtbot, reward)
+    assert reward.use_store.isEnabled() and reward.use_store.isChecked()
+    assert "10 ranked records" in reward.preview.summary.text()      # what Start would write
+    launched = []
+    monkeypatch.setattr(w.ctx, "launch", lambda stage, values, rankings=None: launched.append((values, rankings)))
+    qtbot.waitUntil(reward.start_btn.isEnabled, timeout=5_000)
+    click(qtbot, reward.start_btn)
+    (values, rankings), = launched
+    assert rankings is not None and values["data"] == ["rankings.jsonl"]

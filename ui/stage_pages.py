@@ -115,7 +115,15 @@ class RankingsPanel(StagePanel):
         self._apply()
 
     def _on_project_rankings(self) -> bool:
-        return self.use_store is not None and self.use_store.isChecked() and self.run is None
+        """Start takes the project's rankings as they are now: for a new run, and for one started
+        from a finished run that trained on them (its own copy is of that day's rankings)."""
+        return self.use_store is not None and self.use_store.isChecked() and self._takes_rankings(self.run)
+
+    def _takes_rankings(self, info) -> bool:
+        try:
+            return info is None or runfolder.read_config(info.path).get(self.rankings_field) == [runfolder.RANKINGS]
+        except runfolder.RunFolderError:
+            return False
 
     def _apply(self, *_):
         on = self.use_store.isChecked()
@@ -132,7 +140,7 @@ class RankingsPanel(StagePanel):
     def show_run(self, info) -> None:
         super().show_run(info)
         if self.use_store is not None:
-            self.use_store.setEnabled(info is None)
+            self.use_store.setEnabled(self._takes_rankings(info))
             self._apply()
 
     def refresh_preview(self) -> None:
