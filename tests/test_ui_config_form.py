@@ -101,3 +101,39 @@ def test_dpo_offers_its_losses_and_forms_as_choices_and_refuses_a_bad_pair(qtbot
     assert form.values()["loss"] == "ipo" and form.values()["form"] == "plackett_luce"
     qtbot.waitUntil(lambda: "loss" in form.errors, timeout=10_000)
     assert "pairwise loss" in form.messages["loss"].text()
+
+
+
+def wheel(widget, notches: int) -> bool:
+    """A wheel turn over `widget`; whether it took it. (Sent, not spontaneous: Qt gives a sent
+    wheel event to the widget alone, so an ignored one is not seen passing to the scroll area
+    here, as it does under a real wheel.)"""
+    from PySide6.QtCore import QPointF
+    from PySide6.QtGui import QWheelEvent
+    from PySide6.QtWidgets import QApplication
+    at = QPointF(widget.rect().center())
+    event = QWheelEvent(at, QPointF(widget.mapToGlobal(at.toPoint())), QPoint(0, 0), QPoint(0, -120 * notches),
+                        Qt.NoButton, Qt.NoModifier, Qt.ScrollPhase.NoScrollPhase, False)
+    QApplication.sendEvent(widget, event)
+    return event.isAccepted()
+
+
+def test_a_wheel_over_a_box_is_left_to_the_form_unless_the_box_was_clicked_into(qtbot):
+    # Scrolling a short window's form over the preset box moved it from mini to base.
+    form = ConfigForm("pretrain", lambda kind: [])
+    form.set_values(defaults("pretrain"))
+    scroll = QScrollArea()
+    scroll.setWidget(form)
+    scroll.setWidgetResizable(True)
+    scroll.resize(420, 300)
+    qtbot.addWidget(scroll)
+    scroll.show()
+    qtbot.waitExposed(scroll)
+    preset, steps = form.editors["preset"], form.editors["max_steps"]
+    before = preset.currentText()
+    assert not wheel(preset, 3) and not wheel(steps, 3)          # ignored: for the scroll area
+    assert preset.currentText() == before and steps.value() == defaults("pretrain")["max_steps"]
+    scroll.activateWindow()
+    preset.setFocus(Qt.FocusReason.MouseFocusReason)            # as a click into it gives
+    qtbot.waitUntil(preset.hasFocus, timeout=5_000)
+    assert wheel(preset, 1) and preset.currentText() != before

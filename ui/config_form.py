@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout,
                                QLabel, QLineEdit, QPlainTextEdit, QSpinBox, QToolButton,
@@ -28,6 +28,22 @@ ERROR_COLOR = "#d9534f"
 # Stand-ins for required values the user has not given yet, so the form can go on to check the
 # other fields; never sent anywhere.
 _STAND_IN = {"files": ["-"], "lines": ["-"], "int": 1, "float": 1.0, "bool": False, "json": {}}
+
+
+class WheelWhenFocused(QObject):
+    """A spin or combo box under a wheel meant to scroll the form would change its value (a
+    preset jumping from mini to base): it takes the wheel only once clicked into, and the
+    scroll area above it gets the wheel otherwise (an ignored wheel event goes to the parent)."""
+
+    def guard(self, box: QWidget) -> None:
+        box.setFocusPolicy(Qt.FocusPolicy.StrongFocus)      # a wheel does not give it focus
+        box.installEventFilter(self)
+
+    def eventFilter(self, obj, event) -> bool:
+        if event.type() == QEvent.Type.Wheel and not obj.hasFocus():
+            event.ignore()
+            return True
+        return False
 
 
 def widen_popup(combo: QComboBox) -> None:
@@ -177,6 +193,7 @@ class ConfigForm(QWidget):
         # Values the panel supplies instead of an editor (the reward panel's rankings from the
         # store); the editor is disabled while it applies.
         self.overrides: dict = {}
+        self._wheel = WheelWhenFocused(self)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         basic = _form_layout()
@@ -246,6 +263,13 @@ class ConfigForm(QWidget):
         self.advanced_toggle.setArrowType(Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow)
 
     def _editor(self, spec: FieldSpec, artifacts: ArtifactSource) -> QWidget:
+        w = self._make_editor(spec, artifacts)
+        for box in [w.combo] if isinstance(w, ArtifactPicker) else [w]:
+            if isinstance(box, (QSpinBox, QComboBox)):
+                self._wheel.guard(box)
+        return w
+
+    def _make_editor(self, spec: FieldSpec, artifacts: ArtifactSource) -> QWidget:
         notify = lambda *_: (self.changed.emit(), self._debounce.start())
         if spec.kind == "artifact":
             w = ArtifactPicker(spec, artifacts)
