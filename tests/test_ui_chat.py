@@ -514,3 +514,18 @@ def test_the_pickers_follow_new_models_until_the_user_picks_one(qtbot, tmp_path,
     offered.insert(0, ("ppo, newest", tmp_path))
     chat.refresh()
     assert chat.picker.path() == first
+
+
+def test_an_empty_answer_says_so_and_a_long_model_line_does_not_widen_the_window(qtbot, tmp_path, two_ckpts, cache):
+    view = make_chat(qtbot, tmp_path, two_ckpts, cache)
+    view.resize(1000, 700)
+    view.show()
+    qtbot.waitExposed(view)
+    view.session.stop_ids = tuple(range(300))    # every id of the tiny vocabulary: the first one ends it
+    reply = say(qtbot, view, "alpha beta")
+    assert reply.text == "" and "(empty answer: the model ended it at once)" in view.transcript.toPlainText()
+    # The line under the transcript wraps: a long one (a base model's advice) used to widen the
+    # window past a laptop's screen, Send and the settings with it.
+    wide = view.minimumSizeHint().width()
+    view.model_label.setText("a-long-checkpoint-path " * 20 + "— a base model: completion mode suits it better")
+    assert view.minimumSizeHint().width() <= wide

@@ -101,6 +101,9 @@ class Transcript(QTextBrowser):
                 body = f'{_body(e.prompt)}<span style="background-color:{mark}">{_body(e.text)}</span>'
             elif e.role == "system":
                 body = f'<i>{_body(e.text)}</i>'
+            elif not e.text.strip() and not e.streaming:
+                # The model ended its answer at once: said so, not a blank box that looks broken.
+                body = f'<i style="color:{muted}">(empty answer: the model ended it at once)</i>'
             else:
                 body = _body(e.text)
             if e.streaming:
@@ -173,6 +176,9 @@ class ChatView(QWidget):
         self.regen_button = button("Regenerate", "A new answer to the last message, replacing this one")
         self.clear_button = button("Clear", "Forget the conversation (the system prompt stays)")
         self.model_label = QLabel()
+        # Wrapped: a long description (a base model's advice) must not widen the window past
+        # the screen and push Send and the settings out of reach.
+        self.model_label.setWordWrap(True)
         self.stats = QLabel()
         for label in (self.model_label, self.stats):
             label.setForegroundRole(QPalette.PlaceholderText)

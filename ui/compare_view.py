@@ -70,6 +70,7 @@ class AnswerPane(QFrame):
         self.title.setText(title)
         self.subtitle.setText(subtitle)
         self.text.clear()
+        self.text.setPlaceholderText("")
         self.stats.clear()
 
     def append(self, delta: str) -> None:
@@ -310,6 +311,8 @@ class CompareView(QWidget):
             self.panes[side].stats.setText(run.error)
             return
         run.reply = reply
+        if not reply.text.strip():      # not a blank pane that looks broken
+            self.panes[side].text.setPlaceholderText("(empty answer: the model ended it at once)")
         rate = reply.n_tokens / reply.seconds if reply.seconds > 0 else 0.0
         self.panes[side].stats.setText(f"{tokens(reply.n_tokens)} · {rate:.1f} tokens/s"
                                        + (" · stopped" if reply.stopped else ""))
