@@ -529,3 +529,20 @@ def test_an_empty_answer_says_so_and_a_long_model_line_does_not_widen_the_window
     wide = view.minimumSizeHint().width()
     view.model_label.setText("a-long-checkpoint-path " * 20 + "— a base model: completion mode suits it better")
     assert view.minimumSizeHint().width() <= wide
+
+
+def test_picking_other_models_clears_the_last_rounds_answers(qtbot, tmp_path, two_ckpts, cache):
+    # Methods ▸ "Blind A/B against SFT" sets both pickers: the panes kept the round before,
+    # headed with the names of two models that were no longer the pair.
+    view = make_compare(qtbot, tmp_path, two_ckpts, cache)
+    view.blind.setChecked(False)
+    view.show()
+    qtbot.waitExposed(view)
+    run_round(qtbot, view, "alpha question")
+    assert view.panes["left"].answer() and view.panes["left"].title.text() != "Left"
+    picker = view.pickers[0]
+    picker.setFocus()
+    qtbot.keyClick(picker, Qt.Key_Down)         # the other model, as a person picks it
+    assert picker.path() == two_ckpts[1]
+    assert [view.panes[s].title.text() for s in ("left", "right")] == ["Left", "Right"]
+    assert not view.panes["left"].answer() and not view.can_vote

@@ -159,7 +159,7 @@ class CompareView(QWidget):
         self.send_button.clicked.connect(self.send)
         self.stop_button.clicked.connect(self.stop)
         for picker in self.pickers:
-            picker.pathChanged.connect(self._update)
+            picker.pathChanged.connect(self._on_models_changed)
         self.input.escaped.connect(self.stop)
         for side in SIDES:
             self.panes[side].reset("Left" if side == "left" else "Right", "")
@@ -333,6 +333,16 @@ class CompareView(QWidget):
             else:
                 self.status.setText("No vote this time: an answer is missing. Send again.")
             self.roundFinished.emit()
+        self._update()
+
+    def _on_models_changed(self, *_) -> None:
+        """Other models picked: the last round's answers, named after the models before, go
+        (in a blind round they would even name two models that are no longer the pair)."""
+        if self.round is not None and not self.busy:
+            self.round = None
+            for side in SIDES:
+                self.panes[side].reset("Left" if side == "left" else "Right", "")
+            self.status.setText("Send a prompt to compare these two models.")
         self._update()
 
     def _error(self, text: str) -> None:
