@@ -162,9 +162,12 @@ def parse_user_spec(spec: str) -> tuple[str, str]:
 def load_user_function(spec: str, path: Path) -> Callable:
     """Import the user's file (it runs, as `python file.py` would run its top level) and return
     its function; every way it can be wrong is a ConfigError naming the file, before any work."""
-    _, name = parse_user_spec(spec)
+    given, name = parse_user_spec(spec)
     if not path.is_file():
-        raise ConfigError("user_reward", f"{path}: no such file")
+        where = "" if Path(given).expanduser().is_absolute() else (
+            " (a relative path is read from the run's folder, as every path of a run's config is: "
+            "give the file's full path)")
+        raise ConfigError("user_reward", f"{path}: no such file{where}")
     digest = hashlib.blake2b(str(path.resolve()).encode(), digest_size=6).hexdigest()
     module_spec = importlib.util.spec_from_file_location(f"workbench_user_reward_{digest}", path)
     module = importlib.util.module_from_spec(module_spec)

@@ -121,6 +121,9 @@ def test_a_user_reward_that_cannot_be_loaded_is_refused_before_any_work(tiny_lm_
             run(cfg(tiny_lm_ckpt, prompts, user_reward=str(tmp_path / spec) if ":" in spec else spec),
                 tmp_path / "run", None)
         assert e.value.field == "user_reward"
+    # A relative path is read from the run's folder: the message says so (an app user typed one).
+    with pytest.raises(ConfigError, match=r"run\W+nothere.py: no such file \(a relative path is read from the run's folder"):
+        run(cfg(tiny_lm_ckpt, prompts, user_reward="nothere.py:f"), tmp_path / "run", None)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
