@@ -107,6 +107,12 @@ def test_reward_accuracy_says_how_many_held_out_rankings_it_rests_on(tmp_path):
     assert result_text(running) == "val acc 50.0%"      # no summary yet: no count to give
 
 
+def test_a_failed_run_shows_why_in_its_result(tmp_path):
+    failed = info(tmp_path, "grpo-a", "grpo", T0, 1)
+    failed.status, failed.error = "failed", "config field 'user_reward': r.py: no such file\nmore"
+    assert result_text(failed) == "failed: config field 'user_reward': r.py: no such file"
+
+
 def pretrain_folder(path):
     """A finished pretraining run's folder, as the engine writes one: settings, events, samples."""
     path.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,8 @@ FEW_HELD_OUT = 100
 
 
 def result_text(info: RunInfo) -> str:
+    if info.status == "failed" and info.error:
+        return f"failed: {info.error.splitlines()[0]}"     # why, where the figures would be
     parts = []
     for key, label, fmt in KEY_METRICS.get(info.stage, []):
         v = info.metrics.get(key)
