@@ -513,3 +513,28 @@ def test_a_busy_database_keeps_the_typed_ranking_to_submit_again(qtbot, view, pr
     monkeypatch.setattr(view.session, "submit", real)
     press(qtbot, view, [Qt.Key_Return])          # the same ranking, submitted again
     assert [r.item_id for r in stored(project)] == [item]
+
+
+def test_start_ranking_without_a_batch_says_to_make_one(qtbot, tmp_path):
+    # It said "Pick a batch and type your name first." with the name already typed.
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QApplication, QMessageBox
+    with Store.for_project(tmp_path):
+        pass
+    v = make_view(qtbot, tmp_path)
+    try:
+        seen = []
+
+        def read_and_close():
+            box = QApplication.activeModalWidget()
+            if isinstance(box, QMessageBox):
+                seen.append(box.text())
+                box.close()
+            else:
+                QTimer.singleShot(20, read_and_close)
+        QTimer.singleShot(0, read_and_close)
+        qtbot.mouseClick(v.start.start, Qt.LeftButton)
+        qtbot.waitUntil(lambda: bool(seen), timeout=5_000)
+        assert seen[0].startswith("There is no batch to rank yet: make one with New batch…")
+    finally:
+        v.close_store()

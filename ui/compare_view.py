@@ -34,7 +34,7 @@ from workbench.model_cache import ModelCache, Reply, run_reply
 from workbench.store import Store
 
 SIDES = ("left", "right")
-# The vote keys: Alt, because the main window's View menu owns Ctrl+1..8 (two shortcuts on one
+# The vote keys: Alt, because the main window's View menu owns Ctrl+1..9 and Ctrl+0 (two shortcuts on one
 # key fire neither), and plain keys would type into the prompt box, where the focus is after
 # sending. (button text, key)
 VOTES = {"left": ("◀  Left is better", "Alt+1"), "tie": ("Tie", "Alt+2"),

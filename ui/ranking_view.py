@@ -171,8 +171,13 @@ class RankingView(QWidget):
     def start_selected(self) -> None:
         batch, name = self.start.selected_batch(), self.start.name()
         try:
-            if batch is None or not name:
-                raise ValueError("Pick a batch and type your name first.")
+            if self.start.batches.topLevelItemCount() == 0:
+                raise ValueError("There is no batch to rank yet: make one with New batch… (answers "
+                                 "sampled from a model), or import one.")
+            if batch is None:
+                raise ValueError("Pick a batch in the list first.")
+            if not name:
+                raise ValueError("Type your name first: your rankings are kept under it.")
             self.open_session(batch, name, self.start.repeats.value() / 100)
         except ValueError as e:     # also: a name taken by a simulated annotator
             show_error(self, "Start ranking", e)
