@@ -371,7 +371,7 @@ def test_one_off_figures_are_a_table_not_one_point_plots(grid):
                            tokenizer__train_chars=60000, tokenizer__new_figure=7)])
     g.redraw()
     text = _plain(g.figures.text())
-    assert "Vocabulary size 4,096 tokens" in text and "Characters per token 3.21 on held-out text" in text
+    assert "Vocabulary size 4,096 tokens" in text and "Characters per token 3.21 (held-out text, if any)" in text
     assert "Training text 60,000 characters" in text and "tokenizer/new_figure 7" in text
     assert "Held-out text" not in text                        # not reported by this run
     other = RunHistory.from_events([metrics(0, tokenizer__vocab_size=512)])

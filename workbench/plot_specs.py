@@ -86,7 +86,8 @@ COLORS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
 # once at the end: stage -> (title, metric key, format), in the order shown.
 FIGURES: dict[str, list[tuple[str, str, str]]] = {
     "tokenizer": [("Vocabulary size", "tokenizer/vocab_size", "{:,.0f} tokens"),
-                  ("Characters per token", "tokenizer/chars_per_token", "{:.2f} on held-out text"),
+                  # on the training text when the corpus is too small to hold any out (the log says)
+                  ("Characters per token", "tokenizer/chars_per_token", "{:.2f} (held-out text, if any)"),
                   ("Training text", "tokenizer/train_chars", "{:,.0f} characters"),
                   ("Held-out text", "tokenizer/heldout_chars", "{:,.0f} characters")],
     "sample": [("Answers that ended", "sample/finished_fraction", "{:.0%}"),
