@@ -188,7 +188,7 @@ def load_preferences(req: Request, emit: Callable, cancelled: Callable) -> Previ
         out.records += [(path.name, r) for r in records[:req.shown - len(out.records)]]
     if n == 0 and not out.problems:
         out.problems.append(f"{', '.join(map(str, req.paths)) or 'no files'}: no preference records")
-    out.summary = f"{n:,} ranked records · {pairs:,} comparison pairs for the reward model"
+    out.summary = f"{n:,} ranked records · {pairs:,} comparison pairs"
     return out
 
 
