@@ -185,3 +185,5 @@ def test_delete_asks_first_and_deletes_only_on_yes(qtbot, browser, monkeypatch):
     qtbot.mouseClick(b.delete_btn, Qt.LeftButton)
     qtbot.waitUntil(lambda: run not in names(b), timeout=5_000)
     assert len(asked) == 2
+    # Nothing is selected in its place, and no plots of the deleted run stay beside another name.
+    assert b.selected_names() == [] and b.plots is None

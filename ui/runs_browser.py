@@ -197,12 +197,16 @@ class RunsBrowser(QWidget):
                     item.setToolTip("\n".join(f"{k}: {v}" for k, v in info.parents.items()))
                 self.table.setItem(row, col, item)
         self.table.setSortingEnabled(True)
-        if selected:
-            self.table.blockSignals(True)
-            for row in range(self.table.rowCount()):
-                if self.table.item(row, 0).text() in selected:
-                    self._add_row(row)
-            self.table.blockSignals(False)
+        # The selection is what it was, no more: the view would move it to the row under a
+        # deleted one, whose name the plots of the deleted run would then stand beside.
+        self.table.blockSignals(True)
+        self.table.clearSelection()
+        for row in range(self.table.rowCount()):
+            if self.table.item(row, 0).text() in selected:
+                self._add_row(row)
+        self.table.blockSignals(False)
+        if selected - {info.name for info in runs}:
+            self._on_selection()        # some of what was plotted is gone
         self._update_buttons()
 
     def _add_row(self, row: int) -> None:
@@ -251,6 +255,10 @@ class RunsBrowser(QWidget):
         self._update_buttons()
         infos = [i for i in (self.ctx.run(n) for n in self.selected_names()) if i is not None]
         if not infos:
+            if self.plots is not None:      # nothing selected: no plots of a run not chosen
+                self.plots.setParent(None)
+                self.plots.deleteLater()
+                self.plots = None
             return
         stage = infos[0].stage
         same = [i for i in infos if i.stage == stage]
