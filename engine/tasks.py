@@ -8,8 +8,9 @@ Kinds: add, sub, mul, reverse, sort, count, lookup, compare, first, last, length
 
 Answer rule (`check`): only the first non-empty line of the response is judged, because a
 small model often runs on into the next "Question:". The line is lower-cased, stripped of
-trailing ". ! quotes", quotes are stripped from each word, and ":" "=" become separate words;
-for `sort`, commas, semicolons, brackets and parentheses count as spaces. The response is
+trailing ". ! quotes", quotes and Markdown emphasis ("**68**", "_tac_") are stripped from each
+word, and ":" "=" become separate words; for `sort`, commas, semicolons, brackets and
+parentheses count as spaces. The response is
 correct when the line's words equal the answer's words ("68", "68.", "'tac'"), or when the
 line ends with the answer's words right after a lead-in: a real word of two or more letters,
 "a", "an", ":", "=", or a word ending in "?" ("The answer is 68.", "50 + 18 = 68", "A piano.").
@@ -408,6 +409,7 @@ def parse_task(prompt: str) -> Task | None:
 # --- checking -------------------------------------------------------------------------------
 
 _QUOTES = "\"'`\u2018\u2019\u201c\u201d"
+_EMPHASIS = "*_"        # Markdown's bold and italics, as instruct models mark an answer
 _WORD = re.compile(r"[a-z][a-z'\u2019-]*[a-z]")
 # Lead-ins that would let a hedge or a denial pass for the answer.
 _NOT_LEAD_IN = {"or", "nor", "and", "than", "except", "but", "either"}
@@ -423,11 +425,11 @@ def _negates(word: str) -> bool:
 
 
 def _words(text: str, kind: str) -> list[str]:
-    s = text.strip().lower().rstrip(".!" + _QUOTES + " \t")
+    s = text.strip().lower().rstrip(".!" + _QUOTES + _EMPHASIS + " \t")
     s = re.sub(r"([:=])", r" \1 ", s)
     if kind == "sort":
         s = re.sub(r"[,;\[\]()]", " ", s)
-    return [w for w in (t.strip(_QUOTES) for t in s.split()) if w]
+    return [w for w in (t.strip(_QUOTES + _EMPHASIS) for t in s.split()) if w]
 
 
 def _first_line(response: str) -> str:

@@ -79,7 +79,7 @@ def test_answers_recomputed_independently(sample):
 @pytest.mark.parametrize("response", [
     "68", " 68 ", "68.", "68!", "'68'", "The answer is 68.", "the answer is 68",
     "Answer: 68", "50 + 18 = 68", "What is 50 + 18? 68", "68\nQuestion: What is 1 + 1?",
-    "\n\n68\n", "It's 68.", "It went up to 68", "I want 68",
+    "\n\n68\n", "It's 68.", "It went up to 68", "I want 68", "**68**", "The answer is **68**.",
 ])
 def test_number_answer_accepted(response):
     assert check(Task("add", "What is 50 + 18?", "68", {"a": 50, "b": 18}), response)
