@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,23 @@ def config_markdown(stage: str, config: dict) -> str:
 
 # ---- the trackers ----------------------------------------------------------------------------
 
+def _quiet_writer_thread_errors() -> None:
+    """tensorboard's writer thread hands a failed write (a full disk) to the next call that
+    writes, where it is said in one line; Python would also print it from the thread, with a
+    traceback. That second copy is left out, for this thread class alone."""
+    from tensorboard.summary.writer import event_file_writer
+    writer_thread = getattr(event_file_writer, "_AsyncWriterThread", None)
+    previous = threading.excepthook
+    if writer_thread is None or getattr(previous, "quiets", None) is writer_thread:
+        return
+
+    def hook(args) -> None:
+        if not isinstance(args.thread, writer_thread):
+            previous(args)
+    hook.quiets = writer_thread
+    threading.excepthook = hook
+
+
 class TensorBoardWriter:
     """Event files in `logdir`, written with the tensorboard package's own event-file writer.
 
@@ -128,6 +146,7 @@ class TensorBoardWriter:
         from tensorboard.compat.proto.summary_pb2 import Summary
         if self._w is None:
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
+            _quiet_writer_thread_errors()
             self.logdir.mkdir(parents=True, exist_ok=True)
             self._w = EventFileWriter(str(self.logdir), flush_secs=self.flush_secs)
             if self.purge_step is not None:

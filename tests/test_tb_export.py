@@ -417,3 +417,16 @@ def test_the_sft_form_takes_log_to_as_a_person_types_it(qtbot):
     qtbot.keyClick(editor, Qt.Key_Backspace)
     qtbot.waitUntil(lambda: "log_to" not in form.errors, timeout=10_000)
     assert form.values()["log_to"] == ["tensorboard"]
+
+
+def test_a_full_disk_under_the_writer_thread_is_one_line(tiny_run, tmp_path, capsys, monkeypatch):
+    # tensorboard's writer thread hands the error on to the next write, and Python printed it
+    # from the thread as well, with a traceback.
+    import errno
+    from tensorboard.summary.writer import record_writer
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full)
+    rc, out, err = workbench(capsys, "export", "tensorboard", tiny_run, "--out", tmp_path / "tb")
+    assert rc == 1 and "No space left on device" in err and "Traceback" not in err
