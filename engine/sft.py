@@ -292,6 +292,9 @@ def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
                   uniform_loss=math.log(model.config.vocab_size))
     fresh = ckpt.latest_checkpoint(run_dir / "checkpoints") is None
     if fresh and distributed.is_main():
+        # Said first: on a CPU this can take a while, before the first step shows any progress.
+        ev.log("measuring the starting model before the first step (validation loss"
+               + (f", {len(data.tasks)} held-out tasks" if data.tasks else "") + ")")
         hooks.init_metrics.update(hooks.evaluate_now(model, dtype, samples=bool(cfg.sample_every)))
     status = train(tcfg, run_dir, model, stage, device=device, dtype=dtype, sink=sink,
                    control=control, init_metrics=dict(hooks.init_metrics) if fresh else None)

@@ -79,6 +79,10 @@ def test_loss_falls_and_the_run_reports_before_and_after(base, tmp_path):
     assert sum(train[s] for s in range(36, 41)) < 0.7 * sum(train[s] for s in range(1, 6))
     evals = [e for e in events if e["type"] == "metrics" and "val/loss" in e]
     assert [e["step"] for e in evals] == [0, 20, 40]  # step 0: before any update
+    # ... and said before it starts: the app shows it while no step has run yet.
+    said = next(i for i, e in enumerate(events) if e["type"] == "log" and e["message"].startswith(
+        "measuring the starting model before the first step (validation loss, "))
+    assert said < events.index(evals[0])
     assert evals[-1]["val/loss"] < evals[0]["val/loss"]
     assert all(0 <= e["eval/task_accuracy"] <= 1 and "eval/acc/first" in e for e in evals)
     samples = [e for e in events if e["type"] == "sample"]

@@ -46,6 +46,7 @@ class StagePanel(QWidget):
         self.spec = stages.spec(stage)
         self.run: RunInfo | None = None       # the run shown; None = a new run
         self._source = None                   # the live Job or the RunLoader of the shown run
+        self._last_log = ""                   # its newest log line, shown until it makes progress
         self._auto: dict = {}                 # a new run's form values as last set by the panel
         self._steps_seen = None
         self._data_ok = True
@@ -92,6 +93,7 @@ class StagePanel(QWidget):
         self.progress = QProgressBar()
         self.progress.setTextVisible(True)
         self.progress_label = QLabel(" ")
+        self.progress_label.setWordWrap(True)     # a log line in it must not widen the column
         self.status_label = QLabel(" ")
         self.status_label.setWordWrap(True)
         self.error_box = QFrame()
@@ -182,6 +184,7 @@ class StagePanel(QWidget):
     def show_run(self, info: RunInfo | None) -> None:
         self._drop_source()
         self.run = info
+        self._last_log = ""
         i = self.run_combo.findData(info.name if info else "")
         self.run_combo.setCurrentIndex(max(i, 0))
         self.plots.clear()
@@ -308,6 +311,8 @@ class StagePanel(QWidget):
                                     f"<br><span style='white-space:pre-wrap'>{html.escape(str(ev.get('text', '')))}</span></p>")
             else:
                 self.log.appendPlainText(_log_line(ev))
+                if t == "log":
+                    self._last_log = str(ev.get("message", ""))
 
     def _show_progress(self) -> None:
         if self._source is None:
@@ -315,7 +320,10 @@ class StagePanel(QWidget):
         fold = self._source.fold
         ev = fold.progress
         if ev is None:
-            self.progress_label.setText(" ")
+            # Before its first step a stage may work for a while (encoding data, measuring the
+            # starting model): what it last said, rather than a page that looks frozen.
+            live = getattr(self._source, "running", False)
+            self.progress_label.setText(self._last_log if live and self._last_log else " ")
             return
         total = max(int(ev.get("total") or 1), 1)
         self.progress.setRange(0, total)
