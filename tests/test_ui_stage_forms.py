@@ -107,3 +107,19 @@ def test_a_run_whose_config_holds_null_for_a_number_opens_and_names_the_field(qt
     go(qtbot, w, "ppo")
     form = w.pages["ppo"].form
     assert "config.json holds null, not a whole number" in form.messages["ppo_epochs"].text()
+
+
+def test_the_settings_column_is_never_narrower_than_its_fields_beside_the_scroll_bar(qtbot, project, make_window):
+    # The DPO page's "…" buttons and spin arrows sat under the column's scroll bar, out of reach.
+    from PySide6.QtWidgets import QToolButton
+    w = make_window(project, show=True)
+    w.resize(1000, 420)                 # short: the column scrolls
+    go(qtbot, w, "dpo")
+    page = w.pages["dpo"]
+    column = page.form.parentWidget().parentWidget().parentWidget()     # form < inner < viewport < area
+    qtbot.waitUntil(lambda: column.verticalScrollBar().isVisible(), timeout=5_000)
+    view = column.viewport()
+    for button in page.form.findChildren(QToolButton):
+        if button.isVisible() and button.text() == "…":
+            right = button.mapTo(view, button.rect().topRight()).x()
+            assert right < view.width(), (right, view.width())

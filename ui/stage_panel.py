@@ -14,7 +14,7 @@ import html
 import json
 from pathlib import Path
 
-from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtCore import QEvent, QSize, Qt, QTimer, Signal
 from PySide6.QtWidgets import (QComboBox, QFrame, QHBoxLayout, QLabel, QMessageBox,
                                QPlainTextEdit, QProgressBar, QPushButton, QScrollArea, QSplitter,
                                QTabWidget, QTextBrowser, QVBoxLayout, QWidget)
@@ -35,6 +35,30 @@ from ui.project_context import ProjectContext
 NEW_RUN = "New run"
 ERROR_STYLE = ("QFrame#error { border: 1px solid #d9534f; border-radius: 4px; "
                "background: rgba(217, 83, 79, 0.10); }")
+
+
+class _Column(QScrollArea):
+    """The settings column: it scrolls up and down only, so it is never narrower than what it
+    holds needs beside its scroll bar (else the "…" buttons and spin arrows sit under the bar,
+    out of reach). It asks its splitter for that width again whenever what it holds changes."""
+    MIN_WIDTH = 380
+
+    def setWidget(self, widget) -> None:
+        super().setWidget(widget)
+        widget.installEventFilter(self)
+
+    def eventFilter(self, obj, event) -> bool:
+        if obj is self.widget() and event.type() == QEvent.Type.LayoutRequest:
+            self.updateGeometry()
+        return False
+
+    def minimumSizeHint(self) -> QSize:
+        hint = super().minimumSizeHint()
+        inner = self.widget()
+        if inner is None:
+            return hint
+        need = inner.minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth()
+        return QSize(max(self.MIN_WIDTH, need), hint.height())
 
 
 class StagePanel(QWidget):
@@ -132,12 +156,11 @@ class StagePanel(QWidget):
         left.addWidget(self.status_label)
         left.addWidget(self.error_box)
         left.addStretch(1)
-        scroll = QScrollArea()
+        scroll = _Column()
         scroll.setWidget(left_inner)
         scroll.setWidgetResizable(True)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         scroll.setFrameShape(QFrame.Shape.NoFrame)
-        scroll.setMinimumWidth(380)
         return scroll
 
     def _tabs(self) -> QTabWidget:
