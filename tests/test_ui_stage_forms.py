@@ -123,3 +123,18 @@ def test_the_settings_column_is_never_narrower_than_its_fields_beside_the_scroll
         if button.isVisible() and button.text() == "…":
             right = button.mapTo(view, button.rect().topRight()).x()
             assert right < view.width(), (right, view.width())
+
+
+def test_the_run_list_says_running_as_soon_as_the_job_runs(qtbot, project, make_window, monkeypatch):
+    # The run index reads a run's start event a moment after its job starts (a new run, or a
+    # resumed one): the list said "— created" beside a status line that said running.
+    from types import SimpleNamespace
+    fake_run(project, "pretrain-20260101-000000", {}, 10, 5.0)
+    w = make_window(project, show=True)
+    go(qtbot, w, "pretrain")
+    panel = w.pages["pretrain"]
+    name = "pretrain-20260101-000000"
+    monkeypatch.setattr(w.ctx, "job_for", lambda n: SimpleNamespace(running=True, stopping=False) if n == name else None)
+    w.ctx.runsChanged.emit()
+    texts = [panel.run_combo.itemText(i) for i in range(panel.run_combo.count())]
+    assert f"{name} — running" in texts

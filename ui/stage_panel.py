@@ -188,7 +188,10 @@ class StagePanel(QWidget):
         self.run_combo.clear()
         self.run_combo.addItem(NEW_RUN, "")
         for r in self.ctx.run_list(self.stage):
-            self.run_combo.addItem(f"{r.name} — {r.status}", r.name)
+            # A job just launched is running before the run index has read its start event.
+            job = self.ctx.job_for(r.name)
+            status = "running" if job is not None and job.running else r.status
+            self.run_combo.addItem(f"{r.name} — {status}", r.name)
         widen_popup(self.run_combo)
         i = self.run_combo.findData(current)
         self.run_combo.setCurrentIndex(max(i, 0))
