@@ -100,6 +100,7 @@ def test_reward_accuracy_says_how_many_held_out_rankings_it_rests_on(tmp_path):
     (few.path / "summary.json").write_text(json.dumps({"val_rankings": 6, "val/accuracy": 0.8333}))
     text = result_text(few)
     assert text.split(", ")[0] == "val acc 83.3% on only 6 held-out rankings (too few to go by)"
+    assert result_text(few, short=True).split(", ")[0] == "val acc 83.3% (only 6 held out)"   # the sidebar's
     many = info(tmp_path, "reward-b", "reward", T0, 60, **{"val/accuracy": 0.86})
     (many.path / "summary.json").write_text(json.dumps({"val_rankings": 246}))
     assert result_text(many) == "val acc 86.0% on 246 held-out rankings"

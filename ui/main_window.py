@@ -400,7 +400,7 @@ class MainWindow(QMainWindow):
         if info is None:
             return "not started", None
         from ui.runs_browser import result_text
-        result = result_text(info).split(", ")[0]
+        result = result_text(info, short=True).split(", ")[0]
         return (f"{info.status} · {result}" if result and info.status == "completed" else info.status), info.status
 
     def update_lineage(self) -> None:

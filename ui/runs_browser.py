@@ -37,7 +37,8 @@ STARTED, DURATION = COLUMNS.index("Started"), COLUMNS.index("Duration")
 FEW_HELD_OUT = 100
 
 
-def result_text(info: RunInfo) -> str:
+def result_text(info: RunInfo, short: bool = False) -> str:
+    """The run's key figures; `short` for the sidebar, whose line is narrow."""
     if info.status == "failed" and info.error:
         return f"failed: {info.error.splitlines()[0]}"     # why, where the figures would be
     parts = []
@@ -46,7 +47,7 @@ def result_text(info: RunInfo) -> str:
         if isinstance(v, (int, float)):
             text = f"{label} {fmt.format(v)}"
             if key == "val/accuracy":
-                text += _held_out(info)
+                text += _held_out(info, short)
             parts.append(text)
     return ", ".join(parts)
 
@@ -63,9 +64,9 @@ def _origin(info: RunInfo) -> str:
     return Path(value).name if isinstance(value, str) and Path(value).is_absolute() else str(value or "")
 
 
-def _held_out(info: RunInfo) -> str:
+def _held_out(info: RunInfo, short: bool = False) -> str:
     """' on N held-out rankings', from the finished run's summary (no comma: the sidebar shows
-    the text up to the first one)."""
+    the text up to the first one); `short`: only when they are too few, in a few words."""
     path = Path(info.path) / "summary.json"
     try:
         n = _summary_count(path, path.stat().st_mtime_ns)
@@ -74,8 +75,10 @@ def _held_out(info: RunInfo) -> str:
     if n is None:
         return ""
     if n < FEW_HELD_OUT:
+        if short:
+            return f" (only {n} held out)"
         return f" on only {n} held-out ranking{'s' * (n != 1)} (too few to go by)"
-    return f" on {n:,} held-out rankings"
+    return "" if short else f" on {n:,} held-out rankings"
 
 
 @lru_cache(maxsize=256)
