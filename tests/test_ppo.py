@@ -199,3 +199,14 @@ def test_a_bf16_run_on_a_cpu_says_it_trains_in_float32(tiny_lm_ckpt, rm_ckpt, pr
                events.append) == "completed"
     assert "bfloat16 is used on CUDA only; training in float32 on cpu" in [
         e["message"] for e in events if e["type"] == "log" and e["level"] == "warning"]
+
+
+def test_an_ema_switched_on_at_resume_is_refused_and_a_new_temperature_warns(tiny_lm_ckpt, rm_ckpt, prompts, tmp_path):
+    # An EMA begins at step 1 or not at all (0 -> 0.9 used to fail on a missing ema.safetensors);
+    # the sampling temperature changes the old log-probs, so the run is no longer the same run.
+    run(cfg(tiny_lm_ckpt, rm_ckpt, prompts, steps=1, checkpoint_every=1), tmp_path, [].append)
+    with pytest.raises(ConfigError, match="ema_decay"):
+        run(cfg(tiny_lm_ckpt, rm_ckpt, prompts, steps=2, ema_decay=0.9), tmp_path, [].append)
+    more = []
+    assert run(cfg(tiny_lm_ckpt, rm_ckpt, prompts, steps=2, temperature=0.7), tmp_path, more.append) == "completed"
+    assert any("'temperature' changed on resume" in e["message"] for e in more if e["type"] == "log")
