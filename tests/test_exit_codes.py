@@ -29,6 +29,8 @@ def workbench(capsys, *argv) -> tuple[int, str, str]:
     (["batches", "--project", "{tmp}/p/workbench.toml"], "workbench.toml is a file, not a project folder"),
     (["run", "pretrain", "--run-dir", "{tmp}/p/workbench.toml"], "workbench.toml is a file, not a run folder"),
     (["rank", "--project", "{tmp}/p", "--batch", "1", "--annotator", "al\udce9"], "an argument is not UTF-8 text"),
+    (["rank", "--project", "{tmp}/p", "--batch", "1", "--annotator", "al", "--repeats", "2"],
+     "--repeats is a fraction of the items, from 0 to 1, got 2"),
 ])
 def test_workbench_commands_refuse_with_2_on_stderr(tmp_path, capsys, argv, reason):
     (tmp_path / "p").mkdir()

@@ -284,6 +284,8 @@ def cmd_rank(args) -> int:
     from workbench.annotation import AnnotationSession
 
     (args.annotator or "").encode("utf-8")      # a name the store cannot keep, before opening it
+    if args.repeats is not None and not 0.0 <= args.repeats <= 1.0:
+        raise CliError(f"--repeats is a fraction of the items, from 0 to 1, got {args.repeats:g}")
     with open_store(args.project) as store:
         batch = store.batch(args.batch)
         if args.simulated:
