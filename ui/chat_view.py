@@ -24,7 +24,7 @@ from PySide6.QtWidgets import (QCheckBox, QHBoxLayout, QLabel, QPlainTextEdit, Q
                                QVBoxLayout, QWidget)
 
 from engine.chat import ChatSession
-from ui.chat_widgets import (Banner, Checkpoints, CheckpointPicker, PromptEdit, button,
+from ui.chat_widgets import (EMPTY_ANSWER, Banner, Checkpoints, CheckpointPicker, PromptEdit, button,
                              error_text, input_row, tokens)
 from ui.sampling_controls import SamplingControls
 from ui.workers import Worker
@@ -102,8 +102,7 @@ class Transcript(QTextBrowser):
             elif e.role == "system":
                 body = f'<i>{_body(e.text)}</i>'
             elif not e.text.strip() and not e.streaming:
-                # The model ended its answer at once: said so, not a blank box that looks broken.
-                body = f'<i style="color:{muted}">(empty answer: the model ended it at once)</i>'
+                body = f'<i style="color:{muted}">{EMPTY_ANSWER}</i>'
             else:
                 body = _body(e.text)
             if e.streaming:

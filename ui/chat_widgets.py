@@ -38,6 +38,10 @@ def tokens(n: int) -> str:
     return f"{n} token{'' if n == 1 else 's'}"
 
 
+# What an answer the model ended at once shows, in Chat and Compare: a blank box looks broken.
+EMPTY_ANSWER = "(empty answer: the model ended it at once)"
+
+
 def error_text(text: str) -> str:
     """The Worker's 'Type: message' without the type where the message is written for users."""
     for prefix in ("ModelCacheError: ", "OutOfMemory: ", "ConfigError: "):

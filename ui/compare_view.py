@@ -25,8 +25,8 @@ from PySide6.QtWidgets import (QCheckBox, QFrame, QGridLayout, QHBoxLayout, QLab
                                QPlainTextEdit, QSplitter, QVBoxLayout, QWidget)
 
 from engine.chat import ChatSession
-from ui.chat_widgets import (Banner, Checkpoints, CheckpointPicker, PromptEdit, button, error_text,
-                             input_row, tokens)
+from ui.chat_widgets import (EMPTY_ANSWER, Banner, Checkpoints, CheckpointPicker, PromptEdit, button,
+                             error_text, input_row, tokens)
 from ui.sampling_controls import SamplingControls
 from ui.workers import Worker
 from workbench import comparisons
@@ -161,9 +161,12 @@ class CompareView(QWidget):
         for picker in self.pickers:
             picker.pathChanged.connect(self._on_models_changed)
         self.input.escaped.connect(self.stop)
+        self._clear_panes()
+        self._update()
+
+    def _clear_panes(self) -> None:
         for side in SIDES:
             self.panes[side].reset("Left" if side == "left" else "Right", "")
-        self._update()
 
     def _layout(self) -> None:
         models = QGridLayout()
@@ -311,8 +314,8 @@ class CompareView(QWidget):
             self.panes[side].stats.setText(run.error)
             return
         run.reply = reply
-        if not reply.text.strip():      # not a blank pane that looks broken
-            self.panes[side].text.setPlaceholderText("(empty answer: the model ended it at once)")
+        if not reply.text.strip():
+            self.panes[side].text.setPlaceholderText(EMPTY_ANSWER)
         rate = reply.n_tokens / reply.seconds if reply.seconds > 0 else 0.0
         self.panes[side].stats.setText(f"{tokens(reply.n_tokens)} · {rate:.1f} tokens/s"
                                        + (" · stopped" if reply.stopped else ""))
@@ -340,8 +343,7 @@ class CompareView(QWidget):
         (in a blind round they would even name two models that are no longer the pair)."""
         if self.round is not None and not self.busy:
             self.round = None
-            for side in SIDES:
-                self.panes[side].reset("Left" if side == "left" else "Right", "")
+            self._clear_panes()
             self.status.setText("Send a prompt to compare these two models.")
         self._update()
 

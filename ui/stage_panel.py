@@ -189,8 +189,7 @@ class StagePanel(QWidget):
         self.run_combo.addItem(NEW_RUN, "")
         for r in self.ctx.run_list(self.stage):
             # A job just launched is running before the run index has read its start event.
-            job = self.ctx.job_for(r.name)
-            status = "running" if job is not None and job.running else r.status
+            status = "running" if self._running_job(r.name) is not None else r.status
             self.run_combo.addItem(f"{r.name} — {status}", r.name)
         widen_popup(self.run_combo)
         i = self.run_combo.findData(current)
@@ -486,7 +485,10 @@ class StagePanel(QWidget):
             return None
 
     def _live_job(self):
-        job = self.ctx.job_for(self.run.name) if self.run is not None else None
+        return self._running_job(self.run.name) if self.run is not None else None
+
+    def _running_job(self, name: str):
+        job = self.ctx.job_for(name)
         return job if job is not None and job.running else None
 
     def _update_buttons(self) -> None:

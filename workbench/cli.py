@@ -97,9 +97,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_import_model(args) -> int:
+    from engine.hf_import import find_source
     from workbench.project import Project, ProjectError
     source = Path(args.source).expanduser()
-    from engine.hf_import import find_source
     values = {"source": str(source.resolve()) if source.exists() else args.source,
               "dtype": args.dtype, "chat_template": args.chat_template}
     try:
