@@ -98,7 +98,7 @@ def encode_ranking(tok, r: Ranking, max_len: int) -> Encoded:
     for j, a in enumerate(r.answers):
         ids, mask = tok.render_chat(context + [{"role": "assistant", "content": a}])
         mask = [0] * start + mask[start:]       # earlier assistant turns are context here
-        ids, mask, cut = fit(ids, mask, max_len)
+        ids, mask, cut = fit(ids, mask, max_len, tok.scaffold_ids, tok.stop_ids)
         out.append(Example(ids, mask, f"{r.where} answer {j}", truncated=cut != CUT_NOTHING))
     return Encoded(r, out)
 

@@ -274,6 +274,7 @@ class HFTokenizer(TextCodec):
         self._register_named_tokens()
         self._added = {i: t.content for i, t in tk.get_added_tokens_decoder().items()}
         self.special_ids = frozenset(self._added)
+        self._scaffold: frozenset[int] | None = None
         self._text = self._plain_text_copy()
         self._vocab_size = max(tk.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self._newline_ids = tk.encode("\n", add_special_tokens=False).ids
@@ -456,6 +457,31 @@ class HFTokenizer(TextCodec):
                     add_generation_prompt: bool = False) -> str:
         """The template's text for a conversation, as apply_chat_template(tokenize=False)."""
         return self._render(check_messages(messages), add_generation_prompt)
+
+    @property
+    def scaffold_ids(self) -> frozenset[int]:
+        """The chat template's own tokens: its special tokens and the text it writes around the
+        contents (role names, newlines, a default system prompt). A prompt cut down to these
+        has lost every word of its messages."""
+        if self._scaffold is None:
+            self._scaffold = frozenset(self.special_ids | self._template_text_ids())
+        return self._scaffold
+
+    def _template_text_ids(self) -> set[int]:
+        if self._template is None:
+            return set()
+        mark = _markers("")[0]
+        turns = [{"role": r, "content": mark} for r in ("user", "assistant", "user")]
+        found: set[int] = set()
+        # with and without a system turn: some templates write a default one, some refuse one
+        for msgs in (turns, [{"role": "system", "content": mark}] + turns):
+            try:
+                text = self._render(msgs, True)
+            except ValueError:
+                continue
+            enc = self._tk.encode(text, add_special_tokens=False)
+            found.update(i for i, (a, b) in zip(enc.ids, enc.offsets) if mark not in text[a:b])
+        return found
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]],
                     add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:

@@ -183,7 +183,7 @@ def encode_answer(tok: Tokenizer, prompt: Prompt, answer: str, max_len: int) -> 
     # the score is read at the end token itself, where a rollout's answer ends.
     last = max((i for i, m in enumerate(mask) if m), default=len(ids) - 1)
     ids, mask = ids[:last + 1], mask[:last + 1]
-    ids, _mask, cut = fit(ids, mask, max_len)
+    ids, _mask, cut = fit(ids, mask, max_len, tok.scaffold_ids, tok.stop_ids)
     if cut and ids[-1] != tok.end_id:
         ids[-1] = tok.end_id  # the answer's tail was cut: the score is still read at an end token
     return ids, cut

@@ -204,17 +204,19 @@ CUT_NOTHING, CUT_AFTER, CUT_PROMPT, CUT_WHOLE_PROMPT, CUT_ANSWER = (
 DAMAGED = (CUT_WHOLE_PROMPT, CUT_ANSWER)   # samples that teach an answer to no question, or half one
 
 
-def fit(ids: list[int], mask: list[int], max_len: int,
-        special: frozenset[int] = frozenset()) -> tuple[list[int], list[int], str]:
+def fit(ids: list[int], mask: list[int], max_len: int, scaffold: frozenset[int] = frozenset(),
+        ends: Iterable[int] = ()) -> tuple[list[int], list[int], str]:
     """Cut a rendered conversation to `max_len` tokens; returns (ids, mask, what was cut), the
     last one of the CUT_ values ("" when nothing was: it is falsy).
 
     What goes, in order: turns after the last answer (they carry no target); then prompt
     tokens from the middle of the prompt (earlier turns count as prompt), so its start (the
     instruction, a system prompt) and its end (the question right before the answer) both stay,
-    with <|bos|> and the role token that opens the last answer; and only when that answer alone
-    does not fit, the answer's tail. Tokens in `special` (the template's) are not the prompt's
-    words when deciding whether all of them went.
+    with the first token and the header that opens the last answer; and only when that answer
+    alone does not fit, the answer's tail. `scaffold` holds the template's own tokens (special
+    tokens, role names, the newlines it writes): the answer's header is the run of them before
+    it, back to the end of the previous turn (a token of `ends`), and a prompt that keeps only
+    them has lost every word. Without them the header is the one token before the answer.
     """
     if len(ids) <= max_len:
         return ids, mask, CUT_NOTHING
@@ -225,7 +227,7 @@ def fit(ids: list[int], mask: list[int], max_len: int,
     start = targets[-1]
     while start > 1 and mask[start - 1]:
         start -= 1
-    role = [start - 1] if start >= 2 else []     # the <|assistant|> that opens the answer
+    role = _answer_header(ids, start, scaffold, frozenset(ends))
     middle = list(range(1, start - len(role)))
     answer = list(range(start, targets[-1] + 1))
     room = max_len - 1 - len(role) - len(answer)  # prompt tokens that still fit
@@ -235,10 +237,26 @@ def fit(ids: list[int], mask: list[int], max_len: int,
         head = (room + 1) // 2
         kept = middle[:head] + middle[len(middle) - (room - head):]
         keep = [0] + kept + role + answer
-        what = CUT_PROMPT if any(ids[i] not in special for i in kept) else CUT_WHOLE_PROMPT
+        what = CUT_PROMPT if any(ids[i] not in scaffold for i in kept) else CUT_WHOLE_PROMPT
     else:
         keep, what = ([0] + role + answer)[:max_len], CUT_ANSWER
     return [ids[i] for i in keep], _context_only_if_cut(mask, keep, start), what
+
+
+MAX_HEADER = 16     # a template's answer header is a few tokens; more means the run is content
+
+
+def _answer_header(ids: list[int], start: int, scaffold: frozenset[int],
+                   ends: frozenset[int]) -> list[int]:
+    """Positions of the tokens that open the answer at `start`: ours is <|assistant|> alone,
+    ChatML's "<|im_start|>assistant\n", Llama 3's "<|start_header_id|>assistant<|end_header_id|>\n\n"."""
+    if start < 2:
+        return []
+    first = start - 1
+    while (first > 1 and start - first < MAX_HEADER and ids[first - 1] in scaffold
+           and ids[first - 1] not in ends):
+        first -= 1
+    return list(range(first, start))
 
 
 def _context_only_if_cut(mask: list[int], keep: list[int], last_answer: int) -> list[int]:
@@ -326,11 +344,10 @@ def render(records: list[Record], tok: Tokenizer, max_len: int,
     refused with the rest of them as one SFTDataError ("refuse"), or kept ("keep")."""
     if too_long not in TOO_LONG:
         raise ValueError(f"too_long must be one of {', '.join(TOO_LONG)}, got {too_long!r}")
-    special = tok.special_ids
     kept, truncated, prompt_lost, answer_cut, empty = [], [], [], [], []
     for r in records:
         ids, mask = tok.render_chat(r.messages)
-        ids, mask, cut = fit(ids, mask, max_len, special)
+        ids, mask, cut = fit(ids, mask, max_len, tok.scaffold_ids, tok.stop_ids)
         ex = Example(ids, mask, r.where, bool(cut))
         if cut:
             truncated.append(r.where)

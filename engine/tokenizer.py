@@ -100,6 +100,7 @@ class Tokenizer(TextCodec):
         self.role_ids = {"system": self.system_id, "user": self.user_id,
                          "assistant": self.assistant_id}
         self.special_ids = frozenset(range(len(SPECIAL_TOKENS)))
+        self.scaffold_ids = self.special_ids   # the template writes nothing but special tokens
         # Any special token ends a reply: a model that writes <|user|> has begun the next turn.
         self.stop_ids = tuple(range(len(SPECIAL_TOKENS)))
         self.adds_bos = True        # pretraining puts <|bos|> before each document

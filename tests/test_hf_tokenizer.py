@@ -304,3 +304,32 @@ def test_workbench_template_renders_our_chat():
         if messages is not forged:
             assert fast.apply_chat_template(messages, add_generation_prompt=gen,
                                             return_dict=False) == expected[0]
+
+
+def test_a_cut_prompt_keeps_the_whole_answer_header_and_knows_when_every_word_went(family):
+    """SFT's fit on an imported template: the header that opens the answer survives the cut whole
+    (ChatML's "<|im_start|>assistant\\n", Llama 3's header and blank line), and a prompt cut down
+    to the template's own text (role names, a default system prompt) counts as lost."""
+    from engine.sft_data import CUT_PROMPT, CUT_WHOLE_PROMPT, fit
+    name, _, tok, _ = family
+    question, answer = "What is two plus two? " * 12, "It is four."
+    msgs = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    text = tok.render_text(msgs, False)
+    end = FAMILIES[name]["end"]
+    between = text[text.index(question.rstrip()) + len(question.rstrip()):text.index(answer)]
+    header = between[between.index(end) + len(end):]
+    ids, mask = tok.render_chat(msgs)
+    answer_ids = ids[mask.index(1):len(mask) - mask[::-1].index(1)]
+    n_answer = len(answer_ids)
+    whole = []
+    for max_len in range(len(ids) - 1, n_answer, -1):
+        kept, kmask, what = fit(ids, mask, max_len, tok.scaffold_ids, tok.stop_ids)
+        first = kmask.index(1)
+        if kept[first:] != answer_ids:     # the answer itself no longer fits
+            break
+        assert tok.decode(kept[:first]).endswith(header), (max_len, tok.decode(kept))
+        whole.append(what)
+    # the shortest cuts that keep the answer keep two prompt tokens or fewer: the template's
+    assert whole[-3:] == [CUT_WHOLE_PROMPT] * 3, whole
+    short = fit(ids, mask, len(ids) - 3, tok.scaffold_ids, tok.stop_ids)
+    assert short[2] == CUT_PROMPT and "two" in tok.decode(short[0])

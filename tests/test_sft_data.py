@@ -116,28 +116,28 @@ SPECIAL = frozenset({1, 2, 3, 4, 5})
 
 
 def test_fit_leaves_a_sample_that_fits_alone():
-    assert fit(IDS, MASK, 14, SPECIAL) == (IDS, MASK, "")
+    assert fit(IDS, MASK, 14, SPECIAL, SPECIAL) == (IDS, MASK, "")
 
 
 def test_fit_cuts_the_middle_of_the_prompt_keeping_its_start_and_end():
-    ids, mask, cut = fit(IDS, MASK, 10, SPECIAL)
+    ids, mask, cut = fit(IDS, MASK, 10, SPECIAL, SPECIAL)
     assert cut == "prompt"
     assert ids == [1, 3, 50, 2, 63, 2, 5, 70, 71, 2]       # the system turn and "d" stay
     assert mask == [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
     # the words of the prompt may all go, but bos and the role token opening the answer stay
-    assert fit(IDS, MASK, 6, SPECIAL) == ([1, 3, 5, 70, 71, 2], [0, 0, 0, 1, 1, 1], "whole prompt")
-    assert fit(IDS, MASK, 5, SPECIAL) == ([1, 5, 70, 71, 2], [0, 0, 1, 1, 1], "whole prompt")
+    assert fit(IDS, MASK, 6, SPECIAL, SPECIAL) == ([1, 3, 5, 70, 71, 2], [0, 0, 0, 1, 1, 1], "whole prompt")
+    assert fit(IDS, MASK, 5, SPECIAL, SPECIAL) == ([1, 5, 70, 71, 2], [0, 0, 1, 1, 1], "whole prompt")
 
 
 def test_fit_cuts_the_answer_tail_only_when_the_answer_alone_does_not_fit():
-    assert fit(IDS, MASK, 4, SPECIAL) == ([1, 5, 70, 71], [0, 0, 1, 1], "answer")
-    assert fit(IDS, MASK, 3, SPECIAL) == ([1, 5, 70], [0, 0, 1], "answer")
+    assert fit(IDS, MASK, 4, SPECIAL, SPECIAL) == ([1, 5, 70, 71], [0, 0, 1, 1], "answer")
+    assert fit(IDS, MASK, 3, SPECIAL, SPECIAL) == ([1, 5, 70], [0, 0, 1], "answer")
 
 
 def test_fit_drops_turns_after_the_last_answer_first():
     ids, mask = IDS + [4, 80, 81, 2], MASK + [0, 0, 0, 0]
-    assert fit(ids, mask, 15, SPECIAL) == (IDS, MASK, "after the answer")
-    assert fit(ids, mask, 12, SPECIAL) == ([1, 3, 50, 2, 4, 62, 63, 2, 5, 70, 71, 2],
+    assert fit(ids, mask, 15, SPECIAL, SPECIAL) == (IDS, MASK, "after the answer")
+    assert fit(ids, mask, 12, SPECIAL, SPECIAL) == ([1, 3, 50, 2, 4, 62, 63, 2, 5, 70, 71, 2],
                                            [0] * 9 + [1, 1, 1], "prompt")
 
 
@@ -145,16 +145,16 @@ def test_fit_keeps_the_last_answer_of_a_multi_turn_conversation():
     # bos user q end asst A end user q2 end asst B C end
     ids = [1, 4, 60, 2, 5, 70, 2, 4, 61, 2, 5, 71, 72, 2]
     mask = [0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 1]
-    assert fit(ids, mask, 9, SPECIAL) == ([1, 4, 60, 61, 2, 5, 71, 72, 2],
+    assert fit(ids, mask, 9, SPECIAL, SPECIAL) == ([1, 4, 60, 61, 2, 5, 71, 72, 2],
                                           [0, 0, 0, 0, 0, 0, 1, 1, 1], "prompt")
     # an earlier answer that lost a token is context, not target
-    assert fit(ids, mask, 13, SPECIAL) == ([1, 4, 60, 2, 5, 2, 4, 61, 2, 5, 71, 72, 2],
+    assert fit(ids, mask, 13, SPECIAL, SPECIAL) == ([1, 4, 60, 2, 5, 2, 4, 61, 2, 5, 71, 72, 2],
                                            [0] * 10 + [1, 1, 1], "prompt")
     # ... and one that lost its role token; a whole one stays a target
     ids = [1, 4, 60, 61, 62, 63, 64, 65, 2, 5, 70, 2, 4, 66, 2, 5, 71, 2]
     mask = [0] * 10 + [1, 1] + [0] * 4 + [1, 1]
-    assert fit(ids, mask, 17, SPECIAL) == (ids[:8] + ids[9:], mask[:8] + mask[9:], "prompt")
-    assert fit(ids, mask, 15, SPECIAL) == (ids[:7] + ids[10:], [0] * 13 + [1, 1], "prompt")
+    assert fit(ids, mask, 17, SPECIAL, SPECIAL) == (ids[:8] + ids[9:], mask[:8] + mask[9:], "prompt")
+    assert fit(ids, mask, 15, SPECIAL, SPECIAL) == (ids[:7] + ids[10:], [0] * 13 + [1, 1], "prompt")
 
 
 def test_targets_are_exactly_the_assistant_tokens_shifted_by_one(tok):
