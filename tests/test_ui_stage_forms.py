@@ -18,8 +18,9 @@ def project(demo_project):
     return demo_project
 
 
-def fake_run(project: Path, name: str, config: dict, steps: int, seconds: float, checkpoint: Path | None = None):
-    """A finished run folder as a stage leaves it (config, events, maybe a checkpoint)."""
+def fake_run(project: Path, name: str, config: dict, steps: int, seconds: float, checkpoint: Path | None = None,
+             metrics: dict | None = None):
+    """A finished run folder as a stage leaves it (config, events, maybe metrics and a checkpoint)."""
     run = project / "runs" / name
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(config))
@@ -27,10 +28,27 @@ def fake_run(project: Path, name: str, config: dict, steps: int, seconds: float,
     events = [{"type": "start", "stage": name.split("-")[0], "pid": 1, "time": t0},
               {"type": "progress", "step": steps, "total": steps, "elapsed_s": seconds, "time": t0 + seconds},
               {"type": "done", "status": "completed", "error": None, "time": t0 + seconds}]
+    if metrics:
+        events.insert(1, {"type": "metrics", "step": steps, "time": t0 + seconds, **metrics})
     (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     if checkpoint is not None:
         shutil.copytree(checkpoint / "checkpoints", run / "checkpoints")
     return run
+
+
+def test_a_long_sidebar_state_wraps_instead_of_losing_its_warning(qtbot, project, make_window):
+    run = fake_run(project, "reward-20260101-000000", {}, 10, 5.0, metrics={"val/accuracy": 0.5})
+    (run / "summary.json").write_text(json.dumps({"val_rankings": 1}))
+    w = make_window(project, show=True)
+    w.resize(1000, 700)
+    assert sidebar_text(w, "reward") == "Reward model\ncompleted · val acc 50.0% (only 1 held out)"
+    from ui.main_window import SIDEBAR
+    rows = {k: w.sidebar.visualItemRect(w.sidebar.item(i)) for i, (k, _) in enumerate(SIDEBAR)}
+    one_line = w.sidebar.fontMetrics().lineSpacing()
+    # every word of it is on screen: the item is a line taller than a two-line one (SFT's)
+    assert rows["reward"].height() >= rows["sft"].height() + one_line - 1
+    assert w.sidebar.fontMetrics().horizontalAdvance("completed · val acc 50.0% (only 1 held out)") \
+        > rows["reward"].width() - w.sidebar.iconSize().width()
 
 
 def test_intervals_follow_max_steps_unless_set_by_hand(qtbot, project, make_window):

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from PySide6.QtCore import QSettings, QSize, Qt, QTimer, QUrl, Signal
 from PySide6.QtGui import QAction, QDesktopServices, QKeySequence
-from PySide6.QtWidgets import (QFileDialog, QInputDialog, QLabel, QListWidget, QListWidgetItem, QMainWindow,
-                               QMessageBox, QSplitter, QStackedWidget, QTabWidget, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QFileDialog, QInputDialog, QLabel, QListView, QListWidget, QListWidgetItem,
+                               QMainWindow, QMessageBox, QSplitter, QStackedWidget, QTabWidget, QVBoxLayout,
+                               QWidget)
 
 from engine.runio import format_duration
 from workbench import stages
@@ -63,10 +64,13 @@ class MainWindow(QMainWindow):
         self.sidebar.setIconSize(QSize(22, 22))
         self.sidebar.setSpacing(2)
         self.sidebar.setMinimumWidth(210)
+        # A stage's state line may be longer than the column ("val acc 50.0% (only 1 held out)"):
+        # it wraps onto a third line rather than being cut where its warning starts.
+        self.sidebar.setWordWrap(True)
+        self.sidebar.setResizeMode(QListView.ResizeMode.Adjust)
         for key, label in SIDEBAR:
             item = QListWidgetItem(page_icon(key), label)
             item.setData(Qt.ItemDataRole.UserRole, key)
-            item.setSizeHint(QSize(200, 46))
             self.sidebar.addItem(item)
         self.sidebar.currentRowChanged.connect(self._on_stage_chosen)
         self.lineage = QLabel()
