@@ -30,7 +30,7 @@ from engine.jsonl import read_jsonl
 from engine.runio import InputProblems
 from engine.sft_data import fit
 from engine.tokenizer import ROLES, Tokenizer
-from engine.transcripts import split_transcripts
+from engine.transcripts import same_answer, split_transcripts
 
 Prompt = Union[str, list]
 
@@ -115,6 +115,10 @@ def parse_record(rec: Any, where: str, problems: list[str]) -> Ranking | None:
                 problems.append(f"{where}: field '{key}': " + ("missing" if v is None else "expected a string"))
                 return None
             texts.append(v)
+        same = same_answer(*texts)
+        if same:
+            problems.append(f"{where}: {same}")
+            return None
         return Ranking(prompt, texts, [[0], [1]], where)
     answers, groups = rec.get("answers"), rec.get("ranking")
     # An empty answer is allowed: a model that stops at once gave one, and it can be ranked.

@@ -22,6 +22,14 @@ def split_transcript(text: str) -> list[tuple[str, str]]:
             for who, body in zip(parts[1::2], parts[2::2])]
 
 
+def same_answer(chosen: str, rejected: str) -> str | None:
+    """What is wrong with a pair whose two answers are one text (it trains nothing, and would
+    count as a coin toss in held-out accuracy), or None."""
+    if chosen == rejected:
+        return "'chosen' and 'rejected' are the same answer, so the pair holds no preference"
+    return None
+
+
 def split_transcripts(chosen: str, rejected: str) -> tuple[list[dict], list[str]]:
     """(the shared conversation as messages, ending with the user's turn; [chosen answer,
     rejected answer]) of a transcript pair. ValueError says what is wrong."""
@@ -39,6 +47,7 @@ def split_transcripts(chosen: str, rejected: str) -> tuple[list[dict], list[str]
     if not turns or turns[-1][0] != "user":
         raise ValueError("the conversation before the final answer must end with a 'Human:' turn")
     answers = [chosen[cut_c + len(ASSISTANT):].strip(), rejected[cut_r + len(ASSISTANT):].strip()]
-    if answers[0] == answers[1]:
-        raise ValueError("'chosen' and 'rejected' end with the same answer")
+    same = same_answer(*answers)
+    if same:
+        raise ValueError(same)
     return [{"role": role, "content": body} for role, body in turns], answers

@@ -171,6 +171,10 @@ def test_bad_fields_give_one_line_each_and_nothing_is_written(tmp_path, fresh):
         {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}],
          "chosen": "a", "rejected": "b"},
         {"prompt": [{"role": "human", "content": "q"}], "chosen": "a", "rejected": "b"},
+        {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
+         "rejected": [{"role": "assistant", "content": "a"}]},
+        {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+         "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
     ])
     pq.write_table(pyarrow.Table.from_pylist([{"prompt": "q", "chosen": "a", "rejected": "b"},
                                               {"prompt": "q", "chosen": None, "rejected": "b"}]),
@@ -203,7 +207,9 @@ def test_bad_fields_give_one_line_each_and_nothing_is_written(tmp_path, fresh):
                "share the conversation up to the final answer)",
                f"{msgs}:4: field 'prompt' must end with a user turn (the answers reply to it)",
                f"{msgs}:5: field 'prompt': message 0: field 'role' must be one of system, user, "
-               "assistant, got 'human'"],
+               "assistant, got 'human'",
+               f"{msgs}:6: 'chosen' and 'rejected' are the same answer, so the pair holds no preference",
+               f"{msgs}:7: 'chosen' and 'rejected' are the same answer, so the pair holds no preference"],
         parquet: [f"{parquet}:row 2: field 'chosen' must be a string"],
         ls: [f"{ls}:record 1: field 'annotations[0].result[0].value.selected' must be 'left' or "
              "'right', got 'middle'",

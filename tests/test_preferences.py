@@ -175,6 +175,7 @@ def test_bad_records_are_listed_with_file_and_line(tmp_path, store):
         {"prompt": "p", "answers": ["a", "b"], "ranking": [0, 1], "scores": [9, 1],
          "flags": [["rude"], []], "simulated": "no"},
         {"prompt": "p", "chosen": "a", "rejected": "b", "messages": [{"role": "user"}]},
+        {"prompt": "p", "chosen": "same", "rejected": "same"},
     ])
     with pytest.raises(InputError) as e:
         import_preferences(store, path)
@@ -185,7 +186,7 @@ def test_bad_records_are_listed_with_file_and_line(tmp_path, store):
         f"{path}:5: 'chosen' and 'rejected' differ before their last '\\n\\nAssistant:' "
         "(they must share the conversation up to the final answer)",
         f"{path}:6: field 'chosen' has no '\\n\\nAssistant:' turn",
-        f"{path}:7: 'chosen' and 'rejected' end with the same answer",
+        f"{path}:7: 'chosen' and 'rejected' are the same answer, so the pair holds no preference",
         f"{path}:8: not a preference record: expected {{prompt, answers, ranking}}, "
         "{prompt, chosen, rejected} or {chosen, rejected} transcripts",
         f"{path}:9: field 'flags[0]' must be a list of flags from fails_instruction, "
@@ -194,11 +195,12 @@ def test_bad_records_are_listed_with_file_and_line(tmp_path, store):
         f"{path}:9: field 'simulated' must be true or false",
         f"{path}:10: field 'messages' must be a non-empty list of {{role, content}} with role one "
         "of system, user, assistant",
+        f"{path}:11: 'chosen' and 'rejected' are the same answer, so the pair holds no preference",
     ]
     assert store.batches() == []
     # "skip" imports the good record and reports the rest.
     result = import_preferences(store, path, on_error="skip")
-    assert (result.records, len(result.skipped)) == (1, 11)   # problems, three on line 9
+    assert (result.records, len(result.skipped)) == (1, 12)   # problems, three on line 9
 
 
 def test_many_bad_records_are_capped_in_the_message(tmp_path, store):

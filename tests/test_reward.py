@@ -50,12 +50,13 @@ def test_bad_records_are_listed_with_file_line_and_field(tmp_path):
         json.dumps({"prompt": "p", "answers": ["a", "b", "c"], "ranking": [[0], [1], [1]]}),
         json.dumps({"prompt": "p", "chosen": "a"}),
         json.dumps({"prompt": "p", "answers": ["a", "b"], "ranking": [[0, 1]]}),
+        json.dumps({"prompt": "p", "chosen": "a", "rejected": "a"}),
     ]) + "\n")
     with pytest.raises(PreferenceDataError) as e:
         read_rankings([f])
     msg = str(e.value)
     for line, field in [(2, "malformed JSON"), (3, "'prompt'"), (4, "'ranking'"), (5, "'rejected'"),
-                        (6, "all answers tied")]:
+                        (6, "all answers tied"), (7, "the pair holds no preference")]:
         assert f"prefs.jsonl:{line}: " in msg and field in msg
     assert "prefs.jsonl:1:" not in msg
 

@@ -41,6 +41,7 @@ from typing import Any, Iterable, Iterator
 from engine.fsutil import atomic_write_bytes, atomic_write_text
 from engine.jsonl import BOM, is_gzip, read_jsonl
 from engine.tokenizer import check_messages
+from engine.transcripts import same_answer
 from workbench.preferences import (Record, _index_groups, _ranked, _write_jsonl, pair_records,
                                    parse_record)
 from workbench.store import MAX_K, MIN_K, Item, Ranking, Store
@@ -192,10 +193,12 @@ def _hf_messages(rec: dict, where) -> tuple[list[Record], list[str]]:
         if chosen[:-1] != rejected[:-1]:
             return [], ["'chosen' and 'rejected' differ before their last message (they must "
                         "share the conversation up to the final answer)"]
-        return _kway(where, chosen[:-1], "chosen", [chosen[-1]["content"],
-                                                     rejected[-1]["content"]], [[0], [1]], **who)
+        answers = [chosen[-1]["content"], rejected[-1]["content"]]
+        same = same_answer(*answers)
+        return ([], [same]) if same else _kway(where, chosen[:-1], "chosen", answers, [[0], [1]], **who)
     turns = _turns(rec["prompt"], "prompt", problems)
     answers = [_completion(rec.get(k), k, problems) for k in ("chosen", "rejected")]
+    problems += [p for p in [same_answer(*answers)] if p and not problems]
     if problems:
         return [], problems
     return _kway(where, turns, "prompt", answers, [[0], [1]], **who)

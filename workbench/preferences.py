@@ -38,7 +38,7 @@ from typing import Iterable, Iterator
 
 from engine.fsutil import atomic_write_text
 from engine.tokenizer import ROLES
-from engine.transcripts import split_transcripts
+from engine.transcripts import same_answer, split_transcripts
 from workbench.store import (FLAGS, MAX_K, MIN_K, InputError, Item, RankingError, Ranking, Store,
                              check_ordering)
 
@@ -283,6 +283,7 @@ def parse_record(rec, line: int) -> tuple[Record | None, list[str]]:
         prompt = _text(rec, "prompt", problems)
         answers = [_text(rec, "chosen", problems, empty_ok=True),
                    _text(rec, "rejected", problems, empty_ok=True)]
+        problems += [p for p in [same_answer(*answers)] if p and not problems]
         ranking, flags, scores = [[0], [1]], None, None
     elif "chosen" in rec and "rejected" in rec:
         got = _from_transcripts(rec, problems)
