@@ -35,24 +35,27 @@ class Loaded:
         return tokenizer_files(self.tokenizer_path)
 
 
-def check_compatible(model: Transformer, tok: Tokenizer, state: dict, field: str = "tokenizer") -> None:
+def check_compatible(model: Transformer, tok: Tokenizer, state: dict, field: str, tok_path: Path,
+                     ck: Path) -> None:
+    """Refuse a tokenizer that was not the checkpoint's, naming both files."""
     vocab = model.config.vocab_size
     if isinstance(tok, Tokenizer):
         if tok.vocab_size != vocab:
-            raise ConfigError(field, f"tokenizer has {tok.vocab_size} tokens but the checkpoint's model "
+            raise ConfigError(field, f"{tok_path} has {tok.vocab_size} tokens but the model in {ck} "
                                      f"has {vocab}: they were not trained together")
         for i, name in enumerate(SPECIAL_TOKENS):
             if tok.id_to_token(i) != name:
-                raise ConfigError(field, f"special token {i} is {tok.id_to_token(i)!r}, expected {name!r}")
+                raise ConfigError(field, f"{tok_path}: special token {i} is {tok.id_to_token(i)!r}, "
+                                         f"expected {name!r}")
     elif tok.vocab_size > vocab:
         # An imported model's embedding often has spare rows past its tokenizer (Qwen's 151936
         # for 151665 tokens); fewer rows than tokens is a mismatch.
-        raise ConfigError(field, f"tokenizer has {tok.vocab_size} tokens but the checkpoint's model "
+        raise ConfigError(field, f"{tok_path} has {tok.vocab_size} tokens but the model in {ck} "
                                  f"has only {vocab} embedding rows: they do not belong together")
     want = state.get("tokenizer_fingerprint")
     if want and want != tok.fingerprint():
-        raise ConfigError(field, "tokenizer differs from the one the checkpoint was trained with "
-                                 f"(fingerprint {tok.fingerprint()[:12]} vs {want[:12]})")
+        raise ConfigError(field, f"{tok_path} differs from the tokenizer the model in {ck} was trained "
+                                 f"with (fingerprint {tok.fingerprint()[:12]} vs {want[:12]})")
 
 
 def load_artifact(path: str | os.PathLike, *, tokenizer: Optional[str | os.PathLike] = None,
@@ -80,7 +83,7 @@ def load_artifact(path: str | os.PathLike, *, tokenizer: Optional[str | os.PathL
         tok = load_tokenizer(tok_path)
     except (OSError, ValueError) as e:
         raise ConfigError(tok_field, f"cannot load a tokenizer from {tok_path}: {e}") from None
-    check_compatible(model, tok, state, tok_field)
+    check_compatible(model, tok, state, tok_field, tok_path, ck)
     return Loaded(model, tok, ck, state, tok_path)
 
 

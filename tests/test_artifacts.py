@@ -42,9 +42,11 @@ def test_a_different_tokenizer_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_artifact(tmp_path, tokenizer=tmp_path / "other.json")
     assert e.value.field == "tokenizer"
+    # both files named: the tokenizer given and the checkpoint it does not belong to
+    assert str(tmp_path / "other.json") in str(e.value) and "checkpoints" in str(e.value)
     bigger = train_from_texts(TEXT, vocab_size=320)
     bigger.save(tmp_path / "bigger.json")
-    with pytest.raises(ConfigError, match="tokens but the checkpoint"):
+    with pytest.raises(ConfigError, match=r"bigger\.json has \d+ tokens but the model in .*checkpoints"):
         load_artifact(tmp_path, tokenizer=tmp_path / "bigger.json")
 
 
