@@ -121,6 +121,14 @@ def test_parent_runs_ignores_paths_outside_the_project(tmp_path):
     assert parent_runs("ppo", cfg, run, runs) == {"policy": "sft-1", "reward_model": "reward-1"}
 
 
+def test_a_reward_model_grpo_gives_no_weight_is_not_its_parent(tmp_path):
+    runs = tmp_path / "runs"
+    cfg = {"policy": "../sft-1", "reward_model": "../reward-1", "rm_weight": 0.0}
+    assert parent_runs("grpo", cfg, runs / "grpo-1", runs) == {"policy": "sft-1"}
+    cfg["rm_weight"] = 0.5
+    assert parent_runs("grpo", cfg, runs / "grpo-1", runs) == {"policy": "sft-1", "reward_model": "reward-1"}
+
+
 def test_event_tail_spreads_a_long_file_over_calls(tmp_path):
     path = tmp_path / "events.jsonl"
     lines = [json.dumps({"step": i, "pad": "x" * 50}) for i in range(1000)]

@@ -65,7 +65,7 @@ def parent_runs(stage: str, config: dict, run_dir: Path, runs_dir: Path) -> dict
     """Which runs of this project a config starts from: field -> run folder name."""
     out = {}
     parents = stages.BY_NAME[stage].parents if stage in stages.BY_NAME else ()
-    for name in (p.field for p in parents):
+    for name in (p.field for p in parents if not p.used_if or config.get(p.used_if, 1) != 0):
         value = config.get(name)
         if not isinstance(value, str) or not value:
             continue

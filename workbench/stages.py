@@ -24,6 +24,7 @@ class Parent:
     kind: str                       # tokenizer | checkpoint | reward: what the field loads
     expects: tuple[str, ...] = ()   # stages whose runs it should name; the newest is suggested
     why: str = ""                   # shown when the named run is of another stage
+    used_if: Optional[str] = None   # a weight field: at 0 the input is not read, so not a parent
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ STAGES: tuple[StageSpec, ...] = (
         parents=(Parent("policy", "checkpoint", ("sft", "ppo", "hf_import"),
                         "GRPO starts from a model that already answers (SFT, or PPO to go on from it); "
                         "a base model's answers rarely score, so its groups teach nothing"),
-                 Parent("reward_model", "reward", ("reward",)),
+                 Parent("reward_model", "reward", ("reward",), used_if="rm_weight"),
                  Parent("tokenizer", "tokenizer")),
         data=(Data("prompts", "prompts", project="prompts"),
               Data("eval_tasks", "tasks", project="eval_tasks", first_only=True, preview=False)),
