@@ -125,8 +125,14 @@ def test_a_reward_model_grpo_gives_no_weight_is_not_its_parent(tmp_path):
     runs = tmp_path / "runs"
     cfg = {"policy": "../sft-1", "reward_model": "../reward-1", "rm_weight": 0.0}
     assert parent_runs("grpo", cfg, runs / "grpo-1", runs) == {"policy": "sft-1"}
-    cfg["rm_weight"] = 0.5
+    # nor, named outside the project, an input the report lists as come from outside
+    from types import SimpleNamespace
+    from workbench.report import outside_inputs
+    run = SimpleNamespace(stage="grpo", config=dict(cfg, reward_model="/elsewhere/rm"), path=runs / "grpo-1")
+    assert outside_inputs(run) == []
+    cfg["rm_weight"] = run.config["rm_weight"] = 0.5
     assert parent_runs("grpo", cfg, runs / "grpo-1", runs) == {"policy": "sft-1", "reward_model": "reward-1"}
+    assert outside_inputs(run) == [("reward_model", "/elsewhere/rm")]
 
 
 def test_event_tail_spreads_a_long_file_over_calls(tmp_path):

@@ -177,7 +177,8 @@ def outside_inputs(run: Run) -> list[tuple[str, str]]:
     if spec is None:
         return []
     inside = parent_runs(run.stage, run.config, run.path, run.path.parent)
-    fields = [p.field for p in spec.parents if p.field not in inside] + ([spec.origin] if spec.origin else [])
+    fields = ([p.field for p in spec.parents_read(run.config) if p.field not in inside]
+              + ([spec.origin] if spec.origin else []))
     return [(f, str(run.config[f])) for f in fields if isinstance(run.config.get(f), str) and run.config[f]]
 
 

@@ -64,8 +64,8 @@ def stage_of(run_dir: Path) -> str:
 def parent_runs(stage: str, config: dict, run_dir: Path, runs_dir: Path) -> dict[str, str]:
     """Which runs of this project a config starts from: field -> run folder name."""
     out = {}
-    parents = stages.BY_NAME[stage].parents if stage in stages.BY_NAME else ()
-    for name in (p.field for p in parents if not p.used_if or config.get(p.used_if, 1) != 0):
+    parents = stages.BY_NAME[stage].parents_read(config) if stage in stages.BY_NAME else ()
+    for name in (p.field for p in parents):
         value = config.get(name)
         if not isinstance(value, str) or not value:
             continue

@@ -81,6 +81,10 @@ class StageSpec:
     def parent(self, name: str) -> Optional[Parent]:
         return next((p for p in self.parents if p.field == name), None)
 
+    def parents_read(self, config: dict) -> tuple[Parent, ...]:
+        """The inputs a run of this config reads: not one whose weight it sets to 0."""
+        return tuple(p for p in self.parents if not p.used_if or config.get(p.used_if, 1) != 0)
+
     def data_field(self, name: str) -> Optional[Data]:
         return next((d for d in self.data if d.field == name), None)
 
