@@ -10,7 +10,7 @@ import pytest
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QApplication, QDialog
 
-from ui_driver import go, press, sidebar_text, type_settings
+from ui_driver import click_tab, go, press, sidebar_text, type_settings
 
 
 @pytest.fixture
@@ -49,6 +49,20 @@ def test_a_long_sidebar_state_wraps_instead_of_losing_its_warning(qtbot, project
     assert rows["reward"].height() >= rows["sft"].height() + one_line - 1
     assert w.sidebar.fontMetrics().horizontalAdvance("completed · val acc 50.0% (only 1 held out)") \
         > rows["reward"].width() - w.sidebar.iconSize().width()
+
+
+def test_a_long_log_line_wraps_in_the_log_tab(qtbot, project, make_window):
+    run = fake_run(project, "pretrain-20260101-000000", {}, 10, 5.0)
+    message = "device cpu (2 threads), torch.float32; " + "a long path/" * 40 + " end of the line"
+    with open(run / "events.jsonl", "a") as f:
+        f.write(json.dumps({"type": "log", "message": message, "time": time.time()}) + "\n")
+    w = make_window(project, show=True)
+    w.resize(1000, 700)
+    go(qtbot, w, "pretrain")
+    panel = w.pages["pretrain"]
+    qtbot.waitUntil(lambda: "end of the line" in panel.log.toPlainText())
+    click_tab(qtbot, panel.tabs, "Log")
+    assert panel.log.isVisible() and panel.log.horizontalScrollBar().maximum() == 0
 
 
 def test_intervals_follow_max_steps_unless_set_by_hand(qtbot, project, make_window):

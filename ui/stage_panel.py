@@ -171,7 +171,8 @@ class StagePanel(QWidget):
         self.log = QPlainTextEdit()
         self.log.setReadOnly(True)
         self.log.setMaximumBlockCount(5000)
-        self.log.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
+        # Wrapped as a terminal wraps: a stage's first line (device, model, data) runs long.
+        self.log.setLineWrapMode(QPlainTextEdit.LineWrapMode.WidgetWidth)
         self.preview = DataPreview()
         self.preview.validated.connect(self._on_data_validated)
         self.tabs.addTab(self.plots, "Plots")
