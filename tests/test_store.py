@@ -346,7 +346,8 @@ def test_add_items_appends_after_the_last_position_in_one_transaction(tmp_path):
     store.close()
 
 
-def test_counts_are_batches_and_active_rankings(store):
+def test_counts_are_batches_and_the_rankings_to_train_on(store):
+    from workbench.preferences import count_for_training
     assert store.counts() == (0, 0)
     batch = make_batch(store, n_items=2, k=2)
     make_batch(store, n_items=1, k=2, name="other")
@@ -354,6 +355,10 @@ def test_counts_are_batches_and_active_rankings(store):
     sid, _ = store.session(batch, who.id)
     items = store.items(batch)
     first = store.add_ranking(sid, items[0].id, [[a] for a in items[0].answer_ids])
-    store.add_ranking(sid, items[1].id, [items[1].answer_ids])
+    store.add_ranking(sid, items[1].id, [[a] for a in items[1].answer_ids])
+    assert store.counts() == (2, 2)
+    store.add_ranking(sid, items[1].id, [[a] for a in items[1].answer_ids], is_repeat=True)
     store.withdraw_ranking(first)
-    assert store.counts() == (2, 1)
+    store.add_ranking(sid, items[0].id, [items[0].answer_ids])     # every answer tied: no pair
+    # the rankings a reward model trains on, as the reward page counts them
+    assert store.counts() == (2, 1) == (2, sum(count_for_training(store)))

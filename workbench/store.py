@@ -400,9 +400,12 @@ class Store(RunIndexTable, PackTables):
             f"JOIN annotators a ON a.id = s.annotator_id {where} ORDER BY s.id", args).fetchall()
 
     def counts(self) -> tuple[int, int]:
-        """(batches, active rankings): what the app's sidebar shows for the ranking stage."""
-        return tuple(self.conn.execute("SELECT (SELECT COUNT(*) FROM batches), (SELECT COUNT(*) "
-                                       "FROM rankings WHERE withdrawn_at IS NULL)").fetchone())
+        """(batches, rankings to train on): what the app's sidebar shows for the ranking stage,
+        the count the reward page gives too (preferences.count_for_training): active, hidden
+        repeats left out (they measure consistency), and not every answer tied (no pair)."""
+        return tuple(self.conn.execute(
+            "SELECT (SELECT COUNT(*) FROM batches), (SELECT COUNT(*) FROM rankings WHERE "
+            "withdrawn_at IS NULL AND is_repeat = 0 AND json_array_length(ordering) > 1)").fetchone())
 
     # --- a session's queue (workbench.annotation) -----------------------------------------------
 
