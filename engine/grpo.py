@@ -46,7 +46,7 @@ from engine.grpo_rewards import (Answers, FormatReward, LengthReward, RewardMode
                                  load_user_function, parse_user_spec, score_all)
 from engine.lora import LORA_FIELDS, LoRASettings, add_adapters, describe as describe_lora, reference_for, uses_lora
 from engine.ppo import check_guards, encode_prompt
-from engine.ppo_core import (AnswerStates, Rollout, build_rollout, chunks, logprobs_entropy_of, logprobs_of,
+from engine.ppo_core import (AnswerStates, Rollout, as_scored, build_rollout, chunks, logprobs_entropy_of, logprobs_of,
                              masked_mean)
 from engine.reward import load_reward_model
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
@@ -270,9 +270,11 @@ class GRPO:
 
     # --- one iteration --------------------------------------------------------------------------
     def answers(self, prompts: list[str], outs: list[list[int]], ro: Rollout) -> Answers:
-        end = self.tok.end_id
-        texts = [self.tok.decode(a[:-1] if a and a[-1] == end else a, skip_special=True) for a in outs]
-        return Answers(prompts, texts, ro.finished.tolist(), [len(a) for a in outs], ro.ids, ro.mask)
+        texts = [self.tok.decode(a[:-1] if done else a, skip_special=True)
+                 for a, done in zip(outs, ro.finished.tolist())]
+        last = (ro.mask * torch.arange(ro.ids.size(1))).argmax(1)
+        return Answers(prompts, texts, ro.finished.tolist(), [len(a) for a in outs],
+                       as_scored(ro.ids, last, ro.finished, self.tok.end_id), ro.mask)
 
     def rollout(self) -> tuple[Rollout, Answers]:
         """group_size answers to each of prompts_per_step prompts, rows grouped by prompt."""
@@ -281,9 +283,9 @@ class GRPO:
         ids = [self.encode_prompt(t) for t in texts]
         seeds = torch.randint(0, 2 ** 62, (len(ids),), generator=self.data_gen).tolist()
         outs = generate_batch(self.policy, ids, cfg.max_new_tokens, temperature=cfg.temperature, seed=seeds,
-                              stop_ids=(tok.end_id,), pad_id=tok.pad_id)
+                              stop_ids=tok.turn_end_ids, pad_id=tok.pad_id)
         self.policy.train()
-        ro = build_rollout(ids, outs, tok.end_id, tok.pad_id)
+        ro = build_rollout(ids, outs, tok.turn_end_ids, tok.pad_id)
         return ro, self.answers(texts, outs, ro)
 
     @torch.no_grad()
@@ -415,10 +417,10 @@ class GRPO:
         """Greedy answers to the probe prompts, with their total reward, as sample events."""
         tok = self.tok
         ids = [self.encode_prompt(p) for p in self.probes]
-        outs = generate_batch(self.policy, ids, self.cfg.probe_tokens, temperature=0.0, stop_ids=(tok.end_id,),
+        outs = generate_batch(self.policy, ids, self.cfg.probe_tokens, temperature=0.0, stop_ids=tok.turn_end_ids,
                               pad_id=tok.pad_id)
         self.policy.train()
-        ro = build_rollout(ids, outs, tok.end_id, tok.pad_id)
+        ro = build_rollout(ids, outs, tok.turn_end_ids, tok.pad_id)
         a = self.answers(list(self.probes), outs, ro)
         _, total = score_all(self.fns, a)
         for p, text, r, fin in zip(self.probes, a.texts, total.tolist(), a.finished):

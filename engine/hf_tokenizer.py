@@ -291,6 +291,9 @@ class HFTokenizer(TextCodec):
         self.end_id = self._find_end_id()
         stops = [self.end_id, *self._generation_eos, self.eos_id]
         self.stop_ids = tuple(dict.fromkeys(i for i in stops if i is not None))
+        # The model's own stop tokens end a turn too (Qwen's <|endoftext|>, Llama's <|eom_id|>):
+        # generation stops there, so PPO and GRPO count such an answer as finished.
+        self.turn_end_ids = self.stop_ids
         pad = self._named_id("pad_token")
         self.pad_id = self.end_id if pad is None else pad
         # Whether plain text starts with BOS, as the tokenizer's own post-processor decides:

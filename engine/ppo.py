@@ -50,7 +50,7 @@ from engine.lora import (LORA_FIELDS, LoRASettings, Reference, add_adapters, des
                          frozen_copy, reference_for, uses_lora)
 from engine.model import ScalarModel
 from engine.ragged import scores_at_ends
-from engine.ppo_core import (BETA_RANGE, AnswerStates, KLController, Rollout, build_rollout, chunks, gae,
+from engine.ppo_core import (BETA_RANGE, AnswerStates, KLController, Rollout, as_scored, build_rollout, chunks, gae,
                              logprobs_of, masked_mean, masked_whiten, per_token_rewards, ppo_losses,
                              reference_figures_of)
 from engine.reward import load_reward_model
@@ -318,9 +318,9 @@ class PPO:
         prompt_ids = [self.encode_prompt(self.prompts[i]) for i in self.sampler.take(cfg.rollout_batch_size)]
         seeds = torch.randint(0, 2 ** 62, (len(prompt_ids),), generator=self.data_gen).tolist()
         answers = generate_batch(self.m.policy, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature,
-                                 seed=seeds, stop_ids=(tok.end_id,), pad_id=tok.pad_id)
+                                 seed=seeds, stop_ids=tok.turn_end_ids, pad_id=tok.pad_id)
         self.m.policy.train()
-        return build_rollout(prompt_ids, answers, tok.end_id, tok.pad_id)
+        return build_rollout(prompt_ids, answers, tok.turn_end_ids, tok.pad_id)
 
     @torch.no_grad()
     def score(self, ro: Rollout) -> Scored:
@@ -335,6 +335,7 @@ class PPO:
         logp, ref_logp, entropy, values = (torch.zeros(ids.shape, device=device) for _ in range(4))
         raw, kl_exact = torch.zeros(ids.size(0), device=device), torch.zeros(ids.size(0), device=device)
         last = (mask * torch.arange(ids.size(1), device=device)).argmax(1)
+        scored = as_scored(ids, last, ro.finished, m.tok.end_id)
         first = None
         with autocast(device, self.dtype):
             for n, c in enumerate(chunks(order, cfg.minibatch_size)):
@@ -349,7 +350,7 @@ class PPO:
                 logp[c], entropy[c], ref_logp[c], kl_state = (st.spread(f) for f in figures)
                 kl_exact[c] = kl_state.sum(1)
                 values[c] = st.spread(val.detach())
-                raw[c] = scores_at_ends(m.rm, ids[c], last[c])
+                raw[c] = scores_at_ends(m.rm, scored[c], last[c])
         scores = ((raw - m.norm["mean"]) / m.norm["std"]).clamp(-cfg.reward_clip, cfg.reward_clip)
         scores = scores - cfg.missing_end_penalty * (~ro.finished.to(device)).float()
         beta = self.kl_ctl.value
@@ -472,10 +473,12 @@ class PPO:
         """Greedy answers to the probe prompts, with their scores, as sample events."""
         m, tok, device = self.m, self.m.tok, self.device
         ids = [self.encode_prompt(p) for p in self.probes]
-        outs = generate_batch(m.policy, ids, self.cfg.probe_tokens, temperature=0.0, stop_ids=(tok.end_id,),
+        outs = generate_batch(m.policy, ids, self.cfg.probe_tokens, temperature=0.0, stop_ids=tok.turn_end_ids,
                               pad_id=tok.pad_id)
-        ro = build_rollout(ids, outs, tok.end_id, tok.pad_id)
-        scores = (scores_at_ends(m.rm, ro.ids.to(device), (ro.lengths - 1).to(device)) - m.norm["mean"]) / m.norm["std"]
+        ro = build_rollout(ids, outs, tok.turn_end_ids, tok.pad_id)
+        last = ro.lengths - 1
+        scored = as_scored(ro.ids, last, ro.finished, tok.end_id)
+        scores = (scores_at_ends(m.rm, scored.to(device), last.to(device)) - m.norm["mean"]) / m.norm["std"]
         for p, a, s, fin in zip(self.probes, outs, scores.tolist(), ro.finished.tolist()):
             self.ev.emit("sample", step=self.step, prompt=p, text=tok.decode(a, skip_special=True),
                          score=round(s, 4), finished=fin)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Collection
 
 import torch
 import torch.nn.functional as F
@@ -90,8 +91,9 @@ class Rollout:
     lengths: torch.Tensor      # [B] prompt + answer: the models run these tokens alone (engine.ragged)
 
 
-def build_rollout(prompts: list[list[int]], answers: list[list[int]], end_id: int, pad_id: int) -> Rollout:
-    """Right-padded `prompt | answer | pad` rows and the mask of their actions."""
+def build_rollout(prompts: list[list[int]], answers: list[list[int]], ends: Collection[int], pad_id: int) -> Rollout:
+    """Right-padded `prompt | answer | pad` rows and the mask of their actions; an answer is
+    finished when it ended at one of `ends` (the tokenizer's turn_end_ids)."""
     lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
     B, T = len(prompts), max(lengths)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -99,8 +101,20 @@ def build_rollout(prompts: list[list[int]], answers: list[list[int]], end_id: in
     for i, (p, a, n) in enumerate(zip(prompts, answers, lengths)):
         ids[i, :n] = torch.tensor(p + a)
         mask[i, len(p):n] = 1
-    finished = torch.tensor([bool(a) and a[-1] == end_id for a in answers])
+    finished = torch.tensor([bool(a) and a[-1] in ends for a in answers])
     return Rollout(ids, mask, finished, answers, torch.tensor(lengths))
+
+
+def as_scored(ids: torch.Tensor, last: torch.Tensor, finished: torch.Tensor, end_id: int) -> torch.Tensor:
+    """The rows as a reward model reads them: an answer that ended at another of the model's stop
+    tokens (an imported model's eos) ends at the end-of-turn token its score is trained at."""
+    rows = finished.to(ids.device).nonzero().flatten()
+    rows = rows[ids[rows, last[rows]] != end_id]
+    if rows.numel() == 0:
+        return ids
+    out = ids.clone()
+    out[rows, last[rows]] = end_id
+    return out
 
 
 def chunks(order: torch.Tensor, size: int) -> list[torch.Tensor]:

@@ -103,6 +103,8 @@ class Tokenizer(TextCodec):
         self.scaffold_ids = self.special_ids   # the template writes nothing but special tokens
         # Any special token ends a reply: a model that writes <|user|> has begun the next turn.
         self.stop_ids = tuple(range(len(SPECIAL_TOKENS)))
+        # A reply that ends properly ends with <|end|>: what PPO and GRPO count as finished.
+        self.turn_end_ids = (self.end_id,)
         self.adds_bos = True        # pretraining puts <|bos|> before each document
 
     @property

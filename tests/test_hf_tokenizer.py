@@ -82,6 +82,8 @@ def test_special_ids(family):
     spec = FAMILIES[name]
     assert tok.id_to_token(tok.end_id) == spec["end"]
     assert tok.end_id in tok.stop_ids and tok.eos_id in tok.stop_ids
+    # PPO and GRPO end a rollout where generation stops: at the model's own eos too
+    assert tok.turn_end_ids == tok.stop_ids and tok.turn_end_ids[0] == tok.end_id
     assert {tok.token_to_id(t) for t in spec["gen_eos"] or []} <= set(tok.stop_ids)
     assert tok.bos_id == (ref.bos_token_id if "bos_token" in spec["named"] else None)
     assert tok.pad_id == (ref.pad_token_id if "pad_token" in spec["named"] else tok.end_id)

@@ -9,7 +9,7 @@ from engine import checkpoint as ckpt
 from engine.config import ConfigError, from_dict
 from engine.weights import load_model, safetensors_state
 from engine.ppo import PPOConfig, run
-from engine.ppo_core import ERROR_RANGE, KL_GAIN, build_rollout
+from engine.ppo_core import ERROR_RANGE, KL_GAIN, as_scored, build_rollout
 from engine.runio import StageError
 from engine.trainer import COLLAPSE_STEPS
 from helpers import StopAt, metrics
@@ -47,10 +47,21 @@ def test_first_minibatch_ratio_is_exactly_one_and_kl_is_exactly_zero(tiny_lm_ckp
 
 
 def test_only_answer_tokens_are_actions_and_nothing_after_the_end():
-    ro = build_rollout([[1, 4, 9, 5], [1, 4, 5]], [[7, 8, 2], [6]], end_id=2, pad_id=0)
+    ro = build_rollout([[1, 4, 9, 5], [1, 4, 5]], [[7, 8, 2], [6]], ends=(2,), pad_id=0)
     assert ro.ids.tolist() == [[1, 4, 9, 5, 7, 8, 2], [1, 4, 5, 6, 0, 0, 0]]
     assert ro.mask.tolist() == [[0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 0, 0, 0]]
     assert ro.finished.tolist() == [True, False]
+
+
+def test_an_answer_ending_at_another_stop_token_is_finished_and_scored_at_the_end_token():
+    # An imported model stops at its eos (3) as well as its end-of-turn token (2).
+    ro = build_rollout([[1, 4], [1, 4], [1, 4]], [[7, 2], [7, 3], [7, 8]], ends=(2, 3), pad_id=0)
+    assert ro.finished.tolist() == [True, True, False]
+    scored = as_scored(ro.ids, ro.lengths - 1, ro.finished, end_id=2)
+    assert scored.tolist() == [[1, 4, 7, 2], [1, 4, 7, 2], [1, 4, 7, 8]]
+    assert ro.ids[1].tolist() == [1, 4, 7, 3]          # the policy's own tokens stay as sampled
+    plain = build_rollout([[1, 4]], [[7, 2]], ends=(2,), pad_id=0)
+    assert as_scored(plain.ids, plain.lengths - 1, plain.finished, end_id=2) is plain.ids
 
 
 @pytest.mark.parametrize("adaptive", [False, True])

@@ -190,7 +190,7 @@ def test_reference_figures_give_the_three_figures_bit_for_bit():
 
 def test_answer_states_give_the_full_layouts_figures_on_the_actions_and_zero_elsewhere():
     torch.manual_seed(0)
-    ro = build_rollout([[5, 6, 7], [5, 6]], [[1, 2], [3, 4, 0]], end_id=0, pad_id=9)
+    ro = build_rollout([[5, 6, 7], [5, 6]], [[1, 2], [3, 4, 0]], ends=(0,), pad_id=9)
     logits, ref = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
     st = AnswerStates.of(ro.ids, ro.mask)
     # The states before each action: column 2 and 3 of row 0, 1 2 3 of row 1.
