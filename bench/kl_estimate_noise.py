@@ -37,9 +37,9 @@ def answer_kls(policy, ref, tok, prompts: list[str], n: int, max_new: int, gen: 
     picked = torch.randint(0, len(prompts), (n,), generator=gen).tolist()
     ids = [encode_prompt(tok, prompts[i], policy.config.max_seq_len, max_new) for i in picked]
     seeds = torch.randint(0, 2 ** 62, (n,), generator=gen).tolist()
-    outs = generate_batch(policy, ids, max_new, temperature=1.0, seed=seeds, stop_ids=(tok.end_id,),
+    outs = generate_batch(policy, ids, max_new, temperature=1.0, seed=seeds, stop_ids=tok.turn_end_ids,
                           pad_id=tok.pad_id)
-    ro = build_rollout(ids, outs, tok.end_id, tok.pad_id)
+    ro = build_rollout(ids, outs, tok.turn_end_ids, tok.pad_id)
     return (state_kl(policy(ro.ids), ref(ro.ids)) * ro.mask).sum(1)
 
 

@@ -39,8 +39,8 @@ def headroom(model, tok, tasks, k: int, temperature: float, max_new_tokens: int)
     for i, t in enumerate(tasks):
         ids = tok.render_chat([{"role": "user", "content": t.prompt}], add_generation_prompt=True)[0]
         answers = generate_batch(model, [ids] * k, max_new_tokens, temperature=temperature,
-                                 seed=[1000 * i + j for j in range(k)], stop_ids=(tok.end_id,), pad_id=tok.pad_id)
-        right = [check(t, tok.decode([x for x in a if x != tok.end_id], skip_special=True)) for a in answers]
+                                 seed=[1000 * i + j for j in range(k)], stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+        right = [check(t, tok.decode([x for x in a if x not in tok.stop_ids], skip_special=True)) for a in answers]
         row = out[t.kind]
         row[0] += 1
         row[1] += check(t, greedy[i])

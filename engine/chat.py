@@ -286,8 +286,8 @@ def sampled_kl(model: Transformer, ref: Transformer, tok: Tokenizer, prompts: li
                              add_generation_prompt=True)[0][-keep:] for p in prompts[lo:lo + batch_size]]
         answers = generate_batch(model, chunk, max_new_tokens, temperature=1.0,
                                  seed=[seed + lo + i for i in range(len(chunk))],
-                                 stop_ids=(tok.end_id,), pad_id=tok.pad_id)
-        ro = build_rollout(chunk, answers, tok.end_id, tok.pad_id)
+                                 stop_ids=tok.turn_end_ids, pad_id=tok.pad_id)
+        ro = build_rollout(chunk, answers, tok.turn_end_ids, tok.pad_id)
         ids, mask = ro.ids.to(device), ro.mask.to(device)
         kl.append((state_kl(model(ids), ref(ids)) * mask).sum(1))
         lengths.append(mask.sum(1))
