@@ -13,6 +13,7 @@ the same answers it would have produced without the stop.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -22,7 +23,7 @@ from typing import Optional
 
 
 from engine.artifacts import load_artifact
-from engine.config import require, resolve_path
+from engine.config import ConfigError, require, resolve_path
 from engine.device import describe, resolve_device
 from engine.fsutil import atomic_write_text
 from engine.generate import generate_batch
@@ -97,6 +98,38 @@ class SampleConfig:
         require(self.batch_size > 0, "batch_size", "must be a positive integer")
 
 
+# Settings a resumed run may change: they do not change an answer (each has its own seed), or
+# are compared by what they resolve to (the checkpoint folder, the tokenizer's fingerprint, the
+# prompts' texts) rather than as written.
+RESUME_FREE = ("batch_size", "device", "checkpoint", "tokenizer", "prompts")
+
+
+def _digest(prompts: list[str]) -> str:
+    return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+# The setting each of the provenance's own entries comes from.
+PROVENANCE_FIELDS = {"checkpoint": "checkpoint", "step": "checkpoint", "stage": "checkpoint",
+                     "tokenizer_fingerprint": "tokenizer", "prompts_sha256": "prompts"}
+
+
+def _resume_conflicts(old: dict, new: dict) -> list[tuple[str, str]]:
+    """(setting, what changed) for each difference between a run folder's provenance and this
+    start's: ("temperature", "temperature: 1.0 -> 0.5")."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key == "settings":
+            was, now = old.get(key) or {}, new[key]
+            out += [(k, f"{k}: {was.get(k)!r} -> {now.get(k)!r}") for k in sorted(set(was) | set(now))
+                    if k not in RESUME_FREE and k not in new and was.get(k) != now.get(k)]
+        elif key == "prompts_sha256" and key not in old:
+            continue        # written before the prompts' texts were recorded
+        elif old.get(key) != new.get(key):
+            out.append((PROVENANCE_FIELDS.get(key, key),
+                        "the prompts' texts" if key == "prompts_sha256" else f"{key}: {old.get(key)!r} -> {new.get(key)!r}"))
+    return out
+
+
 def answer_seed(seed: int, prompt_index: int, j: int) -> int:
     return (seed * 1_000_003 + prompt_index * 16 + j) % (2 ** 63)
 
@@ -131,13 +164,14 @@ def run(cfg: SampleConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
     provenance = {"checkpoint": str(loaded.checkpoint), "step": loaded.state.get("step"),
                   "stage": loaded.state.get("stage"), "tokenizer_fingerprint": tok.fingerprint(),
                   "settings": dataclasses.asdict(cfg), "seed": cfg.seed, "k": cfg.k,
-                  "n_prompts": len(prompts)}
+                  "n_prompts": len(prompts), "prompts_sha256": _digest(prompts)}
     prov_path = run_dir / "provenance.json"
     if prov_path.exists():
-        old = json.loads(prov_path.read_text())
-        if {k: v for k, v in old.items() if k != "settings"} != {k: v for k, v in provenance.items() if k != "settings"}:
-            raise StageError(f"{prov_path} was written for other settings or another checkpoint: "
-                             "start a new run folder")
+        changed = _resume_conflicts(json.loads(prov_path.read_text()), provenance)
+        if changed:
+            detail = "; ".join(what for _, what in changed)
+            raise ConfigError(changed[0][0], f"cannot change on resume ({detail}): {prov_path.name}'s "
+                                             "answers would mix two kinds; start a new run instead")
     atomic_write_text(prov_path, json.dumps(provenance, indent=2) + "\n")
 
     out_path = run_dir / OUT

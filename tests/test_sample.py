@@ -4,7 +4,6 @@ import json
 import pytest
 
 from engine.config import ConfigError, from_dict
-from engine.runio import StageError
 from engine.sample import PromptFileError, SampleConfig, read_prompts, run
 
 
@@ -61,8 +60,32 @@ def test_answers_do_not_depend_on_batching_and_resume_is_exact(tiny_lm_ckpt, pro
         f.write('{"prompt": "torn')  # killed mid-write
     assert run(cfg(tiny_lm_ckpt, prompts), tmp_path / "c", None) == "completed"
     assert rows(tmp_path / "c") == rows(tmp_path / "a")
-    with pytest.raises(StageError, match="other settings"):
+    with pytest.raises(ConfigError, match="cannot change on resume .*k: 3 -> 2"):
         run(cfg(tiny_lm_ckpt, prompts, k=2), tmp_path / "c", None)
+
+
+def test_a_resume_refuses_settings_that_would_change_its_answers(tiny_lm_ckpt, prompts, tmp_path):
+    class StopAtOnce:
+        def should_stop(self):
+            return True
+
+    folder = tmp_path / "run"
+    assert run(cfg(tiny_lm_ckpt, prompts), folder, None, StopAtOnce()) == "stopped"
+    for change, said in [(dict(temperature=0.5), "temperature: 1.0 -> 0.5"), (dict(top_p=0.5), "top_p"),
+                         (dict(max_new_tokens=3), "max_new_tokens"), (dict(top_k=5), "top_k"),
+                         (dict(repetition_penalty=1.3), "repetition_penalty")]:
+        with pytest.raises(ConfigError, match=said) as e:
+            run(cfg(tiny_lm_ckpt, prompts, **change), folder, None)
+        assert e.value.field == next(iter(change))
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(p + " again" for p in prompts.read_text().splitlines() if p) + "\n")
+    with pytest.raises(ConfigError, match="the prompts' texts") as e:
+        run(cfg(tiny_lm_ckpt, other), folder, None)
+    assert e.value.field == "prompts"
+    # what does not change an answer may: the batch size, the prompts file's name
+    same = tmp_path / "same.txt"
+    same.write_text(prompts.read_text())
+    assert run(cfg(tiny_lm_ckpt, same, batch_size=3), folder, None) == "completed"
 
 
 def test_bad_prompts_and_settings_are_named(tmp_path):
