@@ -60,6 +60,30 @@ def test_compare_methods_evaluates_each_against_sft_and_keeps_the_result(methods
     assert result["rows"][1]["seconds"] == pytest.approx(30.0)
 
 
+def test_task_accuracy_checks_a_held_out_task_by_its_own_answer_however_its_prompt_is_worded():
+    from engine.tasks import Task
+    from workbench.evaluate import Answers, accuracy, tasks_of
+    own = [Task("add", f"Please compute {a} + {b} for me.", str(a + b), {"a": a, "b": b})
+           for a, b in [(2, 3), (10, 5)]]
+    prompts = own + ["What is 12 + 7?", "Tell me about the sea."]   # a demo-worded text; no task
+    tasks = tasks_of(prompts)
+    assert tasks[:2] == own and tasks[2].answer == "19" and tasks[3] is None
+    assert accuracy(tasks, Answers(["5", "15", "19", "waves"], [True] * 4)) == 1.0
+    assert accuracy(tasks, Answers(["5", "16", "20", "waves"], [True] * 4)) == pytest.approx(1 / 3)
+    assert accuracy(tasks_of(["Tell me about the sea."]), Answers(["waves"], [True])) is None
+
+
+def test_a_bad_held_out_task_file_is_one_line_and_exit_2(methods_project):
+    tasks = methods_project / "data" / "eval_tasks.jsonl"
+    n = len(tasks.read_text().splitlines())
+    with open(tasks, "a") as f:
+        f.write('{"kind": "add", "prompt": "What is 1 plus 1?"}\n')     # no answer
+    cmd = [sys.executable, "-m", "workbench.cli", "compare-methods", "--project", str(methods_project)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"eval_tasks.jsonl:{n + 1}:" in proc.stderr and "answer" in proc.stderr
+
+
 def test_nothing_to_compare_is_one_line_and_exit_2(demo_project):
     cmd = [sys.executable, "-m", "workbench.cli", "compare-methods", "--project", str(demo_project)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -16,7 +16,7 @@ from engine.artifacts import Loaded, load_artifact
 from engine.chat import reply_batch, sampled_kl
 from engine.reward import NORM_FILE
 from engine.reward_data import encode_answer
-from engine.tasks import check, parse_task
+from engine.tasks import Task, check, parse_task
 from workbench.simulated import DEMO_PREFERENCE, Key, rank_answers
 
 
@@ -42,8 +42,14 @@ def reward_scores(rm: Loaded, prompts: Sequence[str], answers: Answers, norm: Op
     return out
 
 
-def accuracy(prompts: Sequence[str], answers: Answers) -> Optional[float]:
-    judged = [(t, a) for t, a in ((parse_task(p), a) for p, a in zip(prompts, answers.texts)) if t is not None]
+def tasks_of(prompts: Sequence[Union[str, Task]]) -> list[Optional[Task]]:
+    """Each prompt's task: as given (a held-out task file's, however it words its prompts), or
+    parsed from a prompt worded as the demo's tasks are; None where there is nothing to check."""
+    return [p if isinstance(p, Task) else parse_task(p) for p in prompts]
+
+
+def accuracy(tasks: Sequence[Optional[Task]], answers: Answers) -> Optional[float]:
+    judged = [(t, a) for t, a in zip(tasks, answers.texts) if t is not None]
     return sum(check(t, a) for t, a in judged) / len(judged) if judged else None
 
 
@@ -75,6 +81,7 @@ class Baseline:
     """The model the others are measured against, answered (and scored) once for all of them."""
     art: Loaded
     prompts: list[str]
+    tasks: list[Optional[Task]]     # what task accuracy checks each answer against
     answers: Answers
     max_new_tokens: int
     rm: Optional[Loaded] = None
@@ -82,16 +89,18 @@ class Baseline:
     scores: Optional[list[float]] = None
 
 
-def baseline(base: Path, prompts: Sequence[str], *, reward_model: Optional[Path] = None,
+def baseline(base: Path, prompts: Sequence[Union[str, Task]], *, reward_model: Optional[Path] = None,
              max_new_tokens: int = 32) -> Baseline:
+    """`base` answers `prompts` (texts, or held-out tasks) once, scored by `reward_model` if given."""
     import json
     art = load_artifact(base, prefer="latest")
-    b = Baseline(art, list(prompts), answer_all(art, prompts, max_new_tokens), max_new_tokens)
+    texts = [p.prompt if isinstance(p, Task) else p for p in prompts]
+    b = Baseline(art, texts, tasks_of(prompts), answer_all(art, texts, max_new_tokens), max_new_tokens)
     if reward_model is not None:
         b.rm = load_artifact(reward_model)
         norm_file = b.rm.checkpoint / NORM_FILE
         b.norm = json.loads(norm_file.read_text()) if norm_file.exists() else None
-        b.scores = reward_scores(b.rm, prompts, b.answers, b.norm)
+        b.scores = reward_scores(b.rm, texts, b.answers, b.norm)
     return b
 
 
@@ -100,7 +109,7 @@ def compare_to(base: Baseline, candidate: Path) -> dict:
     prompts, a = base.prompts, base.answers
     b_art = load_artifact(candidate, prefer="latest")
     b = answer_all(b_art, prompts, base.max_new_tokens)
-    result = {"n": len(prompts), "base_accuracy": accuracy(prompts, a), "accuracy": accuracy(prompts, b),
+    result = {"n": len(prompts), "base_accuracy": accuracy(base.tasks, a), "accuracy": accuracy(base.tasks, b),
               **win_rate(prompts, a, b),
               "base_mean_chars": sum(map(len, a.texts)) / len(prompts),
               "mean_chars": sum(map(len, b.texts)) / len(prompts),

@@ -36,10 +36,15 @@ def methods() -> tuple[str, ...]:
     return tuple(s.name for s in stages.STAGES if s.method)
 
 
-def held_out_prompts(project: Project, limit: int = DEFAULT_PROMPTS) -> list[str]:
-    """The project's held-out tasks (the ones SFT's accuracy is measured on): never trained on."""
+def held_out_tasks(project: Project, limit: int = DEFAULT_PROMPTS) -> list:
+    """The project's held-out tasks (the ones SFT's accuracy is measured on): never trained on.
+    A bad task file is a MethodsError naming its lines."""
     from engine.sft_data import read_tasks   # torch: not at import, the app's start needs this module
-    return [t.prompt for t in read_tasks(project.data_files("eval_tasks")[0], limit)]
+    from engine.runio import InputProblems
+    try:
+        return read_tasks(project.data_files("eval_tasks")[0], limit)
+    except InputProblems as e:
+        raise MethodsError(str(e)) from None
 
 
 def sft_parent(run: RunInfo) -> Optional[str]:
@@ -95,7 +100,7 @@ def compare_methods(project: Project, sft: Optional[str] = None, n_prompts: int 
         store.close()
     from workbench.evaluate import baseline
     base, chosen, judge = choose(runs, sft)
-    prompts = held_out_prompts(project, n_prompts)
+    prompts = held_out_tasks(project, n_prompts)
     reference = baseline(base.path, prompts, reward_model=judge.path if judge else None)
     rows = []
     for i, (method, run) in enumerate(chosen.items()):
@@ -119,6 +124,11 @@ def read_result(project_dir: Path) -> Optional[dict]:
         return None
 
 
+def percent(x: Optional[float]) -> str:
+    """A share as the tables print it; "-" where there was nothing to measure (no checkable task)."""
+    return "-" if x is None else f"{x:.1%}"
+
+
 def table(result: dict) -> str:
     """The comparison as a plain-text table, one row per method."""
     lines = [f"against {result['sft']} on {result['prompts']} held-out prompts"
@@ -127,7 +137,7 @@ def table(result: dict) -> str:
              f"{'KL':>6} {'time':>7}"]
     for r in result["rows"]:
         score = f"{r['base_score']:+.3f}->{r['score']:+.3f}" if "score" in r else "-"
-        acc = (f"{r['base_accuracy']:.1%}->{r['accuracy']:.1%}" if r.get("accuracy") is not None else "-")
+        acc = "-" if r.get("accuracy") is None else f"{percent(r.get('base_accuracy'))}->{percent(r['accuracy'])}"
         secs = format_duration(r["seconds"]) if r.get("seconds") is not None else "-"
         wtl = f"{r['wins']}/{r['ties']}/{r['losses']}"
         lines.append(f"{r['method']:<7} {r['run']:<26} {r['win_rate']:>8.1%} {wtl:>11} {acc:>15} {score:>16} "

@@ -228,7 +228,7 @@ class Pipeline:
         held-out prompts (workbench.methods, as `workbench compare-methods` does)."""
         from workbench import methods as side_by_side
         from workbench.evaluate import baseline
-        prompts = side_by_side.held_out_prompts(self.project, self.values("sft").get("eval_task_limit") or 200)
+        prompts = side_by_side.held_out_tasks(self.project, self.values("sft").get("eval_task_limit") or 200)
         reference = baseline(self.made["sft"], prompts, reward_model=self.made.get("reward"))
         rows = []
         for method in (m for m in side_by_side.methods() if m in self.made):
@@ -242,7 +242,8 @@ class Pipeline:
             self.rows.append(Row(EVALUATE, tuned.name,
                                  f"{stages.spec(method).title} vs SFT win rate {r['win_rate']:.1%} "
                                  f"(W{r['wins']}/T{r['ties']}/L{r['losses']}); KL {r['kl']:.2f} nats; "
-                                 f"accuracy {r['base_accuracy']:.1%} -> {r['accuracy']:.1%}{score}",
+                                 f"accuracy {side_by_side.percent(r['base_accuracy'])} -> "
+                                 f"{side_by_side.percent(r['accuracy'])}{score}",
                                  time.perf_counter() - t0))
         reward = self.made.get("reward")
         side_by_side.save_result(self.project.path, self.made["sft"].name, reward.name if reward else None,
