@@ -28,9 +28,26 @@ FORMATS = ("hf", "gguf")
 GGUF_TYPES = ("f16", "q8_0", "f32")
 
 
-def token_ids(tok) -> dict:
+def token_ids(tok, pad_id: int | None = None) -> dict:
     """config.json's ids: end of turn as eos, since that is where an exported chat model stops."""
-    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.end_id, "pad_token_id": tok.pad_id}
+    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.end_id,
+            "pad_token_id": tok.pad_id if pad_id is None else pad_id}
+
+
+def score_pad_id(tok) -> int:
+    """The pad id for an exported reward model. transformers scores a sequence at its last token
+    that is not padding, where ours reads r(x, y) at the end-of-turn token; an imported model
+    whose pad is that token (Llama 3 has none and pads with it; SmolLM2 names it) would be
+    scored one token early. Another special token that never ends an answer pads instead."""
+    ends = set(tok.turn_end_ids)
+    if tok.pad_id not in ends:
+        return tok.pad_id
+    spare = sorted(i for i in tok.special_ids if i not in ends and i != tok.bos_id)
+    if not spare:
+        raise ConfigError("format", "this reward model's tokenizer pads with its end-of-turn token and has "
+                                    "no other special token to pad with: transformers would read its score "
+                                    "one token before the end, so it cannot be exported as hf")
+    return spare[0]
 
 
 def _write_workbench_tokenizer(tok: Tokenizer, out: Path) -> None:
@@ -49,14 +66,17 @@ def export_hf(art: Loaded, out: Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = art.model, art.tokenizer
+    scalar = isinstance(model, ScalarModel)
     if isinstance(tok, Tokenizer):
         _write_workbench_tokenizer(tok, out)
     else:
         tok.save(out)
-    ids = token_ids(tok)
+    ids = token_ids(tok, score_pad_id(tok) if scalar else None)
     save_hf_weights(model, out, ids)
-    if isinstance(model, ScalarModel):
+    if scalar:
         _as_sequence_classifier(out / "config.json", family_of(model.config))
+        if ids["pad_token_id"] != tok.pad_id:     # the tokenizer pads with the same token
+            _set_pad_token(out / "tokenizer_config.json", tok.id_to_token(ids["pad_token_id"]))
     else:
         gen = {k: v for k, v in {**ids, "eos_token_id": list(dict.fromkeys([tok.end_id, *tok.stop_ids]))}.items()
                if v is not None}
@@ -69,6 +89,12 @@ def _as_sequence_classifier(config_path: Path, family: str) -> None:
     arch = FAMILIES[family].replace("ForCausalLM", "ForSequenceClassification")
     config.update(architectures=[arch], num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
+
+
+def _set_pad_token(config_path: Path, pad: str) -> None:
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["pad_token"] = pad
+    atomic_write_text(config_path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def export_gguf(art: Loaded, out: Path, gguf_type: str = "f16") -> Path:

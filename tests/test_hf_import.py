@@ -183,6 +183,33 @@ def test_a_reward_model_exports_as_a_sequence_classifier(rm_ckpt, tmp_path):
         export(rm_ckpt, "gguf", tmp_path / "rm.gguf")
 
 
+@pytest.mark.parametrize("family", ["llama3.2", "smollm2"])
+def test_a_reward_model_that_pads_with_its_end_token_exports_scored_where_ours_is(family, tmp_path):
+    """Llama 3 pads with its end-of-turn token, SmolLM2 names it as pad: transformers reads a
+    sequence classifier's score at the last token that is not padding, so the export pads with
+    another special token and the score is read at the end token, as ours is."""
+    from types import SimpleNamespace
+    from engine.export import export_hf
+    from engine.hf_model import load_hf_model
+    from engine.hf_tokenizer import HFTokenizer
+    from engine.model import ScalarModel
+    from engine.reward_data import encode_answer
+    src = save_model_folder(tmp_path / "src", family=family, model_type="llama")
+    tok = HFTokenizer.from_folder(src)
+    assert tok.pad_id == tok.end_id
+    torch.manual_seed(0)
+    rm = ScalarModel.from_lm(load_hf_model(src)).eval()
+    torch.nn.init.normal_(rm.score.weight)
+    out = export_hf(SimpleNamespace(model=rm, tokenizer=tok), tmp_path / "rm")
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    ids, _ = encode_answer(tok, "What is two plus two?", "It is four.", 64)
+    x = torch.tensor([ids])
+    assert ids[-1] == tok.end_id and back.config.pad_token_id not in tok.turn_end_ids
+    assert transformers.AutoTokenizer.from_pretrained(out).pad_token_id == back.config.pad_token_id
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=x).logits[0, 0], rm(x)[0, -1], atol=1e-5, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def rm_from_import(imported, tmp_path_factory):
     """A reward model trained from the import on a few rankings."""
