@@ -240,7 +240,7 @@ def test_training_records_leave_out_repeats_all_ties_and_maybe_simulated(tmp_pat
                         "ranking": [[0, 1], [2], [3]]}
     assert len(rankings_for_training(store, include_simulated=True)) == 6
     assert len(rankings_for_training(store, include_simulated=True, batch_ids=[extra])) == 0
-    assert count_for_training(store) == (3, 3)
+    assert count_for_training(store) == (3, 3, 1)                # the tied one counted apart
     n = write_rm_dataset(store, tmp_path / "rankings.jsonl", include_simulated=True, batch_ids=[b])
     assert n == 6 and read(tmp_path / "rankings.jsonl") == \
            rankings_for_training(store, include_simulated=True)

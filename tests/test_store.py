@@ -361,4 +361,5 @@ def test_counts_are_batches_and_the_rankings_to_train_on(store):
     store.withdraw_ranking(first)
     store.add_ranking(sid, items[0].id, [items[0].answer_ids])     # every answer tied: no pair
     # the rankings a reward model trains on, as the reward page counts them
-    assert store.counts() == (2, 1) == (2, sum(count_for_training(store)))
+    counted = count_for_training(store)
+    assert store.counts() == (2, 1) == (2, counted.human + counted.simulated)

@@ -51,6 +51,24 @@ def test_a_long_sidebar_state_wraps_instead_of_losing_its_warning(qtbot, project
         > rows["reward"].width() - w.sidebar.iconSize().width()
 
 
+def test_the_reward_page_counts_rankings_with_a_pair_and_says_how_many_tie(qtbot, project, make_window):
+    from workbench.annotation import AnnotationSession
+    from workbench.store import Store
+    with Store.for_project(project) as store:
+        b = store.create_batch("b", [{"prompt": f"q{i}", "answers": [{"text": "x"}, {"text": "y"}]}
+                                     for i in range(3)], k=2)
+        s = AnnotationSession(store, b, "ann")
+        s.submit([[1], [2]])
+        s.submit([[2], [1]])
+        s.submit([[1, 2]])                       # both answers tied: nothing to learn
+    w = make_window(project, show=True)
+    go(qtbot, w, "reward")
+    page = w.pages["reward"]
+    assert page.counts.text() == ("2 human and 0 simulated rankings in this project "
+                                  "(1 more tie every answer: no pair to learn from)")
+    assert sidebar_text(w, "rank").endswith("1 batch · 2 rankings")     # the same count
+
+
 def test_a_long_log_line_wraps_in_the_log_tab(qtbot, project, make_window):
     run = fake_run(project, "pretrain-20260101-000000", {}, 10, 5.0)
     message = "device cpu (2 threads), torch.float32; " + "a long path/" * 40 + " end of the line"

@@ -104,9 +104,11 @@ class RankingsPanel(StagePanel):
 
     def _count(self) -> None:
         with Store.for_project(self.ctx.path) as store:
-            human, simulated = count_for_training(store)
+            human, simulated, tied = count_for_training(store)
         self._n = (human, simulated)
-        self.counts.setText(f"{human} human and {simulated} simulated rankings in this project")
+        # Tied ones are said: the Rank page counts every item ranked, this page only those with a pair.
+        more = f" ({tied} more tie every answer: no pair to learn from)" if tied else ""
+        self.counts.setText(f"{human} human and {simulated} simulated rankings in this project{more}")
         if not self._chosen:
             # People's rankings when there are any; the simulated ones only when they are all
             # there is (the demo), since mixing them in is a choice the user should make.

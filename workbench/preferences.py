@@ -34,7 +34,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 from engine.fsutil import atomic_write_text
 from engine.tokenizer import ROLES
@@ -181,13 +181,25 @@ def rankings_for_training(store: Store, *, include_simulated: bool, include_huma
     return out
 
 
-def count_for_training(store: Store) -> tuple[int, int]:
-    """(human, simulated): how many records rankings_for_training gives of each, without
-    reading the items (a tenth of the time on 3,000 rankings; the reward page counts on show)."""
-    return tuple(sum(1 for r in store.rankings(include_simulated=sim, include_human=not sim,
-                                               include_repeats=False)
-                     if len(r.ordering) > 1)
-                 for sim in (False, True))
+class TrainingCounts(NamedTuple):
+    human: int          # rankings that hold a preference, made by people
+    simulated: int      # ... by the simulated annotator
+    tied: int           # rankings that tie every answer: no pair, so not trained on
+
+
+def count_for_training(store: Store) -> TrainingCounts:
+    """How many records rankings_for_training gives of each kind, and how many it leaves out for
+    tying every answer, without reading the items (a tenth of the time on 3,000 rankings; the
+    reward page counts on show)."""
+    human = simulated = tied = 0
+    for r in store.rankings(include_simulated=True, include_repeats=False):
+        if len(r.ordering) < 2:
+            tied += 1
+        elif r.simulated:
+            simulated += 1
+        else:
+            human += 1
+    return TrainingCounts(human, simulated, tied)
 
 
 def write_rm_dataset(store: Store, path: str | Path, *, include_simulated: bool,
