@@ -112,11 +112,49 @@ def export_gguf(art: Loaded, out: Path, gguf_type: str = "f16") -> Path:
     return out
 
 
+def check_out(fmt: str, out: Path) -> None:
+    """Refuse an output that would overwrite what an earlier export did not write: a run, a
+    checkpoint, a project or any other folder with files in it (hf), a file of another kind (gguf).
+    ValueError says which."""
+    out = Path(out)
+    if fmt == "gguf":
+        if out.is_dir():
+            raise ValueError(f"{out} is a folder; a GGUF export is one file (give a path ending in .gguf)")
+        if out.exists() and not _starts_with(out, b"GGUF"):
+            raise ValueError(f"{out} exists and is not a GGUF file: it would be replaced; give a new path")
+        return
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; a Hugging Face export is a folder")
+    if out.is_dir() and any(out.iterdir()) and not _is_model_folder(out):
+        raise ValueError(f"{out} holds files that are not a model folder an export wrote (a run, a "
+                         "checkpoint, a project?): they would be replaced or mixed in; give a new or empty folder")
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
+def _is_model_folder(folder: Path) -> bool:
+    """A Hugging Face model folder (its config.json names a model_type), and nothing of ours."""
+    if any((folder / name).exists() for name in ("workbench.toml", "events.jsonl", "state.json", "checkpoints")):
+        return False
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "model_type" in config
+
+
 def export(source: Path, fmt: str, out: Path, gguf_type: str = "f16") -> Path:
     if fmt not in FORMATS:
         raise ConfigError("format", f"must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if gguf_type not in GGUF_TYPES:
         raise ConfigError("gguf_type", f"must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+    check_out(fmt, out)
     art = load_artifact(source, field="checkpoint", prefer="latest")
     art.model.float()
     if fmt == "gguf":

@@ -1,6 +1,7 @@
 """Start from a Hugging Face model: import a folder (or a cached name) as a run, fine-tune it with
 the stages, chat with it, and export it back for transformers and llama.cpp."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -170,6 +171,29 @@ def test_gguf_export_of_an_imported_model_carries_its_tokenizer(imported, tmp_pa
     assert fields["tokenizer.chat_template"] == tok.chat_template
     assert len(fields["tokenizer.ggml.tokens"]) == load_artifact(imported).model.config.vocab_size
     assert "blk.1.attn_q.bias" in read_gguf_tensors(out)
+
+
+def test_an_export_never_writes_over_a_run_a_checkpoint_a_project_or_another_file(tiny_lm_ckpt, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_lm_ckpt, run)
+    (run / "config.json").write_text("{}")
+    ckpt = sorted((run / "checkpoints").iterdir())[-1]
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "workbench.toml").write_text("name = 'x'\n")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for fmt, out, said in [("hf", run, "not a model folder"), ("hf", ckpt, "not a model folder"),
+                           ("hf", project, "not a model folder"), ("hf", notes, "is a file"),
+                           ("gguf", run, "is a folder"), ("gguf", run / "config.json", "not a GGUF file")]:
+        with pytest.raises(ValueError, match=said):
+            export(run, fmt, out)
+        assert workbench(["export", str(run), "--format", fmt, "--out", str(out)]) == 2
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before and notes.read_text() == "mine"
+    # an earlier export is replaced: the same command twice
+    for fmt, out in [("hf", tmp_path / "hf"), ("gguf", tmp_path / "m.gguf")]:
+        assert export(run, fmt, out) == export(run, fmt, out)
 
 
 def test_a_reward_model_exports_as_a_sequence_classifier(rm_ckpt, tmp_path):

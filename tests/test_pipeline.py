@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from workbench.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +52,12 @@ def test_an_unknown_method_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "p").exists()
 
 
-def test_a_bad_option_of_a_later_stage_is_refused_before_any_stage_runs(tmp_path):
+@pytest.mark.parametrize("option, said", [(["--k", "1"], "error: --k: answers per prompt must be between 2 and 9"),
+                                          (["--device", ""], "error: --device: unknown device ''"),
+                                          (["--table-out", "."], "error: --table-out: . is a folder")])
+def test_a_bad_option_of_a_later_stage_is_refused_before_any_stage_runs(tmp_path, option, said):
     cmd = [sys.executable, "-m", "workbench.cli", "pipeline", "--demo", "--project", str(tmp_path / "p"),
-           "--scale", "tiny", "--k", "1"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "error: --k: answers per prompt must be between 2 and 9" in proc.stderr
+           "--scale", "tiny", *option]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and said in proc.stderr, proc.stderr
     assert not (tmp_path / "p" / "runs").exists()

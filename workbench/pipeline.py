@@ -157,7 +157,7 @@ class Pipeline:
         the first stage runs: a bad option would otherwise surface only when its stage is
         reached, after the hours of the ones before. The runs and rankings that earlier stages
         will make stand in as placeholders."""
-        if getattr(self.args, "device", None):
+        if getattr(self.args, "device", None) is not None:
             try:
                 resolve_device(self.args.device)
             except ConfigError as e:
@@ -322,6 +322,8 @@ def run_pipeline(args) -> int:
     table_out = Path(args.table_out) if getattr(args, "table_out", None) else None
     if table_out is not None and not table_out.absolute().parent.is_dir():
         return refuse(f"--table-out: {table_out.parent} is not a folder")
+    if table_out is not None and table_out.is_dir():
+        return refuse(f"--table-out: {table_out} is a folder; give the file to write the table to")
     if args.demo and not (project_dir / "workbench.toml").exists():
         print(f"writing the demo project to {project_dir} ...", flush=True)
         demo.write_demo_project(project_dir, seed=args.seed, scale=args.scale)
