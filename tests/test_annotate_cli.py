@@ -202,6 +202,43 @@ def test_export_pairs_and_import_them_into_another_project(tmp_path, monkeypatch
     assert back == sorted((p["prompt"], p["chosen"], p["rejected"]) for p in pairs)
 
 
+def test_an_export_never_writes_over_the_project_and_an_unknown_batch_writes_nothing(
+        tmp_path, monkeypatch, capsys, project):
+    wb(monkeypatch, capsys, "rank", "--project", project, "--batch", 1, "--annotator", "alice",
+       stdin="1 2 3 4\n")
+    for out in (project / "workbench.db", project / "workbench.db-wal", project / "runs" / "x.jsonl"):
+        (project / "runs").mkdir(exist_ok=True)
+        rc, _, err = wb(monkeypatch, capsys, "preferences", "export", "--project", project, "--out", out,
+                        "--human-only")
+        assert rc == 2 and "is one of the project's own files" in err
+    good = tmp_path / "good.jsonl"
+    assert wb(monkeypatch, capsys, "preferences", "export", "--project", project, "--out", good,
+              "--human-only")[0] == 0
+    kept = good.read_text()
+    rc, _, err = wb(monkeypatch, capsys, "preferences", "export", "--project", project, "--out", good,
+                    "--human-only", "--batch", 99)
+    assert rc == 2 and "no batch with id 99" in err and good.read_text() == kept
+    with Store.for_project(project) as store:
+        assert len(store.rankings()) == 1
+
+
+def test_pairs_leave_out_two_answers_of_one_text_ranked_apart(tmp_path, monkeypatch, capsys):
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text(json.dumps({"prompt": "P", "answers": ["x", "x", "y"], "ranking": [[0], [2], [1]]}) + "\n")
+    proj, other = tmp_path / "proj", tmp_path / "other"
+    proj.mkdir()
+    other.mkdir()
+    assert wb(monkeypatch, capsys, "preferences", "import", "--project", proj, dup, "--annotator", "ana")[0] == 0
+    for fmt in ("hf", "pairs"):
+        out = tmp_path / f"dup-{fmt}.jsonl"
+        rc, said, _ = wb(monkeypatch, capsys, "preferences", "export", "--project", proj, "--format", fmt,
+                         "--out", out, "--human-only")
+        pairs = [json.loads(line) for line in out.read_text().splitlines()]
+        assert rc == 0 and sorted((p["chosen"], p["rejected"]) for p in pairs) == [("x", "y"), ("y", "x")]
+        # what the export writes, the import reads back
+        assert wb(monkeypatch, capsys, "preferences", "import", "--project", other, out)[0] == 0
+
+
 def test_bad_import_file_lists_file_and_line(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "prefs.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\nnot json\n'

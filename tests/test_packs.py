@@ -245,3 +245,16 @@ def test_cli_exports_merges_and_refuses_with_one_line(tmp_path):
     bad = wb("pack", "open", project / "workbench.db")
     assert bad.returncode == 2 and "not an annotation pack" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_batch_is_found_by_its_id_before_a_name_that_looks_like_one(tmp_path):
+    from workbench.packs import find_batch
+    project = make_project(tmp_path / "p")                       # batch 1 'class batch'
+    with Store.for_project(project) as store:
+        named_one = store.create_batch("1", [{"prompt": "q", "answers": [{"text": "a"}, {"text": "b"}]}])
+        assert find_batch(store, 1).name == "class batch" and find_batch(store, "1").id == 1
+        assert find_batch(store, "class batch").id == 1
+        assert find_batch(store, str(named_one)).name == "1"       # its own id still finds it
+        for blank in ("", "   "):
+            with pytest.raises(ValueError, match="not blank"):
+                store.create_batch(blank, [{"prompt": "q", "answers": [{"text": "a"}, {"text": "b"}]}])

@@ -312,7 +312,12 @@ def cmd_export(args) -> int:
 
     if not args.out.parent.is_dir():
         raise CliError(f"folder {args.out.parent} does not exist (for --out {args.out})")
+    own = [args.project / n for n in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", "workbench.toml")]
+    if any(args.out.resolve() == p.resolve() for p in own) or args.project.resolve() / "runs" in args.out.resolve().parents:
+        raise CliError(f"--out {args.out} is one of the project's own files: write the export elsewhere")
     with open_store(args.project) as store:
+        for b in args.batch or []:
+            store.batch(b)        # an unknown id is refused before the file is written
         counts = export_rankings(store, args.out, include_simulated=args.include_simulated,
                                  fmt=args.format, batch_ids=args.batch or None,
                                  include_repeats=args.include_repeats)

@@ -111,12 +111,13 @@ def pack_filename(batch: str, annotator: str) -> str:
 
 
 def find_batch(store: Store, ref: str | int) -> Batch:
-    """A batch by id or by name; KeyError naming the batches there are."""
+    """A batch by id (as every other command's --batch, and `workbench batches`, give it) or else
+    by name; KeyError naming the batches there are."""
     batches = store.batches()
     ref = str(ref)
-    found = next((b for b in batches if b.name == ref), None)
-    if found is None and ref.isdigit():
-        found = next((b for b in batches if b.id == int(ref)), None)
+    found = next((b for b in batches if b.id == int(ref)), None) if ref.isdigit() else None
+    if found is None:
+        found = next((b for b in batches if b.name == ref), None)
     if found is None:
         names = ", ".join(f"{b.id} {b.name!r}" for b in batches) or "none yet"
         raise KeyError(f"no batch {ref!r} in this project (batches: {names})")

@@ -111,13 +111,15 @@ def kway_record(item: Item, r: Ranking) -> dict:
 
 
 def pair_records(item: Item, r: Ranking) -> list[dict]:
-    """Every (better, worse) pair of the ranking; answers in one tie group give no pair."""
+    """Every (better, worse) pair of the ranking; answers in one tie group give no pair, nor do
+    two answers of one text ranked apart (a sampled duplicate: the pair would say nothing, and
+    every reader of pairs, ours included, refuses it)."""
     groups = _index_groups(item, r)
     texts = [a.text for a in item.answers]
     return [{**_prompt_fields(item), "chosen": texts[w], "rejected": texts[l],
              "annotator": r.annotator, "simulated": r.simulated}
             for gi, better in enumerate(groups) for worse in groups[gi + 1:]
-            for w in better for l in worse]
+            for w in better for l in worse if texts[w] != texts[l]]
 
 
 def _write_jsonl(path: str | Path, records: Iterable[dict]) -> int:

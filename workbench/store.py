@@ -246,6 +246,8 @@ class Store(RunIndexTable, PackTables):
                      settings: Mapping | None = None, k: int | None = None) -> int:
         """A new batch with its items, in one transaction. Each item is a mapping
         `{prompt, messages?, answers: [{text, meta?}], meta?}`; positions follow the order given."""
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"a batch needs a name that is not blank, got {name!r}")
         with self.transaction() as c:
             if c.execute("SELECT 1 FROM batches WHERE name = ?", (name,)).fetchone():
                 raise ValueError(f"a batch named {name!r} already exists")
