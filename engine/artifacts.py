@@ -58,13 +58,17 @@ def check_compatible(model: Transformer, tok: Tokenizer, state: dict, field: str
                                  f"with (fingerprint {tok.fingerprint()[:12]} vs {want[:12]})")
 
 
+KINDS = {"lm": "a language model", "scalar": "a reward (scalar) model"}
+
+
 def load_artifact(path: str | os.PathLike, *, tokenizer: Optional[str | os.PathLike] = None,
                   device: str | torch.device = "cpu", prefer: str = "best",
-                  field: str = "checkpoint") -> Loaded:
+                  field: str = "checkpoint", kind: Optional[str] = None) -> Loaded:
     """Model + tokenizer from a checkpoint folder or a run folder (its best, else newest).
 
     A missing or broken checkpoint is a ConfigError on `field`, naming the file and what is
-    wrong, so every stage that starts from one refuses before any work.
+    wrong, so every stage that starts from one refuses before any work; so is a model of
+    another `kind` than asked for ("lm", "scalar": a reward model given where a policy goes).
     """
     try:
         ck = resolve_checkpoint(path, prefer=prefer)
@@ -75,6 +79,8 @@ def load_artifact(path: str | os.PathLike, *, tokenizer: Optional[str | os.PathL
         model = load_model(ck / "model.safetensors", device=device)
     except (FileNotFoundError, CheckpointError) as e:
         raise ConfigError(field, str(e)) from None
+    if kind is not None and model.kind != kind:
+        raise ConfigError(field, f"{ck} holds {KINDS.get(model.kind, model.kind)}, not {KINDS[kind]}")
     tok_path = Path(tokenizer) if tokenizer else ck / TOKENIZER_FILE
     if tok_path.is_dir():
         tok_path = tok_path / TOKENIZER_FILE

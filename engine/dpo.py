@@ -250,7 +250,7 @@ def run(cfg: DPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
     device, dtype = setup(cfg.device, cfg.dtype)
     tok_arg = resolve_path(run_dir, cfg.tokenizer) if cfg.tokenizer else None
     inputs = RunInputs(run_dir, cfg, ev.log)      # init is also the reference: required on a resume
-    art = inputs.load("init", resolve_path(run_dir, cfg.init), tokenizer=tok_arg, device=device)
+    art = inputs.load("init", resolve_path(run_dir, cfg.init), tokenizer=tok_arg, device=device, kind="lm")
     model = art.model
     if uses_lora(cfg):
         add_adapters(model, cfg, cfg.seed)

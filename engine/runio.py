@@ -413,6 +413,10 @@ def _run_stage(stage: str, config_cls: type, run: StageFn, run_dir: Path, echo: 
     except Exception as e:  # noqa: BLE001 - the app must see every failure as a done event
         if is_disk_full(e):
             done(status="failed", error=disk_full_message(run_dir))
+        elif is_out_of_memory(e):
+            what = (str(e).splitlines() or [type(e).__name__])[0][:160]
+            done(status="failed", error=f"out of memory ({what}): lower batch_size or the sequence "
+                                        "length, or use gradient checkpointing or LoRA")
         else:
             ev.log(traceback.format_exc(), level="error")
             done(status="failed", error=f"{type(e).__name__}: {e}")
@@ -422,6 +426,14 @@ def _run_stage(stage: str, config_cls: type, run: StageFn, run_dir: Path, echo: 
         control.restore_signal_handlers()
         distributed.stop(clean=code == 0)
     return code
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """The allocator could not give a tensor its memory (CPU or GPU): a setting too large for
+    the machine, said in one line, not a bug's traceback."""
+    text = str(e)
+    return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or (isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)))
 
 
 def host_info() -> dict:

@@ -28,7 +28,7 @@ from engine.device import describe, resolve_device
 from engine.fsutil import atomic_write_text
 from engine.generate import generate_batch
 from engine.jsonl import read_jsonl
-from engine.runio import Emitter, InputProblems, NeverStop, Sink, StageError, stage_main, write_summary
+from engine.runio import Emitter, InputProblems, NeverStop, Sink, stage_main, write_summary
 
 OUT = "samples.jsonl"
 
@@ -156,10 +156,8 @@ def run(cfg: SampleConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
         prompts = prompts[:cfg.n_prompts]
     tok_arg = str(resolve_path(run_dir, cfg.tokenizer)) if cfg.tokenizer else None
     loaded = load_artifact(resolve_path(run_dir, cfg.checkpoint), tokenizer=tok_arg, device=device,
-                           field="checkpoint", prefer="latest")
+                           field="checkpoint", prefer="latest", kind="lm")
     model, tok = loaded.model, loaded.tokenizer
-    if model.kind != "lm":
-        raise StageError(f"{loaded.checkpoint} is a {model.kind} model; sampling needs a language model")
 
     provenance = {"checkpoint": str(loaded.checkpoint), "step": loaded.state.get("step"),
                   "stage": loaded.state.get("stage"), "tokenizer_fingerprint": tok.fingerprint(),

@@ -262,7 +262,7 @@ def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
     inputs = RunInputs(run_dir, cfg, ev.log)
     # Under LoRA a resume rebuilds the frozen base from init; else its weights come from the run's own.
     art = inputs.load("init", resolve_path(run_dir, cfg.init), required=uses_lora(cfg), device=device,
-                      tokenizer=resolve_path(run_dir, cfg.tokenizer) if cfg.tokenizer else None)
+                      tokenizer=resolve_path(run_dir, cfg.tokenizer) if cfg.tokenizer else None, kind="lm")
     model = art.model
     if uses_lora(cfg):
         add_adapters(model, cfg, cfg.seed)

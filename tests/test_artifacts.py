@@ -1,3 +1,4 @@
+import json
 
 import pytest
 import torch
@@ -54,3 +55,33 @@ def test_missing_checkpoint_names_the_field(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_artifact(tmp_path, field="init")
     assert e.value.field == "init"
+
+
+def test_a_reward_model_where_a_language_model_goes_is_refused_by_name_before_any_work(
+        tiny_lm_ckpt, rm_ckpt, tmp_path):
+    """SFT's and DPO's init, sample's checkpoint and chat: one line naming the setting, exit 2."""
+    import subprocess
+    import sys
+    with pytest.raises(ConfigError, match="holds a reward \\(scalar\\) model, not a language model") as e:
+        load_artifact(rm_ckpt, field="init", kind="lm")
+    assert e.value.field == "init"
+    assert load_artifact(tiny_lm_ckpt, kind="lm").model.kind == "lm"
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    sft_data = tmp_path / "sft.jsonl"
+    sft_data.write_text(json.dumps({"prompt": "p", "response": "a"}) + "\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("p\n")
+    for stage, config in [("sft", {"init": str(rm_ckpt), "data": [str(sft_data)]}),
+                          ("dpo", {"init": str(rm_ckpt), "data": [str(prefs)]}),
+                          ("sample", {"checkpoint": str(rm_ckpt), "prompts": [str(prompts)]})]:
+        run = tmp_path / stage
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps(config))
+        proc = subprocess.run([sys.executable, "-m", "workbench.cli", "run", stage, "--run-dir", str(run)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "not a language model" in proc.stderr, (stage, proc.stderr)
+        assert "Traceback" not in proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "workbench.cli", "chat", "--checkpoint", str(rm_ckpt)],
+                          input="hi\n", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--checkpoint" in proc.stderr and "not a language model" in proc.stderr

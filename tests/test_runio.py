@@ -92,6 +92,23 @@ def test_stage_main_always_ends_with_done(tmp_path, capsys, outcome, code, statu
     assert stdout_events == events  # not a TTY: stdout carries the same JSON lines
 
 
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
+                 "you tried to allocate 3276800000000 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError()])
+def test_running_out_of_memory_is_one_line_without_a_traceback(tmp_path, capsys, error):
+    (tmp_path / "config.json").write_text(json.dumps({"name": "x"}))
+
+    def run(cfg, run_dir, sink, control):
+        raise error
+
+    assert stage_main("demo", Cfg, run, ["--run-dir", str(tmp_path), "--log-format", "human"]) == 1
+    done = read_events(tmp_path)[-1]
+    assert done["status"] == "failed" and done["error"].startswith("out of memory")
+    assert "lower batch_size" in done["error"]
+    assert "Traceback" not in capsys.readouterr().out + "".join(json.dumps(e) for e in read_events(tmp_path))
+
+
 def test_stage_main_refuses_bad_config_before_running(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"name": "x", "steps": -1}))
     ran = []

@@ -146,7 +146,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         settings.validate()
         loaded = load_artifact(args.checkpoint, tokenizer=args.tokenizer,
-                               device=resolve_device(args.device))
+                               device=resolve_device(args.device), kind="lm")
     except ConfigError as e:      # a bad option, a missing or broken checkpoint: named as typed
         option = {"checkpoint": "--checkpoint", "tokenizer": "--tokenizer"}.get(
             e.field, f"--{e.field.replace('_', '-')}")
