@@ -139,6 +139,9 @@ def test_a_place_it_cannot_write_is_one_line_and_exit_1(project, tmp_path, capsy
     (tmp_path / "file").write_text("")
     rc, out, err = report(capsys, project / "runs" / "pretrain-20250101-000100", "--out", tmp_path / "file" / "r.html")
     assert rc == 1 and out == "" and err.startswith("error: cannot write") and err.count("\n") == 1
+    # a folder given for the page is the user's mistake, said before anything is read: exit 2
+    rc, out, err = report(capsys, project / "runs" / "pretrain-20250101-000100", "--out", tmp_path)
+    assert rc == 2 and err == f"error: --out {tmp_path} is a folder; give the .html file to write\n"
 
 
 def test_chart_ticks_gaps_and_downsampling():

@@ -482,6 +482,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_from_args(args) -> int:
     out = args.out if args.out is not None else args.run / REPORT_NAME
+    if out.is_dir():
+        print(f"error: --out {out} is a folder; give the .html file to write", file=sys.stderr)
+        return 2
     try:
         written = write_report(args.run, out)
     except ReportError as e:
