@@ -14,8 +14,9 @@ a PeftModel, which expects a transformers model's API around it.)
 A LoRA run's checkpoint holds
     model.safetensors     the MERGED weights W + (alpha / r) · B A, in the usual format: chat,
                           export, sampling and every later stage load it as any other checkpoint
-    adapter.safetensors   the adapters alone (plus the scalar head of a reward or value model),
-                          under peft's names
+    adapter_model.safetensors  the adapters alone (plus the scalar head of a reward or value
+                          model), under peft's names: `PeftModel.from_pretrained(base, CHECKPOINT)`
+                          loads them (older checkpoints named it adapter.safetensors; still read)
     adapter_config.json   their settings, as peft's LoraConfig writes them
 and PPO's value model and EMA have `value_adapter.*` and `ema_adapter.*` beside theirs. Resume
 builds the base from the run's init checkpoint again and loads the adapters back, so a run
@@ -41,7 +42,8 @@ from engine.weights import load_model, model_from_state_dict, safetensors_state
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # What a run is made of: changing one on resume would continue another run under the old name.
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
-ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"   # peft's own name: PeftModel.from_pretrained reads the folder
+LEGACY_ADAPTER_FILE = "adapter.safetensors"  # what checkpoints were written with before
 ADAPTER_CONFIG = "adapter_config.json"
 _NAME = "default"               # peft's name for the one adapter a layer holds
 _PEFT_PREFIX = "base_model.model."   # how peft's saved adapters name the model's modules
@@ -222,11 +224,18 @@ def adapter_config(model: Transformer) -> dict:
 
 
 def write_adapter(folder: Path, model: Transformer, prefix: str = "") -> dict[str, Path]:
-    """Write PREFIXadapter.safetensors and PREFIXadapter_config.json into `folder`; {name: path}."""
+    """Write PREFIXadapter_model.safetensors and PREFIXadapter_config.json into `folder`; {name: path}."""
     weights, config = folder / f"{prefix}{ADAPTER_FILE}", folder / f"{prefix}{ADAPTER_CONFIG}"
     save_file(adapter_state(model), str(weights), metadata={"format": "pt"})
     config.write_text(json.dumps(adapter_config(model), indent=2) + "\n")
     return {weights.name: weights, config.name: config}
+
+
+def adapter_path(folder: Path, prefix: str = "") -> Path:
+    """Where a checkpoint holds PREFIX's adapters: peft's file name, or the one used before."""
+    path = folder / f"{prefix}{ADAPTER_FILE}"
+    legacy = folder / f"{prefix}{LEGACY_ADAPTER_FILE}"
+    return legacy if not path.exists() and legacy.exists() else path
 
 
 def load_adapters(model: Transformer, path: Path) -> None:

@@ -497,7 +497,7 @@ def resume_run(ckpt_root: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     saved = ckpt.load_checkpoint(latest)
     saved.field("config", dict)
     check(saved.state)
-    _load_module(model, saved.model, latest / "model.safetensors", latest / lora.ADAPTER_FILE)
+    _load_module(model, saved.model, latest / "model.safetensors", lora.adapter_path(latest))
     saved.model = {}    # in the model now; a second copy of every weight for the whole run otherwise
     if saved.optimizer is None:
         raise ckpt.CheckpointError(f"{latest / 'optimizer.json'}: missing")
@@ -505,7 +505,7 @@ def resume_run(ckpt_root: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     for name, module in (modules or {}).items():
         path = latest / f"{name}.safetensors"
         _load_module(module, None if lora.has_adapters(module) else ckpt.load_tensors(path), path,
-                     latest / f"{name}_{lora.ADAPTER_FILE}")
+                     lora.adapter_path(latest, f"{name}_"))
     for name, o in (optimizers or {}).items():
         meta_path = latest / f"{name}.json"
         state = ckpt.optimizer_from_files(ckpt.load_tensors(latest / f"{name}.safetensors"),

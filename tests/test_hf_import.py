@@ -286,7 +286,7 @@ def test_lora_sft_then_lora_ppo_from_an_import_exports_for_transformers(imported
                      lora_rank=4)
     assert sft_run(cfg, sft_dir, sink=lambda e: None) == "completed"
     ckpt = sorted((sft_dir / "checkpoints").glob("step-*"))[-1]
-    assert (ckpt / "adapter.safetensors").is_file()
+    assert (ckpt / "adapter_model.safetensors").is_file()
     ppo_dir = tmp_path / "ppo"
     ppo_dir.mkdir()
     ppo_cfg = ppo_config(sft_dir, rm_from_import, tmp_path, lora_rank=4)

@@ -78,8 +78,8 @@ def test_lora_sft_trains_only_the_adapters_and_saves_them_merged(lm, sft_data, t
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", R, ALPHA)
     assert sorted(config["target_modules"]) == sorted(ALL_TARGETS)
 
-    # adapter.safetensors holds the adapters and nothing else: an A and a B per projection per layer.
-    adapters = load_tensors(last / "adapter.safetensors")
+    # adapter_model.safetensors holds the adapters and nothing else: an A and a B per projection per layer.
+    adapters = load_tensors(last / "adapter_model.safetensors")
     base = base_weights(lm)
     n_layer = load_model(last / "model.safetensors").config.n_layer
     assert len(adapters) == 2 * len(ALL_TARGETS) * n_layer
@@ -126,9 +126,23 @@ def test_lora_sft_resume_is_exact(lm, sft_data, tmp_path):
     assert {**losses(part), **losses(rest)} == losses(full)
     a = ckpt.latest_checkpoint(tmp_path / "full" / "checkpoints")
     b = ckpt.latest_checkpoint(tmp_path / "res" / "checkpoints")
-    for name in ("model.safetensors", "adapter.safetensors"):
+    for name in ("model.safetensors", "adapter_model.safetensors"):
         x, y = load_tensors(a / name), load_tensors(b / name)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+
+
+def test_a_checkpoint_with_the_adapters_old_file_name_still_resumes_exactly(lm, sft_data, tmp_path):
+    c = sft_cfg(lm, sft_data, max_steps=6, eval_every=3, lora_targets=["q_proj", "v_proj"])
+    full, part, rest = [], [], []
+    assert sft.run(c, tmp_path / "full", full.append) == "completed"
+    assert sft.run(c, tmp_path / "res", part.append, StopAt(part, 3)) == "stopped"
+    for folder in (tmp_path / "res" / "checkpoints").iterdir():      # as written before the rename
+        (folder / "adapter_model.safetensors").rename(folder / "adapter.safetensors")
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["files"]["adapter.safetensors"] = manifest["files"].pop("adapter_model.safetensors")
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert sft.run(c, tmp_path / "res", rest.append) == "completed"
+    assert {**losses(part), **losses(rest)} == losses(full)
 
 
 def test_changing_lora_settings_on_resume_is_refused_by_name(lm, sft_data, tmp_path):
@@ -180,7 +194,7 @@ def test_reward_model_with_lora_trains_its_new_head_and_resumes_exactly(tiny_lm_
     assert reward.run(c, tmp_path / "res", rest.append) == "completed"
     assert {**losses(part), **losses(rest)} == losses(full)
     last = ckpt.latest_checkpoint(tmp_path / "res" / "checkpoints")
-    adapters = load_tensors(last / "adapter.safetensors")
+    adapters = load_tensors(last / "adapter_model.safetensors")
     merged = load_model(last / "model.safetensors")
     # The scalar head is new: it trains, and is kept with the adapters (peft's modules_to_save).
     assert torch.equal(adapters["base_model.model.score.weight"], merged.score.weight.detach())
@@ -241,7 +255,7 @@ def test_dpo_with_lora_keeps_its_reference_at_the_init_model(tiny_lm_ckpt, tmp_p
         assert torch.equal(hooks.ref(x), init(x))   # ...which is still the init model, exactly
     assert isinstance(hooks.ref, Reference)
     last = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
-    assert {"model.safetensors", "adapter.safetensors", "adapter_config.json"} <= {p.name for p in last.iterdir()}
+    assert {"model.safetensors", "adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in last.iterdir()}
 
 
 def ppo_cfg(lm, rm, prompts, **kw):
@@ -258,9 +272,9 @@ def test_ppo_with_lora_first_ratio_is_one_and_kl_is_zero(tiny_lm_ckpt, rm_ckpt, 
     assert m[1]["objective/kl"] == 0.0 and m[1]["objective/kl_exact"] == 0.0    # B = 0: the policy is its reference
     assert m[2]["objective/kl"] != 0.0 and m[3]["val/ratio_first"] == 1.0
     last = ckpt.latest_checkpoint(tmp_path / "checkpoints")
-    assert {"model.safetensors", "adapter.safetensors", "value.safetensors", "value_adapter.safetensors",
+    assert {"model.safetensors", "adapter_model.safetensors", "value.safetensors", "value_adapter_model.safetensors",
             "value_adapter_config.json"} <= {p.name for p in last.iterdir()}
-    value_adapters = load_tensors(last / "value_adapter.safetensors")
+    value_adapters = load_tensors(last / "value_adapter_model.safetensors")
     assert "base_model.model.score.weight" in value_adapters      # the value head trains too
 
 
@@ -313,7 +327,7 @@ def test_ppo_with_lora_resumes_exactly(tiny_lm_ckpt, rm_ckpt, prompts, tmp_path)
     assert min(metrics(rest)) == 3 and {**pick(part), **pick(rest)} == pick(full)
     a = ckpt.latest_checkpoint(tmp_path / "full" / "checkpoints")
     b = ckpt.latest_checkpoint(tmp_path / "res" / "checkpoints")
-    for name in ("model.safetensors", "value_adapter.safetensors", "ema.safetensors", "ema_adapter.safetensors"):
+    for name in ("model.safetensors", "value_adapter_model.safetensors", "ema.safetensors", "ema_adapter_model.safetensors"):
         x, y = load_tensors(a / name), load_tensors(b / name)
         assert all(torch.equal(x[k], y[k]) for k in x), name
 
@@ -330,14 +344,14 @@ def test_grpo_with_lora_first_ratio_is_one_and_kl_is_zero(tiny_lm_ckpt, tmp_path
     assert grpo.run(c, tmp_path / "run", events.append) == "completed"
     m = metrics(events)
     assert m[1]["val/ratio_first"] == 1.0 and m[1]["objective/kl"] == 0.0 and m[1]["objective/kl_k3"] == 0.0
-    assert (ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints") / "adapter.safetensors").exists()
+    assert (ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints") / "adapter_model.safetensors").exists()
 
 
 def test_the_adapter_loads_in_peft_on_the_exported_base(lm, sft_data, tmp_path):
-    """adapter.safetensors and adapter_config.json are peft's format: renamed to peft's file name,
-    PeftModel puts them on the exported init and gets the merged checkpoint's outputs."""
+    """adapter_model.safetensors and adapter_config.json are peft's: PeftModel loads the
+    checkpoint folder as it is, puts them on the exported init and gets the merged checkpoint's
+    outputs."""
     transformers = pytest.importorskip("transformers")
-    import shutil
     import warnings
     from peft import PeftModel
     from engine.export import export
@@ -345,14 +359,11 @@ def test_the_adapter_loads_in_peft_on_the_exported_base(lm, sft_data, tmp_path):
     last = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
     export(ckpt.resolve_checkpoint(lm), "hf", tmp_path / "base")
     export(last, "hf", tmp_path / "merged")
-    (tmp_path / "adapter").mkdir()
-    shutil.copy(last / "adapter.safetensors", tmp_path / "adapter" / "adapter_model.safetensors")
-    shutil.copy(last / "adapter_config.json", tmp_path / "adapter" / "adapter_config.json")
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     with warnings.catch_warnings():         # transformers 5 deprecates a name peft still reads
         warnings.simplefilter("ignore", FutureWarning)
-        adapted = PeftModel.from_pretrained(base, tmp_path / "adapter")
+        adapted = PeftModel.from_pretrained(base, last)
     x = torch.randint(0, merged.config.vocab_size, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(adapted(x).logits, merged(x).logits, rtol=0, atol=1e-5)
