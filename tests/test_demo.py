@@ -166,6 +166,12 @@ def test_cli_refuses_without_force(project, capsys):
         write_demo_project(project / "x", scale="huge")
 
 
+def test_cli_refuses_an_empty_project_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _cli(["--project", "", "--scale", "tiny"]) == 2
+    assert "--project is empty" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
 def _fake_stdlib(root: Path) -> None:
     files = {
         "alpha.py": '"""Alpha module docstring here."""\n'

@@ -334,6 +334,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if not str(args.project).strip():     # an unset variable: the current folder was not meant
+        print("workbench demo: --project is empty: name the folder to write the demo project into",
+              file=sys.stderr)
+        return 2
     try:
         summary = write_demo_project(args.project, seed=args.seed, scale=args.scale,
                                      overwrite=args.force)
