@@ -58,10 +58,9 @@ def test_missing_checkpoint_names_the_field(tmp_path):
 
 
 def test_a_reward_model_where_a_language_model_goes_is_refused_by_name_before_any_work(
-        tiny_lm_ckpt, rm_ckpt, tmp_path):
+        tiny_lm_ckpt, rm_ckpt, tmp_path, capsys):
     """SFT's and DPO's init, sample's checkpoint and chat: one line naming the setting, exit 2."""
-    import subprocess
-    import sys
+    from workbench.cli import main as workbench
     with pytest.raises(ConfigError, match="holds a reward \\(scalar\\) model, not a language model") as e:
         load_artifact(rm_ckpt, field="init", kind="lm")
     assert e.value.field == "init"
@@ -78,10 +77,9 @@ def test_a_reward_model_where_a_language_model_goes_is_refused_by_name_before_an
         run = tmp_path / stage
         run.mkdir()
         (run / "config.json").write_text(json.dumps(config))
-        proc = subprocess.run([sys.executable, "-m", "workbench.cli", "run", stage, "--run-dir", str(run)],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 2 and "not a language model" in proc.stderr, (stage, proc.stderr)
-        assert "Traceback" not in proc.stdout + proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "workbench.cli", "chat", "--checkpoint", str(rm_ckpt)],
-                          input="hi\n", capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "--checkpoint" in proc.stderr and "not a language model" in proc.stderr
+        assert workbench(["run", stage, "--run-dir", str(run), "--log-format", "human"]) == 2, stage
+        said = capsys.readouterr()
+        assert "not a language model" in said.out + said.err and "Traceback" not in said.out + said.err
+    assert workbench(["chat", "--checkpoint", str(rm_ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "--checkpoint" in err and "not a language model" in err
