@@ -125,8 +125,9 @@ def _resume_conflicts(old: dict, new: dict) -> list[tuple[str, str]]:
         elif key == "prompts_sha256" and key not in old:
             continue        # written before the prompts' texts were recorded
         elif old.get(key) != new.get(key):
-            out.append((PROVENANCE_FIELDS.get(key, key),
-                        "the prompts' texts" if key == "prompts_sha256" else f"{key}: {old.get(key)!r} -> {new.get(key)!r}"))
+            what = ("the prompts' texts" if key == "prompts_sha256"
+                    else f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+            out.append((PROVENANCE_FIELDS.get(key, key), what))
     return out
 
 

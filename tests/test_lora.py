@@ -327,7 +327,8 @@ def test_ppo_with_lora_resumes_exactly(tiny_lm_ckpt, rm_ckpt, prompts, tmp_path)
     assert min(metrics(rest)) == 3 and {**pick(part), **pick(rest)} == pick(full)
     a = ckpt.latest_checkpoint(tmp_path / "full" / "checkpoints")
     b = ckpt.latest_checkpoint(tmp_path / "res" / "checkpoints")
-    for name in ("model.safetensors", "value_adapter_model.safetensors", "ema.safetensors", "ema_adapter_model.safetensors"):
+    for name in ("model.safetensors", "value_adapter_model.safetensors", "ema.safetensors",
+                 "ema_adapter_model.safetensors"):
         x, y = load_tensors(a / name), load_tensors(b / name)
         assert all(torch.equal(x[k], y[k]) for k in x), name
 

@@ -312,8 +312,9 @@ def cmd_export(args) -> int:
 
     if not args.out.parent.is_dir():
         raise CliError(f"folder {args.out.parent} does not exist (for --out {args.out})")
-    own = [args.project / n for n in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", "workbench.toml")]
-    if any(args.out.resolve() == p.resolve() for p in own) or args.project.resolve() / "runs" in args.out.resolve().parents:
+    out, project = args.out.resolve(), args.project.resolve()
+    own = [project / n for n in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", "workbench.toml")]
+    if out in own or project / "runs" in out.parents:
         raise CliError(f"--out {args.out} is one of the project's own files: write the export elsewhere")
     with open_store(args.project) as store:
         for b in args.batch or []:
