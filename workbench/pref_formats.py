@@ -198,7 +198,8 @@ def _hf_messages(rec: dict, where) -> tuple[list[Record], list[str]]:
         return ([], [same]) if same else _kway(where, chosen[:-1], "chosen", answers, [[0], [1]], **who)
     turns = _turns(rec["prompt"], "prompt", problems)
     answers = [_completion(rec.get(k), k, problems) for k in ("chosen", "rejected")]
-    problems += [p for p in [same_answer(*answers)] if p and not problems]
+    if not problems and same_answer(*answers):     # a pair with nothing to prefer
+        problems.append(same_answer(*answers))
     if problems:
         return [], problems
     return _kway(where, turns, "prompt", answers, [[0], [1]], **who)

@@ -297,7 +297,8 @@ def parse_record(rec, line: int) -> tuple[Record | None, list[str]]:
         prompt = _text(rec, "prompt", problems)
         answers = [_text(rec, "chosen", problems, empty_ok=True),
                    _text(rec, "rejected", problems, empty_ok=True)]
-        problems += [p for p in [same_answer(*answers)] if p and not problems]
+        if not problems and same_answer(*answers):     # a pair with nothing to prefer
+            problems.append(same_answer(*answers))
         ranking, flags, scores = [[0], [1]], None, None
     elif "chosen" in rec and "rejected" in rec:
         got = _from_transcripts(rec, problems)
