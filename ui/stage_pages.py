@@ -51,6 +51,7 @@ class RankingsPanel(StagePanel):
         self.use_simulated.setToolTip("Rankings by the simulated annotator are kept apart from people's; "
                                       "include them only for demos and tests")
         self.counts = QLabel()
+        self.counts.setWordWrap(True)       # with its tied ones said, wider than the settings column
         row = QHBoxLayout()
         row.addWidget(self.use_store)
         row.addWidget(self.use_simulated)
