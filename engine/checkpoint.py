@@ -469,9 +469,10 @@ def _saved_by_this_format(path: Path) -> bool:
 
 
 def prune(root: Path, keep_last: int, metric: str = "val_loss") -> list[Path]:
-    """Keep the newest `keep_last` checkpoints and the best by `metric`; delete the rest."""
+    """Keep the newest `keep_last` checkpoints (at least the newest: the run resumes from it) and
+    the best by `metric`; delete the rest."""
     found = list_checkpoints(root)
-    keep = {p for _s, p in found[-keep_last:]} if keep_last > 0 else set()
+    keep = {p for _s, p in found[-max(keep_last, 1):]}
     best = best_checkpoint(root, metric)
     if best is not None:
         keep.add(best)

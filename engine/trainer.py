@@ -61,8 +61,10 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "checkpoint_every", "log_every",
                      "nproc"):
             require(getattr(self, name) > 0, name, "must be a positive integer")
-        for name in ("warmup_steps", "sample_every", "keep_last"):
+        for name in ("warmup_steps", "sample_every"):
             require(getattr(self, name) >= 0, name, "must be zero or positive")
+        # 0 would delete each checkpoint as it is saved, until an evaluation names a best one.
+        require(self.keep_last > 0, "keep_last", "must be a positive integer (checkpoints kept besides the best)")
         require(self.lr > 0, "lr", "must be a positive number")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be between 0 and 1")
         require(self.weight_decay >= 0, "weight_decay", "must be zero or positive")
@@ -167,6 +169,7 @@ class Progress:
     tokens_seen: int = 0
     best_val: Optional[float] = None
     last_val: Optional[float] = None
+    val_step: Optional[int] = None          # the step last_val was measured at
 
 
 def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage, *, device: torch.device,
@@ -198,8 +201,9 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
     saved = resume_run(ckpt_root, model, opt, data_gen=data_gen, device=device,
                        check=lambda s: check_resume(s["config"], cfg, FIXED_ON_RESUME + stage.fixed_on_resume, ev))
     if saved is not None:
-        run = Progress(saved.step, saved.field("tokens_seen", int), saved.state.get("best_val_loss"),
-                       saved.state.get("val_loss"))
+        val = saved.state.get("val_loss")
+        run = Progress(saved.step, saved.field("tokens_seen", int), saved.state.get("best_val_loss"), val,
+                       saved.step if val is not None else None)
         watch.load(saved.state.get("collapse"))
         if stage.restore:
             try:
@@ -229,7 +233,10 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
         ev.metrics(run.step, init_metrics)
 
     def save(reason: str) -> None:
-        state = {"stage": stage.name, "tokens_seen": run.tokens_seen, "val_loss": run.last_val,
+        # A checkpoint between evaluations has no val loss of its own: the last one measured other
+        # weights, and as a tie it would make these, never evaluated, the best.
+        val = run.last_val if run.val_step == run.step else None
+        state = {"stage": stage.name, "tokens_seen": run.tokens_seen, "val_loss": val,
                  "best_val_loss": run.best_val, "lr": lr_at(max(run.step - 1, 0), cfg), "reason": reason,
                  "world_size": world.size, "collapse": watch.state(),
                  "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.config),
@@ -237,7 +244,7 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
         path, removed = save_run_checkpoint(ckpt_root, run.step, model, opt, data_gen=data_gen, device=device,
                                             state=state, keep_last=cfg.keep_last, extra_files=stage.extra_files)
         ev.emit("checkpoint", step=run.step, path=str(path.relative_to(run_dir)),
-                best=run.last_val is not None and run.last_val == run.best_val, removed=[p.name for p in removed])
+                best=val is not None and val == run.best_val, removed=[p.name for p in removed])
 
     model.train()
     meter = _Meter(ev, stage, flops * world.size, cfg.max_steps)
@@ -320,7 +327,7 @@ def _evaluate(model, stage: Stage, run: Progress, ev: Emitter, device, dtype) ->
     with torch.no_grad(), autocast(device, dtype):
         values = stage.evaluate(model)
     model.train()
-    run.last_val = float(values["val/loss"])
+    run.last_val, run.val_step = float(values["val/loss"]), run.step
     run.best_val = run.last_val if run.best_val is None else min(run.best_val, run.last_val)
     ev.metrics(run.step, {**values, "val/best_loss": run.best_val})
 

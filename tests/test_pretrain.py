@@ -214,3 +214,32 @@ def test_a_missing_input_is_named_with_its_setting(corpus, tmp_path):
     with pytest.raises(ConfigError) as e:
         run(make_cfg(corpus, inputs=[str(tmp_path / "gone.txt")]), tmp_path / "run", [].append)
     assert e.value.field == "inputs" and f"{tmp_path / 'gone.txt'}: no such file or folder" in e.value.message
+
+
+def test_a_checkpoint_between_evaluations_claims_no_val_loss_and_is_never_the_best(corpus, tmp_path):
+    """Saved at steps 2, 4, 6, 8, evaluated at 6 only: step 8's weights were never measured, and
+    the val loss of step 6's must not become theirs (a tie would make them the best)."""
+    events = []
+    cfg = make_cfg(corpus, max_steps=24, checkpoint_every=2, eval_every=6, keep_last=100, lr=3.0, warmup_steps=0)
+    assert run(cfg, tmp_path, events.append, StopAt(events, 8)) == "stopped"
+    recorded = {p.name: json.loads((p / "state.json").read_text())["val_loss"]
+                for _s, p in ckpt.list_checkpoints(tmp_path / "checkpoints")}
+    measured = next(e["val/loss"] for e in events if e["type"] == "metrics" and "val/loss" in e)
+    assert recorded == {"step-000002": None, "step-000004": None, "step-000006": measured,
+                        "step-000008": None}
+    assert ckpt.best_checkpoint(tmp_path / "checkpoints").name == "step-000006"
+    best = {e["step"]: e["best"] for e in events if e["type"] == "checkpoint"}
+    assert best == {2: False, 4: False, 6: True, 8: False}
+    # resumed, the first save between evaluations still claims nothing
+    rest = []
+    assert run(cfg, tmp_path, rest.append, StopAt(rest, 10)) == "stopped"
+    assert json.loads((tmp_path / "checkpoints" / "step-000010" / "state.json").read_text())["val_loss"] is None
+
+
+def test_keep_last_zero_is_refused_and_the_newest_checkpoint_is_never_pruned(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="keep_last"):
+        make_cfg(corpus, keep_last=0)
+    for step in (2, 4):
+        ckpt.save_checkpoint(tmp_path, step, model={"w": torch.zeros(1)}, state={"val_loss": None})
+    assert ckpt.prune(tmp_path, 0) == [tmp_path / "step-000002"]
+    assert [p.name for _s, p in ckpt.list_checkpoints(tmp_path)] == ["step-000004"]
