@@ -7,6 +7,7 @@ import json
 import shutil
 
 from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QPushButton
 
 from test_agreement_figures import make_class
 from ui.ranking_view import RankingView
@@ -72,6 +73,25 @@ def test_agreement_tab_shows_every_figure_and_leads_back_to_ranking(qtbot, tmp_p
         click(qtbot, page.items.cellWidget(0, 5))
         assert view.tabs.currentIndex() == 0
         assert view.current.item_id == item_2 and view.current.previous is not None
+
+        # Left without a new ranking, the old one is back: clicking Re-rank loses nothing.
+        def anns(item_id):
+            with Store.for_project(tmp_path) as s:
+                return [r for r in s.rankings(item_id=item_id) if r.annotator == "ann"]
+        before = [r.ordering for r in anns(item_2)]
+        assert before == []                        # withdrawn while the item is open again
+        end = next(b for b in view.page.findChildren(QPushButton) if b.text() == "End session")
+        click(qtbot, end)
+        assert len(anns(item_2)) == 1
+        # Ranked again, the new ranking is the one that stays.
+        click_tab(qtbot, view.tabs, "Agreement")
+        click_tab(qtbot, page.sections, "Items")
+        click(qtbot, page.items.cellWidget(0, 5))
+        old = anns(item_2) or None
+        view.session.submit([[n] for n in range(1, len(view.current.answers) + 1)])
+        new = anns(item_2)
+        click(qtbot, end)
+        assert old is None and anns(item_2) == new and len(new) == 1
     finally:
         view.close_store()
 

@@ -42,8 +42,8 @@ from ui.workers import Worker
 from workbench import guidelines
 from workbench.annotation import AnnotationSession, Current
 from workbench.preferences import ImportResult, export_rankings, import_preferences
-from workbench.review import (batch_progress, existing_session, project_runs, recent_session,
-                              reopen_item)
+from workbench.review import (batch_progress, existing_session, project_runs, put_back,
+                              recent_session, reopen_item)
 from workbench.samples import import_sample_run
 from workbench.simulated import DEFAULT_NAME, DEMO_PREFERENCE_TEXT, rank_batch
 from workbench.store import InputError, RankingError, Store, StoreError
@@ -104,6 +104,7 @@ class RankingView(QWidget):
         self.checkpoints = checkpoints or (
             lambda: project_runs(self.project_dir, "checkpoint"))
         self.session: AnnotationSession | None = None
+        self._reopened: int | None = None     # the ranking Re-rank withdrew, until its item is ranked
         self.current: Current | None = None
         self.simulating: Worker | None = None
         self.input = RankInput(2)
@@ -187,6 +188,7 @@ class RankingView(QWidget):
         """Start or resume `annotator`'s session on the batch; the guidelines come first when
         this annotator has not seen their current text for this batch. `repeat_fraction`
         applies to a new session only (a resumed one keeps its own)."""
+        self._put_back()
         if existing_session(self.store, batch_id, annotator) is not None:
             repeat_fraction = None
         self.session = AnnotationSession(self.store, batch_id, annotator, kind="human",
@@ -200,7 +202,13 @@ class RankingView(QWidget):
         self.setFocus()
         return self.session
 
+    def _put_back(self) -> None:
+        """A ranking Re-rank withdrew comes back if its item was left unranked."""
+        put_back(self.store, self._reopened)
+        self._reopened = None
+
     def end_session(self) -> None:
+        self._put_back()
         self.session = self.current = None
         self._clock.stop()
         self.refresh()
@@ -282,7 +290,8 @@ class RankingView(QWidget):
         if self.session is None or self.session.batch.id != batch_id or \
                 self.session.annotator.name != name:
             self.open_session(batch_id, name)
-        reopen_item(self.session, item_id)
+        self._put_back()
+        self._reopened = reopen_item(self.session, item_id)
         self._load()
         self.tabs.setCurrentIndex(0)
         if self.stack.currentWidget() is not self.guide:
@@ -598,5 +607,6 @@ class RankingView(QWidget):
         self._clock.stop()
         self._stop_simulated()
         self.agreement.shutdown()
+        self._put_back()
         self.session = None
         self.store.close()

@@ -68,6 +68,13 @@ def reopen_item(session, item_id: int) -> int | None:
     return rid
 
 
+def put_back(store, ranking_id: int | None) -> bool:
+    """The ranking reopen_item withdrew comes back when the person left its item without ranking
+    it again (ended the session, opened another): Re-rank never loses a ranking by being
+    clicked. Nothing happens once a new ranking took its place. True if it came back."""
+    return ranking_id is not None and store.restore_ranking(ranking_id)
+
+
 def project_runs(project_dir: str | Path, kind: str) -> list[tuple[str, Path]]:
     """(name, folder) of the project's runs that hold a complete checkpoint of `kind`
     (checkpoint | reward: which stages make one is the catalogue's), newest first."""

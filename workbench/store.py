@@ -550,6 +550,16 @@ class Store(RunIndexTable, PackTables):
             c.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (now, session_id))
             return rid
 
+    def restore_ranking(self, ranking_id: int) -> bool:
+        """Make a withdrawn ranking active again, unless another ranking of its item (in its
+        session, first-time or repeat alike) is active now. True if it was restored."""
+        with self.transaction() as c:
+            return c.execute(
+                "UPDATE rankings SET withdrawn_at = NULL WHERE id = :id AND withdrawn_at IS NOT NULL "
+                "AND NOT EXISTS (SELECT 1 FROM rankings o, rankings r WHERE r.id = :id "
+                "AND o.session_id = r.session_id AND o.item_id = r.item_id AND o.is_repeat = r.is_repeat "
+                "AND o.withdrawn_at IS NULL)", {"id": ranking_id}).rowcount == 1
+
     def withdraw_ranking(self, ranking_id: int) -> None:
         with self.transaction() as c:
             now = time.time()
