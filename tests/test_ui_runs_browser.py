@@ -36,6 +36,9 @@ class Runs(QObject):
     def delete(self, name):
         self.infos = [i for i in self.infos if i.name != name]
 
+    def children(self, name):
+        return [i for i in self.infos if name in i.parents.values()]
+
     def sync(self):
         self.runsChanged.emit()
 
@@ -52,6 +55,7 @@ def browser(qtbot, tmp_path):
     runs = Runs([info(tmp_path, "tokenizer-20250301-090000", "tokenizer", T0, 5),
                  info(tmp_path, "pretrain-20250301-100000", "pretrain", T0 + 3600, 7200),
                  info(tmp_path, "sft-20250301-120000", "sft", T0 + 3 * 3600, 90)])
+    runs.runs_dir = tmp_path
     b = RunsBrowser(runs)
     qtbot.addWidget(b)
     b.resize(1200, 700)
@@ -177,14 +181,28 @@ def test_delete_asks_first_and_deletes_only_on_yes(qtbot, browser, monkeypatch):
     # The button's clicked(bool) once arrived as confirm=False: a click deleted at once.
     from PySide6.QtWidgets import QMessageBox
     b, run = browser, "pretrain-20250301-100000"
+    b.ctx.run("sft-20250301-120000").parents["init"] = run
     answers, asked = [QMessageBox.StandardButton.No, QMessageBox.StandardButton.Yes], []
     monkeypatch.setattr("ui.runs_browser.QMessageBox.question",
-                        lambda _p, title, text: asked.append(text) or answers.pop(0))
+                        lambda _p, title, text, buttons, default: asked.append((text, default)) or answers.pop(0))
     click_run(qtbot, b, run)
     qtbot.mouseClick(b.delete_btn, Qt.LeftButton)
-    assert len(asked) == 1 and "This cannot be undone" in asked[0] and run in names(b)
+    (text, default), = asked
+    assert "This cannot be undone" in text and run in names(b)
+    # the runs made from it are named, and Enter answers No
+    assert "1 other run(s) started from them and will lose their input: sft-20250301-120000" in text
+    assert default == QMessageBox.StandardButton.No
     qtbot.mouseClick(b.delete_btn, Qt.LeftButton)
     qtbot.waitUntil(lambda: run not in names(b), timeout=5_000)
     assert len(asked) == 2
     # Nothing is selected in its place, and no plots of the deleted run stay beside another name.
     assert b.selected_names() == [] and b.plots is None
+
+
+def test_show_folder_says_the_path_when_no_file_manager_opens_it(qtbot, browser, monkeypatch, tmp_path):
+    shown = []
+    monkeypatch.setattr("ui.runs_browser.QDesktopServices.openUrl", lambda url: False)
+    monkeypatch.setattr("ui.runs_browser.QMessageBox.information", lambda _p, title, text: shown.append(text))
+    click_run(qtbot, browser, "sft-20250301-120000")
+    qtbot.mouseClick(browser.folder_btn, Qt.LeftButton)
+    assert len(shown) == 1 and shown[0].endswith(str(tmp_path / "sft-20250301-120000"))

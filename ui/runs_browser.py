@@ -328,18 +328,27 @@ class RunsBrowser(QWidget):
     def show_folder(self) -> None:
         names = self.selected_names()
         if len(names) == 1:
-            QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.ctx.runs.runs_dir / names[0])))
+            folder = self.ctx.runs.runs_dir / names[0]
+            if not QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder))):
+                # No file manager on this desktop: the path, to copy, rather than nothing at all.
+                QMessageBox.information(self, "Run folder", f"No file manager opened it. The run's folder:\n\n{folder}")
+
+    def _confirm_delete(self, names: list[str]) -> bool:
+        """Ask, naming the runs that were made from these (they lose their lineage and cannot
+        resume without them); No is the default, so Enter does not delete."""
+        made_from = sorted({c.name for n in names for c in self.ctx.runs.children(n)} - set(names))
+        text = (f"Delete {len(names)} run(s) and their folders, checkpoints included?\n\n" + "\n".join(names)
+                + (f"\n\n{len(made_from)} other run(s) started from them and will lose their input: "
+                   + ", ".join(made_from) if made_from else "") + "\n\nThis cannot be undone.")
+        yes, no = QMessageBox.StandardButton.Yes, QMessageBox.StandardButton.No
+        return QMessageBox.question(self, "Delete runs", text, yes | no, no) == yes
 
     def delete_selected(self, confirm: bool = True) -> list[str]:
         names = self.selected_names()
         if not names:
             return []
-        if confirm:
-            answer = QMessageBox.question(
-                self, "Delete runs", f"Delete {len(names)} run(s) and their folders, checkpoints included?\n\n"
-                + "\n".join(names) + "\n\nThis cannot be undone.")
-            if answer != QMessageBox.StandardButton.Yes:
-                return []
+        if confirm and not self._confirm_delete(names):
+            return []
         deleted, problems = [], []
         for name in names:
             try:
