@@ -299,10 +299,16 @@ def test_new_batch_dialog_makes_a_sample_config_and_an_imported_run_opens(qtbot,
     ckpt = tmp_path_factory.mktemp("sft-run")
     prompts = project / "prompts.txt"
     prompts.write_text("What is 2 plus 2?\nReverse the word cat.\n")
-    dialog = NewBatchDialog(project, lambda: [("sft-run", ckpt)], view)
+    grpo = tmp_path_factory.mktemp("grpo-run")
+    dialog = NewBatchDialog(project, lambda: [("grpo-20260101-000000", grpo), ("sft-20250101-000000", ckpt)],
+                            view)
     qtbot.addWidget(dialog)
+    assert dialog.checkpoint.currentText() == "sft-20250101-000000"     # answers to rank come from SFT
     dialog.accept()                                     # no prompt file yet: refused, says why
     assert "prompts" in dialog.error.text() and dialog.result() == 0
+    dialog.prompts.setText(str(project / "nope.txt"))   # a file that is not there: no job that must fail
+    dialog.accept()
+    assert "nope.txt" in dialog.error.text() and dialog.result() == 0
     dialog.prompts.setText(str(prompts))
     dialog.k.setValue(3)
     dialog.temperature.setValue(0.7)

@@ -14,8 +14,9 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, 
                                QWidget)
 
 from engine.config import ConfigError
-from engine.sample import SampleConfig
+from engine.sample import PromptFileError, SampleConfig, read_prompts
 from workbench.project import Project, ProjectError
+from workbench.stages import stage_of_folder
 
 Checkpoints = Callable[[], "list[tuple[str, Path]]"]
 
@@ -58,6 +59,11 @@ class NewBatchDialog(QDialog):
         self.checkpoint = QComboBox()
         for name, path in checkpoints():
             self.checkpoint.addItem(name, str(path))
+        # Answers to rank come from an SFT (or PPO) model: the newest of those first, not a
+        # newer GRPO or DPO run's.
+        first = next((i for i in range(self.checkpoint.count())
+                      if stage_of_folder(self.checkpoint.itemText(i)) in ("sft", "ppo")), 0)
+        self.checkpoint.setCurrentIndex(first)
         browse = QPushButton("Browse…")
         browse.clicked.connect(self._browse_checkpoint)
         self.prompts = QLineEdit()
@@ -125,6 +131,11 @@ class NewBatchDialog(QDialog):
             temperature=self.temperature.value(), top_p=self.top_p.value(),
             max_new_tokens=self.max_new_tokens.value(), seed=self.seed.value())
         cfg.validate()
+        try:        # a job that could only fail is not started: the files are read here first
+            read_prompts(cfg.prompts)
+        except PromptFileError as e:
+            raise ConfigError("prompts", e.problems[0] + (f" (and {len(e.problems) - 1} more)"
+                                                         if len(e.problems) > 1 else "")) from None
         return cfg
 
     def accept(self) -> None:
