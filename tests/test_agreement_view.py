@@ -145,3 +145,25 @@ def test_start_beside_a_finished_reward_run_takes_the_projects_rankings_as_they_
     click(qtbot, reward.start_btn)
     (values, rankings), = launched
     assert rankings is not None and values["data"] == ["rankings.jsonl"]
+
+
+def test_the_ceiling_says_when_a_simulated_annotator_is_in_it(qtbot, tmp_path):
+    with Store.for_project(tmp_path) as store:
+        batch = store.create_batch("b", [{"prompt": f"p{i}", "answers": [{"text": "a"}, {"text": "b"}]}
+                                         for i in range(2)])
+        for name, kind in (("ann", "human"), ("bob", "human"), ("sim", "simulated")):
+            session, _ = store.session(batch, store.annotator(name, kind).id)
+            for item in store.items(batch):
+                store.add_ranking(session, item.id, [[i] for i in item.answer_ids])
+    view = RankingView(tmp_path)
+    qtbot.addWidget(view)
+    view.show()
+    try:
+        click_tab(qtbot, view.tabs, "Agreement")
+        page = view.agreement
+        assert "human-human ceiling 100.0% of 2 comparisons" in page.summary.text()
+        click(qtbot, page.simulated)
+        assert "annotator-annotator ceiling (simulated annotators included)" in page.summary.text()
+        assert page.ceiling.rows[1][0].startswith("Annotator-annotator ceiling")
+    finally:
+        view.close_store()

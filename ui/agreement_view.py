@@ -93,6 +93,13 @@ def _note(text: str) -> QLabel:
     return label
 
 
+def _ceiling_name(f) -> str:
+    """With a simulated annotator among those compared, the ceiling is no longer people's own."""
+    if any(a.simulated for a in f.annotators):
+        return "annotator-annotator ceiling (simulated annotators included)"
+    return "human-human ceiling"
+
+
 def _rerank_button() -> QPushButton:
     b = QPushButton("Re-rank")
     b.setToolTip("rank this item again in your session (your earlier ranking is kept as "
@@ -111,8 +118,8 @@ class CeilingBars(QWidget):
         self.rows: list[tuple[str, float | None]] = []
         self.setMinimumHeight(2 * self.ROW + 8)
 
-    def set_values(self, rm: float | None, ceiling: float | None) -> None:
-        self.rows = [("Reward model, held out", rm), ("Human-human ceiling", ceiling)]
+    def set_values(self, rm: float | None, ceiling: float | None, label: str = "Human-human ceiling") -> None:
+        self.rows = [("Reward model, held out", rm), (label, ceiling)]
         self.setToolTip("\n".join(f"{label}: {_fmt(v, '{:.1%}')}" for label, v in self.rows))
         self.update()
 
@@ -276,7 +283,7 @@ class AgreementView(QWidget):
         self.summary.setText(
             f"{len(f.annotators)} annotators · {o.items} items ranked by two or more · "
             f"agreement {_fmt(o.agreement, '{:.1%}')} · α {_fmt(o.alpha)} · Kendall's W "
-            f"{_fmt(f.kendall_w)} (mean over items) · human-human ceiling "
+            f"{_fmt(f.kendall_w)} (mean over items) · {_ceiling_name(f)} "
             f"{_fmt(f.ceiling, '{:.1%}')} of {f.tally.strict_total} comparisons")
 
     def _show_annotators(self, f: Figures) -> None:
@@ -325,7 +332,8 @@ class AgreementView(QWidget):
 
     def _show_ceiling(self, f: Figures) -> None:
         rm = self.rm_accuracy
-        self.ceiling.set_values(rm.accuracy if rm else None, f.ceiling)
+        name = _ceiling_name(f)
+        self.ceiling.set_values(rm.accuracy if rm else None, f.ceiling, name[0].upper() + name[1:])
         where = (f"{rm.run}, on {rm.rankings} held-out rankings" if rm and rm.rankings is not None
                  else rm.run if rm else "")
         self.ceiling_note.setText(
