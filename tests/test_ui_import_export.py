@@ -67,7 +67,7 @@ def test_import_from_the_file_menu_fine_tune_it_and_export_from_the_runs_page(ma
     assert read_gguf_fields(out)["general.architecture"] == "llama"
 
     dialog.format.setCurrentIndex(0)                                       # Hugging Face folder
-    assert dialog.path.text().endswith(sft_job.run_dir.name)               # a default path per format
+    assert dialog.path.text() == str(tmp_path / "exported")                # the typed name, as a folder
     qtbot.mouseClick(dialog.export_btn, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: dialog.status.text().startswith("Exported to ") and "gguf" not in dialog.status.text(),
                     timeout=30_000)

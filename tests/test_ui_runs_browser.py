@@ -206,3 +206,19 @@ def test_show_folder_says_the_path_when_no_file_manager_opens_it(qtbot, browser,
     click_run(qtbot, browser, "sft-20250301-120000")
     qtbot.mouseClick(browser.folder_btn, Qt.LeftButton)
     assert len(shown) == 1 and shown[0].endswith(str(tmp_path / "sft-20250301-120000"))
+
+
+def test_the_export_dialog_keeps_a_typed_path_across_formats(qtbot, tmp_path):
+    from ui.export_dialog import ExportDialog
+    d = ExportDialog(tmp_path / "runs" / "sft-1")
+    qtbot.addWidget(d)
+    exports = tmp_path / "exports" / "sft-1"
+    assert d.path.text() == str(exports)                               # the default, per format
+    d.format.setCurrentIndex(2)
+    assert d.path.text() == f"{exports}-q8_0.gguf"
+    d.path.clear()
+    qtbot.keyClicks(d.path, "/data/mine/model.gguf")
+    d.format.setCurrentIndex(0)                                        # typed: kept, as a folder
+    assert d.path.text() == "/data/mine/model"
+    d.format.setCurrentIndex(1)
+    assert d.path.text() == "/data/mine/model.gguf"

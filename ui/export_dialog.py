@@ -62,9 +62,17 @@ class ExportDialog(QDialog):
         return next((fmt, t) for lab, fmt, t in CHOICES if lab == label)
 
     def _default_path(self) -> None:
+        """A path for the format chosen: in the project's exports folder, or, once the user typed
+        or browsed to one, theirs with the format's ending (a folder for hf, a .gguf file)."""
         fmt, gguf_type = self.choice()
+        typed = self.path.text().strip()
+        if typed and typed != getattr(self, "_auto", None):
+            stem = typed[:-len(".gguf")] if typed.endswith(".gguf") else typed
+            self.path.setText(stem if fmt == "hf" else f"{stem}.gguf")
+            return
         base = self.run_dir.parent.parent / "exports" / self.run_dir.name
-        self.path.setText(str(base) if fmt == "hf" else f"{base}-{gguf_type}.gguf")
+        self._auto = str(base) if fmt == "hf" else f"{base}-{gguf_type}.gguf"
+        self.path.setText(self._auto)
 
     def _browse(self) -> None:
         fmt, _t = self.choice()
