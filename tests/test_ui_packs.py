@@ -85,3 +85,31 @@ def test_make_rank_and_merge_packs_from_the_app(qtbot, tmp_path, monkeypatch):
     # of the items dealt to each; ben merged an empty pack: he shows, with nothing ranked yet
     assert view.start.batches.topLevelItem(0).text(3) == "ana 1/2, ben 0/2"
     view.close_store()
+
+
+def test_a_refused_make_packs_comes_back_as_it_was_filled_in(qtbot, tmp_path, monkeypatch):
+    project = make_project(tmp_path / "p", n=4)
+    view = RankingView(project)
+    qtbot.addWidget(view)
+    view.show()
+    view.start.batches.setCurrentItem(view.start.batches.topLevelItem(0))
+    errors, seen = [], []
+    monkeypatch.setattr("ui.pack_dialogs.show_error", lambda _p, _t, e: errors.append(str(e)))
+    monkeypatch.setattr(QMessageBox, "information", lambda *a: None)
+
+    def second_try():
+        dialog = QApplication.activeModalWidget()
+        if not isinstance(dialog, MakePacksDialog) or not errors:
+            QTimer.singleShot(20, second_try)
+            return
+        seen.append((dialog.annotators.text(), dialog.overlap.value()))
+        dialog.overlap.setValue(1)
+        qtbot.mouseClick(dialog.findChild(QDialogButtonBox).button(QDialogButtonBox.Ok), Qt.LeftButton)
+
+    fill_next_dialog(qtbot, "ana", 2)               # one annotator cannot rank each item twice
+    QTimer.singleShot(0, second_try)
+    packs_action(view, "Make annotation packs").trigger()
+    assert errors == ["Rankings per item is 2, but 1 annotator(s) are named: each item needs that many "
+                      "different people"]
+    assert seen == [("ana", 2)]
+    assert [f.name for f in (project / "packs").glob("*.wbpack")] == ["class_batch-ana.wbpack"]

@@ -68,15 +68,19 @@ def make_packs(view) -> list[Path]:
         return []
     name = view.store.batch(batch).name
     dialog = MakePacksDialog(name, view.project_dir, view)
-    if not dialog.exec():
-        return []
-    try:
-        paths = export_packs(view.store, view.project_dir, batch, dialog.names(),
-                             dialog.overlap.value(), Path(dialog.folder.text()),
-                             repeat_fraction=dialog.repeats.value() / 100)
-    except (KeyError, ValueError, OSError, StoreError) as e:
-        show_error(view, "Annotation packs", e)
-        return []
+    while True:     # a refusal shows the dialog again as it was filled in
+        if not dialog.exec():
+            return []
+        names, overlap = dialog.names(), dialog.overlap.value()
+        try:
+            if names and overlap > len(names):
+                raise ValueError(f"Rankings per item is {overlap}, but {len(names)} annotator(s) are named: "
+                                 "each item needs that many different people")
+            paths = export_packs(view.store, view.project_dir, batch, names, overlap,
+                                 Path(dialog.folder.text()), repeat_fraction=dialog.repeats.value() / 100)
+            break
+        except (KeyError, ValueError, OSError, StoreError) as e:
+            show_error(view, "Annotation packs", e)
     QMessageBox.information(view, "Annotation packs", (
         f"Wrote {len(paths)} pack(s) into {paths[0].parent}:\n"
         + "\n".join(p.name for p in paths)
