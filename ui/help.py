@@ -10,7 +10,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from PySide6.QtGui import QTextCursor
+from PySide6.QtCore import QTimer, QUrl
+from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import QDialog, QDialogButtonBox, QTextBrowser, QVBoxLayout, QWidget
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -48,12 +49,25 @@ class HelpDialog(QDialog):
         self.setWindowTitle(title)
         self.resize(760, 640)
         self.text = QTextBrowser()
-        self.text.setOpenExternalLinks(True)
+        # The README's links go to files beside it (docs/…) and to the web: each opens where it
+        # can be read. Followed inside the browser, a file link blanked the guide for good.
+        self.text.setOpenLinks(False)
+        self.text.setSearchPaths([str(README.parent)])      # its images, drawn in place
+        self.text.anchorClicked.connect(self._follow)
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
         buttons.rejected.connect(self.reject)
         lay = QVBoxLayout(self)
         lay.addWidget(self.text)
         lay.addWidget(buttons)
+
+
+    def _follow(self, url: QUrl) -> None:
+        if url.scheme() in ("http", "https", "mailto", "file"):
+            QDesktopServices.openUrl(url)
+        elif not url.path() and url.fragment():
+            self.text.scrollToAnchor(url.fragment())
+        else:
+            QDesktopServices.openUrl(QUrl.fromLocalFile(str(README.parent / url.path())))
 
 
 def shortcuts_dialog(pages: list[tuple[str, str]], parent: QWidget | None = None) -> HelpDialog:
@@ -74,10 +88,14 @@ def guide_dialog(heading: str, parent: QWidget | None = None) -> HelpDialog:
     block = d.text.document().begin()
     while block.isValid():
         if block.blockFormat().headingLevel() > 0 and block.text().strip() == heading:
-            # Scroll the heading to the top: to the end first, then back to it.
-            d.text.moveCursor(QTextCursor.MoveOperation.End)
-            d.text.setTextCursor(QTextCursor(block))
-            d.text.ensureCursorVisible()
+            # Once the dialog is shown and laid out (the scroll range is known only then), the
+            # heading goes to the top of the view.
+            QTimer.singleShot(0, lambda b=block: _scroll_to_top(d.text, b))
             break
         block = block.next()
     return d
+
+
+def _scroll_to_top(text: QTextBrowser, block) -> None:
+    y = text.document().documentLayout().blockBoundingRect(block).top()
+    text.verticalScrollBar().setValue(int(y))
