@@ -6,6 +6,7 @@ from PySide6.QtCore import QSettings, Qt, QTimer
 from PySide6.QtWidgets import QApplication, QDialogButtonBox, QFileDialog, QMessageBox, QPushButton
 
 from tests.test_packs import make_project
+from ui_driver import press
 from ui.pack_dialogs import MakePacksDialog
 from ui.ranking_view import RankingView
 from workbench.packs import open_pack
@@ -113,3 +114,23 @@ def test_a_refused_make_packs_comes_back_as_it_was_filled_in(qtbot, tmp_path, mo
                       "different people"]
     assert seen == [("ana", 2)]
     assert [f.name for f in (project / "packs").glob("*.wbpack")] == ["class_batch-ana.wbpack"]
+
+
+def test_ctrl_q_quits_with_a_pack_window_open_from_either_window(qtbot, tmp_path, monkeypatch):
+    from ui.main_window import MainWindow
+    from workbench.packs import export_packs
+    project = make_project(tmp_path / "p", n=2)
+    with Store.for_project(project) as store:
+        (pack,) = export_packs(store, project, store.batches()[0].id, ["ana"], 1, tmp_path / "packs")
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(pack), ""))
+    for quit_from in ("main", "pack"):
+        main = MainWindow(QSettings(str(tmp_path / f"{quit_from}.ini"), QSettings.Format.IniFormat))
+        qtbot.addWidget(main)
+        main.show()
+        next(a for a in main.menuBar().actions()[0].menu().actions() if a.text() == "Open Annotation &Pack…").trigger()
+        (window,) = main.pack_windows
+        qtbot.addWidget(window)
+        window.show()
+        qtbot.waitExposed(window)
+        press(qtbot, main if quit_from == "main" else window, Qt.Key_Q, Qt.ControlModifier)
+        qtbot.waitUntil(lambda: not window.isVisible() and not main.isVisible())

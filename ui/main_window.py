@@ -436,6 +436,8 @@ class MainWindow(QMainWindow):
         self.settings.setValue("geometry", self.saveGeometry())
         self.settings.setValue("split", self.split.saveState())
         self.close_project()
+        for window in getattr(self, "pack_windows", []):   # quitting quits: no pack window stays
+            window.close()
         if running:
             # Jobs are separate processes: they finish (or stop with a checkpoint) on their own,
             # and the next session follows them.

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtWidgets import QFileDialog, QMainWindow, QWidget
+from PySide6.QtGui import QKeySequence, QShortcut
+from PySide6.QtWidgets import QApplication, QFileDialog, QMainWindow, QWidget
 
 from ui.pack_dialogs import PACK_FILTER
 from ui.ranking_dialogs import show_error
@@ -49,6 +50,9 @@ class PackWindow(QMainWindow):
         self.setCentralWidget(self.view)
         self.statusBar().showMessage(f"Saving each ranking into {pack.path}")
         self.resize(1200, 850)
+        # Ctrl+Q quits here too, as in the main window: every window closes (each ranking is
+        # already in the pack file).
+        QShortcut(QKeySequence("Ctrl+Q"), self, QApplication.closeAllWindows)
 
     def closeEvent(self, event) -> None:
         self.view.close_store()
