@@ -497,16 +497,3 @@ def test_a_live_round_redraws_one_plot_per_turn_of_the_event_loop(grid):
             break
     assert drawn[:4] == [1, 2, 3, 4]                  # one more plot each tick, then all
     assert g.redraw_interval_ms() >= 66               # rounds are still spaced by the throttle
-
-
-def test_many_plots_in_a_short_space_scroll_instead_of_shrinking(qtbot):
-    from PySide6.QtWidgets import QScrollArea
-    from ui.plots import MIN_PLOT_HEIGHT, PlotGrid
-    grid = PlotGrid("ppo")
-    qtbot.addWidget(grid)
-    grid.resize(1000, 320)
-    grid.show()
-    qtbot.waitExposed(grid)
-    heights = [cell.frame.height() for cell in grid._cells.values()]
-    assert len(heights) >= 9 and min(heights) >= MIN_PLOT_HEIGHT
-    assert grid.findChild(QScrollArea).verticalScrollBar().maximum() > 0

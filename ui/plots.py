@@ -26,8 +26,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QEvent, Qt, QTimer
 from PySide6.QtGui import QColor, QPalette
-from PySide6.QtWidgets import (QComboBox, QFrame, QGridLayout, QHBoxLayout, QLabel, QScrollArea,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import QComboBox, QGridLayout, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 from ui.plot_figures import FIGURES, FigureTable
 from workbench.history import TOKENS, RunHistory, Series  # noqa: F401 - Series is re-exported
@@ -116,9 +115,6 @@ class _Cell:
     x_key: Optional[str] = None                     # drawn against this metric (PLOT_X), not the step
 
 
-MIN_PLOT_HEIGHT = 150     # px: below this a plot's axis labels overlap
-
-
 class PlotGrid(QWidget):
     """The plots of one stage, fed live (`add_event`), from a file (`load_events`), or overlaying
     several finished runs (`set_overlay`, for the runs browser)."""
@@ -171,7 +167,6 @@ class PlotGrid(QWidget):
         grid.setSpacing(6)
         cols = 2 if len(specs) in (2, 4) else 3
         for i, cell in enumerate(self._cells.values()):
-            cell.frame.setMinimumHeight(MIN_PLOT_HEIGHT)
             grid.addWidget(cell.frame, i // cols, i % cols)
         for c in range(cols):
             grid.setColumnStretch(c, 1)
@@ -181,15 +176,7 @@ class PlotGrid(QWidget):
             outer.addWidget(self.figures, 1)
         else:
             outer.addLayout(bar)
-            # PPO's and GRPO's dozen plots in a short space scroll rather than shrink to slivers
-            # whose axis labels run into each other.
-            holder = QWidget()
-            holder.setLayout(grid)
-            scroll = QScrollArea()
-            scroll.setWidgetResizable(True)
-            scroll.setFrameShape(QFrame.Shape.NoFrame)
-            scroll.setWidget(holder)
-            outer.addWidget(scroll, 1)
+            outer.addLayout(grid, 1)
         self._apply_palette()
 
     # ----- feeding data
