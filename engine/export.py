@@ -175,7 +175,7 @@ def add_arguments(p: argparse.ArgumentParser, nargs: str | None = None) -> None:
     p.add_argument("--format", choices=FORMATS, default="hf",
                    help="hf: a folder for transformers (default); gguf: one file for llama.cpp")
     p.add_argument("--out", type=Path, required=True, metavar="PATH",
-                   help="the folder (hf) or the .gguf file (gguf) to write")
+                   help="the folder (hf) or the .gguf file (gguf) to write: new, empty, or an earlier export")
     p.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16",
                    help="GGUF weight type: f16 (default), q8_0 (8-bit, about half the size) or f32")
 
