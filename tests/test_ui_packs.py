@@ -33,12 +33,18 @@ def packs_action(view: RankingView, text: str):
     return next(a for a in button.menu().actions() if a.text().startswith(text))
 
 
-def test_make_rank_and_merge_packs_from_the_app(qtbot, tmp_path, monkeypatch):
+def rank_page_on_a_batch(qtbot, tmp_path):
+    """A project with one batch of 4 items, its Rank page shown with the batch selected."""
     project = make_project(tmp_path / "p", n=4)
     view = RankingView(project)
     qtbot.addWidget(view)
     view.show()
     view.start.batches.setCurrentItem(view.start.batches.topLevelItem(0))
+    return project, view
+
+
+def test_make_rank_and_merge_packs_from_the_app(qtbot, tmp_path, monkeypatch):
+    project, view = rank_page_on_a_batch(qtbot, tmp_path)
     shown = []
     monkeypatch.setattr(QMessageBox, "information", lambda *a: shown.append(a[2]))
     fill_next_dialog(qtbot, "ana, ben", 1)
@@ -89,11 +95,7 @@ def test_make_rank_and_merge_packs_from_the_app(qtbot, tmp_path, monkeypatch):
 
 
 def test_a_refused_make_packs_comes_back_as_it_was_filled_in(qtbot, tmp_path, monkeypatch):
-    project = make_project(tmp_path / "p", n=4)
-    view = RankingView(project)
-    qtbot.addWidget(view)
-    view.show()
-    view.start.batches.setCurrentItem(view.start.batches.topLevelItem(0))
+    project, view = rank_page_on_a_batch(qtbot, tmp_path)
     errors, seen = [], []
     monkeypatch.setattr("ui.pack_dialogs.show_error", lambda _p, _t, e: errors.append(str(e)))
     monkeypatch.setattr(QMessageBox, "information", lambda *a: None)
