@@ -259,11 +259,13 @@ def test_switching_checkpoints_frees_the_old_model(qtbot, tmp_path, two_ckpts):
         view.show()     # the first showing loads the selected checkpoint
     qtbot.waitUntil(lambda: not view.busy, timeout=5_000)
     say(qtbot, view, "hello")
+    assert "tokens/s" in view.stats.text()
     old = weakref.ref(cache.get(two_ckpts[0]).model)
     with qtbot.waitSignal(view.modelLoaded, timeout=10_000) as sig:
         view.picker.select_index(1)
     qtbot.waitUntil(lambda: not view.busy, timeout=5_000)
     assert sig.args[0]["stage"] == "ppo" and "ppo" in view.model_label.text()
+    assert "tokens/s" not in view.stats.text()          # the speed shown was the other model's
     gc.collect()
     assert old() is None
     assert cache.keys() == [resolve_checkpoint(two_ckpts[1]).resolve()]

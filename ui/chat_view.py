@@ -410,6 +410,7 @@ class ChatView(QWidget):
     def _on_checkpoint(self, path: Optional[Path]) -> None:
         self._info = None
         self.model_label.setText("")
+        self.stats.clear()      # the last reply's speed was the other model's
         if path is not None and self._loaded_once:
             self.load()
         self._update()
