@@ -474,6 +474,16 @@ def test_simulated_ranking_runs_off_the_ui_thread_and_is_labelled(qtbot, tmp_pat
     assert "(simulated) 3/3" in view.start.batches.topLevelItem(0).text(3)
     view.simulate_selected()
     assert "ranked every item" in view.start.status.text()
+    # another batch picked: the line about the first one goes
+    with Store.for_project(tmp_path) as store:
+        store.create_batch("other", [{"prompt": "q", "answers": [{"text": "a"}, {"text": "b"}]}])
+    view.refresh(select=batch)
+    assert "ranked every item" in view.start.status.text()      # the same batch, still selected
+    other = next(view.start.batches.topLevelItem(i) for i in range(view.start.batches.topLevelItemCount())
+                 if view.start.batches.topLevelItem(i).text(0) == "other")
+    qtbot.mouseClick(view.start.batches.viewport(), Qt.LeftButton,
+                     pos=view.start.batches.visualItemRect(other).center())
+    assert view.start.selected_batch() != batch and not view.start.status.isVisible()
     view.close_store()
 
 

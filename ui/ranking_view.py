@@ -105,6 +105,7 @@ class RankingView(QWidget):
             lambda: project_runs(self.project_dir, "checkpoint"))
         self.session: AnnotationSession | None = None
         self._reopened: int | None = None     # the ranking Re-rank withdrew, until its item is ranked
+        self._status_for: int | None = None   # the batch the start page's status line is about
         self.current: Current | None = None
         self.simulating: Worker | None = None
         self.input = RankInput(2)
@@ -164,8 +165,17 @@ class RankingView(QWidget):
         if self.tabs.currentIndex() == 1:    # else when the tab is opened: it reads every ranking
             self.agreement.refresh()
 
+    def _status(self, batch_id: int, text: str) -> None:
+        """A line on the start page about one batch: it goes when another batch is picked."""
+        self._status_for = batch_id
+        self.start.set_status(text)
+
     def _selection_changed(self) -> None:
         batch, name = self.start.selected_batch(), self.start.name()
+        # (None: the list is being refilled, and its selection comes back)
+        if self.simulating is None and batch is not None and self._status_for not in (None, batch):
+            self._status_for = None
+            self.start.set_status("")
         self.start.show_repeats(existing_session(self.store, batch, name)
                                 if batch is not None and name else None)
 
@@ -233,7 +243,7 @@ class RankingView(QWidget):
             return
         left = row.batch.n_items - row.ranked.get(DEFAULT_NAME, 0)
         if left <= 0:
-            self.start.set_status(f"The simulated annotator has ranked every item of {row.batch.name!r}.")
+            self._status(batch_id, f"The simulated annotator has ranked every item of {row.batch.name!r}.")
             return
         if QMessageBox.question(self, "Simulated ranking", (
                 f"Rank the {left} item(s) of {row.batch.name!r} not yet ranked by the simulated "
@@ -264,7 +274,7 @@ class RankingView(QWidget):
         self.simulating = None
         self.start.simulate.setEnabled(True)
         self.refresh(select=batch_id)
-        self.start.set_status(text)
+        self._status(batch_id, text)
 
     def _stop_simulated(self) -> None:
         if self.simulating is not None:
