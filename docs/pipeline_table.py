@@ -45,7 +45,8 @@ def figures(text: str) -> list[str]:
     rows = []
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) > 3 and parts[0] not in ("stage", "total"):
+        # the table's rows only: not its header and total, nor the README's fence and machine line
+        if len(parts) > 3 and parts[0] not in ("stage", "total") and not parts[0].startswith(("(", "`")):
             rows.append(re.sub(r"\S+-\d{8}-\d{6}(-\d+)?|\b\d+m\d\ds\b|\b\d+s\b", "", line).split())
     return [" ".join(r) for r in rows]
 
