@@ -34,6 +34,7 @@ class ExportDialog(QDialog):
             if fmt == "hf" or not reward_model:     # a reward model has no GGUF form
                 self.format.addItem(label)
         self.path = QLineEdit()
+        self._auto: str | None = None       # the path _default_path last filled in, not typed
         browse = QPushButton("Browse…")
         browse.clicked.connect(self._browse)
         self.format.currentIndexChanged.connect(lambda _i: self._default_path())
@@ -66,7 +67,7 @@ class ExportDialog(QDialog):
         or browsed to one, theirs with the format's ending (a folder for hf, a .gguf file)."""
         fmt, gguf_type = self.choice()
         typed = self.path.text().strip()
-        if typed and typed != getattr(self, "_auto", None):
+        if typed and typed != self._auto:
             stem = typed[:-len(".gguf")] if typed.endswith(".gguf") else typed
             self.path.setText(stem if fmt == "hf" else f"{stem}.gguf")
             return
