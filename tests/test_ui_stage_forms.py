@@ -158,10 +158,14 @@ def test_menus_read_as_written_and_help_lists_the_keys(qtbot, project, make_wind
     dialog.close()
 
 
-def test_one_run_is_one_run(qtbot, project, make_window):
+def test_one_run_is_one_run(qtbot, project, make_window, tiny_lm_ckpt):
     fake_run(project, "tokenizer-20260101-000000", {}, 1, 1.0)
     w = make_window(project, show=True)
-    assert sidebar_text(w, "runs").endswith("1 run")
+    assert sidebar_text(w, "runs").endswith("1 run") and sidebar_text(w, "chat").endswith("0 checkpoints")
+    w.close()
+    fake_run(project, "sft-20260101-000000", {}, 1, 1.0, checkpoint=tiny_lm_ckpt)
+    w = make_window(project, show=True)
+    assert sidebar_text(w, "chat").endswith("1 checkpoint")
 
 
 def test_a_run_whose_config_holds_null_for_a_number_opens_and_names_the_field(qtbot, project, make_window):

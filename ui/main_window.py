@@ -385,7 +385,8 @@ class MainWindow(QMainWindow):
             n = len(ctx.run_list())
             return f"{n} run{'s' * (n != 1)}", None
         if key == "chat":
-            return f"{len(ctx.checkpoints())} checkpoints", None
+            n = len(ctx.checkpoints())
+            return f"{n} checkpoint{'s' * (n != 1)}", None
         stage = next((st.name for st in stages.STAGES if (st.page or st.name) == key), key)
         job = next((j for j in ctx.running_jobs() if j.stage == stage), None)
         if job is not None:
