@@ -497,3 +497,33 @@ def test_a_live_round_redraws_one_plot_per_turn_of_the_event_loop(grid):
             break
     assert drawn[:4] == [1, 2, 3, 4]                  # one more plot each tick, then all
     assert g.redraw_interval_ms() >= 66               # rounds are still spaced by the throttle
+
+
+def _plots_in(qtbot, stage: str, width: int, height: int):
+    from PySide6.QtWidgets import QScrollArea
+    from ui.plots import PlotGrid
+    grid = PlotGrid(stage)
+    qtbot.addWidget(grid)
+    grid.resize(width, height)
+    grid.show()
+    qtbot.waitExposed(grid)
+    qtbot.wait(50)
+    heights = [cell.frame.height() for cell in grid._cells.values()]
+    return heights, grid.findChild(QScrollArea).verticalScrollBar().maximum()
+
+
+def test_many_plots_in_a_short_space_scroll_instead_of_shrinking(qtbot):
+    from ui.plots import MIN_PLOT_HEIGHT
+    heights, scroll = _plots_in(qtbot, "ppo", 1000, 320)
+    assert len(heights) >= 9 and min(heights) >= MIN_PLOT_HEIGHT
+    assert max(heights) < 2 * MIN_PLOT_HEIGHT          # a readable height, not each its preferred
+    assert scroll > 0
+
+
+def test_few_plots_in_a_tall_space_share_it_without_scrolling(qtbot):
+    from ui.plots import MIN_PLOT_HEIGHT
+    heights, scroll = _plots_in(qtbot, "pretrain", 1000, 700)
+    cols = 2 if len(heights) in (2, 4) else 3
+    rows = -(-len(heights) // cols)
+    assert scroll == 0
+    assert min(heights) > MIN_PLOT_HEIGHT and min(heights) * rows > 0.8 * 700    # they fill it

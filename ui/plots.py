@@ -26,7 +26,8 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QEvent, Qt, QTimer
 from PySide6.QtGui import QColor, QPalette
-from PySide6.QtWidgets import QComboBox, QGridLayout, QHBoxLayout, QLabel, QVBoxLayout, QWidget
+from PySide6.QtWidgets import (QComboBox, QFrame, QGridLayout, QHBoxLayout, QLabel, QScrollArea,
+                               QVBoxLayout, QWidget)
 
 from ui.plot_figures import FIGURES, FigureTable
 from workbench.history import TOKENS, RunHistory, Series  # noqa: F401 - Series is re-exported
@@ -115,6 +116,19 @@ class _Cell:
     x_key: Optional[str] = None                     # drawn against this metric (PLOT_X), not the step
 
 
+MIN_PLOT_HEIGHT = 150     # px: below this a plot's axis labels run into each other
+
+
+class _Grid(QGridLayout):
+    """The plots' grid, without height-for-width: a resizable scroll area gives a layout that has
+    one the height it asks for at the viewport's width, and wrapping legends pass it up from each
+    plot's preferred height, so every plot stood ~500 px tall. Without it the plots share the
+    viewport's height, down to MIN_PLOT_HEIGHT, and below that the grid scrolls."""
+
+    def hasHeightForWidth(self) -> bool:
+        return False
+
+
 class PlotGrid(QWidget):
     """The plots of one stage, fed live (`add_event`), from a file (`load_events`), or overlaying
     several finished runs (`set_overlay`, for the runs browser)."""
@@ -163,10 +177,11 @@ class PlotGrid(QWidget):
         bar.addStretch(2)
         bar.addWidget(QLabel("x axis"))
         bar.addWidget(self.x_axis_box)
-        grid = QGridLayout()
+        grid = _Grid()
         grid.setSpacing(6)
         cols = 2 if len(specs) in (2, 4) else 3
         for i, cell in enumerate(self._cells.values()):
+            cell.frame.setMinimumHeight(MIN_PLOT_HEIGHT)
             grid.addWidget(cell.frame, i // cols, i % cols)
         for c in range(cols):
             grid.setColumnStretch(c, 1)
@@ -176,7 +191,14 @@ class PlotGrid(QWidget):
             outer.addWidget(self.figures, 1)
         else:
             outer.addLayout(bar)
-            outer.addLayout(grid, 1)
+            # PPO's and GRPO's dozen plots in a short space scroll rather than shrink to slivers.
+            holder = QWidget()
+            holder.setLayout(grid)
+            scroll = QScrollArea()
+            scroll.setWidgetResizable(True)
+            scroll.setFrameShape(QFrame.Shape.NoFrame)
+            scroll.setWidget(holder)
+            outer.addWidget(scroll, 1)
         self._apply_palette()
 
     # ----- feeding data
