@@ -193,6 +193,11 @@ def test_export_pairs_and_import_them_into_another_project(tmp_path, monkeypatch
     assert rc == 0 and "imported 11 ranking(s) of 11 item(s) as batch 1" in out
     rc, out, _ = wb(monkeypatch, capsys, "preferences", "import", "--project", other, out_file)
     assert rc == 0 and "already imported as batch 1" in out
+    # Into the project it came from, it brings nothing back: those rankings are there.
+    rc, out, _ = wb(monkeypatch, capsys, "preferences", "import", "--project", project, out_file)
+    assert rc == 0 and "every ranking in" in out and "(11) is already in the project" in out
+    with Store.for_project(project) as store:
+        assert len(store.batches()) == 1 and len(store.rankings()) == 2
     with Store.for_project(other) as store:
         got = store.rankings()
         items = {i.id: i for i in store.items(1)}

@@ -244,3 +244,26 @@ def test_training_records_leave_out_repeats_all_ties_and_maybe_simulated(tmp_pat
     n = write_rm_dataset(store, tmp_path / "rankings.jsonl", include_simulated=True, batch_ids=[b])
     assert n == 6 and read(tmp_path / "rankings.jsonl") == \
            rankings_for_training(store, include_simulated=True)
+
+
+def test_rankings_already_in_the_project_are_left_out_of_an_import(tmp_path, store):
+    b = ranked_batch(store)
+    before = len(store.rankings())
+    export_rankings(store, tmp_path / "all.jsonl", include_simulated=True, include_repeats=True)
+    export_rankings(store, tmp_path / "pairs.jsonl", include_simulated=True, fmt="pairs")
+    # The project's own export, K-way or as pairs, brings nothing new back: no batch, no ranking.
+    for name in ("all.jsonl", "pairs.jsonl"):
+        res = import_preferences(store, tmp_path / name)
+        assert res.existing and res.records == 0 and res.batch_id == b
+        assert res.already == len(read(tmp_path / name))
+        assert len(store.batches()) == 1 and len(store.rankings()) == before
+    # One new ranking in an edited export is imported, the others counted and left out.
+    recs = read(tmp_path / "all.jsonl")
+    extra = dict(recs[0], annotator="cy", simulated=False)
+    res = import_preferences(store, write(tmp_path / "edited.jsonl", recs + [extra]))
+    assert (res.existing, res.records, res.already) == (False, 1, len(recs))
+    assert len(store.rankings()) == before + 1
+    # The same rankings are new to another project.
+    with Store(tmp_path / "other.db") as other:
+        res = import_preferences(other, tmp_path / "all.jsonl")
+        assert (res.records, res.already) == (len(recs), 0)

@@ -423,8 +423,10 @@ def test_import_and_export_buttons_without_modal_dialogs(qtbot, view, project, m
     view.export_clicked()
     assert "Wrote 6 record(s)" in told[-1] and (project / "out" / "prefs.parquet").stat().st_size
 
-    bad = project / "mixed.jsonl"
-    bad.write_text((project / "out" / "pairs.jsonl").read_text() + "{oops\n")
+    bad = project / "mixed.jsonl"        # credited to the file: not rankings the project holds
+    pairs = [json.loads(line) for line in (project / "out" / "pairs.jsonl").read_text().splitlines()]
+    bad.write_text("".join(json.dumps({k: v for k, v in p.items() if k != "annotator"}) + "\n"
+                           for p in pairs) + "{oops\n")
     monkeypatch.setattr(rv.QFileDialog, "getOpenFileName", lambda *a, **k: (str(bad), ""))
     refused = []
     monkeypatch.setattr(rv, "show_error", lambda _p, _t, e, go_on=None: refused.append(e) or True)
@@ -433,6 +435,13 @@ def test_import_and_export_buttons_without_modal_dialogs(qtbot, view, project, m
     assert "Imported 6 ranking(s) of 6 item(s)" in told[-1] and "leaving out 1 bad" in told[-1]
     view.import_clicked()
     assert "imported before" in told[-1]
+    # The project's own export brings nothing back: no ranking is trained on twice.
+    monkeypatch.setattr(rv.QFileDialog, "getOpenFileName",
+                        lambda *a, **k: (str(project / "out" / "pairs.jsonl"), ""))
+    n = len(stored(project))
+    view.import_clicked()
+    assert "Every ranking in this file (6) is already in the project" in told[-1]
+    assert len(stored(project)) == n
 
 
 # ----- the simulated annotator, from the start page

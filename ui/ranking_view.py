@@ -82,6 +82,18 @@ def _rank_simulated(project_dir: Path, batch_id: int, *, emit, cancelled) -> int
                           progress=lambda done, total: emit((done, total)))
 
 
+def import_message(result: ImportResult, batch: str) -> str:
+    """What an import did, for a person: new rankings, and what was left out and why."""
+    if result.existing:
+        return (f"Every ranking in this file ({result.already}) is already in the project, the "
+                f"first in batch {batch!r}. Nothing was imported." if result.already else
+                f"This file was imported before, as batch {batch!r}.")
+    left = [f"{len(result.skipped)} bad record(s)"] if result.skipped else []
+    left += [f"{result.already} ranking(s) already in the project"] if result.already else []
+    return (f"Imported {result.records} ranking(s) of {result.items} item(s) as batch {batch!r}"
+            + (", leaving out " + " and ".join(left) if left else "") + ".")
+
+
 class RankingView(QWidget):
     """Rank a batch's answers. `checkpoints` lists (name, folder) for the new-batch dialog
     (default: the project's sft, ppo and pretrain runs)."""
@@ -563,11 +575,7 @@ class RankingView(QWidget):
             show_error(self, "Import failed", e)
             return
         batch = self.store.batch(result.batch_id)
-        QMessageBox.information(self, "Import", (
-            f"This file was imported before, as batch {batch.name!r}." if result.existing else
-            f"Imported {result.records} ranking(s) of {result.items} item(s) as batch "
-            f"{batch.name!r}" + (f", leaving out {len(result.skipped)} bad record(s)."
-                                 if result.skipped else ".")))
+        QMessageBox.information(self, "Import", import_message(result, batch.name))
 
     def export_clicked(self) -> None:
         batch = self.start.selected_batch()

@@ -26,7 +26,9 @@ different annotators share one item, so agreement can be measured on imported da
 Records without an "annotator" are credited to an annotator named after the file, human unless
 the caller says otherwise. Every record is checked before anything is written, and all problems
 come back in one InputError as `FILE:LINE: reason`. Importing the same file content twice
-returns the batch the first import made.
+returns the batch the first import made; a ranking already in the project (the same annotator,
+prompt, answers and order, as when a project's own export is imported back) is left out and
+counted, so no ranking is trained on twice.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from engine.fsutil import atomic_write_text
 from engine.tokenizer import ROLES
@@ -66,6 +68,7 @@ class ImportResult:
     records: int
     items: int
     existing: bool = False                  # True: this file was imported before; nothing new
+    already: int = 0                        # records left out: those rankings are in the project
     skipped: list[str] = field(default_factory=list)   # problems of records left out (on_error="skip")
 
 
@@ -383,6 +386,47 @@ def _group(records: list[Record], path: Path, default_annotator: str, default_si
     return items
 
 
+def _signature(annotator: str, simulated: bool, prompt: str, messages, answers: Sequence[str],
+               groups: Iterable[Iterable[int]], repeat: bool) -> tuple:
+    """What makes two rankings the same, wherever they came from."""
+    return (annotator, simulated, prompt, json.dumps(messages or None), tuple(answers),
+            tuple(tuple(sorted(g)) for g in groups), repeat)
+
+
+def _known(store: Store, annotators: set[str]) -> dict[tuple, int]:
+    """The signature of every active ranking by these annotators, and of each (better, worse)
+    pair it holds (an export as pairs comes back as two-answer records), with its batch."""
+    out: dict[tuple, int] = {}
+    for item, r in _ranked(store, batch_ids=None, include_simulated=True, include_repeats=True):
+        if r.annotator not in annotators:
+            continue
+        texts = [a.text for a in item.answers]
+        groups = _index_groups(item, r)
+        out.setdefault(_signature(r.annotator, r.simulated, item.prompt, item.messages, texts, groups,
+                                  r.is_repeat), item.batch_id)
+        for pair in pair_records(item, r):
+            out.setdefault(_signature(r.annotator, r.simulated, item.prompt, item.messages,
+                                      (pair["chosen"], pair["rejected"]), [[0], [1]], r.is_repeat),
+                           item.batch_id)
+    return out
+
+
+def _new_only(store: Store, records: list[Record], default_annotator: str, default_simulated: bool
+              ) -> tuple[list[Record], int, int | None]:
+    """(records not already in the project, how many were, the batch of the first that was)."""
+    known = _known(store, {r.annotator or default_annotator for r in records})
+    new, first = [], None
+    for rec in records:
+        simulated = default_simulated if rec.simulated is None else rec.simulated
+        batch = known.get(_signature(rec.annotator or default_annotator, simulated, rec.prompt,
+                                     rec.messages, rec.answers, rec.ranking, rec.repeat))
+        if batch is None:
+            new.append(rec)
+        elif first is None:
+            first = batch
+    return new, len(records) - len(new), first
+
+
 def import_preferences(store: Store, path: str | Path, *, annotator: str | None = None,
                        simulated: bool = False, name: str | None = None,
                        on_error: str = "raise") -> ImportResult:
@@ -400,6 +444,9 @@ def import_preferences(store: Store, path: str | Path, *, annotator: str | None 
         existing = store.batch_by_source_key(key)
         if existing is not None:
             return ImportResult(existing.id, len(records), existing.n_items, existing=True)
+        records, already, first = _new_only(store, records, annotator or path.name, simulated)
+        if already and not records and not (problems and on_error == "raise"):
+            return ImportResult(first, 0, 0, existing=True, already=already, skipped=problems)
         kinds = {a.name: a.kind for a in store.annotators()}
         items = _group(records, path, annotator or path.name, simulated, kinds, problems)
         if problems and (on_error == "raise" or not items):
@@ -425,4 +472,4 @@ def import_preferences(store: Store, path: str | Path, *, annotator: str | None 
                     flags={ids[i]: f for i, f in enumerate(rec.flags or []) if f},
                     scores={ids[i]: s for i, s in enumerate(rec.scores or []) if s is not None})
                 n += 1
-    return ImportResult(batch_id, n, len(items), skipped=problems)
+    return ImportResult(batch_id, n, len(items), skipped=problems, already=already)
