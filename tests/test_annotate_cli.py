@@ -324,3 +324,23 @@ def test_agreement_between_two_annotators_and_repeats(monkeypatch, capsys, proje
     assert rc == 0
     row = next(line for line in out.splitlines() if line.strip().startswith("erin"))
     assert row.split()[1:4] == ["3", "18", "1.000"]
+
+
+def test_terminal_ranking_shows_copies_and_one_number_per_answer_ranks_them(tmp_path, monkeypatch, capsys):
+    with Store.for_project(tmp_path) as store:
+        store.create_batch("copies", [{"prompt": "How long is 'bed'?",
+                                       "answers": [{"text": t} for t in ("3", "4", "3", "3")]}], k=None)
+    rc, out, _ = wb(monkeypatch, capsys, "rank", "--project", tmp_path, "--batch", 1,
+                    "--annotator", "ana", stdin="")
+    shown = [line.split(")", 1) for line in out.splitlines() if line.startswith("  (")]
+    threes = [int(n.strip(" (")) for n, text in shown if text.strip() in ("3", "")
+              or "same answer as" in text]
+    four = next(int(n.strip(" (")) for n, text in shown if text.strip() == "4")
+    assert len(threes) == 3 and sum("same answer as" in text for _, text in shown) == 2
+    rc, out, _ = wb(monkeypatch, capsys, "rank", "--project", tmp_path, "--batch", 1,
+                    "--annotator", "ana", stdin=f"{four} {threes[0]}\n")
+    assert rc == 0
+    with Store.for_project(tmp_path) as store:
+        [r] = store.rankings()
+        texts = {a.id: a.text for a in store.items(1)[0].answers}
+        assert [sorted(texts[a] for a in g) for g in r.ordering] == [["4"], ["3", "3", "3"]]

@@ -239,3 +239,18 @@ def test_a_ranking_withdrawn_outside_undo_still_comes_back(store):
     assert s.current() is None
     store.withdraw_ranking(rid)
     assert s.current().item_id == first and s.progress().done == 3
+
+
+def test_copies_of_one_answer_left_out_are_tied_with_the_first_placed(store):
+    b = store.create_batch("copies", [{"prompt": "p", "answers": [{"text": t} for t in
+                                                                  ("6", "6", "5", "6", "5", "7")]}], k=None)
+    s = AnnotationSession(store, b, "ana", seed=3)
+    shown = {a.number: a for a in s.current().answers}
+    first = {}
+    for n, a in shown.items():
+        first.setdefault(a.text, n)
+    # One number per distinct answer ranks them all: "6" first, then "7", then "5".
+    s.submit(f"{first['6']} {first['7']} {first['5']}")
+    [r] = store.rankings()
+    texts = {a.id: a.text for a in store.items(b)[0].answers}
+    assert [sorted(texts[a] for a in g) for g in r.ordering] == [["6"] * 3, ["7"], ["5"] * 2]

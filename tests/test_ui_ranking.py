@@ -563,3 +563,49 @@ def test_start_ranking_without_a_batch_says_to_make_one(qtbot, tmp_path):
         assert seen[0].startswith("There is no batch to rank yet: make one with New batch…")
     finally:
         v.close_store()
+
+
+def test_copies_of_one_answer_are_ranked_together(qtbot, tmp_path):
+    """Six of eight sampled answers say "6": typing one places all six, tied, and the two "5"s
+    are implied last; each copy's card says which answer it repeats."""
+    texts = ["6", "6", "5", "6", "6", "6", "6", "5"]
+    with Store.for_project(tmp_path) as store:
+        store.create_batch("copies", [{"prompt": "How long is 'bedroom'?",
+                                       "answers": [{"text": t} for t in texts]},
+                                      {"prompt": "And 'bed'?",
+                                       "answers": [{"text": t} for t in ("3", "4", "3")]}], k=None)
+    view = make_view(qtbot, tmp_path)
+
+    def sorted_groups(groups):
+        return [sorted(g) for g in groups]
+
+    def by_text(numbers):
+        shown = {a.number: a.text for a in view.current.answers}
+        groups: dict[str, list[int]] = {}
+        for n in numbers:
+            groups.setdefault(shown[n], []).append(n)
+        return list(groups.values())
+
+    try:
+        start(qtbot, view)
+        six, five = sorted(by_text(range(1, 9)), key=len, reverse=True)
+        cards = {c.number: c for c in view.page.cards.cards}
+        assert not cards[six[0]].same_label.isVisibleTo(view)
+        assert all(cards[n].same_label.text() == f"same answer as {six[0]}" for n in six[1:])
+        assert all(cards[n].same_label.isVisibleTo(view) for n in six[1:] + five[1:])
+        press(qtbot, view, [str(six[2])])
+        assert view.page.submit_button.isEnabled()           # the "5"s can only go last
+        press(qtbot, view, [Qt.Key_Backspace])               # takes back all six
+        assert not view.page.submit_button.isEnabled() and view.input.groups == []
+        press(qtbot, view, [str(five[1]), str(six[0])])      # typing the implied last is fine
+        want = ids(view, [five, six])
+        press(qtbot, view, [Qt.Key_Return])
+        [r] = stored(tmp_path)
+        assert sorted_groups(r.ordering) == sorted_groups(want)
+        # Ctrl+Enter submits the cards' order: copies tie where the first of them lies.
+        want = ids(view, by_text(view.page.cards.order()))
+        assert len(want) == 2
+        qtbot.keyClick(view, Qt.Key_Return, Qt.ControlModifier)
+        assert sorted_groups(stored(tmp_path)[-1].ordering) == sorted_groups(want)
+    finally:
+        view.close_store()

@@ -19,6 +19,7 @@ from PySide6.QtWidgets import (QApplication, QFrame, QHBoxLayout, QLabel, QScrol
                                QSizePolicy, QVBoxLayout, QWidget)
 
 from ui.ranking_keys import FLAG_NAMES
+from workbench.annotation import answer_copies
 
 STYLE = """
 QFrame#card { background: palette(base); border: 1px solid palette(mid); border-radius: 6px; }
@@ -54,7 +55,8 @@ def _repolish(widget: QWidget) -> None:
 class AnswerCard(QFrame):
     """One answer: its display number, the rank given to it, its flags and score, the text."""
 
-    def __init__(self, number: int, text: str, meta: dict, cards: "CardList"):
+    def __init__(self, number: int, text: str, meta: dict, cards: "CardList",
+                 same_as: int | None = None):
         super().__init__()
         self.number, self._cards = number, cards
         self._press: QPoint | None = None
@@ -81,8 +83,12 @@ class AnswerCard(QFrame):
         self.meta_label = QLabel(f"cut off after {meta.get('n_tokens', '?')} tokens" if cut else "",
                                  objectName="meta")
         self.meta_label.setVisible(cut)
+        # A copy of an earlier card's text is ranked with it: say so, or a person hunts for a
+        # difference between "6" and "6".
+        self.same_label = QLabel(f"same answer as {same_as}" if same_as else "", objectName="meta")
+        self.same_label.setVisible(same_as is not None)
         for w in (self.number_label, self.badge, self.flags_label, self.score_label,
-                  self.text_label, self.meta_label):
+                  self.text_label, self.meta_label, self.same_label):
             w.setAttribute(Qt.WA_TransparentForMouseEvents)   # the card handles the drag
 
         head = QHBoxLayout()
@@ -91,6 +97,7 @@ class AnswerCard(QFrame):
         head.addWidget(self.flags_label)
         head.addWidget(self.score_label)
         head.addStretch(1)
+        head.addWidget(self.same_label)
         head.addWidget(self.meta_label)
         body = QVBoxLayout()
         body.setSpacing(4)
@@ -164,7 +171,10 @@ class CardList(QWidget):
         for card in self.cards:
             self._layout.removeWidget(card)
             card.deleteLater()
-        self.cards = [AnswerCard(a.number, a.text, a.meta, self) for a in answers]
+        copies = answer_copies([a.text for a in answers])
+        self.cards = [AnswerCard(a.number, a.text, a.meta, self,
+                                 same_as=copies[a.number][0] if copies[a.number][0] != a.number else None)
+                      for a in answers]
         for i, card in enumerate(self.cards):
             self._layout.insertWidget(i, card)
 

@@ -6,12 +6,17 @@ updates the ordering being typed and the pending labels and says what the view s
 
 Why this scheme: ranking is the one thing done hundreds of times, so it costs one key per
 answer, and the last answer costs nothing (after K-1 answers it can only go last), so K=4
-takes three digits and Enter. A tie is one key between two digits. Labels are rarer and take
+takes three digits and Enter. A tie is one key between two digits. Answers of one text (a
+small model samples "6" six times in eight) are one answer to a person: typing one places its
+copies beside it, tied, and they are implied last together. Labels are rarer and take
 a letter, the answer's number and a value, so they never collide with ranking digits.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
+
+from workbench.annotation import answer_copies
 
 FLAG_KEYS = {"i": "fails_instruction", "m": "made_up_facts", "h": "harmful", "o": "other"}
 FLAG_NAMES = {"fails_instruction": "instruction", "made_up_facts": "made-up",
@@ -34,10 +39,12 @@ class Outcome:
 
 
 class RankInput:
-    """The ordering and labels being entered for one item with answers numbered 1..k."""
+    """The ordering and labels being entered for one item with answers numbered 1..k (and
+    their texts, to tie copies of one answer)."""
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, texts: Sequence[str] | None = None):
         self.k = k
+        self.copies = answer_copies(texts if texts is not None else [str(n) for n in range(k)])
         self.groups: list[list[int]] = []     # typed answers, best group first
         self.tie = False                      # the next answer joins the last group
         self.flags: dict[int, set[str]] = {}
@@ -54,15 +61,23 @@ class RankInput:
     def placed(self) -> list[int]:
         return [n for g in self.groups for n in g]
 
+    def _left(self) -> list[list[int]]:
+        """The answers not placed yet, copies of one text together."""
+        placed, out = set(self.placed), {}
+        for n in range(1, self.k + 1):
+            if n not in placed:
+                out.setdefault(self.copies[n][0], []).append(n)
+        return list(out.values())
+
     @property
-    def implied(self) -> int | None:
-        """The one answer left once k-1 are placed: it can only go last."""
-        rest = [n for n in range(1, self.k + 1) if n not in self.placed]
-        return rest[0] if len(rest) == 1 else None
+    def implied(self) -> list[int] | None:
+        """The one answer left (with its copies) once the others are placed: it can only go last."""
+        left = self._left()
+        return left[0] if len(left) == 1 else None
 
     @property
     def complete(self) -> bool:
-        return len(self.placed) >= self.k - 1
+        return len(self._left()) <= 1
 
     def ordering(self) -> list[list[int]] | None:
         """The full ordering, the implied last answer included, or None if incomplete."""
@@ -72,9 +87,9 @@ class RankInput:
         last = self.implied
         if last is not None:
             if self.tie and groups:
-                groups[-1].append(last)
+                groups[-1].extend(last)
             else:
-                groups.append([last])
+                groups.append(list(last))
         return groups
 
     def prefill(self, ordering: list[list[int]], flags: dict[int, list[str]],
@@ -87,8 +102,17 @@ class RankInput:
         self.fresh = True
 
     def set_order(self, numbers: list[int]) -> None:
-        """A strict ordering from the cards' order after a drag."""
-        self.groups = [[n] for n in numbers]
+        """A strict ordering from the cards' order after a drag; copies of one answer tie where
+        the first of them lies."""
+        first: dict[int, list[int]] = {}
+        self.groups = []
+        for n in numbers:
+            key = self.copies[n][0]
+            if key in first:
+                first[key].append(n)
+            else:
+                first[key] = [n]
+                self.groups.append(first[key])
         self.tie = False
         self.fresh = True
 
@@ -132,15 +156,18 @@ class RankInput:
         if self.fresh:
             self.clear()
         if n in self.placed:
-            return Outcome(message=f"answer {n} is already ranked; Backspace takes back the last",
-                           error=True)
-        if self.complete and n != self.implied:    # typing the implied last one is fine
+            same = self.copies[n][0] if self.copies[n][0] != n else None
+            return Outcome(message=(f"answer {n} is answer {same} again, ranked with it" if same else
+                                    f"answer {n} is already ranked") +
+                           "; Backspace takes back the last", error=True)
+        if self.complete and n not in (self.implied or []):   # typing the implied last is fine
             return Outcome(message="every answer is ranked: Enter submits, Backspace takes back "
                                    "the last, Esc clears", error=True)
+        unit = [m for m in self.copies[n] if m not in self.placed]
         if self.tie and self.groups:
-            self.groups[-1].append(n)
+            self.groups[-1].extend(unit)
         else:
-            self.groups.append([n])
+            self.groups.append(unit)
         self.tie = False
         return Outcome()
 
@@ -159,8 +186,10 @@ class RankInput:
         if self.tie:
             self.tie = False
         elif self.groups:
-            self.groups[-1].pop()
-            if not self.groups[-1]:
+            last = self.groups[-1]
+            n = last.pop()
+            last[:] = [m for m in last if m not in self.copies[n]]    # its copies came with it
+            if not last:
                 self.groups.pop()
         return Outcome()
 
@@ -171,7 +200,7 @@ class RankInput:
     def _enter(self) -> Outcome:
         if self.complete:
             return Outcome("submit")
-        left = self.k - 1 - len(self.placed)
+        left = len(self._left()) - 1
         return Outcome(message=f"rank {left} more answer{'s' if left > 1 else ''} first (the "
                                f"last one is implied), or drag the cards and press Ctrl+Enter",
                        error=True)
@@ -209,5 +238,6 @@ class RankInput:
         text = " > ".join(parts)
         last = self.implied
         if last is not None:
-            text += f" = ({last})" if self.tie else f" > ({last})"
+            shown = " = ".join(map(str, last))
+            text += f" = ({shown})" if self.tie else f" > ({shown})"
         return text

@@ -371,7 +371,7 @@ class RankingView(QWidget):
         else:
             page.prompt.set_prompt(cur.prompt, cur.messages)
             page.cards.set_answers(cur.answers)
-            self.input = RankInput(cur.k)
+            self.input = RankInput(cur.k, [a.text for a in cur.answers])
             prev = cur.previous
             if prev is not None:
                 self.input.prefill(prev.ordering, prev.flags, prev.scores)

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from workbench.annotation import answer_copies
 from workbench.chat_cli import typed_line
 from workbench.store import DB_NAME, FLAGS, InputError, RankingError, Store, StoreError
 
@@ -187,8 +188,11 @@ class RankLoop:
         for role, text in ([(m["role"], m["content"]) for m in item.messages] if item.messages
                            else [("prompt", item.prompt)]):
             self.write(_block(f"{role}:", text))
+        copies = answer_copies([a.text for a in item.answers])
         for a in item.answers:
-            self.write(_block(f"  ({a.number})", a.text if a.text.strip() else "(empty answer)"))
+            same = copies[a.number][0]
+            self.write(_block(f"  ({a.number})", f"(same answer as {same}; ranked with it)" if same != a.number
+                              else a.text if a.text.strip() else "(empty answer)"))
         if item.previous:
             self.write(f"  you ranked this before: {_ordering_text(item.previous.ordering)}"
                        " (its labels are kept; type the ranking again to submit)")

@@ -27,7 +27,7 @@ import bisect
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from workbench.store import (MAX_K, MIN_K, Annotator, RankingError, Store, check_ordering)
 
@@ -116,6 +116,32 @@ def parse_ordering(text: str) -> list[list[int]]:
     if not groups:
         raise RankingError("the ordering is empty: type the answer numbers, best first")
     return groups
+
+
+def answer_copies(texts: Sequence[str]) -> dict[int, list[int]]:
+    """For each display number 1..K, every number whose answer has the same text, itself
+    included, in order. A small model often samples one answer several times (six of eight
+    answers "6"); they are one answer to a person, ranked as a tie."""
+    by_text: dict[str, list[int]] = {}
+    for n, text in enumerate(texts, 1):
+        by_text.setdefault(text, []).append(n)
+    return {n: by_text[text] for n, text in enumerate(texts, 1)}
+
+
+def tie_copies(groups: list[list[int]], copies: Mapping[int, list[int]]) -> list[list[int]]:
+    """`groups` with each answer's copies that it leaves out tied with the first of them that it
+    places: "1 3" ranks all eight of 6,6,5,6,6,6,6,5. Copies placed apart are left where they are."""
+    placed = {m for g in groups for m in g}
+    out = []
+    for g in groups:
+        group = list(g)
+        for m in g:
+            for c in copies.get(m, [m]):
+                if c not in placed:
+                    group.append(c)
+                    placed.add(c)
+        out.append(group)
+    return out
 
 
 class AnnotationSession:
@@ -248,8 +274,12 @@ class AnnotationSession:
         if not MIN_K <= k <= MAX_K:
             raise RankingError(f"this item has {k} answers; a ranking needs {MIN_K} to {MAX_K}")
         numbers = list(range(1, k + 1))
-        groups = check_ordering(parse_ordering(ordering) if isinstance(ordering, str) else ordering,
-                                numbers)
+        groups = parse_ordering(ordering) if isinstance(ordering, str) else ordering
+        if isinstance(groups, (list, tuple)):
+            texts = {a.id: a.text for a in self.store.item(item_id).answers}
+            groups = tie_copies([list(g) if isinstance(g, (list, tuple)) else [g] for g in groups],
+                                answer_copies([texts[aid] for aid in order]))
+        groups = check_ordering(groups, numbers)
         to_id = dict(zip(numbers, order))
 
         def by_id(mapping: Mapping | None, what: str) -> dict:
