@@ -371,9 +371,15 @@ def test_one_off_figures_are_a_table_not_one_point_plots(grid):
                            tokenizer__train_chars=60000, tokenizer__new_figure=7)])
     g.redraw()
     text = _plain(g.figures.text())
-    assert "Vocabulary size 4,096 tokens" in text and "Characters per token 3.21 (held-out text, if any)" in text
+    # No text held out: the figure says it was measured on the training text.
+    assert "Vocabulary size 4,096 tokens" in text
+    assert "Characters per token 3.21 (training text: none held out)" in text
     assert "Training text 60,000 characters" in text and "tokenizer/new_figure 7" in text
     assert "Held-out text" not in text                        # not reported by this run
+    g.load_events([metrics(1, tokenizer__heldout_chars=2500)])
+    g.redraw()
+    text = _plain(g.figures.text())
+    assert "Characters per token 3.21 (held-out text)" in text and "Held-out text 2,500" in text
     other = RunHistory.from_events([metrics(0, tokenizer__vocab_size=512)])
     g.set_overlay([("tok-a", g.history), ("tok-b", other)])
     g.redraw()

@@ -10,7 +10,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QLabel
 
 from workbench.history import RunHistory
-from workbench.plot_specs import FIGURES  # noqa: F401 - re-exported
+from workbench.plot_specs import FIGURES, figure_text  # noqa: F401 - FIGURES re-exported
 
 WAITING = "The figures appear here when the run has finished."
 
@@ -34,7 +34,7 @@ class FigureTable(QLabel):
         named += [(key, key, "{:g}") for key in sorted(keys - {k for _, k, _ in named})]
         rows = []
         for title, key, fmt in named:
-            cells = [fmt.format(h.last(key)) if key in h.series else "–" for _, h in runs]
+            cells = [figure_text(fmt, key, h) if key in h.series else "–" for _, h in runs]
             if any(c != "–" for c in cells):
                 rows.append(f"<tr><td>{html.escape(title)}</td>"
                             + "".join(f"<td align='right'><b>{html.escape(c)}</b></td>" for c in cells)

@@ -9,6 +9,8 @@ engine/dpo.py, engine/grpo.py, engine/tokenizer.py and engine/sample.py.
 """
 from __future__ import annotations
 
+from typing import Callable  # noqa: F401 - FIGURES' annotation
+
 from workbench import stages
 
 _STEP_KEYS = ["train/loss", "val/loss"]
@@ -84,15 +86,28 @@ COLORS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
 
 # One-off figures shown as a table instead of plots, for the stages that report a few numbers
 # once at the end: stage -> (title, metric key, format), in the order shown.
-FIGURES: dict[str, list[tuple[str, str, str]]] = {
+def _chars_per_token(h) -> str:
+    # Measured on the training text when the corpus is too small to hold any out (the log says).
+    held = "tokenizer/heldout_chars" in h and (h.last("tokenizer/heldout_chars") or 0) > 0
+    return (f"{h.last('tokenizer/chars_per_token'):.2f} "
+            + ("(held-out text)" if held else "(training text: none held out)"))
+
+
+# A figure's form formats its metric's last value, or is a function of the run's history (for
+# a figure whose wording depends on another): figure_text says which.
+FIGURES: dict[str, list[tuple[str, str, "str | Callable"]]] = {
     "tokenizer": [("Vocabulary size", "tokenizer/vocab_size", "{:,.0f} tokens"),
-                  # on the training text when the corpus is too small to hold any out (the log says)
-                  ("Characters per token", "tokenizer/chars_per_token", "{:.2f} (held-out text, if any)"),
+                  ("Characters per token", "tokenizer/chars_per_token", _chars_per_token),
                   ("Training text", "tokenizer/train_chars", "{:,.0f} characters"),
                   ("Held-out text", "tokenizer/heldout_chars", "{:,.0f} characters")],
     "sample": [("Answers that ended", "sample/finished_fraction", "{:.0%}"),
                ("Mean answer length", "sample/mean_tokens", "{:.1f} tokens")],
 }
+
+def figure_text(form, key: str, history) -> str:
+    """One figure of FIGURES as shown, from a run's history that holds its key."""
+    return form(history) if callable(form) else form.format(history.last(key))
+
 
 # The figures that say how a run went, per stage (each stage's spec holds its own).
 KEY_METRICS = {s.name: list(s.key_metrics) for s in stages.STAGES}

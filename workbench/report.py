@@ -32,7 +32,7 @@ from engine.fsutil import atomic_write_text
 from engine.runio import format_duration
 from workbench import runfolder, stages
 from workbench.history import TOKENS, RunHistory
-from workbench.plot_specs import FIGURES, KEY_METRICS, PLOT_SPECS, PLOT_X
+from workbench.plot_specs import FIGURES, KEY_METRICS, PLOT_SPECS, PLOT_X, figure_text
 from workbench.runfold import Follower, RunFold
 from workbench.runs import parent_runs
 from workbench.svg_plot import SMALL, Line, line_chart
@@ -390,7 +390,7 @@ def charts_html(run: Run) -> str:
     out = "".join(f"<figure><figcaption>{_e(t)}</figcaption>{svg}</figure>" for t, svg in main)
     if run.stage in FIGURES:
         h = run.fold.history
-        rows = [(_e(title), _e(form.format(h.last(key)))) for title, key, form in FIGURES[run.stage] if key in h]
+        rows = [(_e(title), _e(figure_text(form, key, h))) for title, key, form in FIGURES[run.stage] if key in h]
         out = _table(rows, ("figure", "value"), (1,)) + out
     out = f'<div class="charts">{out}</div>' if out else ""
     if other:
