@@ -85,7 +85,7 @@ def test_make_rank_and_merge_packs_from_the_app(qtbot, tmp_path, monkeypatch):
     monkeypatch.setattr(QMessageBox, "exec", lambda box: texts.append(box.text()) or 0)
     packs_action(view, "Merge annotation packs").trigger()
     packs_action(view, "Merge annotation packs").trigger()
-    assert "ana on 'class batch': 1 added" in texts[0] and "ben on 'class batch': 0 added" in texts[0]
+    assert "ana on 'class batch': 1 added" in texts[0] and "ben on 'class batch': nothing ranked" in texts[0]
     assert "ana on 'class batch': 0 added, 1 already merged" in texts[1]
     with Store.for_project(project) as store:
         assert [r.annotator for r in store.rankings()] == ["ana"]

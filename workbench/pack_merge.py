@@ -22,8 +22,12 @@ class PackMerge:
     withdrawn: int = 0      # undone in the pack since the last merge (and not re-ranked)
     already: int = 0        # in the project from an earlier merge
     conflicts: list[str] = field(default_factory=list)
+    untouched: bool = False  # nothing ranked in the pack yet (its annotator is listed, 0 of N)
 
     def line(self) -> str:
+        if self.untouched:
+            return (f"{self.path.name}: {self.annotator} on {self.batch!r}: nothing ranked in it "
+                    "yet, nothing merged")
         parts = [f"{self.added} added", f"{self.already} already merged"]
         parts += [f"{n} {what}" for n, what in ((self.updated, "updated"),
                                                 (self.withdrawn, "withdrawn")) if n]
@@ -103,12 +107,16 @@ def _same(a: list[list[int]], b: list[list[int]]) -> bool:
 
 def _merge_one(store: Store, pack: Pack, target: _Target) -> PackMerge:
     info, res = pack.info, PackMerge(pack.path, pack.info.annotator, pack.info.batch)
+    rankings = pack.store.rankings(batch_id=pack.batch_id, include_withdrawn=True)
+    # A pack handed back unranked still makes its annotator's session: the batch then lists
+    # them with 0 of N, so whoever merges sees who has not ranked yet.
+    res.untouched = not rankings
     who = store.annotator(info.annotator, "human")
     settings = pack.store.session_settings(pack.batch_id, info.annotator) or {}
     session, _ = store.session(target.batch_id, who.id, settings)
     pack_session, _ = pack.store.session(pack.batch_id, pack.store.annotator(info.annotator).id)
     followed: set[tuple[int, bool]] = set()     # entries whose merged ranking the pack undid now
-    for r in pack.store.rankings(batch_id=pack.batch_id, include_withdrawn=True):
+    for r in rankings:
         item_id, position, answers = target.items[r.item_id]
         merged = store.merged_from(info.source, r.id)
         if merged is not None:
