@@ -135,6 +135,26 @@ def test_a_reward_model_grpo_gives_no_weight_is_not_its_parent(tmp_path):
     assert outside_inputs(run) == [("reward_model", "/elsewhere/rm")]
 
 
+def test_parents_indexed_by_an_earlier_rule_are_derived_again_on_opening(tmp_path):
+    done = [{"type": "start", "stage": "grpo", "pid": 1, "time": 1.0},
+            {"type": "done", "status": "completed", "time": 2.0}]
+    make_run(tmp_path, "sft-1", {}, done)
+    make_run(tmp_path, "reward-1", {}, done)
+    make_run(tmp_path, "grpo-1", {"policy": "../sft-1", "reward_model": "../reward-1", "rm_weight": 0.0}, done)
+    store = RunStore(tmp_path)
+    store.sync()
+    # As an index written before a reward model at weight 0 stopped being a parent left it.
+    stale = json.dumps({"policy": "sft-1", "reward_model": "reward-1"})
+    store.store.conn.execute("UPDATE runs SET parents = ? WHERE name = 'grpo-1'", (stale,))
+    store.store.conn.commit()
+    assert {r.name: r for r in store.sync()}["grpo-1"].parents == json.loads(stale)   # not every sync
+    store.close()
+    store = RunStore(tmp_path)
+    assert {r.name: r for r in store.sync()}["grpo-1"].parents == {"policy": "sft-1"}
+    assert [r.name for r in store.children("reward-1")] == []
+    store.close()
+
+
 def test_event_tail_spreads_a_long_file_over_calls(tmp_path):
     path = tmp_path / "events.jsonl"
     lines = [json.dumps({"step": i, "pad": "x" * 50}) for i in range(1000)]

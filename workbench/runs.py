@@ -102,6 +102,7 @@ class RunStore:
         self._own = store is None
         self.store = store or Store.for_project(self.project_dir)
         self.behind = False         # the last sync left unread events (its max_bytes)
+        self._parents_checked = False
         if self._own:
             self.store.index_without_fsync()
 
@@ -118,8 +119,12 @@ class RunStore:
         folders = {p.name: p for p in self.runs_dir.iterdir() if p.is_dir()} if self.runs_dir.is_dir() else {}
         rows = {r["name"]: r for r in self.store.run_rows()}
         changed = []
+        # Once per store, finished runs' parents are derived again from their configs: the
+        # rule may have changed since a run was indexed (GRPO's reward model is no parent at
+        # rm_weight 0), or a resume's --set changed an input.
+        recheck, self._parents_checked = not self._parents_checked, True
         for name, path in folders.items():
-            new_row, caught_up = self._sync_one(path, rows.get(name), max_bytes)
+            new_row, caught_up = self._sync_one(path, rows.get(name), max_bytes, recheck)
             self.behind |= not caught_up
             if new_row is not None:
                 changed.append(new_row)
@@ -128,16 +133,18 @@ class RunStore:
             self.store.write_runs(changed, forget=gone)
         return self.list()
 
-    def _sync_one(self, path: Path, row: dict | None, max_bytes: int | None = None) -> tuple[dict | None, bool]:
+    def _sync_one(self, path: Path, row: dict | None, max_bytes: int | None = None,
+                  recheck: bool = False) -> tuple[dict | None, bool]:
         """The run's row with its new events folded in (None: unchanged), and whether every
-        event is read (`max_bytes` may leave some for the next call)."""
+        event is read (`max_bytes` may leave some for the next call). With `recheck`, a finished
+        run's parents are derived again from its config."""
         events = path / "events.jsonl"
         try:
             size = events.stat().st_size
         except FileNotFoundError:
             size = 0
         if row is not None and row["events_offset"] == size and row["status"] != "running":
-            return None, True
+            return (self._reparented(path, row) if recheck else None), True
         if (row is not None and row["events_offset"] == size and row["status"] == "running"
                 and process_alive(row["pid"], path)):
             return None, True     # running, nothing new: no write
@@ -166,6 +173,11 @@ class RunStore:
                     created_at=created, started_at=fold.started_at, ended_at=fold.ended_at, error=fold.error,
                     pid=fold.pid, step=fold.step, metrics=json.dumps(fold.metrics),
                     events_offset=tail.offset), caught_up
+
+    def _reparented(self, path: Path, row: dict) -> dict | None:
+        """The row with the parents its config names now, or None if they are the same."""
+        parents = json.dumps(parent_runs(row["stage"], _config_or_empty(path), path, self.runs_dir))
+        return None if parents == row["parents"] else dict(row, parents=parents)
 
     def list(self, stage: str | None = None) -> list[RunInfo]:
         return [self._info(r) for r in self.store.run_rows(stage)]
