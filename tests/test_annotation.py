@@ -254,3 +254,18 @@ def test_copies_of_one_answer_left_out_are_tied_with_the_first_placed(store):
     [r] = store.rankings()
     texts = {a.id: a.text for a in store.items(b)[0].answers}
     assert [sorted(texts[a] for a in g) for g in r.ordering] == [["6"] * 3, ["7"], ["5"] * 2]
+
+
+def test_copies_ranked_apart_and_malformed_orderings_are_refused_by_name(store):
+    b = store.create_batch("copies", [{"prompt": "p", "answers": [{"text": t} for t in ("3", "4", "3")]}], k=None)
+    s = AnnotationSession(store, b, "ana", seed=3)
+    by_text = {}
+    for a in s.current().answers:
+        by_text.setdefault(a.text, []).append(a.number)
+    (x, y), (four,) = by_text["3"], by_text["4"]
+    with pytest.raises(RankingError, match=f"answers {x} and {y} are the same answer"):
+        s.submit([[x], [four], [y]])       # one text both better and worse than "4"
+    for bad in ([[1, [2]]], [[1], {2, 3}]):
+        with pytest.raises(RankingError, match="not an answer number"):
+            s.submit(bad)
+    assert store.rankings() == []

@@ -257,13 +257,33 @@ def test_rankings_already_in_the_project_are_left_out_of_an_import(tmp_path, sto
         assert res.existing and res.records == 0 and res.batch_id == b
         assert res.already == len(read(tmp_path / name))
         assert len(store.batches()) == 1 and len(store.rankings()) == before
-    # One new ranking in an edited export is imported, the others counted and left out.
+    # A new ranking in an edited export brings its item, with the item's other rankings (to
+    # agree with); the other items are counted and left out.
     recs = read(tmp_path / "all.jsonl")
     extra = dict(recs[0], annotator="cy", simulated=False)
+    same_item = sum(r["prompt"] == extra["prompt"] for r in recs)
     res = import_preferences(store, write(tmp_path / "edited.jsonl", recs + [extra]))
-    assert (res.existing, res.records, res.already) == (False, 1, len(recs))
-    assert len(store.rankings()) == before + 1
+    assert (res.existing, res.items, res.records, res.already) == (False, 1, same_item + 1,
+                                                                    len(recs) - same_item)
+    assert len(store.rankings()) == before + same_item + 1
     # The same rankings are new to another project.
     with Store(tmp_path / "other.db") as other:
         res = import_preferences(other, tmp_path / "all.jsonl")
         assert (res.records, res.already) == (len(recs), 0)
+
+
+def test_an_item_with_a_new_ranking_comes_whole_and_pairs_of_repeats_are_known(tmp_path, store):
+    ranked_batch(store)              # ann ranks three items, one of them again (a hidden repeat)
+    export_rankings(store, tmp_path / "first.jsonl", include_simulated=False)
+    export_rankings(store, tmp_path / "all.jsonl", include_simulated=False, include_repeats=True)
+    export_rankings(store, tmp_path / "pairs.jsonl", include_simulated=True, fmt="pairs",
+                    include_repeats=True)
+    with Store(tmp_path / "b.db") as other:
+        import_preferences(other, tmp_path / "first.jsonl")
+        # The repeat is new there and needs its first ranking beside it: its item comes whole.
+        res = import_preferences(other, tmp_path / "all.jsonl")
+        assert (res.items, res.records, res.already) == (1, 2, 2)
+        assert len(other.rankings(include_repeats=True)) == 3 + 2
+    # Pairs carry no repeat mark: a repeat's pairs come back as known, not as new rankings.
+    res = import_preferences(store, tmp_path / "pairs.jsonl")
+    assert res.existing and res.records == 0

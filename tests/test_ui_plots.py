@@ -533,3 +533,37 @@ def test_few_plots_in_a_tall_space_share_it_without_scrolling(qtbot):
     rows = -(-len(heights) // cols)
     assert scroll == 0
     assert min(heights) > MIN_PLOT_HEIGHT and min(heights) * rows > 0.8 * 700    # they fill it
+
+
+def _wheel(widget, modifiers=Qt.NoModifier):
+    from PySide6.QtCore import QPoint, QPointF
+    from PySide6.QtGui import QWheelEvent
+    from PySide6.QtWidgets import QApplication
+    pos = widget.rect().center()
+    QApplication.sendEvent(widget, QWheelEvent(QPointF(pos), QPointF(widget.mapToGlobal(pos)), QPoint(0, 0),
+                                               QPoint(0, -120), Qt.NoButton, modifiers,
+                                               Qt.NoScrollPhase, False))
+
+
+def test_the_wheel_over_a_plot_scrolls_a_grid_that_scrolls_and_ctrl_wheel_zooms(qtbot):
+    from PySide6.QtWidgets import QScrollArea
+    from ui.plots import PlotGrid
+    for stage, height, scrolls in (("ppo", 320, True), ("pretrain", 700, False)):
+        grid = PlotGrid(stage)
+        qtbot.addWidget(grid)
+        grid.resize(1000, height)
+        grid.show()
+        qtbot.waitExposed(grid)
+        grid.load_events([metrics(i, **{k.replace("/", "__"): float(i % 5) for c in grid._cells.values()
+                                        for k in c.keys}) for i in range(1, 20)])
+        grid.redraw()
+        bar = grid.findChild(QScrollArea).verticalScrollBar()
+        plot = next(iter(grid._cells.values())).widget
+        box = plot.getPlotItem().getViewBox()
+        before = box.viewRange()
+        _wheel(plot.viewport())
+        assert (bar.value() > 0) == scrolls                      # the page moved, or
+        assert (box.viewRange() != before) == (not scrolls)      # the plot zoomed
+        if scrolls:
+            _wheel(plot.viewport(), Qt.ControlModifier)
+            assert box.viewRange() != before

@@ -28,7 +28,8 @@ COLUMNS = ("Method", "Run", "Win rate vs SFT", "W / T / L", "Task accuracy", "RM
 
 
 def row_cells(r: dict) -> list[str]:
-    acc = (f"{r['base_accuracy']:.1%} → {r['accuracy']:.1%}" if r.get("accuracy") is not None else "–")
+    acc = (f"{methods.percent(r.get('base_accuracy'))} → {methods.percent(r['accuracy'])}"
+           if r.get("accuracy") is not None else "–")
     score = f"{r['base_score']:+.3f} → {r['score']:+.3f}" if "score" in r else "–"
     secs = format_duration(r["seconds"]) if r.get("seconds") is not None else "–"
     return [stages.spec(r["method"]).title, r["run"], f"{r['win_rate']:.1%}",

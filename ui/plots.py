@@ -26,7 +26,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QEvent, Qt, QTimer
 from PySide6.QtGui import QColor, QPalette
-from PySide6.QtWidgets import (QComboBox, QFrame, QGridLayout, QHBoxLayout, QLabel, QScrollArea,
+from PySide6.QtWidgets import (QApplication, QComboBox, QFrame, QGridLayout, QHBoxLayout, QLabel, QScrollArea,
                                QVBoxLayout, QWidget)
 
 from ui.plot_figures import FIGURES, FigureTable
@@ -98,6 +98,18 @@ class _TimedPlot(pg.PlotWidget):
         t = time.perf_counter()
         super().paintEvent(event)
         self._clock.busy += time.perf_counter() - t
+
+    def wheelEvent(self, event) -> None:
+        # Where the grid scrolls, the wheel scrolls it (the plots fill most of it, and a wheel
+        # that zoomed would also stop a live plot following its data); Ctrl+wheel zooms.
+        scroll = self.parent()
+        while scroll is not None and not isinstance(scroll, QScrollArea):
+            scroll = scroll.parent()
+        if (scroll is not None and scroll.verticalScrollBar().maximum() > 0
+                and not event.modifiers() & Qt.ControlModifier):
+            QApplication.sendEvent(scroll.verticalScrollBar(), event)
+            return
+        super().wheelEvent(event)
 
 
 @dataclass

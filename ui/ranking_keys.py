@@ -94,8 +94,9 @@ class RankInput:
 
     def prefill(self, ordering: list[list[int]], flags: dict[int, list[str]],
                 scores: dict[int, int]) -> None:
-        """Start from an earlier ranking of this item (after undo), ready to resubmit."""
-        self.groups = [list(g) for g in ordering]
+        """Start from an earlier ranking of this item (after undo), ready to resubmit; one made
+        before copies were ranked together has them moved to the first's place."""
+        self.groups = self._copies_together(ordering)
         self.tie = False
         self.flags = {n: set(f) for n, f in flags.items() if f}
         self.scores = dict(scores)
@@ -104,17 +105,21 @@ class RankInput:
     def set_order(self, numbers: list[int]) -> None:
         """A strict ordering from the cards' order after a drag; copies of one answer tie where
         the first of them lies."""
-        first: dict[int, list[int]] = {}
-        self.groups = []
-        for n in numbers:
-            key = self.copies[n][0]
-            if key in first:
-                first[key].append(n)
-            else:
-                first[key] = [n]
-                self.groups.append(first[key])
+        self.groups = self._copies_together([[n] for n in numbers])
         self.tie = False
         self.fresh = True
+
+    def _copies_together(self, ordering: list[list[int]]) -> list[list[int]]:
+        """The ordering with each answer's copies in the group of the first of them."""
+        home: dict[int, list[int]] = {}
+        groups: list[list[int]] = []
+        for g in ordering:
+            group: list[int] = []
+            for n in g:
+                home.setdefault(self.copies[n][0], group).append(n)
+            if group:
+                groups.append(group)
+        return groups
 
     def clear(self) -> None:
         self.groups, self.tie, self.fresh = [], False, False
@@ -238,6 +243,6 @@ class RankInput:
         text = " > ".join(parts)
         last = self.implied
         if last is not None:
-            shown = " = ".join(map(str, last))
-            text += f" = ({shown})" if self.tie else f" > ({shown})"
+            shown = f"({' = '.join(map(str, last))})"
+            text = f"{text} {'=' if self.tie else '>'} {shown}" if text else shown
         return text

@@ -85,8 +85,9 @@ def _rank_simulated(project_dir: Path, batch_id: int, *, emit, cancelled) -> int
 def import_message(result: ImportResult, batch: str) -> str:
     """What an import did, for a person: new rankings, and what was left out and why."""
     if result.existing:
+        bad = (f" {len(result.skipped)} bad record(s) were left out." if result.skipped else "")
         return (f"Every ranking in this file ({result.already}) is already in the project, the "
-                f"first in batch {batch!r}. Nothing was imported." if result.already else
+                f"first in batch {batch!r}. Nothing was imported.{bad}" if result.already else
                 f"This file was imported before, as batch {batch!r}.")
     left = [f"{len(result.skipped)} bad record(s)"] if result.skipped else []
     left += [f"{result.already} ranking(s) already in the project"] if result.already else []

@@ -348,6 +348,8 @@ def cmd_import(args) -> int:
         print(f"every ranking in {args.file} ({res.already}) is already in the project, the first in "
               f"batch {batch.id} {batch.name!r}; nothing imported" if res.already else
               f"{args.file} was already imported as batch {batch.id} {batch.name!r}; nothing new")
+        if res.skipped:
+            print(str(InputError(res.skipped, "file; these records were left out")), file=sys.stderr)
         return 0
     print(f"imported {res.records} ranking(s) of {res.items} item(s) as batch {batch.id} "
           f"{batch.name!r}" + (f"; left out {res.already} already in the project" if res.already else ""))
@@ -470,9 +472,10 @@ def add_commands(sub) -> None:
                                     ".parquet). Every record is checked first; bad ones are "
                                     "listed as FILE:LINE: reason (FILE:record N in a JSON array, "
                                     "FILE:row N in Parquet) and nothing is imported (or, with "
-                                    "--skip-bad, the rest is). Rankings the project already "
-                                    "holds (the same annotator, prompt, answers and order, as "
-                                    "in its own export) are left out and counted.")
+                                    "--skip-bad, the rest is). An item all of whose rankings "
+                                    "the project already holds (the same annotator, prompt, "
+                                    "answers and order, as in its own export) is left out and "
+                                    "counted.")
     _project(i)
     i.add_argument("file", type=Path, metavar="FILE")
     i.add_argument("--annotator", default=None, metavar="NAME",

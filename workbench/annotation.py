@@ -130,7 +130,8 @@ def answer_copies(texts: Sequence[str]) -> dict[int, list[int]]:
 
 def tie_copies(groups: list[list[int]], copies: Mapping[int, list[int]]) -> list[list[int]]:
     """`groups` with each answer's copies that it leaves out tied with the first of them that it
-    places: "1 3" ranks all eight of 6,6,5,6,6,6,6,5. Copies placed apart are left where they are."""
+    places: "1 3" ranks all eight of 6,6,5,6,6,6,6,5. Copies placed apart are refused: the
+    reward model would learn one text better than itself."""
     placed = {m for g in groups for m in g}
     out = []
     for g in groups:
@@ -141,6 +142,12 @@ def tie_copies(groups: list[list[int]], copies: Mapping[int, list[int]]) -> list
                     group.append(c)
                     placed.add(c)
         out.append(group)
+    where = {m: i for i, g in enumerate(out) for m in g}
+    for m in where:
+        apart = [c for c in copies.get(m, [m]) if c in where and where[c] != where[m]]
+        if apart:
+            raise RankingError(f"answers {m} and {apart[0]} are the same answer: rank them together "
+                               f"(tie them with '=', or give one and its copies follow)")
     return out
 
 
@@ -276,9 +283,11 @@ class AnnotationSession:
         numbers = list(range(1, k + 1))
         groups = parse_ordering(ordering) if isinstance(ordering, str) else ordering
         if isinstance(groups, (list, tuple)):
-            texts = {a.id: a.text for a in self.store.item(item_id).answers}
-            groups = tie_copies([list(g) if isinstance(g, (list, tuple)) else [g] for g in groups],
-                                answer_copies([texts[aid] for aid in order]))
+            groups = [list(g) if isinstance(g, (list, tuple)) else [g] for g in groups]
+            flat = [m for g in groups for m in g]
+            if all(type(m) is int for m in flat) and len(set(flat)) == len(flat):   # else check_ordering says why
+                texts = {a.id: a.text for a in self.store.item(item_id).answers}
+                groups = tie_copies(groups, answer_copies([texts[aid] for aid in order]))
         groups = check_ordering(groups, numbers)
         to_id = dict(zip(numbers, order))
 

@@ -26,9 +26,10 @@ different annotators share one item, so agreement can be measured on imported da
 Records without an "annotator" are credited to an annotator named after the file, human unless
 the caller says otherwise. Every record is checked before anything is written, and all problems
 come back in one InputError as `FILE:LINE: reason`. Importing the same file content twice
-returns the batch the first import made; a ranking already in the project (the same annotator,
-prompt, answers and order, as when a project's own export is imported back) is left out and
-counted, so no ranking is trained on twice.
+returns the batch the first import made. An item all of whose rankings the project already
+holds (the same annotator, prompt, answers and order, as when a project's own export is imported
+back) is left out and its rankings counted, so none is trained on twice; an item with one new
+ranking comes whole (a new hidden repeat needs its first ranking, a new annotator the others').
 """
 from __future__ import annotations
 
@@ -395,7 +396,8 @@ def _signature(annotator: str, simulated: bool, prompt: str, messages, answers: 
 
 def _known(store: Store, annotators: set[str]) -> dict[tuple, int]:
     """The signature of every active ranking by these annotators, and of each (better, worse)
-    pair it holds (an export as pairs comes back as two-answer records), with its batch."""
+    pair it holds (an export as pairs comes back as two-answer records, none of them marked a
+    repeat), with its batch."""
     out: dict[tuple, int] = {}
     for item, r in _ranked(store, batch_ids=None, include_simulated=True, include_repeats=True):
         if r.annotator not in annotators:
@@ -406,25 +408,27 @@ def _known(store: Store, annotators: set[str]) -> dict[tuple, int]:
                                   r.is_repeat), item.batch_id)
         for pair in pair_records(item, r):
             out.setdefault(_signature(r.annotator, r.simulated, item.prompt, item.messages,
-                                      (pair["chosen"], pair["rejected"]), [[0], [1]], r.is_repeat),
+                                      (pair["chosen"], pair["rejected"]), [[0], [1]], False),
                            item.batch_id)
     return out
 
 
-def _new_only(store: Store, records: list[Record], default_annotator: str, default_simulated: bool
-              ) -> tuple[list[Record], int, int | None]:
-    """(records not already in the project, how many were, the batch of the first that was)."""
-    known = _known(store, {r.annotator or default_annotator for r in records})
-    new, first = [], None
-    for rec in records:
-        simulated = default_simulated if rec.simulated is None else rec.simulated
-        batch = known.get(_signature(rec.annotator or default_annotator, simulated, rec.prompt,
-                                     rec.messages, rec.answers, rec.ranking, rec.repeat))
-        if batch is None:
-            new.append(rec)
-        elif first is None:
-            first = batch
-    return new, len(records) - len(new), first
+def _new_items(store: Store, items: list[tuple[dict, list[Record]]]
+               ) -> tuple[list[tuple[dict, list[Record]]], int, int | None]:
+    """(the items with a ranking the project does not hold, how many rankings the others held,
+    the batch of the first of those). An item goes whole or not at all: a new hidden repeat needs
+    its first ranking beside it, and a new annotator's ranking the others' to agree with."""
+    known = _known(store, {r.annotator for _, recs in items for r in recs})
+    keep, already, first = [], 0, None
+    for item, recs in items:
+        held = [known.get(_signature(r.annotator, r.simulated, r.prompt, r.messages, r.answers,
+                                     r.ranking, r.repeat)) for r in recs]
+        if None in held:
+            keep.append((item, recs))
+        else:
+            already += len(recs)
+            first = held[0] if first is None else first
+    return keep, already, first
 
 
 def import_preferences(store: Store, path: str | Path, *, annotator: str | None = None,
@@ -444,11 +448,11 @@ def import_preferences(store: Store, path: str | Path, *, annotator: str | None 
         existing = store.batch_by_source_key(key)
         if existing is not None:
             return ImportResult(existing.id, len(records), existing.n_items, existing=True)
-        records, already, first = _new_only(store, records, annotator or path.name, simulated)
-        if already and not records and not (problems and on_error == "raise"):
-            return ImportResult(first, 0, 0, existing=True, already=already, skipped=problems)
         kinds = {a.name: a.kind for a in store.annotators()}
         items = _group(records, path, annotator or path.name, simulated, kinds, problems)
+        items, already, first = _new_items(store, items)
+        if already and not items and not (problems and on_error == "raise"):
+            return ImportResult(first, 0, 0, existing=True, already=already, skipped=problems)
         if problems and (on_error == "raise" or not items):
             raise InputError(problems, f"preference file {path}")
         ks = {len(it["answers"]) for it, _ in items}
