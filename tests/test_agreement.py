@@ -128,3 +128,24 @@ def test_hidden_repeats_are_compared_per_annotator(store):
     between = agreement(store, between="annotators")
     assert between.items == 4 and between.agreement == 0.0   # bob reverses every pair
     assert agreement(store, between="annotators", annotators=["ann"]).items == 0
+
+
+def test_copies_of_one_answer_count_once_in_every_figure(store):
+    """Six '6's and two '5's: ann puts 6 first, bob 5 first. They agree on nothing; the pairs of
+    copies (tied by every ranking) must not make them look 57% alike."""
+    from workbench.agreement import figures
+    from workbench.review import disagreements
+    b = store.create_batch("b", [{"prompt": "How long is 'bedroom'?", "answers": [
+        {"text": t} for t in ("6", "6", "5", "6", "6", "6", "6", "5")]}], k=None)
+    sixes, fives = [0, 1, 3, 4, 5, 6], [2, 7]
+    rank(store, b, "ann", [[sixes, fives]])
+    rank(store, b, "bob", [[fives, sixes]])
+    r = agreement(store)
+    assert (r.comparisons, r.agreement) == (1, 0.0)
+    f = figures(store)
+    assert f.overall.agreement == 0.0 and [it.agreement for it in f.items] == [0.0]
+    # The reward model scoring "5" above "6" disagrees with ann once, not once per copy.
+    ids = store.item(store.items(b)[0].id).answer_ids
+    scores = {aid: (1.0 if i in fives else 0.0) for i, aid in enumerate(ids)}
+    found = disagreements(store, scores)
+    assert [(d.annotator, d.better, d.worse) for d in found] == [("ann", "6", "5")]

@@ -20,6 +20,10 @@ by which a reversed preference disagrees four times as much as a tie against a p
 alpha is 1 for perfect agreement, about 0 for agreement at chance level, and None when it is
 undefined (no unit with two values, or every value the same, so no disagreement is expected).
 
+Answers of one text are one answer (agreement_items.fold_copies): a small model often samples
+one answer several times, every ranking ties the copies, and their pairs would count as
+agreement between two people who agree on nothing else.
+
 What counts as "ranked twice": two annotators' first rankings of an item (`between=
 "annotators"`), or one annotator's first ranking and its hidden repeat (`between="repeats"`,
 each annotator's items a unit set of its own).
@@ -45,12 +49,12 @@ annotator x's ranking gives answer pair p of an item, [.] is 1 when true, else 0
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 from typing import Callable, Hashable, Iterable, Sequence
 
 # pair_relations lives with the other one-item measures; callers import it from here too.
-from workbench.agreement_items import Tally, kendall_w, pair_relations, tally, tally_two
+from workbench.agreement_items import Tally, fold_copies, kendall_w, pair_relations, tally, tally_two
 from workbench.store import Batch, Ranking, Store
 
 METRICS: dict[str, Callable[[float, float], float]] = {
@@ -110,6 +114,15 @@ def compare(groups: Sequence[Sequence[Ranking]]) -> tuple[int, int, list[list[in
     return agree, total, units
 
 
+def _folded(store: Store, batch_id: int, rankings: list[Ranking]) -> list[Ranking]:
+    """The rankings with each item's copies of one answer folded into one (fold_copies)."""
+    if not rankings:
+        return rankings
+    texts = {a.id: a.text for it in store.items(batch_id, sorted({r.item_id for r in rankings}))
+             for a in it.answers}
+    return [replace(r, ordering=fold_copies(r.ordering, texts)) for r in rankings]
+
+
 def agreement(store: Store, *, between: str = "annotators", batch_ids: Iterable[int] | None = None,
               annotators: Iterable[str] | None = None, include_simulated: bool = True) -> Agreement:
     """Agreement over the project's (or the given batches') items that were ranked twice."""
@@ -119,7 +132,8 @@ def agreement(store: Store, *, between: str = "annotators", batch_ids: Iterable[
     ids = sorted(batch_ids) if batch_ids is not None else [b.id for b in store.batches()]
     by_unit: dict[Hashable, list[Ranking]] = defaultdict(list)
     for batch_id in ids:
-        for r in store.rankings(batch_id=batch_id, include_simulated=include_simulated):
+        for r in _folded(store, batch_id, store.rankings(batch_id=batch_id,
+                                                         include_simulated=include_simulated)):
             if names is not None and r.annotator not in names:
                 continue
             if between == "annotators" and not r.is_repeat:
@@ -280,7 +294,9 @@ def figures(store: Store, *, batch_ids: Iterable[int] | None = None,
         for r in store.rankings(batch_id=batch_id, include_simulated=include_simulated,
                                 include_repeats=False):
             by_item[r.item_id].append(r)
-        shared.update({i: (batch_id, rs) for i, rs in by_item.items() if len(rs) >= 2})
+        twice = [r for rs in by_item.values() if len(rs) >= 2 for r in rs]
+        for r in _folded(store, batch_id, twice):
+            shared.setdefault(r.item_id, (batch_id, []))[1].append(r)
     items = [{r.annotator: pair_relations(r.ordering) for r in rs} for _, rs in shared.values()]
     rows = _annotators(store, ids, include_simulated)
     for row in rows:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from workbench.agreement import assigned_items
-from workbench.agreement_items import pair_relations
+from workbench.agreement_items import fold_copies, pair_relations
 from workbench.store import Batch, Store
 
 
@@ -204,7 +204,8 @@ def disagreements(store: Store, scores: dict[int, float], *,
                  } if rankings else {}
         for r in rankings:
             text = {a.id: a.text for a in items[r.item_id].answers}
-            for (a, b), relation in pair_relations(r.ordering).items():
+            # Copies of one answer once: six "6"s against a "5" are one disagreement, not six.
+            for (a, b), relation in pair_relations(fold_copies(r.ordering, text)).items():
                 w, lo = (a, b) if relation > 0 else (b, a)
                 if relation and w in scores and lo in scores and scores[lo] > scores[w]:
                     found.append(Disagreement(r.id, batch_id, r.item_id, r.annotator,
