@@ -438,10 +438,11 @@ def test_import_and_export_buttons_without_modal_dialogs(qtbot, view, project, m
     # The project's own export brings nothing back: no ranking is trained on twice.
     monkeypatch.setattr(rv.QFileDialog, "getOpenFileName",
                         lambda *a, **k: (str(project / "out" / "pairs.jsonl"), ""))
-    n = len(stored(project))
+    n, picked = len(stored(project)), view.start.selected_batch()
     view.import_clicked()
     assert "Every ranking in this file (6) is already in the project" in told[-1]
     assert len(stored(project)) == n
+    assert view.start.selected_batch() == picked != 1      # not moved to the rankings' batch
 
 
 # ----- the simulated annotator, from the start page
@@ -602,6 +603,14 @@ def test_copies_of_one_answer_are_ranked_together(qtbot, tmp_path):
         press(qtbot, view, [Qt.Key_Return])
         [r] = stored(tmp_path)
         assert sorted_groups(r.ordering) == sorted_groups(want)
+        # Dragging a copy above the other answer brings its copies with it, on screen too.
+        cards = view.page.cards
+        threes = by_text(range(1, 4))
+        three, four = (threes[0], threes[1]) if len(threes[0]) == 2 else (threes[1], threes[0])
+        drag(qtbot, cards.card(four[0]), QPoint(20, cards.cards[0].geometry().top() + 2))
+        drag(qtbot, cards.card(three[1]), QPoint(20, cards.cards[0].geometry().top() + 2))
+        assert set(cards.order()[:2]) == set(three)
+        assert cards.order()[2] == four[0] and view.input.describe().endswith(f"> {four[0]}")
         # Ctrl+Enter submits the cards' order: copies tie where the first of them lies.
         want = ids(view, by_text(view.page.cards.order()))
         assert len(want) == 2

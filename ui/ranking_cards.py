@@ -184,6 +184,13 @@ class CardList(QWidget):
     def order(self) -> list[int]:
         return [c.number for c in self.cards]
 
+    def arrange(self, numbers: list[int]) -> None:
+        """Put the cards in this order (display numbers, top first)."""
+        self.cards.sort(key=lambda c: numbers.index(c.number))
+        for i, card in enumerate(self.cards):
+            self._layout.removeWidget(card)
+            self._layout.insertWidget(i, card)
+
     def begin_drag(self, card: AnswerCard) -> None:
         self._before = self.order()
         card.setProperty("dragging", True)

@@ -461,6 +461,9 @@ class RankingView(QWidget):
 
     def _dragged(self, order: list[int]) -> None:
         self.input.set_order(order)
+        # Copies of the dragged answer tie with it: their cards go beside it, so the cards read
+        # as the ranking that will be stored.
+        self.page.cards.arrange(self.input.placed)
         self._render("Ordered by dragging: Enter or Ctrl+Enter submits this order.")
         self.setFocus()
 
@@ -549,7 +552,9 @@ class RankingView(QWidget):
         bad record as FILE:LINE: reason, and nothing is imported unless skip_bad)."""
         result = import_preferences(self.store, Path(path), annotator=annotator,
                                     simulated=simulated, on_error="skip" if skip_bad else "raise")
-        self.refresh(select=result.batch_id)
+        # A file whose every ranking the project holds made no batch: the selection stays (a
+        # Start then ranks the batch the person had picked, not the one the rankings are in).
+        self.refresh(select=None if result.already and result.existing else result.batch_id)
         return result
 
     def export_preferences(self, path: Path, *, fmt: str = "kway", include_simulated: bool = False,
