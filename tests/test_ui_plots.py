@@ -373,7 +373,7 @@ def test_one_off_figures_are_a_table_not_one_point_plots(grid):
     text = _plain(g.figures.text())
     # No text held out: the figure says it was measured on the training text.
     assert "Vocabulary size 4,096 tokens" in text
-    assert "Characters per token 3.21 (training text: none held out)" in text
+    assert "Characters per token 3.21 (training text: too little to hold some out)" in text
     assert "Training text 60,000 characters" in text and "tokenizer/new_figure 7" in text
     assert "Held-out text" not in text                        # not reported by this run
     g.load_events([metrics(1, tokenizer__heldout_chars=2500)])

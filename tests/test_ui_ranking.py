@@ -508,12 +508,13 @@ def test_the_count_includes_the_hidden_repeat_and_the_end_disables_ranking(qtbot
     assert view.stack.currentWidget() is view.page
     seen = []
     for n in range(N_ITEMS + 1):
-        assert view.page.bar.format() == f"{n} / {N_ITEMS + 1} ranked"
+        assert view.page.bar.format() == f"{n} / {N_ITEMS + 1} ranked (with 1 repeat)"
         assert view.current is not None          # the repeat comes before the count is full
         seen.append(view.current.item_id)
         press(qtbot, view, ["1", "2", "3", Qt.Key_Return])
     assert len(set(seen)) == N_ITEMS and view.current is None
-    assert view.page.bar.format() == f"{N_ITEMS + 1} / {N_ITEMS + 1} ranked"
+    assert view.page.bar.format() == f"{N_ITEMS + 1} / {N_ITEMS + 1} ranked (with 1 repeat)"
+    assert view.page.bar.width() > view.page.bar.fontMetrics().horizontalAdvance(view.page.bar.format())
     assert "All 4 items" in view.page.done.text() and "1 of them a second time" in view.page.done.text()
     assert [r.is_repeat for r in stored(project)].count(True) == 1
     page = view.page
@@ -523,7 +524,7 @@ def test_the_count_includes_the_hidden_repeat_and_the_end_disables_ranking(qtbot
     assert len(stored(project)) == N_ITEMS + 1 and view.current is None
     press(qtbot, view, ["u"])                                      # taking the last one back works
     assert view.current is not None and page.skip_button.isEnabled()
-    assert page.bar.format() == f"{N_ITEMS} / {N_ITEMS + 1} ranked"
+    assert page.bar.format() == f"{N_ITEMS} / {N_ITEMS + 1} ranked (with 1 repeat)"
 
 
 def test_a_busy_database_keeps_the_typed_ranking_to_submit_again(qtbot, view, project, monkeypatch):

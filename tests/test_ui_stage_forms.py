@@ -66,7 +66,7 @@ def test_the_reward_page_counts_rankings_with_a_pair_and_says_how_many_tie(qtbot
     page = w.pages["reward"]
     assert page.counts.text() == ("2 human and 0 simulated rankings in this project "
                                   "(1 more tie every answer: no pair to learn from)")
-    assert sidebar_text(w, "rank").endswith("1 batch · 2 rankings")     # the same count
+    assert sidebar_text(w, "rank").endswith("1 batch · 2 rankings to train on")     # the same count
 
 
 def test_a_long_log_line_wraps_in_the_log_tab(qtbot, project, make_window):

@@ -337,8 +337,10 @@ class AgreementView(QWidget):
         where = (f"{rm.run}, on {rm.rankings} held-out rankings" if rm and rm.rankings is not None
                  else rm.run if rm else "")
         self.ceiling_note.setText(
-            ("Reward model: " + (f"{rm.accuracy:.1%} of held-out answer pairs ordered as the "
-                                 f"person did ({where})." if rm else
+            # The run's rankings may be simulated ones (the pipeline's are): not "the person".
+            ("Reward model: " + (f"{rm.accuracy:.1%} of held-out answer pairs ordered as they were "
+                                 f"ranked ({where}; human or simulated, as the run was started)."
+                                 if rm else
                                  "no reward run has finished yet (Reward model page).")
              + " Ceiling: where two annotators both preferred one answer of a pair, how often "
              f"they chose the same one ({f.tally.strict_total} comparisons in the batch chosen "

@@ -400,7 +400,9 @@ class MainWindow(QMainWindow):
         if key == "rank":
             # The run index's connection is open anyway.
             b, n = ctx.runs.store.counts()
-            return f"{b} batch{'es' * (b != 1)} · {n} ranking{'s' * (n != 1)}", None
+            # Store.counts: rankings with a preference to train on (not repeats, not all-tied),
+            # which the Rank page's progress and an export count differently: say which.
+            return f"{b} batch{'es' * (b != 1)} · {n} ranking{'s' * (n != 1)} to train on", None
         info = ctx.latest(stage)
         if info is None:
             return "not started", None

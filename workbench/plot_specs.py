@@ -90,7 +90,7 @@ def _chars_per_token(h) -> str:
     # Measured on the training text when the corpus is too small to hold any out (the log says).
     held = "tokenizer/heldout_chars" in h and (h.last("tokenizer/heldout_chars") or 0) > 0
     return (f"{h.last('tokenizer/chars_per_token'):.2f} "
-            + ("(held-out text)" if held else "(training text: none held out)"))
+            + ("(held-out text)" if held else "(training text: too little to hold some out)"))
 
 
 # A figure's form formats its metric's last value, or is a function of the run's history (for
