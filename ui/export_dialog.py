@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout,
-                               QLabel, QLineEdit, QPushButton, QVBoxLayout)
+                               QLabel, QLineEdit, QMessageBox, QPushButton, QVBoxLayout)
 
 from ui.workers import Worker
 
@@ -90,6 +90,18 @@ class ExportDialog(QDialog):
         if not self.path.text().strip():
             self.status.setText("Choose where to save it.")
             return
+        if out.exists() and (out.is_file() or any(out.iterdir())):
+            from engine.export import check_out      # torch: not at the app's start
+            try:
+                check_out(fmt, out)         # not an earlier export: say why, and ask nothing
+            except ValueError as e:
+                self.status.setText(f"Not exported: {e}")
+                return
+            if QMessageBox.question(self, "Replace the earlier export?",
+                                    f"{out} holds an earlier export. Replace it?",
+                                    QMessageBox.Yes | QMessageBox.No, QMessageBox.No) != QMessageBox.Yes:
+                self.status.setText(f"Not exported: {out} is kept as it was.")
+                return
         self.export_btn.setEnabled(False)
         self.status.setText("Exporting…")
         self.worker = Worker(_export, self.run_dir, fmt, out, gguf_type)
