@@ -206,3 +206,12 @@ def test_the_run_list_says_running_as_soon_as_the_job_runs(qtbot, project, make_
     w.ctx.runsChanged.emit()
     texts = [panel.run_combo.itemText(i) for i in range(panel.run_combo.count())]
     assert f"{name} — running" in texts
+
+
+def test_every_guide_entry_opens_at_a_heading_of_the_readme():
+    import re
+    from ui.help import README, SECTIONS
+    headings = set(re.findall(r"^#{2,3} (.+)$", README.read_text(encoding="utf-8"), re.M))
+    assert len(SECTIONS) >= 10 and {h for _, h in SECTIONS} <= headings
+    assert {"Ranking as a class", "Agreement that informs training", "Preference data in other formats"} <= {
+        h for _, h in SECTIONS}
