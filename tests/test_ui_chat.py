@@ -548,3 +548,21 @@ def test_picking_other_models_clears_the_last_rounds_answers(qtbot, tmp_path, tw
     assert picker.path() == two_ckpts[1]
     assert [view.panes[s].title.text() for s in ("left", "right")] == ["Left", "Right"]
     assert not view.panes["left"].answer() and not view.can_vote
+
+
+def test_compare_votes_under_the_name_last_ranked_as_unless_one_is_typed(qtbot, tmp_path, two_ckpts, cache):
+    from workbench.annotation import AnnotationSession
+    from workbench.store import Store
+    with Store.for_project(tmp_path) as store:
+        b = store.create_batch("b", [{"prompt": "q", "answers": [{"text": "x"}, {"text": "y"}]}], k=2)
+        AnnotationSession(store, b, "newbie").submit([[1], [2]])
+    view = CompareView(tmp_path, lambda: [("model one", two_ckpts[0]), ("model two", two_ckpts[1])], cache)
+    qtbot.addWidget(view)
+    view.show()
+    qtbot.waitExposed(view)
+    assert view.annotator.text() == "newbie"
+    view.hide()
+    view.annotator.selectAll()
+    qtbot.keyClicks(view.annotator, "ada")
+    view.show()
+    assert view.annotator.text() == "ada"

@@ -31,7 +31,7 @@ from ui.sampling_controls import SamplingControls
 from ui.workers import Worker
 from workbench import comparisons
 from workbench.model_cache import ModelCache, Reply, run_reply
-from workbench.store import Store
+from workbench.store import DB_NAME, Store, StoreError
 
 SIDES = ("left", "right")
 # The vote keys: Alt, because the main window's View menu owns Ctrl+1..9 and Ctrl+0 (two shortcuts on one
@@ -213,6 +213,15 @@ class CompareView(QWidget):
         for picker in self.pickers:
             picker.refresh()
 
+    def showEvent(self, event) -> None:
+        # Votes go under the name the person last ranked as on the Rank page, unless they typed
+        # one here (their login name stood in, and a vote was kept as someone else's).
+        if not self.annotator.isModified():
+            name = _recent_annotator(self.project_dir)
+            if name:
+                self.annotator.setText(name)
+        super().showEvent(event)
+
     def send(self) -> None:
         prompt = self.input.toPlainText().strip()
         paths = [p.path() for p in self.pickers]
@@ -360,6 +369,18 @@ class CompareView(QWidget):
             b.setEnabled(self.can_vote)
         for w in (*self.pickers, self.blind, self.sampling, self.system):
             w.setEnabled(not busy)
+
+
+def _recent_annotator(project_dir: Path) -> str | None:
+    """Who ranked last in this project (a person), to vote under the same name."""
+    if not (project_dir / DB_NAME).exists():
+        return None
+    try:
+        with Store.for_project(project_dir) as store:
+            recent = store.recent_session("human")
+    except StoreError:
+        return None
+    return recent[0] if recent else None
 
 
 def _user_name() -> str:
