@@ -42,6 +42,11 @@ def test_demo_pipeline_end_to_end(tmp_path):
         ev = json.loads(next((project / "runs").glob(f"{method}-*")).joinpath("evaluation.json").read_text())
         assert ev["n"] == 8 and ev["wins"] + ev["ties"] + ev["losses"] == 8 and ev["kl"] >= 0
         assert ev["method"] == method
+        # its training time as the Runs page gives it: the run's own start to done
+        run = next((project / "runs").glob(f"{method}-*"))
+        events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+        times = [e["time"] for e in events if e["type"] in ("start", "done")]
+        assert ev["seconds"] == pytest.approx(times[-1] - times[0])
 
 
 def test_an_unknown_method_is_refused_before_any_work(tmp_path):

@@ -231,11 +231,18 @@ class Pipeline:
         prompts = side_by_side.held_out_tasks(self.project, self.values("sft").get("eval_task_limit") or 200)
         reference = baseline(self.made["sft"], prompts, reward_model=self.made.get("reward"))
         rows = []
+        # A method's training time as the Runs page and compare-methods give it (its events' start
+        # to done), not this pipeline's wall time for the stage, which adds the process's start.
+        from workbench.runs import RunStore
+        index = RunStore(self.project.path)
+        try:
+            took = {info.name: info.duration_s for info in index.sync()}
+        finally:
+            index.close()
         for method in (m for m in side_by_side.methods() if m in self.made):
             t0 = time.perf_counter()
             tuned = self.made[method]
-            r = side_by_side.evaluate_method(method, reference, tuned,
-                                             next(row.seconds for row in self.rows if row.stage == method))
+            r = side_by_side.evaluate_method(method, reference, tuned, took.get(tuned.name))
             (tuned / "evaluation.json").write_text(json.dumps(r, indent=2) + "\n", encoding="utf-8")
             rows.append(r)
             score = f"; RM score {r['base_score']:+.3f} -> {r['score']:+.3f}" if "score" in r else ""
