@@ -114,6 +114,14 @@ def test_training_choice_for_one_item():
     single = [RANKINGS["ann"][2]]
     assert for_training(single, min_agreement=0.9) == single
     assert for_training(single, min_agreement=0.9, keep_single=False) == []
+    # Two people who disagree on the one real preference, over six copies of "6" and two of "5":
+    # 16 of 28 pairs (copies) agree unfolded, none folded; the rankings kept hold every answer.
+    text_of = dict(enumerate(["6", "6", "5", "6", "6", "6", "6", "5"]))
+    sixes, fives = [0, 1, 3, 4, 5, 6], [2, 7]
+    split = [[sixes, fives], [fives, sixes]]
+    assert for_training(split, min_agreement=0.5) == split
+    assert for_training(split, min_agreement=0.5, text_of=text_of) == []
+    assert for_training(split, min_agreement=0.0, text_of=text_of) == split
     with pytest.raises(ValueError, match="from 0 to 1"):
         for_training(item1, min_agreement=60)
     with pytest.raises(ValueError, match="aggregate"):

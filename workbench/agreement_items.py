@@ -176,14 +176,17 @@ def check_choice(min_agreement: float | None, aggregate: str) -> None:
 
 
 def for_training(orderings: Sequence[Ordering], *, min_agreement: float | None = None,
-                 keep_single: bool = True, aggregate: str = "each") -> list[list[list[int]]]:
+                 keep_single: bool = True, aggregate: str = "each",
+                 text_of: Mapping[int, str] | None = None) -> list[list[list[int]]]:
     """What one item gives a reward/DPO run: its rankings ("each") or their Borda aggregate
     ("borda"); nothing when its agreement is below `min_agreement`. An item ranked once has
     no agreement to test: `keep_single` keeps it (there is no sign people disagree on it,
-    and in a class most items are ranked by one person, so dropping them drops most data)."""
+    and in a class most items are ranked by one person, so dropping them drops most data).
+    With the answers' texts (`text_of`), the agreement tested counts copies of one answer once,
+    as the Agreement tab does (fold_copies); the rankings given keep every answer."""
     check_choice(min_agreement, aggregate)
     if min_agreement is not None:
-        agreement = item_agreement(orderings)
+        agreement = item_agreement([fold_copies(o, text_of) for o in orderings] if text_of else orderings)
         if agreement is None and not keep_single:
             return []
         if agreement is not None and agreement < min_agreement:

@@ -178,7 +178,8 @@ def rankings_for_training(store: Store, *, include_simulated: bool, include_huma
         pairs = list(group)
         item = pairs[0][0]
         orderings = for_training([r.ordering for _, r in pairs], min_agreement=min_agreement,
-                                 keep_single=keep_single, aggregate=aggregate)
+                                 keep_single=keep_single, aggregate=aggregate,
+                                 text_of={a.id: a.text for a in item.answers})
         idx = {a.id: a.idx for a in item.answers}
         for ordering in orderings:
             if len(ordering) > 1:
