@@ -139,8 +139,13 @@ def _starts_with(path: Path, magic: bytes) -> bool:
 
 
 def _is_model_folder(folder: Path) -> bool:
-    """A Hugging Face model folder (its config.json names a model_type), and nothing of ours."""
+    """A Hugging Face model folder laid out as an export writes it (its config.json names a
+    model_type, its weights are one model.safetensors), and nothing of ours. A downloaded model
+    in shards or .bin files is not: an export's files would be mixed in among its own."""
     if any((folder / name).exists() for name in ("workbench.toml", "events.jsonl", "state.json", "checkpoints")):
+        return False
+    if ((folder / "model.safetensors.index.json").exists() or any(folder.glob("*.bin"))
+            or any(folder.glob("model-*-of-*.safetensors"))):
         return False
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))

@@ -140,8 +140,12 @@ def test_copies_of_one_answer_count_once_in_every_figure(store):
     sixes, fives = [0, 1, 3, 4, 5, 6], [2, 7]
     rank(store, b, "ann", [[sixes, fives]])
     rank(store, b, "bob", [[fives, sixes]])
+    # An item of one text only (k=2, both "6") is one answer: nothing to agree on, no row.
+    one = store.create_batch("one", [{"prompt": "p", "answers": [{"text": "6"}, {"text": "6"}]}], k=2)
+    rank(store, one, "ann", [[[0, 1]]])
+    rank(store, one, "bob", [[[0, 1]]])
     r = agreement(store)
-    assert (r.comparisons, r.agreement) == (1, 0.0)
+    assert (r.items, r.comparisons, r.agreement) == (1, 1, 0.0)
     f = figures(store)
     assert f.overall.agreement == 0.0 and [it.agreement for it in f.items] == [0.0]
     # The reward model scoring "5" above "6" disagrees with ann once, not once per copy.

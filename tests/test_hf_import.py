@@ -184,13 +184,21 @@ def test_an_export_never_writes_over_a_run_a_checkpoint_a_project_or_another_fil
     (project / "workbench.toml").write_text("name = 'x'\n")
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
+    hub = tmp_path / "downloaded"       # a model in shards, as the Hub lays a large one out
+    hub.mkdir()
+    (hub / "config.json").write_text('{"model_type": "llama"}')
+    (hub / "model.safetensors.index.json").write_text("{}")
+    (hub / "model-00001-of-00002.safetensors").write_bytes(b"x")
+    before.update({p: p.read_bytes() for p in hub.iterdir()})
     for fmt, out, said in [("hf", run, "not a model folder"), ("hf", ckpt, "not a model folder"),
+                           ("hf", hub, "not a model folder"),
                            ("hf", project, "not a model folder"), ("hf", notes, "is a file"),
                            ("gguf", run, "is a folder"), ("gguf", run / "config.json", "not a GGUF file")]:
         with pytest.raises(ValueError, match=said):
             export(run, fmt, out)
         assert workbench(["export", str(run), "--format", fmt, "--out", str(out)]) == 2
-    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before and notes.read_text() == "mine"
+    assert {p: p.read_bytes() for p in [*run.rglob("*"), *hub.iterdir()] if p.is_file()} == before
+    assert notes.read_text() == "mine"
     # an earlier export is replaced: the same command twice
     for fmt, out in [("hf", tmp_path / "hf"), ("gguf", tmp_path / "m.gguf")]:
         assert export(run, fmt, out) == export(run, fmt, out)

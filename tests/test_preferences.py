@@ -287,3 +287,10 @@ def test_an_item_with_a_new_ranking_comes_whole_and_pairs_of_repeats_are_known(t
     # Pairs carry no repeat mark: a repeat's pairs come back as known, not as new rankings.
     res = import_preferences(store, tmp_path / "pairs.jsonl")
     assert res.existing and res.records == 0
+
+
+def test_an_import_is_not_the_session_someone_last_ranked_in(tmp_path, store):
+    b = store.create_batch("b", [{"prompt": "q", "answers": [{"text": "x"}, {"text": "y"}]}], k=2)
+    AnnotationSession(store, b, "alice").submit([[1], [2]])
+    import_preferences(store, write(tmp_path / "hh.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}]))
+    assert store.recent_session("human") == ("alice", b)     # where the Rank page and Compare resume

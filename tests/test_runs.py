@@ -153,6 +153,16 @@ def test_parents_indexed_by_an_earlier_rule_are_derived_again_on_opening(tmp_pat
     assert {r.name: r for r in store.sync()}["grpo-1"].parents == {"policy": "sft-1"}
     assert [r.name for r in store.children("reward-1")] == []
     store.close()
+    # A config gone or broken since says nothing new: the parents indexed from it stay.
+    for broken in ("{not json", None):
+        config = tmp_path / "runs" / "grpo-1" / "config.json"
+        config.unlink(missing_ok=True)
+        if broken:
+            config.write_text(broken)
+        store = RunStore(tmp_path)
+        assert {r.name: r for r in store.sync()}["grpo-1"].parents == {"policy": "sft-1"}
+        assert [r.name for r in store.children("sft-1")] == ["grpo-1"]
+        store.close()
 
 
 def test_event_tail_spreads_a_long_file_over_calls(tmp_path):

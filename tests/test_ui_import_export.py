@@ -77,7 +77,7 @@ def test_import_from_the_file_menu_fine_tune_it_and_export_from_the_runs_page(ma
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.No)
     stamp = (Path(dialog.path.text()) / "config.json").stat().st_mtime_ns
     qtbot.mouseClick(dialog.export_btn, Qt.MouseButton.LeftButton)
-    assert "holds an earlier export" in asked[-1] and "is kept as it was" in dialog.status.text()
+    assert "holds a model (an earlier export?)" in asked[-1] and "is kept as it was" in dialog.status.text()
     assert (Path(dialog.path.text()) / "config.json").stat().st_mtime_ns == stamp
     back = transformers.AutoModelForCausalLM.from_pretrained(dialog.path.text()).eval()
     art = load_artifact(sft_job.run_dir, prefer="latest")

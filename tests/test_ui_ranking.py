@@ -612,6 +612,10 @@ def test_copies_of_one_answer_are_ranked_together(qtbot, tmp_path):
         drag(qtbot, cards.card(three[1]), QPoint(20, cards.cards[0].geometry().top() + 2))
         assert set(cards.order()[:2]) == set(three)
         assert cards.order()[2] == four[0] and view.input.describe().endswith(f"> {four[0]}")
+        # The lower copy dragged to the bottom takes the other with it: the dragged card leads.
+        lower = cards.order()[1]
+        drag(qtbot, cards.card(lower), QPoint(20, cards.cards[-1].geometry().bottom() - 2))
+        assert cards.order()[0] == four[0] and set(cards.order()[1:]) == set(three)
         # Ctrl+Enter submits the cards' order: copies tie where the first of them lies.
         want = ids(view, by_text(view.page.cards.order()))
         assert len(want) == 2

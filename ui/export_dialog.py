@@ -98,7 +98,8 @@ class ExportDialog(QDialog):
                 self.status.setText(f"Not exported: {e}")
                 return
             if QMessageBox.question(self, "Replace the earlier export?",
-                                    f"{out} holds an earlier export. Replace it?",
+                                    f"{out} holds a model (an earlier export?): its weights, "
+                                    "config and tokenizer files would be replaced. Replace them?",
                                     QMessageBox.Yes | QMessageBox.No, QMessageBox.No) != QMessageBox.Yes:
                 self.status.setText(f"Not exported: {out} is kept as it was.")
                 return

@@ -165,6 +165,7 @@ class CardList(QWidget):
         self._layout.addStretch(1)
         self.cards: list[AnswerCard] = []
         self._before: list[int] = []
+        self.moved: int | None = None       # the card the last drag moved
 
     def set_answers(self, answers) -> None:
         """Replace the cards with `answers` (ShownAnswer: number, text, meta) in display order."""
@@ -214,6 +215,7 @@ class CardList(QWidget):
         card.setProperty("dragging", False)
         _repolish(card)
         if self.order() != self._before:
+            self.moved = card.number        # its copies follow it, wherever it went
             self.reordered.emit(self.order())
 
 

@@ -102,9 +102,14 @@ class RankInput:
         self.scores = dict(scores)
         self.fresh = True
 
-    def set_order(self, numbers: list[int]) -> None:
+    def set_order(self, numbers: list[int], moved: int | None = None) -> None:
         """A strict ordering from the cards' order after a drag; copies of one answer tie where
-        the first of them lies."""
+        the card just `moved` lies, the others where the first of them lies."""
+        if moved is not None:
+            mates = [n for n in self.copies[moved] if n != moved]
+            rest = [n for n in numbers if n not in mates]
+            at = rest.index(moved) + 1
+            numbers = rest[:at] + mates + rest[at:]
         self.groups = self._copies_together([[n] for n in numbers])
         self.tie = False
         self.fresh = True

@@ -469,7 +469,7 @@ class RankingView(QWidget):
         return self.submit()
 
     def _dragged(self, order: list[int]) -> None:
-        self.input.set_order(order)
+        self.input.set_order(order, moved=self.page.cards.moved)
         # Copies of the dragged answer tie with it: their cards go beside it, so the cards read
         # as the ranking that will be stored.
         self.page.cards.arrange(self.input.placed)

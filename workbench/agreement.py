@@ -120,7 +120,9 @@ def _folded(store: Store, batch_id: int, rankings: list[Ranking]) -> list[Rankin
         return rankings
     texts = {a.id: a.text for it in store.items(batch_id, sorted({r.item_id for r in rankings}))
              for a in it.answers}
-    return [replace(r, ordering=fold_copies(r.ordering, texts)) for r in rankings]
+    folded = [replace(r, ordering=fold_copies(r.ordering, texts)) for r in rankings]
+    # An item whose answers are all one text is one answer: nothing to agree or disagree on.
+    return [r for r in folded if sum(map(len, r.ordering)) >= 2]
 
 
 def agreement(store: Store, *, between: str = "annotators", batch_ids: Iterable[int] | None = None,
@@ -297,6 +299,7 @@ def figures(store: Store, *, batch_ids: Iterable[int] | None = None,
         twice = [r for rs in by_item.values() if len(rs) >= 2 for r in rs]
         for r in _folded(store, batch_id, twice):
             shared.setdefault(r.item_id, (batch_id, []))[1].append(r)
+    shared = {i: v for i, v in shared.items() if len(v[1]) >= 2}
     items = [{r.annotator: pair_relations(r.ordering) for r in rs} for _, rs in shared.values()]
     rows = _annotators(store, ids, include_simulated)
     for row in rows:

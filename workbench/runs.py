@@ -175,8 +175,12 @@ class RunStore:
                     events_offset=tail.offset), caught_up
 
     def _reparented(self, path: Path, row: dict) -> dict | None:
-        """The row with the parents its config names now, or None if they are the same."""
-        parents = json.dumps(parent_runs(row["stage"], _config_or_empty(path), path, self.runs_dir))
+        """The row with the parents its config names now, or None if they are the same (or the
+        config is missing or unreadable: the parents indexed from it before are kept)."""
+        config = _config_or_empty(path)
+        if not config:
+            return None
+        parents = json.dumps(parent_runs(row["stage"], config, path, self.runs_dir))
         return None if parents == row["parents"] else dict(row, parents=parents)
 
     def list(self, stage: str | None = None) -> list[RunInfo]:

@@ -386,10 +386,12 @@ class Store(RunIndexTable, PackTables):
         return json.loads(row[0]) if row else None
 
     def recent_session(self, kind: str = "human") -> tuple[str, int] | None:
-        """(annotator, batch id) of the session of this kind touched last."""
+        """(annotator, batch id) of the session of this kind touched last by someone ranking: an
+        imported file's session (named after the file) is nobody at the keyboard."""
         row = self.conn.execute(
             "SELECT a.name, s.batch_id FROM sessions s JOIN annotators a ON a.id = s.annotator_id "
-            "WHERE a.kind = ? ORDER BY s.updated_at DESC, s.id DESC LIMIT 1", (kind,)).fetchone()
+            "WHERE a.kind = ? AND json_extract(s.settings, '$.imported_from') IS NULL "
+            "ORDER BY s.updated_at DESC, s.id DESC LIMIT 1", (kind,)).fetchone()
         return (row[0], row[1]) if row else None
 
     def ranked_counts(self, batch_id: int | None = None) -> list[tuple[int, str, str, int]]:
