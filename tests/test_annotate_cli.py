@@ -111,7 +111,7 @@ def test_rank_with_labels_skip_and_undo_stores_exact_orderings(monkeypatch, caps
     assert "a score is a whole number from 1 to 7" in out
     assert "unknown command 'zz'" in out
     assert "answers 3, 4 not ranked" in out
-    assert "[3/3 ranked" in out and "3/3 ranked, all stored" in out
+    assert "[3 / 3 ranked" in out and "3 / 3 ranked, all stored" in out
     with Store.for_project(project) as store:
         a, b, c = store.item_ids(1)
         got = store.rankings(batch_id=1, include_withdrawn=True)
@@ -132,17 +132,17 @@ def test_rank_with_labels_skip_and_undo_stores_exact_orderings(monkeypatch, caps
 def test_quit_midway_then_resume(monkeypatch, capsys, project):
     rc, out, _ = wb(monkeypatch, capsys, "rank", "--project", project, "--batch", 1,
                     "--annotator", "bob", stdin="1 2 3 4\nq\nthis line is never read\n")
-    assert rc == 0 and "1/3 ranked, all stored; run the same command to continue" in out
+    assert rc == 0 and "1 / 3 ranked, all stored; run the same command to continue" in out
     with Store.for_project(project) as store:
         assert len(store.rankings(batch_id=1)) == 1
     # End of input is a quit too; the next run starts at the second item.
     rc, out, _ = wb(monkeypatch, capsys, "rank", "--project", project, "--batch", 1,
                     "--annotator", "bob", stdin="4 3 2 1\n")
-    assert rc == 0 and "resuming bob's session: 1/3 ranked" in out
+    assert rc == 0 and "resuming bob's session: 1 / 3 ranked" in out
     assert PROMPTS[1] in out and PROMPTS[0] not in out
     rc, out, _ = wb(monkeypatch, capsys, "rank", "--project", project, "--batch", 1,
                     "--annotator", "bob", stdin="1=2=3=4\n")
-    assert "3/3 ranked, all stored\n" in out
+    assert "3 / 3 ranked, all stored\n" in out
     with Store.for_project(project) as store:
         items = store.item_ids(1)
         got = store.rankings(batch_id=1)
@@ -304,7 +304,8 @@ def test_agreement_between_two_annotators_and_repeats(monkeypatch, capsys, proje
     # preference order as the first ranking, so erin agrees with herself fully.
     rc, out, _ = wb(monkeypatch, capsys, "rank", "--project", project, "--batch", 1, "--annotator",
                     "erin", "--repeats", "1", stdin="1 2 3 4\n" * 3)
-    assert "3/3 ranked" in out and "all stored" in out
+    # the three items; their three hidden repeats are still to come, and the count says so
+    assert "3 / 6 ranked (with 3 repeats), all stored; run the same command" in out
     for _ in range(3):
         with Store.for_project(project) as store:
             mine = store.rankings(batch_id=1)

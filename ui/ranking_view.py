@@ -418,11 +418,7 @@ class RankingView(QWidget):
         p = self.session.progress()
         self.page.bar.setRange(0, max(1, p.rankings_total))
         self.page.bar.setValue(p.rankings_done)
-        # Hidden repeats are counted here (the bar ends when they are done too), not in the batch
-        # list's "name done/items": say so, or 3,300 here and 3,000 there read as a contradiction.
-        text = f"{p.rankings_done} / {p.rankings_total} ranked"
-        if p.repeats_total:
-            text += f" (with {p.repeats_total} repeat{'s' if p.repeats_total != 1 else ''})"
+        text = p.ranked
         self.page.bar.setFormat(text)
         self.page.bar.setMinimumWidth(self.page.bar.fontMetrics().horizontalAdvance(text) + 24)
         self.page.bar.setToolTip(f"{p.total} items, and {p.repeats_total} of them shown a second "

@@ -167,7 +167,7 @@ class RankLoop:
         p = self.session.progress()
         pace = f", {p.mean_seconds:.1f} s per item" if p.mean_seconds is not None else ""
         skipped = f", {p.skipped} skipped" if p.skipped else ""
-        return f"[{p.done}/{p.total} ranked{skipped}{pace}]"
+        return f"[{p.ranked}{skipped}{pace}]"
 
     def load(self) -> None:
         """Fetch the current item; after undo its withdrawn labels become the pending ones,
@@ -228,7 +228,7 @@ class RankLoop:
     def run(self) -> int:
         p = self.session.progress()
         if p.done or p.skipped:
-            self.write(f"resuming {self.session.annotator.name}'s session: {p.done}/{p.total} ranked")
+            self.write(f"resuming {self.session.annotator.name}'s session: {p.ranked}")
         self.write("type ? for help")
         self.load()
         self.show()
@@ -272,7 +272,7 @@ class RankLoop:
                 self.write(f"  {e}")
         p = self.session.progress()
         left = "" if p.finished else "; run the same command to continue"
-        self.write(f"{p.done}/{p.total} ranked, all stored{left}")
+        self.write(f"{p.ranked}, all stored{left}")
         return 0
 
 

@@ -89,6 +89,16 @@ class Progress:
     def rankings_total(self) -> int:
         return self.total + self.repeats_total
 
+    @property
+    def ranked(self) -> str:
+        """'2 / 3300 ranked (with 300 repeats)': the count the app's bar and the terminal ranker
+        show. Hidden repeats are in it (it is full when they are done too), unlike the batch
+        list's items ranked, so it says how many there are."""
+        text = f"{self.rankings_done} / {self.rankings_total} ranked"
+        if self.repeats_total:
+            text += f" (with {self.repeats_total} repeat{'s' if self.repeats_total != 1 else ''})"
+        return text
+
 
 def parse_ordering(text: str) -> list[list[int]]:
     """An ordering typed on a keyboard: display numbers best first, '=' joins a tie.
