@@ -108,6 +108,9 @@ class ChatSession:
         self.dropped_turns = 0
         self.last_prompt_ids: list[int] = []
         self.stopped = False  # whether the last reply was cut short by stop()
+        # Why the last reply ended without its end token: "length" (max_new_tokens) or "context"
+        # (prompt and answer filled max_seq_len); None when it ended, or was stopped.
+        self.cut: Optional[str] = None
         self.last_seed: Optional[int] = None  # what the last reply drew with, to reproduce it
         self.stop_ids: Optional[tuple[int, ...]] = None   # what ends a reply; None: the tokenizer's
 
@@ -229,10 +232,14 @@ class ChatSession:
             if t not in stops:  # the closing token is not part of the answer's text
                 stream.push(t)
 
-        generate(self.model, prompt, s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                 top_p=s.top_p, repetition_penalty=s.repetition_penalty, seed=seed,
-                 stop_ids=stops, on_token=push, should_stop=self._stop.is_set)
+        new = generate(self.model, prompt, s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                       top_p=s.top_p, repetition_penalty=s.repetition_penalty, seed=seed,
+                       stop_ids=stops, on_token=push, should_stop=self._stop.is_set)
         self.stopped = self._stop.is_set()
+        ended = bool(new) and new[-1] in stops
+        self.cut = (None if ended or self.stopped else "length" if len(new) >= s.max_new_tokens
+                    else "context" if min(len(prompt), self.model.config.max_seq_len - 1) + len(new)
+                    >= self.model.config.max_seq_len else None)
         return stream.finish()
 
 

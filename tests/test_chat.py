@@ -380,3 +380,23 @@ def test_evaluation_replies_end_where_chat_replies_end():
     chat = ChatSession(m, tok, settings=SamplingSettings(temperature=0.0, max_new_tokens=8)).send("What is 5 + 7?")
     assert chat == "12"
     assert reply_batch(m, tok, ["What is 5 + 7?"], 8) == [("12", True)]
+
+
+def test_a_reply_says_why_it_ended_without_its_end_token(tok):
+    # A reply that runs to max_new_tokens is cut by length...
+    chat = endless(tok)
+    chat.settings.max_new_tokens = 5
+    chat.send("the quick brown fox")
+    assert chat.cut == "length"
+    # ...one with room left in max_new_tokens but none in the context, by the context...
+    chat = endless(tok)
+    chat.settings.max_new_tokens = 200
+    chat.complete("the lazy dog " * 8)
+    assert chat.cut == "context" and len(chat.last_prompt_ids) < chat.model.config.max_seq_len
+    # ...and one that ends with its end token, or is stopped, is not cut.
+    from engine.generate import generate
+    chat = endless(tok)
+    prompt = [tok.bos_id] + tok.encode("the quick brown fox jumps over")
+    chat.stop_ids = (generate(chat.model, prompt, 3, temperature=0.0)[2],)   # its third token
+    chat.complete("the quick brown fox jumps over")
+    assert chat.cut is None

@@ -566,3 +566,10 @@ def test_compare_votes_under_the_name_last_ranked_as_unless_one_is_typed(qtbot, 
     qtbot.keyClicks(view.annotator, "ada")
     view.show()
     assert view.annotator.text() == "ada"
+
+
+def test_a_reply_cut_by_max_new_tokens_says_so(qtbot, tmp_path, two_ckpts, cache):
+    view = make_chat(qtbot, tmp_path, two_ckpts, cache, max_new_tokens=2)
+    view.session.stop_ids = ()       # an untrained model may draw an end token at any step
+    reply = say(qtbot, view, "alpha beta")
+    assert reply.cut == "length" and "cut off at max new tokens" in view.stats.text()

@@ -370,6 +370,10 @@ class ChatView(QWidget):
         notes = [tokens(reply.n_tokens), f"{rate:.1f} tokens/s"]
         if reply.stopped:
             notes.append("stopped")
+        elif reply.cut == "length":
+            notes.append("cut off at max new tokens")
+        elif reply.cut == "context":
+            notes.append(f"cut off: the model's context ({reply.info['context']} tokens) is full")
         if pending is not None and pending.action != "complete" and reply.dropped_turns:
             notes.append(f"{reply.dropped_turns} oldest turn(s) left out: context full")
         self.stats.setText(" · ".join(notes))

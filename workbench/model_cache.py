@@ -188,6 +188,7 @@ class Reply:
     dropped_turns: int
     seed: Optional[int]
     info: dict
+    cut: Optional[str] = None       # ChatSession.cut: "length", "context" or None
 
 
 def model_info(loaded: Loaded) -> dict:
@@ -239,4 +240,4 @@ def run_reply(session: ChatSession, cache: ModelCache, path: Path, action: str, 
     finally:
         session.model = session.tok = None
     return Reply(out, session.stopped, n, time.perf_counter() - t0, session.dropped_turns,
-                 session.last_seed, info)
+                 session.last_seed, info, session.cut)
