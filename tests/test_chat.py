@@ -400,3 +400,11 @@ def test_a_reply_says_why_it_ended_without_its_end_token(tok):
     chat.stop_ids = (generate(chat.model, prompt, 3, temperature=0.0)[2],)   # its third token
     chat.complete("the quick brown fox jumps over")
     assert chat.cut is None
+
+
+def test_the_terminal_chat_says_a_reply_was_cut_off(tok):
+    chat = endless(tok)
+    chat.settings.max_new_tokens = 3
+    out = io.StringIO()
+    assert chat_loop(chat, read=scripted(["hello", "/quit"]), out=out) == 0
+    assert "[cut off at max new tokens]" in out.getvalue()

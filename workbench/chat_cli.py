@@ -92,7 +92,9 @@ def chat_loop(session: "ChatSession", *, completion: bool = False,
         write("... " if completion else "bot> ")
         with _StopOnCtrlC(session):
             fn(*args, on_token=write)
-        write(" [stopped]\n" if session.stopped else "\n")
+        cut = {"length": " [cut off at max new tokens]",
+               "context": f" [cut off: the context ({session.model.config.max_seq_len} tokens) is full]"}
+        write(" [stopped]\n" if session.stopped else cut.get(session.cut, "") + "\n")
         if not completion and session.dropped_turns:
             write(f"  (the {session.dropped_turns} oldest turn(s) no longer fit the context "
                   f"and were left out)\n")
