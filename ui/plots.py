@@ -26,10 +26,11 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QEvent, Qt, QTimer
 from PySide6.QtGui import QColor, QPalette
-from PySide6.QtWidgets import (QApplication, QComboBox, QFrame, QGridLayout, QHBoxLayout, QLabel, QScrollArea,
+from PySide6.QtWidgets import (QComboBox, QFrame, QHBoxLayout, QLabel, QScrollArea,
                                QVBoxLayout, QWidget)
 
 from ui.plot_figures import FIGURES, FigureTable
+from ui.plot_widgets import MIN_PLOT_HEIGHT, CountAxis, PaintClock, ScrollingGrid, TimedPlot
 from workbench.history import TOKENS, RunHistory, Series  # noqa: F401 - Series is re-exported
 from workbench.plot_specs import COLORS, PLOT_SPECS, PLOT_X  # noqa: F401 - re-exported
 
@@ -53,65 +54,6 @@ def _padded(v: float, step: bool) -> tuple[float, float]:
     return lo, hi
 
 
-def _short(v: float) -> str:
-    a = abs(v)
-    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if a >= div:
-            return f"{v / div:.3g}{suffix}"
-    return f"{v:g}"
-
-
-class _CountAxis(pg.AxisItem):
-    """Large values as 250k, 1.5M, 2B rather than pyqtgraph's '(x1e+06)' axis label."""
-
-    def __init__(self, orientation: str):
-        super().__init__(orientation)
-        self.enableAutoSIPrefix(False)
-
-    def tickStrings(self, values, scale, spacing):
-        if max((abs(v) for v in values), default=0.0) * scale < 1e4:
-            return super().tickStrings(values, scale, spacing)
-        return [_short(v * scale) for v in values]
-
-
-class _Clock:
-    """Seconds spent painting the grid's plots, summed until read."""
-    __slots__ = ("busy",)
-
-    def __init__(self):
-        self.busy = 0.0
-
-    def take(self) -> float:
-        busy, self.busy = self.busy, 0.0
-        return busy
-
-
-class _TimedPlot(pg.PlotWidget):
-    """A PlotWidget that adds the time of its repaints to a clock: the cost of a redraw is
-    mostly paid here, after redraw() has returned."""
-
-    def __init__(self, clock: _Clock, **kwargs):
-        super().__init__(**kwargs)
-        self._clock = clock
-
-    def paintEvent(self, event) -> None:
-        t = time.perf_counter()
-        super().paintEvent(event)
-        self._clock.busy += time.perf_counter() - t
-
-    def wheelEvent(self, event) -> None:
-        # Where the grid scrolls, the wheel scrolls it (the plots fill most of it, and a wheel
-        # that zoomed would also stop a live plot following its data); Ctrl+wheel zooms.
-        scroll = self.parent()
-        while scroll is not None and not isinstance(scroll, QScrollArea):
-            scroll = scroll.parent()
-        if (scroll is not None and scroll.verticalScrollBar().maximum() > 0
-                and not event.modifiers() & Qt.ControlModifier):
-            QApplication.sendEvent(scroll.verticalScrollBar(), event)
-            return
-        super().wheelEvent(event)
-
-
 @dataclass
 class _Cell:
     title: str
@@ -126,19 +68,6 @@ class _Cell:
     pinned: set = field(default_factory=set)        # axes given a range by _fit, not autorange
     ds: int = 1                                     # the downsampling factor set by _downsample
     x_key: Optional[str] = None                     # drawn against this metric (PLOT_X), not the step
-
-
-MIN_PLOT_HEIGHT = 150     # px: below this a plot's axis labels run into each other
-
-
-class _Grid(QGridLayout):
-    """The plots' grid, without height-for-width: a resizable scroll area gives a layout that has
-    one the height it asks for at the viewport's width, and wrapping legends pass it up from each
-    plot's preferred height, so every plot stood ~500 px tall. Without it the plots share the
-    viewport's height, down to MIN_PLOT_HEIGHT, and below that the grid scrolls."""
-
-    def hasHeightForWidth(self) -> bool:
-        return False
 
 
 class PlotGrid(QWidget):
@@ -156,7 +85,7 @@ class PlotGrid(QWidget):
         self._timer = QTimer(self)
         self._timer.setInterval(REDRAW_MS)
         self._timer.timeout.connect(self._tick)
-        self._clock = _Clock()
+        self._clock = PaintClock()
         self._redraw_s = 0.0
         self._next_cell = 0         # where a redraw limited to some plots goes on from
         self._round_s = 0.0         # seconds a round of one-plot redraws has cost so far
@@ -189,7 +118,7 @@ class PlotGrid(QWidget):
         bar.addStretch(2)
         bar.addWidget(QLabel("x axis"))
         bar.addWidget(self.x_axis_box)
-        grid = _Grid()
+        grid = ScrollingGrid()
         grid.setSpacing(6)
         cols = 2 if len(specs) in (2, 4) else 3
         for i, cell in enumerate(self._cells.values()):
@@ -568,7 +497,7 @@ class PlotGrid(QWidget):
     # ----- look
 
     def _make_cell(self, title: str, keys: list[str], against: Optional[tuple[str, str]] = None) -> _Cell:
-        w = _TimedPlot(self._clock, axisItems={"bottom": _CountAxis("bottom"), "left": _CountAxis("left")})
+        w = TimedPlot(self._clock, axisItems={"bottom": CountAxis("bottom"), "left": CountAxis("left")})
         w.setMinimumSize(200, 90)
         p = w.getPlotItem()
         # Downsampling is set from the data's length and the plot's width (_downsample), not
