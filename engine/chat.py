@@ -243,6 +243,12 @@ class ChatSession:
         return stream.finish()
 
 
+def cut_note(cut: Optional[str], context: int) -> str:
+    """Why a reply ended without its end token (ChatSession.cut), for a person; "" if it did not."""
+    return {"length": "cut off at max new tokens",
+            "context": f"cut off: the model's context ({context} tokens) is full"}.get(cut, "")
+
+
 def reply_batch(model: Transformer, tok: Tokenizer, prompts: list[str], max_new_tokens: int, *,
                 temperature: float = 0.0, seed: Optional[int] = None,
                 batch_size: int = 32) -> list[tuple[str, bool]]:

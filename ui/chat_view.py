@@ -23,7 +23,7 @@ from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import (QCheckBox, QHBoxLayout, QLabel, QPlainTextEdit, QSplitter, QTextBrowser,
                                QVBoxLayout, QWidget)
 
-from engine.chat import ChatSession
+from engine.chat import ChatSession, cut_note
 from ui.chat_widgets import (EMPTY_ANSWER, Banner, Checkpoints, CheckpointPicker, PromptEdit, button,
                              error_text, input_row, tokens)
 from ui.sampling_controls import SamplingControls
@@ -370,10 +370,8 @@ class ChatView(QWidget):
         notes = [tokens(reply.n_tokens), f"{rate:.1f} tokens/s"]
         if reply.stopped:
             notes.append("stopped")
-        elif reply.cut == "length":
-            notes.append("cut off at max new tokens")
-        elif reply.cut == "context":
-            notes.append(f"cut off: the model's context ({reply.info['context']} tokens) is full")
+        elif reply.cut:
+            notes.append(cut_note(reply.cut, reply.info["context"]))
         if pending is not None and pending.action != "complete" and reply.dropped_turns:
             notes.append(f"{reply.dropped_turns} oldest turn(s) left out: context full")
         self.stats.setText(" · ".join(notes))

@@ -15,14 +15,12 @@ from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import QDialog, QDialogButtonBox, QTextBrowser, QVBoxLayout, QWidget
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-# Help menu entries: (menu text, the README heading it opens at).
-SECTIONS = [("Quick start", "Quick start"), ("The app, page by page", "The app"),
-            ("The command line", "The command line"), ("Ranking from the command line", "Ranking from the command line"),
-            ("The stages", "The stages"), ("Data the workbench accepts", "Data the workbench accepts"),
-            ("Ranking as a class", "Ranking as a class"), ("Agreement that informs training", "Agreement that informs training"),
-            ("Preference data in other formats", "Preference data in other formats"),
-            ("Start from a Hugging Face model", "Start from a Hugging Face model"),
-            ("Your runs elsewhere", "Your runs elsewhere")]
+# Help menu entries: (menu text, the README heading it opens at); most are the heading itself.
+SECTIONS = [("Quick start", "Quick start"), ("The app, page by page", "The app")] + [
+    (heading, heading) for heading in (
+        "The command line", "Ranking from the command line", "The stages", "Data the workbench accepts",
+        "Ranking as a class", "Agreement that informs training", "Preference data in other formats",
+        "Start from a Hugging Face model", "Your runs elsewhere")]
 
 
 def page_key(i: int) -> str | None:

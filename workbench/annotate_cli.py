@@ -348,11 +348,9 @@ def cmd_import(args) -> int:
         print(f"every ranking in {args.file} ({res.already}) is already in the project, the first in "
               f"batch {batch.id} {batch.name!r}; nothing imported" if res.already else
               f"{args.file} was already imported as batch {batch.id} {batch.name!r}; nothing new")
-        if res.skipped:
-            print(str(InputError(res.skipped, "file; these records were left out")), file=sys.stderr)
-        return 0
-    print(f"imported {res.records} ranking(s) of {res.items} item(s) as batch {batch.id} "
-          f"{batch.name!r}" + (f"; left out {res.already} already in the project" if res.already else ""))
+    else:
+        print(f"imported {res.records} ranking(s) of {res.items} item(s) as batch {batch.id} "
+              f"{batch.name!r}" + (f"; left out {res.already} already in the project" if res.already else ""))
     if res.skipped:
         print(str(InputError(res.skipped, "file; these records were left out")), file=sys.stderr)
     return 0

@@ -82,6 +82,7 @@ class _StopOnCtrlC:
 def chat_loop(session: "ChatSession", *, completion: bool = False,
               read: Callable[[str], str] = typed_line, out=None) -> int:
     """The read-reply loop; `read` and `out` are parameters so tests can drive it in-process."""
+    from engine.chat import cut_note      # torch: this module is also imported without it
     out = out or sys.stdout
 
     def write(text: str) -> None:
@@ -92,9 +93,8 @@ def chat_loop(session: "ChatSession", *, completion: bool = False,
         write("... " if completion else "bot> ")
         with _StopOnCtrlC(session):
             fn(*args, on_token=write)
-        cut = {"length": " [cut off at max new tokens]",
-               "context": f" [cut off: the context ({session.model.config.max_seq_len} tokens) is full]"}
-        write(" [stopped]\n" if session.stopped else cut.get(session.cut, "") + "\n")
+        cut = cut_note(session.cut, session.model.config.max_seq_len)
+        write(" [stopped]\n" if session.stopped else f" [{cut}]\n" if cut else "\n")
         if not completion and session.dropped_turns:
             write(f"  (the {session.dropped_turns} oldest turn(s) no longer fit the context "
                   f"and were left out)\n")

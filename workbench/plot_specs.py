@@ -84,8 +84,6 @@ PLOT_X: dict[str, dict[str, tuple[str, str]]] = {
 COLORS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
           "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
 
-# One-off figures shown as a table instead of plots, for the stages that report a few numbers
-# once at the end: stage -> (title, metric key, format), in the order shown.
 def _chars_per_token(h) -> str:
     # Measured on the training text when the corpus is too small to hold any out (the log says).
     held = "tokenizer/heldout_chars" in h and (h.last("tokenizer/heldout_chars") or 0) > 0
@@ -93,8 +91,10 @@ def _chars_per_token(h) -> str:
             + ("(held-out text)" if held else "(training text: too little to hold some out)"))
 
 
-# A figure's form formats its metric's last value, or is a function of the run's history (for
-# a figure whose wording depends on another): figure_text says which.
+# One-off figures shown as a table instead of plots, for the stages that report a few numbers
+# once at the end: stage -> (title, metric key, form), in the order shown. A form formats the
+# metric's last value, or is a function of the run's history (a figure whose wording depends
+# on another): figure_text says which.
 FIGURES: dict[str, list[tuple[str, str, "str | Callable"]]] = {
     "tokenizer": [("Vocabulary size", "tokenizer/vocab_size", "{:,.0f} tokens"),
                   ("Characters per token", "tokenizer/chars_per_token", _chars_per_token),
@@ -103,6 +103,7 @@ FIGURES: dict[str, list[tuple[str, str, "str | Callable"]]] = {
     "sample": [("Answers that ended", "sample/finished_fraction", "{:.0%}"),
                ("Mean answer length", "sample/mean_tokens", "{:.1f} tokens")],
 }
+
 
 def figure_text(form, key: str, history) -> str:
     """One figure of FIGURES as shown, from a run's history that holds its key."""
