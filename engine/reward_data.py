@@ -6,8 +6,10 @@ One record per prompt, as JSONL (or JSONL.gz, engine.jsonl), in any of these for
     {"prompt": "...", "chosen": "a", "rejected": "b"}
     {"chosen": "\n\nHuman: ...\n\nAssistant: a", "rejected": "\n\nHuman: ...\n\nAssistant: b"}
 
-`ranking` lists groups of answer indexes from best to worst; answers in one group are tied. A
-prompt may also be a list of {role, content} messages (a multi-turn context). The last form is
+`ranking` lists groups of answer indexes from best to worst; answers in one group are tied.
+Answers of one text are one answer, kept where its best-placed copy lies: copies would give
+pairs of one text against itself, or the same pair twice. A prompt may also be a list of
+{role, content} messages (a multi-turn context). The last form is
 how public preference sets ship: the conversation the two share up to their last
 "\n\nAssistant:" is the prompt (several turns allowed), the two final turns are the answers;
 engine/transcripts.py is the one reading of it, which `workbench preferences import` uses too.
@@ -30,7 +32,7 @@ from engine.jsonl import read_jsonl
 from engine.runio import InputProblems
 from engine.sft_data import fit
 from engine.tokenizer import ROLES, Tokenizer
-from engine.transcripts import same_answer, split_transcripts
+from engine.transcripts import fold_copies, same_answer, split_transcripts
 
 Prompt = Union[str, list]
 
@@ -137,7 +139,22 @@ def parse_record(rec: Any, where: str, problems: list[str]) -> Ranking | None:
     if len(groups) < 2:
         problems.append(f"{where}: field 'ranking': all answers tied, so it holds no preference")
         return None
-    return Ranking(prompt, answers, groups, where)
+    return _one_answer_per_text(Ranking(prompt, answers, groups, where), problems)
+
+
+def _one_answer_per_text(r: Ranking, problems: list[str]) -> Ranking | None:
+    """`r` with each answer text once, where its best-placed copy lies (fold_copies)."""
+    if len(set(r.answers)) == len(r.answers):
+        return r
+    folded = fold_copies(r.groups, dict(enumerate(r.answers)))
+    if len(folded) < 2:
+        problems.append(f"{r.where}: field 'ranking': with copies of one answer text counted "
+                        "once, every answer is tied, so it holds no preference")
+        return None
+    keep = sorted(i for g in folded for i in g)
+    new = {old: n for n, old in enumerate(keep)}
+    return Ranking(r.prompt, [r.answers[i] for i in keep], [[new[i] for i in g] for g in folded],
+                   r.where)
 
 
 def read_rankings(paths: Iterable[str | os.PathLike]) -> list[Ranking]:

@@ -3,11 +3,14 @@
 A record is {"chosen": transcript, "rejected": transcript}: the conversation the two share up
 to their last "\\n\\nAssistant:" is the prompt (several turns allowed), the two final assistant
 turns are the answers. The reward stage (engine.reward_data) and `workbench preferences import`
-both read it through `split_transcripts`. No torch here: the import command loads this module.
+both read it through `split_transcripts`. Also here: answers of one text are one answer
+(`same_answer`, `fold_copies`), for training and for measuring agreement alike. No torch here:
+the import command and the app's agreement tab load this module.
 """
 from __future__ import annotations
 
 import re
+from typing import Mapping
 
 ASSISTANT = "\n\nAssistant:"
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
@@ -28,6 +31,28 @@ def same_answer(chosen: str, rejected: str) -> str | None:
     if chosen == rejected:
         return "'chosen' and 'rejected' are the same answer, so the pair holds no preference"
     return None
+
+
+def fold_copies(ordering: list[list[int]], text_of: Mapping[int, str]) -> list[list[int]]:
+    """The ordering (groups, best first) with the answers of one text as one answer: the lowest
+    id of that text, where its best-placed copy lies. A small model often samples one answer
+    several times; its copies tied give a pair twice, and copies placed apart give a pair of one
+    text against itself, which teaches nothing and reads as a coin toss in held-out accuracy."""
+    canon: dict[str, int] = {}
+    for aid in sorted(text_of):
+        canon.setdefault(text_of[aid], aid)
+    seen: set[int] = set()
+    out = []
+    for g in ordering:
+        group = []
+        for a in g:
+            c = canon.get(text_of.get(a), a)
+            if c not in seen:
+                seen.add(c)
+                group.append(c)
+        if group:
+            out.append(group)
+    return out
 
 
 def split_transcripts(chosen: str, rejected: str) -> tuple[list[dict], list[str]]:

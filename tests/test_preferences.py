@@ -246,6 +246,23 @@ def test_training_records_leave_out_repeats_all_ties_and_maybe_simulated(tmp_pat
            rankings_for_training(store, include_simulated=True)
 
 
+def test_copies_ranked_apart_by_an_older_project_train_as_one_answer(tmp_path, store):
+    # The app ties copies of one answer text; an older project placed them apart. Such a ranking
+    # reaches the reward model with each text once, and one of a single text not at all.
+    from engine.reward_data import read_rankings
+    b = store.create_batch("b", [
+        {"prompt": "p", "answers": [{"text": t} for t in ("6", "7", "6")]},
+        {"prompt": "q", "answers": [{"text": "6"}, {"text": "6"}]}], k=None)
+    session, _ = store.session(b, store.annotator("old").id)
+    for item, order in zip(store.items(b), ([0, 1, 2], [1, 0])):
+        ids = store.item(item.id).answer_ids
+        store.add_ranking(session, item.id, [[ids[i]] for i in order])
+    written = write_rm_dataset(store, tmp_path / "rankings.jsonl", include_simulated=False)
+    assert written == 1
+    (r,) = read_rankings([tmp_path / "rankings.jsonl"])
+    assert r.answers == ["6", "7"] and r.pairs() == [(0, 1)]
+
+
 def test_rankings_already_in_the_project_are_left_out_of_an_import(tmp_path, store):
     b = ranked_batch(store)
     before = len(store.rankings())

@@ -61,6 +61,27 @@ def test_bad_records_are_listed_with_file_line_and_field(tmp_path):
     assert "prefs.jsonl:1:" not in msg
 
 
+def test_copies_of_one_answer_text_count_once_where_the_best_copy_lies(tmp_path):
+    # A small model samples one answer several times. Copies placed apart (an older project, an
+    # imported file) gave the pair "6" > "6", copies tied gave "6" > "7" twice.
+    f = tmp_path / "prefs.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "p", "answers": ["6", "7", "6", "8"], "ranking": [[0], [1], [2], [3]]},
+        {"prompt": "q", "answers": ["6", "6", "7"], "ranking": [[0, 1], [2]]},
+        {"prompt": "r", "answers": ["a", "b"], "ranking": [[1], [0]]},
+    ]) + "\n")
+    apart, tied, plain = read_rankings([f])
+    assert apart.answers == ["6", "7", "8"] and apart.groups == [[0], [1], [2]]
+    assert sorted((apart.answers[w], apart.answers[l]) for w, l in apart.pairs()) == [
+        ("6", "7"), ("6", "8"), ("7", "8")]
+    assert tied.answers == ["6", "7"] and tied.pairs() == [(0, 1)]
+    assert plain.answers == ["a", "b"] and plain.groups == [[1], [0]]
+    # Where only copies are left apart, nothing is preferred: the file's line says so.
+    f.write_text(json.dumps({"prompt": "p", "answers": ["6", "7", "6"], "ranking": [[0, 1], [2]]}) + "\n")
+    with pytest.raises(PreferenceDataError, match=r"prefs.jsonl:1: field 'ranking': with copies"):
+        read_rankings([f])
+
+
 def test_collate_reads_each_answer_at_its_own_end():
     x, last = collate_answers([[1, 5, 6, 2], [1, 7, 2], [1, 2]], pad_id=0)
     assert x.shape == (3, 4) and last.tolist() == [3, 2, 1]
@@ -147,7 +168,10 @@ def test_reward_model_learns_the_preference_and_saves_norm_stats(sft_ckpt, tmp_p
     assert {"train/margin", "train/reward_mean", "train/reward_std"} <= set(train[-1])
     for _s, path in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints"):
         stats = json.loads((path / NORM_FILE).read_text())
-        assert stats["n_answers"] == sum(2 + i % 3 for i in range(60)) and stats["std"] > 0
+        # Every distinct answer once: one line's two "bad" answers happen to be one text.
+        assert stats["n_answers"] == sum(len(set(json.loads(line)["answers"])) for line in
+                                         (tmp_path / "prefs.jsonl").read_text().splitlines())
+        assert stats["n_answers"] < sum(2 + i % 3 for i in range(60)) and stats["std"] > 0
         assert isinstance(load_model(path / "model.safetensors"), ScalarModel)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["val/accuracy"] >= 0.9 and summary["reward_norm"]["n_answers"] > 0

@@ -394,32 +394,32 @@ def test_agreement_figures_and_rm_disagreements_lead_back_to_ranking(qtbot, view
 
 
 def test_import_and_export_buttons_without_modal_dialogs(qtbot, view, project, monkeypatch):
-    import ui.ranking_view as rv
+    import ui.ranking_files as rf
 
     start(qtbot, view)
     press(qtbot, view, ["2", "1", "3", Qt.Key_Return])
     told = []
-    monkeypatch.setattr(rv.QMessageBox, "information", lambda _p, _t, text: told.append(text))
+    monkeypatch.setattr(rf.QMessageBox, "information", lambda _p, _t, text: told.append(text))
 
-    class Export(rv.ExportDialog):
+    class Export(rf.ExportDialog):
         def exec(self):
             self.set_format("pairs")
             self.path.setText(str(project / "out" / "pairs.jsonl"))
             return 1
 
-    monkeypatch.setattr(rv, "ExportDialog", Export)
+    monkeypatch.setattr(rf, "ExportDialog", Export)
     view.export_clicked()
     assert "Wrote 6 record(s) from 1 ranking(s) (1 human, 0 simulated)" in told[-1]
     assert len((project / "out" / "pairs.jsonl").read_text().splitlines()) == 6
 
-    class ToParquet(rv.ExportDialog):      # the format list suggests the file ending it takes
+    class ToParquet(rf.ExportDialog):      # the format list suggests the file ending it takes
         def exec(self):
             self.set_format("hf")
             assert self.path.text().endswith("preferences-hf.parquet")
             self.path.setText(str(project / "out" / "prefs.parquet"))
             return 1
 
-    monkeypatch.setattr(rv, "ExportDialog", ToParquet)
+    monkeypatch.setattr(rf, "ExportDialog", ToParquet)
     view.export_clicked()
     assert "Wrote 6 record(s)" in told[-1] and (project / "out" / "prefs.parquet").stat().st_size
 
@@ -427,16 +427,16 @@ def test_import_and_export_buttons_without_modal_dialogs(qtbot, view, project, m
     pairs = [json.loads(line) for line in (project / "out" / "pairs.jsonl").read_text().splitlines()]
     bad.write_text("".join(json.dumps({k: v for k, v in p.items() if k != "annotator"}) + "\n"
                            for p in pairs) + "{oops\n")
-    monkeypatch.setattr(rv.QFileDialog, "getOpenFileName", lambda *a, **k: (str(bad), ""))
+    monkeypatch.setattr(rf.QFileDialog, "getOpenFileName", lambda *a, **k: (str(bad), ""))
     refused = []
-    monkeypatch.setattr(rv, "show_error", lambda _p, _t, e, go_on=None: refused.append(e) or True)
+    monkeypatch.setattr(rf, "show_error", lambda _p, _t, e, go_on=None: refused.append(e) or True)
     view.import_clicked()
     assert f"{bad}:7:" in str(refused[0])
     assert "Imported 6 ranking(s) of 6 item(s)" in told[-1] and "leaving out 1 bad" in told[-1]
     view.import_clicked()
     assert "imported before" in told[-1]
     # The project's own export brings nothing back: no ranking is trained on twice.
-    monkeypatch.setattr(rv.QFileDialog, "getOpenFileName",
+    monkeypatch.setattr(rf.QFileDialog, "getOpenFileName",
                         lambda *a, **k: (str(project / "out" / "pairs.jsonl"), ""))
     n, picked = len(stored(project)), view.start.selected_batch()
     view.import_clicked()

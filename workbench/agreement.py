@@ -20,7 +20,7 @@ by which a reversed preference disagrees four times as much as a tie against a p
 alpha is 1 for perfect agreement, about 0 for agreement at chance level, and None when it is
 undefined (no unit with two values, or every value the same, so no disagreement is expected).
 
-Answers of one text are one answer (agreement_items.fold_copies): a small model often samples
+Answers of one text are one answer (engine.transcripts.fold_copies): a small model often samples
 one answer several times, every ranking ties the copies, and their pairs would count as
 agreement between two people who agree on nothing else.
 
@@ -53,8 +53,9 @@ from dataclasses import dataclass, field, replace
 from itertools import combinations
 from typing import Callable, Hashable, Iterable, Sequence
 
+from engine.transcripts import fold_copies
 # pair_relations lives with the other one-item measures; callers import it from here too.
-from workbench.agreement_items import Tally, fold_copies, kendall_w, pair_relations, tally, tally_two
+from workbench.agreement_items import Tally, kendall_w, pair_relations, tally, tally_two
 from workbench.store import Batch, Ranking, Store
 
 METRICS: dict[str, Callable[[float, float], float]] = {

@@ -41,29 +41,10 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Mapping, Sequence
 
+from engine.transcripts import fold_copies
+
 Ordering = Sequence[Sequence[int]]
 AGGREGATES = ("each", "borda")
-
-
-def fold_copies(ordering: Ordering, text_of: Mapping[int, str]) -> list[list[int]]:
-    """The ordering with the answers of one text as one answer (the lowest id of that text, where
-    its best-placed copy lies). Copies are tied in every ranking, so their pairs would count as
-    agreement between two people who agree on nothing else."""
-    canon: dict[str, int] = {}
-    for aid in sorted(text_of):
-        canon.setdefault(text_of[aid], aid)
-    seen: set[int] = set()
-    out = []
-    for g in ordering:
-        group = []
-        for a in g:
-            c = canon.get(text_of.get(a), a)
-            if c not in seen:
-                seen.add(c)
-                group.append(c)
-        if group:
-            out.append(group)
-    return out
 
 
 def pair_relations(ordering: Ordering) -> dict[tuple[int, int], int]:

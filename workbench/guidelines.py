@@ -41,6 +41,9 @@ You see one prompt and several answers to it, numbered in a shuffled order. Put 
 Tie two answers only when you truly cannot prefer one: both right and equally clear, or both
 equally useless. A tie teaches the reward model nothing about that pair.
 
+A small model often writes one answer several times; each copy's card says "same answer as n".
+Copies are one answer: typing the number of one places them all, tied, and they count once.
+
 ## Flags and scores (optional)
 
 * **instruction**: does not do what the prompt asks

@@ -41,7 +41,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from engine.fsutil import atomic_write_text
 from engine.tokenizer import ROLES
-from engine.transcripts import same_answer, split_transcripts
+from engine.transcripts import fold_copies, same_answer, split_transcripts
 from workbench.store import (FLAGS, MAX_K, MIN_K, InputError, Item, RankingError, Ranking, Store,
                              check_ordering)
 
@@ -160,7 +160,8 @@ def rankings_for_training(store: Store, *, include_simulated: bool, include_huma
                           aggregate: str = "each") -> list[dict]:
     """The reward model's input: {prompt, answers, ranking} (+ messages for a multi-turn
     prompt) per ranking, repeats left out. A ranking that ties every answer teaches nothing
-    (it has no pair), so it is left out too.
+    (it has no pair), so it is left out too, as is one whose answers are all one text (the
+    engine counts copies once: engine.transcripts.fold_copies).
 
     Agreement options (workbench.agreement_items.for_training), over the rankings chosen here:
     `min_agreement` keeps only items whose rankings agree on at least that share of answer-pair
@@ -177,12 +178,12 @@ def rankings_for_training(store: Store, *, include_simulated: bool, include_huma
     for _, group in groupby(ranked, key=lambda pair: pair[0].id):
         pairs = list(group)
         item = pairs[0][0]
+        text_of = {a.id: a.text for a in item.answers}
         orderings = for_training([r.ordering for _, r in pairs], min_agreement=min_agreement,
-                                 keep_single=keep_single, aggregate=aggregate,
-                                 text_of={a.id: a.text for a in item.answers})
+                                 keep_single=keep_single, aggregate=aggregate, text_of=text_of)
         idx = {a.id: a.idx for a in item.answers}
         for ordering in orderings:
-            if len(ordering) > 1:
+            if len(fold_copies(ordering, text_of)) > 1:
                 out.append({**_prompt_fields(item), "answers": [a.text for a in item.answers],
                             "ranking": [sorted(idx[a] for a in g) for g in ordering]})
     return out

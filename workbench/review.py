@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from engine.transcripts import fold_copies
 from workbench.agreement import assigned_items
-from workbench.agreement_items import fold_copies, pair_relations
+from workbench.agreement_items import pair_relations
 from workbench.store import Batch, Store
 
 
