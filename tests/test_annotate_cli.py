@@ -211,11 +211,20 @@ def test_an_export_never_writes_over_the_project_and_an_unknown_batch_writes_not
         tmp_path, monkeypatch, capsys, project):
     wb(monkeypatch, capsys, "rank", "--project", project, "--batch", 1, "--annotator", "alice",
        stdin="1 2 3 4\n")
-    for out in (project / "workbench.db", project / "workbench.db-wal", project / "runs" / "x.jsonl"):
-        (project / "runs").mkdir(exist_ok=True)
+    (project / "runs").mkdir(exist_ok=True)
+    (project / "data").mkdir(exist_ok=True)
+    sft = project / "data" / "sft.jsonl"
+    sft.write_text('{"prompt": "p", "response": "r"}\n')
+    for out, why in ((project / "workbench.db", "is a project's own file"),
+                     (project / "workbench.db-wal", "is a project's own file"),
+                     (project / "runs" / "x.jsonl", "is inside the project's runs folder"),
+                     (sft, "would replace the project's data")):
         rc, _, err = wb(monkeypatch, capsys, "preferences", "export", "--project", project, "--out", out,
                         "--human-only")
-        assert rc == 2 and "is one of the project's own files" in err
+        assert rc == 2 and f"{out} {why}: write the export elsewhere" in err
+    assert sft.read_text() == '{"prompt": "p", "response": "r"}\n'
+    with Store.for_project(project) as store:
+        assert len(store.rankings()) == 1
     good = tmp_path / "good.jsonl"
     assert wb(monkeypatch, capsys, "preferences", "export", "--project", project, "--out", good,
               "--human-only")[0] == 0

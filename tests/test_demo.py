@@ -166,6 +166,26 @@ def test_cli_refuses_without_force(project, capsys):
         write_demo_project(project / "x", scale="huge")
 
 
+def test_a_folder_that_is_not_a_project_keeps_its_files(tmp_path, capsys):
+    from workbench.demo import WRITING
+    mine = tmp_path / "mine"
+    (mine / "data").mkdir(parents=True)
+    (mine / "data" / "sft.jsonl").write_text('{"prompt": "my", "response": "own"}\n')
+    assert _cli(["--project", str(mine), "--scale", "tiny", "--force"]) == 2
+    assert f"{mine / 'data' / 'sft.jsonl'} is already there and {mine} is not a workbench project" \
+        in capsys.readouterr().err
+    assert (mine / "data" / "sft.jsonl").read_text() == '{"prompt": "my", "response": "own"}\n'
+    assert not (mine / "workbench.toml").exists()
+    # A demo cut short (its marker, some files, no workbench.toml) is written again whole.
+    (mine / WRITING).touch()
+    write_demo_project(mine, scale="tiny")
+    assert (mine / "workbench.toml").is_file() and not (mine / WRITING).exists()
+    assert "my" not in (mine / "data" / "sft.jsonl").read_text()
+    (tmp_path / "afile").write_text("")
+    assert _cli(["--project", str(tmp_path / "afile"), "--scale", "tiny"]) == 2
+    assert "afile is a file, not a folder" in capsys.readouterr().err
+
+
 def test_cli_refuses_an_empty_project_path(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert _cli(["--project", "", "--scale", "tiny"]) == 2

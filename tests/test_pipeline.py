@@ -67,3 +67,40 @@ def test_a_bad_option_of_a_later_stage_is_refused_before_any_stage_runs(tmp_path
     assert workbench(["pipeline", "--demo", "--project", str(tmp_path / "p"), "--scale", "tiny", *option]) == 2
     assert said in capsys.readouterr().err
     assert not (tmp_path / "p" / "runs").exists()
+
+
+def test_a_stopped_pipeline_goes_on_with_resume_and_keeps_what_it_finished(tmp_path, monkeypatch, capsys):
+    from workbench import pipeline
+    from workbench.cli import main as workbench
+    from workbench.jobs import JobResult
+    from workbench.runfold import RunFold
+    monkeypatch.chdir(tmp_path)
+    real_run_job = pipeline.run_job
+
+    def stopped_in_pretrain(stage, run_dir, on_event=None):     # as Ctrl-C leaves it
+        if stage == "pretrain":
+            return JobResult(stage, run_dir, "stopped", None, 0, RunFold())
+        return real_run_job(stage, run_dir, on_event=on_event)
+
+    base = ["pipeline", "--demo", "--project", "p", "--scale", "tiny", "--vocab-size", "300",
+            "--steps", "12", "--sft-steps", "6", "--eval-tasks", "8", "--rank-prompts", "12", "--k", "3",
+            "--device", "cpu"]
+    monkeypatch.setattr(pipeline, "run_job", stopped_in_pretrain)
+    assert workbench(base + ["--until", "sft"]) == 0           # stopped on request: exit 0
+    assert "pretrain stopped with a checkpoint" in capsys.readouterr().err
+    runs = tmp_path / "p" / "runs"
+    (stopped,) = runs.glob("pretrain-*")
+    monkeypatch.setattr(pipeline, "run_job", real_run_job)
+    # Other settings than the stopped pipeline's are refused, before any work.
+    assert workbench(base[:9] + ["13"] + base[10:] + ["--resume"]) == 2
+    assert "--steps 12 then, 13 now" in capsys.readouterr().err
+    assert workbench(base + ["--until", "sft", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizer  done before" in out and f"resuming {stopped.name}" in out
+    assert sorted(p.name.split("-")[0] for p in runs.iterdir()) == ["pretrain", "sft", "tokenizer"]
+    assert "\nsft " in out[out.index("stage      run"):]
+    # A later --until goes on from the finished stages.
+    assert workbench(base + ["--until", "sample", "--resume"]) == 0
+    table = capsys.readouterr().out.split("stage      run")[1]
+    assert stopped.name in table and "\nsample " in table
+    assert sorted(p.name.split("-")[0] for p in runs.iterdir()) == ["pretrain", "sample", "sft", "tokenizer"]

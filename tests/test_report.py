@@ -144,6 +144,21 @@ def test_a_place_it_cannot_write_is_one_line_and_exit_1(project, tmp_path, capsy
     assert rc == 2 and err == f"error: --out {tmp_path} is a folder; give the .html file to write\n"
 
 
+def test_a_report_never_writes_over_a_project_or_a_run(project, capsys):
+    # The page goes anywhere a person asks but onto what a project or a run holds.
+    run_dir = project / "runs" / "pretrain-20250101-000100"
+    (project / "workbench.db").write_bytes(b"not yours to replace")
+    for out, why in ((project / "workbench.db", "is a project's own file"),
+                     (run_dir / "events.jsonl", f"is inside the run folder {run_dir}")):
+        before = out.read_bytes()
+        rc, _, err = report(capsys, run_dir, "--out", out)
+        assert rc == 2 and err == f"error: {out} {why}: write the report elsewhere\n"
+        assert out.read_bytes() == before
+    rc, _, _ = report(capsys, run_dir, "--out", run_dir / "mine.html")
+    assert rc == 0 and (run_dir / "mine.html").is_file()
+    (project / "workbench.db").unlink()
+
+
 def test_chart_ticks_gaps_and_downsampling():
     assert nice_ticks(0, 1) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     assert nice_ticks(3, 97) == [20, 40, 60, 80]

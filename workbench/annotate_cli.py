@@ -316,10 +316,6 @@ def cmd_export(args) -> int:
 
     if not args.out.parent.is_dir():
         raise CliError(f"folder {args.out.parent} does not exist (for --out {args.out})")
-    out, project = args.out.resolve(), args.project.resolve()
-    own = [project / n for n in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", "workbench.toml")]
-    if out in own or project / "runs" in out.parents:
-        raise CliError(f"--out {args.out} is one of the project's own files: write the export elsewhere")
     with open_store(args.project) as store:
         for b in args.batch or []:
             store.batch(b)        # an unknown id is refused before the file is written

@@ -176,7 +176,8 @@ def add_pipeline_parser(sub) -> None:
                                    "stage starts from the settings the app's panels start with (the "
                                    "demo's, from the stage catalogue); these options change them. All of "
                                    "them are checked before the first stage runs; Ctrl-C or SIGTERM stops "
-                                   "the running stage with a checkpoint.")
+                                   "the running stage with a checkpoint, and the same command with "
+                                   "--resume goes on from there.")
     p.add_argument("--demo", action="store_true", help="use (and if needed write) the demo project")
     p.add_argument("--project", type=Path, default=None,
                    help="project folder (default with --demo: ./demo-project)")
@@ -205,6 +206,11 @@ def add_pipeline_parser(sub) -> None:
     p.add_argument("--nproc", type=int, default=None,
                    help="processes (one per GPU) for pretrain, SFT and the reward model, with DDP "
                         "under torchrun; each trains batch-size samples, so the global batch grows")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from what the last pipeline in this project did (PROJECT/pipeline.json): "
+                        "its finished stages are kept, the stage it stopped in resumes from its "
+                        "checkpoint, and the rest run (a later --until or more --methods too); the "
+                        "other options must be the ones it ran with")
     p.add_argument("--table-out", type=Path, default=None, metavar="FILE",
                    help="also write the final table to FILE (docs/pipeline_table.py uses it)")
     p.set_defaults(func=cmd_pipeline)

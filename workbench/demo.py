@@ -46,6 +46,9 @@ MIN_DOC_CHARS = 16      # shorter docstrings ("Return self.") teach little
 SKIP_DIRS = {"test", "tests", "idle_test", "idlelib", "lib2to3", "site-packages",
              "dist-packages", "__pycache__", "__phello__"}
 
+# Present while the demo is being written: a folder holding it and no workbench.toml is a demo
+# cut short, whose files a new write may replace (any other files there are the user's).
+WRITING = ".demo-writing"
 FILES = {
     "docs": "data/corpus/python_docs.txt",
     "tasks": "data/corpus/tasks.txt",
@@ -268,14 +271,24 @@ def write_demo_project(project_dir, *, seed: int = 0, scale: str = "small",
                        overwrite: bool = False) -> dict:
     """Write the demo project into `project_dir`; returns a summary of what was written.
 
-    Raises FileExistsError if the folder already holds a workbench.toml (unless `overwrite`)."""
+    Raises FileExistsError if the folder already holds a workbench.toml (unless `overwrite`),
+    or, not being a project, holds a file the demo would write."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
     start = time.perf_counter()
     root = Path(project_dir)
-    if (root / "workbench.toml").exists() and not overwrite:
-        raise FileExistsError(f"{root} already holds a project (workbench.toml); "
-                              f"pass overwrite=True (--force) to replace its demo files")
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"{root} is a file, not a folder: name a new or empty folder")
+    if (root / "workbench.toml").exists():
+        if not overwrite:
+            raise FileExistsError(f"{root} already holds a project (workbench.toml); --force "
+                                  "replaces its demo files")
+    elif not (root / WRITING).exists():
+        # Not a project, nor a demo cut short: whatever is there is the user's.
+        theirs = [rel for rel in FILES.values() if (root / rel).exists()]
+        if theirs:
+            raise FileExistsError(f"{root / theirs[0]} is already there and {root} is not a "
+                                  "workbench project: name a new or empty folder for the demo")
     cfg = SCALES[scale]
 
     docs, n_docs = collect_python_docs(cfg["docs_bytes"], seed)
@@ -306,6 +319,8 @@ def write_demo_project(project_dir, *, seed: int = 0, scale: str = "small",
         FILES["readme"]: README.format(scale=scale, seed=seed, share=round(TASK_SHARE * 100)),
     }
     sizes = {}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / WRITING).touch()
     # workbench.toml last: its presence marks a complete project.
     for rel in sorted(contents, key=lambda r: r == "workbench.toml"):
         path = root / rel
@@ -313,6 +328,7 @@ def write_demo_project(project_dir, *, seed: int = 0, scale: str = "small",
         data = contents[rel].encode("utf-8")
         atomic_write_bytes(path, data)
         sizes[rel] = len(data)
+    (root / WRITING).unlink()
     return {
         "project": str(root), "scale": scale, "seed": seed, "files": sizes,
         "counts": {"docstrings": n_docs, "transcripts": len(transcripts), "sft": cfg["sft"],
@@ -330,7 +346,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how much data to write (default: small)")
     parser.add_argument("--seed", type=int, default=0, help="seed for every random choice")
     parser.add_argument("--force", action="store_true",
-                        help="write even if the folder already holds a workbench.toml")
+                        help="replace the demo files of a folder that already holds a project "
+                        "(workbench.toml); a folder that is not a project is never written over")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -341,8 +358,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         summary = write_demo_project(args.project, seed=args.seed, scale=args.scale,
                                      overwrite=args.force)
-    except (FileExistsError, RuntimeError, ValueError, OSError) as e:
+    except (FileExistsError, RuntimeError, ValueError) as e:
         print(f"workbench demo: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"workbench demo: cannot write {e.filename or args.project}: {e.strerror or e}",
+              file=sys.stderr)
         return 2
     print(f"Demo project written to {summary['project']} "
           f"(scale {summary['scale']}, seed {summary['seed']}, {summary['elapsed_s']} s):")

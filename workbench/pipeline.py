@@ -28,8 +28,9 @@ from workbench import demo, runfolder, stages
 from workbench.cli import refuse
 from workbench.jobs import JobResult, run_job
 from workbench.methods import methods
+from workbench.pipeline_journal import Journal, JournalError
 from workbench.project import NoDataEntry, Project, ProjectError
-from workbench.runfold import RunFold
+from workbench.runfold import RunFold, fold_run
 from workbench.store_types import StoreError
 
 # Pipeline options onto the settings they set: (stage, setting). The help shows the
@@ -116,16 +117,22 @@ class Row:
     run: str
     figure: str
     seconds: float
+    restored: bool = False      # finished by an earlier pipeline (--resume)
+
+
+class Stopped(Exception):
+    """A stage stopped on request (Ctrl-C, SIGTERM, its STOP file), with a checkpoint."""
 
 
 class Pipeline:
-    def __init__(self, project: Project, args):
-        self.project, self.args = project, args
+    def __init__(self, project: Project, args, journal: Journal):
+        self.project, self.args, self.journal = project, args, journal
         self.made: dict[str, Path] = {}         # stage -> the run folder this pipeline made
         self.results: dict[str, JobResult] = {}
         self.batch: Optional[int] = None
         self.rankings = 0
         self.rows: list[Row] = []
+        self.earlier_s = 0.0        # what a stage resumed here ran before it stopped
 
     def newest(self, parent: stages.Parent, method: bool = False) -> Optional[Path]:
         """The run this pipeline made last among the stages the input expects; an alignment
@@ -196,18 +203,52 @@ class Pipeline:
                 include_simulated=True, batch_ids=[self.batch] if self.batch else None,
                 min_agreement=getattr(self.args, "min_agreement", None),
                 aggregate="borda" if getattr(self.args, "borda", False) else "each")
-        run_dir = runfolder.new_run(self.project, stage, self.values(stage), rankings=rankings)
+        run_dir, before = self.journal.stopped_run(stage)
+        self.earlier_s += before
+        if run_dir is None:
+            run_dir = runfolder.new_run(self.project, stage, self.values(stage), rankings=rankings)
+        else:
+            print(f"  {stage:<10} resuming {run_dir.name}", flush=True)
         line = ProgressLine(stage)
         t0 = time.perf_counter()
         result = run_job(stage, run_dir, on_event=line)
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 + before     # a resumed stage's time is both parts
         line.finish(result.status, seconds, result.run_dir)
+        if result.status == "stopped":
+            self.journal.stopped(stage, run_dir, seconds)
+            raise Stopped(f"{stage} stopped with a checkpoint ({run_dir}); the same command with "
+                          "--resume goes on from there")
         if result.status != "completed":
             raise SystemExit(f"{stage} {result.status}: {result.error or 'stopped by request'}\n"
                              f"events: {run_dir / 'events.jsonl'}")
-        self.made[stage], self.results[stage] = run_dir, result
-        figure = FIGURES.get(stage, lambda p, r, s: "")(self, result, _summary(run_dir))
-        self.rows.append(Row(stage, run_dir.name, figure, seconds))
+        self.journal.done(stage, seconds, run=run_dir)
+        self._made(stage, result, seconds)
+
+    def _made(self, stage: str, result: JobResult, seconds: float, restored: bool = False) -> None:
+        self.made[stage], self.results[stage] = result.run_dir, result
+        figure = FIGURES.get(stage, lambda p, r, s: "")(self, result, _summary(result.run_dir))
+        self.rows.append(Row(stage, result.run_dir.name, figure, seconds, restored))
+
+    def restore(self) -> Optional[str]:
+        """Take up what the journal says an earlier pipeline finished (None), or say why not."""
+        for entry in self.journal.finished:
+            stage, seconds = entry["step"], float(entry.get("seconds", 0.0))
+            if stage == RANK:
+                self.batch, self.rankings = entry["batch"], entry["rankings"]
+                self.rows.append(Row(RANK, f"batch {self.batch}", _rank_figure(self.rankings), seconds, True))
+                continue
+            run_dir = self.project.path / "runs" / entry["run"]
+            fold = fold_run(run_dir) if (run_dir / "events.jsonl").is_file() else None
+            if fold is None or fold.status != "completed":
+                return (f"{self.journal.path}: the {stage} run {run_dir} it names is "
+                        f"{'gone' if fold is None else fold.status}; run the pipeline without --resume")
+            self._made(stage, JobResult(stage, run_dir, fold.status, fold.error, None, fold), seconds, True)
+        stage = (self.journal.stop or {}).get("step")
+        run_dir, _ = self.journal.stopped_run(stage) if stage else (None, 0.0)
+        if run_dir is not None and not (run_dir / runfolder.CONFIG).is_file():
+            return (f"{self.journal.path}: the stopped {stage} run {run_dir} is gone; run the "
+                    "pipeline without --resume")
+        return None
 
     def rank(self) -> None:
         from workbench.samples import import_sample_run
@@ -220,8 +261,8 @@ class Pipeline:
         s = time.perf_counter() - t0
         print(f"  {RANK:<10} {self.rankings} rankings by {DEFAULT_NAME} (simulated) in {format_duration(s)}",
               flush=True)
-        self.rows.append(Row(RANK, f"batch {self.batch}",
-                             f"{self.rankings} simulated rankings (correct, ended, then shorter)", s))
+        self.journal.done(RANK, s, batch=self.batch, rankings=self.rankings)
+        self.rows.append(Row(RANK, f"batch {self.batch}", _rank_figure(self.rankings), s))
 
     def evaluate(self) -> None:
         """Each alignment method's run against the SFT model it started from, on the same
@@ -264,6 +305,10 @@ class Pipeline:
         return "\n".join(lines)
 
 
+def _rank_figure(rankings: int) -> str:
+    return f"{rankings} simulated rankings (correct, ended, then shorter)"
+
+
 def _summary(run_dir: Path) -> dict:
     path = run_dir / "summary.json"
     try:
@@ -290,7 +335,7 @@ def _nan(m: dict, key: str) -> float:
 Figure = Callable[[Pipeline, JobResult, dict], str]
 # The table's key figure per stage (a stage without one shows none).
 FIGURES: dict[str, Figure] = {
-    "tokenizer": lambda p, r, s: (f"vocab {r.metrics().get('tokenizer/vocab_size')}, "
+    "tokenizer": lambda p, r, s: (f"vocab {_nan(r.metrics(), 'tokenizer/vocab_size'):.0f}, "
                                   f"{_nan(r.metrics(), 'tokenizer/chars_per_token'):.2f} chars/token"),
     "pretrain": lambda p, r, s: (f"val loss {_nan(r.metrics(), 'val/loss'):.3f} "
                                  f"(unigram baseline {_nan(r.metrics(), 'val/unigram_baseline'):.3f})"),
@@ -333,27 +378,47 @@ def run_pipeline(args) -> int:
         return refuse(f"--table-out: {table_out} is a folder; give the file to write the table to")
     if args.demo and not (project_dir / "workbench.toml").exists():
         print(f"writing the demo project to {project_dir} ...", flush=True)
-        demo.write_demo_project(project_dir, seed=args.seed, scale=args.scale)
+        try:
+            demo.write_demo_project(project_dir, seed=args.seed, scale=args.scale)
+        except FileExistsError as e:
+            return refuse(str(e))
     try:
         project = Project.open(project_dir)
     except ProjectError as e:
         return refuse(str(e))
     print(f"project {project.name} at {project.path}", flush=True)
-    pipe = Pipeline(project, args)
-    if problem := pipe.check(order[:order.index(args.until) + 1]):
+    try:
+        journal = (Journal.resume if getattr(args, "resume", False) else Journal.start)(project.path, args)
+    except JournalError as e:
+        return refuse(str(e))
+    pipe = Pipeline(project, args, journal)
+    todo = order[:order.index(args.until) + 1]
+    if problem := pipe.restore() or pipe.check(todo):
         return refuse(problem)
+    journal.save()
+    return _run_steps(pipe, todo, table_out)
+
+
+def _run_steps(pipe: Pipeline, todo: list[str], table_out: Optional[Path]) -> int:
     t_all = time.perf_counter()
     try:
-        for step in order[:order.index(args.until) + 1]:
-            if step == RANK:
+        for step in todo:
+            if step == RANK and pipe.journal.has_done(RANK) or step in pipe.made:
+                print(f"  {step:<10} done before ({pipe.rows[[r.stage for r in pipe.rows].index(step)].run})",
+                      flush=True)
+            elif step == RANK:
                 pipe.rank()
             elif step == EVALUATE:
                 pipe.evaluate()
             else:
                 pipe.run_stage(step)
+    except Stopped as e:
+        print(str(e), file=sys.stderr)
+        return 0
     except (ConfigError, ProjectError, StageError, StoreError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    table = pipe.table(time.perf_counter() - t_all)
+    earlier = pipe.earlier_s + sum(r.seconds for r in pipe.rows if r.restored)
+    table = pipe.table(time.perf_counter() - t_all + earlier)
     print()
     print(table)
     if table_out is not None:

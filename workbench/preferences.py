@@ -42,6 +42,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 from engine.fsutil import atomic_write_text
 from engine.tokenizer import ROLES
 from engine.transcripts import fold_copies, same_answer, split_transcripts
+from workbench.project import output_problem
 from workbench.store import (FLAGS, MAX_K, MIN_K, InputError, Item, RankingError, Ranking, Store,
                              check_ordering)
 
@@ -137,7 +138,11 @@ def export_rankings(store: Store, path: str | Path, *, include_simulated: bool,
                     batch_ids: Iterable[int] | None = None, include_repeats: bool = False) -> dict:
     """Write rankings as K-way records (fmt="kway"), pairs (fmt="pairs") or another tool's
     layout (workbench.pref_formats.FORMATS); returns counts:
-    {"records", "rankings", "human", "simulated"}."""
+    {"records", "rankings", "human", "simulated"}. A path that would replace the project's
+    database, settings, data or a run's files is refused (ValueError) before anything is read."""
+    why = output_problem(Path(path), store.path.parent)
+    if why:
+        raise ValueError(f"{path} {why}: write the export elsewhere")
     if fmt not in ("kway", "pairs"):
         from workbench.pref_formats import export     # it builds on this module
         return export(store, path, fmt=fmt, include_simulated=include_simulated,

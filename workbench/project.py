@@ -6,6 +6,10 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
+
+# What makes a folder a project, and the store beside it (workbench.store.DB_NAME, its WAL files).
+PROJECT_FILES = ("workbench.toml", "workbench.db", "workbench.db-wal", "workbench.db-shm")
 
 
 class ProjectError(ValueError):
@@ -38,6 +42,18 @@ class Project:
         except OSError as e:
             raise ProjectError(f"{toml}: cannot be read ({e.strerror or e})") from None
         return cls(path, settings)
+
+    def all_data_files(self) -> list[Path]:
+        """Every file [defaults.data] names (a folder counts as itself)."""
+        data = self.settings.get("defaults", {}).get("data", {})
+        keys = data if isinstance(data, dict) else {}
+        out = []
+        for key in keys:
+            try:
+                out += self.data_files(key)
+            except ProjectError:
+                pass
+        return out
 
     @property
     def name(self) -> str:
@@ -89,3 +105,36 @@ def create_project(path: Path, name: str) -> Project:
                     "# [defaults.data]\n# pretrain = [\"data/corpus\"]\n# sft = \"data/sft.jsonl\"\n"
                     "# prompts = \"data/prompts.txt\"\n", encoding="utf-8")
     return Project.open(path)
+
+
+def output_problem(out: Path, project_dir: Path | None = None, *,
+                   run_suffixes: Sequence[str] = ()) -> str | None:
+    """Why a file a command is about to write (an export, a report) would destroy what a project
+    or a run holds, or None: the project's settings or database, anything in a run folder (but
+    a file ending in one of `run_suffixes`: a report's own page), or an existing file of the
+    project's data. The project is `project_dir`, or the folder above `out` with a workbench.toml."""
+    out = Path(out).absolute()
+    if out.name in PROJECT_FILES:
+        return "is a project's own file"
+    own = bool(run_suffixes) and out.name.endswith(tuple(run_suffixes))
+    run = next((p for p in out.parents if (p / "events.jsonl").is_file()), None)
+    if run is not None and not own:
+        return f"is inside the run folder {run}"
+    project = (Path(project_dir).absolute() if project_dir is not None else
+               next((p for p in out.parents if (p / "workbench.toml").is_file()), None))
+    if project is None:
+        return None
+    if project / "runs" in out.parents and not own:
+        return "is inside the project's runs folder"
+    if out.exists() and _holds_project_data(project, out):
+        return "would replace the project's data"
+    return None
+
+
+def _holds_project_data(project: Path, out: Path) -> bool:
+    try:
+        named = Project.open(project).all_data_files()
+    except ProjectError:
+        named = []
+    resolved = out.resolve()
+    return project / "data" in out.parents or any(resolved == f or f in resolved.parents for f in named)

@@ -33,6 +33,7 @@ from engine.runio import format_duration
 from workbench import runfolder, stages
 from workbench.history import TOKENS, RunHistory
 from workbench.plot_specs import FIGURES, KEY_METRICS, PLOT_SPECS, PLOT_X, figure_text
+from workbench.project import output_problem
 from workbench.runfold import Follower, RunFold
 from workbench.runs import parent_runs
 from workbench.svg_plot import SMALL, Line, line_chart
@@ -456,9 +457,13 @@ def build_report(run_dir: Path) -> str:
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
-    """Write the report (default RUN/report.html) whole or not at all; returns where."""
+    """Write the report (default RUN/report.html) whole or not at all; returns where. A path
+    that would replace a project's or a run's own files is refused (ReportError)."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / REPORT_NAME
+    why = output_problem(out, run_suffixes=(".html",))
+    if why:
+        raise ReportError(f"{out} {why}: write the report elsewhere")
     text = build_report(run_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, text)
