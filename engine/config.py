@@ -105,16 +105,18 @@ def from_dict(cls: type[T], data: dict, prefix: str = "", source: str | None = N
     for key in data:
         if key not in names:
             raise ConfigError(prefix + key, f"unknown setting (known: {', '.join(sorted(names))})", source)
-    for name in _required(cls):
-        if name not in data:
-            raise ConfigError(prefix + name, "is required", source)
     kwargs = {}
     try:
+        # The values given are checked before what is missing: a typo in the setting just typed
+        # is the first thing to hear about.
         for key, value in data.items():
             if value is None and key in _required(cls) and type(None) not in typing.get_args(hints[key]):
                 # What --write-config leaves for a setting with no default: it must be filled in.
                 raise ConfigError(prefix + key, "is required (it is null)")
             kwargs[key] = _check_type(prefix + key, value, hints[key])
+        for name in _required(cls):
+            if name not in data:
+                raise ConfigError(prefix + name, "is required")
         obj = cls(**kwargs)
         validate = getattr(obj, "validate", None)
         if validate is not None:

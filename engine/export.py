@@ -44,9 +44,9 @@ def score_pad_id(tok) -> int:
         return tok.pad_id
     spare = sorted(i for i in tok.special_ids if i not in ends and i != tok.bos_id)
     if not spare:
-        raise ConfigError("format", "this reward model's tokenizer pads with its end-of-turn token and has "
-                                    "no other special token to pad with: transformers would read its score "
-                                    "one token before the end, so it cannot be exported as hf")
+        raise ExportError("this reward model's tokenizer pads with its end-of-turn token and has "
+                          "no other special token to pad with: transformers would read its score "
+                          "one token before the end, so it cannot be exported as hf")
     return spare[0]
 
 
@@ -102,7 +102,7 @@ def export_gguf(art: Loaded, out: Path, gguf_type: str = "f16") -> Path:
     from engine.gguf_export import write_gguf
 
     if isinstance(art.model, ScalarModel):
-        raise ConfigError("format", "a reward model has no GGUF form that llama.cpp runs: export it as hf")
+        raise ExportError("a reward model has no GGUF form that llama.cpp runs: export it as hf")
     tok = art.tokenizer
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -154,13 +154,20 @@ def _is_model_folder(folder: Path) -> bool:
     return isinstance(config, dict) and "model_type" in config
 
 
+class ExportError(ValueError):
+    """A checkpoint that cannot be exported as asked; the message names the run or the format."""
+
+
 def export(source: Path, fmt: str, out: Path, gguf_type: str = "f16") -> Path:
     if fmt not in FORMATS:
-        raise ConfigError("format", f"must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise ExportError(f"the format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if gguf_type not in GGUF_TYPES:
-        raise ConfigError("gguf_type", f"must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+        raise ExportError(f"the GGUF type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
     check_out(fmt, out)
-    art = load_artifact(source, field="checkpoint", prefer="latest")
+    try:
+        art = load_artifact(source, field="checkpoint", prefer="latest")
+    except ConfigError as e:        # it names the config field of a stage; here it is the RUN given
+        raise ExportError(e.message if str(source) in e.message else f"{source}: {e.message}") from None
     art.model.float()
     if fmt == "gguf":
         return export_gguf(art, out, gguf_type)     # one file, renamed into place when whole

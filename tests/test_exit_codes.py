@@ -41,10 +41,42 @@ def test_workbench_commands_refuse_with_2_on_stderr(tmp_path, capsys, argv, reas
     assert not (tmp_path / "p" / "runs").exists()
 
 
+def test_run_names_the_value_just_given_and_a_folder_of_another_stage(tmp_path, capsys):
+    # On a new folder the setting typed wrong comes first, before the ones still missing.
+    rc, _, err = workbench(capsys, "run", "sft", "--run-dir", tmp_path / "new", "--set", "max_steps=abc")
+    assert rc == 2 and "config field 'max_steps': expected an integer, got 'abc'" in err
+    assert not (tmp_path / "new" / "config.json").exists()
+    # Another stage's run folder is named for what it is, not for the first setting that differs.
+    sft = tmp_path / "runs" / "sft-20250101-000000"
+    sft.mkdir(parents=True)
+    (sft / "events.jsonl").write_text(json.dumps({"type": "start", "stage": "sft", "time": 0}) + "\n")
+    (sft / "config.json").write_text('{"init": "x"}')
+    for argv in (["--set", "lr=1"], []):
+        rc, _, err = workbench(capsys, "run", "dpo", "--run-dir", sft, *argv)
+        assert rc == 2 and f"{sft} holds a run of the sft stage, not of dpo: give dpo a new folder" in err
+    assert (sft / "config.json").read_text() == '{"init": "x"}'
+
+
+def test_a_refused_import_leaves_no_run_behind(tmp_path, capsys):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "workbench.toml").write_text('name = "p"\n')
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text('{"model_type": "gpt2"}')
+    rc, out, err = workbench(capsys, "import-model", tmp_path / "gpt2", "--project", tmp_path / "p",
+                             "--log-format", "json")
+    assert rc == 2 and "model_type 'gpt2'" in out + err and "nothing was imported" in err
+    assert list((tmp_path / "p" / "runs").iterdir()) == []
+
+
 @pytest.mark.parametrize("toml, reason", [
     (b'name = "p"\n\xff\xfe\n', "workbench.toml: not UTF-8 text (byte 11)"),
     (b'name = "p"\n[defaults.data]\npretrain = 5\n', "[defaults.data] 'pretrain' must be a path or a list of paths"),
     (b'name = "p"\n[defaults.data]\npretrain = "gone.txt"\n', "[defaults.data] 'pretrain' names "),
+    (b'name = "p"\n[defaults.data]\nsfft = "sft.jsonl"\n',
+     "workbench.toml: [defaults.data] has an unknown key 'sfft' (known: eval_tasks, pretrain, prompts, sft)"),
+    (b'name = "p"\n[defaults.modle]\npreset = "tiny"\n', "workbench.toml: unknown section [defaults.modle]"),
+    (b'name = "p"\n[defaults.tokenizer]\nvocab_size = "big"\n',
+     "workbench.toml: [defaults.tokenizer] vocab_size: expected an integer, got 'big'"),
 ])
 def test_a_broken_workbench_toml_is_one_line_before_any_stage(tmp_path, capsys, toml, reason):
     (tmp_path / "p").mkdir()

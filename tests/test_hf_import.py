@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 from engine import hf_import  # noqa: E402
 from engine.artifacts import load_artifact  # noqa: E402
 from engine.chat import ChatSession, SamplingSettings  # noqa: E402
-from engine.config import ConfigError, from_dict  # noqa: E402
+from engine.config import from_dict  # noqa: E402
 from engine.export import export  # noqa: E402
 from tests.hf_fixtures import save_model_folder  # noqa: E402
 from workbench.cli import main as workbench  # noqa: E402
@@ -204,6 +204,17 @@ def test_an_export_never_writes_over_a_run_a_checkpoint_a_project_or_another_fil
         assert export(run, fmt, out) == export(run, fmt, out)
 
 
+def test_an_export_refused_names_the_run_not_a_config_field(rm_ckpt, tmp_path, capsys):
+    tok_run = tmp_path / "tokenizer-x"
+    tok_run.mkdir()
+    assert workbench(["export", str(tok_run), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: no checkpoint found in {tok_run}\n"
+    assert workbench(["export", str(rm_ckpt), "--format", "gguf", "--out", str(tmp_path / "rm.gguf")]) == 2
+    assert capsys.readouterr().err == ("error: a reward model has no GGUF form that llama.cpp runs: "
+                                       "export it as hf\n")
+
+
 def test_a_reward_model_exports_as_a_sequence_classifier(rm_ckpt, tmp_path):
     out = export(rm_ckpt, "hf", tmp_path / "rm")
     art = load_artifact(rm_ckpt)
@@ -211,7 +222,7 @@ def test_a_reward_model_exports_as_a_sequence_classifier(rm_ckpt, tmp_path):
     x = torch.tensor([[1, 5, 9, 12, 2]])
     with torch.no_grad():
         torch.testing.assert_close(back(x).logits[0, 0], art.model.eval()(x)[0, -1], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ConfigError, match="no GGUF form"):
+    with pytest.raises(ValueError, match="^a reward model has no GGUF form"):
         export(rm_ckpt, "gguf", tmp_path / "rm.gguf")
 
 

@@ -31,6 +31,10 @@ def test_the_sft_run_most_methods_started_from_and_the_newest_run_of_each():
     assert {m: r.name for m, r in chosen.items()} == {"dpo": "dpo-5"} and judge.name == "reward-2"
     with pytest.raises(MethodsError, match="no completed method run starts from sft-9|no run named sft-9"):
         choose(runs, "sft-9")
+    # The run's folder names it too (a run of that name elsewhere does not).
+    assert choose(runs, str(Path("sft-2").absolute()))[0].name == "sft-2"
+    with pytest.raises(MethodsError, match="no run named /elsewhere/sft-2"):
+        choose(runs, "/elsewhere/sft-2")
     with pytest.raises(MethodsError, match="no completed PPO/DPO"):
         choose([info("sft-1"), info("ppo-1", "stopped", policy="sft-1")])
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -63,6 +64,10 @@ def cmd_run(args) -> int:
     cfg_path = run_dir / runfolder.CONFIG
     if run_dir.exists() and not run_dir.is_dir():
         return refuse(f"{run_dir} is a file, not a run folder")
+    held = runfolder.folder_stage(run_dir)
+    if held is not None and held != args.stage:
+        return refuse(f"{run_dir} holds a run of the {held} stage, not of {args.stage}: give "
+                      f"{args.stage} a new folder")
     try:
         changes = parse_set(args.set)
     except ValueError as e:
@@ -114,7 +119,11 @@ def cmd_import_model(args) -> int:
         return refuse(runfolder.config_error_line(e) + " (nothing was written)")
     print(f"run folder: {run_dir}")
     module = importlib.import_module(stages.spec("hf_import").module)
-    return module.main(["--run-dir", str(run_dir), "--log-format", args.log_format])
+    rc = module.main(["--run-dir", str(run_dir), "--log-format", args.log_format])
+    if rc == 2:     # refused before any work (a model it cannot read): the folder made above holds nothing
+        shutil.rmtree(run_dir, ignore_errors=True)
+        print(f"{run_dir} was removed: nothing was imported", file=sys.stderr)
+    return rc
 
 
 def add_import_parser(sub) -> None:

@@ -69,6 +69,9 @@ def choose(runs: list[RunInfo], sft: Optional[str] = None) -> tuple[RunInfo, dic
             raise MethodsError(f"no completed {'/'.join(m.upper() for m in methods())} run that starts from "
                                "an SFT run of this project: run one first (or `workbench pipeline --methods`)")
         sft = max(counts, key=lambda name: (len(counts[name]), name))
+    named = by_name.get(Path(sft).name)
+    if sft not in by_name and named is not None and Path(sft).resolve() == Path(named.path).resolve():
+        sft = named.name        # the run's folder, as chat, export and report take it
     if sft not in by_name:
         raise MethodsError(f"no run named {sft} in this project")
     chosen: dict[str, RunInfo] = {}
@@ -148,7 +151,8 @@ def table(result: dict) -> str:
 def add_arguments(p) -> None:
     p.add_argument("--project", type=Path, required=True, metavar="DIR", help="the project folder")
     p.add_argument("--sft", default=None, metavar="RUN",
-                   help="the SFT run the methods started from (default: the one most methods started from)")
+                   help="the SFT run the methods started from, by name or folder (default: the one most "
+                        "methods started from)")
     p.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS, metavar="N",
                    help=f"held-out tasks answered by each model (default {DEFAULT_PROMPTS})")
 

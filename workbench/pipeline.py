@@ -189,12 +189,22 @@ class Pipeline:
             try:
                 runfolder.build(stage, values)
             except ConfigError as e:
-                option = next((f"--{o.replace('_', '-')}" for o, (target, name) in OPTIONS.items()
-                               if target == stage and name == e.field and getattr(self.args, o, None) is not None),
-                              None)
-                option = option or next((f"--{n}" for n in COMMON if n == e.field), None)
-                return f"{option or f'the {stage} stage, setting {e.field!r}'}: {e.message}"
+                return f"{self._where(stage, e.field)}: {e.message}"
         return None
+
+    def _where(self, stage: str, field: str) -> str:
+        """Where a stage's setting came from, for a message: the option, workbench.toml, or
+        the stage's own settings."""
+        option = next((f"--{o.replace('_', '-')}" for o, (target, name) in OPTIONS.items()
+                       if target == stage and name == field and getattr(self.args, o, None) is not None),
+                      None)
+        option = option or next((f"--{n}" for n in COMMON if n == field), None)
+        if option:
+            return option
+        section, key = stages.spec(stage).project_defaults.get(field, (None, None))
+        if section and self.project.default(section, key) is not None:
+            return f"{self.project.path / 'workbench.toml'}: [defaults.{section}] {key}"
+        return f"the {stage} stage, setting {field!r}"
 
     def run_stage(self, stage: str) -> None:
         rankings = None

@@ -41,6 +41,8 @@ class Project:
             raise ProjectError(f"{toml}: not UTF-8 text (byte {e.start})") from None
         except OSError as e:
             raise ProjectError(f"{toml}: cannot be read ({e.strerror or e})") from None
+        if problem := unknown_setting(settings):
+            raise ProjectError(f"{toml}: {problem}")
         return cls(path, settings)
 
     def all_data_files(self) -> list[Path]:
@@ -138,3 +140,35 @@ def _holds_project_data(project: Path, out: Path) -> bool:
         named = []
     resolved = out.resolve()
     return project / "data" in out.parents or any(resolved == f or f in resolved.parents for f in named)
+
+
+def known_settings() -> dict[str, set[str]]:
+    """{[defaults.<section>]: its keys} that some stage reads (the catalogue says which)."""
+    from workbench.stages import STAGES     # the catalogue imports nothing of the project
+    known: dict[str, set[str]] = {"data": set()}
+    for s in STAGES:
+        for section, key in s.project_defaults.values():
+            known.setdefault(section, set()).add(key)
+        known["data"].update(d.project for d in s.data if d.project)
+    return known
+
+
+def unknown_setting(settings: dict) -> str | None:
+    """What in a workbench.toml no stage reads (a typo would otherwise be silently ignored)."""
+    top = sorted(set(settings) - {"name", "demo", "defaults"})
+    if top:
+        return f"unknown setting '{top[0]}' (known: name, [demo], [defaults.*])"
+    defaults = settings.get("defaults", {})
+    if not isinstance(defaults, dict):
+        return "[defaults] must be a table of sections"
+    known = known_settings()
+    for section, values in defaults.items():
+        if section not in known:
+            return f"unknown section [defaults.{section}] (known: {', '.join(sorted(known))})"
+        if not isinstance(values, dict):
+            return f"[defaults.{section}] must be a table"
+        bad = sorted(set(values) - known[section])
+        if bad:
+            return (f"[defaults.{section}] has an unknown key '{bad[0]}' "
+                    f"(known: {', '.join(sorted(known[section]))})")
+    return None

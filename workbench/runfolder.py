@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 from engine.config import ConfigError, from_dict, save_config
 from workbench.project import Project, ProjectError
-from workbench.stages import Parent, StageSpec, path_fields, spec
+from workbench.stages import Parent, StageSpec, path_fields, spec, stage_of_folder
 
 CONFIG = "config.json"
 RANKINGS = "rankings.jsonl"
@@ -218,6 +218,19 @@ def update_config(stage: str, run_dir: Path, changes: dict):
     """Merge `changes` into a folder's config.json (made if absent) and write it back checked."""
     values = {**read_config(run_dir), **changes}
     return write_config(stage, values, run_dir)
+
+
+def folder_stage(run_dir: Path) -> Optional[str]:
+    """The stage whose run a folder holds: its first event's, or for a folder with a config and
+    no events yet, the one its name starts with (runs/<stage>-<time>); None for a new folder."""
+    try:
+        with open(Path(run_dir) / "events.jsonl", "rb") as f:
+            first = json.loads(f.readline() or b"{}")
+        if isinstance(first, dict) and isinstance(first.get("stage"), str):
+            return first["stage"]
+    except (OSError, ValueError):
+        pass
+    return stage_of_folder(Path(run_dir).name) if (Path(run_dir) / CONFIG).is_file() else None
 
 
 def config_error_line(e: ConfigError, run_dir: Optional[Path] = None) -> str:
