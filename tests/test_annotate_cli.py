@@ -195,7 +195,7 @@ def test_export_pairs_and_import_them_into_another_project(tmp_path, monkeypatch
     assert rc == 0 and "already imported as batch 1" in out
     # Into the project it came from, it brings nothing back: those rankings are there.
     rc, out, _ = wb(monkeypatch, capsys, "preferences", "import", "--project", project, out_file)
-    assert rc == 0 and "every ranking in" in out and "(11) is already in the project" in out
+    assert rc == 0 and "every record in" in out and "(11 of 2 ranking(s)) is already" in out
     with Store.for_project(project) as store:
         assert len(store.batches()) == 1 and len(store.rankings()) == 2
     with Store.for_project(other) as store:
@@ -354,3 +354,85 @@ def test_terminal_ranking_shows_copies_and_one_number_per_answer_ranks_them(tmp_
         [r] = store.rankings()
         texts = {a.id: a.text for a in store.items(1)[0].answers}
         assert [sorted(texts[a] for a in g) for g in r.ordering] == [["4"], ["3", "3", "3"]]
+
+
+def test_a_session_resumed_with_other_settings_is_refused_in_the_commands_flags(
+        monkeypatch, capsys, project):
+    wb(monkeypatch, capsys, "rank", "--project", project, "--batch", 1, "--annotator", "alice",
+       stdin="q\n")
+    rc, out, err = wb(monkeypatch, capsys, "rank", "--project", project, "--batch", 1,
+                      "--annotator", "alice", "--repeats", 0.5, stdin="1 2 3 4\n")
+    assert (rc, out) == (2, "")
+    assert err == ("workbench rank: alice's session on batch 1 'sample-run' was started with "
+                   "--repeats 0; resume it with --repeats 0 or without --repeats\n")
+    assert wb(monkeypatch, capsys, "rank", "--project", project, "--batch", 1, "--simulated",
+              "--seed", 3)[0] == 0
+    rc, _, err = wb(monkeypatch, capsys, "rank", "--project", project, "--batch", 1,
+                    "--simulated", "--seed", 4)
+    assert rc == 2 and "was started with --seed 3; resume it with --seed 3 or without --seed" in err
+    assert "repeat_fraction" not in err and "None" not in err
+    assert wb(monkeypatch, capsys, "rank", "--project", project, "--batch", 1, "--simulated")[0] == 0
+
+
+def test_an_import_of_the_projects_own_pairs_counts_records_and_rankings(
+        tmp_path, monkeypatch, capsys, project):
+    wb(monkeypatch, capsys, "rank", "--project", project, "--batch", 1, "--annotator", "alice",
+       stdin="1 2 3 4\n1 2 3=4\n")
+    for fmt, line in (("pairs", "every record in {f} (11 of 2 ranking(s)) is already"),
+                      ("kway", "every ranking in {f} (2) is already")):
+        f = tmp_path / f"{fmt}.jsonl"
+        wb(monkeypatch, capsys, "preferences", "export", "--project", project, "--out", f,
+           "--format", fmt, "--human-only")
+        rc, out, _ = wb(monkeypatch, capsys, "preferences", "import", "--project", project, f)
+        assert rc == 0 and line.format(f=f) in out, out
+
+
+def test_an_export_makes_its_folder_and_names_a_file_in_the_way(tmp_path, monkeypatch, capsys,
+                                                                 project):
+    wb(monkeypatch, capsys, "rank", "--project", project, "--batch", 1, "--annotator", "alice",
+       stdin="1 2 3 4\n")
+    for fmt, name in (("kway", "x.jsonl"), ("label-studio", "x.json")):
+        out = tmp_path / "new" / fmt / name
+        rc, _, err = wb(monkeypatch, capsys, "preferences", "export", "--project", project,
+                        "--out", out, "--format", fmt, "--human-only")
+        assert rc == 0 and out.is_file(), err
+    (tmp_path / "afile").write_text("x")
+    rc, _, err = wb(monkeypatch, capsys, "preferences", "export", "--project", project,
+                    "--out", tmp_path / "afile" / "x.jsonl", "--human-only")
+    assert rc == 2 and err == (f"workbench preferences export: --out {tmp_path}/afile/x.jsonl: "
+                               f"{tmp_path}/afile is a file, not a folder\n")
+
+
+def test_agreement_with_a_simulated_annotator_does_not_call_its_ceiling_human(
+        monkeypatch, capsys, project):
+    wb(monkeypatch, capsys, "rank", "--project", project, "--batch", 1, "--annotator", "alice",
+       stdin="1 2 3 4\n")
+    wb(monkeypatch, capsys, "rank", "--project", project, "--batch", 1, "--simulated",
+       "--annotator", "robo")
+    rc, out, _ = wb(monkeypatch, capsys, "agreement", "--project", project)
+    assert rc == 0 and "human-human" not in out
+    assert "annotator-annotator ceiling (simulated annotators included) for a reward model" in out
+    ceiling = out[out.index("annotator-annotator ceiling"):]
+    assert any(line.split()[:4] in (["robo", "(simulated)", "~", "alice"],
+                                    ["alice", "~", "robo", "(simulated)"])
+               for line in ceiling.splitlines())
+    rc, out, _ = wb(monkeypatch, capsys, "agreement", "--project", project, "--human-only")
+    assert rc == 0 and "simulated" not in out
+
+
+def test_a_closed_pipe_ends_a_command_quietly(project):
+    """`workbench batches | head -1`: the reader has gone; no 'Broken pipe' line, exit 0."""
+    import os
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; from workbench import cli; sys.exit(cli.main(sys.argv[1:]))")
+    for buffered in ("1", ""):
+        r, w = os.pipe()
+        os.close(r)                                  # the reader is gone before the first line
+        env = dict(os.environ, PYTHONUNBUFFERED=buffered)
+        done = subprocess.run([sys.executable, "-c", code, "batches", "--project", str(project)],
+                              stdout=w, stderr=subprocess.PIPE, text=True, cwd=root, env=env,
+                              timeout=120)
+        os.close(w)
+        assert (done.returncode, done.stderr) == (0, ""), done.stderr

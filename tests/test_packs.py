@@ -269,3 +269,30 @@ def test_a_pack_handed_back_unranked_says_so_and_lists_its_annotator(tmp_path):
         assert res_ana.untouched and res_ana.line().endswith("nothing ranked in it yet, nothing merged")
         assert not res_bo.untouched and res_bo.added > 0 and "added" in res_bo.line()
         assert {a.name for a in store.annotators()} >= {"ana", "bo"}     # ana: 0 of N
+
+
+def test_an_out_folder_that_cannot_be_written_is_named_before_any_work(tmp_path, monkeypatch,
+                                                                        capsys):
+    """Not blamed on the project's database: one line naming --out and why, exit 2."""
+    import os
+    import shutil
+    from tests.test_annotate_cli import wb
+    project = make_project(tmp_path / "p")
+    (tmp_path / "afile").write_text("x")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if os.geteuid() == 0:       # root writes through permissions; an immutable folder stops it
+        if not shutil.which("chattr") or os.system(f"chattr +i {locked} 2>/dev/null"):
+            pytest.skip("needs chattr +i as root")
+    else:
+        locked.chmod(0o500)
+    try:
+        for out, why in ((tmp_path / "afile" / "sub", f"{tmp_path}/afile is a file, not a folder"),
+                         (locked, f"cannot write into {locked} ("),
+                         (locked / "new", f"cannot write into {locked} (")):
+            rc, _, err = wb(monkeypatch, capsys, "pack", "export", "--project", project, "--batch",
+                            1, "--annotators", "a,b", "--out", out)
+            assert rc == 2 and err.startswith(f"workbench pack export: --out {out}: {why}"), err
+            assert err.count("\n") == 1 and "workbench.db" not in err
+    finally:
+        os.system(f"chattr -i {locked} 2>/dev/null") if os.geteuid() == 0 else locked.chmod(0o700)

@@ -8,8 +8,7 @@ import pytest
 
 from tests.test_preferences import HH_MULTI, ranked_batch, read, write
 from workbench.annotation import AnnotationSession
-from workbench.pref_formats import rows
-from workbench.preferences import export_rankings, import_preferences, read_preferences
+from workbench.preferences import export_rankings, import_preferences, read_preferences, rows
 from workbench.store import InputError, Store
 
 LOST = ("flags", "scores", "note")      # labels only the workbench's own K-way form carries
@@ -206,8 +205,8 @@ def test_bad_fields_give_one_line_each_and_nothing_is_written(tmp_path, fresh):
                f"{msgs}:3: 'chosen' and 'rejected' differ before their last message (they must "
                "share the conversation up to the final answer)",
                f"{msgs}:4: field 'prompt' must end with a user turn (the answers reply to it)",
-               f"{msgs}:5: field 'prompt': message 0: field 'role' must be one of system, user, "
-               "assistant, got 'human'",
+               f"{msgs}:5: field 'prompt[0].role' must be one of system, user, assistant, got "
+               "'human'",
                f"{msgs}:6: 'chosen' and 'rejected' are the same answer, so the pair holds no preference",
                f"{msgs}:7: 'chosen' and 'rejected' are the same answer, so the pair holds no preference"],
         parquet: [f"{parquet}:row 2: field 'chosen' must be a string"],
@@ -333,3 +332,36 @@ def test_the_export_command_writes_every_format_and_refuses_a_wrong_suffix(
     assert (rc, said) == (2, "") and err == "workbench preferences export: argilla files end " \
                                             "in .json, not 'x.jsonl'\n"
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_missing_fields_are_named_with_file_and_record(tmp_path, fresh):
+    """An empty JSON list is not an empty file; a Label Studio task without 'data', and a
+    message without 'content', name the field (not a generic shape, not a Python type)."""
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]\n")
+    ls = tmp_path / "ls.json"
+    ls.write_text(json.dumps([{"id": 1, "annotations": [{"result": []}]},
+                              {"id": 2, "data": "q", "annotations": []}]))
+    msgs = write(tmp_path / "msgs.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}],
+         "prompt": "hi", "answers": ["a", "b"], "ranking": [[0], [1]]},
+        {"prompt": [{"role": "user", "content": None}], "chosen": "a", "rejected": "b"},
+        {"prompt": [{"content": "q"}], "chosen": "a", "rejected": "b"},
+        [],
+    ])
+    expected = {
+        empty: [f"{empty}: no preference records (the file holds an empty JSON list, [])"],
+        ls: [f"{ls}:record 1: field 'data': missing (a Label Studio task holds its prompt and "
+             "answers there)",
+             f"{ls}:record 2: field 'data': must be an object, got a string (a Label Studio "
+             "task holds its prompt and answers there)"],
+        msgs: [f"{msgs}:1: field 'messages[1].content': missing",
+               f"{msgs}:2: field 'prompt[0].content' must be a string, got null",
+               f"{msgs}:3: field 'prompt[0].role': missing",
+               f"{msgs}:4: expected a JSON object, got a list"],
+    }
+    for path, problems in expected.items():
+        with pytest.raises(InputError) as e:
+            import_preferences(fresh, path)
+        assert e.value.problems == problems, path
+    assert fresh.batches() == []

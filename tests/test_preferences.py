@@ -193,8 +193,7 @@ def test_bad_records_are_listed_with_file_and_line(tmp_path, store):
         "made_up_facts, harmful, other",
         f"{path}:9: field 'scores[0]' must be a whole number from 1 to 7 or null",
         f"{path}:9: field 'simulated' must be true or false",
-        f"{path}:10: field 'messages' must be a non-empty list of {{role, content}} with role one "
-        "of system, user, assistant",
+        f"{path}:10: field 'messages[0].content': missing",
         f"{path}:11: 'chosen' and 'rejected' are the same answer, so the pair holds no preference",
     ]
     assert store.batches() == []
@@ -266,13 +265,19 @@ def test_copies_ranked_apart_by_an_older_project_train_as_one_answer(tmp_path, s
 def test_rankings_already_in_the_project_are_left_out_of_an_import(tmp_path, store):
     b = ranked_batch(store)
     before = len(store.rankings())
-    export_rankings(store, tmp_path / "all.jsonl", include_simulated=True, include_repeats=True)
-    export_rankings(store, tmp_path / "pairs.jsonl", include_simulated=True, fmt="pairs")
+    made = {"all.jsonl": export_rankings(store, tmp_path / "all.jsonl", include_simulated=True,
+                                         include_repeats=True),
+            "pairs.jsonl": export_rankings(store, tmp_path / "pairs.jsonl", include_simulated=True,
+                                           fmt="pairs")}
     # The project's own export, K-way or as pairs, brings nothing new back: no batch, no ranking.
     for name in ("all.jsonl", "pairs.jsonl"):
         res = import_preferences(store, tmp_path / name)
         assert res.existing and res.records == 0 and res.batch_id == b
-        assert res.already == len(read(tmp_path / name))
+        # `already` counts the project's rankings, `already_records` the file's records: a
+        # pairs export holds several records per ranking.
+        assert res.already_records == len(read(tmp_path / name))
+        assert res.already == made[name]["rankings"]
+        assert (res.already < res.already_records) == (name == "pairs.jsonl")
         assert len(store.batches()) == 1 and len(store.rankings()) == before
     # A new ranking in an edited export brings its item, with the item's other rankings (to
     # agree with); the other items are counted and left out.

@@ -440,7 +440,7 @@ def test_import_and_export_buttons_without_modal_dialogs(qtbot, view, project, m
                         lambda *a, **k: (str(project / "out" / "pairs.jsonl"), ""))
     n, picked = len(stored(project)), view.start.selected_batch()
     view.import_clicked()
-    assert "Every ranking in this file (6) is already in the project" in told[-1]
+    assert "Every record in this file (6 of 1 ranking(s)) is already in the project" in told[-1]
     assert len(stored(project)) == n
     assert view.start.selected_batch() == picked != 1      # not moved to the rankings' batch
 

@@ -93,13 +93,6 @@ def _note(text: str) -> QLabel:
     return label
 
 
-def _ceiling_name(f) -> str:
-    """With a simulated annotator among those compared, the ceiling is no longer people's own."""
-    if any(a.simulated for a in f.annotators):
-        return "annotator-annotator ceiling (simulated annotators included)"
-    return "human-human ceiling"
-
-
 def _rerank_button() -> QPushButton:
     b = QPushButton("Re-rank")
     b.setToolTip("rank this item again in your session (your earlier ranking is kept as "
@@ -283,7 +276,7 @@ class AgreementView(QWidget):
         self.summary.setText(
             f"{len(f.annotators)} annotators · {o.items} items ranked by two or more · "
             f"agreement {_fmt(o.agreement, '{:.1%}')} · α {_fmt(o.alpha)} · Kendall's W "
-            f"{_fmt(f.kendall_w)} (mean over items) · {_ceiling_name(f)} "
+            f"{_fmt(f.kendall_w)} (mean over items) · {f.ceiling_name} "
             f"{_fmt(f.ceiling, '{:.1%}')} of {f.tally.strict_total} comparisons")
 
     def _show_annotators(self, f: Figures) -> None:
@@ -332,7 +325,7 @@ class AgreementView(QWidget):
 
     def _show_ceiling(self, f: Figures) -> None:
         rm = self.rm_accuracy
-        name = _ceiling_name(f)
+        name = f.ceiling_name
         self.ceiling.set_values(rm.accuracy if rm else None, f.ceiling, name[0].upper() + name[1:])
         where = (f"{rm.run}, on {rm.rankings} held-out rankings" if rm and rm.rankings is not None
                  else rm.run if rm else "")

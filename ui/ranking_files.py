@@ -14,13 +14,14 @@ from workbench.store import InputError
 
 def import_message(result: ImportResult, batch: str) -> str:
     """What an import did, for a person: new rankings, and what was left out and why."""
+    unit, n, of = result.held
     if result.existing:
         bad = (f" {len(result.skipped)} bad record(s) were left out." if result.skipped else "")
-        return (f"Every ranking in this file ({result.already}) is already in the project, the "
-                f"first in batch {batch!r}. Nothing was imported.{bad}" if result.already else
+        return (f"Every {unit} in this file ({n}{of}) is already in the project, the first in "
+                f"batch {batch!r}. Nothing was imported.{bad}" if result.already else
                 f"This file was imported before, as batch {batch!r}.")
     left = [f"{len(result.skipped)} bad record(s)"] if result.skipped else []
-    left += [f"{result.already} ranking(s) already in the project"] if result.already else []
+    left += [f"{n} {unit}(s){of} already in the project"] if result.already else []
     return (f"Imported {result.records} ranking(s) of {result.items} item(s) as batch {batch!r}"
             + (", leaving out " + " and ".join(left) if left else "") + ".")
 

@@ -204,6 +204,14 @@ class Figures:
         return self.tally.strict
 
     @property
+    def ceiling_name(self) -> str:
+        """What the ceiling is: with a simulated annotator among those compared it is no longer
+        people's own (the README's Agreement section: "named so")."""
+        if any(a.simulated for a in self.annotators):
+            return "annotator-annotator ceiling (simulated annotators included)"
+        return "human-human ceiling"
+
+    @property
     def kendall_w(self) -> float | None:
         """Mean Kendall's W over the items ranked by two or more (where it is defined)."""
         ws = [it.w for it in self.items if it.w is not None]

@@ -83,12 +83,13 @@ def disagreed(f: Figures, shown: int = SHOWN_ITEMS) -> list[str]:
 
 def ceiling(f: Figures, rm: RewardAccuracy | None) -> list[str]:
     t = f.tally
-    out = say(f"human-human ceiling for a reward model: where two annotators both preferred one "
+    simulated = {a.name for a in f.annotators if a.simulated}
+    out = say(f"{f.ceiling_name} for a reward model: where two annotators both preferred one "
               f"answer of a pair, they chose the same one in {fmt(t.strict, '{:.1%}')} of "
               f"{t.strict_total} comparisons")
     out += table(["", "both preferred", "same"],
-                 [[" ~ ".join(p.names), str(p.tally.strict_total), fmt(p.tally.strict, "{:.1%}")]
-                  for p in f.pairs])
+                 [[" ~ ".join(n + (" (simulated)" if n in simulated else "") for n in p.names),
+                   str(p.tally.strict_total), fmt(p.tally.strict, "{:.1%}")] for p in f.pairs])
     if rm is None:
         return out + say("no reward model run has finished yet: its held-out accuracy goes "
                          "beside the ceiling")

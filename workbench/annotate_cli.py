@@ -17,12 +17,14 @@ resumes in the app and the other way round.
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
-from workbench.annotation import answer_copies
+from workbench.annotation import SessionSettingsError, answer_copies
 from workbench.chat_cli import typed_line
 from workbench.store import DB_NAME, FLAGS, InputError, RankingError, Store, StoreError
 
@@ -66,7 +68,11 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     def run(args: argparse.Namespace) -> int:
         prog = " ".join(filter(None, ["workbench", args.command, getattr(args, "action", None)]))
         try:
-            return fn(args)
+            rc = fn(args)
+            sys.stdout.flush()      # a reader gone (`| head`) shows here, inside the guard
+            return rc
+        except BrokenPipeError:
+            return reader_gone()
         except (CliError, InputError, StoreError) as e:
             print(f"{prog}: {e}", file=sys.stderr)
         except UnicodeError as e:   # an argument in another encoding (lone surrogates)
@@ -74,13 +80,42 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
                   f"{e.object!r})", file=sys.stderr)
         except (KeyError, ValueError) as e:   # unknown batch, a name taken by the other kind
             print(f"{prog}: {e.args[0] if e.args else e}", file=sys.stderr)
-        except OSError as e:   # an unreadable file, an --out folder that does not exist
+        except OSError as e:   # an unreadable file, a folder --out cannot make
             where = f"{e.filename}: " if e.filename else ""
             print(f"{prog}: {where}{e.strerror or e}", file=sys.stderr)
         except sqlite3.Error as e:  # the store turns busy and full into StoreError; not these
             print(f"{prog}: {args.project / DB_NAME}: {e}", file=sys.stderr)
         return 2
     return run
+
+
+def reader_gone() -> int:
+    """stdout's reader has closed the pipe (`workbench batches | head -1`): stop quietly, as a
+    command whose output was taken as far as it was wanted (exit 0), and point stdout at
+    /dev/null so the interpreter's last flush does not complain on stderr."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):   # stdout replaced (tests) or closed
+        pass
+    return 0
+
+
+def out_folder_problem(folder: Path) -> str | None:
+    """Why files cannot be written into `folder` (made if missing), or None: its nearest
+    existing folder is tried with a file made and removed, so a read-only disk, a folder
+    without write permission or an immutable one is named before any work."""
+    near = next(p for p in [folder, *folder.parents] if p.exists() or p == p.parent)
+    if not near.is_dir():
+        return f"{near} is a file, not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".workbench-probe-", dir=near)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"cannot write into {near} ({e.strerror or e})"
+    return None
 
 
 # --- import-samples and batches -------------------------------------------------------------
@@ -284,6 +319,19 @@ def _block(label: str, text: str, width: int = 9) -> str:
     return "\n".join([f"{label:<{len(pad)}}{lines[0]}"] + [pad + line for line in lines[1:]])
 
 
+_FLAGS = {"repeat_fraction": "--repeats", "seed": "--seed"}
+
+
+def _settings_line(e: SessionSettingsError) -> str:
+    """A session resumed with another --repeats or --seed, in the command's own terms."""
+    flag = _FLAGS.get(e.setting)
+    if flag is None:
+        return str(e)
+    started = f"{flag} {e.started:g}"
+    return (f"{e.annotator}'s session on batch {e.batch.id} {e.batch.name!r} was started with "
+            f"{started}; resume it with {started} or without {flag}")
+
+
 def cmd_rank(args) -> int:
     from workbench.annotation import AnnotationSession
 
@@ -297,14 +345,20 @@ def cmd_rank(args) -> int:
             # "simulated", so its rankings are labelled and exports keep them apart.
             from workbench.simulated import DEFAULT_NAME, rank_batch
             name = args.annotator or DEFAULT_NAME
-            n = rank_batch(store, batch.id, name, seed=args.seed or 0)
+            try:
+                n = rank_batch(store, batch.id, name, seed=args.seed)   # None: as started
+            except SessionSettingsError as e:
+                raise CliError(_settings_line(e)) from None
             print(f"simulated annotator {name!r} ranked {n} item(s) of batch {batch.id} "
                   f"{batch.name!r} (labelled simulated; exports need --include-simulated)")
             return 0
         if not args.annotator:
             raise CliError("--annotator NAME is required (or --simulated)")
-        session = AnnotationSession(store, batch.id, args.annotator, seed=args.seed,
-                                    repeat_fraction=args.repeats, kind="human")
+        try:
+            session = AnnotationSession(store, batch.id, args.annotator, seed=args.seed,
+                                        repeat_fraction=args.repeats, kind="human")
+        except SessionSettingsError as e:
+            raise CliError(_settings_line(e)) from None
         print(f"batch {batch.id} {batch.name!r}, annotator {args.annotator!r}")
         return RankLoop(session).run()
 
@@ -314,8 +368,9 @@ def cmd_rank(args) -> int:
 def cmd_export(args) -> int:
     from workbench.preferences import export_rankings
 
-    if not args.out.parent.is_dir():
-        raise CliError(f"folder {args.out.parent} does not exist (for --out {args.out})")
+    problem = out_folder_problem(args.out.parent)
+    if problem:
+        raise CliError(f"--out {args.out}: {problem}")
     with open_store(args.project) as store:
         for b in args.batch or []:
             store.batch(b)        # an unknown id is refused before the file is written
@@ -330,6 +385,18 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _import_line(res, file: Path, batch) -> str:
+    """What an import did (ImportResult.held says what the records the project holds are)."""
+    at = f"batch {batch.id} {batch.name!r}"
+    unit, n, of = res.held
+    if res.existing and not res.already:
+        return f"{file} was already imported as {at}; nothing new"
+    if res.existing:
+        return f"every {unit} in {file} ({n}{of}) is already in the project, the first in {at}; nothing imported"
+    return (f"imported {res.records} ranking(s) of {res.items} item(s) as {at}"
+            + (f"; left out {n} {unit}(s){of} already in the project" if res.already else ""))
+
+
 def cmd_import(args) -> int:
     from workbench.preferences import import_preferences
 
@@ -340,13 +407,7 @@ def cmd_import(args) -> int:
                                  simulated=args.simulated, name=args.name,
                                  on_error="skip" if args.skip_bad else "raise")
         batch = store.batch(res.batch_id)
-    if res.existing:
-        print(f"every ranking in {args.file} ({res.already}) is already in the project, the first in "
-              f"batch {batch.id} {batch.name!r}; nothing imported" if res.already else
-              f"{args.file} was already imported as batch {batch.id} {batch.name!r}; nothing new")
-    else:
-        print(f"imported {res.records} ranking(s) of {res.items} item(s) as batch {batch.id} "
-              f"{batch.name!r}" + (f"; left out {res.already} already in the project" if res.already else ""))
+    print(_import_line(res, args.file, batch))
     if res.skipped:
         print(str(InputError(res.skipped, "file; these records were left out")), file=sys.stderr)
     return 0

@@ -161,6 +161,18 @@ def tie_copies(groups: list[list[int]], copies: Mapping[int, list[int]]) -> list
     return out
 
 
+class SessionSettingsError(ValueError):
+    """A session resumed with another `setting` (seed, repeat_fraction, repeat_gap) than it was
+    started with; the fields let a front end say it in its own terms (workbench rank's flags)."""
+
+    def __init__(self, annotator: str, batch, setting: str, started: Any, asked: Any):
+        self.annotator, self.batch, self.setting = annotator, batch, setting
+        self.started, self.asked = started, asked
+        super().__init__(f"{annotator}'s session on batch {batch.name!r} was started with "
+                         f"{setting}={started!r}; resume it with the same value or None, "
+                         f"not {asked!r}")
+
+
 class AnnotationSession:
     """One annotator ranking one batch. `annotator` is a name (created as `kind`, default
     human, if new) or an Annotator. `seed` and `repeat_fraction` are fixed when the session is
@@ -182,9 +194,7 @@ class AnnotationSession:
         self.settings = {**defaults, **stored}
         for k, v in asked.items():
             if v is not None and self.settings[k] != v:
-                raise ValueError(f"{self.annotator.name}'s session on batch {self.batch.name!r} was "
-                                 f"started with {k}={self.settings[k]!r}; resume it with the same "
-                                 f"value or None, not {v!r}")
+                raise SessionSettingsError(self.annotator.name, self.batch, k, self.settings[k], v)
         self._item_ids = store.item_ids(batch_id)
         self._position = {i: p for p, i in enumerate(self._item_ids)}
         n = len(self._item_ids)

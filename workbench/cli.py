@@ -344,7 +344,12 @@ def main(argv: list[str] | None = None, open_app=None) -> int:
         if problem or open_app is None:
             return refuse(problem or "the app is started by the `workbench` command")
         return int(open_app(pack_cli.open_args(args)) or 0)
-    return int(args.func(args) or 0)
+    try:
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()      # a reader gone (`| head`) shows here, not at the interpreter's exit
+        return rc
+    except BrokenPipeError:
+        return annotate_cli.reader_gone()
 
 
 if __name__ == "__main__":

@@ -10,14 +10,18 @@ import argparse
 from pathlib import Path
 
 from workbench import packs
-from workbench.annotate_cli import _guarded, _project, open_store
+from workbench.annotate_cli import CliError, _guarded, _project, open_store, out_folder_problem
 from workbench.pack_merge import merge_packs
 
 
 def cmd_export(args) -> int:
+    out = args.out or args.project / "packs"
+    problem = out_folder_problem(out)
+    if problem:       # before any work, and not blamed on the project's database
+        raise CliError(f"--out {out}: {problem}")
     with open_store(args.project) as store:
         paths = packs.export_packs(store, args.project, args.batch, args.annotators.split(","),
-                                   args.overlap, args.out or args.project / "packs",
+                                   args.overlap, out,
                                    repeat_fraction=args.repeats, seed=args.seed)
         for path in paths:
             with packs.open_pack(path) as pack:

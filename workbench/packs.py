@@ -187,25 +187,33 @@ def _write_pack(path: Path, info: PackInfo, batch: Batch, items: list[Item],
     for leftover in _sqlite_files(tmp):
         leftover.unlink(missing_ok=True)
     try:
-        with Store(tmp) as pack:
-            bid = pack.create_batch(info.batch, [_pack_item(it) for it in items], kind=batch.kind,
-                                    source_key=info.source, settings={"pack": asdict(info)},
-                                    k=batch.k)
-            who = pack.annotator(info.annotator, "human")
-            # "assigned": merged into the project's session, it makes the annotator's progress
-            # (workbench.agreement) count the items dealt to them, not the whole batch.
-            sid, _ = pack.session(bid, who.id, {"seed": seed, "repeat_fraction": repeat_fraction,
-                                                "repeat_gap": REPEAT_GAP, "assigned": len(items)})
-            rng = random.Random(f"workbench-pack-order/{info.id}")
-            with pack.transaction():
-                for item_id in pack.item_ids(bid):
-                    ids = pack.answer_ids(item_id)
-                    rng.shuffle(ids)
-                    pack.record_shown_order(sid, item_id, False, ids)
-        os.replace(tmp, path)    # closed above, so the WAL is folded in and removed
+        _fill_pack(tmp, info, batch, items, repeat_fraction, seed)
+        os.replace(tmp, path)    # closed by _fill_pack, so the WAL is folded in and removed
+    except (sqlite3.Error, OSError) as e:     # not the project's database: name the pack
+        raise PackError(f"{path}: cannot write the annotation pack "
+                        f"({getattr(e, 'strerror', None) or e})") from None
     finally:
         for leftover in _sqlite_files(tmp):
             leftover.unlink(missing_ok=True)
+
+
+def _fill_pack(tmp: Path, info: PackInfo, batch: Batch, items: list[Item],
+               repeat_fraction: float, seed: int) -> None:
+    with Store(tmp) as pack:
+        bid = pack.create_batch(info.batch, [_pack_item(it) for it in items], kind=batch.kind,
+                                source_key=info.source, settings={"pack": asdict(info)},
+                                k=batch.k)
+        who = pack.annotator(info.annotator, "human")
+        # "assigned": merged into the project's session, it makes the annotator's progress
+        # (workbench.agreement) count the items dealt to them, not the whole batch.
+        sid, _ = pack.session(bid, who.id, {"seed": seed, "repeat_fraction": repeat_fraction,
+                                            "repeat_gap": REPEAT_GAP, "assigned": len(items)})
+        rng = random.Random(f"workbench-pack-order/{info.id}")
+        with pack.transaction():
+            for item_id in pack.item_ids(bid):
+                ids = pack.answer_ids(item_id)
+                rng.shuffle(ids)
+                pack.record_shown_order(sid, item_id, False, ids)
 
 
 # --- opening a pack -------------------------------------------------------------------------

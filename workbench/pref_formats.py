@@ -1,7 +1,7 @@
 """Preference data in the layouts other tools read and write: Hugging Face preference sets (as
 TRL trains on them), Label Studio ranking projects and Argilla datasets; in JSON Lines, JSON
-arrays and Parquet. workbench.preferences reads every preference file through `rows` and
-`parse_any`, and hands the formats below to `export`.
+arrays and Parquet. workbench.preferences reads every preference file (its `rows`) and hands
+each record to `parse_any`, and the formats below to `export`.
 
     hf            {"prompt": str, "chosen": str, "rejected": str}, or "\\n\\nHuman: ..." transcripts
                   without a prompt: preferences' pairs, in .jsonl or .parquet
@@ -30,7 +30,6 @@ ignores; files their tools wrote name annotators by the tool's user id ("label-s
 """
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import uuid
@@ -39,11 +38,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from engine.fsutil import atomic_write_bytes, atomic_write_text
-from engine.jsonl import BOM, is_gzip, read_jsonl
-from engine.tokenizer import check_messages
 from engine.transcripts import same_answer
-from workbench.preferences import (Record, _index_groups, _ranked, _write_jsonl, pair_records,
-                                   parse_record)
+from workbench.preferences import (Record, _index_groups, _ranked, _write_jsonl, json_type,
+                                   message_problem, pair_records, parse_record)
 from workbench.store import MAX_K, MIN_K, Item, Ranking, Store
 
 FORMATS = ("hf", "hf-messages", "label-studio", "argilla")
@@ -56,81 +53,38 @@ ARGILLA_RECORD_KEYS = ("id", "status", "_server_id")     # flattened rows: not f
 _SPEAKER = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
 
-# --- reading files --------------------------------------------------------------------------
-
-def _suffix(path: Path) -> str:
-    return Path(path.stem).suffix.lower() if is_gzip(path) else path.suffix.lower()
-
-
-def rows(path: Path, problems: list[str]) -> Iterator[tuple[int | str, Any]]:
-    """(where, value) per record: JSON Lines by line number, a JSON array as "record N",
-    Parquet as "row N". Unreadable parts become problems, as in engine.jsonl."""
-    suffix = _suffix(path)
-    if suffix == ".parquet":
-        yield from _parquet_rows(path, problems)
-    elif suffix == ".json":
-        yield from _json_rows(path, problems)
-    else:
-        yield from read_jsonl(path, problems)
-
-
-def _json_rows(path: Path, problems: list[str]) -> Iterator[tuple[int | str, Any]]:
-    """A JSON array (Label Studio and Argilla export one), else JSON Lines: `datasets` writes
-    JSON Lines to a .json file."""
-    try:
-        with gzip.open(path, "rb") if is_gzip(path) else open(path, "rb") as f:
-            text = f.read().removeprefix(BOM).decode("utf-8")
-    except UnicodeDecodeError as e:
-        problems.append(f"{path}: invalid UTF-8 at byte offset {e.start} ({e.reason})")
-        return
-    except (OSError, EOFError) as e:
-        problems.append(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}")
-        return
-    if not text.lstrip().startswith("["):
-        yield from read_jsonl(path, problems)
-        return
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        problems.append(f"{path}:{e.lineno}: malformed JSON at column {e.colno}: {e.msg}")
-        return
-    yield from ((f"record {n}", rec) for n, rec in enumerate(value, 1))
-
-
-def _parquet_rows(path: Path, problems: list[str]) -> Iterator[tuple[str, Any]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        problems.append(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)")
-        return
-    n = 0
-    try:
-        # Batches, not the whole table: a public preference set can be larger than memory
-        # allows as Python objects.
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                n += 1
-                yield f"row {n}", row
-    except (OSError, ValueError) as e:    # ArrowInvalid is a ValueError, ArrowIOError an OSError
-        problems.append(f"{path}:row {n + 1}: not readable as Parquet: {e}")
-
-
 # --- one record -----------------------------------------------------------------------------
 
 def parse_any(rec: Any, where: int | str) -> tuple[list[Record], list[str]]:
     """The Records of one value of a file (a Label Studio task or an Argilla record holds one
     per annotator), or the reasons, each naming its field, that it holds none."""
     if isinstance(rec, dict) and not ("answers" in rec or "ranking" in rec):
-        if isinstance(rec.get("data"), dict) and ("annotations" in rec or "completions" in rec):
+        tool = _tool_record(rec)
+        if tool == "data":
             return _label_studio(rec, where)
-        if isinstance(rec.get("fields"), dict) and "responses" in rec:
+        if tool == "fields":
             return _argilla_nested(rec, where)
+        if tool:
+            return [], [tool]
         if any(k.endswith(".responses") for k in rec):
             return _argilla_flat(rec, where)
         if any(isinstance(rec.get(k), list) for k in ("prompt", "chosen", "rejected")):
             return _hf_messages(rec, where)
     record, problems = parse_record(rec, where)
     return ([record] if record else []), problems
+
+
+def _tool_record(rec: dict) -> str | None:
+    """"data" for a Label Studio task, "fields" for a nested Argilla record, the problem of one
+    whose field of the answers is missing or not an object, None for other records."""
+    key, tool = (("data", "Label Studio task") if "annotations" in rec or "completions" in rec
+                 else ("fields", "Argilla record") if "responses" in rec else (None, None))
+    if key is None or isinstance(rec.get(key), dict):
+        return key
+    if any(k in rec for k in ("prompt", "chosen", "rejected")):     # a pair with extra columns
+        return None
+    got = "missing" if key not in rec else f"must be an object, got {json_type(rec[key])}"
+    return f"field '{key}': {got} (a {tool} holds its prompt and answers there)"
 
 
 def _prompt_text(turns: list[dict]) -> str:
@@ -156,11 +110,11 @@ def _turns(v: Any, key: str, problems: list[str]) -> list[dict] | None:
     """Messages, or a string as one user message; None (and a problem) otherwise."""
     if isinstance(v, str):
         return [{"role": "user", "content": v}]
-    try:
-        return check_messages(v)
-    except ValueError as e:
-        problems.append(f"field '{key}': {e}")
+    why = message_problem(v, key)
+    if why:
+        problems.append(why)
         return None
+    return [{"role": m["role"], "content": m["content"]} for m in v]
 
 
 def _by_name(groups: list[list], names: list, what: str, among: str = "") -> list[list[int]]:
@@ -584,6 +538,7 @@ def export(store: Store, path: str | Path, *, fmt: str, include_simulated: bool,
     items = list(_by_item(store, batch_ids=batch_ids, include_simulated=include_simulated,
                           include_human=include_human, include_repeats=include_repeats))
     rankings = [r for _, rs in items for r in rs]
+    path.parent.mkdir(parents=True, exist_ok=True)
     if fmt in ("hf", "hf-messages"):
         rows = _hf_rows(items, fmt)
         if path.suffix.lower() == ".parquet":

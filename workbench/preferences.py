@@ -33,13 +33,15 @@ ranking comes whole (a new hidden repeat needs its first ranking, a new annotato
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 from engine.fsutil import atomic_write_text
+from engine.jsonl import BOM, is_gzip, read_jsonl
 from engine.tokenizer import ROLES
 from engine.transcripts import fold_copies, same_answer, split_transcripts
 from workbench.project import output_problem
@@ -70,8 +72,18 @@ class ImportResult:
     records: int
     items: int
     existing: bool = False                  # True: this file was imported before; nothing new
-    already: int = 0                        # records left out: those rankings are in the project
+    already: int = 0                        # the project's rankings the left-out records repeat
+    already_records: int = 0                # the file's records left out for that (a pairs file
+                                            # has several per ranking)
     skipped: list[str] = field(default_factory=list)   # problems of records left out (on_error="skip")
+
+    @property
+    def held(self) -> tuple[str, int, str]:
+        """What the file's left-out records are, as the CLI and the app say it: ("ranking", 3, "")
+        or, for a pairs file, ("record", 6, " of 1 ranking(s)")."""
+        if self.already_records != self.already:
+            return "record", self.already_records, f" of {self.already} ranking(s)"
+        return "ranking", self.already, ""
 
 
 # --- export ---------------------------------------------------------------------------------
@@ -139,7 +151,8 @@ def export_rankings(store: Store, path: str | Path, *, include_simulated: bool,
     """Write rankings as K-way records (fmt="kway"), pairs (fmt="pairs") or another tool's
     layout (workbench.pref_formats.FORMATS); returns counts:
     {"records", "rankings", "human", "simulated"}. A path that would replace the project's
-    database, settings, data or a run's files is refused (ValueError) before anything is read."""
+    database, settings, data or a run's files is refused (ValueError) before anything is read;
+    a folder of the path that does not exist yet is made."""
     why = output_problem(Path(path), store.path.parent)
     if why:
         raise ValueError(f"{path} {why}: write the export elsewhere")
@@ -155,6 +168,7 @@ def export_rankings(store: Store, path: str | Path, *, include_simulated: bool,
         records += [kway_record(item, r)] if fmt == "kway" else pair_records(item, r)
         counts["rankings"] += 1
         counts["simulated" if r.simulated else "human"] += 1
+    Path(path).parent.mkdir(parents=True, exist_ok=True)     # as `workbench report --out` does
     counts["records"] = _write_jsonl(path, records)
     return counts
 
@@ -236,14 +250,40 @@ def _text(rec: dict, key: str, problems: list[str], *, empty_ok: bool = False) -
     return v
 
 
+_JSON_TYPES = {type(None): "null", bool: "true or false", int: "a number", float: "a number",
+               str: "a string", list: "a list", dict: "an object"}
+
+
+def json_type(v) -> str:
+    """What a JSON value is, in JSON's words (null, a number), not Python's (NoneType, int)."""
+    return _JSON_TYPES.get(type(v), type(v).__name__)
+
+
+def message_problem(v, key: str) -> str | None:
+    """Why `v` (field `key`) is not a non-empty list of {role, content} messages, naming the
+    first bad field (`messages[1].content`), or None."""
+    if not isinstance(v, list) or not v:
+        return f"field '{key}' must be a non-empty list of {{role, content}} messages"
+    for i, m in enumerate(v):
+        at = f"{key}[{i}]"
+        if not isinstance(m, dict):
+            return f"field '{at}' must be an object with 'role' and 'content', got {json_type(m)}"
+        gone = [f for f in ("role", "content") if f not in m]
+        if gone:
+            return f"field '{at}.{gone[0]}': missing"
+        if m["role"] not in ROLES:
+            return f"field '{at}.role' must be one of {', '.join(ROLES)}, got {m['role']!r}"
+        if not isinstance(m["content"], str):
+            return f"field '{at}.content' must be a string, got {json_type(m['content'])}"
+    return None
+
+
 def _messages(v, problems: list[str]) -> list | None:
     if v is None:
         return None
-    if (not isinstance(v, list) or not v
-            or not all(isinstance(m, dict) and m.get("role") in ROLES
-                       and isinstance(m.get("content"), str) for m in v)):
-        problems.append("field 'messages' must be a non-empty list of {role, content} with role "
-                        f"one of {', '.join(ROLES)}")
+    why = message_problem(v, "messages")
+    if why:
+        problems.append(why)
         return None
     if v[-1]["role"] != "user":
         problems.append("field 'messages' must end with a user turn (the answers reply to it)")
@@ -287,7 +327,7 @@ def parse_record(rec, line: int) -> tuple[Record | None, list[str]]:
     """A Record, or None and the reasons (without FILE:LINE) it is not one."""
     problems: list[str] = []
     if not isinstance(rec, dict):
-        return None, [f"expected a JSON object, got {type(rec).__name__}"]
+        return None, [f"expected a JSON object, got {json_type(rec)}"]
     messages = _messages(rec.get("messages"), problems)
     if "ranking" in rec or "answers" in rec:
         prompt = _text(rec, "prompt", problems)
@@ -337,13 +377,74 @@ def parse_record(rec, line: int) -> tuple[Record | None, list[str]]:
                   note, repeat), []
 
 
+# --- reading files (any layout; pref_formats.parse_any reads their records) -----------------
+
+def _suffix(path: Path) -> str:
+    return Path(path.stem).suffix.lower() if is_gzip(path) else path.suffix.lower()
+
+
+def rows(path: Path, problems: list[str]) -> Iterator[tuple[int | str, Any]]:
+    """(where, value) per record: JSON Lines by line number, a JSON array as "record N",
+    Parquet as "row N". Unreadable parts become problems, as in engine.jsonl."""
+    suffix = _suffix(path)
+    if suffix == ".parquet":
+        yield from _parquet_rows(path, problems)
+    elif suffix == ".json":
+        yield from _json_rows(path, problems)
+    else:
+        yield from read_jsonl(path, problems)
+
+
+def _json_rows(path: Path, problems: list[str]) -> Iterator[tuple[int | str, Any]]:
+    """A JSON array (Label Studio and Argilla export one), else JSON Lines: `datasets` writes
+    JSON Lines to a .json file."""
+    try:
+        with gzip.open(path, "rb") if is_gzip(path) else open(path, "rb") as f:
+            text = f.read().removeprefix(BOM).decode("utf-8")
+    except UnicodeDecodeError as e:
+        problems.append(f"{path}: invalid UTF-8 at byte offset {e.start} ({e.reason})")
+        return
+    except (OSError, EOFError) as e:
+        problems.append(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}")
+        return
+    if not text.lstrip().startswith("["):
+        yield from read_jsonl(path, problems)
+        return
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        problems.append(f"{path}:{e.lineno}: malformed JSON at column {e.colno}: {e.msg}")
+        return
+    if not value:
+        problems.append(f"{path}: no preference records (the file holds an empty JSON list, [])")
+    yield from ((f"record {n}", rec) for n, rec in enumerate(value, 1))
+
+
+def _parquet_rows(path: Path, problems: list[str]) -> Iterator[tuple[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        problems.append(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)")
+        return
+    n = 0
+    try:
+        # Batches, not the whole table: a public preference set can be larger than memory
+        # allows as Python objects.
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                n += 1
+                yield f"row {n}", row
+    except (OSError, ValueError) as e:    # ArrowInvalid is a ValueError, ArrowIOError an OSError
+        problems.append(f"{path}:row {n + 1}: not readable as Parquet: {e}")
+
+
 def read_preferences(path: str | Path) -> tuple[list[Record], list[str]]:
     """(records, problems as `FILE:LINE: reason`) for a preference file in any accepted format;
     in a JSON array or a Parquet file LINE is "record N" or "row N"."""
     from workbench import pref_formats     # the file layouts; it builds on this module
     path = Path(path)
     records, problems, n = [], [], 0
-    for where, rec in pref_formats.rows(path, problems):
+    for where, rec in rows(path, problems):
         got, bad = pref_formats.parse_any(rec, where)
         problems += [f"{path}:{where}: {p}" for p in bad]
         records += got
@@ -401,41 +502,48 @@ def _signature(annotator: str, simulated: bool, prompt: str, messages, answers: 
             tuple(tuple(sorted(g)) for g in groups), repeat)
 
 
-def _known(store: Store, annotators: set[str]) -> dict[tuple, int]:
+def _known(store: Store, annotators: set[str]) -> dict[tuple, tuple[int, int]]:
     """The signature of every active ranking by these annotators, and of each (better, worse)
     pair it holds (an export as pairs comes back as two-answer records, none of them marked a
-    repeat), with its batch."""
-    out: dict[tuple, int] = {}
+    repeat), with its (batch, ranking id)."""
+    out: dict[tuple, tuple[int, int]] = {}
     for item, r in _ranked(store, batch_ids=None, include_simulated=True, include_repeats=True):
         if r.annotator not in annotators:
             continue
         texts = [a.text for a in item.answers]
         groups = _index_groups(item, r)
         out.setdefault(_signature(r.annotator, r.simulated, item.prompt, item.messages, texts, groups,
-                                  r.is_repeat), item.batch_id)
+                                  r.is_repeat), (item.batch_id, r.id))
         for pair in pair_records(item, r):
             out.setdefault(_signature(r.annotator, r.simulated, item.prompt, item.messages,
                                       (pair["chosen"], pair["rejected"]), [[0], [1]], False),
-                           item.batch_id)
+                           (item.batch_id, r.id))
     return out
 
 
+class _Held(NamedTuple):
+    records: int                # the file's records the project already holds
+    rankings: int               # the project's rankings those records repeat
+    batch: int | None           # the batch of the first of them
+
+
 def _new_items(store: Store, items: list[tuple[dict, list[Record]]]
-               ) -> tuple[list[tuple[dict, list[Record]]], int, int | None]:
-    """(the items with a ranking the project does not hold, how many rankings the others held,
-    the batch of the first of those). An item goes whole or not at all: a new hidden repeat needs
-    its first ranking beside it, and a new annotator's ranking the others' to agree with."""
+               ) -> tuple[list[tuple[dict, list[Record]]], _Held]:
+    """(the items with a ranking the project does not hold, what the others held). An item goes
+    whole or not at all: a new hidden repeat needs its first ranking beside it, and a new
+    annotator's ranking the others' to agree with."""
     known = _known(store, {r.annotator for _, recs in items for r in recs})
-    keep, already, first = [], 0, None
+    keep, records, held_ids, first = [], 0, set(), None
     for item, recs in items:
         held = [known.get(_signature(r.annotator, r.simulated, r.prompt, r.messages, r.answers,
                                      r.ranking, r.repeat)) for r in recs]
         if None in held:
             keep.append((item, recs))
         else:
-            already += len(recs)
-            first = held[0] if first is None else first
-    return keep, already, first
+            records += len(recs)
+            held_ids.update(ranking for _, ranking in held)
+            first = held[0][0] if first is None else first
+    return keep, _Held(records, len(held_ids), first)
 
 
 def import_preferences(store: Store, path: str | Path, *, annotator: str | None = None,
@@ -457,9 +565,10 @@ def import_preferences(store: Store, path: str | Path, *, annotator: str | None 
             return ImportResult(existing.id, len(records), existing.n_items, existing=True)
         kinds = {a.name: a.kind for a in store.annotators()}
         items = _group(records, path, annotator or path.name, simulated, kinds, problems)
-        items, already, first = _new_items(store, items)
-        if already and not items and not (problems and on_error == "raise"):
-            return ImportResult(first, 0, 0, existing=True, already=already, skipped=problems)
+        items, held = _new_items(store, items)
+        if held.records and not items and not (problems and on_error == "raise"):
+            return ImportResult(held.batch, 0, 0, existing=True, already=held.rankings,
+                                already_records=held.records, skipped=problems)
         if problems and (on_error == "raise" or not items):
             raise InputError(problems, f"preference file {path}")
         ks = {len(it["answers"]) for it, _ in items}
@@ -483,4 +592,5 @@ def import_preferences(store: Store, path: str | Path, *, annotator: str | None 
                     flags={ids[i]: f for i, f in enumerate(rec.flags or []) if f},
                     scores={ids[i]: s for i, s in enumerate(rec.scores or []) if s is not None})
                 n += 1
-    return ImportResult(batch_id, n, len(items), skipped=problems, already=already)
+    return ImportResult(batch_id, n, len(items), skipped=problems, already=held.rankings,
+                        already_records=held.records)
