@@ -73,6 +73,8 @@ def list_corpus_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
                  if q.suffix.lower() in EXTENSIONS and q.is_file()
                  and not any(part.startswith(".") for part in q.relative_to(p).parts)),
                 key=lambda q: q.relative_to(p).as_posix())
+            if not found:   # listed beside others, it would add nothing without a word
+                raise CorpusError(f"{p}: no .txt or .jsonl files found in this folder")
             candidates = found
         elif p.suffix.lower() in EXTENSIONS:
             candidates = [p]

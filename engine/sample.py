@@ -63,7 +63,8 @@ def read_prompts(paths: list[str | os.PathLike]) -> list[str]:
             continue
         prompts.extend(line.strip() for line in lines if line.strip())
     if not prompts and not problems:
-        problems.append(f"{', '.join(map(str, paths))}: no prompts")
+        problems.append(f"{', '.join(map(str, paths))}: no prompts" if paths else
+                        "no prompt file given: choose a .txt (one prompt a line) or .jsonl of prompts")
     if problems:
         raise PromptFileError(problems)
     return prompts

@@ -46,6 +46,10 @@ def test_list_errors(tmp_path):
     write(tmp_path / "empty" / "notes.md", "x")
     with pytest.raises(CorpusError, match="no .txt or .jsonl files"):
         list_corpus_files([tmp_path / "empty"])
+    # Listed beside a folder that has some, it is still named: it adds nothing.
+    write(tmp_path / "good" / "a.txt", "text")
+    with pytest.raises(CorpusError, match=re.escape(f"{tmp_path / 'empty'}: no .txt or .jsonl files")):
+        list_corpus_files([tmp_path / "good", tmp_path / "empty"])
     with pytest.raises(CorpusError):
         list_corpus_files([])
     assert issubclass(CorpusError, StageError)

@@ -98,3 +98,10 @@ def test_bad_prompts_and_settings_are_named(tmp_path):
         with pytest.raises(ConfigError) as e:
             from_dict(SampleConfig, {"checkpoint": "c", "prompts": ["p.txt"], **bad_cfg})
         assert e.value.field == field
+
+
+def test_no_prompt_file_is_said_in_words():
+    from engine.sample import PromptFileError, read_prompts
+    with pytest.raises(PromptFileError) as e:
+        read_prompts([])
+    assert e.value.problems == ["no prompt file given: choose a .txt (one prompt a line) or .jsonl of prompts"]

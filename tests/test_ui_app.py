@@ -53,6 +53,22 @@ def test_an_open_project_is_frozen_from_the_collector_and_thawed_on_close(qtbot,
     assert gc.get_freeze_count() == 0          # dropped pages can be collected again
 
 
+def test_new_project_on_a_project_offers_to_open_it_and_asks_no_name(qtbot, project, make_window,
+                                                                      monkeypatch, tmp_path):
+    from PySide6.QtWidgets import QFileDialog, QInputDialog, QMessageBox
+    w = make_window(project)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "workbench.toml").write_text('name = "Other"\n')
+    asked = []
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(other))
+    monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: pytest.fail("a name asked for"))
+    monkeypatch.setattr(QMessageBox, "question", lambda _p, _t, text, *a: asked.append(text) or QMessageBox.Yes)
+    w.new_project()
+    assert asked == [f"{other} already holds a project. Open it?"]
+    assert w.ctx.project.path == other.absolute()
+
+
 def test_a_run_saved_before_a_setting_existed_opens_with_its_default(qtbot, project, make_window):
     w = make_window(project)
     panel = w.pages["pretrain"]

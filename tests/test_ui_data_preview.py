@@ -148,6 +148,11 @@ def test_pretrain_problems_fail_validation(qtbot, preview, tmp_path):
     assert not ok and "empty or whitespace-only corpus" in problems[0]
     ok, problems = shown(qtbot, preview, preview.show_pretrain, [tmp_path / "missing"])
     assert not ok and "no such file or folder" in problems[0]
+    # A file in another encoding is named wherever it sits in the list, not only first.
+    (tmp_path / "good.txt").write_text("plain text\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    ok, problems = shown(qtbot, preview, preview.show_pretrain, [tmp_path / "good.txt", tmp_path / "latin1.txt"])
+    assert not ok and problems == [f"{tmp_path / 'latin1.txt'}: invalid UTF-8 at byte offset 3"]
 
 
 def test_prompts_preview_counts_and_lists(qtbot, preview, tmp_path):

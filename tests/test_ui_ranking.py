@@ -423,6 +423,22 @@ def test_import_and_export_buttons_without_modal_dialogs(qtbot, view, project, m
     view.export_clicked()
     assert "Wrote 6 record(s)" in told[-1] and (project / "out" / "prefs.parquet").stat().st_size
 
+    mine = project / "mine.jsonl"           # a file of the person's own, typed as the path
+    mine.write_text("my own data\n")
+
+    class OverMine(rf.ExportDialog):
+        def exec(self):
+            self.path.setText(str(mine))
+            return 1
+
+    monkeypatch.setattr(rf, "ExportDialog", OverMine)
+    asked = []
+    monkeypatch.setattr(rf.QMessageBox, "question", lambda _p, _t, text, *a: asked.append(text) or rf.QMessageBox.No)
+    n = len(told)
+    view.export_clicked()
+    assert asked == [f"{mine} already exists. Replace it with the export?"]
+    assert mine.read_text() == "my own data\n" and len(told) == n
+
     bad = project / "mixed.jsonl"        # credited to the file: not rankings the project holds
     pairs = [json.loads(line) for line in (project / "out" / "pairs.jsonl").read_text().splitlines()]
     bad.write_text("".join(json.dumps({k: v for k, v in p.items() if k != "annotator"}) + "\n"

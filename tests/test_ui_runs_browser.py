@@ -199,6 +199,19 @@ def test_delete_asks_first_and_deletes_only_on_yes(qtbot, browser, monkeypatch):
     assert b.selected_names() == [] and b.plots is None
 
 
+def test_a_running_run_is_not_deleted_and_no_question_is_asked_first(qtbot, browser, monkeypatch):
+    from PySide6.QtWidgets import QMessageBox
+    b, run = browser, "pretrain-20250301-100000"
+    b.ctx.run(run).status = "running"
+    asked, warned = [], []
+    monkeypatch.setattr("ui.runs_browser.QMessageBox.question", lambda *a: asked.append(a) or QMessageBox.Yes)
+    monkeypatch.setattr("ui.runs_browser.QMessageBox.warning", lambda _p, _t, text: warned.append(text))
+    click_run(qtbot, b, run)
+    qtbot.mouseClick(b.delete_btn, Qt.LeftButton)
+    assert asked == [] and warned == [f"{run} is running: stop it before deleting it. Nothing was deleted."]
+    assert run in names(b)
+
+
 def test_show_folder_says_the_path_when_no_file_manager_opens_it(qtbot, browser, monkeypatch, tmp_path):
     shown = []
     monkeypatch.setattr("ui.runs_browser.QDesktopServices.openUrl", lambda url: False)

@@ -86,7 +86,7 @@ def size_text(n: int) -> str:
 
 # --- reading (in the worker thread; no Qt) ----------------------------------------------------
 
-def load_pretrain(req: Request, emit: Callable, cancelled: Callable) -> Preview:
+def load_pretrain(req: Request, emit: Callable, cancelled: Callable) -> Preview | None:
     try:
         files = list_corpus_files(req.paths)
     except CorpusError as e:
@@ -95,15 +95,21 @@ def load_pretrain(req: Request, emit: Callable, cancelled: Callable) -> Preview:
     total = sum(s for _, s in sizes)
     out = Preview("pretrain", files=sizes,
                   summary=f"{len(files):,} file{'s' * (len(files) != 1)} · {size_text(total)}")
-    with open(files[0], "rb") as f:
-        raw = f.read(HEAD_BYTES)
-    # final=False: a character cut by the byte limit is left out, not reported as bad UTF-8
-    try:
-        text = codecs.getincrementaldecoder("utf-8-sig")().decode(raw, final=False)
-    except UnicodeDecodeError as e:
-        out.problems.append(f"{files[0]}: invalid UTF-8 at byte offset {e.start}")
-        text = raw[:e.start].decode("utf-8-sig", "ignore")
-    out.head = "\n".join(text.splitlines()[:HEAD_LINES])
+    # The head of every file: one in another encoding (Latin-1, UTF-16) shows there. The stage
+    # itself reads every byte; a fault deep in a large file is found by it.
+    for i, path in enumerate(files):
+        if cancelled():
+            return None
+        with open(path, "rb") as f:
+            raw = f.read(HEAD_BYTES)
+        # final=False: a character cut by the byte limit is left out, not reported as bad UTF-8
+        try:
+            text = codecs.getincrementaldecoder("utf-8-sig")().decode(raw, final=False)
+        except UnicodeDecodeError as e:
+            out.problems.append(f"{path}: invalid UTF-8 at byte offset {e.start}")
+            text = raw[:e.start].decode("utf-8-sig", "ignore")
+        if i == 0:
+            out.head = "\n".join(text.splitlines()[:HEAD_LINES])
     if not out.problems:
         try:   # stops at the first non-blank character, so usually reads one chunk
             check_nonempty(files)

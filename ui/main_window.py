@@ -18,7 +18,7 @@ from PySide6.QtWidgets import (QFileDialog, QInputDialog, QLabel, QListView, QLi
 
 from engine.runio import format_duration
 from workbench import stages
-from workbench.project import Project, ProjectError, create_project
+from workbench.project import Project, ProjectError, create_project, creation_problem
 from ui import help as help_pages
 from ui.collector import settle_gc, thaw_gc
 from ui.icons import app_icon, page_icon, status_color
@@ -201,6 +201,14 @@ class MainWindow(QMainWindow):
     def new_project(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Folder for the new project (empty or new)")
         if not folder:
+            return
+        if (Path(folder) / "workbench.toml").exists():
+            if QMessageBox.question(self, "New project", f"{folder} already holds a project. Open it?",
+                                    QMessageBox.Yes | QMessageBox.No, QMessageBox.Yes) == QMessageBox.Yes:
+                self.open_project(Path(folder))
+            return
+        if problem := creation_problem(Path(folder)):       # before a name is asked for
+            QMessageBox.warning(self, "Cannot create project", problem)
             return
         name, ok = QInputDialog.getText(self, "New project", "Project name:", text=Path(folder).name)
         if not ok:

@@ -73,6 +73,10 @@ class PreferenceFiles:
         if not dialog.exec():
             return
         path = Path(dialog.path.text())
+        if path.is_file() and QMessageBox.question(
+                self, "Replace the file?", f"{path} already exists. Replace it with the export?",
+                QMessageBox.Yes | QMessageBox.No, QMessageBox.No) != QMessageBox.Yes:
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             counts = self.export_preferences(path, **dialog.options())

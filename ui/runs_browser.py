@@ -347,6 +347,11 @@ class RunsBrowser(QWidget):
         names = self.selected_names()
         if not names:
             return []
+        running = [n for n in names if (info := self.ctx.run(n)) is not None and info.status == "running"]
+        if running:     # said before asking, not after a Yes
+            QMessageBox.warning(self, "Not deleted", f"{', '.join(running)} is running: stop it before "
+                                "deleting it. Nothing was deleted.")
+            return []
         if confirm and not self._confirm_delete(names):
             return []
         deleted, problems = [], []

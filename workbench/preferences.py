@@ -244,6 +244,9 @@ def write_rm_dataset(store: Store, path: str | Path, *, include_simulated: bool,
 
 def _text(rec: dict, key: str, problems: list[str], *, empty_ok: bool = False) -> str:
     v = rec.get(key)
+    if key not in rec:
+        problems.append(f"field '{key}': missing")
+        return ""
     if not isinstance(v, str) or (not empty_ok and not v.strip()):
         problems.append(f"field '{key}' must be a{'' if empty_ok else ' non-empty'} string")
         return ""

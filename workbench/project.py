@@ -89,15 +89,23 @@ class Project:
         return candidate
 
 
+def creation_problem(path: Path) -> str | None:
+    """Why a new project cannot be made in `path` (None: it can), asked before anything else."""
+    path = Path(path)
+    if (path / "workbench.toml").exists():
+        return f"{path} already holds a project: open it (File ▸ Open Project…)"
+    if path.exists() and any(p for p in path.iterdir() if not p.name.startswith(".")):
+        return f"{path} is not empty; choose an empty or new folder"
+    return None
+
+
 def create_project(path: Path, name: str) -> Project:
     """Make `path` a project: a workbench.toml naming it. Data is added later (its
     [defaults.data] entries name the files the panels start with)."""
     path = Path(path)
+    if problem := creation_problem(path):
+        raise ProjectError(problem)
     toml = path / "workbench.toml"
-    if toml.exists():
-        raise ProjectError(f"{path} already holds a project")
-    if path.exists() and any(p for p in path.iterdir() if not p.name.startswith(".")):
-        raise ProjectError(f"{path} is not empty; choose an empty or new folder")
     path.mkdir(parents=True, exist_ok=True)
     (path / "data").mkdir(exist_ok=True)
     toml.write_text(f"name = {json.dumps(name, ensure_ascii=False)}\n\n"
