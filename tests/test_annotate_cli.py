@@ -215,6 +215,7 @@ def test_an_export_never_writes_over_the_project_and_an_unknown_batch_writes_not
     (project / "data").mkdir(exist_ok=True)
     sft = project / "data" / "sft.jsonl"
     sft.write_text('{"prompt": "p", "response": "r"}\n')
+    (project / "workbench.toml").write_text('name = "p"\n[defaults.data]\nsft = "data/sft.jsonl"\n')
     for out, why in ((project / "workbench.db", "is a project's own file"),
                      (project / "workbench.db-wal", "is a project's own file"),
                      (project / "runs" / "x.jsonl", "is inside the project's runs folder"),
@@ -223,6 +224,11 @@ def test_an_export_never_writes_over_the_project_and_an_unknown_batch_writes_not
                         "--human-only")
         assert rc == 2 and f"{out} {why}: write the export elsewhere" in err
     assert sft.read_text() == '{"prompt": "p", "response": "r"}\n'
+    # An earlier export beside the data (the app's default place) is the person's to replace.
+    earlier = project / "data" / "preferences.jsonl"
+    for _ in range(2):
+        assert wb(monkeypatch, capsys, "preferences", "export", "--project", project, "--out", earlier,
+                  "--human-only")[0] == 0
     with Store.for_project(project) as store:
         assert len(store.rankings()) == 1
     good = tmp_path / "good.jsonl"

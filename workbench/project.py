@@ -122,7 +122,8 @@ def output_problem(out: Path, project_dir: Path | None = None, *,
     """Why a file a command is about to write (an export, a report) would destroy what a project
     or a run holds, or None: the project's settings or database, anything in a run folder (but
     a file ending in one of `run_suffixes`: a report's own page), or an existing file of the
-    project's data. The project is `project_dir`, or the folder above `out` with a workbench.toml."""
+    data its workbench.toml names (an earlier export in data/ may be replaced). The project is
+    `project_dir`, or the folder above `out` with a workbench.toml."""
     out = Path(out).absolute()
     if out.name in PROJECT_FILES:
         return "is a project's own file"
@@ -147,7 +148,7 @@ def _holds_project_data(project: Path, out: Path) -> bool:
     except ProjectError:
         named = []
     resolved = out.resolve()
-    return project / "data" in out.parents or any(resolved == f or f in resolved.parents for f in named)
+    return any(resolved == f or f in resolved.parents for f in named)
 
 
 def known_settings() -> dict[str, set[str]]:
