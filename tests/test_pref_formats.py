@@ -39,6 +39,15 @@ def table(path):
     return out
 
 
+def refused_with(store, expected: dict) -> None:
+    """Each file is refused with exactly its problems, and nothing is imported."""
+    for path, problems in expected.items():
+        with pytest.raises(InputError) as e:
+            import_preferences(store, path)
+        assert e.value.problems == problems, path
+    assert store.batches() == []
+
+
 @pytest.mark.parametrize("fmt,suffix", [("hf", ".jsonl"), ("hf", ".parquet"),
                                         ("hf-messages", ".jsonl"), ("hf-messages", ".parquet")])
 def test_hugging_face_pairs_round_trip(tmp_path, store, fresh, fmt, suffix):
@@ -221,11 +230,7 @@ def test_bad_fields_give_one_line_each_and_nothing_is_written(tmp_path, fresh):
              "instruction, question (found context, source)",
              f"{ag}:3: field 'ranking.responses[0]': answer 'answer_1' is ranked twice"],
     }
-    for path, problems in expected.items():
-        with pytest.raises(InputError) as e:
-            import_preferences(fresh, path)
-        assert e.value.problems == problems, path
-    assert fresh.batches() == []
+    refused_with(fresh, expected)
 
 
 def test_parquet_written_by_hugging_face_datasets_imports(tmp_path, fresh):
@@ -360,8 +365,4 @@ def test_missing_fields_are_named_with_file_and_record(tmp_path, fresh):
                f"{msgs}:3: field 'prompt[0].role': missing",
                f"{msgs}:4: expected a JSON object, got a list"],
     }
-    for path, problems in expected.items():
-        with pytest.raises(InputError) as e:
-            import_preferences(fresh, path)
-        assert e.value.problems == problems, path
-    assert fresh.batches() == []
+    refused_with(fresh, expected)
