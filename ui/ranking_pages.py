@@ -237,6 +237,8 @@ class SessionPage(QWidget):
         self.title.setFont(scaled_font(self, 1.05, bold=True))
         self.bar = QProgressBar()
         self.bar.setTextVisible(True)
+        # Centred in every style: some draw it at the left, under the fill while few are ranked.
+        self.bar.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.bar.setMaximumWidth(260)
         self.pace = QLabel()
         head = QHBoxLayout()
