@@ -164,6 +164,14 @@ def test_prompts_preview_counts_and_lists(qtbot, preview, tmp_path):
     assert preview.view.toPlainText().splitlines() == [f"{i + 1}.  prompt number {i}" for i in range(5)]
 
 
+def test_copies_of_one_answer_are_one_pair_in_the_count(qtbot, preview, tmp_path):
+    # As the reward model reads them: "n" three times tied above "elot" is one comparison.
+    path = write_jsonl(tmp_path / "copies.jsonl", [
+        {"prompt": "last letter of 'crown'?", "answers": ["n", "n", "n", "elot"], "ranking": [[0, 1, 2], [3]]}])
+    assert shown(qtbot, preview, preview.show_preferences, [path]) == [True, []]
+    assert preview.summary.text().startswith("1 ranked records · 1 comparison pairs")
+
+
 def test_preferences_preview_counts_records_and_pairs(qtbot, preview, tmp_path):
     path = write_jsonl(tmp_path / "prefs.jsonl", [
         {"prompt": "p", "chosen": "good", "rejected": "bad"},

@@ -26,6 +26,7 @@ from engine.corpus import CorpusError, check_nonempty, list_corpus_files
 from engine.sample import PromptFileError, read_prompts
 from engine.sft_data import SFTDataError, read_records, render
 from engine.tokenizer import TokenizerError, load_tokenizer
+from engine.transcripts import fold_copies
 from ui.token_view import Piece, TokenView, blend, chat_pieces, is_dark
 from ui.workers import Worker
 from workbench.preferences import read_preferences
@@ -174,9 +175,10 @@ def load_prompts(req: Request, emit: Callable, cancelled: Callable) -> Preview:
     return Preview("prompts", summary=f"{len(prompts):,} prompts", prompts=prompts[:req.shown])
 
 
-def _pairs(ranking: list[list[int]]) -> int:
-    """Comparisons a ranking gives the reward model: answers in different groups, ties none."""
-    sizes = [len(g) for g in ranking]
+def _pairs(record) -> int:
+    """Comparisons a ranking gives the reward model: answers in different groups, ties none,
+    copies of one answer text once (as engine.reward_data reads them)."""
+    sizes = [len(g) for g in fold_copies(record.ranking, dict(enumerate(record.answers)))]
     return (sum(sizes) ** 2 - sum(s * s for s in sizes)) // 2
 
 
@@ -190,7 +192,7 @@ def load_preferences(req: Request, emit: Callable, cancelled: Callable) -> Previ
             problems, records = [f"{path}: cannot read: {e.strerror or e}"], []
         out.problems += problems
         n += len(records)
-        pairs += sum(_pairs(r.ranking) for r in records)
+        pairs += sum(_pairs(r) for r in records)
         out.records += [(path.name, r) for r in records[:req.shown - len(out.records)]]
     if n == 0 and not out.problems:
         out.problems.append(f"{', '.join(map(str, req.paths)) or 'no files'}: no preference records")
