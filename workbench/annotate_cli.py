@@ -68,11 +68,9 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     def run(args: argparse.Namespace) -> int:
         prog = " ".join(filter(None, ["workbench", args.command, getattr(args, "action", None)]))
         try:
-            rc = fn(args)
-            sys.stdout.flush()      # a reader gone (`| head`) shows here, inside the guard
-            return rc
-        except BrokenPipeError:
-            return reader_gone()
+            return fn(args)
+        except BrokenPipeError:     # a reader gone (`| head`): workbench.cli.main ends quietly
+            raise
         except (CliError, InputError, StoreError) as e:
             print(f"{prog}: {e}", file=sys.stderr)
         except UnicodeError as e:   # an argument in another encoding (lone surrogates)
@@ -87,19 +85,6 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
             print(f"{prog}: {args.project / DB_NAME}: {e}", file=sys.stderr)
         return 2
     return run
-
-
-def reader_gone() -> int:
-    """stdout's reader has closed the pipe (`workbench batches | head -1`): stop quietly, as a
-    command whose output was taken as far as it was wanted (exit 0), and point stdout at
-    /dev/null so the interpreter's last flush does not complain on stderr."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, AttributeError):   # stdout replaced (tests) or closed
-        pass
-    return 0
 
 
 def out_folder_problem(folder: Path) -> str | None:

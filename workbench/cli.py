@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -324,6 +325,19 @@ def app_only_args(argv: list[str]) -> argparse.Namespace | None:
                               demo=args.demo)
 
 
+def reader_gone() -> int:
+    """stdout's reader has closed the pipe (`workbench batches | head -1`): stop quietly, as a
+    command whose output was taken as far as it was wanted (exit 0), and point stdout at
+    /dev/null so the interpreter's last flush does not complain on stderr."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):   # stdout replaced (tests) or closed
+        pass
+    return 0
+
+
 def main(argv: list[str] | None = None, open_app=None) -> int:
     """`open_app(args)` opens the desktop app; the `workbench` entry point (ui/launcher.py)
     passes it in, so this package never imports Qt widgets and works where Qt cannot load."""
@@ -349,7 +363,7 @@ def main(argv: list[str] | None = None, open_app=None) -> int:
         sys.stdout.flush()      # a reader gone (`| head`) shows here, not at the interpreter's exit
         return rc
     except BrokenPipeError:
-        return annotate_cli.reader_gone()
+        return reader_gone()
 
 
 if __name__ == "__main__":

@@ -413,9 +413,9 @@ def _run_steps(pipe: Pipeline, todo: list[str], table_out: Optional[Path]) -> in
     t_all = time.perf_counter()
     try:
         for step in todo:
-            if step == RANK and pipe.journal.has_done(RANK) or step in pipe.made:
-                print(f"  {step:<10} done before ({pipe.rows[[r.stage for r in pipe.rows].index(step)].run})",
-                      flush=True)
+            earlier = next((r for r in pipe.rows if r.stage == step and r.restored), None)
+            if earlier is not None:
+                print(f"  {step:<10} done before ({earlier.run})", flush=True)
             elif step == RANK:
                 pipe.rank()
             elif step == EVALUATE:

@@ -71,9 +71,6 @@ class Journal:
         journal.finished, journal.stop = finished, stop
         return journal
 
-    def has_done(self, step: str) -> bool:
-        return any(e["step"] == step for e in self.finished)
-
     def stopped_run(self, stage: str) -> tuple[Optional[Path], float]:
         """(the run folder `stage` stopped in, to be resumed, and the seconds it ran before),
         or (None, 0) if `stage` is not the one that stopped."""

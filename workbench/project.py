@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-# What makes a folder a project, and the store beside it (workbench.store.DB_NAME, its WAL files).
-PROJECT_FILES = ("workbench.toml", "workbench.db", "workbench.db-wal", "workbench.db-shm")
+SETTINGS = "workbench.toml"     # what makes a folder a project
+# It and the store beside it (workbench.store.DB_NAME, with its WAL files).
+PROJECT_FILES = (SETTINGS, "workbench.db", "workbench.db-wal", "workbench.db-shm")
 
 
 class ProjectError(ValueError):
@@ -30,7 +31,7 @@ class Project:
         # Absolute: run configs name other runs by paths the engine reads from the run folder,
         # and a path relative to the working directory means nothing there.
         path = Path(path).absolute()
-        toml = path / "workbench.toml"
+        toml = path / SETTINGS
         if not toml.is_file():
             raise ProjectError(f"{path} is not a workbench project (no workbench.toml)")
         try:
@@ -92,7 +93,7 @@ class Project:
 def creation_problem(path: Path) -> str | None:
     """Why a new project cannot be made in `path` (None: it can), asked before anything else."""
     path = Path(path)
-    if (path / "workbench.toml").exists():
+    if (path / SETTINGS).exists():
         return f"{path} already holds a project: open it (File ▸ Open Project…)"
     if path.exists() and any(p for p in path.iterdir() if not p.name.startswith(".")):
         return f"{path} is not empty; choose an empty or new folder"
@@ -105,7 +106,7 @@ def create_project(path: Path, name: str) -> Project:
     path = Path(path)
     if problem := creation_problem(path):
         raise ProjectError(problem)
-    toml = path / "workbench.toml"
+    toml = path / SETTINGS
     path.mkdir(parents=True, exist_ok=True)
     (path / "data").mkdir(exist_ok=True)
     toml.write_text(f"name = {json.dumps(name, ensure_ascii=False)}\n\n"
@@ -132,7 +133,7 @@ def output_problem(out: Path, project_dir: Path | None = None, *,
     if run is not None and not own:
         return f"is inside the run folder {run}"
     project = (Path(project_dir).absolute() if project_dir is not None else
-               next((p for p in out.parents if (p / "workbench.toml").is_file()), None))
+               next((p for p in out.parents if (p / SETTINGS).is_file()), None))
     if project is None:
         return None
     if project / "runs" in out.parents and not own:
