@@ -24,11 +24,17 @@ from engine.checkpoint import CheckpointError, save_checkpoint
 from engine.config import ConfigError, require, resolve_path
 from engine.hf_model import family_of, read_hf_config, read_hf_weights
 from engine.model import ModelConfig
-from engine.runio import Emitter, stage_main
+from engine.runio import Emitter, StageError, stage_main
 from engine.tokenizer import TokenizerError, tokenizer_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TEMPLATES = ("auto", "workbench")
+
+
+class SourceError(StageError):
+    """The model folder is missing a file or holds one that is broken: its message names the
+    file. Found before any work, so the import is refused (exit code 2), like a bad setting."""
+    exit_code = 2
 
 
 @dataclass
@@ -124,7 +130,7 @@ def run(cfg: ImportConfig, run_dir: Path, sink=None, control=None) -> str:
         model_cfg = read_hf_config(folder)
         tok, added = load_source_tokenizer(folder, cfg.chat_template)
     except (CheckpointError, TokenizerError) as e:
-        raise ConfigError("source", str(e)) from None
+        raise SourceError(str(e)) from None
     family = family_of(model_cfg)
     sd = read_hf_weights(folder, model_cfg, DTYPES[cfg.dtype])
     sd, model_cfg = grow_embeddings(sd, model_cfg, tok.vocab_size)

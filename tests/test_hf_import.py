@@ -159,6 +159,12 @@ def test_import_by_name_from_the_local_cache_and_refusals(qwen_folder, tmp_path,
     out = capsys.readouterr()
     assert "model_type 'gpt2' (GPT2LMHeadModel) is not supported; supported: Llama" in out.out
     assert "Traceback" not in out.out + out.err
+    # A folder without config.json is named by its file, not as a setting of the stage.
+    (bad / "config.json").unlink()
+    assert workbench(["import-model", str(bad), "--project", str(project.path)]) == 2
+    out = capsys.readouterr()
+    said = out.out + out.err
+    assert f"failed: {bad / 'config.json'}: missing" in said and "config field" not in said
 
 
 def test_gguf_export_of_an_imported_model_carries_its_tokenizer(imported, tmp_path):

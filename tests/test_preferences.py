@@ -251,15 +251,21 @@ def test_copies_ranked_apart_by_an_older_project_train_as_one_answer(tmp_path, s
     from engine.reward_data import read_rankings
     b = store.create_batch("b", [
         {"prompt": "p", "answers": [{"text": t} for t in ("6", "7", "6")]},
-        {"prompt": "q", "answers": [{"text": "6"}, {"text": "6"}]}], k=None)
+        {"prompt": "q", "answers": [{"text": "6"}, {"text": "6"}]},
+        {"prompt": "r", "answers": [{"text": t} for t in ("6", "7", "6")]}], k=None)
     session, _ = store.session(b, store.annotator("old").id)
-    for item, order in zip(store.items(b), ([0, 1, 2], [1, 0])):
+    # r: one copy tied with "7", the other below them: folded, "6" and "7" tie, no pair.
+    for item, order in zip(store.items(b), ([[0], [1], [2]], [[1], [0]], [[0, 1], [2]])):
         ids = store.item(item.id).answer_ids
-        store.add_ranking(session, item.id, [[ids[i]] for i in order])
+        store.add_ranking(session, item.id, [[ids[i] for i in g] for g in order])
     written = write_rm_dataset(store, tmp_path / "rankings.jsonl", include_simulated=False)
     assert written == 1
     (r,) = read_rankings([tmp_path / "rankings.jsonl"])
     assert r.answers == ["6", "7"] and r.pairs() == [(0, 1)]
+    # The reward page and the sidebar count what trains: q's ranking has no pair (r's the sidebar's
+    # SQL cannot fold, as Store.counts says).
+    assert count_for_training(store) == (1, 0, 2)
+    assert store.counts() == (1, 2)
 
 
 def test_rankings_already_in_the_project_are_left_out_of_an_import(tmp_path, store):

@@ -330,16 +330,21 @@ def test_overlay_legend_has_an_entry_per_run_and_per_metric(grid):
     assert g.curve("Loss", "train/loss", run=0).isVisible()
 
 
-def test_clear_empties_the_grid(grid):
+def test_clear_empties_the_grid(grid, qtbot):
     g = grid("pretrain")
-    g.load_events([metrics(1, train__loss=2.0, perf__mfu=0.1, time__step=9)])
+    g.load_events([metrics(1, train__loss=2.0, perf__mfu=0.1, time__step=9),
+                   metrics(900, train__loss=7.0)])
     g.redraw()
     assert g.curve_data("Loss", "train/loss")[1][0] == 2.0
     assert g.other_choices() == ["time/step"]
+    qtbot.waitUntil(lambda: view_range(g, "Loss")[0][1] > 800, timeout=10_000)
     g.clear()
     g.redraw()
     assert not _has_curve(g, "Loss", "train/loss")
     assert g.history.keys() == [] and g.other_choices() == []
+    # A new run's empty plots have a new plot's axes, not the last run's steps and losses.
+    qtbot.wait(50)
+    assert view_range(g, "Loss") == [[0, 1], [0, 1]]
 
 
 def view_range(g, title):

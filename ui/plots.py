@@ -403,7 +403,11 @@ class PlotGrid(QWidget):
         cell.drawn.clear()
         cell.styles.clear()
         cell.pinned.clear()
-        cell.widget.getPlotItem().enableAutoRange()
+        # With nothing to fit, autorange keeps the last run's ranges: an empty plot of a new run
+        # would show the old one's axes. A new plot's own range instead.
+        item = cell.widget.getPlotItem()
+        item.getViewBox().setRange(xRange=(0, 1), yRange=(0, 1), padding=0)
+        item.enableAutoRange()
         self._update_legend(cell)
 
     def _update_other_choices(self, runs) -> None:

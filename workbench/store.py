@@ -408,10 +408,28 @@ class Store(RunIndexTable, PackTables, SessionQueue):
     def counts(self) -> tuple[int, int]:
         """(batches, rankings to train on): what the app's sidebar shows for the ranking stage,
         the count the reward page gives too (preferences.count_for_training): active, hidden
-        repeats left out (they measure consistency), and not every answer tied (no pair)."""
+        repeats left out (they measure consistency), and not every answer tied or all one text
+        (no pair). In SQL for the sidebar's refreshes: it differs from count_for_training only for
+        a ranking, made before copies were tied, that places a copy apart from itself and the
+        other answers tied (a case count_for_training folds and SQL does not)."""
         return tuple(self.conn.execute(
             "SELECT (SELECT COUNT(*) FROM batches), (SELECT COUNT(*) FROM rankings WHERE "
-            "withdrawn_at IS NULL AND is_repeat = 0 AND json_array_length(ordering) > 1)").fetchone())
+            "withdrawn_at IS NULL AND is_repeat = 0 AND json_array_length(ordering) > 1 AND "
+            f"item_id NOT IN ({self._ONE_TEXT_ITEMS}))").fetchone())
+
+    # Items whose answers are all one text: copies count as one answer, so no ranking of them
+    # has a pair (engine.transcripts.fold_copies). Older projects could rank copies apart.
+    _ONE_TEXT_ITEMS = "SELECT item_id FROM answers GROUP BY item_id HAVING COUNT(DISTINCT text) < 2"
+
+    def copied_answers(self) -> dict[int, dict[int, str]]:
+        """{item id: {answer id: text}} for the items that hold copies of one answer text: what
+        counting rankings with copies folded needs, without reading every item."""
+        out: dict[int, dict[int, str]] = {}
+        for item_id, answer_id, text in self.conn.execute(
+                "SELECT item_id, id, text FROM answers WHERE item_id IN (SELECT item_id FROM "
+                "answers GROUP BY item_id HAVING COUNT(DISTINCT text) < COUNT(*))"):
+            out.setdefault(item_id, {})[answer_id] = text
+        return out
 
     # --- rankings -----------------------------------------------------------------------------
 
