@@ -8,7 +8,8 @@ import pytest
 
 from tests.test_preferences import HH_MULTI, ranked_batch, read, write
 from workbench.annotation import AnnotationSession
-from workbench.preferences import export_rankings, import_preferences, read_preferences, rows
+from workbench.pref_records import read_preferences, rows
+from workbench.preferences import export_rankings, import_preferences
 from workbench.store import InputError, Store
 
 LOST = ("flags", "scores", "note")      # labels only the workbench's own K-way form carries

@@ -29,7 +29,7 @@ from engine.tokenizer import TokenizerError, load_tokenizer
 from engine.transcripts import fold_copies
 from ui.token_view import Piece, TokenView, blend, chat_pieces, is_dark
 from ui.workers import Worker
-from workbench.preferences import read_preferences
+from workbench.pref_records import read_preferences
 from workbench.runfolder import Rankings
 
 HEAD_LINES = 40

@@ -39,8 +39,8 @@ from typing import Any, Iterable, Iterator
 
 from engine.fsutil import atomic_write_bytes, atomic_write_text
 from engine.transcripts import same_answer
-from workbench.preferences import (Record, _index_groups, _ranked, _write_jsonl, json_type,
-                                   message_problem, pair_records, parse_record)
+from workbench.pref_records import Record, json_type, message_problem, parse_record
+from workbench.preferences import _index_groups, _ranked, _write_jsonl, pair_records
 from workbench.store import MAX_K, MIN_K, Item, Ranking, Store
 
 FORMATS = ("hf", "hf-messages", "label-studio", "argilla")
@@ -94,7 +94,7 @@ def _prompt_text(turns: list[dict]) -> str:
 
 def _kway(where, turns: list[dict], key: str, answers: list[str], ranking: list[list[int]],
           *, text: str | None = None, **who) -> tuple[list[Record], list[str]]:
-    """One ranking as a Record, checked by preferences.parse_record (annotator, simulated,
+    """One ranking as a Record, checked by pref_records.parse_record (annotator, simulated,
     repeat, K). A single user turn is a plain prompt, as everywhere else in the workbench."""
     if not turns or turns[-1]["role"] != "user":
         return [], [f"field '{key}' must end with a user turn (the answers reply to it)"]
