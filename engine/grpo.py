@@ -43,7 +43,7 @@ from engine.device import autocast, check_train_dtype, clock, describe, precisio
 from engine.generate import generate_batch
 from engine.grpo_core import group_advantages, grpo_losses, kl_k3, mean_std, uniform_groups
 from engine.grpo_rewards import (Answers, FormatReward, LengthReward, RewardModelReward, TaskReward, UserReward,
-                                 load_user_function, parse_user_spec, score_all)
+                                 check_user_file, load_user_function, parse_user_spec, score_all)
 from engine.lora import LORA_FIELDS, LoRASettings, add_adapters, describe as describe_lora, reference_for, uses_lora
 from engine.ppo import check_guards, encode_prompt
 from engine.ppo_core import (AnswerStates, Rollout, as_scored, build_rollout, chunks, logprobs_entropy_of, logprobs_of,
@@ -118,7 +118,7 @@ class GRPOConfig(LoRASettings, TrackerSettings):
         require(self.rm_weight == 0 or bool(self.reward_model), "reward_model",
                 f"rm_weight is {self.rm_weight}: a reward model is needed (or set rm_weight to 0)")
         if self.user_reward is not None:
-            parse_user_spec(self.user_reward)
+            check_user_file(self.user_reward)
         require(self.length_target >= 0, "length_target", "must be zero or positive")
         try:
             re.compile(self.format_regex)

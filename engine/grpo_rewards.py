@@ -16,6 +16,7 @@ is not a finite number, stops the run with one line naming the function and the 
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import inspect
@@ -159,15 +160,61 @@ def parse_user_spec(spec: str) -> tuple[str, str]:
     return path, name
 
 
+def _missing(path: Path, given: str) -> ConfigError:
+    where = "" if Path(given).expanduser().is_absolute() else (
+        " (a relative path is read from the run's folder, as every path of a run's config is: "
+        "give the file's full path)")
+    return ConfigError("user_reward", f"{path}: no such file{where}")
+
+
+def _top_level_names(tree: ast.Module) -> set[str] | None:
+    """The names a module binds at its top level, as far as reading it tells; None where it
+    cannot tell (`from x import *`, or it writes globals() or uses __getattr__)."""
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any(a.name == "*" for a in node.names):
+                return None
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        else:
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+                    names.add(sub.id)
+    if "__getattr__" in names or any(isinstance(n, ast.Name) and n.id == "globals"
+                                     for n in ast.walk(tree)):
+        return None
+    return names
+
+
+def check_user_file(spec: str) -> None:
+    """What can be told of the user's file without running it, before a run is made: it is
+    there, it parses, and it defines the function. Only an absolute path: a relative one is
+    read from the run's folder, which does not exist yet (load_user_function checks it)."""
+    given, name = parse_user_spec(spec)
+    path = Path(given).expanduser()
+    if not path.is_absolute():
+        return
+    if not path.is_file():
+        raise _missing(path, given)
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except SyntaxError as e:
+        raise ConfigError("user_reward", f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError("user_reward", f"{path}: cannot read it: {e}") from None
+    names = _top_level_names(tree)
+    if names is not None and name not in names:
+        raise ConfigError("user_reward", f"{path} defines no function {name!r}")
+
+
 def load_user_function(spec: str, path: Path) -> Callable:
     """Import the user's file (it runs, as `python file.py` would run its top level) and return
     its function; every way it can be wrong is a ConfigError naming the file, before any work."""
     given, name = parse_user_spec(spec)
     if not path.is_file():
-        where = "" if Path(given).expanduser().is_absolute() else (
-            " (a relative path is read from the run's folder, as every path of a run's config is: "
-            "give the file's full path)")
-        raise ConfigError("user_reward", f"{path}: no such file{where}")
+        raise _missing(path, given)
     digest = hashlib.blake2b(str(path.resolve()).encode(), digest_size=6).hexdigest()
     module_spec = importlib.util.spec_from_file_location(f"workbench_user_reward_{digest}", path)
     module = importlib.util.module_from_spec(module_spec)

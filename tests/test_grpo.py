@@ -127,6 +127,25 @@ def test_a_user_reward_that_cannot_be_loaded_is_refused_before_any_work(tiny_lm_
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_user_reward_file_is_read_not_run_when_the_settings_are_checked(tmp_path):
+    from engine.grpo_rewards import check_user_file
+    ran = tmp_path / "ran"
+    bound = {"def reward(p, a): return 1.0": True, "reward = lambda p, a: 1.0": True,
+             "from math import fsum as reward": True, "from math import *": True,
+             "globals()['reward'] = len": True, "def score(p, a): return 1.0": False,
+             "class Reward: pass": False, "if True:\n    reward = len": True}
+    for n, (source, ok) in enumerate(bound.items()):
+        path = tmp_path / f"r{n}.py"
+        path.write_text(f"open({str(ran)!r}, 'w')\n{source}\n")
+        if ok:
+            check_user_file(f"{path}:reward")
+        else:
+            with pytest.raises(ConfigError, match="defines no function 'reward'"):
+                check_user_file(f"{path}:reward")
+    check_user_file("relative/later.py:reward")       # read from the run's folder, when there is one
+    assert not ran.exists()                            # the user's code did not run
+
+
 def test_resume_is_exact(tiny_lm_ckpt, prompts, chars, tmp_path):
     c = cfg(tiny_lm_ckpt, prompts, steps=4, kl_coef=0.1, grpo_epochs=2, minibatch_size=3, user_reward=chars)
     full = []

@@ -215,3 +215,24 @@ def test_every_guide_entry_opens_at_a_heading_of_the_readme():
     assert len(SECTIONS) >= 10 and {h for _, h in SECTIONS} <= headings
     assert {"Ranking as a class", "Agreement that informs training", "Preference data in other formats"} <= {
         h for _, h in SECTIONS}
+
+
+def test_a_grpo_reward_file_that_cannot_load_is_refused_at_start_not_after(
+        qtbot, project, make_window, tiny_lm_ckpt, tmp_path):
+    fake_run(project, "sft-20260101-000000", {}, 10, 5.0, checkpoint=tiny_lm_ckpt)
+    (tmp_path / "broken.py").write_text("def reward(prompt, answer)\n    return 1.0\n")
+    (tmp_path / "other.py").write_text("def score(prompt, answer):\n    return 1.0\n")
+    (tmp_path / "good.py").write_text("def reward(prompt, answer):\n    return 1.0\n")
+    w = make_window(project, show=True)
+    go(qtbot, w, "grpo")
+    grpo = w.pages["grpo"]
+    runs = len(list((project / "runs").iterdir()))
+    for spec, says in ((tmp_path / "broken.py", "broken.py:1: syntax error"),
+                       (tmp_path / "other.py", "defines no function 'reward'"),
+                       (tmp_path / "absent.py", "absent.py: no such file")):
+        type_settings(qtbot, grpo, {"user_reward": f"{spec}:reward"}, valid=False)
+        assert not grpo.start_btn.isEnabled() and "(user_reward)" in grpo.status_label.text()
+        assert says in grpo.form.messages["user_reward"].text()        # said under the field
+    type_settings(qtbot, grpo, {"user_reward": f"{tmp_path / 'good.py'}:reward"})
+    assert grpo.start_btn.isEnabled(), grpo.status_label.text()
+    assert len(list((project / "runs").iterdir())) == runs          # no failed run was made
