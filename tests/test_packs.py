@@ -264,8 +264,11 @@ def test_a_pack_handed_back_unranked_says_so_and_lists_its_annotator(tmp_path):
     project = make_project(tmp_path / "p", n=3)
     with Store.for_project(project) as store:
         ana, bo = export_packs(store, project, "class batch", ["ana", "bo"], 1, tmp_path / "packs")
+        AnnotationSession(store, store.batches()[0].id, "teacher")
         _rank_all(bo)
         res_ana, res_bo = merge_packs(store, [ana, bo])
+        # Whoever is at this machine is still the one the Rank page and Compare go on with.
+        assert store.recent_session("human") == ("teacher", store.batches()[0].id)
         assert res_ana.untouched and res_ana.line().endswith("nothing ranked in it yet, nothing merged")
         assert not res_bo.untouched and res_bo.added > 0 and "added" in res_bo.line()
         assert {a.name for a in store.annotators()} >= {"ana", "bo"}     # ana: 0 of N

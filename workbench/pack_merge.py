@@ -112,7 +112,9 @@ def _merge_one(store: Store, pack: Pack, target: _Target) -> PackMerge:
     # them with 0 of N, so whoever merges sees who has not ranked yet.
     res.untouched = not rankings
     who = store.annotator(info.annotator, "human")
-    settings = pack.store.session_settings(pack.batch_id, info.annotator) or {}
+    # Marked as merged: the person at this machine is not whoever's pack came in last.
+    settings = {**(pack.store.session_settings(pack.batch_id, info.annotator) or {}),
+                "merged_from": info.source}
     session, _ = store.session(target.batch_id, who.id, settings)
     pack_session, _ = pack.store.session(pack.batch_id, pack.store.annotator(info.annotator).id)
     followed: set[tuple[int, bool]] = set()     # entries whose merged ranking the pack undid now

@@ -389,10 +389,12 @@ class Store(RunIndexTable, PackTables, SessionQueue):
 
     def recent_session(self, kind: str = "human") -> tuple[str, int] | None:
         """(annotator, batch id) of the session of this kind touched last by someone ranking: an
-        imported file's session (named after the file) is nobody at the keyboard."""
+        imported file's session (named after the file) and one a merged pack made (whoever
+        ranked it elsewhere) are nobody at the keyboard."""
         row = self.conn.execute(
             "SELECT a.name, s.batch_id FROM sessions s JOIN annotators a ON a.id = s.annotator_id "
             "WHERE a.kind = ? AND json_extract(s.settings, '$.imported_from') IS NULL "
+            "AND json_extract(s.settings, '$.merged_from') IS NULL "
             "ORDER BY s.updated_at DESC, s.id DESC LIMIT 1", (kind,)).fetchone()
         return (row[0], row[1]) if row else None
 
