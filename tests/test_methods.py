@@ -1,5 +1,6 @@
 """The methods side by side: which runs are compared, the command, and the app's Methods tab."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -95,7 +96,7 @@ def test_nothing_to_compare_is_one_line_and_exit_2(demo_project):
     assert "Traceback" not in proc.stderr
 
 
-def test_the_methods_tab_compares_plots_and_hands_a_pair_to_blind_ab(qtbot, methods_project, make_window):
+def test_the_methods_tab_compares_plots_and_hands_a_pair_to_blind_ab(qtbot, methods_project, make_window, tiny_lm_ckpt):
     w = make_window(methods_project, show=True)
     w.go("chat")
     tabs = w.pages["chat"]
@@ -120,3 +121,19 @@ def test_the_methods_tab_compares_plots_and_hands_a_pair_to_blind_ab(qtbot, meth
     assert tabs.currentWidget() is w.compare and w.compare.blind.isChecked()
     assert [p.path().name for p in w.compare.pickers] == ["sft-20260101-000000", "dpo-20260101-000100"]
     assert json.loads((methods_project / "methods.json").read_text())["prompts"] == 4
+
+    # A newer DPO run, then the PPO run deleted: the tab says the comparison is out of date, and
+    # the deleted run cannot be handed to Blind A/B.
+    tabs.setCurrentWidget(w.chat)
+    fake_run(methods_project, "dpo-20260101-000300", {"init": "../sft-20260101-000000"}, 5, 30.0,
+             checkpoint=tiny_lm_ckpt)
+    shutil.rmtree(methods_project / "runs" / "ppo-20260101-000200")
+    w.ctx.sync()
+    tabs.setCurrentWidget(w.methods)
+    assert ("Out of date: ppo-20260101-000200 was deleted; DPO has a newer run from sft-20260101-000000, "
+            "dpo-20260101-000300") in view.status.text()
+    assert view.table.item(0, 1).text() == "ppo-20260101-000200 (deleted)"
+    qtbot.mouseClick(view.table.viewport(), Qt.LeftButton, pos=view.table.visualItemRect(view.table.item(0, 1)).center())
+    assert view.selected()["run"] == "ppo-20260101-000200" and not view.ab_btn.isEnabled()
+    qtbot.mouseClick(view.table.viewport(), Qt.LeftButton, pos=view.table.visualItemRect(view.table.item(1, 1)).center())
+    assert view.ab_btn.isEnabled()

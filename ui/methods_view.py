@@ -9,7 +9,7 @@ Compare tab, where a person judges the two answer by answer.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
@@ -39,10 +39,12 @@ def row_cells(r: dict) -> list[str]:
 class MethodsView(QWidget):
     abRequested = Signal(object, object)      # (SFT run folder, method run folder)
 
-    def __init__(self, project_dir: Path, parent: Optional[QWidget] = None):
+    def __init__(self, project_dir: Path, runs: Callable[[], list], parent: Optional[QWidget] = None):
         super().__init__(parent)
         self.project_dir = Path(project_dir)
+        self.runs = runs                        # the project's runs now (ProjectContext.run_list)
         self.result: Optional[dict] = None
+        self.gone: set[str] = set()             # runs of the shown result that were deleted
         self.worker: Optional[Worker] = None
         intro = QLabel("Each alignment method's newest run from one SFT model, against that model on the "
                        "same held-out tasks: how often the simulated annotator prefers it, its task "
@@ -92,12 +94,15 @@ class MethodsView(QWidget):
         self.refresh()
 
     def refresh(self) -> None:
-        """Called whenever the Chat page changes tab: redrawn only when methods.json changed, so
-        a selected row survives a visit to the Compare tab."""
+        """Called whenever the Chat page changes tab and the runs change: redrawn only when
+        methods.json changed, so a selected row survives a visit to the Compare tab; what the
+        result no longer shows of the project (a run deleted, a newer one) is said each time."""
         if self.worker is None:
             result = methods.read_result(self.project_dir)
             if result != self.result or result is None:
                 self.show_result(result)
+            else:
+                self._say_status()
 
     def show_result(self, result: Optional[dict]) -> None:
         self.result = result
@@ -110,11 +115,25 @@ class MethodsView(QWidget):
                     item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
                 self.table.setItem(i, j, item)
         self._draw(rows)
-        if result:
-            judge = f", scored by {result['reward_model']}" if result.get("reward_model") else ""
-            self.status.setText(f"Against {result['sft']} on {result['prompts']} held-out prompts{judge}.")
-        else:
+        self._say_status()
+
+    def _say_status(self) -> None:
+        result = self.result
+        if not result:
+            self.gone = set()
             self.status.setText("No comparison yet: train two or more methods from one SFT run, then Compare.")
+            self._update_buttons()
+            return
+        self.gone, notes = methods.out_of_date(result, self.runs())
+        for i, r in enumerate(result["rows"]):
+            item = self.table.item(i, 1)
+            if item is not None:
+                item.setText(r["run"] + (" (deleted)" if r["run"] in self.gone else ""))
+        judge = f", scored by {result['reward_model']}" if result.get("reward_model") else ""
+        text = f"Against {result['sft']} on {result['prompts']} held-out prompts{judge}."
+        if notes:
+            text += " Out of date: " + "; ".join(notes) + ". Compare methods again to see the project as it is."
+        self.status.setText(text)
         self._update_buttons()
 
     def _draw(self, rows: list[dict]) -> None:
@@ -139,7 +158,10 @@ class MethodsView(QWidget):
         return self.result["rows"][rows[0].row()] if rows and self.result else None
 
     def _update_buttons(self) -> None:
-        self.ab_btn.setEnabled(self.selected() is not None and self.worker is None)
+        r = self.selected()
+        # A deleted run (or SFT model) has nothing left to answer with.
+        usable = r is not None and not {r["run"], self.result["sft"]} & self.gone
+        self.ab_btn.setEnabled(usable and self.worker is None)
         self.compare_btn.setEnabled(self.worker is None)
 
     def start(self) -> None:

@@ -127,6 +127,25 @@ def read_result(project_dir: Path) -> Optional[dict]:
         return None
 
 
+def out_of_date(result: dict, runs: list[RunInfo]) -> tuple[set[str], list[str]]:
+    """(the runs of a saved comparison that are gone, one line per way it no longer shows the
+    project: a run deleted, a newer run of a method from that SFT run)."""
+    names = {r.name for r in runs}
+    gone = {n for n in [result["sft"]] + [row["run"] for row in result["rows"]] if n not in names}
+    notes = [f"{n} was deleted" for n in sorted(gone)]
+    if result["sft"] in names:
+        try:
+            chosen = choose(runs, result["sft"])[1]
+        except MethodsError:
+            chosen = {}
+        compared = {row["method"]: row["run"] for row in result["rows"]}
+        for method, run in chosen.items():
+            if compared.get(method) != run.name:
+                notes.append(f"{stages.spec(method).title} has a newer run from {result['sft']}, "
+                             f"{run.name}")
+    return gone, notes
+
+
 def percent(x: Optional[float]) -> str:
     """A share as the tables print it; "-" where there was nothing to measure (no checkable task)."""
     return "-" if x is None else f"{x:.1%}"
