@@ -430,6 +430,17 @@ def test_a_blind_vote_is_stored_as_a_pair_with_the_right_models(qtbot, tmp_path,
     view.vote("right")
     with Store.for_project(tmp_path) as store:
         assert len(store.rankings()) == 1
+    # The count is by model: the next round puts model one on the left, and a vote for it
+    # counts for model one although the first vote was "left" too.
+    view.rng = random.Random()
+    view.rng.random = lambda: 0.9            # no swap: Model 1 on the left
+    run_round(qtbot, view, "beta question")
+    if view.identical:
+        pytest.skip("the two tiny models gave one answer")
+    with qtbot.waitSignal(view.voteStored, timeout=5_000):
+        view.vote_buttons["left"].click()
+    assert "These two so far: model one 1 · model two 1 · tie 0 (2 comparison(s) in the store)" \
+        in view.status.text()
 
 
 def test_sighted_compare_and_a_tie(qtbot, tmp_path, two_ckpts, cache):
@@ -450,6 +461,24 @@ def test_sighted_compare_and_a_tie(qtbot, tmp_path, two_ckpts, cache):
         assert len(r.ordering) == 1 and item.meta["blind"] is False
         assert item.messages[0] == {"role": "system", "content": "Be brief."}
         assert write_rm_dataset(store, tmp_path / "rm.jsonl", include_simulated=False) == 0
+
+
+def test_identical_answers_can_only_tie_and_a_stored_vote_clears_an_old_refusal(qtbot, tmp_path, two_ckpts, cache):
+    view = make_compare(qtbot, tmp_path, (two_ckpts[0], two_ckpts[0]), cache, temperature=0.0)
+    view.show()
+    qtbot.waitExposed(view)
+    run_round(qtbot, view, "alpha question")
+    assert view.panes["left"].answer() == view.panes["right"].answer()
+    assert "only a tie can be stored" in view.status.text()
+    assert [view.vote_buttons[v].isEnabled() for v in ("left", "right", "tie")] == [False, False, True]
+    view.annotator.setText("")
+    view.vote_buttons["tie"].click()                      # no name yet: refused, in the banner
+    assert view.banner.isVisible() and "Enter your name" in view.banner.text.text()
+    view.annotator.setText("ada")
+    with qtbot.waitSignal(view.voteStored, timeout=5_000):
+        view.vote_buttons["tie"].click()
+    assert not view.banner.isVisible()
+    assert "one model against itself" in view.status.text()
 
 
 def slow_decoding(monkeypatch, seconds: float = 0.05) -> None:

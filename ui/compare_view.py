@@ -209,6 +209,13 @@ class CompareView(QWidget):
         return (r is not None and not self.busy and r.verdict is None
                 and all(run.reply is not None for run in r.runs.values()))
 
+    @property
+    def identical(self) -> bool:
+        """Both answers are in and are one text."""
+        r = self.round
+        return (r is not None and all(run.reply is not None for run in r.runs.values())
+                and len({run.reply.text for run in r.runs.values()}) == 1)
+
     def refresh(self) -> None:
         for picker in self.pickers:
             picker.refresh()
@@ -281,7 +288,7 @@ class CompareView(QWidget):
                 stored = comparisons.record(store, r.prompt, left, right, verdict, annotator=name,
                                             blind=r.blind, system_prompt=r.system,
                                             settings=r.settings, duration_s=waited)
-                tally = comparisons.tally(store)
+                tally = comparisons.tally(store, left.checkpoint, right.checkpoint)
         except Exception as e:  # noqa: BLE001 - a vote that cannot be kept is said so in the view
             self._error(f"The vote was not stored: {e}")
             return
@@ -292,8 +299,14 @@ class CompareView(QWidget):
                 self.panes[side].title.setText(f"{letter}: {run.label}")
             self.panes[side].subtitle.setText(f"{run.model} · {run.path}")
         said = {"left": "left is better", "right": "right is better", "tie": "a tie"}[verdict]
-        self.status.setText(f"Stored: {said}. {tally['total']} comparison(s) in the store "
-                            f"(left {tally['left']}, right {tally['right']}, tie {tally['tie']}).")
+        # By model, not by side: a blind round puts each model on either side.
+        names = (r.runs["left"].label, r.runs["right"].label)
+        score = (f"{names[0]} {tally.wins[0]} · {names[1]} {tally.wins[1]} · tie {tally.ties}"
+                 if left.checkpoint != right.checkpoint else f"{tally.votes} vote(s), one model against itself")
+        self.status.setText(f"Stored: {said}. These two so far: {score} "
+                            f"({tally.total} comparison(s) in the store).")
+        if self.banner.kind == "error":
+            self.banner.dismiss()          # an earlier refusal no longer holds
         self.input.selectAll()
         self.input.setFocus()
         self._update()
@@ -340,7 +353,9 @@ class CompareView(QWidget):
         self.round.runs[side].worker = None
         if not self.busy:
             self.round.finished_at = time.monotonic()
-            if self.can_vote:
+            if self.can_vote and self.identical:
+                self.status.setText("The two answers are identical: only a tie can be stored.")
+            elif self.can_vote:
                 self.status.setText("Which answer is better?")
             else:
                 self.status.setText("No vote this time: an answer is missing. Send again.")
@@ -365,8 +380,9 @@ class CompareView(QWidget):
         both = all(p.path() is not None for p in self.pickers)
         self.send_button.setEnabled(not busy and both)
         self.stop_button.setEnabled(busy)
-        for b in self.vote_buttons.values():
-            b.setEnabled(self.can_vote)
+        for verdict, b in self.vote_buttons.items():
+            # Two identical answers can only be a tie (comparisons.record refuses the rest).
+            b.setEnabled(self.can_vote and (verdict == "tie" or not self.identical))
         for w in (*self.pickers, self.blind, self.sampling, self.system):
             w.setEnabled(not busy)
 

@@ -93,12 +93,34 @@ def record(store: Store, prompt: str, left: Side, right: Side, verdict: str, *, 
     return Stored(batch_id, item_id, ranking_id, tuple(answer_ids))
 
 
-def tally(store: Store) -> dict[str, int]:
-    """How many compare votes there are: {"left", "right", "tie", "total"}, for the view's counter."""
+@dataclass
+class Tally:
+    """The votes between two checkpoints, whichever side each stood on: blind rounds swap the
+    sides, so "left" and "right" say nothing of which model won."""
+    wins: tuple[int, int]           # votes for the first checkpoint, for the second
+    ties: int
+    total: int                      # every compare vote in the project, of any pair
+
+    @property
+    def votes(self) -> int:
+        return sum(self.wins) + self.ties
+
+
+def tally(store: Store, first: str, second: str) -> Tally:
+    """The project's compare votes between the checkpoints `first` and `second` (folders as a
+    vote's answers name them)."""
     found = store.batch_by_source_key(SOURCE_KEY)
-    counts = {v: 0 for v in VERDICTS}
-    if found is not None:
-        for item in store.items(found.id):
-            counts[item.meta.get("verdict", "tie")] += 1
-    counts["total"] = sum(counts.values())
-    return counts
+    wins, ties, total = [0, 0], 0, 0
+    for item in (store.items(found.id) if found is not None else []):
+        total += 1
+        sides = (item.meta.get("left"), item.meta.get("right"))
+        if sorted(sides) != sorted((first, second)):
+            continue
+        verdict = item.meta.get("verdict", "tie")
+        if verdict == "tie" or first == second:
+            ties += verdict == "tie"
+            wins[0] += verdict != "tie"        # one model against itself: a win is its own
+            continue
+        winner = sides[0] if verdict == "left" else sides[1]
+        wins[0 if winner == first else 1] += 1
+    return Tally((wins[0], wins[1]), ties, total)
