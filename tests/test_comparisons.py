@@ -59,7 +59,8 @@ def test_a_tie_is_kept_but_gives_no_pair(store, tmp_path):
     assert write_rm_dataset(store, tmp_path / "rm.jsonl", include_simulated=False) == 0
     export_rankings(store, tmp_path / "pairs.jsonl", include_simulated=False, fmt="pairs")
     assert jsonl(tmp_path / "pairs.jsonl") == []
-    assert comparisons.tally(store) == {"left": 0, "right": 0, "tie": 1, "total": 1}
+    sft, ppo = (side.checkpoint for side in sides())
+    assert comparisons.tally(store, sft, ppo) == comparisons.Tally((0, 0), 1, 1)
 
 
 def test_votes_share_one_batch_and_keep_the_system_prompt(store, tmp_path):
@@ -79,7 +80,12 @@ def test_votes_share_one_batch_and_keep_the_system_prompt(store, tmp_path):
     assert recs[1]["messages"] == [{"role": "system", "content": "Be brief."},
                                    {"role": "user", "content": "two"}]
     assert read_rankings([rm])[1].prompt == recs[1]["messages"]
-    assert comparisons.tally(store)["total"] == 2
+    # ada preferred the left answer (sft's), bob the right (ppo's); cy, with the sides swapped
+    # as a blind round may, the left one: ppo's.
+    comparisons.record(store, "three", *reversed(sides()), "left", annotator="cy", blind=True)
+    sft, ppo = (side.checkpoint for side in sides())
+    assert comparisons.tally(store, ppo, sft) == comparisons.Tally((2, 1), 0, 3)
+    assert comparisons.tally(store, sft, "/runs/other").votes == 0
 
 
 def test_bad_votes_are_refused_before_anything_is_written(store):
