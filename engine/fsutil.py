@@ -57,6 +57,14 @@ class DiskFull(StageError, OSError):
         return self.strerror
 
 
+def nearly_full(path: str | os.PathLike, below: int = 1 << 20) -> bool:
+    """Is less than `below` bytes free where `path` is (False where that cannot be told)?"""
+    try:
+        return shutil.disk_usage(path).free < below
+    except OSError:
+        return False
+
+
 def disk_full_message(path: str | os.PathLike) -> str:
     path = Path(path)
     while not path.exists() and path != path.parent:

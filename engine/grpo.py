@@ -49,7 +49,7 @@ from engine.ppo import check_guards, encode_prompt
 from engine.ppo_core import (AnswerStates, Rollout, as_scored, build_rollout, chunks, logprobs_entropy_of, logprobs_of,
                              masked_mean)
 from engine.reward import load_reward_model
-from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
+from engine.runio import Emitter, NeverStop, Sink, StageError, reported_at, stage_main, write_summary
 from engine.sample import read_prompts
 from engine.sft_data import EpochSampler, read_tasks
 from engine.trackers import TrackerSettings
@@ -458,7 +458,10 @@ def run(cfg: GRPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=Non
         if first:
             ev.metrics(0, first)
         g.probe()
-    t_start, start_step, metrics = time.perf_counter(), g.step, {}
+    # Resumed at its last step (killed after its final checkpoint, or run again): the summary
+    # keeps the figures that step reported.
+    t_start, start_step = time.perf_counter(), g.step
+    metrics = reported_at(run_dir, g.step) if g.step >= cfg.steps else {}
     while g.step < cfg.steps:
         if control.should_stop():
             g.save("stop")

@@ -54,7 +54,7 @@ from engine.ppo_core import (BETA_RANGE, AnswerStates, KLController, Rollout, as
                              logprobs_of, masked_mean, masked_whiten, per_token_rewards, ppo_losses,
                              reference_figures_of)
 from engine.reward import load_reward_model
-from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
+from engine.runio import Emitter, NeverStop, Sink, StageError, reported_at, stage_main, write_summary
 from engine.sample import read_prompts
 from engine.sft_data import EpochSampler
 from engine.tokenizer import Tokenizer, tokenizer_files
@@ -506,7 +506,10 @@ def run(cfg: PPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
            f"{len(ppo.prompts)} prompts, {cfg.steps} steps of {cfg.rollout_batch_size} rollouts")
     if ppo.step == 0:
         ppo.probe()
-    t_start, start_step, metrics, spent = time.perf_counter(), ppo.step, {}, False
+    # Resumed at its last step (killed after its final checkpoint, or run again): the summary
+    # keeps the figures that step reported.
+    t_start, start_step, spent = time.perf_counter(), ppo.step, False
+    metrics = reported_at(run_dir, ppo.step) if ppo.step >= cfg.steps else {}
     while ppo.step < cfg.steps:
         if control.should_stop():
             ppo.save("stop")

@@ -88,12 +88,24 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+# Set by a launcher that waits for the stage (`workbench pipeline`) to its own pid: the stage
+# stops with a checkpoint once that process is gone, rather than train on as an orphan that
+# holds its run folder while the launcher's --resume would want it. The app's jobs outlive the
+# window on purpose and do not set it.
+STOP_WITH_ENV = "WORKBENCH_STOP_WITH"
+PARENT_CHECK_S = 1.0
+
+
 class Control:
-    """Cooperative stop: a `STOP` file in the run folder, or SIGTERM / SIGINT."""
+    """Cooperative stop: a `STOP` file in the run folder, SIGTERM / SIGINT, or the end of the
+    process named by STOP_WITH_ENV."""
 
     def __init__(self, run_dir: str | os.PathLike | None = None):
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._flag = False
+        parent = os.environ.get(STOP_WITH_ENV, "")
+        self._parent = int(parent) if parent.isdigit() else None
+        self._checked = time.monotonic()
 
     def request_stop(self) -> None:
         self._flag = True
@@ -103,6 +115,10 @@ class Control:
             return True
         if self.run_dir is not None and (self.run_dir / "STOP").exists():
             self._flag = True
+        if self._parent is not None and time.monotonic() - self._checked >= PARENT_CHECK_S:
+            from engine.osproc import pid_alive
+            self._checked = time.monotonic()
+            self._flag = not pid_alive(self._parent)
         return self._flag
 
     def clear(self) -> None:
@@ -293,6 +309,16 @@ def iter_events(run_dir: str | os.PathLike) -> Iterator[dict]:
             ev = parse_event_line(line)
             if ev is not None:
                 yield ev
+
+
+def reported_at(run_dir: str | os.PathLike, step: int) -> dict:
+    """The metrics the run's events hold for `step` (later events win): what a run resumed at
+    its last step, which trains no more, writes into its summary again."""
+    out: dict = {}
+    for ev in iter_events(run_dir):
+        if ev.get("type") == "metrics" and ev.get("step") == step:
+            out.update({k: v for k, v in ev.items() if k not in ("type", "time", "step")})
+    return out
 
 
 def parse_event_line(line: str) -> Optional[dict]:

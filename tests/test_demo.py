@@ -186,6 +186,20 @@ def test_a_folder_that_is_not_a_project_keeps_its_files(tmp_path, capsys):
     assert "afile is a file, not a folder" in capsys.readouterr().err
 
 
+def test_a_forced_demo_cut_short_is_refused_until_written_again(tmp_path, capsys):
+    # `demo --force` killed half way: some files of the new seed, some of the old.
+    from workbench.project import DEMO_WRITING, Project, ProjectError
+    project = tmp_path / "p"
+    write_demo_project(project, scale="tiny")
+    (project / DEMO_WRITING).touch()
+    (project / "data" / "prompts.txt").write_text("from another seed\n")
+    with pytest.raises(ProjectError, match="writing its demo files was cut short"):
+        Project.open(project)
+    assert _cli(["--project", str(project), "--scale", "tiny"]) == 0       # no --force needed
+    assert "another seed" not in (project / "data" / "prompts.txt").read_text()
+    assert Project.open(project).path == project.absolute()
+
+
 def test_cli_refuses_an_empty_project_path(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert _cli(["--project", "", "--scale", "tiny"]) == 2

@@ -413,3 +413,44 @@ def test_a_stage_run_in_process_leaves_the_signal_handlers_as_it_found_them(tmp_
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     assert stage_main("demo", Cfg, lambda *a: "completed", ["--run-dir", str(tmp_path)]) == 0
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_the_pipeline_on_a_full_disk_says_so_in_one_line(small_disk, tmp_path, capsys, monkeypatch):
+    from workbench.cli import main as workbench
+    monkeypatch.chdir(tmp_path)
+    filler = small_disk / "filler"
+
+    def fill(leave: int) -> None:
+        filler.unlink(missing_ok=True)
+        filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - leave))
+    project = small_disk / "p"
+    args = ["pipeline", "--demo", "--project", str(project), "--scale", "tiny", "--until", "tokenizer"]
+    fill(200_000)                           # the demo project does not fit
+    assert workbench(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: disk full: " in err
+    filler.unlink()
+    from workbench.demo import write_demo_project
+    write_demo_project(project, scale="tiny")
+    fill(2_000)                             # the project is there; the journal does not fit
+    assert workbench(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: disk full: " in err and str(project) in err, err
+    assert "pipeline.json" not in os.listdir(project)
+
+
+def test_a_stage_that_cannot_write_its_first_event_on_a_full_disk_is_said_so(small_disk, tmp_path):
+    from workbench import runfolder
+    from workbench.jobs import run_job
+    from workbench.project import Project
+    from workbench.demo import write_demo_project
+    write_demo_project(tmp_path / "p", scale="tiny")
+    project = Project.open(tmp_path / "p")
+    values = runfolder.suggested_values(project, "tokenizer", lambda parent: None)
+    run_dir = runfolder.new_run(project, "tokenizer", {**values, "vocab_size": 300})
+    moved = small_disk / run_dir.name
+    shutil.copytree(run_dir, moved)
+    (small_disk / "filler").write_bytes(b"\0" * shutil.disk_usage(small_disk).free)
+    result = run_job("tokenizer", moved)
+    assert result.status == "failed"
+    assert result.error.startswith("the tokenizer process exited before it started: disk full: ")

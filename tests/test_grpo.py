@@ -113,6 +113,23 @@ def test_a_user_reward_that_raises_is_reported_with_the_prompt(tiny_lm_ckpt, pro
     assert not any("Traceback" in json.dumps(e) for e in events)
 
 
+def test_a_finished_run_started_again_keeps_its_summary(tiny_lm_ckpt, prompts, tmp_path):
+    # As `workbench pipeline --resume` does after a kill between the final checkpoint and the
+    # journal: the run has nothing left to train, and its figures stay in its summary.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = dict(policy=str(tiny_lm_ckpt), prompts=[str(prompts)], steps=2, prompts_per_step=2,
+                  group_size=2, minibatch_size=4, max_new_tokens=4, probe_every=100, device="cpu")
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert main(["--run-dir", str(run_dir), "--log-format", "json"]) == 0
+    first = json.loads((run_dir / "summary.json").read_text())
+    assert main(["--run-dir", str(run_dir), "--log-format", "json"]) == 0
+    again = json.loads((run_dir / "summary.json").read_text())
+    assert "reward/total" in first, sorted(first)
+    drop = lambda d: {k: v for k, v in d.items() if k not in ("peak_rss_mb", "seconds")}  # noqa: E731
+    assert drop(again) == drop(first)
+
+
 def test_a_user_reward_that_cannot_be_loaded_is_refused_before_any_work(tiny_lm_ckpt, prompts, tmp_path):
     (tmp_path / "r.py").write_text("def other(prompt, answer):\n    return 0.0\n")
     for spec, says in (("r.py:score", "defines no function 'score'"), ("nothere.py:f", "no such file"),

@@ -299,3 +299,30 @@ def test_an_out_folder_that_cannot_be_written_is_named_before_any_work(tmp_path,
             assert err.count("\n") == 1 and "workbench.db" not in err
     finally:
         os.system(f"chattr -i {locked} 2>/dev/null") if os.geteuid() == 0 else locked.chmod(0o700)
+
+
+def test_an_export_killed_half_way_leaves_no_finished_pack_and_runs_again(tmp_path):
+    project = make_project(tmp_path / "p", n=3)
+    out = tmp_path / "packs"
+    # SIGKILL while the second pack is being built, as a kill from outside would land.
+    script = (
+        "import os, signal, sys\n"
+        "from workbench import packs\n"
+        "from workbench.store import Store\n"
+        "real, built = packs._fill_pack, []\n"
+        "def fill(*a, **k):\n"
+        "    if built:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    built.append(real(*a, **k))\n"
+        "packs._fill_pack = fill\n"
+        "with Store.for_project(sys.argv[1]) as store:\n"
+        "    packs.export_packs(store, sys.argv[1], 'class batch', ['ana', 'bea'], 1, sys.argv[2])\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(project), str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not list(out.glob("*.wbpack")) and list(out.glob("*.wbpack.part"))
+    with Store.for_project(project) as store:
+        paths = export_packs(store, project, "class batch", ["ana", "bea"], 1, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths)     # no .part left
+    with open_pack(paths[1]) as pack:
+        assert pack.info.annotator == "bea"

@@ -104,3 +104,60 @@ def test_a_stopped_pipeline_goes_on_with_resume_and_keeps_what_it_finished(tmp_p
     table = capsys.readouterr().out.split("stage      run")[1]
     assert stopped.name in table and "\nsample " in table
     assert sorted(p.name.split("-")[0] for p in runs.iterdir()) == ["pretrain", "sample", "sft", "tokenizer"]
+    # Killed after ranking, before the journal said so: ranked again (nothing new), the count is
+    # the batch's.
+    assert workbench(base + ["--until", "rank", "--resume"]) == 0
+    journal = json.loads((tmp_path / "p" / "pipeline.json").read_text())
+    assert journal["finished"].pop()["step"] == "rank"
+    (tmp_path / "p" / "pipeline.json").write_text(json.dumps(journal))
+    capsys.readouterr()
+    assert workbench(base + ["--until", "rank", "--resume"]) == 0
+    assert "12 simulated rankings" in capsys.readouterr().out.split("stage      run")[1]
+
+
+def test_a_pipeline_killed_outright_leaves_no_stage_running_and_resumes_in_its_folder(tmp_path):
+    import os
+    import signal
+    import time
+    from engine.osproc import pid_alive
+    base = [sys.executable, "-m", "workbench.cli", "pipeline", "--demo", "--project", "p", "--scale", "tiny",
+            "--vocab-size", "300", "--preset", "tiny", "--steps", "400", "--until", "pretrain", "--device", "cpu"]
+    with open(tmp_path / "first.log", "w") as log:
+        pipe = subprocess.Popen(base, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    runs = tmp_path / "p" / "runs"
+
+    def events(run):
+        path = run / "events.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    deadline = time.monotonic() + 300
+    while not any(e["type"] == "metrics" for run in runs.glob("pretrain-*") for e in events(run)):
+        assert pipe.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+        time.sleep(0.2)
+    (run,) = runs.glob("pretrain-*")
+    stage_pid = next(e["pid"] for e in events(run) if e["type"] == "start")
+    pipe.send_signal(signal.SIGKILL)
+    pipe.wait()
+    # The stage sees its pipeline gone and stops by itself, with a checkpoint.
+    deadline = time.monotonic() + 120
+    while pid_alive(stage_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not pid_alive(stage_pid)
+    assert events(run)[-1]["type"] == "done" and events(run)[-1]["status"] == "stopped"
+    assert json.loads((tmp_path / "p" / "pipeline.json").read_text())["stopped"]["run"] == run.name
+
+    proc = subprocess.run(base + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"resuming {run.name}" in proc.stdout and "tokenizer  done before" in proc.stdout
+    assert [p.name for p in runs.glob("pretrain-*")] == [run.name]
+    starts = [e for e in events(run) if e["type"] == "start"]
+    assert len(starts) == 2 and events(run)[-1]["status"] == "completed"
+    # Killed after the stage finished but before the journal said so: taken as done, not rerun.
+    journal = json.loads((tmp_path / "p" / "pipeline.json").read_text())
+    entry = journal["finished"].pop()
+    journal["stopped"] = {"step": "pretrain", "run": entry["run"], "seconds": 0.0, "running": True}
+    (tmp_path / "p" / "pipeline.json").write_text(json.dumps(journal))
+    proc = subprocess.run(base + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"pretrain   finished before ({run.name})" in proc.stdout
+    assert len([e for e in events(run) if e["type"] == "start"]) == 2
+    assert os.path.exists(run / "summary.json")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine import checkpoint as ckpt
-from engine.config import ConfigError, from_dict
+from engine.config import ConfigError, from_dict, to_dict
 from engine.weights import load_model, safetensors_state
 from engine.ppo import PPOConfig, run
 from engine.ppo_core import ERROR_RANGE, KL_GAIN, as_scored, build_rollout
@@ -221,3 +221,17 @@ def test_an_ema_switched_on_at_resume_is_refused_and_a_new_temperature_warns(tin
     more = []
     assert run(cfg(tiny_lm_ckpt, rm_ckpt, prompts, steps=2, temperature=0.7), tmp_path, more.append) == "completed"
     assert any("'temperature' changed on resume" in e["message"] for e in more if e["type"] == "log")
+
+
+def test_a_finished_run_started_again_keeps_its_summary(tiny_lm_ckpt, rm_ckpt, prompts, tmp_path):
+    # As `workbench pipeline --resume` does after a kill between the final checkpoint and the
+    # journal: nothing is left to train, and the run's figures stay in its summary.
+    from engine.ppo import main
+    (tmp_path / "config.json").write_text(json.dumps(to_dict(cfg(tiny_lm_ckpt, rm_ckpt, prompts, steps=2))))
+    assert main(["--run-dir", str(tmp_path), "--log-format", "json"]) == 0
+    first = json.loads((tmp_path / "summary.json").read_text())
+    assert main(["--run-dir", str(tmp_path), "--log-format", "json"]) == 0
+    again = json.loads((tmp_path / "summary.json").read_text())
+    assert "objective/kl" in first and "objective/score" in first
+    drop = lambda d: {k: v for k, v in d.items() if k not in ("peak_rss_mb", "seconds")}  # noqa: E731
+    assert drop(again) == drop(first)

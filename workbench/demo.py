@@ -26,6 +26,7 @@ from typing import Iterator
 
 from engine.fsutil import atomic_write_bytes
 from engine.tasks import Task, as_transcript, iter_tasks, make_pools
+from workbench.project import DEMO_WRITING
 
 # One place to tune the scales. Sizes are in bytes of UTF-8. A standard library holds only
 # about 2 MB of docstrings and topic text, so "full" is in practice "all of it".
@@ -48,7 +49,7 @@ SKIP_DIRS = {"test", "tests", "idle_test", "idlelib", "lib2to3", "site-packages"
 
 # Present while the demo is being written: a folder holding it and no workbench.toml is a demo
 # cut short, whose files a new write may replace (any other files there are the user's).
-WRITING = ".demo-writing"
+WRITING = DEMO_WRITING
 FILES = {
     "docs": "data/corpus/python_docs.txt",
     "tasks": "data/corpus/tasks.txt",
@@ -271,8 +272,9 @@ def write_demo_project(project_dir, *, seed: int = 0, scale: str = "small",
                        overwrite: bool = False) -> dict:
     """Write the demo project into `project_dir`; returns a summary of what was written.
 
-    Raises FileExistsError if the folder already holds a workbench.toml (unless `overwrite`),
-    or, not being a project, holds a file the demo would write."""
+    Raises FileExistsError if the folder already holds a workbench.toml (unless `overwrite`, or
+    writing its demo was cut short: DEMO_WRITING), or, not being a project, holds a file the
+    demo would write."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
     start = time.perf_counter()
@@ -280,7 +282,8 @@ def write_demo_project(project_dir, *, seed: int = 0, scale: str = "small",
     if root.exists() and not root.is_dir():
         raise FileExistsError(f"{root} is a file, not a folder: name a new or empty folder")
     if (root / "workbench.toml").exists():
-        if not overwrite:
+        # A demo cut short is written again without --force: it was being replaced anyway.
+        if not overwrite and not (root / WRITING).exists():
             raise FileExistsError(f"{root} already holds a project (workbench.toml); --force "
                                   "replaces its demo files")
     elif not (root / WRITING).exists():

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from engine import osproc as process
+from engine.fsutil import disk_full_message, nearly_full
+from engine.runio import STOP_WITH_ENV
 from workbench.runfold import Follower, RunFold
 from workbench.runfolder import RunFolderError, read_config
 from workbench.stages import spec
@@ -58,7 +60,7 @@ class Job:
     """One stage process on one run folder. Call `poll()` now and then: it folds new events,
     moves a stop request along, and notices the end (a `done` event, or the process gone)."""
 
-    def __init__(self, stage: str, run_dir: Path, keep: bool = True):
+    def __init__(self, stage: str, run_dir: Path, keep: bool = True, stop_with_us: bool = False):
         # Absolute: the child runs inside the folder, and liveness checks match the path in
         # its command line.
         self.stage, self.run_dir = stage, Path(run_dir).absolute()
@@ -74,6 +76,7 @@ class Job:
         self._stop_at: Optional[float] = None
         self._stop_stage = 0
         self._grace_s = 30.0
+        self._stop_with_us = stop_with_us    # the stage stops if this process dies (runio.STOP_WITH_ENV)
 
     @property
     def fold(self) -> RunFold:
@@ -89,6 +92,9 @@ class Job:
         (self.run_dir / "STOP").unlink(missing_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        env.pop(STOP_WITH_ENV, None)
+        if self._stop_with_us:
+            env[STOP_WITH_ENV] = str(os.getpid())
         # events.jsonl carries the events; stdout (to stdout.log) is the readable log.
         cmd = stage_command(self.stage, self.run_dir, "human")
         try:
@@ -142,6 +148,9 @@ class Job:
             tail = err.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-8:]
         started = self.follower.last_status_at > self._live_from
         head = LOST if started else f"the {self.stage} process exited before it started"
+        if not tail and not started and nearly_full(self.run_dir):
+            # It could not write its first event, nor a line of why.
+            return f"{head}: {disk_full_message(self.run_dir)}"
         return head + (":\n" + "\n".join(tail) if tail else "")
 
     def _finish(self, status: str, error: Optional[str]) -> None:
@@ -211,8 +220,9 @@ def run_job(stage: str, run_dir: Path, on_event: Optional[Callable[[dict], None]
     """Run a stage to its end, following its events; Ctrl-C (or SIGTERM: a `kill`, a CI
     cancel, `timeout`) asks it to stop cleanly (a checkpoint), a second one kills it. The stage
     is a process of its own: left to the default SIGTERM, this one would die and leave it
-    training, an orphan holding its run folder."""
-    job = Job(stage, run_dir, keep=False).start()
+    training, an orphan holding its run folder. So SIGHUP (the terminal closed) stops it the same
+    way, and if this process is killed outright the stage stops itself (runio.STOP_WITH_ENV)."""
+    job = Job(stage, run_dir, keep=False, stop_with_us=True).start()
     interrupted = False
     with _terminate_as_interrupt():
         while job.running:
@@ -234,15 +244,18 @@ def run_job(stage: str, run_dir: Path, on_event: Optional[Callable[[dict], None]
 
 @contextlib.contextmanager
 def _terminate_as_interrupt():
-    """SIGTERM raises KeyboardInterrupt meanwhile (main thread only: where Python runs handlers)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+    """SIGTERM and SIGHUP raise KeyboardInterrupt meanwhile (main thread only: where Python runs
+    handlers)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(_signum, _frame):
         raise KeyboardInterrupt
-    before = signal.signal(signal.SIGTERM, interrupt)
+    caught = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    before = {s: signal.signal(s, interrupt) for s in caught}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for s, handler in before.items():
+            signal.signal(s, handler)

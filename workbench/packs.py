@@ -162,11 +162,24 @@ def export_packs(store: Store, project_dir: str | Path, batch: str | int,
     text = guidelines.read_guidelines(project_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
-    for a in names:
-        info = PackInfo(uuid.uuid4().hex, a, target.name, target.created_at,
-                        Path(project_dir).resolve().name, now, overlap, names, text)
-        mine = [it for it, who in zip(items, dealt) if a in who]
-        _write_pack(paths[a], info, target, mine, repeat_fraction, seed)
+    # Every pack is built as its .part first and only then are they renamed: an export killed
+    # half way leaves no finished pack that a second export would refuse to write over.
+    parts = {a: paths[a].with_name(paths[a].name + ".part") for a in names}
+    try:
+        for a in names:
+            info = PackInfo(uuid.uuid4().hex, a, target.name, target.created_at,
+                            Path(project_dir).resolve().name, now, overlap, names, text)
+            mine = [it for it, who in zip(items, dealt) if a in who]
+            _write_pack(paths[a], parts[a], info, target, mine, repeat_fraction, seed)
+        for a in names:
+            try:
+                os.replace(parts[a], paths[a])    # closed by _fill_pack: its WAL folded in, removed
+            except OSError as e:
+                raise PackError(f"{paths[a]}: cannot write the annotation pack ({e.strerror or e})") from None
+    finally:
+        for part in parts.values():
+            for leftover in _sqlite_files(part):
+                leftover.unlink(missing_ok=True)
     return list(paths.values())
 
 
@@ -181,20 +194,16 @@ def _sqlite_files(path: Path) -> list[Path]:
             path.with_name(path.name + "-journal")]
 
 
-def _write_pack(path: Path, info: PackInfo, batch: Batch, items: list[Item],
+def _write_pack(path: Path, tmp: Path, info: PackInfo, batch: Batch, items: list[Item],
                 repeat_fraction: float, seed: int) -> None:
-    tmp = path.with_name(path.name + ".part")
+    """The pack `path` built whole as `tmp` (an earlier export's leftover there replaced)."""
     for leftover in _sqlite_files(tmp):
         leftover.unlink(missing_ok=True)
     try:
         _fill_pack(tmp, info, batch, items, repeat_fraction, seed)
-        os.replace(tmp, path)    # closed by _fill_pack, so the WAL is folded in and removed
     except (sqlite3.Error, OSError) as e:     # not the project's database: name the pack
         raise PackError(f"{path}: cannot write the annotation pack "
                         f"({getattr(e, 'strerror', None) or e})") from None
-    finally:
-        for leftover in _sqlite_files(tmp):
-            leftover.unlink(missing_ok=True)
 
 
 def _fill_pack(tmp: Path, info: PackInfo, batch: Batch, items: list[Item],

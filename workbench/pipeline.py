@@ -22,14 +22,16 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from engine.config import ConfigError
+from engine.fsutil import atomic_write_text, disk_full_message, is_disk_full
 from engine.device import resolve_device
-from engine.runio import StageError, format_count, format_duration
+from engine import osproc as process
+from engine.runio import StageError, format_count, format_duration, iter_events
 from workbench import demo, runfolder, stages
 from workbench.cli import refuse
 from workbench.jobs import JobResult, run_job
 from workbench.methods import methods
 from workbench.pipeline_journal import Journal, JournalError
-from workbench.project import NoDataEntry, Project, ProjectError
+from workbench.project import DEMO_WRITING, NoDataEntry, Project, ProjectError
 from workbench.runfold import RunFold, fold_run
 from workbench.store_types import StoreError
 
@@ -218,7 +220,16 @@ class Pipeline:
         if run_dir is None:
             run_dir = runfolder.new_run(self.project, stage, self.values(stage), rankings=rankings)
         else:
+            fold = self._left_behind(stage, run_dir)
+            if fold.status == "completed":        # finished as the pipeline was killed
+                seconds = before + _last_part_s(run_dir)
+                print(f"  {stage:<10} finished before ({run_dir.name})", flush=True)
+                self.journal.done(stage, seconds, run=run_dir)
+                self._made(stage, JobResult(stage, run_dir, fold.status, fold.error, None, fold), seconds)
+                self.earlier_s += seconds - before     # none of it in this pipeline's time
+                return
             print(f"  {stage:<10} resuming {run_dir.name}", flush=True)
+        self.journal.started(stage, run_dir, before)
         line = ProgressLine(stage)
         t0 = time.perf_counter()
         result = run_job(stage, run_dir, on_event=line)
@@ -233,6 +244,20 @@ class Pipeline:
                              f"events: {run_dir / 'events.jsonl'}")
         self.journal.done(stage, seconds, run=run_dir)
         self._made(stage, result, seconds)
+
+    def _left_behind(self, stage: str, run_dir: Path) -> RunFold:
+        """The run a killed pipeline left, once its stage process has stopped: one still running
+        (it stops by itself when its pipeline dies, after its step and checkpoint) is asked to
+        stop through its STOP file, and waited for."""
+        fold = fold_run(run_dir)
+        if fold.status == "running" and process.alive(fold.pid, run_dir):
+            print(f"  {stage:<10} waiting for {run_dir.name} (pid {fold.pid}), left running by the "
+                  "earlier pipeline, to stop with a checkpoint", flush=True)
+            (run_dir / "STOP").touch()
+            while process.alive(fold.pid, run_dir):
+                time.sleep(0.5)
+            fold = fold_run(run_dir)
+        return fold
 
     def _made(self, stage: str, result: JobResult, seconds: float, restored: bool = False) -> None:
         self.made[stage], self.results[stage] = result.run_dir, result
@@ -267,7 +292,10 @@ class Pipeline:
         t0 = time.perf_counter()
         with Store.for_project(self.project.path) as store:
             self.batch = import_sample_run(store, self.made["sample"])
-            self.rankings = rank_batch(store, self.batch, DEFAULT_NAME, seed=self.args.seed)
+            rank_batch(store, self.batch, DEFAULT_NAME, seed=self.args.seed)
+            # All of the batch's, not this call's: a pipeline killed after ranking ranks none again.
+            self.rankings = next((n for b, who, _kind, n in store.ranked_counts(self.batch)
+                                  if who == DEFAULT_NAME), 0)
         s = time.perf_counter() - t0
         print(f"  {RANK:<10} {self.rankings} rankings by {DEFAULT_NAME} (simulated) in {format_duration(s)}",
               flush=True)
@@ -294,7 +322,7 @@ class Pipeline:
             t0 = time.perf_counter()
             tuned = self.made[method]
             r = side_by_side.evaluate_method(method, reference, tuned, took.get(tuned.name))
-            (tuned / "evaluation.json").write_text(json.dumps(r, indent=2) + "\n", encoding="utf-8")
+            atomic_write_text(tuned / "evaluation.json", json.dumps(r, indent=2) + "\n")
             rows.append(r)
             score = f"; RM score {r['base_score']:+.3f} -> {r['score']:+.3f}" if "score" in r else ""
             self.rows.append(Row(EVALUATE, tuned.name,
@@ -317,6 +345,18 @@ class Pipeline:
 
 def _rank_figure(rankings: int) -> str:
     return f"{rankings} simulated rankings (correct, ended, then shorter)"
+
+
+def _last_part_s(run_dir: Path) -> float:
+    """Seconds from the run's last start to its done event: the part of a stage a killed
+    pipeline did not live to count."""
+    start = end = None
+    for ev in iter_events(run_dir):
+        if ev.get("type") == "start":
+            start = ev.get("time")
+        elif ev.get("type") == "done":
+            end = ev.get("time")
+    return max(0.0, end - start) if isinstance(start, (int, float)) and isinstance(end, (int, float)) else 0.0
 
 
 def _summary(run_dir: Path) -> dict:
@@ -386,12 +426,14 @@ def run_pipeline(args) -> int:
         return refuse(f"--table-out: {table_out.parent} is not a folder")
     if table_out is not None and table_out.is_dir():
         return refuse(f"--table-out: {table_out} is a folder; give the file to write the table to")
-    if args.demo and not (project_dir / "workbench.toml").exists():
+    if args.demo and (not (project_dir / "workbench.toml").exists() or (project_dir / DEMO_WRITING).exists()):
         print(f"writing the demo project to {project_dir} ...", flush=True)
         try:
             demo.write_demo_project(project_dir, seed=args.seed, scale=args.scale)
         except FileExistsError as e:
             return refuse(str(e))
+        except OSError as e:
+            return refuse(_os_error(e, project_dir))
     try:
         project = Project.open(project_dir)
     except ProjectError as e:
@@ -405,8 +447,16 @@ def run_pipeline(args) -> int:
     todo = order[:order.index(args.until) + 1]
     if problem := pipe.restore() or pipe.check(todo):
         return refuse(problem)
-    journal.save()
+    try:
+        journal.save()
+    except OSError as e:
+        return refuse(_os_error(e, journal.path))
     return _run_steps(pipe, todo, table_out)
+
+
+def _os_error(e: OSError, path: Path) -> str:
+    """One line for a file the pipeline itself could not write."""
+    return disk_full_message(path) if is_disk_full(e) else f"cannot write {e.filename or path}: {e.strerror or e}"
 
 
 def _run_steps(pipe: Pipeline, todo: list[str], table_out: Optional[Path]) -> int:
@@ -427,6 +477,8 @@ def _run_steps(pipe: Pipeline, todo: list[str], table_out: Optional[Path]) -> in
         return 0
     except (ConfigError, ProjectError, StageError, StoreError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+    except OSError as e:        # a file of the pipeline's own (a stage says its own in its events)
+        raise SystemExit(f"error: {_os_error(e, pipe.project.path)}")
     earlier = pipe.earlier_s + sum(r.seconds for r in pipe.rows if r.restored)
     table = pipe.table(time.perf_counter() - t_all + earlier)
     print()

@@ -6,7 +6,9 @@ each step it finished in order (a stage's run folder, or the simulated ranking's
 time, and the stage it stopped in with a checkpoint, if it did. It is rewritten whole after
 each step. A new pipeline without --resume starts a new journal; with --resume it takes up the
 finished steps, resumes the stopped stage in its own run folder and runs the rest, so a
-pipeline stopped by Ctrl-C, or one run `--until sft` first, goes on to its end.
+pipeline stopped by Ctrl-C, or one run `--until sft` first, goes on to its end. The stage being
+run is written down before its process starts: a pipeline killed outright is resumed in that
+stage's folder too (from its last checkpoint, or taken as done if it had finished).
 """
 from __future__ import annotations
 
@@ -83,6 +85,13 @@ class Journal:
         self.finished = [e for e in self.finished if e["step"] != step] + [entry]
         if self.stop and self.stop.get("step") == step:
             self.stop = None
+        self.save()
+
+    def started(self, step: str, run: Path, seconds: float) -> None:
+        """The stage runs now in `run` (having run `seconds` before): saved before its process
+        starts, so that a pipeline killed outright (no stop it could record) is still resumed
+        in that folder, not in a new one."""
+        self.stop = {"step": step, "run": run.name, "seconds": round(seconds, 2), "running": True}
         self.save()
 
     def stopped(self, step: str, run: Path, seconds: float) -> None:

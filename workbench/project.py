@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Sequence
 
 SETTINGS = "workbench.toml"     # what makes a folder a project
+# Present while `workbench demo` writes a project's demo files: if it is still there, the
+# writing was cut short and the files may come from two runs of it (another seed or scale).
+DEMO_WRITING = ".demo-writing"
 # It and the store beside it (workbench.store.DB_NAME, with its WAL files).
 PROJECT_FILES = (SETTINGS, "workbench.db", "workbench.db-wal", "workbench.db-shm")
 
@@ -44,6 +47,10 @@ class Project:
             raise ProjectError(f"{toml}: cannot be read ({e.strerror or e})") from None
         if problem := unknown_setting(settings):
             raise ProjectError(f"{toml}: {problem}")
+        if (path / DEMO_WRITING).exists():
+            raise ProjectError(f"{path}: writing its demo files was cut short ({DEMO_WRITING} is "
+                               f"there), so they may not belong together: `workbench demo --project "
+                               f"{path}` writes them again whole")
         return cls(path, settings)
 
     def all_data_files(self) -> list[Path]:
