@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QRect, Qt
 from PySide6.QtWidgets import QPushButton
 
 from test_agreement_figures import make_class
@@ -165,5 +165,13 @@ def test_the_ceiling_says_when_a_simulated_annotator_is_in_it(qtbot, tmp_path):
         click(qtbot, page.simulated)
         assert "annotator-annotator ceiling (simulated annotators included)" in page.summary.text()
         assert page.ceiling.rows[1][0].startswith("Annotator-annotator ceiling")
+        assert page.ceiling_heading.text().endswith("against the annotator-annotator ceiling "
+                                                    "(simulated annotators included)")
+        # The bar's label fits beside its bar (on two lines at most), not cut off.
+        click_tab(qtbot, page.sections, "Reward model")
+        label, bars = page.ceiling.rows[1][0], page.ceiling
+        needs = bars.fontMetrics().boundingRect(QRect(0, 0, bars.label_width() - 8, 1000),
+                                                Qt.AlignRight | Qt.TextWordWrap, label)
+        assert needs.width() <= bars.label_width() - 8 and needs.height() <= bars.ROW - 6
     finally:
         view.close_store()

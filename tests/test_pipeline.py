@@ -161,3 +161,13 @@ def test_a_pipeline_killed_outright_leaves_no_stage_running_and_resumes_in_its_f
     assert f"pretrain   finished before ({run.name})" in proc.stdout
     assert len([e for e in events(run) if e["type"] == "start"]) == 2
     assert os.path.exists(run / "summary.json")
+
+
+def test_eval_tasks_sets_every_stage_that_measures_task_accuracy(demo_project):
+    from workbench.cli import build_parser
+    from workbench.pipeline import Pipeline
+    from workbench.pipeline_journal import Journal
+    from workbench.project import Project
+    args = build_parser().parse_args(["pipeline", "--project", str(demo_project), "--eval-tasks", "8"])
+    pipe = Pipeline(Project.open(demo_project), args, Journal.start(demo_project, args))
+    assert pipe.values("sft")["eval_task_limit"] == pipe.values("grpo")["eval_task_limit"] == 8

@@ -104,7 +104,7 @@ class CeilingBars(QWidget):
     """Two bars on a 0-100 % scale: the reward model's held-out pairwise accuracy and the
     human-human ceiling, with a dashed line at the ceiling across both and a dotted one at
     50 % (a coin flip), so "how close to people" reads at a glance."""
-    ROW, LABEL = 26, 190
+    ROW, LABEL = 38, 190        # a row holds two lines of label
 
     def __init__(self):
         super().__init__()
@@ -116,16 +116,25 @@ class CeilingBars(QWidget):
         self.setToolTip("\n".join(f"{label}: {_fmt(v, '{:.1%}')}" for label, v in self.rows))
         self.update()
 
+    def label_width(self) -> int:
+        """As wide as the longest label, up to half the widget: a longer one wraps onto a second
+        line (its whole text is in the tooltip too)."""
+        fm = self.fontMetrics()
+        widest = max((fm.horizontalAdvance(label) for label, _ in self.rows), default=0) + 12
+        return max(self.LABEL, min(widest, self.width() // 2))
+
     def paintEvent(self, _event) -> None:
         p = QPainter(self)
         p.setRenderHint(QPainter.Antialiasing)
         pal = self.palette()
-        left, width = self.LABEL, max(40, self.width() - self.LABEL - 70)
+        left = self.label_width()
+        width = max(40, self.width() - left - 70)
         colours = [pal.color(QPalette.Highlight), QColor(120, 160, 90)]
         for i, (label, value) in enumerate(self.rows):
             y = 4 + i * self.ROW
             p.setPen(pal.color(QPalette.WindowText))
-            p.drawText(QRectF(0, y, left - 8, self.ROW - 6), Qt.AlignRight | Qt.AlignVCenter, label)
+            p.drawText(QRectF(0, y, left - 8, self.ROW - 6),
+                       Qt.AlignRight | Qt.AlignVCenter | Qt.TextWordWrap, label)
             p.fillRect(QRectF(left, y + 3, width, self.ROW - 12), pal.color(QPalette.Midlight))
             if value is not None:
                 p.fillRect(QRectF(left, y + 3, width * value, self.ROW - 12), colours[i])
@@ -220,7 +229,8 @@ class AgreementView(QWidget):
         rm_row.addWidget(self.find)
         page = QWidget()
         lay = QVBoxLayout(page)
-        lay.addWidget(_heading("The reward model against the human-human ceiling"))
+        self.ceiling_heading = _heading("The reward model against the human-human ceiling")
+        lay.addWidget(self.ceiling_heading)
         lay.addWidget(self.ceiling)
         lay.addWidget(self.ceiling_note)
         lay.addSpacing(8)
@@ -327,6 +337,7 @@ class AgreementView(QWidget):
         rm = self.rm_accuracy
         name = f.ceiling_name
         self.ceiling.set_values(rm.accuracy if rm else None, f.ceiling, name[0].upper() + name[1:])
+        self.ceiling_heading.setText(f"The reward model against the {name}")
         where = (f"{rm.run}, on {rm.rankings} held-out rankings" if rm and rm.rankings is not None
                  else rm.run if rm else "")
         self.ceiling_note.setText(

@@ -161,7 +161,7 @@ PIPELINE_OPTIONS = [
     ("--lr", float, "pretraining peak learning rate"),
     ("--sft-steps", int, "SFT steps"),
     ("--sft-lr", float, "SFT learning rate"),
-    ("--eval-tasks", int, "held-out tasks for SFT's accuracy and the final win rate"),
+    ("--eval-tasks", int, "held-out tasks for SFT's and GRPO's accuracy and the final win rate"),
     ("--rank-prompts", int, "prompts sampled for ranking"),
     ("--k", int, "answers per prompt to rank"),
     ("--rm-epochs", float, "reward-model epochs"),
@@ -177,7 +177,7 @@ PIPELINE_OPTIONS = [
 
 
 def add_pipeline_parser(sub) -> None:
-    from workbench.pipeline import DEFAULT_METHODS, OPTIONS, methods, steps
+    from workbench.pipeline import DEFAULT_METHODS, methods, steps, targets
     p = sub.add_parser("pipeline", help="run the whole pipeline headless, one run folder per stage",
                        description="Run tokenizer -> pretrain -> SFT -> sample -> simulated ranking -> "
                                    "reward model -> PPO (and DPO, GRPO with --methods) -> evaluation in a project folder (the demo "
@@ -199,7 +199,7 @@ def add_pipeline_parser(sub) -> None:
     p.add_argument("--scale", choices=["tiny", "small", "full"], default="small",
                    help="size of a newly written demo corpus (default small)")
     for flag, kind, text in PIPELINE_OPTIONS:
-        stage, name = OPTIONS[flag[2:].replace("-", "_")]
+        stage, name = targets(flag[2:].replace("-", "_"))[0]
         default = stages.spec(stage).demo_settings().get(name)
         where = f"default {default:g}" if isinstance(default, float) else (
             f"default {default}" if default is not None else "default: the project's")

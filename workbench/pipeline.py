@@ -35,8 +35,8 @@ from workbench.project import DEMO_WRITING, NoDataEntry, Project, ProjectError
 from workbench.runfold import RunFold, fold_run
 from workbench.store_types import StoreError
 
-# Pipeline options onto the settings they set: (stage, setting). The help shows the
-# catalogue's demo value of each as its default.
+# Pipeline options onto the settings they set: (stage, setting), or several of them. The help
+# shows the catalogue's demo value of the first as its default.
 OPTIONS = {
     "vocab_size": ("tokenizer", "vocab_size"),
     "preset": ("pretrain", "preset"),
@@ -45,7 +45,7 @@ OPTIONS = {
     "lr": ("pretrain", "lr"),
     "sft_steps": ("sft", "max_steps"),
     "sft_lr": ("sft", "lr"),
-    "eval_tasks": ("sft", "eval_task_limit"),
+    "eval_tasks": (("sft", "eval_task_limit"), ("grpo", "eval_task_limit")),
     "rank_prompts": ("sample", "n_prompts"),
     "k": ("sample", "k"),
     "rm_epochs": ("reward", "epochs"),
@@ -63,6 +63,12 @@ RANK, EVALUATE = "rank", "evaluate"
 
 
 DEFAULT_METHODS = ("ppo",)
+
+
+def targets(option: str) -> list[tuple[str, str]]:
+    """The (stage, setting) pairs a pipeline option sets."""
+    t = OPTIONS[option]
+    return list(t) if isinstance(t[0], tuple) else [t]
 
 
 def steps(chosen: Optional[tuple[str, ...]] = None) -> list[str]:
@@ -149,10 +155,11 @@ class Pipeline:
         method = stages.spec(stage).method
         values = runfolder.suggested_values(self.project, stage, lambda p: self.newest(p, method))
         fields = set(runfolder.defaults(stage)) | {p.field for p in stages.spec(stage).parents}
-        for option, (target, name) in OPTIONS.items():
+        for option in OPTIONS:
             value = getattr(self.args, option, None)
-            if target == stage and value is not None:
-                values[name] = value
+            for target, name in targets(option):
+                if target == stage and value is not None:
+                    values[name] = value
         for name in COMMON:
             if name in fields and getattr(self.args, name, None) is not None:
                 values[name] = getattr(self.args, name)
@@ -197,7 +204,7 @@ class Pipeline:
     def _where(self, stage: str, field: str) -> str:
         """Where a stage's setting came from, for a message: the option, workbench.toml, or
         the stage's own settings."""
-        option = next((f"--{o.replace('_', '-')}" for o, (target, name) in OPTIONS.items()
+        option = next((f"--{o.replace('_', '-')}" for o in OPTIONS for target, name in targets(o)
                        if target == stage and name == field and getattr(self.args, o, None) is not None),
                       None)
         option = option or next((f"--{n}" for n in COMMON if n == field), None)
