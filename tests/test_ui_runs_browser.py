@@ -235,3 +235,18 @@ def test_the_export_dialog_keeps_a_typed_path_across_formats(qtbot, tmp_path):
     assert d.path.text() == "/data/mine/model"
     d.format.setCurrentIndex(1)
     assert d.path.text() == "/data/mine/model.gguf"
+
+
+def test_a_failed_run_selected_says_why_above_its_plots(qtbot, browser):
+    b = browser
+    failed = b.ctx.run("sft-20250301-120000")
+    failed.status, failed.error = "failed", "config field 'user_reward': r.py: no such file"
+    b.ctx.runsChanged.emit()
+    row = names(b).index(failed.name)
+    qtbot.mouseClick(b.table.viewport(), Qt.LeftButton, pos=b.table.visualItemRect(b.table.item(row, 0)).center())
+    assert b.note.isVisible()
+    assert b.note.text() == ("sft-20250301-120000 failed: config field 'user_reward': r.py: no such file\n"
+                             "It reported no metrics: it ended before its first logged step.")
+    row = names(b).index("pretrain-20250301-100000")
+    qtbot.mouseClick(b.table.viewport(), Qt.LeftButton, pos=b.table.visualItemRect(b.table.item(row, 0)).center())
+    assert not b.note.isVisible()

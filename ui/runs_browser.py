@@ -162,6 +162,12 @@ class RunsBrowser(QWidget):
         bar.addWidget(self.hint)
 
         self.plot_holder = QVBoxLayout()
+        # Why a run failed, above its plots (which a run that failed early leaves empty).
+        self.note = QLabel()
+        self.note.setWordWrap(True)
+        self.note.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.note.hide()
+        self.plot_holder.addWidget(self.note)
         plots = QWidget()
         plots.setLayout(self.plot_holder)
         self.plots: PlotGrid | None = None
@@ -258,6 +264,7 @@ class RunsBrowser(QWidget):
         self._update_buttons()
         infos = [i for i in (self.ctx.run(n) for n in self.selected_names()) if i is not None]
         if not infos:
+            self.note.hide()
             if self.plots is not None:      # nothing selected: no plots of a run not chosen
                 self.plots.setParent(None)
                 self.plots.deleteLater()
@@ -272,12 +279,24 @@ class RunsBrowser(QWidget):
             self.plots = PlotGrid(stage)
             self.plot_holder.addWidget(self.plots)
         if len(same) == 1:
-            self.plots.set_history(self._history(same[0]))
+            history = self._history(same[0])
+            self.plots.set_history(history)
+            self._say_note(same[0], history)
         else:
             self.plots.set_overlay([(i.name, self._history(i)) for i in same])
+            self.note.hide()
         skipped = len(infos) - len(same)
         self.hint.setText(f"{skipped} run(s) of other stages not overlaid." if skipped
                           else "Select runs of one stage to overlay their curves.")
+
+    def _say_note(self, info: RunInfo, history: RunHistory) -> None:
+        text = ""
+        if info.status == "failed":
+            text = f"{info.name} failed: {info.error or 'no reason recorded'}"
+        if not history.keys() and info.status in ("failed", "stopped"):
+            text += ("" if not text else "\n") + "It reported no metrics: it ended before its first logged step."
+        self.note.setText(text)
+        self.note.setVisible(bool(text))
 
     # --- actions ------------------------------------------------------------------------------
 
