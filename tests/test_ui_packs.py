@@ -2,6 +2,8 @@
 makes packs and merges them back; File ▸ Open Annotation Pack… ranks one in its own window."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from PySide6.QtCore import QSettings, Qt, QTimer
 from PySide6.QtWidgets import QApplication, QDialogButtonBox, QFileDialog, QMessageBox, QPushButton
 
@@ -136,3 +138,12 @@ def test_ctrl_q_quits_with_a_pack_window_open_from_either_window(qtbot, tmp_path
         qtbot.waitExposed(window)
         press(qtbot, main if quit_from == "main" else window, Qt.Key_Q, Qt.ControlModifier)
         qtbot.waitUntil(lambda: not window.isVisible() and not main.isVisible())
+
+
+def test_open_annotation_pack_starts_in_the_projects_packs_folder(qtbot, demo_project, make_window, monkeypatch):
+    (demo_project / "packs").mkdir()
+    w = make_window(demo_project)
+    asked = []
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: asked.append(a) or ("", ""))
+    next(a for a in w.menuBar().actions()[0].menu().actions() if a.text() == "Open Annotation &Pack…").trigger()
+    assert asked and Path(asked[0][2]) == demo_project / "packs"

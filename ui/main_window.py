@@ -228,7 +228,7 @@ class MainWindow(QMainWindow):
     def choose_pack(self) -> None:
         """Rank an annotation pack in a window of its own (no project needed)."""
         from ui.pack_window import choose_and_open_pack
-        window = choose_and_open_pack(self)
+        window = choose_and_open_pack(self, self.ctx.path / "packs" if self.ctx is not None else None)
         if window is not None:
             self.pack_windows = [w for w in getattr(self, "pack_windows", []) if w.isVisible()]
             self.pack_windows.append(window)

@@ -72,6 +72,9 @@ def open_pack_window(path: Path, parent: QWidget | None = None) -> PackWindow | 
     return window
 
 
-def choose_and_open_pack(parent: QWidget | None) -> PackWindow | None:
-    path, _ = QFileDialog.getOpenFileName(parent, "Open annotation pack", "", PACK_FILTER)
+def choose_and_open_pack(parent: QWidget | None, start: Path | None = None) -> PackWindow | None:
+    """`start`: the folder the file dialog opens in (the open project's packs, where Make packs
+    writes them)."""
+    folder = str(start) if start is not None and start.is_dir() else ""
+    path, _ = QFileDialog.getOpenFileName(parent, "Open annotation pack", folder, PACK_FILTER)
     return open_pack_window(Path(path), parent) if path else None
