@@ -133,6 +133,12 @@ class ChatSession:
         self._turns.clear()
         self.dropped_turns = 0
 
+    def restore(self, turns: list[dict]) -> None:
+        """Put back the turns of `messages` (without the system prompt) that reset forgot: the
+        app's Undo of Clear."""
+        self._turns = [{"role": t["role"], "content": t["content"]} for t in turns]
+        self.dropped_turns = 0
+
     def truncate(self, n_turns: int) -> None:
         """Keep the first `n_turns` messages (user and assistant, no system): editing a message
         drops it and everything after, and the edit is sent again."""

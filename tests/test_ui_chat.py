@@ -178,6 +178,16 @@ def test_edit_and_resend_drops_what_came_after(qtbot, tmp_path, two_ckpts, cache
     assert view.session.messages == [{"role": "system", "content": "Be brief."}]
     assert "first question" not in view.transcript.toPlainText()
     assert not view.regen_button.isEnabled()
+    # Clear asks nothing first, and Undo brings the conversation back.
+    assert "Cleared 2 messages." == view.banner.text.text() and view.banner.action.text() == "Undo"
+    view.banner.action.click()
+    assert [m["content"] for m in view.session.messages] == ["Be brief.", "first question, edited", reply.text]
+    assert "first question, edited" in view.transcript.toPlainText() and view.banner.isHidden()
+    assert view.regen_button.isEnabled()
+    # Once something new is said, the Undo of an earlier Clear is gone.
+    view.clear_button.click()
+    say(qtbot, view, "third question")
+    assert view.banner.isHidden()
 
 
 def test_completion_mode_continues_plain_text(qtbot, tmp_path, two_ckpts, cache):

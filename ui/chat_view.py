@@ -294,12 +294,29 @@ class ChatView(QWidget):
     def clear(self) -> None:
         if self.busy:
             return
-        if self.completion.isChecked():
+        completion = self.completion.isChecked()
+        if completion:
+            kept, what = list(self.completions), "completion"
             self.completions.clear()
         else:
+            kept, what = self._turns(), "message"
             self.session.reset()
         self._end_edit()
         self.stats.clear()
+        self._render()
+        self._update()
+        if kept:
+            # No question before a Clear; a way back after it, until the next one is sent.
+            self.banner.show_message(f"Cleared {len(kept)} {what}{'s' * (len(kept) != 1)}.", "info",
+                                     ("Undo", lambda: self._undo_clear(completion, kept)))
+
+    def _undo_clear(self, completion: bool, kept: list) -> None:
+        if self.busy or (self.completions if completion else self._turns()):
+            return          # something new was said since: it is not overwritten
+        if completion:
+            self.completions[:] = kept
+        else:
+            self.session.restore(kept)
         self._render()
         self._update()
 
@@ -332,7 +349,7 @@ class ChatView(QWidget):
         self._pending = _Pending(action, text, replace, tuple(turns), started=time.perf_counter())
         worker = Worker(run_reply, self.session, self.cache, self.picker.path(), action, text)
         worker.progress.connect(self._on_token)
-        if self.banner.kind == "error":
+        if self.banner.kind == "error" or not self.banner.action.isHidden():
             self.banner.dismiss()
         self._start(worker, self._on_reply)
         self._render()

@@ -167,20 +167,36 @@ class Banner(QFrame):
         close.setIcon(self.style().standardIcon(QStyle.SP_TitleBarCloseButton))
         close.setToolTip("Dismiss")
         close.clicked.connect(self.dismiss)
+        # One action the message offers (Undo); it dismisses the banner when clicked.
+        self.action = QPushButton()
+        self.action.clicked.connect(self._act)
+        self.action.hide()
+        self._on_action: Optional[Callable[[], None]] = None
         row = QHBoxLayout(self)
         row.setContentsMargins(8, 4, 4, 4)
         row.addWidget(self.icon)
         row.addWidget(self.text, 1)
+        row.addWidget(self.action, 0, Qt.AlignTop)
         row.addWidget(close, 0, Qt.AlignTop)
         self.kind = ""
         self.hide()
 
-    def show_message(self, text: str, kind: str = "error") -> None:
+    def show_message(self, text: str, kind: str = "error",
+                     action: Optional[tuple[str, Callable[[], None]]] = None) -> None:
         icon = QStyle.SP_MessageBoxWarning if kind == "error" else QStyle.SP_MessageBoxInformation
         self.icon.setPixmap(self.style().standardIcon(icon).pixmap(20, 20))
         self.text.setText(text)
         self.kind = kind
+        self.action.setText(action[0] if action else "")
+        self.action.setVisible(action is not None)
+        self._on_action = action[1] if action else None
         self.show()
+
+    def _act(self) -> None:
+        act, self._on_action = self._on_action, None
+        self.dismiss()
+        if act is not None:
+            act()
 
     def dismiss(self) -> None:
         if not self.isHidden():
