@@ -253,6 +253,10 @@ def test_metrics_outside_the_spec_are_offered_singly_and_by_group(grid):
     choices = g.other_choices()
     assert {"eval/acc/add", "eval/acc/sort", "eval/acc/*", "perf/peak_rss_mb"} <= set(choices)
     assert "train/loss" not in choices
+    # Until one is picked, the first group is drawn rather than an empty plot.
+    assert g.plot_item(OTHER).titleLabel.text == "eval/acc/*" and g.other_box.currentText() == "eval/acc/*"
+    assert g.curve_data(OTHER, "eval/acc/sort")[1][0] == 0.25
+    g.show_other("perf/peak_rss_mb")
     g.show_other("eval/acc/*")
     g.redraw()
     assert g.curve_data(OTHER, "eval/acc/add")[1][0] == 0.5

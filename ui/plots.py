@@ -421,6 +421,10 @@ class PlotGrid(QWidget):
             groups[g] = groups.get(g, 0) + 1
         choices = sorted(keys | {f"{g}/*" for g, n in groups.items() if n > 1})
         current = self.other_box.currentText()
+        if not current and choices:
+            # Not an empty plot until someone picks: the first group (a task kind's accuracy each).
+            current = next((c for c in choices if c.endswith("/*")), choices[0])
+            self._title_other(current)
         self.other_box.blockSignals(True)
         self.other_box.clear()
         self.other_box.addItems(choices)
@@ -440,9 +444,12 @@ class PlotGrid(QWidget):
         self._empty(cell)
         choice = self.other_box.itemText(index) if index >= 0 else ""
         cell.keys = self._keys_for(choice)
-        cell.widget.getPlotItem().setTitle(choice or OTHER, color=self.palette().color(QPalette.Text).name(),
-                                           size="9pt")
+        self._title_other(choice)
         self._schedule()
+
+    def _title_other(self, choice: str) -> None:
+        self._cells[OTHER].widget.getPlotItem().setTitle(
+            choice or OTHER, color=self.palette().color(QPalette.Text).name(), size="9pt")
 
     # ----- legend: a label under the plot, so it never hides the newest points (pyqtgraph's
     # legend floats over the data, and the data grows toward it)
