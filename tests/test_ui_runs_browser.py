@@ -250,3 +250,19 @@ def test_a_failed_run_selected_says_why_above_its_plots(qtbot, browser):
     row = names(b).index("pretrain-20250301-100000")
     qtbot.mouseClick(b.table.viewport(), Qt.LeftButton, pos=b.table.visualItemRect(b.table.item(row, 0)).center())
     assert not b.note.isVisible()
+
+
+def test_the_filter_shows_the_runs_with_every_word_typed(qtbot, browser):
+    b = browser
+    b.ctx.run("sft-20250301-120000").status = "failed"
+    b.ctx.runsChanged.emit()
+    row = names(b).index("pretrain-20250301-100000")
+    qtbot.mouseClick(b.table.viewport(), Qt.LeftButton, pos=b.table.visualItemRect(b.table.item(row, 0)).center())
+    qtbot.keyClicks(b.filter, "fail")
+    shown = [n for r, n in enumerate(names(b)) if not b.table.isRowHidden(r)]
+    assert shown == ["sft-20250301-120000"] and b.selected_names() == []   # a hidden run is not selected
+    b.filter.clear()
+    qtbot.keyClicks(b.filter, "2025 token")
+    assert [n for r, n in enumerate(names(b)) if not b.table.isRowHidden(r)] == ["tokenizer-20250301-090000"]
+    b.ctx.runsChanged.emit()                       # a refresh keeps the filter
+    assert [n for r, n in enumerate(names(b)) if not b.table.isRowHidden(r)] == ["tokenizer-20250301-090000"]

@@ -16,8 +16,8 @@ from pathlib import Path
 from PySide6.QtCore import Qt, QUrl, Signal
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QLabel,
-                               QMessageBox, QPushButton, QSplitter, QTableWidget, QTableWidgetItem,
-                               QVBoxLayout, QWidget)
+                               QLineEdit, QMessageBox, QPushButton, QSplitter, QTableWidget,
+                               QTableWidgetItem, QVBoxLayout, QWidget)
 
 from engine.checkpoint import latest_checkpoint
 from engine.runio import format_duration
@@ -158,7 +158,12 @@ class RunsBrowser(QWidget):
         bar = QHBoxLayout()
         for w in (self.open_btn, self.folder_btn, self.export_btn, self.report_btn, self.delete_btn):
             bar.addWidget(w)
-        bar.addStretch(1)
+        self.filter = QLineEdit()
+        self.filter.setPlaceholderText("Filter: stage, status, name… (e.g. ppo failed)")
+        self.filter.setClearButtonEnabled(True)
+        self.filter.setToolTip("Shows the runs whose name, stage, status or parent runs hold every word typed")
+        self.filter.textChanged.connect(self._apply_filter)
+        bar.addWidget(self.filter, 1)
         bar.addWidget(self.hint)
 
         self.plot_holder = QVBoxLayout()
@@ -206,6 +211,7 @@ class RunsBrowser(QWidget):
                     item.setToolTip("\n".join(f"{k}: {v}" for k, v in info.parents.items()))
                 self.table.setItem(row, col, item)
         self.table.setSortingEnabled(True)
+        self._apply_filter()
         # The selection is what it was, no more: the view would move it to the row under a
         # deleted one, whose name the plots of the deleted run would then stand beside.
         self.table.blockSignals(True)
@@ -217,6 +223,22 @@ class RunsBrowser(QWidget):
         if selected - {info.name for info in runs}:
             self._on_selection()        # some of what was plotted is gone
         self._update_buttons()
+
+    def _apply_filter(self) -> None:
+        """Hide the rows without every word of the filter (in name, stage, status or parents);
+        a hidden run is no longer selected."""
+        words = self.filter.text().lower().split()
+        dropped = False
+        for row in range(self.table.rowCount()):
+            text = " ".join(self.table.item(row, col).text() for col in range(4)).lower()
+            hidden = not all(w in text for w in words)
+            self.table.setRowHidden(row, hidden)
+            if hidden and self.table.item(row, 0).isSelected():
+                for col in range(self.table.columnCount()):
+                    self.table.item(row, col).setSelected(False)
+                dropped = True
+        if dropped:
+            self._on_selection()
 
     def _add_row(self, row: int) -> None:
         sel = self.table.selectionModel()
