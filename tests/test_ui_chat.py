@@ -27,7 +27,7 @@ from ui.chat_view import ChatView
 from ui.compare_view import CompareView
 from ui.sampling_controls import PRESETS, SamplingControls
 from ui.workers import running_workers
-from workbench.model_cache import ModelCache, ModelCacheError, OutOfMemory
+from workbench.model_cache import ModelCache, ModelCacheError, OutOfMemory, short_name
 from workbench.preferences import write_rm_dataset
 from workbench.store import Store
 
@@ -449,8 +449,9 @@ def test_a_blind_vote_is_stored_as_a_pair_with_the_right_models(qtbot, tmp_path,
         pytest.skip("the two tiny models gave one answer")
     with qtbot.waitSignal(view.voteStored, timeout=5_000):
         view.vote_buttons["left"].click()
-    assert "These two so far: model one 1 · model two 1 · tie 0 (2 comparison(s) in the store)" \
-        in view.status.text()
+    one, two = (short_name(p) for p in two_ckpts)       # the runs' names, not the pickers' long labels
+    assert f"These two so far: {one} 1 · {two} 1 · tie 0 (2 comparison(s) in the store)" in view.status.text()
+    assert view.status.wordWrap()                    # it wraps rather than widen the window
 
 
 def test_sighted_compare_and_a_tie(qtbot, tmp_path, two_ckpts, cache):

@@ -30,7 +30,7 @@ from ui.chat_widgets import (EMPTY_ANSWER, Banner, Checkpoints, CheckpointPicker
 from ui.sampling_controls import SamplingControls
 from ui.workers import Worker
 from workbench import comparisons
-from workbench.model_cache import ModelCache, Reply, run_reply
+from workbench.model_cache import ModelCache, Reply, run_reply, short_name
 from workbench.store import DB_NAME, Store, StoreError
 
 SIDES = ("left", "right")
@@ -149,6 +149,7 @@ class CompareView(QWidget):
         self.legend.setForegroundRole(QPalette.PlaceholderText)
         self.status = QLabel("Ask both models the same question, then say which answer is better.")
         self.status.setForegroundRole(QPalette.PlaceholderText)
+        self.status.setWordWrap(True)       # a long status wraps rather than widen the window
         self.banner = Banner()
         self.input = PromptEdit("Prompt for both models (Enter sends, Shift+Enter for a new line)")
         self.send_button = button("Send", "Ask both models (Enter)")
@@ -300,7 +301,7 @@ class CompareView(QWidget):
             self.panes[side].subtitle.setText(f"{run.model} · {run.path}")
         said = {"left": "left is better", "right": "right is better", "tie": "a tie"}[verdict]
         # By model, not by side: a blind round puts each model on either side.
-        names = (r.runs["left"].label, r.runs["right"].label)
+        names = (short_name(r.runs["left"].path), short_name(r.runs["right"].path))
         score = (f"{names[0]} {tally.wins[0]} · {names[1]} {tally.wins[1]} · tie {tally.ties}"
                  if left.checkpoint != right.checkpoint else f"{tally.votes} vote(s), one model against itself")
         self.status.setText(f"Stored: {said}. These two so far: {score} "
