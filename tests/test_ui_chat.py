@@ -279,9 +279,13 @@ def test_switching_checkpoints_frees_the_old_model(qtbot, tmp_path, two_ckpts):
     gc.collect()
     assert old() is None
     assert cache.keys() == [resolve_checkpoint(two_ckpts[1]).resolve()]
-    # The conversation carries over to the new model.
+    # The conversation carries over to the new model, and each answer says whose it is.
+    assert "Assistant ·" not in view.transcript.toPlainText()        # one model so far: no names
     say(qtbot, view, "and you?")
     assert len(view.session.messages) == 4
+    one, two = (short_name(resolve_checkpoint(p)) for p in two_ckpts)
+    shown = view.transcript.toPlainText()
+    assert shown.index(f"Assistant · {one}") < shown.index("and you?") < shown.index(f"Assistant · {two}")
 
 
 def test_shutdown_stops_a_reply_and_waits(qtbot, tmp_path, two_ckpts, cache):

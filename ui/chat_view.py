@@ -45,6 +45,7 @@ class Entry:
     edit: Optional[int] = None  # the index "edit" hands back, for messages that can be edited
     prompt: str = ""            # completion mode: the text that was continued
     streaming: bool = False
+    by: str = ""                # an answer's model, said when the chat holds answers of several
 
 
 def _mix(a: QColor, b: QColor, t: float) -> str:
@@ -94,7 +95,7 @@ class Transcript(QTextBrowser):
             return f'<p style="color:{muted}">{_body(self._hint)}</p>'
         parts = []
         for e in self._entries:
-            head = f'<b>{self.NAMES[e.role]}</b>'
+            head = f'<b>{self.NAMES[e.role]}</b>' + (f" · {_body(e.by)}" if e.by else "")
             if e.edit is not None:
                 head += f' &nbsp;<a href="edit:{e.edit}" style="color:{muted}">edit</a>'
             if e.role == "completion":
@@ -150,6 +151,7 @@ class ChatView(QWidget):
         self.cache = cache if cache is not None else ModelCache()
         self.session = ChatSession(None, None)
         self.completions: list[tuple[str, str]] = []     # completion mode's (prompt, text)
+        self.written_by: dict[int, str] = {}    # chat turn index -> the model that wrote that answer
         self._worker: Optional[Worker] = None
         self._pending: Optional[_Pending] = None
         self._editing: Optional[int] = None
@@ -271,6 +273,7 @@ class ChatView(QWidget):
         else:
             if self._editing is not None:
                 self.session.truncate(self._editing)
+                self.written_by = {i: m for i, m in self.written_by.items() if i < self._editing}
             self.session.set_system(self.system.toPlainText().strip() or None)
             self._reply("send", text)
         self.input.clear()
@@ -296,27 +299,29 @@ class ChatView(QWidget):
             return
         completion = self.completion.isChecked()
         if completion:
-            kept, what = list(self.completions), "completion"
+            kept, n, what = list(self.completions), len(self.completions), "completion"
             self.completions.clear()
         else:
-            kept, what = self._turns(), "message"
+            kept, n, what = (self._turns(), dict(self.written_by)), len(self._turns()), "message"
             self.session.reset()
+            self.written_by = {}
         self._end_edit()
         self.stats.clear()
         self._render()
         self._update()
-        if kept:
+        if n:
             # No question before a Clear; a way back after it, until the next one is sent.
-            self.banner.show_message(f"Cleared {len(kept)} {what}{'s' * (len(kept) != 1)}.", "info",
+            self.banner.show_message(f"Cleared {n} {what}{'s' * (n != 1)}.", "info",
                                      ("Undo", lambda: self._undo_clear(completion, kept)))
 
-    def _undo_clear(self, completion: bool, kept: list) -> None:
+    def _undo_clear(self, completion: bool, kept) -> None:
         if self.busy or (self.completions if completion else self._turns()):
             return          # something new was said since: it is not overwritten
         if completion:
             self.completions[:] = kept
         else:
-            self.session.restore(kept)
+            self.session.restore(kept[0])
+            self.written_by = kept[1]
         self._render()
         self._update()
 
@@ -392,6 +397,8 @@ class ChatView(QWidget):
         if pending is not None and pending.action != "complete" and reply.dropped_turns:
             notes.append(f"{reply.dropped_turns} oldest turn(s) left out: context full")
         self.stats.setText(" · ".join(notes))
+        if pending is not None and pending.action != "complete":
+            self.written_by[len(self._turns()) - 1] = short_name(reply.info["checkpoint"])
         self._finished = reply
 
     def _show_info(self, info: dict) -> None:
@@ -508,8 +515,10 @@ class ChatView(QWidget):
             turns = list(p.turns) if p is not None else self._turns()
             if self._editing is not None:
                 turns = turns[:self._editing]
+            # Which model wrote each answer, once answers of two or more are in the chat.
+            by = self.written_by if len(set(self.written_by.values())) > 1 else {}
             entries += [Entry(m["role"], m["content"],
-                              i if editable and m["role"] == "user" else None)
+                              i if editable and m["role"] == "user" else None, by=by.get(i, ""))
                         for i, m in enumerate(turns)]
             if p is not None:
                 if p.action == "send":
