@@ -372,6 +372,17 @@ def test_a_lone_point_or_a_flat_line_gets_axes_around_it_not_below_zero(grid, qt
     assert view_range(g, "Loss")[1][0] < 0.05
 
 
+def test_a_short_run_has_ticks_on_whole_steps_only(grid, qtbot):
+    g = grid("pretrain")
+    g.load_events([metrics(s, train__loss=3.0 - s / 10) for s in (1, 2)])
+    g.redraw()
+    qtbot.waitUntil(lambda: view_range(g, "Loss")[0][1] >= 2, timeout=10_000)
+    axis = g.plot_item("Loss").getAxis("bottom")
+    lo, hi = view_range(g, "Loss")[0]
+    ticks = [v for _spacing, values in axis.tickValues(lo, hi, axis.width()) for v in values]
+    assert ticks and all(float(v).is_integer() for v in ticks) and {1.0, 2.0} <= set(ticks)
+
+
 def test_one_off_figures_are_a_table_not_one_point_plots(grid):
     g = grid("tokenizer")
     assert g.titles() == [] and not g.other_box.isVisible()

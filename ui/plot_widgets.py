@@ -3,6 +3,7 @@
 layout that lets the plots scroll instead of shrinking."""
 from __future__ import annotations
 
+import math
 import time
 
 import pyqtgraph as pg
@@ -19,11 +20,21 @@ def _short(v: float) -> str:
 
 
 class CountAxis(pg.AxisItem):
-    """Large values as 250k, 1.5M, 2B rather than pyqtgraph's '(x1e+06)' axis label."""
+    """Large values as 250k, 1.5M, 2B rather than pyqtgraph's '(x1e+06)' axis label; with
+    `integers`, an axis of steps or tokens, ticks on whole numbers only (a run of two steps
+    read 1.0, 1.5, 2.0)."""
 
-    def __init__(self, orientation: str):
+    def __init__(self, orientation: str, integers: bool = False):
         super().__init__(orientation)
         self.enableAutoSIPrefix(False)
+        self.integers = integers
+
+    def tickValues(self, minVal, maxVal, size):
+        levels = super().tickValues(minVal, maxVal, size)
+        if not self.integers or not levels or levels[0][0] >= 1:
+            return levels
+        first, last = math.ceil(minVal), math.floor(maxVal)
+        return [(1.0, [float(v) for v in range(first, last + 1)])] if last - first < 1000 else levels
 
     def tickStrings(self, values, scale, spacing):
         if max((abs(v) for v in values), default=0.0) * scale < 1e4:

@@ -508,7 +508,8 @@ class PlotGrid(QWidget):
     # ----- look
 
     def _make_cell(self, title: str, keys: list[str], against: Optional[tuple[str, str]] = None) -> _Cell:
-        w = TimedPlot(self._clock, axisItems={"bottom": CountAxis("bottom"), "left": CountAxis("left")})
+        w = TimedPlot(self._clock, axisItems={"bottom": CountAxis("bottom", integers=against is None),
+                                              "left": CountAxis("left")})
         w.setMinimumSize(200, 90)
         p = w.getPlotItem()
         # Downsampling is set from the data's length and the plot's width (_downsample), not
