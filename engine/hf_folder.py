@@ -19,7 +19,7 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 
-from engine.tokenizer import TokenizerError
+from engine.tokenizer import TokenizerError, read_tokenizer_json
 
 # The special-token attributes transformers passes to a template (its special_tokens_map).
 NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
@@ -170,13 +170,7 @@ def load_parts(folder: str | os.PathLike) -> dict[str, Any]:
     folder = Path(folder)
     if folder.name == "tokenizer.json" and folder.is_file():
         folder = folder.parent
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise TokenizerError(f"{path}: tokenizer file not found")
-    try:
-        tk = tokenizers.Tokenizer.from_str(path.read_text(encoding="utf-8"))
-    except Exception as e:  # the library raises a bare Exception on bad JSON
-        raise TokenizerError(f"{path}: cannot read tokenizer: {str(e).splitlines()[0]}") from None
+    tk = read_tokenizer_json(folder / "tokenizer.json")
     config_path = folder / "tokenizer_config.json"
     config = _read_json(config_path)
     if config is None:

@@ -83,6 +83,16 @@ class TextCodec:
         return self._tk.token_to_id(token)
 
 
+def read_tokenizer_json(path: Path) -> tokenizers.Tokenizer:
+    """The `tokenizers` library's tokenizer from a tokenizer.json; TokenizerError names the file."""
+    if not path.is_file():
+        raise TokenizerError(f"{path}: tokenizer file not found")
+    try:
+        return tokenizers.Tokenizer.from_str(path.read_text(encoding="utf-8"))
+    except Exception as e:  # the library raises a bare Exception on bad JSON
+        raise TokenizerError(f"{path}: cannot read tokenizer: {str(e).splitlines()[0]}") from None
+
+
 class Tokenizer(TextCodec):
     """A thin wrapper: the special-token ids, safe encoding, spans, fingerprint, chat template."""
 
@@ -120,13 +130,7 @@ class Tokenizer(TextCodec):
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        if not path.is_file():
-            raise TokenizerError(f"{path}: tokenizer file not found")
-        try:
-            tk = tokenizers.Tokenizer.from_str(path.read_text(encoding="utf-8"))
-        except Exception as e:  # the library raises a bare Exception on bad JSON
-            raise TokenizerError(f"{path}: cannot read tokenizer: {e}") from None
-        return cls(tk, str(path))
+        return cls(read_tokenizer_json(path), str(path))
 
     @classmethod
     def from_str(cls, text: str) -> "Tokenizer":
