@@ -61,6 +61,10 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         raise UnsupportedModel(f"{source}: {what}; supported: {SUPPORTED}")
 
     kind = hf.get("model_type")
+    if kind is None:
+        # transformers writes it; a hand-made config may not: it is needed to know the family
+        # (Qwen2 differs from Llama by its q/k/v biases, not by its class's name alone).
+        raise UnsupportedModel(f"{source}: field 'model_type': missing (e.g. \"llama\", \"qwen2\", \"qwen3\")")
     if kind not in FAMILIES:
         arch = ", ".join(hf.get("architectures") or []) or "no architectures"
         refuse(f"model_type {kind!r} ({arch}) is not supported")

@@ -214,7 +214,8 @@ class HumanPrinter:
             parts.append(f"ETA {format_duration(ev.get('eta_s'))}")
             line = "  ".join(parts)
         elif t == "sample":
-            text = str(ev.get("text", "")).replace("\n", "\\n")
+            # repr shows a newline as \n once (escaping it first showed \\n, like a typed backslash).
+            text = str(ev.get("text", ""))
             line = f"[{self.stage}] sample @ {ev.get('step')}: {ev.get('prompt', '')!r} -> {text[:160]!r}"
             if isinstance(ev.get("score"), (int, float)):
                 line += f"  (score {ev['score']:+.3f})"

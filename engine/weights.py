@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -51,6 +52,10 @@ def read_header(path) -> tuple[ModelConfig, str]:
 
     meta = read_metadata(path)
     if "config" not in meta:
+        if (Path(path).parent / "config.json").is_file():
+            raise CheckpointError(f"{Path(path).parent} is a Hugging Face model folder, not a run's "
+                                  "checkpoint: import it first (workbench import-model, or File ▸ "
+                                  "Import Model… in the app) and use that run")
         raise CheckpointError(f"{path}: no model config in the safetensors metadata "
                               "(not written by engine.weights.save_model)")
     kind = meta.get("kind", "lm")

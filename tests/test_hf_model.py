@@ -103,6 +103,7 @@ def test_sharded_weights_load(tmp_path):
     ({"attention_bias": True}, "attention_bias"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
     ({"num_key_value_heads": 3}, "field 'num_key_value_heads': n_head (4) must be divisible"),
+    ({"model_type": None, "architectures": ["LlamaForCausalLM"]}, "field 'model_type': missing"),
 ])
 def test_unsupported_configs_are_refused_by_name(change, says):
     base = hf_config(config_from_hf(dict(model_type="llama", vocab_size=V, hidden_size=64, intermediate_size=128,
@@ -118,6 +119,15 @@ def test_pickled_only_folder_is_refused(tmp_path):
     (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="only pickled weights"):
         load_hf_model(tmp_path)
+
+
+def test_a_hugging_face_folder_given_as_a_checkpoint_says_to_import_it(tmp_path):
+    from engine.checkpoint import resolve_checkpoint
+    from engine.weights import load_model
+    build_hf(tmp_path, "llama")
+    with pytest.raises(CheckpointError, match=f"{tmp_path} is a Hugging Face model folder, not a run's "
+                                              "checkpoint: import it first"):
+        load_model(resolve_checkpoint(tmp_path) / "model.safetensors")
 
 
 def test_weights_that_do_not_match_the_config_are_refused(tmp_path):

@@ -143,8 +143,10 @@ def test_a_ppo_run_on_a_terminal_shows_score_and_kl():
     show({"type": "metrics", "step": 3, "objective/score": 0.6421, "objective/kl": 2.1864, "loss/policy": 0.1})
     show({"type": "progress", "step": 3, "total": 40, "unit": "steps", "tokens_per_s": None, "eta_s": 60})
     show({"type": "sample", "step": 3, "prompt": "2+2?", "text": "4", "score": -0.25})
+    show({"type": "sample", "step": 4, "prompt": "a\\nb?", "text": "4\n5"})   # a typed \\n, a newline
     assert out.getvalue().splitlines() == ["[ppo] step 3/40  score +0.642  KL 2.186  ETA 1m00s",
-                                           "[ppo] sample @ 3: '2+2?' -> '4'  (score -0.250)"]
+                                           "[ppo] sample @ 3: '2+2?' -> '4'  (score -0.250)",
+                                           "[ppo] sample @ 4: 'a\\\\nb?' -> '4\\n5'"]
 
 
 def test_reward_and_sft_lines_show_their_accuracy():

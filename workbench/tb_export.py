@@ -31,7 +31,8 @@ Export a checkpoint for the tools people already use, or runs' metrics for Tenso
 
   workbench export RUN --format hf|gguf --out PATH
       the run's newest checkpoint (or a checkpoint folder) as a Hugging Face folder that
-      transformers loads, or one GGUF file for llama.cpp (a reward model: hf only)
+      transformers loads, or one GGUF file for llama.cpp (hf only: a reward model, or a model
+      with a SentencePiece-style tokenizer such as TinyLlama or Llama 2); weights in float32
 
   workbench export tensorboard RUN [RUN ...] --out DIR
       each run's events.jsonl as TensorBoard event files in DIR/<run name>/: every metric at its
