@@ -136,10 +136,14 @@ def load_data(cfg: SFTConfig, run_dir: Path, tok, seq_len: int, ev: Emitter) -> 
 
     records = checked(read_records, data_files)
     val_recs = checked(read_records, val_files) if val_files else []
+    in_data = len(problems)
     tasks = checked(read_tasks, resolve_path(run_dir, cfg.eval_tasks), cfg.eval_task_limit) \
         if cfg.eval_tasks else []
     if problems:
-        raise SFTDataError(problems)
+        # Named for the files at fault: the held-out tasks are not SFT data.
+        what = ("SFT data" if len(problems) == in_data else "held-out tasks" if not in_data
+                else "SFT data and the held-out tasks")
+        raise SFTDataError(problems, what=what)
     if val_files:
         train_recs = records
     else:

@@ -171,3 +171,26 @@ def test_eval_tasks_sets_every_stage_that_measures_task_accuracy(demo_project):
     args = build_parser().parse_args(["pipeline", "--project", str(demo_project), "--eval-tasks", "8"])
     pipe = Pipeline(Project.open(demo_project), args, Journal.start(demo_project, args))
     assert pipe.values("sft")["eval_task_limit"] == pipe.values("grpo")["eval_task_limit"] == 8
+
+
+def test_the_projects_data_files_are_read_before_the_first_stage(demo_project, capsys):
+    from workbench.cli import main as workbench
+    base = ["pipeline", "--project", str(demo_project), "--steps", "3", "--device", "cpu"]
+    sft = demo_project / "data" / "sft.jsonl"
+    good = sft.read_text()
+    n = len(good.splitlines())
+    sft.write_text(good + '{"prompt": 7, "response": "x"}\n')
+    assert workbench(base) == 2
+    err = capsys.readouterr().err
+    assert f"sft.jsonl:{n + 1}: field 'prompt'" in err and not (demo_project / "runs").exists()
+    sft.write_text(good)
+    tasks = demo_project / "data" / "eval_tasks.jsonl"
+    tasks.write_text(tasks.read_text() + '{"prompt": "What is 1 + 1?", "answer": "2"}\n')
+    assert workbench(base) == 2
+    assert "eval_tasks.jsonl:" in capsys.readouterr().err and not (demo_project / "runs").exists()
+    # No held-out tasks named at all: the evaluate step would need them at the very end.
+    toml = demo_project / "workbench.toml"
+    toml.write_text("\n".join(line for line in toml.read_text().splitlines() if not line.startswith("eval_tasks")))
+    assert workbench(base) == 2
+    assert "has no 'eval_tasks' entry (the evaluate step measures" in capsys.readouterr().err
+    assert not (demo_project / "runs").exists()

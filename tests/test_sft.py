@@ -249,3 +249,6 @@ def test_problems_in_data_val_data_and_eval_tasks_come_as_one_error(base, tmp_pa
     with pytest.raises(SFTDataError) as e:
         run(make_cfg(base, data=[str(bad)], val_data=[str(val)], eval_tasks=str(tasks)), tmp_path, None)
     assert [p.split(": ")[0] for p in e.value.problems] == [f"{bad}:2", f"{val}:1", f"{tasks}:1"]
+    assert str(e.value).startswith("3 problem(s) in the SFT data and the held-out tasks")
+    with pytest.raises(SFTDataError, match=r"^1 problem\(s\) in the held-out tasks"):      # the tasks alone
+        run(make_cfg(base, eval_tasks=str(tasks)), tmp_path, None)

@@ -172,12 +172,14 @@ class Pipeline:
         """What is wrong with the settings of any stage in `order` (None: nothing), found before
         the first stage runs: a bad option would otherwise surface only when its stage is
         reached, after the hours of the ones before. The runs and rankings that earlier stages
-        will make stand in as placeholders."""
+        will make stand in as placeholders; the data files the project names are read by the
+        stages' own readers."""
         if getattr(self.args, "device", None) is not None:
             try:
                 resolve_device(self.args.device)
             except ConfigError as e:
                 return f"--device: {e.message}"
+        read: dict = {}
         for stage in (s for s in order if s not in (RANK, EVALUATE)):
             s = stages.spec(stage)
             for d in (d for d in s.data if d.project):
@@ -190,6 +192,8 @@ class Pipeline:
                 if missing := [f for f in files if not f.exists()]:
                     return (f"{self.project.path / 'workbench.toml'}: [defaults.data] '{d.project}' names "
                             f"{missing[0]}, which does not exist")
+                if problem := _unreadable(d.kind, files[:1] if d.first_only else files, read):
+                    return problem
             values = self.values(stage)
             for p in s.parents:
                 if p.expects:
@@ -199,6 +203,11 @@ class Pipeline:
                 runfolder.build(stage, values)
             except ConfigError as e:
                 return f"{self._where(stage, e.field)}: {e.message}"
+        if EVALUATE in order:
+            try:
+                self.project.data_files("eval_tasks")      # what the methods are measured on
+            except (NoDataEntry, ProjectError) as e:
+                return f"{e} (the evaluate step measures the methods on them)"
         return None
 
     def _where(self, stage: str, field: str) -> str:
@@ -352,6 +361,24 @@ class Pipeline:
 
 def _rank_figure(rankings: int) -> str:
     return f"{rankings} simulated rankings (correct, ended, then shorter)"
+
+
+def _unreadable(kind: str, files: list[Path], seen: dict) -> Optional[str]:
+    """What is wrong with a stage's data files, read by the stage's own reader now, before hours
+    of the stages before it (`seen`: the file sets read so far, each read once). The corpus is
+    read first by the tokenizer stage anyway; preference data comes from the project's store."""
+    from engine.runio import InputProblems
+    from engine.sample import read_prompts
+    from engine.sft_data import read_records, read_tasks
+    readers = {"sft": read_records, "prompts": read_prompts, "tasks": lambda fs: read_tasks(fs[0])}
+    key = (kind, tuple(files))
+    if kind in readers and key not in seen:
+        try:
+            readers[kind](files)
+            seen[key] = None
+        except InputProblems as e:
+            seen[key] = str(e)
+    return seen.get(key)
 
 
 def _last_part_s(run_dir: Path) -> float:
