@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import os
@@ -351,6 +352,18 @@ def json_echo(ev: dict) -> None:
     sys.stdout.flush()
 
 
+def _json_and_failure(stage: str) -> Sink:
+    """Events as JSON on stdout, and a failure's reason on stderr too, as in the human format:
+    a caller that reads only stderr (`2>err`, a wrapper) still sees why a stage was refused."""
+    said = HumanPrinter(stage, stream=io.StringIO(), errors=sys.stderr)
+
+    def echo(ev: dict) -> None:
+        json_echo(ev)
+        if ev.get("type") == "done" and ev.get("status") == "failed":
+            said(ev)
+    return echo
+
+
 StageFn = Callable[[Any, Path, Sink, Any], str]
 
 
@@ -365,7 +378,7 @@ def stage_main(stage: str, config_cls: type, run: StageFn, argv: list[str] | Non
     fmt = args.log_format
     if fmt == "auto":
         fmt = "human" if sys.stdout.isatty() else "json"
-    echo = HumanPrinter(stage) if fmt == "human" else json_echo
+    echo = HumanPrinter(stage) if fmt == "human" else _json_and_failure(stage)
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():
         print(f"error: run folder {run_dir} does not exist", file=sys.stderr)

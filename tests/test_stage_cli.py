@@ -161,3 +161,12 @@ def test_reward_and_sft_lines_show_their_accuracy():
         "[reward] step 5/10  loss 0.5  acc 75.0%  lr 0.0001  2.0k tok/s  ETA 5s",
         "[reward] step 5  val loss 0.61  val acc 81.2%",
         "[sft] step 50  val loss 1.25  task acc 40.0%"]
+
+
+def test_a_refusal_in_the_json_format_is_said_on_stderr_too(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    out = subprocess.run([sys.executable, "-m", "engine.sft", "--run-dir", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)       # stdout a pipe: JSON events
+    done = json.loads(out.stdout.splitlines()[-1])
+    assert out.returncode == 2 and done["status"] == "failed"
+    assert out.stderr == f"[sft] failed: {done['error']}\n" and "config field 'init'" in out.stderr
