@@ -263,6 +263,8 @@ def run(cfg: DPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
     train_items, val_items, files = load_rankings(cfg, run_dir, art.tokenizer, max_len, ev)
 
     tcfg = cfg.with_steps_for(len(train_items))
+    if note := cfg.unused_max_steps(tcfg):
+        ev.log(note, level="warning")
     n_pairs = sum(len(e.ranking.pairs()) for e in train_items)
     ev.log(f"device {describe(device)}, {dtype}; policy and reference from {art.checkpoint.resolve()} "
            f"({model.num_params():,} params); {len(train_items)} train rankings ({n_pairs} pairs), "

@@ -103,6 +103,15 @@ class RankingsConfig(LoRASettings, TrainConfig, TrackerSettings):
         per_step = self.batch_size * self.grad_accum
         return dataclasses.replace(self, max_steps=max(1, math.ceil(self.epochs * n_train / per_step)))
 
+    def unused_max_steps(self, sized) -> Optional[str]:
+        """A warning when max_steps was set but `epochs` decides the steps (`sized`: the copy
+        with_steps_for made): a value that would otherwise be ignored without a word."""
+        default = next(f.default for f in dataclasses.fields(self) if f.name == "max_steps")
+        if self.epochs <= 0 or self.max_steps == default:
+            return None
+        return (f"max_steps {self.max_steps} is not used: epochs {self.epochs:g} sets the steps "
+                f"({sized.max_steps}); set epochs to 0 to train for max_steps")
+
 
 @dataclass(kw_only=True)
 class RewardConfig(RankingsConfig):
@@ -266,6 +275,8 @@ def run(cfg: RewardConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
     max_len = min(cfg.seq_len or model.config.max_seq_len, model.config.max_seq_len)
 
     tcfg = cfg.with_steps_for(len(train_items))
+    if note := cfg.unused_max_steps(tcfg):
+        ev.log(note, level="warning")
     n_pairs = sum(len(r.pairs()) for r in train_items)
     ev.log(f"device {describe(device)}, {dtype}; reward model from {loaded.checkpoint} "
            f"({model.num_params():,} params); {len(train_items)} train rankings ({n_pairs} pairs), "

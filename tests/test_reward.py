@@ -186,6 +186,10 @@ def test_one_epoch_by_default_sets_the_steps(sft_ckpt, tmp_path):
     # The final accuracy's log line says how few held-out rankings it rests on.
     assert any("rests on 3 ranking(s)" in e["message"] for e in events if e["type"] == "log")
     assert progress[-1]["total"] == 7 and progress[-1]["step"] == 7
+    # max_steps (40 here) is not what decides: the log says so, rather than ignore it silently.
+    assert any(e.get("level") == "warning" and e["message"].startswith("max_steps 40 is not used: epochs 1 "
+                                                                         "sets the steps (7)")
+               for e in events if e["type"] == "log")
 
 
 def test_resume_is_exact(sft_ckpt, tmp_path):
