@@ -134,7 +134,9 @@ class UserReward:
 
     def _where(self, e: BaseException) -> str:
         """' at file.py:LINE', the last line of the user's file the error passed through."""
-        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == self.path]
+        # Resolved: the run folder may be named relative to where the stage was started.
+        mine = self.path.resolve()
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == mine]
         return f" at {self.path.name}:{frames[-1].lineno}" if frames else ""
 
     def fingerprint(self) -> str:

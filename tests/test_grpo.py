@@ -91,7 +91,7 @@ def test_first_minibatch_ratio_is_exactly_one_and_kl_is_exactly_zero(tiny_lm_ckp
     assert summary["stage"] == "grpo" and summary["step"] == 3
 
 
-def test_a_user_reward_that_raises_is_reported_with_the_prompt(tiny_lm_ckpt, prompts, tmp_path):
+def test_a_user_reward_that_raises_is_reported_with_the_prompt(tiny_lm_ckpt, prompts, tmp_path, monkeypatch):
     (tmp_path / "my_reward.py").write_text(
         "def score(prompt, answer):\n"
         "    if '13' in prompt:\n"
@@ -103,7 +103,8 @@ def test_a_user_reward_that_raises_is_reported_with_the_prompt(tiny_lm_ckpt, pro
                   minibatch_size=4, max_new_tokens=4, task_weight=0.0, user_reward="../my_reward.py:score",
                   probe_every=100, device="cpu")
     (run_dir / "config.json").write_text(json.dumps(config))
-    assert main(["--run-dir", str(run_dir), "--log-format", "json"]) == 1
+    monkeypatch.chdir(tmp_path)             # the run folder named relative to here, as a user may
+    assert main(["--run-dir", "run", "--log-format", "json"]) == 1
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     done = events[-1]
     assert done["type"] == "done" and done["status"] == "failed"
