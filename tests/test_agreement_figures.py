@@ -302,6 +302,7 @@ def test_the_cli_prints_every_figure(tmp_path, capsys, rm_ckpt):
 
     from workbench.cli import main
 
+    (tmp_path / "workbench.toml").write_text("")
     with Store.for_project(tmp_path) as store:
         make_class(store)
     run = tmp_path / "runs" / "reward-20250101-000000"

@@ -50,6 +50,7 @@ def project(tmp_path, monkeypatch, capsys):
     """A project with one imported batch of 3 items (id 1)."""
     proj = tmp_path / "proj"
     proj.mkdir()
+    (proj / "workbench.toml").write_text("")
     rc, out, _ = wb(monkeypatch, capsys, "import-samples", "--project", proj,
                     write_run(tmp_path / "sample-run"))
     assert rc == 0 and "batch 1 'sample-run': 3 items, K=4" in out
@@ -189,6 +190,7 @@ def test_export_pairs_and_import_them_into_another_project(tmp_path, monkeypatch
     assert len(pairs) == 11 and {p["annotator"] for p in pairs} == {"alice"}
     other = tmp_path / "other"
     other.mkdir()
+    (other / "workbench.toml").write_text("")
     rc, out, _ = wb(monkeypatch, capsys, "preferences", "import", "--project", other, out_file)
     assert rc == 0 and "imported 11 ranking(s) of 11 item(s) as batch 1" in out
     rc, out, _ = wb(monkeypatch, capsys, "preferences", "import", "--project", other, out_file)
@@ -248,6 +250,8 @@ def test_pairs_leave_out_two_answers_of_one_text_ranked_apart(tmp_path, monkeypa
     proj, other = tmp_path / "proj", tmp_path / "other"
     proj.mkdir()
     other.mkdir()
+    for folder in (proj, other):
+        (folder / "workbench.toml").write_text("")
     assert wb(monkeypatch, capsys, "preferences", "import", "--project", proj, dup, "--annotator", "ana")[0] == 0
     for fmt in ("hf", "pairs"):
         out = tmp_path / f"dup-{fmt}.jsonl"
@@ -265,6 +269,7 @@ def test_bad_import_file_lists_file_and_line(tmp_path, monkeypatch, capsys):
                    '{"prompt": "q", "answers": ["a", "b"], "ranking": [[0]]}\n')
     proj = tmp_path / "proj"
     proj.mkdir()
+    (proj / "workbench.toml").write_text("")
     rc, out, err = wb(monkeypatch, capsys, "preferences", "import", "--project", proj, bad)
     assert rc == 2 and out == ""
     assert f"{bad}:2: malformed JSON" in err and f"{bad}:3: field 'ranking'" in err
@@ -279,6 +284,10 @@ def test_bad_import_file_lists_file_and_line(tmp_path, monkeypatch, capsys):
     assert rc == 2 and "does not exist" in err
     empty = tmp_path / "empty"
     empty.mkdir()
+    rc, _, err = wb(monkeypatch, capsys, "preferences", "import", "--project", empty, bad)
+    assert rc == 2 and "is not a workbench project (no workbench.toml)" in err    # nothing made there
+    assert list(empty.iterdir()) == []
+    (empty / "workbench.toml").write_text("")
     rc, _, err = wb(monkeypatch, capsys, "rank", "--project", empty, "--batch", 1, "--annotator", "x")
     assert rc == 2 and "has no workbench.db" in err and not (empty / "workbench.db").exists()
     rc, _, err = wb(monkeypatch, capsys, "rank", "--project", proj, "--batch", 7, "--annotator", "x")
@@ -290,6 +299,7 @@ def test_an_empty_preference_file_is_refused_and_makes_no_batch(tmp_path, monkey
     empty.write_text("\n\n")
     proj = tmp_path / "proj"
     proj.mkdir()
+    (proj / "workbench.toml").write_text("")
     rc, out, err = wb(monkeypatch, capsys, "preferences", "import", "--project", proj, empty)
     assert (rc, out) == (2, "")
     assert err == (f"workbench preferences import: 1 problem(s) in the preference file {empty}:\n"
@@ -343,6 +353,7 @@ def test_agreement_between_two_annotators_and_repeats(monkeypatch, capsys, proje
 
 
 def test_terminal_ranking_shows_copies_and_one_number_per_answer_ranks_them(tmp_path, monkeypatch, capsys):
+    (tmp_path / "workbench.toml").write_text("")
     with Store.for_project(tmp_path) as store:
         store.create_batch("copies", [{"prompt": "How long is 'bed'?",
                                        "answers": [{"text": t} for t in ("3", "4", "3", "3")]}], k=None)

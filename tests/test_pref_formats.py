@@ -322,6 +322,7 @@ def test_the_export_command_writes_every_format_and_refuses_a_wrong_suffix(
     from tests.test_annotate_cli import wb
     proj = tmp_path / "proj"
     proj.mkdir()
+    (proj / "workbench.toml").write_text("")
     store.close()
     (tmp_path / "a.db").rename(proj / "workbench.db")
     out = tmp_path / "prefs.parquet"
@@ -331,6 +332,7 @@ def test_the_export_command_writes_every_format_and_refuses_a_wrong_suffix(
                                "ranking(s): 4 human, 0 simulated\n"
     other = tmp_path / "other"
     other.mkdir()
+    (other / "workbench.toml").write_text("")
     rc, said, _ = wb(monkeypatch, capsys, "preferences", "import", "--project", other, out)
     assert rc == 0 and said.startswith("imported 16 ranking(s) of 16 item(s) as batch 1")
     rc, said, err = wb(monkeypatch, capsys, "preferences", "export", "--project", proj,
