@@ -186,6 +186,15 @@ def test_a_folder_that_is_not_a_project_keeps_its_files(tmp_path, capsys):
     assert "afile is a file, not a folder" in capsys.readouterr().err
 
 
+def test_force_never_replaces_a_project_that_is_not_a_demo(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "workbench.toml").write_text('name = "mine"\n')
+    assert _cli(["--project", str(mine), "--scale", "tiny", "--force"]) == 2
+    assert "holds a project that is not a demo" in capsys.readouterr().err
+    assert (mine / "workbench.toml").read_text() == 'name = "mine"\n' and not (mine / "data").exists()
+
+
 def test_a_forced_demo_cut_short_is_refused_until_written_again(tmp_path, capsys):
     # `demo --force` killed half way: some files of the new seed, some of the old.
     from workbench.project import DEMO_WRITING, Project, ProjectError

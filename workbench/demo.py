@@ -268,6 +268,16 @@ on the same Python gives byte-identical files.
 """
 
 
+def _is_demo(toml: Path) -> bool:
+    """Did `workbench demo` write this workbench.toml (its [demo] table)? An unreadable one is
+    not taken for a demo: it is not written over."""
+    import tomllib
+    try:
+        return isinstance(tomllib.loads(toml.read_text(encoding="utf-8")).get("demo"), dict)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+
+
 def write_demo_project(project_dir, *, seed: int = 0, scale: str = "small",
                        overwrite: bool = False) -> dict:
     """Write the demo project into `project_dir`; returns a summary of what was written.
@@ -286,6 +296,10 @@ def write_demo_project(project_dir, *, seed: int = 0, scale: str = "small",
         if not overwrite and not (root / WRITING).exists():
             raise FileExistsError(f"{root} already holds a project (workbench.toml); --force "
                                   "replaces its demo files")
+        if not _is_demo(root / "workbench.toml"):
+            raise FileExistsError(f"{root} holds a project that is not a demo ({root / 'workbench.toml'} "
+                                  "has no [demo] table): --force replaces only a demo's files; name a "
+                                  "new or empty folder")
     elif not (root / WRITING).exists():
         # Not a project, nor a demo cut short: whatever is there is the user's.
         theirs = [rel for rel in FILES.values() if (root / rel).exists()]
@@ -349,8 +363,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how much data to write (default: small)")
     parser.add_argument("--seed", type=int, default=0, help="seed for every random choice")
     parser.add_argument("--force", action="store_true",
-                        help="replace the demo files of a folder that already holds a project "
-                        "(workbench.toml); a folder that is not a project is never written over")
+                        help="replace the demo files of a folder that already holds a demo project "
+                        "(its runs and rankings stay); a folder that is not a demo project is never "
+                        "written over")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
