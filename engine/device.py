@@ -99,12 +99,20 @@ def setup(device_name: str, dtype_name: str) -> tuple[torch.device, torch.dtype]
     return device, dtype
 
 
-def describe(device: torch.device) -> str:
+def describe(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The device, and with `dtype` the precision it trains in: half precision asked for off
+    CUDA trains in float32 (precision_warning), so the log says float32 there."""
     if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    if device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads)"
-    return device.type
+        where = f"cuda ({torch.cuda.get_device_name(device)})"
+    elif device.type == "cpu":
+        where = f"cpu ({torch.get_num_threads()} threads)"
+    else:
+        where = device.type
+    if dtype is None:
+        return where
+    if dtype != torch.float32 and device.type == "cuda":
+        return f"{where}, {str(dtype).removeprefix('torch.')} autocast"
+    return f"{where}, float32"
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32,

@@ -266,7 +266,7 @@ def run(cfg: DPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
     if note := cfg.unused_max_steps(tcfg):
         ev.log(note, level="warning")
     n_pairs = sum(len(e.ranking.pairs()) for e in train_items)
-    ev.log(f"device {describe(device)}, {dtype}; policy and reference from {art.checkpoint.resolve()} "
+    ev.log(f"device {describe(device, dtype)}; policy and reference from {art.checkpoint.resolve()} "
            f"({model.num_params():,} params); {len(train_items)} train rankings ({n_pairs} pairs), "
            f"{len(val_items)} validation rankings on held-out prompts; {cfg.loss} loss, {cfg.form}, "
            f"beta {cfg.beta}; {tcfg.max_steps} steps")

@@ -450,7 +450,7 @@ def run(cfg: GRPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=Non
     if warning := precision_warning(cfg.dtype, device, dtype):
         ev.log(warning, level="warning")
     g.resume()
-    ev.log(f"device {describe(device)}, {dtype}; policy {g.art.checkpoint} ({g.policy.num_params():,} params); "
+    ev.log(f"device {describe(device, dtype)}; policy {g.art.checkpoint} ({g.policy.num_params():,} params); "
            f"rewards {' + '.join(f'{fn.weight:g}·{fn.name}' for fn in g.fns)}; {len(g.prompts)} prompts, "
            f"{cfg.steps} steps of {cfg.prompts_per_step} prompts x {cfg.group_size} answers")
     if g.step == 0:

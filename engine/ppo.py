@@ -501,7 +501,7 @@ def run(cfg: PPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
     if uses_lora(cfg):
         ev.log(f"policy: {describe_lora(m.policy)}; value model: {describe_lora(m.value)}; "
                "the reference is the policy with its adapters off")
-    ev.log(f"device {describe(device)}, {dtype}; policy {m.policy_ckpt} ({m.policy.num_params():,} params), "
+    ev.log(f"device {describe(device, dtype)}; policy {m.policy_ckpt} ({m.policy.num_params():,} params), "
            f"reward model {m.rm_ckpt} (mean {m.norm['mean']:.3f}, std {m.norm['std']:.3f}); "
            f"{len(ppo.prompts)} prompts, {cfg.steps} steps of {cfg.rollout_batch_size} rollouts")
     if ppo.step == 0:

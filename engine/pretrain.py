@@ -111,7 +111,7 @@ def run(cfg: PretrainConfig, run_dir: Path, sink: Optional[Sink] = None, control
 
     torch.manual_seed(cfg.seed)
     model = Transformer(mcfg).to(device)
-    ev.log(f"device {describe(device)}, {dtype}; model {cfg.preset}: {model.num_params():,} params, "
+    ev.log(f"device {describe(device, dtype)}; model {cfg.preset}: {model.num_params():,} params, "
            f"vocab {mcfg.vocab_size}, seq {seq_len}; {data.n_tokens('train'):,} train / "
            f"{data.n_tokens('val'):,} val tokens; unigram baseline {baseline:.3f} nats")
 

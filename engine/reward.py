@@ -278,7 +278,7 @@ def run(cfg: RewardConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
     if note := cfg.unused_max_steps(tcfg):
         ev.log(note, level="warning")
     n_pairs = sum(len(r.pairs()) for r in train_items)
-    ev.log(f"device {describe(device)}, {dtype}; reward model from {loaded.checkpoint} "
+    ev.log(f"device {describe(device, dtype)}; reward model from {loaded.checkpoint} "
            f"({model.num_params():,} params); {len(train_items)} train rankings ({n_pairs} pairs), "
            f"{len(val_items)} validation rankings on held-out prompts; {tcfg.max_steps} steps")
 

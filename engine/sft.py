@@ -283,7 +283,7 @@ def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
         # Computed, never written back into config.json: the trainer gets a copy.
         tcfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * steps_per_epoch)))
     n_targets = sum(e.n_targets for e in data.train)
-    ev.log(f"device {describe(device)}, {dtype}; init {art.checkpoint.resolve()} "
+    ev.log(f"device {describe(device, dtype)}; init {art.checkpoint.resolve()} "
            f"({model.num_params():,} params, context {seq_len}); {len(data.train)} train / "
            f"{len(data.val)} val samples, {n_targets:,} answer tokens; {tcfg.max_steps} steps = "
            f"{tcfg.max_steps / steps_per_epoch:.2f} epochs"

@@ -55,3 +55,5 @@ def test_half_precision_off_cuda_is_named_as_float32():
     assert D.precision_warning("bfloat16", cpu, torch.bfloat16) == \
         "bfloat16 is used on CUDA only; training in float32 on cpu"
     assert D.precision_warning("auto", cpu, torch.float32) is None
+    # The run's first log line says the precision it trains in, not the one asked for.
+    assert D.describe(cpu, torch.bfloat16).endswith("threads), float32")

@@ -94,6 +94,8 @@ def test_a_stopped_pipeline_goes_on_with_resume_and_keeps_what_it_finished(tmp_p
     # Other settings than the stopped pipeline's are refused, before any work.
     assert workbench(base[:9] + ["13"] + base[10:] + ["--resume"]) == 2
     assert "--steps 12 then, 13 now" in capsys.readouterr().err
+    assert workbench(base[:-2] + ["--until", "sft", "--resume"]) == 2          # --device left out
+    assert "--device cpu then, not given now" in capsys.readouterr().err
     assert workbench(base + ["--until", "sft", "--resume"]) == 0
     out = capsys.readouterr().out
     assert "tokenizer  done before" in out and f"resuming {stopped.name}" in out

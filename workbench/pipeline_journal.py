@@ -64,7 +64,8 @@ class Journal:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise JournalError(f"{path}: cannot be read ({e}); run the pipeline without --resume") from None
         now = settings_of(args)
-        changed = [f"{_flag(k)} {settings.get(k)} then, {now.get(k)} now"
+        said = lambda v: "not given" if v is None else v      # noqa: E731
+        changed = [f"{_flag(k)} {said(settings.get(k))} then, {said(now.get(k))} now"
                    for k in sorted(set(settings) | set(now)) if settings.get(k) != now.get(k)]
         if changed:
             raise JournalError("--resume: the earlier pipeline ran with other settings ("
