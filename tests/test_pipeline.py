@@ -196,3 +196,12 @@ def test_the_projects_data_files_are_read_before_the_first_stage(demo_project, c
     assert workbench(base) == 2
     assert "has no 'eval_tasks' entry (the evaluate step measures" in capsys.readouterr().err
     assert not (demo_project / "runs").exists()
+
+
+def test_the_sft_row_without_held_out_tasks_shows_the_validation_loss():
+    from types import SimpleNamespace
+    from workbench.pipeline import FIGURES
+    result = SimpleNamespace(metrics=lambda: {"val/loss": 1.2345})
+    assert FIGURES["sft"](None, result, {}) == "val loss 1.234 (no held-out tasks to score)"
+    assert FIGURES["sft"](None, result, {"task_accuracy_before": 0.0, "task_accuracy_after": 0.25,
+                                         "eval_tasks": 8}) == "task accuracy 0.0% -> 25.0% on 8 held-out tasks"

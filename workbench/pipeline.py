@@ -424,7 +424,9 @@ FIGURES: dict[str, Figure] = {
     "pretrain": lambda p, r, s: (f"val loss {_nan(r.metrics(), 'val/loss'):.3f} "
                                  f"(unigram baseline {_nan(r.metrics(), 'val/unigram_baseline'):.3f})"),
     "sft": lambda p, r, s: (f"task accuracy {s.get('task_accuracy_before', 0):.1%} -> "
-                            f"{s.get('task_accuracy_after', 0):.1%} on {s.get('eval_tasks', '?')} held-out tasks"),
+                            f"{s.get('task_accuracy_after', 0):.1%} on {s['eval_tasks']} held-out tasks"
+                            if s.get("eval_tasks") else
+                            f"val loss {_nan(r.metrics(), 'val/loss'):.3f} (no held-out tasks to score)"),
     "sample": lambda p, r, s: (f"{s.get('prompts')} prompts x {s.get('answers', 0) // max(s.get('prompts') or 1, 1)} answers, "
                                f"{s.get('finished_fraction', 0):.0%} ended"),
     "reward": lambda p, r, s: (f"held-out pairwise accuracy {s.get('val/accuracy', 0):.1%} "
