@@ -63,6 +63,7 @@ def simulated_count(project: Path) -> int:
 
 
 def test_a_person_ranks_while_a_simulated_annotator_writes(tmp_path, capsys):
+    (tmp_path / "workbench.toml").write_text("")
     with Store.for_project(tmp_path) as s:
         sim_batch = make_batch(s, 300, "simulated")
         human_batch = make_batch(s, 40, "human")
@@ -99,6 +100,7 @@ def test_a_person_ranks_while_a_simulated_annotator_writes(tmp_path, capsys):
 
 
 def test_a_write_lock_held_past_the_timeout_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "workbench.toml").write_text("")
     with Store.for_project(tmp_path) as s:
         batch = make_batch(s, 3, "b")
     holder = sqlite3.connect(tmp_path / DB_NAME, isolation_level=None)
@@ -171,6 +173,7 @@ def test_a_full_disk_keeps_every_acknowledged_ranking_and_says_so(small_disk):
 
 
 def test_opening_the_store_on_a_full_disk_is_one_line(small_disk, capsys):
+    (small_disk / "workbench.toml").write_text("")
     with Store.for_project(small_disk) as store:
         make_batch(store, 100, "b")
     # Closed, the database's -shm file is gone, and opening must make it again.
