@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from engine.config import ConfigError
-from engine.fsutil import atomic_write_text, disk_full_message, is_disk_full
-from engine.device import resolve_device
 from engine import osproc as process
+from engine.config import ConfigError
+from engine.device import resolve_device
+from engine.fsutil import atomic_write_text, disk_full_message, is_disk_full
 from engine.runio import StageError, format_count, format_duration, iter_events
 from workbench import demo, runfolder, stages
 from workbench.cli import refuse
@@ -310,7 +310,7 @@ class Pipeline:
             self.batch = import_sample_run(store, self.made["sample"])
             rank_batch(store, self.batch, DEFAULT_NAME, seed=self.args.seed)
             # All of the batch's, not this call's: a pipeline killed after ranking ranks none again.
-            self.rankings = next((n for b, who, _kind, n in store.ranked_counts(self.batch)
+            self.rankings = next((n for _batch, who, _kind, n in store.ranked_counts(self.batch)
                                   if who == DEFAULT_NAME), 0)
         s = time.perf_counter() - t0
         print(f"  {RANK:<10} {self.rankings} rankings by {DEFAULT_NAME} (simulated) in {format_duration(s)}",
@@ -390,7 +390,9 @@ def _last_part_s(run_dir: Path) -> float:
             start = ev.get("time")
         elif ev.get("type") == "done":
             end = ev.get("time")
-    return max(0.0, end - start) if isinstance(start, (int, float)) and isinstance(end, (int, float)) else 0.0
+    if not (isinstance(start, (int, float)) and isinstance(end, (int, float))):
+        return 0.0
+    return max(0.0, end - start)
 
 
 def _summary(run_dir: Path) -> dict:
