@@ -119,7 +119,8 @@ class Control:
         if self._parent is not None and time.monotonic() - self._checked >= PARENT_CHECK_S:
             from engine.osproc import pid_alive
             self._checked = time.monotonic()
-            self._flag = not pid_alive(self._parent)
+            if not pid_alive(self._parent):
+                self._flag = True
         return self._flag
 
     def clear(self) -> None:

@@ -45,6 +45,24 @@ def test_control_sees_stop_file_and_clear_removes_it(tmp_path):
     assert not c.should_stop() and not (tmp_path / "STOP").exists()
 
 
+def test_control_stops_once_the_process_it_runs_for_is_gone(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    from engine import runio
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    monkeypatch.setattr(runio, "PARENT_CHECK_S", 0.0)
+    monkeypatch.setenv(runio.STOP_WITH_ENV, str(os.getpid()))     # alive: runs on
+    c = Control(tmp_path)
+    assert not c.should_stop()
+    (tmp_path / "STOP").touch()                # and a STOP file still stops it meanwhile
+    assert c.should_stop()
+    (tmp_path / "STOP").unlink()
+    monkeypatch.setenv(runio.STOP_WITH_ENV, str(gone.pid))        # gone: stops
+    assert Control(tmp_path).should_stop()
+
+
 def test_event_log_appends_and_reader_skips_torn_line(tmp_path):
     seen = []
     log = EventLog(tmp_path, echo=seen.append)
