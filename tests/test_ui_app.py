@@ -55,13 +55,14 @@ def test_an_open_project_is_frozen_from_the_collector_and_thawed_on_close(qtbot,
 
 def test_new_project_on_a_project_offers_to_open_it_and_asks_no_name(qtbot, project, make_window,
                                                                       monkeypatch, tmp_path):
-    from PySide6.QtWidgets import QFileDialog, QInputDialog, QMessageBox
+    from PySide6.QtWidgets import QInputDialog, QMessageBox
+    from ui import file_dialogs
     w = make_window(project)
     other = tmp_path / "other"
     other.mkdir()
     (other / "workbench.toml").write_text('name = "Other"\n')
     asked = []
-    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(other))
+    monkeypatch.setattr(file_dialogs, "existing_dir", lambda *a, **k: str(other))
     monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: pytest.fail("a name asked for"))
     monkeypatch.setattr(QMessageBox, "question", lambda _p, _t, text, *a: asked.append(text) or QMessageBox.Yes)
     w.new_project()

@@ -15,7 +15,6 @@ import pytest
 import torch
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QTextCursor
-from PySide6.QtWidgets import QFileDialog
 
 from engine.artifacts import load_artifact
 from engine.chat import ChatSession, SamplingSettings
@@ -23,6 +22,7 @@ from engine.checkpoint import resolve_checkpoint, save_checkpoint
 from engine.model import Transformer, config_from_preset
 from engine.weights import safetensors_state
 from engine.tokenizer import Tokenizer
+from ui import file_dialogs
 from ui.chat_view import ChatView
 from ui.compare_view import CompareView
 from ui.sampling_controls import PRESETS, SamplingControls
@@ -312,7 +312,7 @@ def test_the_picker_offers_the_project_and_any_folder(qtbot, monkeypatch, tmp_pa
     assert view.picker.path() == two_ckpts[0] and view.send_button.isEnabled()
 
     picked = iter([str(two_ckpts[1]), ""])     # a folder, then Cancel
-    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: next(picked))
+    monkeypatch.setattr(file_dialogs, "existing_dir", lambda *a, **k: next(picked))
     view.picker.activated.emit(view.picker.count() - 1)        # "Browse…"
     assert view.picker.path() == two_ckpts[1]
     assert view.picker.currentText() == f"{two_ckpts[1].name} (folder)"

@@ -4,12 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QFileDialog, QInputDialog
+from PySide6.QtWidgets import QInputDialog
 
 transformers = pytest.importorskip("transformers")
 
 from engine.artifacts import load_artifact  # noqa: E402
 from tests.hf_fixtures import save_model_folder  # noqa: E402
+from ui import file_dialogs
 from ui.token_view import TokenInspector  # noqa: E402
 from ui_driver import TINY, go, start_and_wait, type_settings, wait_preview  # noqa: E402
 
@@ -28,7 +29,7 @@ def finished(window, stage):
 def test_import_from_the_file_menu_fine_tune_it_and_export_from_the_runs_page(make_window, demo_project, model_folder,
                                                                              tmp_path, qtbot, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))     # no cached models: a folder
-    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(model_folder))
+    monkeypatch.setattr(file_dialogs, "existing_dir", lambda *a, **k: str(model_folder))
     w = make_window(demo_project, show=True)
     w.import_action.trigger()
     qtbot.waitUntil(lambda: finished(w, "hf_import"), timeout=60_000)
@@ -99,7 +100,7 @@ def test_a_cached_model_is_offered_by_name(make_window, demo_project, model_fold
         return "HuggingFaceTB/SmolLM2-tiny", True
 
     monkeypatch.setattr(QInputDialog, "getItem", pick)
-    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: pytest.fail("no folder asked for"))
+    monkeypatch.setattr(file_dialogs, "existing_dir", lambda *a, **k: pytest.fail("no folder asked for"))
     w = make_window(demo_project)
     w.import_action.trigger()
     assert offered[1:] == ["HuggingFaceTB/SmolLM2-tiny"]

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt, QTimer
-from PySide6.QtWidgets import QApplication, QDialogButtonBox, QFileDialog, QMessageBox, QPushButton
+from PySide6.QtWidgets import QApplication, QDialogButtonBox, QMessageBox, QPushButton
 
 from tests.test_packs import make_project
 from ui_driver import press
+from ui import file_dialogs
 from ui.pack_dialogs import MakePacksDialog
 from ui.ranking_view import RankingView
 from workbench.packs import open_pack
@@ -59,7 +60,7 @@ def test_make_rank_and_merge_packs_from_the_app(qtbot, tmp_path, monkeypatch):
     from ui.main_window import MainWindow
     main = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
     qtbot.addWidget(main)
-    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(files[0]), ""))
+    monkeypatch.setattr(file_dialogs, "open_file", lambda *a, **k: str(files[0]))
     action = next(a for a in main.menuBar().actions()[0].menu().actions()
                   if a.text() == "Open Annotation &Pack…")
     action.trigger()
@@ -82,7 +83,7 @@ def test_make_rank_and_merge_packs_from_the_app(qtbot, tmp_path, monkeypatch):
     window.close()
 
     # back on the project's Rank page, the teacher merges both packs, twice
-    monkeypatch.setattr(QFileDialog, "getOpenFileNames", lambda *a, **k: ([str(f) for f in files], ""))
+    monkeypatch.setattr(file_dialogs, "open_files", lambda *a, **k: [str(f) for f in files])
     texts = []
     monkeypatch.setattr(QMessageBox, "exec", lambda box: texts.append(box.text()) or 0)
     packs_action(view, "Merge annotation packs").trigger()
@@ -126,7 +127,7 @@ def test_ctrl_q_quits_with_a_pack_window_open_from_either_window(qtbot, tmp_path
     project = make_project(tmp_path / "p", n=2)
     with Store.for_project(project) as store:
         (pack,) = export_packs(store, project, store.batches()[0].id, ["ana"], 1, tmp_path / "packs")
-    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(pack), ""))
+    monkeypatch.setattr(file_dialogs, "open_file", lambda *a, **k: str(pack))
     for quit_from in ("main", "pack"):
         main = MainWindow(QSettings(str(tmp_path / f"{quit_from}.ini"), QSettings.Format.IniFormat))
         qtbot.addWidget(main)
@@ -144,6 +145,6 @@ def test_open_annotation_pack_starts_in_the_projects_packs_folder(qtbot, demo_pr
     (demo_project / "packs").mkdir()
     w = make_window(demo_project)
     asked = []
-    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: asked.append(a) or ("", ""))
+    monkeypatch.setattr(file_dialogs, "open_file", lambda *a, **k: asked.append(a) or "")
     next(a for a in w.menuBar().actions()[0].menu().actions() if a.text() == "Open Annotation &Pack…").trigger()
     assert asked and Path(asked[0][2]) == demo_project / "packs"

@@ -12,6 +12,7 @@ import pytest
 from PySide6.QtCore import QPoint, Qt
 from shiboken6 import isValid
 
+from ui import file_dialogs
 from ui.ranking_view import RankingView
 from workbench import guidelines
 from workbench.annotation import AnnotationSession
@@ -443,7 +444,7 @@ def test_import_and_export_buttons_without_modal_dialogs(qtbot, view, project, m
     pairs = [json.loads(line) for line in (project / "out" / "pairs.jsonl").read_text().splitlines()]
     bad.write_text("".join(json.dumps({k: v for k, v in p.items() if k != "annotator"}) + "\n"
                            for p in pairs) + "{oops\n")
-    monkeypatch.setattr(rf.QFileDialog, "getOpenFileName", lambda *a, **k: (str(bad), ""))
+    monkeypatch.setattr(file_dialogs, "open_file", lambda *a, **k: str(bad))
     refused = []
     monkeypatch.setattr(rf, "show_error", lambda _p, _t, e, go_on=None: refused.append(e) or True)
     view.import_clicked()
@@ -452,8 +453,7 @@ def test_import_and_export_buttons_without_modal_dialogs(qtbot, view, project, m
     view.import_clicked()
     assert "imported before" in told[-1]
     # The project's own export brings nothing back: no ranking is trained on twice.
-    monkeypatch.setattr(rf.QFileDialog, "getOpenFileName",
-                        lambda *a, **k: (str(project / "out" / "pairs.jsonl"), ""))
+    monkeypatch.setattr(file_dialogs, "open_file", lambda *a, **k: str(project / "out" / "pairs.jsonl"))
     n, picked = len(stored(project)), view.start.selected_batch()
     view.import_clicked()
     assert "Every record in this file (6 of 1 ranking(s)) is already in the project" in told[-1]

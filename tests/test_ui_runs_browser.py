@@ -6,6 +6,7 @@ import time
 import pytest
 from PySide6.QtCore import QObject, QPoint, Qt, Signal
 
+from ui import file_dialogs
 from ui.runs_browser import COLUMNS, RunsBrowser, result_text
 from workbench.runs import RunInfo
 
@@ -146,9 +147,9 @@ def test_export_report_asks_where_and_writes_the_page(qtbot, browser, tmp_path, 
 
     def save_as(parent, title, start, filters):
         asked.append(start)
-        return str(out), filters
+        return str(out)
 
-    monkeypatch.setattr("ui.runs_browser.QFileDialog.getSaveFileName", save_as)
+    monkeypatch.setattr(file_dialogs, "save_file", save_as)
     click_run(qtbot, b, run)
     assert b.report_btn.isEnabled()
     qtbot.mouseClick(b.report_btn, Qt.LeftButton)
@@ -165,8 +166,7 @@ def test_a_report_that_cannot_be_written_says_why_in_one_line(qtbot, browser, tm
     run = "pretrain-20250301-100000"
     pretrain_folder(tmp_path / run)
     (tmp_path / "a-file").write_text("")
-    monkeypatch.setattr("ui.runs_browser.QFileDialog.getSaveFileName",
-                        lambda *a: (str(tmp_path / "a-file" / "report.html"), ""))
+    monkeypatch.setattr(file_dialogs, "save_file", lambda *a: str(tmp_path / "a-file" / "report.html"))
     warnings = []
     monkeypatch.setattr("ui.runs_browser.QMessageBox.warning", lambda _p, title, text: warnings.append((title, text)))
     click_run(qtbot, b, run)

@@ -16,10 +16,11 @@ from pathlib import Path
 
 from PySide6.QtCore import QRectF, Qt, Signal
 from PySide6.QtGui import QColor, QPainter, QPalette, QPen
-from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFileDialog,
+from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox,
                                QHBoxLayout, QHeaderView, QLabel, QProgressBar, QPushButton,
                                QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
 
+from ui import file_dialogs
 from ui.workers import Worker
 from workbench.agreement import Agreement, Figures, agreement, figures
 from workbench.review import (Disagreement, RewardAccuracy, disagreements, items_to_score,
@@ -354,8 +355,8 @@ class AgreementView(QWidget):
     # --- the reward model ------------------------------------------------------------------------
 
     def _browse(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Reward model run or checkpoint",
-                                                str(self.project_dir / "runs"))
+        path = file_dialogs.existing_dir(self, "Reward model run or checkpoint",
+                                          str(self.project_dir / "runs"))
         if path:
             self.rm.addItem(Path(path).name, path)
             self.rm.setCurrentIndex(self.rm.count() - 1)

@@ -7,9 +7,10 @@ from typing import Callable, Optional
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QPalette
-from PySide6.QtWidgets import (QComboBox, QFileDialog, QFrame, QHBoxLayout, QLabel, QPlainTextEdit,
+from PySide6.QtWidgets import (QComboBox, QFrame, QHBoxLayout, QLabel, QPlainTextEdit,
                                QPushButton, QStyle, QToolButton, QVBoxLayout, QWidget)
 
+from ui import file_dialogs
 from workbench.model_cache import short_name
 
 Checkpoints = Callable[[], "list[tuple[str, Path]]"]
@@ -117,7 +118,7 @@ class CheckpointPicker(QComboBox):
             self._chosen = True
             self.select_index(i)
             return
-        folder = QFileDialog.getExistingDirectory(self, "Choose a checkpoint or run folder")
+        folder = file_dialogs.existing_dir(self, "Choose a checkpoint or run folder")
         if folder:
             self._chosen = True
             self.set_path(Path(folder))

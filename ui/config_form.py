@@ -14,11 +14,12 @@ from typing import Callable
 
 from PySide6.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QPalette
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout,
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QHBoxLayout,
                                QLabel, QLineEdit, QPlainTextEdit, QSpinBox, QToolButton,
                                QVBoxLayout, QWidget)
 
 from engine.config import ConfigError
+from ui import file_dialogs
 from workbench.forms import LABELS, FieldSpec, check, field_specs
 
 # (label, path) choices for an artifact field: "tokenizer" | "checkpoint" | "reward".
@@ -132,7 +133,7 @@ class ArtifactPicker(QWidget):
             self.combo.setEditText(str(value))             # a folder: its own name, at the end
 
     def _browse(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, f"Choose {self.spec.name}")
+        path = file_dialogs.existing_dir(self, f"Choose {self.spec.name}")
         if path:
             self.set_value(path)
 
@@ -169,8 +170,8 @@ class FilesPicker(QWidget):
         self.edit.setCursorPosition(0)
 
     def _browse(self) -> None:
-        files, _ = QFileDialog.getOpenFileNames(self, f"Add {self.spec.name}", "",
-                                                "Data (*.txt *.jsonl *.json);;All files (*)")
+        files = file_dialogs.open_files(self, f"Add {self.spec.name}", "",
+                                        "Data (*.txt *.jsonl *.json);;All files (*)")
         if files:
             current = [] if self.spec.kind == "file" else self.value()
             self.set_value(files[:1] if self.spec.kind == "file" else current + files)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout,
+from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFormLayout, QHBoxLayout,
                                QLabel, QLineEdit, QMessageBox, QPushButton, QVBoxLayout)
 
+from ui import file_dialogs
 from ui.workers import Worker
 
 # (label, format, GGUF weight type)
@@ -78,9 +79,9 @@ class ExportDialog(QDialog):
     def _browse(self) -> None:
         fmt, _t = self.choice()
         if fmt == "hf":
-            chosen = QFileDialog.getExistingDirectory(self, "Folder for the Hugging Face model", self.path.text())
+            chosen = file_dialogs.existing_dir(self, "Folder for the Hugging Face model", self.path.text())
         else:
-            chosen, _f = QFileDialog.getSaveFileName(self, "GGUF file", self.path.text(), "GGUF (*.gguf)")
+            chosen = file_dialogs.save_file(self, "GGUF file", self.path.text(), "GGUF (*.gguf)")
         if chosen:
             self.path.setText(chosen)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QSettings, QSize, Qt, QTimer, QUrl, Signal
 from PySide6.QtGui import QAction, QDesktopServices, QKeySequence
-from PySide6.QtWidgets import (QFileDialog, QInputDialog, QLabel, QListView, QListWidget, QListWidgetItem,
+from PySide6.QtWidgets import (QInputDialog, QLabel, QListView, QListWidget, QListWidgetItem,
                                QMainWindow, QMessageBox, QSplitter, QStackedWidget, QTabWidget, QVBoxLayout,
                                QWidget)
 
@@ -20,6 +20,7 @@ from engine.runio import format_duration
 from workbench import stages
 from workbench.project import Project, ProjectError, create_project, creation_problem
 from ui import help as help_pages
+from ui import file_dialogs
 from ui.collector import settle_gc, thaw_gc
 from ui.icons import app_icon, page_icon, status_color
 from ui.status_bar import MachineStatus
@@ -199,7 +200,7 @@ class MainWindow(QMainWindow):
         self.ctx = None
 
     def new_project(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Folder for the new project (empty or new)")
+        folder = file_dialogs.existing_dir(self, "Folder for the new project (empty or new)")
         if not folder:
             return
         if (Path(folder) / "workbench.toml").exists():
@@ -221,7 +222,7 @@ class MainWindow(QMainWindow):
         self.open_project(Path(folder))
 
     def choose_project(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Open a project folder (with workbench.toml)")
+        folder = file_dialogs.existing_dir(self, "Open a project folder (with workbench.toml)")
         if folder:
             self.open_project(Path(folder))
 
@@ -248,7 +249,7 @@ class MainWindow(QMainWindow):
             if not ok:
                 return
         if source == folder_item:
-            source = QFileDialog.getExistingDirectory(
+            source = file_dialogs.existing_dir(
                 self, "A Hugging Face model folder (config.json, model.safetensors, tokenizer.json)")
         if source:
             self.import_model(source)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog,
+from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QDoubleSpinBox,
                                QFormLayout, QLabel, QLineEdit, QMessageBox, QPushButton, QSpinBox,
                                QVBoxLayout, QWidget)
 
+from ui import file_dialogs
 from ui.ranking_dialogs import _row, show_error
 from workbench.pack_merge import merge_packs
 from workbench.packs import PACK_SUFFIX, export_packs
@@ -52,7 +53,7 @@ class MakePacksDialog(QDialog):
         self.setMinimumWidth(560)
 
     def _browse(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Folder for the packs", self.folder.text())
+        folder = file_dialogs.existing_dir(self, "Folder for the packs", self.folder.text())
         if folder:
             self.folder.setText(folder)
 
@@ -91,7 +92,7 @@ def make_packs(view) -> list[Path]:
 def merge_pack_files(view) -> str:
     """Ask for pack files and merge them into the project; returns the summary shown."""
     folder = view.project_dir / "packs"     # where Make packs writes them by default
-    paths, _ = QFileDialog.getOpenFileNames(
+    paths = file_dialogs.open_files(
         view, "Merge annotation packs (select several)",
         str(folder if folder.is_dir() else view.project_dir), PACK_FILTER)
     if not paths:

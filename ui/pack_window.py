@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtGui import QKeySequence, QShortcut
-from PySide6.QtWidgets import QApplication, QFileDialog, QMainWindow, QWidget
+from PySide6.QtWidgets import QApplication, QMainWindow, QWidget
 
+from ui import file_dialogs
 from ui.pack_dialogs import PACK_FILTER
 from ui.ranking_dialogs import show_error
 from ui.ranking_view import RankingView
@@ -76,5 +77,5 @@ def choose_and_open_pack(parent: QWidget | None, start: Path | None = None) -> P
     """`start`: the folder the file dialog opens in (the open project's packs, where Make packs
     writes them)."""
     folder = str(start) if start is not None and start.is_dir() else ""
-    path, _ = QFileDialog.getOpenFileName(parent, "Open annotation pack", folder, PACK_FILTER)
+    path = file_dialogs.open_file(parent, "Open annotation pack", folder, PACK_FILTER)
     return open_pack_window(Path(path), parent) if path else None

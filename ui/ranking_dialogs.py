@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Callable
 
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox,
-                               QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
+                               QFormLayout, QHBoxLayout, QLabel, QLineEdit,
                                QMessageBox, QPushButton, QSpinBox, QVBoxLayout,
                                QWidget)
 
 from engine.config import ConfigError
 from engine.sample import PromptFileError, SampleConfig, read_prompts
+from ui import file_dialogs
 from workbench.project import Project, ProjectError
 from workbench.stages import stage_of_folder
 
@@ -106,7 +107,7 @@ class NewBatchDialog(QDialog):
         lay.addWidget(buttons)
 
     def _browse_checkpoint(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Checkpoint or run folder", str(self.project_dir))
+        path = file_dialogs.existing_dir(self, "Checkpoint or run folder", str(self.project_dir))
         if path:
             self.add_checkpoint(Path(path))
 
@@ -115,8 +116,8 @@ class NewBatchDialog(QDialog):
         self.checkpoint.setCurrentIndex(self.checkpoint.count() - 1)
 
     def _add_prompts(self) -> None:
-        files, _ = QFileDialog.getOpenFileNames(self, "Prompt files", str(self.project_dir),
-                                                "Prompts (*.txt *.jsonl)")
+        files = file_dialogs.open_files(self, "Prompt files", str(self.project_dir),
+                                        "Prompts (*.txt *.jsonl)")
         if files:
             current = [p for p in self.prompts.text().split(";") if p.strip()]
             self.prompts.setText("; ".join(current + files))
@@ -203,8 +204,8 @@ class ExportDialog(QDialog):
 
     def _browse(self) -> None:
         suffix = EXPORT_FORMATS[self.fmt()][1]
-        path, _ = QFileDialog.getSaveFileName(self, "Export to", self.path.text(),
-                                              f"{self.format.currentText()} (*{suffix})")
+        path = file_dialogs.save_file(self, "Export to", self.path.text(),
+                                      f"{self.format.currentText()} (*{suffix})")
         if path:
             self.path.setText(path)
 

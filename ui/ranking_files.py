@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtWidgets import QFileDialog, QMessageBox
+from PySide6.QtWidgets import QMessageBox
 
+from ui import file_dialogs
 from ui.ranking_dialogs import ExportDialog, show_error
 from workbench.preferences import ImportResult, export_rankings, import_preferences
 from workbench.store import InputError
@@ -47,7 +48,7 @@ class PreferenceFiles:
                                fmt=fmt, batch_ids=batch_ids, include_repeats=include_repeats)
 
     def import_clicked(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(
+        path = file_dialogs.open_file(
             self, "Import preferences", str(self.project_dir),
             "Preference data (*.jsonl *.jsonl.gz *.json *.parquet);;All files (*)")
         if not path:

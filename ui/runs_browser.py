@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt, QUrl, Signal
 from PySide6.QtGui import QDesktopServices
-from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QLabel,
+from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLabel,
                                QLineEdit, QMessageBox, QPushButton, QSplitter, QTableWidget,
                                QTableWidgetItem, QVBoxLayout, QWidget)
 
@@ -25,6 +25,7 @@ from workbench.runfold import fold_run
 from workbench import report, runfolder, stages
 from workbench.plot_specs import KEY_METRICS
 from workbench.runs import RunInfo
+from ui import file_dialogs
 from ui.export_dialog import ExportDialog
 from ui.plots import PlotGrid, RunHistory
 from ui.project_context import ProjectContext
@@ -346,8 +347,8 @@ class RunsBrowser(QWidget):
         info = self.ctx.run(names[0]) if len(names) == 1 else None
         if info is None:
             return None
-        chosen, _f = QFileDialog.getSaveFileName(self, f"Save the report of {info.name}",
-                                                 str(info.path / report.REPORT_NAME), "HTML page (*.html)")
+        chosen = file_dialogs.save_file(self, f"Save the report of {info.name}",
+                                         str(info.path / report.REPORT_NAME), "HTML page (*.html)")
         if not chosen:
             return None
         out = Path(chosen)
