@@ -79,6 +79,19 @@ def test_answers_are_shuffled_by_seed_and_recorded(store):
     assert recorded == 16
 
 
+def test_two_annotators_with_the_same_seed_see_their_own_orders(store):
+    # One order for all would make a shared liking for the first answer shown read as agreement.
+    b = make_batch(store, n=8, k=4)
+    orders = {}
+    for name in ("ana", "ben"):
+        s = AnnotationSession(store, b, name)            # the default seed for both
+        orders[name] = []
+        while (cur := s.current()) is not None:
+            orders[name].append(shown_ids(cur))
+            s.submit([1, 2, 3, 4])
+    assert sum(a != b for a, b in zip(orders["ana"], orders["ben"])) >= 6
+
+
 def test_resume_in_a_new_object_and_connection_continues_with_the_same_orders(db, store):
     b = make_batch(store)
     s = AnnotationSession(store, b, "ann", seed=5)

@@ -7,7 +7,9 @@ stopped, showing every item in the answer order it was first shown in.
 Display numbers. The answers of an item are shown shuffled and numbered 1..K; the shuffle is
 recorded (`shown_orders`) the first time the item is shown, and `submit` takes the ordering in
 those display numbers. Shuffling matters because sampled answers come in seed order, and a
-person who sees "answer 1" first every time ranks it differently.
+person who sees "answer 1" first every time ranks it differently; each annotator gets an order
+of their own (the shuffle's seed holds their name), so two people's liking for what they saw
+first does not read as agreement.
 
 Queue. Items come in batch order. `skip` sends the current item to the back; `undo` withdraws
 the session's last ranking and puts its item at the front, with the withdrawn input offered as
@@ -252,7 +254,10 @@ class AnnotationSession:
         if order is not None:
             return order
         ids = self.store.answer_ids(item_id)
-        random.Random(f"workbench-shuffle/{self.settings['seed']}/{item_id}/{rep}").shuffle(ids)
+        # Each annotator's own order: one order for everyone would turn a shared liking for the
+        # first answer shown into agreement.
+        key = f"workbench-shuffle/{self.settings['seed']}/{self.annotator.name}/{item_id}/{rep}"
+        random.Random(key).shuffle(ids)
         return self.store.record_shown_order(self.id, item_id, bool(rep), ids)
 
     def _move(self, item_id: int, rep: int, to_back: bool) -> None:
