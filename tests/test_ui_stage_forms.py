@@ -236,3 +236,18 @@ def test_a_grpo_reward_file_that_cannot_load_is_refused_at_start_not_after(
     type_settings(qtbot, grpo, {"user_reward": f"{tmp_path / 'good.py'}:reward"})
     assert grpo.start_btn.isEnabled(), grpo.status_label.text()
     assert len(list((project / "runs").iterdir())) == runs          # no failed run was made
+
+
+def test_a_sample_run_made_outside_the_app_is_a_batch_on_the_rank_page(qtbot, project, make_window):
+    # As `workbench pipeline --until sample` leaves it: finished, never imported.
+    from test_annotate_cli import write_run
+    run = fake_run(project, "sample-20260101-000000", {}, 1, 1.0)
+    write_run(run, events=False)
+    w = make_window(project, show=True)
+    go(qtbot, w, "rank")
+    batches = w.ranking.start.batches
+    names = [batches.topLevelItem(i).text(0) for i in range(batches.topLevelItemCount())]
+    assert names == ["sample-20260101-000000"]
+    go(qtbot, w, "runs")
+    go(qtbot, w, "rank")                        # once: the run's batch is not made again
+    assert batches.topLevelItemCount() == 1

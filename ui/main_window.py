@@ -348,6 +348,19 @@ class MainWindow(QMainWindow):
                 return
             self.pages["rank"].setCurrentWidget(self.ranking)
 
+    def _batch_finished_samples(self) -> None:
+        """Sample runs made outside the app (`workbench pipeline --until sample`, `workbench run
+        sample`) become batches to rank too, as the app's own do when they finish."""
+        from workbench.samples import import_sample_run
+        from workbench.store import InputError
+        known = {b.source for b in self.ranking.store.batches()}
+        for info in self.ctx.run_list("sample"):
+            if info.status == "completed" and str(info.path.resolve()) not in known:
+                try:
+                    import_sample_run(self.ranking.store, info.path)
+                except (InputError, OSError):
+                    continue        # a run it cannot read: its own page says why when opened
+
     def go(self, key: str) -> None:
         keys = [k for k, _ in SIDEBAR]
         self.sidebar.setCurrentRow(keys.index(key))
@@ -368,6 +381,8 @@ class MainWindow(QMainWindow):
         page = self.pages[key]
         self.stack.setCurrentWidget(page)
         refresh = getattr(page, "refresh", None)
+        if key == "rank":
+            self._batch_finished_samples()
         if key in ("rank", "chat"):
             inner = page.currentWidget()
             refresh = getattr(inner, "refresh", None)
