@@ -19,6 +19,7 @@ from PySide6.QtCore import QFileInfo
 from PySide6.QtWidgets import QFileDialog, QFileIconProvider, QWidget
 
 _NATIVE_IS_SAFE = sys.platform == "win32"
+_PROVIDER = None        # the one _NamesOnly, made on first use
 
 
 class _NamesOnly(QFileIconProvider):
@@ -41,8 +42,11 @@ def _run(parent: QWidget | None, caption: str, directory: str, name_filter: str,
     dialog = QFileDialog(parent, caption)
     if not _NATIVE_IS_SAFE:
         dialog.setOption(QFileDialog.Option.DontUseNativeDialog)
-        # Set before the dialog lists any folder: its first listing would read the files.
-        dialog.setIconProvider(_NamesOnly())
+        # Set before the dialog lists any folder: its first listing would read the files. The
+        # dialog does not own its provider: held here, or Python frees it under the dialog.
+        global _PROVIDER
+        _PROVIDER = _PROVIDER or _NamesOnly()
+        dialog.setIconProvider(_PROVIDER)
     dialog.setFileMode(mode)
     if mode == QFileDialog.FileMode.Directory:
         dialog.setOption(QFileDialog.Option.ShowDirsOnly)
