@@ -639,3 +639,14 @@ def test_copies_of_one_answer_are_ranked_together(qtbot, tmp_path):
         assert sorted_groups(stored(tmp_path)[-1].ordering) == sorted_groups(want)
     finally:
         view.close_store()
+
+
+def test_a_batch_another_process_made_is_listed_when_the_rank_tab_is_opened(qtbot, view, project):
+    from ui_driver import click_tab
+    before = view.start.batches.topLevelItemCount()
+    click_tab(qtbot, view.tabs, "Agreement")
+    with Store.for_project(project) as other:          # as `workbench import-samples` would
+        other.create_batch("from the CLI", [{"prompt": "q", "answers": [{"text": "a"}, {"text": "b"}]}])
+    click_tab(qtbot, view.tabs, "Rank")
+    names = [view.start.batches.topLevelItem(i).text(0) for i in range(view.start.batches.topLevelItemCount())]
+    assert len(names) == before + 1 and "from the CLI" in names

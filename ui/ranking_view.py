@@ -546,6 +546,8 @@ class RankingView(PreferenceFiles, QWidget):
         if index == 1:
             self.agreement.refresh()
         else:
+            if self.stack.currentWidget() is self.start:
+                self.refresh()          # batches another process made meanwhile (the CLI, a job)
             self.setFocus()
 
     def _silence(self) -> None:
