@@ -112,6 +112,9 @@ def test_keyboard_mistakes_are_refused_and_can_be_taken_back(qtbot, view, projec
     assert "already ranked" in view.page.status.text()
     press(qtbot, view, ["9"])
     assert "1–4" in view.page.status.text()
+    press(qtbot, view, ["f", "5"])             # a flag for an answer there is not: said whole
+    assert "no answer '5': answers are 1–4; the flag was not set (F and the answer's number" \
+        in view.page.status.text()
     press(qtbot, view, [Qt.Key_Return])
     assert "more answer" in view.page.status.text() and stored(project) == []
     press(qtbot, view, ["1", Qt.Key_Backspace, "3", Qt.Key_Escape, "4", "1", "3"])

@@ -224,8 +224,11 @@ class RankInput:
             if token.isdigit() and len(token) == 1 and 1 <= int(token) <= self.k:
                 self.target = int(token)
                 return Outcome(message=self.prompt())
+            what = {"f": "flag", "g": "score"}.get(prefix, "label")
             self.prefix = None
-            return Outcome(message=f"no answer {token!r}: answers are 1–{self.k}", error=True)
+            # Said in full: the letter typed next is a ranking key again, not the label.
+            return Outcome(message=f"no answer {token!r}: answers are 1–{self.k}; the {what} was not set "
+                                   f"({prefix.upper()} and the answer's number again to set it)", error=True)
         self.prefix = self.target = None
         if prefix == "f" and token in FLAG_KEYS:
             flags = self.flags.setdefault(target, set())
