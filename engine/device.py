@@ -66,9 +66,15 @@ def fused_adamw(device_type: str) -> bool:
     return device_type in ("cuda", "cpu")
 
 
+def half_on_cuda(device: torch.device, dtype: torch.dtype) -> bool:
+    """Does a run train in `dtype` here? Half precision runs on CUDA only; elsewhere the
+    run trains in float32."""
+    return dtype != torch.float32 and device.type == "cuda"
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """Mixed precision only where it pays (CUDA); weights and optimizer stay fp32."""
-    if dtype == torch.float32 or device.type != "cuda":
+    if not half_on_cuda(device, dtype):
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=dtype)
 
@@ -76,7 +82,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def precision_warning(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """What a run asked for half precision where `autocast` keeps float32 is told (None if
     nothing): a bf16 run on a CPU must not be taken for one."""
-    if dtype != torch.float32 and device.type != "cuda":
+    if dtype != torch.float32 and not half_on_cuda(device, dtype):
         return f"{name} is used on CUDA only; training in float32 on {device.type}"
     return None
 
@@ -110,7 +116,7 @@ def describe(device: torch.device, dtype: torch.dtype | None = None) -> str:
         where = device.type
     if dtype is None:
         return where
-    if dtype != torch.float32 and device.type == "cuda":
+    if half_on_cuda(device, dtype):
         return f"{where}, {str(dtype).removeprefix('torch.')} autocast"
     return f"{where}, float32"
 

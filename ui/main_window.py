@@ -310,7 +310,7 @@ class MainWindow(QMainWindow):
         self.chat = ChatView(ctx.path, ctx.checkpoints, cache=self.model_cache)
         self.compare = CompareView(ctx.path, ctx.checkpoints, cache=self.model_cache)
         self.methods = MethodsView(ctx.path, ctx.run_list)
-        ctx.runsChanged.connect(lambda: self.methods.isVisible() and self.methods.refresh())
+        ctx.runsChanged.connect(self.methods.runs_changed)
         self.methods.abRequested.connect(self._blind_ab)
         chat.addTab(self.chat, "Chat")
         chat.addTab(self.compare, "Compare")

@@ -94,15 +94,21 @@ class MethodsView(QWidget):
         self.refresh()
 
     def refresh(self) -> None:
-        """Called whenever the Chat page changes tab and the runs change: redrawn only when
-        methods.json changed, so a selected row survives a visit to the Compare tab; what the
-        result no longer shows of the project (a run deleted, a newer one) is said each time."""
+        """Called whenever the Chat page changes tab: redrawn only when methods.json changed, so
+        a selected row survives a visit to the Compare tab; what the result no longer shows of
+        the project (a run deleted, a newer one) is said each time."""
         if self.worker is None:
             result = methods.read_result(self.project_dir)
             if result != self.result or result is None:
                 self.show_result(result)
             else:
                 self._say_status()
+
+    def runs_changed(self) -> None:
+        """The project's runs changed (every few seconds while a job streams): the note on the
+        result shown is said again, methods.json is not read again."""
+        if self.worker is None and self.result is not None and self.isVisible():
+            self._say_status()
 
     def show_result(self, result: Optional[dict]) -> None:
         self.result = result

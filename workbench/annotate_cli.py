@@ -26,7 +26,7 @@ from typing import Callable
 
 from workbench.annotation import SessionSettingsError, answer_copies
 from workbench.chat_cli import typed_line
-from workbench.project import SETTINGS
+from workbench.project import Project, ProjectError
 from workbench.store import DB_NAME, FLAGS, InputError, RankingError, Store, StoreError
 
 RANK_HELP = """\
@@ -55,9 +55,10 @@ def open_store(project: Path, *, create: bool = False) -> Store:
     if not project.is_dir():
         raise CliError(f"{project} is a file, not a project folder" if project.exists()
                        else f"project folder {project} does not exist")
-    if not (project / SETTINGS).is_file():    # a folder of something else: no workbench.db in it
-        raise CliError(f"{project} is not a workbench project (no {SETTINGS}): make one with "
-                       "`workbench demo` or File ▸ New project in the app")
+    try:        # a folder of something else, or a project cut short: no workbench.db in it
+        Project.open(project)
+    except ProjectError as e:
+        raise CliError(str(e)) from None
     if not create and not (project / DB_NAME).exists():
         raise CliError(f"{project} has no {DB_NAME} yet: import samples or preferences first "
                        f"(workbench import-samples / workbench preferences import)")
