@@ -167,7 +167,7 @@ def test_cli_refuses_without_force(project, capsys):
 
 
 def test_a_folder_that_is_not_a_project_keeps_its_files(tmp_path, capsys):
-    from workbench.demo import WRITING
+    from workbench.project import DEMO_WRITING as WRITING
     mine = tmp_path / "mine"
     (mine / "data").mkdir(parents=True)
     (mine / "data" / "sft.jsonl").write_text('{"prompt": "my", "response": "own"}\n')

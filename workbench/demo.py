@@ -47,9 +47,8 @@ MIN_DOC_CHARS = 16      # shorter docstrings ("Return self.") teach little
 SKIP_DIRS = {"test", "tests", "idle_test", "idlelib", "lib2to3", "site-packages",
              "dist-packages", "__pycache__", "__phello__"}
 
-# Present while the demo is being written: a folder holding it and no workbench.toml is a demo
-# cut short, whose files a new write may replace (any other files there are the user's).
-WRITING = DEMO_WRITING
+# DEMO_WRITING is present while the demo is being written: a folder holding it is a demo cut
+# short, whose files a new write may replace (any other files there are the user's).
 FILES = {
     "docs": "data/corpus/python_docs.txt",
     "tasks": "data/corpus/tasks.txt",
@@ -293,14 +292,14 @@ def write_demo_project(project_dir, *, seed: int = 0, scale: str = "small",
         raise FileExistsError(f"{root} is a file, not a folder: name a new or empty folder")
     if (root / "workbench.toml").exists():
         # A demo cut short is written again without --force: it was being replaced anyway.
-        if not overwrite and not (root / WRITING).exists():
+        if not overwrite and not (root / DEMO_WRITING).exists():
             raise FileExistsError(f"{root} already holds a project (workbench.toml); --force "
                                   "replaces its demo files")
         if not _is_demo(root / "workbench.toml"):
             raise FileExistsError(f"{root} holds a project that is not a demo ({root / 'workbench.toml'} "
                                   "has no [demo] table): --force replaces only a demo's files; name a "
                                   "new or empty folder")
-    elif not (root / WRITING).exists():
+    elif not (root / DEMO_WRITING).exists():
         # Not a project, nor a demo cut short: whatever is there is the user's.
         theirs = [rel for rel in FILES.values() if (root / rel).exists()]
         if theirs:
@@ -337,7 +336,7 @@ def write_demo_project(project_dir, *, seed: int = 0, scale: str = "small",
     }
     sizes = {}
     root.mkdir(parents=True, exist_ok=True)
-    (root / WRITING).touch()
+    (root / DEMO_WRITING).touch()
     # workbench.toml last: its presence marks a complete project.
     for rel in sorted(contents, key=lambda r: r == "workbench.toml"):
         path = root / rel
@@ -345,7 +344,7 @@ def write_demo_project(project_dir, *, seed: int = 0, scale: str = "small",
         data = contents[rel].encode("utf-8")
         atomic_write_bytes(path, data)
         sizes[rel] = len(data)
-    (root / WRITING).unlink()
+    (root / DEMO_WRITING).unlink()
     return {
         "project": str(root), "scale": scale, "seed": seed, "files": sizes,
         "counts": {"docstrings": n_docs, "transcripts": len(transcripts), "sft": cfg["sft"],
