@@ -1,6 +1,7 @@
 """Export a checkpoint for the tools people already use: a Hugging Face folder, or GGUF.
 
-    python -m engine.export RUN_OR_CHECKPOINT --format hf|gguf --out PATH [--gguf-type f16|q8_0]
+    python -m engine.export RUN_OR_CHECKPOINT --format hf|gguf --out PATH [--gguf-type f16|q8_0|f32]
+                            [--dtype float32|bfloat16|float16]
 
 A language model becomes a folder that `AutoModelForCausalLM` and `AutoTokenizer` load with no
 custom code (config.json of its family, model.safetensors, tokenizer.json, tokenizer_config.json
@@ -16,6 +17,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 from engine.artifacts import Loaded, load_artifact
 from engine.config import ConfigError
 from engine.fsutil import atomic_write_text, disk_full_message, is_disk_full
@@ -26,6 +29,9 @@ from engine.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 FORMATS = ("hf", "gguf")
 GGUF_TYPES = ("f16", "q8_0", "f32")
+# A Hugging Face folder's weight types: float32 keeps every bit the stages trained; the halves
+# are what models are shared in (half the size) and what transformers loads with dtype="auto".
+HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def token_ids(tok, pad_id: int | None = None) -> dict:
@@ -61,8 +67,9 @@ def _write_workbench_tokenizer(tok: Tokenizer, out: Path) -> None:
     atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-def export_hf(art: Loaded, out: Path) -> Path:
-    """The folder `out` (created; its model files replaced) holding the checkpoint for transformers."""
+def export_hf(art: Loaded, out: Path, dtype: str = "float32") -> Path:
+    """The folder `out` (created; its model files replaced) holding the checkpoint for
+    transformers, its weights in `dtype` (config.json says which, for dtype="auto")."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = art.model, art.tokenizer
@@ -72,7 +79,8 @@ def export_hf(art: Loaded, out: Path) -> Path:
     else:
         tok.save(out)
     ids = token_ids(tok, score_pad_id(tok) if scalar else None)
-    save_hf_weights(model, out, ids)
+    save_hf_weights(model.to(HF_DTYPES[dtype]), out, ids)
+    _set_dtype(out / "config.json", dtype)
     if scalar:
         _as_sequence_classifier(out / "config.json", family_of(model.config))
         if ids["pad_token_id"] != tok.pad_id:     # the tokenizer pads with the same token
@@ -88,6 +96,13 @@ def _as_sequence_classifier(config_path: Path, family: str) -> None:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     arch = FAMILIES[family].replace("ForCausalLM", "ForSequenceClassification")
     config.update(architectures=[arch], num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
+
+
+def _set_dtype(config_path: Path, dtype: str) -> None:
+    """Both names transformers has read the weights' type under (4.x torch_dtype, 5.x dtype)."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.update(torch_dtype=dtype, dtype=dtype)
     atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
 
 
@@ -158,11 +173,16 @@ class ExportError(ValueError):
     """A checkpoint that cannot be exported as asked; the message names the run or the format."""
 
 
-def export(source: Path, fmt: str, out: Path, gguf_type: str = "f16") -> Path:
+def export(source: Path, fmt: str, out: Path, gguf_type: str = "f16", dtype: str = "float32") -> Path:
+    """`gguf_type` is the GGUF file's weight type, `dtype` the Hugging Face folder's."""
     if fmt not in FORMATS:
         raise ExportError(f"the format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if gguf_type not in GGUF_TYPES:
         raise ExportError(f"the GGUF type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+    if dtype not in HF_DTYPES:
+        raise ExportError(f"the weight type must be one of {', '.join(HF_DTYPES)}, got {dtype!r}")
+    if fmt == "gguf" and dtype != "float32":
+        raise ExportError("--dtype is the Hugging Face folder's weight type; a GGUF file's is --gguf-type")
     check_out(fmt, out)
     try:
         art = load_artifact(source, field="checkpoint", prefer="latest")
@@ -173,7 +193,7 @@ def export(source: Path, fmt: str, out: Path, gguf_type: str = "f16") -> Path:
         return export_gguf(art, out, gguf_type)     # one file, renamed into place when whole
     made = not Path(out).exists()
     try:
-        return export_hf(art, out)
+        return export_hf(art, out, dtype)
     except BaseException:
         if made:        # a full disk, a kill: no folder that looks like a model without its weights
             shutil.rmtree(out, ignore_errors=True)
@@ -190,11 +210,14 @@ def add_arguments(p: argparse.ArgumentParser, nargs: str | None = None) -> None:
                    help="the folder (hf) or the .gguf file (gguf) to write: new, empty, or an earlier export")
     p.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16",
                    help="GGUF weight type: f16 (default), q8_0 (8-bit, about half the size) or f32")
+    p.add_argument("--dtype", choices=tuple(HF_DTYPES), default="float32",
+                   help="the Hugging Face folder's weight type: float32 (default, every bit trained), "
+                        "bfloat16 or float16 (half the size, as models are usually shared)")
 
 
 def run_from_args(args) -> int:
     try:
-        out = export(args.source, args.format, args.out, args.gguf_type)
+        out = export(args.source, args.format, args.out, args.gguf_type, args.dtype)
     except (ConfigError, StageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

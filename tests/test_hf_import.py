@@ -338,6 +338,34 @@ def test_a_model_trained_here_exports_with_our_template_for_transformers(tiny_lm
     assert greedy[0, len(ids):].tolist() == generate(art.model, ids, 8, temperature=0.0)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_an_export_in_half_precision_is_half_the_size_and_loads_as_such(tiny_lm_ckpt, tmp_path, capsys, dtype):
+    """--dtype: the weights stored in it (config.json says which, so dtype="auto" picks it), the
+    file about half the float32 one's size, and transformers' logits those of our weights
+    rounded to it."""
+    from safetensors import safe_open
+    full = export(tiny_lm_ckpt, "hf", tmp_path / "f32")
+    assert workbench(["export", str(tiny_lm_ckpt), "--out", str(tmp_path / "half"), "--dtype", dtype]) == 0
+    half = tmp_path / "half"
+    with safe_open(half / "model.safetensors", "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {f"torch.{dtype}"}
+    ratio = (half / "model.safetensors").stat().st_size / (full / "model.safetensors").stat().st_size
+    assert 0.45 < ratio < 0.55
+    assert json.loads((half / "config.json").read_text())["dtype"] == dtype
+    back = transformers.AutoModelForCausalLM.from_pretrained(half, dtype="auto").eval()
+    assert back.dtype == getattr(torch, dtype)
+    art = load_artifact(tiny_lm_ckpt)
+    x = torch.tensor([art.tokenizer.render_chat([{"role": "user", "content": "alpha beta?"}],
+                                                add_generation_prompt=True)[0]])
+    rounded = art.model.eval().to(getattr(torch, dtype)).float()
+    with torch.no_grad():
+        torch.testing.assert_close(rounded(x), back.float()(x).logits, atol=1e-4, rtol=1e-4)
+    # A GGUF file has its own weight type: --dtype is refused there by name, before any work.
+    assert workbench(["export", str(tiny_lm_ckpt), "--format", "gguf", "--out", str(tmp_path / "m.gguf"),
+                      "--dtype", dtype]) == 2
+    assert "--gguf-type" in capsys.readouterr().err and not (tmp_path / "m.gguf").exists()
+
+
 def test_an_export_that_runs_out_of_disk_leaves_no_folder_and_says_so(tiny_lm_ckpt, tmp_path, monkeypatch, capsys):
     import errno
 

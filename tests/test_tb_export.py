@@ -203,10 +203,14 @@ def test_checkpoint_export_still_parses_as_before(tmp_path, capsys, monkeypatch)
     assert workbench(capsys, "export", tmp_path / "run", "--out", tmp_path / "hf")[0] == 0
     assert workbench(capsys, "export", tmp_path / "run", "--format", "gguf", "--gguf-type", "q8_0",
                      "--out", tmp_path / "m.gguf")[0] == 0
-    assert calls == [(tmp_path / "run", "hf", tmp_path / "hf", "f16"),
-                     (tmp_path / "run", "gguf", tmp_path / "m.gguf", "q8_0")]
+    assert workbench(capsys, "export", tmp_path / "run", "--out", tmp_path / "bf", "--dtype", "bfloat16")[0] == 0
+    assert calls == [(tmp_path / "run", "hf", tmp_path / "hf", "f16", "float32"),
+                     (tmp_path / "run", "gguf", tmp_path / "m.gguf", "q8_0", "float32"),
+                     (tmp_path / "run", "hf", tmp_path / "bf", "f16", "bfloat16")]
     rc, _, err = workbench(capsys, "export", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "x")
-    assert rc == 2 and "export takes one RUN" in err and len(calls) == 2
+    assert rc == 2 and "export takes one RUN" in err and len(calls) == 3
+    rc, _, err = workbench(capsys, "export", "tensorboard", tmp_path / "a", "--dtype", "bfloat16", "--out", tmp_path / "x")
+    assert rc == 2 and "--dtype" in err and len(calls) == 3
 
 
 def test_help_documents_export_tensorboard(capsys):

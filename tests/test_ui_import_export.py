@@ -57,7 +57,8 @@ def test_import_from_the_file_menu_fine_tune_it_and_export_from_the_runs_page(ma
     assert browser.export_btn.isEnabled()
     qtbot.mouseClick(browser.export_btn, Qt.MouseButton.LeftButton)
     dialog = browser.last_export
-    dialog.format.setCurrentIndex(1)                                       # GGUF, 16-bit
+    labels = [dialog.format.itemText(i) for i in range(dialog.format.count())]
+    dialog.format.setCurrentIndex(next(i for i, t in enumerate(labels) if t.startswith("GGUF, 16-bit")))
     out = tmp_path / "exported.gguf"
     dialog.path.clear()
     qtbot.keyClicks(dialog.path, str(out))
@@ -85,6 +86,17 @@ def test_import_from_the_file_menu_fine_tune_it_and_export_from_the_runs_page(ma
     x = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
         torch.testing.assert_close(back(x).logits, art.model.eval()(x), atol=1e-4, rtol=1e-4)
+
+    # The bfloat16 choice: its own default folder beside the others, the weights stored in bf16.
+    dialog.path.clear()
+    dialog.format.setCurrentIndex(next(i for i, t in enumerate(labels) if "bfloat16" in t))
+    default = sft_job.run_dir.parent.parent / "exports" / f"{sft_job.run_dir.name}-bfloat16"
+    assert dialog.path.text() == str(default)
+    qtbot.mouseClick(dialog.export_btn, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: dialog.status.text().startswith(("Exported", "Not exported")), timeout=30_000)
+    assert dialog.status.text() == f"Exported to {default}"
+    half = transformers.AutoModelForCausalLM.from_pretrained(default, dtype="auto")
+    assert half.dtype == torch.bfloat16
     dialog.close()
 
 

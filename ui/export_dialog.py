@@ -13,15 +13,16 @@ from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFormLayout
 from ui import file_dialogs
 from ui.workers import Worker
 
-# (label, format, GGUF weight type)
-CHOICES = [("Hugging Face folder (transformers)", "hf", "f16"),
-           ("GGUF, 16-bit (llama.cpp, Ollama, LM Studio)", "gguf", "f16"),
-           ("GGUF, 8-bit q8_0 (about half the size)", "gguf", "q8_0")]
+# (label, format, GGUF weight type, Hugging Face weight type)
+CHOICES = [("Hugging Face folder (transformers), float32", "hf", "f16", "float32"),
+           ("Hugging Face folder, bfloat16 (half the size)", "hf", "f16", "bfloat16"),
+           ("GGUF, 16-bit (llama.cpp, Ollama, LM Studio)", "gguf", "f16", "float32"),
+           ("GGUF, 8-bit q8_0 (about half the size)", "gguf", "q8_0", "float32")]
 
 
-def _export(source: Path, fmt: str, out: Path, gguf_type: str, *, emit, cancelled) -> Path:
+def _export(source: Path, fmt: str, out: Path, gguf_type: str, dtype: str, *, emit, cancelled) -> Path:
     from engine.export import export
-    return export(source, fmt, out, gguf_type)
+    return export(source, fmt, out, gguf_type, dtype)
 
 
 class ExportDialog(QDialog):
@@ -31,7 +32,7 @@ class ExportDialog(QDialog):
         self.setWindowTitle(f"Export {self.run_dir.name}")
         self.worker: Worker | None = None
         self.format = QComboBox()
-        for label, fmt, _t in CHOICES:
+        for label, fmt, _t, _d in CHOICES:
             if fmt == "hf" or not reward_model:     # a reward model has no GGUF form
                 self.format.addItem(label)
         self.path = QLineEdit()
@@ -59,25 +60,27 @@ class ExportDialog(QDialog):
         self._default_path()
         self.resize(620, self.sizeHint().height())
 
-    def choice(self) -> tuple[str, str]:
+    def choice(self) -> tuple[str, str, str]:
+        """(format, GGUF weight type, Hugging Face weight type) of the choice shown."""
         label = self.format.currentText()
-        return next((fmt, t) for lab, fmt, t in CHOICES if lab == label)
+        return next(c[1:] for c in CHOICES if c[0] == label)
 
     def _default_path(self) -> None:
         """A path for the format chosen: in the project's exports folder, or, once the user typed
         or browsed to one, theirs with the format's ending (a folder for hf, a .gguf file)."""
-        fmt, gguf_type = self.choice()
+        fmt, gguf_type, dtype = self.choice()
         typed = self.path.text().strip()
         if typed and typed != self._auto:
             stem = typed[:-len(".gguf")] if typed.endswith(".gguf") else typed
             self.path.setText(stem if fmt == "hf" else f"{stem}.gguf")
             return
         base = self.run_dir.parent.parent / "exports" / self.run_dir.name
-        self._auto = str(base) if fmt == "hf" else f"{base}-{gguf_type}.gguf"
+        hf = str(base) if dtype == "float32" else f"{base}-{dtype}"
+        self._auto = hf if fmt == "hf" else f"{base}-{gguf_type}.gguf"
         self.path.setText(self._auto)
 
     def _browse(self) -> None:
-        fmt, _t = self.choice()
+        fmt = self.choice()[0]
         if fmt == "hf":
             chosen = file_dialogs.existing_dir(self, "Folder for the Hugging Face model", self.path.text())
         else:
@@ -86,7 +89,7 @@ class ExportDialog(QDialog):
             self.path.setText(chosen)
 
     def start(self) -> None:
-        fmt, gguf_type = self.choice()
+        fmt, gguf_type, dtype = self.choice()
         out = Path(self.path.text().strip()).expanduser()
         if not self.path.text().strip():
             self.status.setText("Choose where to save it.")
@@ -106,7 +109,7 @@ class ExportDialog(QDialog):
                 return
         self.export_btn.setEnabled(False)
         self.status.setText("Exporting…")
-        self.worker = Worker(_export, self.run_dir, fmt, out, gguf_type)
+        self.worker = Worker(_export, self.run_dir, fmt, out, gguf_type, dtype)
         self.worker.finished.connect(lambda p: self.status.setText(f"Exported to {p}"))
         self.worker.errored.connect(lambda msg: self.status.setText(f"Not exported: {msg}"))
         self.worker.done.connect(lambda: self.export_btn.setEnabled(True))

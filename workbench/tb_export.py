@@ -24,7 +24,7 @@ from engine.runio import iter_events
 from engine.trackers import SampleTags, TensorBoardWriter, config_markdown, sample_markdown, scalars_of
 
 WORD = "tensorboard"        # `workbench export tensorboard RUN...`: the word that picks this export
-USAGE = ("%(prog)s RUN [--format hf|gguf] --out PATH [--gguf-type f16|q8_0|f32]\n"
+USAGE = ("%(prog)s RUN [--format hf|gguf] --out PATH [--gguf-type f16|q8_0|f32] [--dtype float32|bfloat16|float16]\n"
          "       %(prog)s tensorboard RUN [RUN ...] --out DIR")
 DESCRIPTION = """\
 Export a checkpoint for the tools people already use, or runs' metrics for TensorBoard.
@@ -32,7 +32,8 @@ Export a checkpoint for the tools people already use, or runs' metrics for Tenso
   workbench export RUN --format hf|gguf --out PATH
       the run's newest checkpoint (or a checkpoint folder) as a Hugging Face folder that
       transformers loads, or one GGUF file for llama.cpp (hf only: a reward model, or a model
-      with a SentencePiece-style tokenizer such as TinyLlama or Llama 2); weights in float32
+      with a SentencePiece-style tokenizer such as TinyLlama or Llama 2); a folder's weights in
+      float32, or in bfloat16 or float16 with --dtype (half the size)
 
   workbench export tensorboard RUN [RUN ...] --out DIR
       each run's events.jsonl as TensorBoard event files in DIR/<run name>/: every metric at its
@@ -168,7 +169,7 @@ def add_arguments(p) -> None:
     from engine import export
     export.add_arguments(p, nargs="+")
     # None tells "not given" from the defaults, so `export tensorboard` can refuse a checkpoint option.
-    p.set_defaults(format=None, gguf_type=None)
+    p.set_defaults(format=None, gguf_type=None, dtype=None)
 
 
 def run_from_args(args) -> int:
@@ -181,14 +182,15 @@ def run_from_args(args) -> int:
         return _refuse(f"export takes one RUN, got {len(sources)} (for metrics of several runs: "
                        f"workbench export {WORD} RUN [RUN ...] --out DIR)")
     args.source, args.format, args.gguf_type = sources[0], args.format or "hf", args.gguf_type or "f16"
+    args.dtype = args.dtype or "float32"
     return export.run_from_args(args)
 
 
 def _tensorboard(runs: list[Path], args) -> int:
     if not runs:
         return _refuse(f"export {WORD} needs at least one RUN folder")
-    if args.format is not None or args.gguf_type is not None:
-        return _refuse(f"--format and --gguf-type are for checkpoints; export {WORD} writes event files")
+    if args.format is not None or args.gguf_type is not None or args.dtype is not None:
+        return _refuse(f"--format, --gguf-type and --dtype are for checkpoints; export {WORD} writes event files")
     try:
         written = export_runs(runs, args.out)
     except ValueError as e:
