@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 
 import pytest
@@ -207,6 +208,26 @@ def test_export_pairs_and_import_them_into_another_project(tmp_path, monkeypatch
         back = sorted((items[r.item_id].prompt, *(a.text for g in r.ordering for a in items[r.item_id].answers
                                                   if a.id in g)) for r in got)
     assert back == sorted((p["prompt"], p["chosen"], p["rejected"]) for p in pairs)
+
+
+def test_a_colleagues_rankings_of_an_exported_batch_join_it_and_the_line_says_so(tmp_path, monkeypatch, capsys,
+                                                                                 project):
+    wb(monkeypatch, capsys, "rank", "--project", project, "--batch", 1, "--annotator", "alice",
+       stdin="1 2 3 4\n1=2 3 4\n")
+    mine = tmp_path / "mine.jsonl"
+    assert wb(monkeypatch, capsys, "preferences", "export", "--project", project, "--out", mine,
+              "--human-only")[0] == 0
+    theirs = [dict(json.loads(line), annotator="bob") for line in mine.read_text().splitlines()]
+    theirs.append({"prompt": "a prompt of their own", "answers": ["p", "q"], "ranking": [[1], [0]],
+                   "annotator": "bob"})
+    path = tmp_path / "bob.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in theirs))
+    rc, out, _ = wb(monkeypatch, capsys, "preferences", "import", "--project", project, path)
+    assert rc == 0, out
+    assert "imported 3 ranking(s): 2 ranking(s) joined 2 item(s) the project had (batch " in out
+    assert "the other 1 of 1 new item(s) as batch 2 'bob.jsonl'" in out
+    rc, out, _ = wb(monkeypatch, capsys, "agreement", "--project", project)
+    assert rc == 0 and re.search(r"alice ~ bob +2 +12 +1\.000", out), out
 
 
 def test_an_export_never_writes_over_the_project_and_an_unknown_batch_writes_nothing(

@@ -285,22 +285,23 @@ def test_rankings_already_in_the_project_are_left_out_of_an_import(tmp_path, sto
         assert res.already == made[name]["rankings"]
         assert (res.already < res.already_records) == (name == "pairs.jsonl")
         assert len(store.batches()) == 1 and len(store.rankings()) == before
-    # A new ranking in an edited export brings its item, with the item's other rankings (to
-    # agree with); the other items are counted and left out.
+    # A new ranking in an edited export joins its item, beside the item's other rankings (to
+    # agree with); every other record is counted as held and left out; no batch is made.
     recs = read(tmp_path / "all.jsonl")
     extra = dict(recs[0], annotator="cy", simulated=False)
-    same_item = sum(r["prompt"] == extra["prompt"] for r in recs)
     res = import_preferences(store, write(tmp_path / "edited.jsonl", recs + [extra]))
-    assert (res.existing, res.items, res.records, res.already) == (False, 1, same_item + 1,
-                                                                    len(recs) - same_item)
-    assert len(store.rankings()) == before + same_item + 1
+    assert (res.existing, res.items, res.records, res.already) == (False, 0, 1, len(recs))
+    assert (res.joined, res.joined_items, res.joined_batches, res.batch_id) == (1, 1, (b,), b)
+    assert len(store.batches()) == 1 and len(store.rankings()) == before + 1
+    item = next(i for i in store.items(b) if i.prompt == extra["prompt"])
+    assert {r.annotator for r in store.rankings(item_id=item.id)} == {"ann", "sim", "cy"}
     # The same rankings are new to another project.
     with Store(tmp_path / "other.db") as other:
         res = import_preferences(other, tmp_path / "all.jsonl")
         assert (res.records, res.already) == (len(recs), 0)
 
 
-def test_an_item_with_a_new_ranking_comes_whole_and_pairs_of_repeats_are_known(tmp_path, store):
+def test_a_new_repeat_joins_its_first_ranking_and_pairs_of_repeats_are_known(tmp_path, store):
     ranked_batch(store)              # ann ranks three items, one of them again (a hidden repeat)
     export_rankings(store, tmp_path / "first.jsonl", include_simulated=False)
     export_rankings(store, tmp_path / "all.jsonl", include_simulated=False, include_repeats=True)
@@ -308,10 +309,13 @@ def test_an_item_with_a_new_ranking_comes_whole_and_pairs_of_repeats_are_known(t
                     include_repeats=True)
     with Store(tmp_path / "b.db") as other:
         import_preferences(other, tmp_path / "first.jsonl")
-        # The repeat is new there and needs its first ranking beside it: its item comes whole.
+        # The repeat is new there and joins the item its first ranking is on: no new item.
         res = import_preferences(other, tmp_path / "all.jsonl")
-        assert (res.items, res.records, res.already) == (1, 2, 2)
-        assert len(other.rankings(include_repeats=True)) == 3 + 2
+        assert (res.items, res.records, res.already, res.joined) == (0, 1, 3, 1)
+        rankings = other.rankings(include_repeats=True)
+        assert len(rankings) == 3 + 1 and len(other.batches()) == 1
+        repeat = next(r for r in rankings if r.is_repeat)
+        assert any(r.item_id == repeat.item_id and not r.is_repeat for r in rankings)
     # Pairs carry no repeat mark: a repeat's pairs come back as known, not as new rankings.
     res = import_preferences(store, tmp_path / "pairs.jsonl")
     assert res.existing and res.records == 0
@@ -322,3 +326,55 @@ def test_an_import_is_not_the_session_someone_last_ranked_in(tmp_path, store):
     AnnotationSession(store, b, "alice").submit([[1], [2]])
     import_preferences(store, write(tmp_path / "hh.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}]))
     assert store.recent_session("human") == ("alice", b)     # where the Rank page and Compare resume
+
+
+def test_a_colleagues_rankings_from_another_tool_join_the_items_and_agreement_sees_them(tmp_path, store):
+    """An exported batch, re-ranked elsewhere (the answers in another order, as another tool
+    shows them) and imported: the rankings join the project's items, no batch is made, and
+    agreement between annotators counts the colleague's rankings against the ones made here."""
+    from workbench.agreement import agreement
+    b = ranked_batch(store)
+    before = agreement(store, annotators=["ann", "cy"])
+    assert before.items == 0
+    export_rankings(store, tmp_path / "sim.jsonl", include_simulated=True, include_human=False)
+    theirs = []
+    for rec in read(tmp_path / "sim.jsonl"):
+        flipped = rec["answers"][::-1]                  # their tool showed the answers reversed
+        old = {t: i for i, t in enumerate(rec["answers"])}
+        back = {old[t]: j for j, t in enumerate(flipped)}
+        theirs.append({"prompt": rec["prompt"], "answers": flipped, "annotator": "cy",
+                       "ranking": [[back[i] for i in g] for g in rec["ranking"]]})
+    path = write(tmp_path / "cy.jsonl", theirs)
+    res = import_preferences(store, path)
+    assert (res.records, res.items, res.joined, res.joined_items, res.batch_id) == (3, 0, 3, 3, b)
+    assert len(store.batches()) == 1
+    # Their order, mapped back through the texts, is the simulated annotator's: full agreement.
+    sim = {r.item_id: r.ordering for r in store.rankings(batch_id=b) if r.annotator == "sim"}
+    cy = {r.item_id: r.ordering for r in store.rankings(batch_id=b) if r.annotator == "cy"}
+    assert cy == sim
+    both = agreement(store, annotators=["sim", "cy"])
+    assert both.items == 3 and both.agreement == 1.0
+    # The same file again brings nothing; the rankings are held where they joined.
+    again = import_preferences(store, path)
+    assert again.existing and again.records == 0 and again.already == 3 and again.batch_id == b
+
+
+def test_an_import_joins_what_it_can_and_makes_a_batch_of_the_rest(tmp_path, store):
+    b = store.create_batch("b", [{"prompt": "q", "answers": [{"text": "x"}, {"text": "y"}]},
+                                 {"prompt": "copies", "answers": [{"text": "a"}, {"text": "a"}, {"text": "b"}]}],
+                           k=2)
+    AnnotationSession(store, b, "alice").submit([[1], [2]])
+    path = write(tmp_path / "mixed.jsonl", [
+        {"prompt": "q", "answers": ["y", "x"], "ranking": [[1], [0]], "annotator": "bob"},      # joins
+        {"prompt": "q", "answers": ["x", "y"], "ranking": [[1], [0]], "annotator": "alice"},    # ranked it already
+        {"prompt": "copies", "answers": ["a", "b", "a"], "ranking": [[1], [0, 2]], "annotator": "bob"},
+        {"prompt": "new", "answers": ["m", "n"], "ranking": [[0], [1]], "annotator": "bob"}])
+    res = import_preferences(store, path)
+    assert (res.records, res.joined, res.joined_batches) == (4, 1, (b,))
+    # alice's second ranking of "q" is not a repeat, so it cannot join her first; copies in
+    # another order have no one mapping of the answers: both come as new items, beside "new".
+    assert res.items == 3 and res.batch_id != b
+    assert [i.prompt for i in store.items(res.batch_id)] == ["q", "copies", "new"]
+    q = store.items(b)[0]
+    assert {r.annotator: r.ordering for r in store.rankings(item_id=q.id)} == {
+        "alice": [[q.answer_ids[0]], [q.answer_ids[1]]], "bob": [[q.answer_ids[0]], [q.answer_ids[1]]]}

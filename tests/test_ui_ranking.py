@@ -462,6 +462,18 @@ def test_import_and_export_buttons_without_modal_dialogs(qtbot, view, project, m
     assert "Every record in this file (6 of 1 ranking(s)) is already in the project" in told[-1]
     assert len(stored(project)) == n
     assert view.start.selected_batch() == picked != 1      # not moved to the rankings' batch
+    # A colleague's ranking of the item ranked here, from another tool: it joins that item.
+    mine = stored(project)[0]
+    with Store.for_project(project) as store:
+        item = store.item(mine.item_id)
+    texts = {a.id: a.text for a in item.answers}
+    theirs = project / "colleague.jsonl"
+    theirs.write_text(json.dumps({"prompt": item.prompt, "answers": [texts[a] for g in mine.ordering for a in g],
+                                  "ranking": [[i] for i in range(len(item.answers))], "annotator": "cy"}) + "\n")
+    monkeypatch.setattr(file_dialogs, "open_file", lambda *a, **k: str(theirs))
+    view.import_clicked()
+    assert told[-1].startswith("Imported 1 ranking(s): 1 ranking(s) joined 1 item(s) the project had (batch ")
+    assert {r.annotator for r in stored(project) if r.item_id == item.id} == {mine.annotator, "cy"}
 
 
 # ----- the simulated annotator, from the start page

@@ -13,7 +13,7 @@ from workbench.preferences import ImportResult, export_rankings, import_preferen
 from workbench.store import InputError
 
 
-def import_message(result: ImportResult, batch: str) -> str:
+def import_message(result: ImportResult, batch: str, names: dict[int, str]) -> str:
     """What an import did, for a person: new rankings, and what was left out and why."""
     unit, n, of = result.held
     if result.existing:
@@ -23,8 +23,12 @@ def import_message(result: ImportResult, batch: str) -> str:
                 f"This file was imported before, as batch {batch!r}.")
     left = [f"{len(result.skipped)} bad record(s)"] if result.skipped else []
     left += [f"{n} {unit}(s){of} already in the project"] if result.already else []
-    return (f"Imported {result.records} ranking(s) of {result.items} item(s) as batch {batch!r}"
-            + (", leaving out " + " and ".join(left) if left else "") + ".")
+    leaving = ", leaving out " + " and ".join(left) if left else ""
+    if result.joined:
+        made = (f"; the other {result.records - result.joined} of {result.items} new item(s) as batch "
+                f"{batch!r}" if result.items else "")
+        return f"Imported {result.records} ranking(s): {result.joined_clause(names)}{made}{leaving}."
+    return f"Imported {result.records} ranking(s) of {result.items} item(s) as batch {batch!r}{leaving}."
 
 
 class PreferenceFiles:
@@ -65,7 +69,8 @@ class PreferenceFiles:
             show_error(self, "Import failed", e)
             return
         batch = self.store.batch(result.batch_id)
-        QMessageBox.information(self, "Import", import_message(result, batch.name))
+        names = {b.id: b.name for b in self.store.batches()}
+        QMessageBox.information(self, "Import", import_message(result, batch.name, names))
 
     def export_clicked(self) -> None:
         batch = self.start.selected_batch()

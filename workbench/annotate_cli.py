@@ -375,7 +375,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _import_line(res, file: Path, batch) -> str:
+def _import_line(res, file: Path, batch, names: dict[int, str]) -> str:
     """What an import did (ImportResult.held says what the records the project holds are)."""
     at = f"batch {batch.id} {batch.name!r}"
     unit, n, of = res.held
@@ -383,8 +383,13 @@ def _import_line(res, file: Path, batch) -> str:
         return f"{file} was already imported as {at}; nothing new"
     if res.existing:
         return f"every {unit} in {file} ({n}{of}) is already in the project, the first in {at}; nothing imported"
-    return (f"imported {res.records} ranking(s) of {res.items} item(s) as {at}"
-            + (f"; left out {n} {unit}(s){of} already in the project" if res.already else ""))
+    left = f"; left out {n} {unit}(s){of} already in the project" if res.already else ""
+    if res.joined:
+        joined = res.joined_clause(names)
+        made = (f"; the other {res.records - res.joined} of {res.items} new item(s) as {at}"
+                if res.items else "; no new batch")
+        return f"imported {res.records} ranking(s): {joined}{made}{left}"
+    return f"imported {res.records} ranking(s) of {res.items} item(s) as {at}{left}"
 
 
 def cmd_import(args) -> int:
@@ -397,7 +402,8 @@ def cmd_import(args) -> int:
                                  simulated=args.simulated, name=args.name,
                                  on_error="skip" if args.skip_bad else "raise")
         batch = store.batch(res.batch_id)
-    print(_import_line(res, args.file, batch))
+        names = {b.id: b.name for b in store.batches()}
+    print(_import_line(res, args.file, batch, names))
     if res.skipped:
         print(str(InputError(res.skipped, "file; these records were left out")), file=sys.stderr)
     return 0
@@ -520,7 +526,10 @@ def add_commands(sub) -> None:
                                     "--skip-bad, the rest is). An item all of whose rankings "
                                     "the project already holds (the same annotator, prompt, "
                                     "answers and order, as in its own export) is left out and "
-                                    "counted.")
+                                    "counted. A new ranking of a prompt and answers a batch "
+                                    "already has (in any order) joins that item, if its "
+                                    "annotator has not ranked it, so agreement compares it "
+                                    "with the rankings made here.")
     _project(i)
     i.add_argument("file", type=Path, metavar="FILE")
     i.add_argument("--annotator", default=None, metavar="NAME",

@@ -22,14 +22,19 @@ simulated rankings go in. Hidden repeats (a second ranking of an item by the sam
 agreement) stay out unless asked for; the first ranking is the label.
 
 Importing makes one batch per file. Records with the same prompt and answers ranked by
-different annotators share one item, so agreement can be measured on imported data too.
+different annotators share one item, so agreement can be measured on imported data too; a record
+of a prompt and answers an item of the project already has (in any order of the answers, when
+their texts differ), by an annotator who has not ranked that item, joins that item instead, so a
+colleague's rankings of an exported batch, made in another tool, are compared with the ones
+made here.
 Records without an "annotator" are credited to an annotator named after the file, human unless
 the caller says otherwise. Every record is checked before anything is written, and all problems
 come back in one InputError as `FILE:LINE: reason`. Importing the same file content twice
 returns the batch the first import made. An item all of whose rankings the project already
 holds (the same annotator, prompt, answers and order, as when a project's own export is imported
 back) is left out and its rankings counted, so none is trained on twice; an item with one new
-ranking comes whole (a new hidden repeat needs its first ranking, a new annotator the others').
+ranking joins the project's item if its other rankings are that item's (a new hidden repeat goes
+beside its first ranking, a new annotator beside the others'), and comes whole otherwise.
 """
 from __future__ import annotations
 
@@ -57,6 +62,10 @@ class ImportResult:
     already_records: int = 0                # the file's records left out for that (a pairs file
                                             # has several per ranking)
     skipped: list[str] = field(default_factory=list)   # problems of records left out (on_error="skip")
+    joined: int = 0                         # of `records`, those that joined items the project had
+    joined_items: int = 0                   # and how many such items, in
+    joined_batches: tuple[int, ...] = ()    # these batches; batch_id is the first when no new
+                                            # item made a batch of its own
 
     @property
     def held(self) -> tuple[str, int, str]:
@@ -65,6 +74,14 @@ class ImportResult:
         if self.already_records != self.already:
             return "record", self.already_records, f" of {self.already} ranking(s)"
         return "ranking", self.already, ""
+
+    def joined_clause(self, batch_names: dict[int, str]) -> str:
+        """What joined items the project had, as the CLI and the app say it ('' if none)."""
+        if not self.joined:
+            return ""
+        where = ", ".join(repr(batch_names[b]) for b in self.joined_batches)
+        return (f"{self.joined} ranking(s) joined {self.joined_items} item(s) the project had "
+                f"(batch {where}), where agreement compares them with the rankings made there")
 
 
 # --- export ---------------------------------------------------------------------------------
@@ -267,9 +284,10 @@ def _group(records: list[Record], path: Path, default_annotator: str, default_si
 
 def _signature(annotator: str, simulated: bool, prompt: str, messages, answers: Sequence[str],
                groups: Iterable[Iterable[int]], repeat: bool) -> tuple:
-    """What makes two rankings the same, wherever they came from."""
-    return (annotator, simulated, prompt, json.dumps(messages or None), tuple(answers),
-            tuple(tuple(sorted(g)) for g in groups), repeat)
+    """What makes two rankings the same, wherever they came from: the answers' texts in each
+    group, so that another tool's order of the answers is the same ranking."""
+    return (annotator, simulated, prompt, json.dumps(messages or None), tuple(sorted(answers)),
+            tuple(tuple(sorted(answers[i] for i in g)) for g in groups), repeat)
 
 
 def _known(store: Store, annotators: set[str]) -> dict[tuple, tuple[int, int]]:
@@ -297,29 +315,83 @@ class _Held(NamedTuple):
     batch: int | None           # the batch of the first of them
 
 
-def _new_items(store: Store, items: list[tuple[dict, list[Record]]]
-               ) -> tuple[list[tuple[dict, list[Record]]], _Held]:
-    """(the items with a ranking the project does not hold, what the others held). An item goes
-    whole or not at all: a new hidden repeat needs its first ranking beside it, and a new
-    annotator's ranking the others' to agree with."""
+class _Join(NamedTuple):
+    item: Item                  # the project's item the records rank
+    order: list[int]            # the file's answer i is the item's answer order[i]
+    records: list[Record]
+
+
+def _answer_order(item: Item, answers: Sequence[str]) -> list[int] | None:
+    """Where the file's answers sit among the item's: the same texts in the same order, or, when
+    no two texts are one, in any order; None when they are other answers."""
+    texts = [a.text for a in item.answers]
+    if texts == list(answers):
+        return list(range(len(texts)))
+    if len(set(texts)) == len(texts) and sorted(texts) == sorted(answers):
+        where = {t: i for i, t in enumerate(texts)}
+        return [where[a] for a in answers]
+    return None
+
+
+class _Ranked(NamedTuple):
+    """Who ranked one of the project's items: (annotator, is repeat) and the rankings' ids."""
+    who: set
+    ids: set
+
+
+def _join(store: Store, item: dict, recs: list[Record], held: list, seen: dict[int, _Ranked]
+          ) -> _Join | None:
+    """The oldest of the project's items with this prompt and these answers that the file's new
+    records can join: each of the file's held records is a ranking of that very item, and no new
+    one's annotator has ranked it (as a first ranking, or as a repeat) there already."""
+    fresh = [r for r, h in zip(recs, held) if h is None]
+    for existing in store.items_of_prompt(item["prompt"], item["messages"]):
+        order = _answer_order(existing, [a["text"] for a in item["answers"]])
+        if order is None:
+            continue
+        if existing.id not in seen:
+            rs = store.rankings(item_id=existing.id)
+            seen[existing.id] = _Ranked({(r.annotator, r.is_repeat) for r in rs}, {r.id for r in rs})
+        ranked = seen[existing.id]
+        if (all(h[1] in ranked.ids for h in held if h is not None)
+                and not {(r.annotator, r.repeat) for r in fresh} & ranked.who):
+            ranked.who.update((r.annotator, r.repeat) for r in fresh)
+            return _Join(existing, order, fresh)
+    return None
+
+
+def _sort_out(store: Store, items: list[tuple[dict, list[Record]]]
+              ) -> tuple[list[tuple[dict, list[Record]]], list[_Join], _Held]:
+    """(the file's items that are new, those whose new rankings join an item the project has,
+    what the file holds that the project has). An item all of whose rankings the project holds
+    is left out. One with a new ranking joins the project's item of its prompt and answers when
+    the rest of its rankings are that item's (so a new annotator's ranking sits beside the others'
+    it is to agree with, and a new hidden repeat beside its first ranking); if none is, it comes
+    whole, as a new item."""
     known = _known(store, {r.annotator for _, recs in items for r in recs})
-    keep, records, held_ids, first = [], 0, set(), None
+    new, joins, seen = [], [], {}
+    records, held_ids, first = 0, set(), None
     for item, recs in items:
         held = [known.get(_signature(r.annotator, r.simulated, r.prompt, r.messages, r.answers,
                                      r.ranking, r.repeat)) for r in recs]
-        if None in held:
-            keep.append((item, recs))
-        else:
-            records += len(recs)
-            held_ids.update(ranking for _, ranking in held)
-            first = held[0][0] if first is None else first
-    return keep, _Held(records, len(held_ids), first)
+        join = _join(store, item, recs, held, seen) if None in held else None
+        if None in held and join is None:
+            new.append((item, recs))
+            continue
+        if join is not None:
+            joins.append(join)
+        old = [h for h in held if h is not None]
+        records += len(old)
+        held_ids.update(ranking for _, ranking in old)
+        first = old[0][0] if first is None and old else first
+    return new, joins, _Held(records, len(held_ids), first)
 
 
 def import_preferences(store: Store, path: str | Path, *, annotator: str | None = None,
                        simulated: bool = False, name: str | None = None,
                        on_error: str = "raise") -> ImportResult:
-    """Import a preference file as a new batch with its rankings, in one transaction.
+    """Import a preference file, in one transaction: rankings of items the project has join
+    them (see the module's docstring), the other items make a new batch with their rankings.
 
     `annotator` (default: the file's name) and `simulated` apply to records that do not say.
     on_error="raise" refuses the file if any record is bad; "skip" imports the good records
@@ -335,32 +407,46 @@ def import_preferences(store: Store, path: str | Path, *, annotator: str | None 
             return ImportResult(existing.id, len(records), existing.n_items, existing=True)
         kinds = {a.name: a.kind for a in store.annotators()}
         items = _group(records, path, annotator or path.name, simulated, kinds, problems)
-        items, held = _new_items(store, items)
-        if held.records and not items and not (problems and on_error == "raise"):
+        items, joins, held = _sort_out(store, items)
+        if held.records and not items and not joins and not (problems and on_error == "raise"):
             return ImportResult(held.batch, 0, 0, existing=True, already=held.rankings,
                                 already_records=held.records, skipped=problems)
-        if problems and (on_error == "raise" or not items):
+        if problems and (on_error == "raise" or not (items or joins)):
             raise InputError(problems, f"preference file {path}")
-        ks = {len(it["answers"]) for it, _ in items}
-        batch_id = store.create_batch(
-            name if name is not None else store.unique_batch_name(path.name),
-            [it for it, _ in items], kind="imported", source=str(path.resolve()), source_key=key,
-            settings={"format": "preferences", "file": path.name},
-            k=ks.pop() if len(ks) == 1 else None)
-        sessions: dict[str, int] = {}
-        n = 0
-        for item, (_, recs) in zip(store.items(batch_id), items):
-            ids = item.answer_ids
-            for rec in recs:
-                if rec.annotator not in sessions:
-                    who = store.annotator(rec.annotator, "simulated" if rec.simulated else "human")
-                    sessions[rec.annotator] = store.session(
-                        batch_id, who.id, {"imported_from": path.name})[0]
-                store.add_ranking(
-                    sessions[rec.annotator], item.id, [[ids[i] for i in g] for g in rec.ranking],
-                    is_repeat=rec.repeat, note=rec.note,
-                    flags={ids[i]: f for i, f in enumerate(rec.flags or []) if f},
-                    scores={ids[i]: s for i, s in enumerate(rec.scores or []) if s is not None})
-                n += 1
-    return ImportResult(batch_id, n, len(items), skipped=problems, already=held.rankings,
-                        already_records=held.records)
+        batch_id = None
+        if items:
+            ks = {len(it["answers"]) for it, _ in items}
+            batch_id = store.create_batch(
+                name if name is not None else store.unique_batch_name(path.name),
+                [it for it, _ in items], kind="imported", source=str(path.resolve()), source_key=key,
+                settings={"format": "preferences", "file": path.name},
+                k=ks.pop() if len(ks) == 1 else None)
+        ranked = [_Join(item, list(range(len(item.answers))), recs)
+                  for item, (_, recs) in zip(store.items(batch_id) if items else [], items)]
+        n = _add_rankings(store, ranked + joins, path.name)
+    joined = tuple(dict.fromkeys(j.item.batch_id for j in joins))
+    return ImportResult(batch_id if batch_id is not None else joined[0], n, len(items),
+                        skipped=problems, already=held.rankings, already_records=held.records,
+                        joined=sum(len(j.records) for j in joins), joined_items=len(joins),
+                        joined_batches=joined)
+
+
+def _add_rankings(store: Store, ranked: list[_Join], file_name: str) -> int:
+    """Store each record's ranking on its item, in a session of its annotator on the item's
+    batch that says which file it came from; returns how many."""
+    sessions: dict[tuple[int, str], int] = {}
+    n = 0
+    for item, order, recs in ranked:
+        ids = [item.answer_ids[j] for j in order]       # the file's answer i is ids[i]
+        for rec in recs:
+            key = (item.batch_id, rec.annotator)
+            if key not in sessions:
+                who = store.annotator(rec.annotator, "simulated" if rec.simulated else "human")
+                sessions[key] = store.session(item.batch_id, who.id, {"imported_from": file_name})[0]
+            store.add_ranking(
+                sessions[key], item.id, [[ids[i] for i in g] for g in rec.ranking],
+                is_repeat=rec.repeat, note=rec.note,
+                flags={ids[i]: f for i, f in enumerate(rec.flags or []) if f},
+                scores={ids[i]: s for i, s in enumerate(rec.scores or []) if s is not None})
+            n += 1
+    return n

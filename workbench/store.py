@@ -327,6 +327,14 @@ class Store(RunIndexTable, PackTables, SessionQueue):
         return [Item(r[0], batch_id, r[1], r[2], json.loads(r[3]) if r[3] else None,
                      answers[r[0]], json.loads(r[4])) for r in rows]
 
+    def items_of_prompt(self, text: str, messages: list | None = None) -> list[Item]:
+        """Every item, in any batch, of this prompt (oldest first)."""
+        key = dumps(messages) if messages else ""
+        rows = self.conn.execute(
+            "SELECT i.batch_id, i.id FROM items i JOIN prompts p ON p.id = i.prompt_id "
+            "WHERE p.text = ? AND p.messages = ? ORDER BY i.id", (text, key)).fetchall()
+        return [self.items(batch_id, [item_id])[0] for batch_id, item_id in rows]
+
     def item(self, item_id: int) -> Item:
         row = self.conn.execute("SELECT batch_id FROM items WHERE id = ?", (item_id,)).fetchone()
         if row is None:
