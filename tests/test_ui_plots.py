@@ -140,7 +140,8 @@ def legend_text(g, title):
     """The legend under one plot, as the user reads it."""
     doc = QTextDocument()
     doc.setHtml(g.legend(title).text())
-    return doc.toPlainText().replace("\xa0", " ").replace("━", "").replace("╍", "").replace("┉", "")
+    return (doc.toPlainText().replace("\xa0", " ").replace("\u2060", "").replace("━", "").replace("╍", "")
+            .replace("┉", ""))
 
 
 def _has_curve(g, title, key, run=0):
@@ -256,7 +257,11 @@ def test_metrics_outside_the_spec_are_offered_singly_and_by_group(grid):
     # Until one is picked, the first group is drawn rather than an empty plot.
     assert g.plot_item(OTHER).titleLabel.text == "eval/acc/*" and g.other_box.currentText() == "eval/acc/*"
     assert g.curve_data(OTHER, "eval/acc/sort")[1][0] == 0.25
+    # The title names the group; its legend names the members by what follows the prefix.
+    assert legend_text(g, OTHER).split() == ["add", "sort"]
     g.show_other("perf/peak_rss_mb")
+    g.redraw()
+    assert legend_text(g, OTHER).split() == ["perf/peak_rss_mb"]
     g.show_other("eval/acc/*")
     g.redraw()
     assert g.curve_data(OTHER, "eval/acc/add")[1][0] == 0.5

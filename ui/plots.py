@@ -479,13 +479,20 @@ class PlotGrid(QWidget):
         parts = []
         where = list(self._cells).index(cell.title) if cell.title in self._cells else 0
         cell.entries = self._legend_entries(cell)
+        # A group's plot is titled with its prefix ("eval/acc/*"): its members go by the rest
+        # ("add", "sort"), so eleven task kinds take a line or two, not the plot's height.
+        group = self.other_box.currentText()[:-1] if cell.title == OTHER and \
+            self.other_box.currentText().endswith("/*") else None
         for i, (name, color, dash, ids) in enumerate(cell.entries):
+            if group and name.startswith(group):
+                name = name[len(group):]
             shown = any(cell.curves[ident].isVisible() for ident in ids)
             text = (fg if shown else muted).name(QColor.HexArgb)
             swatch = (color or fg).name(QColor.HexArgb) if shown else muted.name(QColor.HexArgb)
             decoration = "none" if shown else "line-through"
-            # Non-breaking inside an entry, plain spaces between: lines wrap between entries.
-            label = html.escape(name).replace(" ", "&nbsp;")
+            # Non-breaking inside an entry (a word joiner after each "/", where Qt would break),
+            # plain spaces between: lines wrap between entries.
+            label = html.escape(name).replace(" ", "&nbsp;").replace("/", "/\u2060")
             parts.append(f'<a href="{where}/{i}" style="text-decoration:none">'
                          f'<span style="color:{swatch}">{_GLYPHS[dash]}</span>&nbsp;'
                          f'<span style="color:{text}; text-decoration:{decoration}">{label}</span></a>')
