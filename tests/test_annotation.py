@@ -282,3 +282,34 @@ def test_copies_ranked_apart_and_malformed_orderings_are_refused_by_name(store):
         with pytest.raises(RankingError, match="not an answer number"):
             s.submit(bad)
     assert store.rankings() == []
+
+
+def test_two_rankers_under_one_name_never_store_a_ranking_on_an_item_not_shown(db, store):
+    """A window and a terminal (two objects, two connections) rank one batch as one annotator:
+    a ranking typed for the item on screen goes to that item or nowhere, and undo takes back
+    what this ranker stored, not what the other did."""
+    from workbench.annotation import MovedOn
+    b = make_batch(store, n=4)
+    window = AnnotationSession(store, b, "ann", seed=1)
+    with Store(db) as other:
+        terminal = AnnotationSession(other, b, "ann")
+        on_screen = window.current()
+        assert terminal.current().item_id == on_screen.item_id
+        mine = terminal.submit("1 2 3", shown=terminal.current())
+        # The window still shows the item the terminal just ranked: refused, nothing stored.
+        with pytest.raises(MovedOn, match="'ann' ranked or skipped this item meanwhile"):
+            window.submit("3 2 1", shown=on_screen)
+        assert [r.item_id for r in store.rankings(batch_id=b)] == [on_screen.item_id]
+        with pytest.raises(MovedOn):
+            window.skip(shown=on_screen)
+        nxt = window.current()
+        assert nxt.item_id != on_screen.item_id
+        theirs = window.submit("3 2 1", shown=nxt)
+        stored = {r.id: r.item_id for r in store.rankings(batch_id=b)}
+        assert stored == {mine: on_screen.item_id, theirs: nxt.item_id}
+        # The terminal's undo takes back its own ranking, though the window's is newer.
+        assert terminal.undo() == mine
+        assert terminal.undo() is None                 # nothing else of its own to take back
+        assert {r.id for r in store.rankings(batch_id=b)} == {theirs}
+        # A ranker that has stored nothing yet (a new sitting) takes back the session's last.
+        assert AnnotationSession(other, b, "ann").undo() == theirs

@@ -106,6 +106,23 @@ def test_rank_a_whole_batch_by_keyboard_alone(qtbot, view, project):
     assert view.page.bar.format() == "4 / 4 ranked"
 
 
+def test_a_ranking_typed_for_an_item_another_window_ranked_is_not_stored_on_the_next(qtbot, view, project):
+    """The same annotator in a terminal ranks the item on screen: Enter here stores nothing,
+    says why, and shows the next item; nothing lands on an item the person never saw."""
+    start(qtbot, view)
+    on_screen = view.current.item_id
+    with Store.for_project(project) as store:
+        other = AnnotationSession(store, 1, "ana")
+        theirs = other.submit("1 2 3 4", shown=other.current())
+    press(qtbot, view, ["4", "3", "2", Qt.Key_Return])
+    assert "ranked or skipped this item meanwhile" in view.page.status.text()
+    assert [(r.id, r.item_id) for r in stored(project)] == [(theirs, on_screen)]
+    shown_now = view.current.item_id
+    assert shown_now != on_screen
+    press(qtbot, view, ["4", "3", "2", Qt.Key_Return])
+    assert [r.item_id for r in stored(project)] == [on_screen, shown_now]
+
+
 def test_keyboard_mistakes_are_refused_and_can_be_taken_back(qtbot, view, project):
     start(qtbot, view)
     press(qtbot, view, ["2", "2"])

@@ -40,7 +40,7 @@ from ui.ranking_keys import LEGEND, RankInput
 from ui.ranking_pages import GuidelinesPage, SessionPage, StartPage
 from ui.workers import Worker
 from workbench import guidelines
-from workbench.annotation import AnnotationSession, Current
+from workbench.annotation import AnnotationSession, Current, MovedOn
 from workbench.review import (batch_progress, existing_session, project_runs, put_back,
                               recent_session, reopen_item)
 from workbench.samples import import_sample_run
@@ -434,7 +434,11 @@ class RankingView(PreferenceFiles, QWidget):
             rid = self.session.submit(
                 ordering, flags={n: sorted(f) for n, f in self.input.flags.items()},
                 scores=self.input.scores, note=self.page.note.text().strip(),
-                duration_s=round(max(0.0, time.monotonic() - self._shown_at), 3))
+                duration_s=round(max(0.0, time.monotonic() - self._shown_at), 3), shown=self.current)
+        except MovedOn as e:
+            self._load()
+            self._render(str(e), error=True)
+            return None
         except (RankingError, StoreError) as e:
             # A busy or full project database: the typed ranking stays, to submit again.
             self._render(str(e), error=True)
@@ -462,7 +466,11 @@ class RankingView(PreferenceFiles, QWidget):
         if self.session is None or self.current is None:
             return
         try:
-            self.session.skip()
+            self.session.skip(shown=self.current)
+        except MovedOn as e:
+            self._load()
+            self._render(str(e), error=True)
+            return
         except StoreError as e:
             self._render(str(e), error=True)
             return

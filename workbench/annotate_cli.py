@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from workbench.annotation import SessionSettingsError, answer_copies
+from workbench.annotation import MovedOn, SessionSettingsError, answer_copies
 from workbench.chat_cli import typed_line
 from workbench.project import Project, ProjectError
 from workbench.store import DB_NAME, FLAGS, InputError, RankingError, Store, StoreError
@@ -281,18 +281,23 @@ class RankLoop:
                 elif self.item is None:
                     self.write("  every item is ranked: u = undo the last one, q = quit")
                 elif cmd in ("s", "skip"):
-                    self.session.skip()
+                    self.session.skip(shown=self.item)
                     self.write("  skipped: it comes back at the end")
                     self.load()
                     self.show()
                 elif cmd[0] in "fs" and cmd[1:].isdigit() or cmd == "n":
                     self.label(cmd, rest)
                 elif line[0].isdigit():
-                    self.session.submit(line, flags=self.flags, scores=self.scores, note=self.note)
+                    self.session.submit(line, flags=self.flags, scores=self.scores, note=self.note,
+                                        shown=self.item)
                     self.load()
                     self.show()
                 else:
                     self.write(f"  unknown command {line!r}; ? lists the commands")
+            except MovedOn as e:
+                self.write(f"  {e}")
+                self.load()
+                self.show()
             except RankingError as e:
                 self.write(f"  {e}")
         p = self.session.progress()

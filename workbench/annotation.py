@@ -175,6 +175,16 @@ class SessionSettingsError(ValueError):
                          f"not {asked!r}")
 
 
+class MovedOn(RankingError):
+    """The item a view shows is no longer the session's current one: another window or
+    terminal ranking under the same name ranked or skipped it meanwhile."""
+
+    def __init__(self, annotator: str):
+        super().__init__(f"another window or terminal ranking as {annotator!r} ranked or skipped "
+                         "this item meanwhile, so your input for it was not stored; what is shown "
+                         "now is the session's next item")
+
+
 class AnnotationSession:
     """One annotator ranking one batch. `annotator` is a name (created as `kind`, default
     human, if new) or an Annotator. `seed` and `repeat_fraction` are fixed when the session is
@@ -205,6 +215,9 @@ class AnnotationSession:
         self._repeats = sorted(rng.sample(self._item_ids, n_repeat), key=self._position.get)
         self._shown_since: dict[tuple[int, int], float] = {}
         self._cursor = 0
+        # The rankings this object stored (None until it stores one): undo takes back the newest
+        # of them, never one that another window or terminal ranking under the same name made.
+        self._mine: list[int] | None = None
 
     # --- the queue ---------------------------------------------------------------------------
 
@@ -290,17 +303,25 @@ class AnnotationSession:
                        [ShownAnswer(n, aid, by_id[aid].text, by_id[aid].meta)
                         for n, aid in enumerate(order, 1)], bool(rep), previous)
 
+    def _entry_shown(self, shown: Current | None, doing: str) -> tuple[int, int]:
+        """The current entry, which must be the one the caller shows (MovedOn if not)."""
+        entry = self._entry()
+        if entry is None and shown is None:
+            raise RankingError(f"nothing {doing}: the session is done")
+        if shown is not None and entry != (shown.item_id, int(shown.is_repeat)):
+            raise MovedOn(self.annotator.name)
+        return entry
+
     def submit(self, ordering: Any, flags: Mapping[int, Any] | None = None,
                scores: Mapping[int, int] | None = None, note: str = "",
-               duration_s: float | None = None) -> int:
+               duration_s: float | None = None, shown: Current | None = None) -> int:
         """Rank the current item; `ordering` is in display numbers, best first, as groups
         ([[3], [1, 2], [4]]; a bare number is a group of one) or a string for parse_ordering.
         Flags and scores are keyed by display number. Stored at once; returns the ranking id.
-        `duration_s` defaults to the time since the item was first shown by this object."""
-        entry = self._entry()
-        if entry is None:
-            raise RankingError("nothing left to rank in this session")
-        item_id, rep = entry
+        `duration_s` defaults to the time since the item was first shown by this object.
+        `shown`: the item on the caller's screen; if the session has moved on from it (another
+        process ranking under the same name), MovedOn and nothing is stored."""
+        item_id, rep = entry = self._entry_shown(shown, "left to rank")
         order = self._shown_order(item_id, rep)
         k = len(order)
         if not MIN_K <= k <= MAX_K:
@@ -331,25 +352,26 @@ class AnnotationSession:
                                      scores=by_id(scores, "a score"), note=note,
                                      duration_s=duration_s)
         self._shown_since.pop(entry, None)
+        self._mine = (self._mine or []) + [rid]
         return rid
 
-    def skip(self) -> None:
-        """Send the current item to the back of the queue (it is not lost)."""
-        entry = self._entry()
-        if entry is None:
-            raise RankingError("nothing to skip: the session is done")
-        self._move(*entry, to_back=True)
+    def skip(self, shown: Current | None = None) -> None:
+        """Send the current item to the back of the queue (it is not lost); `shown` as for submit."""
+        self._move(*self._entry_shown(shown, "to skip"), to_back=True)
 
     def undo(self) -> int | None:
-        """Withdraw this session's last ranking; its item becomes current again, with the
-        withdrawn input in `current().previous`. Returns the ranking id, None if none is left."""
+        """Withdraw the last ranking this object stored (or, before it stored any, the session's
+        last); its item becomes current again, with the withdrawn input in `current().previous`.
+        Returns the ranking id, None if none is left."""
         with self.store.transaction():
-            last = self.store.last_ranking(self.id)
+            last = self.store.last_ranking(self.id, among=self._mine)
             if last is None:
                 return None
             rid, item_id, rep = last
             rep = int(rep)
             self.store.withdraw_ranking(rid)
+            if self._mine is not None:
+                self._mine.remove(rid)
             self._move(item_id, rep, to_back=False)
         self._shown_since.pop((item_id, rep), None)
         return rid

@@ -91,11 +91,15 @@ class SessionQueue:
             c.execute("UPDATE shown_orders SET queue_key = ? WHERE session_id = ? AND item_id = ? "
                       "AND is_repeat = ?", (key, session_id, item_id, int(is_repeat)))
 
-    def last_ranking(self, session_id: int) -> tuple[int, int, bool] | None:
-        """(ranking id, item id, is_repeat) of the session's newest active ranking."""
+    def last_ranking(self, session_id: int, among: Sequence[int] | None = None
+                     ) -> tuple[int, int, bool] | None:
+        """(ranking id, item id, is_repeat) of the session's newest active ranking (of those
+        with an id in `among`, if given)."""
+        ids = sorted(set(among or ()))
+        where = f" AND id IN ({','.join('?' * len(ids))})" if among is not None else ""
         row = self.conn.execute("SELECT id, item_id, is_repeat FROM rankings WHERE session_id = ? "
-                                "AND withdrawn_at IS NULL ORDER BY id DESC LIMIT 1",
-                                (session_id,)).fetchone()
+                                f"AND withdrawn_at IS NULL{where} ORDER BY id DESC LIMIT 1",
+                                (session_id, *ids)).fetchone()
         return (row[0], row[1], bool(row[2])) if row else None
 
     def active_ranking(self, session_id: int, item_id: int, is_repeat: bool = False) -> int | None:
