@@ -105,7 +105,7 @@ class Control:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._flag = False
         parent = os.environ.get(STOP_WITH_ENV, "")
-        self._parent = int(parent) if parent.isdigit() else None
+        self._parent = int(parent) if parent.isdigit() else None   # recorded in the start event
         self._checked = time.monotonic()
 
     def request_stop(self) -> None:
@@ -440,8 +440,11 @@ def _run_stage(stage: str, config_cls: type, run: StageFn, run_dir: Path, echo: 
         return 2
     code = 0
     try:
+        # stop_with: the launcher this process stops with (a pipeline), so that the pipeline's
+        # --resume tells its own orphan, which it may stop, from a run someone else started.
         ev.emit("start", stage=stage, config=to_dict(cfg), pid=os.getpid(), host=host_info(),
-                **({"world_size": world.size} if world.enabled else {}))
+                **({"world_size": world.size} if world.enabled else {}),
+                **({"stop_with": control._parent} if control._parent is not None else {}))
         status = run(cfg, run_dir, log, control)
         done(status=status, error=None)
     except (StageError, ConfigError) as e:

@@ -117,6 +117,53 @@ def test_a_stopped_pipeline_goes_on_with_resume_and_keeps_what_it_finished(tmp_p
     assert "12 simulated rankings" in capsys.readouterr().out.split("stage      run")[1]
 
 
+def test_resume_leaves_a_run_someone_else_resumed_running_and_stops_only_its_own_orphan(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """The stopped stage's run, resumed meanwhile in the app (a live process working in its
+    folder that no pipeline started): --resume refuses and leaves it running. A process a dead
+    pipeline left (its start event names that pipeline) is asked to stop, and waited for."""
+    import os
+    import signal
+    import time
+    from workbench import pipeline
+    from workbench.cli import main as workbench
+    from workbench.jobs import JobResult
+    from workbench.runfold import RunFold
+    monkeypatch.chdir(tmp_path)
+    base = ["pipeline", "--demo", "--project", "p", "--scale", "tiny", "--vocab-size", "300",
+            "--steps", "12", "--until", "pretrain", "--device", "cpu"]
+    real_run_job = pipeline.run_job
+    monkeypatch.setattr(pipeline, "run_job", lambda stage, run_dir, on_event=None: (
+        JobResult(stage, run_dir, "stopped", None, 0, RunFold()) if stage == "pretrain"
+        else real_run_job(stage, run_dir, on_event=on_event)))
+    assert workbench(base) == 0
+    (run,) = (tmp_path / "p" / "runs").glob("pretrain-*")
+    # Works in the folder until its STOP file appears, as a stage does.
+    worker = subprocess.Popen([sys.executable, "-c", "import pathlib, sys, time\n"
+                               "while not (pathlib.Path(sys.argv[1]) / 'STOP').exists(): time.sleep(0.05)",
+                               str(run)])
+    try:
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        with open(run / "events.jsonl", "a") as f:
+            f.write(json.dumps({"type": "start", "time": time.time(), "stage": "pretrain", "pid": worker.pid}) + "\n")
+        with pytest.raises(SystemExit, match=f"pretrain: {run.name} is running in another process "
+                                             rf"\(pid {worker.pid}\), not one a stopped pipeline left"):
+            workbench(base + ["--resume"])
+        assert worker.poll() is None and not (run / "STOP").exists()
+        with open(run / "events.jsonl", "a") as f:
+            f.write(json.dumps({"type": "start", "time": time.time(), "stage": "pretrain", "pid": worker.pid,
+                                "stop_with": gone.pid}) + "\n")
+        monkeypatch.setattr(pipeline, "run_job", lambda stage, run_dir, on_event=None: JobResult(
+            stage, run_dir, "stopped", None, 0, RunFold()))
+        assert workbench(base + ["--resume"]) == 0
+        assert f"waiting for {run.name} (pid {worker.pid}), left running by the earlier pipeline" in capsys.readouterr().out
+        assert worker.wait(timeout=30) == 0
+    finally:
+        if worker.poll() is None:
+            os.kill(worker.pid, signal.SIGKILL)
+
+
 def test_a_pipeline_killed_outright_leaves_no_stage_running_and_resumes_in_its_folder(tmp_path):
     import os
     import signal

@@ -267,6 +267,13 @@ class Pipeline:
         stop through its STOP file, and waited for."""
         fold = fold_run(run_dir)
         if fold.status == "running" and process.alive(fold.pid, run_dir):
+            if fold.stop_with is None or process.alive(fold.stop_with):
+                # Resumed in the app or by `workbench run`, or a pipeline's that is alive:
+                # someone else's work, not this pipeline's to stop.
+                raise SystemExit(f"error: {stage}: {run_dir.name} is running in another process (pid "
+                                 f"{fold.pid}), not one a stopped pipeline left (the app's, "
+                                 "workbench run's or another pipeline's): let it finish or stop "
+                                 "it, then run the same command again")
             print(f"  {stage:<10} waiting for {run_dir.name} (pid {fold.pid}), left running by the "
                   "earlier pipeline, to stop with a checkpoint", flush=True)
             (run_dir / "STOP").touch()

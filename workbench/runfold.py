@@ -103,6 +103,7 @@ class RunFold:
         self.ended_at = row.get("ended_at")
         self.error = row.get("error")
         self.pid = row.get("pid")
+        self.stop_with: Optional[int] = None      # the launcher the running process stops with
         self.step = row.get("step")
         self._metrics: dict[str, float] = json.loads(row.get("metrics") or "{}")
         self.progress: Optional[dict] = None
@@ -115,7 +116,7 @@ class RunFold:
         t = ev.get("type")
         if t == "start":
             self.status, self.error, self.ended_at = "running", None, None
-            self.pid = ev.get("pid")
+            self.pid, self.stop_with = ev.get("pid"), ev.get("stop_with")
             self.stage = ev.get("stage") or self.stage
             self.progress = None
             self._pace.clear()
