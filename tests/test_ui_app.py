@@ -143,3 +143,19 @@ def test_first_start_writes_and_opens_the_demo_project(qtbot, tmp_path, monkeypa
     # The panels start from the demo's data: the tokenizer reads its corpus.
     assert [Path(p).name for p in w.pages["tokenizer"].form.values()["inputs"]] == ["python_docs.txt", "tasks.txt"]
     w.close_project()
+
+
+def test_a_first_window_fits_the_screen_it_opens_on(qtbot, tmp_path):
+    """No geometry saved yet: the window opens no larger than the screen's free area (a
+    1366x768 laptop hid the Rank page's buttons below its edge)."""
+    from PySide6.QtCore import QSettings
+    from ui.help import HelpDialog
+    from ui.main_window import MainWindow
+    w = MainWindow(QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(w)
+    free = w.screen().availableGeometry()
+    assert free.width() < 1360 or free.height() < 860, "the test screen must be smaller than the default"
+    assert w.width() <= free.width() and w.height() <= free.height()
+    d = HelpDialog("guide", w)
+    qtbot.addWidget(d)
+    assert d.height() <= free.height()

@@ -617,3 +617,13 @@ def test_a_reply_cut_by_max_new_tokens_says_so(qtbot, tmp_path, two_ckpts, cache
     view.session.stop_ids = ()       # an untrained model may draw an end token at any step
     reply = say(qtbot, view, "alpha beta")
     assert reply.cut == "length" and "cut off at max new tokens" in view.stats.text()
+
+
+def test_tab_leaves_the_system_prompt_instead_of_typing_a_tab(qtbot, tmp_path, two_ckpts, cache):
+    from PySide6.QtWidgets import QApplication
+    view = make_chat(qtbot, tmp_path, two_ckpts, cache)
+    view.show()
+    qtbot.waitExposed(view)
+    view.system.setFocus()
+    qtbot.keyClick(view.system, Qt.Key_Tab)
+    assert view.system.toPlainText() == "" and QApplication.focusWidget() is not view.system

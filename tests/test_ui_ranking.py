@@ -123,6 +123,38 @@ def test_a_ranking_typed_for_an_item_another_window_ranked_is_not_stored_on_the_
     assert [r.item_id for r in stored(project)] == [on_screen, shown_now]
 
 
+def test_the_start_pages_buttons_are_reached_by_tab_and_pressed_by_enter(qtbot, view, monkeypatch):
+    from PySide6.QtWidgets import QApplication
+    imported = []
+    monkeypatch.setattr(view, "import_clicked", lambda: imported.append(True))
+    view.start.importRequested.disconnect()
+    view.start.importRequested.connect(view.import_clicked)
+    view.start.batches.setFocus()
+    reached = []
+    for _ in range(12):
+        qtbot.keyClick(QApplication.focusWidget(), Qt.Key_Tab)
+        reached.append(QApplication.focusWidget())
+    buttons = {b.text() for b in reached if hasattr(b, "text") and callable(b.text)}
+    assert {"Import…", "Export…", "Packs…", "Simulated ranking…", "New batch…"} <= buttons
+    imp = next(b for b in reached if getattr(b, "text", lambda: "")() == "Import…")
+    imp.setFocus()
+    qtbot.keyClick(imp, Qt.Key_Return)
+    assert imported == [True] and view.stack.currentWidget() is view.start     # not a session
+
+
+def test_a_session_scrolls_its_answers_and_ends_by_keys(qtbot, view):
+    start(qtbot, view)
+    view.resize(700, 300)                               # too small for the cards: they scroll
+    qtbot.waitUntil(lambda: view.page.scroll.verticalScrollBar().maximum() > 0, timeout=5_000)
+    bar = view.page.scroll.verticalScrollBar()
+    press(qtbot, view, [Qt.Key_PageDown])
+    assert bar.value() > 0
+    press(qtbot, view, [Qt.Key_PageUp])
+    assert bar.value() == 0
+    qtbot.keyClick(view, Qt.Key_W, Qt.ControlModifier)
+    assert view.stack.currentWidget() is view.start and view.session is None
+
+
 def test_keyboard_mistakes_are_refused_and_can_be_taken_back(qtbot, view, project):
     start(qtbot, view)
     press(qtbot, view, ["2", "2"])

@@ -227,13 +227,15 @@ def test_the_export_dialog_keeps_a_typed_path_across_formats(qtbot, tmp_path):
     qtbot.addWidget(d)
     exports = tmp_path / "exports" / "sft-1"
     assert d.path.text() == str(exports)                               # the default, per format
-    d.format.setCurrentIndex(2)
+    d.format.setCurrentIndex(1)                                        # Hugging Face, bfloat16
+    assert d.path.text() == f"{exports}-bfloat16"
+    d.format.setCurrentIndex(3)
     assert d.path.text() == f"{exports}-q8_0.gguf"
     d.path.clear()
     qtbot.keyClicks(d.path, "/data/mine/model.gguf")
     d.format.setCurrentIndex(0)                                        # typed: kept, as a folder
     assert d.path.text() == "/data/mine/model"
-    d.format.setCurrentIndex(1)
+    d.format.setCurrentIndex(2)
     assert d.path.text() == "/data/mine/model.gguf"
 
 
@@ -266,3 +268,20 @@ def test_the_filter_shows_the_runs_with_every_word_typed(qtbot, browser):
     assert [n for r, n in enumerate(names(b)) if not b.table.isRowHidden(r)] == ["tokenizer-20250301-090000"]
     b.ctx.runsChanged.emit()                       # a refresh keeps the filter
     assert [n for r, n in enumerate(names(b)) if not b.table.isRowHidden(r)] == ["tokenizer-20250301-090000"]
+
+
+def test_the_table_is_walked_by_keys_tab_leaves_it_enter_opens_delete_asks(qtbot, browser, monkeypatch):
+    from PySide6.QtWidgets import QApplication, QMessageBox
+    b, run = browser, "pretrain-20250301-100000"
+    opened, asked = [], []
+    b.openRun.connect(lambda stage, name: opened.append((stage, name)))
+    monkeypatch.setattr("ui.runs_browser.QMessageBox.question",
+                        lambda *a: asked.append(a[2]) or QMessageBox.StandardButton.No)
+    click_run(qtbot, b, run)
+    b.table.setFocus()
+    qtbot.keyClick(b.table, Qt.Key_Return)
+    assert opened == [("pretrain", run)]
+    qtbot.keyClick(b.table, Qt.Key_Delete)
+    assert len(asked) == 1 and run in asked[0] and run in names(b)
+    qtbot.keyClick(b.table, Qt.Key_Tab)                 # out of the table, to the next control
+    assert QApplication.focusWidget() is not b.table and b.selected_names() == [run]

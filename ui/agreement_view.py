@@ -49,6 +49,7 @@ def _table(headers: list[str], stretch: tuple[int, ...] = ()) -> QTableWidget:
     t.setEditTriggers(QAbstractItemView.NoEditTriggers)
     t.setSelectionBehavior(QAbstractItemView.SelectRows)
     t.setWordWrap(False)
+    t.setTabKeyNavigation(False)     # Tab moves on to the next control
     header = t.horizontalHeader()
     header.setSectionResizeMode(QHeaderView.ResizeToContents)
     for c in stretch:

@@ -13,12 +13,24 @@ import time
 from pathlib import Path
 
 from PySide6.QtCore import QEvent, QObject, QSettings, Qt, QTimer
+from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import QApplication, QLabel, QVBoxLayout, QWidget
 
 from ui.collector import install_gc
 from ui.launcher import demo_location
 
 APP_NAME = "workbench"
+
+
+def fit_to_screen(window: QWidget, width: int, height: int) -> None:
+    """Size a window width x height, or to most of its screen's free area where that is smaller
+    (a 1366x768 laptop, a screen scaled to 150%): a window taller than the screen hides the
+    buttons at its foot."""
+    screen = window.screen() or QGuiApplication.primaryScreen()
+    if screen is not None:
+        free = screen.availableGeometry()
+        width, height = min(width, int(free.width() * 0.96)), min(height, int(free.height() * 0.92))
+    window.resize(width, height)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

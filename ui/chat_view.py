@@ -167,6 +167,7 @@ class ChatView(QWidget):
                                    "(pretrained) models, which have not learned the chat format.")
         self.transcript = Transcript()
         self.system = QPlainTextEdit()
+        self.system.setTabChangesFocus(True)        # Tab moves on to the message box, as in a form
         self.system.setPlaceholderText("Optional: instructions the model sees before the conversation")
         self.system.setMaximumHeight(5 * self.system.fontMetrics().lineSpacing() + 14)
         self.sampling = SamplingControls()

@@ -292,6 +292,7 @@ class ConfigForm(QWidget):
             w.currentTextChanged.connect(notify)
         elif spec.kind == "lines":
             w = QPlainTextEdit()
+            w.setTabChangesFocus(True)              # a form: Tab goes to the next field
             w.setMaximumHeight(70)
             w.textChanged.connect(notify)
         else:   # float, optional int, str, json: typed text, parsed on read

@@ -14,6 +14,8 @@ from PySide6.QtCore import QTimer, QUrl
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import QDialog, QDialogButtonBox, QTextBrowser, QVBoxLayout, QWidget
 
+from ui.app import fit_to_screen
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 # Help menu entries: (menu text, the README heading it opens at); most are the heading itself.
 SECTIONS = [("Quick start", "Quick start"), ("The app, page by page", "The app")] + [
@@ -50,7 +52,7 @@ class HelpDialog(QDialog):
     def __init__(self, title: str, parent: QWidget | None = None):
         super().__init__(parent)
         self.setWindowTitle(title)
-        self.resize(760, 640)
+        fit_to_screen(self, 760, 640)
         self.text = QTextBrowser()
         # The README's links go to files beside it (docs/…) and to the web: each opens where it
         # can be read. Followed inside the browser, a file link blanked the guide for good.

@@ -24,6 +24,7 @@ from ui import file_dialogs
 from ui.collector import settle_gc, thaw_gc
 from ui.icons import app_icon, page_icon, status_color
 from ui.status_bar import MachineStatus
+from ui.app import fit_to_screen
 # The project's pages (ui.project_context, ui.stage_pages, ui.runs_browser, ...) are imported
 # when a project opens, not here: they load PyTorch, a second or more, and the window should
 # paint before that (bench/app_start.py).
@@ -59,7 +60,7 @@ class MainWindow(QMainWindow):
         self.pages: dict[str, QWidget] = {}
         self.setWindowIcon(app_icon())
         self.setWindowTitle("Workbench")
-        self.resize(1360, 860)
+        fit_to_screen(self, 1360, 860)
 
         self.sidebar = QListWidget()
         self.sidebar.setIconSize(QSize(22, 22))

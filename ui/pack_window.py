@@ -15,6 +15,7 @@ from ui import file_dialogs
 from ui.pack_dialogs import PACK_FILTER
 from ui.ranking_dialogs import show_error
 from ui.ranking_view import RankingView
+from ui.app import fit_to_screen
 from workbench.packs import Pack, PackGuidelines, open_pack
 from workbench.store import StoreError
 
@@ -50,7 +51,7 @@ class PackWindow(QMainWindow):
         self.view = PackRankingView(pack, self)
         self.setCentralWidget(self.view)
         self.statusBar().showMessage(f"Saving each ranking into {pack.path}")
-        self.resize(1200, 850)
+        fit_to_screen(self, 1200, 850)
         # Ctrl+Q quits here too, as in the main window: every window closes (each ranking is
         # already in the pack file).
         QShortcut(QKeySequence("Ctrl+Q"), self, QApplication.closeAllWindows)

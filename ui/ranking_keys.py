@@ -28,7 +28,8 @@ LEGEND = [("1–{k}", "rank, best first (the last one is implied)"), ("= or Spac
           ("Enter", "submit"), ("Backspace / Esc", "take back / clear"),
           ("drag + Ctrl+Enter", "submit the cards' order"),
           ("F n i/m/h/o", "flag instruction / made-up / harmful / other"), ("G n 1–7", "score"),
-          ("N", "note"), ("S", "skip"), ("Ctrl+Z", "undo"), ("F1", "guidelines")]
+          ("N", "note"), ("S", "skip"), ("Ctrl+Z", "undo"), ("F1", "guidelines"),
+          ("PgUp / PgDn, ↑ / ↓", "scroll the answers"), ("Ctrl+W", "end the session")]
 
 
 @dataclass

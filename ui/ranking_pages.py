@@ -16,10 +16,23 @@ from ui.ranking_cards import CardList, PromptView, scaled_font
 from workbench.review import BatchProgress
 
 
-def button(text: str, slot, tip: str = "") -> QPushButton:
-    """A button that never takes keyboard focus: keys belong to the ranking view."""
-    b = QPushButton(text)
-    b.setFocusPolicy(Qt.NoFocus)
+class KeyButton(QPushButton):
+    """A button reached with Tab, which Enter presses as Space does (outside a dialog a
+    QPushButton leaves Enter to its parent, and the ranking view would start a session)."""
+
+    def keyPressEvent(self, event) -> None:
+        if event.key() in (Qt.Key_Return, Qt.Key_Enter):
+            self.click()
+            return
+        super().keyPressEvent(event)
+
+
+def button(text: str, slot, tip: str = "", focus: bool = False) -> QPushButton:
+    """A button; in a ranking session one that never takes keyboard focus (keys belong to the
+    ranking view, and each of its actions has a key), elsewhere (`focus`) one Tab reaches."""
+    b = KeyButton(text) if focus else QPushButton(text)
+    if not focus:
+        b.setFocusPolicy(Qt.NoFocus)
     b.setToolTip(tip)
     b.clicked.connect(slot)
     return b
@@ -74,7 +87,7 @@ class StartPage(QWidget):
         self.repeats.setToolTip("A share of the items comes back once more, unannounced, to "
                                 "measure how consistently you rank (Agreement tab). Fixed when "
                                 "a session starts.")
-        self.start = button("Start ranking  ⏎", self.startRequested)
+        self.start = button("Start ranking  ⏎", self.startRequested, focus=True)
         self.start.setDefault(True)
         form = QFormLayout()
         form.addRow("Annotator", self.annotator)
@@ -88,9 +101,9 @@ class StartPage(QWidget):
                  "(JSONL or Parquet), Label Studio or Argilla exports"),
                 ("Export…", self.exportRequested, "K-way rankings or {prompt, chosen, rejected} pairs"),
                 ("Guidelines…", self.guidelinesRequested, "read or edit this project's ranking guidelines")):
-            actions.addWidget(button(text, signal, tip))
+            actions.addWidget(button(text, signal, tip, focus=True))
         packs = button("Packs…", lambda: None, "a class ranks this batch on their own machines: "
-                       "one pack file per annotator, merged back here")
+                       "one pack file per annotator, merged back here", focus=True)
         menu = QMenu(packs)
         menu.addAction("Make annotation packs for this batch…", self.packsRequested.emit)
         menu.addAction("Merge annotation packs…", self.mergeRequested.emit)
@@ -98,7 +111,8 @@ class StartPage(QWidget):
         actions.addWidget(packs)
         self.simulate = button("Simulated ranking…", self.simulateRequested,
                                "rank the selected batch with the demo's simulated annotator; "
-                               "its rankings are labelled simulated, never passed off as a person's")
+                               "its rankings are labelled simulated, never passed off as a person's",
+                               focus=True)
         actions.addWidget(self.simulate)
         self.status = QLabel()
         self.status.setWordWrap(True)
@@ -249,7 +263,7 @@ class SessionPage(QWidget):
         self.skip_button = button("Skip", view.skip, "S: the item comes back at the end")
         for b in (button("Guidelines", view.show_guidelines, "F1"), self.skip_button,
                   button("Undo", view.undo, "Ctrl+Z: take back your last ranking"),
-                  button("End session", view.end_session, "back to the batch list")):
+                  button("End session", view.end_session, "Ctrl+W: back to the batch list")):
             head.addWidget(b)
 
         self.prompt = PromptView()

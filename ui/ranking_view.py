@@ -48,6 +48,11 @@ from workbench.simulated import DEFAULT_NAME, DEMO_PREFERENCE_TEXT, rank_batch
 from workbench.store import RankingError, Store, StoreError
 
 
+# Keys that scroll the answer cards (K = 8 long answers do not fit a laptop's screen).
+SCROLL_KEYS = {Qt.Key_PageDown: "page-down", Qt.Key_PageUp: "page-up", Qt.Key_Down: "down",
+               Qt.Key_Up: "up"}
+
+
 def key_token(event) -> str | None:
     """A key event as a RankInput token, None for keys the view leaves alone."""
     mods = event.modifiers() & ~Qt.KeypadModifier
@@ -55,10 +60,12 @@ def key_token(event) -> str | None:
     ctrl = bool(mods & Qt.ControlModifier)
     if key == Qt.Key_Z and ctrl:
         return "undo"
+    if key == Qt.Key_W and ctrl:
+        return "end"
     if key in (Qt.Key_Return, Qt.Key_Enter):
         return "submit-order" if ctrl else "enter"
     named = {Qt.Key_Backspace: "backspace", Qt.Key_Escape: "escape", Qt.Key_F1: "help",
-             Qt.Key_Space: " "}
+             Qt.Key_Space: " ", **SCROLL_KEYS}
     if key in named:
         return named[key]
     if mods & (Qt.ControlModifier | Qt.AltModifier | Qt.MetaModifier):
@@ -525,6 +532,14 @@ class RankingView(PreferenceFiles, QWidget):
         self._session_key(token)
 
     def _session_key(self, token: str) -> None:
+        if token in SCROLL_KEYS.values():
+            bar = self.page.scroll.verticalScrollBar()
+            step = bar.pageStep() if token.startswith("page") else bar.singleStep() * 3
+            bar.setValue(bar.value() + (step if token in ("page-down", "down") else -step))
+            return
+        if token == "end":
+            self.end_session()
+            return
         if token == "submit-order":
             self.submit_card_order()
             return

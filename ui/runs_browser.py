@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from PySide6.QtCore import Qt, QUrl, Signal
-from PySide6.QtGui import QDesktopServices
+from PySide6.QtGui import QDesktopServices, QKeySequence, QShortcut
 from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLabel,
                                QLineEdit, QMessageBox, QPushButton, QSplitter, QTableWidget,
                                QTableWidgetItem, QVBoxLayout, QWidget)
@@ -131,6 +131,12 @@ class RunsBrowser(QWidget):
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.verticalHeader().hide()
         self.table.setAlternatingRowColors(True)
+        # Tab leaves the table for the buttons under it (by default it walks the cells, and a
+        # keyboard user never reached Open or Delete); Enter opens the run, Delete deletes.
+        self.table.setTabKeyNavigation(False)
+        self.table.activated.connect(lambda _index: self.open_btn.isEnabled() and self.open_selected())
+        QShortcut(QKeySequence.StandardKey.Delete, self.table, lambda: self.delete_btn.isEnabled()
+                  and self.delete_selected(), context=Qt.ShortcutContext.WidgetShortcut)
         header = self.table.horizontalHeader()
         # Newest first until the user clicks a header (Qt's default, column 0 descending, put
         # the runs in reverse alphabetical order); refreshes keep whatever order was chosen.
