@@ -159,3 +159,27 @@ def test_a_first_window_fits_the_screen_it_opens_on(qtbot, tmp_path):
     d = HelpDialog("guide", w)
     qtbot.addWidget(d)
     assert d.height() <= free.height()
+
+
+def test_a_project_whose_run_has_a_long_log_opens_and_reads_it_on(qtbot, demo_project):
+    """More unread events than one slice of the first sync (a long pretraining's log): the
+    project opens, and the rest is read in the next turns of the event loop."""
+    from ui.project_context import SYNC_BYTES, ProjectContext
+    from workbench.project import Project
+    run = demo_project / "runs" / "pretrain-20250101-000000"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    lines = [json.dumps({"type": "start", "stage": "pretrain", "pid": 1, "time": 1.0})]
+    step = 0
+    while sum(map(len, lines)) < 3 * SYNC_BYTES:
+        step += 1
+        lines.append(json.dumps({"type": "metrics", "step": step, "train/loss": 1.0 + 1 / step, "time": 1.0}))
+    lines.append(json.dumps({"type": "done", "status": "completed", "time": 2.0}))
+    (run / "events.jsonl").write_text("\n".join(lines) + "\n")
+    ctx = ProjectContext(Project.open(demo_project))
+    try:
+        qtbot.waitUntil(lambda: (info := ctx.run(run.name)) is not None and info.status == "completed",
+                        timeout=30_000)
+        assert ctx.run(run.name).step == step
+    finally:
+        ctx.close()

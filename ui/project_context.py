@@ -38,13 +38,15 @@ class ProjectContext(QObject):
         self.runs = RunStore(project.path)
         self.jobs: dict[str, Job] = {}           # run name -> live job
         self._infos: list[RunInfo] = []
-        self.sync()
+        # Made before the first sync, which starts _catch_up when a run has more unread events
+        # than one slice (a long run's log, on the first open of a project).
+        self._catch_up = QTimer(self, singleShot=True, interval=0)
+        self._catch_up.timeout.connect(self.sync)
         self._timer = QTimer(self)
         self._timer.setInterval(SYNC_MS)
         self._timer.timeout.connect(self.sync)
+        self.sync()
         self._timer.start()
-        self._catch_up = QTimer(self, singleShot=True, interval=0)
-        self._catch_up.timeout.connect(self.sync)
 
     def close(self) -> None:
         """Stop watching; running jobs keep running (the next session re-attaches)."""
