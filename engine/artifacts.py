@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from engine.checkpoint import CheckpointError, latest_checkpoint, read_json, read_state, resolve_checkpoint
 from engine.config import ConfigError
-from engine.model import Transformer
-from engine.weights import load_model
+from engine.model import ModelConfig, Transformer
+from engine.weights import load_model, read_header
 from engine.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer, load_tokenizer, tokenizer_files
 
 
@@ -70,8 +70,8 @@ def load_artifact(path: str | os.PathLike, *, tokenizer: Optional[str | os.PathL
     wrong, so every stage that starts from one refuses before any work; so is a model of
     another `kind` than asked for ("lm", "scalar": a reward model given where a policy goes).
     """
+    ck = _checkpoint(path, prefer, field)
     try:
-        ck = resolve_checkpoint(path, prefer=prefer)
         state_file = ck / "state.json"
         state = read_json(state_file) if state_file.exists() else {}
         if not isinstance(state, dict):
@@ -79,8 +79,7 @@ def load_artifact(path: str | os.PathLike, *, tokenizer: Optional[str | os.PathL
         model = load_model(ck / "model.safetensors", device=device)
     except (FileNotFoundError, CheckpointError) as e:
         raise ConfigError(field, str(e)) from None
-    if kind is not None and model.kind != kind:
-        raise ConfigError(field, f"{ck} holds {KINDS.get(model.kind, model.kind)}, not {KINDS[kind]}")
+    _check_kind(ck, model.kind, kind, field)
     tok_path = Path(tokenizer) if tokenizer else ck / TOKENIZER_FILE
     if tok_path.is_dir():
         tok_path = tok_path / TOKENIZER_FILE
@@ -91,6 +90,38 @@ def load_artifact(path: str | os.PathLike, *, tokenizer: Optional[str | os.PathL
         raise ConfigError(tok_field, f"cannot load a tokenizer from {tok_path}: {e}") from None
     check_compatible(model, tok, state, tok_field, tok_path, ck)
     return Loaded(model, tok, ck, state, tok_path)
+
+
+class Peeked(NamedTuple):
+    checkpoint: Path
+    config: ModelConfig
+
+
+def peek_artifact(path: str | os.PathLike, *, prefer: str = "best", field: str = "checkpoint",
+                  kind: Optional[str] = None) -> Peeked:
+    """The checkpoint load_artifact would load and its ModelConfig, read from the file's header
+    without loading a weight, after the same checks with the same messages (no checkpoint, a
+    broken one, a model of another kind): what a form or `workbench run` asks before it makes a
+    run folder."""
+    ck = _checkpoint(path, prefer, field)
+    try:
+        cfg, got = read_header(ck / "model.safetensors")
+    except (FileNotFoundError, CheckpointError) as e:
+        raise ConfigError(field, str(e)) from None
+    _check_kind(ck, got, kind, field)
+    return Peeked(ck, cfg)
+
+
+def _checkpoint(path: str | os.PathLike, prefer: str, field: str) -> Path:
+    try:
+        return resolve_checkpoint(path, prefer=prefer)
+    except (FileNotFoundError, CheckpointError) as e:
+        raise ConfigError(field, str(e)) from None
+
+
+def _check_kind(ck: Path, got: str, kind: Optional[str], field: str) -> None:
+    if kind is not None and got != kind:
+        raise ConfigError(field, f"{ck} holds {KINDS.get(got, got)}, not {KINDS[kind]}")
 
 
 # --- the inputs of a training run ----------------------------------------------------------------
@@ -163,6 +194,12 @@ class RunInputs:
         art.model = self.float32(field, art.model)
         self.used[field] = str(art.checkpoint.resolve())
         return art
+
+    def peek(self, field: str, named: str | os.PathLike, *, prefer: str = "best", required: bool = True,
+             kind: Optional[str] = None) -> Peeked:
+        """peek_artifact of the input `load` would read: a stage's preflight."""
+        return peek_artifact(self.path(field, named, prefer=prefer, required=required), prefer=prefer,
+                             field=field, kind=kind)
 
     def float32(self, field: str, model: torch.nn.Module) -> torch.nn.Module:
         stored = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

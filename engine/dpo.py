@@ -35,7 +35,7 @@ import torch
 from engine import distributed
 from engine.artifacts import RunInputs
 from engine.chat import reply_batch, sampled_kl
-from engine.config import ConfigError, require, resolve_path
+from engine.config import require, resolve_path
 from engine.device import describe, setup
 from engine.dpo_loss import FORMS, LOSSES, AnswerTokens, ranking_loss, sequence_logps
 from engine.lora import LORA_FIELDS, add_adapters, describe as describe_lora, reference_for, uses_lora
@@ -44,7 +44,7 @@ from engine.reward_data import Ranking, prompt_key, ranking_pairs
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.sft import DEFAULT_PROMPTS
 from engine.sft_data import CUT_NOTHING, EpochSampler, Example, data_fingerprint, fit
-from engine.trainer import Stage, run_summary, train
+from engine.trainer import Stage, check_resume_preflight, run_summary, train, trained_fixed
 
 
 @dataclass(kw_only=True)
@@ -243,6 +243,13 @@ def load_rankings(cfg: DPOConfig, run_dir: Path, tok, max_len: int,
     return train_enc, val_enc, files
 
 
+def preflight(cfg: DPOConfig, run_dir: Path) -> None:
+    """What would end a run of `cfg` at once, found without loading a model (see engine.sft)."""
+    inputs = RunInputs(run_dir, cfg, lambda *a, **k: None)
+    inputs.peek("init", resolve_path(run_dir, cfg.init), kind="lm").config.check_fits("seq_len", cfg.seq_len)
+    check_resume_preflight(run_dir, cfg, trained_fixed(FIXED_ON_RESUME))
+
+
 def run(cfg: DPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None) -> str:
     ev = Emitter(sink)
     control = control or NeverStop()
@@ -256,10 +263,8 @@ def run(cfg: DPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
         add_adapters(model, cfg, cfg.seed)
         ev.log(describe_lora(model))
     ref = reference_for(model, art.checkpoint, device)
-    context = model.config.max_seq_len
-    if cfg.seq_len > context:
-        raise ConfigError("seq_len", f"{cfg.seq_len} is longer than the model's context ({context})")
-    max_len = cfg.seq_len or context
+    model.config.check_fits("seq_len", cfg.seq_len)
+    max_len = cfg.seq_len or model.config.max_seq_len
     train_items, val_items, files = load_rankings(cfg, run_dir, art.tokenizer, max_len, ev)
 
     tcfg = cfg.with_steps_for(len(train_items))

@@ -45,16 +45,17 @@ from engine.grpo_core import group_advantages, grpo_losses, kl_k3, mean_std, uni
 from engine.grpo_rewards import (Answers, FormatReward, LengthReward, RewardModelReward, TaskReward, UserReward,
                                  check_user_file, load_user_function, parse_user_spec, score_all)
 from engine.lora import LORA_FIELDS, LoRASettings, add_adapters, describe as describe_lora, reference_for, uses_lora
+from engine.model import ModelConfig
 from engine.ppo import check_guards, encode_prompt
 from engine.ppo_core import (AnswerStates, Rollout, as_scored, build_rollout, chunks, logprobs_entropy_of, logprobs_of,
                              masked_mean)
-from engine.reward import load_reward_model
+from engine.reward import load_reward_model, peek_reward_model
 from engine.runio import Emitter, NeverStop, Sink, StageError, reported_at, stage_main, write_summary
 from engine.sample import read_prompts
 from engine.sft_data import EpochSampler, read_tasks
 from engine.trackers import TrackerSettings
-from engine.trainer import (COLLAPSE_STEPS, CollapseWatch, check_resume, clip_grads, optimizer_step,
-                            policy_optimizer, resume_run, run_summary, save_run_checkpoint)
+from engine.trainer import (COLLAPSE_STEPS, CollapseWatch, check_resume, check_resume_preflight, clip_grads,
+                            optimizer_step, policy_optimizer, resume_run, run_summary, save_run_checkpoint)
 
 
 @dataclass
@@ -184,9 +185,7 @@ class GRPO:
         self.policy, self.tok, self.art = art.model.train(), art.tokenizer, art
         self.ref = reference_for(self.policy, art.checkpoint, device)
         self.limit = self.policy.config.max_seq_len
-        for name in ("max_new_tokens", "eval_tokens", "probe_tokens"):
-            if getattr(cfg, name) >= self.limit - 4:
-                raise ConfigError(name, f"must leave room for the prompt in the context ({self.limit} tokens)")
+        check_lengths(cfg, self.policy.config)
         self.prompts = read_prompts([resolve_path(run_dir, p) for p in cfg.prompts])
         self.tasks = read_tasks(resolve_path(run_dir, cfg.eval_tasks), cfg.eval_task_limit) if cfg.eval_tasks else []
         self.probes = cfg.probe_prompts or self.prompts[:4]
@@ -438,6 +437,21 @@ class GRPO:
         self.last_eval = acc
         self.ev.log(f"held-out task accuracy {acc:.1%} on {len(self.tasks)} tasks at step {self.step}")
         return values
+
+
+def check_lengths(cfg: GRPOConfig, policy: ModelConfig) -> None:
+    for name in ("max_new_tokens", "eval_tokens", "probe_tokens"):
+        policy.check_room(name, getattr(cfg, name))
+
+
+def preflight(cfg: GRPOConfig, run_dir: Path) -> None:
+    """What would end a run of `cfg` at once, found without loading a model (see engine.sft)."""
+    inputs = RunInputs(run_dir, cfg, lambda *a, **k: None)
+    policy = inputs.peek("policy", resolve_path(run_dir, cfg.policy), prefer="latest", kind="lm")
+    if cfg.rm_weight:
+        peek_reward_model(inputs, resolve_path(run_dir, cfg.reward_model))
+    check_lengths(cfg, policy.config)
+    check_resume_preflight(run_dir, cfg, FIXED_ON_RESUME)
 
 
 def run(cfg: GRPOConfig, run_dir: Path, sink: Optional[Sink] = None, control=None) -> str:

@@ -48,6 +48,16 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.head_size or self.d_model // self.n_head
 
+    def check_fits(self, field: str, tokens: int) -> None:
+        """A training sequence of `tokens` (0: the whole context) fits this model's context."""
+        if tokens > self.max_seq_len:
+            raise ConfigError(field, f"{tokens} is longer than the model's context ({self.max_seq_len})")
+
+    def check_room(self, field: str, new_tokens: int) -> None:
+        """`new_tokens` generated after a prompt still leave the prompt a few tokens of context."""
+        if new_tokens >= self.max_seq_len - 4:
+            raise ConfigError(field, f"must leave room for the prompt in the context ({self.max_seq_len} tokens)")
+
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "max_seq_len"):
             require(getattr(self, name) > 0, name, "must be a positive integer")

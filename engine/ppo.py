@@ -53,14 +53,14 @@ from engine.ragged import scores_at_ends
 from engine.ppo_core import (BETA_RANGE, AnswerStates, KLController, Rollout, as_scored, build_rollout, chunks, gae,
                              logprobs_of, masked_mean, masked_whiten, per_token_rewards, ppo_losses,
                              reference_figures_of)
-from engine.reward import load_reward_model
+from engine.reward import load_reward_model, peek_reward_model
 from engine.runio import Emitter, NeverStop, Sink, StageError, reported_at, stage_main, write_summary
 from engine.sample import read_prompts
 from engine.sft_data import EpochSampler
 from engine.tokenizer import Tokenizer, tokenizer_files
 from engine.trackers import TrackerSettings
-from engine.trainer import (CollapseWatch, check_resume, clip_grads, optimizer_step, policy_optimizer, resume_run,
-                            run_summary, save_run_checkpoint)
+from engine.trainer import (CollapseWatch, check_resume, check_resume_preflight, clip_grads, optimizer_step,
+                            policy_optimizer, resume_run, run_summary, save_run_checkpoint)
 
 @dataclass
 class PPOConfig(LoRASettings, TrackerSettings):
@@ -187,6 +187,17 @@ class Models:
     rm_ckpt: Path
 
 
+def preflight(cfg: PPOConfig, run_dir: Path) -> None:
+    """What would end a run of `cfg` at once, found without loading a model (see engine.sft)."""
+    inputs = RunInputs(run_dir, cfg, lambda *a, **k: None)
+    policy = inputs.peek("policy", resolve_path(run_dir, cfg.policy), prefer="latest", kind="lm")
+    peek_reward_model(inputs, resolve_path(run_dir, cfg.reward_model))
+    if cfg.value_model:
+        inputs.peek("value_model", resolve_path(run_dir, cfg.value_model), required=uses_lora(cfg), kind="scalar")
+    policy.config.check_room("max_new_tokens", cfg.max_new_tokens)
+    check_resume_preflight(run_dir, cfg, FIXED_ON_RESUME)
+
+
 def load_models(cfg: PPOConfig, run_dir: Path, device: torch.device, inputs: RunInputs) -> Models:
     """Every model PPO needs, each checked before any work: a wrong one is a ConfigError naming it."""
     # The policy is also the reference, so it is required on a resume, as is the reward model.
@@ -241,8 +252,7 @@ class PPO:
         self.prompts = read_prompts([resolve_path(run_dir, p) for p in cfg.prompts])
         self.probes = cfg.probe_prompts or self.prompts[:4]
         self.limit = self.m.policy.config.max_seq_len
-        if cfg.max_new_tokens >= self.limit - 4:
-            raise ConfigError("max_new_tokens", f"must leave room for the prompt in the context ({self.limit} tokens)")
+        self.m.policy.config.check_room("max_new_tokens", cfg.max_new_tokens)
         self.ptx: Optional[TokenData] = None
         self.opt_pol = policy_optimizer(self.m.policy, cfg.lr, device)
         self.opt_val = policy_optimizer(self.m.value, cfg.value_lr, device)

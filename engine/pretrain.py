@@ -28,7 +28,7 @@ from engine.model import PRESETS, ModelConfig, Transformer, config_from_preset
 from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write_summary
 from engine.tokenizer import Tokenizer
 from engine.trackers import TrackerSettings
-from engine.trainer import Stage, TrainConfig, run_summary, train
+from engine.trainer import Stage, TrainConfig, check_resume_preflight, run_summary, train, trained_fixed
 
 SAMPLE_PROMPTS = ["The ", "Question: What is 12 + 7?\nAnswer:"]
 
@@ -79,6 +79,11 @@ def load_tokenizer(run_dir: Path, path: str) -> tuple[Tokenizer, Path]:
         return Tokenizer.from_file(tok_path), tok_path
     except (FileNotFoundError, OSError, ValueError) as e:
         raise ConfigError("tokenizer", f"cannot load a tokenizer from {tok_path}: {e}") from None
+
+
+def preflight(cfg: PretrainConfig, run_dir: Path) -> None:
+    """What would end a run of `cfg` at once, found before it starts (see engine.sft)."""
+    check_resume_preflight(run_dir, cfg, trained_fixed(FIXED_ON_RESUME))
 
 
 def run(cfg: PretrainConfig, run_dir: Path, sink: Optional[Sink] = None, control=None) -> str:

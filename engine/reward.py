@@ -28,7 +28,7 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine import distributed
-from engine.artifacts import RunInputs
+from engine.artifacts import Peeked, RunInputs
 from engine.config import ConfigError, require, resolve_path
 from engine.device import autocast, describe, setup
 from engine.fsutil import atomic_write_text
@@ -40,25 +40,31 @@ from engine.reward_data import (Ranking, encode_answer, pack_answers, ranking_lo
 from engine.runio import Emitter, NeverStop, Sink, stage_main, write_summary
 from engine.sft_data import EpochSampler, data_fingerprint
 from engine.trackers import TrackerSettings
-from engine.trainer import Stage, TrainConfig, run_summary, train
+from engine.trainer import Stage, TrainConfig, check_resume_preflight, run_summary, train, trained_fixed
 
 NORM_FILE = "reward_norm.json"
+
+
+def peek_reward_model(inputs: RunInputs, path: Path) -> Peeked:
+    """The reward model PPO and GRPO would score with, checked without loading it: a scalar
+    model whose run saved its normalisation statistics. A ConfigError names `reward_model`."""
+    peeked = inputs.peek("reward_model", path, kind="scalar")
+    norm_path = peeked.checkpoint / NORM_FILE
+    if not norm_path.exists():
+        raise ConfigError("reward_model", f"{norm_path} is missing: run the reward stage to its end "
+                                          "(it saves the normalisation statistics)")
+    return peeked
 
 
 def load_reward_model(inputs: RunInputs, path: Path, tok_fingerprint: str,
                       device: torch.device) -> tuple[ScalarModel, dict, Path]:
     """(frozen RM, its normalisation statistics, its checkpoint), each checked, or a ConfigError
     naming `reward_model`: what PPO and GRPO score answers with."""
+    peeked = peek_reward_model(inputs, path)
     art = inputs.load("reward_model", path, device=device)
-    if not isinstance(art.model, ScalarModel):
-        raise ConfigError("reward_model", f"{art.checkpoint} is not a reward model (no scalar head)")
     if art.tokenizer.fingerprint() != tok_fingerprint:
         raise ConfigError("reward_model", "the reward model was trained with another tokenizer than the policy")
-    norm_path = art.checkpoint / NORM_FILE
-    if not norm_path.exists():
-        raise ConfigError("reward_model", f"{norm_path} is missing: run the reward stage to its end "
-                                          "(it saves the normalisation statistics)")
-    return freeze(art.model), ckpt.read_json(norm_path), art.checkpoint
+    return freeze(art.model), ckpt.read_json(peeked.checkpoint / NORM_FILE), art.checkpoint
 
 
 @dataclass(kw_only=True)
@@ -251,6 +257,14 @@ def normalise_checkpoints(run_dir: Path, scorer: Scorer, train_items: list[Ranki
         if path == final:
             val_metrics = ranking_metrics(val_items, rewards[len(train_items):])
     return val_metrics
+
+
+def preflight(cfg: RewardConfig, run_dir: Path) -> None:
+    """What would end a run of `cfg` at once, found without loading a model (see engine.sft):
+    init may be a language model (InstructGPT's start) or a reward model trained further."""
+    RunInputs(run_dir, cfg, lambda *a, **k: None).peek("init", resolve_path(run_dir, cfg.init),
+                                                        required=uses_lora(cfg))
+    check_resume_preflight(run_dir, cfg, trained_fixed(FIXED_ON_RESUME))
 
 
 def run(cfg: RewardConfig, run_dir: Path, sink: Optional[Sink] = None, control=None) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 
-from engine.artifacts import load_artifact
+from engine.artifacts import load_artifact, peek_artifact
 from engine.config import ConfigError, require, resolve_path
 from engine.device import describe, resolve_device
 from engine.fsutil import atomic_write_text
@@ -147,6 +147,24 @@ def _done_prompts(path: Path) -> int:
     return keep.count(b"\n")
 
 
+def preflight(cfg: SampleConfig, run_dir: Path) -> None:
+    """What would end a run of `cfg` at once, found without loading a model (see engine.sft):
+    its settings against those a run folder's answers were sampled with, too."""
+    peek_artifact(resolve_path(run_dir, cfg.checkpoint), field="checkpoint", prefer="latest", kind="lm")
+    try:
+        was = json.loads((Path(run_dir) / "provenance.json").read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return          # a new run, or one the run itself will say is broken
+    _refuse_conflicts(_resume_conflicts({"settings": was}, {"settings": dataclasses.asdict(cfg)}))
+
+
+def _refuse_conflicts(changed: list[tuple[str, str]]) -> None:
+    if changed:
+        detail = "; ".join(what for _, what in changed)
+        raise ConfigError(changed[0][0], f"cannot change on resume ({detail}): the run's answers "
+                                         "would mix two kinds; set it back to resume, or start a new run")
+
+
 def run(cfg: SampleConfig, run_dir: Path, sink: Optional[Sink] = None, control=None) -> str:
     ev = Emitter(sink)
     control = control or NeverStop()
@@ -167,11 +185,7 @@ def run(cfg: SampleConfig, run_dir: Path, sink: Optional[Sink] = None, control=N
                   "n_prompts": len(prompts), "prompts_sha256": _digest(prompts)}
     prov_path = run_dir / "provenance.json"
     if prov_path.exists():
-        changed = _resume_conflicts(json.loads(prov_path.read_text()), provenance)
-        if changed:
-            detail = "; ".join(what for _, what in changed)
-            raise ConfigError(changed[0][0], f"cannot change on resume ({detail}): {prov_path.name}'s "
-                                             "answers would mix two kinds; start a new run instead")
+        _refuse_conflicts(_resume_conflicts(json.loads(prov_path.read_text()), provenance))
     atomic_write_text(prov_path, json.dumps(provenance, indent=2) + "\n")
 
     out_path = run_dir / OUT

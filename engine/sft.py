@@ -25,7 +25,7 @@ import torch
 from engine import checkpoint as ckpt
 from engine import distributed
 from engine.artifacts import RunInputs
-from engine.config import ConfigError, require, resolve_path
+from engine.config import require, resolve_path
 from engine.device import autocast, describe, setup
 from engine.chat import reply_batch, task_metrics
 from engine.lora import LORA_FIELDS, LoRASettings, add_adapters, describe as describe_lora, uses_lora
@@ -33,7 +33,7 @@ from engine.runio import Emitter, NeverStop, Sink, StageError, stage_main, write
 from engine.sft_data import (TOO_LONG, EpochSampler, Example, SFTDataError, collate,
                              data_fingerprint, read_records, read_tasks, render, split_records)
 from engine.trackers import TrackerSettings
-from engine.trainer import Stage, TrainConfig, run_summary, train
+from engine.trainer import Stage, TrainConfig, check_resume_preflight, run_summary, train, trained_fixed
 
 DEFAULT_PROMPTS = ["What is 12 + 7?", "Reverse the word 'garden'.",
                    "What is the capital of France?", "Tell me about the sea."]
@@ -256,6 +256,15 @@ class Hooks:
         return values
 
 
+def preflight(cfg: SFTConfig, run_dir: Path) -> None:
+    """What would end a run of `cfg` in `run_dir` at once, found without loading a model (the
+    app's form and `workbench run` ask before they make or resume a run folder)."""
+    inputs = RunInputs(run_dir, cfg, lambda *a, **k: None)
+    init = inputs.peek("init", resolve_path(run_dir, cfg.init), required=uses_lora(cfg), kind="lm")
+    init.config.check_fits("seq_len", cfg.seq_len)
+    check_resume_preflight(run_dir, cfg, trained_fixed(FIXED_ON_RESUME))
+
+
 def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None) -> str:
     ev = Emitter(sink)
     control = control or NeverStop()
@@ -271,10 +280,8 @@ def run(cfg: SFTConfig, run_dir: Path, sink: Optional[Sink] = None, control=None
     if uses_lora(cfg):
         add_adapters(model, cfg, cfg.seed)
         ev.log(describe_lora(model))
-    context = model.config.max_seq_len
-    if cfg.seq_len > context:
-        raise ConfigError("seq_len", f"{cfg.seq_len} is longer than the model's context ({context})")
-    seq_len = cfg.seq_len or context
+    model.config.check_fits("seq_len", cfg.seq_len)
+    seq_len = cfg.seq_len or model.config.max_seq_len
     data = load_data(cfg, run_dir, art.tokenizer, seq_len, ev)
 
     steps_per_epoch = len(data.train) / (cfg.batch_size * cfg.grad_accum)

@@ -108,28 +108,59 @@ def policy_optimizer(model: torch.nn.Module, lr: float, device: torch.device) ->
                              weight_decay=0.0, fused=fused_adamw(device.type))
 
 
-def check_resume(saved: dict, cfg, fixed: tuple[str, ...], ev: Emitter,
-                 warn: tuple[str, ...] = WARN_ON_RESUME) -> None:
-    now = dataclasses.asdict(cfg)
-    # A setting added after the run was saved has its default there.
-    saved = {**{f.name: _default(f) for f in dataclasses.fields(cfg)
-                if (f.default, f.default_factory) != (dataclasses.MISSING, dataclasses.MISSING)}, **saved}
+def trained_fixed(stage_fixed: tuple[str, ...]) -> tuple[str, ...]:
+    """What cannot change on resume in a stage that `train` runs: the trainer's and the stage's own."""
+    return FIXED_ON_RESUME + tuple(stage_fixed)
+
+
+def resume_conflict(saved: dict, cfg, fixed: tuple[str, ...]) -> Optional[ConfigError]:
+    """Why a run saved with `saved` cannot go on with `cfg` (a setting of `fixed` changed), or None."""
+    now, saved = dataclasses.asdict(cfg), _with_defaults(saved, cfg)
     if "grad_accum" in now:
         # The micro-batch stream does not depend on how it is split among processes, so the run
         # stays the same run on another number of processes as long as grad_accum x nproc is kept.
         before, after = saved["grad_accum"] * saved["nproc"], now["grad_accum"] * now["nproc"]
         if before != after:
-            raise ConfigError("grad_accum", f"grad_accum x nproc was {saved['grad_accum']} x {saved['nproc']} "
-                                            f"= {before} micro-batches per step and is now {after}: keep the "
-                                            "product to resume (or start a new run)")
+            return ConfigError("grad_accum", f"grad_accum x nproc was {saved['grad_accum']} x {saved['nproc']} "
+                                             f"= {before} micro-batches per step and is now {after}: keep the "
+                                             "product to resume (or start a new run)")
     changed = [k for k in fixed if k not in ("grad_accum", "nproc") and saved.get(k) != now.get(k)]
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise ConfigError(changed[0], f"cannot change on resume ({detail}); start a new run instead")
+        return ConfigError(changed[0], f"cannot change on resume ({detail}): set it back to resume, "
+                                       "or start a new run")
+    return None
+
+
+def check_resume_preflight(run_dir: Path, cfg, fixed: tuple[str, ...]) -> None:
+    """The refusal check_resume would give a resume of `run_dir` with `cfg`, found before the run
+    starts: against its newest checkpoint (none, or one that cannot be read: the resume says)."""
+    latest = ckpt.latest_checkpoint(Path(run_dir) / "checkpoints")
+    try:
+        state = ckpt.read_state(latest) if latest is not None else {}
+    except ckpt.CheckpointError:
+        return
+    problem = resume_conflict(state.get("config") or {}, cfg, fixed) if state.get("config") else None
+    if problem is not None:
+        raise problem
+
+
+def check_resume(saved: dict, cfg, fixed: tuple[str, ...], ev: Emitter,
+                 warn: tuple[str, ...] = WARN_ON_RESUME) -> None:
+    problem = resume_conflict(saved, cfg, fixed)
+    if problem is not None:
+        raise problem
+    now, saved = dataclasses.asdict(cfg), _with_defaults(saved, cfg)
     for k in warn:
         if k in now and saved.get(k) != now.get(k):
             ev.log(f"'{k}' changed on resume: {saved.get(k)!r} -> {now.get(k)!r}; "
                    "the run is no longer an exact continuation", level="warning")
+
+
+def _with_defaults(saved: dict, cfg) -> dict:
+    """A setting added after the run was saved has its default there."""
+    return {**{f.name: _default(f) for f in dataclasses.fields(cfg)
+               if (f.default, f.default_factory) != (dataclasses.MISSING, dataclasses.MISSING)}, **saved}
 
 
 def _default(f: dataclasses.Field):
@@ -199,7 +230,7 @@ def train(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, stage: Stage,
     run = Progress()
     watch = CollapseWatch(stage.uniform_loss, what="train/loss")
     saved = resume_run(ckpt_root, model, opt, data_gen=data_gen, device=device,
-                       check=lambda s: check_resume(s["config"], cfg, FIXED_ON_RESUME + stage.fixed_on_resume, ev))
+                       check=lambda s: check_resume(s["config"], cfg, trained_fixed(stage.fixed_on_resume), ev))
     if saved is not None:
         val = saved.state.get("val_loss")
         run = Progress(saved.step, saved.field("tokens_seen", int), saved.state.get("best_val_loss"), val,

@@ -157,3 +157,38 @@ def test_float16_training_is_refused_by_name(config_class, fields):
     with pytest.raises(ConfigError, match="dtype.*float16 training needs loss scaling"):
         from_dict(config_class, dict(fields, dtype="float16"))
     assert from_dict(config_class, dict(fields, dtype="bfloat16")).dtype == "bfloat16"
+
+
+def test_preflight_finds_what_a_run_would_fail_on_without_loading_a_model(tiny_lm_ckpt, rm_ckpt, prompts, tmp_path):
+    """runfolder.preflight, as the app's form and Resume ask it: the same refusals the stages
+    give once running, each naming its field, before any folder is made or written."""
+    from workbench.runfolder import preflight
+    ppo = dict(policy=str(tiny_lm_ckpt), reward_model=str(rm_ckpt), prompts=[str(prompts)], steps=3,
+               rollout_batch_size=6, minibatch_size=3, max_new_tokens=8, device="cpu")
+    new = tmp_path / "runs" / "ppo-new"
+    assert preflight("ppo", ppo, new) is None
+    no_norm = copy_run(rm_ckpt, tmp_path / "rm-without-norm")
+    for n in no_norm.rglob("reward_norm.json"):
+        n.unlink()
+    for changes, field, says in [
+            ({"reward_model": str(tiny_lm_ckpt)}, "reward_model", "holds a language model, not a reward (scalar) model"),
+            ({"policy": str(rm_ckpt)}, "policy", "holds a reward (scalar) model, not a language model"),
+            ({"policy": str(tmp_path / "nothing")}, "policy", "no checkpoint found in"),
+            ({"reward_model": str(no_norm)}, "reward_model", "reward_norm.json is missing"),
+            ({"max_new_tokens": 44}, "max_new_tokens", "must leave room for the prompt in the context (48 tokens)")]:
+        problem = preflight("ppo", {**ppo, **changes}, new)
+        assert problem is not None and problem.field == field and says in problem.message, (changes, problem)
+    grpo = dict(policy=str(tiny_lm_ckpt), prompts=[str(prompts)], eval_tokens=60, device="cpu")
+    assert preflight("grpo", grpo, new).field == "eval_tokens"
+    assert preflight("sft", dict(init=str(tiny_lm_ckpt), data=[str(prompts)], seq_len=49), new).field == "seq_len"
+    assert not new.exists()
+    # A resume: what the run's checkpoints saved cannot change.
+    run = tmp_path / "sft-1"
+    cfg = dict(init=str(tiny_lm_ckpt), data=[str(prompts)], max_steps=1, batch_size=2, seq_len=16,
+               eval_every=1, checkpoint_every=1, sample_every=0, device="cpu")
+    ckpt.save_checkpoint(run / "checkpoints", 1, model=safetensors_state(load_model(
+        ckpt.latest_checkpoint(tiny_lm_ckpt / "checkpoints") / "model.safetensors"))[0],
+        state={"config": from_dict(SFTConfig, cfg).__dict__})
+    assert preflight("sft", cfg, run) is None
+    problem = preflight("sft", {**cfg, "batch_size": 4, "max_steps": 5}, run)
+    assert problem.field == "batch_size" and "batch_size: 2 -> 4" in problem.message

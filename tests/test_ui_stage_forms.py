@@ -251,3 +251,62 @@ def test_a_sample_run_made_outside_the_app_is_a_batch_on_the_rank_page(qtbot, pr
     go(qtbot, w, "runs")
     go(qtbot, w, "rank")                        # once: the run's batch is not made again
     assert batches.topLevelItemCount() == 1
+
+
+def test_inputs_a_run_could_not_start_from_are_refused_in_the_form_before_any_folder(
+        qtbot, project, make_window, tiny_lm_ckpt, tmp_path):
+    """No checkpoint there, a tokenizer or reward run where a language model goes, a length the
+    model's context cannot hold, a device the machine lacks: each is said under its field and
+    Start stays off; before, each made a run folder that failed at once."""
+    import torch
+    fake_run(project, "tokenizer-20260101-000000", {}, 1, 1.0)
+    sft_run = fake_run(project, "sft-20260101-000000", {}, 10, 5.0, checkpoint=tiny_lm_ckpt)
+    w = make_window(project, show=True)
+    go(qtbot, w, "sft")
+    dpo = w.pages["sft"]
+    dpo.show_run(None)                  # a new run, not the SFT run the page opens on
+    type_settings(qtbot, dpo, {"init": str(sft_run)}, valid=False)
+    assert dpo.form.error is None, (dpo.form.error, dpo.form.values())
+    runs = sorted(p.name for p in (project / "runs").iterdir())
+    cases = [({"init": str(tmp_path / "nope")}, "init", "no checkpoint found in"),
+             ({"init": str(project / "runs" / "tokenizer-20260101-000000")}, "init", "no checkpoint found in"),
+             ({"init": str(sft_run), "seq_len": 1000}, "seq_len", "1000 is longer than the model's context (48)")]
+    if not torch.cuda.is_available():
+        cases.append(({"seq_len": 0, "device": "cuda"}, "device", "CUDA was asked for but no CUDA device"))
+    for values, field, says in cases:
+        type_settings(qtbot, dpo, values, valid=False)
+        assert dpo.form.error is not None and dpo.form.error.field == field, (values, dpo.form.error)
+        assert says in dpo.form.messages[field].text()
+        assert not dpo.start_btn.isEnabled()
+    assert sorted(p.name for p in (project / "runs").iterdir()) == runs
+
+
+def test_a_resume_that_would_change_a_fixed_setting_is_refused_on_the_field_and_the_run_kept(
+        qtbot, project, make_window):
+    """A stopped run, its batch size edited, Resume: refused under the field; the run stays
+    stopped and its config.json as it was (before, it was written and the run failed at once)."""
+    from ui_driver import start_and_wait
+    w = make_window(project, show=True)
+    go(qtbot, w, "tokenizer")
+    tok = start_and_wait(qtbot, w, w.pages["tokenizer"])
+    assert tok.status == "completed", tok.error
+    go(qtbot, w, "pretrain")
+    pre = w.pages["pretrain"]
+    type_settings(qtbot, pre, {"preset": "tiny", "max_steps": 4, "batch_size": 4, "eval_every": 4,
+                               "checkpoint_every": 2, "keep_last": 2, "sample_every": 0})
+    job = start_and_wait(qtbot, w, pre)
+    assert job.status == "completed", job.error
+    config = (job.run_dir / "config.json").read_bytes()
+    with open(job.run_dir / "events.jsonl", "a") as f:       # as a resume that was stopped leaves it
+        for ev in ({"type": "start", "stage": "pretrain", "pid": 1, "time": time.time()},
+                   {"type": "done", "status": "stopped", "error": None, "time": time.time()}):
+            f.write(json.dumps(ev) + "\n")
+    w.ctx.sync()
+    qtbot.waitUntil(lambda: pre.resume_btn.isEnabled(), timeout=5_000)
+    type_settings(qtbot, pre, {"batch_size": 8, "max_steps": 6})
+    assert pre.resume_btn.isEnabled(), pre.status_label.text()
+    pre.resume_btn.click()
+    assert "cannot change on resume (batch_size: 4 -> 8): set it back to resume" in pre.form.messages["batch_size"].text()
+    assert "Not resumed" in pre.status_label.text()
+    assert (job.run_dir / "config.json").read_bytes() == config
+    assert w.ctx.run(job.run_dir.name).status == "stopped" and pre.start_btn.isEnabled()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from PySide6.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QPalette
@@ -194,6 +194,9 @@ class ConfigForm(QWidget):
         # Values the panel supplies instead of an editor (the reward panel's rankings from the
         # store); the editor is disabled while it applies.
         self.overrides: dict = {}
+        # What else would end a run of these values at its start (runfolder.preflight: the
+        # inputs' checkpoints, the device), asked once the form's own rules pass.
+        self.preflight: Optional[Callable[[dict], Optional[ConfigError]]] = None
         self._wheel = WheelWhenFocused(self)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
@@ -262,6 +265,19 @@ class ConfigForm(QWidget):
     def _toggle_advanced(self, on: bool) -> None:
         self.advanced_box.setVisible(on)
         self.advanced_toggle.setArrowType(Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow)
+
+    def _show_advanced_for(self, name: str) -> None:
+        if not next(spec.basic for spec in self.specs if spec.name == name):
+            self.advanced_toggle.setChecked(True)
+
+    def _label_advanced(self) -> None:
+        """The toggle names the advanced settings in error: folded away, they kept Start off
+        with no mark on screen."""
+        n = sum(not spec.basic for spec in self.specs)
+        bad = [spec.name for spec in self.specs if not spec.basic and spec.name in self.errors]
+        self.advanced_toggle.setText(f"Advanced settings ({n})" + (
+            f" · fix {', '.join(LABELS.get(b, b.replace('_', ' ')) for b in bad)}" if bad else ""))
+        self.advanced_toggle.setStyleSheet(f"color: {ERROR_COLOR};" if bad else "")
 
     def _editor(self, spec: FieldSpec, artifacts: ArtifactSource) -> QWidget:
         w = self._make_editor(spec, artifacts)
@@ -388,18 +404,40 @@ class ConfigForm(QWidget):
     def validate(self):
         """Check the values with the stage's own rules; mark every field in error and say what
         is wrong under it. Returns (and emits) the first error, None when all is well."""
-        self.errors, other = self._find_errors(self.values())
+        values = self.values()
+        self.errors, other = self._find_errors(values)
         self.errors = {**self.errors, **self.unreadable}
+        if not self.errors and other is None and self.preflight is not None:
+            problem = self.preflight(values)
+            if problem is not None and problem.field in self.editors:
+                self.errors[problem.field] = problem
+            else:
+                other = problem
+        self._show_errors(other)
+        return self.error
+
+    def refuse(self, problem: ConfigError) -> None:
+        """Show a refusal that came from elsewhere (a resume the run cannot take) on its field,
+        until the next validation; the values stay valid for a new run."""
+        if problem.field in self.editors:
+            self._show_advanced_for(problem.field)
+            _mark(self.editors[problem.field], True)
+            self.messages[problem.field].setText(problem.message)
+        else:
+            self.message.setText(str(problem))
+            self.message.setVisible(True)
+
+    def _show_errors(self, other: Optional[ConfigError]) -> None:
         for name, editor in self.editors.items():
             error = self.errors.get(name)
             _mark(editor, error is not None)
             self.messages[name].setText(error.message if error else "")
             self.messages[name].setToolTip(str(error) if error else "")
         self.error = next(iter(self.errors.values()), other)
+        self._label_advanced()
         self.message.setText(str(other) if other else "")
         self.message.setVisible(other is not None)
         self.validity.emit(self.error)
-        return self.error
 
     def _find_errors(self, values: dict) -> tuple[dict[str, ConfigError], ConfigError | None]:
         """Every field's error, not only the first the config's validation meets: each field it

@@ -135,6 +135,11 @@ class ProjectContext(QObject):
 
     # --- jobs -----------------------------------------------------------------------------------
 
+    def preflight_dir(self, stage: str) -> Path:
+        """Where a new run's relative paths would start from, for runfolder.preflight (not made:
+        the form's paths are absolute, and kept so, since a path through it would not resolve)."""
+        return self.path / "runs" / f"{stage}-new"
+
     def new_run_dir(self, stage: str) -> Path:
         return self.project.new_run_dir(stage)
 
@@ -143,6 +148,8 @@ class ProjectContext(QObject):
         Raises ConfigError or ValueError, leaving no folder, when it cannot start."""
         if not isinstance(values, dict):
             values = to_dict(values)
+        if (problem := runfolder.preflight(stage, values, self.preflight_dir(stage))) is not None:
+            raise problem
         run_dir = runfolder.new_run(self.project, stage, values, rankings=rankings)
         return self._start(Job(stage, run_dir, self))
 
@@ -154,6 +161,10 @@ class ProjectContext(QObject):
         if info is None:
             raise KeyError(name)
         if values is not None:
+            # Refused here, config.json untouched: written first, a change a resume cannot take
+            # (a batch size) failed the run at once and stayed in its config.json.
+            if (problem := runfolder.preflight(info.stage, values, info.path, self.path)) is not None:
+                raise problem
             runfolder.write_config(info.stage, values, info.path, self.path)
         return self._start(Job(info.stage, info.path, self))
 

@@ -95,6 +95,8 @@ class StagePanel(QWidget):
         self.run_combo.setMinimumContentsLength(20)
         self.run_combo.activated.connect(self._on_run_chosen)
         self.form = ConfigForm(self.stage, self.ctx.artifacts)
+        self.form.preflight = lambda values: runfolder.preflight(self.stage, values,
+                                                                 self.ctx.preflight_dir(self.stage))
         self.form.validity.connect(lambda _e: self._update_buttons())
         self.form.changed.connect(self._on_form_changed)
         self.notes = QLabel()
@@ -461,7 +463,11 @@ class StagePanel(QWidget):
             return None
         try:
             return self.ctx.launch(self.stage, self.config_values(), rankings=self.rankings())
-        except (ConfigError, ValueError, OSError) as e:
+        except ConfigError as e:
+            self.form.refuse(e)
+            self.status_label.setText(f"Not started: {e}")
+            return None
+        except (ValueError, OSError) as e:
             QMessageBox.warning(self, "Cannot start", str(e))
             return None
 
@@ -481,7 +487,12 @@ class StagePanel(QWidget):
             return None
         try:
             return self.ctx.resume(self.run.name, self.config_values())
-        except (ConfigError, ValueError, OSError) as e:
+        except ConfigError as e:
+            # Said on the field; the run stays as it was (its config.json is not written).
+            self.form.refuse(e)
+            self.status_label.setText(f"Not resumed: {e}")
+            return None
+        except (ValueError, OSError) as e:
             QMessageBox.warning(self, "Cannot resume", str(e))
             return None
 

@@ -8,6 +8,7 @@ config dataclass (a `ConfigError` naming the field).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -52,6 +53,28 @@ class Rankings:
 def build(stage: str, values: dict):
     """The stage's config from values (names, types and ranges checked); ConfigError if not."""
     return from_dict(spec(stage).config_class(), values)
+
+
+def preflight(stage: str, values: dict, run_dir: Path, project_dir: Optional[Path] = None
+              ) -> Optional[ConfigError]:
+    """What would end a run of these values in `run_dir` at its start, found before its folder
+    is made or its config.json changed, or None: a setting out of range, a device this machine
+    lacks, and what the engine stage's own `preflight` finds without loading a weight (an input
+    with no checkpoint or one of another kind, a length the model's context cannot hold, a
+    setting a resume of `run_dir` cannot change). A new run's `run_dir` need not exist; paths
+    are taken as write_config writes them (inside `project_dir`, relative to the run folder), so
+    a resume compares them with what its checkpoints saved."""
+    try:
+        cfg = build(stage, relativize(stage, values, Path(run_dir), project_dir))
+        if isinstance(getattr(cfg, "device", None), str):
+            from engine.device import resolve_device
+            resolve_device(cfg.device)
+        check = getattr(importlib.import_module(spec(stage).module), "preflight", None)
+        if check is not None:
+            check(cfg, Path(run_dir))
+    except ConfigError as e:
+        return e
+    return None
 
 
 def relativize(stage: str, values: dict, run_dir: Path, project_dir: Optional[Path]) -> dict:
