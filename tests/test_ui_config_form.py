@@ -137,3 +137,21 @@ def test_a_wheel_over_a_box_is_left_to_the_form_unless_the_box_was_clicked_into(
     preset.setFocus(Qt.FocusReason.MouseFocusReason)            # as a click into it gives
     qtbot.waitUntil(preset.hasFocus, timeout=5_000)
     assert wheel(preset, 1) and preset.currentText() != before
+
+
+def test_a_folded_advanced_setting_in_error_is_named_on_the_toggle(qtbot, tmp_path):
+    from PySide6.QtWidgets import QLineEdit
+    from ui.config_form import LABELS
+    form, _ = make_form(qtbot, [(RUN, tmp_path / "run")])
+    assert not form.advanced_toggle.isChecked()
+    name = next(spec.name for spec in form.specs if not spec.basic and type(form.editors[spec.name]) is QLineEdit)
+    before = form.advanced_toggle.text()
+    form.advanced_toggle.setChecked(True)
+    retype(qtbot, form.editors[name], "abc")
+    form.advanced_toggle.setChecked(False)
+    qtbot.waitUntil(lambda: form.error is not None, timeout=5_000)
+    assert form.advanced_toggle.text() == f"{before} · fix {LABELS.get(name, name.replace('_', ' '))}"
+    form.advanced_toggle.setChecked(True)
+    retype(qtbot, form.editors[name], "1")
+    qtbot.waitUntil(lambda: form.error is None, timeout=5_000)
+    assert form.advanced_toggle.text() == before
