@@ -175,3 +175,22 @@ def test_the_ceiling_says_when_a_simulated_annotator_is_in_it(qtbot, tmp_path):
         assert needs.width() <= bars.label_width() - 8 and needs.height() <= bars.ROW - 6
     finally:
         view.close_store()
+
+
+def test_the_items_list_holds_the_most_disagreed_and_says_how_many_more(qtbot, tmp_path, monkeypatch):
+    import ui.agreement_view as av
+    monkeypatch.setattr(av, "MAX_ITEMS", 2)
+    with Store.for_project(tmp_path) as store:
+        make_class(store)
+    view = RankingView(tmp_path)
+    qtbot.addWidget(view)
+    view.show()
+    try:
+        click_tab(qtbot, view.tabs, "Agreement")
+        page = view.agreement
+        click_tab(qtbot, page.sections, "Items")
+        assert page.items.rowCount() == 2
+        assert [page.items.item(r, 1).text() for r in range(2)] == ["0.103", "0.636"]    # the first two of 3
+        assert page.items_status.text().endswith("The 2 most disagreed of 3 are listed.")
+    finally:
+        view.close_store()

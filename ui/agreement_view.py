@@ -28,6 +28,9 @@ from workbench.review import (Disagreement, RewardAccuracy, disagreements, items
 from workbench.store import Store
 
 MAX_FIT_ROWS = 8        # a figure table taller than this scrolls
+# Disputed items listed (the most disagreed first): a row and a button each, and a class's
+# project has thousands ranked twice; more are for `workbench agreement`, not a list to read.
+MAX_ITEMS = 200
 ALPHA_NOTE = ("Agreement: the share of answer pairs two rankings order the same way (a tie "
               "agrees only with a tie). Krippendorff's α: 1 perfect, 0 chance level; n/a when "
               "there is no disagreement to expect.")
@@ -319,17 +322,20 @@ class AgreementView(QWidget):
 
     def _show_items(self, f: Figures) -> None:
         names = {b.id: b.name for b in self.store.batches()}
+        shown = f.items[:MAX_ITEMS]
         self.items_status.setText(
-            "Items ranked by two or more people, the most disagreed first (lowest share of "
-            "answer pairs their rankings order the same way; Kendall's W: 1 the same order, 0 "
-            "unrelated). Discuss them, re-rank them, or leave them out of training with the "
-            "reward page's agreement threshold." if f.items else
+            ("Items ranked by two or more people, the most disagreed first (lowest share of "
+             "answer pairs their rankings order the same way; Kendall's W: 1 the same order, 0 "
+             "unrelated). Discuss them, re-rank them, or leave them out of training with the "
+             "reward page's agreement threshold."
+             + (f" The {len(shown)} most disagreed of {len(f.items):,} are listed." if len(shown) < len(f.items)
+                else "")) if f.items else
             "No item has been ranked by two people yet.")
         _fill(self.items, [[_fmt(it.agreement, "{:.1%}"), _fmt(it.w),
                             f"{len(it.rankers)}: {', '.join(it.rankers)}",
                             names.get(it.batch_id, str(it.batch_id)), _short(it.prompt), ""]
-                           for it in f.items], (0, 1))
-        for r, it in enumerate(f.items):
+                           for it in shown], (0, 1))
+        for r, it in enumerate(shown):
             b = _rerank_button()
             b.clicked.connect(lambda _=False, it=it: self.rerankRequested.emit(it.batch_id,
                                                                                it.item_id))
