@@ -285,3 +285,17 @@ def test_the_table_is_walked_by_keys_tab_leaves_it_enter_opens_delete_asks(qtbot
     assert len(asked) == 1 and run in asked[0] and run in names(b)
     qtbot.keyClick(b.table, Qt.Key_Tab)                 # out of the table, to the next control
     assert QApplication.focusWidget() is not b.table and b.selected_names() == [run]
+
+
+def test_deleting_many_runs_asks_with_a_question_that_fits(qtbot, browser, monkeypatch):
+    from PySide6.QtWidgets import QMessageBox
+    from ui.runs_browser import _listed
+    many = [f"pretrain-2025030{i % 10}-1{i:05d}" for i in range(150)]
+    text = _listed(many, "\n")
+    assert text.count("\n") == 12 and text.endswith("… and 138 more")
+    asked = []
+    monkeypatch.setattr("ui.runs_browser.QMessageBox.question",
+                        lambda _p, _t, text, *a: asked.append(text) or QMessageBox.StandardButton.No)
+    browser.table.selectAll()
+    browser.delete_selected()
+    assert asked and all(n in asked[0] for n in names(browser))

@@ -385,9 +385,9 @@ class RunsBrowser(QWidget):
         """Ask, naming the runs that were made from these (they lose their lineage and cannot
         resume without them); No is the default, so Enter does not delete."""
         made_from = sorted({c.name for n in names for c in self.ctx.runs.children(n)} - set(names))
-        text = (f"Delete {len(names)} run(s) and their folders, checkpoints included?\n\n" + "\n".join(names)
+        text = (f"Delete {len(names)} run(s) and their folders, checkpoints included?\n\n" + _listed(names, "\n")
                 + (f"\n\n{len(made_from)} other run(s) started from them and will lose their input: "
-                   + ", ".join(made_from) if made_from else "") + "\n\nThis cannot be undone.")
+                   + _listed(made_from, ", ") if made_from else "") + "\n\nThis cannot be undone.")
         yes, no = QMessageBox.StandardButton.Yes, QMessageBox.StandardButton.No
         return QMessageBox.question(self, "Delete runs", text, yes | no, no) == yes
 
@@ -413,3 +413,9 @@ class RunsBrowser(QWidget):
         if problems:
             QMessageBox.warning(self, "Not deleted", "\n".join(problems))
         return deleted
+
+
+def _listed(names: list[str], sep: str, most: int = 12) -> str:
+    """Names for a question box: a long selection's first ones and how many more (150 names,
+    one a line, pushed its Yes and No below the screen)."""
+    return sep.join(names[:most]) + (f"{sep}… and {len(names) - most} more" if len(names) > most else "")
