@@ -183,3 +183,40 @@ def test_a_project_whose_run_has_a_long_log_opens_and_reads_it_on(qtbot, demo_pr
         assert ctx.run(run.name).step == step
     finally:
         ctx.close()
+
+
+def test_a_run_another_process_started_is_followed_live_and_stopped_from_here(qtbot, demo_project, make_window):
+    """A pretraining started outside this window (a terminal, another window) after the project
+    opened: its page follows it live, Stop reaches it, and it ends stopped with a checkpoint."""
+    import subprocess
+    import sys
+    from ui_driver import TINY, go, start_and_wait, type_settings
+    from workbench import runfolder
+    from workbench.project import Project
+    w = make_window(demo_project, show=True)
+    go(qtbot, w, "tokenizer")
+    type_settings(qtbot, w.pages["tokenizer"], TINY["tokenizer"])
+    assert start_and_wait(qtbot, w, w.pages["tokenizer"]).status == "completed"
+    values = {**w.ctx.suggested_values("pretrain"), **TINY["pretrain"], "max_steps": 100_000,
+              "eval_every": 100_000, "sample_every": 0, "checkpoint_every": 100_000}
+    run = runfolder.new_run(Project.open(demo_project), "pretrain", values)
+    proc = subprocess.Popen([sys.executable, "-m", "engine.pretrain", "--run-dir", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        qtbot.waitUntil(lambda: (w.ctx.sync(), w.ctx.job_for(run.name))[1] is not None, timeout=60_000)
+        go(qtbot, w, "pretrain")
+        panel = w.pages["pretrain"]
+        panel.select_run(run.name)
+        job = w.ctx.job_for(run.name)
+        qtbot.waitUntil(lambda: job.core.fold.step is not None and job.core.fold.step >= 3, timeout=60_000)
+        first = job.core.fold.step
+        qtbot.waitUntil(lambda: job.core.fold.step > first, timeout=60_000)      # live, not read once
+        assert panel.stop_btn.isEnabled()
+        panel.stop_btn.click()
+        assert proc.wait(timeout=120) == 0
+        qtbot.waitUntil(lambda: w.ctx.run(run.name).status == "stopped", timeout=30_000)
+        assert list((run / "checkpoints").glob("step-*"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

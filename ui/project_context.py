@@ -30,6 +30,7 @@ class ProjectContext(QObject):
     runsChanged = Signal()
     jobStarted = Signal(object)      # Job
     jobFinished = Signal(object)     # Job
+    jobFollowed = Signal(object)     # Job: a run another process started (a window, a terminal)
 
     def __init__(self, project: Project, parent: QObject | None = None):
         super().__init__(parent)
@@ -38,6 +39,7 @@ class ProjectContext(QObject):
         self.runs = RunStore(project.path)
         self.jobs: dict[str, Job] = {}           # run name -> live job
         self._infos: list[RunInfo] = []
+        self._following = False      # runs started elsewhere are followed once reattach() has run
         # Made before the first sync, which starts _catch_up when a run has more unread events
         # than one slice (a long run's log, on the first open of a project).
         self._catch_up = QTimer(self, singleShot=True, interval=0)
@@ -68,7 +70,28 @@ class ProjectContext(QObject):
         self._apply(self.runs.sync(max_bytes=SYNC_BYTES))
         if self.runs.behind:
             self._catch_up.start()
+        elif self._following:
+            self._follow_others()
         return self._infos
+
+    def _follow_others(self) -> None:
+        """Follow, as jobs of this window, the runs another process started since the project
+        opened (a second window, `workbench run`, a pipeline): their pages show them live and
+        Stop reaches them. Said with jobFollowed, not jobStarted: a page showing something else
+        (a new run's settings being typed) stays as it is."""
+        for job in self._attach(self._infos):
+            self.jobFollowed.emit(job)
+
+    def _attach(self, infos: list[RunInfo]) -> list[Job]:
+        attached = []
+        for info in infos:
+            if info.status == "running" and info.name not in self.jobs and process_alive(info.pid, info.path):
+                job = Job(info.stage, info.path, self)
+                self.jobs[info.name] = job
+                job.finished.connect(lambda *_, j=job: self._on_finished(j))
+                job.attach(info.pid)
+                attached.append(job)
+        return attached
 
     def _apply(self, infos: list[RunInfo]) -> None:
         before = [(r.name, r.status, r.step) for r in self._infos]
@@ -182,15 +205,10 @@ class ProjectContext(QObject):
 
     def reattach(self) -> list[Job]:
         """Follow the runs a previous session left running; returns the jobs attached."""
-        attached = []
-        for info in self.run_list():
-            if info.status == "running" and info.name not in self.jobs and process_alive(info.pid, info.path):
-                job = Job(info.stage, info.path, self)
-                self.jobs[info.name] = job
-                job.finished.connect(lambda *_, j=job: self._on_finished(j))
-                job.attach(info.pid)
-                attached.append(job)
-                self.jobStarted.emit(job)
+        attached = self._attach(self.run_list())
+        for job in attached:
+            self.jobStarted.emit(job)
+        self._following = True
         return attached
 
     def job_for(self, name: str) -> Job | None:

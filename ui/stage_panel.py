@@ -79,6 +79,7 @@ class StagePanel(QWidget):
         self._preview_timer.timeout.connect(self.refresh_preview)
         ctx.runsChanged.connect(self._on_runs_changed)
         ctx.jobStarted.connect(self._on_job_started)
+        ctx.jobFollowed.connect(self._on_job_followed)
         self._fill_runs()
         # Open on the newest run (its plots are what a returning user wants to see); "New run"
         # is one click away, and Start also starts a new run from a shown run's settings.
@@ -310,6 +311,12 @@ class StagePanel(QWidget):
         # A job of this stage started (here, from the ranking view, or re-attached): show it.
         if job.stage == self.stage:
             self.select_run(job.run_dir.name)
+
+    def _on_job_followed(self, job) -> None:
+        # A run another process started: followed live if this page shows it (as read once
+        # from its folder, it stood still at the step it was opened at, with Stop off).
+        if self.run is not None and self.run.name == job.run_dir.name:
+            self.show_run(self.ctx.run(job.run_dir.name) or self.run)
 
     # --- what a run's events show -------------------------------------------------------------
 
