@@ -35,3 +35,14 @@ def test_a_run_that_does_not_fit_is_flagged_with_the_change_that_fits(tiny_lm_ck
     assert note.startswith("⚠ Memory: ≈") and "does not fit" in note and "To fit: " in note
     monkeypatch.setattr(memory, "free_bytes", lambda device: 64 * GB)
     assert not memory.memory_note("sft", v).startswith("⚠")
+
+
+def test_pretraining_longer_than_its_presets_context_is_planned_at_that_length(tiny_lm_ckpt):
+    """seq_len above the preset's context raises the model's context (PretrainConfig.model_config):
+    the plan follows it, where it planned 128 tokens and called a 32 GB run 0.4 GB."""
+    v = {**runfolder.defaults("pretrain"), "tokenizer": str(tiny_lm_ckpt / "tok.json"), "inputs": ["corpus.txt"],
+         "preset": "tiny", "device": "cpu"}
+    short, _ = memory.plan_for("pretrain", v)
+    long, _ = memory.plan_for("pretrain", {**v, "seq_len": 4096})
+    assert short.inputs["seq_len"] == 128 and long.inputs["seq_len"] == 4096
+    assert long.inputs["model_cfg"].max_seq_len == 4096 and long.total > 4 * short.total

@@ -225,3 +225,20 @@ def test_an_event_glued_onto_a_torn_line_is_recovered(tmp_path):
     path.write_text('{"type": "metrics", "step": 1, "train/lo{"type": "start", "pid": 7}\n{"type": "done", "status": "completed"}\n')
     got = EventTail(path).read_new()
     assert [e["type"] for e in got] == ["start", "done"] and got[0]["pid"] == 7
+
+
+def test_a_run_set_by_epochs_is_estimated_from_one_that_was_too(tmp_path):
+    from workbench.runs import estimate_seconds
+    events = [{"type": "start", "stage": "sft", "pid": 1, "time": 0.0},
+              {"type": "progress", "step": 100, "total": 100, "elapsed_s": 50.0, "time": 50.0},
+              {"type": "done", "status": "completed", "time": 50.0}]
+    make_run(tmp_path, "sft-2", {"max_steps": 20, "epochs": 2, "batch_size": 16}, events)
+    make_run(tmp_path, "sft-1", {"max_steps": 100, "epochs": 0, "batch_size": 16}, events)
+    store = RunStore(tmp_path)
+    runs = sorted(store.sync(), key=lambda r: r.name, reverse=True)       # the epochs run first
+    # 20 passes where 2 took 50 s: 500 s, whatever max_steps says (epochs override it).
+    assert estimate_seconds("sft", {"max_steps": 20, "epochs": 20, "batch_size": 16}, runs) == (500.0, "sft-2")
+    # Without a run set by epochs there is no basis: no estimate rather than a wrong one.
+    assert estimate_seconds("sft", {"max_steps": 20, "epochs": 20, "batch_size": 16}, runs[1:]) == (None, "")
+    assert estimate_seconds("sft", {"max_steps": 200, "epochs": 0, "batch_size": 16}, runs[1:]) == (100.0, "sft-1")
+    store.close()

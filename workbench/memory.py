@@ -8,6 +8,7 @@ import os
 from functools import lru_cache
 from typing import Optional
 
+from engine.config import ConfigError
 from engine.memory_plan import Plan, free_memory, plan
 from workbench import stages
 
@@ -33,17 +34,18 @@ def model_config(stage: str, values: dict):
     spec = stages.spec(stage)
     try:
         if stage == "pretrain":
-            from engine.model import config_from_preset
             from engine.tokenizer import load_tokenizer
+            from workbench.runfolder import build
             vocab = load_tokenizer(values["tokenizer"]).vocab_size
-            return config_from_preset(values["preset"], vocab, **(values.get("model") or {}))
+            # The stage's own: a seq_len above the preset's context raises the context to it.
+            return build(stage, values).model_config(vocab)
         parent = next(p for p in spec.parents if p.kind == "checkpoint")
         path = values.get(parent.field)
         if not isinstance(path, str) or not path:
             return None
         return _model_config(path, os.path.getmtime(path))
-    except (OSError, ValueError, KeyError, TypeError, StopIteration):
-        return None        # a missing or broken input: the form says so itself
+    except (OSError, ValueError, KeyError, TypeError, StopIteration, ConfigError):
+        return None        # a missing or broken input, a bad setting: the form says so itself
 
 
 def _device(value: str) -> str:

@@ -240,10 +240,13 @@ def _created(path: Path) -> float:
 def estimate_seconds(stage: str, values: dict, runs: Iterable[RunInfo]) -> tuple[float | None, str]:
     """How long a run with `values` should take, from the newest completed run of the stage
     that reported its length: its seconds per step, scaled by how much work a step does
-    (the catalogue's `work` settings). (None, "") when no such run exists."""
+    (the catalogue's `work` settings); with `epochs` set, from the newest that was also set by
+    epochs, its time per pass. (None, "") when no such run exists."""
     spec = stages.spec(stage)
     steps = values.get(spec.steps_field) if spec.steps_field else None
-    if not isinstance(steps, (int, float)) or steps <= 0:
+    epochs = values.get("epochs")
+    by_epochs = isinstance(epochs, (int, float)) and epochs > 0      # epochs set the steps, not max_steps
+    if not by_epochs and (not isinstance(steps, (int, float)) or steps <= 0):
         return None, ""
     for r in runs:
         if r.status != "completed" or not r.step or r.duration_s is None:
@@ -251,6 +254,12 @@ def estimate_seconds(stage: str, values: dict, runs: Iterable[RunInfo]) -> tuple
         try:
             then = read_config(r.path)
         except RunFolderError:
+            continue
+        if by_epochs:
+            # Passes over the same data: the time goes with the passes, whatever the batch.
+            was = then.get("epochs")
+            if isinstance(was, (int, float)) and was > 0:
+                return r.duration_s * epochs / was, r.name
             continue
         per_step = r.duration_s / r.step
         scale = 1.0
