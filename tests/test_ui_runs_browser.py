@@ -299,3 +299,24 @@ def test_deleting_many_runs_asks_with_a_question_that_fits(qtbot, browser, monke
     browser.table.selectAll()
     browser.delete_selected()
     assert asked and all(n in asked[0] for n in names(browser))
+
+
+def test_a_running_runs_plots_follow_it(qtbot, browser):
+    b = browser
+    run = b.ctx.run("pretrain-20250301-100000")
+    run.status = "running"
+    with open(run.path / "events.jsonl", "w") as f:
+        f.write(json.dumps({"type": "start", "stage": "pretrain", "pid": 1, "time": T0}) + "\n")
+        f.write(json.dumps({"type": "metrics", "step": 1, "time": T0, "train/loss": 3.0}) + "\n")
+    click_run(qtbot, b, run.name)
+
+    def steps():
+        try:
+            return b.plots.curve_data("Loss", "train/loss")[0].tolist()
+        except KeyError:        # not drawn yet: the grid draws on its redraw timer
+            return []
+    qtbot.waitUntil(lambda: steps() == [1], timeout=5_000)
+    with open(run.path / "events.jsonl", "a") as f:
+        f.write(json.dumps({"type": "metrics", "step": 2, "time": T0, "train/loss": 2.5}) + "\n")
+    b.ctx.runsChanged.emit()                      # the context's next sync
+    qtbot.waitUntil(lambda: steps() == [1, 2], timeout=5_000)

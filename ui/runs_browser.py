@@ -229,7 +229,18 @@ class RunsBrowser(QWidget):
         self.table.blockSignals(False)
         if selected - {info.name for info in runs}:
             self._on_selection()        # some of what was plotted is gone
+        elif self.plots is not None and any(i.name in selected and i.status == "running" for i in runs):
+            self._replot_running()
         self._update_buttons()
+
+    def _replot_running(self) -> None:
+        """A running run's plots follow it: a job's history grows as it is followed, to redraw;
+        a run no job follows is read again."""
+        infos = [i for i in (self.ctx.run(n) for n in self.selected_names()) if i is not None]
+        if all(self.ctx.job_for(i.name) is not None or i.status != "running" for i in infos):
+            self.plots.refresh()
+        else:
+            self._on_selection()
 
     def _apply_filter(self) -> None:
         """Hide the rows without every word of the filter (in name, stage, status or parents);
