@@ -220,3 +220,28 @@ def test_a_run_another_process_started_is_followed_live_and_stopped_from_here(qt
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_project_folder_moved_away_while_open_is_said_and_its_runs_stay_listed(qtbot, demo_project, make_window):
+    from ui_driver import sidebar_text
+    run = demo_project / "runs" / "tokenizer-20250101-000000"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "events.jsonl").write_text(json.dumps({"type": "start", "stage": "tokenizer", "pid": 1, "time": 1.0})
+                                      + "\n" + json.dumps({"type": "done", "status": "completed", "time": 2.0}) + "\n")
+    w = make_window(demo_project, show=True)
+    assert sidebar_text(w, "runs").endswith("1 run")
+    moved = demo_project.with_name("moved")
+    demo_project.rename(moved)
+    try:
+        w.ctx.sync()
+        box = getattr(w, "gone_box", None)
+        assert box is not None and box.isVisible() and f"{demo_project} is not there any more" in box.text()
+        w.update_states()
+        assert sidebar_text(w, "runs").endswith("1 run")          # not a project of nothing
+        w.pages["reward"]._count()                                  # no traceback: said on the page
+        assert "cannot be read" in w.pages["reward"].counts.text()
+    finally:
+        moved.rename(demo_project)
+    w.ctx.sync()
+    assert w.gone_box is None and "is back" in w.statusBar().currentMessage()

@@ -172,6 +172,7 @@ class MainWindow(QMainWindow):
         self.setWindowTitle(f"{project.name} — {project.path} — Workbench")
         self._remember(project.path)
         self.ctx.runsChanged.connect(self.update_states)
+        self.ctx.projectGone.connect(self._project_gone)
         attached = self.ctx.reattach()
         if attached:
             self.statusBar().showMessage(f"Following {len(attached)} job(s) still running from the last session", 8000)
@@ -393,6 +394,22 @@ class MainWindow(QMainWindow):
         self.update_lineage()
 
     # --- sidebar state ------------------------------------------------------------------------
+
+    def _project_gone(self, gone: bool) -> None:
+        """The project's folder was moved or deleted while open (or is back): said at once, not
+        left to read as a project with no runs."""
+        path = self.ctx.path
+        if not gone:
+            self.gone_box = None
+            self.statusBar().showMessage(f"{path} is back", 8000)
+            return
+        self.gone_box = QMessageBox(QMessageBox.Icon.Warning, "Project folder gone",
+                                    f"{path} is not there any more (moved, renamed or deleted). "
+                                    "Nothing more can be saved into it: put it back, or open it where it is "
+                                    "now (File ▸ Open Project). Jobs still running go on in their own folders.",
+                                    QMessageBox.StandardButton.Ok, self)
+        self.gone_box.open()        # not modal to the app: the window can still be closed
+        self.statusBar().showMessage(f"{path} is gone (moved or deleted)")
 
     def update_states(self) -> None:
         if self.ctx is None:

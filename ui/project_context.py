@@ -18,7 +18,7 @@ from engine.config import to_dict
 from workbench import runfolder, stages
 from engine.osproc import alive as process_alive
 from engine.osproc import reap
-from workbench.project import Project
+from workbench.project import SETTINGS, Project
 from workbench.runs import RunInfo, RunStore, lineage_of
 from ui.jobs import Job
 
@@ -31,6 +31,7 @@ class ProjectContext(QObject):
     jobStarted = Signal(object)      # Job
     jobFinished = Signal(object)     # Job
     jobFollowed = Signal(object)     # Job: a run another process started (a window, a terminal)
+    projectGone = Signal(bool)       # True: the folder was moved or deleted; False: it is back
 
     def __init__(self, project: Project, parent: QObject | None = None):
         super().__init__(parent)
@@ -40,6 +41,7 @@ class ProjectContext(QObject):
         self.jobs: dict[str, Job] = {}           # run name -> live job
         self._infos: list[RunInfo] = []
         self._following = False      # runs started elsewhere are followed once reattach() has run
+        self.gone = False            # the folder is not where it was opened (moved, deleted)
         # Made before the first sync, which starts _catch_up when a run has more unread events
         # than one slice (a long run's log, on the first open of a project).
         self._catch_up = QTimer(self, singleShot=True, interval=0)
@@ -67,6 +69,12 @@ class ProjectContext(QObject):
         events is pure Python, and a thread doing it holds the GIL that every paint of a Python
         widget needs (a job streaming 4,500 events/s stalled the window 0.4 s that way)."""
         reap()
+        gone = not (self.path / SETTINGS).is_file()
+        if gone != self.gone:
+            self.gone = gone
+            self.projectGone.emit(gone)
+        if gone:        # what it held stays on screen, rather than a project of nothing
+            return self._infos
         self._apply(self.runs.sync(max_bytes=SYNC_BYTES))
         if self.runs.behind:
             self._catch_up.start()

@@ -337,7 +337,10 @@ class RankingView(PreferenceFiles, QWidget):
         if self.session is None:
             self.stack.setCurrentWidget(self.start)
             return
-        self.guides.mark_seen(self.session.annotator.name, self.session.batch.id)
+        try:
+            self.guides.mark_seen(self.session.annotator.name, self.session.batch.id)
+        except OSError:
+            pass        # the folder moved away: they show again next time, and ranking goes on
         self.stack.setCurrentWidget(self.page)
         self._shown_at += time.monotonic() - self._guide_opened   # reading them is not ranking
         self.setFocus()

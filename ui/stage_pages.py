@@ -3,12 +3,14 @@ learned) and the stages that train on rankings (the reward model, DPO: train on 
 made in this project)."""
 from __future__ import annotations
 
+import sqlite3
+
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QSpinBox
 
 from workbench import runfolder, stages
 from workbench.preferences import count_for_training
 from workbench.stages import Parent
-from workbench.store import Store
+from workbench.store import Store, StoreError
 from ui.stage_panel import StagePanel
 from ui.token_view import TokenInspector
 
@@ -104,8 +106,12 @@ class RankingsPanel(StagePanel):
         self._count()
 
     def _count(self) -> None:
-        with Store.for_project(self.ctx.path) as store:
-            human, simulated, tied = count_for_training(store)
+        try:
+            with Store.for_project(self.ctx.path) as store:
+                human, simulated, tied = count_for_training(store)
+        except (StoreError, OSError, sqlite3.Error) as e:     # the project folder moved away, a broken store
+            self.counts.setText(f"The project's rankings cannot be read: {e}")
+            return
         self._n = (human, simulated)
         # Tied ones are said: the Rank page counts every item ranked, this page only those with a pair.
         more = f" ({tied} more tie every answer: no pair to learn from)" if tied else ""
