@@ -402,6 +402,9 @@ class MainWindow(QMainWindow):
         if not gone:
             self.gone_box = None
             self.statusBar().showMessage(f"{path} is back", 8000)
+            for page in self.pages.values():        # data previews read while it was away
+                if hasattr(page, "refresh_preview"):
+                    page.refresh_preview()
             return
         self.gone_box = QMessageBox(QMessageBox.Icon.Warning, "Project folder gone",
                                     f"{path} is not there any more (moved, renamed or deleted). "
