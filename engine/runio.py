@@ -97,9 +97,20 @@ STOP_WITH_ENV = "WORKBENCH_STOP_WITH"
 PARENT_CHECK_S = 1.0
 
 
+class RunFolderMoved(StageError):
+    """The run folder is not where the run started (moved, renamed or deleted under it)."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(f"the run folder {run_dir} was moved, renamed or deleted while the run was "
+                         "going: it stopped without saving, so that no checkpoint lands in a new "
+                         "folder of the old name; resume it where the folder is now")
+
+
 class Control:
     """Cooperative stop: a `STOP` file in the run folder, SIGTERM / SIGINT, or the end of the
-    process named by STOP_WITH_ENV."""
+    process named by STOP_WITH_ENV. A run folder moved away under the run ends it
+    (RunFolderMoved): the events still reach the moved folder (the log's file stays open), and
+    a checkpoint saved by its old name would make a new folder, a second half of the run."""
 
     def __init__(self, run_dir: str | os.PathLike | None = None):
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -107,6 +118,7 @@ class Control:
         parent = os.environ.get(STOP_WITH_ENV, "")
         self._parent = int(parent) if parent.isdigit() else None   # recorded in the start event
         self._checked = time.monotonic()
+        self._where = _identity(self.run_dir)
 
     def request_stop(self) -> None:
         self._flag = True
@@ -116,11 +128,16 @@ class Control:
             return True
         if self.run_dir is not None and (self.run_dir / "STOP").exists():
             self._flag = True
-        if self._parent is not None and time.monotonic() - self._checked >= PARENT_CHECK_S:
-            from engine.osproc import pid_alive
+        if time.monotonic() - self._checked >= PARENT_CHECK_S:
             self._checked = time.monotonic()
-            if not pid_alive(self._parent):
-                self._flag = True
+            if self._parent is not None:
+                from engine.osproc import pid_alive
+                if not pid_alive(self._parent):
+                    self._flag = True
+            if self._where is None:
+                self._where = _identity(self.run_dir)
+            elif _identity(self.run_dir) != self._where:
+                raise RunFolderMoved(self.run_dir)
         return self._flag
 
     def clear(self) -> None:
@@ -143,6 +160,14 @@ class Control:
         for s, previous in getattr(self, "_previous", {}).items():
             signal.signal(s, previous)
         self._previous = {}
+
+
+def _identity(path: Optional[Path]) -> Optional[tuple[int, int]]:
+    try:
+        st = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if st is not None else None
 
 
 class NeverStop:

@@ -454,3 +454,32 @@ def test_a_stage_that_cannot_write_its_first_event_on_a_full_disk_is_said_so(sma
     result = run_job("tokenizer", moved)
     assert result.status == "failed"
     assert result.error.startswith("the tokenizer process exited before it started: disk full: ")
+
+
+def test_a_run_folder_moved_under_a_running_stage_ends_it_in_the_moved_folder(corpus, tmp_path, capsys):
+    """`mv` of a running run's folder: the stage stops within about a second, says why in the
+    moved folder's events, makes no new folder of the old name (checkpoints saved there split
+    the run in two) and resumes where the folder is now."""
+    run = pretrain_dir(tmp_path / "runs" / "pretrain-1", corpus, max_steps=100_000, checkpoint_every=50,
+                       eval_every=100_000)
+    proc = subprocess.Popen([sys.executable, "-m", "engine.pretrain", "--run-dir", str(run)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(e["type"] == "metrics" for e in read_events(run)):
+            assert proc.poll() is None and time.monotonic() < deadline, read_events(run)[-3:]
+            time.sleep(0.1)
+        moved = run.with_name("pretrain-renamed")
+        run.rename(moved)
+        assert proc.wait(timeout=60) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not run.exists()
+    done = read_events(moved)[-1]
+    assert done["type"] == "done" and done["status"] == "failed"
+    assert "was moved, renamed or deleted while the run was going" in done["error"]
+    set_config(moved, max_steps=60)
+    rc, text = run_main("pretrain", moved, capsys)
+    assert rc == 0 and read_events(moved)[-1]["status"] == "completed", text[-2000:]
