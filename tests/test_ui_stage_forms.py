@@ -67,6 +67,10 @@ def test_the_reward_page_counts_rankings_with_a_pair_and_says_how_many_tie(qtbot
     assert page.counts.text() == ("2 human and 0 simulated rankings in this project "
                                   "(1 more tie every answer: no pair to learn from)")
     assert sidebar_text(w, "rank").endswith("1 batch · 2 rankings to train on")     # the same count
+    # A ranking made elsewhere (the terminal ranker, another window) while the page is on screen.
+    with Store.for_project(project) as store:
+        AnnotationSession(store, b, "bo").submit([[1], [2]])
+    qtbot.waitUntil(lambda: page.counts.text().startswith("3 human"), timeout=10_000)
 
 
 def test_a_long_log_line_wraps_in_the_log_tab(qtbot, project, make_window):

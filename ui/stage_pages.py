@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 
+from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QSpinBox
 
 from workbench import runfolder, stages
@@ -13,6 +14,8 @@ from workbench.stages import Parent
 from workbench.store import Store, StoreError
 from ui.stage_panel import StagePanel
 from ui.token_view import TokenInspector
+
+RECOUNT_MS = 3000
 
 
 class TokenizerPanel(StagePanel):
@@ -69,6 +72,10 @@ class RankingsPanel(StagePanel):
         for box in (self.use_store, self.use_simulated):
             box.clicked.connect(self._user_chose)
         ctx.runsChanged.connect(self._runs_changed)
+        # Rankings come from other pages, windows and terminals, none of which signals here:
+        # while on screen the count is taken again every few seconds.
+        self._recount = QTimer(self, interval=RECOUNT_MS)
+        self._recount.timeout.connect(self._count)
         self._count()
 
     def _agreement_rows(self) -> list[QHBoxLayout]:
@@ -101,9 +108,13 @@ class RankingsPanel(StagePanel):
             self._count()
 
     def showEvent(self, event) -> None:
-        # Rankings are made on another page, which does not signal each one: count on arrival.
         super().showEvent(event)
         self._count()
+        self._recount.start()
+
+    def hideEvent(self, event) -> None:
+        super().hideEvent(event)
+        self._recount.stop()
 
     def _count(self) -> None:
         try:
