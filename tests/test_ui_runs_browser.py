@@ -320,3 +320,17 @@ def test_a_running_runs_plots_follow_it(qtbot, browser):
         f.write(json.dumps({"type": "metrics", "step": 2, "time": T0, "train/loss": 2.5}) + "\n")
     b.ctx.runsChanged.emit()                      # the context's next sync
     qtbot.waitUntil(lambda: steps() == [1, 2], timeout=5_000)
+
+
+def test_a_large_selection_overlays_its_main_stage_and_at_most_a_legends_worth(qtbot, tmp_path, monkeypatch):
+    import ui.runs_browser as rb
+    monkeypatch.setattr(rb, "MAX_OVERLAY", 3)
+    infos = [info(tmp_path, f"pretrain-2025030{i}-090000", "pretrain", T0 + i, 10) for i in range(5)]
+    infos.append(info(tmp_path, "sft-20250301-120000", "sft", T0 + 99, 10))    # first in the table
+    b = RunsBrowser(Runs(infos))
+    qtbot.addWidget(b)
+    b.show()
+    b.table.selectAll()
+    assert b.plots.stage == "pretrain"
+    assert b.hint.text() == ("2 more pretrain run(s) not overlaid: 3 at most, the first in the table; "
+                             "1 run(s) of other stages not overlaid.")

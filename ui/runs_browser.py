@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,16 +22,17 @@ from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLab
 
 from engine.checkpoint import latest_checkpoint
 from engine.runio import format_duration
-from workbench.runfold import fold_run
 from workbench import report, runfolder, stages
 from workbench.plot_specs import KEY_METRICS
 from workbench.runs import RunInfo
 from ui import file_dialogs
 from ui.export_dialog import ExportDialog
+from ui.jobs import RunLoader
 from ui.plots import PlotGrid, RunHistory
 from ui.project_context import ProjectContext
 from ui.workers import Worker
 
+MAX_OVERLAY = 12        # runs overlaid at once: each has an entry in every plot's legend
 COLUMNS = ["Run", "Stage", "Status", "Started from", "Started", "Duration", "Result"]
 STARTED, DURATION = COLUMNS.index("Started"), COLUMNS.index("Duration")
 # Below this many held-out rankings a reward model's accuracy moves by several points with
@@ -122,6 +124,7 @@ class RunsBrowser(QWidget):
         super().__init__(parent)
         self.ctx = ctx
         self._histories: dict[str, RunHistory] = {}
+        self._loaders: dict[str, RunLoader] = {}      # runs whose events are being read
         self.last_export: ExportDialog | None = None
         self.report_worker: Worker | None = None
         self.table = QTableWidget(0, len(COLUMNS))
@@ -295,10 +298,24 @@ class RunsBrowser(QWidget):
         job = self.ctx.job_for(info.name)
         if job is not None:
             return job.history
-        # A finished run's events do not change: read them once.
+        # A finished run's events do not change: read them once, a slice per turn of the event
+        # loop (a run of 120,000 events read at once held the window 1.4 s); the plots fill in.
         if info.name not in self._histories or info.status == "running":
-            self._histories[info.name] = fold_run(info.path).history
+            old = self._loaders.pop(info.name, None)
+            if old is not None:
+                old.cancel()
+            loader = self._loaders[info.name] = RunLoader(info.path, self).start()
+            loader.loaded.connect(lambda name=info.name: self._loaded(name))
+            self._histories[info.name] = loader.fold.history
         return self._histories[info.name]
+
+    def _loaded(self, name: str) -> None:
+        self._loaders.pop(name, None)
+        if self.plots is not None and name in self.selected_names():
+            self.plots.refresh()
+            info = self.ctx.run(name)
+            if info is not None and self.selected_names() == [name]:
+                self._say_note(info, self._histories[name])
 
     def _on_selection(self) -> None:
         self._update_buttons()
@@ -310,8 +327,12 @@ class RunsBrowser(QWidget):
                 self.plots.deleteLater()
                 self.plots = None
             return
-        stage = infos[0].stage
+        # The stage most of the selection shares (a filter's words may catch a run of another
+        # stage that names the others as its input), and no more runs than a legend can name.
+        stage = Counter(i.stage for i in infos).most_common(1)[0][0]
         same = [i for i in infos if i.stage == stage]
+        left_out = max(0, len(same) - MAX_OVERLAY)
+        same = same[:MAX_OVERLAY]
         if self.plots is None or self.plots.stage != stage:
             if self.plots is not None:
                 self.plots.setParent(None)
@@ -325,9 +346,10 @@ class RunsBrowser(QWidget):
         else:
             self.plots.set_overlay([(i.name, self._history(i)) for i in same])
             self.note.hide()
-        skipped = len(infos) - len(same)
-        self.hint.setText(f"{skipped} run(s) of other stages not overlaid." if skipped
-                          else "Select runs of one stage to overlay their curves.")
+        skipped = len(infos) - len(same) - left_out
+        said = ([f"{left_out} more {stage} run(s) not overlaid: {MAX_OVERLAY} at most, the first in the table"]
+                if left_out else []) + ([f"{skipped} run(s) of other stages not overlaid"] if skipped else [])
+        self.hint.setText("; ".join(said) + "." if said else "Select runs of one stage to overlay their curves.")
 
     def _say_note(self, info: RunInfo, history: RunHistory) -> None:
         text = ""
