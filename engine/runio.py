@@ -118,7 +118,6 @@ class Control:
         parent = os.environ.get(STOP_WITH_ENV, "")
         self._parent = int(parent) if parent.isdigit() else None   # recorded in the start event
         self._checked = time.monotonic()
-        self._where = _identity(self.run_dir)
 
     def request_stop(self) -> None:
         self._flag = True
@@ -134,10 +133,7 @@ class Control:
                 from engine.osproc import pid_alive
                 if not pid_alive(self._parent):
                     self._flag = True
-            if self._where is None:
-                self._where = _identity(self.run_dir)
-            elif _identity(self.run_dir) != self._where:
-                raise RunFolderMoved(self.run_dir)
+            check_folder()
         return self._flag
 
     def clear(self) -> None:
@@ -160,6 +156,20 @@ class Control:
         for s, previous in getattr(self, "_previous", {}).items():
             signal.signal(s, previous)
         self._previous = {}
+
+
+# The folder the stage of this process works in, as stage_main found it at the start: (path,
+# its device and inode). One stage runs in a stage process; a stage run in-process (tests,
+# benchmarks) watches nothing.
+_watched: Optional[tuple[Path, tuple[int, int]]] = None
+
+
+def check_folder() -> None:
+    """RunFolderMoved if the run folder is not the one the stage began in: Control looks every
+    PARENT_CHECK_S, and a checkpoint's save before it writes (saved by the old name, it would
+    make a new folder holding the rest of the run)."""
+    if _watched is not None and _identity(_watched[0]) != _watched[1]:
+        raise RunFolderMoved(_watched[0])
 
 
 def _identity(path: Optional[Path]) -> Optional[tuple[int, int]]:
@@ -421,9 +431,13 @@ def stage_main(stage: str, config_cls: type, run: StageFn, argv: list[str] | Non
     except (StageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    global _watched
+    here = Path(os.path.abspath(run_dir))
+    _watched = (here, _identity(here))
     try:
         return _run_stage(stage, config_cls, run, run_dir, echo, world)
     finally:
+        _watched = None
         if lock is not None:
             lock.release()
 

@@ -29,7 +29,7 @@ from engine.config import ConfigError, require
 from engine.device import autocast, check_train_dtype, fused_adamw, peak_flops, precision_warning
 from engine.weights import check_weights, read_config, with_tied_head
 from engine.osproc import peak_rss_mb
-from engine.runio import Emitter, NeverStop, RunFolderMoved, StageError
+from engine.runio import Emitter, NeverStop, StageError, check_folder
 
 
 @dataclass(kw_only=True)
@@ -484,10 +484,7 @@ def save_run_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, opt:
     and EMA) names it: module NAME is saved as NAME.safetensors, optimizer NAME as
     NAME.safetensors + NAME.json, and `resume_run` reads them back under the same names.
     A model with LoRA adapters is saved merged, its adapters beside it (engine.lora)."""
-    if not Path(ckpt_root).parent.is_dir():
-        # Moved away under the run between two of Control's looks: saved by its old name, the
-        # checkpoint would make a new folder holding the rest of the run.
-        raise RunFolderMoved(Path(ckpt_root).parent)
+    check_folder()      # moved away under the run between two of Control's looks
     files = dict(extra_files or {})
     scratch = Path(ckpt_root) / f".tmp-extra-{os.getpid()}"   # a killed save's is cleaned at start
     try:
