@@ -35,8 +35,8 @@ def main() -> None:
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(events), sys.argv[1], str(run)])
     while events.stat().st_size == 0:
         time.sleep(0.01)
-    w.ctx.sync()
-    job = w.ctx.reattach()[0]
+    w.ctx.sync()                 # the window follows a run another process writes
+    job = w.ctx.job_for(run.name)
     w.go("pretrain")
     w.pages["pretrain"].select_run(run.name)
     t0 = time.time()
