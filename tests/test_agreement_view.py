@@ -3,6 +3,7 @@ the made-up class batch of tests/test_agreement_figures.py (its docstring has th
 its tests the hand computations of every figure shown here)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
@@ -147,6 +148,19 @@ def test_start_beside_a_finished_reward_run_takes_the_projects_rankings_as_they_
     assert rankings is not None and values["data"] == ["rankings.jsonl"]
 
 
+@contextlib.contextmanager
+def agreement_page(qtbot, project):
+    """The Agreement tab of a ranking view on the project, as a person opens it."""
+    view = RankingView(project)
+    qtbot.addWidget(view)
+    view.show()
+    try:
+        click_tab(qtbot, view.tabs, "Agreement")
+        yield view.agreement
+    finally:
+        view.close_store()
+
+
 def test_the_ceiling_says_when_a_simulated_annotator_is_in_it(qtbot, tmp_path):
     with Store.for_project(tmp_path) as store:
         batch = store.create_batch("b", [{"prompt": f"p{i}", "answers": [{"text": "a"}, {"text": "b"}]}
@@ -155,12 +169,7 @@ def test_the_ceiling_says_when_a_simulated_annotator_is_in_it(qtbot, tmp_path):
             session, _ = store.session(batch, store.annotator(name, kind).id)
             for item in store.items(batch):
                 store.add_ranking(session, item.id, [[i] for i in item.answer_ids])
-    view = RankingView(tmp_path)
-    qtbot.addWidget(view)
-    view.show()
-    try:
-        click_tab(qtbot, view.tabs, "Agreement")
-        page = view.agreement
+    with agreement_page(qtbot, tmp_path) as page:
         assert "human-human ceiling 100.0% of 2 comparisons" in page.summary.text()
         click(qtbot, page.simulated)
         assert "annotator-annotator ceiling (simulated annotators included)" in page.summary.text()
@@ -173,8 +182,6 @@ def test_the_ceiling_says_when_a_simulated_annotator_is_in_it(qtbot, tmp_path):
         needs = bars.fontMetrics().boundingRect(QRect(0, 0, bars.label_width() - 8, 1000),
                                                 Qt.AlignRight | Qt.TextWordWrap, label)
         assert needs.width() <= bars.label_width() - 8 and needs.height() <= bars.ROW - 6
-    finally:
-        view.close_store()
 
 
 def test_the_items_list_holds_the_most_disagreed_and_says_how_many_more(qtbot, tmp_path, monkeypatch):
@@ -182,15 +189,8 @@ def test_the_items_list_holds_the_most_disagreed_and_says_how_many_more(qtbot, t
     monkeypatch.setattr(av, "MAX_ITEMS", 2)
     with Store.for_project(tmp_path) as store:
         make_class(store)
-    view = RankingView(tmp_path)
-    qtbot.addWidget(view)
-    view.show()
-    try:
-        click_tab(qtbot, view.tabs, "Agreement")
-        page = view.agreement
+    with agreement_page(qtbot, tmp_path) as page:
         click_tab(qtbot, page.sections, "Items")
         assert page.items.rowCount() == 2
         assert [page.items.item(r, 1).text() for r in range(2)] == ["0.103", "0.636"]    # the first two of 3
         assert page.items_status.text().endswith("The 2 most disagreed of 3 are listed.")
-    finally:
-        view.close_store()
