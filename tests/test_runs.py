@@ -242,3 +242,15 @@ def test_a_run_set_by_epochs_is_estimated_from_one_that_was_too(tmp_path):
     assert estimate_seconds("sft", {"max_steps": 20, "epochs": 20, "batch_size": 16}, runs[1:]) == (None, "")
     assert estimate_seconds("sft", {"max_steps": 200, "epochs": 0, "batch_size": 16}, runs[1:]) == (100.0, "sft-1")
     store.close()
+
+
+def test_a_resumed_run_keeps_its_progress_until_the_new_session_reports():
+    from workbench.runfold import RunFold
+    fold = RunFold()
+    for ev in ({"type": "start", "pid": 1, "time": 0.0},
+               {"type": "progress", "step": 234, "total": 300, "elapsed_s": 30.0, "time": 30.0},
+               {"type": "done", "status": "stopped", "time": 31.0},
+               {"type": "start", "pid": 2, "time": 40.0}):
+        fold.add(ev)
+    assert fold.status == "running" and fold.progress["step"] == 234      # not 0% until it speaks
+    assert fold.eta_s() is None                     # the last session's pace is not this one's

@@ -118,7 +118,8 @@ class RunFold:
             self.status, self.error, self.ended_at = "running", None, None
             self.pid, self.stop_with = ev.get("pid"), ev.get("stop_with")
             self.stage = ev.get("stage") or self.stage
-            self.progress = None
+            # A resumed run's progress stays where its checkpoint left it until the new session
+            # reports (it read 0% meanwhile); the pace of the last session is not this one's.
             self._pace.clear()
             if self.started_at is None:
                 self.started_at = ev.get("time")
