@@ -101,7 +101,7 @@ def peek_artifact(path: str | os.PathLike, *, prefer: str = "best", field: str =
                   kind: Optional[str] = None) -> Peeked:
     """The checkpoint load_artifact would load and its ModelConfig, read from the file's header
     without loading a weight, after the same checks with the same messages (no checkpoint, a
-    broken one, a model of another kind): what a form or `workbench run` asks before it makes a
+    broken one, a model of another kind): what the app's form asks before it makes a
     run folder."""
     ck = _checkpoint(path, prefer, field)
     try:

@@ -62,10 +62,17 @@ class PretrainConfig(TrainConfig, TrackerSettings):
         require(self.sample_temperature >= 0, "sample_temperature", "must be zero or positive")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        overrides = dict(self.model)
-        if self.seq_len:
-            overrides["max_seq_len"] = max(self.seq_len, overrides.get("max_seq_len", 0))
-        return config_from_preset(self.preset, vocab_size, **overrides)
+        return pretrain_model_config(self.preset, self.model, self.seq_len, vocab_size)
+
+
+def pretrain_model_config(preset: str, model: dict, seq_len: int, vocab_size: int) -> ModelConfig:
+    """The model a pretraining of these settings builds: the preset, its overrides, and a
+    seq_len above the preset's context raising the context to it (the memory plan asks too,
+    of a form whose other settings may not be valid yet)."""
+    overrides = dict(model or {})
+    if seq_len:
+        overrides["max_seq_len"] = max(seq_len, overrides.get("max_seq_len", 0))
+    return config_from_preset(preset, vocab_size, **overrides)
 
 
 FIXED_ON_RESUME = ("tokenizer", "inputs", "preset", "model", "seq_len", "val_fraction")

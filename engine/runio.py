@@ -107,10 +107,10 @@ class RunFolderMoved(StageError):
 
 
 class Control:
-    """Cooperative stop: a `STOP` file in the run folder, SIGTERM / SIGINT, or the end of the
-    process named by STOP_WITH_ENV. A run folder moved away under the run ends it
-    (RunFolderMoved): the events still reach the moved folder (the log's file stays open), and
-    a checkpoint saved by its old name would make a new folder, a second half of the run."""
+    """Cooperative stop: a `STOP` file in the run folder, SIGTERM / SIGINT, the end of the
+    process named by STOP_WITH_ENV, or the run folder moved away under the run (the events
+    still reach the moved folder, the log's file stays open; the save at the stop refuses the
+    old name, RunFolderMoved, since it would make a new folder, a second half of the run)."""
 
     def __init__(self, run_dir: str | os.PathLike | None = None):
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -133,7 +133,10 @@ class Control:
                 from engine.osproc import pid_alive
                 if not pid_alive(self._parent):
                     self._flag = True
-            check_folder()
+            if folder_moved():
+                # A stop, not a raise: under torchrun every rank must stop at one step (the
+                # trainer asks them all); the save that follows refuses the old name and says why.
+                self._flag = True
         return self._flag
 
     def clear(self) -> None:
@@ -164,11 +167,16 @@ class Control:
 _watched: Optional[tuple[Path, tuple[int, int]]] = None
 
 
+def folder_moved() -> bool:
+    """Is the run folder not the one the stage began in? Control looks every PARENT_CHECK_S
+    and stops the run; a checkpoint's save looks before it writes (check_folder)."""
+    return _watched is not None and _identity(_watched[0]) != _watched[1]
+
+
 def check_folder() -> None:
-    """RunFolderMoved if the run folder is not the one the stage began in: Control looks every
-    PARENT_CHECK_S, and a checkpoint's save before it writes (saved by the old name, it would
-    make a new folder holding the rest of the run)."""
-    if _watched is not None and _identity(_watched[0]) != _watched[1]:
+    """RunFolderMoved if the folder moved: saved by its old name, a checkpoint would make a new
+    folder holding the rest of the run."""
+    if folder_moved():
         raise RunFolderMoved(_watched[0])
 
 
@@ -433,7 +441,8 @@ def stage_main(stage: str, config_cls: type, run: StageFn, argv: list[str] | Non
         return 2
     global _watched
     here = Path(os.path.abspath(run_dir))
-    _watched = (here, _identity(here))
+    if world.is_main:       # rank 0 speaks for the run (under torchrun the others only train)
+        _watched = (here, _identity(here))
     try:
         return _run_stage(stage, config_cls, run, run_dir, echo, world)
     finally:

@@ -155,7 +155,10 @@ def preflight(cfg: SampleConfig, run_dir: Path) -> None:
         was = json.loads((Path(run_dir) / "provenance.json").read_text())["settings"]
     except (OSError, ValueError, KeyError, TypeError):
         return          # a new run, or one the run itself will say is broken
-    _refuse_conflicts(_resume_conflicts({"settings": was}, {"settings": dataclasses.asdict(cfg)}))
+    # n_prompts is compared by the prompts it takes (0: all), which needs the prompts read.
+    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "n_prompts"}
+    was = {k: v for k, v in was.items() if k != "n_prompts"}
+    _refuse_conflicts(_resume_conflicts({"settings": was}, {"settings": now}))
 
 
 def _refuse_conflicts(changed: list[tuple[str, str]]) -> None:

@@ -313,3 +313,12 @@ def test_two_rankers_under_one_name_never_store_a_ranking_on_an_item_not_shown(d
         assert {r.id for r in store.rankings(batch_id=b)} == {theirs}
         # A ranker that has stored nothing yet (a new sitting) takes back the session's last.
         assert AnnotationSession(other, b, "ann").undo() == theirs
+
+
+def test_undo_goes_on_into_an_earlier_sittings_rankings(store):
+    b = make_batch(store, n=5)
+    earlier = AnnotationSession(store, b, "ann", seed=1)
+    ids = [earlier.submit("1 2 3") for _ in range(3)]
+    now = AnnotationSession(store, b, "ann")
+    mine = now.submit("3 2 1")
+    assert [now.undo(), now.undo(), now.undo()] == [mine, ids[2], ids[1]]

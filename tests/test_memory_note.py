@@ -46,3 +46,5 @@ def test_pretraining_longer_than_its_presets_context_is_planned_at_that_length(t
     long, _ = memory.plan_for("pretrain", {**v, "seq_len": 4096})
     assert short.inputs["seq_len"] == 128 and long.inputs["seq_len"] == 4096
     assert long.inputs["model_cfg"].max_seq_len == 4096 and long.total > 4 * short.total
+    # Planned while the rest of the form is not valid yet (no corpus picked, a typo elsewhere).
+    assert memory.plan_for("pretrain", {**v, "inputs": [], "lr": "abc"}) is not None

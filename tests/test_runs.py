@@ -254,3 +254,17 @@ def test_a_resumed_run_keeps_its_progress_until_the_new_session_reports():
         fold.add(ev)
     assert fold.status == "running" and fold.progress["step"] == 234      # not 0% until it speaks
     assert fold.eta_s() is None                     # the last session's pace is not this one's
+
+
+def test_a_project_opened_through_a_symlink_keeps_its_paths_relative(tmp_path):
+    """A run's paths shown absolute and written back stay inside the project as it was opened
+    (a resume compares them with the config its checkpoints saved)."""
+    from workbench.runfolder import absolutize, relativize
+    real = tmp_path / "real" / "proj"
+    (real / "runs" / "dpo-1").mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    run = link / "runs" / "dpo-1"
+    shown = absolutize("dpo", {"init": "../sft-001", "data": ["../../data/prefs.jsonl"]}, run)
+    assert shown["init"] == str(link / "runs" / "sft-001")
+    assert relativize("dpo", shown, run, link) == {"init": "../sft-001", "data": ["../../data/prefs.jsonl"]}

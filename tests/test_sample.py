@@ -1,4 +1,5 @@
 """The sampling job: K answers per prompt, reproducible, batch-independent, resumable."""
+import dataclasses
 import json
 
 import pytest
@@ -105,3 +106,16 @@ def test_no_prompt_file_is_said_in_words():
     with pytest.raises(PromptFileError) as e:
         read_prompts([])
     assert e.value.problems == ["no prompt file given: choose a .txt (one prompt a line) or .jsonl of prompts"]
+
+
+def test_the_preflight_takes_n_prompts_as_the_run_does(tmp_path, tiny_lm_ckpt):
+    """All of a 500-prompt file asked as 0 then as 500 is the same run: not refused."""
+    from engine.sample import preflight
+    (tmp_path / "provenance.json").write_text(json.dumps({"settings": {
+        **dataclasses.asdict(from_dict(SampleConfig, {"checkpoint": str(tiny_lm_ckpt), "prompts": ["p.txt"]})),
+        "n_prompts": 0}}))
+    preflight(from_dict(SampleConfig, {"checkpoint": str(tiny_lm_ckpt), "prompts": ["p.txt"], "n_prompts": 500}),
+              tmp_path)
+    with pytest.raises(ConfigError, match="temperature"):
+        preflight(from_dict(SampleConfig, {"checkpoint": str(tiny_lm_ckpt), "prompts": ["p.txt"],
+                                           "temperature": 0.5}), tmp_path)

@@ -216,6 +216,14 @@ def test_a_run_another_process_started_is_followed_live_and_stopped_from_here(qt
         assert proc.wait(timeout=120) == 0
         qtbot.waitUntil(lambda: w.ctx.run(run.name).status == "stopped", timeout=30_000)
         assert list((run / "checkpoints").glob("step-*"))
+        # Resumed elsewhere again: followed anew, though this window had a job of the run.
+        proc = subprocess.Popen([sys.executable, "-m", "engine.pretrain", "--run-dir", str(run)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        qtbot.waitUntil(lambda: (w.ctx.sync(), w.ctx.job_for(run.name))[1] is not job, timeout=60_000)
+        again = w.ctx.job_for(run.name)
+        assert again.running and panel.stop_btn.isEnabled()
+        panel.stop_btn.click()
+        assert proc.wait(timeout=120) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

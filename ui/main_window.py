@@ -399,6 +399,9 @@ class MainWindow(QMainWindow):
         """The project's folder was moved or deleted while open (or is back): said at once, not
         left to read as a project with no runs."""
         path = self.ctx.path
+        if getattr(self, "gone_box", None) is not None:
+            self.gone_box.close()
+            self.gone_box.deleteLater()
         if not gone:
             self.gone_box = None
             self.statusBar().showMessage(f"{path} is back", 8000)

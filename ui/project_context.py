@@ -93,7 +93,11 @@ class ProjectContext(QObject):
     def _attach(self, infos: list[RunInfo]) -> list[Job]:
         attached = []
         for info in infos:
-            if info.status == "running" and info.name not in self.jobs and process_alive(info.pid, info.path):
+            # A job of this window that has ended is no longer the run's: a resume elsewhere
+            # (a terminal, another window) is followed anew.
+            old = self.jobs.get(info.name)
+            if info.status == "running" and (old is None or not old.running) \
+                    and process_alive(info.pid, info.path):
                 job = Job(info.stage, info.path, self)
                 self.jobs[info.name] = job
                 job.finished.connect(lambda *_, j=job: self._on_finished(j))
@@ -167,9 +171,10 @@ class ProjectContext(QObject):
     # --- jobs -----------------------------------------------------------------------------------
 
     def preflight_dir(self, stage: str) -> Path:
-        """Where a new run's relative paths would start from, for runfolder.preflight (not made:
-        the form's paths are absolute, and kept so, since a path through it would not resolve)."""
-        return self.path / "runs" / f"{stage}-new"
+        """Where a new run's relative paths would start from, for runfolder.preflight: never
+        made, and a name no run folder has (a real one's checkpoints would be taken for a
+        resume's). The form's paths are absolute, and kept so."""
+        return self.path / "runs" / f".new-{stage}"
 
     def new_run_dir(self, stage: str) -> Path:
         return self.project.new_run_dir(stage)

@@ -137,7 +137,9 @@ class RunsBrowser(QWidget):
         # Tab leaves the table for the buttons under it (by default it walks the cells, and a
         # keyboard user never reached Open or Delete); Enter opens the run, Delete deletes.
         self.table.setTabKeyNavigation(False)
-        self.table.activated.connect(lambda _index: self.open_btn.isEnabled() and self.open_selected())
+        for key in (Qt.Key.Key_Return, Qt.Key.Key_Enter):       # not `activated`: a double click too
+            QShortcut(QKeySequence(key), self.table, lambda: self.open_btn.isEnabled() and self.open_selected(),
+                      context=Qt.ShortcutContext.WidgetShortcut)
         QShortcut(QKeySequence.StandardKey.Delete, self.table, lambda: self.delete_btn.isEnabled()
                   and self.delete_selected(), context=Qt.ShortcutContext.WidgetShortcut)
         header = self.table.horizontalHeader()
@@ -304,13 +306,16 @@ class RunsBrowser(QWidget):
             old = self._loaders.pop(info.name, None)
             if old is not None:
                 old.cancel()
+                old.deleteLater()
             loader = self._loaders[info.name] = RunLoader(info.path, self).start()
             loader.loaded.connect(lambda name=info.name: self._loaded(name))
             self._histories[info.name] = loader.fold.history
         return self._histories[info.name]
 
     def _loaded(self, name: str) -> None:
-        self._loaders.pop(name, None)
+        loader = self._loaders.pop(name, None)
+        if loader is not None:
+            loader.deleteLater()
         if self.plots is not None and name in self.selected_names():
             self.plots.refresh()
             info = self.ctx.run(name)

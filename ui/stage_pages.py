@@ -75,7 +75,8 @@ class RankingsPanel(StagePanel):
         # Rankings come from other pages, windows and terminals, none of which signals here:
         # while on screen the count is taken again every few seconds.
         self._recount = QTimer(self, interval=RECOUNT_MS)
-        self._recount.timeout.connect(self._count)
+        self._recount.timeout.connect(self._count_if_changed)
+        self._stamp = None
         self._count()
 
     def _agreement_rows(self) -> list[QHBoxLayout]:
@@ -116,9 +117,20 @@ class RankingsPanel(StagePanel):
         super().hideEvent(event)
         self._recount.stop()
 
+    def _count_if_changed(self) -> None:
+        # Counting reads every ranking (a quarter second at 28,000): only when one changed.
+        try:
+            with Store.for_project(self.ctx.path) as store:
+                changed = store.rankings_stamp() != self._stamp
+        except (StoreError, OSError, sqlite3.Error):
+            changed = True          # _count says what is wrong
+        if changed:
+            self._count()
+
     def _count(self) -> None:
         try:
             with Store.for_project(self.ctx.path) as store:
+                self._stamp = store.rankings_stamp()
                 human, simulated, tied = count_for_training(store)
         except (StoreError, OSError, sqlite3.Error) as e:     # the project folder moved away, a broken store
             self.counts.setText(f"The project's rankings cannot be read: {e}")

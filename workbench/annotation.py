@@ -181,8 +181,8 @@ class MovedOn(RankingError):
 
     def __init__(self, annotator: str):
         super().__init__(f"another window or terminal ranking as {annotator!r} ranked or skipped "
-                         "this item meanwhile, so your input for it was not stored; what is shown "
-                         "now is the session's next item")
+                         "this item meanwhile, so your input for it was not stored; the view "
+                         "shows what is next")
 
 
 class AnnotationSession:
@@ -215,9 +215,12 @@ class AnnotationSession:
         self._repeats = sorted(rng.sample(self._item_ids, n_repeat), key=self._position.get)
         self._shown_since: dict[tuple[int, int], float] = {}
         self._cursor = 0
-        # The rankings this object stored (None until it stores one): undo takes back the newest
-        # of them, never one that another window or terminal ranking under the same name made.
-        self._mine: list[int] | None = None
+        # Undo takes back the newest of the rankings this object stored, or of those the session
+        # held when it was made (an earlier sitting's), never one that another window or
+        # terminal ranking under the same name made meanwhile.
+        self._mine: list[int] = []
+        last = store.last_ranking(self.id)
+        self._before = last[0] if last else 0
 
     # --- the queue ---------------------------------------------------------------------------
 
@@ -352,7 +355,7 @@ class AnnotationSession:
                                      scores=by_id(scores, "a score"), note=note,
                                      duration_s=duration_s)
         self._shown_since.pop(entry, None)
-        self._mine = (self._mine or []) + [rid]
+        self._mine.append(rid)
         return rid
 
     def skip(self, shown: Current | None = None) -> None:
@@ -360,17 +363,17 @@ class AnnotationSession:
         self._move(*self._entry_shown(shown, "to skip"), to_back=True)
 
     def undo(self) -> int | None:
-        """Withdraw the last ranking this object stored (or, before it stored any, the session's
-        last); its item becomes current again, with the withdrawn input in `current().previous`.
+        """Withdraw the newest ranking this object stored or the session held when the object was
+        made; its item becomes current again, with the withdrawn input in `current().previous`.
         Returns the ranking id, None if none is left."""
         with self.store.transaction():
-            last = self.store.last_ranking(self.id, among=self._mine)
+            last = self.store.last_ranking(self.id, among=self._mine, up_to=self._before)
             if last is None:
                 return None
             rid, item_id, rep = last
             rep = int(rep)
             self.store.withdraw_ranking(rid)
-            if self._mine is not None:
+            if rid in self._mine:
                 self._mine.remove(rid)
             self._move(item_id, rep, to_back=False)
         self._shown_since.pop((item_id, rep), None)

@@ -34,11 +34,11 @@ def model_config(stage: str, values: dict):
     spec = stages.spec(stage)
     try:
         if stage == "pretrain":
+            from engine.pretrain import pretrain_model_config
             from engine.tokenizer import load_tokenizer
-            from workbench.runfolder import build
             vocab = load_tokenizer(values["tokenizer"]).vocab_size
-            # The stage's own: a seq_len above the preset's context raises the context to it.
-            return build(stage, values).model_config(vocab)
+            return pretrain_model_config(values["preset"], values.get("model") or {},
+                                         int(values.get("seq_len") or 0), vocab)
         parent = next(p for p in spec.parents if p.kind == "checkpoint")
         path = values.get(parent.field)
         if not isinstance(path, str) or not path:

@@ -272,8 +272,8 @@ class Pipeline:
                 # someone else's work, not this pipeline's to stop.
                 raise SystemExit(f"error: {stage}: {run_dir.name} is running in another process (pid "
                                  f"{fold.pid}), not one a stopped pipeline left (the app's, "
-                                 "workbench run's or another pipeline's): let it finish or stop "
-                                 "it, then run the same command again")
+                                 "workbench run's or another pipeline's, or one an older version "
+                                 "started): let it finish or stop it, then run the same command again")
             print(f"  {stage:<10} waiting for {run_dir.name} (pid {fold.pid}), left running by the "
                   "earlier pipeline, to stop with a checkpoint", flush=True)
             (run_dir / "STOP").touch()

@@ -109,8 +109,10 @@ def absolutize(stage: str, values: dict, run_dir: Path) -> dict:
 
 
 def _resolve(base: Path, p) -> str:
+    # Normalised, not resolved: a project opened through a symlink keeps its path, so that
+    # relativize finds these paths inside it again (a resume compares them with its config).
     path = Path(p).expanduser()
-    return str(path if path.is_absolute() else (Path(base) / path).resolve())
+    return str(path if path.is_absolute() else Path(os.path.normpath(Path(base) / path)))
 
 
 def write_config(stage: str, values: dict, run_dir: Path, project_dir: Optional[Path] = None):

@@ -415,6 +415,12 @@ class Store(RunIndexTable, PackTables, SessionQueue):
             "r.session_id = s.id AND r.is_repeat = 0 AND r.withdrawn_at IS NULL) FROM sessions s "
             f"JOIN annotators a ON a.id = s.annotator_id {where} ORDER BY s.id", args).fetchall()
 
+    def rankings_stamp(self) -> tuple:
+        """What changes whenever a ranking is added, withdrawn or restored: a cheap look, for a
+        page that counts the rankings again only then."""
+        return tuple(self.conn.execute(
+            "SELECT COUNT(*), MAX(id), MAX(withdrawn_at), SUM(withdrawn_at IS NULL) FROM rankings").fetchone())
+
     def counts(self) -> tuple[int, int]:
         """(batches, rankings to train on): what the app's sidebar shows for the ranking stage,
         the count the reward page gives too (preferences.count_for_training): active, hidden

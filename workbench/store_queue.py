@@ -91,15 +91,17 @@ class SessionQueue:
             c.execute("UPDATE shown_orders SET queue_key = ? WHERE session_id = ? AND item_id = ? "
                       "AND is_repeat = ?", (key, session_id, item_id, int(is_repeat)))
 
-    def last_ranking(self, session_id: int, among: Sequence[int] | None = None
+    def last_ranking(self, session_id: int, among: Sequence[int] | None = None, up_to: int = 0
                      ) -> tuple[int, int, bool] | None:
-        """(ranking id, item id, is_repeat) of the session's newest active ranking (of those
-        with an id in `among`, if given)."""
-        ids = sorted(set(among or ()))
-        where = f" AND id IN ({','.join('?' * len(ids))})" if among is not None else ""
+        """(ranking id, item id, is_repeat) of the session's newest active ranking; given
+        `among`, of those with an id in it or no greater than `up_to`. The ids are few: those one
+        view stored and has not taken back."""
+        ids = sorted(set(among or ()))[-900:]      # under SQLite's oldest limit of bound values
+        where = (f" AND (id <= ? OR id IN ({','.join('?' * len(ids))}))" if among is not None else "")
+        args = (up_to, *ids) if among is not None else ()
         row = self.conn.execute("SELECT id, item_id, is_repeat FROM rankings WHERE session_id = ? "
                                 f"AND withdrawn_at IS NULL{where} ORDER BY id DESC LIMIT 1",
-                                (session_id, *ids)).fetchone()
+                                (session_id, *args)).fetchone()
         return (row[0], row[1], bool(row[2])) if row else None
 
     def active_ranking(self, session_id: int, item_id: int, is_repeat: bool = False) -> int | None:
