@@ -159,10 +159,11 @@ class RunInputs:
     weights and their optimizer state, where most small updates of bf16 would round away.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, config, log):
+    def __init__(self, run_dir: str | os.PathLike, config, log=None):
         self.started = started_from(run_dir, config)
         self.used: dict[str, str] = {}
-        self.log = log             # log(message, level=...): the stage's Emitter.log
+        # log(message, level=...): the stage's Emitter.log; none for a preflight, which says nothing
+        self.log = log or (lambda *a, **k: None)
 
     def path(self, field: str, named: str | os.PathLike, *, prefer: str = "best", required: bool = True) -> Path:
         """Where `field` is read from: the recorded checkpoint on a resume, else `named`.

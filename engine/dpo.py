@@ -245,7 +245,7 @@ def load_rankings(cfg: DPOConfig, run_dir: Path, tok, max_len: int,
 
 def preflight(cfg: DPOConfig, run_dir: Path) -> None:
     """What would end a run of `cfg` at once, found without loading a model (see engine.sft)."""
-    inputs = RunInputs(run_dir, cfg, lambda *a, **k: None)
+    inputs = RunInputs(run_dir, cfg)
     inputs.peek("init", resolve_path(run_dir, cfg.init), kind="lm").config.check_fits("seq_len", cfg.seq_len)
     check_resume_preflight(run_dir, cfg, trained_fixed(FIXED_ON_RESUME))
 

@@ -175,9 +175,7 @@ class GRPO:
         tok_arg = str(resolve_path(run_dir, cfg.tokenizer)) if cfg.tokenizer else None
         self.inputs = RunInputs(run_dir, cfg, ev.log)       # the policy is also the reference: required
         art = self.inputs.load("policy", resolve_path(run_dir, cfg.policy), tokenizer=tok_arg, device=device,
-                               prefer="latest")
-        if art.model.kind != "lm":
-            raise ConfigError("policy", f"{art.checkpoint} holds a {art.model.kind} model, not a language model")
+                               prefer="latest", kind="lm")
         if uses_lora(cfg):
             add_adapters(art.model, cfg, cfg.seed)
             ev.log(f"policy: {describe_lora(art.model)}; the reference is the policy with its adapters off")
@@ -446,7 +444,7 @@ def check_lengths(cfg: GRPOConfig, policy: ModelConfig) -> None:
 
 def preflight(cfg: GRPOConfig, run_dir: Path) -> None:
     """What would end a run of `cfg` at once, found without loading a model (see engine.sft)."""
-    inputs = RunInputs(run_dir, cfg, lambda *a, **k: None)
+    inputs = RunInputs(run_dir, cfg)
     policy = inputs.peek("policy", resolve_path(run_dir, cfg.policy), prefer="latest", kind="lm")
     if cfg.rm_weight:
         peek_reward_model(inputs, resolve_path(run_dir, cfg.reward_model))

@@ -41,7 +41,7 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine.artifacts import RunInputs
-from engine.config import ConfigError, require, resolve_path
+from engine.config import require, resolve_path
 from engine.corpus import config_corpus_files
 from engine.data import TokenData, encode_corpus, shards_ready
 from engine.device import autocast, check_train_dtype, clock, describe, precision_warning, setup
@@ -189,7 +189,7 @@ class Models:
 
 def preflight(cfg: PPOConfig, run_dir: Path) -> None:
     """What would end a run of `cfg` at once, found without loading a model (see engine.sft)."""
-    inputs = RunInputs(run_dir, cfg, lambda *a, **k: None)
+    inputs = RunInputs(run_dir, cfg)
     policy = inputs.peek("policy", resolve_path(run_dir, cfg.policy), prefer="latest", kind="lm")
     peek_reward_model(inputs, resolve_path(run_dir, cfg.reward_model))
     if cfg.value_model:
@@ -201,16 +201,12 @@ def preflight(cfg: PPOConfig, run_dir: Path) -> None:
 def load_models(cfg: PPOConfig, run_dir: Path, device: torch.device, inputs: RunInputs) -> Models:
     """Every model PPO needs, each checked before any work: a wrong one is a ConfigError naming it."""
     # The policy is also the reference, so it is required on a resume, as is the reward model.
-    pol = inputs.load("policy", resolve_path(run_dir, cfg.policy), device=device, prefer="latest")
-    if pol.model.kind != "lm":
-        raise ConfigError("policy", f"{pol.checkpoint} holds a {pol.model.kind} model, not a language model")
+    pol = inputs.load("policy", resolve_path(run_dir, cfg.policy), device=device, prefer="latest", kind="lm")
     rm, norm, rm_ckpt = load_reward_model(inputs, resolve_path(run_dir, cfg.reward_model),
                                           pol.tokenizer.fingerprint(), device)
     # Under LoRA a resume rebuilds the value model's frozen base from its source.
     value_src = resolve_path(run_dir, cfg.value_model) if cfg.value_model else rm_ckpt
-    value = inputs.load("value_model", value_src, device=device, required=uses_lora(cfg)).model
-    if not isinstance(value, ScalarModel):
-        raise ConfigError("value_model", f"{value_src} is not a scalar-head model")
+    value = inputs.load("value_model", value_src, device=device, required=uses_lora(cfg), kind="scalar").model
     policy = pol.model
     if uses_lora(cfg):
         add_adapters(policy, cfg, cfg.seed)

@@ -262,7 +262,7 @@ def normalise_checkpoints(run_dir: Path, scorer: Scorer, train_items: list[Ranki
 def preflight(cfg: RewardConfig, run_dir: Path) -> None:
     """What would end a run of `cfg` at once, found without loading a model (see engine.sft):
     init may be a language model (InstructGPT's start) or a reward model trained further."""
-    RunInputs(run_dir, cfg, lambda *a, **k: None).peek("init", resolve_path(run_dir, cfg.init),
+    RunInputs(run_dir, cfg).peek("init", resolve_path(run_dir, cfg.init),
                                                         required=uses_lora(cfg))
     check_resume_preflight(run_dir, cfg, trained_fixed(FIXED_ON_RESUME))
 

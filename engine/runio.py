@@ -116,7 +116,7 @@ class Control:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._flag = False
         parent = os.environ.get(STOP_WITH_ENV, "")
-        self._parent = int(parent) if parent.isdigit() else None   # recorded in the start event
+        self.stop_with = int(parent) if parent.isdigit() else None   # the launcher it stops with: in the start event
         self._checked = time.monotonic()
 
     def request_stop(self) -> None:
@@ -129,9 +129,9 @@ class Control:
             self._flag = True
         if time.monotonic() - self._checked >= PARENT_CHECK_S:
             self._checked = time.monotonic()
-            if self._parent is not None:
+            if self.stop_with is not None:
                 from engine.osproc import pid_alive
-                if not pid_alive(self._parent):
+                if not pid_alive(self.stop_with):
                     self._flag = True
             if folder_moved():
                 # A stop, not a raise: under torchrun every rank must stop at one step (the
@@ -492,7 +492,7 @@ def _run_stage(stage: str, config_cls: type, run: StageFn, run_dir: Path, echo: 
         # --resume tells its own orphan, which it may stop, from a run someone else started.
         ev.emit("start", stage=stage, config=to_dict(cfg), pid=os.getpid(), host=host_info(),
                 **({"world_size": world.size} if world.enabled else {}),
-                **({"stop_with": control._parent} if control._parent is not None else {}))
+                **({"stop_with": control.stop_with} if control.stop_with is not None else {}))
         status = run(cfg, run_dir, log, control)
         done(status=status, error=None)
     except (StageError, ConfigError) as e:

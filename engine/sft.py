@@ -259,7 +259,7 @@ class Hooks:
 def preflight(cfg: SFTConfig, run_dir: Path) -> None:
     """What would end a run of `cfg` in `run_dir` at once, found without loading a model (the
     app's form asks before it makes a run folder or writes a resume's settings)."""
-    inputs = RunInputs(run_dir, cfg, lambda *a, **k: None)
+    inputs = RunInputs(run_dir, cfg)
     init = inputs.peek("init", resolve_path(run_dir, cfg.init), required=uses_lora(cfg), kind="lm")
     init.config.check_fits("seq_len", cfg.seq_len)
     check_resume_preflight(run_dir, cfg, trained_fixed(FIXED_ON_RESUME))

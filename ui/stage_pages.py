@@ -106,7 +106,7 @@ class RankingsPanel(StagePanel):
     def _runs_changed(self) -> None:
         # A streaming job changes the runs every few seconds; a hidden page counts when shown.
         if self.isVisible():
-            self._count()
+            self._count_if_changed()
 
     def showEvent(self, event) -> None:
         super().showEvent(event)
